@@ -1,0 +1,44 @@
+# Two entry points on a fresh machine: `make demo` (the main job) and `make test` (the suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUNDLE := $(VENV)/bin/bundle
+DEMO_ROOT ?= demo-target
+# Reproducible demo bundles: the same commit gives the same bytes (and a no-op re-install).
+export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 1700000000)
+
+.PHONY: venv demo demo-stop test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	@mkdir -p demo-keys
+	@test -f demo-keys/demo.key || $(BUNDLE) keygen demo-keys/demo
+	$(BUNDLE) build profiles/demo.yaml --key demo-keys/demo.key --out dist
+	$(BUNDLE) install dist/demo-1.0.0.bundle --trust demo-keys/demo.pub --root $(DEMO_ROOT)
+	$(BUNDLE) status --root $(DEMO_ROOT)
+	@echo "demo is healthy: http://127.0.0.1:8765/  (stop it with: make demo-stop)"
+
+demo-stop: venv
+	$(BUNDLE) stop --root $(DEMO_ROOT)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check bundler scripts tests
+	$(VENV)/bin/mypy
+
+bench: venv
+	$(PY) scripts/bench.py
+
+clean:
+	-test -x $(BUNDLE) && test -d $(DEMO_ROOT) && $(BUNDLE) stop --root $(DEMO_ROOT)
+	rm -rf dist $(DEMO_ROOT) build *.egg-info

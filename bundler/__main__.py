@@ -1,0 +1,3 @@
+from bundler.cli.main import main
+
+main()

@@ -1,0 +1,76 @@
+"""Content-addressed store shared by every artifact kind.
+
+Objects live at `objects/<first two hex>/<sha256>`; an object is only ever renamed into place
+after its hash was computed, so a crash can leave temp files but never a wrong object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from bundler.fsutil import CHUNK
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bundler"
+
+
+class Cache:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects = root / "objects"
+        self.tmp = root / "tmp"
+
+    def path(self, sha256: str) -> Path:
+        return self.objects / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def put_file(self, src: Path) -> tuple[str, int]:
+        """Copy `src` into the store (hashing as it copies); return (sha256, size)."""
+        with open(src, "rb") as fh:
+            return self._put_stream(fh.read)
+
+    def put_bytes(self, data: bytes) -> tuple[str, int]:
+        view = memoryview(data)
+        pos = 0
+
+        def read(n: int) -> bytes:
+            nonlocal pos
+            chunk = bytes(view[pos:pos + n])
+            pos += len(chunk)
+            return chunk
+
+        return self._put_stream(read)
+
+    def _put_stream(self, read: Callable[[int], bytes]) -> tuple[str, int]:
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(dir=self.tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := read(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            sha = digest.hexdigest()
+            final = self.path(sha)
+            if final.is_file():
+                os.unlink(tmp)
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, final)
+            return sha, size
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise

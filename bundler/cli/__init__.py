@@ -1,0 +1,1 @@
+"""Thin click commands: parse options, call one function, render the result."""

@@ -1,0 +1,14 @@
+"""Options shared by several commands, defined once (as pip-tools does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+json_output = click.option("--json", "as_json", is_flag=True,
+                           help="Print a machine-readable JSON result on stdout.")
+root = click.option("--root", type=click.Path(path_type=Path), required=True,
+                    help="Install root (holds releases/, current and state/).")
+trust = click.option("--trust", "trust_path", type=click.Path(path_type=Path), required=True,
+                     help="Trusted public key (NAME.pub), or a directory of *.pub keys.")

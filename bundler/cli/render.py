@@ -1,0 +1,29 @@
+"""Rendering results and errors for people (stderr/stdout text) and machines (--json)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from bundler.errors import BundlerError, ProfileError
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def error(exc: BundlerError, as_json: bool) -> None:
+    if as_json:
+        emit_json({"ok": False, **exc.to_dict()})
+        return
+    if isinstance(exc, ProfileError):
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        print(f"error: profile has {len(exc.problems)} problem(s)", file=sys.stderr)
+    else:
+        first, *rest = exc.message.splitlines() or [""]
+        for line in rest:
+            print(f"  | {line}", file=sys.stderr)
+        print(f"error: {first}", file=sys.stderr)
+    print(f"hint: {exc.hint}", file=sys.stderr)

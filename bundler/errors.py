@@ -1,0 +1,155 @@
+"""The one error tree. Every error has a distinct exit code and a hint that says how to fix it.
+
+The CLI prints `error: <message>` and `hint: <hint>` on one line each and exits with
+`exit_code`; `--json` renders the same fields. Codes are part of the public interface:
+automation branches on them, so never renumber.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class BundlerError(Exception):
+    exit_code = 1
+    default_hint = "this is a bug in bundler; please report it with the command you ran"
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint or self.default_hint
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "error": type(self).__name__,
+            "exit_code": self.exit_code,
+            "message": self.message,
+            "hint": self.hint,
+        }
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in an input file, located so an editor can jump to it."""
+
+    file: str
+    line: int
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.file}:{self.line}: {self.message}"
+        return f"{text} (hint: {self.hint})" if self.hint else text
+
+
+class ProfileError(BundlerError):
+    """The profile is not valid. Carries every problem found, not just the first."""
+
+    exit_code = 3
+    default_hint = "fix the listed lines; `bundle validate PROFILE` re-checks without building"
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = tuple(problems)
+        first = problems[0] if problems else Problem("?", 0, "invalid profile")
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(f"{first}{more}")
+
+    def to_dict(self) -> dict[str, object]:
+        data = super().to_dict()
+        data["problems"] = [
+            {"file": p.file, "line": p.line, "message": p.message, "hint": p.hint}
+            for p in self.problems
+        ]
+        return data
+
+
+class BuildError(BundlerError):
+    """Resolving, fetching or packing failed on the connected side."""
+
+    exit_code = 4
+    default_hint = "fix the cause above and run `bundle build` again; nothing was written"
+
+
+class SigningKeyError(BundlerError):
+    """A key file is missing, unreadable or of the wrong kind."""
+
+    exit_code = 5
+    default_hint = "create a key pair with `bundle keygen NAME` and pass NAME.key / NAME.pub"
+
+
+class SignatureError(BundlerError):
+    """The envelope is missing, malformed, or not signed by a trusted key."""
+
+    exit_code = 6
+    default_hint = (
+        "check that --trust names the public key of whoever built this bundle; "
+        "if it does, the bundle was altered: do not install it"
+    )
+
+
+class IntegrityError(BundlerError):
+    """A payload member does not match the signed manifest (tampered, damaged, truncated)."""
+
+    exit_code = 7
+    default_hint = "the bundle was altered or damaged in transit: copy it again from the source"
+
+
+class PolicyError(BundlerError):
+    """The bundle is authentic but must not be installed here (expired, replayed, wrong target)."""
+
+    exit_code = 8
+    default_hint = "build a fresh bundle for this target, or see `bundle install --help`"
+
+
+class SpaceError(BundlerError):
+    """Not enough free disk space for the work asked for."""
+
+    exit_code = 9
+    default_hint = "free some space or choose another --root on a larger filesystem"
+
+
+class LockedError(BundlerError):
+    """Another bundler process holds the lock on this root."""
+
+    exit_code = 10
+    default_hint = "wait for the other install to finish; `bundle status` shows what it is doing"
+
+
+class InstallError(BundlerError):
+    """An install step failed before the new release went live; the host is as it was."""
+
+    exit_code = 11
+    default_hint = "fix the cause above and run `bundle install` again"
+
+
+class RolledBackError(BundlerError):
+    """The new release failed after start; it was stopped and the previous one restored."""
+
+    exit_code = 12
+    default_hint = "see the install report in the release dir; the previous release is serving"
+
+
+class RollbackFailedError(BundlerError):
+    """Rolling back failed too: the host needs an operator now."""
+
+    exit_code = 13
+    default_hint = "run `bundle status` and `bundle history`, then `bundle rollback` by hand"
+
+
+class StateError(BundlerError):
+    """The install root or its state database is not in the expected shape."""
+
+    exit_code = 14
+    default_hint = "check --root; `bundle status --root DIR` shows what is installed there"
+
+
+class CommandError(BundlerError):
+    """A subprocess failed. Wrapped into a stage-specific error by the caller where useful."""
+
+    exit_code = 15
+    default_hint = "read the output tail above; the full log path is named where there is one"
+
+
+class Interrupted(BundlerError):
+    exit_code = 130
+    default_hint = "nothing was committed; run the same command again to finish"

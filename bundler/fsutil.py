@@ -1,0 +1,103 @@
+"""Filesystem helpers: atomic writes, streaming hashes, free-space checks."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from bundler.errors import SpaceError
+
+CHUNK = 1024 * 1024
+
+
+def sha256_file(path: Path) -> tuple[str, int]:
+    """Hash a file in constant memory; return (hex digest, size)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def copy_stream(src: BinaryIO, dst: BinaryIO, size: int | None = None) -> tuple[str, int]:
+    """Copy src to dst (all of it, or exactly `size` bytes), hashing on the way."""
+    digest = hashlib.sha256()
+    copied = 0
+    while size is None or copied < size:
+        want = CHUNK if size is None else min(CHUNK, size - copied)
+        chunk = src.read(want)
+        if not chunk:
+            break
+        digest.update(chunk)
+        dst.write(chunk)
+        copied += len(chunk)
+    return digest.hexdigest(), copied
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write to a temp file beside `path` and rename it into place only on success.
+
+    A crash or an exception leaves the old file (or no file), never a half-written one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    with atomic_write(path, mode) as fh:
+        fh.write(data)
+
+
+def atomic_symlink(target: str, link: Path) -> None:
+    """Point `link` at `target` in one rename: readers see the old or the new, never neither."""
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding `path` (or its nearest existing parent)."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def require_space(path: Path, needed: int, what: str) -> None:
+    available = free_bytes(path)
+    if available < needed:
+        raise SpaceError(
+            f"{what} needs {human_bytes(needed)} on {path} but only "
+            f"{human_bytes(available)} is free ({needed} > {available} bytes)",
+        )
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

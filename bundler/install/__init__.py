@@ -1,0 +1,1 @@
+"""The target side: stage a verified bundle, install it, start it, check it, commit or roll back."""

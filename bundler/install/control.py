@@ -1,0 +1,101 @@
+"""Operations on an installed root: status, history, stop, start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bundler.errors import StateError
+from bundler.install import health, process_runtime
+from bundler.install.health import CheckResult
+from bundler.install.layout import Layout, ReleaseDir, locked
+from bundler.install.process_runtime import ServiceState
+from bundler.install.state import Event, ReleaseRow, State
+from bundler.manifest import Manifest, parse_manifest
+
+
+@dataclass(frozen=True)
+class Status:
+    root: str
+    product: str | None
+    current: ReleaseRow | None
+    services: tuple[ServiceState, ...]
+    checks: tuple[CheckResult, ...]
+    releases: tuple[ReleaseRow, ...]
+
+    @property
+    def healthy(self) -> bool:
+        return self.current is not None and all(c.ok for c in self.checks) and all(
+            s.running for s in self.services)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "root": self.root,
+            "product": self.product,
+            "current": self.current.__dict__ if self.current else None,
+            "healthy": self.healthy,
+            "services": [s.__dict__ for s in self.services],
+            "checks": [c.to_json() for c in self.checks],
+            "releases": [r.__dict__ for r in self.releases],
+        }
+
+
+def current_manifest(layout: Layout) -> tuple[str, Manifest] | None:
+    version = layout.current_version()
+    if version is None:
+        return None
+    path = ReleaseDir(layout.release(version)).meta / "manifest.json"
+    try:
+        return version, parse_manifest(path.read_bytes())
+    except OSError as exc:
+        raise StateError(f"release {version} has no readable manifest: {exc.strerror}") from None
+
+
+def status(layout: Layout) -> Status:
+    state = State.open(layout.db, create=False)
+    try:
+        product = state.product()
+        found = current_manifest(layout)
+        row = state.release(found[0]) if found else None
+        releases = tuple(state.releases())
+    finally:
+        state.close()
+    services: tuple[ServiceState, ...] = ()
+    checks: tuple[CheckResult, ...] = ()
+    if found:
+        version, manifest = found
+        rel = ReleaseDir(layout.release(version))
+        services = tuple(process_runtime.states(manifest.runtime.services, rel))
+        checks = tuple(health.run_all(manifest.runtime.health, retries=1))
+    return Status(str(layout.root), product[0] if product else None, row, services, checks,
+                  releases)
+
+
+def history(layout: Layout) -> list[Event]:
+    state = State.open(layout.db, create=False)
+    try:
+        return state.events()
+    finally:
+        state.close()
+
+
+def stop(layout: Layout) -> str:
+    found = _require_current(layout)
+    with locked(layout.root):
+        process_runtime.stop(found[1].runtime.services, ReleaseDir(layout.release(found[0])))
+    return found[0]
+
+
+def start(layout: Layout) -> tuple[str, list[CheckResult]]:
+    found = _require_current(layout)
+    with locked(layout.root):
+        process_runtime.start(found[1].runtime.services, layout,
+                              ReleaseDir(layout.release(found[0])))
+    return found[0], health.run_all(found[1].runtime.health)
+
+
+def _require_current(layout: Layout) -> tuple[str, Manifest]:
+    found = current_manifest(layout)
+    if found is None:
+        raise StateError(f"no current release under {layout.root}",
+                         hint="install one with `bundle install BUNDLE --root DIR`")
+    return found

@@ -1,0 +1,86 @@
+"""Where things live under an install root."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bundler.errors import LockedError, StateError
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def releases(self) -> Path:
+        return self.root / "releases"
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def db(self) -> Path:
+        return self.state_dir / "state.db"
+
+    def release(self, version: str) -> Path:
+        return self.releases / version
+
+    def current_version(self) -> str | None:
+        try:
+            return Path(os.readlink(self.current)).name
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"{self.current} is not a symlink: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class ReleaseDir:
+    """Paths inside one release directory."""
+
+    path: Path
+
+    @property
+    def files(self) -> Path:
+        return self.path / "files"
+
+    @property
+    def venv(self) -> Path:
+        return self.path / "venv"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.path / "run"
+
+    @property
+    def meta(self) -> Path:
+        return self.path / "bundle"
+
+
+@contextlib.contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """Exclusive lock on the root directory itself (flock on its fd): no lock file to leave
+    behind, and the kernel drops it if the holder dies."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"another bundler process is working on {root}") from None
+        yield
+    finally:
+        os.close(fd)

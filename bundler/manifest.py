@@ -1,0 +1,194 @@
+"""The manifest: the signed statement of what a bundle holds and how to install it.
+
+Emitted deterministically (sorted keys, compact separators, UTF-8, no floats) so the same
+inputs give the same bytes, and parsed strictly (duplicate keys, floats and NaN refused)
+because the signature covers exact bytes: two parsers must never disagree on their meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from bundler.errors import SignatureError
+from bundler.models import HealthCheck, InstallPolicy, Runtime, Service, Target
+
+SCHEMA = 1
+PAYLOAD_TYPE = "application/vnd.bundler.manifest+json"
+
+# Member paths are chosen by the builder; the verifier still refuses anything that could
+# escape a directory or mean different things on different systems.
+_SEGMENT = r"[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*"
+PATH_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+KINDS = ("wheel", "file", "lock")
+RESERVED = ("envelope.json",)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    size: int
+    sha256: str
+    kind: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    sequence: int
+    created: str
+    target: Target
+    files: tuple[FileEntry, ...]
+    runtime: Runtime = field(default_factory=Runtime)
+    expires: str | None = None
+    python_lock: str | None = None  # path of the hashed requirements lock among `files`
+    builder: str = ""
+    schema: int = SCHEMA
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "name": self.name,
+            "version": self.version,
+            "sequence": self.sequence,
+            "created": self.created,
+            "expires": self.expires,
+            "builder": self.builder,
+            "target": self.target.to_json(),
+            "files": [f.to_json() for f in sorted(self.files, key=lambda f: f.path)],
+            "python": {"lock": self.python_lock} if self.python_lock else None,
+            "services": [s.to_json() for s in self.runtime.services],
+            "health": [h.to_json() for h in self.runtime.health],
+            "install": self.runtime.install.to_json(),
+        }
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @property
+    def payload_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def file(self, path: str) -> FileEntry:
+        for f in self.files:
+            if f.path == path:
+                return f
+        raise KeyError(path)
+
+
+def canonical_json(obj: Any) -> bytes:
+    _reject_floats(obj)
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _reject_floats(obj: Any) -> None:
+    if isinstance(obj, float):
+        raise ValueError("floats are not allowed in signed documents")
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _reject_floats(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            _reject_floats(v)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_float(text: str) -> Any:
+    raise ValueError(f"float {text} not allowed")
+
+
+def strict_loads(data: bytes) -> Any:
+    """json.loads that refuses duplicate keys, floats, NaN and Infinity."""
+    return json.loads(
+        data.decode("utf-8"),
+        object_pairs_hook=_no_duplicates,
+        parse_float=_no_float,
+        parse_constant=_no_float,
+    )
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse signed manifest bytes. Only ever called on bytes whose signature verified."""
+    try:
+        doc = strict_loads(data)
+        return _from_json(doc)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise SignatureError(
+            f"signed manifest is malformed: {exc}",
+            hint="the signer produced an invalid manifest; rebuild it with a current bundler",
+        ) from None
+
+
+def _int(value: Any, what: str) -> int:
+    if type(value) is not int:
+        raise ValueError(f"{what} must be an integer")
+    return value
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string")
+    return value
+
+
+def _from_json(doc: Any) -> Manifest:
+    if not isinstance(doc, dict):
+        raise ValueError("manifest must be an object")
+    if _int(doc["schema"], "schema") != SCHEMA:
+        raise ValueError(f"unsupported manifest schema {doc['schema']} "
+                         f"(this bundler reads {SCHEMA})")
+    files = []
+    seen: set[str] = set()
+    for raw in doc["files"]:
+        path = _str(raw["path"], "file path")
+        if not PATH_RE.match(path) or path in RESERVED or ".." in path.split("/"):
+            raise ValueError(f"unsafe file path {path!r}")
+        if path in seen:
+            raise ValueError(f"file {path!r} listed twice")
+        seen.add(path)
+        sha = _str(raw["sha256"], "sha256")
+        if not SHA256_RE.match(sha):
+            raise ValueError(f"bad sha256 for {path!r}")
+        kind = _str(raw["kind"], "kind")
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r} for {path!r}")
+        size = _int(raw["size"], "size")
+        if size < 0:
+            raise ValueError(f"negative size for {path!r}")
+        files.append(FileEntry(path=path, size=size, sha256=sha, kind=kind))
+    python = doc.get("python")
+    lock = _str(python["lock"], "python.lock") if python else None
+    if lock is not None and lock not in seen:
+        raise ValueError("python.lock names a file that is not listed")
+    return Manifest(
+        schema=SCHEMA,
+        name=_str(doc["name"], "name"),
+        version=_str(doc["version"], "version"),
+        sequence=_int(doc["sequence"], "sequence"),
+        created=_str(doc["created"], "created"),
+        expires=None if doc.get("expires") is None else _str(doc["expires"], "expires"),
+        builder=_str(doc.get("builder", ""), "builder"),
+        target=Target.from_json(doc["target"]),
+        files=tuple(files),
+        python_lock=lock,
+        runtime=Runtime(
+            services=tuple(Service.from_json(s) for s in doc.get("services", [])),
+            health=tuple(HealthCheck.from_json(h) for h in doc.get("health", [])),
+            install=InstallPolicy.from_json(doc.get("install", {})),
+        ),
+    )

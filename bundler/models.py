@@ -1,0 +1,109 @@
+"""Models shared by the profile (what the author asked for) and the manifest (what was built).
+
+Frozen dataclasses only; (de)serialisation to plain JSON types lives beside each model so the
+manifest stays the single source of truth on the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+PLACEHOLDERS = ("{release}", "{files}", "{venv}", "{root}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """The host the bundle is for: its Python (major.minor) and wheel platform tag."""
+
+    python: str = "3.11"
+    platform: str = "manylinux_2_28_x86_64"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"python": self.python, "platform": self.platform}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Target:
+        return cls(python=str(data["python"]), platform=str(data["platform"]))
+
+
+@dataclass(frozen=True)
+class Service:
+    """A process the release runs. `command` may use the placeholders in PLACEHOLDERS."""
+
+    name: str
+    command: tuple[str, ...]
+    cwd: str = "."
+    env: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "command": list(self.command),
+            "cwd": self.cwd,
+            "env": dict(self.env),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Service:
+        return cls(
+            name=str(data["name"]),
+            command=tuple(str(c) for c in data["command"]),
+            cwd=str(data.get("cwd", ".")),
+            env=tuple(sorted((str(k), str(v)) for k, v in data.get("env", {}).items())),
+        )
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """An HTTP check: GET `url` until it answers `expect_status`, within the retry budget."""
+
+    name: str
+    url: str
+    expect_status: int = 200
+    timeout_ms: int = 2000
+    retries: int = 30
+    interval_ms: int = 500
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": "http",
+            "url": self.url,
+            "expect_status": self.expect_status,
+            "timeout_ms": self.timeout_ms,
+            "retries": self.retries,
+            "interval_ms": self.interval_ms,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HealthCheck:
+        return cls(
+            name=str(data["name"]),
+            url=str(data["url"]),
+            expect_status=int(data["expect_status"]),
+            timeout_ms=int(data["timeout_ms"]),
+            retries=int(data["retries"]),
+            interval_ms=int(data["interval_ms"]),
+        )
+
+
+@dataclass(frozen=True)
+class InstallPolicy:
+    keep: int = 3
+
+    def to_json(self) -> dict[str, Any]:
+        return {"keep": self.keep}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InstallPolicy:
+        return cls(keep=int(data.get("keep", 3)))
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the installer does with a release once its files are in place."""
+
+    services: tuple[Service, ...] = ()
+    health: tuple[HealthCheck, ...] = ()
+    install: InstallPolicy = field(default_factory=InstallPolicy)

@@ -1,0 +1,372 @@
+"""Profile: the YAML an author writes, loaded into frozen dataclasses.
+
+Validation walks the YAML node tree (not the parsed dict) so that every problem carries its
+file:line, and it collects every problem before raising, so one run of `bundle validate`
+shows all of them. Unknown keys are errors: a typo must never pass silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from bundler.errors import Problem, ProfileError
+from bundler.models import HealthCheck, InstallPolicy, Runtime, Service, Target
+
+SCHEMA_VERSION = 1
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
+PLATFORM_RE = re.compile(r"^(manylinux_\d+_\d+|musllinux_\d+_\d+|linux)_(x86_64|aarch64)$")
+DURATION_RE = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PythonSpec:
+    requirements: Path
+    index_url: str | None = None
+    extra_index_urls: tuple[str, ...] = ()
+    find_links: tuple[str, ...] = ()
+    no_index: bool = False
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    src: Path
+    dest: str
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Profile:
+    path: Path
+    schema: int
+    name: str
+    version: str
+    sequence: int | None
+    expires_ms: int | None
+    target: Target
+    python: PythonSpec | None
+    files: tuple[FileSpec, ...]
+    runtime: Runtime
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+class _Checker:
+    """Collects problems while reading typed values out of YAML nodes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.problems: list[Problem] = []
+
+    def add(self, node: Node | None, message: str, hint: str = "") -> None:
+        line = node.start_mark.line + 1 if node is not None else 1
+        self.problems.append(Problem(str(self.path), line, message, hint))
+
+    def mapping(
+        self, node: Node, where: str, required: tuple[str, ...], optional: tuple[str, ...]
+    ) -> dict[str, Node] | None:
+        if not isinstance(node, MappingNode):
+            self.add(node, f"{where} must be a mapping", "write `key: value` lines under it")
+            return None
+        allowed = required + optional
+        out: dict[str, Node] = {}
+        for key_node, value in node.value:
+            key = key_node.value if isinstance(key_node, ScalarNode) else None
+            if not isinstance(key, str):
+                self.add(key_node, f"{where}: keys must be strings")
+                continue
+            if key in out:
+                self.add(key_node, f"{where}: duplicate key '{key}'", "keep only one of them")
+                continue
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"allowed: {', '.join(allowed)}"
+                self.add(key_node, f"{where}: unknown key '{key}'", hint)
+                continue
+            out[key] = value
+        for key in required:
+            if key not in out:
+                self.add(node, f"{where}: missing required key '{key}'")
+        return out
+
+    def scalar(self, node: Node, where: str) -> str | None:
+        if not isinstance(node, ScalarNode) or node.tag == "tag:yaml.org,2002:null":
+            self.add(node, f"{where} must be a single value")
+            return None
+        return str(node.value)
+
+    def string(self, node: Node, where: str, pattern: re.Pattern[str] | None = None,
+               hint: str = "") -> str | None:
+        value = self.scalar(node, where)
+        if value is None:
+            return None
+        if pattern is not None and not pattern.match(value):
+            self.add(node, f"{where}: '{value}' is not valid", hint)
+            return None
+        return value
+
+    def integer(self, node: Node, where: str, minimum: int = 0) -> int | None:
+        value = self.scalar(node, where)
+        if value is None:
+            return None
+        if node.tag != "tag:yaml.org,2002:int" and not value.isdigit():
+            self.add(node, f"{where} must be a whole number, got '{value}'")
+            return None
+        number = int(value)
+        if number < minimum:
+            self.add(node, f"{where} must be at least {minimum}, got {number}")
+            return None
+        return number
+
+    def boolean(self, node: Node, where: str) -> bool | None:
+        value = self.scalar(node, where)
+        if value is None:
+            return None
+        if node.tag != "tag:yaml.org,2002:bool":
+            self.add(node, f"{where} must be true or false, got '{value}'")
+            return None
+        return value.lower() in ("true", "yes", "on")
+
+    def duration_ms(self, node: Node, where: str) -> int | None:
+        value = self.scalar(node, where)
+        if value is None:
+            return None
+        match = DURATION_RE.match(value)
+        if not match:
+            self.add(node, f"{where}: '{value}' is not a duration", "write e.g. 500ms, 2s, 5m, 90d")
+            return None
+        return int(match.group(1)) * _UNIT_MS[match.group(2)]
+
+    def sequence(self, node: Node, where: str, item: Callable[[Node, str], T | None]
+                 ) -> list[T]:
+        if not isinstance(node, SequenceNode):
+            self.add(node, f"{where} must be a list", "write one `- item` per line")
+            return []
+        items = (item(child, f"{where}[{i}]") for i, child in enumerate(node.value))
+        return [x for x in items if x is not None]
+
+    def string_list(self, node: Node, where: str) -> list[str]:
+        return self.sequence(node, where, self.scalar)
+
+    def string_map(self, node: Node, where: str) -> dict[str, str]:
+        if not isinstance(node, MappingNode):
+            self.add(node, f"{where} must be a mapping of names to values")
+            return {}
+        out: dict[str, str] = {}
+        for key_node, value in node.value:
+            key = self.scalar(key_node, f"{where} key")
+            val = self.scalar(value, f"{where}.{key}")
+            if key is not None and val is not None:
+                out[key] = val
+        return out
+
+
+def _compose(path: Path) -> Node:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError([Problem(str(path), 0, "profile not found",
+                                    "check the path, or create one with `bundle init DIR`")]
+                           ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError([Problem(str(path), 0, f"cannot read profile: {exc}")]) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        raise ProfileError([Problem(str(path), line, f"broken YAML: {exc.problem}",
+                                    "check indentation and quoting on this line")]) from None
+    except yaml.YAMLError as exc:
+        raise ProfileError([Problem(str(path), 0, f"broken YAML: {exc}")]) from None
+    if node is None:
+        raise ProfileError([Problem(str(path), 1, "profile is empty",
+                                    "start from `bundle init DIR`")])
+    return node
+
+
+def load_profile(path: Path, *, check_files: bool = True) -> Profile:
+    """Load and validate a profile, raising ProfileError with every problem found."""
+    path = path.resolve()
+    root = _compose(path)
+    c = _Checker(path)
+    top = c.mapping(
+        root, "profile",
+        required=("schema", "name", "version"),
+        optional=("sequence", "expires", "target", "python", "files", "services", "health",
+                  "install"),
+    )
+    if top is None:
+        raise ProfileError(c.problems)
+
+    schema = c.integer(top["schema"], "schema", minimum=1) if "schema" in top else None
+    if schema is not None and schema != SCHEMA_VERSION:
+        c.add(top["schema"], f"schema {schema} is not supported",
+              f"this bundler reads schema {SCHEMA_VERSION}")
+    name = c.string(top["name"], "name", NAME_RE,
+                    "lowercase letters, digits and '-'") if "name" in top else None
+    version = c.string(top["version"], "version", VERSION_RE,
+                       "letters, digits and . _ + - (e.g. 1.4.0)") if "version" in top else None
+    sequence = c.integer(top["sequence"], "sequence", 1) if "sequence" in top else None
+    expires = c.duration_ms(top["expires"], "expires") if "expires" in top else None
+
+    target = Target()
+    if "target" in top:
+        t = c.mapping(top["target"], "target", (), ("python", "platform"))
+        if t is not None:
+            py = c.string(t["python"], "target.python", PYTHON_RE,
+                          "write the quoted major.minor, e.g. \"3.11\"") if "python" in t else None
+            plat = c.string(t["platform"], "target.platform", PLATFORM_RE,
+                            "e.g. manylinux_2_28_x86_64") if "platform" in t else None
+            target = Target(python=py or target.python, platform=plat or target.platform)
+
+    python = _python_spec(c, top["python"], path.parent, check_files) if "python" in top else None
+    files = tuple(c.sequence(top["files"], "files",
+                             lambda n, w: _file_spec(c, n, w, path.parent, check_files))
+                  ) if "files" in top else ()
+    services = tuple(c.sequence(top["services"], "services",
+                                lambda n, w: _service(c, n, w))) if "services" in top else ()
+    health = tuple(c.sequence(top["health"], "health",
+                              lambda n, w: _health(c, n, w))) if "health" in top else ()
+    keep = 3
+    if "install" in top:
+        inst = c.mapping(top["install"], "install", (), ("keep",))
+        if inst is not None and "keep" in inst:
+            keep = c.integer(inst["keep"], "install.keep", 1) or keep
+
+    _unique(c, [s.name for s in services], top.get("services"), "service")
+    _unique(c, [h.name for h in health], top.get("health"), "health check")
+    _unique(c, [f.dest for f in files], top.get("files"), "files dest")
+
+    if c.problems:
+        raise ProfileError(c.problems)
+    assert schema is not None and name is not None and version is not None
+    return Profile(
+        path=path, schema=schema, name=name, version=version, sequence=sequence,
+        expires_ms=expires, target=target, python=python, files=files,
+        runtime=Runtime(services=services, health=health, install=InstallPolicy(keep=keep)),
+    )
+
+
+def _unique(c: _Checker, names: list[str], node: Node | None, what: str) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            c.add(node, f"{what} '{n}' appears twice", "names must be unique")
+        seen.add(n)
+
+
+def _rel_path(c: _Checker, node: Node, where: str, base: Path, check: bool) -> Path | None:
+    value = c.scalar(node, where)
+    if value is None:
+        return None
+    p = (base / value).resolve()
+    if check and not p.exists():
+        c.add(node, f"{where}: '{value}' does not exist (looked in {base})",
+              "paths are relative to the profile's directory")
+        return None
+    return p
+
+
+def _dest(c: _Checker, node: Node, where: str) -> str | None:
+    value = c.scalar(node, where)
+    if value is None:
+        return None
+    parts = value.replace("\\", "/").split("/")
+    if value.startswith("/") or ".." in parts or "\\" in value or not value.strip("./"):
+        c.add(node, f"{where}: '{value}' must be a relative path inside the release",
+              "no leading '/', no '..'")
+        return None
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+def _python_spec(c: _Checker, node: Node, base: Path, check: bool) -> PythonSpec | None:
+    m = c.mapping(node, "python", ("requirements",),
+                  ("index_url", "extra_index_urls", "find_links", "no_index"))
+    if m is None:
+        return None
+    req = _rel_path(c, m["requirements"], "python.requirements", base, check) \
+        if "requirements" in m else None
+    index_url = c.scalar(m["index_url"], "python.index_url") if "index_url" in m else None
+    extra = c.string_list(m["extra_index_urls"], "python.extra_index_urls") \
+        if "extra_index_urls" in m else []
+    links: list[str] = []
+    for i, ln in enumerate(m["find_links"].value if "find_links" in m and
+                           isinstance(m["find_links"], SequenceNode) else []):
+        value = c.scalar(ln, f"python.find_links[{i}]")
+        if value is None:
+            continue
+        is_url = "://" in value
+        links.append(value if is_url else str((base / value).resolve()))
+        if not is_url and check and not (base / value).is_dir():
+            c.add(ln, f"python.find_links[{i}]: directory '{value}' does not exist")
+    if "find_links" in m and not isinstance(m["find_links"], SequenceNode):
+        c.add(m["find_links"], "python.find_links must be a list")
+    no_index = bool(c.boolean(m["no_index"], "python.no_index")) if "no_index" in m else False
+    if req is None:
+        return None
+    return PythonSpec(requirements=req, index_url=index_url, extra_index_urls=tuple(extra),
+                      find_links=tuple(links), no_index=no_index)
+
+
+def _file_spec(c: _Checker, node: Node, where: str, base: Path, check: bool) -> FileSpec | None:
+    m = c.mapping(node, where, ("src", "dest"), ("exclude",))
+    if m is None:
+        return None
+    src = _rel_path(c, m["src"], f"{where}.src", base, check) if "src" in m else None
+    dest = _dest(c, m["dest"], f"{where}.dest") if "dest" in m else None
+    exclude = c.string_list(m["exclude"], f"{where}.exclude") if "exclude" in m else []
+    if src is None or dest is None:
+        return None
+    return FileSpec(src=src, dest=dest, exclude=tuple(exclude))
+
+
+def _service(c: _Checker, node: Node, where: str) -> Service | None:
+    m = c.mapping(node, where, ("name", "command"), ("cwd", "env"))
+    if m is None:
+        return None
+    name = c.string(m["name"], f"{where}.name", NAME_RE) if "name" in m else None
+    command = c.string_list(m["command"], f"{where}.command") if "command" in m else []
+    if "command" in m and isinstance(m["command"], SequenceNode) and not command:
+        c.add(m["command"], f"{where}.command is empty")
+    cwd = _dest(c, m["cwd"], f"{where}.cwd") if "cwd" in m else "."
+    env = c.string_map(m["env"], f"{where}.env") if "env" in m else {}
+    if name is None or not command or cwd is None:
+        return None
+    return Service(name=name, command=tuple(command), cwd=cwd,
+                   env=tuple(sorted(env.items())))
+
+
+def _health(c: _Checker, node: Node, where: str) -> HealthCheck | None:
+    m = c.mapping(node, where, ("name", "http"),
+                  ("expect_status", "timeout", "retries", "interval"))
+    if m is None:
+        return None
+    name = c.string(m["name"], f"{where}.name", NAME_RE) if "name" in m else None
+    url = c.string(m["http"], f"{where}.http", re.compile(r"^https?://[^/\s]+"),
+                   "write a full URL, e.g. http://127.0.0.1:8000/health") if "http" in m else None
+    status = c.integer(m["expect_status"], f"{where}.expect_status", 100) \
+        if "expect_status" in m else 200
+    timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m else 2000
+    retries = c.integer(m["retries"], f"{where}.retries", 1) if "retries" in m else 30
+    interval = c.duration_ms(m["interval"], f"{where}.interval") if "interval" in m else 500
+    if (name is None or url is None or status is None or timeout is None or retries is None
+            or interval is None):
+        return None
+    return HealthCheck(name=name, url=url, expect_status=status, timeout_ms=timeout,
+                       retries=retries, interval_ms=interval)

@@ -1,0 +1,1 @@
+"""Resolvers: one module per artifact kind. Each turns profile entries into cached files."""

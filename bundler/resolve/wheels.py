@@ -1,0 +1,230 @@
+"""Python wheels for the target, from a pinned requirements file.
+
+pip downloads (isolated from host pip configuration) for the target's Python and platform
+tags; bundler itself evaluates markers for the target, checks each wheel's tags, and checks
+that the pinned set is complete (every dependency of every wheel is pinned), so a missing
+dependency fails the BUILD rather than the air-gapped install.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.markers import Marker
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import (
+    InvalidWheelFilename,
+    NormalizedName,
+    canonicalize_name,
+    parse_wheel_filename,
+)
+from packaging.version import Version
+
+from bundler import proc
+from bundler.cache import Cache
+from bundler.errors import BuildError, CommandError, Problem, ProfileError
+from bundler.manifest import FileEntry
+from bundler.models import Target
+from bundler.profile import PythonSpec
+from bundler.resolve import target as tgt
+from bundler.ui import Log
+
+LOCK_PATH = "python/requirements.lock"
+_HASH_RE = re.compile(r"--hash[= ]sha256:([0-9a-f]{64})")
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: NormalizedName
+    version: str
+    extras: tuple[str, ...]
+    hashes: tuple[str, ...]
+    marker: Marker | None
+    line: int
+
+
+@dataclass(frozen=True)
+class Fetched:
+    entries: tuple[FileEntry, ...]
+    lock: FileEntry
+    sources: dict[str, Path]  # manifest path -> cached file
+
+
+def parse_requirements(path: Path) -> list[Pin]:
+    """Parse a pinned (`name==version`, optional `--hash`) requirements file, all errors at once."""
+    problems: list[Problem] = []
+    pins: list[Pin] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    logical: list[tuple[int, str]] = []
+    buf, start = "", 0
+    for no, raw in enumerate(lines, 1):
+        text = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
+        if not buf:
+            start = no
+        if text.endswith("\\"):
+            buf += text[:-1] + " "
+            continue
+        buf += text
+        if buf.strip():
+            logical.append((start, buf.strip()))
+        buf = ""
+    for no, text in logical:
+        hashes = tuple(_HASH_RE.findall(text))
+        rest = _HASH_RE.sub("", text).strip()
+        if rest.startswith("-"):
+            problems.append(Problem(str(path), no, f"option lines are not supported: {rest!r}",
+                                    "put index settings under `python:` in the profile"))
+            continue
+        try:
+            req = Requirement(rest)
+        except InvalidRequirement as exc:
+            problems.append(Problem(str(path), no, f"invalid requirement: {exc}"))
+            continue
+        specs = list(req.specifier)
+        if req.url or len(specs) != 1 or specs[0].operator != "==" or "*" in specs[0].version:
+            problems.append(Problem(str(path), no, f"'{rest}' is not pinned to one version",
+                                    "pin every package as name==version (pip-compile does this)"))
+            continue
+        pins.append(Pin(canonicalize_name(req.name), specs[0].version, tuple(sorted(req.extras)),
+                        hashes, req.marker, no))
+    seen: dict[str, int] = {}
+    for p in pins:
+        if p.name in seen and p.marker is None:
+            problems.append(Problem(str(path), p.line, f"{p.name} is pinned twice "
+                                    f"(also line {seen[p.name]})"))
+        seen[p.name] = p.line
+    if problems:
+        raise ProfileError(problems)
+    return pins
+
+
+def for_target(pins: Sequence[Pin], target: Target) -> list[Pin]:
+    env = tgt.marker_env(target)
+    return [p for p in pins if p.marker is None or p.marker.evaluate(env)]
+
+
+def fetch(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> Fetched:
+    pins = for_target(parse_requirements(spec.requirements), target)
+    entries: list[FileEntry] = []
+    sources: dict[str, Path] = {}
+    lock_lines = [f"# bundler lock for CPython {target.python} on {target.platform}; "
+                  "install with --no-index --require-hashes"]
+    if pins:
+        wheels = _download(pins, spec, target, cache, log)
+        _check_complete(pins, wheels, target)
+        for pin in pins:
+            whl = wheels[pin.name]
+            sha, size = cache.put_file(whl)
+            path = f"python/wheels/{whl.name}"
+            entries.append(FileEntry(path=path, size=size, sha256=sha, kind="wheel"))
+            sources[path] = cache.path(sha)
+            extras = f"[{','.join(pin.extras)}]" if pin.extras else ""
+            lock_lines.append(f"{pin.name}{extras}=={pin.version} --hash=sha256:{sha}")
+        shutil.rmtree(next(iter(wheels.values())).parent, ignore_errors=True)
+    sha, size = cache.put_bytes(("\n".join(lock_lines) + "\n").encode())
+    lock = FileEntry(path=LOCK_PATH, size=size, sha256=sha, kind="lock")
+    sources[LOCK_PATH] = cache.path(sha)
+    return Fetched(tuple(entries), lock, sources)
+
+
+def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, cache: Cache,
+              log: Log) -> dict[str, Path]:
+    cache.tmp.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="wheels-", dir=cache.tmp))
+    req_file = work / "requirements.txt"
+    hashed = all(p.hashes for p in pins)
+    req_file.write_text("".join(
+        f"{p.name}{'[' + ','.join(p.extras) + ']' if p.extras else ''}=={p.version}"
+        + "".join(f" --hash=sha256:{h}" for h in (p.hashes if hashed else ()))
+        + "\n" for p in pins))
+    out = work / "dl"
+    args: list[str] = [sys.executable, "-m", "pip", "download", "--isolated", "--no-deps",
+                       "--only-binary=:all:", "--implementation", "cp",
+                       "--python-version", target.python, "--dest", str(out),
+                       "--progress-bar", "off", "-r", str(req_file)]
+    for plat in tgt.platforms(target):
+        args += ["--platform", plat]
+    if spec.no_index:
+        args.append("--no-index")
+    if spec.index_url:
+        args += ["--index-url", spec.index_url]
+    for url in spec.extra_index_urls:
+        args += ["--extra-index-url", url]
+    for link in spec.find_links:
+        args += ["--find-links", link]
+    log(f"downloading {len(pins)} wheel(s) for CPython {target.python} / {target.platform}")
+    try:
+        proc.run(args, what="pip download", timeout=1800)
+    except CommandError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        missing = re.findall(r"No matching distribution found for (\S+)", exc.message)
+        if missing:
+            raise BuildError(
+                f"no wheel of {', '.join(missing)} for CPython {target.python} on "
+                f"{target.platform}",
+                hint="pick a version that publishes wheels for the target (sdists are not "
+                     "installable offline), or change target.platform",
+            ) from None
+        raise BuildError(f"downloading wheels failed: {exc.message}") from None
+    found: dict[str, Path] = {}
+    supported = tgt.supported_tags(target)
+    for whl in sorted(out.glob("*")):
+        try:
+            name, version, _build, wtags = parse_wheel_filename(whl.name)
+        except InvalidWheelFilename:
+            raise BuildError(f"pip produced {whl.name}, which is not a wheel",
+                             hint="only wheels can be installed offline") from None
+        if not wtags & supported:
+            raise BuildError(f"{whl.name} does not fit CPython {target.python} on "
+                             f"{target.platform}")
+        found[name] = whl
+        pin = next((p for p in pins if p.name == name), None)
+        if pin is None or Version(pin.version) != version:
+            raise BuildError(f"pip downloaded {whl.name}, which was not asked for")
+    missing_pins = [p.name for p in pins if p.name not in found]
+    if missing_pins:
+        raise BuildError(f"pip did not download {', '.join(missing_pins)}")
+    return found
+
+
+def _requires(whl: Path) -> list[Requirement]:
+    with zipfile.ZipFile(whl) as zf:
+        meta = next((n for n in zf.namelist()
+                     if n.endswith(".dist-info/METADATA") and n.count("/") == 1), None)
+        if meta is None:
+            raise BuildError(f"{whl.name} has no METADATA", hint="the wheel is broken")
+        msg = email.parser.BytesParser().parsebytes(zf.read(meta), headersonly=True)
+    return [Requirement(r) for r in msg.get_all("Requires-Dist") or []]
+
+
+def _check_complete(pins: Sequence[Pin], wheels: dict[str, Path], target: Target) -> None:
+    """Every dependency of every pinned wheel (for the target) must be pinned too."""
+    env = tgt.marker_env(target)
+    by_name = {p.name: p for p in pins}
+    gaps: list[str] = []
+    for pin in pins:
+        for req in _requires(wheels[pin.name]):
+            extras = ("", *pin.extras)
+            if req.marker is not None and not any(
+                req.marker.evaluate({**env, "extra": e}) for e in extras
+            ):
+                continue
+            dep = by_name.get(canonicalize_name(req.name))
+            if dep is None:
+                gaps.append(f"{pin.name} needs {req.name}{req.specifier or ''}, not pinned")
+            elif not req.specifier.contains(dep.version, prereleases=True):
+                gaps.append(f"{pin.name} needs {req.name}{req.specifier}, "
+                            f"pinned {dep.version}")
+    if gaps:
+        raise BuildError(
+            f"the requirements are incomplete for the target: {'; '.join(gaps)}",
+            hint="pin the full dependency closure (pip-compile --generate-hashes writes one)",
+        )

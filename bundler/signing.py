@@ -1,0 +1,188 @@
+"""Keys, the DSSE envelope and Ed25519 signatures.
+
+The envelope signs PAE(payloadType, payload): the type is bound into the signature, so a
+signature made for one kind of document cannot be replayed as another. Verification works on
+the exact payload bytes and only then hands them to the manifest parser.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from bundler.errors import SignatureError, SigningKeyError
+from bundler.fsutil import atomic_write_bytes
+from bundler.manifest import PAYLOAD_TYPE, Manifest, canonical_json, parse_manifest, strict_loads
+
+MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TrustedKey:
+    keyid: str
+    key: Ed25519PublicKey
+    source: str
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE pre-authentication encoding."""
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def generate(name: Path, force: bool = False) -> tuple[Path, Path, str]:
+    """Write NAME.key (0600) and NAME.pub; return both paths and the key id."""
+    priv_path = name.with_name(name.name + ".key")
+    pub_path = name.with_name(name.name + ".pub")
+    for p in (priv_path, pub_path):
+        if p.exists() and not force:
+            raise SigningKeyError(f"{p} already exists",
+                                  hint="choose another name, or pass --force to replace it")
+    private = Ed25519PrivateKey.generate()
+    atomic_write_bytes(priv_path, private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()), mode=0o600)
+    atomic_write_bytes(pub_path, private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return priv_path, pub_path, key_id(private.public_key())
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SigningKeyError(f"cannot read signing key {path}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise SigningKeyError(
+            f"{path} is not an unencrypted PEM private key",
+            hint="pass the NAME.key written by `bundle keygen NAME` (not the .pub)",
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningKeyError(f"{path} is not an Ed25519 key",
+                              hint="create one with `bundle keygen NAME`")
+    return key
+
+
+def load_public_key(path: Path) -> TrustedKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SigningKeyError(f"cannot read public key {path}: {exc.strerror}",
+                              hint="pass the NAME.pub written by `bundle keygen NAME`") from None
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError):
+        raise SigningKeyError(
+            f"{path} is not a PEM public key",
+            hint="pass the NAME.pub written by `bundle keygen NAME` (never share the .key)",
+        ) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SigningKeyError(f"{path} is not an Ed25519 public key")
+    return TrustedKey(keyid=key_id(key), key=key, source=str(path))
+
+
+def load_trust(path: Path) -> list[TrustedKey]:
+    """A single .pub file, or every *.pub in a directory."""
+    if path.is_dir():
+        keys = [load_public_key(p) for p in sorted(path.glob("*.pub"))]
+        if not keys:
+            raise SigningKeyError(f"no *.pub keys in {path}",
+                                  hint="copy the builder's NAME.pub into that directory")
+        return keys
+    return [load_public_key(path)]
+
+
+def sign(manifest: Manifest, private: Ed25519PrivateKey) -> bytes:
+    """Return the envelope bytes for `manifest`."""
+    body = manifest.to_bytes()
+    sig = private.sign(pae(PAYLOAD_TYPE, body))
+    envelope = {
+        "payloadType": PAYLOAD_TYPE,
+        "payload": base64.b64encode(body).decode(),
+        "signatures": [{"keyid": key_id(private.public_key()),
+                        "sig": base64.b64encode(sig).decode()}],
+    }
+    return canonical_json(envelope)
+
+
+@dataclass(frozen=True)
+class Verified:
+    manifest: Manifest
+    manifest_bytes: bytes
+    keyid: str
+    digest: str  # sha256 of the manifest bytes: the bundle's identity
+
+
+def verify_envelope(data: bytes, trusted: list[TrustedKey]) -> Verified:
+    """Check the envelope's signature against trusted keys; parse the manifest only after."""
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise SignatureError(f"envelope.json is {len(data)} bytes, over the "
+                             f"{MAX_ENVELOPE_BYTES} limit", hint="this is not a bundler bundle")
+    try:
+        env = strict_loads(data)
+        payload_type = env["payloadType"]
+        body = base64.b64decode(env["payload"], validate=True)
+        sigs = env["signatures"]
+        if not isinstance(sigs, list) or not isinstance(payload_type, str):
+            raise ValueError("bad envelope fields")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, binascii.Error) as exc:
+        raise SignatureError(f"envelope.json is malformed: {exc}",
+                             hint="this is not a bundler bundle, or it was damaged") from None
+    if payload_type != PAYLOAD_TYPE:
+        raise SignatureError(f"envelope payloadType is {payload_type!r}, "
+                             f"expected {PAYLOAD_TYPE!r}",
+                             hint="this envelope signs another kind of document")
+    if not sigs:
+        raise SignatureError("bundle is not signed (no signatures in envelope.json)",
+                             hint="build it with `bundle build --key NAME.key`")
+    by_id = {k.keyid: k for k in trusted}
+    message = pae(payload_type, body)
+    seen_ids = []
+    for entry in sigs:
+        if not isinstance(entry, dict):
+            continue
+        kid = entry.get("keyid")
+        seen_ids.append(str(kid))
+        trusted_key = by_id.get(str(kid))
+        if trusted_key is None:
+            continue
+        try:
+            raw_sig = base64.b64decode(str(entry.get("sig", "")), validate=True)
+            trusted_key.key.verify(raw_sig, message)
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise SignatureError(
+                f"signature by key {kid} does not verify: the manifest was altered",
+                hint="do not install this bundle; get a fresh copy from the builder",
+            ) from None
+        manifest = parse_manifest(body)
+        return Verified(manifest, body, trusted_key.keyid, hashlib.sha256(body).hexdigest())
+    trusted_ids = ", ".join(sorted(by_id)) or "none"
+    raise SignatureError(
+        f"bundle is signed by key {', '.join(seen_ids)}, which is not trusted "
+        f"(trusted: {trusted_ids})",
+    )
+
+
+def keyid_of_file(path: Path) -> str:
+    """Key id of a .pub or .key file, for display."""
+    if os.fspath(path).endswith(".key"):
+        return key_id(load_private_key(path).public_key())
+    return load_public_key(path).keyid
