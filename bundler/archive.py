@@ -9,9 +9,9 @@ path the verifier chooses. Nothing here ever extracts a member by its own name.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
+import io
 import os
 import tarfile
 from collections.abc import Callable, Iterator
@@ -85,29 +85,138 @@ class _BytesReader:
         return chunk
 
 
-class _Tap:
-    """A read-only wrapper that counts bytes and remembers the last few chunks read,
-    so that what follows the end-of-archive marker can be checked for junk."""
+@dataclass(frozen=True)
+class Member:
+    name: str
+    type: bytes
+    size: int
+    offset: int  # of its header in the stream
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def isreg(self) -> bool:
+        return self.type in (tarfile.REGTYPE, tarfile.AREGTYPE)
+
+
+_MAX_PAX = 64 * 1024
+
+
+class TarStream:
+    """A strict, forward-only tar reader over anything with `readinto`.
+
+    Only what bundles use is accepted: regular members, each optionally preceded by one pax
+    header (for long names). Header fields are parsed by `tarfile.TarInfo.frombuf` (checksum
+    included); payload bytes go straight from `readinto` into one reused buffer, with no
+    copies, so verification runs at close to raw hashing speed.
+    """
+
+    def __init__(self, raw: io.RawIOBase | io.BufferedIOBase, label: str) -> None:
         self.raw = raw
+        self.label = label
         self.pos = 0
-        self.recent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=4)
+        self._buf = bytearray(CHUNK)
+        self._view = memoryview(self._buf)
 
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        if data:
-            self.recent.append((self.pos, data))
-            self.pos += len(data)
-        return data
+    def _fill(self, view: memoryview) -> int:
+        got = 0
+        while got < len(view):
+            n = self.raw.readinto(view[got:])
+            if not n:
+                break
+            got += n
+        self.pos += got
+        return got
 
-    def since(self, offset: int) -> bytes | None:
-        """Bytes from absolute `offset` to the current position, if still remembered."""
-        parts = [(start, d) for start, d in self.recent if start + len(d) > offset]
-        if not parts or parts[0][0] > offset:
-            return None if self.pos > offset else b""
-        joined = b"".join(d for _, d in parts)
-        return joined[offset - parts[0][0]:]
+    def _exact(self, n: int, what: str) -> bytes:
+        buf = bytearray(n)
+        if self._fill(memoryview(buf)) != n:
+            raise IntegrityError(f"{self.label}: truncated in {what}",
+                                 hint="the copy is incomplete: copy the bundle again")
+        return bytes(buf)
+
+    def next(self) -> Member | None:
+        """The next member header, or None at a proper end-of-archive marker."""
+        pax: dict[str, str] = {}
+        while True:
+            offset = self.pos
+            block = self.raw.read(tarfile.BLOCKSIZE) or b""
+            self.pos += len(block)
+            if len(block) < tarfile.BLOCKSIZE:
+                raise IntegrityError(
+                    f"{self.label}: truncated at offset {offset} (end-of-archive marker "
+                    "missing)" if not block else f"{self.label}: truncated at offset {offset}",
+                    hint="the copy is incomplete: copy the bundle again")
+            if block.count(0) == tarfile.BLOCKSIZE:
+                self._check_end(offset)
+                return None
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as exc:
+                raise IntegrityError(f"{self.label}: corrupt tar header at offset {offset}: "
+                                     f"{exc} (a damaged copy, or junk in the bundle)") from None
+            if info.type == tarfile.XHDTYPE:
+                if pax or info.size > _MAX_PAX:
+                    raise IntegrityError(f"{self.label}: bad pax header at offset {offset}")
+                pax = _parse_pax(self._exact(info.size, "a pax header"), self.label, offset)
+                self._skip_padding(info.size)
+                continue
+            name = pax.get("path", info.name)
+            size = info.size
+            if "size" in pax:
+                if not pax["size"].isdigit():
+                    raise IntegrityError(f"{self.label}: bad pax size at offset {offset}")
+                size = int(pax["size"])
+            return Member(name, info.type, size, offset)
+
+    def _skip_padding(self, size: int) -> None:
+        pad = -size % tarfile.BLOCKSIZE
+        if pad:
+            self._exact(pad, "block padding")
+
+    def read_data(self, member: Member, sink: Callable[[memoryview], None]) -> None:
+        """Feed the member's data to `sink` in chunks (views into one reused buffer)."""
+        remaining = member.size
+        while remaining:
+            view = self._view[:min(CHUNK, remaining)]
+            n = self._fill(view)
+            if n == 0:
+                raise IntegrityError(f"{self.label}: truncated in {member.name!r}",
+                                     hint="the copy is incomplete: copy the bundle again")
+            sink(view[:n])
+            remaining -= n
+        self._skip_padding(member.size)
+
+    def skip_data(self, member: Member) -> None:
+        self.read_data(member, lambda _v: None)
+
+    def _check_end(self, offset: int) -> None:
+        """After the first zero block: a second one, then only zero padding up to one record."""
+        second = self.raw.read(tarfile.BLOCKSIZE) or b""
+        rest = self.raw.read(tarfile.RECORDSIZE + 1) or b""
+        self.pos += len(second) + len(rest)
+        if len(second) < tarfile.BLOCKSIZE:
+            raise IntegrityError(f"{self.label}: truncated (end-of-archive marker incomplete)",
+                                 hint="the copy is incomplete: copy the bundle again")
+        tail = second + rest
+        if tail.count(0) != len(tail) or len(rest) > tarfile.RECORDSIZE:
+            raise IntegrityError(f"{self.label}: unexpected data after offset {offset} "
+                                 "(junk appended to the bundle, or a damaged copy)")
+
+
+def _parse_pax(data: bytes, label: str, offset: int) -> dict[str, str]:
+    out: dict[str, str] = {}
+    pos = 0
+    try:
+        while pos < len(data):
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+            record = data[space + 1:pos + length]
+            if length <= 0 or not record.endswith(b"\n"):
+                raise ValueError("bad record")
+            key, _, value = record[:-1].partition(b"=")
+            out[key.decode()] = value.decode("utf-8")
+            pos += length
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"{label}: malformed pax header at offset {offset}") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -120,28 +229,14 @@ class Extracted:
 class BundleReader:
     """One forward pass over a bundle stream. Use `open_bundle`."""
 
-    def __init__(self, raw: BinaryIO, label: str) -> None:
+    def __init__(self, raw: io.RawIOBase | io.BufferedIOBase, label: str) -> None:
         self.label = label
-        self._tap = _Tap(raw)
-        try:
-            self._tar: tarfile.TarFile = tarfile.open(  # noqa: SIM115 - closed with the file
-                fileobj=self._tap, mode="r|", bufsize=CHUNK)  # type: ignore[call-overload]
-        except tarfile.TarError as exc:
-            raise IntegrityError(f"{label} is not a bundle (not a tar archive: {exc})",
-                                 hint="check that you passed the .bundle file") from None
+        self._tar = TarStream(raw, label)
         self.verified: Verified | None = None
-
-    def _next(self) -> tarfile.TarInfo | None:
-        try:
-            member: tarfile.TarInfo | None = self._tar.next()
-            return member
-        except tarfile.TarError as exc:
-            raise IntegrityError(f"{self.label}: corrupt tar header after offset "
-                                 f"{self._tar.offset}: {exc}") from None
 
     def read_envelope(self, trusted: list[TrustedKey]) -> Verified:
         """Read the first member, which must be the envelope, and verify its signature."""
-        member = self._next()
+        member = self._tar.next()
         if member is None or member.name != ENVELOPE:
             name = member.name if member else "nothing"
             raise SignatureError(f"{self.label}: first member is {name!r}, not {ENVELOPE}",
@@ -152,21 +247,10 @@ class BundleReader:
             raise SignatureError(f"{self.label}: {ENVELOPE} is {member.size} bytes, over the "
                                  f"{MAX_ENVELOPE_BYTES} byte limit",
                                  hint="this is not a bundler bundle")
-        data = self._read_member(member)
-        self.verified = verify_envelope(data, trusted)
+        chunks: list[bytes] = []
+        self._tar.read_data(member, lambda v: chunks.append(bytes(v)))
+        self.verified = verify_envelope(b"".join(chunks), trusted)
         return self.verified
-
-    def _read_member(self, member: tarfile.TarInfo) -> bytes:
-        fh = self._tar.extractfile(member)
-        assert fh is not None
-        try:
-            data: bytes = fh.read(member.size)
-        except tarfile.TarError as exc:
-            raise IntegrityError(f"{self.label}: truncated in {member.name}: {exc}") from None
-        if len(data) != member.size:
-            raise IntegrityError(f"{self.label}: truncated in {member.name}",
-                                 hint="the copy is incomplete: copy the bundle again")
-        return data
 
     def extract(self, dest: Path | None, progress: Progress | None = None) -> Extracted:
         """Check every payload member; write each to `dest/<manifest path>` if dest is given.
@@ -177,7 +261,7 @@ class BundleReader:
         manifest = self.verified.manifest
         listed = {f.path: f for f in manifest.files}
         seen: set[str] = set()
-        while (member := self._next()) is not None:
+        while (member := self._tar.next()) is not None:
             name = member.name
             if not member.isreg():
                 kind = _TYPE_NAMES.get(member.type, f"of tar type {member.type!r}")
@@ -194,55 +278,30 @@ class BundleReader:
                                      f"the manifest says {entry.size}")
             self._check_payload(member, entry, dest, progress)
             seen.add(name)
-        self._check_end()
         missing = sorted(set(listed) - seen)
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise IntegrityError(f"{self.label}: member {missing[0]!r}{more} listed in the "
                                  "manifest is missing from the bundle",
                                  hint="the copy is incomplete or was re-packed: copy it again")
-        return Extracted(self.verified, dest, self._tap.pos)
+        return Extracted(self.verified, dest, self._tar.pos)
 
-    def _check_payload(self, member: tarfile.TarInfo, entry: FileEntry, dest: Path | None,
+    def _check_payload(self, member: Member, entry: FileEntry, dest: Path | None,
                        progress: Progress | None) -> None:
-        src = self._tar.extractfile(member)
-        assert src is not None
         digest = hashlib.sha256()
         with _open_dest(dest, entry.path) as out:
-            remaining = entry.size
-            while remaining:
-                try:
-                    chunk = src.read(min(CHUNK, remaining))
-                except tarfile.TarError as exc:
-                    raise IntegrityError(f"{self.label}: truncated in {entry.path!r}: {exc}",
-                                         hint="the copy is incomplete: copy it again") from None
-                if not chunk:
-                    raise IntegrityError(f"{self.label}: truncated in {entry.path!r}",
-                                         hint="the copy is incomplete: copy it again")
-                digest.update(chunk)
+
+            def sink(view: memoryview) -> None:
+                digest.update(view)
                 if out is not None:
-                    out.write(chunk)
-                remaining -= len(chunk)
+                    out.write(view)
                 if progress:
-                    progress(len(chunk))
+                    progress(len(view))
+
+            self._tar.read_data(member, sink)
         if digest.hexdigest() != entry.sha256:
             raise IntegrityError(f"{self.label}: member {entry.path!r} does not match its "
                                  "signed sha256")
-
-    def _check_end(self) -> None:
-        """After the last header: only the zero end-of-archive blocks and record padding."""
-        end = self._tar.offset
-        seen = self._tap.since(end)
-        if seen is None:
-            raise IntegrityError(f"{self.label}: cannot check the end of the archive")
-        limit = 2 * tarfile.BLOCKSIZE + tarfile.RECORDSIZE
-        rest = seen + self._tap.raw.read(limit + 1 - len(seen)) if len(seen) <= limit else seen
-        if len(rest) < 2 * tarfile.BLOCKSIZE:
-            raise IntegrityError(f"{self.label}: truncated (end-of-archive marker missing)",
-                                 hint="the copy is incomplete: copy the bundle again")
-        if len(rest) > limit or rest.count(0) != len(rest):
-            raise IntegrityError(f"{self.label}: unexpected data after offset {end} "
-                                 "(a corrupt member header, or junk appended to the bundle)")
 
 
 @contextlib.contextmanager
@@ -261,7 +320,7 @@ def _open_dest(dest: Path | None, rel: str) -> Iterator[BinaryIO | None]:
 @contextlib.contextmanager
 def open_bundle(path: Path) -> Iterator[BundleReader]:
     try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed below
+        raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
     except OSError as exc:
         raise IntegrityError(f"cannot open bundle {path}: {exc.strerror}",
                              hint="check the path to the .bundle file") from None

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Project, bundle, make_project
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    """A fresh signing key pair made by the real `bundle keygen`."""
+    (tmp_path / "keys").mkdir()
+    result = bundle("keygen", tmp_path / "keys" / "release")
+    assert result.rc == 0, result.err
+    return tmp_path / "keys" / "release.key", tmp_path / "keys" / "release.pub"
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    base = tmp_path / "project"
+    base.mkdir()
+    return make_project(base)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def roots() -> Iterator[list[Path]]:
+    """Install roots a test used: every supervisor under them is stopped afterwards."""
+    used: list[Path] = []
+    yield used
+    for root in used:
+        for pidfile in root.glob("releases/*/run/*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)

@@ -1,0 +1,180 @@
+"""Test helpers: real tiny wheels, profiles, the CLI as a subprocess, and the air gap."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NETNS_DRIVER = Path(__file__).resolve().parent / "netns_driver.py"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class Run:
+    rc: int
+    out: str
+    err: str
+
+
+def bundle(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
+           timeout: float = 300) -> Run:
+    """Run the real `bundle` CLI in a subprocess (exit codes and output as a user sees them)."""
+    done = subprocess.run([sys.executable, "-m", "bundler", *map(os.fspath, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, check=False)
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def netns_available() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    done = subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def require_netns() -> None:
+    if not netns_available():
+        if IN_CI:
+            pytest.fail("unshare -n is not available, and CI must run the air-gapped tests")
+        pytest.skip("unshare -n is not available here (needs root or user namespaces)")
+
+
+def offline(*commands: list[str], timeout: float = 600) -> list[Run]:
+    """Run commands one after another inside ONE new network namespace with no network at
+    all (only loopback, brought up first). Services they start stay in that namespace."""
+    require_netns()
+    done = subprocess.run(
+        ["unshare", "-n", sys.executable, str(NETNS_DRIVER),
+         json.dumps([[os.fspath(a) for a in c] for c in commands])],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )
+    assert done.returncode == 0, f"netns driver failed: {done.stderr}"
+    return [Run(r["rc"], r["out"], r["err"]) for r in json.loads(done.stdout)]
+
+
+def bundle_argv(*args: str | os.PathLike[str]) -> list[str]:
+    return [sys.executable, "-m", "bundler", *map(os.fspath, args)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _record_hash(data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"sha256={digest}"
+
+
+def make_wheel(out_dir: Path, name: str, version: str, files: dict[str, str],
+               requires: tuple[str, ...] = (), tag: str = "py3-none-any") -> Path:
+    """Write a real, installable wheel (METADATA, WHEEL, RECORD with hashes)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dist = f"{name.replace('-', '_')}-{version}"
+    path = out_dir / f"{dist}-{tag}.whl"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires)
+    wheel = f"Wheel-Version: 1.0\nGenerator: bundler-tests\nRoot-Is-Purelib: true\nTag: {tag}\n"
+    entries = {**files, f"{dist}.dist-info/METADATA": meta, f"{dist}.dist-info/WHEEL": wheel}
+    record = "".join(f"{n},{_record_hash(c.encode())},{len(c.encode())}\n"
+                     for n, c in entries.items())
+    record += f"{dist}.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as zf:
+        for n, c in sorted({**entries, f"{dist}.dist-info/RECORD": record}.items()):
+            info = zipfile.ZipInfo(n, date_time=(2020, 1, 1, 0, 0, 0))
+            zf.writestr(info, c)
+    return path
+
+
+SERVER_PY = textwrap.dedent('''\
+    """Test app: serves /health with the greeting from the bundled `tinygreet` wheel."""
+    import json, os, sys
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    import tinygreet
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self):
+            healthy = os.environ.get("APP_HEALTHY", "1") == "1"
+            body = json.dumps({"greeting": tinygreet.greet(),
+                               "version": os.environ.get("APP_VERSION")}).encode()
+            self.send_response(200 if healthy else 503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+''')
+
+
+@dataclass(frozen=True)
+class Project:
+    dir: Path
+    wheelhouse: Path
+    port: int
+
+    def profile(self, version: str = "1.0.0", healthy: bool = True, sequence: int | None = None,
+                extra: str = "") -> Path:
+        """Write a profile for `version` and return its path."""
+        seq = f"sequence: {sequence}\n" if sequence else ""
+        text = textwrap.dedent(f"""\
+            schema: 1
+            name: shop
+            version: {version}
+            target:
+              python: "{sys.version_info[0]}.{sys.version_info[1]}"
+              platform: manylinux_2_28_x86_64
+            python:
+              requirements: requirements.txt
+              find_links: [wheelhouse]
+              no_index: true
+            files:
+              - src: app
+                dest: app
+            services:
+              - name: web
+                cwd: app
+                command: ["{{venv}}/bin/python", "server.py", "{self.port}"]
+                env:
+                  APP_VERSION: "{version}"
+                  APP_HEALTHY: "{1 if healthy else 0}"
+            health:
+              - name: web
+                http: http://127.0.0.1:{self.port}/health
+                timeout: 1s
+                retries: {40 if healthy else 4}
+                interval: 250ms
+            """) + seq + extra
+        path = self.dir / f"shop-{version}.yaml"
+        path.write_text(text)
+        return path
+
+
+def make_project(base: Path) -> Project:
+    """A small app with one real dependency wheel, built locally: no index needed."""
+    wheelhouse = base / "wheelhouse"
+    whl = make_wheel(wheelhouse, "tinygreet", "1.0",
+                     {"tinygreet/__init__.py": "def greet():\n    return 'hello from a wheel'\n"})
+    sha = hashlib.sha256(whl.read_bytes()).hexdigest()
+    (base / "requirements.txt").write_text(f"tinygreet==1.0 --hash=sha256:{sha}\n")
+    app = base / "app"
+    app.mkdir()
+    (app / "server.py").write_text(SERVER_PY)
+    return Project(base, wheelhouse, free_port())

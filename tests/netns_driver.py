@@ -1,0 +1,12 @@
+"""Runs inside `unshare -n`: brings loopback up, runs each command, prints results as JSON."""
+
+import json
+import subprocess
+import sys
+
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+results = []
+for argv in json.loads(sys.argv[1]):
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    results.append({"rc": done.returncode, "out": done.stdout, "err": done.stderr})
+print(json.dumps(results))

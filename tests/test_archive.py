@@ -1,0 +1,252 @@
+"""Streaming verification against tampered, truncated and malformed bundles."""
+
+from __future__ import annotations
+
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from bundler import archive
+from bundler.errors import IntegrityError, SignatureError
+from bundler.signing import TrustedKey, load_public_key, sign
+from tests.bundles import craft, data_offsets, manifest_for, members_of, reg, write_bundle
+
+FILES = {
+    "files/app/a.txt": b"alpha\n" * 100,
+    "files/app/b.txt": b"bravo\n" * 3000,
+    "python/wheels/x-1.0-py3-none-any.whl": bytes(range(256)) * 40,
+}
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def trust(key: Ed25519PrivateKey, tmp_path: Path) -> list[TrustedKey]:
+    pub = tmp_path / "k.pub"
+    pub.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return [load_public_key(pub)]
+
+
+@pytest.fixture
+def good(tmp_path: Path, key: Ed25519PrivateKey) -> Path:
+    path = tmp_path / "good.bundle"
+    write_bundle(path, key, FILES)
+    return path
+
+
+def verify(path: Path, trust: list[TrustedKey], dest: Path | None = None) -> None:
+    with archive.open_bundle(path) as reader:
+        reader.read_envelope(trust)
+        reader.extract(dest)
+
+
+def test_roundtrip_writes_every_file_under_the_chosen_dir(good: Path, trust: list[TrustedKey],
+                                                          tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    verify(good, trust, dest)
+    for path, data in FILES.items():
+        assert (dest / path).read_bytes() == data
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == \
+        sorted(FILES)
+
+
+def test_envelope_is_the_first_member_and_payloads_are_sorted(good: Path) -> None:
+    names = [m.name for m, _ in members_of(good)]
+    assert names == ["envelope.json", *sorted(FILES)]
+
+
+def test_same_inputs_give_identical_bytes(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_bundle(tmp_path / "a" / "x.bundle", key, FILES)
+    write_bundle(tmp_path / "b" / "x.bundle", key, FILES)
+    assert (tmp_path / "a" / "x.bundle").read_bytes() == (tmp_path / "b" / "x.bundle").read_bytes()
+
+
+@pytest.mark.parametrize("member", sorted(FILES))
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_one_flipped_byte_in_any_payload_names_the_member(
+        good: Path, trust: list[TrustedKey], member: str, where: str) -> None:
+    offset, size = data_offsets(good)[member]
+    pos = offset + {"first": 0, "middle": size // 2, "last": size - 1}[where]
+    data = bytearray(good.read_bytes())
+    data[pos] ^= 0x01
+    good.write_bytes(bytes(data))
+    pattern = rf"member '{re.escape(member)}' does not match its signed"
+    with pytest.raises(IntegrityError, match=pattern):
+        verify(good, trust)
+
+
+def test_flipped_byte_in_the_envelope_is_a_signature_error(good: Path,
+                                                           trust: list[TrustedKey]) -> None:
+    offset, size = data_offsets(good)["envelope.json"]
+    data = bytearray(good.read_bytes())
+    # Flip a byte inside the base64 payload (well inside the JSON).
+    data[offset + size // 2] ^= 0x01
+    good.write_bytes(bytes(data))
+    with pytest.raises(SignatureError):
+        verify(good, trust)
+
+
+def test_two_payloads_swapped(tmp_path: Path, good: Path, trust: list[TrustedKey]) -> None:
+    members = members_of(good)
+    a, b = members[1][1], members[2][1]
+    members[1] = (members[1][0], b)
+    members[2] = (members[2][0], a)
+    craft(tmp_path / "bad.bundle", members)
+    with pytest.raises(IntegrityError, match=r"is .* bytes, the manifest says"):
+        verify(tmp_path / "bad.bundle", trust)
+
+
+def test_payload_from_another_valid_bundle(tmp_path: Path, key: Ed25519PrivateKey, good: Path,
+                                           trust: list[TrustedKey]) -> None:
+    other = tmp_path / "other.bundle"
+    other_files = dict(FILES)
+    other_files["files/app/a.txt"] = b"ALPHA\n" * 100  # same size, other bytes
+    write_bundle(other, key, other_files)
+    members = members_of(good)
+    donor = {m.name: d for m, d in members_of(other)}
+    members = [(m, donor[m.name] if m.name == "files/app/a.txt" else d) for m, d in members]
+    craft(tmp_path / "mixed.bundle", members)
+    with pytest.raises(IntegrityError, match=r"'files/app/a\.txt' does not match"):
+        verify(tmp_path / "mixed.bundle", trust)
+
+
+def test_extra_unlisted_member(tmp_path: Path, good: Path, trust: list[TrustedKey]) -> None:
+    craft(tmp_path / "bad.bundle", [*members_of(good), (reg("files/evil.sh"), b"rm -rf /")])
+    with pytest.raises(IntegrityError, match=r"'files/evil\.sh' is not listed"):
+        verify(tmp_path / "bad.bundle", trust)
+
+
+def test_missing_member(tmp_path: Path, good: Path, trust: list[TrustedKey]) -> None:
+    craft(tmp_path / "bad.bundle", members_of(good)[:-1])
+    with pytest.raises(IntegrityError, match=r"missing from the bundle"):
+        verify(tmp_path / "bad.bundle", trust)
+
+
+def test_duplicate_member(tmp_path: Path, good: Path, trust: list[TrustedKey]) -> None:
+    members = members_of(good)
+    craft(tmp_path / "bad.bundle", [*members, members[1]])
+    with pytest.raises(IntegrityError, match=r"appears twice"):
+        verify(tmp_path / "bad.bundle", trust)
+
+
+def test_second_envelope(tmp_path: Path, good: Path, trust: list[TrustedKey]) -> None:
+    members = members_of(good)
+    craft(tmp_path / "bad.bundle", [*members, members[0]])
+    with pytest.raises(IntegrityError, match=r"'envelope\.json' appears twice"):
+        verify(tmp_path / "bad.bundle", trust)
+
+
+def _special(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+@pytest.mark.parametrize("info,what", [
+    (_special("files/app/a.txt", tarfile.SYMTYPE, "/etc/passwd"), "a symlink"),
+    (_special("files/app/a.txt", tarfile.LNKTYPE, "files/app/b.txt"), "a hard link"),
+    (_special("files/app/a.txt", tarfile.DIRTYPE), "a directory"),
+    (_special("files/app/a.txt", tarfile.FIFOTYPE), "a FIFO"),
+    (_special("files/app/a.txt", tarfile.CHRTYPE), "a character device"),
+    (_special("files/app/a.txt", tarfile.BLKTYPE), "a block device"),
+])
+def test_non_regular_members_are_refused(tmp_path: Path, good: Path, trust: list[TrustedKey],
+                                         info: tarfile.TarInfo, what: str) -> None:
+    members = [(m, d) for m, d in members_of(good) if m.name != "files/app/a.txt"]
+    craft(tmp_path / "bad.bundle", [members[0], (info, None), *members[1:]])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(IntegrityError, match=rf"is {what}; bundles hold regular files only"):
+        verify(tmp_path / "bad.bundle", trust, dest)
+    assert not list(dest.iterdir())
+
+
+@pytest.mark.parametrize("name", ["../escape.txt", "/etc/cron.d/x", "files\\..\\x",
+                                  "files/../../x", "./files/app/a.txt"])
+def test_unsafe_member_paths_are_refused_and_nothing_escapes(
+        tmp_path: Path, good: Path, trust: list[TrustedKey], name: str) -> None:
+    craft(tmp_path / "bad.bundle", [*members_of(good)[:1], (reg(name), b"owned")])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(IntegrityError, match=r"is not listed in the signed manifest"):
+        verify(tmp_path / "bad.bundle", trust, dest)
+    assert not (tmp_path / "escape.txt").exists()
+    assert not list(dest.iterdir())
+
+
+@pytest.mark.parametrize("cut", ["in-envelope-header", "in-envelope", "in-payload-header",
+                                 "in-last-payload", "before-end-marker", "in-end-marker"])
+def test_truncated_bundle(tmp_path: Path, good: Path, trust: list[TrustedKey], cut: str) -> None:
+    offsets = data_offsets(good)
+    env_off, env_size = offsets["envelope.json"]
+    last_off, last_size = offsets[sorted(FILES)[-1]]
+    end_of_data = last_off + (last_size + 511) // 512 * 512
+    at = {"in-envelope-header": 100, "in-envelope": env_off + env_size // 2,
+          "in-payload-header": offsets[sorted(FILES)[0]][0] - 100,
+          "in-last-payload": last_off + last_size - 1,
+          "before-end-marker": end_of_data, "in-end-marker": end_of_data + 700}[cut]
+    (tmp_path / "cut.bundle").write_bytes(good.read_bytes()[:at])
+    with pytest.raises((IntegrityError, SignatureError), match=r"truncated|missing|not a bundle"):
+        verify(tmp_path / "cut.bundle", trust)
+
+
+def test_trailing_junk(tmp_path: Path, good: Path, trust: list[TrustedKey]) -> None:
+    (tmp_path / "junk.bundle").write_bytes(good.read_bytes() + b"#!/bin/sh\necho pwned\n")
+    with pytest.raises(IntegrityError, match=r"unexpected data after offset"):
+        verify(tmp_path / "junk.bundle", trust)
+
+
+def test_trailing_zero_padding_is_fine(tmp_path: Path, good: Path,
+                                       trust: list[TrustedKey]) -> None:
+    (tmp_path / "pad.bundle").write_bytes(good.read_bytes() + bytes(512))
+    verify(tmp_path / "pad.bundle", trust)
+
+
+def test_envelope_not_first(tmp_path: Path, good: Path, trust: list[TrustedKey]) -> None:
+    members = members_of(good)
+    craft(tmp_path / "bad.bundle", [members[1], members[0], *members[2:]])
+    with pytest.raises(SignatureError, match=r"first member is 'files/app/a\.txt'"):
+        verify(tmp_path / "bad.bundle", trust)
+
+
+def test_oversized_envelope_is_refused_before_reading_it(tmp_path: Path,
+                                                         trust: list[TrustedKey]) -> None:
+    info = reg("envelope.json")
+    info.size = 64 * 1024 * 1024
+    path = tmp_path / "big.bundle"
+    with open(path, "wb") as fh:
+        fh.write(info.tobuf(tarfile.PAX_FORMAT))
+        fh.write(b"{" * 4096)  # a header promising 64 MiB; the verifier must not read it all
+    with pytest.raises(SignatureError, match=r"over the"):
+        verify(path, trust)
+
+
+def test_not_a_tar(tmp_path: Path, trust: list[TrustedKey]) -> None:
+    (tmp_path / "x.bundle").write_bytes(b"hello" * 1000)
+    with pytest.raises((IntegrityError, SignatureError)):
+        verify(tmp_path / "x.bundle", trust)
+    with pytest.raises(IntegrityError, match=r"cannot open bundle"):
+        verify(tmp_path / "missing.bundle", trust)
+
+
+def test_unsigned_envelope_member(tmp_path: Path, key: Ed25519PrivateKey,
+                                  trust: list[TrustedKey]) -> None:
+    import json
+
+    envelope = json.loads(sign(manifest_for({}), key))
+    envelope["signatures"] = []
+    craft(tmp_path / "bad.bundle", [(reg("envelope.json"), json.dumps(envelope).encode())])
+    with pytest.raises(SignatureError, match=r"not signed"):
+        verify(tmp_path / "bad.bundle", trust)

@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bundler.errors import ProfileError
+from bundler.profile import load_profile
+from tests.helpers import bundle
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bundle.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_starter_profile_from_init_is_valid(tmp_path: Path) -> None:
+    assert bundle("init", tmp_path).rc == 0
+    (tmp_path / "app").mkdir()
+    (tmp_path / "requirements.txt").write_text("")
+    result = bundle("validate", tmp_path / "bundle.yaml", "--json")
+    assert result.rc == 0, result.err
+    assert json.loads(result.out)["name"] == "myapp"
+
+
+def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
+    assert bundle("init", tmp_path).rc == 0
+    result = bundle("init", tmp_path)
+    assert result.rc == 3
+    assert "--force" in result.err
+
+
+def test_demo_profile_is_valid() -> None:
+    profile = load_profile(Path(__file__).parent.parent / "profiles" / "demo.yaml")
+    assert profile.name == "demo"
+    assert profile.runtime.services[0].name == "web"
+    assert profile.runtime.health[0].interval_ms == 250
+
+
+def test_three_mistakes_are_all_reported_with_line_numbers(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        schema: 1
+        name: shop
+        verison: 1.0.0
+        files:
+          - src: does-not-exist
+            dest: app
+        health:
+          - name: web
+            http: http://127.0.0.1:8000/health
+            retries: many
+        """)
+    result = bundle("validate", path)
+    assert result.rc == 3
+    lines = [ln for ln in result.err.splitlines() if ln.startswith("  ")]
+    assert any(":3: profile: unknown key 'verison'" in ln and "did you mean 'version'" in ln
+               for ln in lines), result.err
+    assert any(":1: profile: missing required key 'version'" in ln for ln in lines)
+    assert any(":5: files[0].src: 'does-not-exist' does not exist" in ln for ln in lines)
+    assert any(":10: health[0].retries must be a whole number" in ln for ln in lines)
+    assert "error: profile has 4 problem(s)" in result.err
+    assert "hint:" in result.err
+
+
+def test_json_output_lists_every_problem(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        schema: 2
+        name: Bad_Name
+        version: 1.0.0
+        """)
+    result = bundle("validate", path, "--json")
+    assert result.rc == 3
+    doc = json.loads(result.out)
+    assert doc["error"] == "ProfileError"
+    assert [(p["line"], p["message"].split(":")[0]) for p in doc["problems"]] == [
+        (1, "schema 2 is not supported"), (2, "name")]
+
+
+def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        schema: 1
+        name: shop
+        version: [1.0
+        """)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    problem = info.value.problems[0]
+    assert problem.message.startswith("broken YAML")
+    assert problem.line == 4
+
+
+def test_missing_profile_and_empty_profile(tmp_path: Path) -> None:
+    result = bundle("validate", tmp_path / "nope.yaml")
+    assert result.rc == 3 and "profile not found" in result.err
+    empty = write(tmp_path, "")
+    result = bundle("validate", empty)
+    assert result.rc == 3 and "profile is empty" in result.err
+
+
+def test_duplicate_keys_and_bad_types(tmp_path: Path) -> None:
+    path = write(tmp_path, """\
+        schema: 1
+        name: shop
+        name: shop2
+        version: 1.0.0
+        target:
+          python: 3.11.2
+          platform: windows
+        services:
+          - name: web
+            command: ["x"]
+          - name: web
+            command: ["y"]
+          - name: cron
+            command: ["z"]
+            cwd: ../etc
+        health:
+          - name: web
+            http: not-a-url
+            interval: soon
+        install:
+          keep: 0
+        """)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path)
+    got = {(p.line, p.message.split(" '")[0].split(":")[0]) for p in info.value.problems}
+    assert (3, "profile") in got  # duplicate key
+    assert (6, "target.python") in got
+    assert (7, "target.platform") in got
+    assert (15, "services[2].cwd") in got
+    assert (18, "health[0].http") in got
+    assert (19, "health[0].interval") in got
+    assert (21, "install.keep must be at least 1, got 0") in got
+    assert any("service 'web' appears twice" in p.message for p in info.value.problems)
+
+
+def test_durations_and_defaults(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    path = write(tmp_path, """\
+        schema: 1
+        name: shop
+        version: 2.0.0-rc.1
+        expires: 90d
+        files:
+          - {src: app, dest: srv/app}
+        health:
+          - {name: web, http: "http://127.0.0.1:1/", timeout: 3s, interval: 1m}
+        """)
+    profile = load_profile(path)
+    assert profile.expires_ms == 90 * 86_400_000
+    assert profile.files[0].dest == "srv/app"
+    check = profile.runtime.health[0]
+    assert (check.timeout_ms, check.interval_ms, check.retries, check.expect_status) == (
+        3000, 60_000, 30, 200)
+    assert profile.target.python == "3.11" and profile.runtime.install.keep == 3
