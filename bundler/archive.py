@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from bundler import volumes
 from bundler.errors import IntegrityError, SignatureError
 from bundler.fsutil import CHUNK, atomic_write
-from bundler.manifest import FileEntry, Manifest
+from bundler.manifest import FileEntry
 from bundler.signing import MAX_ENVELOPE_BYTES, TrustedKey, Verified, verify_envelope
 
 ENVELOPE = "envelope.json"
@@ -51,16 +52,33 @@ def pack(
     members: list[tuple[FileEntry, Path]],
     mtime: int,
     progress: Progress | None = None,
-) -> None:
-    """Write the bundle atomically: envelope first, then payloads sorted by path.
+    part_size: int | None = None,
+) -> volumes.PartIndex | None:
+    """Write the bundle: envelope first, then payloads sorted by path.
 
     Every header field is fixed (owner, mode, mtime) so the same inputs give the same bytes.
+    Written atomically: a single file via temp + rename, or (with `part_size`) a volume set
+    whose parts are renamed into place only when all of them are complete; returns its index.
     """
-    with atomic_write(out) as raw, tarfile.open(
-        fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK
-    ) as tar:
-        info = _tarinfo(ENVELOPE, len(envelope), mtime)
-        tar.addfile(info, _BytesReader(envelope))
+    if part_size is None:
+        with atomic_write(out) as raw:
+            _write_tar(raw, envelope, members, mtime, progress)
+        return None
+    writer = volumes.SplitWriter(out, part_size)
+    try:
+        _write_tar(writer, envelope, members, mtime, progress)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _write_tar(raw: BinaryIO | io.RawIOBase, envelope: bytes,
+               members: list[tuple[FileEntry, Path]], mtime: int,
+               progress: Progress | None) -> None:
+    with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT,
+                      bufsize=CHUNK) as tar:
+        tar.addfile(_tarinfo(ENVELOPE, len(envelope), mtime), _BytesReader(envelope))
         for entry, source in sorted(members, key=lambda m: m[0].path):
             with open(source, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
@@ -229,12 +247,15 @@ class Extracted:
 class BundleReader:
     """One forward pass over a bundle stream. Use `open_bundle`."""
 
-    def __init__(self, raw: io.RawIOBase | io.BufferedIOBase, label: str) -> None:
+    def __init__(self, raw: io.RawIOBase | io.BufferedIOBase, label: str,
+                 trusted: list[TrustedKey]) -> None:
         self.label = label
+        self.trusted = trusted
+        self._raw = raw
         self._tar = TarStream(raw, label)
         self.verified: Verified | None = None
 
-    def read_envelope(self, trusted: list[TrustedKey]) -> Verified:
+    def read_envelope(self) -> Verified:
         """Read the first member, which must be the envelope, and verify its signature."""
         member = self._tar.next()
         if member is None or member.name != ENVELOPE:
@@ -248,15 +269,29 @@ class BundleReader:
                                  f"{MAX_ENVELOPE_BYTES} byte limit",
                                  hint="this is not a bundler bundle")
         chunks: list[bytes] = []
-        self._tar.read_data(member, lambda v: chunks.append(bytes(v)))
-        self.verified = verify_envelope(b"".join(chunks), trusted)
+        self._diagnosed(lambda: self._tar.read_data(member, lambda v: chunks.append(bytes(v))))
+        self.verified = verify_envelope(b"".join(chunks), self.trusted)
         return self.verified
+
+    def _diagnosed(self, fn: Callable[[], None]) -> None:
+        """Run fn; if it finds damage inside a volume set, name the corrupt part instead."""
+        try:
+            fn()
+        except IntegrityError:
+            if isinstance(self._raw, volumes.PartsReader):
+                self._raw.diagnose()
+            raise
 
     def extract(self, dest: Path | None, progress: Progress | None = None) -> Extracted:
         """Check every payload member; write each to `dest/<manifest path>` if dest is given.
 
         Raises at the first problem. The caller owns `dest` and removes it on failure.
         """
+        result: list[Extracted] = []
+        self._diagnosed(lambda: result.append(self._extract(dest, progress)))
+        return result[0]
+
+    def _extract(self, dest: Path | None, progress: Progress | None) -> Extracted:
         assert self.verified is not None, "read_envelope() first"
         manifest = self.verified.manifest
         listed = {f.path: f for f in manifest.files}
@@ -318,16 +353,27 @@ def _open_dest(dest: Path | None, rel: str) -> Iterator[BinaryIO | None]:
 
 
 @contextlib.contextmanager
-def open_bundle(path: Path) -> Iterator[BundleReader]:
+def open_bundle(path: Path, trusted: list[TrustedKey]) -> Iterator[BundleReader]:
+    """A reader over a bundle file or a volume set (any part, its index, or its base name).
+
+    For a volume set the signed part index is verified, and every part checked present and of
+    the right size, before a byte of any part is read.
+    """
+    index_file = volumes.find_index(path)
+    if index_file is not None:
+        index = volumes.open_index(index_file, trusted)
+        with volumes.PartsReader(index_file.parent, index) as parts:
+            yield BundleReader(parts, index.bundle, trusted)
+        return
     try:
         raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
     except OSError as exc:
         raise IntegrityError(f"cannot open bundle {path}: {exc.strerror}",
                              hint="check the path to the .bundle file") from None
     with raw:
-        yield BundleReader(raw, path.name)
+        yield BundleReader(raw, path.name, trusted)
 
 
-def manifest_of(path: Path, trusted: list[TrustedKey]) -> Manifest:
-    with open_bundle(path) as reader:
-        return reader.read_envelope(trusted).manifest
+def manifest_of(path: Path, trusted: list[TrustedKey]) -> Verified:
+    with open_bundle(path, trusted) as reader:
+        return reader.read_envelope()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import __version__, archive, ui
+from bundler import __version__, archive, ui, volumes
 from bundler.cache import Cache
 from bundler.errors import BuildError
 from bundler.fsutil import require_space
@@ -27,6 +27,7 @@ class BuildResult:
     manifest: Manifest
     size: int
     keyid: str
+    parts: tuple[Path, ...]  # the volume files, when split
 
 
 def build_time() -> int:
@@ -45,7 +46,7 @@ def rfc3339(ts: int) -> str:
 
 
 def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
-          sequence: int | None = None) -> BuildResult:
+          sequence: int | None = None, part_size: int | None = None) -> BuildResult:
     created = build_time()
     entries: list[FileEntry] = []
     sources: dict[str, Path] = {}
@@ -82,7 +83,25 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
     out = out_dir / f"{profile.name}-{profile.version}.bundle"
     total = manifest.payload_size
     require_space(out_dir, total + len(envelope) + 1024 * 1024, "writing the bundle")
-    ui.step(f"Packing {len(entries)} file(s) into {out}")
+    ui.step(f"Packing {len(entries)} file(s) into {out}"
+            + (f" in volumes of at most {part_size} bytes" if part_size else ""))
     with ui.bytes_progress("packing", total) as advance:
-        archive.pack(out, envelope, [(e, sources[e.path]) for e in entries], created, advance)
-    return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()))
+        index = archive.pack(out, envelope, [(e, sources[e.path]) for e in entries], created,
+                             advance, part_size)
+    _remove_stale(out, volume_set=index is not None)
+    if index is None:
+        return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()), ())
+    index_file = volumes.write_index(out, index, key)
+    parts = tuple(out_dir / p.file for p in index.parts)
+    return BuildResult(index_file, manifest, index.total_size, key_id(key.public_key()), parts)
+
+
+def _remove_stale(out: Path, volume_set: bool) -> None:
+    """A bundle and a volume set of the same name must not sit side by side: readers would
+    pick the wrong one."""
+    if volume_set:
+        out.unlink(missing_ok=True)
+        return
+    volumes.index_path(out).unlink(missing_ok=True)
+    for part in out.parent.glob(f"{out.name}.[0-9][0-9][0-9]"):
+        part.unlink()

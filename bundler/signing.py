@@ -110,17 +110,21 @@ def load_trust(path: Path) -> list[TrustedKey]:
     return [load_public_key(path)]
 
 
-def sign(manifest: Manifest, private: Ed25519PrivateKey) -> bytes:
-    """Return the envelope bytes for `manifest`."""
-    body = manifest.to_bytes()
-    sig = private.sign(pae(PAYLOAD_TYPE, body))
+def sign_payload(body: bytes, payload_type: str, private: Ed25519PrivateKey) -> bytes:
+    """A DSSE envelope over `body`, deterministic (Ed25519 signatures are)."""
+    sig = private.sign(pae(payload_type, body))
     envelope = {
-        "payloadType": PAYLOAD_TYPE,
+        "payloadType": payload_type,
         "payload": base64.b64encode(body).decode(),
         "signatures": [{"keyid": key_id(private.public_key()),
                         "sig": base64.b64encode(sig).decode()}],
     }
     return canonical_json(envelope)
+
+
+def sign(manifest: Manifest, private: Ed25519PrivateKey) -> bytes:
+    """Return the envelope bytes for `manifest`."""
+    return sign_payload(manifest.to_bytes(), PAYLOAD_TYPE, private)
 
 
 @dataclass(frozen=True)
@@ -131,10 +135,14 @@ class Verified:
     digest: str  # sha256 of the manifest bytes: the bundle's identity
 
 
-def verify_envelope(data: bytes, trusted: list[TrustedKey]) -> Verified:
-    """Check the envelope's signature against trusted keys; parse the manifest only after."""
+def verify_payload(data: bytes, trusted: list[TrustedKey], expected_type: str,
+                   what: str = "envelope.json") -> tuple[bytes, str]:
+    """Check a DSSE envelope against trusted keys; return (payload bytes, signer key id).
+
+    The payload is returned as the exact signed bytes and only then parsed by the caller.
+    """
     if len(data) > MAX_ENVELOPE_BYTES:
-        raise SignatureError(f"envelope.json is {len(data)} bytes, over the "
+        raise SignatureError(f"{what} is {len(data)} bytes, over the "
                              f"{MAX_ENVELOPE_BYTES} limit", hint="this is not a bundler bundle")
     try:
         env = strict_loads(data)
@@ -144,14 +152,14 @@ def verify_envelope(data: bytes, trusted: list[TrustedKey]) -> Verified:
         if not isinstance(sigs, list) or not isinstance(payload_type, str):
             raise ValueError("bad envelope fields")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, binascii.Error) as exc:
-        raise SignatureError(f"envelope.json is malformed: {exc}",
+        raise SignatureError(f"{what} is malformed: {exc}",
                              hint="this is not a bundler bundle, or it was damaged") from None
-    if payload_type != PAYLOAD_TYPE:
-        raise SignatureError(f"envelope payloadType is {payload_type!r}, "
-                             f"expected {PAYLOAD_TYPE!r}",
+    if payload_type != expected_type:
+        raise SignatureError(f"{what} payloadType is {payload_type!r}, "
+                             f"expected {expected_type!r}",
                              hint="this envelope signs another kind of document")
     if not sigs:
-        raise SignatureError("bundle is not signed (no signatures in envelope.json)",
+        raise SignatureError(f"{what} is not signed (no signatures)",
                              hint="build it with `bundle build --key NAME.key`")
     by_id = {k.keyid: k for k in trusted}
     message = pae(payload_type, body)
@@ -169,16 +177,22 @@ def verify_envelope(data: bytes, trusted: list[TrustedKey]) -> Verified:
             trusted_key.key.verify(raw_sig, message)
         except (InvalidSignature, binascii.Error, ValueError):
             raise SignatureError(
-                f"signature by key {kid} does not verify: the manifest was altered",
+                f"signature by key {kid} does not verify: {what} was altered",
                 hint="do not install this bundle; get a fresh copy from the builder",
             ) from None
-        manifest = parse_manifest(body)
-        return Verified(manifest, body, trusted_key.keyid, hashlib.sha256(body).hexdigest())
+        return body, trusted_key.keyid
     trusted_ids = ", ".join(sorted(by_id)) or "none"
     raise SignatureError(
-        f"bundle is signed by key {', '.join(seen_ids)}, which is not trusted "
+        f"{what} is signed by key {', '.join(seen_ids)}, which is not trusted "
         f"(trusted: {trusted_ids})",
     )
+
+
+def verify_envelope(data: bytes, trusted: list[TrustedKey]) -> Verified:
+    """Check the bundle envelope's signature; parse the manifest only after."""
+    body, keyid = verify_payload(data, trusted, PAYLOAD_TYPE)
+    manifest = parse_manifest(body)
+    return Verified(manifest, body, keyid, hashlib.sha256(body).hexdigest())
 
 
 def keyid_of_file(path: Path) -> str:

@@ -34,8 +34,8 @@ import sys, resource
 from pathlib import Path
 from bundler import archive
 from bundler.signing import load_public_key
-with archive.open_bundle(Path(sys.argv[1])) as r:
-    r.read_envelope([load_public_key(Path(sys.argv[2]))])
+with archive.open_bundle(Path(sys.argv[1]), [load_public_key(Path(sys.argv[2]))]) as r:
+    r.read_envelope()
     r.extract(None)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
@@ -99,8 +99,8 @@ def bench_verify(size_mib: int) -> dict[str, float]:
                     digest.update(chunk)
 
         def verify() -> None:
-            with archive.open_bundle(path) as reader:
-                reader.read_envelope(trusted)
+            with archive.open_bundle(path, trusted) as reader:
+                reader.read_envelope()
                 reader.extract(None)
 
         baseline()  # warm the page cache so both read from memory

@@ -43,8 +43,8 @@ def good(tmp_path: Path, key: Ed25519PrivateKey) -> Path:
 
 
 def verify(path: Path, trust: list[TrustedKey], dest: Path | None = None) -> None:
-    with archive.open_bundle(path) as reader:
-        reader.read_envelope(trust)
+    with archive.open_bundle(path, trust) as reader:
+        reader.read_envelope()
         reader.extract(dest)
 
 

@@ -10,5 +10,8 @@ json_output = click.option("--json", "as_json", is_flag=True,
                            help="Print a machine-readable JSON result on stdout.")
 root = click.option("--root", type=click.Path(path_type=Path), required=True,
                     help="Install root (holds releases/, current and state/).")
-trust = click.option("--trust", "trust_path", type=click.Path(path_type=Path), required=True,
-                     help="Trusted public key (NAME.pub), or a directory of *.pub keys.")
+trust_root = click.option("--root", type=click.Path(path_type=Path), default=None,
+                          help="Use the trust store of this install root (instead of --trust).")
+trust = click.option("--trust", "trust_path", type=click.Path(path_type=Path), default=None,
+                     help="Trusted public key (NAME.pub), or a directory of *.pub keys. "
+                          "Default: the install root's trust store (`bundle trust add`).")

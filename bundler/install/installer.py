@@ -25,12 +25,11 @@ from bundler.errors import (
     BundlerError,
     InstallError,
     Interrupted,
-    PolicyError,
     RollbackFailedError,
     RolledBackError,
 )
 from bundler.fsutil import atomic_symlink, atomic_write_bytes, require_space
-from bundler.install import health, process_runtime, python_env
+from bundler.install import health, policy, process_runtime, python_env
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.state import ReleaseRow, State, new_txn, now
@@ -60,45 +59,17 @@ def space_needed(manifest: Manifest) -> int:
     return manifest.payload_size + wheels * VENV_FACTOR + (VENV_BASE if wheels else 0)
 
 
-def check_policy(manifest: Manifest, layout: Layout, allow_downgrade: bool,
-                 digest: str) -> bool:
-    """Refuse bundles this root must not take. Returns True when this exact bundle is already
-    the current release (a re-run is then a no-op apart from making sure it runs)."""
-    if not layout.db.exists():
-        return False
-    state = State.open(layout.db, create=False)
-    try:
-        known = state.product()
-        current = layout.current_version()
-        row = state.release(current) if current else None
-    finally:
-        state.close()
-    if known and known[0] != manifest.name:
-        raise PolicyError(f"this root holds product {known[0]!r}; the bundle is "
-                          f"{manifest.name!r}", hint="use a separate --root per product")
-    if row is not None and row.digest == digest:
-        return True
-    if known and manifest.sequence <= known[1] and not allow_downgrade:
-        raise PolicyError(
-            f"bundle sequence {manifest.sequence} is not newer than the last accepted "
-            f"({known[1]}): refusing a replay or downgrade",
-            hint="pass --allow-downgrade to install an older bundle on purpose",
-        )
-    return False
-
-
-def install(bundle: Path, trusted: list[TrustedKey], root: Path,
+def install(source: Path, trusted: list[TrustedKey], root: Path,
             allow_downgrade: bool = False) -> InstallResult:
     layout = Layout(root.resolve())
-    with archive.open_bundle(bundle) as reader:
-        ui.step(f"Verifying signature of {bundle.name}")
-        verified = reader.read_envelope(trusted)
+    with archive.open_bundle(source, trusted) as reader:
+        ui.step(f"Verifying signature of {reader.label}")
+        verified = reader.read_envelope()
         m = verified.manifest
         ui.note(f"{m.name} {m.version} (sequence {m.sequence}), signed by key {verified.keyid}")
-        already = check_policy(m, layout, allow_downgrade, verified.digest)
-        if already:
+        decision = policy.decide(m, verified.digest, layout, allow_downgrade)
+        if decision.already_current:
             return _ensure_running(layout, m)
-        python = python_env.find_python(m.target) if m.python_lock else None
         require_space(layout.root, space_needed(m), f"installing {m.name} {m.version}")
         with _fresh_root(layout.root) as created_root, locked(layout.root):
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=layout.root))
@@ -112,7 +83,7 @@ def install(bundle: Path, trusted: list[TrustedKey], root: Path,
                     with contextlib.suppress(OSError):
                         layout.root.rmdir()
                 raise
-            return _install_staged(layout, verified, staging, python)
+            return _install_staged(layout, verified, staging, decision)
 
 
 @contextlib.contextmanager
@@ -133,7 +104,7 @@ def _ensure_running(layout: Layout, m: Manifest) -> InstallResult:
 
 
 def _install_staged(layout: Layout, verified: Verified, staging: Path,
-                    python: Path | None) -> InstallResult:
+                    decision: policy.Decision) -> InstallResult:
     m = verified.manifest
     state = State.open(layout.db)
     txn = new_txn()
@@ -147,10 +118,13 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             state.upsert_release(ReleaseRow(m.version, m.name, m.sequence, verified.digest,
                                             verified.keyid, "installing", now()))
             journal.record("verify", "done", f"sequence {m.sequence}, key {verified.keyid}")
+            if decision.downgrade:
+                journal.record("downgrade", "allowed",
+                               f"sequence {m.sequence} accepted with --allow-downgrade")
         _place(layout, rel, staging, verified, previous)
-        if m.python_lock and python is not None:
+        if m.python_lock and decision.python is not None:
             with journal.step("python", "Installing Python packages offline"):
-                python_env.create_venv(python, rel.venv, rel.path / "python" / "wheels",
+                python_env.create_venv(decision.python, rel.venv, rel.path / "python" / "wheels",
                                        rel.path / m.python_lock, rel.logs / "pip-install.log")
         if prev_manifest is not None and previous is not None:
             with journal.step("stop-previous", f"Stopping {previous}"):

@@ -11,8 +11,8 @@ from bundler.errors import CommandError, InstallError
 from bundler.models import Target
 
 
-def find_python(target: Target) -> Path:
-    """A host interpreter whose major.minor is the target's, or a clear error."""
+def find_python(target: Target) -> Path | None:
+    """A host interpreter whose major.minor is the target's, if there is one."""
     want = target.python
     if f"{sys.version_info[0]}.{sys.version_info[1]}" == want:
         return Path(getattr(sys, "_base_executable", sys.executable))
@@ -24,9 +24,7 @@ def find_python(target: Target) -> Path:
                           check=False, timeout=30)
         if result.returncode == 0 and result.output.strip() == want:
             return Path(exe)
-    raise InstallError(f"this bundle needs Python {want} on the host, and none was found",
-                       hint=f"install python{want}, or build the bundle for this host's Python "
-                            "(target.python in the profile)")
+    return None
 
 
 def create_venv(python: Path, venv: Path, wheels: Path, lock: Path, log: Path) -> None:

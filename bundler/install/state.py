@@ -79,7 +79,9 @@ class State:
                              hint="nothing was installed under this --root yet")
         db.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(db, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
+        # Rollback journal, not WAL: readers open the file read-only and leave no -wal/-shm
+        # files behind, so a refused bundle changes nothing at all on the target.
+        conn.execute("PRAGMA journal_mode=DELETE")
         conn.execute("PRAGMA synchronous=FULL")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -87,6 +89,20 @@ class State:
                              hint="upgrade bundler on this host")
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        return cls(conn)
+
+    @classmethod
+    def open_readonly(cls, db: Path) -> State | None:
+        """The state for reading only, or None when nothing was installed yet."""
+        if not db.exists():
+            return None
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None,
+                               timeout=30)
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise StateError(f"{db} was written by a newer bundler (schema {version})",
+                             hint="upgrade bundler on this host")
         return cls(conn)
 
     def close(self) -> None:

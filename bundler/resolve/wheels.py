@@ -118,27 +118,29 @@ def fetch(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> Fetched:
     lock_lines = [f"# bundler lock for CPython {target.python} on {target.platform}; "
                   "install with --no-index --require-hashes"]
     if pins:
-        wheels = _download(pins, spec, target, cache, log)
-        _check_complete(pins, wheels, target)
-        for pin in pins:
-            whl = wheels[pin.name]
-            sha, size = cache.put_file(whl)
-            path = f"python/wheels/{whl.name}"
-            entries.append(FileEntry(path=path, size=size, sha256=sha, kind="wheel"))
-            sources[path] = cache.path(sha)
-            extras = f"[{','.join(pin.extras)}]" if pin.extras else ""
-            lock_lines.append(f"{pin.name}{extras}=={pin.version} --hash=sha256:{sha}")
-        shutil.rmtree(next(iter(wheels.values())).parent, ignore_errors=True)
+        cache.tmp.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="wheels-", dir=cache.tmp))
+        try:
+            wheels = _download(pins, spec, target, work, log)
+            _check_complete(pins, wheels, target)
+            for pin in pins:
+                whl = wheels[pin.name]
+                sha, size = cache.put_file(whl)
+                path = f"python/wheels/{whl.name}"
+                entries.append(FileEntry(path=path, size=size, sha256=sha, kind="wheel"))
+                sources[path] = cache.path(sha)
+                extras = f"[{','.join(pin.extras)}]" if pin.extras else ""
+                lock_lines.append(f"{pin.name}{extras}=={pin.version} --hash=sha256:{sha}")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     sha, size = cache.put_bytes(("\n".join(lock_lines) + "\n").encode())
     lock = FileEntry(path=LOCK_PATH, size=size, sha256=sha, kind="lock")
     sources[LOCK_PATH] = cache.path(sha)
     return Fetched(tuple(entries), lock, sources)
 
 
-def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, cache: Cache,
+def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: Path,
               log: Log) -> dict[str, Path]:
-    cache.tmp.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="wheels-", dir=cache.tmp))
     req_file = work / "requirements.txt"
     hashed = all(p.hashes for p in pins)
     req_file.write_text("".join(
@@ -164,7 +166,6 @@ def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, cache: Cach
     try:
         proc.run(args, what="pip download", timeout=1800)
     except CommandError as exc:
-        shutil.rmtree(work, ignore_errors=True)
         missing = re.findall(r"No matching distribution found for (\S+)", exc.message)
         if missing:
             raise BuildError(

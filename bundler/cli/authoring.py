@@ -1,0 +1,106 @@
+"""Connected-side commands: init, validate, keygen, build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from bundler.cli import options
+from bundler.cli.common import cli, handled
+from bundler.cli.render import emit_json
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path), default=".")
+@click.option("--force", is_flag=True, help="Overwrite an existing bundle.yaml.")
+@handled
+def init(directory: Path, force: bool) -> None:
+    """Write a commented starter profile, DIRECTORY/bundle.yaml."""
+    from bundler.errors import Problem, ProfileError
+    from bundler.fsutil import atomic_write_bytes
+    from bundler.starter import STARTER
+
+    target = directory / "bundle.yaml"
+    if target.exists() and not force:
+        raise ProfileError([Problem(str(target), 0, "already exists",
+                                    "pass --force to overwrite it")])
+    atomic_write_bytes(target, STARTER.encode())
+    click.echo(f"wrote {target}")
+
+
+@cli.command()
+@click.argument("profile", type=click.Path(path_type=Path))
+@options.json_output
+@handled
+def validate(profile: Path, as_json: bool) -> None:
+    """Check a profile and report every problem at once (file:line)."""
+    from bundler.profile import load_profile
+    from bundler.resolve.wheels import parse_requirements
+
+    loaded = load_profile(profile)
+    if loaded.python is not None:
+        parse_requirements(loaded.python.requirements)
+    if as_json:
+        emit_json({"ok": True, "name": loaded.name, "version": loaded.version})
+    else:
+        click.echo(f"{profile}: ok ({loaded.name} {loaded.version})")
+
+
+@cli.command()
+@click.argument("name", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Replace existing key files.")
+@options.json_output
+@handled
+def keygen(name: Path, force: bool, as_json: bool) -> None:
+    """Create an Ed25519 signing key pair: NAME.key (private, 0600) and NAME.pub."""
+    from bundler.signing import generate
+
+    priv, pub, kid = generate(name, force)
+    if as_json:
+        emit_json({"ok": True, "private": str(priv), "public": str(pub), "keyid": kid})
+    else:
+        click.echo(f"wrote {priv} (keep it secret) and {pub} (copy it to targets); key id {kid}")
+
+
+@cli.command()
+@click.argument("profile", type=click.Path(path_type=Path))
+@click.option("--key", "key_path", type=click.Path(path_type=Path), required=True,
+              help="Signing key (NAME.key from `bundle keygen`).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("dist"),
+              show_default=True, help="Directory for the .bundle file.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Content-addressed download cache (default: XDG cache dir).")
+@click.option("--sequence", type=click.IntRange(min=1), default=None,
+              help="Monotonic bundle sequence (default: profile's, else build time).")
+@click.option("--volume-size", default=None, metavar="SIZE",
+              help="Split into parts of at most SIZE (e.g. 700M, 4G) with a signed index; "
+                   "use --volume-size fat32 for the largest FAT32-safe parts.")
+@options.json_output
+@handled
+def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
+          sequence: int | None, volume_size: str | None, as_json: bool) -> None:
+    """Resolve, fetch, sign and pack PROFILE into OUT/NAME-VERSION.bundle."""
+    from bundler import volumes
+    from bundler.build import build as do_build
+    from bundler.cache import Cache, default_cache_dir
+    from bundler.profile import load_profile
+    from bundler.signing import load_private_key
+
+    part_size = None
+    if volume_size is not None:
+        part_size = (volumes.DEFAULT_PART_SIZE if volume_size.lower() == "fat32"
+                     else volumes.parse_size(volume_size))
+    loaded = load_profile(profile)
+    key = load_private_key(key_path)
+    result = do_build(loaded, key, out_dir, Cache(cache_dir or default_cache_dir()), sequence,
+                      part_size)
+    if as_json:
+        emit_json({"ok": True, "bundle": str(result.path), "size": result.size,
+                   "name": result.manifest.name, "version": result.manifest.version,
+                   "sequence": result.manifest.sequence, "keyid": result.keyid,
+                   "files": len(result.manifest.files),
+                   "parts": [str(p) for p in result.parts]})
+    else:
+        click.echo(f"built {result.path} ({result.size} bytes, {len(result.manifest.files)} "
+                   f"files, sequence {result.manifest.sequence}, key {result.keyid})")

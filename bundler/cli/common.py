@@ -1,0 +1,65 @@
+"""The click group and the error handling every command shares."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from bundler import __version__, ui
+from bundler.cli.render import error
+from bundler.errors import BundlerError, Interrupted
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handled(fn: F) -> F:
+    """Turn bundler errors into one line + hint and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
+        ui.set_quiet(False)
+        try:
+            return fn(*args, **kwargs)
+        except BundlerError as exc:
+            error(exc, as_json)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            exc2 = Interrupted("interrupted")
+            error(exc2, as_json)
+            sys.exit(exc2.exit_code)
+        except Exception as exc:  # a bug: still one line, with the traceback kept for a report
+            import tempfile
+            import traceback
+
+            with tempfile.NamedTemporaryFile("w", prefix="bundler-crash-", suffix=".txt",
+                                             delete=False) as fh:
+                traceback.print_exc(file=fh)
+            internal = BundlerError(f"internal error: {type(exc).__name__}: {exc}",
+                                    hint=f"this is a bug in bundler; the traceback is in "
+                                         f"{fh.name}")
+            error(internal, as_json)
+            sys.exit(internal.exit_code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bundler")
+@click.option("-v", "--verbose", is_flag=True, help="Log every command bundler runs.")
+def cli(verbose: bool) -> None:
+    """Carry software releases across an air gap.
+
+    \b
+    Connected machine:  bundle build PROFILE --key release.key --out dist/
+    Air-gapped host:    bundle install dist/NAME-VERSION.bundle --trust release.pub --root /srv/app
+    """
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+

@@ -1,0 +1,124 @@
+"""Commands that read bundles without installing them: verify, inspect, diff."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bundler import archive, ui, volumes
+from bundler.cli import options
+from bundler.cli.common import cli, handled
+from bundler.cli.render import emit_json
+from bundler.fsutil import human_bytes
+from bundler.install import trust as trust_store
+from bundler.install.layout import Layout
+from bundler.signing import TrustedKey
+
+
+def _trusted(trust_path: Path | None, root: Path | None) -> list[TrustedKey]:
+    return trust_store.resolve(trust_path, Layout(root.resolve()) if root else None)
+
+
+def _parts(path: Path, trusted: list[TrustedKey]) -> list[dict[str, Any]] | None:
+    index_file = volumes.find_index(path)
+    if index_file is None:
+        return None
+    index = volumes.open_index(index_file, trusted)
+    return [{"file": p.file, "size": p.size, "sha256": p.sha256} for p in index.parts]
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@options.trust
+@options.trust_root
+@options.json_output
+@handled
+def verify(bundle: Path, trust_path: Path | None, root: Path | None, as_json: bool) -> None:
+    """Check the signature and every file of BUNDLE in one streaming pass; install nothing.
+
+    BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
+    """
+    trusted = _trusted(trust_path, root)
+    with archive.open_bundle(bundle, trusted) as reader:
+        verified = reader.read_envelope()
+        m = verified.manifest
+        with ui.bytes_progress("verifying", m.payload_size) as advance:
+            done = reader.extract(None, advance)
+    if as_json:
+        emit_json({"ok": True, "name": m.name, "version": m.version, "sequence": m.sequence,
+                   "keyid": verified.keyid, "files": len(m.files), "bytes": done.bytes_read})
+    else:
+        click.echo(f"{bundle}: OK — {m.name} {m.version}, sequence {m.sequence}, "
+                   f"{len(m.files)} files, signed by {verified.keyid}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@options.trust
+@options.trust_root
+@options.json_output
+@handled
+def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: bool) -> None:
+    """Show what BUNDLE holds: contents, sizes, signer, sequence, expiry.
+
+    Only the signed envelope is read (fast); `bundle verify` checks every byte.
+    """
+    from bundler.inspect import describe
+
+    trusted = _trusted(trust_path, root)
+    info = describe(archive.manifest_of(bundle, trusted), _parts(bundle, trusted))
+    if as_json:
+        emit_json({"ok": True, **info})
+        return
+    click.echo(f"{info['name']} {info['version']}  sequence {info['sequence']}  "
+               f"signed by {info['keyid']} (signature verified)")
+    click.echo(f"  created {info['created']}, expires {info['expires'] or 'never'}")
+    click.echo(f"  target  CPython {info['target']['python']} on {info['target']['platform']}")
+    click.echo(f"  payload {human_bytes(info['payload_size'])} in {len(info['files'])} files")
+    for f in info["files"]:
+        click.echo(f"    {f['kind']:<6} {human_bytes(f['size']):>10}  {f['path']}")
+    if info["parts"]:
+        click.echo(f"  volumes {len(info['parts'])} parts:")
+        for p in info["parts"]:
+            click.echo(f"    {p['file']}  {human_bytes(p['size'])}")
+    click.echo(f"  services: {', '.join(info['services']) or '-'}; "
+               f"health checks: {', '.join(info['health']) or '-'}")
+
+
+@cli.command()
+@click.argument("old", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@options.trust
+@options.trust_root
+@options.json_output
+@handled
+def diff(old: Path, new: Path, trust_path: Path | None, root: Path | None,
+         as_json: bool) -> None:
+    """What changed from bundle OLD to bundle NEW: artifacts, versions, services, checks."""
+    from bundler.inspect import diff as compute
+
+    trusted = _trusted(trust_path, root)
+    result = compute(archive.manifest_of(old, trusted).manifest,
+                     archive.manifest_of(new, trusted).manifest)
+    if as_json:
+        emit_json({"ok": True, **result})
+        return
+    v, s = result["version"], result["sequence"]
+    click.echo(f"{result['name'][1]}: {v[0]} → {v[1]} (sequence {s[0]} → {s[1]})")
+    if result["target"]:
+        click.echo(f"  target: {result['target'][0]} → {result['target'][1]}")
+    for a in result["added"]:
+        click.echo(f"  + {a['artifact']}{' ' + a['version'] if a['version'] else ''}")
+    for r in result["removed"]:
+        click.echo(f"  - {r['artifact']}{' ' + r['version'] if r['version'] else ''}")
+    for c in result["changed"]:
+        click.echo(f"  ~ {c['artifact']}: {c['from']} → {c['to']}")
+    for what in ("services", "health"):
+        d = result[what]
+        for key, mark in (("added", "+"), ("removed", "-"), ("changed", "~")):
+            for name in d[key]:
+                click.echo(f"  {mark} {what[:-1] if what == 'services' else 'health'} {name}")
+    if not (result["added"] or result["removed"] or result["changed"]):
+        click.echo("  no artifact changes")

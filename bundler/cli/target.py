@@ -1,0 +1,168 @@
+"""Target-side commands: install, status, history, stop, start, trust."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from bundler.cli import options
+from bundler.cli.common import cli, handled
+from bundler.cli.render import emit_json
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@options.trust
+@options.root
+@click.option("--allow-downgrade", is_flag=True,
+              help="Accept a bundle whose sequence is not newer than the last accepted one "
+                   "(recorded in history).")
+@options.json_output
+@handled
+def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: bool,
+            as_json: bool) -> None:
+    """Verify BUNDLE, install it under ROOT, start it, health-check it, then switch to it.
+
+    BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
+    """
+    from bundler.install import trust as trust_store
+    from bundler.install.installer import install as do_install
+    from bundler.install.layout import Layout
+
+    trusted = trust_store.resolve(trust_path, Layout(root.resolve()))
+    result = do_install(bundle, trusted, root, allow_downgrade)
+    if as_json:
+        emit_json({"ok": True, **result.to_json()})
+        return
+    for c in result.checks:
+        click.echo(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    verb = "already current" if result.status == "unchanged" else "installed and healthy"
+    click.echo(f"{result.version} {verb} under {root}")
+
+
+@cli.command()
+@options.root
+@options.json_output
+@handled
+def status(root: Path, as_json: bool) -> None:
+    """Show the current release, its services and its health."""
+    from bundler.install.control import status as get_status
+    from bundler.install.layout import Layout
+
+    st = get_status(Layout(root.resolve()))
+    if as_json:
+        emit_json({"ok": True, **st.to_json()})
+    else:
+        if st.current is None:
+            click.echo(f"{root}: no current release")
+        else:
+            c = st.current
+            click.echo(f"{st.product} {c.version} (sequence {c.sequence}, {c.status}, "
+                       f"installed {c.installed_at}) — {'healthy' if st.healthy else 'UNHEALTHY'}")
+            for s in st.services:
+                click.echo(f"  service {s.name}: {'running' if s.running else 'STOPPED'}"
+                           f"{f' (supervisor pid {s.pid})' if s.pid else ''}")
+            for chk in st.checks:
+                click.echo(f"  check {chk.name}: {'ok' if chk.ok else 'FAIL'} — {chk.detail}")
+    if st.current is not None and not st.healthy:
+        sys.exit(1)
+
+
+@cli.command()
+@options.root
+@options.json_output
+@handled
+def history(root: Path, as_json: bool) -> None:
+    """Show the journal of installs, steps and rollbacks."""
+    from bundler.install.control import history as get_history
+    from bundler.install.layout import Layout
+
+    events = get_history(Layout(root.resolve()))
+    if as_json:
+        emit_json({"ok": True, "events": [e.__dict__ for e in events]})
+        return
+    for e in events:
+        click.echo(f"{e.ts}  {e.version:<12} {e.step:<14} {e.status:<8} {e.detail}")
+
+
+@cli.command()
+@options.root
+@handled
+def stop(root: Path) -> None:
+    """Stop the current release's services."""
+    from bundler.install.control import stop as do_stop
+    from bundler.install.layout import Layout
+
+    click.echo(f"stopped {do_stop(Layout(root.resolve()))}")
+
+
+@cli.command()
+@options.root
+@handled
+def start(root: Path) -> None:
+    """Start the current release's services and health-check them."""
+    from bundler.install.control import start as do_start
+    from bundler.install.layout import Layout
+
+    version, checks = do_start(Layout(root.resolve()))
+    for c in checks:
+        click.echo(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    click.echo(f"started {version}")
+    if not all(c.ok for c in checks):
+        sys.exit(1)
+
+
+@cli.group()
+def trust() -> None:
+    """Manage the keys an install root accepts bundles from."""
+
+
+@trust.command("add")
+@click.argument("key", type=click.Path(path_type=Path))
+@options.root
+@options.json_output
+@handled
+def trust_add(key: Path, root: Path, as_json: bool) -> None:
+    """Trust KEY (a NAME.pub) for bundles installed under ROOT."""
+    from bundler.install import trust as trust_store
+    from bundler.install.layout import Layout
+
+    added = trust_store.add(Layout(root.resolve()), key)
+    if as_json:
+        emit_json({"ok": True, "keyid": added.keyid, "path": added.source})
+    else:
+        click.echo(f"trusted key {added.keyid} for {root}")
+
+
+@trust.command("list")
+@options.root
+@options.json_output
+@handled
+def trust_list(root: Path, as_json: bool) -> None:
+    """List the keys ROOT trusts."""
+    from bundler.install import trust as trust_store
+    from bundler.install.layout import Layout
+
+    keys = trust_store.listed(Layout(root.resolve()))
+    if as_json:
+        emit_json({"ok": True, "keys": [{"keyid": k.keyid, "path": k.source} for k in keys]})
+        return
+    for k in keys:
+        click.echo(f"{k.keyid}  {k.source}")
+    if not keys:
+        click.echo(f"{root}: no trusted keys")
+
+
+@trust.command("remove")
+@click.argument("keyid")
+@options.root
+@handled
+def trust_remove(keyid: str, root: Path) -> None:
+    """Stop trusting the key KEYID under ROOT."""
+    from bundler.install import trust as trust_store
+    from bundler.install.layout import Layout
+
+    trust_store.remove(Layout(root.resolve()), keyid)
+    click.echo(f"removed key {keyid} from {root}")

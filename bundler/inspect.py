@@ -1,0 +1,85 @@
+"""`bundle inspect` and `bundle diff`: what a (verified) bundle holds, and what changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+from bundler.manifest import FileEntry, Manifest
+from bundler.signing import Verified
+
+
+def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    m = verified.manifest
+    return {
+        "name": m.name,
+        "version": m.version,
+        "sequence": m.sequence,
+        "created": m.created,
+        "expires": m.expires,
+        "keyid": verified.keyid,
+        "digest": verified.digest,
+        "builder": m.builder,
+        "target": m.target.to_json(),
+        "payload_size": m.payload_size,
+        "files": [f.to_json() for f in m.files],
+        "services": [s.name for s in m.runtime.services],
+        "health": [h.name for h in m.runtime.health],
+        "parts": parts,
+    }
+
+
+def _artifact_key(entry: FileEntry) -> tuple[str, str]:
+    """(identity, version) of a file: wheels by project name, everything else by path."""
+    if entry.kind == "wheel":
+        try:
+            name, version, _, _ = parse_wheel_filename(entry.path.rsplit("/", 1)[-1])
+            return f"wheel:{name}", str(version)
+        except InvalidWheelFilename:
+            pass
+    return entry.path, ""
+
+
+def diff(old: Manifest, new: Manifest) -> dict[str, Any]:
+    before = {_artifact_key(f)[0]: f for f in old.files}
+    after = {_artifact_key(f)[0]: f for f in new.files}
+    added = [_entry(after[k]) for k in sorted(after.keys() - before.keys())]
+    removed = [_entry(before[k]) for k in sorted(before.keys() - after.keys())]
+    changed = []
+    for key in sorted(before.keys() & after.keys()):
+        a, b = before[key], after[key]
+        if a.sha256 != b.sha256:
+            changed.append({"artifact": key, "kind": b.kind,
+                            "from": _artifact_key(a)[1] or a.sha256[:12],
+                            "to": _artifact_key(b)[1] or b.sha256[:12],
+                            "size_delta": b.size - a.size})
+    return {
+        "name": [old.name, new.name],
+        "version": [old.version, new.version],
+        "sequence": [old.sequence, new.sequence],
+        "target": None if old.target == new.target else [old.target.to_json(),
+                                                           new.target.to_json()],
+        "added": added,
+        "removed": removed,
+        "changed": changed,
+        "services": _named_diff([s.name for s in old.runtime.services],
+                                [s.name for s in new.runtime.services],
+                                {s.name: s for s in old.runtime.services},
+                                {s.name: s for s in new.runtime.services}),
+        "health": _named_diff([h.name for h in old.runtime.health],
+                              [h.name for h in new.runtime.health],
+                              {h.name: h for h in old.runtime.health},
+                              {h.name: h for h in new.runtime.health}),
+    }
+
+
+def _entry(f: FileEntry) -> dict[str, Any]:
+    key, version = _artifact_key(f)
+    return {"artifact": key, "kind": f.kind, "version": version or None, "size": f.size}
+
+
+def _named_diff(old: list[str], new: list[str], a: dict[str, object], b: dict[str, object]
+                ) -> dict[str, list[str]]:
+    return {"added": sorted(set(new) - set(old)), "removed": sorted(set(old) - set(new)),
+            "changed": sorted(n for n in set(old) & set(new) if a[n] != b[n])}

@@ -1,0 +1,114 @@
+"""Should this host take this (authentic) bundle at all? Checked before anything is created.
+
+Authentic is not enough: an old bundle replayed from last year's USB stick is authentic too.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bundler.errors import PolicyError
+from bundler.install import python_env
+from bundler.install.layout import Layout
+from bundler.install.state import State
+from bundler.manifest import Manifest
+from bundler.models import Target
+
+_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
+_GLIBC_TAG = re.compile(r"^manylinux_(\d+)_(\d+)_")
+_MUSL_TAG = re.compile(r"^musllinux_")
+
+
+@dataclass(frozen=True)
+class Decision:
+    already_current: bool       # this exact bundle is the current release
+    downgrade: bool             # accepted only because --allow-downgrade was given
+    python: Path | None         # host interpreter for the release venv
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def check_expiry(manifest: Manifest, now: datetime | None = None) -> None:
+    if manifest.expires is None:
+        return
+    moment = now or datetime.now(UTC)
+    if parse_time(manifest.expires) <= moment:
+        raise PolicyError(f"bundle {manifest.name} {manifest.version} expired at "
+                          f"{manifest.expires}", hint="build a fresh bundle; expiry is signed "
+                          "and cannot be overridden")
+
+
+def host_platform() -> tuple[str, str, tuple[int, int] | None]:
+    """(arch, libc, glibc version) of this host."""
+    arch = _ARCH.get(platform.machine(), platform.machine())
+    libc, version = platform.libc_ver()
+    if libc == "glibc" and version:
+        major, minor = version.split(".")[:2]
+        return arch, "glibc", (int(major), int(minor))
+    return arch, libc or "musl", None
+
+
+def check_target(target: Target, host: tuple[str, str, tuple[int, int] | None] | None = None
+                 ) -> None:
+    arch, libc, glibc = host or host_platform()
+    want_arch = target.platform.rsplit("_", 1)[-1]
+    if target.platform.endswith("x86_64"):
+        want_arch = "x86_64"
+    if want_arch != arch:
+        raise PolicyError(f"bundle is for {target.platform}; this host is {arch}",
+                          hint="build the bundle with target.platform for this host")
+    if m := _GLIBC_TAG.match(target.platform):
+        need = (int(m[1]), int(m[2]))
+        if libc != "glibc" or glibc is None or glibc < need:
+            have = f"glibc {glibc[0]}.{glibc[1]}" if glibc else libc
+            raise PolicyError(f"bundle needs glibc {need[0]}.{need[1]}+ ({target.platform}); "
+                              f"this host has {have}",
+                              hint="build for an older manylinux target, e.g. "
+                                   "manylinux_2_17_x86_64")
+    if _MUSL_TAG.match(target.platform) and libc == "glibc":
+        raise PolicyError(f"bundle is for {target.platform} (musl); this host uses glibc",
+                          hint="build with a manylinux target.platform")
+
+
+def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: bool) -> Decision:
+    """Every refusal a host makes before it creates anything."""
+    check_expiry(manifest)
+    state = State.open_readonly(layout.db)
+    known = current_row = None
+    if state is not None:
+        try:
+            known = state.product()
+            current = layout.current_version()
+            current_row = state.release(current) if current else None
+        finally:
+            state.close()
+    if known and known[0] != manifest.name:
+        raise PolicyError(f"this root holds product {known[0]!r}; the bundle is "
+                          f"{manifest.name!r}", hint="use a separate --root per product")
+    if current_row is not None and current_row.digest == digest:
+        return Decision(already_current=True, downgrade=False, python=None)
+    downgrade = bool(known and manifest.sequence <= known[1])
+    if downgrade and not allow_downgrade:
+        assert known is not None
+        raise PolicyError(
+            f"bundle sequence {manifest.sequence} is not newer than the last accepted "
+            f"({known[1]}): refusing a replay or downgrade",
+            hint="pass --allow-downgrade to install an older bundle on purpose",
+        )
+    check_target(manifest.target)
+    python = None
+    if manifest.python_lock:
+        found = python_env.find_python(manifest.target)
+        if found is None:
+            raise PolicyError(f"this bundle needs Python {manifest.target.python} on the host, "
+                              "and none was found",
+                              hint=f"install python{manifest.target.python}, or build for this "
+                                   "host's Python (target.python in the profile)")
+        python = found
+    return Decision(already_current=False, downgrade=downgrade, python=python)

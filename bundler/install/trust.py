@@ -1,0 +1,49 @@
+"""The target's trust store: the public keys it accepts bundles from, under the state dir."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from bundler.errors import SigningKeyError
+from bundler.install.layout import Layout
+from bundler.signing import TrustedKey, load_public_key, load_trust
+
+
+def store(layout: Layout) -> Path:
+    return layout.state_dir / "trust"
+
+
+def add(layout: Layout, pub: Path) -> TrustedKey:
+    key = load_public_key(pub)
+    dest = store(layout) / f"{key.keyid}.pub"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pub, dest)
+    return load_public_key(dest)
+
+
+def remove(layout: Layout, keyid: str) -> None:
+    path = store(layout) / f"{keyid}.pub"
+    if not path.is_file():
+        raise SigningKeyError(f"key {keyid} is not in the trust store of {layout.root}",
+                              hint="`bundle trust list --root DIR` shows the trusted keys")
+    path.unlink()
+
+
+def listed(layout: Layout) -> list[TrustedKey]:
+    directory = store(layout)
+    return [load_public_key(p) for p in sorted(directory.glob("*.pub"))] if directory.is_dir() \
+        else []
+
+
+def resolve(trust_path: Path | None, layout: Layout | None) -> list[TrustedKey]:
+    """Keys named on the command line, else the root's trust store."""
+    if trust_path is not None:
+        return load_trust(trust_path)
+    keys = listed(layout) if layout is not None else []
+    if not keys:
+        where = f" and {layout.root} has no trust store" if layout else ""
+        raise SigningKeyError(f"no trusted key: pass --trust KEY.pub{where}",
+                              hint="add the builder's key once with `bundle trust add KEY.pub "
+                                   "--root DIR`, or pass --trust")
+    return keys
