@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import archive
+from bundler import archive, volumes
 from bundler.fsutil import CHUNK, sha256_file
 from bundler.manifest import FileEntry, Manifest
 from bundler.models import Target
@@ -32,7 +32,7 @@ from bundler.signing import load_public_key, sign
 _CHILD = """
 import sys, resource
 from pathlib import Path
-from bundler import archive
+from bundler import archive, volumes
 from bundler.signing import load_public_key
 with archive.open_bundle(Path(sys.argv[1]), [load_public_key(Path(sys.argv[2]))]) as r:
     r.read_envelope()
@@ -57,8 +57,7 @@ def make_payloads(work: Path, total: int, files: int) -> list[Path]:
     return out
 
 
-def build_bundle(work: Path, size: int) -> tuple[Path, Path]:
-    key = Ed25519PrivateKey.generate()
+def build_bundle(work: Path, size: int, key: Ed25519PrivateKey) -> tuple[Path, Path]:
     pub = work / "bench.pub"
     pub.write_bytes(key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
@@ -85,10 +84,23 @@ def best_of(n: int, fn: object) -> float:
     return min(times)
 
 
+def split(path: Path, key: Ed25519PrivateKey, parts: int) -> Path:
+    """Re-pack a bundle's bytes as a volume set of `parts` parts; return its index."""
+    out = path.with_name("vol.bundle")
+    writer = volumes.SplitWriter(out, path.stat().st_size // parts + 1)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            writer.write(chunk)
+    index = writer.commit()
+    volumes.write_index(out, index, key)
+    return volumes.index_path(out)
+
+
 def bench_verify(size_mib: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bundler-bench-") as tmp:
         work = Path(tmp)
-        path, pub = build_bundle(work, size_mib * 1024 * 1024)
+        key = Ed25519PrivateKey.generate()
+        path, pub = build_bundle(work, size_mib * 1024 * 1024, key)
         trusted = [load_public_key(pub)]
         nbytes = path.stat().st_size
 
@@ -109,7 +121,22 @@ def bench_verify(size_mib: int) -> dict[str, float]:
         child = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(pub)],
                                capture_output=True, text=True, check=True)
         rss_kib = int(child.stdout.strip())
+        index = split(path, key, parts=3)
+        path.unlink()
+        vol_trusted = trusted
+
+        def verify_volumes() -> None:
+            with archive.open_bundle(index, vol_trusted) as reader:
+                reader.read_envelope()
+                reader.extract(None)
+
+        verify_volumes()
+        t_vol = best_of(3, verify_volumes)
+        vol_child = subprocess.run([sys.executable, "-c", _CHILD, str(index), str(pub)],
+                                   capture_output=True, text=True, check=True)
         return {
+            "volumes_vs_sha256": t_hash / t_vol,
+            "volumes_peak_rss_mib": int(vol_child.stdout.strip()) / 1024,
             "bundle_mib": nbytes / 2**20,
             "sha256_mib_s": nbytes / 2**20 / t_hash,
             "verify_mib_s": nbytes / 2**20 / t_verify,
