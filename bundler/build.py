@@ -10,10 +10,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import __version__, archive, ui, volumes
+from bundler import __version__, archive, lockfile, ui, volumes
 from bundler.cache import Cache
 from bundler.errors import BuildError
 from bundler.fsutil import require_space
+from bundler.lockfile import Lock
 from bundler.manifest import FileEntry, Manifest
 from bundler.profile import Profile
 from bundler.resolve import files as files_resolver
@@ -28,6 +29,8 @@ class BuildResult:
     size: int
     keyid: str
     parts: tuple[Path, ...]  # the volume files, when split
+    locked: bool             # resolution ran (no current lock) and bundle.lock was written
+    fetched: int             # artifacts downloaded by this build (0: the cache had all)
 
 
 def build_time() -> int:
@@ -45,18 +48,45 @@ def rfc3339(ts: int) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def lock(profile: Profile, cache: Cache, path: Path | None = None) -> tuple[Lock, int]:
+    """Resolve everything for the target and write the lock; return it and the fetch count."""
+    locked_wheels: tuple[wheels.LockedWheel, ...] = ()
+    if profile.python is not None:
+        ui.step(f"Resolving Python requirements for CPython {profile.target.python} on "
+                f"{profile.target.platform}")
+        locked_wheels = wheels.resolve(profile.python, profile.target, cache, ui.note)
+    result = Lock(inputs=lockfile.inputs_digest(profile), target=profile.target,
+                  wheels=locked_wheels)
+    lockfile.write(path or lockfile.default_path(profile), result)
+    return result, len(locked_wheels)
+
+
 def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
-          sequence: int | None = None, part_size: int | None = None) -> BuildResult:
+          sequence: int | None = None, part_size: int | None = None,
+          lock_path: Path | None = None, frozen: bool = False) -> BuildResult:
     created = build_time()
     entries: list[FileEntry] = []
     sources: dict[str, Path] = {}
-    lock_path = None
+    lock_file = lock_path or lockfile.default_path(profile)
+    current = lockfile.load_current(profile, lock_file)
+    fetched = 0
+    relocked = current is None
+    if current is None:
+        if frozen:
+            raise BuildError(f"{lock_file} is missing or out of date with the profile",
+                             hint="run `bundle lock PROFILE` and commit the lock file")
+        current, fetched = lock(profile, cache, lock_file)
+        ui.note(f"wrote {lock_file}")
+    else:
+        ui.step(f"Using {lock_file} (up to date: nothing to resolve)")
+    lock_path_in_bundle = None
     if profile.python is not None:
-        ui.step("Resolving Python wheels")
-        fetched = wheels.fetch(profile.python, profile.target, cache, ui.note)
-        entries += [*fetched.entries, fetched.lock]
-        sources.update(fetched.sources)
-        lock_path = fetched.lock.path
+        got, n = wheels.materialize(current.wheels, profile.python, profile.target, cache,
+                                    ui.note)
+        fetched += n
+        entries += [*got.entries, got.lock]
+        sources.update(got.sources)
+        lock_path_in_bundle = got.lock.path
     if profile.files:
         ui.step("Collecting files")
         collected = files_resolver.collect(profile.files, cache)
@@ -75,7 +105,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         builder=f"bundler {__version__}",
         target=profile.target,
         files=tuple(sorted(entries, key=lambda e: e.path)),
-        python_lock=lock_path,
+        python_lock=lock_path_in_bundle,
         runtime=profile.runtime,
     )
     envelope = sign(manifest, key)
@@ -90,10 +120,12 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
                              advance, part_size)
     _remove_stale(out, volume_set=index is not None)
     if index is None:
-        return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()), ())
+        return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()), (),
+                           relocked, fetched)
     index_file = volumes.write_index(out, index, key)
     parts = tuple(out_dir / p.file for p in index.parts)
-    return BuildResult(index_file, manifest, index.total_size, key_id(key.public_key()), parts)
+    return BuildResult(index_file, manifest, index.total_size, key_id(key.public_key()), parts,
+                       relocked, fetched)
 
 
 def _remove_stale(out: Path, volume_set: bool) -> None:

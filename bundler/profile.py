@@ -34,7 +34,11 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class PythonSpec:
-    requirements: Path
+    """Exactly one source of requirements: a pinned file, a loose `.in` list, or a pyproject."""
+
+    requirements: Path | None = None       # pinned name==version (hashes honoured)
+    requirements_in: Path | None = None    # loose: bundler locks it (pip-tools / uv)
+    pyproject: Path | None = None          # [project].dependencies, locked like a .in list
     index_url: str | None = None
     extra_index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()
@@ -296,12 +300,19 @@ def _dest(c: _Checker, node: Node, where: str) -> str | None:
 
 
 def _python_spec(c: _Checker, node: Node, base: Path, check: bool) -> PythonSpec | None:
-    m = c.mapping(node, "python", ("requirements",),
-                  ("index_url", "extra_index_urls", "find_links", "no_index"))
+    sources = ("requirements", "requirements_in", "pyproject")
+    m = c.mapping(node, "python", (), (*sources,
+                  "index_url", "extra_index_urls", "find_links", "no_index"))
     if m is None:
         return None
-    req = _rel_path(c, m["requirements"], "python.requirements", base, check) \
-        if "requirements" in m else None
+    given = [k for k in sources if k in m]
+    if len(given) != 1:
+        c.add(node, "python: give exactly one of requirements, requirements_in, pyproject"
+              + (f" (got {', '.join(given)})" if given else ""),
+              "requirements: a pinned file; requirements_in: a loose list bundler locks; "
+              "pyproject: a pyproject.toml whose dependencies bundler locks")
+        return None
+    src = _rel_path(c, m[given[0]], f"python.{given[0]}", base, check)
     index_url = c.scalar(m["index_url"], "python.index_url") if "index_url" in m else None
     extra = c.string_list(m["extra_index_urls"], "python.extra_index_urls") \
         if "extra_index_urls" in m else []
@@ -318,10 +329,10 @@ def _python_spec(c: _Checker, node: Node, base: Path, check: bool) -> PythonSpec
     if "find_links" in m and not isinstance(m["find_links"], SequenceNode):
         c.add(m["find_links"], "python.find_links must be a list")
     no_index = bool(c.boolean(m["no_index"], "python.no_index")) if "no_index" in m else False
-    if req is None:
+    if src is None:
         return None
-    return PythonSpec(requirements=req, index_url=index_url, extra_index_urls=tuple(extra),
-                      find_links=tuple(links), no_index=no_index)
+    return PythonSpec(**{given[0]: src}, index_url=index_url,
+                      extra_index_urls=tuple(extra), find_links=tuple(links), no_index=no_index)
 
 
 def _file_spec(c: _Checker, node: Node, where: str, base: Path, check: bool) -> FileSpec | None:

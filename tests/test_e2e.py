@@ -203,7 +203,23 @@ def test_wheel_only_for_another_python_fails_the_build(project: Project, cache_d
     result = bundle("build", project.profile(), "--key", keys[0], "--out", project.dir / "d",
                     "--cache-dir", cache_dir)
     assert result.rc == 4, result.err
-    assert "error: no wheel of fastthing==2.0 for CPython" in result.err
+    assert ("error: no wheel for CPython 3.11 on manylinux_2_28_x86_64: fastthing 2.0 has no "
+            "wheel for CPython 3.11 on manylinux_2_28_x86_64 (wheels exist for: "
+            "cp399-cp399-manylinux_2_17_x86_64)") in result.err
+
+
+def test_sdist_only_package_fails_the_build_naming_each(project: Project, cache_dir: Path,
+                                                       keys: tuple[Path, Path]) -> None:
+    (project.wheelhouse / "srconly-1.0.tar.gz").write_bytes(b"not really an sdist")
+    make_wheel(project.wheelhouse, "winonly", "3.0", {"winonly/__init__.py": ""},
+               tag="py3-none-win_amd64")
+    (project.dir / "requirements.txt").write_text("srconly==1.0\nwinonly==3.0\ntinygreet==1.0\n")
+    result = bundle("build", project.profile(), "--key", keys[0], "--out", project.dir / "d",
+                    "--cache-dir", cache_dir)
+    assert result.rc == 4, result.err
+    assert "srconly 1.0 has only an sdist" in result.err
+    assert "winonly 3.0 has no wheel for CPython" in result.err and "win_amd64" in result.err
+    assert "tinygreet" not in result.err.split("error:")[1]
 
 
 def test_incomplete_pins_fail_the_build(project: Project, cache_dir: Path,

@@ -39,7 +39,7 @@ def validate(profile: Path, as_json: bool) -> None:
     from bundler.resolve.wheels import parse_requirements
 
     loaded = load_profile(profile)
-    if loaded.python is not None:
+    if loaded.python is not None and loaded.python.requirements is not None:
         parse_requirements(loaded.python.requirements)
     if as_json:
         emit_json({"ok": True, "name": loaded.name, "version": loaded.version})
@@ -73,13 +73,18 @@ def keygen(name: Path, force: bool, as_json: bool) -> None:
               help="Content-addressed download cache (default: XDG cache dir).")
 @click.option("--sequence", type=click.IntRange(min=1), default=None,
               help="Monotonic bundle sequence (default: profile's, else build time).")
+@click.option("--lock", "lock_path", type=click.Path(path_type=Path), default=None,
+              help="Lock file (default: the profile's name with .lock, e.g. bundle.lock).")
+@click.option("--frozen", is_flag=True,
+              help="Fail instead of re-resolving when the lock is missing or out of date.")
 @click.option("--volume-size", default=None, metavar="SIZE",
               help="Split into parts of at most SIZE (e.g. 700M, 4G) with a signed index; "
                    "use --volume-size fat32 for the largest FAT32-safe parts.")
 @options.json_output
 @handled
 def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
-          sequence: int | None, volume_size: str | None, as_json: bool) -> None:
+          sequence: int | None, lock_path: Path | None, frozen: bool, volume_size: str | None,
+          as_json: bool) -> None:
     """Resolve, fetch, sign and pack PROFILE into OUT/NAME-VERSION.bundle."""
     from bundler import volumes
     from bundler.build import build as do_build
@@ -94,13 +99,43 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
     loaded = load_profile(profile)
     key = load_private_key(key_path)
     result = do_build(loaded, key, out_dir, Cache(cache_dir or default_cache_dir()), sequence,
-                      part_size)
+                      part_size, lock_path, frozen)
     if as_json:
         emit_json({"ok": True, "bundle": str(result.path), "size": result.size,
                    "name": result.manifest.name, "version": result.manifest.version,
                    "sequence": result.manifest.sequence, "keyid": result.keyid,
                    "files": len(result.manifest.files),
-                   "parts": [str(p) for p in result.parts]})
+                   "parts": [str(p) for p in result.parts],
+                   "locked": result.locked, "fetched": result.fetched})
     else:
         click.echo(f"built {result.path} ({result.size} bytes, {len(result.manifest.files)} "
-                   f"files, sequence {result.manifest.sequence}, key {result.keyid})")
+                   f"files, sequence {result.manifest.sequence}, key {result.keyid}); "
+                   + (f"fetched {result.fetched} artifact(s)" if result.fetched
+                      else "fetched nothing (all from cache)"))
+
+
+@cli.command()
+@click.argument("profile", type=click.Path(path_type=Path))
+@click.option("--lock", "lock_path", type=click.Path(path_type=Path), default=None,
+              help="Where to write (default: the profile's name with .lock, e.g. bundle.lock).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Content-addressed download cache (default: XDG cache dir).")
+@options.json_output
+@handled
+def lock(profile: Path, lock_path: Path | None, cache_dir: Path | None, as_json: bool) -> None:
+    """Resolve PROFILE for its target and write the lock file (exact versions and hashes)."""
+    from bundler.build import lock as do_lock
+    from bundler.cache import Cache, default_cache_dir
+    from bundler.lockfile import default_path
+    from bundler.profile import load_profile
+
+    loaded = load_profile(profile)
+    result, fetched = do_lock(loaded, Cache(cache_dir or default_cache_dir()), lock_path)
+    path = lock_path or default_path(loaded)
+    if as_json:
+        emit_json({"ok": True, "lock": str(path), "wheels": [w.to_json() for w in result.wheels],
+                   "fetched": fetched})
+    else:
+        for w in result.wheels:
+            click.echo(f"  {w.name}=={w.version}  {w.file}")
+        click.echo(f"wrote {path} ({len(result.wheels)} wheel(s))")

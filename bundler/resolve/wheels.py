@@ -8,15 +8,17 @@ dependency fails the BUILD rather than the air-gapped install.
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import re
 import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packaging.markers import Marker
 from packaging.requirements import InvalidRequirement, Requirement
@@ -38,6 +40,7 @@ from bundler.resolve import target as tgt
 from bundler.ui import Log
 
 LOCK_PATH = "python/requirements.lock"
+_HARMLESS_OPTIONS = ("--only-binary", "--prefer-binary")
 _HASH_RE = re.compile(r"--hash[= ]sha256:([0-9a-f]{64})")
 
 
@@ -60,9 +63,13 @@ class Fetched:
 
 def parse_requirements(path: Path) -> list[Pin]:
     """Parse a pinned (`name==version`, optional `--hash`) requirements file, all errors at once."""
+    return parse_requirements_text(path.read_text(encoding="utf-8"), path)
+
+
+def parse_requirements_text(text: str, path: Path) -> list[Pin]:
     problems: list[Problem] = []
     pins: list[Pin] = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = text.splitlines()
     logical: list[tuple[int, str]] = []
     buf, start = "", 0
     for no, raw in enumerate(lines, 1):
@@ -79,6 +86,8 @@ def parse_requirements(path: Path) -> list[Pin]:
     for no, text in logical:
         hashes = tuple(_HASH_RE.findall(text))
         rest = _HASH_RE.sub("", text).strip()
+        if rest.startswith(_HARMLESS_OPTIONS):
+            continue  # lock tools echo these; wheels-only is bundler's rule anyway
         if rest.startswith("-"):
             problems.append(Problem(str(path), no, f"option lines are not supported: {rest!r}",
                                     "put index settings under `python:` in the profile"))
@@ -111,32 +120,95 @@ def for_target(pins: Sequence[Pin], target: Target) -> list[Pin]:
     return [p for p in pins if p.marker is None or p.marker.evaluate(env)]
 
 
-def fetch(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> Fetched:
-    pins = for_target(parse_requirements(spec.requirements), target)
+@dataclass(frozen=True)
+class LockedWheel:
+    """One wheel as recorded in bundle.lock: enough to fetch exactly it again, or to find it
+    in the cache without asking anyone."""
+
+    name: str
+    version: str
+    extras: tuple[str, ...]
+    file: str
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "extras": list(self.extras),
+                "file": self.file, "sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LockedWheel:
+        return cls(str(d["name"]), str(d["version"]), tuple(d.get("extras", ())),
+                   str(d["file"]), str(d["sha256"]), int(d["size"]))
+
+
+def resolve(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> tuple[LockedWheel, ...]:
+    """Lock (if the requirements are loose), download for the target, check, cache."""
+    from bundler.resolve import pylock
+
+    with _workdir(cache) as work:
+        if spec.requirements is not None:
+            text, label = spec.requirements.read_text(encoding="utf-8"), spec.requirements
+        else:
+            text = pylock.compile_requirements(spec, target, work, cache.root, log)
+            source = spec.requirements_in or spec.pyproject or Path("requirements")
+            label = Path(f"{source} (as locked)")
+        pins = for_target(parse_requirements_text(text, label), target)
+        if not pins:
+            return ()
+        wheels = _download(pins, spec, target, work, log)
+        _check_complete(pins, wheels, target)
+        out = []
+        for pin in pins:
+            sha, size = cache.put_file(wheels[pin.name])
+            out.append(LockedWheel(pin.name, pin.version, pin.extras, wheels[pin.name].name,
+                                   sha, size))
+        return tuple(out)
+
+
+def materialize(locked: Sequence[LockedWheel], spec: PythonSpec, target: Target, cache: Cache,
+                log: Log) -> tuple[Fetched, int]:
+    """Bundle entries for locked wheels, downloading only those not in the cache.
+
+    Returns the entries and how many wheels had to be fetched (0: no network needed).
+    """
+    missing = [w for w in locked if not cache.has(w.sha256)]
+    if missing:
+        pins = [Pin(canonicalize_name(w.name), w.version, w.extras, (w.sha256,), None, 0)
+                for w in missing]
+        with _workdir(cache) as work:
+            got = _download(pins, spec, target, work, log)
+            for w in missing:
+                sha, _size = cache.put_file(got[canonicalize_name(w.name)])
+                if sha != w.sha256:
+                    raise BuildError(f"{w.file} from the index differs from bundle.lock "
+                                     f"({sha[:12]} != {w.sha256[:12]})",
+                                     hint="the index served other bytes; investigate before "
+                                          "re-locking with `bundle lock`")
     entries: list[FileEntry] = []
     sources: dict[str, Path] = {}
     lock_lines = [f"# bundler lock for CPython {target.python} on {target.platform}; "
                   "install with --no-index --require-hashes"]
-    if pins:
-        cache.tmp.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix="wheels-", dir=cache.tmp))
-        try:
-            wheels = _download(pins, spec, target, work, log)
-            _check_complete(pins, wheels, target)
-            for pin in pins:
-                whl = wheels[pin.name]
-                sha, size = cache.put_file(whl)
-                path = f"python/wheels/{whl.name}"
-                entries.append(FileEntry(path=path, size=size, sha256=sha, kind="wheel"))
-                sources[path] = cache.path(sha)
-                extras = f"[{','.join(pin.extras)}]" if pin.extras else ""
-                lock_lines.append(f"{pin.name}{extras}=={pin.version} --hash=sha256:{sha}")
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+    for w in locked:
+        path = f"python/wheels/{w.file}"
+        entries.append(FileEntry(path=path, size=w.size, sha256=w.sha256, kind="wheel"))
+        sources[path] = cache.path(w.sha256)
+        extras = f"[{','.join(w.extras)}]" if w.extras else ""
+        lock_lines.append(f"{w.name}{extras}=={w.version} --hash=sha256:{w.sha256}")
     sha, size = cache.put_bytes(("\n".join(lock_lines) + "\n").encode())
     lock = FileEntry(path=LOCK_PATH, size=size, sha256=sha, kind="lock")
     sources[LOCK_PATH] = cache.path(sha)
-    return Fetched(tuple(entries), lock, sources)
+    return Fetched(tuple(entries), lock, sources), len(missing)
+
+
+@contextlib.contextmanager
+def _workdir(cache: Cache) -> Iterator[Path]:
+    cache.tmp.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="wheels-", dir=cache.tmp))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: Path,
@@ -166,14 +238,8 @@ def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: Path,
     try:
         proc.run(args, what="pip download", timeout=1800)
     except CommandError as exc:
-        missing = re.findall(r"No matching distribution found for (\S+)", exc.message)
-        if missing:
-            raise BuildError(
-                f"no wheel of {', '.join(missing)} for CPython {target.python} on "
-                f"{target.platform}",
-                hint="pick a version that publishes wheels for the target (sdists are not "
-                     "installable offline), or change target.platform",
-            ) from None
+        if "No matching distribution found" in exc.message:
+            raise _no_wheel_error(pins, spec, target) from None
         raise BuildError(f"downloading wheels failed: {exc.message}") from None
     found: dict[str, Path] = {}
     supported = tgt.supported_tags(target)
@@ -194,6 +260,23 @@ def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: Path,
     if missing_pins:
         raise BuildError(f"pip did not download {', '.join(missing_pins)}")
     return found
+
+
+def _no_wheel_error(pins: Sequence[Pin], spec: PythonSpec, target: Target) -> BuildError:
+    """Name EVERY pin without a fitting wheel, each with its reason (pip stops at the first)."""
+    from bundler.resolve import pyindex
+
+    reasons = []
+    for pin in pins:
+        reason = pyindex.why_no_wheel(spec, target, pin.name, pin.version)
+        if "has a fitting wheel" not in reason:
+            reasons.append(reason)
+    detail = "; ".join(reasons) or "pip found no matching distribution"
+    return BuildError(
+        f"no wheel for CPython {target.python} on {target.platform}: {detail}",
+        hint="pin versions that publish wheels for the target (sdists are not installable "
+             "offline), or change target.python / target.platform",
+    )
 
 
 def _requires(whl: Path) -> list[Requirement]:

@@ -1,0 +1,78 @@
+"""bundle.lock: what the build resolved, exactly (versions, files, hashes), so that later
+builds of the same inputs resolve nothing and, with a warm cache, need no network at all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bundler.errors import BuildError
+from bundler.fsutil import atomic_write_bytes
+from bundler.models import Target
+from bundler.profile import Profile
+from bundler.resolve.wheels import LockedWheel
+
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class Lock:
+    inputs: str  # digest of everything resolution depends on (see inputs_digest)
+    target: Target
+    wheels: tuple[LockedWheel, ...] = ()
+
+    def to_bytes(self) -> bytes:
+        doc = {"schema": SCHEMA, "inputs": self.inputs, "target": self.target.to_json(),
+               "python": [w.to_json() for w in self.wheels]}
+        # Indented on purpose: lock files are reviewed in diffs.
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> Lock:
+        try:
+            doc = json.loads(data)
+            if doc.get("schema") != SCHEMA:
+                raise ValueError(f"schema {doc.get('schema')!r}")
+            return cls(inputs=str(doc["inputs"]), target=Target.from_json(doc["target"]),
+                       wheels=tuple(LockedWheel.from_json(w) for w in doc["python"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BuildError(f"{path} is not a bundler lock file: {exc}",
+                             hint="delete it and run `bundle lock PROFILE` again") from None
+
+
+def default_path(profile: Profile) -> Path:
+    return profile.path.with_suffix(".lock")
+
+
+def _file_digest(path: Path | None) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
+
+
+def inputs_digest(profile: Profile) -> str:
+    """Resolution depends on the target, the requirement sources and where they come from;
+    not on the version, services or files, so bumping the version keeps the lock."""
+    py: dict[str, Any] | None = None
+    if profile.python is not None:
+        spec = profile.python
+        py = {"requirements": _file_digest(spec.requirements),
+              "requirements_in": _file_digest(spec.requirements_in),
+              "pyproject": _file_digest(spec.pyproject),
+              "index_url": spec.index_url, "extra_index_urls": list(spec.extra_index_urls),
+              "no_index": spec.no_index}
+    doc = {"target": profile.target.to_json(), "python": py}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def load_current(profile: Profile, path: Path) -> Lock | None:
+    """The lock at `path` if it exists and was made from these exact inputs."""
+    if not path.is_file():
+        return None
+    lock = Lock.parse(path.read_bytes(), path)
+    return lock if lock.inputs == inputs_digest(profile) else None
+
+
+def write(path: Path, lock: Lock) -> None:
+    atomic_write_bytes(path, lock.to_bytes())

@@ -1,0 +1,114 @@
+"""Locking loose Python requirements into a hashed, pinned list for the TARGET.
+
+pip-compile (pip-tools) resolves for the interpreter it runs on, so it is used only when the
+target is this host's Python and platform family; otherwise uv resolves for the target
+(`--python-version`, `--python-platform`), because pip evaluates markers for the build host
+(pip-tools #1326, pip #11664). Both write the same hashed requirements format.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+
+from bundler import proc
+from bundler.errors import BuildError, CommandError
+from bundler.install.policy import host_platform
+from bundler.models import Target
+from bundler.profile import PythonSpec
+from bundler.ui import Log
+
+
+def loose_requirements(spec: PythonSpec, work: Path) -> Path:
+    """The `.in` file to compile: the profile's own, or one made from a pyproject."""
+    if spec.requirements_in is not None:
+        return spec.requirements_in
+    assert spec.pyproject is not None
+    try:
+        doc = tomllib.loads(spec.pyproject.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise BuildError(f"cannot read {spec.pyproject}: {exc}",
+                         hint="python.pyproject must name a valid pyproject.toml") from None
+    deps = doc.get("project", {}).get("dependencies")
+    if not isinstance(deps, list):
+        raise BuildError(f"{spec.pyproject} has no [project] dependencies list",
+                         hint="list the runtime dependencies under [project] dependencies")
+    out = work / "pyproject-dependencies.in"
+    out.write_text("".join(f"{d}\n" for d in deps))
+    return out
+
+
+def host_matches(target: Target) -> bool:
+    arch, libc, _glibc = host_platform()
+    same_python = f"{sys.version_info[0]}.{sys.version_info[1]}" == target.python
+    family = "musl" if target.platform.startswith("musllinux") else "glibc"
+    return same_python and libc == family and target.platform.endswith(arch)
+
+
+def uv_platform(target: Target) -> str:
+    arch = "x86_64" if target.platform.endswith("x86_64") else target.platform.rsplit("_", 1)[1]
+    if target.platform.startswith("manylinux_"):
+        major, minor = target.platform.split("_")[1:3]
+        return f"{arch}-manylinux_{major}_{minor}"
+    if target.platform.startswith("musllinux_"):
+        return f"{arch}-unknown-linux-musl"
+    return f"{arch}-unknown-linux-gnu"
+
+
+def _index_args(spec: PythonSpec) -> list[str]:
+    args: list[str] = []
+    if spec.no_index:
+        args.append("--no-index")
+    if spec.index_url:
+        args += ["--index-url", spec.index_url]
+    for url in spec.extra_index_urls:
+        args += ["--extra-index-url", url]
+    for link in spec.find_links:
+        args += ["--find-links", link]
+    return args
+
+
+def _uv() -> str:
+    here = Path(sys.executable).parent / "uv"
+    found = str(here) if here.exists() else shutil.which("uv")
+    if found is None:
+        raise BuildError("uv is needed to lock for a target unlike this host, and is missing",
+                         hint="pip install uv (bundler depends on it; reinstall bundler)")
+    return found
+
+
+def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir: Path,
+                         log: Log) -> str:
+    """Return hashed, pinned requirements text for the target."""
+    source = loose_requirements(spec, work)
+    out = work / "locked.txt"
+    if host_matches(target):
+        log(f"locking {source.name} with pip-tools for CPython {target.python} "
+            f"({target.platform}, this host)")
+        args = [sys.executable, "-m", "piptools", "compile", "--quiet", "--no-header",
+                "--generate-hashes", "--allow-unsafe", "--strip-extras", "--no-emit-index-url",
+                "--resolver", "backtracking", "--cache-dir", str(cache_dir / "pip-tools"),
+                "--pip-args", "--isolated --only-binary=:all:",
+                "--output-file", str(out), *_index_args(spec), str(source)]
+        env = proc.clean_env()
+    else:
+        log(f"locking {source.name} with uv for CPython {target.python} on {target.platform}")
+        args = [_uv(), "pip", "compile", "--quiet", "--no-header", "--generate-hashes",
+                "--python-version", target.python, "--python-platform", uv_platform(target),
+                "--only-binary", ":all:", "--no-annotate", "--no-emit-index-url",
+                "--output-file", str(out),
+                *_index_args(spec), str(source)]
+        env = proc.clean_env({"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never",
+                              "UV_CACHE_DIR": str(cache_dir / "uv"),
+                              "HOME": os.environ.get("HOME", "/root")})
+    try:
+        proc.run(args, env=env, what="lock python requirements", timeout=1800)
+    except CommandError as exc:
+        raise BuildError(f"cannot lock {source.name} for CPython {target.python} on "
+                         f"{target.platform}: {exc.message}",
+                         hint="the tail above names the package that has no wheel for the "
+                              "target; pin a version that has one, or change the target") from None
+    return out.read_text(encoding="utf-8")

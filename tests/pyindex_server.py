@@ -1,0 +1,53 @@
+"""A PEP 503 simple index on 127.0.0.1, serving wheels the tests build."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+
+def write_index(wheels: list[Path], root: Path) -> None:
+    """Lay out root/simple/<project>/index.html with links (and #sha256=) to root/files/."""
+    files = root / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    projects: dict[str, list[Path]] = {}
+    for whl in wheels:
+        (files / whl.name).write_bytes(whl.read_bytes())
+        projects.setdefault(canonicalize_name(parse_wheel_filename(whl.name)[0]), []).append(whl)
+    simple = root / "simple"
+    simple.mkdir(exist_ok=True)
+    links = []
+    for name, items in sorted(projects.items()):
+        (simple / name).mkdir(exist_ok=True)
+        rows = "".join(
+            f'<a href="../../files/{w.name}#sha256={hashlib.sha256(w.read_bytes()).hexdigest()}">'
+            f"{w.name}</a>\n" for w in items)
+        (simple / name / "index.html").write_text(f"<html><body>\n{rows}</body></html>\n")
+        links.append(f'<a href="{name}/">{name}</a>')
+    (simple / "index.html").write_text("<html><body>" + "\n".join(links) + "</body></html>\n")
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def serve(root: Path) -> Iterator[str]:
+    """Serve `root` on 127.0.0.1; yields the simple index URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             partial(_Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/simple/"
+    finally:
+        server.shutdown()
+        server.server_close()
