@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import __version__, archive, lockfile, ui, volumes
+from bundler import __version__, actions, archive, lockfile, ui, volumes
 from bundler.cache import Cache
 from bundler.errors import BuildError
 from bundler.fsutil import require_space
@@ -65,6 +65,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
           sequence: int | None = None, part_size: int | None = None,
           lock_path: Path | None = None, frozen: bool = False) -> BuildResult:
     created = build_time()
+    actions.run_all(profile.actions)
     entries: list[FileEntry] = []
     sources: dict[str, Path] = {}
     lock_file = lock_path or lockfile.default_path(profile)

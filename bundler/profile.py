@@ -47,9 +47,29 @@ class PythonSpec:
 
 @dataclass(frozen=True)
 class FileSpec:
-    src: Path
+    src: Path               # a file, a directory, or a glob pattern (then dest is a directory)
     dest: str
     exclude: tuple[str, ...] = ()
+
+    @property
+    def is_glob(self) -> bool:
+        return is_glob(str(self.src))
+
+
+def is_glob(text: str) -> bool:
+    return any(ch in text for ch in "*?[")
+
+
+@dataclass(frozen=True)
+class Action:
+    """A command run on the build machine before anything is resolved (e.g. `npm run build`,
+    `docker build`); what it produces is then picked up as files or images."""
+
+    name: str
+    run: tuple[str, ...]
+    cwd: Path
+    env: tuple[tuple[str, str], ...] = ()
+    timeout_ms: int = 1_800_000
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,7 @@ class Profile:
     python: PythonSpec | None
     files: tuple[FileSpec, ...]
     runtime: Runtime
+    actions: tuple[Action, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -212,8 +233,8 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     top = c.mapping(
         root, "profile",
         required=("schema", "name", "version"),
-        optional=("sequence", "expires", "target", "python", "files", "services", "health",
-                  "install"),
+        optional=("sequence", "expires", "target", "actions", "python", "files", "services",
+                  "health", "install"),
     )
     if top is None:
         raise ProfileError(c.problems)
@@ -243,6 +264,9 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     files = tuple(c.sequence(top["files"], "files",
                              lambda n, w: _file_spec(c, n, w, path.parent, check_files))
                   ) if "files" in top else ()
+    actions = tuple(c.sequence(top["actions"], "actions",
+                               lambda n, w: _action(c, n, w, path.parent, check_files))
+                    ) if "actions" in top else ()
     services = tuple(c.sequence(top["services"], "services",
                                 lambda n, w: _service(c, n, w))) if "services" in top else ()
     health = tuple(c.sequence(top["health"], "health",
@@ -264,6 +288,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         path=path, schema=schema, name=name, version=version, sequence=sequence,
         expires_ms=expires, target=target, python=python, files=files,
         runtime=Runtime(services=services, health=health, install=InstallPolicy(keep=keep)),
+        actions=actions,
     )
 
 
@@ -275,10 +300,17 @@ def _unique(c: _Checker, names: list[str], node: Node | None, what: str) -> None
         seen.add(n)
 
 
-def _rel_path(c: _Checker, node: Node, where: str, base: Path, check: bool) -> Path | None:
+def _rel_path(c: _Checker, node: Node, where: str, base: Path, check: bool,
+              allow_glob: bool = False) -> Path | None:
     value = c.scalar(node, where)
     if value is None:
         return None
+    if allow_glob and is_glob(value):
+        if check and not any(base.resolve().glob(value)):
+            c.add(node, f"{where}: pattern '{value}' matches nothing (looked in {base})",
+                  "patterns are relative to the profile's directory")
+            return None
+        return base.resolve() / value
     p = (base / value).resolve()
     if check and not p.exists():
         c.add(node, f"{where}: '{value}' does not exist (looked in {base})",
@@ -339,12 +371,30 @@ def _file_spec(c: _Checker, node: Node, where: str, base: Path, check: bool) -> 
     m = c.mapping(node, where, ("src", "dest"), ("exclude",))
     if m is None:
         return None
-    src = _rel_path(c, m["src"], f"{where}.src", base, check) if "src" in m else None
+    src = _rel_path(c, m["src"], f"{where}.src", base, check, allow_glob=True) \
+        if "src" in m else None
     dest = _dest(c, m["dest"], f"{where}.dest") if "dest" in m else None
     exclude = c.string_list(m["exclude"], f"{where}.exclude") if "exclude" in m else []
     if src is None or dest is None:
         return None
     return FileSpec(src=src, dest=dest, exclude=tuple(exclude))
+
+
+def _action(c: _Checker, node: Node, where: str, base: Path, check: bool) -> Action | None:
+    m = c.mapping(node, where, ("name", "run"), ("cwd", "env", "timeout"))
+    if m is None:
+        return None
+    name = c.string(m["name"], f"{where}.name", NAME_RE) if "name" in m else None
+    run = c.string_list(m["run"], f"{where}.run") if "run" in m else []
+    if "run" in m and isinstance(m["run"], SequenceNode) and not run:
+        c.add(m["run"], f"{where}.run is empty", "write the command as a list of words")
+    cwd = _rel_path(c, m["cwd"], f"{where}.cwd", base, check) if "cwd" in m else base.resolve()
+    env = c.string_map(m["env"], f"{where}.env") if "env" in m else {}
+    timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m else 1_800_000
+    if name is None or not run or cwd is None or timeout is None:
+        return None
+    return Action(name=name, run=tuple(run), cwd=cwd, env=tuple(sorted(env.items())),
+                  timeout_ms=timeout)
 
 
 def _service(c: _Checker, node: Node, where: str) -> Service | None:

@@ -20,21 +20,38 @@ class Collected:
 
 
 def _walk(spec: FileSpec) -> list[tuple[str, Path]]:
+    if spec.is_glob:
+        out: list[tuple[str, Path]] = []
+        base = spec.src.parent
+        while any(ch in str(base) for ch in "*?["):
+            base = base.parent
+        for match in sorted(base.glob(str(spec.src.relative_to(base)))):
+            if _excluded(spec, match.name, match.name):
+                continue
+            sub = FileSpec(src=match, dest=f"{spec.dest}/{match.name}", exclude=spec.exclude)
+            out += _walk(sub)
+        if not out:
+            raise BuildError(f"pattern {spec.src} matches no files",
+                             hint="check the `files` src pattern in the profile")
+        return out
     if spec.src.is_file():
         return [(spec.dest, spec.src)]
-    out: list[tuple[str, Path]] = []
+    out = []
     for dirpath, dirnames, filenames in os.walk(spec.src):
         dirnames.sort()
         base = Path(dirpath)
         for name in sorted(filenames):
             rel = (base / name).relative_to(spec.src).as_posix()
-            if any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat)
-                   for pat in spec.exclude):
+            if _excluded(spec, rel, name):
                 continue
             out.append((f"{spec.dest}/{rel}", base / name))
         dirnames[:] = [d for d in dirnames
                        if not any(fnmatch.fnmatch(d, pat) for pat in spec.exclude)]
     return out
+
+
+def _excluded(spec: FileSpec, rel: str, name: str) -> bool:
+    return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(name, pat) for pat in spec.exclude)
 
 
 def collect(specs: tuple[FileSpec, ...], cache: Cache) -> Collected:

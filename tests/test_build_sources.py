@@ -1,0 +1,70 @@
+"""Files (directories, globs, excludes) and build-side actions, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+from tests.helpers import bundle
+
+
+def test_globs_excludes_and_action_outputs(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    (tmp_path / "migrations").mkdir()
+    for name in ("001_init.sql", "002_users.sql", "README.md"):
+        (tmp_path / "migrations" / name).write_text(f"-- {name}\n")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "app.ini").write_text("x=1\n")
+    (tmp_path / "conf" / "app.ini.bak").write_text("old\n")
+    (tmp_path / "build.sh").write_text("mkdir -p dist && echo \"built $BUILD_ID\" > dist/app.js\n")
+    profile = tmp_path / "bundle.yaml"
+    profile.write_text(textwrap.dedent("""\
+        schema: 1
+        name: site
+        version: 1.0.0
+        actions:
+          - name: frontend
+            run: ["sh", "build.sh"]
+            env: {BUILD_ID: "42"}
+        files:
+          - {src: "migrations/*.sql", dest: db/migrations}
+          - {src: conf, dest: conf, exclude: ["*.bak"]}
+          - {src: dist, dest: web}
+        """))
+    (tmp_path / "dist").mkdir()  # validate checks the path; the action fills it
+    result = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
+                    "--cache-dir", tmp_path / "cache", "--json")
+    assert result.rc == 0, result.err
+    info = json.loads(bundle("inspect", json.loads(result.out)["bundle"], "--trust", keys[1],
+                             "--json").out)
+    assert sorted(f["path"] for f in info["files"]) == [
+        "files/conf/app.ini", "files/db/migrations/001_init.sql",
+        "files/db/migrations/002_users.sql", "files/web/app.js"]
+
+
+def test_failing_action_stops_the_build_with_its_output(tmp_path: Path,
+                                                        keys: tuple[Path, Path]) -> None:
+    profile = tmp_path / "bundle.yaml"
+    profile.write_text(textwrap.dedent("""\
+        schema: 1
+        name: site
+        version: 1.0.0
+        actions:
+          - name: frontend
+            run: ["sh", "-c", "echo compiling; echo 'ERROR: missing module react' >&2; exit 3"]
+        """))
+    result = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
+                    "--cache-dir", tmp_path / "cache")
+    assert result.rc == 4
+    assert "  | ERROR: missing module react" in result.err
+    assert "error: action frontend failed (exit 3):" in result.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_glob_matching_nothing_is_a_profile_error(tmp_path: Path) -> None:
+    profile = tmp_path / "bundle.yaml"
+    profile.write_text("schema: 1\nname: site\nversion: 1.0.0\nfiles:\n"
+                       "  - {src: 'migrations/*.sql', dest: db}\n")
+    result = bundle("validate", profile)
+    assert result.rc == 3
+    assert ":5: files[0].src: pattern 'migrations/*.sql' matches nothing" in result.err
