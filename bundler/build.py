@@ -16,9 +16,10 @@ from bundler.errors import BuildError
 from bundler.fsutil import require_space
 from bundler.lockfile import Lock
 from bundler.manifest import FileEntry, Manifest
+from bundler.models import NpmProject, NpmRef, Target
 from bundler.profile import Profile
 from bundler.resolve import files as files_resolver
-from bundler.resolve import wheels
+from bundler.resolve import npm, wheels
 from bundler.signing import key_id, sign
 
 
@@ -31,6 +32,7 @@ class BuildResult:
     parts: tuple[Path, ...]  # the volume files, when split
     locked: bool             # resolution ran (no current lock) and bundle.lock was written
     fetched: int             # artifacts downloaded by this build (0: the cache had all)
+    warnings: tuple[str, ...] = ()
 
 
 def build_time() -> int:
@@ -88,6 +90,8 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         entries += [*got.entries, got.lock]
         sources.update(got.sources)
         lock_path_in_bundle = got.lock.path
+    npm_projects, npm_fetched, warnings = _npm(profile, cache, entries, sources)
+    fetched += npm_fetched
     if profile.files:
         ui.step("Collecting files")
         collected = files_resolver.collect(profile.files, cache)
@@ -107,6 +111,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         target=profile.target,
         files=tuple(sorted(entries, key=lambda e: e.path)),
         python_lock=lock_path_in_bundle,
+        npm=npm_projects,
         runtime=profile.runtime,
     )
     envelope = sign(manifest, key)
@@ -122,11 +127,48 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
     _remove_stale(out, volume_set=index is not None)
     if index is None:
         return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()), (),
-                           relocked, fetched)
+                           relocked, fetched, warnings)
     index_file = volumes.write_index(out, index, key)
     parts = tuple(out_dir / p.file for p in index.parts)
     return BuildResult(index_file, manifest, index.total_size, key_id(key.public_key()), parts,
-                       relocked, fetched)
+                       relocked, fetched, warnings)
+
+
+def npm_target(target: Target) -> dict[str, str]:
+    """node's process.platform / process.arch and the libc of the target."""
+    cpu = "x64" if target.platform.endswith("x86_64") else "arm64"
+    libc = "musl" if target.platform.startswith("musllinux") else "glibc"
+    return {"os": "linux", "cpu": cpu, "libc": libc}
+
+
+def _npm(profile: Profile, cache: Cache, entries: list[FileEntry], sources: dict[str, Path]
+         ) -> tuple[tuple[NpmProject, ...], int, tuple[str, ...]]:
+    """Fetch each npm project's tarballs; add them (shared ones once) and its package files."""
+    projects: list[NpmProject] = []
+    downloaded = 0
+    warnings: list[str] = []
+    for spec in profile.npm:
+        ui.step(f"Fetching npm packages for {spec.dest}")
+        t = npm_target(profile.target)
+        got = npm.fetch(npm.NpmSpec(project=spec.project, registry=spec.registry,
+                                    omit_dev=not spec.include_dev, os=t["os"], cpu=t["cpu"],
+                                    libc=t["libc"]), cache, ui.note)
+        downloaded += got.downloaded
+        warnings += got.warnings
+        for pkg in got.packages:
+            if pkg.tarball not in sources:
+                entries.append(FileEntry(pkg.tarball, pkg.size, pkg.sha256, "npm"))
+                sources[pkg.tarball] = cache.path(pkg.sha256)
+        project = NpmProject(dest=spec.dest, omit_dev=not spec.include_dev, env=spec.env,
+                             packages=tuple(NpmRef(p.name, p.version, p.integrity, p.tarball)
+                                            for p in got.packages))
+        for name, (sha, size) in (("package.json", got.package_json),
+                                  ("package-lock.json", got.package_lock)):
+            path = f"{project.bundle_dir}/{name}"
+            entries.append(FileEntry(path, size, sha, "npm"))
+            sources[path] = cache.path(sha)
+        projects.append(project)
+    return tuple(projects), downloaded, tuple(warnings)
 
 
 def _remove_stale(out: Path, volume_set: bool) -> None:

@@ -10,8 +10,9 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from bundler.fsutil import CHUNK
 
@@ -19,6 +20,32 @@ from bundler.fsutil import CHUNK
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "bundler"
+
+
+class CacheWriter:
+    """A write-only sink that hashes what it is given; see `Cache.writer()`.
+
+    `sha256` and `size` describe the stored object once the `with` block has ended.
+    """
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self.sha256 = ""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data)
+        self._digest.update(view)
+        self._out.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self._out.flush()
 
 
 class Cache:
@@ -49,6 +76,64 @@ class Cache:
             return chunk
 
         return self._put_stream(read)
+
+    def put_stream(self, read: Callable[[int], bytes],
+                   check: Callable[[str, int], None] | None = None) -> tuple[str, int]:
+        """Store the bytes `read` yields until it returns b""; return (sha256, size).
+
+        `check(sha256, size)` runs after the last byte and before the object is committed; if
+        it raises, nothing is stored (a download is verified against the digest it was
+        promised before it can enter the store)."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(dir=self.tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := read(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            sha = digest.hexdigest()
+            if check is not None:
+                check(sha, size)
+            final = self.path(sha)
+            if final.is_file():
+                os.unlink(tmp)
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, final)
+            return sha, size
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[CacheWriter]:
+        """Store what is written to the yielded sink (push-style streaming, e.g. a compressor's
+        output): hashed as it is written, renamed into place only when the block ends without an
+        exception; then `sink.sha256` / `sink.size` name the object. Constant memory."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.tmp)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                sink = CacheWriter(out)
+                yield sink
+            sha = sink._digest.hexdigest()
+            final = self.path(sha)
+            if final.is_file():
+                os.unlink(tmp)
+            else:
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, final)
+            sink.sha256 = sha
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def _put_stream(self, read: Callable[[int], bytes]) -> tuple[str, int]:
         self.tmp.mkdir(parents=True, exist_ok=True)

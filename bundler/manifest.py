@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bundler.errors import SignatureError
-from bundler.models import HealthCheck, InstallPolicy, Runtime, Service, Target
+from bundler.models import (
+    HealthCheck,
+    InstallPolicy,
+    NpmProject,
+    Runtime,
+    Service,
+    Target,
+)
 
 SCHEMA = 1
 PAYLOAD_TYPE = "application/vnd.bundler.manifest+json"
@@ -23,7 +30,7 @@ PAYLOAD_TYPE = "application/vnd.bundler.manifest+json"
 _SEGMENT = r"[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*"
 PATH_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-KINDS = ("wheel", "file", "lock")
+KINDS = ("wheel", "file", "lock", "npm")
 RESERVED = ("envelope.json",)
 
 
@@ -49,6 +56,7 @@ class Manifest:
     runtime: Runtime = field(default_factory=Runtime)
     expires: str | None = None
     python_lock: str | None = None  # path of the hashed requirements lock among `files`
+    npm: tuple[NpmProject, ...] = ()
     builder: str = ""
     schema: int = SCHEMA
 
@@ -64,6 +72,7 @@ class Manifest:
             "target": self.target.to_json(),
             "files": [f.to_json() for f in sorted(self.files, key=lambda f: f.path)],
             "python": {"lock": self.python_lock} if self.python_lock else None,
+            "npm": [p.to_json() for p in self.npm],
             "services": [s.to_json() for s in self.runtime.services],
             "health": [h.to_json() for h in self.runtime.health],
             "install": self.runtime.install.to_json(),
@@ -134,6 +143,21 @@ def parse_manifest(data: bytes) -> Manifest:
         ) from None
 
 
+def _npm_projects(raw: Any, listed: set[str]) -> tuple[NpmProject, ...]:
+    projects = tuple(NpmProject.from_json(p) for p in raw)
+    for project in projects:
+        if not PATH_RE.match(project.dest):
+            raise ValueError(f"unsafe npm dest {project.dest!r}")
+        for name in ("package.json", "package-lock.json"):
+            if f"{project.bundle_dir}/{name}" not in listed:
+                raise ValueError(f"npm project {project.dest!r} lacks {name}")
+        for pkg in project.packages:
+            if pkg.tarball not in listed:
+                raise ValueError(f"npm package {pkg.name}@{pkg.version} names an unlisted "
+                                 f"tarball {pkg.tarball!r}")
+    return projects
+
+
 def _int(value: Any, what: str) -> int:
     if type(value) is not int:
         raise ValueError(f"{what} must be an integer")
@@ -186,6 +210,7 @@ def _from_json(doc: Any) -> Manifest:
         target=Target.from_json(doc["target"]),
         files=tuple(files),
         python_lock=lock,
+        npm=_npm_projects(doc.get("npm", []), seen),
         runtime=Runtime(
             services=tuple(Service.from_json(s) for s in doc.get("services", [])),
             health=tuple(HealthCheck.from_json(h) for h in doc.get("health", [])),

@@ -89,6 +89,47 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class NpmRef:
+    name: str
+    version: str
+    integrity: str
+    tarball: str  # bundle path of the tarball (its size and sha256 are in the file list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "integrity": self.integrity,
+                "tarball": self.tarball}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NpmRef:
+        return cls(str(d["name"]), str(d["version"]), str(d["integrity"]), str(d["tarball"]))
+
+
+@dataclass(frozen=True)
+class NpmProject:
+    """A Node project installed on the target with `npm ci --offline` into files/<dest>."""
+
+    dest: str
+    omit_dev: bool
+    env: tuple[tuple[str, str], ...]
+    packages: tuple[NpmRef, ...]
+
+    @property
+    def bundle_dir(self) -> str:
+        """Where the project's package.json and package-lock.json travel in the bundle."""
+        return f"npm/projects/{self.dest}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dest": self.dest, "omit_dev": self.omit_dev, "env": dict(self.env),
+                "packages": [p.to_json() for p in self.packages]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NpmProject:
+        return cls(str(d["dest"]), bool(d["omit_dev"]),
+                   tuple(sorted((str(k), str(v)) for k, v in d.get("env", {}).items())),
+                   tuple(NpmRef.from_json(p) for p in d["packages"]))
+
+
+@dataclass(frozen=True)
 class InstallPolicy:
     keep: int = 3
 

@@ -61,6 +61,18 @@ def is_glob(text: str) -> bool:
 
 
 @dataclass(frozen=True)
+class NpmSpecProfile:
+    """A Node project: its package.json + package-lock.json are installed on the target with
+    `npm ci --offline` into files/<dest> (where `files:` usually puts its sources)."""
+
+    project: Path
+    dest: str
+    include_dev: bool = False
+    registry: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Action:
     """A command run on the build machine before anything is resolved (e.g. `npm run build`,
     `docker build`); what it produces is then picked up as files or images."""
@@ -85,6 +97,7 @@ class Profile:
     files: tuple[FileSpec, ...]
     runtime: Runtime
     actions: tuple[Action, ...] = ()
+    npm: tuple[NpmSpecProfile, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -233,8 +246,8 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     top = c.mapping(
         root, "profile",
         required=("schema", "name", "version"),
-        optional=("sequence", "expires", "target", "actions", "python", "files", "services",
-                  "health", "install"),
+        optional=("sequence", "expires", "target", "actions", "python", "npm", "files",
+                  "services", "health", "install"),
     )
     if top is None:
         raise ProfileError(c.problems)
@@ -267,6 +280,9 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     actions = tuple(c.sequence(top["actions"], "actions",
                                lambda n, w: _action(c, n, w, path.parent, check_files))
                     ) if "actions" in top else ()
+    npm = tuple(c.sequence(top["npm"], "npm",
+                           lambda n, w: _npm(c, n, w, path.parent, check_files))
+                ) if "npm" in top else ()
     services = tuple(c.sequence(top["services"], "services",
                                 lambda n, w: _service(c, n, w))) if "services" in top else ()
     health = tuple(c.sequence(top["health"], "health",
@@ -280,6 +296,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     _unique(c, [s.name for s in services], top.get("services"), "service")
     _unique(c, [h.name for h in health], top.get("health"), "health check")
     _unique(c, [f.dest for f in files], top.get("files"), "files dest")
+    _unique(c, [n.dest for n in npm], top.get("npm"), "npm dest")
 
     if c.problems:
         raise ProfileError(c.problems)
@@ -289,6 +306,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         expires_ms=expires, target=target, python=python, files=files,
         runtime=Runtime(services=services, health=health, install=InstallPolicy(keep=keep)),
         actions=actions,
+        npm=npm,
     )
 
 
@@ -378,6 +396,27 @@ def _file_spec(c: _Checker, node: Node, where: str, base: Path, check: bool) -> 
     if src is None or dest is None:
         return None
     return FileSpec(src=src, dest=dest, exclude=tuple(exclude))
+
+
+def _npm(c: _Checker, node: Node, where: str, base: Path, check: bool) -> NpmSpecProfile | None:
+    m = c.mapping(node, where, ("project",), ("dest", "include_dev", "registry", "env"))
+    if m is None:
+        return None
+    project = _rel_path(c, m["project"], f"{where}.project", base, check) \
+        if "project" in m else None
+    if project is not None and check and not (project / "package.json").is_file():
+        c.add(m["project"], f"{where}.project: {project} has no package.json",
+              "point it at the directory holding package.json and package-lock.json")
+    dest = _dest(c, m["dest"], f"{where}.dest") if "dest" in m else (
+        project.name if project is not None else None)
+    dev = bool(c.boolean(m["include_dev"], f"{where}.include_dev")) \
+        if "include_dev" in m else False
+    registry = c.scalar(m["registry"], f"{where}.registry") if "registry" in m else None
+    env = c.string_map(m["env"], f"{where}.env") if "env" in m else {}
+    if project is None or dest is None:
+        return None
+    return NpmSpecProfile(project=project, dest=dest, include_dev=dev, registry=registry,
+                          env=tuple(sorted(env.items())))
 
 
 def _action(c: _Checker, node: Node, where: str, base: Path, check: bool) -> Action | None:

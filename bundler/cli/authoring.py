@@ -106,8 +106,11 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
                    "sequence": result.manifest.sequence, "keyid": result.keyid,
                    "files": len(result.manifest.files),
                    "parts": [str(p) for p in result.parts],
-                   "locked": result.locked, "fetched": result.fetched})
+                   "locked": result.locked, "fetched": result.fetched,
+                   "warnings": list(result.warnings)})
     else:
+        for w in result.warnings:
+            click.echo(f"warning: {w}", err=True)
         click.echo(f"built {result.path} ({result.size} bytes, {len(result.manifest.files)} "
                    f"files, sequence {result.manifest.sequence}, key {result.keyid}); "
                    + (f"fetched {result.fetched} artifact(s)" if result.fetched

@@ -34,6 +34,7 @@ from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.state import ReleaseRow, State, new_txn, now
 from bundler.manifest import Manifest
+from bundler.models import NpmProject
 from bundler.signing import TrustedKey, Verified
 
 # A venv plus installed packages take a few times the wheels' size; be generous up front
@@ -126,6 +127,10 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             with journal.step("python", "Installing Python packages offline"):
                 python_env.create_venv(decision.python, rel.venv, rel.path / "python" / "wheels",
                                        rel.path / m.python_lock, rel.logs / "pip-install.log")
+        for project in m.npm:
+            with journal.step(f"npm:{project.dest}",
+                              f"Installing npm packages offline into files/{project.dest}"):
+                _install_npm(rel, m, project)
         if prev_manifest is not None and previous is not None:
             with journal.step("stop-previous", f"Stopping {previous}"):
                 process_runtime.stop(prev_manifest.runtime.services,
@@ -162,6 +167,22 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         raise
     finally:
         state.close()
+
+
+def _install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
+    from bundler.install import npm_env
+    from bundler.resolve.npm import NpmPackage
+
+    dest = rel.files / project.dest
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copyfile(rel.path / project.bundle_dir / name, dest / name)
+    by_path = {f.path: f for f in m.files}
+    packages = [NpmPackage(p.name, p.version, p.integrity, p.tarball,
+                           by_path[p.tarball].sha256, by_path[p.tarball].size)
+                for p in project.packages]
+    npm_env.install_offline(dest, rel.path / "npm" / "tarballs", packages,
+                            rel.path / "npm-cache", ui.note, project.omit_dev, dict(project.env))
 
 
 class _HealthFailed(BundlerError):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import platform
 import re
+import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -102,6 +103,10 @@ def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: boo
             hint="pass --allow-downgrade to install an older bundle on purpose",
         )
     check_target(manifest.target)
+    if manifest.npm and (shutil.which("node") is None or shutil.which("npm") is None):
+        raise PolicyError(f"this bundle installs {len(manifest.npm)} npm project(s) but node "
+                          "and npm are not both on this host's PATH",
+                          hint="install Node.js and npm on the host (npm ci runs offline)")
     python = None
     if manifest.python_lock:
         found = python_env.find_python(manifest.target)

@@ -1,0 +1,240 @@
+"""node_modules for the release, from the bundled npm tarballs only: `npm ci --offline`.
+
+The tarballs go into a private npm cache (`npm cache add FILE...`, which stores each one under
+its sha512, exactly where npm looks for a lock entry's integrity). npm only reads that cache
+by digest when a lock entry also has a `resolved` URL; lock files made with
+`omit-lockfile-registry-resolved` have none, and npm would then ask the registry for the
+package's metadata, which fails offline. So for the run, each such entry gets a `resolved`
+under a placeholder registry that is never contacted (`.invalid` cannot resolve), and entries
+whose lock integrity is only sha1 (very old packages) get the sha512 of the verified bundled
+tarball. The original package-lock.json is put back afterwards, byte for byte.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from bundler import proc
+from bundler.errors import BuildError, CommandError, InstallError
+from bundler.fsutil import CHUNK
+from bundler.resolve.npm import (
+    NpmPackage,
+    npm_env,
+    npm_last_error,
+    npm_not_cached,
+    package_name,
+    parse_sri,
+)
+
+# Never contacted: `.invalid` is reserved (RFC 2606) and npm runs with --offline.
+OFFLINE_REGISTRY = "https://registry.invalid/"
+_ARG_BUDGET = 64 * 1024  # bytes of file arguments per `npm cache add`
+_TIMEOUT = 1800
+
+
+def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[NpmPackage],
+                    npm_cache: Path, log: Callable[[str], None], omit_dev: bool = True,
+                    env: Mapping[str, str] | None = None) -> None:
+    """Install node_modules in `project_dir` (which holds package.json + package-lock.json)
+    from the tarballs in `tarballs_dir`, with no network. `env` is added to npm's environment
+    (for example PUPPETEER_SKIP_DOWNLOAD=1 for a package's install script)."""
+    lock_path = project_dir / "package-lock.json"
+    for required in (project_dir / "package.json", lock_path):
+        if not required.is_file():
+            raise InstallError(f"{required} is missing",
+                               hint="the bundle's npm project is incomplete: rebuild it")
+    files = _verify_tarballs(tarballs_dir, packages)
+    npm_cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bundler-npm-") as tmp:
+        npm_env_ = npm_env(Path(tmp), {"NPM_CONFIG_REGISTRY": OFFLINE_REGISTRY, **(env or {})})
+        common = ["--offline", "--cache", str(npm_cache), "--registry", OFFLINE_REGISTRY,
+                  "--no-audit", "--no-fund", "--no-progress", "--update-notifier=false"]
+        _seed_cache([f for f, _ in files.values()], common, npm_env_, log)
+        original = lock_path.read_bytes()
+        lock = _load_lock(lock_path, original)
+        with _patched_lock(lock_path, original, _offline_lock(lock, files)):
+            args = ["npm", "ci", *common]
+            if omit_dev:
+                args.append("--omit=dev")
+            log(f"npm ci --offline ({len(packages)} bundled package(s))")
+            try:
+                result = proc.run(args, cwd=project_dir, env=npm_env_,
+                                  what="npm ci (offline)", timeout=_TIMEOUT)
+            except CommandError as exc:
+                raise _explain(exc, lock) from None
+    summary = [line for line in result.output.splitlines() if line.strip()]
+    log(f"npm: {summary[-1].strip() if summary else 'done'}")
+    if not (project_dir / "node_modules").is_dir() and packages:
+        raise InstallError("npm ci reported success but wrote no node_modules",
+                           hint="run `npm ci --offline` by hand in the release dir to see why")
+
+
+def _verify_tarballs(tarballs_dir: Path, packages: Sequence[NpmPackage]
+                     ) -> dict[tuple[str, str], tuple[Path, str]]:
+    """{(name, version): (file, its sha512 SRI)} after checking size and sha256 of each."""
+    out: dict[tuple[str, str], tuple[Path, str]] = {}
+    for pkg in packages:
+        base = PurePosixPath(pkg.tarball).name
+        path = tarballs_dir / base
+        ident = f"{pkg.name}@{pkg.version}"
+        if base != PurePosixPath(pkg.tarball).name or "/" in base or base.startswith("."):
+            raise InstallError(f"unsafe tarball path for {ident}: {pkg.tarball!r}")
+        sha256, sha512, size = hashlib.sha256(), hashlib.sha512(), 0
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(CHUNK):
+                    sha256.update(chunk)
+                    sha512.update(chunk)
+                    size += len(chunk)
+        except FileNotFoundError:
+            raise InstallError(f"the tarball of {ident} is missing: {path}",
+                               hint="the bundle was not fully unpacked: install it again"
+                               ) from None
+        if size != pkg.size or sha256.hexdigest() != pkg.sha256:
+            raise InstallError(f"the tarball of {ident} does not match the manifest: {path}",
+                               hint="the staged files were changed after verification: "
+                                    "install the bundle again")
+        out[(pkg.name, pkg.version)] = (
+            path, "sha512-" + base64.b64encode(sha512.digest()).decode())
+    return out
+
+
+def _seed_cache(files: Sequence[Path], common: Sequence[str], env: Mapping[str, str],
+                log: Callable[[str], None]) -> None:
+    """`npm cache add` every tarball, a batch of files per npm process."""
+    if not files:
+        return
+    log(f"seeding the npm cache with {len(files)} tarball(s)")
+    batch: list[str] = []
+    size = 0
+    batches: list[list[str]] = []
+    for f in files:
+        arg = str(f.resolve())
+        if batch and size + len(arg) > _ARG_BUDGET:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(arg)
+        size += len(arg) + 1
+    batches.append(batch)
+    for chunk in batches:
+        try:
+            proc.run(["npm", "cache", "add", *common, *chunk], env=env,
+                     cwd=Path(chunk[0]).parent, what="npm cache add", timeout=_TIMEOUT)
+        except CommandError as exc:
+            raise InstallError(f"seeding the npm cache failed: {npm_last_error(exc.message)}",
+                               hint="check that npm works on this host (`npm --version`) and "
+                                    "that the cache dir is writable") from None
+
+
+def _load_lock(path: Path, data: bytes) -> dict[str, Any]:
+    try:
+        lock = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        lock = None
+    if not isinstance(lock, dict) or not isinstance(lock.get("packages"), dict):
+        raise InstallError(f"{path} is not a lockfileVersion 2/3 package-lock.json",
+                           hint="the bundle's npm project is damaged: rebuild it")
+    return lock
+
+
+def _offline_lock(lock: Mapping[str, Any], files: Mapping[tuple[str, str], tuple[Path, str]]
+                  ) -> dict[str, Any] | None:
+    """The lock with what npm needs to take every entry from the cache; None if nothing to
+    change."""
+    patched = json.loads(json.dumps(lock))
+    changed = False
+    for key, entry in patched["packages"].items():
+        if key == "" or not isinstance(entry, dict) or entry.get("link") \
+                or entry.get("inBundle") or "node_modules/" not in key:
+            continue
+        version = entry.get("version")
+        try:
+            name = package_name(key, entry)
+        except BuildError:
+            continue
+        if not isinstance(version, str):
+            continue
+        if not entry.get("resolved"):
+            base = name.rsplit("/", 1)[-1]
+            entry["resolved"] = f"{OFFLINE_REGISTRY}{name}/-/{base}-{version}.tgz"
+            changed = True
+        bundled = files.get((name, version))
+        integrity = entry.get("integrity")
+        if bundled is not None and isinstance(integrity, str) \
+                and "sha512" not in parse_sri(integrity):
+            entry["integrity"] = bundled[1]  # the cache holds content under sha512
+            changed = True
+    return patched if changed else None
+
+
+@contextlib.contextmanager
+def _patched_lock(path: Path, original: bytes, patched: dict[str, Any] | None
+                  ) -> Iterator[None]:
+    if patched is None:
+        yield
+        return
+    _atomic_write(path, (json.dumps(patched, indent=2) + "\n").encode())
+    try:
+        yield
+    finally:
+        _atomic_write(path, original)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".lock-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+_SCRIPT_PATH = re.compile(r"^npm error path (\S+)", re.M)
+_SCRIPT_CMD = re.compile(r"^npm error command sh -c (.+)$", re.M)
+_CODE = re.compile(r"^npm error code (\S+)", re.M)
+
+
+def _explain(exc: CommandError, lock: Mapping[str, Any]) -> InstallError:
+    """One line saying what npm could not do, and how to fix it."""
+    out = exc.message
+    name = npm_not_cached(out, OFFLINE_REGISTRY)
+    if name is not None:
+        platform_pkg = any(
+            isinstance(e, dict) and (e.get("os") or e.get("cpu") or e.get("libc"))
+            and k.endswith(f"node_modules/{name}")
+            for k, e in lock["packages"].items())
+        hint = ("it is an optional package for another platform: build the bundle for this "
+                "host's os/cpu/libc" if platform_pkg else
+                "the bundle does not carry it: rebuild the bundle from the same "
+                "package-lock.json")
+        return InstallError(f"npm could not find {name} in the bundled packages", hint=hint)
+    code = _CODE.search(out)
+    script = _SCRIPT_CMD.search(out)
+    where = _SCRIPT_PATH.search(out)
+    if script and where:
+        pkg = where.group(1).rsplit("node_modules/", 1)[-1]
+        return InstallError(
+            f"the install script of {pkg} failed offline: {script.group(1).strip()}",
+            hint="`bundle build` warned about this package and named the fix: set the variables "
+                 "it names for the install, or bundle what the script downloads")
+    if code and code.group(1) == "EUSAGE" and "in sync" in out:
+        return InstallError("package.json and package-lock.json in the bundle are out of sync",
+                            hint="run `npm install --package-lock-only` and rebuild the bundle")
+    return InstallError(
+        f"npm ci --offline failed ({code.group(1) if code else 'see output'}): "
+        f"{npm_last_error(out)}",
+        hint="run `npm ci --offline` by hand in the release dir to see npm's full output")
+
