@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -15,11 +16,11 @@ from bundler.cache import Cache
 from bundler.errors import BuildError
 from bundler.fsutil import require_space
 from bundler.lockfile import Lock
-from bundler.manifest import FileEntry, Manifest
-from bundler.models import NpmProject, NpmRef, Target
+from bundler.manifest import IMAGES_PATH, FileEntry, Manifest
+from bundler.models import ImageRef, NpmProject, NpmRef, Target
 from bundler.profile import Profile
 from bundler.resolve import files as files_resolver
-from bundler.resolve import npm, wheels
+from bundler.resolve import images, npm, wheels
 from bundler.signing import key_id, sign
 
 
@@ -59,8 +60,44 @@ def lock(profile: Profile, cache: Cache, path: Path | None = None) -> tuple[Lock
         locked_wheels = wheels.resolve(profile.python, profile.target, cache, ui.note)
     result = Lock(inputs=lockfile.inputs_digest(profile), target=profile.target,
                   wheels=locked_wheels)
+    fetched = len(locked_wheels)
+    if profile.images:
+        result = _fetch_images(profile, cache, result)
+        fetched += 1
     lockfile.write(path or lockfile.default_path(profile), result)
-    return result, len(locked_wheels)
+    return result, fetched
+
+
+def image_platform(target: Target) -> str:
+    return "linux/amd64" if target.platform.endswith("x86_64") else "linux/arm64"
+
+
+def _fetch_images(profile: Profile, cache: Cache, current: Lock) -> Lock:
+    ui.step(f"Saving {len(profile.images)} image(s) into one archive (shared layers once)")
+    specs = [images.ImageSpec(ref=i.ref, source=i.source, archive=i.archive,
+                              platform=image_platform(profile.target), tls_verify=i.tls_verify)
+             for i in profile.images]
+    got = images.fetch(specs, cache, ui.note)
+    return dataclasses.replace(
+        current, images=tuple(ImageRef(r.ref, r.image_id) for r in got.images),
+        images_archive=(got.sha256, got.size))
+
+
+def _images_current(profile: Profile, current: Lock, cache: Cache) -> bool:
+    """The locked archive is cached and every engine image still has the locked Image ID
+    (a local `docker build` since the lock would otherwise go unnoticed)."""
+    if current.images_archive is None or not cache.has(current.images_archive[0]):
+        return False
+    engine = [i for i in profile.images if i.source == "engine"]
+    if not engine:
+        return True
+    client = images.engine_client()
+    locked = {i.ref: i.image_id for i in current.images}
+    for spec in engine:
+        now = str(client.api.inspect_image(spec.ref)["Id"])
+        if locked.get(images.canonical_tag(spec.ref)) != now:
+            return False
+    return True
 
 
 def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
@@ -82,6 +119,13 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         ui.note(f"wrote {lock_file}")
     else:
         ui.step(f"Using {lock_file} (up to date: nothing to resolve)")
+        if profile.images and not _images_current(profile, current, cache):
+            if frozen:
+                raise BuildError(f"the images in {lock_file} are not the engine's current ones "
+                                 "or not cached", hint="run `bundle lock PROFILE`")
+            current = _fetch_images(profile, cache, current)
+            lockfile.write(lock_file, current)
+            fetched += 1
     lock_path_in_bundle = None
     if profile.python is not None:
         got, n = wheels.materialize(current.wheels, profile.python, profile.target, cache,
@@ -90,6 +134,10 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         entries += [*got.entries, got.lock]
         sources.update(got.sources)
         lock_path_in_bundle = got.lock.path
+    if current.images_archive is not None:
+        sha, size = current.images_archive
+        entries.append(FileEntry(IMAGES_PATH, size, sha, "images"))
+        sources[IMAGES_PATH] = cache.path(sha)
     npm_projects, npm_fetched, warnings = _npm(profile, cache, entries, sources)
     fetched += npm_fetched
     if profile.files:
@@ -112,6 +160,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         files=tuple(sorted(entries, key=lambda e: e.path)),
         python_lock=lock_path_in_bundle,
         npm=npm_projects,
+        images=current.images,
         runtime=profile.runtime,
     )
     envelope = sign(manifest, key)

@@ -47,6 +47,9 @@ class CacheWriter:
     def flush(self) -> None:
         self._out.flush()
 
+    def digest(self) -> str:
+        return self._digest.hexdigest()
+
 
 class Cache:
     def __init__(self, root: Path) -> None:
@@ -63,7 +66,7 @@ class Cache:
     def put_file(self, src: Path) -> tuple[str, int]:
         """Copy `src` into the store (hashing as it copies); return (sha256, size)."""
         with open(src, "rb") as fh:
-            return self._put_stream(fh.read)
+            return self.put_stream(fh.read)
 
     def put_bytes(self, data: bytes) -> tuple[str, int]:
         view = memoryview(data)
@@ -75,7 +78,7 @@ class Cache:
             pos += len(chunk)
             return chunk
 
-        return self._put_stream(read)
+        return self.put_stream(read)
 
     def put_stream(self, read: Callable[[int], bytes],
                    check: Callable[[str, int], None] | None = None) -> tuple[str, int]:
@@ -84,31 +87,12 @@ class Cache:
         `check(sha256, size)` runs after the last byte and before the object is committed; if
         it raises, nothing is stored (a download is verified against the digest it was
         promised before it can enter the store)."""
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        fd, tmp = tempfile.mkstemp(dir=self.tmp)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := read(CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            sha = digest.hexdigest()
+        with self.writer() as sink:
+            while chunk := read(CHUNK):
+                sink.write(chunk)
             if check is not None:
-                check(sha, size)
-            final = self.path(sha)
-            if final.is_file():
-                os.unlink(tmp)
-            else:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.chmod(tmp, 0o444)
-                os.replace(tmp, final)
-            return sha, size
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+                check(sink.digest(), sink.size)
+        return sink.sha256, sink.size
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[CacheWriter]:
@@ -121,7 +105,7 @@ class Cache:
             with os.fdopen(fd, "wb") as out:
                 sink = CacheWriter(out)
                 yield sink
-            sha = sink._digest.hexdigest()
+            sha = sink.digest()
             final = self.path(sha)
             if final.is_file():
                 os.unlink(tmp)
@@ -130,31 +114,6 @@ class Cache:
                 os.chmod(tmp, 0o444)
                 os.replace(tmp, final)
             sink.sha256 = sha
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-
-    def _put_stream(self, read: Callable[[int], bytes]) -> tuple[str, int]:
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
-        fd, tmp = tempfile.mkstemp(dir=self.tmp)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := read(CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-            sha = digest.hexdigest()
-            final = self.path(sha)
-            if final.is_file():
-                os.unlink(tmp)
-            else:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.chmod(tmp, 0o444)
-                os.replace(tmp, final)
-            return sha, size
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -122,6 +122,21 @@ class InstallError(BundlerError):
     default_hint = "fix the cause above and run `bundle install` again"
 
 
+class ImageLoadError(InstallError):
+    """Loading the bundle's container images failed, or they are not the images it names.
+
+    Raised before the engine commits anything where that can be known (a damaged archive, an
+    Image ID that differs from the signed manifest): the upload is aborted, nothing is loaded.
+    """
+
+    exit_code = 16
+
+    default_hint = (
+        "the bundle's image archive does not match its signed manifest: copy the bundle again "
+        "if it was damaged in transit, otherwise rebuild it with `bundle build`"
+    )
+
+
 class RolledBackError(BundlerError):
     """The new release failed after start; it was stopped and the previous one restored."""
 

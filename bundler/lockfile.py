@@ -11,7 +11,7 @@ from typing import Any
 
 from bundler.errors import BuildError
 from bundler.fsutil import atomic_write_bytes
-from bundler.models import Target
+from bundler.models import ImageRef, Target
 from bundler.profile import Profile
 from bundler.resolve.wheels import LockedWheel
 
@@ -23,10 +23,16 @@ class Lock:
     inputs: str  # digest of everything resolution depends on (see inputs_digest)
     target: Target
     wheels: tuple[LockedWheel, ...] = ()
+    images: tuple[ImageRef, ...] = ()
+    images_archive: tuple[str, int] | None = None  # (sha256, size) of the cached archive
 
     def to_bytes(self) -> bytes:
         doc = {"schema": SCHEMA, "inputs": self.inputs, "target": self.target.to_json(),
-               "python": [w.to_json() for w in self.wheels]}
+               "python": [w.to_json() for w in self.wheels],
+               "images": [i.to_json() for i in self.images],
+               "images_archive": ({"sha256": self.images_archive[0],
+                                   "size": self.images_archive[1]}
+                                  if self.images_archive else None)}
         # Indented on purpose: lock files are reviewed in diffs.
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
@@ -36,8 +42,12 @@ class Lock:
             doc = json.loads(data)
             if doc.get("schema") != SCHEMA:
                 raise ValueError(f"schema {doc.get('schema')!r}")
+            archive = doc.get("images_archive")
             return cls(inputs=str(doc["inputs"]), target=Target.from_json(doc["target"]),
-                       wheels=tuple(LockedWheel.from_json(w) for w in doc["python"]))
+                       wheels=tuple(LockedWheel.from_json(w) for w in doc["python"]),
+                       images=tuple(ImageRef.from_json(i) for i in doc.get("images", [])),
+                       images_archive=(str(archive["sha256"]), int(archive["size"]))
+                       if archive else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise BuildError(f"{path} is not a bundler lock file: {exc}",
                              hint="delete it and run `bundle lock PROFILE` again") from None
@@ -62,7 +72,9 @@ def inputs_digest(profile: Profile) -> str:
               "pyproject": _file_digest(spec.pyproject),
               "index_url": spec.index_url, "extra_index_urls": list(spec.extra_index_urls),
               "no_index": spec.no_index}
-    doc = {"target": profile.target.to_json(), "python": py}
+    images = [{"ref": i.ref, "source": i.source, "tls_verify": i.tls_verify,
+               "archive": _file_digest(i.archive)} for i in profile.images]
+    doc = {"target": profile.target.to_json(), "python": py, "images": images}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from bundler.errors import SignatureError
 from bundler.models import (
     HealthCheck,
+    ImageRef,
     InstallPolicy,
     NpmProject,
     Runtime,
@@ -30,7 +31,8 @@ PAYLOAD_TYPE = "application/vnd.bundler.manifest+json"
 _SEGMENT = r"[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*"
 PATH_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-KINDS = ("wheel", "file", "lock", "npm")
+KINDS = ("wheel", "file", "lock", "npm", "images")
+IMAGES_PATH = "images/images.tar.zst"
 RESERVED = ("envelope.json",)
 
 
@@ -57,6 +59,7 @@ class Manifest:
     expires: str | None = None
     python_lock: str | None = None  # path of the hashed requirements lock among `files`
     npm: tuple[NpmProject, ...] = ()
+    images: tuple[ImageRef, ...] = ()  # loaded from IMAGES_PATH (zstd docker-save tar)
     builder: str = ""
     schema: int = SCHEMA
 
@@ -73,6 +76,7 @@ class Manifest:
             "files": [f.to_json() for f in sorted(self.files, key=lambda f: f.path)],
             "python": {"lock": self.python_lock} if self.python_lock else None,
             "npm": [p.to_json() for p in self.npm],
+            "images": [i.to_json() for i in self.images],
             "services": [s.to_json() for s in self.runtime.services],
             "health": [h.to_json() for h in self.runtime.health],
             "install": self.runtime.install.to_json(),
@@ -143,6 +147,16 @@ def parse_manifest(data: bytes) -> Manifest:
         ) from None
 
 
+def _images(raw: Any, listed: set[str]) -> tuple[ImageRef, ...]:
+    images = tuple(ImageRef.from_json(i) for i in raw)
+    for image in images:
+        if not re.match(r"^sha256:[0-9a-f]{64}$", image.image_id):
+            raise ValueError(f"image {image.ref!r} has a malformed image_id")
+    if images and IMAGES_PATH not in listed:
+        raise ValueError(f"images are listed but {IMAGES_PATH} is not")
+    return images
+
+
 def _npm_projects(raw: Any, listed: set[str]) -> tuple[NpmProject, ...]:
     projects = tuple(NpmProject.from_json(p) for p in raw)
     for project in projects:
@@ -211,6 +225,7 @@ def _from_json(doc: Any) -> Manifest:
         files=tuple(files),
         python_lock=lock,
         npm=_npm_projects(doc.get("npm", []), seen),
+        images=_images(doc.get("images", []), seen),
         runtime=Runtime(
             services=tuple(Service.from_json(s) for s in doc.get("services", [])),
             health=tuple(HealthCheck.from_json(h) for h in doc.get("health", [])),

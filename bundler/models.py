@@ -89,6 +89,21 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """A container image the target must end up with: its tag and exact Image ID."""
+
+    ref: str       # name:tag
+    image_id: str  # sha256:<config digest>
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ref": self.ref, "image_id": self.image_id}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ImageRef:
+        return cls(str(d["ref"]), str(d["image_id"]))
+
+
+@dataclass(frozen=True)
 class NpmRef:
     name: str
     version: str

@@ -73,6 +73,16 @@ class NpmSpecProfile:
 
 
 @dataclass(frozen=True)
+class ImageSpecProfile:
+    """A container image to carry: from the build host's engine, a registry, or a file."""
+
+    ref: str
+    source: str = "engine"
+    archive: Path | None = None
+    tls_verify: bool = True
+
+
+@dataclass(frozen=True)
 class Action:
     """A command run on the build machine before anything is resolved (e.g. `npm run build`,
     `docker build`); what it produces is then picked up as files or images."""
@@ -98,6 +108,7 @@ class Profile:
     runtime: Runtime
     actions: tuple[Action, ...] = ()
     npm: tuple[NpmSpecProfile, ...] = ()
+    images: tuple[ImageSpecProfile, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -246,8 +257,8 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     top = c.mapping(
         root, "profile",
         required=("schema", "name", "version"),
-        optional=("sequence", "expires", "target", "actions", "python", "npm", "files",
-                  "services", "health", "install"),
+        optional=("sequence", "expires", "target", "actions", "python", "npm", "images",
+                  "files", "services", "health", "install"),
     )
     if top is None:
         raise ProfileError(c.problems)
@@ -283,6 +294,9 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     npm = tuple(c.sequence(top["npm"], "npm",
                            lambda n, w: _npm(c, n, w, path.parent, check_files))
                 ) if "npm" in top else ()
+    images = tuple(c.sequence(top["images"], "images",
+                              lambda n, w: _image(c, n, w, path.parent, check_files))
+                   ) if "images" in top else ()
     services = tuple(c.sequence(top["services"], "services",
                                 lambda n, w: _service(c, n, w))) if "services" in top else ()
     health = tuple(c.sequence(top["health"], "health",
@@ -297,6 +311,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     _unique(c, [h.name for h in health], top.get("health"), "health check")
     _unique(c, [f.dest for f in files], top.get("files"), "files dest")
     _unique(c, [n.dest for n in npm], top.get("npm"), "npm dest")
+    _unique(c, [i.ref for i in images], top.get("images"), "image")
 
     if c.problems:
         raise ProfileError(c.problems)
@@ -307,6 +322,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         runtime=Runtime(services=services, health=health, install=InstallPolicy(keep=keep)),
         actions=actions,
         npm=npm,
+        images=images,
     )
 
 
@@ -417,6 +433,30 @@ def _npm(c: _Checker, node: Node, where: str, base: Path, check: bool) -> NpmSpe
         return None
     return NpmSpecProfile(project=project, dest=dest, include_dev=dev, registry=registry,
                           env=tuple(sorted(env.items())))
+
+
+_SOURCES = ("engine", "registry", "archive")
+
+
+def _image(c: _Checker, node: Node, where: str, base: Path, check: bool
+           ) -> ImageSpecProfile | None:
+    m = c.mapping(node, where, ("ref",), ("source", "archive", "tls_verify"))
+    if m is None:
+        return None
+    ref = c.string(m["ref"], f"{where}.ref", re.compile(r"^[a-z0-9][a-z0-9._/:@-]*$"),
+                   "write name:tag, e.g. local/app:1.2") if "ref" in m else None
+    source = c.string(m["source"], f"{where}.source", re.compile(f"^({'|'.join(_SOURCES)})$"),
+                      f"one of: {', '.join(_SOURCES)}") if "source" in m else "engine"
+    archive = _rel_path(c, m["archive"], f"{where}.archive", base, check) \
+        if "archive" in m else None
+    if source == "archive" and "archive" not in m:
+        c.add(node, f"{where}: source archive needs `archive: PATH`")
+    if source != "archive" and "archive" in m:
+        c.add(m["archive"], f"{where}.archive is only for `source: archive`")
+    tls = bool(c.boolean(m["tls_verify"], f"{where}.tls_verify")) if "tls_verify" in m else True
+    if ref is None or source is None:
+        return None
+    return ImageSpecProfile(ref=ref, source=source, archive=archive, tls_verify=tls)
 
 
 def _action(c: _Checker, node: Node, where: str, base: Path, check: bool) -> Action | None:

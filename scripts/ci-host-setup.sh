@@ -8,3 +8,30 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
+
+# Docker-image tests (tests/test_images.py): a Docker engine, skopeo, a local registry, and a
+# static busybox to build tiny test images from. Debian's docker.io is engine 20.10.
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v docker-registry >/dev/null || need+=(docker-registry)
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+if ! docker info >/dev/null 2>&1; then
+  if [ -d /run/systemd/system ]; then
+    systemctl start docker || true
+  fi
+  if ! docker info >/dev/null 2>&1 && ! pgrep -x dockerd >/dev/null; then
+    # no systemd (containers, CI runners): run it detached from this script's session
+    setsid -f dockerd >>/var/log/dockerd.log 2>&1 </dev/null
+  fi
+  for _ in $(seq 120); do
+    docker info >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/dockerd.log" >&2
+                                   exit 1; }
+fi

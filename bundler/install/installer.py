@@ -33,7 +33,7 @@ from bundler.install import health, policy, process_runtime, python_env
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.state import ReleaseRow, State, new_txn, now
-from bundler.manifest import Manifest
+from bundler.manifest import IMAGES_PATH, Manifest
 from bundler.models import NpmProject
 from bundler.signing import TrustedKey, Verified
 
@@ -123,6 +123,13 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                 journal.record("downgrade", "allowed",
                                f"sequence {m.sequence} accepted with --allow-downgrade")
         _place(layout, rel, staging, verified, previous)
+        if m.images:
+            with journal.step("images", f"Loading {len(m.images)} image(s) into the engine"):
+                from bundler.install import images as image_loader
+                from bundler.resolve.images import ImageRecord
+
+                image_loader.load(rel.path / IMAGES_PATH,
+                                  [ImageRecord(i.ref, i.image_id) for i in m.images], ui.note)
         if m.python_lock and decision.python is not None:
             with journal.step("python", "Installing Python packages offline"):
                 python_env.create_venv(decision.python, rel.venv, rel.path / "python" / "wheels",

@@ -107,6 +107,11 @@ def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: boo
         raise PolicyError(f"this bundle installs {len(manifest.npm)} npm project(s) but node "
                           "and npm are not both on this host's PATH",
                           hint="install Node.js and npm on the host (npm ci runs offline)")
+    if manifest.images:
+        from bundler.errors import InstallError
+        from bundler.resolve.images import engine_client
+
+        engine_client(InstallError)  # refuse before anything is created, not half-way
     python = None
     if manifest.python_lock:
         found = python_env.find_python(manifest.target)

@@ -1,0 +1,238 @@
+"""Load the bundle's container images into the engine, and prove they are the signed ones.
+
+One streaming pass: the zstd archive is decompressed chunk by chunk and uploaded to the
+engine's `POST /images/load` (the SDK's `load_image`, fed by a generator; no decompressed temp
+file). While the bytes flow we parse the same tar stream ourselves, hashing every image config
+and reading manifest.json (legacy docker-save layout) or index.json (OCI layout).
+
+The last HOLD bytes (which hold the tar's end-of-archive marker) are only sent once the whole
+zstd frame checked out (its content checksum) and every expected tag names exactly the
+expected Image ID. Otherwise the upload is aborted: the engine sees a truncated request body,
+its untar fails, and nothing is loaded or re-tagged (docker load unpacks the whole tar before
+it registers anything). After a load, every tag is checked once more with `docker inspect`.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any, BinaryIO, cast
+
+import zstandard
+
+from bundler.errors import ImageLoadError, InstallError
+from bundler.fsutil import CHUNK, human_bytes
+from bundler.resolve.images import (
+    ImageRecord,
+    Scan,
+    canonical_tag,
+    engine_client,
+    transport_errors,
+)
+from bundler.ui import Log
+
+HOLD = 1024 * 1024  # > the tar's end-of-archive marker plus record padding (at most 11 KiB)
+_IN_CHUNK = 128 * 1024  # compressed bytes per decompress call: bounds the memory per step
+
+
+class _Corrupt(Exception):
+    """The archive is damaged (bad zstd frame, truncated, not a tar)."""
+
+
+class _Mismatch(Exception):
+    """The archive is intact but does not hold the images the manifest names."""
+
+
+class _ZstdReader:
+    """Decompresses a file of one or more zstd frames; read(n) returns at most n bytes.
+
+    Unlike zstandard's stream_reader, which returns b"" for a truncated frame, this raises
+    _Corrupt when the file ends inside a frame; a frame whose content checksum is wrong raises
+    too (zstandard checks it when the frame ends)."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.dctx = zstandard.ZstdDecompressor()
+        self.obj = self.dctx.decompressobj()
+        self.in_frame = False
+        self.frames = 0
+        self.buf = b""
+        self.pos = 0
+        self.done = False
+        self.compressed = 0
+
+    def _fill(self) -> None:
+        raw = self.fh.read(_IN_CHUNK)
+        if not raw:
+            if self.in_frame:
+                raise _Corrupt("it ends in the middle of a zstd frame (truncated)")
+            if self.frames == 0:
+                raise _Corrupt("it is empty")
+            self.done = True
+            return
+        self.compressed += len(raw)
+        parts = []
+        try:
+            while raw:
+                self.in_frame = True
+                parts.append(self.obj.decompress(raw))
+                raw = b""
+                if self.obj.eof:
+                    self.frames += 1
+                    self.in_frame = False
+                    raw = self.obj.unused_data
+                    self.obj = self.dctx.decompressobj()
+        except zstandard.ZstdError as exc:
+            raise _Corrupt(f"zstd: {exc}") from None
+        self.buf = self.buf[self.pos:] + b"".join(parts)
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        want = n if n >= 0 else 1 << 62
+        while len(self.buf) - self.pos < want and not self.done:
+            self._fill()
+            if n < 0 and len(self.buf) - self.pos >= CHUNK:
+                break
+        data = self.buf[self.pos:self.pos + want]
+        self.pos += len(data)
+        return data
+
+
+class _Tee:
+    """Whatever the tar parser reads is also queued for the engine."""
+
+    def __init__(self, src: _ZstdReader) -> None:
+        self.src = src
+        self.pending = bytearray()
+        self.total = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.src.read(n)
+        self.pending += data
+        self.total += len(data)
+        return data
+
+    def drain(self, keep: int) -> Iterator[bytes]:
+        """Chunks of what is queued, except the last `keep` bytes (all of it when keep=0)."""
+        while len(self.pending) > keep and (keep == 0 or len(self.pending) - keep >= CHUNK):
+            size = min(CHUNK, len(self.pending) - keep)
+            chunk = bytes(self.pending[:size])
+            del self.pending[:size]
+            yield chunk
+
+
+def _expected(expected: Sequence[ImageRecord]) -> dict[str, str]:
+    want: dict[str, str] = {}
+    for rec in expected:
+        tag = canonical_tag(rec.ref)
+        if not rec.image_id.startswith("sha256:"):
+            raise ImageLoadError(f"image {rec.ref}: expected Image ID {rec.image_id!r} is not "
+                                 "sha256:<hex>")
+        if tag in want and want[tag] != rec.image_id:
+            raise ImageLoadError(f"image {rec.ref} is expected twice with different IDs")
+        want[tag] = rec.image_id
+    return want
+
+
+def _check_archive(scan: Scan, want: dict[str, str]) -> None:
+    """Every expected tag must name exactly the expected config digest; no other tag may be
+    in the archive (it would move a tag on this host that nobody signed for)."""
+    try:
+        images = scan.layout()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Corrupt(f"its image index is unreadable: {exc}") from None
+    found: dict[str, str] = {}
+    for img in images:
+        sha = scan.hashes.get(img.config)
+        if sha is None:
+            raise _Corrupt(f"config {img.config} is missing or too large")
+        for tag in img.tags:
+            found[tag] = f"sha256:{sha}"
+    for tag, image_id in want.items():
+        have = found.get(tag)
+        if have is None:
+            raise _Mismatch(f"image {tag} is not in the archive (the manifest expects "
+                            f"{image_id})")
+        if have != image_id:
+            raise _Mismatch(f"image {tag}: the archive holds {have}, the manifest expects "
+                            f"{image_id}")
+    extra = sorted(set(found) - set(want))
+    if extra:
+        raise _Mismatch(f"the archive also tags {', '.join(extra)}, which the manifest does "
+                        "not list")
+
+
+def _upload(archive: Path, want: dict[str, str], stats: dict[str, int]) -> Iterator[bytes]:
+    """The decompressed archive, as chunks for the engine; raises before the final HOLD
+    bytes when the archive is damaged or holds other images than expected."""
+    with open(archive, "rb") as fh:
+        src = _ZstdReader(fh)
+        tee = _Tee(src)
+        scan = Scan()
+        try:
+            with tarfile.open(fileobj=cast(IO[bytes], tee), mode="r|", bufsize=CHUNK) as tf:
+                for member in tf:
+                    if member.issym() or member.islnk():
+                        scan.note_link(member)
+                    elif member.isreg():
+                        for _ in scan.read(tf, member, hash_all=False):
+                            yield from tee.drain(HOLD)
+                    yield from tee.drain(HOLD)
+        except (tarfile.TarError, ValueError, EOFError) as exc:
+            raise _Corrupt(f"it is not a valid tar: {exc}") from None
+        while tee.read(CHUNK):  # the padding after the end-of-archive marker
+            pass
+        _check_archive(scan, want)
+        stats["uncompressed"] = tee.total
+        yield from tee.drain(0)
+
+
+def load(archive: Path, expected: Sequence[ImageRecord], log: Log) -> None:
+    """Load the combined image archive (zstd docker-save tar) and check every Image ID."""
+    want = _expected(expected)
+    client = engine_client(InstallError)
+    errors = _docker_errors()
+    started = time.monotonic()
+    stats: dict[str, int] = {}
+    log(f"loading {len(want)} image(s) from {archive.name}")
+    try:
+        for msg in client.api.load_image(_upload(archive, want, stats), quiet=True):
+            if isinstance(msg, dict) and msg.get("error"):
+                raise ImageLoadError(f"docker load failed: {_line(msg['error'])}",
+                                     hint="see the engine's log (journalctl -u docker)")
+    except _Corrupt as exc:
+        raise ImageLoadError(f"image archive {archive.name} is damaged: {exc}; nothing was "
+                             "loaded") from None
+    except _Mismatch as exc:
+        raise ImageLoadError(f"{exc}; nothing was loaded") from None
+    except errors.APIError as exc:
+        raise ImageLoadError(f"docker load failed: {_line(str(exc.explanation or exc))}",
+                             hint="see the engine's log; is /var/lib/docker full?") from None
+    except (OSError, errors.DockerException, *transport_errors()) as exc:
+        raise ImageLoadError(f"the docker engine dropped the image upload: {_line(str(exc))}",
+                             hint="see the engine's log; is /var/lib/docker full?") from None
+    for tag, image_id in want.items():
+        try:
+            have = str(client.api.inspect_image(tag)["Id"])
+        except errors.ImageNotFound:
+            raise ImageLoadError(f"image {tag} is missing after docker load (the manifest "
+                                 f"expects {image_id})") from None
+        if have != image_id:
+            raise ImageLoadError(f"image {tag} is {have} after docker load, the manifest "
+                                 f"expects {image_id}")
+    secs = time.monotonic() - started
+    log(f"loaded {len(want)} image(s), {human_bytes(stats.get('uncompressed', 0))} in "
+        f"{secs:.1f}s; Image IDs match the manifest")
+
+
+def _docker_errors() -> Any:
+    import docker  # type: ignore[import-untyped]
+
+    return docker.errors
+
+
+def _line(text: str) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0][:300] if lines else "unknown error"
