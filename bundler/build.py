@@ -59,7 +59,7 @@ def lock(profile: Profile, cache: Cache, path: Path | None = None) -> tuple[Lock
                 f"{profile.target.platform}")
         locked_wheels = wheels.resolve(profile.python, profile.target, cache, ui.note)
     result = Lock(inputs=lockfile.inputs_digest(profile), target=profile.target,
-                  wheels=locked_wheels)
+                  wheels=locked_wheels, sources=lockfile.sources_of(profile))
     fetched = len(locked_wheels)
     if profile.images:
         result = _fetch_images(profile, cache, result)

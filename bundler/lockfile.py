@@ -25,6 +25,7 @@ class Lock:
     wheels: tuple[LockedWheel, ...] = ()
     images: tuple[ImageRef, ...] = ()
     images_archive: tuple[str, int] | None = None  # (sha256, size) of the cached archive
+    sources: tuple[tuple[str, str], ...] = ()  # where each kind came from (see sources_of)
 
     def to_bytes(self) -> bytes:
         doc = {"schema": SCHEMA, "inputs": self.inputs, "target": self.target.to_json(),
@@ -32,7 +33,8 @@ class Lock:
                "images": [i.to_json() for i in self.images],
                "images_archive": ({"sha256": self.images_archive[0],
                                    "size": self.images_archive[1]}
-                                  if self.images_archive else None)}
+                                  if self.images_archive else None),
+               "sources": dict(self.sources)}
         # Indented on purpose: lock files are reviewed in diffs.
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
@@ -47,7 +49,9 @@ class Lock:
                        wheels=tuple(LockedWheel.from_json(w) for w in doc["python"]),
                        images=tuple(ImageRef.from_json(i) for i in doc.get("images", [])),
                        images_archive=(str(archive["sha256"]), int(archive["size"]))
-                       if archive else None)
+                       if archive else None,
+                       sources=tuple(sorted((str(k), str(v))
+                                            for k, v in doc.get("sources", {}).items())))
         except (ValueError, KeyError, TypeError) as exc:
             raise BuildError(f"{path} is not a bundler lock file: {exc}",
                              hint="delete it and run `bundle lock PROFILE` again") from None
@@ -76,6 +80,24 @@ def inputs_digest(profile: Profile) -> str:
                "archive": _file_digest(i.archive)} for i in profile.images]
     doc = {"target": profile.target.to_json(), "python": py, "images": images}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def sources_of(profile: Profile) -> tuple[tuple[str, str], ...]:
+    """Where each artifact kind is fetched from, as the profile names it (never host config)."""
+    out: list[tuple[str, str]] = []
+    if profile.python is not None:
+        spec = profile.python
+        where = ["no index" if spec.no_index else f"index {spec.index_url or 'pip default'}"]
+        where += [f"extra index {u}" for u in spec.extra_index_urls]
+        where += [f"find-links {Path(f).name if '://' not in f else f}"
+                  for f in spec.find_links]
+        out.append(("python", "; ".join(where)))
+    for project in profile.npm:
+        out.append((f"npm:{project.dest}", f"registry {project.registry or 'npm default'}"))
+    for image in profile.images:
+        origin = f"archive {image.archive.name}" if image.archive else image.source
+        out.append((f"image:{image.ref}", origin))
+    return tuple(sorted(out))
 
 
 def load_current(profile: Profile, path: Path) -> Lock | None:

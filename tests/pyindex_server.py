@@ -10,17 +10,21 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 
 
 def write_index(wheels: list[Path], root: Path) -> None:
-    """Lay out root/simple/<project>/index.html with links (and #sha256=) to root/files/."""
+    """Lay out root/simple/<project>/index.html linking (with #sha256=) to root/files/.
+
+    Takes wheels and sdists (*.tar.gz)."""
     files = root / "files"
     files.mkdir(parents=True, exist_ok=True)
     projects: dict[str, list[Path]] = {}
     for whl in wheels:
         (files / whl.name).write_bytes(whl.read_bytes())
-        projects.setdefault(canonicalize_name(parse_wheel_filename(whl.name)[0]), []).append(whl)
+        name = (parse_wheel_filename(whl.name)[0] if whl.name.endswith(".whl")
+                else parse_sdist_filename(whl.name)[0])
+        projects.setdefault(canonicalize_name(name), []).append(whl)
     simple = root / "simple"
     simple.mkdir(exist_ok=True)
     links = []

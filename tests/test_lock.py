@@ -28,10 +28,27 @@ def index(tmp_path: Path) -> Iterator[str]:
         make_wheel(built, "helper", "2.0", {"helper/__init__.py": ""}),
         make_wheel(built, "helper", "2.1", {"helper/__init__.py": ""}),
         make_wheel(built, "backport", "0.5", {"backport/__init__.py": ""}),
+        _sdist(built, "srconly", "1.0"),
     ]
     write_index(wheels, tmp_path / "index")
     with serve(tmp_path / "index") as url:
         yield url
+
+
+def _sdist(out: Path, name: str, version: str) -> Path:
+    """A real (tiny) sdist: a project that publishes no wheels at all."""
+    import io
+    import tarfile
+
+    path = out / f"{name}-{version}.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for rel, text in {"PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\n"
+                                       f"Version: {version}\n",
+                          "setup.py": "from setuptools import setup\nsetup()\n"}.items():
+            info = tarfile.TarInfo(f"{name}-{version}/{rel}")
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return path
 
 
 def profile(base: Path, url: str, python: str, version: str = "1.0.0") -> Path:
@@ -122,6 +139,18 @@ def test_lock_for_a_target_without_wheels_names_the_package(tmp_path: Path, inde
     result = bundle("lock", path, "--cache-dir", tmp_path / "cache")
     assert result.rc == 4
     assert "nosuchpkg" in result.err
+
+
+@pytest.mark.parametrize("python", [HOST, "3.12"])
+def test_sdist_only_package_fails_the_lock_naming_it(tmp_path: Path, index: str,
+                                                     python: str) -> None:
+    """Host target (pip-tools) and foreign target (uv) alike: no wheel, no bundle."""
+    base = tmp_path / "p"
+    path = profile(base, index, python)
+    (base / "requirements.in").write_text("webapp\nsrconly\n")
+    result = bundle("lock", path, "--cache-dir", tmp_path / "cache")
+    assert result.rc == 4, result.err
+    assert "srconly" in result.err.split("error:", 1)[1]
 
 
 @pytest.mark.network

@@ -90,3 +90,25 @@ def why_no_wheel(spec: PythonSpec, target: Target, name: str, version: str,
     sample = ", ".join(shown[:4]) + (", ..." if len(shown) > 4 else "")
     return f"{name} {version} has no wheel for CPython {target.python} on {target.platform} " \
            f"(wheels exist for: {sample})"
+
+
+def why_unlockable(spec: PythonSpec, target: Target, name: str) -> str:
+    """Like why_no_wheel, for a project with no version pinned yet (a failed lock)."""
+    want = canonicalize_name(name)
+    versions: dict[Version, list[str]] = {}
+    sdists = 0
+    for f in release_files(spec, name):
+        try:
+            if f.endswith(".whl"):
+                n, v, _, _tags = parse_wheel_filename(f)
+                if n == want:
+                    versions.setdefault(v, []).append(f)
+            elif parse_sdist_filename(f)[0] == want:
+                sdists += 1
+        except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
+            continue
+    if not versions:
+        return (f"{name} publishes only sdists (no wheels)" if sdists
+                else f"{name} is not on the index")
+    newest = max(versions)
+    return why_no_wheel(spec, target, name, str(newest), versions[newest])

@@ -9,6 +9,7 @@ target is this host's Python and platform family; otherwise uv resolves for the 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tomllib
@@ -19,7 +20,16 @@ from bundler.errors import BuildError, CommandError
 from bundler.install.policy import host_platform
 from bundler.models import Target
 from bundler.profile import PythonSpec
+from bundler.resolve import pyindex
 from bundler.ui import Log
+
+# How pip (pip-compile) and uv say that a project has nothing installable for the target.
+_UNRESOLVABLE = (
+    r"No matching distribution found for ([\w.\-]+)",
+    r"Because (?:only )?([\w.\-]+)(?:[=<>!~]=?[^\s,]*)? has no (?:usable )?wheels",
+    r"Because ([\w.\-]+) was not found in the package registry",
+    r"Because there are no versions of ([\w.\-]+)",
+)
 
 
 def loose_requirements(spec: PythonSpec, work: Path) -> Path:
@@ -88,7 +98,7 @@ def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir
     if host_matches(target):
         log(f"locking {source.name} with pip-tools for CPython {target.python} "
             f"({target.platform}, this host)")
-        args = [sys.executable, "-m", "piptools", "compile", "--quiet", "--no-header",
+        args = [sys.executable, "-m", "piptools", "compile", "--no-header",
                 "--generate-hashes", "--allow-unsafe", "--strip-extras", "--no-emit-index-url",
                 "--resolver", "backtracking", "--cache-dir", str(cache_dir / "pip-tools"),
                 "--pip-args", "--isolated --only-binary=:all:",
@@ -107,8 +117,16 @@ def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir
     try:
         proc.run(args, env=env, what="lock python requirements", timeout=1800)
     except CommandError as exc:
+        names = sorted({n for pattern in _UNRESOLVABLE for n in re.findall(pattern, exc.message)})
+        if names:
+            reasons = "; ".join(pyindex.why_unlockable(spec, target, n) for n in names)
+            raise BuildError(f"cannot lock {source.name} for CPython {target.python} on "
+                             f"{target.platform}: {reasons}",
+                             hint="pin versions that publish wheels for the target, or change "
+                                  "target.python / target.platform") from None
         raise BuildError(f"cannot lock {source.name} for CPython {target.python} on "
                          f"{target.platform}: {exc.message}",
-                         hint="the tail above names the package that has no wheel for the "
-                              "target; pin a version that has one, or change the target") from None
+                         hint="the resolver's output above names the package that has no "
+                              "wheel for the target; pin a version that has one, or change "
+                              "the target") from None
     return out.read_text(encoding="utf-8")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import email.parser
+import os
 import re
 import shutil
 import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,36 +213,34 @@ def _workdir(cache: Cache) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+DOWNLOAD_WORKERS = 4
+
+
 def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: Path,
               log: Log) -> dict[str, Path]:
-    req_file = work / "requirements.txt"
-    hashed = all(p.hashes for p in pins)
-    req_file.write_text("".join(
-        f"{p.name}{'[' + ','.join(p.extras) + ']' if p.extras else ''}=={p.version}"
-        + "".join(f" --hash=sha256:{h}" for h in (p.hashes if hashed else ()))
-        + "\n" for p in pins))
-    out = work / "dl"
-    args: list[str] = [sys.executable, "-m", "pip", "download", "--isolated", "--no-deps",
-                       "--only-binary=:all:", "--implementation", "cp",
-                       "--python-version", target.python, "--dest", str(out),
-                       "--progress-bar", "off", "-r", str(req_file)]
-    for plat in tgt.platforms(target):
-        args += ["--platform", plat]
-    if spec.no_index:
-        args.append("--no-index")
-    if spec.index_url:
-        args += ["--index-url", spec.index_url]
-    for url in spec.extra_index_urls:
-        args += ["--extra-index-url", url]
-    for link in spec.find_links:
-        args += ["--find-links", link]
-    log(f"downloading {len(pins)} wheel(s) for CPython {target.python} / {target.platform}")
-    try:
-        proc.run(args, what="pip download", timeout=1800)
-    except CommandError as exc:
-        if "No matching distribution found" in exc.message:
+    """Download the pins' wheels for the target: several pip processes in parallel (pip
+    fetches one file at a time), each with pip's own retries."""
+    n = max(1, min(DOWNLOAD_WORKERS, len(pins)))
+    groups = [list(pins[i::n]) for i in range(n)]
+    log(f"downloading {len(pins)} wheel(s) for CPython {target.python} / {target.platform}"
+        + (f" ({n} in parallel)" if n > 1 else ""))
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pip-download") as pool:
+        futures = [pool.submit(_pip_download, group, spec, target, work / f"g{i}")
+                   for i, group in enumerate(groups)]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        messages = [e.message for e in errors if isinstance(e, CommandError)]
+        if any("No matching distribution found" in m for m in messages):
             raise _no_wheel_error(pins, spec, target) from None
-        raise BuildError(f"downloading wheels failed: {exc.message}") from None
+        first = errors[0]
+        if isinstance(first, CommandError):
+            raise BuildError(f"downloading wheels failed: {first.message}") from None
+        raise first  # type: ignore[misc]
+    out = work / "dl"
+    out.mkdir()
+    for i in range(n):
+        for whl in (work / f"g{i}" / "dl").glob("*"):
+            os.replace(whl, out / whl.name)
     found: dict[str, Path] = {}
     supported = tgt.supported_tags(target)
     for whl in sorted(out.glob("*")):
@@ -260,6 +260,31 @@ def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: Path,
     if missing_pins:
         raise BuildError(f"pip did not download {', '.join(missing_pins)}")
     return found
+
+
+def _pip_download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: Path) -> None:
+    work.mkdir(parents=True)
+    req_file = work / "requirements.txt"
+    hashed = all(p.hashes for p in pins)
+    req_file.write_text("".join(
+        f"{p.name}{'[' + ','.join(p.extras) + ']' if p.extras else ''}=={p.version}"
+        + "".join(f" --hash=sha256:{h}" for h in (p.hashes if hashed else ()))
+        + "\n" for p in pins))
+    args: list[str] = [sys.executable, "-m", "pip", "download", "--isolated", "--no-deps",
+                       "--only-binary=:all:", "--implementation", "cp",
+                       "--python-version", target.python, "--dest", str(work / "dl"),
+                       "--retries", "5", "--progress-bar", "off", "-r", str(req_file)]
+    for plat in tgt.platforms(target):
+        args += ["--platform", plat]
+    if spec.no_index:
+        args.append("--no-index")
+    if spec.index_url:
+        args += ["--index-url", spec.index_url]
+    for url in spec.extra_index_urls:
+        args += ["--extra-index-url", url]
+    for link in spec.find_links:
+        args += ["--find-links", link]
+    proc.run(args, what="pip download", timeout=1800)
 
 
 def _no_wheel_error(pins: Sequence[Pin], spec: PythonSpec, target: Target) -> BuildError:
