@@ -8,7 +8,7 @@ DEMO_ROOT ?= demo-target
 # Reproducible demo bundles: the same commit gives the same bytes (and a no-op re-install).
 export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 1700000000)
 
-.PHONY: venv demo demo-stop test lint bench clean
+.PHONY: venv demo demo-stop test host-setup lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,13 @@ demo: venv
 demo-stop: venv
 	$(BUNDLE) stop --root $(DEMO_ROOT)
 
-test: venv
+test: venv host-setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The services the suite needs on this host (Docker engine, skopeo, a local registry).
+host-setup:
+	@if [ "$$(id -u)" = 0 ]; then bash scripts/ci-host-setup.sh; \
+	else echo "not root: skipping host setup; docker tests will be skipped (failed under CI=true)"; fi
 
 lint: venv
 	$(VENV)/bin/ruff check bundler scripts tests
