@@ -168,3 +168,10 @@ class CommandError(BundlerError):
 class Interrupted(BundlerError):
     exit_code = 130
     default_hint = "nothing was committed; run the same command again to finish"
+
+
+class EnvError(BundlerError):
+    """The release environment is incomplete: required variables are not set."""
+
+    exit_code = 18
+    default_hint = "set them in the root's shared .env (`<root>/shared/.env`), then install again"

@@ -14,6 +14,7 @@ from typing import Any
 
 from bundler.errors import SignatureError
 from bundler.models import (
+    EnvSpec,
     HealthCheck,
     ImageRef,
     InstallPolicy,
@@ -80,6 +81,7 @@ class Manifest:
             "services": [s.to_json() for s in self.runtime.services],
             "health": [h.to_json() for h in self.runtime.health],
             "install": self.runtime.install.to_json(),
+            "env": self.runtime.env.to_json(),
         }
 
     def to_bytes(self) -> bytes:
@@ -230,5 +232,6 @@ def _from_json(doc: Any) -> Manifest:
             services=tuple(Service.from_json(s) for s in doc.get("services", [])),
             health=tuple(HealthCheck.from_json(h) for h in doc.get("health", [])),
             install=InstallPolicy.from_json(doc.get("install", {})),
+            env=EnvSpec.from_json(doc.get("env", {})),
         ),
     )

@@ -54,38 +54,82 @@ class Service:
         )
 
 
+CHECK_KINDS = ("http", "tcp", "postgres", "redis", "command")
+
+
 @dataclass(frozen=True)
 class HealthCheck:
-    """An HTTP check: GET `url` until it answers `expect_status`, within the retry budget."""
+    """A check the new release must pass before it goes live.
+
+    `target` is the URL (http), host:port (tcp), database URL (postgres), redis URL (redis);
+    `command` is the argv of a command check. `${VAR}` in target and command is expanded from
+    the release environment when the check runs (so secrets stay out of the manifest).
+    """
 
     name: str
-    url: str
+    kind: str = "http"
+    target: str = ""
+    command: tuple[str, ...] = ()
     expect_status: int = 200
+    json_field: str | None = None   # http: dotted path into the JSON body ...
+    json_equals: str | None = None  # ... whose value (as text) must equal this
     timeout_ms: int = 2000
     retries: int = 30
     interval_ms: int = 500
 
+    @property
+    def url(self) -> str:
+        return self.target
+
     def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "kind": "http",
-            "url": self.url,
-            "expect_status": self.expect_status,
-            "timeout_ms": self.timeout_ms,
-            "retries": self.retries,
-            "interval_ms": self.interval_ms,
-        }
+        return {"name": self.name, "kind": self.kind, "target": self.target,
+                "command": list(self.command), "expect_status": self.expect_status,
+                "json_field": self.json_field, "json_equals": self.json_equals,
+                "timeout_ms": self.timeout_ms, "retries": self.retries,
+                "interval_ms": self.interval_ms}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HealthCheck:
+        kind = str(data.get("kind", "http"))
+        if kind not in CHECK_KINDS:
+            raise ValueError(f"unknown health check kind {kind!r}")
         return cls(
-            name=str(data["name"]),
-            url=str(data["url"]),
-            expect_status=int(data["expect_status"]),
-            timeout_ms=int(data["timeout_ms"]),
-            retries=int(data["retries"]),
+            name=str(data["name"]), kind=kind,
+            target=str(data.get("target", data.get("url", ""))),
+            command=tuple(str(c) for c in data.get("command", [])),
+            expect_status=int(data.get("expect_status", 200)),
+            json_field=None if data.get("json_field") is None else str(data["json_field"]),
+            json_equals=None if data.get("json_equals") is None else str(data["json_equals"]),
+            timeout_ms=int(data["timeout_ms"]), retries=int(data["retries"]),
             interval_ms=int(data["interval_ms"]),
         )
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """The release environment: per-environment defaults, and what must be set.
+
+    Values come, lowest first, from `defaults["all"]`, `defaults[<environment>]`, each
+    service's `env`, and the operator's shared `.env` (kept across releases), which wins.
+    """
+
+    required: tuple[str, ...] = ()
+    secret: tuple[str, ...] = ()
+    defaults: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+
+    def defaults_for(self, environment: str) -> dict[str, str]:
+        table = dict(self.defaults)
+        return {**dict(table.get("all", ())), **dict(table.get(environment, ()))}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"required": list(self.required), "secret": list(self.secret),
+                "defaults": {k: dict(v) for k, v in self.defaults}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EnvSpec:
+        return cls(tuple(data.get("required", [])), tuple(data.get("secret", [])),
+                   tuple(sorted((str(k), tuple(sorted((str(a), str(b)) for a, b in v.items())))
+                                for k, v in data.get("defaults", {}).items())))
 
 
 @dataclass(frozen=True)
@@ -163,3 +207,4 @@ class Runtime:
     services: tuple[Service, ...] = ()
     health: tuple[HealthCheck, ...] = ()
     install: InstallPolicy = field(default_factory=InstallPolicy)
+    env: EnvSpec = field(default_factory=EnvSpec)

@@ -18,7 +18,15 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from bundler.errors import Problem, ProfileError
-from bundler.models import HealthCheck, InstallPolicy, Runtime, Service, Target
+from bundler.models import (
+    CHECK_KINDS,
+    EnvSpec,
+    HealthCheck,
+    InstallPolicy,
+    Runtime,
+    Service,
+    Target,
+)
 
 SCHEMA_VERSION = 1
 
@@ -258,7 +266,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         root, "profile",
         required=("schema", "name", "version"),
         optional=("sequence", "expires", "target", "actions", "python", "npm", "images",
-                  "files", "services", "health", "install"),
+                  "files", "env", "services", "health", "install"),
     )
     if top is None:
         raise ProfileError(c.problems)
@@ -301,6 +309,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
                                 lambda n, w: _service(c, n, w))) if "services" in top else ()
     health = tuple(c.sequence(top["health"], "health",
                               lambda n, w: _health(c, n, w))) if "health" in top else ()
+    env = _env(c, top["env"]) if "env" in top else EnvSpec()
     keep = 3
     if "install" in top:
         inst = c.mapping(top["install"], "install", (), ("keep",))
@@ -319,7 +328,8 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     return Profile(
         path=path, schema=schema, name=name, version=version, sequence=sequence,
         expires_ms=expires, target=target, python=python, files=files,
-        runtime=Runtime(services=services, health=health, install=InstallPolicy(keep=keep)),
+        runtime=Runtime(services=services, health=health, install=InstallPolicy(keep=keep),
+                        env=env),
         actions=actions,
         npm=npm,
         images=images,
@@ -414,6 +424,32 @@ def _file_spec(c: _Checker, node: Node, where: str, base: Path, check: bool) -> 
     return FileSpec(src=src, dest=dest, exclude=tuple(exclude))
 
 
+ENVIRONMENTS = ("all", "production", "staging", "development")
+_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env(c: _Checker, node: Node) -> EnvSpec:
+    m = c.mapping(node, "env", (), ("required", "secret", "defaults"))
+    if m is None:
+        return EnvSpec()
+    required = c.string_list(m["required"], "env.required") if "required" in m else []
+    secret = c.string_list(m["secret"], "env.secret") if "secret" in m else []
+    for name in (*required, *secret):
+        if not _VAR_RE.match(name):
+            c.add(node, f"env: '{name}' is not a variable name")
+    defaults: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+    if "defaults" in m:
+        dm = c.mapping(m["defaults"], "env.defaults", (), ENVIRONMENTS)
+        for envname, values in (dm or {}).items():
+            table = c.string_map(values, f"env.defaults.{envname}")
+            defaults.append((envname, tuple(sorted(table.items()))))
+            leaked = sorted(set(table) & set(secret))
+            if leaked:
+                c.add(values, f"env.defaults.{envname}: secret {leaked[0]} has a default value",
+                      "secrets belong in the target's shared .env, never in the bundle")
+    return EnvSpec(tuple(required), tuple(secret), tuple(sorted(defaults)))
+
+
 def _npm(c: _Checker, node: Node, where: str, base: Path, check: bool) -> NpmSpecProfile | None:
     m = c.mapping(node, where, ("project",), ("dest", "include_dev", "registry", "env"))
     if m is None:
@@ -493,20 +529,51 @@ def _service(c: _Checker, node: Node, where: str) -> Service | None:
 
 
 def _health(c: _Checker, node: Node, where: str) -> HealthCheck | None:
-    m = c.mapping(node, where, ("name", "http"),
-                  ("expect_status", "timeout", "retries", "interval"))
+    m = c.mapping(node, where, ("name",), (*CHECK_KINDS, "expect_status", "json", "timeout",
+                                           "retries", "interval"))
     if m is None:
         return None
+    kinds = [k for k in CHECK_KINDS if k in m]
+    if len(kinds) != 1:
+        c.add(node, f"{where}: give exactly one of {', '.join(CHECK_KINDS)}"
+              + (f" (got {', '.join(kinds)})" if kinds else ""),
+              "e.g. `http: http://127.0.0.1:8000/health` or `tcp: 127.0.0.1:5432`")
+        return None
+    kind = kinds[0]
     name = c.string(m["name"], f"{where}.name", NAME_RE) if "name" in m else None
-    url = c.string(m["http"], f"{where}.http", re.compile(r"^https?://[^/\s]+"),
-                   "write a full URL, e.g. http://127.0.0.1:8000/health") if "http" in m else None
+    target = ""
+    command: tuple[str, ...] = ()
+    if kind == "command":
+        command = tuple(c.string_list(m["command"], f"{where}.command"))
+        if not command:
+            c.add(m["command"], f"{where}.command must be a non-empty list")
+    else:
+        target = c.string(m[kind], f"{where}.{kind}", re.compile(_CHECK_PATTERNS[kind][0]),
+                          f"write e.g. {_CHECK_PATTERNS[kind][1]}") or ""
     status = c.integer(m["expect_status"], f"{where}.expect_status", 100) \
         if "expect_status" in m else 200
+    json_field = json_equals = None
+    if "json" in m:
+        if kind != "http":
+            c.add(m["json"], f"{where}.json only applies to http checks")
+        jm = c.mapping(m["json"], f"{where}.json", ("field", "equals"), ())
+        if jm is not None and "field" in jm and "equals" in jm:
+            json_field = c.scalar(jm["field"], f"{where}.json.field")
+            json_equals = c.scalar(jm["equals"], f"{where}.json.equals")
     timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m else 2000
     retries = c.integer(m["retries"], f"{where}.retries", 1) if "retries" in m else 30
     interval = c.duration_ms(m["interval"], f"{where}.interval") if "interval" in m else 500
-    if (name is None or url is None or status is None or timeout is None or retries is None
-            or interval is None):
+    if (name is None or status is None or timeout is None or retries is None
+            or interval is None or not (target or command)):
         return None
-    return HealthCheck(name=name, url=url, expect_status=status, timeout_ms=timeout,
-                       retries=retries, interval_ms=interval)
+    return HealthCheck(name=name, kind=kind, target=target, command=command,
+                       expect_status=status, json_field=json_field, json_equals=json_equals,
+                       timeout_ms=timeout, retries=retries, interval_ms=interval)
+
+
+_CHECK_PATTERNS = {
+    "http": (r"^https?://[^/\s]+\S*$", "http://127.0.0.1:8000/health"),
+    "tcp": (r"^[^\s:]+:(\d+|\$\{\w+\})$", "127.0.0.1:5432"),
+    "postgres": (r"^(postgres(ql)?://\S+|\$\{\w+\})$", "${DATABASE_URL}"),
+    "redis": (r"^(rediss?://\S+|\$\{\w+\})$", "redis://127.0.0.1:6379"),
+}

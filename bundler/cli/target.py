@@ -19,10 +19,13 @@ from bundler.cli.render import emit_json
 @click.option("--allow-downgrade", is_flag=True,
               help="Accept a bundle whose sequence is not newer than the last accepted one "
                    "(recorded in history).")
+@click.option("--environment", "-e", type=click.Choice(["production", "staging", "development"]),
+              default="production", show_default=True,
+              help="Which env.defaults of the profile apply (the shared .env always wins).")
 @options.json_output
 @handled
 def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: bool,
-            as_json: bool) -> None:
+            environment: str, as_json: bool) -> None:
     """Verify BUNDLE, install it under ROOT, start it, health-check it, then switch to it.
 
     BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
@@ -32,7 +35,7 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
     from bundler.install.layout import Layout
 
     trusted = trust_store.resolve(trust_path, Layout(root.resolve()))
-    result = do_install(bundle, trusted, root, allow_downgrade)
+    result = do_install(bundle, trusted, root, allow_downgrade, environment)
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from bundler.errors import StateError
 from bundler.install import health, process_runtime
+from bundler.install.environ import release_env
 from bundler.install.health import CheckResult
+from bundler.install.installer import read_environment
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.process_runtime import ServiceState
 from bundler.install.state import Event, ReleaseRow, State
@@ -65,7 +67,8 @@ def status(layout: Layout) -> Status:
         version, manifest = found
         rel = ReleaseDir(layout.release(version))
         services = tuple(process_runtime.states(manifest.runtime.services, rel))
-        checks = tuple(health.run_all(manifest.runtime.health, retries=1))
+        env = release_env(layout, manifest.runtime.env, read_environment(layout, version))
+        checks = tuple(health.run_all(manifest.runtime.health, env, retries=1))
     return Status(str(layout.root), product[0] if product else None, row, services, checks,
                   releases)
 
@@ -86,11 +89,14 @@ def stop(layout: Layout) -> str:
 
 
 def start(layout: Layout) -> tuple[str, list[CheckResult]]:
-    found = _require_current(layout)
+    version, manifest = _require_current(layout)
+    environment = read_environment(layout, version)
     with locked(layout.root):
-        process_runtime.start(found[1].runtime.services, layout,
-                              ReleaseDir(layout.release(found[0])))
-    return found[0], health.run_all(found[1].runtime.health)
+        process_runtime.start(manifest.runtime.services, layout,
+                              ReleaseDir(layout.release(version)), manifest.runtime.env,
+                              environment)
+    return version, health.run_all(manifest.runtime.health,
+                                   release_env(layout, manifest.runtime.env, environment))
 
 
 def _require_current(layout: Layout) -> tuple[str, Manifest]:

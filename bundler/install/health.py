@@ -1,56 +1,180 @@
-"""Health checks. Each result is kept (not just pass/fail) so the report can show it."""
+"""Health checks: http (status, a JSON field's value), tcp, postgres, redis, command.
+
+Each result is kept (not just pass/fail) so reports can show it. Targets may use `${VAR}`
+from the release environment; details are redacted before they are shown or stored.
+"""
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from bundler import proc
+from bundler.errors import BundlerError, CommandError
+from bundler.install.environ import ReleaseEnv
 from bundler.models import HealthCheck
 
 # No proxies, ever: the target is air-gapped, and a stray http_proxy would send a loopback
 # health check off-host.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_NO_ENV = ReleaseEnv("production", (), frozenset())
 
 
 @dataclass(frozen=True)
 class CheckResult:
     name: str
+    kind: str
     ok: bool
     attempts: int
     detail: str
+    seconds: float = 0.0
 
     def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "ok": self.ok, "attempts": self.attempts,
-                "detail": self.detail}
+        return {"name": self.name, "kind": self.kind, "ok": self.ok, "attempts": self.attempts,
+                "detail": self.detail, "seconds": round(self.seconds, 3)}
 
 
-def probe_http(check: HealthCheck) -> tuple[bool, str]:
+def _json_field(body: bytes, path: str) -> object:
+    value: object = json.loads(body)
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise KeyError(path)
+    return value
+
+
+def probe_http(check: HealthCheck, target: str) -> tuple[bool, str]:
+    body = b""
     try:
-        with _OPENER.open(check.url, timeout=check.timeout_ms / 1000) as resp:
+        with _OPENER.open(target, timeout=check.timeout_ms / 1000) as resp:
             status = resp.status
+            body = resp.read(1024 * 1024)
     except urllib.error.HTTPError as exc:
         status = exc.code
     except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return False, f"GET {check.url}: {reason}"
+        return False, f"GET {target}: {getattr(exc, 'reason', exc)}"
     if status != check.expect_status:
-        return False, f"GET {check.url}: status {status}, expected {check.expect_status}"
-    return True, f"GET {check.url}: {status}"
+        return False, f"GET {target}: status {status}, expected {check.expect_status}"
+    if check.json_field is not None:
+        try:
+            value = _json_field(body, check.json_field)
+        except (ValueError, KeyError):
+            return False, f"GET {target}: {status}, but no JSON field {check.json_field!r}"
+        text = json.dumps(value) if not isinstance(value, str) else value
+        if text != check.json_equals:
+            return False, (f"GET {target}: {check.json_field} is {text!r}, expected "
+                           f"{check.json_equals!r}")
+        return True, f"GET {target}: {status}, {check.json_field}={text}"
+    return True, f"GET {target}: {status}"
 
 
-def run_check(check: HealthCheck, retries: int | None = None) -> CheckResult:
+def probe_tcp(check: HealthCheck, target: str) -> tuple[bool, str]:
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)),
+                                      timeout=check.timeout_ms / 1000):
+            return True, f"tcp {target}: open"
+    except OSError as exc:
+        return False, f"tcp {target}: {exc.strerror or exc}"
+
+
+def probe_redis(check: HealthCheck, target: str) -> tuple[bool, str]:
+    url = urllib.parse.urlsplit(target)
+    host, port = url.hostname or "127.0.0.1", url.port or 6379
+    try:
+        with socket.create_connection((host, port), timeout=check.timeout_ms / 1000) as sock:
+            if url.password:
+                user = urllib.parse.unquote(url.username or "default")
+                password = urllib.parse.unquote(url.password)
+                sock.sendall(_resp("AUTH", user, password))
+                if not sock.recv(64).startswith(b"+OK"):
+                    return False, f"redis {host}:{port}: authentication failed"
+            sock.sendall(_resp("PING"))
+            reply = sock.recv(64)
+    except OSError as exc:
+        return False, f"redis {host}:{port}: {exc.strerror or exc}"
+    ok = reply.startswith(b"+PONG")
+    return ok, f"redis {host}:{port}: {reply.decode('utf-8', 'replace').strip() or 'no reply'}"
+
+
+def _resp(*words: str) -> bytes:
+    out = f"*{len(words)}\r\n".encode()
+    for w in words:
+        data = w.encode()
+        out += b"$%d\r\n%s\r\n" % (len(data), data)
+    return out
+
+
+def probe_postgres(check: HealthCheck, target: str) -> tuple[bool, str]:
+    try:
+        import psycopg
+    except ImportError:
+        return _pg_isready(check, target)
+    try:
+        with psycopg.connect(target, connect_timeout=max(1, check.timeout_ms // 1000)) as conn:
+            conn.execute("SELECT 1")
+        return True, "postgres: SELECT 1 ok"
+    except psycopg.Error as exc:
+        return False, f"postgres: {str(exc).strip().splitlines()[0] if str(exc) else exc}"
+
+
+def _pg_isready(check: HealthCheck, target: str) -> tuple[bool, str]:
+    try:
+        result = proc.run(["pg_isready", "-d", target, "-t", str(max(1, check.timeout_ms // 1000))],
+                          check=False, timeout=check.timeout_ms / 1000 + 5)
+    except CommandError as exc:
+        return False, f"postgres: {exc.message}"
+    return result.returncode == 0, f"postgres: {result.output.strip() or result.returncode}"
+
+
+def probe_command(check: HealthCheck, argv: list[str], env: ReleaseEnv) -> tuple[bool, str]:
+    try:
+        result = proc.run(argv, env=proc.clean_env(env.as_dict()), check=False,
+                          timeout=check.timeout_ms / 1000, what=f"check {check.name}")
+    except CommandError as exc:
+        return False, exc.message
+    last = result.tail(1)
+    return result.returncode == 0, f"exit {result.returncode}{': ' + last if last else ''}"
+
+
+def probe(check: HealthCheck, env: ReleaseEnv = _NO_ENV) -> tuple[bool, str]:
+    try:
+        if check.kind == "command":
+            return probe_command(check, [env.expand(a) for a in check.command], env)
+        target = env.expand(check.target)
+        probes: dict[str, Callable[[HealthCheck, str], tuple[bool, str]]] = {
+            "http": probe_http, "tcp": probe_tcp, "redis": probe_redis,
+            "postgres": probe_postgres}
+        return probes[check.kind](check, target)
+    except BundlerError as exc:
+        return False, exc.message
+
+
+def run_check(check: HealthCheck, env: ReleaseEnv = _NO_ENV,
+              retries: int | None = None) -> CheckResult:
     attempts = retries or check.retries
+    started = time.monotonic()
     detail = ""
     for attempt in range(1, attempts + 1):
-        ok, detail = probe_http(check)
+        ok, detail = probe(check, env)
         if ok:
-            return CheckResult(check.name, True, attempt, detail)
+            return CheckResult(check.name, check.kind, True, attempt, env.redact(detail),
+                               time.monotonic() - started)
         if attempt < attempts:
             time.sleep(check.interval_ms / 1000)
-    return CheckResult(check.name, False, attempts, detail)
+    return CheckResult(check.name, check.kind, False, attempts, env.redact(detail),
+                       time.monotonic() - started)
 
 
-def run_all(checks: tuple[HealthCheck, ...], retries: int | None = None) -> list[CheckResult]:
-    return [run_check(c, retries) for c in checks]
+def run_all(checks: tuple[HealthCheck, ...], env: ReleaseEnv = _NO_ENV,
+            retries: int | None = None) -> list[CheckResult]:
+    return [run_check(c, env, retries) for c in checks]

@@ -29,7 +29,7 @@ from bundler.errors import (
     RolledBackError,
 )
 from bundler.fsutil import atomic_symlink, atomic_write_bytes, require_space
-from bundler.install import health, policy, process_runtime, python_env
+from bundler.install import environ, health, policy, process_runtime, python_env
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.state import ReleaseRow, State, new_txn, now
@@ -61,7 +61,7 @@ def space_needed(manifest: Manifest) -> int:
 
 
 def install(source: Path, trusted: list[TrustedKey], root: Path,
-            allow_downgrade: bool = False) -> InstallResult:
+            allow_downgrade: bool = False, environment: str = "production") -> InstallResult:
     layout = Layout(root.resolve())
     with archive.open_bundle(source, trusted) as reader:
         ui.step(f"Verifying signature of {reader.label}")
@@ -69,8 +69,10 @@ def install(source: Path, trusted: list[TrustedKey], root: Path,
         m = verified.manifest
         ui.note(f"{m.name} {m.version} (sequence {m.sequence}), signed by key {verified.keyid}")
         decision = policy.decide(m, verified.digest, layout, allow_downgrade)
+        env = environ.release_env(layout, m.runtime.env, environment)
+        environ.check_required(env, m.runtime.env, layout)
         if decision.already_current:
-            return _ensure_running(layout, m)
+            return _ensure_running(layout, m, environment)
         require_space(layout.root, space_needed(m), f"installing {m.name} {m.version}")
         with _fresh_root(layout.root) as created_root, locked(layout.root):
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=layout.root))
@@ -84,7 +86,7 @@ def install(source: Path, trusted: list[TrustedKey], root: Path,
                     with contextlib.suppress(OSError):
                         layout.root.rmdir()
                 raise
-            return _install_staged(layout, verified, staging, decision)
+            return _install_staged(layout, verified, staging, decision, env)
 
 
 @contextlib.contextmanager
@@ -94,24 +96,26 @@ def _fresh_root(root: Path) -> Iterator[bool]:
     yield created
 
 
-def _ensure_running(layout: Layout, m: Manifest) -> InstallResult:
+def _ensure_running(layout: Layout, m: Manifest, environment: str) -> InstallResult:
     """This exact bundle is current already: start anything that is down, and check it."""
     ui.step(f"{m.name} {m.version} is already the current release")
     rel = ReleaseDir(layout.release(m.version))
     with locked(layout.root):
-        process_runtime.start(m.runtime.services, layout, rel)
-    checks = health.run_all(m.runtime.health)
+        process_runtime.start(m.runtime.services, layout, rel, m.runtime.env, environment)
+    checks = health.run_all(m.runtime.health,
+                            environ.release_env(layout, m.runtime.env, environment))
     return InstallResult(m.version, None, "unchanged", tuple(checks))
 
 
 def _install_staged(layout: Layout, verified: Verified, staging: Path,
-                    decision: policy.Decision) -> InstallResult:
+                    decision: policy.Decision, env: environ.ReleaseEnv) -> InstallResult:
     m = verified.manifest
     state = State.open(layout.db)
     txn = new_txn()
     journal = _Journal(state, txn, m.version)
     previous = layout.current_version()
     prev_manifest = _load_manifest(layout, previous) if previous else None
+    prev_env = read_environment(layout, previous) if previous else env.environment
     rel = ReleaseDir(layout.release(m.version))
     started = False
     try:
@@ -123,6 +127,7 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                 journal.record("downgrade", "allowed",
                                f"sequence {m.sequence} accepted with --allow-downgrade")
         _place(layout, rel, staging, verified, previous)
+        atomic_write_bytes(rel.meta / "environment", env.environment.encode())
         if m.images:
             with journal.step("images", f"Loading {len(m.images)} image(s) into the engine"):
                 from bundler.install import images as image_loader
@@ -144,9 +149,10 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                                      ReleaseDir(layout.release(previous)))
         started = True
         with journal.step("start", f"Starting {len(m.runtime.services)} service(s)"):
-            process_runtime.start(m.runtime.services, layout, rel)
+            process_runtime.start(m.runtime.services, layout, rel, m.runtime.env,
+                                  env.environment)
         ui.step("Health-checking")
-        checks = health.run_all(m.runtime.health)
+        checks = health.run_all(m.runtime.health, env)
         _write_report(rel, m, checks, "healthy" if all(c.ok for c in checks) else "unhealthy")
         failed = [c for c in checks if not c.ok]
         if failed:
@@ -164,7 +170,8 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         return InstallResult(m.version, previous, "installed", tuple(checks))
     except BaseException as exc:
         reason = _reason(exc)
-        _undo(layout, state, journal, m, rel, previous, prev_manifest, started, reason)
+        _undo(layout, state, journal, m, rel, previous, prev_manifest, started, reason,
+              prev_env)
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted("interrupted; the new release was removed and the previous one "
                               "restored") from None
@@ -219,6 +226,15 @@ def _place(layout: Layout, rel: ReleaseDir, staging: Path, verified: Verified,
     atomic_write_bytes(rel.meta / "manifest.json", verified.manifest_bytes)
 
 
+def read_environment(layout: Layout, version: str) -> str:
+    """The environment a release was installed for (production when not recorded)."""
+    path = ReleaseDir(layout.release(version)).meta / "environment"
+    try:
+        return path.read_text().strip() or "production"
+    except OSError:
+        return "production"
+
+
 def _load_manifest(layout: Layout, version: str) -> Manifest | None:
     from bundler.manifest import parse_manifest
 
@@ -231,15 +247,17 @@ def _load_manifest(layout: Layout, version: str) -> Manifest | None:
 
 def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: ReleaseDir,
           previous: str | None, prev_manifest: Manifest | None, started: bool,
-          reason: str) -> None:
+          reason: str, prev_env: str) -> None:
     """Put the host back: stop the new release, restart the previous one, check it."""
     ui.step(f"Rolling back: {reason}")
     try:
         process_runtime.stop(m.runtime.services, rel)
         if started and prev_manifest is not None and previous is not None:
             prev = ReleaseDir(layout.release(previous))
-            process_runtime.start(prev_manifest.runtime.services, layout, prev)
-            checks = health.run_all(prev_manifest.runtime.health)
+            process_runtime.start(prev_manifest.runtime.services, layout, prev,
+                                  prev_manifest.runtime.env, prev_env)
+            checks = health.run_all(prev_manifest.runtime.health, environ.release_env(
+                layout, prev_manifest.runtime.env, prev_env))
             bad = [c for c in checks if not c.ok]
             if bad:
                 journal.record("rollback", "failed", bad[0].detail)

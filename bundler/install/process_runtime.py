@@ -13,9 +13,10 @@ from pathlib import Path
 from bundler import proc
 from bundler.errors import InstallError
 from bundler.fsutil import atomic_write_bytes
+from bundler.install.environ import release_env
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.supervise import start_time
-from bundler.models import Service
+from bundler.models import EnvSpec, Service
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ def _read_pid(rel: ReleaseDir, name: str) -> int | None:
     return pid if start_time(pid) == started else None
 
 
-def start(services: tuple[Service, ...], layout: Layout, rel: ReleaseDir) -> None:
+def start(services: tuple[Service, ...], layout: Layout, rel: ReleaseDir,
+          spec: EnvSpec | None = None, environment: str = "production") -> None:
     rel.run.mkdir(parents=True, exist_ok=True)
     for svc in services:
         if _read_pid(rel, svc.name) is not None:
@@ -53,21 +55,23 @@ def start(services: tuple[Service, ...], layout: Layout, rel: ReleaseDir) -> Non
         if not cwd.is_dir():
             raise InstallError(f"service {svc.name}: working directory {cwd} does not exist",
                                hint="check `cwd` against the `files` dest in the profile")
+        renv = release_env(layout, spec or EnvSpec(), environment,
+                           {k: expand(v, layout, rel) for k, v in svc.env})
         env = proc.clean_env()
         if rel.venv.is_dir():
             env["VIRTUAL_ENV"] = str(rel.venv)
             env["PATH"] = f"{rel.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-        env.update({k: expand(v, layout, rel) for k, v in svc.env})
-        spec = {
+        env.update({k: renv.expand(v) for k, v in renv.values})
+        run_spec = {
             "name": svc.name,
-            "argv": [expand(a, layout, rel) for a in svc.command],
+            "argv": [renv.expand(expand(a, layout, rel)) for a in svc.command],
             "cwd": str(cwd),
             "env": env,
             "log": str(rel.logs / f"{svc.name}.log"),
             "pidfile": str(_pidfile(rel, svc.name)),
         }
         spec_path = rel.run / f"{svc.name}.json"
-        atomic_write_bytes(spec_path, json.dumps(spec, indent=1).encode(), mode=0o600)
+        atomic_write_bytes(spec_path, json.dumps(run_spec, indent=1).encode(), mode=0o600)
         rel.logs.mkdir(parents=True, exist_ok=True)
         proc.spawn([sys.executable, "-m", "bundler.install.supervise", str(spec_path)],
                    cwd=rel.path, env=proc.clean_env({"PYTHONPATH": _bundler_path()}),
