@@ -145,6 +145,14 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         collected = files_resolver.collect(profile.files, cache)
         entries += collected.entries
         sources.update(collected.sources)
+    compose = profile.runtime.compose
+    if compose is not None:
+        listed = {e.path for e in entries}
+        missing = [f for f in compose.files if f"files/{f}" not in listed]
+        if missing:
+            raise BuildError(f"compose file {missing[0]} is not among the bundled files",
+                             hint="add it under `files:` (its dest is the path compose.files "
+                                  "names)")
     expires = None
     if profile.expires_ms is not None:
         expires = rfc3339(created + profile.expires_ms // 1000)

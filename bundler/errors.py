@@ -137,6 +137,19 @@ class ImageLoadError(InstallError):
     )
 
 
+class MigrationError(InstallError):
+    """A database migration failed, or must not run (an applied SQL file was edited since).
+
+    The message names the migration, the file or revision, and the database's own error.
+    """
+
+    exit_code = 17
+    default_hint = (
+        "fix the migration named above and build a new bundle; the database is restored from "
+        "the backup taken before migrating"
+    )
+
+
 class RolledBackError(BundlerError):
     """The new release failed after start; it was stopped and the previous one restored."""
 

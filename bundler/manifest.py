@@ -14,10 +14,13 @@ from typing import Any
 
 from bundler.errors import SignatureError
 from bundler.models import (
+    ComposeSpec,
+    DatabaseSpec,
     EnvSpec,
     HealthCheck,
     ImageRef,
     InstallPolicy,
+    MigrationSpec,
     NpmProject,
     Runtime,
     Service,
@@ -82,6 +85,9 @@ class Manifest:
             "health": [h.to_json() for h in self.runtime.health],
             "install": self.runtime.install.to_json(),
             "env": self.runtime.env.to_json(),
+            "compose": self.runtime.compose.to_json() if self.runtime.compose else None,
+            "database": self.runtime.database.to_json() if self.runtime.database else None,
+            "migrations": [mg.to_json() for mg in self.runtime.migrations],
         }
 
     def to_bytes(self) -> bytes:
@@ -233,5 +239,8 @@ def _from_json(doc: Any) -> Manifest:
             health=tuple(HealthCheck.from_json(h) for h in doc.get("health", [])),
             install=InstallPolicy.from_json(doc.get("install", {})),
             env=EnvSpec.from_json(doc.get("env", {})),
+            compose=ComposeSpec.from_json(doc["compose"]) if doc.get("compose") else None,
+            database=DatabaseSpec.from_json(doc["database"]) if doc.get("database") else None,
+            migrations=tuple(MigrationSpec.from_json(x) for x in doc.get("migrations", [])),
         ),
     )

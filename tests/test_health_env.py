@@ -155,3 +155,37 @@ def test_secret_default_in_profile_is_refused(tmp_path: Path) -> None:
                        "  defaults:\n    production: {JWT_SECRET: changeme}\n")
     result = bundle("validate", profile)
     assert result.rc == 3 and "secret JWT_SECRET has a default value" in result.err
+
+
+def test_doctor_reports_each_check_and_fails_on_problems(tmp_path: Path,
+                                                         keys: tuple[Path, Path]) -> None:
+    import socket
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "a.ini").write_text("x\n")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    profile = tmp_path / "bundle.yaml"
+    profile.write_text("schema: 1\nname: api\nversion: 1.0.0\nfiles:\n  - {src: conf, dest: c}\n"
+                       "env:\n  required: [API_TOKEN]\n  secret: [API_TOKEN]\n"
+                       f"health:\n  - {{name: web, tcp: '127.0.0.1:{port}'}}\n")
+    built = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
+                   "--cache-dir", tmp_path / "cache", "--json")
+    assert built.rc == 0, built.err
+    path = json.loads(built.out)["bundle"]
+    root = tmp_path / "root"
+    result = bundle("doctor", path, "--root", root, "--trust", keys[1], "--json")
+    busy.close()
+    assert result.rc == 1
+    rows = {r["check"]: r for r in json.loads(result.out)["checks"]}
+    assert rows["environment"]["status"] == "fail" and "API_TOKEN" in rows["environment"]["detail"]
+    assert rows[f"port {port}"]["status"] == "fail"
+    assert rows["disk space"]["status"] == "ok" and rows["platform"]["status"] == "ok"
+    assert not root.exists()  # doctor changes nothing
+    (root / "shared").mkdir(parents=True)
+    (root / "shared" / ".env").write_text("API_TOKEN=abcdef123\n")
+    ok = bundle("doctor", path, "--root", root, "--trust", keys[1])
+    assert ok.rc == 0, ok.out + ok.err
+    assert "ready" in ok.out and "abcdef123" not in ok.out

@@ -66,7 +66,7 @@ def status(root: Path, as_json: bool) -> None:
                        f"installed {c.installed_at}) — {'healthy' if st.healthy else 'UNHEALTHY'}")
             for s in st.services:
                 click.echo(f"  service {s.name}: {'running' if s.running else 'STOPPED'}"
-                           f"{f' (supervisor pid {s.pid})' if s.pid else ''}")
+                           f" ({s.detail})")
             for chk in st.checks:
                 click.echo(f"  check {chk.name}: {'ok' if chk.ok else 'FAIL'} — {chk.detail}")
     if st.current is not None and not st.healthy:
@@ -169,3 +169,60 @@ def trust_remove(keyid: str, root: Path) -> None:
 
     trust_store.remove(Layout(root.resolve()), keyid)
     click.echo(f"removed key {keyid} from {root}")
+
+
+@cli.command()
+@options.root
+@click.option("--to", "to_version", default=None, metavar="VERSION",
+              help="Release to return to (default: the one before the current).")
+@options.json_output
+@handled
+def rollback(root: Path, to_version: str | None, as_json: bool) -> None:
+    """Switch back to an earlier release kept on disk, health-checked (the database is kept)."""
+    from bundler.install.layout import Layout, locked
+    from bundler.install.recovery import recover
+    from bundler.install.recovery import rollback as do_rollback
+
+    layout = Layout(root.resolve())
+    with locked(layout.root):
+        recover(layout)
+        result = do_rollback(layout, to_version)
+    if as_json:
+        emit_json({"ok": True, **result.to_json()})
+        return
+    for c in result.checks:
+        click.echo(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
+    click.echo(f"rolled back from {result.from_version} to {result.to_version}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path), required=False)
+@options.root
+@options.trust
+@click.option("--environment", "-e", type=click.Choice(["production", "staging", "development"]),
+              default="production", show_default=True)
+@options.json_output
+@handled
+def doctor(bundle: Path | None, root: Path, trust_path: Path | None, environment: str,
+           as_json: bool) -> None:
+    """Check this host against BUNDLE (or the current release): engine, compose, disk, ports,
+    Python/Node, database, environment. Changes nothing; exit 1 if a check fails."""
+    from bundler import archive
+    from bundler.install import doctor as doc
+    from bundler.install import trust as trust_store
+    from bundler.install.layout import Layout
+
+    layout = Layout(root.resolve())
+    manifest = None
+    if bundle is not None:
+        manifest = archive.manifest_of(bundle, trust_store.resolve(trust_path, layout)).manifest
+    rows = doc.run(layout, manifest, environment)
+    failed = any(r.status == "fail" for r in rows)
+    if as_json:
+        emit_json({"ok": not failed, "checks": [r.to_json() for r in rows]})
+    else:
+        for r in rows:
+            click.echo(f"  {r.status.upper():<5} {r.check:<18} {r.detail}")
+        click.echo("ready" if not failed else "not ready: fix the FAIL rows above")
+    if failed:
+        sys.exit(1)

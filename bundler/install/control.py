@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bundler.errors import StateError
-from bundler.install import health, process_runtime
+from bundler.install import health, runtime
 from bundler.install.environ import release_env
 from bundler.install.health import CheckResult
-from bundler.install.installer import read_environment
 from bundler.install.layout import Layout, ReleaseDir, locked
-from bundler.install.process_runtime import ServiceState
+from bundler.install.runtime import UnitState
 from bundler.install.state import Event, ReleaseRow, State
 from bundler.manifest import Manifest, parse_manifest
 
@@ -20,7 +19,7 @@ class Status:
     root: str
     product: str | None
     current: ReleaseRow | None
-    services: tuple[ServiceState, ...]
+    services: tuple[UnitState, ...]
     checks: tuple[CheckResult, ...]
     releases: tuple[ReleaseRow, ...]
 
@@ -35,7 +34,7 @@ class Status:
             "product": self.product,
             "current": self.current.__dict__ if self.current else None,
             "healthy": self.healthy,
-            "services": [s.__dict__ for s in self.services],
+            "services": [s.to_json() for s in self.services],
             "checks": [c.to_json() for c in self.checks],
             "releases": [r.__dict__ for r in self.releases],
         }
@@ -61,13 +60,13 @@ def status(layout: Layout) -> Status:
         releases = tuple(state.releases())
     finally:
         state.close()
-    services: tuple[ServiceState, ...] = ()
+    services: tuple[UnitState, ...] = ()
     checks: tuple[CheckResult, ...] = ()
     if found:
         version, manifest = found
         rel = ReleaseDir(layout.release(version))
-        services = tuple(process_runtime.states(manifest.runtime.services, rel))
-        env = release_env(layout, manifest.runtime.env, read_environment(layout, version))
+        services = tuple(runtime.states(layout, version))
+        env = release_env(layout, manifest.runtime.env, rel.environment())
         checks = tuple(health.run_all(manifest.runtime.health, env, retries=1))
     return Status(str(layout.root), product[0] if product else None, row, services, checks,
                   releases)
@@ -84,17 +83,15 @@ def history(layout: Layout) -> list[Event]:
 def stop(layout: Layout) -> str:
     found = _require_current(layout)
     with locked(layout.root):
-        process_runtime.stop(found[1].runtime.services, ReleaseDir(layout.release(found[0])))
+        runtime.stop(layout, found[0])
     return found[0]
 
 
 def start(layout: Layout) -> tuple[str, list[CheckResult]]:
     version, manifest = _require_current(layout)
-    environment = read_environment(layout, version)
+    environment = ReleaseDir(layout.release(version)).environment()
     with locked(layout.root):
-        process_runtime.start(manifest.runtime.services, layout,
-                              ReleaseDir(layout.release(version)), manifest.runtime.env,
-                              environment)
+        runtime.start(layout, version)
     return version, health.run_all(manifest.runtime.health,
                                    release_env(layout, manifest.runtime.env, environment))
 

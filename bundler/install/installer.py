@@ -12,9 +12,11 @@ Order matters for safety:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,11 +27,21 @@ from bundler.errors import (
     BundlerError,
     InstallError,
     Interrupted,
+    MigrationError,
     RollbackFailedError,
     RolledBackError,
 )
 from bundler.fsutil import atomic_symlink, atomic_write_bytes, require_space
-from bundler.install import environ, health, policy, process_runtime, python_env
+from bundler.install import (
+    database,
+    environ,
+    health,
+    migrations,
+    policy,
+    python_env,
+    recovery,
+    runtime,
+)
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.state import ReleaseRow, State, new_txn, now
@@ -99,9 +111,9 @@ def _fresh_root(root: Path) -> Iterator[bool]:
 def _ensure_running(layout: Layout, m: Manifest, environment: str) -> InstallResult:
     """This exact bundle is current already: start anything that is down, and check it."""
     ui.step(f"{m.name} {m.version} is already the current release")
-    rel = ReleaseDir(layout.release(m.version))
     with locked(layout.root):
-        process_runtime.start(m.runtime.services, layout, rel, m.runtime.env, environment)
+        recovery.recover(layout)
+        runtime.start(layout, m.version)
     checks = health.run_all(m.runtime.health,
                             environ.release_env(layout, m.runtime.env, environment))
     return InstallResult(m.version, None, "unchanged", tuple(checks))
@@ -110,14 +122,19 @@ def _ensure_running(layout: Layout, m: Manifest, environment: str) -> InstallRes
 def _install_staged(layout: Layout, verified: Verified, staging: Path,
                     decision: policy.Decision, env: environ.ReleaseEnv) -> InstallResult:
     m = verified.manifest
+    # Only now, with the new bundle verified: a refused bundle must change nothing at all.
+    recovery.recover(layout, keep=staging)
     state = State.open(layout.db)
     txn = new_txn()
     journal = _Journal(state, txn, m.version)
     previous = layout.current_version()
-    prev_manifest = _load_manifest(layout, previous) if previous else None
-    prev_env = read_environment(layout, previous) if previous else env.environment
+    prev_rel = ReleaseDir(layout.release(previous)) if previous else None
+    prev_manifest = prev_rel.manifest() if prev_rel else None
+    prev_env = prev_rel.environment() if prev_rel else env.environment
     rel = ReleaseDir(layout.release(m.version))
     started = False
+    undo = _UndoDb()
+    report_checks: list[CheckResult] = []
     try:
         with state.tx():
             state.upsert_release(ReleaseRow(m.version, m.name, m.sequence, verified.digest,
@@ -143,17 +160,32 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             with journal.step(f"npm:{project.dest}",
                               f"Installing npm packages offline into files/{project.dest}"):
                 _install_npm(rel, m, project)
+        db = _database(m, env)
+        if db is not None:
+            with journal.step("backup", f"Backing up the database ({db.display})"):
+                undo.backup = database.backup(db, layout.root / "backups", env.as_dict(),
+                                              ui.note)
+            journal.record("backup", "file", json.dumps(undo.backup.to_json()))
+        started = True  # from here on the running services are touched: undo restarts them
         if prev_manifest is not None and previous is not None:
             with journal.step("stop-previous", f"Stopping {previous}"):
-                process_runtime.stop(prev_manifest.runtime.services,
-                                     ReleaseDir(layout.release(previous)))
-        started = True
-        with journal.step("start", f"Starting {len(m.runtime.services)} service(s)"):
-            process_runtime.start(m.runtime.services, layout, rel, m.runtime.env,
-                                  env.environment)
+                # A compose project is updated in place by the new release's `up`.
+                runtime.stop(layout, previous, keep_compose=m.runtime.compose is not None)
+        if m.runtime.migrations and db is not None:
+            undo.migrating = True
+            with journal.step("migrate", f"Running {len(m.runtime.migrations)} migration(s)"):
+                results = migrations.run(
+                    [migrations.Migration(x.name, x.kind, x.path, x.command, x.env)
+                     for x in m.runtime.migrations],
+                    db, rel.files, rel.venv if rel.venv.is_dir() else None, env.as_dict(),
+                    ui.note)
+            journal.record("migrate", "applied", "; ".join(
+                f"{r.name}: {', '.join(r.applied) or 'nothing new'}" for r in results))
+        with journal.step("start", f"Starting {m.version}"):
+            runtime.start(layout, m.version)
         ui.step("Health-checking")
         checks = health.run_all(m.runtime.health, env)
-        _write_report(rel, m, checks, "healthy" if all(c.ok for c in checks) else "unhealthy")
+        report_checks = checks
         failed = [c for c in checks if not c.ok]
         if failed:
             journal.record("health", "failed", failed[0].detail)
@@ -161,23 +193,33 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         journal.record("health", "done", "; ".join(c.detail for c in checks))
         with state.tx():
             atomic_symlink(os.path.join("releases", m.version), layout.current)
+            fault_point("commit")  # switched, not yet recorded: recovery must finish it
             if previous and previous != m.version:
                 state.set_status(previous, "superseded")
             state.set_status(m.version, "active")
             state.accept_sequence(m.name, m.sequence)
             journal.record("commit", "done", f"current -> {m.version}")
+        _write_report(rel, m, state, journal, checks, "installed", "", undo, env)
         _prune(layout, state, m.runtime.install.keep)
         return InstallResult(m.version, previous, "installed", tuple(checks))
     except BaseException as exc:
         reason = _reason(exc)
-        _undo(layout, state, journal, m, rel, previous, prev_manifest, started, reason,
-              prev_env)
+        try:
+            _undo(layout, state, journal, m, rel, previous, prev_manifest, started, reason,
+                  prev_env, undo, env)
+        finally:
+            if rel.path.is_dir():
+                _write_report(rel, m, state, journal, report_checks,
+                              "rolled back" if started else "failed", reason, undo, env)
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted("interrupted; the new release was removed and the previous one "
                               "restored") from None
         if started:
-            raise RolledBackError(f"{m.version} failed and was rolled back"
-                                  f"{' to ' + previous if previous else ''}: {reason}") from None
+            # A failed migration keeps its own exit code: the release is rolled back either
+            # way, but automation should know the database was what failed.
+            kind = MigrationError if isinstance(exc, MigrationError) else RolledBackError
+            raise kind(f"{m.version} failed and was rolled back"
+                       f"{' to ' + previous if previous else ''}: {reason}") from None
         raise
     finally:
         state.close()
@@ -226,36 +268,38 @@ def _place(layout: Layout, rel: ReleaseDir, staging: Path, verified: Verified,
     atomic_write_bytes(rel.meta / "manifest.json", verified.manifest_bytes)
 
 
-def read_environment(layout: Layout, version: str) -> str:
-    """The environment a release was installed for (production when not recorded)."""
-    path = ReleaseDir(layout.release(version)).meta / "environment"
-    try:
-        return path.read_text().strip() or "production"
-    except OSError:
-        return "production"
+@dataclasses.dataclass
+class _UndoDb:
+    """What the database part of an undo needs: the backup, and whether migrations began."""
+
+    backup: database.Backup | None = None
+    migrating: bool = False
 
 
-def _load_manifest(layout: Layout, version: str) -> Manifest | None:
-    from bundler.manifest import parse_manifest
-
-    path = ReleaseDir(layout.release(version)).meta / "manifest.json"
-    try:
-        return parse_manifest(path.read_bytes())
-    except OSError:
+def _database(m: Manifest, env: environ.ReleaseEnv) -> database.Database | None:
+    spec = m.runtime.database
+    if spec is None:
         return None
+    return database.Database(env.expand(spec.url), spec.compose_service)
 
 
 def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: ReleaseDir,
           previous: str | None, prev_manifest: Manifest | None, started: bool,
-          reason: str, prev_env: str) -> None:
-    """Put the host back: stop the new release, restart the previous one, check it."""
+          reason: str, prev_env: str, undo: _UndoDb, env: environ.ReleaseEnv) -> None:
+    """Put the host back: stop the new release, restore the database if migrations began,
+    restart the previous release, check it."""
     ui.step(f"Rolling back: {reason}")
     try:
-        process_runtime.stop(m.runtime.services, rel)
+        # The previous release's compose project (if any) is brought back by its own `up`.
+        runtime.stop(layout, m.version,
+                     keep_compose=started and runtime.uses_compose(layout, previous))
+        db = _database(m, env)
+        if undo.migrating and undo.backup is not None and db is not None:
+            ui.step(f"Restoring the database from {undo.backup.path.name}")
+            database.restore(db, undo.backup, env.as_dict(), ui.note)
+            journal.record("restore", "done", undo.backup.path.name)
         if started and prev_manifest is not None and previous is not None:
-            prev = ReleaseDir(layout.release(previous))
-            process_runtime.start(prev_manifest.runtime.services, layout, prev,
-                                  prev_manifest.runtime.env, prev_env)
+            runtime.start(layout, previous)
             checks = health.run_all(prev_manifest.runtime.health, environ.release_env(
                 layout, prev_manifest.runtime.env, prev_env))
             bad = [c for c in checks if not c.ok]
@@ -287,10 +331,47 @@ def _prune(layout: Layout, state: State, keep: int) -> None:
             state.set_status(row.version, "pruned", row.detail)
 
 
-def _write_report(rel: ReleaseDir, m: Manifest, checks: list[CheckResult], outcome: str) -> None:
+def _write_report(rel: ReleaseDir, m: Manifest, state: State, journal: _Journal,
+                  checks: list[CheckResult], outcome: str, reason: str, undo: _UndoDb,
+                  env: environ.ReleaseEnv) -> None:
+    """report.json for automation and REPORT.md, a checklist like the ones operators used to
+    tick by hand: every step and check of this install with its result."""
+    rows = state.conn.execute(
+        "SELECT ts, step, status, detail FROM events WHERE txn=? ORDER BY id",
+        (journal.txn,)).fetchall()
+    steps = [{"ts": ts, "step": step, "status": status, "detail": env.redact(detail)}
+             for ts, step, status, detail in rows]
     report = {"product": m.name, "version": m.version, "sequence": m.sequence,
-              "outcome": outcome, "finished": now(), "checks": [c.to_json() for c in checks]}
+              "environment": env.environment, "outcome": outcome, "reason": env.redact(reason),
+              "finished": now(), "steps": steps, "checks": [c.to_json() for c in checks],
+              "backup": undo.backup.to_json() if undo.backup else None}
     atomic_write_bytes(rel.path / "report.json", json.dumps(report, indent=2).encode())
+    lines = [f"# {m.name} {m.version}: {outcome}", "",
+             f"- environment: {env.environment}; sequence {m.sequence}; finished {now()}"]
+    if reason:
+        lines.append(f"- reason: {env.redact(reason)}")
+    if undo.backup:
+        lines.append(f"- database backup: {undo.backup.path}")
+    lines += ["", "## Steps", ""]
+    final: dict[str, tuple[str, str]] = {}
+    for st in steps:
+        final[st["step"]] = (st["status"], st["detail"])
+    for step, (status, detail) in final.items():
+        mark = "x" if status not in ("failed", "started") else " "
+        lines.append(f"- [{mark}] {step}: {status}{' — ' + detail if detail else ''}")
+    lines += ["", "## Post-deploy checks", ""]
+    lines += [f"- [{'x' if c.ok else ' '}] {c.name} ({c.kind}): {c.detail}" for c in checks]
+    if not checks:
+        lines.append("- (no checks ran)")
+    atomic_write_bytes(rel.path / "REPORT.md", ("\n".join(lines) + "\n").encode())
+
+
+def fault_point(step: str) -> None:
+    """Testing hook: BUNDLER_FAULT=kill:STEP makes this process die (SIGKILL) right after the
+    journal recorded STEP as started, the way a power cut or `kill -9` would. It exists so
+    the crash-recovery tests are deterministic rather than timing-based."""
+    if os.environ.get("BUNDLER_FAULT") == f"kill:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Journal:
@@ -308,6 +389,7 @@ class _Journal:
     def step(self, name: str, text: str) -> Iterator[None]:
         ui.step(text)
         self.record(name, "started")
+        fault_point(name)
         try:
             yield
         except BaseException as exc:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundler.errors import LockedError, StateError
+from bundler.manifest import Manifest, parse_manifest
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,20 @@ class ReleaseDir:
     @property
     def meta(self) -> Path:
         return self.path / "bundle"
+
+    def environment(self) -> str:
+        """The environment this release was installed for (production when not recorded)."""
+        try:
+            return (self.meta / "environment").read_text().strip() or "production"
+        except OSError:
+            return "production"
+
+    def manifest(self) -> Manifest | None:
+        """The signed manifest this release was installed from (verified at install time)."""
+        try:
+            return parse_manifest((self.meta / "manifest.json").read_bytes())
+        except OSError:
+            return None
 
 
 @contextlib.contextmanager

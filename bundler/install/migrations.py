@@ -1,0 +1,513 @@
+"""Database migrations for `bundle install`: alembic, raw SQL files with a ledger, or a command.
+
+`run` applies a release's migrations in order and stops at the first failure with a
+`MigrationError` naming the migration, the file (or revision) and the database's own error.
+The installer backs the database up before (database.backup) and restores it on failure.
+
+- One run at a time per database: a PostgreSQL SESSION advisory lock
+  (`database.ADVISORY_LOCK_KEY`) is held on a connection of our own for the whole run, every
+  kind included, so two installers never migrate the same database concurrently (the second
+  waits, up to LOCK_WAIT, then fails with LockedError). database.restore takes the same key.
+  SQLite: an exclusive flock on the database file itself for the run.
+- kind "sql": every `*.sql` in `path` (relative to the release's files dir), in lexical order
+  of file name. A ledger table `bundler_migrations(migration, file, sha256, applied_at)`
+  records what was applied. Each file runs in ONE transaction together with its ledger row:
+  a failing file leaves nothing of itself behind, and files before it stay applied. An applied
+  file whose sha256 no longer matches its ledger row (edited after it was applied) is refused
+  before anything runs. A file must not hold BEGIN/COMMIT/ROLLBACK of its own (refused: it
+  would commit half a file), nor statements that cannot run in a transaction block (CREATE
+  INDEX CONCURRENTLY: the database says so, and the file is rolled back).
+- kind "alembic": `<venv>/bin/alembic upgrade head` with cwd = `path` (the directory holding
+  alembic.ini). The database URL is passed in the environment as DATABASE_URL, exactly as the
+  profile gives it (the URL the application uses); the project's env.py must read it (e.g.
+  `config.set_main_option("sqlalchemy.url", os.environ["DATABASE_URL"])`). Never as
+  `-x url=...`: argv is visible to every user of the host. Newly applied revisions are read
+  from alembic's "Running upgrade A -> B" log lines (alembic.ini's default logging config).
+- kind "command": e.g. ("npx", "prisma", "migrate", "deploy"), run with cwd = the files dir
+  and DATABASE_URL set the same way. Prisma's "Applying migration `X`" lines are reported.
+
+For alembic and command, `<venv>/bin` (when a venv is given) is put first on PATH, and the
+migration's own env pairs are applied last. Output quoted in errors has the password scrubbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bundler import proc
+from bundler.errors import CommandError, LockedError, MigrationError
+from bundler.install import database
+from bundler.install.database import Database
+
+LEDGER = "bundler_migrations"
+# Seconds to wait for another installer's migration run before giving up.
+LOCK_WAIT = 600
+COMMAND_TIMEOUT = 3600.0
+
+Log = Callable[[str], None]
+
+_TXN_CONTROL = re.compile(
+    r"^[ \t]*(BEGIN|START[ \t]+TRANSACTION|COMMIT|ROLLBACK|END[ \t]+TRANSACTION)"
+    r"([ \t]+(WORK|TRANSACTION|ISOLATION[^;\n]*))?[ \t]*;",
+    re.IGNORECASE | re.MULTILINE)
+_ALEMBIC_STEP = re.compile(r"Running upgrade ([^\s,]*) -> ([^\s,]+)(?:, (.*))?")
+_PRISMA_STEP = re.compile(r"Applying migration `([^`]+)`")
+_ALEMBIC_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (upgrade|downgrade)')
+_EXC_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Failure)\b.*)$")
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    kind: str  # "alembic" | "sql" | "command"
+    path: str | None = None
+    command: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    name: str
+    kind: str
+    applied: tuple[str, ...]  # sql files / alembic revisions / prisma migrations newly applied
+    detail: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "kind": self.kind, "applied": list(self.applied),
+                "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class SqlFile:
+    name: str
+    path: Path
+    sha256: str
+    text: str
+
+
+# --------------------------------------------------------------------------- entry points
+
+def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Path | None,
+        env: Mapping[str, str], log: Log) -> list[MigrationResult]:
+    """Apply `migrations` in order, holding the database's migration lock for the whole run."""
+    if not migrations:
+        return []
+    names = [m.name for m in migrations]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise MigrationError(f"two migrations are named {dup!r}",
+                             hint="give every migration its own name: the ledger keys on it")
+    sql_sets = {m.name: _sql_files(m, files_dir) for m in migrations if m.kind == "sql"}
+    for m in migrations:
+        _validate(m, files_dir, venv)
+    results: list[MigrationResult] = []
+    with _session(db, env, log) as ledger:
+        # Under the lock, before anything runs: no applied file may have been edited since.
+        for m in migrations:
+            if m.kind == "sql":
+                _refuse_edited(m, sql_sets[m.name], ledger.read(m.name))
+        for m in migrations:
+            started = time.monotonic()
+            if m.kind == "sql":
+                result = ledger.apply(m, sql_sets[m.name], log)
+            elif m.kind == "alembic":
+                result = _alembic(m, db, files_dir, venv, env, log)
+            else:
+                result = _command(m, db, files_dir, venv, env, log)
+            log(f"migration {m.name} ({m.kind}): {result.detail} "
+                f"[{time.monotonic() - started:.1f}s]")
+            results.append(result)
+    return results
+
+
+def pending(migrations: Sequence[Migration], db: Database, files_dir: Path,
+            venv: Path | None, env: Mapping[str, str]) -> list[MigrationResult]:
+    """What `run` would apply, for reports; reads the database, changes nothing.
+
+    sql: the files not in the ledger (an edited applied file raises MigrationError, as `run`
+    would). alembic: `alembic current` vs `alembic heads`. command: unknown in advance.
+    """
+    out: list[MigrationResult] = []
+    for m in migrations:
+        _validate(m, files_dir, venv)
+        if m.kind == "sql":
+            files = _sql_files(m, files_dir)
+            applied = _read_ledger(db, env, m.name)
+            _refuse_edited(m, files, applied)
+            todo = tuple(f.name for f in files if f.name not in applied)
+            out.append(MigrationResult(m.name, m.kind, todo, f"{len(todo)} file(s) pending"))
+        elif m.kind == "alembic":
+            current = _alembic_call(m, db, files_dir, venv, env, ["current"])
+            heads = _alembic_call(m, db, files_dir, venv, env, ["heads"])
+            cur = _revisions(current.output)
+            head = _revisions(heads.output)
+            todo = () if set(head) <= set(cur) else tuple(head)
+            out.append(MigrationResult(m.name, m.kind, todo,
+                                       f"current {', '.join(cur) or 'none'}, "
+                                       f"head {', '.join(head) or 'none'}"))
+        else:
+            out.append(MigrationResult(m.name, m.kind, (),
+                                       "runs on every install; the command decides"))
+    return out
+
+
+# --------------------------------------------------------------------------- checks
+
+def _validate(m: Migration, files_dir: Path, venv: Path | None) -> None:
+    if m.kind == "sql":
+        return
+    if m.kind == "alembic":
+        ini = _within(files_dir, m, m.path or ".") / "alembic.ini"
+        if not ini.is_file():
+            raise MigrationError(f"migration {m.name}: no alembic.ini in {m.path or '.'}",
+                                 hint="set the migration's path to the directory holding "
+                                      "alembic.ini, relative to the release's files")
+        return
+    if m.kind == "command":
+        if not m.command:
+            raise MigrationError(f"migration {m.name}: no command given",
+                                 hint="give the migration a command, e.g. "
+                                      "[npx, prisma, migrate, deploy]")
+        return
+    raise MigrationError(f"migration {m.name}: unknown kind {m.kind!r}",
+                         hint="use one of: alembic, sql, command")
+
+
+def _within(files_dir: Path, m: Migration, rel: str) -> Path:
+    base = files_dir.resolve()
+    path = (base / rel).resolve()
+    if path != base and base not in path.parents:
+        raise MigrationError(f"migration {m.name}: path {rel!r} leaves the release's files",
+                             hint="use a path relative to the release's files directory")
+    return path
+
+
+def _sql_files(m: Migration, files_dir: Path) -> list[SqlFile]:
+    directory = _within(files_dir, m, m.path or ".")
+    if not directory.is_dir():
+        raise MigrationError(f"migration {m.name}: {m.path!r} is not a directory of .sql files",
+                             hint="set the migration's path to the directory holding the "
+                                  "*.sql files, relative to the release's files")
+    files = []
+    for path in sorted(directory.glob("*.sql"), key=lambda p: p.name):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MigrationError(f"migration {m.name}: {path.name} is not UTF-8 text",
+                                 hint="save the file as UTF-8") from None
+        control = _TXN_CONTROL.search(text)
+        if control:
+            line = text.count("\n", 0, control.start()) + 1
+            raise MigrationError(
+                f"migration {m.name}: {path.name} line {line}: "
+                f"{control.group(0).strip()!r} controls the transaction itself",
+                hint="remove BEGIN/COMMIT/ROLLBACK from the file: bundler runs each file in "
+                     "one transaction together with its ledger row")
+        files.append(SqlFile(path.name, path, hashlib.sha256(data).hexdigest(), text))
+    return files
+
+
+def _refuse_edited(m: Migration, files: Sequence[SqlFile], applied: Mapping[str, str]) -> None:
+    for f in files:
+        recorded = applied.get(f.name)
+        if recorded is not None and recorded != f.sha256:
+            raise MigrationError(
+                f"migration {m.name}: {f.name} was changed after it was applied "
+                f"(ledger sha256 {recorded[:12]}…, file {f.sha256[:12]}…); nothing was applied",
+                hint="never edit an applied migration: restore the file as it was and put the "
+                     "change in a new file that sorts after it")
+
+
+# --------------------------------------------------------------------------- the ledger
+
+class _Ledger:
+    """The connection that holds the migration lock, and applies sql files through it."""
+
+    def __init__(self, db: Database, conn: Any) -> None:
+        self.db = db
+        self.conn = conn
+
+    @property
+    def postgres(self) -> bool:
+        return self.db.kind == "postgresql"
+
+    def read(self, migration: str) -> dict[str, str]:
+        if self.postgres:
+            rows = self.conn.execute(
+                f"SELECT file, sha256 FROM public.{LEDGER} WHERE migration = %s",
+                (migration,)).fetchall()
+        else:
+            rows = self.conn.execute(f"SELECT file, sha256 FROM {LEDGER} WHERE migration = ?",
+                                     (migration,)).fetchall()
+        return {str(f): str(s) for f, s in rows}
+
+    def apply(self, m: Migration, files: Sequence[SqlFile], log: Log) -> MigrationResult:
+        applied = self.read(m.name)
+        _refuse_edited(m, files, applied)
+        todo = [f for f in files if f.name not in applied]
+        last_applied = max(applied, default="")
+        for f in todo:
+            if f.name < last_applied:
+                log(f"migration {m.name}: {f.name} sorts before the already applied "
+                    f"{last_applied}; applying it now")
+            log(f"migration {m.name}: applying {f.name}")
+            if self.postgres:
+                self._apply_pg(m, f)
+            else:
+                self._apply_sqlite(m, f)
+        names = tuple(f.name for f in todo)
+        detail = (f"applied {len(names)} file(s), {len(files) - len(names)} already applied"
+                  if names else f"up to date ({len(files)} file(s) applied before)")
+        return MigrationResult(m.name, m.kind, names, detail)
+
+    def _apply_pg(self, m: Migration, f: SqlFile) -> None:
+        import psycopg
+        from psycopg.pq import TransactionStatus
+
+        try:
+            with self.conn.transaction():
+                self.conn.execute(f.text)  # no parameters: sent as one simple-protocol query
+                if self.conn.info.transaction_status != TransactionStatus.INTRANS:
+                    raise MigrationError(
+                        f"migration {m.name}: {f.name} ended the transaction itself (COMMIT "
+                        "or ROLLBACK inside it): the file may be partly applied",
+                        hint="remove transaction control from the file; restore the backup")
+                self.conn.execute(
+                    f"INSERT INTO public.{LEDGER} (migration, file, sha256) VALUES (%s, %s, %s)",
+                    (m.name, f.name, f.sha256))
+        except psycopg.Error as exc:
+            raise MigrationError(
+                f"migration {m.name}: {f.name}{_pg_location(exc, f.text)}: "
+                f"{_pg_message(exc)}; this file was rolled back, earlier ones stay applied"
+            ) from None
+
+    def _apply_sqlite(self, m: Migration, f: SqlFile) -> None:
+        def q(value: str) -> str:
+            return "'" + value.replace("'", "''") + "'"
+
+        script = (f"BEGIN IMMEDIATE;\n{f.text}\n;\n"
+                  f"INSERT INTO {LEDGER} (migration, file, sha256, applied_at) VALUES "
+                  f"({q(m.name)}, {q(f.name)}, {q(f.sha256)}, "
+                  f"strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));\nCOMMIT;\n")
+        try:
+            self.conn.executescript(script)
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise MigrationError(
+                f"migration {m.name}: {f.name}: sqlite: {exc}; this file was rolled back, "
+                "earlier ones stay applied") from None
+
+
+def _pg_message(exc: Any) -> str:
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    return str(primary or database.first_line(str(exc)))
+
+
+def _pg_location(exc: Any, text: str) -> str:
+    diag = getattr(exc, "diag", None)
+    position = getattr(diag, "statement_position", None) if diag is not None else None
+    if not position:
+        return ""
+    with contextlib.suppress(ValueError):
+        return f" line {text.count(chr(10), 0, int(position) - 1) + 1}"
+    return ""
+
+
+def _create_ledger(db: Database, conn: Any) -> None:
+    if db.kind == "postgresql":
+        conn.execute(f"""CREATE TABLE IF NOT EXISTS public.{LEDGER} (
+            migration text NOT NULL,
+            file text NOT NULL,
+            sha256 text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (migration, file))""")
+    else:
+        conn.execute(f"""CREATE TABLE IF NOT EXISTS {LEDGER} (
+            migration TEXT NOT NULL,
+            file TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            applied_at TEXT NOT NULL,
+            PRIMARY KEY (migration, file))""")
+
+
+def _read_ledger(db: Database, env: Mapping[str, str], migration: str) -> dict[str, str]:
+    if db.kind == "postgresql":
+        with database.connect(db, env) as conn:
+            if conn.execute("SELECT to_regclass(%s)", (f"public.{LEDGER}",)).fetchone()[0] is None:
+                return {}
+            return _Ledger(db, conn).read(migration)
+    path = database.sqlite_path(db)
+    if not path.exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as sconn:
+        if sconn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (LEDGER,)).fetchone():
+            return _Ledger(db, sconn).read(migration)
+    return {}
+
+
+@contextlib.contextmanager
+def _session(db: Database, env: Mapping[str, str], log: Log) -> Iterator[_Ledger]:
+    """The migration lock for the whole run, and the ledger connection under it."""
+    if db.kind == "postgresql":
+        import psycopg
+
+        with database.connect(db, env) as conn:
+            key = database.ADVISORY_LOCK_KEY
+            if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+                log(f"another installer is migrating {db.display}: waiting up to {LOCK_WAIT}s")
+                conn.execute(f"SET lock_timeout = '{LOCK_WAIT}s'")
+                try:
+                    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+                except psycopg.errors.LockNotAvailable:
+                    raise LockedError(
+                        f"another installer has been migrating {db.display} for over "
+                        f"{LOCK_WAIT}s", hint="wait for it to finish, then install again"
+                    ) from None
+                conn.execute("RESET lock_timeout")
+            try:
+                try:
+                    _create_ledger(db, conn)
+                except psycopg.Error as exc:
+                    raise MigrationError(
+                        f"cannot create the migration ledger public.{LEDGER} in {db.display}: "
+                        f"{_pg_message(exc)}",
+                        hint="the database user needs CREATE on schema public") from None
+                yield _Ledger(db, conn)
+            finally:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        return
+    path = database.sqlite_path(db)
+    with contextlib.closing(sqlite3.connect(path, timeout=60, isolation_level=None)) as sconn:
+        try:
+            _create_ledger(db, sconn)  # also creates the file when there is none yet
+        except sqlite3.Error as exc:
+            raise MigrationError(f"cannot create the migration ledger in {path}: {exc}",
+                                 hint="check that the database file is writable") from None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"another installer is migrating {path}: waiting")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield _Ledger(db, sconn)
+        finally:
+            os.close(fd)  # releases the flock
+
+
+# --------------------------------------------------------------------------- alembic, command
+
+def _child_env(m: Migration, db: Database, venv: Path | None,
+               env: Mapping[str, str]) -> dict[str, str]:
+    child = proc.clean_env(env)
+    child["DATABASE_URL"] = db.url
+    if db.kind == "postgresql":
+        password = database.pg_target(db).password
+        if password and "PGPASSWORD" not in child:
+            child["PGPASSWORD"] = password
+    if venv is not None:
+        child["PATH"] = f"{venv / 'bin'}{os.pathsep}{child.get('PATH', os.defpath)}"
+        child["VIRTUAL_ENV"] = str(venv)
+    child.update(dict(m.env))
+    return child
+
+
+def _scrub(db: Database, text: str) -> str:
+    if db.kind == "postgresql":
+        return database.pg_target(db).scrub(text)
+    return database.redact(text)
+
+
+def _error_line(output: str) -> str:
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        match = _EXC_LINE.match(line)
+        if match:
+            return match.group(1).strip()
+    for line in lines:
+        if re.search(r"\berror\b", line, re.IGNORECASE):
+            return line.strip()
+    return lines[-1].strip() if lines else "no output"
+
+
+def _tail(db: Database, result: proc.Result) -> str:
+    return _scrub(db, result.tail())
+
+
+def _alembic_call(m: Migration, db: Database, files_dir: Path, venv: Path | None,
+                  env: Mapping[str, str], args: Sequence[str],
+                  timeout: float = COMMAND_TIMEOUT) -> proc.Result:
+    cwd = _within(files_dir, m, m.path or ".")
+    exe = str(venv / "bin" / "alembic") if venv is not None else "alembic"
+    try:
+        return proc.run([exe, *args], cwd=cwd, env=_child_env(m, db, venv, env),
+                        timeout=timeout, check=False, what=f"migration {m.name}")
+    except CommandError as exc:
+        raise MigrationError(f"migration {m.name}: {_scrub(db, exc.message)}",
+                             hint="install alembic into the release's Python environment "
+                                  "(list it in the profile's requirements)") from None
+
+
+def _revisions(output: str) -> list[str]:
+    found = []
+    for line in output.splitlines():
+        match = re.match(r"^([0-9A-Za-z_]+)(?: \(.*\))?\s*$", line.strip())
+        if match and not line.startswith(("INFO", "WARN")):
+            found.append(match.group(1))
+    return found
+
+
+def _alembic(m: Migration, db: Database, files_dir: Path, venv: Path | None,
+             env: Mapping[str, str], log: Log) -> MigrationResult:
+    log(f"migration {m.name}: alembic upgrade head in {m.path or '.'}")
+    result = _alembic_call(m, db, files_dir, venv, env, ["upgrade", "head"])
+    steps = _ALEMBIC_STEP.findall(result.output)
+    applied = tuple(new for _, new, _ in steps)
+    if result.returncode != 0:
+        where = ""
+        frames = _ALEMBIC_FRAME.findall(result.output)
+        if steps:
+            _, new, message = steps[-1]
+            where = f" revision {new}" + (f" ({message})" if message else "")
+        if frames:
+            where += f" in {Path(frames[-1][0]).name} line {frames[-1][1]}"
+        raise MigrationError(
+            f"migration {m.name}: alembic upgrade failed{where}: "
+            f"{_scrub(db, _error_line(result.output))}\n{_tail(db, result)}")
+    detail = (f"alembic applied {', '.join(applied)}" if applied
+              else "alembic: already at head")
+    return MigrationResult(m.name, m.kind, applied, detail)
+
+
+def _command(m: Migration, db: Database, files_dir: Path, venv: Path | None,
+             env: Mapping[str, str], log: Log) -> MigrationResult:
+    log(f"migration {m.name}: running {' '.join(m.command)}")
+    try:
+        result = proc.run(list(m.command), cwd=files_dir, env=_child_env(m, db, venv, env),
+                          timeout=COMMAND_TIMEOUT, check=False, what=f"migration {m.name}")
+    except CommandError as exc:
+        raise MigrationError(f"migration {m.name}: {_scrub(db, exc.message)}",
+                             hint=exc.hint) from None
+    if result.returncode != 0:
+        raise MigrationError(
+            f"migration {m.name}: {m.command[0]} failed (exit {result.returncode}): "
+            f"{_scrub(db, _error_line(result.output))}\n{_tail(db, result)}")
+    applied = tuple(_PRISMA_STEP.findall(result.output))
+    last = database.first_line("\n".join(reversed(result.output.strip().splitlines())))
+    detail = (f"applied {', '.join(applied)}" if applied
+              else f"{m.command[0]} ok" + (f": {_scrub(db, last)}" if last else ""))
+    return MigrationResult(m.name, m.kind, applied, detail)

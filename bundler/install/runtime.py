@@ -1,0 +1,85 @@
+"""The runtimes a release can use, behind one interface: supervised processes and/or a
+docker compose project. The installer, recovery and control commands only call this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bundler import ui
+from bundler.install import compose_runtime as cr
+from bundler.install import environ, process_runtime
+from bundler.install.layout import Layout, ReleaseDir
+from bundler.models import ComposeSpec
+
+
+@dataclass(frozen=True)
+class UnitState:
+    name: str
+    running: bool
+    detail: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "running": self.running, "detail": self.detail}
+
+
+def _compose(layout: Layout, rel: ReleaseDir, spec: ComposeSpec, product: str
+             ) -> tuple[cr.ComposeProject, cr.ComposeTool]:
+    manifest = rel.manifest()
+    assert manifest is not None
+    env = environ.release_env(layout, manifest.runtime.env, rel.environment())
+    env_file = environ.shared_env_file(layout)
+    project = cr.ComposeProject(
+        name=spec.project or cr.project_name(product),
+        files=tuple(rel.files / f for f in spec.files),
+        workdir=(rel.files / spec.files[0]).parent,
+        env_file=env_file if env_file.is_file() else None,
+        env=env.values)
+    return project, cr.detect(spec.tool)
+
+
+def start(layout: Layout, version: str) -> None:
+    """Start (or update in place, for compose) everything release `version` runs."""
+    rel = ReleaseDir(layout.release(version))
+    m = rel.manifest()
+    assert m is not None, f"release {version} has no manifest"
+    if m.runtime.compose is not None:
+        project, tool = _compose(layout, rel, m.runtime.compose, m.name)
+        cr.up(project, tool, ui.note)
+    process_runtime.start(m.runtime.services, layout, rel, m.runtime.env, rel.environment())
+
+
+def stop(layout: Layout, version: str, keep_compose: bool = False) -> None:
+    """Stop what release `version` runs. `keep_compose`: leave its compose project up (an
+    upgrade to a release that is also a compose project recreates only what changed)."""
+    rel = ReleaseDir(layout.release(version))
+    m = rel.manifest()
+    if m is None:
+        return
+    process_runtime.stop(m.runtime.services, rel)
+    if m.runtime.compose is not None and not keep_compose:
+        project, tool = _compose(layout, rel, m.runtime.compose, m.name)
+        cr.down(project, tool, ui.note)
+
+
+def uses_compose(layout: Layout, version: str | None) -> bool:
+    if version is None:
+        return False
+    m = ReleaseDir(layout.release(version)).manifest()
+    return m is not None and m.runtime.compose is not None
+
+
+def states(layout: Layout, version: str) -> list[UnitState]:
+    rel = ReleaseDir(layout.release(version))
+    m = rel.manifest()
+    if m is None:
+        return []
+    out = [UnitState(s.name, s.running, f"supervisor pid {s.pid}" if s.pid else "stopped")
+           for s in process_runtime.states(m.runtime.services, rel)]
+    if m.runtime.compose is not None:
+        project, tool = _compose(layout, rel, m.runtime.compose, m.name)
+        for c in cr.ps(project, tool):
+            detail = c.status + (f", {c.health}" if c.health else "")
+            out.append(UnitState(f"compose:{c.name}", c.running and c.health in (None,
+                                                                                  "healthy"),
+                                 detail))
+    return out

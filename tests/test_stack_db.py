@@ -1,0 +1,147 @@
+"""The database path end to end, against a real PostgreSQL reached by its unix socket from
+inside `unshare -n`: backup, SQL migrations, a failing migration and a failing health check
+(both restore the database exactly), and a kill -9 in the middle of a migration."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import pg_fixtures
+from tests.helpers import Project, bundle, bundle_argv, offline
+from tests.pg_fixtures import PgCluster, snapshot
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+DB_PROFILE = """\
+env:
+  required: [DATABASE_URL]
+  secret: [DATABASE_URL]
+database:
+  url: ${DATABASE_URL}
+migrations:
+  - {name: schema, sql: app/db/migrations}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PgCluster]:
+    with pg_fixtures.cluster_session() as c:
+        yield c
+
+
+@pytest.fixture
+def dburl(cluster: PgCluster) -> Iterator[str]:
+    name = cluster.create_database()
+    yield cluster.url(name)
+    cluster.drop_database(name)
+
+
+def state_of(cluster: PgCluster, url: str) -> dict[str, Any]:
+    with cluster.connect(url.split("@/")[1].split("?")[0]) as conn:
+        return snapshot(conn)
+
+
+def migration(project: Project, name: str, sql: str) -> None:
+    d = project.dir / "app" / "db" / "migrations"  # shipped with the app's files
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_text(sql)
+
+
+def build(project: Project, keys: tuple[Path, Path], cache: Path, version: str, seq: int,
+          healthy: bool = True, extra: str = "") -> Path:
+    profile = project.profile(version, healthy=healthy, sequence=seq,
+                              extra=DB_PROFILE + extra)
+    result = bundle("build", profile, "--key", keys[0], "--out", project.dir / "dist",
+                    "--cache-dir", cache, "--json")
+    assert result.rc == 0, result.err
+    return Path(json.loads(result.out)["bundle"])
+
+
+def test_migrations_failures_restore_the_database(
+        project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
+        cluster: PgCluster, dburl: str, roots: list[Path]) -> None:
+    migration(project, "001_items.sql",
+              "CREATE TABLE items (id int PRIMARY KEY, name text);\n"
+              "INSERT INTO items VALUES (1, 'a'), (2, 'b'), (3, 'c');\n")
+    v1 = build(project, keys, cache_dir, "1.0.0", 1)
+    migration(project, "002_price.sql",
+              "ALTER TABLE items ADD COLUMN price int DEFAULT 0;\n"
+              "INSERT INTO items VALUES (4, 'd', 10);\n")
+    v2 = build(project, keys, cache_dir, "2.0.0", 2)
+    migration(project, "003_bad.sql",
+              "CREATE TABLE half (x int);\nINSERT INTO items VALUES (5, 'e', 1);\n"
+              "SELECT no_such_function();\n")
+    v3 = build(project, keys, cache_dir, "3.0.0", 3)
+    (project.dir / "app" / "db" / "migrations" / "003_bad.sql").unlink()
+    migration(project, "003_ok.sql", "CREATE TABLE audit (at timestamptz);\n"
+                                     "UPDATE items SET price = 99;\n")
+    v3b = build(project, keys, cache_dir, "3.0.1", 4, healthy=False)
+
+    root = tmp_path / "target"
+    roots.append(root)
+    (root / "shared").mkdir(parents=True)
+    (root / "shared" / ".env").write_text(f"DATABASE_URL={dburl}\n")
+    trust = ["--trust", keys[1], "--root", root]
+    r1, r2 = offline(bundle_argv("install", v1, *trust), bundle_argv("install", v2, *trust))
+    assert r1.rc == 0, r1.err
+    assert r2.rc == 0, r2.err
+    after_v2 = state_of(cluster, dburl)
+    with cluster.connect(dburl.split("@/")[1].split("?")[0]) as conn:
+        assert conn.execute("SELECT count(*), sum(price) FROM items").fetchone() == (4, 10)
+
+    r3, s3 = offline(bundle_argv("install", v3, *trust),
+                     bundle_argv("status", "--root", root, "--json"))
+    assert r3.rc == 17, r3.err  # a failed migration: rolled back, with its own exit code
+    assert "003_bad.sql" in r3.err and "rolled back to 2.0.0" in r3.err
+    assert "Restoring the database" in r3.err
+    assert state_of(cluster, dburl) == after_v2  # schema and rows exactly as before v3
+    assert json.loads(s3.out)["current"]["version"] == "2.0.0"
+    assert json.loads(s3.out)["healthy"] is True
+
+    r4, s4 = offline(bundle_argv("install", v3b, *trust),
+                     bundle_argv("status", "--root", root, "--json"))
+    assert r4.rc == 12, r4.err
+    assert "health check 'web' failed" in r4.err
+    assert state_of(cluster, dburl) == after_v2  # 003_ok.sql ran, and was undone
+    assert json.loads(s4.out)["healthy"] is True
+
+    hist = json.loads(bundle("history", "--root", root, "--json").out)["events"]
+    steps = [(e["version"], e["step"], e["status"]) for e in hist]
+    assert ("3.0.0", "migrate", "failed") in steps and ("3.0.0", "restore", "done") in steps
+    assert ("3.0.1", "restore", "done") in steps
+
+
+def test_kill_9_during_a_migration_is_restored_on_rerun(
+        project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
+        cluster: PgCluster, dburl: str, roots: list[Path]) -> None:
+    migration(project, "001_items.sql", "CREATE TABLE items (id int);\n"
+                                        "INSERT INTO items VALUES (1);\n")
+    v1 = build(project, keys, cache_dir, "1.0.0", 1)
+    # The migration changes the database, then its installer dies (as on a power cut).
+    crash = ("  - name: crash\n    command: [sh, -c, 'psql \"$DATABASE_URL\" -qc "
+             "\"CREATE TABLE half (x int)\" && kill -9 $PPID']\n")
+    v2 = build(project, keys, cache_dir, "2.0.0", 2, extra=crash)
+    root = tmp_path / "target"
+    roots.append(root)
+    (root / "shared").mkdir(parents=True)
+    (root / "shared" / ".env").write_text(f"DATABASE_URL={dburl}\n")
+    trust = ["--trust", keys[1], "--root", root]
+    (r1,) = offline(bundle_argv("install", v1, *trust))
+    assert r1.rc == 0, r1.err
+    before = state_of(cluster, dburl)
+    (crashed,) = offline(bundle_argv("install", v2, *trust))
+    assert crashed.rc == -signal.SIGKILL, crashed.err
+    assert state_of(cluster, dburl) != before  # half-migrated
+    rerun, status = offline(bundle_argv("install", v1, *trust),
+                            bundle_argv("status", "--root", root, "--json"))
+    assert rerun.rc == 0, rerun.err
+    assert "interrupted during migrate" in rerun.err
+    assert state_of(cluster, dburl) == before
+    st = json.loads(status.out)
+    assert st["current"]["version"] == "1.0.0" and st["healthy"] is True
