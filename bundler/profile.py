@@ -56,6 +56,18 @@ class PythonSpec:
     find_links: tuple[str, ...] = ()
     no_index: bool = False
 
+    def index_args(self) -> list[str]:
+        """Where to look for packages, as pip / pip-compile / uv options: from the profile
+        only (host pip configuration is never used)."""
+        args: list[str] = ["--no-index"] if self.no_index else []
+        if self.index_url:
+            args += ["--index-url", self.index_url]
+        for url in self.extra_index_urls:
+            args += ["--extra-index-url", url]
+        for link in self.find_links:
+            args += ["--find-links", link]
+        return args
+
 
 @dataclass(frozen=True)
 class FileSpec:

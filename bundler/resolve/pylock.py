@@ -68,19 +68,6 @@ def uv_platform(target: Target) -> str:
     return f"{arch}-unknown-linux-gnu"
 
 
-def _index_args(spec: PythonSpec) -> list[str]:
-    args: list[str] = []
-    if spec.no_index:
-        args.append("--no-index")
-    if spec.index_url:
-        args += ["--index-url", spec.index_url]
-    for url in spec.extra_index_urls:
-        args += ["--extra-index-url", url]
-    for link in spec.find_links:
-        args += ["--find-links", link]
-    return args
-
-
 def _uv() -> str:
     here = Path(sys.executable).parent / "uv"
     found = str(here) if here.exists() else shutil.which("uv")
@@ -102,7 +89,7 @@ def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir
                 "--generate-hashes", "--allow-unsafe", "--strip-extras", "--no-emit-index-url",
                 "--resolver", "backtracking", "--cache-dir", str(cache_dir / "pip-tools"),
                 "--pip-args", "--isolated --only-binary=:all:",
-                "--output-file", str(out), *_index_args(spec), str(source)]
+                "--output-file", str(out), *spec.index_args(), str(source)]
         env = proc.clean_env()
     else:
         log(f"locking {source.name} with uv for CPython {target.python} on {target.platform}")
@@ -110,7 +97,7 @@ def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir
                 "--python-version", target.python, "--python-platform", uv_platform(target),
                 "--only-binary", ":all:", "--no-annotate", "--no-emit-index-url",
                 "--output-file", str(out),
-                *_index_args(spec), str(source)]
+                *spec.index_args(), str(source)]
         env = proc.clean_env({"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never",
                               "UV_CACHE_DIR": str(cache_dir / "uv"),
                               "HOME": os.environ.get("HOME", "/root")})

@@ -276,15 +276,7 @@ def _pip_download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: P
                        "--retries", "5", "--progress-bar", "off", "-r", str(req_file)]
     for plat in tgt.platforms(target):
         args += ["--platform", plat]
-    if spec.no_index:
-        args.append("--no-index")
-    if spec.index_url:
-        args += ["--index-url", spec.index_url]
-    for url in spec.extra_index_urls:
-        args += ["--extra-index-url", url]
-    for link in spec.find_links:
-        args += ["--find-links", link]
-    proc.run(args, what="pip download", timeout=1800)
+    proc.run([*args, *spec.index_args()], what="pip download", timeout=1800)
 
 
 def _no_wheel_error(pins: Sequence[Pin], spec: PythonSpec, target: Target) -> BuildError:
