@@ -145,3 +145,126 @@ def test_kill_9_during_a_migration_is_restored_on_rerun(
     assert state_of(cluster, dburl) == before
     st = json.loads(status.out)
     assert st["current"]["version"] == "1.0.0" and st["healthy"] is True
+
+
+def test_postgres_health_check_against_the_real_server(cluster: PgCluster, dburl: str) -> None:
+    from bundler.install.environ import ReleaseEnv
+    from bundler.install.health import run_check
+    from bundler.models import HealthCheck
+
+    env = ReleaseEnv("production", (("DATABASE_URL", dburl),), frozenset({"DATABASE_URL"}))
+    check = HealthCheck(name="db", kind="postgres", target="${DATABASE_URL}", retries=1)
+    assert run_check(check, env).ok
+    gone = ReleaseEnv("production", (("DATABASE_URL", dburl.replace("/t_", "/nope_")),),
+                      frozenset())
+    result = run_check(check, gone)
+    assert not result.ok and "does not exist" in result.detail
+
+
+# What `alembic init` writes, trimmed: the logging sections make alembic say what it ran.
+ALEMBIC_INI = """\
+[alembic]
+script_location = models
+
+[loggers]
+keys = root,alembic
+
+[handlers]
+keys = console
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = WARN
+handlers = console
+
+[logger_alembic]
+level = INFO
+handlers =
+qualname = alembic
+
+[handler_console]
+class = StreamHandler
+args = (sys.stderr,)
+formatter = generic
+
+[formatter_generic]
+format = %(levelname)-5.5s [%(name)s] %(message)s
+"""
+
+ALEMBIC_ENV = """\
+import os
+from logging.config import fileConfig
+
+from alembic import context
+from sqlalchemy import create_engine
+
+fileConfig(context.config.config_file_name)
+url = os.environ["DATABASE_URL"].replace("postgresql://", "postgresql+psycopg://", 1)
+with create_engine(url).connect() as connection:
+    context.configure(connection=connection, target_metadata=None)
+    with context.begin_transaction():
+        context.run_migrations()
+"""
+
+ALEMBIC_REVISION = """\
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+
+
+def upgrade():
+    op.create_table("widgets", sa.Column("id", sa.Integer, primary_key=True))
+
+
+def downgrade():
+    op.drop_table("widgets")
+"""
+
+
+@pytest.mark.network
+def test_upgrade_with_alembic_and_sql_migrations(
+        project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
+        cluster: PgCluster, dburl: str, roots: list[Path]) -> None:
+    """alembic runs from the release's own venv, filled offline from bundled wheels."""
+    migration(project, "001_items.sql", "CREATE TABLE items (id int);\n")
+    v1 = build(project, keys, cache_dir, "1.0.0", 1)
+    alembic_dir = project.dir / "app" / "db"
+    (alembic_dir / "alembic.ini").write_text(ALEMBIC_INI)
+    (alembic_dir / "models" / "versions").mkdir(parents=True)
+    (alembic_dir / "models" / "env.py").write_text(ALEMBIC_ENV)
+    (alembic_dir / "models" / "versions" / "0001_widgets.py").write_text(ALEMBIC_REVISION)
+    migration(project, "002_more.sql", "ALTER TABLE items ADD COLUMN name text;\n")
+    (project.dir / "requirements.in").write_text(
+        "tinygreet\nalembic\nsqlalchemy\npsycopg[binary]\n")
+    profile = project.profile("2.0.0", sequence=2, extra=DB_PROFILE + (
+        "  - {name: models, alembic: app/db}\n"))
+    text = profile.read_text().replace(
+        "  requirements: requirements.txt\n  find_links: [wheelhouse]\n  no_index: true\n",
+        "  requirements_in: requirements.in\n  find_links: [wheelhouse]\n")
+    profile.write_text(text)
+    built = bundle("build", profile, "--key", keys[0], "--out", project.dir / "dist",
+                   "--cache-dir", cache_dir, "--json")
+    assert built.rc == 0, built.err
+    v2 = Path(json.loads(built.out)["bundle"])
+    root = tmp_path / "target"
+    roots.append(root)
+    (root / "shared").mkdir(parents=True)
+    (root / "shared" / ".env").write_text(f"DATABASE_URL={dburl}\n")
+    trust = ["--trust", keys[1], "--root", root]
+    r1, r2 = offline(bundle_argv("install", v1, *trust), bundle_argv("install", v2, *trust))
+    assert r1.rc == 0, r1.err
+    assert r2.rc == 0, r2.err
+    with cluster.connect(dburl.split("@/")[1].split("?")[0]) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0001",)
+        cols = conn.execute("SELECT column_name FROM information_schema.columns "
+                            "WHERE table_name = 'items' ORDER BY 1").fetchall()
+        assert cols == [("id",), ("name",)]
+        assert conn.execute("SELECT to_regclass('widgets')").fetchone() == ("widgets",)
+    events = json.loads(bundle("history", "--root", root, "--json").out)["events"]
+    applied = [e["detail"] for e in events if (e["version"], e["step"], e["status"]) ==
+               ("2.0.0", "migrate", "applied")]
+    assert applied and "002_more.sql" in applied[0] and "0001" in applied[0]

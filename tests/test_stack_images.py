@@ -57,9 +57,14 @@ def test_images_build_offline_from_cache_and_load_on_the_target(
 
         dfx.remove_images(engine, pair.a, pair.b, pair.base)
         root = tmp_path / "target"
-        (install,) = offline(bundle_argv("install", tmp_path / "out" / "shop-1.0.0.bundle",
-                                         "--trust", keys[1], "--root", root))
+        install_argv = bundle_argv("install", tmp_path / "out" / "shop-1.0.0.bundle",
+                                   "--trust", keys[1], "--root", root)
+        # Killed (-9) as the image step starts; the re-run rolls that back and completes.
+        crashed, install = offline(["env", "BUNDLER_FAULT=kill:images", *install_argv],
+                                   install_argv)
+        assert crashed.rc == -9
         assert install.rc == 0, install.err
+        assert "rolled back: the install of 1.0.0 was interrupted during images" in install.err
         assert str(engine.api.inspect_image(pair.a)["Id"]) == pair.ids[pair.a]
         assert str(engine.api.inspect_image(pair.b)["Id"]) == pair.ids[pair.b]
         run = subprocess.run(["docker", "run", "--rm", "--network", "none", pair.a, "busybox",

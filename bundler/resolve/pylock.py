@@ -87,6 +87,7 @@ def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir
             f"({target.platform}, this host)")
         args = [sys.executable, "-m", "piptools", "compile", "--no-header",
                 "--generate-hashes", "--allow-unsafe", "--strip-extras", "--no-emit-index-url",
+                "--no-emit-find-links",
                 "--resolver", "backtracking", "--cache-dir", str(cache_dir / "pip-tools"),
                 "--pip-args", "--isolated --only-binary=:all:",
                 "--output-file", str(out), *spec.index_args(), str(source)]
