@@ -29,19 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import zstandard
 
-from tests.helpers import IN_CI, free_port
+from tests.helpers import free_port, unavailable
 
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 DOCKERD_LOG = Path("/tmp/bundler-test-dockerd.log")
 
 
-def unavailable(why: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{why}, and CI must run the docker tests (see scripts/ci-host-setup.sh)")
-    pytest.skip(why)
 
 
 def _connect() -> Any | None:

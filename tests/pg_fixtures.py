@@ -31,18 +31,11 @@ from typing import Any
 from urllib.parse import quote
 
 import psycopg
-import pytest
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from tests.helpers import unavailable
+
 PW_USER = "pwuser"
 PW_PASSWORD = "pw-S3cret:/@x"  # URL-hostile on purpose: must be quoted, and never shown
-
-
-def unavailable(why: str) -> None:
-    if IN_CI:
-        pytest.fail(f"{why}, and CI must run the PostgreSQL tests "
-                    "(see scripts/ci-host-setup.sh)")
-    pytest.skip(why)
 
 
 def find_bindir() -> Path | None:

@@ -27,7 +27,7 @@ from bundler.cache import Cache
 from bundler.errors import BuildError
 from bundler.resolve import npm as npmmod
 from bundler.resolve.npm import NpmFetched, NpmPackage, NpmSpec, fetch
-from tests.helpers import IN_CI, offline
+from tests.helpers import offline, unavailable
 from tests.npm_registry import LocalPackage, LocalRegistry, local_registry, make_project
 
 pytestmark = pytest.mark.slow
@@ -35,9 +35,7 @@ pytestmark = pytest.mark.slow
 
 def _require_node() -> None:
     if shutil.which("npm") is None or shutil.which("node") is None:
-        if IN_CI:
-            pytest.fail("node and npm are required in CI")
-        pytest.skip("node and npm are not installed here")
+        unavailable("node and npm are not installed")
 
 
 def _index(body: str) -> dict[str, str]:

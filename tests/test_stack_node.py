@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IN_CI, bundle, bundle_argv, free_port, offline
+from tests.helpers import bundle, bundle_argv, free_port, offline, unavailable
 from tests.npm_registry import LocalPackage, LocalRegistry, local_registry, make_project
 
 pytestmark = pytest.mark.slow
@@ -30,9 +30,7 @@ SERVER_JS = textwrap.dedent("""\
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
     if shutil.which("node") is None or shutil.which("npm") is None:
-        if IN_CI:
-            pytest.fail("node and npm are required in CI")
-        pytest.skip("node/npm not installed")
+        unavailable("node and npm are not installed")
     packages = [LocalPackage("tiny-greeter", "1.2.0",
                              {"index.js": "exports.greet = () => 'hello from npm';\n"}),
                 LocalPackage("tiny-devtool", "0.1.0")]
