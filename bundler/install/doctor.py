@@ -51,8 +51,8 @@ def _ports(m: Manifest, env: environ.ReleaseEnv, current_running: bool) -> list[
         if not busy:
             rows.append(Row(f"port {port_text}", "ok", "free"))
         elif current_running:
-            rows.append(Row(f"port {port_text}", "ok", "in use by the current release, "
-                                                       "which the install replaces"))
+            rows.append(Row(f"port {port_text}", "ok", "in use (by the current release, "
+                                                       "which an install replaces)"))
         else:
             rows.append(Row(f"port {port_text}", "fail", "in use by another process"))
     return rows
@@ -120,6 +120,7 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
             database.check(conn, env.as_dict())
             return Row("database", "ok", f"reachable: {conn.display}")
         rows.append(_guard("database", db))
-    running = current is not None and m is not None
-    rows += _ports(target, env, running)
+    # With a current release its own ports are expected to be busy (it serves them, and an
+    # install replaces it); without one, a busy port belongs to someone else.
+    rows += _ports(target, env, current_running=current is not None)
     return rows
