@@ -78,7 +78,7 @@ def _write_tar(raw: BinaryIO | io.RawIOBase, envelope: bytes,
                progress: Progress | None) -> None:
     with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT,
                       bufsize=CHUNK) as tar:
-        tar.addfile(_tarinfo(ENVELOPE, len(envelope), mtime), _BytesReader(envelope))
+        tar.addfile(_tarinfo(ENVELOPE, len(envelope), mtime), io.BytesIO(envelope))
         for entry, source in sorted(members, key=lambda m: m[0].path):
             with open(source, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
@@ -89,18 +89,6 @@ def _write_tar(raw: BinaryIO | io.RawIOBase, envelope: bytes,
                 tar.addfile(_tarinfo(entry.path, entry.size, mtime), fh)
             if progress:
                 progress(entry.size)
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self._data) if n < 0 else self._pos + n
-        chunk = self._data[self._pos:end]
-        self._pos += len(chunk)
-        return chunk
 
 
 @dataclass(frozen=True)

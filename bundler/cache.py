@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -69,16 +70,7 @@ class Cache:
             return self.put_stream(fh.read)
 
     def put_bytes(self, data: bytes) -> tuple[str, int]:
-        view = memoryview(data)
-        pos = 0
-
-        def read(n: int) -> bytes:
-            nonlocal pos
-            chunk = bytes(view[pos:pos + n])
-            pos += len(chunk)
-            return chunk
-
-        return self.put_stream(read)
+        return self.put_stream(io.BytesIO(data).read)
 
     def put_stream(self, read: Callable[[int], bytes],
                    check: Callable[[str, int], None] | None = None) -> tuple[str, int]:

@@ -27,21 +27,6 @@ def sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def copy_stream(src: BinaryIO, dst: BinaryIO, size: int | None = None) -> tuple[str, int]:
-    """Copy src to dst (all of it, or exactly `size` bytes), hashing on the way."""
-    digest = hashlib.sha256()
-    copied = 0
-    while size is None or copied < size:
-        want = CHUNK if size is None else min(CHUNK, size - copied)
-        chunk = src.read(want)
-        if not chunk:
-            break
-        digest.update(chunk)
-        dst.write(chunk)
-        copied += len(chunk)
-    return digest.hexdigest(), copied
-
-
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Write to a temp file beside `path` and rename it into place only on success.

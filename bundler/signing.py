@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,10 +192,3 @@ def verify_envelope(data: bytes, trusted: list[TrustedKey]) -> Verified:
     body, keyid = verify_payload(data, trusted, PAYLOAD_TYPE)
     manifest = parse_manifest(body)
     return Verified(manifest, body, keyid, hashlib.sha256(body).hexdigest())
-
-
-def keyid_of_file(path: Path) -> str:
-    """Key id of a .pub or .key file, for display."""
-    if os.fspath(path).endswith(".key"):
-        return key_id(load_private_key(path).public_key())
-    return load_public_key(path).keyid

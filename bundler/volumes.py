@@ -261,11 +261,6 @@ class PartsReader(io.RawIOBase):
                                      hint="copy that part again from the source")
             self._finish_part()
 
-    def read(self, size: int = -1) -> bytes:
-        buf = bytearray(size if size >= 0 else 1024 * 1024)
-        n = self.readinto(buf)
-        return bytes(buf[:n])
-
     def diagnose(self) -> None:
         """After a failure mid-part: hash the rest of the current part, so that a corrupt
         part is reported as such rather than as whichever member it broke."""

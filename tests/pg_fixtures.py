@@ -234,3 +234,42 @@ def netns_roundtrip(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     netns_roundtrip(sys.argv[1:])
+
+
+def alembic_ini(script_location: str) -> str:
+    """What `alembic init` writes, trimmed; its logging sections make alembic say which
+    revisions it ran (the installer reports them)."""
+    return _ALEMBIC_INI.replace("{script_location}", script_location)
+
+
+_ALEMBIC_INI = """\
+[alembic]
+script_location = {script_location}
+
+[loggers]
+keys = root,alembic
+
+[handlers]
+keys = console
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = WARN
+handlers = console
+
+[logger_alembic]
+level = INFO
+handlers =
+qualname = alembic
+
+[handler_console]
+class = StreamHandler
+args = (sys.stderr,)
+level = NOTSET
+formatter = generic
+
+[formatter_generic]
+format = %(levelname)-5.5s [%(name)s] %(message)s
+"""

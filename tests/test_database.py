@@ -31,7 +31,7 @@ from bundler.install.database import Backup, Database
 from bundler.install.migrations import Migration
 from tests import pg_fixtures
 from tests.helpers import REPO, free_port, offline
-from tests.pg_fixtures import PW_PASSWORD, PW_USER, PgCluster, snapshot
+from tests.pg_fixtures import PW_PASSWORD, PW_USER, PgCluster, alembic_ini, snapshot
 
 ENV: Mapping[str, str] = {}
 VENV = Path(sys.prefix)  # the suite's own venv: it carries alembic + sqlalchemy (dev extras)
@@ -318,37 +318,6 @@ def test_lock_wait_is_bounded(pgdb: Database, tmp_path: Path,
 
 # --------------------------------------------------------------------------- (4) alembic
 
-ALEMBIC_INI = """\
-[alembic]
-script_location = %(here)s/migrations
-
-[loggers]
-keys = root,alembic
-
-[handlers]
-keys = console
-
-[formatters]
-keys = generic
-
-[logger_root]
-level = WARN
-handlers = console
-
-[logger_alembic]
-level = INFO
-handlers =
-qualname = alembic
-
-[handler_console]
-class = StreamHandler
-args = (sys.stderr,)
-level = NOTSET
-formatter = generic
-
-[formatter_generic]
-format = %(levelname)-5.5s [%(name)s] %(message)s
-"""
 
 ALEMBIC_ENV = '''\
 import os
@@ -377,7 +346,7 @@ def revision(rev: str, down: str | None, body: str) -> str:
 def alembic_project(files: Path) -> Path:
     root = files / "backend"
     (root / "migrations" / "versions").mkdir(parents=True)
-    (root / "alembic.ini").write_text(ALEMBIC_INI)
+    (root / "alembic.ini").write_text(alembic_ini("%(here)s/migrations"))
     (root / "migrations" / "env.py").write_text(ALEMBIC_ENV)
     versions = root / "migrations" / "versions"
     (versions / "0001_create.py").write_text(revision("0001", None, """\

@@ -161,38 +161,6 @@ def test_postgres_health_check_against_the_real_server(cluster: PgCluster, dburl
     assert not result.ok and "does not exist" in result.detail
 
 
-# What `alembic init` writes, trimmed: the logging sections make alembic say what it ran.
-ALEMBIC_INI = """\
-[alembic]
-script_location = models
-
-[loggers]
-keys = root,alembic
-
-[handlers]
-keys = console
-
-[formatters]
-keys = generic
-
-[logger_root]
-level = WARN
-handlers = console
-
-[logger_alembic]
-level = INFO
-handlers =
-qualname = alembic
-
-[handler_console]
-class = StreamHandler
-args = (sys.stderr,)
-formatter = generic
-
-[formatter_generic]
-format = %(levelname)-5.5s [%(name)s] %(message)s
-"""
-
 ALEMBIC_ENV = """\
 import os
 from logging.config import fileConfig
@@ -233,7 +201,7 @@ def test_upgrade_with_alembic_and_sql_migrations(
     migration(project, "001_items.sql", "CREATE TABLE items (id int);\n")
     v1 = build(project, keys, cache_dir, "1.0.0", 1)
     alembic_dir = project.dir / "app" / "db"
-    (alembic_dir / "alembic.ini").write_text(ALEMBIC_INI)
+    (alembic_dir / "alembic.ini").write_text(pg_fixtures.alembic_ini("models"))
     (alembic_dir / "models" / "versions").mkdir(parents=True)
     (alembic_dir / "models" / "env.py").write_text(ALEMBIC_ENV)
     (alembic_dir / "models" / "versions" / "0001_widgets.py").write_text(ALEMBIC_REVISION)

@@ -11,7 +11,7 @@ from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.runtime import UnitState
 from bundler.install.state import Event, ReleaseRow, State
-from bundler.manifest import Manifest, parse_manifest
+from bundler.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,12 @@ def current_manifest(layout: Layout) -> tuple[str, Manifest] | None:
     version = layout.current_version()
     if version is None:
         return None
-    path = ReleaseDir(layout.release(version)).meta / "manifest.json"
-    try:
-        return version, parse_manifest(path.read_bytes())
-    except OSError as exc:
-        raise StateError(f"release {version} has no readable manifest: {exc.strerror}") from None
+    manifest = ReleaseDir(layout.release(version)).manifest()
+    if manifest is None:
+        raise StateError(f"release {version} has no readable manifest",
+                         hint=f"the release directory is damaged; `bundle rollback --root "
+                              f"{layout.root}` returns to a kept release")
+    return version, manifest
 
 
 def status(layout: Layout) -> Status:

@@ -115,25 +115,14 @@ def _resp(*words: str) -> bytes:
 
 
 def probe_postgres(check: HealthCheck, target: str) -> tuple[bool, str]:
-    try:
-        import psycopg
-    except ImportError:
-        return _pg_isready(check, target)
+    import psycopg  # imported here: it is slow, and only postgres checks need it
+
     try:
         with psycopg.connect(target, connect_timeout=max(1, check.timeout_ms // 1000)) as conn:
             conn.execute("SELECT 1")
         return True, "postgres: SELECT 1 ok"
     except psycopg.Error as exc:
         return False, f"postgres: {str(exc).strip().splitlines()[0] if str(exc) else exc}"
-
-
-def _pg_isready(check: HealthCheck, target: str) -> tuple[bool, str]:
-    try:
-        result = proc.run(["pg_isready", "-d", target, "-t", str(max(1, check.timeout_ms // 1000))],
-                          check=False, timeout=check.timeout_ms / 1000 + 5)
-    except CommandError as exc:
-        return False, f"postgres: {exc.message}"
-    return result.returncode == 0, f"postgres: {result.output.strip() or result.returncode}"
 
 
 def probe_command(check: HealthCheck, argv: list[str], env: ReleaseEnv) -> tuple[bool, str]:
