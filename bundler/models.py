@@ -14,17 +14,24 @@ PLACEHOLDERS = ("{release}", "{files}", "{venv}", "{root}")
 
 @dataclass(frozen=True)
 class Target:
-    """The host the bundle is for: its Python (major.minor) and wheel platform tag."""
+    """The host the bundle is for: its Python (major.minor) and wheel platform tag, and the
+    Node.js / npm versions it needs (PEP 440 specifiers such as ">=18"; "" = any)."""
 
     python: str = "3.11"
     platform: str = "manylinux_2_28_x86_64"
+    node: str = ""
+    npm: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"python": self.python, "platform": self.platform}
+        out: dict[str, Any] = {"python": self.python, "platform": self.platform}
+        # Only when set: bundles built without them stay byte-identical.
+        out.update({k: v for k, v in (("node", self.node), ("npm", self.npm)) if v})
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Target:
-        return cls(python=str(data["python"]), platform=str(data["platform"]))
+        return cls(python=str(data["python"]), platform=str(data["platform"]),
+                   node=str(data.get("node", "")), npm=str(data.get("npm", "")))
 
 
 @dataclass(frozen=True)
@@ -242,10 +249,14 @@ class MigrationSpec:
     path: str | None = None          # alembic dir / sql dir, inside the release files dir
     command: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    service: str | None = None       # command only: run as a one-off of this compose service
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "path": self.path,
-                "command": list(self.command), "env": dict(self.env)}
+        out = {"name": self.name, "kind": self.kind, "path": self.path,
+               "command": list(self.command), "env": dict(self.env)}
+        if self.service:  # only when set: older manifests stay byte-identical
+            out["service"] = self.service
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MigrationSpec:
@@ -253,7 +264,8 @@ class MigrationSpec:
             raise ValueError(f"unknown migration kind {d['kind']!r}")
         return cls(str(d["name"]), str(d["kind"]), d.get("path"),
                    tuple(str(c) for c in d.get("command", [])),
-                   tuple(sorted((str(k), str(v)) for k, v in d.get("env", {}).items())))
+                   tuple(sorted((str(k), str(v)) for k, v in d.get("env", {}).items())),
+                   str(d["service"]) if d.get("service") else None)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ tail of the output instead of a bare exit status.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -57,37 +58,45 @@ def run(
     timeout: float = 600,
     check: bool = True,
     what: str | None = None,
+    stdin: Path | None = None,
+    stdout: Path | None = None,
 ) -> Result:
     """Run a command to completion, capturing stdout+stderr together.
 
-    Raises CommandError (with the output tail) on a non-zero exit when `check`, and always on
-    a timeout or a missing executable.
+    `stdin` / `stdout`: files (or FIFOs) to connect instead; with `stdout`, the result's
+    output is stderr alone. Raises CommandError (with the output tail) on a non-zero exit when
+    `check`, and always on a timeout or a missing executable.
     """
     argv = tuple(os.fspath(a) for a in args)
     label = what or argv[0]
     log.debug("run: %s (cwd=%s)", " ".join(argv), cwd)
-    try:
-        done = subprocess.run(
-            argv,
-            cwd=cwd,
-            env=dict(env) if env is not None else clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=timeout,
-            check=False,
-        )
-    except FileNotFoundError as exc:
-        raise CommandError(
-            f"{label}: executable not found: {argv[0]}",
-            hint=f"install {Path(argv[0]).name} or put it on PATH",
-        ) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise CommandError(
-            f"{label}: timed out after {timeout:.0f}s",
-            hint="the command hung; check the host's load and the command's own log",
-        ) from exc
-    result = Result(argv, done.returncode, done.stdout.decode("utf-8", "replace"))
+    with contextlib.ExitStack() as files:
+        # Opened here, not by the child: a FIFO's open blocks until its peer opens it too.
+        source = files.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
+        sink = files.enter_context(open(stdout, "wb")) if stdout else None
+        try:
+            done = subprocess.run(
+                argv,
+                cwd=cwd,
+                env=dict(env) if env is not None else clean_env(),
+                stdin=source,
+                stdout=sink if sink is not None else subprocess.PIPE,
+                stderr=subprocess.PIPE if sink is not None else subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
+        except FileNotFoundError as exc:
+            raise CommandError(
+                f"{label}: executable not found: {argv[0]}",
+                hint=f"install {Path(argv[0]).name} or put it on PATH",
+            ) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise CommandError(
+                f"{label}: timed out after {timeout:.0f}s",
+                hint="the command hung; check the host's load and the command's own log",
+            ) from exc
+    captured = done.stderr if sink is not None else done.stdout
+    result = Result(argv, done.returncode, (captured or b"").decode("utf-8", "replace"))
     if check and done.returncode != 0:
         raise CommandError(
             f"{label} failed (exit {done.returncode}):\n{result.tail()}",

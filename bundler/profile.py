@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from bundler.errors import Problem, ProfileError
@@ -193,6 +194,19 @@ class _Checker:
             return None
         return value
 
+    def specifier(self, node: Node, where: str) -> str | None:
+        """A version specifier (PEP 440 syntax: ">=18", ">=18,<21", "==20.*")."""
+        value = self.scalar(node, where)
+        if value is None:
+            return None
+        try:
+            SpecifierSet(value)
+        except InvalidSpecifier:
+            self.add(node, f"{where}: '{value}' is not a version specifier",
+                     "e.g. \">=18\" or \">=18,<21\"")
+            return None
+        return value
+
     def integer(self, node: Node, where: str, minimum: int = 0) -> int | None:
         value = self.scalar(node, where)
         if value is None:
@@ -301,13 +315,16 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
 
     target = Target()
     if "target" in top:
-        t = c.mapping(top["target"], "target", (), ("python", "platform"))
+        t = c.mapping(top["target"], "target", (), ("python", "platform", "node", "npm"))
         if t is not None:
             py = c.string(t["python"], "target.python", PYTHON_RE,
                           "write the quoted major.minor, e.g. \"3.11\"") if "python" in t else None
             plat = c.string(t["platform"], "target.platform", PLATFORM_RE,
                             "e.g. manylinux_2_28_x86_64") if "platform" in t else None
-            target = Target(python=py or target.python, platform=plat or target.platform)
+            tools = {k: c.specifier(t[k], f"target.{k}") or "" if k in t else ""
+                     for k in ("node", "npm")}
+            target = Target(python=py or target.python, platform=plat or target.platform,
+                            node=tools["node"], npm=tools["npm"])
 
     python = _python_spec(c, top["python"], path.parent, check_files) if "python" in top else None
     files = tuple(c.sequence(top["files"], "files",
@@ -331,6 +348,13 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     database = _database(c, top["database"]) if "database" in top else None
     migrations = tuple(c.sequence(top["migrations"], "migrations",
                                   lambda n, w: _migration(c, n, w))) if "migrations" in top else ()
+    if database is not None and database.compose_service and compose is None:
+        c.add(top["database"], "database.compose_service names a compose service but the "
+              "profile has no `compose:`", "add compose: {files: [...]} with that service, or "
+              "drop compose_service for a database reached by URL alone")
+    if any(x.service for x in migrations) and compose is None:
+        c.add(top["migrations"], "a migration names a compose `service` but the profile has "
+              "no `compose:`", "add compose: {files: [...]}, or drop the migration's service")
     if migrations and database is None:
         c.add(top["migrations"], "migrations need a `database:` (what to back up and migrate)",
               "add database: {url: ${DATABASE_URL}}")
@@ -482,7 +506,7 @@ def _database(c: _Checker, node: Node) -> DatabaseSpec | None:
 
 
 def _migration(c: _Checker, node: Node, where: str) -> MigrationSpec | None:
-    m = c.mapping(node, where, ("name",), (*MIGRATION_KINDS, "env"))
+    m = c.mapping(node, where, ("name",), (*MIGRATION_KINDS, "env", "service"))
     if m is None:
         return None
     kinds = [k for k in MIGRATION_KINDS if k in m]
@@ -499,9 +523,14 @@ def _migration(c: _Checker, node: Node, where: str) -> MigrationSpec | None:
     else:
         path = _dest(c, m[kind], f"{where}.{kind}")
     env = c.string_map(m["env"], f"{where}.env") if "env" in m else {}
+    service = c.scalar(m["service"], f"{where}.service") if "service" in m else None
+    if service is not None and kind != "command":
+        c.add(m["service"], f"{where}.service is for command migrations only",
+              "e.g. {name: schema, service: backend, command: [python, -m, alembic, upgrade, "
+              "head]}")
     if name is None or (path is None and not command):
         return None
-    return MigrationSpec(name, kind, path, command, tuple(sorted(env.items())))
+    return MigrationSpec(name, kind, path, command, tuple(sorted(env.items())), service)
 
 
 ENVIRONMENTS = ("all", "production", "staging", "development")

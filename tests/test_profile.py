@@ -156,3 +156,47 @@ def test_durations_and_defaults(tmp_path: Path) -> None:
     assert (check.timeout_ms, check.interval_ms, check.retries, check.expect_status) == (
         3000, 60_000, 30, 200)
     assert profile.target.python == "3.11" and profile.runtime.install.keep == 3
+
+
+def test_runtime_cross_checks_are_reported(tmp_path: Path) -> None:
+    """Where compose is needed but missing, and malformed tool versions, each with its line."""
+    path = write(tmp_path, """\
+        schema: 1
+        name: shop
+        version: 1.0.0
+        target: {node: "eighteen", npm: ">=8"}
+        database: {url: "${DATABASE_URL}", compose_service: db}
+        migrations:
+          - {name: schema, sql: db, service: backend}
+          - {name: seed, command: [python, seed.py], service: backend}
+        """)
+    with pytest.raises(ProfileError) as info:
+        load_profile(path, check_files=False)
+    text = "\n".join(map(str, info.value.problems))
+    assert ":4: target.node: 'eighteen' is not a version specifier" in text, text
+    assert "database.compose_service names a compose service but the profile has no " \
+           "`compose:`" in text
+    assert ":7: migrations[0].service is for command migrations only" in text, text
+    assert "a migration names a compose `service` but the profile has no `compose:`" in text
+
+
+def test_node_and_service_migration_round_trip(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "docker-compose.yml").write_text("services: {}\n")
+    path = write(tmp_path, """\
+        schema: 1
+        name: shop
+        version: 1.0.0
+        target: {node: ">=18", npm: ">=8,<11"}
+        files: [{src: app, dest: app}]
+        compose: {files: [app/docker-compose.yml]}
+        database: {url: "${DATABASE_URL}", compose_service: db}
+        migrations:
+          - {name: schema, command: [python, -m, alembic, upgrade, head], service: backend}
+        """)
+    profile = load_profile(path)
+    assert (profile.target.node, profile.target.npm) == (">=18", ">=8,<11")
+    (mig,) = profile.runtime.migrations
+    assert mig.service == "backend"
+    assert type(mig).from_json(mig.to_json()) == mig
+    assert type(profile.target).from_json(profile.target.to_json()) == profile.target

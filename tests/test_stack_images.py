@@ -59,8 +59,9 @@ def test_images_build_offline_from_cache_and_load_on_the_target(
         root = tmp_path / "target"
         install_argv = bundle_argv("install", tmp_path / "out" / "shop-1.0.0.bundle",
                                    "--trust", keys[1], "--root", root)
-        # Killed (-9) as the image step starts; the re-run rolls that back and completes.
-        crashed, install = offline(["env", "BUNDLER_FAULT=kill:images", *install_argv],
+        # Killed (-9) in the middle of the upload to the engine; the re-run rolls that back
+        # and completes.
+        crashed, install = offline(["env", "BUNDLER_FAULT=kill:images-stream", *install_argv],
                                    install_argv)
         assert crashed.rc == -9
         assert install.rc == 0, install.err

@@ -52,6 +52,7 @@ def test_node_stack_builds_offline_from_cache_and_installs_offline(
         schema: 1
         name: insights
         version: 1.0.0
+        target: {{node: ">=18", npm: ">=8"}}
         npm:
           - project: backend
             registry: {registry.url}
@@ -88,3 +89,23 @@ def test_node_stack_builds_offline_from_cache_and_installs_offline(
     assert (modules / "tiny-greeter").is_dir() and not (modules / "tiny-devtool").exists()
     events = json.loads(bundle("history", "--root", root, "--json").out)["events"]
     assert ("npm:backend", "done") in [(e["step"], e["status"]) for e in events]
+
+    # A bundle for a newer Node than the host has: doctor says so, install refuses it before
+    # creating anything (exit 8), and the running release is untouched.
+    newer = app / "newer.yaml"
+    newer.write_text(profile.read_text().replace("version: 1.0.0", "version: 1.0.1")
+                     .replace('node: ">=18"', 'node: ">=999"'))
+    built = bundle("build", newer, "--key", keys[0], "--out", tmp_path / "out", "--cache-dir",
+                   tmp_path / "cache", "--json")
+    assert built.rc == 0, built.err
+    doctor, refused = offline(
+        bundle_argv("doctor", json.loads(built.out)["bundle"], "--trust", keys[1], "--root",
+                    root, "--json"),
+        bundle_argv("install", json.loads(built.out)["bundle"], "--trust", keys[1], "--root",
+                    root))
+    rows = {r["check"]: r for r in json.loads(doctor.out)["checks"]}
+    assert rows["node/npm"]["status"] == "fail" and "needs node >=999" in rows["node/npm"][
+        "detail"], rows
+    assert refused.rc == 8, refused.err
+    assert "this bundle needs node >=999; this host has node" in refused.err
+    assert not (root / "releases" / "1.0.1").exists()

@@ -378,11 +378,11 @@ def _require_images(project: ComposeProject, services: list[_Service]) -> None:
 
 
 @functools.cache
-def _up_flags(argv: tuple[str, ...]) -> frozenset[str]:
-    """The `up` options this compose knows (`--wait`, `--wait-timeout`, `--pull`)."""
+def _flags(argv: tuple[str, ...], command: str) -> frozenset[str]:
+    """The options this compose's `command` knows (`up`: `--wait`, `--pull`; `run`: `--pull`)."""
     try:
-        result = proc.run([*argv, "up", "--help"], env=_base_env(), timeout=30, check=False,
-                          what="compose up --help")
+        result = proc.run([*argv, command, "--help"], env=_base_env(), timeout=30, check=False,
+                          what=f"compose {command} --help")
     except CommandError:
         return frozenset()
     return frozenset(re.findall(r"(--[a-z][a-z-]*)", result.output))
@@ -396,7 +396,7 @@ def _container_ids(project: ComposeProject) -> list[str]:
     return result.output.split()
 
 
-def ps(project: ComposeProject, tool: ComposeTool) -> list[ServiceState]:
+def ps(project: ComposeProject, tool: ComposeTool | None = None) -> list[ServiceState]:
     """The project's service containers (one-off `run` containers excluded), by service.
 
     Read from the engine by the project label, which v1 and v2 both set: the same answer
@@ -517,8 +517,9 @@ def _timeout(project: ComposeProject, tool: ComposeTool, pending: tuple[str, ...
 def _wait(project: ComposeProject, tool: ComposeTool, services: list[_Service],
           restarts: dict[str, int], deadline: float, timeout: float) -> list[ServiceState]:
     first_running: dict[str, float] = {}
+    names = {s.name for s in services}
     while True:
-        states = ps(project, tool)
+        states = [s for s in ps(project, tool) if s.name in names]
         verdict = _judge(states, services, restarts, first_running, time.monotonic())
         if verdict.failed:
             raise _service_failure(project, tool, verdict.failed)
@@ -529,17 +530,28 @@ def _wait(project: ComposeProject, tool: ComposeTool, services: list[_Service],
         time.sleep(POLL)
 
 
-def up(project: ComposeProject, tool: ComposeTool, log: Log, timeout: float = 300) -> None:
+def up(project: ComposeProject, tool: ComposeTool, log: Log, timeout: float = 300,
+       only: Sequence[str] = ()) -> None:
     """Create or update the project's containers (never pulling, never building) and wait
     until every service runs and every healthcheck passes; InstallError otherwise.
 
     Services whose image or configuration did not change keep their containers; services no
-    longer in the files are removed; named volumes are never touched."""
+    longer in the files are removed; named volumes are never touched. `only`: just these
+    services (and nothing else is touched: no orphan removal), e.g. the database service
+    before migrations."""
     started = time.monotonic()
     deadline = started + timeout
     services = _services(project, tool, log)
+    if only:
+        unknown = sorted(set(only) - {s.name for s in services})
+        if unknown:
+            raise InstallError(f"compose project {project.name} has no service "
+                               f"{', '.join(unknown)}",
+                               hint="the profile's database.compose_service must name a "
+                                    "service of the release's compose files")
+        services = [s for s in services if s.name in only]
     _require_images(project, services)
-    flags = _up_flags(tool.argv) if tool.v2 else frozenset()
+    flags = _flags(tool.argv, "up") if tool.v2 else frozenset()
     extra: list[str] = []
     if "--pull" in flags:
         extra += ["--pull", "never"]
@@ -550,10 +562,12 @@ def up(project: ComposeProject, tool: ComposeTool, log: Log, timeout: float = 30
             extra += ["--wait-timeout", str(max(1, int(timeout)))]
     restarts = {s.container: s.restarts for s in ps(project, tool)}
     log(f"compose up: project {project.name}, {len(services)} service(s), with {tool}")
-    result = _compose(project, tool, "up", "--detach", "--remove-orphans", "--no-build",
-                      *extra, timeout=timeout + 30, check=False, hung_ok=True)
+    scope = ["--no-deps", *only] if only else ["--remove-orphans"]
+    result = _compose(project, tool, "up", "--detach", "--no-build", *extra, *scope,
+                      timeout=timeout + 30, check=False, hung_ok=True)
+    names = {s.name for s in services}
     if result is None or result.returncode != 0:
-        states = ps(project, tool)
+        states = [s for s in ps(project, tool) if s.name in names]
         verdict = _judge(states, services, restarts, {s.container: 0.0 for s in states},
                          time.monotonic())
         if verdict.failed:
@@ -595,3 +609,62 @@ def down(project: ComposeProject, tool: ComposeTool, log: Log) -> None:
         raise InstallError(f"compose down left {len(left)} container(s) of project "
                            f"{project.name}", hint="see `docker ps -a --filter "
                                                    f"label={_LABEL_PROJECT}={project.name}`")
+
+
+def stop_services(project: ComposeProject, log: Log, keep: Sequence[str] = ()) -> None:
+    """Stop (not remove) the project's running containers, except those of `keep`'s services:
+    nothing may write to the database while it is restored, but the database service itself
+    must run for that. Read from the engine by label: no compose file needed."""
+    ids = [s.container for s in ps(project) if s.running and s.name not in keep]
+    if ids:
+        log(f"stopping {len(ids)} container(s) of project {project.name}"
+            + (f", keeping {', '.join(keep)}" if keep else ""))
+        _docker("stop", *ids, timeout=300)
+
+
+def running_container(project: ComposeProject, service: str) -> str | None:
+    """The id of the service's first running container, or None."""
+    for st in ps(project):
+        if st.name == service and st.running:
+            return st.container
+    return None
+
+
+def exec_in(project: ComposeProject, service: str, argv: Sequence[str],
+            stdin_path: Path | None, stdout_path: Path | None, *, env: Mapping[str, str],
+            timeout: float) -> proc.Result:
+    """Run `argv` inside the service's running container (`docker exec`, which works the same
+    whichever compose made it), stdin/stdout connected to the given files. `env` reaches the
+    container by name only (`-e NAME`): values (a password) never appear in argv. A non-zero
+    exit is returned, not raised."""
+    container = running_container(project, service)
+    if container is None:
+        raise InstallError(f"compose service {service} of project {project.name} is not "
+                           "running", hint=f"start it (`bundle start`) or see `docker ps -a "
+                                           f"--filter label={_LABEL_PROJECT}={project.name}`")
+    names = [f"--env={k}" for k in sorted(env)]
+    try:
+        return proc.run(["docker", "exec", "--interactive", *names, container, *argv],
+                        env=_base_env(env), timeout=timeout, check=False, stdin=stdin_path,
+                        stdout=stdout_path, what=f"{argv[0]} in compose service {service}")
+    except CommandError as exc:
+        raise InstallError(_redact(project, exc.message), hint=exc.hint) from None
+
+
+def run_oneoff(project: ComposeProject, tool: ComposeTool, log: Log, service: str,
+               argv: Sequence[str], env: Mapping[str, str], timeout: float) -> proc.Result:
+    """`compose run --rm --no-deps SERVICE ARGV`: a one-off container of the service as THIS
+    project's files define it (a migration runs with the new release's image before its
+    services are replaced). Never pulls. A non-zero exit is returned, not raised; the output
+    is redacted."""
+    services = [s for s in _services(project, tool, log) if s.name == service]
+    if not services:
+        raise InstallError(f"compose project {project.name} has no service {service}",
+                           hint="a migration's `service` must name a service of the release's "
+                                "compose files")
+    _require_images(project, services)
+    pull = ["--pull", "never"] if tool.v2 and "--pull" in _flags(tool.argv, "run") else []
+    pairs = [a for k, v in sorted(env.items()) for a in ("-e", f"{k}={v}")]
+    result = _compose(project, tool, "run", "--rm", "-T", "--no-deps", *pull, *pairs, service,
+                      *argv, timeout=timeout, check=False)
+    return proc.Result(result.args, result.returncode, _redact(project, result.output))

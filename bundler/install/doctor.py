@@ -3,7 +3,6 @@ checks, each ok / warn / fail with a one-line detail; nothing is changed."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import urllib.parse
 from collections.abc import Callable
@@ -87,9 +86,10 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
         rows.append(Row(f"python {target.target.python}", "ok" if exe else "fail",
                         str(exe) if exe else "not found on this host"))
     if target.npm:
-        found = [t for t in ("node", "npm") if shutil.which(t)]
-        rows.append(Row("node/npm", "ok" if len(found) == 2 else "fail",
-                        ", ".join(shutil.which(t) or t for t in found) or "not found"))
+        def node() -> Row:
+            assert target is not None
+            return Row("node/npm", "ok", policy.check_node(target))
+        rows.append(_guard("node/npm", node))
     if target.images or target.runtime.compose:
         def engine() -> Row:
             from bundler.errors import InstallError
@@ -117,6 +117,16 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
             spec = target.runtime.database
             assert spec is not None
             conn = database.Database(env.expand(spec.url), spec.compose_service)
+            if spec.compose_service:
+                if current is None:
+                    return Row("database", "ok", f"compose service {spec.compose_service}: "
+                                                 "started from the bundle by the install")
+                from bundler.install import runtime
+
+                run_in = runtime.service_exec(layout, current, conn)
+                database.check(conn, env.as_dict(), exec_in_service=run_in)
+                return Row("database", "ok", f"reachable in compose service "
+                                             f"{spec.compose_service}: {conn.display}")
             database.check(conn, env.as_dict())
             return Row("database", "ok", f"reachable: {conn.display}")
         rows.append(_guard("database", db))

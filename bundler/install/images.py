@@ -23,6 +23,7 @@ from typing import IO, Any, BinaryIO, cast
 import zstandard
 
 from bundler.errors import ImageLoadError, InstallError
+from bundler.faults import fault_point
 from bundler.fsutil import CHUNK, human_bytes
 from bundler.resolve.images import (
     ImageRecord,
@@ -180,6 +181,8 @@ def _upload(archive: Path, want: dict[str, str], stats: dict[str, int]) -> Itera
                         for _ in scan.read(tf, member, hash_all=False):
                             yield from tee.drain(HOLD)
                     yield from tee.drain(HOLD)
+                    if tee.total > HOLD:
+                        fault_point("images-stream")
         except (tarfile.TarError, ValueError, EOFError) as exc:
             raise _Corrupt(f"it is not a valid tar: {exc}") from None
         while tee.read(CHUNK):  # the padding after the end-of-archive marker

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from bundler.errors import (
     RollbackFailedError,
     RolledBackError,
 )
+from bundler.faults import fault_point
 from bundler.fsutil import atomic_symlink, atomic_write_bytes, require_space
 from bundler.install import (
     database,
@@ -161,10 +161,19 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                               f"Installing npm packages offline into files/{project.dest}"):
                 _install_npm(rel, m, project)
         db = _database(m, env)
+        db_exec = runtime.service_exec(layout, m.version, db) if db is not None else None
+        if db is not None and db.compose_service:
+            # The running release's project serves the database; on a first install (or after
+            # `bundle stop`) it is started alone, so it can be backed up and migrated.
+            host = previous if runtime.uses_compose(layout, previous) else m.version
+            assert host is not None
+            with journal.step("database-service",
+                              f"Checking the database service {db.compose_service}"):
+                undo.service_started = runtime.ensure_service(layout, host, db.compose_service)
         if db is not None:
             with journal.step("backup", f"Backing up the database ({db.display})"):
                 undo.backup = database.backup(db, layout.root / "backups", env.as_dict(),
-                                              ui.note)
+                                              ui.note, exec_in_service=db_exec)
             journal.record("backup", "file", json.dumps(undo.backup.to_json()))
         started = True  # from here on the running services are touched: undo restarts them
         if prev_manifest is not None and previous is not None:
@@ -175,10 +184,10 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             undo.migrating = True
             with journal.step("migrate", f"Running {len(m.runtime.migrations)} migration(s)"):
                 results = migrations.run(
-                    [migrations.Migration(x.name, x.kind, x.path, x.command, x.env)
+                    [migrations.Migration(x.name, x.kind, x.path, x.command, x.env, x.service)
                      for x in m.runtime.migrations],
                     db, rel.files, rel.venv if rel.venv.is_dir() else None, env.as_dict(),
-                    ui.note)
+                    ui.note, runtime.oneoff_runner(layout, m.version))
             journal.record("migrate", "applied", "; ".join(
                 f"{r.name}: {', '.join(r.applied) or 'nothing new'}" for r in results))
         with journal.step("start", f"Starting {m.version}"):
@@ -270,10 +279,12 @@ def _place(layout: Layout, rel: ReleaseDir, staging: Path, verified: Verified,
 
 @dataclasses.dataclass
 class _UndoDb:
-    """What the database part of an undo needs: the backup, and whether migrations began."""
+    """What the database part of an undo needs: the backup, whether migrations began, and
+    whether this run started the database's compose service."""
 
     backup: database.Backup | None = None
     migrating: bool = False
+    service_started: bool = False
 
 
 def _database(m: Manifest, env: environ.ReleaseEnv) -> database.Database | None:
@@ -290,14 +301,33 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
     restart the previous release, check it."""
     ui.step(f"Rolling back: {reason}")
     try:
-        # The previous release's compose project (if any) is brought back by its own `up`.
-        runtime.stop(layout, m.version,
-                     keep_compose=started and runtime.uses_compose(layout, previous))
         db = _database(m, env)
-        if undo.migrating and undo.backup is not None and db is not None:
+        service = db.compose_service if db is not None else None
+        prev_compose = runtime.uses_compose(layout, previous)
+        # The compose project is shared by all releases: before `start` it is the previous
+        # release's, running, and must be left alone (but for a database service started here).
+        touched = m.runtime.compose is not None and (started or undo.service_started)
+        restore = undo.migrating and undo.backup is not None and db is not None
+        # Nothing may write to the database while it is restored; the database stays up.
+        if touched:
+            runtime.quiesce(layout, m.version, keep=(service,) if service else ())
+        else:
+            runtime.stop(layout, m.version, keep_compose=True)  # its processes, if any ran
+        if restore:
+            assert db is not None and undo.backup is not None
             ui.step(f"Restoring the database from {undo.backup.path.name}")
-            database.restore(db, undo.backup, env.as_dict(), ui.note)
+            if service:
+                runtime.ensure_service(layout, m.version, service)
+            database.restore(db, undo.backup, env.as_dict(), ui.note,
+                             exec_in_service=runtime.service_exec(layout, m.version, db))
             journal.record("restore", "done", undo.backup.path.name)
+        if touched and not (prev_compose and started):
+            # Nobody else's: the previous release (if any) does not use compose, or is not
+            # being restarted. Put the project back the way it was found.
+            if prev_compose:
+                runtime.quiesce(layout, m.version)  # only the database service is left
+            else:
+                runtime.stop(layout, m.version)
         if started and prev_manifest is not None and previous is not None:
             runtime.start(layout, previous)
             checks = health.run_all(prev_manifest.runtime.health, environ.release_env(
@@ -364,14 +394,6 @@ def _write_report(rel: ReleaseDir, m: Manifest, state: State, journal: _Journal,
     if not checks:
         lines.append("- (no checks ran)")
     atomic_write_bytes(rel.path / "REPORT.md", ("\n".join(lines) + "\n").encode())
-
-
-def fault_point(step: str) -> None:
-    """Testing hook: BUNDLER_FAULT=kill:STEP makes this process die (SIGKILL) right after the
-    journal recorded STEP as started, the way a power cut or `kill -9` would. It exists so
-    the crash-recovery tests are deterministic rather than timing-based."""
-    if os.environ.get("BUNDLER_FAULT") == f"kill:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Journal:

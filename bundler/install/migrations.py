@@ -25,6 +25,10 @@ The installer backs the database up before (database.backup) and restores it on 
   from alembic's "Running upgrade A -> B" log lines (alembic.ini's default logging config).
 - kind "command": e.g. ("npx", "prisma", "migrate", "deploy"), run with cwd = the files dir
   and DATABASE_URL set the same way. Prisma's "Applying migration `X`" lines are reported.
+  With `service`, the command runs instead as a one-off container of that compose service
+  (the NEW release's image and configuration: `compose run --rm --no-deps`), through the
+  caller's `in_service`; its environment is the service's own (its DATABASE_URL is the one
+  that works inside the compose network), plus the migration's env pairs.
 
 For alembic and command, `<venv>/bin` (when a venv is given) is put first on PATH, and the
 migration's own env pairs are applied last. Output quoted in errors has the password scrubbed.
@@ -42,7 +46,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bundler import proc
 from bundler.errors import CommandError, LockedError, MigrationError
@@ -73,6 +77,15 @@ class Migration:
     path: str | None = None
     command: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    service: str | None = None
+
+
+class ServiceRun(Protocol):
+    """Runs `argv` as a one-off container of compose `service` with `env` added; returns the
+    finished command (a non-zero exit is returned, not raised)."""
+
+    def __call__(self, service: str, argv: Sequence[str], env: Mapping[str, str],
+                 timeout: float) -> proc.Result: ...
 
 
 @dataclass(frozen=True)
@@ -98,8 +111,10 @@ class SqlFile:
 # --------------------------------------------------------------------------- entry points
 
 def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Path | None,
-        env: Mapping[str, str], log: Log) -> list[MigrationResult]:
-    """Apply `migrations` in order, holding the database's migration lock for the whole run."""
+        env: Mapping[str, str], log: Log,
+        in_service: ServiceRun | None = None) -> list[MigrationResult]:
+    """Apply `migrations` in order, holding the database's migration lock for the whole run.
+    `in_service`: how to run a command migration that names a compose service."""
     if not migrations:
         return []
     names = [m.name for m in migrations]
@@ -123,7 +138,7 @@ def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Pa
             elif m.kind == "alembic":
                 result = _alembic(m, db, files_dir, venv, env, log)
             else:
-                result = _command(m, db, files_dir, venv, env, log)
+                result = _command(m, db, files_dir, venv, env, log, in_service)
             log(f"migration {m.name} ({m.kind}): {result.detail} "
                 f"[{time.monotonic() - started:.1f}s]")
             results.append(result)
@@ -494,17 +509,27 @@ def _alembic(m: Migration, db: Database, files_dir: Path, venv: Path | None,
 
 
 def _command(m: Migration, db: Database, files_dir: Path, venv: Path | None,
-             env: Mapping[str, str], log: Log) -> MigrationResult:
-    log(f"migration {m.name}: running {' '.join(m.command)}")
+             env: Mapping[str, str], log: Log,
+             in_service: ServiceRun | None = None) -> MigrationResult:
+    where = f" in compose service {m.service}" if m.service else ""
+    log(f"migration {m.name}: running {' '.join(m.command)}{where}")
     try:
-        result = proc.run(list(m.command), cwd=files_dir, env=_child_env(m, db, venv, env),
-                          timeout=COMMAND_TIMEOUT, check=False, what=f"migration {m.name}")
+        if m.service:
+            if in_service is None:
+                raise MigrationError(f"migration {m.name} names compose service {m.service} "
+                                     "but the release has no compose project",
+                                     hint="add compose: to the profile")
+            result = in_service(m.service, m.command, dict(m.env), COMMAND_TIMEOUT)
+        else:
+            result = proc.run(list(m.command), cwd=files_dir,
+                              env=_child_env(m, db, venv, env), timeout=COMMAND_TIMEOUT,
+                              check=False, what=f"migration {m.name}")
     except CommandError as exc:
         raise MigrationError(f"migration {m.name}: {_scrub(db, exc.message)}",
                              hint=exc.hint) from None
     if result.returncode != 0:
         raise MigrationError(
-            f"migration {m.name}: {m.command[0]} failed (exit {result.returncode}): "
+            f"migration {m.name}: {m.command[0]}{where} failed (exit {result.returncode}): "
             f"{_scrub(db, _error_line(result.output))}\n{_tail(db, result)}")
     applied = tuple(_PRISMA_STEP.findall(result.output))
     last = database.first_line("\n".join(reversed(result.output.strip().splitlines())))

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bundler.errors import PolicyError
+from packaging.specifiers import SpecifierSet
+
+from bundler import proc
+from bundler.errors import CommandError, PolicyError
 from bundler.install import python_env
 from bundler.install.layout import Layout
 from bundler.install.state import State
@@ -77,6 +80,36 @@ def check_target(target: Target, host: tuple[str, str, tuple[int, int] | None] |
                           hint="build with a manylinux target.platform")
 
 
+def tool_version(tool: str) -> str | None:
+    """`node --version` / `npm --version` as a bare version ("20.19.2"); None: not found."""
+    if shutil.which(tool) is None:
+        return None
+    try:
+        result = proc.run([tool, "--version"], timeout=60, check=False, what=f"{tool} --version")
+    except CommandError:
+        return None
+    m = re.search(r"(\d+\.\d+\.\d+)", result.output)
+    return m.group(1) if result.returncode == 0 and m else None
+
+
+def check_node(manifest: Manifest) -> str:
+    """Node.js and npm are on PATH and satisfy target.node / target.npm; PolicyError if not.
+    Returns "node X, npm Y"."""
+    found = []
+    for tool, spec in (("node", manifest.target.node), ("npm", manifest.target.npm)):
+        have = tool_version(tool)
+        if have is None:
+            raise PolicyError(f"this bundle installs {len(manifest.npm)} npm project(s) but "
+                              f"{tool} is not on this host's PATH",
+                              hint="install Node.js and npm on the host (npm ci runs offline)")
+        if spec and not SpecifierSet(spec).contains(have, prereleases=True):
+            raise PolicyError(f"this bundle needs {tool} {spec}; this host has {tool} {have}",
+                              hint=f"install a {tool} matching {spec} on the host, or build "
+                                   f"for this host's version (target.{tool} in the profile)")
+        found.append(f"{tool} {have}" + (f" ({spec})" if spec else ""))
+    return ", ".join(found)
+
+
 def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: bool) -> Decision:
     """Every refusal a host makes before it creates anything."""
     check_expiry(manifest)
@@ -103,10 +136,8 @@ def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: boo
             hint="pass --allow-downgrade to install an older bundle on purpose",
         )
     check_target(manifest.target)
-    if manifest.npm and (shutil.which("node") is None or shutil.which("npm") is None):
-        raise PolicyError(f"this bundle installs {len(manifest.npm)} npm project(s) but node "
-                          "and npm are not both on this host's PATH",
-                          hint="install Node.js and npm on the host (npm ci runs offline)")
+    if manifest.npm:
+        check_node(manifest)
     if manifest.images:
         from bundler.errors import InstallError
         from bundler.resolve.images import engine_client

@@ -127,7 +127,15 @@ def _restore_if_migrating(state: State, layout: Layout, rel: ReleaseDir, version
     db = database.Database(env.expand(manifest.runtime.database.url),
                            manifest.runtime.database.compose_service)
     ui.step(f"Restoring the database from {backup.path.name} (migrations were interrupted)")
-    database.restore(db, backup, env.as_dict(), ui.note)
+    if db.compose_service:
+        # The interrupted release's project was just taken down: its database comes back alone.
+        runtime.ensure_service(layout, version, db.compose_service)
+    try:
+        database.restore(db, backup, env.as_dict(), ui.note,
+                         exec_in_service=runtime.service_exec(layout, version, db))
+    finally:
+        if db.compose_service:
+            runtime.stop(layout, version)
     state.event(new_txn(), version, "restore", "done", backup.path.name)
 
 

@@ -3,11 +3,13 @@ docker compose project. The installer, recovery and control commands only call t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from bundler import ui
+from bundler.errors import InstallError
 from bundler.install import compose_runtime as cr
-from bundler.install import environ, process_runtime
+from bundler.install import database, environ, migrations, process_runtime
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.models import ComposeSpec
 
@@ -83,3 +85,57 @@ def states(layout: Layout, version: str) -> list[UnitState]:
                                                                                   "healthy"),
                                  detail))
     return out
+
+
+def _project_of(layout: Layout, version: str) -> tuple[cr.ComposeProject, cr.ComposeTool]:
+    rel = ReleaseDir(layout.release(version))
+    m = rel.manifest()
+    if m is None or m.runtime.compose is None:
+        raise InstallError(f"release {version} has no compose project",
+                           hint="database.compose_service needs the profile's `compose:`")
+    return _compose(layout, rel, m.runtime.compose, m.name)
+
+
+def service_exec(layout: Layout, version: str, db: database.Database
+                 ) -> database.ServiceExec | None:
+    """How to run the database's client tools inside its compose service (None: on the host).
+    The container is found by the product's project label, whichever release started it."""
+    if not db.compose_service:
+        return None
+    project, _tool = _project_of(layout, version)
+    return functools.partial(cr.exec_in, project, db.compose_service)
+
+
+def ensure_service(layout: Layout, version: str, service: str) -> bool:
+    """Start `service` of release `version`'s compose project alone if it is not running
+    (the database, before backups and migrations); True if it was started here."""
+    project, tool = _project_of(layout, version)
+    if cr.running_container(project, service) is not None:
+        return False
+    cr.up(project, tool, ui.note, only=(service,))
+    return True
+
+
+def quiesce(layout: Layout, version: str, keep: tuple[str, ...] = ()) -> None:
+    """Stop everything release `version` runs that could write to the database, except the
+    compose services in `keep` (the database itself); compose containers are stopped, not
+    removed (the caller brings the right release back with its own `up`)."""
+    rel = ReleaseDir(layout.release(version))
+    m = rel.manifest()
+    if m is None:
+        return
+    process_runtime.stop(m.runtime.services, rel)
+    if m.runtime.compose is not None:
+        project, _tool = _compose(layout, rel, m.runtime.compose, m.name)
+        cr.stop_services(project, ui.note, keep)
+
+
+def oneoff_runner(layout: Layout, version: str) -> migrations.ServiceRun | None:
+    """How release `version` runs a command as a one-off container of one of its compose
+    services (a migration with `service:`); None without compose."""
+    rel = ReleaseDir(layout.release(version))
+    m = rel.manifest()
+    if m is None or m.runtime.compose is None:
+        return None
+    project, tool = _compose(layout, rel, m.runtime.compose, m.name)
+    return functools.partial(cr.run_oneoff, project, tool, ui.note)
