@@ -187,3 +187,7 @@ def test_doctor_reports_each_check_and_fails_on_problems(tmp_path: Path,
     ok = bundle("doctor", path, "--root", root, "--trust", keys[1])
     assert ok.rc == 0, ok.out + ok.err
     assert "ready" in ok.out and "abcdef123" not in ok.out
+    rows_text = [line.split() for line in ok.out.splitlines()]
+    assert ["status", "check", "detail"] in rows_text  # a table with a header
+    assert ["OK", "environment", "1", "required", "variable(s)", "set", "(production)"] \
+        in rows_text

@@ -4,9 +4,24 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from bundler.errors import BundlerError, ProfileError
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """A table on stdout: boxed on a terminal, plain aligned columns elsewhere (pipes, logs)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=False)
+    grid = Table(*headers, box=box.SIMPLE_HEAD if console.is_terminal else None,
+                 show_header=True, header_style="bold", pad_edge=False)
+    for row in rows:
+        grid.add_row(*row)
+    console.print(grid)
 
 
 def emit_json(data: Any) -> None:

@@ -9,7 +9,7 @@ import click
 
 from bundler.cli import options
 from bundler.cli.common import cli, handled
-from bundler.cli.render import emit_json
+from bundler.cli.render import emit_json, table
 
 
 @cli.command()
@@ -221,8 +221,8 @@ def doctor(bundle: Path | None, root: Path, trust_path: Path | None, environment
     if as_json:
         emit_json({"ok": not failed, "checks": [r.to_json() for r in rows]})
     else:
-        for r in rows:
-            click.echo(f"  {r.status.upper():<5} {r.check:<18} {r.detail}")
+        table(("status", "check", "detail"), [(r.status.upper(), r.check, r.detail)
+                                              for r in rows])
         click.echo("ready" if not failed else "not ready: fix the FAIL rows above")
     if failed:
         sys.exit(1)
