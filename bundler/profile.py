@@ -506,7 +506,7 @@ def _database(c: _Checker, node: Node) -> DatabaseSpec | None:
 
 
 def _migration(c: _Checker, node: Node, where: str) -> MigrationSpec | None:
-    m = c.mapping(node, where, ("name",), (*MIGRATION_KINDS, "env", "service"))
+    m = c.mapping(node, where, ("name",), (*MIGRATION_KINDS, "env", "service", "cwd"))
     if m is None:
         return None
     kinds = [k for k in MIGRATION_KINDS if k in m]
@@ -520,10 +520,16 @@ def _migration(c: _Checker, node: Node, where: str) -> MigrationSpec | None:
     command: tuple[str, ...] = ()
     if kind == "command":
         command = tuple(c.string_list(m["command"], f"{where}.command"))
+        # its working directory inside the release's files (e.g. the Node project holding
+        # node_modules/.bin/prisma); kept in `path`, unused otherwise for commands
+        path = _dest(c, m["cwd"], f"{where}.cwd") if "cwd" in m else None
     else:
         path = _dest(c, m[kind], f"{where}.{kind}")
     env = c.string_map(m["env"], f"{where}.env") if "env" in m else {}
     service = c.scalar(m["service"], f"{where}.service") if "service" in m else None
+    if "cwd" in m and (kind != "command" or service is not None):
+        c.add(m["cwd"], f"{where}.cwd is for command migrations run on the host",
+              "a one-off service container uses its image's working directory")
     if service is not None and kind != "command":
         c.add(m["service"], f"{where}.service is for command migrations only",
               "e.g. {name: schema, service: backend, command: [python, -m, alembic, upgrade, "

@@ -417,6 +417,16 @@ def test_command_migration(cluster: PgCluster, tmp_path: Path) -> None:
     with cluster.connect(name) as c:
         assert c.execute("SELECT to_regclass('cmd_made')").fetchone() is not None
 
+    # `cwd` (kept in path): e.g. the Node project whose node_modules/.bin holds prisma
+    (files / "backend").mkdir()
+    (files / "backend" / "schema.prisma").write_text("// schema\n")
+    in_dir = Migration(name="deploy", kind="command", path="backend",
+                       command=("sh", "-c", "test -f schema.prisma"))
+    assert migrations.run([in_dir], db, files, None, ENV, Log())[0].detail.startswith("sh ok")
+    outside = Migration(name="deploy", kind="command", path="../elsewhere", command=("true",))
+    with pytest.raises(MigrationError, match="leaves the release's files"):
+        migrations.run([outside], db, files, None, ENV, Log())
+
     bad = Migration(name="prisma", kind="command", env=(("EXTRA", "1"),), command=(
         "sh", "-c", 'echo "connecting to $DATABASE_URL (pw $PGPASSWORD)"; '
                     'echo "Error: P3009 migrate found failed migrations"; exit 3'))

@@ -168,7 +168,7 @@ def test_runtime_cross_checks_are_reported(tmp_path: Path) -> None:
         database: {url: "${DATABASE_URL}", compose_service: db}
         migrations:
           - {name: schema, sql: db, service: backend}
-          - {name: seed, command: [python, seed.py], service: backend}
+          - {name: seed, command: [python, seed.py], service: backend, cwd: app}
         """)
     with pytest.raises(ProfileError) as info:
         load_profile(path, check_files=False)
@@ -178,6 +178,7 @@ def test_runtime_cross_checks_are_reported(tmp_path: Path) -> None:
            "`compose:`" in text
     assert ":7: migrations[0].service is for command migrations only" in text, text
     assert "a migration names a compose `service` but the profile has no `compose:`" in text
+    assert ":8: migrations[1].cwd is for command migrations run on the host" in text, text
 
 
 def test_node_and_service_migration_round_trip(tmp_path: Path) -> None:
@@ -193,10 +194,11 @@ def test_node_and_service_migration_round_trip(tmp_path: Path) -> None:
         database: {url: "${DATABASE_URL}", compose_service: db}
         migrations:
           - {name: schema, command: [python, -m, alembic, upgrade, head], service: backend}
+          - {name: prisma, cwd: ./app/, command: [npx, prisma, migrate, deploy]}
         """)
     profile = load_profile(path)
     assert (profile.target.node, profile.target.npm) == (">=18", ">=8,<11")
-    (mig,) = profile.runtime.migrations
-    assert mig.service == "backend"
+    mig, prisma = profile.runtime.migrations
+    assert mig.service == "backend" and prisma.path == "app" and prisma.service is None
     assert type(mig).from_json(mig.to_json()) == mig
     assert type(profile.target).from_json(profile.target.to_json()) == profile.target

@@ -23,8 +23,9 @@ The installer backs the database up before (database.backup) and restores it on 
   `config.set_main_option("sqlalchemy.url", os.environ["DATABASE_URL"])`). Never as
   `-x url=...`: argv is visible to every user of the host. Newly applied revisions are read
   from alembic's "Running upgrade A -> B" log lines (alembic.ini's default logging config).
-- kind "command": e.g. ("npx", "prisma", "migrate", "deploy"), run with cwd = the files dir
-  and DATABASE_URL set the same way. Prisma's "Applying migration `X`" lines are reported.
+- kind "command": e.g. ("npx", "prisma", "migrate", "deploy"), run with cwd = `path` inside
+  the files dir (default: the files dir) and DATABASE_URL set the same way. Prisma's
+  "Applying migration `X`" lines are reported.
   With `service`, the command runs instead as a one-off container of that compose service
   (the NEW release's image and configuration: `compose run --rm --no-deps`), through the
   caller's `in_service`; its environment is the service's own (its DATABASE_URL is the one
@@ -521,7 +522,7 @@ def _command(m: Migration, db: Database, files_dir: Path, venv: Path | None,
                                      hint="add compose: to the profile")
             result = in_service(m.service, m.command, dict(m.env), COMMAND_TIMEOUT)
         else:
-            result = proc.run(list(m.command), cwd=files_dir,
+            result = proc.run(list(m.command), cwd=_within(files_dir, m, m.path or "."),
                               env=_child_env(m, db, venv, env), timeout=COMMAND_TIMEOUT,
                               check=False, what=f"migration {m.name}")
     except CommandError as exc:
