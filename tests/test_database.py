@@ -360,6 +360,22 @@ def alembic_project(files: Path) -> Path:
 
 
 @pytest.mark.postgres
+def test_alembic_without_logging_is_not_reported_as_already_at_head(
+        cluster: PgCluster, dbname: str, tmp_path: Path) -> None:
+    """An env.py without fileConfig prints nothing: the result says where the database
+    stands instead of claiming there was nothing to do."""
+    db = Database(cluster.url(dbname, scheme="postgresql+psycopg"))
+    files = tmp_path / "files"
+    project = alembic_project(files)
+    env_py = project / "migrations" / "env.py"
+    env_py.write_text(env_py.read_text().replace(
+        "fileConfig(context.config.config_file_name)", ""))
+    mig = Migration(name="backend", kind="alembic", path="backend")
+    (done,) = migrations.run([mig], db, files, VENV, ENV, Log())
+    assert done.detail.startswith("alembic at 0002 (its env.py logs nothing"), done.detail
+
+
+@pytest.mark.postgres
 def test_alembic_upgrade_and_failed_revision_is_restorable(
         cluster: PgCluster, dbname: str, conn: psycopg.Connection[Any], tmp_path: Path) -> None:
     assert (VENV / "bin" / "alembic").exists(), "the dev extras carry alembic"

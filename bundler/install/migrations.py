@@ -504,8 +504,15 @@ def _alembic(m: Migration, db: Database, files_dir: Path, venv: Path | None,
         raise MigrationError(
             f"migration {m.name}: alembic upgrade failed{where}: "
             f"{_scrub(db, _error_line(result.output))}\n{_tail(db, result)}")
-    detail = (f"alembic applied {', '.join(applied)}" if applied
-              else "alembic: already at head")
+    if applied:
+        detail = f"alembic applied {', '.join(applied)}"
+    elif "Running upgrade" in result.output or "Context impl" in result.output:
+        detail = "alembic: already at head"  # alembic logged, and had nothing to run
+    else:
+        # env.py did not configure logging (no fileConfig): say where it stands, not a guess
+        now = _revisions(_alembic_call(m, db, files_dir, venv, env, ["current"]).output)
+        detail = (f"alembic at {', '.join(now) or 'no revision'} (its env.py logs nothing: "
+                  "which revisions this run applied is not known)")
     return MigrationResult(m.name, m.kind, applied, detail)
 
 

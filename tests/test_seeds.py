@@ -1,0 +1,70 @@
+"""The users' stacks (../shared/seeds) as bundles: each profile under profiles/ is built from
+the real package registries and installed offline (`unshare -n`), the way the seed's
+deployment guide would have it done by hand."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import pg_fixtures
+from tests.helpers import bundle, bundle_argv, offline
+from tests.pg_fixtures import PgCluster
+
+PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PgCluster]:
+    with pg_fixtures.cluster_session() as c:
+        yield c
+
+
+def _get(url: str) -> list[str]:
+    return [sys.executable, "-c",
+            f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10)"
+            ".read().decode())"]
+
+
+@pytest.mark.network
+@pytest.mark.postgres
+def test_seed_001_metrics_dashboard(tmp_path: Path, keys: tuple[Path, Path],
+                                    cluster: PgCluster, roots: list[Path]) -> None:
+    """Seed 001: FastAPI + APScheduler + pandas + reportlab backend on PostgreSQL 15 with an
+    alembic migration, and the Node dashboard's chart libraries (npm)."""
+    built = bundle("build", PROFILES / "llm-webapp.yaml", "--frozen", "--key", keys[0],
+                   "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache", "--json")
+    assert built.rc == 0, built.err
+    dbname = cluster.create_database()
+    root = tmp_path / "target"
+    roots.append(root)
+    (root / "shared").mkdir(parents=True)
+    (root / "shared" / ".env").write_text(f"DATABASE_URL={cluster.url(dbname)}\n")
+    install, status, api, libs, pdf = offline(
+        bundle_argv("install", json.loads(built.out)["bundle"], "--trust", keys[1],
+                    "--root", root, "--environment", "development"),
+        bundle_argv("status", "--root", root, "--json"),
+        _get("http://127.0.0.1:8000/api/v1/metrics/status"),
+        _get("http://127.0.0.1:3000/libs"),
+        [sys.executable, "-c", "import urllib.request; print(urllib.request.urlopen("
+         "'http://127.0.0.1:8000/api/v1/metrics/export.pdf', timeout=10).read()[:5])"])
+    assert install.rc == 0, install.err
+    assert "alembic applied 20251102_add_metrics_tables" in install.err, install.err
+    assert json.loads(status.out)["healthy"] is True, status.out
+    assert api.rc == 0 and json.loads(api.out)["status"] == "healthy", api.out + api.err
+    assert json.loads(libs.out)["chart.js"].startswith("4."), libs.out
+    assert pdf.out.strip() == "b'%PDF-'", pdf.out + pdf.err  # reportlab works on the target
+    with cluster.connect(dbname) as conn:
+        tables = {r[0] for r in conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+        assert {"metric_snapshots", "metric_collection_failures", "alembic_version"} <= tables
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == (
+            "20251102_add_metrics_tables",)
+    report = json.loads((root / "current" / "report.json").read_text())
+    assert [c["name"] for c in report["checks"]] == ["metrics-api", "dashboard", "database"]
