@@ -202,3 +202,13 @@ def test_node_and_service_migration_round_trip(tmp_path: Path) -> None:
     assert mig.service == "backend" and prisma.path == "app" and prisma.service is None
     assert type(mig).from_json(mig.to_json()) == mig
     assert type(profile.target).from_json(profile.target.to_json()) == profile.target
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (
+    Path(__file__).parent.parent / "profiles" / "seeds").glob("*.yaml")))
+def test_seed_templates_are_valid(name: str) -> None:
+    """The templates for the users' stacks (profiles/seeds) stay valid as the schema moves;
+    their sources are the users' own checkouts, so files are not checked here."""
+    path = Path(__file__).parent.parent / "profiles" / "seeds" / name
+    profile = load_profile(path, check_files=False)
+    assert profile.runtime.health, f"{name}: a template without health checks"
