@@ -171,3 +171,26 @@ def test_pandas_is_locked_with_wheels_for_each_target(tmp_path: Path, python: st
         tags = parse_wheel_filename(files[name])[3]
         assert {t.interpreter for t in tags} == {tag}, files[name]
         assert all(t.platform.startswith("manylinux") for t in tags)
+
+
+def test_a_patch_version_marker_the_host_passes_is_relocked_for_the_target(
+        tmp_path: Path) -> None:
+    """redis needs async-timeout before CPython 3.11.3; Debian 12 ships 3.11.2. pip-compile on
+    a newer patch leaves it out; the target is any X.Y.z (taken as X.Y.0), so the lock is
+    redone with uv, and has it."""
+    if sys.version_info[2] == 0:
+        pytest.skip("needs a host Python past X.Y.0")  # never under CI: no x.y.0 there
+    host_full = ".".join(map(str, sys.version_info[:3]))
+    built = tmp_path / "built"
+    write_index([
+        make_wheel(built, "client", "1.0", {"client/__init__.py": ""},
+                   requires=(f'timeouts; python_full_version < "{host_full}"',)),
+        make_wheel(built, "timeouts", "4.0", {"timeouts/__init__.py": ""}),
+    ], tmp_path / "index")
+    with serve(tmp_path / "index") as url:
+        path = profile(tmp_path / "p", url, HOST)
+        (tmp_path / "p" / "requirements.in").write_text("client\n")
+        result = bundle("lock", path, "--cache-dir", tmp_path / "cache", "--json")
+    assert result.rc == 0, result.err
+    assert "re-locking with uv for the target" in result.err
+    assert {w["name"] for w in json.loads(result.out)["wheels"]} == {"client", "timeouts"}

@@ -5,6 +5,8 @@ deployment guide would have it done by hand."""
 from __future__ import annotations
 
 import json
+import shutil
+import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import pg_fixtures
-from tests.helpers import bundle, bundle_argv, offline
+from tests.helpers import bundle, bundle_argv, offline, unavailable
 from tests.pg_fixtures import PgCluster
 
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
@@ -68,3 +70,56 @@ def test_seed_001_metrics_dashboard(tmp_path: Path, keys: tuple[Path, Path],
             "20251102_add_metrics_tables",)
     report = json.loads((root / "current" / "report.json").read_text())
     assert [c["name"] for c in report["checks"]] == ["metrics-api", "dashboard", "database"]
+
+
+@pytest.mark.network
+def test_seed_004_rag_assistant_on_sqlite_and_redis(tmp_path: Path, keys: tuple[Path, Path],
+                                                    roots: list[Path]) -> None:
+    """Seed 004 without Docker: FastAPI under uvicorn, SQLite (backup API) and a supervised
+    redis-server; then an upgrade whose migration fails gives the database back exactly."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server is not installed (apt-get install redis-server)")
+    src = tmp_path / "profiles"
+    shutil.copytree(PROFILES / "rag-assistant", src / "rag-assistant")
+    for name in ("rag-assistant.yaml", "rag-assistant.lock"):
+        shutil.copy(PROFILES / name, src / name)
+    v1 = bundle("build", src / "rag-assistant.yaml", "--frozen", "--key", keys[0], "--out",
+                tmp_path / "out", "--cache-dir", tmp_path / "cache", "--json")
+    assert v1.rc == 0, v1.err
+    # 2.0.1 ships a migration that fails half-way
+    (src / "rag-assistant/backend/migrations/002_bad.sql").write_text(
+        "ALTER TABLE users ADD COLUMN plan TEXT;\nDELETE FROM users;\n"
+        "INSERT INTO no_such_table VALUES (1);\n")
+    yaml_text = (src / "rag-assistant.yaml").read_text()
+    (src / "rag-assistant.yaml").write_text(yaml_text.replace("version: 2.0.0",
+                                                              "version: 2.0.1"))
+    v2 = bundle("build", src / "rag-assistant.yaml", "--frozen", "--key", keys[0], "--out",
+                tmp_path / "out", "--cache-dir", tmp_path / "cache", "--sequence",
+                "4000000000", "--json")
+    assert v2.rc == 0, v2.err
+    root = tmp_path / "target"
+    roots.append(root)
+    (root / "shared" / "data").mkdir(parents=True)
+    db = root / "shared" / "data" / "users.db"
+    secret = "sk-test-0123456789abcdef"
+    (root / "shared" / ".env").write_text(f"DATABASE_URL=sqlite:///{db}\n"
+                                          f"OPENAI_API_KEY={secret}\n")
+    trust = ["--trust", keys[1], "--root", root]
+    install, first, second, health, upgrade, after = offline(
+        bundle_argv("install", json.loads(v1.out)["bundle"], *trust),
+        _get("http://127.0.0.1:8000/api/answer?q=hello"),
+        _get("http://127.0.0.1:8000/api/answer?q=hello"),
+        _get("http://127.0.0.1:8000/health"),
+        bundle_argv("install", json.loads(v2.out)["bundle"], *trust),
+        _get("http://127.0.0.1:8000/health"))
+    assert install.rc == 0, install.err
+    assert json.loads(first.out)["cached"] is False
+    assert json.loads(second.out)["cached"] is True  # through the supervised redis
+    assert json.loads(health.out) == {"status": "ok", "env": "prod", "users": 1}
+    assert upgrade.rc == 17, upgrade.err
+    assert "002_bad.sql" in upgrade.err and "rolled back to 2.0.0" in upgrade.err
+    assert json.loads(after.out)["users"] == 1  # restored: the DELETE is gone
+    with sqlite3.connect(db) as conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(users)")]
+    assert "plan" not in columns
+    assert secret not in install.err + install.out + upgrade.err + upgrade.out

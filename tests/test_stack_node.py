@@ -96,7 +96,7 @@ def test_node_stack_builds_offline_from_cache_and_installs_offline(
     newer.write_text(profile.read_text().replace("version: 1.0.0", "version: 1.0.1")
                      .replace('node: ">=18"', 'node: ">=999"'))
     built = bundle("build", newer, "--key", keys[0], "--out", tmp_path / "out", "--cache-dir",
-                   tmp_path / "cache", "--json")
+                   tmp_path / "cache", "--sequence", "4000000000", "--json")  # newer, always
     assert built.rc == 0, built.err
     doctor, refused = offline(
         bundle_argv("doctor", json.loads(built.out)["bundle"], "--trust", keys[1], "--root",

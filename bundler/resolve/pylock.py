@@ -78,11 +78,12 @@ def _uv() -> str:
 
 
 def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir: Path,
-                         log: Log) -> str:
-    """Return hashed, pinned requirements text for the target."""
+                         log: Log, for_target: bool = False) -> str:
+    """Return hashed, pinned requirements text for the target. `for_target`: use uv even on
+    a matching host (pip-compile's markers saw this host's exact patch version)."""
     source = loose_requirements(spec, work)
     out = work / "locked.txt"
-    if host_matches(target):
+    if host_matches(target) and not for_target:
         log(f"locking {source.name} with pip-tools for CPython {target.python} "
             f"({target.platform}, this host)")
         args = [sys.executable, "-m", "piptools", "compile", "--no-header",

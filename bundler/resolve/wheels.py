@@ -159,7 +159,23 @@ def resolve(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> tuple[L
         if not pins:
             return ()
         wheels = _download(pins, spec, target, work, log)
-        _check_complete(pins, wheels, target)
+        try:
+            _check_complete(pins, wheels, target)
+        except BuildError as gap:
+            if spec.requirements is not None or not pylock.host_matches(target):
+                raise
+            # pip-compile evaluated markers for this interpreter's exact version; the target
+            # is any CPython X.Y.z, taken as X.Y.0 (e.g. redis needs async-timeout before
+            # 3.11.3, and Debian 12 ships 3.11.2). uv resolves for exactly that.
+            log(f"pip-compile resolved for this host's CPython {sys.version.split()[0]}, and "
+                f"the target (CPython {target.python}.x) needs more: {gap.message}; "
+                "re-locking with uv for the target")
+            text = pylock.compile_requirements(spec, target, work, cache.root, log,
+                                               for_target=True)
+            pins = for_target(parse_requirements_text(text, label), target)
+            (work / "relock").mkdir()
+            wheels = _download(pins, spec, target, work / "relock", log)
+            _check_complete(pins, wheels, target)
         out = []
         for pin in pins:
             sha, size = cache.put_file(wheels[pin.name])
