@@ -29,6 +29,7 @@ BINARIES = ("postgres", "initdb", "pg_ctl", "pg_dump", "pg_restore", "psql", "pg
 ENTRYPOINT = """#!/bin/sh
 set -e
 if [ "$#" -gt 0 ]; then exec "$@"; fi  # as the official image: `run db psql ...` runs psql
+sleep "${STARTUP_DELAY:-0}"  # a slow first start (the official image's takes seconds)
 export PGDATA=/var/lib/postgresql/data
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
   initdb -D "$PGDATA" -U "${POSTGRES_USER:-postgres}" -A trust -E UTF8 --no-locale >/dev/null

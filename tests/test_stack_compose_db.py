@@ -55,15 +55,12 @@ def profile(base: Path, version: str, seq: int, web: str, migrations: dict[str, 
         services:
           db:
             image: {pg_image.REF}
-            environment: {{POSTGRES_USER: app, POSTGRES_DB: appdb}}
+            environment: {{POSTGRES_USER: app, POSTGRES_DB: appdb, STARTUP_DELAY: "3"}}
             network_mode: none
             volumes:
               - pgdata:/var/lib/postgresql/data
               - ${{PGSOCK}}:/var/run/postgresql
-            healthcheck:
-              test: ["CMD", "pg_isready", "-h", "/var/run/postgresql", "-U", "app"]
-              interval: 1s
-              retries: 30
+            # no healthcheck, as in many compose files: bundler waits until it answers
           web:
             image: {web}
             command: ["busybox", "sleep", "3600"]

@@ -372,6 +372,22 @@ def check(db: Database, env: Mapping[str, str], *,
                      f"postgresql-client-{server}), or run the database as a compose service")
 
 
+def wait_ready(db: Database, env: Mapping[str, str], timeout: float, *,
+               exec_in_service: ServiceExec | None = None) -> None:
+    """`check` until it passes or `timeout` seconds have gone by (then its last error): a
+    database container that was just started (without a healthcheck compose could wait for)
+    refuses connections while it initialises."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check(db, env, exec_in_service=exec_in_service)
+            return
+        except InstallError:
+            if time.monotonic() >= deadline:
+                raise
+        time.sleep(0.5)
+
+
 def _sqlite_check(path: Path) -> None:
     if not path.exists():
         if not path.parent.is_dir():

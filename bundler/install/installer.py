@@ -169,7 +169,8 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             assert host is not None
             with journal.step("database-service",
                               f"Checking the database service {db.compose_service}"):
-                undo.service_started = runtime.ensure_service(layout, host, db.compose_service)
+                undo.service_started = runtime.ensure_database(layout, host, db,
+                                                               env.as_dict())
         if db is not None:
             with journal.step("backup", f"Backing up the database ({db.display})"):
                 undo.backup = database.backup(db, layout.root / "backups", env.as_dict(),
@@ -317,7 +318,7 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
             assert db is not None and undo.backup is not None
             ui.step(f"Restoring the database from {undo.backup.path.name}")
             if service:
-                runtime.ensure_service(layout, m.version, service)
+                runtime.ensure_database(layout, m.version, db, env.as_dict())
             database.restore(db, undo.backup, env.as_dict(), ui.note,
                              exec_in_service=runtime.service_exec(layout, m.version, db))
             journal.record("restore", "done", undo.backup.path.name)

@@ -129,7 +129,7 @@ def _restore_if_migrating(state: State, layout: Layout, rel: ReleaseDir, version
     ui.step(f"Restoring the database from {backup.path.name} (migrations were interrupted)")
     if db.compose_service:
         # The interrupted release's project was just taken down: its database comes back alone.
-        runtime.ensure_service(layout, version, db.compose_service)
+        runtime.ensure_database(layout, version, db, env.as_dict())
     try:
         database.restore(db, backup, env.as_dict(), ui.note,
                          exec_in_service=runtime.service_exec(layout, version, db))

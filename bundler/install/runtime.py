@@ -13,6 +13,10 @@ from bundler.install import database, environ, migrations, process_runtime
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.models import ComposeSpec
 
+# Seconds a just-started database service gets to accept connections (initdb of a new volume
+# included).
+DB_READY_TIMEOUT = 120.0
+
 
 @dataclass(frozen=True)
 class UnitState:
@@ -114,6 +118,18 @@ def ensure_service(layout: Layout, version: str, service: str) -> bool:
         return False
     cr.up(project, tool, ui.note, only=(service,))
     return True
+
+
+def ensure_database(layout: Layout, version: str, db: database.Database,
+                    env: dict[str, str]) -> bool:
+    """`ensure_service` for the database's service, then wait until it answers (a healthcheck
+    may be missing); True if it was started here."""
+    assert db.compose_service
+    started = ensure_service(layout, version, db.compose_service)
+    if started:
+        database.wait_ready(db, env, DB_READY_TIMEOUT,
+                            exec_in_service=service_exec(layout, version, db))
+    return started
 
 
 def quiesce(layout: Layout, version: str, keep: tuple[str, ...] = ()) -> None:
