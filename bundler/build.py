@@ -19,6 +19,7 @@ from bundler.lockfile import Lock
 from bundler.manifest import IMAGES_PATH, FileEntry, Manifest
 from bundler.models import ImageRef, NpmProject, NpmRef, Target
 from bundler.profile import Profile
+from bundler.resolve import compose as compose_check
 from bundler.resolve import files as files_resolver
 from bundler.resolve import images, npm, wheels
 from bundler.signing import key_id, sign
@@ -145,7 +146,8 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         collected = files_resolver.collect(profile.files, cache)
         entries += collected.entries
         sources.update(collected.sources)
-    compose = profile.runtime.compose
+    runtime = profile.runtime
+    compose = runtime.compose
     if compose is not None:
         listed = {e.path for e in entries}
         missing = [f for f in compose.files if f"files/{f}" not in listed]
@@ -153,6 +155,13 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
             raise BuildError(f"compose file {missing[0]} is not among the bundled files",
                              hint="add it under `files:` (its dest is the path compose.files "
                                   "names)")
+        facts = compose_check.inspect([(f, sources[f"files/{f}"]) for f in compose.files])
+        needed = [(m.service, f"migration {m.name}") for m in runtime.migrations if m.service]
+        if runtime.database is not None and runtime.database.compose_service:
+            needed.append((runtime.database.compose_service, "database.compose_service"))
+        compose_check.check(facts, [i.ref for i in profile.images], needed)
+        runtime = dataclasses.replace(
+            runtime, compose=dataclasses.replace(compose, ports=facts.ports))
     expires = None
     if profile.expires_ms is not None:
         expires = rfc3339(created + profile.expires_ms // 1000)
@@ -169,7 +178,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         python_lock=lock_path_in_bundle,
         npm=npm_projects,
         images=current.images,
-        runtime=profile.runtime,
+        runtime=runtime,
     )
     envelope = sign(manifest, key)
     out_dir.mkdir(parents=True, exist_ok=True)

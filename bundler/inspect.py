@@ -26,6 +26,9 @@ def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> d
         "files": [f.to_json() for f in m.files],
         "services": [s.name for s in m.runtime.services],
         "health": [h.name for h in m.runtime.health],
+        "images": [i.ref for i in m.images],
+        "compose": m.runtime.compose.to_json() if m.runtime.compose else None,
+        "migrations": [x.name for x in m.runtime.migrations],
         "parts": parts,
     }
 

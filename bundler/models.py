@@ -215,13 +215,19 @@ class ComposeSpec:
     files: tuple[str, ...]
     project: str | None = None
     tool: str | None = None  # prefer "v1" / "v2" / a command; default: modern compose first
+    ports: tuple[int, ...] = ()  # host ports the files publish (found at build time)
 
     def to_json(self) -> dict[str, Any]:
-        return {"files": list(self.files), "project": self.project, "tool": self.tool}
+        out: dict[str, Any] = {"files": list(self.files), "project": self.project,
+                               "tool": self.tool}
+        if self.ports:  # only when known: older manifests stay byte-identical
+            out["ports"] = list(self.ports)
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ComposeSpec:
-        return cls(tuple(str(f) for f in d["files"]), d.get("project"), d.get("tool"))
+        return cls(tuple(str(f) for f in d["files"]), d.get("project"), d.get("tool"),
+                   tuple(int(p) for p in d.get("ports", ())))
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ import json
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import bundle
 
 
@@ -68,3 +70,17 @@ def test_glob_matching_nothing_is_a_profile_error(tmp_path: Path) -> None:
     result = bundle("validate", profile)
     assert result.rc == 3
     assert ":5: files[0].src: pattern 'migrations/*.sql' matches nothing" in result.err
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("redis:7-alpine", "docker.io/library/redis:7-alpine"),
+    ("postgres", "postgres:latest"),
+    ("library/nginx:1.27", "nginx:1.27"),
+    ("127.0.0.1:5000/team/app", "127.0.0.1:5000/team/app:latest"),
+    ("app@sha256:" + "a" * 64, "docker.io/library/app@sha256:" + "a" * 64),
+])
+def test_image_refs_compare_the_way_docker_reads_them(a: str, b: str) -> None:
+    from bundler.resolve.compose import normalize_ref
+
+    assert normalize_ref(a) == normalize_ref(b)
+    assert normalize_ref("redis:7") != normalize_ref("redis:6")

@@ -93,3 +93,68 @@ def test_compose_stack_install_upgrade_and_rollback(tmp_path: Path, engine: Any,
     finally:
         bundle("stop", "--root", root)
         dfx.remove_images(engine, pair.a, pair.b, pair.base)
+
+
+def test_build_checks_the_compose_files_and_doctor_sees_their_ports(
+        tmp_path: Path, engine: Any, keys: tuple[Path, Path]) -> None:
+    """What the target would only find out late is refused at build time: an image the bundle
+    does not carry, a `build:`-only service, a database service that does not exist. The
+    published ports go into the manifest, and doctor checks them."""
+    import socket
+
+    pair = dfx.make_pair(engine, "cbuild")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        app = tmp_path / "app"
+        app.mkdir()
+
+        def build(services: str, extra: str = "") -> Any:
+            (app / "docker-compose.yml").write_text("services:\n"
+                                                    + textwrap.indent(services, "  "))
+            (tmp_path / "p.yaml").write_text(textwrap.dedent(f"""\
+                schema: 1
+                name: cbuild
+                version: 1.0.0
+                images:
+                  - ref: {pair.a}
+                files:
+                  - {{src: app, dest: stack}}
+                compose:
+                  files: [stack/docker-compose.yml]
+                """) + extra)
+            return bundle("build", tmp_path / "p.yaml", "--key", keys[0], "--out",
+                          tmp_path / "out", "--cache-dir", tmp_path / "cache")
+
+        web = textwrap.dedent(f"""\
+            web:
+              image: {pair.a}
+              ports: ["127.0.0.1:{port}:80", "9000", "${{EXTRA_PORT:-81}}:81",
+                      {{target: 443, published: "18443"}}]
+            """)
+        missing = build(web + f"cache:\n  image: {pair.b}\n")
+        assert missing.rc == 4, missing.err
+        assert f"use image(s) the bundle does not carry: {pair.b} (service cache)" in missing.err
+        built_only = build(web + "worker:\n  build: ./worker\n")
+        assert built_only.rc == 4 and "worker have `build:` and no `image:`" in built_only.err
+        typo = build(web, "database: {url: '${DATABASE_URL}', compose_service: postgress}\n")
+        assert typo.rc == 4, typo.err
+        assert "database.compose_service names compose service 'postgress'" in typo.err
+        assert "(they have: web)" in typo.err
+
+        ok = build(web)
+        assert ok.rc == 0, ok.err
+        path = tmp_path / "out" / "cbuild-1.0.0.bundle"
+        info = json.loads(bundle("inspect", path, "--trust", keys[1], "--json").out)
+        assert info["compose"]["ports"] == sorted([port, 18443]), info
+        doctor = bundle("doctor", path, "--trust", keys[1], "--root", tmp_path / "root",
+                        "--json")
+        rows = {r["check"]: r for r in json.loads(doctor.out)["checks"]}
+        assert rows[f"port {port}"] == {"check": f"port {port}", "status": "fail",
+                                        "detail": "in use by another process (published by "
+                                                  "the compose files)"}, rows
+    finally:
+        busy.close()
+        dfx.remove_images(engine, pair.a, pair.b, pair.base)

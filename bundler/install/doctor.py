@@ -33,7 +33,9 @@ def _guard(name: str, fn: Callable[[], Row]) -> Row:
 
 
 def _ports(m: Manifest, env: environ.ReleaseEnv, current_running: bool) -> list[Row]:
-    rows = []
+    """The local ports the release serves: those its health checks reach, and those its
+    compose files publish (recorded at build time)."""
+    ports: dict[int, str] = {}
     for check in m.runtime.health:
         if check.kind not in ("http", "tcp"):
             continue
@@ -43,17 +45,21 @@ def _ports(m: Manifest, env: environ.ReleaseEnv, current_running: bool) -> list[
             continue
         netloc = urllib.parse.urlsplit(target).netloc if check.kind == "http" else target
         host, _, port_text = netloc.rpartition(":")
-        if host not in ("127.0.0.1", "localhost", "0.0.0.0", "[::1]") or not port_text.isdigit():
-            continue
+        if host in ("127.0.0.1", "localhost", "0.0.0.0", "[::1]") and port_text.isdigit():
+            ports.setdefault(int(port_text), f"health check {check.name}")
+    for port in m.runtime.compose.ports if m.runtime.compose else ():
+        ports.setdefault(port, "published by the compose files")
+    rows = []
+    for port, why in sorted(ports.items()):
         with socket.socket() as sock:
-            busy = sock.connect_ex(("127.0.0.1", int(port_text))) == 0
+            busy = sock.connect_ex(("127.0.0.1", port)) == 0
         if not busy:
-            rows.append(Row(f"port {port_text}", "ok", "free"))
+            rows.append(Row(f"port {port}", "ok", f"free ({why})"))
         elif current_running:
-            rows.append(Row(f"port {port_text}", "ok", "in use (by the current release, "
-                                                       "which an install replaces)"))
+            rows.append(Row(f"port {port}", "ok", f"in use (by the current release, which an "
+                                                  f"install replaces; {why})"))
         else:
-            rows.append(Row(f"port {port_text}", "fail", "in use by another process"))
+            rows.append(Row(f"port {port}", "fail", f"in use by another process ({why})"))
     return rows
 
 
