@@ -111,7 +111,7 @@ def test_build_checks_the_compose_files_and_doctor_sees_their_ports(
         app = tmp_path / "app"
         app.mkdir()
 
-        def build(services: str, extra: str = "") -> Any:
+        def build(services: str, extra: str = "", tool: str = "") -> Any:
             (app / "docker-compose.yml").write_text("services:\n"
                                                     + textwrap.indent(services, "  "))
             (tmp_path / "p.yaml").write_text(textwrap.dedent(f"""\
@@ -124,7 +124,7 @@ def test_build_checks_the_compose_files_and_doctor_sees_their_ports(
                   - {{src: app, dest: stack}}
                 compose:
                   files: [stack/docker-compose.yml]
-                """) + extra)
+                """) + (f"  tool: {tool}\n" if tool else "") + extra)
             return bundle("build", tmp_path / "p.yaml", "--key", keys[0], "--out",
                           tmp_path / "out", "--cache-dir", tmp_path / "cache")
 
@@ -155,6 +155,15 @@ def test_build_checks_the_compose_files_and_doctor_sees_their_ports(
         assert rows[f"port {port}"] == {"check": f"port {port}", "status": "fail",
                                         "detail": "in use by another process (published by "
                                                   "the compose files)"}, rows
+
+        # A target without the compose the bundle asks for is refused before anything exists
+        assert build(web, tool="/nonexistent/compose").rc == 0
+        (refused,) = offline(bundle_argv("install", path, "--trust", keys[1], "--root",
+                                         tmp_path / "root"))
+        assert refused.rc == 8, refused.err
+        assert "this bundle runs a compose project: /nonexistent/compose is not a working " \
+               "Docker Compose" in refused.err
+        assert not (tmp_path / "root").exists()
     finally:
         busy.close()
         dfx.remove_images(engine, pair.a, pair.b, pair.base)

@@ -138,11 +138,20 @@ def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: boo
     check_target(manifest.target)
     if manifest.npm:
         check_node(manifest)
-    if manifest.images:
+    if manifest.images or manifest.runtime.compose:
         from bundler.errors import InstallError
         from bundler.resolve.images import engine_client
 
         engine_client(InstallError)  # refuse before anything is created, not half-way
+    if manifest.runtime.compose is not None:
+        from bundler.errors import InstallError
+        from bundler.install.compose_runtime import detect
+
+        try:  # not at the start step, after the migrations: now
+            detect(manifest.runtime.compose.tool)
+        except InstallError as exc:
+            raise PolicyError(f"this bundle runs a compose project: {exc.message}",
+                              hint=exc.hint) from None
     python = None
     if manifest.python_lock:
         found = python_env.find_python(manifest.target)
