@@ -4,14 +4,15 @@ docker compose project. The installer, recovery and control commands only call t
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from bundler import ui
+from bundler import proc, ui
 from bundler.errors import InstallError
 from bundler.install import compose_runtime as cr
 from bundler.install import database, environ, migrations, process_runtime
 from bundler.install.layout import Layout, ReleaseDir
-from bundler.models import ComposeSpec
+from bundler.manifest import Manifest
 
 # Seconds a just-started database service gets to accept connections (initdb of a new volume
 # included).
@@ -28,19 +29,24 @@ class UnitState:
         return {"name": self.name, "running": self.running, "detail": self.detail}
 
 
-def _compose(layout: Layout, rel: ReleaseDir, spec: ComposeSpec, product: str
-             ) -> tuple[cr.ComposeProject, cr.ComposeTool]:
-    manifest = rel.manifest()
-    assert manifest is not None
-    env = environ.release_env(layout, manifest.runtime.env, rel.environment())
+def _project(layout: Layout, rel: ReleaseDir, m: Manifest) -> cr.ComposeProject:
+    """The release's compose project. Building it runs nothing: the compose tool is
+    detected (a few subprocesses) only by the calls that run compose itself."""
+    spec = m.runtime.compose
+    assert spec is not None
+    env = environ.release_env(layout, m.runtime.env, rel.environment())
     env_file = environ.shared_env_file(layout)
-    project = cr.ComposeProject(
-        name=spec.project or cr.project_name(product),
+    return cr.ComposeProject(
+        name=spec.project or cr.project_name(m.name),
         files=tuple(rel.files / f for f in spec.files),
         workdir=(rel.files / spec.files[0]).parent,
         env_file=env_file if env_file.is_file() else None,
         env=env.values)
-    return project, cr.detect(spec.tool)
+
+
+def _tool(m: Manifest) -> cr.ComposeTool:
+    assert m.runtime.compose is not None
+    return cr.detect(m.runtime.compose.tool)
 
 
 def start(layout: Layout, version: str) -> None:
@@ -49,8 +55,7 @@ def start(layout: Layout, version: str) -> None:
     m = rel.manifest()
     assert m is not None, f"release {version} has no manifest"
     if m.runtime.compose is not None:
-        project, tool = _compose(layout, rel, m.runtime.compose, m.name)
-        cr.up(project, tool, ui.note)
+        cr.up(_project(layout, rel, m), _tool(m), ui.note)
     process_runtime.start(m.runtime.services, layout, rel, m.runtime.env, rel.environment())
 
 
@@ -63,8 +68,7 @@ def stop(layout: Layout, version: str, keep_compose: bool = False) -> None:
         return
     process_runtime.stop(m.runtime.services, rel)
     if m.runtime.compose is not None and not keep_compose:
-        project, tool = _compose(layout, rel, m.runtime.compose, m.name)
-        cr.down(project, tool, ui.note)
+        cr.down(_project(layout, rel, m), _tool(m), ui.note)
 
 
 def uses_compose(layout: Layout, version: str | None) -> bool:
@@ -82,8 +86,7 @@ def states(layout: Layout, version: str) -> list[UnitState]:
     out = [UnitState(s.name, s.running, f"supervisor pid {s.pid}" if s.pid else "stopped")
            for s in process_runtime.states(m.runtime.services, rel)]
     if m.runtime.compose is not None:
-        project, tool = _compose(layout, rel, m.runtime.compose, m.name)
-        for c in cr.ps(project, tool):
+        for c in cr.ps(_project(layout, rel, m)):
             detail = c.status + (f", {c.health}" if c.health else "")
             out.append(UnitState(f"compose:{c.name}", c.running and c.health in (None,
                                                                                   "healthy"),
@@ -91,13 +94,13 @@ def states(layout: Layout, version: str) -> list[UnitState]:
     return out
 
 
-def _project_of(layout: Layout, version: str) -> tuple[cr.ComposeProject, cr.ComposeTool]:
+def _compose_release(layout: Layout, version: str) -> tuple[ReleaseDir, Manifest]:
     rel = ReleaseDir(layout.release(version))
     m = rel.manifest()
     if m is None or m.runtime.compose is None:
         raise InstallError(f"release {version} has no compose project",
                            hint="database.compose_service needs the profile's `compose:`")
-    return _compose(layout, rel, m.runtime.compose, m.name)
+    return rel, m
 
 
 def service_exec(layout: Layout, version: str, db: database.Database
@@ -106,17 +109,18 @@ def service_exec(layout: Layout, version: str, db: database.Database
     The container is found by the product's project label, whichever release started it."""
     if not db.compose_service:
         return None
-    project, _tool = _project_of(layout, version)
-    return functools.partial(cr.exec_in, project, db.compose_service)
+    rel, m = _compose_release(layout, version)
+    return functools.partial(cr.exec_in, _project(layout, rel, m), db.compose_service)
 
 
 def ensure_service(layout: Layout, version: str, service: str) -> bool:
     """Start `service` of release `version`'s compose project alone if it is not running
     (the database, before backups and migrations); True if it was started here."""
-    project, tool = _project_of(layout, version)
+    rel, m = _compose_release(layout, version)
+    project = _project(layout, rel, m)
     if cr.running_container(project, service) is not None:
         return False
-    cr.up(project, tool, ui.note, only=(service,))
+    cr.up(project, _tool(m), ui.note, only=(service,))
     return True
 
 
@@ -142,8 +146,7 @@ def quiesce(layout: Layout, version: str, keep: tuple[str, ...] = ()) -> None:
         return
     process_runtime.stop(m.runtime.services, rel)
     if m.runtime.compose is not None:
-        project, _tool = _compose(layout, rel, m.runtime.compose, m.name)
-        cr.stop_services(project, ui.note, keep)
+        cr.stop_services(_project(layout, rel, m), ui.note, keep)
 
 
 def oneoff_runner(layout: Layout, version: str) -> migrations.ServiceRun | None:
@@ -153,5 +156,9 @@ def oneoff_runner(layout: Layout, version: str) -> migrations.ServiceRun | None:
     m = rel.manifest()
     if m is None or m.runtime.compose is None:
         return None
-    project, tool = _compose(layout, rel, m.runtime.compose, m.name)
-    return functools.partial(cr.run_oneoff, project, tool, ui.note)
+    project = _project(layout, rel, m)
+
+    def run(service: str, argv: Sequence[str], env: Mapping[str, str],
+            timeout: float) -> proc.Result:
+        return cr.run_oneoff(project, _tool(m), ui.note, service, argv, env, timeout)
+    return run
