@@ -149,33 +149,32 @@ def resolve(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> tuple[L
     from bundler.resolve import pylock
 
     with _workdir(cache) as work:
-        if spec.requirements is not None:
-            text, label = spec.requirements.read_text(encoding="utf-8"), spec.requirements
-        else:
-            text = pylock.compile_requirements(spec, target, work, cache.root, log)
-            source = spec.requirements_in or spec.pyproject or Path("requirements")
-            label = Path(f"{source} (as locked)")
-        pins = for_target(parse_requirements_text(text, label), target)
-        if not pins:
-            return ()
-        wheels = _download(pins, spec, target, work, log)
-        try:
-            _check_complete(pins, wheels, target)
-        except BuildError as gap:
-            if spec.requirements is not None or not pylock.host_matches(target):
-                raise
-            # pip-compile evaluated markers for this interpreter's exact version; the target
-            # is any CPython X.Y.z, taken as X.Y.0 (e.g. redis needs async-timeout before
-            # 3.11.3, and Debian 12 ships 3.11.2). uv resolves for exactly that.
-            log(f"pip-compile resolved for this host's CPython {sys.version.split()[0]}, and "
-                f"the target (CPython {target.python}.x) needs more: {gap.message}; "
-                "re-locking with uv for the target")
-            text = pylock.compile_requirements(spec, target, work, cache.root, log,
-                                               for_target=True)
+        for relock in (False, True):
+            attempt = work / ("uv" if relock else "first")
+            attempt.mkdir()
+            if spec.requirements is not None:
+                text, label = spec.requirements.read_text(encoding="utf-8"), spec.requirements
+            else:
+                text = pylock.compile_requirements(spec, target, attempt, cache.root, log,
+                                                   for_target=relock)
+                source = spec.requirements_in or spec.pyproject or Path("requirements")
+                label = Path(f"{source} (as locked)")
             pins = for_target(parse_requirements_text(text, label), target)
-            (work / "relock").mkdir()
-            wheels = _download(pins, spec, target, work / "relock", log)
-            _check_complete(pins, wheels, target)
+            if not pins:
+                return ()
+            wheels = _download(pins, spec, target, attempt, log)
+            try:
+                _check_complete(pins, wheels, target)
+                break
+            except BuildError as gap:
+                if relock or spec.requirements is not None or not pylock.host_matches(target):
+                    raise
+                # pip-compile evaluated markers for this interpreter's exact version; the
+                # target is any CPython X.Y.z, taken as X.Y.0 (e.g. redis needs async-timeout
+                # before 3.11.3, and Debian 12 ships 3.11.2). uv resolves for exactly that.
+                log(f"pip-compile resolved for this host's CPython {sys.version.split()[0]}, "
+                    f"and the target (CPython {target.python}.x) needs more: {gap.message}; "
+                    "re-locking with uv for the target")
         out = []
         for pin in pins:
             sha, size = cache.put_file(wheels[pin.name])
