@@ -5,10 +5,14 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.helpers import Project, bundle, make_project
+
+if TYPE_CHECKING:
+    from tests.pg_fixtures import PgCluster
 
 
 @pytest.fixture
@@ -41,3 +45,22 @@ def roots() -> Iterator[list[Path]]:
         for pidfile in root.glob("releases/*/run/*.pid"):
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Any]:
+    """A docker client on the running engine (started if need be; missing: fails in CI)."""
+    from tests import docker_fixtures
+
+    eng = docker_fixtures.start_engine()
+    yield eng.client
+    eng.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL cluster on a unix socket (missing binaries: fails in CI)."""
+    from tests import pg_fixtures
+
+    with pg_fixtures.cluster_session() as c:
+        yield c

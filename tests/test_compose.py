@@ -35,12 +35,6 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 # --- fixtures --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    eng = dfx.start_engine()
-    yield eng.client
-    eng.stop()
-
 
 @dataclass(frozen=True)
 class Images:

@@ -29,18 +29,11 @@ from bundler.fsutil import sha256_file
 from bundler.install import database, migrations
 from bundler.install.database import Backup, Database
 from bundler.install.migrations import Migration
-from tests import pg_fixtures
 from tests.helpers import REPO, free_port, offline
 from tests.pg_fixtures import PW_PASSWORD, PW_USER, PgCluster, alembic_ini, snapshot
 
 ENV: Mapping[str, str] = {}
 VENV = Path(sys.prefix)  # the suite's own venv: it carries alembic + sqlalchemy (dev extras)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PgCluster]:
-    with pg_fixtures.cluster_session() as c:
-        yield c
 
 
 @pytest.fixture

@@ -31,13 +31,6 @@ def log(line: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def engine() -> Iterator[Any]:
-    eng = dfx.start_engine()
-    yield eng.client
-    eng.stop()
-
-
-@pytest.fixture(scope="session")
 def pair(engine: Any) -> Iterator[dfx.Pair]:
     """Two engine images sharing a base layer; read-only for the tests that use it."""
     p = dfx.make_pair(engine, "shared")

@@ -8,24 +8,16 @@ import json
 import shutil
 import sqlite3
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests import pg_fixtures
 from tests.helpers import bundle, bundle_argv, offline, unavailable
 from tests.pg_fixtures import PgCluster
 
 PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 
 pytestmark = [pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PgCluster]:
-    with pg_fixtures.cluster_session() as c:
-        yield c
 
 
 def _get(url: str) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,6 @@ from tests import docker_fixtures as dfx
 from tests.helpers import bundle, bundle_argv, offline
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    eng = dfx.start_engine()
-    yield eng.client
-    eng.stop()
 
 
 def compose_profile(base: Path, version: str, image: str, healthy: bool, seq: int) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.postgres, pytest.mark.slow]
 
 PRODUCT = "shopdb"
 PROJECT = f"bundler-{PRODUCT}"
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    eng = dfx.start_engine()
-    yield eng.client
-    eng.stop()
 
 
 def _clean(engine: Any) -> None:

@@ -29,12 +29,6 @@ migrations:
 """
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[PgCluster]:
-    with pg_fixtures.cluster_session() as c:
-        yield c
-
-
 @pytest.fixture
 def dburl(cluster: PgCluster) -> Iterator[str]:
     name = cluster.create_database()

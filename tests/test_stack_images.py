@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,6 @@ from tests import docker_fixtures as dfx
 from tests.helpers import bundle, bundle_argv, offline
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    eng = dfx.start_engine()
-    yield eng.client
-    eng.stop()
 
 
 def test_images_build_offline_from_cache_and_load_on_the_target(
