@@ -131,6 +131,9 @@ def test_build_checks_the_compose_files_and_doctor_sees_their_ports(
         assert f"use image(s) the bundle does not carry: {pair.b} (service cache)" in missing.err
         built_only = build(web + "worker:\n  build: ./worker\n")
         assert built_only.rc == 4 and "worker have `build:` and no `image:`" in built_only.err
+        broken = build("web: [unclosed\n")
+        assert broken.rc == 4 and "compose file stack/docker-compose.yml cannot be read" \
+            in broken.err, broken.err
         typo = build(web, "database: {url: '${DATABASE_URL}', compose_service: postgress}\n")
         assert typo.rc == 4, typo.err
         assert "database.compose_service names compose service 'postgress'" in typo.err

@@ -209,6 +209,14 @@ def test_database_in_a_compose_service(tmp_path: Path, engine: Any,
         assert ("3.0.0", "restore", "done") in steps and ("3.0.1", "restore", "done") in steps
         assert ("4.0.0", "restore", "done") in steps
         assert ("2.0.0", "rollback", "done") not in steps
+
+        # stopped by the operator: doctor says the database service is not running
+        assert bundle("stop", "--root", root).rc == 0
+        (stopped,) = offline(["env", path, *bundle_argv("doctor", "--root", root, "--json")])
+        rows = {r["check"]: r for r in json.loads(stopped.out)["checks"]}
+        assert stopped.rc == 1 and rows["database"]["status"] == "fail", rows
+        assert rows["database"]["detail"] == (f"compose service db of project {PROJECT} is "
+                                              "not running"), rows
     finally:
         bundle("stop", "--root", root)
         _clean(engine)
