@@ -47,7 +47,7 @@ def roots() -> Iterator[list[Path]]:
                 os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def engine() -> Iterator[Any]:
     """A docker client on the running engine (started if need be; missing: fails in CI)."""
     from tests import docker_fixtures
