@@ -29,6 +29,7 @@ def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> d
         "images": [i.ref for i in m.images],
         "compose": m.runtime.compose.to_json() if m.runtime.compose else None,
         "migrations": [x.name for x in m.runtime.migrations],
+        "user": m.runtime.user,  # the account its processes run as (None: root)
         "parts": parts,
     }
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from bundler.errors import SignatureError
 from bundler.models import (
+    COMPOSE_TOOLS,
+    NAME_RE,
+    VERSION_RE,
     ComposeSpec,
     DatabaseSpec,
     EnvSpec,
@@ -25,6 +29,8 @@ from bundler.models import (
     Runtime,
     Service,
     Target,
+    is_inner_path,
+    user_name,
 )
 
 SCHEMA = 1
@@ -38,6 +44,11 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 KINDS = ("wheel", "file", "lock", "npm", "images")
 IMAGES_PATH = "images/images.tar.zst"
 RESERVED = ("envelope.json",)
+# Where each kind of payload lives in a release directory (as the builder names them). A
+# payload elsewhere could land on the installer's own files (bundle/manifest.json, run/*.pid).
+KIND_PREFIX = {"wheel": "python/", "lock": "python/", "file": "files/", "npm": "npm/",
+               "images": "images/"}
+COMPOSE_PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
 @dataclass(frozen=True)
@@ -88,7 +99,7 @@ class Manifest:
             "compose": self.runtime.compose.to_json() if self.runtime.compose else None,
             "database": self.runtime.database.to_json() if self.runtime.database else None,
             "migrations": [mg.to_json() for mg in self.runtime.migrations],
-        }
+        } | ({"user": self.runtime.user} if self.runtime.user else {})  # only when set
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_json())
@@ -134,13 +145,35 @@ def _no_float(text: str) -> Any:
 
 
 def strict_loads(data: bytes) -> Any:
-    """json.loads that refuses duplicate keys, floats, NaN and Infinity."""
-    return json.loads(
-        data.decode("utf-8"),
-        object_pairs_hook=_no_duplicates,
-        parse_float=_no_float,
-        parse_constant=_no_float,
-    )
+    """json.loads that refuses duplicate keys, floats, NaN and Infinity, and nesting too deep
+    for the parser (a ValueError, like every other refusal, never a RecursionError)."""
+    try:
+        return json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_float=_no_float,
+            parse_constant=_no_float,
+        )
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_TIME_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
+
+
+def _time(value: Any, what: str) -> str:
+    """A UTC timestamp as the builder writes it (2026-01-31T12:00:00Z), checked here so that
+    policy can compare it without a parse error half-way through an install."""
+    text = _str(value, what)
+    try:
+        if not _TIME_RE.match(text):
+            raise ValueError
+        datetime.strptime(text, TIME_FORMAT)
+    except ValueError:
+        raise ValueError(f"{what} {text[:40]!r} is not a UTC time like "
+                         "2026-01-31T12:00:00Z") from None
+    return text
 
 
 def parse_manifest(data: bytes) -> Manifest:
@@ -192,6 +225,66 @@ def _str(value: Any, what: str) -> str:
     return value
 
 
+def _sequence(value: Any) -> int:
+    sequence = _int(value, "sequence")
+    if sequence < 1:
+        raise ValueError(f"sequence {sequence} is not at least 1")
+    return sequence
+
+
+def _matching(value: Any, what: str, pattern: re.Pattern[str]) -> str:
+    text = _str(value, what)
+    if not pattern.fullmatch(text):
+        raise ValueError(f"{what} {text!r} is not valid")
+    return text
+
+
+def _inner(value: Any, what: str) -> str:
+    """A path the installer joins to the release's files directory: it must stay inside."""
+    text = _str(value, what)
+    if not is_inner_path(text):
+        raise ValueError(f"{what} {text!r} leaves the release's files")
+    return text
+
+
+def _services(raw: Any) -> tuple[Service, ...]:
+    services = []
+    for i, data in enumerate(raw):
+        # the name names run/<name>.pid and logs/<name>.log; cwd is joined to files/
+        _matching(data["name"], f"services[{i}].name", NAME_RE)
+        _inner(data.get("cwd", "."), f"services[{i}].cwd")
+        services.append(Service.from_json(data))
+    names = [s.name for s in services]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"service {name!r} listed twice")
+    return tuple(services)
+
+
+def _compose(raw: Any, listed: set[str]) -> ComposeSpec:
+    for i, f in enumerate(raw["files"]):
+        _inner(f, f"compose.files[{i}]")
+        if f"files/{f}" not in listed:
+            raise ValueError(f"compose.files[{i}] {f!r} is not a listed file (files/{f})")
+    if not raw["files"]:
+        raise ValueError("compose.files is empty")
+    if raw.get("project") is not None:
+        _matching(raw["project"], "compose.project", COMPOSE_PROJECT_RE)
+    tool = raw.get("tool")
+    if tool is not None and tool not in COMPOSE_TOOLS:
+        raise ValueError(f"compose.tool {tool!r} is not one of {', '.join(COMPOSE_TOOLS)}")
+    return ComposeSpec.from_json(raw)
+
+
+def _migrations(raw: Any) -> tuple[MigrationSpec, ...]:
+    out = []
+    for i, data in enumerate(raw):
+        if data.get("path") is not None:
+            _inner(data["path"], f"migrations[{i}].path")
+        out.append(MigrationSpec.from_json(data))
+    return tuple(out)
+
+
 def _from_json(doc: Any) -> Manifest:
     if not isinstance(doc, dict):
         raise ValueError("manifest must be an object")
@@ -213,6 +306,9 @@ def _from_json(doc: Any) -> Manifest:
         kind = _str(raw["kind"], "kind")
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r} for {path!r}")
+        if not path.startswith(KIND_PREFIX[kind]):
+            raise ValueError(f"file {path!r} of kind {kind!r} is not under "
+                             f"{KIND_PREFIX[kind]}")
         size = _int(raw["size"], "size")
         if size < 0:
             raise ValueError(f"negative size for {path!r}")
@@ -221,13 +317,15 @@ def _from_json(doc: Any) -> Manifest:
     lock = _str(python["lock"], "python.lock") if python else None
     if lock is not None and lock not in seen:
         raise ValueError("python.lock names a file that is not listed")
+    if lock is not None and next(f.kind for f in files if f.path == lock) != "lock":
+        raise ValueError(f"python.lock {lock!r} is not a file of kind 'lock'")
     return Manifest(
         schema=SCHEMA,
-        name=_str(doc["name"], "name"),
-        version=_str(doc["version"], "version"),
-        sequence=_int(doc["sequence"], "sequence"),
-        created=_str(doc["created"], "created"),
-        expires=None if doc.get("expires") is None else _str(doc["expires"], "expires"),
+        name=_matching(doc["name"], "name", NAME_RE),
+        version=_matching(doc["version"], "version", VERSION_RE),
+        sequence=_sequence(doc["sequence"]),
+        created=_time(doc["created"], "created"),
+        expires=None if doc.get("expires") is None else _time(doc["expires"], "expires"),
         builder=_str(doc.get("builder", ""), "builder"),
         target=Target.from_json(doc["target"]),
         files=tuple(files),
@@ -235,12 +333,13 @@ def _from_json(doc: Any) -> Manifest:
         npm=_npm_projects(doc.get("npm", []), seen),
         images=_images(doc.get("images", []), seen),
         runtime=Runtime(
-            services=tuple(Service.from_json(s) for s in doc.get("services", [])),
+            services=_services(doc.get("services", [])),
             health=tuple(HealthCheck.from_json(h) for h in doc.get("health", [])),
             install=InstallPolicy.from_json(doc.get("install", {})),
             env=EnvSpec.from_json(doc.get("env", {})),
-            compose=ComposeSpec.from_json(doc["compose"]) if doc.get("compose") else None,
+            compose=_compose(doc["compose"], seen) if doc.get("compose") else None,
             database=DatabaseSpec.from_json(doc["database"]) if doc.get("database") else None,
-            migrations=tuple(MigrationSpec.from_json(x) for x in doc.get("migrations", [])),
+            migrations=_migrations(doc.get("migrations", [])),
+            user=user_name(doc["user"]) if "user" in doc else None,
         ),
     )

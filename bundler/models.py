@@ -6,10 +6,39 @@ manifest stays the single source of truth on the target.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 PLACEHOLDERS = ("{release}", "{files}", "{venv}", "{root}")
+PLACEHOLDER_RE = re.compile(r"\{(?:release|files|venv|root)\}")
+
+# What a product name and a release version may be. One definition, checked where a profile is
+# loaded AND where a signed manifest is parsed: a version names `releases/<version>/`.
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+# compose.tool: one of these named presets (see compose_runtime.detect), never a host path or
+# command: a bundle must not choose what the installer runs as root.
+COMPOSE_TOOLS = ("v2", "v1", "plugin", "bundled")
+# A POSIX account name (useradd's portable default): what `user` / `services[].user` may name.
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+
+
+def user_name(value: Any, what: str = "user") -> str:
+    """A `user` read back from a manifest: ValueError unless it is an account name."""
+    if not isinstance(value, str) or not USER_RE.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not a user name")
+    return value
+
+
+def is_inner_path(value: str) -> bool:
+    """A relative path that stays inside the directory it is joined to: "." or segments that
+    are none of "", ".", ".."; no leading "/", no backslash, no NUL."""
+    if value == ".":
+        return True
+    if not value or value.startswith("/") or "\\" in value or "\0" in value:
+        return False
+    return all(part not in ("", ".", "..") for part in value.split("/"))
 
 
 @dataclass(frozen=True)
@@ -42,14 +71,18 @@ class Service:
     command: tuple[str, ...]
     cwd: str = "."
     env: tuple[tuple[str, str], ...] = ()
+    user: str | None = None  # runs as this account instead of the release's `user`
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "command": list(self.command),
             "cwd": self.cwd,
             "env": dict(self.env),
         }
+        if self.user:  # only when set: older manifests stay byte-identical
+            out["user"] = self.user
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Service:
@@ -58,6 +91,7 @@ class Service:
             command=tuple(str(c) for c in data["command"]),
             cwd=str(data.get("cwd", ".")),
             env=tuple(sorted((str(k), str(v)) for k, v in data.get("env", {}).items())),
+            user=user_name(data["user"], "service user") if "user" in data else None,
         )
 
 
@@ -285,3 +319,9 @@ class Runtime:
     compose: ComposeSpec | None = None
     database: DatabaseSpec | None = None
     migrations: tuple[MigrationSpec, ...] = ()
+    # The unprivileged account the release's own processes run as: services (unless they name
+    # their own), host-run command and alembic migrations, command health checks.
+    user: str | None = None
+
+    def service_user(self, service: Service) -> str | None:
+        return service.user or self.user

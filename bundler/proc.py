@@ -8,8 +8,10 @@ tail of the output instead of a bare exit status.
 from __future__ import annotations
 
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +27,57 @@ TAIL_LINES = 20
 # bundler's calls must behave the same on every host (pip.conf, PIP_* and npm_config_* are
 # common on real hosts and would silently change what is resolved or installed).
 _SCRUBBED_PREFIXES = ("PIP_", "NPM_CONFIG_", "npm_config_", "UV_", "PYTHON")
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """An unprivileged account a child runs as (a profile's `user`): its uid, primary gid,
+    supplementary groups and home, looked up on this host by `lookup_user`."""
+
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    home: str
+
+    @property
+    def switches(self) -> bool:
+        """Does running as this account change the process's identity? Not for the account
+        bundler already runs as (then nothing is switched, and no privilege is needed)."""
+        return self.uid != os.geteuid()
+
+    def environ(self, env: Mapping[str, str]) -> dict[str, str]:
+        """`env` with HOME, USER and LOGNAME of this account (never root's /root)."""
+        return {**env, "HOME": self.home, "USER": self.name, "LOGNAME": self.name}
+
+    def group_name(self) -> str:
+        try:
+            return grp.getgrgid(self.gid).gr_name
+        except KeyError:
+            return str(self.gid)
+
+
+def lookup_user(name: str) -> RunAs | None:
+    """The account `name` on this host (None: there is none)."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    groups = tuple(sorted(set(os.getgrouplist(name, entry.pw_gid))))
+    return RunAs(name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir or "/")
+
+
+def _identity(user: RunAs | None) -> tuple[int | None, int | None, list[int] | None]:
+    """subprocess's `user`, `group` and `extra_groups` that make the child run as `user`
+    (set after fork, before exec); all None when nothing is switched."""
+    if user is None or not user.switches:
+        return None, None, None
+    return user.uid, user.gid, list(user.groups)
+
+
+def _child_env(env: Mapping[str, str] | None, user: RunAs | None) -> dict[str, str]:
+    base = dict(env) if env is not None else clean_env()
+    return user.environ(base) if user is not None else base
 
 
 @dataclass(frozen=True)
@@ -60,15 +113,18 @@ def run(
     what: str | None = None,
     stdin: Path | None = None,
     stdout: Path | None = None,
+    user: RunAs | None = None,
 ) -> Result:
     """Run a command to completion, capturing stdout+stderr together.
 
     `stdin` / `stdout`: files (or FIFOs) to connect instead; with `stdout`, the result's
-    output is stderr alone. Raises CommandError (with the output tail) on a non-zero exit when
-    `check`, and always on a timeout or a missing executable.
+    output is stderr alone. `user`: run as that account (its groups and HOME). Raises
+    CommandError (with the output tail) on a non-zero exit when `check`, and always on a
+    timeout or a missing executable.
     """
     argv = tuple(os.fspath(a) for a in args)
     label = what or argv[0]
+    uid, gid, groups = _identity(user)
     log.debug("run: %s (cwd=%s)", " ".join(argv), cwd)
     with contextlib.ExitStack() as files:
         # Opened here, not by the child: a FIFO's open blocks until its peer opens it too.
@@ -78,17 +134,25 @@ def run(
             done = subprocess.run(
                 argv,
                 cwd=cwd,
-                env=dict(env) if env is not None else clean_env(),
+                env=_child_env(env, user),
                 stdin=source,
                 stdout=sink if sink is not None else subprocess.PIPE,
                 stderr=subprocess.PIPE if sink is not None else subprocess.STDOUT,
                 timeout=timeout,
                 check=False,
+                user=uid, group=gid, extra_groups=groups,
             )
         except FileNotFoundError as exc:
             raise CommandError(
                 f"{label}: executable not found: {argv[0]}",
                 hint=f"install {Path(argv[0]).name} or put it on PATH",
+            ) from exc
+        except PermissionError as exc:
+            who = f" as user {user.name}" if user is not None else ""
+            raise CommandError(
+                f"{label}: cannot run {argv[0]}{who}: {exc.strerror}",
+                hint="check that the file and its directories are readable and executable "
+                     "by that user",
             ) from exc
         except subprocess.TimeoutExpired as exc:
             raise CommandError(
@@ -118,7 +182,9 @@ def spawn(
     """
     argv = [os.fspath(a) for a in args]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
+    # Never through a symlink: a release's logs/ may be writable by its unprivileged `user`.
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with open(fd, "ab") as out:
         try:
             child = subprocess.Popen(
                 argv,
@@ -138,11 +204,15 @@ def spawn(
 
 
 def popen(args: Sequence[str], *, cwd: Path, env: Mapping[str, str],
-          log_fh: int) -> subprocess.Popen[bytes]:
-    """Start a child that the caller supervises (same process group as the caller)."""
+          log_fh: int, user: RunAs | None = None) -> subprocess.Popen[bytes]:
+    """Start a child that the caller supervises (same process group as the caller);
+    `user`: as that account."""
+    uid, gid, groups = _identity(user)
     try:
-        return subprocess.Popen(list(args), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL,
-                                stdout=log_fh, stderr=subprocess.STDOUT, close_fds=True)
+        return subprocess.Popen(list(args), cwd=cwd, env=_child_env(env, user),
+                                stdin=subprocess.DEVNULL, stdout=log_fh,
+                                stderr=subprocess.STDOUT, close_fds=True,
+                                user=uid, group=gid, extra_groups=groups)
     except (FileNotFoundError, PermissionError) as exc:
         raise CommandError(f"cannot start {args[0]}: {exc.strerror}",
                            hint="check the service's command and that the file is executable"

@@ -21,7 +21,12 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from bundler.errors import Problem, ProfileError
 from bundler.models import (
     CHECK_KINDS,
+    COMPOSE_TOOLS,
     MIGRATION_KINDS,
+    NAME_RE,
+    PLACEHOLDERS,
+    USER_RE,
+    VERSION_RE,
     ComposeSpec,
     DatabaseSpec,
     EnvSpec,
@@ -32,14 +37,15 @@ from bundler.models import (
     Service,
     Target,
 )
+from bundler.redact import has_plaintext_secret
 
 SCHEMA_VERSION = 1
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
 PLATFORM_RE = re.compile(r"^(manylinux_\d+_\d+|musllinux_\d+_\d+|linux)_(x86_64|aarch64)$")
 DURATION_RE = re.compile(r"^(\d+)(ms|s|m|h|d)$")
+_USER_HINT = ("a user name on the target: lowercase letters, digits, '_' and '-', starting "
+              "with a letter or '_' (e.g. myapp); create it there with `useradd --system NAME`")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 T = TypeVar("T")
@@ -297,7 +303,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         required=("schema", "name", "version"),
         optional=("sequence", "expires", "target", "actions", "python", "npm", "images",
                   "files", "env", "compose", "database", "migrations", "services", "health",
-                  "install"),
+                  "install", "user"),
     )
     if top is None:
         raise ProfileError(c.problems)
@@ -311,6 +317,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     version = c.string(top["version"], "version", VERSION_RE,
                        "letters, digits and . _ + - (e.g. 1.4.0)") if "version" in top else None
     sequence = c.integer(top["sequence"], "sequence", 1) if "sequence" in top else None
+    user = c.string(top["user"], "user", USER_RE, _USER_HINT) if "user" in top else None
     expires = c.duration_ms(top["expires"], "expires") if "expires" in top else None
 
     target = Target()
@@ -364,6 +371,8 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         if inst is not None and "keep" in inst:
             keep = c.integer(inst["keep"], "install.keep", 1) or keep
 
+    _confined_to_files(c, top, files, npm, services, migrations)
+    _placeholders(c, root)
     _unique(c, [s.name for s in services], top.get("services"), "service")
     _unique(c, [h.name for h in health], top.get("health"), "health check")
     _unique(c, [f.dest for f in files], top.get("files"), "files dest")
@@ -378,11 +387,62 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         expires_ms=expires, target=target, python=python, files=files,
         runtime=Runtime(services=services, health=health, install=InstallPolicy(keep=keep),
                         env=env, compose=compose, database=database,
-                        migrations=migrations),
+                        migrations=migrations, user=user),
         actions=actions,
         npm=npm,
         images=images,
     )
+
+
+def _inside(path: str, dests: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in dests)
+
+
+def _confined_to_files(c: _Checker, top: dict[str, Node], files: tuple[FileSpec, ...],
+                       npm: tuple[NpmSpecProfile, ...], services: tuple[Service, ...],
+                       migrations: tuple[MigrationSpec, ...]) -> None:
+    """What can only fail on the target, refused here: a migration directory or a working
+    directory that no `files` (or `npm`) entry puts into the release."""
+    dests = [f.dest for f in files] + [n.dest for n in npm]
+    hint = f"`files` puts only these into the release: {', '.join(dests) or 'nothing'}"
+    for i, mg in enumerate(migrations):
+        if mg.path and not mg.service and not _inside(mg.path, dests):
+            what = "cwd" if mg.kind == "command" else mg.kind
+            c.add(_item(top.get("migrations"), i), f"migrations[{i}].{what}: '{mg.path}' is "
+                  "not in the release's files", hint)
+    for i, svc in enumerate(services):
+        if svc.cwd != "." and not _inside(svc.cwd, dests):
+            c.add(_item(top.get("services"), i), f"services[{i}].cwd: '{svc.cwd}' is not in "
+                  "the release's files", hint)
+
+
+def _item(node: Node | None, i: int) -> Node | None:
+    if isinstance(node, SequenceNode) and i < len(node.value):
+        item: Node = node.value[i]
+        return item
+    return node
+
+
+_BRACED = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _placeholders(c: _Checker, node: Node | None) -> None:
+    """A misspelt placeholder (`{venvv}`) would reach the target as literal text."""
+    if isinstance(node, ScalarNode) and isinstance(node.value, str):
+        known = [p.strip("{}") for p in PLACEHOLDERS]
+        for word in _BRACED.findall(node.value):
+            if word in known:
+                continue
+            close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+            if close:
+                c.add(node, f"unknown placeholder {{{word}}}",
+                      f"did you mean {{{close[0]}}}? placeholders: {', '.join(PLACEHOLDERS)}")
+    elif isinstance(node, MappingNode):
+        for _key, value in node.value:
+            _placeholders(c, value)
+    elif isinstance(node, SequenceNode):
+        for value in node.value:
+            _placeholders(c, value)
 
 
 def _unique(c: _Checker, names: list[str], node: Node | None, what: str) -> None:
@@ -486,7 +546,9 @@ def _compose_spec(c: _Checker, node: Node) -> ComposeSpec | None:
         return None
     project = c.string(m["project"], "compose.project", re.compile(r"^[a-z0-9][a-z0-9_-]*$"),
                        "lowercase letters, digits, '-' and '_'") if "project" in m else None
-    tool = c.scalar(m["tool"], "compose.tool") if "tool" in m else None
+    tool = c.string(m["tool"], "compose.tool", re.compile(f"^({'|'.join(COMPOSE_TOOLS)})$"),
+                    f"one of: {', '.join(COMPOSE_TOOLS)} (a named compose, never a path)"
+                    ) if "tool" in m else None
     return ComposeSpec(tuple(files), project, tool)
 
 
@@ -497,7 +559,7 @@ def _database(c: _Checker, node: Node) -> DatabaseSpec | None:
     url = c.string(m["url"], "database.url",
                    re.compile(r"^(\$\{\w+\}|postgres(ql)?(\+\w+)?://\S+|sqlite:///\S+)$"),
                    "write ${DATABASE_URL} (set on the target) or sqlite:///abs/path.db")
-    if url and "://" in url and ":" in url.split("://", 1)[1].split("@")[0] and "@" in url:
+    if url and has_plaintext_secret(url):
         c.add(m["url"], "database.url holds a password", "use ${DATABASE_URL} and put the URL "
               "in the target's shared .env: bundles must not carry secrets")
     service = c.scalar(m["compose_service"], "database.compose_service") \
@@ -558,6 +620,11 @@ def _env(c: _Checker, node: Node) -> EnvSpec:
         for envname, values in (dm or {}).items():
             table = c.string_map(values, f"env.defaults.{envname}")
             defaults.append((envname, tuple(sorted(table.items()))))
+            for var, value in sorted(table.items()):
+                if has_plaintext_secret(value):
+                    c.add(values, f"env.defaults.{envname}.{var} holds a password",
+                          f"set {var} in the target's shared .env instead: bundles must not "
+                          "carry secrets")
             leaked = sorted(set(table) & set(secret))
             if leaked:
                 c.add(values, f"env.defaults.{envname}: secret {leaked[0]} has a default value",
@@ -628,10 +695,11 @@ def _action(c: _Checker, node: Node, where: str, base: Path, check: bool) -> Act
 
 
 def _service(c: _Checker, node: Node, where: str) -> Service | None:
-    m = c.mapping(node, where, ("name", "command"), ("cwd", "env"))
+    m = c.mapping(node, where, ("name", "command"), ("cwd", "env", "user"))
     if m is None:
         return None
     name = c.string(m["name"], f"{where}.name", NAME_RE) if "name" in m else None
+    user = c.string(m["user"], f"{where}.user", USER_RE, _USER_HINT) if "user" in m else None
     command = c.string_list(m["command"], f"{where}.command") if "command" in m else []
     if "command" in m and isinstance(m["command"], SequenceNode) and not command:
         c.add(m["command"], f"{where}.command is empty")
@@ -640,7 +708,7 @@ def _service(c: _Checker, node: Node, where: str) -> Service | None:
     if name is None or not command or cwd is None:
         return None
     return Service(name=name, command=tuple(command), cwd=cwd,
-                   env=tuple(sorted(env.items())))
+                   env=tuple(sorted(env.items())), user=user)
 
 
 def _health(c: _Checker, node: Node, where: str) -> HealthCheck | None:
@@ -665,6 +733,9 @@ def _health(c: _Checker, node: Node, where: str) -> HealthCheck | None:
     else:
         target = c.string(m[kind], f"{where}.{kind}", re.compile(_CHECK_PATTERNS[kind][0]),
                           f"write e.g. {_CHECK_PATTERNS[kind][1]}") or ""
+        if has_plaintext_secret(target):
+            c.add(m[kind], f"{where}.{kind} holds a password", "write the URL as ${VAR} and set "
+                  "VAR in the target's shared .env: bundles must not carry secrets")
     status = c.integer(m["expect_status"], f"{where}.expect_status", 100) \
         if "expect_status" in m else 200
     json_field = json_equals = None

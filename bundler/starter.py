@@ -10,6 +10,13 @@ version: 0.1.0              # release version (also the release directory name)
 # sequence: 1               # monotonic integer; default: the build time (seconds)
 # expires: 180d             # refuse to install after this long (ms, s, m, h, d)
 
+# The services, migrations and command health checks run as this unprivileged account,
+# never as root (bundler itself installs as root). Create it on the target once:
+#   useradd --system myapp
+# It gets write access to the release's logs/ and run/ (and a SQLite database's directory);
+# everything else stays root's and read-only to it. A service may name its own `user:`.
+user: myapp
+
 target:                     # the AIR-GAPPED host, not this machine
   python: "3.11"            # its CPython major.minor
   platform: manylinux_2_28_x86_64   # its wheel platform (glibc 2.28+, x86_64)

@@ -40,10 +40,13 @@ def verify(bundle: Path, trust_path: Path | None, root: Path | None, as_json: bo
 
     BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
     """
+    from bundler.install.policy import check_expiry
+
     trusted = _trusted(trust_path, root)
     with archive.open_bundle(bundle, trusted) as reader:
         verified = reader.read_envelope()
         m = verified.manifest
+        check_expiry(m)  # what `install` would refuse first (exit 8), not "OK"
         with ui.bytes_progress("verifying", m.payload_size) as advance:
             done = reader.extract(None, advance)
     if as_json:
@@ -85,6 +88,8 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
             click.echo(f"    {p['file']}  {human_bytes(p['size'])}")
     click.echo(f"  services: {', '.join(info['services']) or '-'}; "
                f"health checks: {', '.join(info['health']) or '-'}")
+    if info.get("user"):
+        click.echo(f"  runs as user {info['user']}")
 
 
 @cli.command()

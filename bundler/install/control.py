@@ -9,6 +9,7 @@ from bundler.install import health, runtime
 from bundler.install.environ import release_env
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
+from bundler.install.recovery import Pending, pending
 from bundler.install.runtime import UnitState
 from bundler.install.state import Event, ReleaseRow, State
 from bundler.manifest import Manifest
@@ -22,6 +23,7 @@ class Status:
     services: tuple[UnitState, ...]
     checks: tuple[CheckResult, ...]
     releases: tuple[ReleaseRow, ...]
+    pending: Pending | None = None  # an interrupted install that recovery has not settled
 
     @property
     def healthy(self) -> bool:
@@ -37,6 +39,7 @@ class Status:
             "services": [s.to_json() for s in self.services],
             "checks": [c.to_json() for c in self.checks],
             "releases": [r.__dict__ for r in self.releases],
+            "pending_recovery": self.pending.to_json() if self.pending else None,
         }
 
 
@@ -59,6 +62,7 @@ def status(layout: Layout) -> Status:
         found = current_manifest(layout)
         row = state.release(found[0]) if found else None
         releases = tuple(state.releases())
+        stuck = pending(state)
     finally:
         state.close()
     services: tuple[UnitState, ...] = ()
@@ -67,10 +71,11 @@ def status(layout: Layout) -> Status:
         version, manifest = found
         rel = ReleaseDir(layout.release(version))
         services = tuple(runtime.states(layout, version))
-        env = release_env(layout, manifest.runtime.env, rel.environment())
-        checks = tuple(health.run_all(manifest.runtime.health, env, retries=1))
+        env = release_env(layout, manifest.runtime.env, rel.environment(), version=version)
+        checks = tuple(health.run_all(manifest.runtime.health, env, retries=1,
+                                      user=manifest.runtime.user))
     return Status(str(layout.root), product[0] if product else None, row, services, checks,
-                  releases)
+                  releases, stuck)
 
 
 def history(layout: Layout) -> list[Event]:
@@ -90,11 +95,19 @@ def stop(layout: Layout) -> str:
 
 def start(layout: Layout) -> tuple[str, list[CheckResult]]:
     version, manifest = _require_current(layout)
+    state = State.open_readonly(layout.db)
+    stuck = pending(state) if state is not None else None
+    if state is not None:
+        state.close()
+    if stuck is not None:  # starting the old release on a half-migrated database: no
+        raise StateError(f"an install is not settled: {stuck.describe()}",
+                         hint=f"`bundle recover --root {layout.root}` settles it first")
     environment = ReleaseDir(layout.release(version)).environment()
     with locked(layout.root):
         runtime.start(layout, version)
     return version, health.run_all(manifest.runtime.health,
-                                   release_env(layout, manifest.runtime.env, environment))
+                                   release_env(layout, manifest.runtime.env, environment,
+                                               version=version), user=manifest.runtime.user)
 
 
 def _require_current(layout: Layout) -> tuple[str, Manifest]:

@@ -3,14 +3,12 @@ checks, each ok / warn / fail with a one-line detail; nothing is changed."""
 
 from __future__ import annotations
 
-import socket
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from bundler.errors import BundlerError
 from bundler.fsutil import free_bytes, human_bytes
-from bundler.install import environ, policy, python_env
+from bundler.install import environ, policy, ports, python_env, runas
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.manifest import Manifest
 
@@ -32,35 +30,40 @@ def _guard(name: str, fn: Callable[[], Row]) -> Row:
         return Row(name, "fail", exc.message.splitlines()[0])
 
 
-def _ports(m: Manifest, env: environ.ReleaseEnv, current_running: bool) -> list[Row]:
-    """The local ports the release serves: those its health checks reach, and those its
-    compose files publish (recorded at build time)."""
-    ports: dict[int, str] = {}
-    for check in m.runtime.health:
-        if check.kind not in ("http", "tcp"):
-            continue
-        try:
-            target = env.expand(check.target)
-        except BundlerError:
-            continue
-        netloc = urllib.parse.urlsplit(target).netloc if check.kind == "http" else target
-        host, _, port_text = netloc.rpartition(":")
-        if host in ("127.0.0.1", "localhost", "0.0.0.0", "[::1]") and port_text.isdigit():
-            ports.setdefault(int(port_text), f"health check {check.name}")
-    for port in m.runtime.compose.ports if m.runtime.compose else ():
-        ports.setdefault(port, "published by the compose files")
+def _ports(layout: Layout, m: Manifest, env: environ.ReleaseEnv) -> list[Row]:
+    """The local ports the release serves, and who holds each one now."""
+    current = layout.current_version()
     rows = []
-    for port, why in sorted(ports.items()):
-        with socket.socket() as sock:
-            busy = sock.connect_ex(("127.0.0.1", port)) == 0
-        if not busy:
+    for port, why in sorted(ports.release_ports(m, env).items()):
+        held = ports.holders(port)
+        if not held:
             rows.append(Row(f"port {port}", "ok", f"free ({why})"))
-        elif current_running:
-            rows.append(Row(f"port {port}", "ok", f"in use (by the current release, which an "
-                                                  f"install replaces; {why})"))
+        elif all(ports.ours(h, layout, current) for h in held):
+            rows.append(Row(f"port {port}", "ok", f"in use by the current release {current}, "
+                                                  f"which an install replaces ({why})"))
         else:
-            rows.append(Row(f"port {port}", "fail", f"in use by another process ({why})"))
+            rows.append(Row(f"port {port}", "fail", f"held by {', '.join(map(str, held))}, "
+                                                    f"not by this product ({why})"))
     return rows
+
+
+def _pending(layout: Layout) -> list[Row]:
+    """An interrupted install that recovery has not settled: the next install or rollback
+    acts on it first (and may need --restore-db / --keep-db)."""
+    from bundler.install.recovery import pending
+    from bundler.install.state import State
+
+    state = State.open_readonly(layout.db)
+    if state is None:
+        return []
+    try:
+        stuck = pending(state)
+    finally:
+        state.close()
+    if stuck is None:
+        return []
+    return [Row("pending recovery", "warn" if stuck.backup is None else "fail",
+                f"{stuck.describe()}; `bundle recover --root {layout.root}` settles it")]
 
 
 def run(layout: Layout, m: Manifest | None, environment: str = "production") -> list[Row]:
@@ -69,12 +72,14 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
     rows.append(Row("install root", "ok" if layout.root.exists() else "warn",
                     f"{layout.root}: current release {current}" if current
                     else f"{layout.root}: nothing installed yet"))
+    rows += _pending(layout)
     target = m
     if target is None and current is not None:
         target = ReleaseDir(layout.release(current)).manifest()
     if target is None:
         return rows
-    env = environ.release_env(layout, target.runtime.env, environment)
+    env = environ.release_env(layout, target.runtime.env, environment,
+                              version=target.version)
     if m is not None:
         from bundler.install.installer import space_needed
 
@@ -111,6 +116,16 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
             tool = detect(target.runtime.compose.tool if target.runtime.compose else None)
             return Row("compose", "ok", f"{' '.join(tool.argv)} {tool.version}")
         rows.append(_guard("compose", compose))
+    if runas.names(target):
+        def users() -> Row:
+            assert target is not None
+            try:
+                found = runas.preflight(target, layout, env)
+            except BundlerError as exc:
+                return Row("user", "fail", f"{exc.message} (hint: {exc.hint})")
+            return Row("user", "ok", ", ".join(f"{u.name} (uid {u.uid}, group "
+                                               f"{u.group_name()})" for u in found))
+        rows.append(_guard("user", users))
     missing = [v for v in target.runtime.env.required if not env.as_dict().get(v)]
     rows.append(Row("environment", "fail" if missing else "ok",
                     f"not set: {', '.join(missing)}" if missing
@@ -138,5 +153,5 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
         rows.append(_guard("database", db))
     # With a current release its own ports are expected to be busy (it serves them, and an
     # install replaces it); without one, a busy port belongs to someone else.
-    rows += _ports(target, env, current_running=current is not None)
+    rows += _ports(layout, target, env)
     return rows

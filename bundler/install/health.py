@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from bundler import proc
 from bundler.errors import BundlerError, CommandError
+from bundler.install import runas
 from bundler.install.environ import ReleaseEnv
 from bundler.models import HealthCheck
 
@@ -125,20 +126,25 @@ def probe_postgres(check: HealthCheck, target: str) -> tuple[bool, str]:
         return False, f"postgres: {str(exc).strip().splitlines()[0] if str(exc) else exc}"
 
 
-def probe_command(check: HealthCheck, argv: list[str], env: ReleaseEnv) -> tuple[bool, str]:
+def probe_command(check: HealthCheck, argv: list[str], env: ReleaseEnv,
+                  user: str | None = None) -> tuple[bool, str]:
+    """Run the check's command (as the release's `user`, when it names one)."""
     try:
+        account = runas.maybe(user)
         result = proc.run(argv, env=proc.clean_env(env.as_dict()), check=False,
-                          timeout=check.timeout_ms / 1000, what=f"check {check.name}")
+                          timeout=check.timeout_ms / 1000, what=f"check {check.name}",
+                          user=account)
     except CommandError as exc:
         return False, exc.message
     last = result.tail(1)
     return result.returncode == 0, f"exit {result.returncode}{': ' + last if last else ''}"
 
 
-def probe(check: HealthCheck, env: ReleaseEnv = _NO_ENV) -> tuple[bool, str]:
+def probe(check: HealthCheck, env: ReleaseEnv = _NO_ENV,
+          user: str | None = None) -> tuple[bool, str]:
     try:
         if check.kind == "command":
-            return probe_command(check, [env.expand(a) for a in check.command], env)
+            return probe_command(check, [env.expand(a) for a in check.command], env, user)
         target = env.expand(check.target)
         probes: dict[str, Callable[[HealthCheck, str], tuple[bool, str]]] = {
             "http": probe_http, "tcp": probe_tcp, "redis": probe_redis,
@@ -149,12 +155,14 @@ def probe(check: HealthCheck, env: ReleaseEnv = _NO_ENV) -> tuple[bool, str]:
 
 
 def run_check(check: HealthCheck, env: ReleaseEnv = _NO_ENV,
-              retries: int | None = None) -> CheckResult:
+              retries: int | None = None, user: str | None = None) -> CheckResult:
+    """`user`: the release's account, which command checks run as (the other kinds are
+    probes bundler makes itself)."""
     attempts = retries or check.retries
     started = time.monotonic()
     detail = ""
     for attempt in range(1, attempts + 1):
-        ok, detail = probe(check, env)
+        ok, detail = probe(check, env, user)
         if ok:
             return CheckResult(check.name, check.kind, True, attempt, env.redact(detail),
                                time.monotonic() - started)
@@ -165,5 +173,5 @@ def run_check(check: HealthCheck, env: ReleaseEnv = _NO_ENV,
 
 
 def run_all(checks: tuple[HealthCheck, ...], env: ReleaseEnv = _NO_ENV,
-            retries: int | None = None) -> list[CheckResult]:
-    return [run_check(c, env, retries) for c in checks]
+            retries: int | None = None, user: str | None = None) -> list[CheckResult]:
+    return [run_check(c, env, retries, user) for c in checks]

@@ -29,17 +29,26 @@ from bundler.errors import (
     MigrationError,
     RollbackFailedError,
     RolledBackError,
+    StateError,
 )
 from bundler.faults import fault_point
-from bundler.fsutil import atomic_symlink, atomic_write_bytes, require_space
+from bundler.fsutil import (
+    atomic_symlink,
+    atomic_write_bytes,
+    make_dir,
+    private_dir,
+    require_space,
+)
 from bundler.install import (
     database,
     environ,
     health,
     migrations,
     policy,
+    ports,
     python_env,
     recovery,
+    runas,
     runtime,
 )
 from bundler.install.health import CheckResult
@@ -73,7 +82,10 @@ def space_needed(manifest: Manifest) -> int:
 
 
 def install(source: Path, trusted: list[TrustedKey], root: Path,
-            allow_downgrade: bool = False, environment: str = "production") -> InstallResult:
+            allow_downgrade: bool = False, environment: str = "production",
+            db_choice: str | None = None) -> InstallResult:
+    """`db_choice`: how to settle a pending database restore left by an interrupted install
+    ("restore" / "keep"; None: only when nothing was written since, see recovery)."""
     layout = Layout(root.resolve())
     with archive.open_bundle(source, trusted) as reader:
         ui.step(f"Verifying signature of {reader.label}")
@@ -81,49 +93,66 @@ def install(source: Path, trusted: list[TrustedKey], root: Path,
         m = verified.manifest
         ui.note(f"{m.name} {m.version} (sequence {m.sequence}), signed by key {verified.keyid}")
         decision = policy.decide(m, verified.digest, layout, allow_downgrade)
-        env = environ.release_env(layout, m.runtime.env, environment)
+        env = environ.release_env(layout, m.runtime.env, environment, version=m.version)
         environ.check_required(env, m.runtime.env, layout)
+        environ.check_references(env, m, layout)
+        runas.preflight(m, layout, env)  # the release's `user` exists and can work here
         if decision.already_current:
-            return _ensure_running(layout, m, environment)
+            with locked(layout.root):
+                return _ensure_running(layout, m, environment, db_choice)
+        ports.refuse_foreign(layout, m, env)
         require_space(layout.root, space_needed(m), f"installing {m.name} {m.version}")
         with _fresh_root(layout.root) as created_root, locked(layout.root):
-            staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=layout.root))
+            staging: Path | None = None
             try:
+                # Again under the lock: a concurrent install may have accepted a newer
+                # sequence (or this very bundle) since the first look.
+                decision = policy.decide(m, verified.digest, layout, allow_downgrade)
+                if decision.already_current:
+                    return _ensure_running(layout, m, environment, db_choice)
+                staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=layout.root))
                 ui.step(f"Verifying and staging {len(m.files)} file(s)")
                 with ui.bytes_progress("verifying", m.payload_size) as advance:
                     reader.extract(staging, advance)
             except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
+                if staging is not None:
+                    shutil.rmtree(layout.removable_staging(staging), ignore_errors=True)
                 if created_root:
                     with contextlib.suppress(OSError):
                         layout.root.rmdir()
                 raise
-            return _install_staged(layout, verified, staging, decision, env)
+            return _install_staged(layout, verified, staging, decision, env, db_choice)
 
 
 @contextlib.contextmanager
 def _fresh_root(root: Path) -> Iterator[bool]:
     created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
+    make_dir(root, 0o755)  # explicit modes, never the umask's
     yield created
 
 
-def _ensure_running(layout: Layout, m: Manifest, environment: str) -> InstallResult:
-    """This exact bundle is current already: start anything that is down, and check it."""
+def _ensure_running(layout: Layout, m: Manifest, environment: str,
+                    db_choice: str | None) -> InstallResult:
+    """This exact bundle is current already: start anything that is down, and check it.
+    Call under the root lock."""
     ui.step(f"{m.name} {m.version} is already the current release")
-    with locked(layout.root):
-        recovery.recover(layout)
-        runtime.start(layout, m.version)
-    checks = health.run_all(m.runtime.health,
-                            environ.release_env(layout, m.runtime.env, environment))
+    recovery.recover(layout, db_choice=db_choice)
+    runtime.start(layout, m.version)
+    checks = health.run_all(m.runtime.health, environ.release_env(
+        layout, m.runtime.env, environment, version=m.version), user=m.runtime.user)
     return InstallResult(m.version, None, "unchanged", tuple(checks))
 
 
 def _install_staged(layout: Layout, verified: Verified, staging: Path,
-                    decision: policy.Decision, env: environ.ReleaseEnv) -> InstallResult:
+                    decision: policy.Decision, env: environ.ReleaseEnv,
+                    db_choice: str | None) -> InstallResult:
     m = verified.manifest
     # Only now, with the new bundle verified: a refused bundle must change nothing at all.
-    recovery.recover(layout, keep=staging)
+    try:
+        recovery.recover(layout, keep=staging, db_choice=db_choice)
+    except BaseException:
+        shutil.rmtree(layout.removable_staging(staging), ignore_errors=True)
+        raise
     state = State.open(layout.db)
     txn = new_txn()
     journal = _Journal(state, txn, m.version)
@@ -137,8 +166,9 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
     report_checks: list[CheckResult] = []
     try:
         with state.tx():
+            state.bind_product(m.name)  # at the first attempt, not the first success
             state.upsert_release(ReleaseRow(m.version, m.name, m.sequence, verified.digest,
-                                            verified.keyid, "installing", now()))
+                                            verified.keyid, "installing", now(), txn=txn))
             journal.record("verify", "done", f"sequence {m.sequence}, key {verified.keyid}")
             if decision.downgrade:
                 journal.record("downgrade", "allowed",
@@ -171,21 +201,38 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                               f"Checking the database service {db.compose_service}"):
                 undo.service_started = runtime.ensure_database(layout, host, db,
                                                                env.as_dict())
+        migrating = bool(m.runtime.migrations) and db is not None
+        if migrating and prev_manifest is not None and previous is not None:
+            # Data first: nothing may write between the backup and the migrations, or a
+            # restore would discard those writes. The database service itself stays up.
+            started = True  # the running services are touched: undo restarts them
+            with journal.step("stop-previous", f"Stopping {previous} (no writes during the "
+                                               "backup and migrations)"):
+                runtime.quiesce(layout, previous, keep=(db.compose_service,)
+                                if db is not None and db.compose_service else ())
         if db is not None:
             with journal.step("backup", f"Backing up the database ({db.display})"):
                 undo.backup = database.backup(db, layout.root / "backups", env.as_dict(),
                                               ui.note, exec_in_service=db_exec)
             journal.record("backup", "file", json.dumps(undo.backup.to_json()))
-        started = True  # from here on the running services are touched: undo restarts them
-        if prev_manifest is not None and previous is not None:
+        if not started and prev_manifest is not None and previous is not None:
+            started = True  # from here on the running services are touched: undo restarts them
             with journal.step("stop-previous", f"Stopping {previous}"):
                 # A compose project is updated in place by the new release's `up`.
                 runtime.stop(layout, previous, keep_compose=m.runtime.compose is not None)
-        if m.runtime.migrations and db is not None:
+        started = True
+        if migrating and db is not None:
+            # What the database looks like as migrations begin: a later recovery restores the
+            # backup by itself only if nothing has written to the database since.
+            journal.record("db-state", "before-migrate", database.fingerprint(
+                db, env.as_dict(), exec_in_service=db_exec))
             undo.migrating = True
             with journal.step("migrate", f"Running {len(m.runtime.migrations)} migration(s)"):
                 results = migrations.run(
-                    [migrations.Migration(x.name, x.kind, x.path, x.command, x.env, x.service)
+                    [migrations.Migration(x.name, x.kind, x.path,
+                                          tuple(env.expand(a) for a in x.command),
+                                          tuple((k, env.expand(v)) for k, v in x.env),
+                                          x.service, user=m.runtime.user)
                      for x in m.runtime.migrations],
                     db, rel.files, rel.venv if rel.venv.is_dir() else None, env.as_dict(),
                     ui.note, runtime.oneoff_runner(layout, m.version))
@@ -194,12 +241,14 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         with journal.step("start", f"Starting {m.version}"):
             runtime.start(layout, m.version)
         ui.step("Health-checking")
-        checks = health.run_all(m.runtime.health, env)
+        checks = health.run_all(m.runtime.health, env, user=m.runtime.user)
         report_checks = checks
         failed = [c for c in checks if not c.ok]
         if failed:
             journal.record("health", "failed", failed[0].detail)
-            raise _HealthFailed(f"health check {failed[0].name!r} failed: {failed[0].detail}")
+            why = runtime.failures(layout, m.version)
+            raise _HealthFailed(f"health check {failed[0].name!r} failed: {failed[0].detail}"
+                                + (f"; {'; '.join(why)}" if why else ""))
         journal.record("health", "done", "; ".join(c.detail for c in checks))
         with state.tx():
             atomic_symlink(os.path.join("releases", m.version), layout.current)
@@ -266,15 +315,17 @@ def _reason(exc: BaseException) -> str:
 def _place(layout: Layout, rel: ReleaseDir, staging: Path, verified: Verified,
            previous: str | None) -> None:
     """Move the verified staging tree to releases/<version>, replacing a dead earlier try."""
-    layout.releases.mkdir(exist_ok=True)
+    make_dir(layout.releases, 0o755)
+    private_dir(layout.root / "shared")  # where the operator's .env goes: 0700
     if rel.path.exists():
         if previous == rel.path.name:
             raise InstallError(f"version {rel.path.name} is current and this bundle differs "
                                "from it", hint="bump the version in the profile and build again")
-        shutil.rmtree(rel.path)
+        shutil.rmtree(layout.removable_release(rel.path))
     os.chmod(staging, 0o755)  # mkdtemp made it 0700
     os.replace(staging, rel.path)
     rel.meta.mkdir()
+    os.chmod(rel.meta, 0o755)
     atomic_write_bytes(rel.meta / "manifest.json", verified.manifest_bytes)
 
 
@@ -286,6 +337,7 @@ class _UndoDb:
     backup: database.Backup | None = None
     migrating: bool = False
     service_started: bool = False
+    restored: bool = False
 
 
 def _database(m: Manifest, env: environ.ReleaseEnv) -> database.Database | None:
@@ -322,6 +374,7 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
             database.restore(db, undo.backup, env.as_dict(), ui.note,
                              exec_in_service=runtime.service_exec(layout, m.version, db))
             journal.record("restore", "done", undo.backup.path.name)
+            undo.restored = True
         if touched and not (prev_compose and started):
             # Nobody else's: the previous release (if any) does not use compose, or is not
             # being restarted. Put the project back the way it was found.
@@ -332,7 +385,8 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
         if started and prev_manifest is not None and previous is not None:
             runtime.start(layout, previous)
             checks = health.run_all(prev_manifest.runtime.health, environ.release_env(
-                layout, prev_manifest.runtime.env, prev_env))
+                layout, prev_manifest.runtime.env, prev_env, version=previous),
+                user=prev_manifest.runtime.user)
             bad = [c for c in checks if not c.ok]
             if bad:
                 journal.record("rollback", "failed", bad[0].detail)
@@ -344,11 +398,29 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
             state.set_status(m.version, status, reason)
             journal.record("rollback", "done", reason)
         if not started:
-            shutil.rmtree(rel.path, ignore_errors=True)
+            shutil.rmtree(layout.removable_release(rel.path), ignore_errors=True)
     except RollbackFailedError:
+        _left_pending(layout, state, journal, m, env, undo, reason)
         raise
     except BaseException as exc:
+        _left_pending(layout, state, journal, m, env, undo, reason)
         raise RollbackFailedError(f"rollback after '{reason}' failed: {_reason(exc)}") from exc
+
+
+def _left_pending(layout: Layout, state: State, journal: _Journal, m: Manifest,
+                  env: environ.ReleaseEnv, undo: _UndoDb, reason: str) -> None:
+    """The undo itself failed: leave this attempt for recovery (`bundle status` shows it), with
+    what the database looks like now if its restore did not happen, so that a later recovery
+    can tell whether anything wrote to it since. Best effort: the first failure is the news."""
+    with contextlib.suppress(Exception), state.tx():
+        state.set_status(m.version, "rollback_failed", reason)
+    if undo.migrating and not undo.restored:
+        with contextlib.suppress(Exception):
+            db = _database(m, env)
+            if db is not None:
+                journal.record("db-state", "after-failed-rollback", database.fingerprint(
+                    db, env.as_dict(),
+                    exec_in_service=runtime.service_exec(layout, m.version, db)))
 
 
 def _prune(layout: Layout, state: State, keep: int) -> None:
@@ -357,7 +429,12 @@ def _prune(layout: Layout, state: State, keep: int) -> None:
     old = [r for r in state.releases()
            if r.version != current and r.status in ("superseded", "rolled_back")]
     for row in old[:max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(layout.release(row.version), ignore_errors=True)
+        try:
+            path = layout.removable_release(layout.release(row.version))
+        except StateError as exc:  # a row from an older bundler: keep it, say so
+            ui.note(f"not pruned: {exc.message}")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
         with state.tx():
             state.set_status(row.version, "pruned", row.detail)
 

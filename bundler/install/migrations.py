@@ -51,8 +51,9 @@ from typing import Any, Protocol
 
 from bundler import proc
 from bundler.errors import CommandError, LockedError, MigrationError
-from bundler.install import database
+from bundler.install import database, runas
 from bundler.install.database import Database
+from bundler.redact import redact
 
 LEDGER = "bundler_migrations"
 # Seconds to wait for another installer's migration run before giving up.
@@ -79,6 +80,7 @@ class Migration:
     command: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     service: str | None = None
+    user: str | None = None  # alembic / host command: run as this account (see runas)
 
 
 class ServiceRun(Protocol):
@@ -127,7 +129,9 @@ def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Pa
     for m in migrations:
         _validate(m, files_dir, venv)
     results: list[MigrationResult] = []
+    _open_sqlite(migrations, db)  # its directory, before the ledger creates the file
     with _session(db, env, log) as ledger:
+        _open_sqlite(migrations, db)  # and the file, now that it exists
         # Under the lock, before anything runs: no applied file may have been edited since.
         for m in migrations:
             if m.kind == "sql":
@@ -427,6 +431,20 @@ def _session(db: Database, env: Mapping[str, str], log: Log) -> Iterator[_Ledger
 
 # --------------------------------------------------------------------------- alembic, command
 
+def _open_sqlite(migrations: Sequence[Migration], db: Database) -> None:
+    """A SQLite database, writable by the accounts alembic and command migrations run as."""
+    if db.kind != "sqlite":
+        return
+    for m in migrations:
+        if m.kind != "sql" and not m.service and m.user:
+            runas.sqlite_writable(database.sqlite_path(db), _account(m))
+
+
+def _account(m: Migration) -> proc.RunAs | None:
+    """The account an alembic or host command migration runs as (None: as bundler)."""
+    return runas.maybe(m.user, MigrationError)
+
+
 def _child_env(m: Migration, db: Database, venv: Path | None,
                env: Mapping[str, str]) -> dict[str, str]:
     child = proc.clean_env(env)
@@ -445,7 +463,7 @@ def _child_env(m: Migration, db: Database, venv: Path | None,
 def _scrub(db: Database, text: str) -> str:
     if db.kind == "postgresql":
         return database.pg_target(db).scrub(text)
-    return database.redact(text)
+    return redact(text)
 
 
 def _error_line(output: str) -> str:
@@ -471,7 +489,8 @@ def _alembic_call(m: Migration, db: Database, files_dir: Path, venv: Path | None
     exe = str(venv / "bin" / "alembic") if venv is not None else "alembic"
     try:
         return proc.run([exe, *args], cwd=cwd, env=_child_env(m, db, venv, env),
-                        timeout=timeout, check=False, what=f"migration {m.name}")
+                        timeout=timeout, check=False, what=f"migration {m.name}",
+                        user=_account(m))
     except CommandError as exc:
         raise MigrationError(f"migration {m.name}: {_scrub(db, exc.message)}",
                              hint="install alembic into the release's Python environment "
@@ -531,7 +550,7 @@ def _command(m: Migration, db: Database, files_dir: Path, venv: Path | None,
         else:
             result = proc.run(list(m.command), cwd=_within(files_dir, m, m.path or "."),
                               env=_child_env(m, db, venv, env), timeout=COMMAND_TIMEOUT,
-                              check=False, what=f"migration {m.name}")
+                              check=False, what=f"migration {m.name}", user=_account(m))
     except CommandError as exc:
         raise MigrationError(f"migration {m.name}: {_scrub(db, exc.message)}",
                              hint=exc.hint) from None

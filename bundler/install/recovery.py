@@ -10,9 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundler import ui
-from bundler.errors import InstallError, RollbackFailedError, StateError
+from bundler.errors import (
+    InstallError,
+    RecoveryPendingError,
+    RollbackFailedError,
+    StateError,
+)
 from bundler.fsutil import atomic_symlink
-from bundler.install import environ, health, runtime
+from bundler.install import database, environ, health, runtime
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.state import ReleaseRow, State, new_txn
@@ -21,22 +26,84 @@ from bundler.install.state import ReleaseRow, State, new_txn
 def _stale_staging(layout: Layout, keep: Path | None) -> None:
     for leftover in layout.root.glob(".staging-*"):
         if keep is None or leftover != keep:
-            shutil.rmtree(leftover, ignore_errors=True)
+            shutil.rmtree(layout.removable_staging(leftover), ignore_errors=True)
 
 
-def _last_step(state: State, version: str) -> str:
-    row = state.conn.execute(
-        "SELECT step, status FROM events WHERE version=? ORDER BY id DESC LIMIT 1",
-        (version,)).fetchone()
-    return f"{row[0]} ({row[1]})" if row else "staging"
+# An install that did not finish: killed mid-way, or its own rollback failed.
+PENDING = ("installing", "rollback_failed")
+DbChoice = str | None  # None: restore only when provably nothing was written since; or
+# "restore" / "keep" as the operator chose (--restore-db / --keep-db)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What recovery will act on: ONE install transaction (never an older attempt of the same
+    version), its last journaled step, and the database backup it must still restore (its
+    migrations began and its own restore has not completed) with the database fingerprint
+    bundler last recorded in that transaction."""
+
+    version: str
+    txn: str
+    status: str
+    step: str
+    at: str
+    backup: database.Backup | None
+    before: str | None  # database fingerprint as its migrations began
+    after: str | None   # ... and when its own rollback failed without restoring
+
+    def to_json(self) -> dict[str, object]:
+        return {"version": self.version, "txn": self.txn, "status": self.status,
+                "step": self.step, "at": self.at,
+                "restore": self.backup.to_json() if self.backup else None}
+
+    def describe(self) -> str:
+        what = (f"the install of {self.version} was interrupted during {self.step}"
+                if self.status == "installing" else
+                f"the rollback of {self.version} failed (last step {self.step})")
+        restore = (f"; its database backup {self.backup.path.name} (taken {self.backup.created})"
+                   " is still to be restored" if self.backup else "")
+        return f"{what} at {self.at}{restore}"
+
+
+def _txn_of(state: State, row: ReleaseRow) -> str:
+    if row.txn:
+        return row.txn
+    found = state.conn.execute(  # a row written by schema 1: its latest attempt
+        "SELECT txn FROM events WHERE version=? AND step='verify' ORDER BY id DESC LIMIT 1",
+        (row.version,)).fetchone()
+    return str(found[0]) if found else ""
+
+
+def pending(state: State) -> Pending | None:
+    stuck = [r for r in state.releases() if r.status in PENDING]
+    if not stuck:
+        return None
+    row = stuck[-1]
+    txn = _txn_of(state, row)
+    events = state.conn.execute(
+        "SELECT ts, step, status, detail FROM events WHERE txn=? ORDER BY id", (txn,)).fetchall()
+    done = {(step, status) for _, step, status, _ in events}
+    last = next(((ts, st, status) for ts, st, status, _ in reversed(events)
+                 if st not in ("db-state", "backup") or status != "file"), None)
+    backup = None
+    if ("migrate", "started") in done and not done & {("restore", "done"),
+                                                      ("restore", "skipped")}:
+        files = [d for _, st, status, d in events if (st, status) == ("backup", "file")]
+        backup = database.Backup.from_json(json.loads(files[-1])) if files else None
+    seen = {status: d for _, st, status, d in events if st == "db-state"}
+    return Pending(row.version, txn, row.status,
+                   f"{last[1]} ({last[2]})" if last else "staging",
+                   last[0] if last else row.installed_at, backup,
+                   seen.get("before-migrate"), seen.get("after-failed-rollback"))
 
 
 def _checks(layout: Layout, rel: ReleaseDir) -> list[CheckResult]:
     manifest = rel.manifest()
     if manifest is None:
         return []
-    env = environ.release_env(layout, manifest.runtime.env, rel.environment())
-    return health.run_all(manifest.runtime.health, env)
+    env = environ.release_env(layout, manifest.runtime.env, rel.environment(),
+                              version=manifest.version)
+    return health.run_all(manifest.runtime.health, env, user=manifest.runtime.user)
 
 
 def _start(layout: Layout, version: str) -> list[CheckResult]:
@@ -52,56 +119,67 @@ def _stop(layout: Layout, version: str, keep_compose: bool = False) -> None:
     runtime.stop(layout, version, keep_compose)
 
 
-def recover(layout: Layout, keep: Path | None = None) -> str | None:
+def recover(layout: Layout, keep: Path | None = None, db_choice: DbChoice = None) -> str | None:
     """Finish or undo an install that was interrupted; say which. None: nothing to do.
 
-    `keep`: a staging directory of the caller's own, not a leftover."""
+    `keep`: a staging directory of the caller's own, not a leftover. A pending database
+    restore runs by itself only when the database is provably unchanged since bundler last
+    saw it; otherwise RecoveryPendingError, before anything is touched, until the operator
+    chooses with `db_choice`."""
     _stale_staging(layout, keep)
     probe = State.open_readonly(layout.db)
     if probe is None:
         return None
     try:
-        if not any(r.status == "installing" for r in probe.releases()):
+        if pending(probe) is None:
             return None
     finally:
         probe.close()
     state = State.open(layout.db)
     try:
-        stuck = [r for r in state.releases() if r.status == "installing"]
-        if not stuck:
+        p = pending(state)
+        if p is None:
             return None
-        row = stuck[-1]
-        txn = new_txn()
-        step = _last_step(state, row.version)
+        row = state.release(p.version)
+        assert row is not None
         current = layout.current_version()
-        rel = ReleaseDir(layout.release(row.version))
-        if current == row.version and rel.manifest() is not None:
+        rel = ReleaseDir(layout.release(p.version))
+        if p.status == "installing" and current == p.version and rel.manifest() is not None:
             checks = _checks(layout, rel)
             if (checks and all(c.ok for c in checks)) or not checks:
                 with state.tx():
                     _activate(state, row)
-                    state.event(txn, row.version, "recover", "resumed",
-                                f"interrupted during {step} after the switch; healthy")
-                message = (f"resumed: the interrupted install of {row.version} had already "
+                    state.event(p.txn, p.version, "recover", "resumed",
+                                f"interrupted during {p.step} after the switch; healthy")
+                message = (f"resumed: the interrupted install of {p.version} had already "
                            "switched and is healthy; its commit was completed")
                 ui.step(message)
                 return message
-        _stop(layout, row.version)
-        _restore_if_migrating(state, layout, rel, row.version)
-        good = current if current and current != row.version else _last_good(state, layout,
-                                                                              row.version)
+        restore = _plan_restore(layout, rel, p, db_choice)  # may refuse: nothing touched yet
+        _stop(layout, p.version)
+        if restore is not None:
+            _restore(state, layout, p, restore, db_choice)
+        elif p.backup is not None and db_choice == "keep":
+            state.event(p.txn, p.version, "restore", "skipped",
+                        "the database was kept as it is (--keep-db)")
+        good = current if current and current != p.version else _last_good(state, layout,
+                                                                           p.version)
         if good is not None:
             if current != good:
                 atomic_symlink(os.path.join("releases", good), layout.current)
             bad = [c for c in _start(layout, good) if not c.ok]
             if bad:
-                raise RollbackFailedError(f"after an interrupted install of {row.version}, "
+                with state.tx():
+                    state.set_status(p.version, "rollback_failed", f"{good} unhealthy")
+                    state.event(p.txn, p.version, "recover", "failed",
+                                f"{good} is unhealthy: {bad[0].detail}")
+                raise RollbackFailedError(f"after an interrupted install of {p.version}, "
                                           f"{good} is unhealthy: {bad[0].detail}")
         with state.tx():
-            state.set_status(row.version, "rolled_back", f"interrupted during {step}")
-            state.event(txn, row.version, "recover", "rolled_back",
-                        f"interrupted during {step}; {good or 'nothing'} running")
-        message = (f"rolled back: the install of {row.version} was interrupted during {step}; "
+            state.set_status(p.version, "rolled_back", f"interrupted during {p.step}")
+            state.event(p.txn, p.version, "recover", "rolled_back",
+                        f"interrupted during {p.step}; {good or 'nothing'} running")
+        message = (f"rolled back: the install of {p.version} was interrupted during {p.step}; "
                    f"{good or 'no release'} is running")
         ui.step(message)
         return message
@@ -109,34 +187,80 @@ def recover(layout: Layout, keep: Path | None = None) -> str | None:
         state.close()
 
 
-def _restore_if_migrating(state: State, layout: Layout, rel: ReleaseDir, version: str) -> None:
-    """A crash during migrations leaves the database half-migrated: put the backup back."""
-    steps = state.conn.execute(
-        "SELECT step, status, detail FROM events WHERE version=? ORDER BY id", (version,)
-    ).fetchall()
-    if ("migrate", "started") not in [(a, b) for a, b, _ in steps]:
-        return
-    files = [d for a, b, d in steps if (a, b) == ("backup", "file")]
-    manifest = rel.manifest()
-    if not files or manifest is None or manifest.runtime.database is None:
-        return
-    from bundler.install import database
+def _running(layout: Layout, version: str, db_service: str | None) -> list[str]:
+    """The services (of the interrupted release, or the current one) that are running now,
+    but for the database's own compose service."""
+    names: list[str] = []
+    for v in dict.fromkeys(x for x in (version, layout.current_version()) if x):
+        if ReleaseDir(layout.release(v)).manifest() is None:
+            continue
+        names += [f"{u.name} ({v})" for u in runtime.states(layout, v)
+                  if u.running and u.name != f"compose:{db_service}"]
+    return list(dict.fromkeys(names))
 
-    env = environ.release_env(layout, manifest.runtime.env, rel.environment())
-    backup = database.Backup.from_json(json.loads(files[-1]))
+
+@dataclass(frozen=True)
+class _Restore:
+    db: database.Database
+    env: dict[str, str]
+    backup: database.Backup
+    changed: bool  # the database was written to since bundler last saw it
+
+
+def _plan_restore(layout: Layout, rel: ReleaseDir, p: Pending,
+                  db_choice: DbChoice) -> _Restore | None:
+    """The pending restore, if one is due and may run; RecoveryPendingError if restoring would
+    discard writes made since the interrupted attempt and the operator has not chosen."""
+    manifest = rel.manifest()
+    if p.backup is None or manifest is None or manifest.runtime.database is None:
+        return None
+    if db_choice == "keep":
+        return None
+    env = environ.release_env(layout, manifest.runtime.env, rel.environment(),
+                              version=manifest.version)
     db = database.Database(env.expand(manifest.runtime.database.url),
                            manifest.runtime.database.compose_service)
-    ui.step(f"Restoring the database from {backup.path.name} (migrations were interrupted)")
     if db.compose_service:
-        # The interrupted release's project was just taken down: its database comes back alone.
-        runtime.ensure_database(layout, version, db, env.as_dict())
+        # The interrupted release's project was taken down: its database comes back alone.
+        runtime.ensure_database(layout, p.version, db, env.as_dict())
+    now = database.fingerprint(db, env.as_dict(),
+                               exec_in_service=runtime.service_exec(layout, p.version, db))
+    # Writes made AFTER the failed attempt: exactly known when its failed rollback recorded
+    # the database; after a kill -9 only the attempt's own (half-done) migration wrote, unless
+    # something has run since — then the restore would discard that too.
+    if p.after is not None:
+        later = "it was written to since the failed rollback" if now != p.after else ""
+    else:
+        running = _running(layout, p.version, db.compose_service)
+        later = (f"{', '.join(running)} ran since the interruption and may have written to it"
+                 if running else "")
+    if later and db_choice != "restore":
+        raise RecoveryPendingError(
+            f"{p.describe()}; {db.display}: {later}, and restoring the backup would discard "
+            f"every change made since {p.backup.created}; nothing was changed")
+    changed = p.before is None or now != p.before
+    return _Restore(db, env.as_dict(), p.backup, changed)
+
+
+def _restore(state: State, layout: Layout, p: Pending, r: _Restore, db_choice: DbChoice) -> None:
+    """Put the pending backup back; what it discards is saved first when anything changed."""
+    run_in = runtime.service_exec(layout, p.version, r.db)
     try:
-        database.restore(db, backup, env.as_dict(), ui.note,
-                         exec_in_service=runtime.service_exec(layout, version, db))
+        if r.db.compose_service:
+            runtime.ensure_database(layout, p.version, r.db, r.env)
+        if r.changed:
+            saved = database.backup(r.db, layout.root / "backups", r.env, ui.note,
+                                    exec_in_service=run_in)
+            ui.note(f"the database's current contents were saved to {saved.path} first")
+            state.event(p.txn, p.version, "restore", "saved", json.dumps(saved.to_json()))
+        ui.step(f"Restoring the database from {r.backup.path.name} ("
+                + ("--restore-db" if db_choice == "restore" else "migrations were interrupted")
+                + ")")
+        database.restore(r.db, r.backup, r.env, ui.note, exec_in_service=run_in)
     finally:
-        if db.compose_service:
-            runtime.stop(layout, version)
-    state.event(new_txn(), version, "restore", "done", backup.path.name)
+        if r.db.compose_service:
+            runtime.stop(layout, p.version)
+    state.event(p.txn, p.version, "restore", "done", r.backup.path.name)
 
 
 def _activate(state: State, row: ReleaseRow) -> None:
@@ -165,12 +289,33 @@ class RollbackResult:
                 "checks": [c.to_json() for c in self.checks]}
 
 
-def rollback(layout: Layout, to: str | None = None) -> RollbackResult:
+def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None
+             ) -> RollbackResult:
     """Switch back to an earlier release (default: the one before the current), health-checked.
+    Call under the root lock.
 
     The database is not restored: data written since would be lost. Restoring is automatic
-    only when an install fails; see the install report for the backup file.
+    only when an install fails; see the install report for the backup file. With an
+    interrupted install pending, a plain rollback finishes that install's rollback and stops
+    there: the healthy current release is not rolled back as well.
     """
+    probe = State.open_readonly(layout.db)
+    if probe is None:
+        raise StateError(f"no bundler state under {layout.root}",
+                         hint="nothing was installed under this --root yet")
+    try:  # arguments first: a bad --to must not touch anything, a pending restore included
+        if to is not None and (probe.release(to) is None or not layout.release(to).is_dir()):
+            raise StateError(f"release {to} is not on disk under {layout.root}",
+                             hint="only the releases kept by install.keep can be rolled back "
+                                  "to; `bundle status --root DIR` lists them")
+        stuck = pending(probe)
+    finally:
+        probe.close()
+    if stuck is not None:
+        recover(layout, db_choice=db_choice)
+        if to is None:
+            now_current = layout.current_version() or "nothing"
+            return RollbackResult(stuck.version, now_current, ())
     state = State.open(layout.db, create=False)
     try:
         current = layout.current_version()
@@ -181,9 +326,6 @@ def rollback(layout: Layout, to: str | None = None) -> RollbackResult:
         if target is None or target == current:
             raise StateError(f"no earlier release to roll back to under {layout.root}",
                              hint="`bundle status --root DIR` lists the releases kept on disk")
-        if not layout.release(target).is_dir() or state.release(target) is None:
-            raise StateError(f"release {target} is not on disk under {layout.root}",
-                             hint="only the releases kept by install.keep can be rolled back to")
         txn = new_txn()
         ui.step(f"Rolling back from {current} to {target}")
         _stop(layout, current)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from bundler import proc, ui
 from bundler.errors import InstallError
 from bundler.install import compose_runtime as cr
-from bundler.install import database, environ, migrations, process_runtime
+from bundler.install import database, environ, migrations, process_runtime, runas
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.manifest import Manifest
 
@@ -34,10 +34,10 @@ def _project(layout: Layout, rel: ReleaseDir, m: Manifest) -> cr.ComposeProject:
     detected (a few subprocesses) only by the calls that run compose itself."""
     spec = m.runtime.compose
     assert spec is not None
-    env = environ.release_env(layout, m.runtime.env, rel.environment())
+    env = environ.release_env(layout, m.runtime.env, rel.environment(), version=m.version)
     env_file = environ.shared_env_file(layout)
     return cr.ComposeProject(
-        name=spec.project or cr.project_name(m.name),
+        name=spec.project or cr.project_name(m.name, layout.root),
         files=tuple(rel.files / f for f in spec.files),
         workdir=(rel.files / spec.files[0]).parent,
         env_file=env_file if env_file.is_file() else None,
@@ -56,7 +56,13 @@ def start(layout: Layout, version: str) -> None:
     assert m is not None, f"release {version} has no manifest"
     if m.runtime.compose is not None:
         cr.up(_project(layout, rel, m), _tool(m), ui.note)
-    process_runtime.start(m.runtime.services, layout, rel, m.runtime.env, rel.environment())
+    if m.runtime.user:  # its SQLite database too (created, or restored, by root meanwhile)
+        sqlite = runas.sqlite_file(m, environ.release_env(layout, m.runtime.env,
+                                                          rel.environment()))
+        if sqlite is not None:
+            runas.sqlite_writable(sqlite, runas.account(m.runtime.user))
+    process_runtime.start(m.runtime.services, layout, rel, m.runtime.env, rel.environment(),
+                          user=m.runtime.user)
 
 
 def stop(layout: Layout, version: str, keep_compose: bool = False) -> None:
@@ -71,6 +77,13 @@ def stop(layout: Layout, version: str, keep_compose: bool = False) -> None:
         cr.down(_project(layout, rel, m), _tool(m), ui.note)
 
 
+def failures(layout: Layout, version: str) -> list[str]:
+    """Why the release's supervised services are not up (cannot start, crash-looping)."""
+    rel = ReleaseDir(layout.release(version))
+    m = rel.manifest()
+    return process_runtime.failures(m.runtime.services, rel) if m is not None else []
+
+
 def uses_compose(layout: Layout, version: str | None) -> bool:
     if version is None:
         return False
@@ -83,7 +96,7 @@ def states(layout: Layout, version: str) -> list[UnitState]:
     m = rel.manifest()
     if m is None:
         return []
-    out = [UnitState(s.name, s.running, f"supervisor pid {s.pid}" if s.pid else "stopped")
+    out = [UnitState(s.name, s.running, s.detail)
            for s in process_runtime.states(m.runtime.services, rel)]
     if m.runtime.compose is not None:
         for c in cr.ps(_project(layout, rel, m)):

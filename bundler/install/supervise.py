@@ -16,6 +16,7 @@ from pathlib import Path
 from types import FrameType
 
 from bundler import proc
+from bundler.errors import CommandError
 from bundler.fsutil import atomic_write_bytes
 
 MAX_BACKOFF = 30.0
@@ -35,6 +36,13 @@ def start_time(pid: int) -> str | None:
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     pidfile = Path(spec["pidfile"])
+    # The release's account (the service runs as it; this supervisor stays root, so the
+    # account cannot touch its pidfile or spec). Looked up now: it is checked before start.
+    user = proc.lookup_user(spec["user"]) if spec.get("user") else None
+    if spec.get("user") and user is None:
+        print(f"[supervisor] {spec['name']}: user {spec['user']} does not exist",
+              file=sys.stderr)
+        return 1
     stopping = threading.Event()
 
     def on_term(_sig: int, _frame: FrameType | None) -> None:
@@ -44,27 +52,49 @@ def main(spec_path: str) -> int:
     signal.signal(signal.SIGINT, on_term)
     atomic_write_bytes(pidfile, f"{os.getpid()} {start_time(os.getpid())}\n".encode())
     backoff = 1.0
-    log_fd = os.open(spec["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    log_fd = os.open(spec["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                     0o644)
+    state_path = pidfile.with_suffix(".state")
+    restarts = 0
+    code: int | None
+    error: str | None
+
+    def record(child: int | None, last_exit: int | None, error: str | None) -> None:
+        # What `bundle status` reads: is the service up, and if not, why.
+        atomic_write_bytes(state_path, json.dumps(
+            {"child": child, "restarts": restarts, "last_exit": last_exit,
+             "error": error}).encode(), mode=0o644)
+
     try:
         while not stopping.is_set():
             started = time.monotonic()
-            child = proc.popen(spec["argv"], cwd=Path(spec["cwd"]), env=spec["env"],
-                               log_fh=log_fd)
-            while child.poll() is None and not stopping.is_set():
-                stopping.wait(0.2)
-            if stopping.is_set():
-                child.terminate()
-                try:
-                    child.wait(STOP_GRACE)
-                except Exception:
-                    child.kill()
-                    child.wait()
-                break
-            code = child.returncode
+            try:
+                child = proc.popen(spec["argv"], cwd=Path(spec["cwd"]), env=spec["env"],
+                                   log_fh=log_fd, user=user)
+            except CommandError as exc:
+                why = exc.message.splitlines()[0]
+                os.write(log_fd, f"[supervisor] {spec['name']}: {why}\n".encode())
+                code, error = None, why
+            else:
+                record(child.pid, None, None)
+                while child.poll() is None and not stopping.is_set():
+                    stopping.wait(0.2)
+                if stopping.is_set():
+                    child.terminate()
+                    try:
+                        child.wait(STOP_GRACE)
+                    except Exception:
+                        child.kill()
+                        child.wait()
+                    break
+                code, error = child.returncode, None
             if time.monotonic() - started > STABLE_AFTER:
                 backoff = 1.0
-            os.write(log_fd, f"[supervisor] {spec['name']} exited with {code}; restarting in "
-                             f"{backoff:.0f}s\n".encode())
+            restarts += 1
+            record(None, code, error)
+            os.write(log_fd, f"[supervisor] {spec['name']} "
+                             f"{'exited with ' + str(code) if error is None else 'did not start'}"
+                             f"; restarting in {backoff:.0f}s\n".encode())
             deadline = time.monotonic() + backoff
             while time.monotonic() < deadline and not stopping.is_set():
                 stopping.wait(0.2)
@@ -72,6 +102,7 @@ def main(spec_path: str) -> int:
     finally:
         os.close(log_fd)
         pidfile.unlink(missing_ok=True)
+        state_path.unlink(missing_ok=True)
     return 0
 
 

@@ -1,0 +1,179 @@
+"""The unprivileged account a release's own processes run as (the profile's `user`).
+
+bundler itself runs as root (it loads images, writes under the root, restores databases);
+the release's services, host-run command and alembic migrations and command health checks
+run as `user` instead: its uid, primary gid and supplementary groups, HOME its home
+(proc.RunAs). Everything bundler installs stays root's and read-only to that account; what it
+must write is opened to its primary group, never handed over:
+
+- the release's logs/ and run/: root:<group>, mode 1775 (group-writable, sticky: the account
+  creates its own files there but cannot remove or replace the supervisor's pidfiles, run
+  specs and logs, which root opens with O_NOFOLLOW);
+- a SQLite database: its directory (created root:<group> 1770 when it does not exist; an
+  existing one the account cannot write is refused up front), and the database file and its
+  journals (group <group>, g+rw).
+
+The account must exist before anything is created (`preflight`); bundler running as someone
+other than root can only "run as" itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import stat
+from pathlib import Path
+
+from bundler import proc
+from bundler.errors import BundlerError, InstallError, PolicyError
+from bundler.install.environ import ReleaseEnv
+from bundler.install.layout import Layout, ReleaseDir
+from bundler.manifest import Manifest
+
+GROUP_DIR_MODE = 0o1775  # logs/, run/
+DB_DIR_MODE = 0o1770     # a SQLite database's directory bundler creates
+_SQLITE_SIDE_FILES = ("", "-journal", "-wal", "-shm")
+
+
+def names(m: Manifest) -> list[str]:
+    """Every account release `m` runs something as, in order of first use."""
+    found = [m.runtime.user] + [s.user for s in m.runtime.services]
+    return list(dict.fromkeys(n for n in found if n))
+
+
+def _me() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def account(name: str, error: type[BundlerError] = InstallError) -> proc.RunAs:
+    """The account `name` on this host; `error` when it does not exist, or when bundler is
+    not root and `name` is not the account it runs as (it could not switch to it)."""
+    found = proc.lookup_user(name)
+    if found is None:
+        raise error(f"the release runs as user {name}, which does not exist on this host",
+                    hint=f"create it first: useradd --system {name}")
+    if os.geteuid() != 0 and found.switches:
+        raise error(f"the release runs as user {name}, but bundler runs as {_me()}, not "
+                    "root, and cannot switch to it",
+                    hint=f"run bundle as root (sudo), or build the bundle with `user: {_me()}`")
+    return found
+
+
+def maybe(name: str | None, error: type[BundlerError] = InstallError) -> proc.RunAs | None:
+    return account(name, error) if name else None
+
+
+def _can(user: proc.RunAs, st: os.stat_result, bits: int) -> bool:
+    """Would `user` get `bits` (4 read, 2 write, 1 search) on a file with this stat? (Mode
+    bits only, as the kernel checks them without ACLs.)"""
+    if user.uid == 0:
+        return True
+    if st.st_uid == user.uid:
+        shift = 6
+    elif st.st_gid in user.groups or st.st_gid == user.gid:
+        shift = 3
+    else:
+        shift = 0
+    return (st.st_mode >> shift) & bits == bits
+
+
+def _unreachable(user: proc.RunAs, path: Path) -> Path | None:
+    """The first existing directory on the way to `path` that `user` cannot search."""
+    for d in reversed([path, *path.parents]):
+        try:
+            st = os.stat(d)
+        except FileNotFoundError:
+            return None
+        if not _can(user, st, 1):
+            return d
+    return None
+
+
+def sqlite_file(m: Manifest, env: ReleaseEnv) -> Path | None:
+    """The release's SQLite database file (None: no database, not SQLite, or its URL cannot
+    be expanded yet)."""
+    spec = m.runtime.database
+    if spec is None or spec.compose_service:
+        return None
+    from bundler.install import database
+
+    try:
+        db = database.Database(env.expand(spec.url), None)
+        return database.sqlite_path(db) if db.kind == "sqlite" else None
+    except BundlerError:
+        return None
+
+
+def preflight(m: Manifest, layout: Layout, env: ReleaseEnv) -> list[proc.RunAs]:
+    """Every refusal about `user` a host makes before anything is created: the account
+    exists (and bundler may switch to it), it can reach the install root, and it could
+    write a SQLite database's existing directory. Returns the accounts."""
+    users = [account(n, PolicyError) for n in names(m)]
+    for user in users:
+        blocked = _unreachable(user, layout.root)
+        if blocked is not None:
+            mode = stat.S_IMODE(os.stat(blocked).st_mode)
+            raise PolicyError(f"user {user.name} cannot reach {layout.root}: {blocked} is "
+                              f"mode {mode:04o}",
+                              hint=f"chmod o+x {blocked}, or install under a root that user "
+                                   "can reach (e.g. /srv/NAME)")
+    release = account(m.runtime.user, PolicyError) if m.runtime.user else None
+    path = sqlite_file(m, env)
+    if release is not None and release.switches and path is not None:
+        directory = path.parent
+        if directory.is_dir() and not _can(release, directory.stat(), 3):
+            raise PolicyError(
+                f"user {release.name} cannot write the SQLite database's directory "
+                f"{directory}", hint=f"give it its own directory: chgrp {release.group_name()} "
+                f"{directory} && chmod 1770 {directory} (or point DATABASE_URL at a directory "
+                "that does not exist yet: bundler creates it)")
+    return users
+
+
+def _group_dir(path: Path, user: proc.RunAs, mode: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise InstallError(f"{path} is not a directory", hint="remove it and start again")
+    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (0, user.gid, mode):
+        os.chown(path, 0, user.gid)
+        os.chmod(path, mode)
+
+
+def release_dirs(rel: ReleaseDir, user: proc.RunAs | None) -> None:
+    """logs/ and run/ of a release, writable by `user`'s group (see the module docstring);
+    plain root-owned directories without a user to switch to."""
+    for path in (rel.logs, rel.run):
+        if user is not None and user.switches and os.geteuid() == 0:
+            _group_dir(path, user, GROUP_DIR_MODE)
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def sqlite_writable(path: Path, user: proc.RunAs | None) -> None:
+    """Let `user` write the SQLite database at `path`: its directory (created for it when it
+    does not exist) and the file and its journals, through its group."""
+    if user is None or not user.switches or os.geteuid() != 0:
+        return
+    directory = path.parent
+    if not directory.exists():
+        _group_dir(directory, user, DB_DIR_MODE)
+    elif not _can(user, directory.stat(), 3):
+        raise InstallError(f"user {user.name} cannot write the SQLite database's directory "
+                           f"{directory}", hint=f"chgrp {user.group_name()} {directory} && "
+                                                f"chmod 1770 {directory}")
+    for suffix in _SQLITE_SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        try:
+            st = os.lstat(side)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            raise InstallError(f"{side} is not a regular file",
+                               hint="a database path must not be a symlink")
+        if not _can(user, st, 6):
+            os.chown(side, -1, user.gid)
+            os.chmod(side, stat.S_IMODE(st.st_mode) | 0o060)
