@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class Member:
 
 
 _MAX_PAX = 64 * 1024
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 class TarStream:
@@ -131,6 +133,12 @@ class TarStream:
         self.pos += got
         return got
 
+    def _upto(self, n: int) -> bytes:
+        """n bytes, fewer only at the end of the stream (one read may return less: a volume
+        set's part boundary, a pipe)."""
+        buf = bytearray(n)
+        return bytes(buf[:self._fill(memoryview(buf))])
+
     def _exact(self, n: int, what: str) -> bytes:
         buf = bytearray(n)
         if self._fill(memoryview(buf)) != n:
@@ -143,8 +151,7 @@ class TarStream:
         pax: dict[str, str] = {}
         while True:
             offset = self.pos
-            block = self.raw.read(tarfile.BLOCKSIZE) or b""
-            self.pos += len(block)
+            block = self._upto(tarfile.BLOCKSIZE)
             if len(block) < tarfile.BLOCKSIZE:
                 raise IntegrityError(
                     f"{self.label}: truncated at offset {offset} (end-of-archive marker "
@@ -167,7 +174,8 @@ class TarStream:
             name = pax.get("path", info.name)
             size = info.size
             if "size" in pax:
-                if not pax["size"].isdigit():
+                # ASCII digits only: str.isdigit() also takes superscripts and Arabic-Indic digits.
+                if not _DIGITS.fullmatch(pax["size"]):
                     raise IntegrityError(f"{self.label}: bad pax size at offset {offset}")
                 size = int(pax["size"])
             return Member(name, info.type, size, offset)
@@ -195,9 +203,8 @@ class TarStream:
 
     def _check_end(self, offset: int) -> None:
         """After the first zero block: a second one, then only zero padding up to one record."""
-        second = self.raw.read(tarfile.BLOCKSIZE) or b""
-        rest = self.raw.read(tarfile.RECORDSIZE + 1) or b""
-        self.pos += len(second) + len(rest)
+        second = self._upto(tarfile.BLOCKSIZE)
+        rest = self._upto(tarfile.RECORDSIZE + 1)
         if len(second) < tarfile.BLOCKSIZE:
             raise IntegrityError(f"{self.label}: truncated (end-of-archive marker incomplete)",
                                  hint="the copy is incomplete: copy the bundle again")
@@ -213,6 +220,8 @@ def _parse_pax(data: bytes, label: str, offset: int) -> dict[str, str]:
     try:
         while pos < len(data):
             space = data.index(b" ", pos)
+            if not data[pos:space].isdigit():  # bytes: ASCII digits only
+                raise ValueError("bad record length")
             length = int(data[pos:space])
             record = data[space + 1:pos + length]
             if length <= 0 or not record.endswith(b"\n"):

@@ -22,7 +22,7 @@ from bundler.profile import Profile
 from bundler.resolve import compose as compose_check
 from bundler.resolve import files as files_resolver
 from bundler.resolve import images, npm, wheels
-from bundler.signing import key_id, sign
+from bundler.signing import MAX_ENVELOPE_BYTES, key_id, sign
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,11 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         runtime=runtime,
     )
     envelope = sign(manifest, key)
+    if len(envelope) > MAX_ENVELOPE_BYTES:  # every target would refuse it: refuse it here
+        raise BuildError(f"the signed manifest of {len(entries)} files is {len(envelope)} "
+                         f"bytes, over the {MAX_ENVELOPE_BYTES} byte envelope limit",
+                         hint="bundle fewer, larger files (e.g. pack a directory of many small "
+                              "files into one archive), or split the release in two")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{profile.name}-{profile.version}.bundle"
     total = manifest.payload_size

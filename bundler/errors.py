@@ -188,3 +188,15 @@ class EnvError(BundlerError):
 
     exit_code = 18
     default_hint = "set them in the root's shared .env (`<root>/shared/.env`), then install again"
+
+
+class UnhealthyError(BundlerError):
+    """`status`, `start` or `doctor` found the release unhealthy or the host not ready.
+
+    Not a failure of bundler itself (that is exit 1): the command ran and its report says what
+    is wrong.
+    """
+
+    exit_code = 19
+    default_hint = "see the FAIL rows above; `bundle doctor` checks the host, `bundle history` " \
+                   "shows what happened"

@@ -24,7 +24,16 @@ from bundler.errors import SignatureError, SigningKeyError
 from bundler.fsutil import atomic_write_bytes
 from bundler.manifest import PAYLOAD_TYPE, Manifest, canonical_json, parse_manifest, strict_loads
 
+# The one limit on an envelope's size: the reader refuses more, and so does `bundle build`.
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+# We sign with one key; a few more leave room for co-signing. Many more is not a bundle.
+MAX_SIGNATURES = 16
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr() of untrusted text for an error message, cut so the message stays one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -151,15 +160,20 @@ def verify_payload(data: bytes, trusted: list[TrustedKey], expected_type: str,
         if not isinstance(sigs, list) or not isinstance(payload_type, str):
             raise ValueError("bad envelope fields")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, binascii.Error) as exc:
-        raise SignatureError(f"{what} is malformed: {exc}",
+        detail = str(exc)
+        detail = detail if len(detail) <= 200 else detail[:200] + "..."
+        raise SignatureError(f"{what} is malformed: {detail}",
                              hint="this is not a bundler bundle, or it was damaged") from None
     if payload_type != expected_type:
-        raise SignatureError(f"{what} payloadType is {payload_type!r}, "
+        raise SignatureError(f"{what} payloadType is {_short(payload_type)}, "
                              f"expected {expected_type!r}",
                              hint="this envelope signs another kind of document")
     if not sigs:
         raise SignatureError(f"{what} is not signed (no signatures)",
                              hint="build it with `bundle build --key NAME.key`")
+    if len(sigs) > MAX_SIGNATURES:
+        raise SignatureError(f"{what} has {len(sigs)} signatures; at most {MAX_SIGNATURES} "
+                             "are accepted", hint="this is not a bundler bundle")
     by_id = {k.keyid: k for k in trusted}
     message = pae(payload_type, body)
     seen_ids = []
@@ -167,7 +181,8 @@ def verify_payload(data: bytes, trusted: list[TrustedKey], expected_type: str,
         if not isinstance(entry, dict):
             continue
         kid = entry.get("keyid")
-        seen_ids.append(str(kid))
+        shown = str(kid)
+        seen_ids.append(shown if len(shown) <= 40 else shown[:40] + "...")
         trusted_key = by_id.get(str(kid))
         if trusted_key is None:
             continue

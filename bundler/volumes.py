@@ -245,21 +245,24 @@ class PartsReader(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         self._drain()  # the caller may be about to reuse the buffer we were hashing
         view = memoryview(buffer).cast("B")
-        while True:
+        got = 0  # a read that spans a part boundary is completed from the next part
+        while got < len(view):
             if self._fh is None and not self._next_part():
-                return 0
+                break
             assert self._fh is not None
-            n = self._fh.readinto(view[:self._left]) if self._left else 0
+            n = self._fh.readinto(view[got:got + self._left]) if self._left else 0
             if n:
-                self._hasher.submit(self._hash, view[:n])
+                self._hasher.submit(self._hash, view[got:got + n])
                 self._left -= n
+                got += n
                 if self._left == 0:
                     self._finish_part()
-                return n
+                continue
             if self._left:
                 raise IntegrityError(f"{self._label()} shrank while being read",
                                      hint="copy that part again from the source")
             self._finish_part()
+        return got
 
     def diagnose(self) -> None:
         """After a failure mid-part: hash the rest of the current part, so that a corrupt

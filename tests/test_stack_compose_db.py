@@ -214,7 +214,7 @@ def test_database_in_a_compose_service(tmp_path: Path, engine: Any,
         assert bundle("stop", "--root", root).rc == 0
         (stopped,) = offline(["env", path, *bundle_argv("doctor", "--root", root, "--json")])
         rows = {r["check"]: r for r in json.loads(stopped.out)["checks"]}
-        assert stopped.rc == 1 and rows["database"]["status"] == "fail", rows
+        assert stopped.rc == 19 and rows["database"]["status"] == "fail", rows
         assert rows["database"]["detail"] == (f"compose service db of project {PROJECT} is "
                                               "not running"), rows
     finally:

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from bundler.cli import options
 from bundler.cli.common import cli, handled
 from bundler.cli.render import emit_json, table
+from bundler.errors import UnhealthyError
+
+
+def _unhealthy(message: str, as_json: bool) -> NoReturn:
+    """Exit with UnhealthyError's own code (not 1, which means a bug in bundler). The report
+    is already printed; with --json it is the one document on stdout, so no second one."""
+    exc = UnhealthyError(message)
+    if as_json:
+        sys.exit(exc.exit_code)
+    raise exc
 
 
 @cli.command()
@@ -70,7 +81,10 @@ def status(root: Path, as_json: bool) -> None:
             for chk in st.checks:
                 click.echo(f"  check {chk.name}: {'ok' if chk.ok else 'FAIL'} — {chk.detail}")
     if st.current is not None and not st.healthy:
-        sys.exit(1)
+        bad = [f"service {s.name} stopped" for s in st.services if not s.running]
+        bad += [f"check {chk.name} failed" for chk in st.checks if not chk.ok]
+        _unhealthy(f"{st.product} {st.current.version} is unhealthy"
+                   + (f": {', '.join(bad)}" if bad else ""), as_json)
 
 
 @cli.command()
@@ -113,8 +127,10 @@ def start(root: Path) -> None:
     for c in checks:
         click.echo(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
     click.echo(f"started {version}")
-    if not all(c.ok for c in checks):
-        sys.exit(1)
+    failed = [c.name for c in checks if not c.ok]
+    if failed:
+        _unhealthy(f"{version} started but is unhealthy: check {', '.join(failed)} failed",
+                   as_json=False)
 
 
 @cli.group()
@@ -206,7 +222,7 @@ def rollback(root: Path, to_version: str | None, as_json: bool) -> None:
 def doctor(bundle: Path | None, root: Path, trust_path: Path | None, environment: str,
            as_json: bool) -> None:
     """Check this host against BUNDLE (or the current release): engine, compose, disk, ports,
-    Python/Node, database, environment. Changes nothing; exit 1 if a check fails."""
+    Python/Node, database, environment. Changes nothing; exit 19 if a check fails."""
     from bundler import archive
     from bundler.install import doctor as doc
     from bundler.install import trust as trust_store
@@ -225,4 +241,5 @@ def doctor(bundle: Path | None, root: Path, trust_path: Path | None, environment
                                               for r in rows])
         click.echo("ready" if not failed else "not ready: fix the FAIL rows above")
     if failed:
-        sys.exit(1)
+        names = [r.check for r in rows if r.status == "fail"]
+        _unhealthy(f"this host is not ready: {', '.join(names)} failed", as_json)

@@ -14,6 +14,7 @@ it registers anything). After a load, every tag is checked once more with `docke
 
 from __future__ import annotations
 
+import os
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
@@ -46,59 +47,71 @@ class _Mismatch(Exception):
     """The archive is intact but does not hold the images the manifest names."""
 
 
-class _ZstdReader:
-    """Decompresses a file of one or more zstd frames; read(n) returns at most n bytes.
+_ZSTD_MAGIC = 0xFD2FB528
+_SKIPPABLE_MAGIC = 0x184D2A50  # 0x184D2A50 to 0x184D2A5F
 
-    Unlike zstandard's stream_reader, which returns b"" for a truncated frame, this raises
-    _Corrupt when the file ends inside a frame; a frame whose content checksum is wrong raises
-    too (zstandard checks it when the frame ends)."""
+
+def _check_frames(fh: BinaryIO) -> None:
+    """Walk the file's zstd frame structure (frame and block headers only, contents skipped)
+    and raise _Corrupt unless it is whole frames and nothing else. zstandard's bounded
+    stream_reader reports a file that ends inside a frame as a clean (short) end, so that is
+    found here, before a byte is decompressed or uploaded."""
+    fd = fh.fileno()
+    size = os.fstat(fd).st_size
+    pos = frames = 0
+
+    def take(n: int) -> int:
+        nonlocal pos
+        data = os.pread(fd, n, pos)
+        if len(data) < n:
+            raise _Corrupt("it ends in the middle of a zstd frame (truncated)")
+        pos += n
+        return int.from_bytes(data, "little")
+
+    while pos < size:
+        magic = take(4)
+        if magic & 0xFFFFFFF0 == _SKIPPABLE_MAGIC:
+            length = take(4)  # (not `pos += take(4)`: take() moves pos)
+            pos += length
+        elif magic != _ZSTD_MAGIC:
+            raise _Corrupt(f"it holds data that is not a zstd frame at offset {pos - 4}")
+        else:
+            fhd = take(1)
+            single = fhd >> 5 & 1
+            pos += (1 - single) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
+            last = 0
+            while not last:
+                block = take(3)
+                last, kind = block & 1, block >> 1 & 3
+                if kind == 3:
+                    raise _Corrupt(f"zstd: reserved block type at offset {pos - 3}")
+                pos += 1 if kind == 1 else block >> 3  # RLE: one byte, repeated
+            pos += 4 * (fhd >> 2 & 1)  # content checksum
+            frames += 1
+        if pos > size:
+            raise _Corrupt("it ends in the middle of a zstd frame (truncated)")
+    if frames == 0:
+        raise _Corrupt("it is empty")
+
+
+class _ZstdReader:
+    """Decompresses a file of one or more zstd frames; read(n) returns at most
+    min(n, CHUNK) bytes, never more, so memory stays flat whatever the compression ratio
+    (a few KiB of zstd can expand to GiBs).
+
+    The frame structure is checked first (_check_frames: a file that ends inside a frame is
+    refused); a frame whose content checksum is wrong raises _Corrupt when it ends."""
 
     def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
-        self.dctx = zstandard.ZstdDecompressor()
-        self.obj = self.dctx.decompressobj()
-        self.in_frame = False
-        self.frames = 0
-        self.buf = b""
-        self.pos = 0
-        self.done = False
-        self.compressed = 0
-
-    def _fill(self) -> None:
-        raw = self.fh.read(_IN_CHUNK)
-        if not raw:
-            if self.in_frame:
-                raise _Corrupt("it ends in the middle of a zstd frame (truncated)")
-            if self.frames == 0:
-                raise _Corrupt("it is empty")
-            self.done = True
-            return
-        self.compressed += len(raw)
-        parts = []
-        try:
-            while raw:
-                self.in_frame = True
-                parts.append(self.obj.decompress(raw))
-                raw = b""
-                if self.obj.eof:
-                    self.frames += 1
-                    self.in_frame = False
-                    raw = self.obj.unused_data
-                    self.obj = self.dctx.decompressobj()
-        except zstandard.ZstdError as exc:
-            raise _Corrupt(f"zstd: {exc}") from None
-        self.buf = self.buf[self.pos:] + b"".join(parts)
-        self.pos = 0
+        _check_frames(fh)
+        self.reader = zstandard.ZstdDecompressor().stream_reader(
+            fh, read_size=_IN_CHUNK, read_across_frames=True)
 
     def read(self, n: int = -1) -> bytes:
-        want = n if n >= 0 else 1 << 62
-        while len(self.buf) - self.pos < want and not self.done:
-            self._fill()
-            if n < 0 and len(self.buf) - self.pos >= CHUNK:
-                break
-        data = self.buf[self.pos:self.pos + want]
-        self.pos += len(data)
-        return data
+        try:
+            return self.reader.read(CHUNK if n < 0 else min(n, CHUNK))
+        except zstandard.ZstdError as exc:
+            raise _Corrupt(f"zstd: {exc}") from None
 
 
 class _Tee:
@@ -185,8 +198,12 @@ def _upload(archive: Path, want: dict[str, str], stats: dict[str, int]) -> Itera
                         fault_point("images-stream")
         except (tarfile.TarError, ValueError, EOFError) as exc:
             raise _Corrupt(f"it is not a valid tar: {exc}") from None
-        while tee.read(CHUNK):  # the padding after the end-of-archive marker
-            pass
+        trailing = 0
+        while chunk := tee.read(CHUNK):  # the padding after the end-of-archive marker
+            trailing += len(chunk)
+            if trailing > HOLD:  # not padding: a stream of zeros is an "empty tar" too
+                raise _Corrupt(f"more than {human_bytes(HOLD)} follow the tar's "
+                               "end-of-archive marker")
         _check_archive(scan, want)
         stats["uncompressed"] = tee.total
         yield from tee.drain(0)

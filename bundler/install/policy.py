@@ -9,7 +9,7 @@ import platform
 import re
 import shutil
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
@@ -38,14 +38,43 @@ def parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
-def check_expiry(manifest: Manifest, now: datetime | None = None) -> None:
+# Builder and host clocks may differ a little; a host clock further behind than this is wrong.
+CLOCK_SLACK = timedelta(minutes=15)
+_CLOCK_HINT = ("set this host's clock to the right UTC time (`timedatectl set-time`, or "
+               "`date -u -s`), then run the command again")
+
+
+def check_expiry(manifest: Manifest, now: datetime | None = None,
+                 last_recorded: str | None = None) -> None:
+    """Refuse an expired bundle, and a host clock that cannot be right: before the bundle was
+    created, or before the last time recorded in this root's state (an expiry check against
+    a clock set back, e.g. to 1970 after a dead RTC battery, would check nothing)."""
+    moment = now or datetime.now(UTC)
+    here = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if parse_time(manifest.created) - CLOCK_SLACK > moment:
+        raise PolicyError(f"this host's clock says {here}, before bundle {manifest.name} "
+                          f"{manifest.version} was created ({manifest.created}): the clock is "
+                          "wrong, so expiry cannot be checked", hint=_CLOCK_HINT)
+    if last_recorded is not None and parse_time(last_recorded) - CLOCK_SLACK > moment:
+        raise PolicyError(f"this host's clock says {here}, before the last install recorded "
+                          f"under this root ({last_recorded}): the clock was set back",
+                          hint=_CLOCK_HINT)
     if manifest.expires is None:
         return
-    moment = now or datetime.now(UTC)
     if parse_time(manifest.expires) <= moment:
         raise PolicyError(f"bundle {manifest.name} {manifest.version} expired at "
                           f"{manifest.expires}", hint="build a fresh bundle; expiry is signed "
                           "and cannot be overridden")
+
+
+def last_recorded_time(state: State) -> str | None:
+    """The latest time this root's journal recorded (UTC, as written), or None."""
+    row = state.conn.execute("SELECT max(ts) FROM events").fetchone()
+    text = row[0] if row else None
+    try:
+        return str(parse_time(text).strftime("%Y-%m-%dT%H:%M:%SZ")) if text else None
+    except ValueError:  # a hand-edited journal: nothing to compare against
+        return None
 
 
 def host_platform() -> tuple[str, str, tuple[int, int] | None]:
@@ -112,16 +141,18 @@ def check_node(manifest: Manifest) -> str:
 
 def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: bool) -> Decision:
     """Every refusal a host makes before it creates anything."""
-    check_expiry(manifest)
     state = State.open_readonly(layout.db)
     known = current_row = None
+    last_recorded = None
     if state is not None:
         try:
+            last_recorded = last_recorded_time(state)
             known = state.product()
             current = layout.current_version()
             current_row = state.release(current) if current else None
         finally:
             state.close()
+    check_expiry(manifest, last_recorded=last_recorded)
     if known and known[0] != manifest.name:
         raise PolicyError(f"this root holds product {known[0]!r}; the bundle is "
                           f"{manifest.name!r}", hint="use a separate --root per product")
