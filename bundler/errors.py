@@ -200,3 +200,13 @@ class UnhealthyError(BundlerError):
     exit_code = 19
     default_hint = "see the FAIL rows above; `bundle doctor` checks the host, `bundle history` " \
                    "shows what happened"
+
+
+class RecoveryPendingError(BundlerError):
+    """An interrupted install left a database restore pending, and restoring would discard
+    writes made since: the operator must choose (nothing was changed)."""
+
+    exit_code = 20
+    default_hint = ("`bundle recover --root DIR --restore-db` restores the backup (the current "
+                    "contents are saved to backups/ first); `--keep-db` keeps the database as "
+                    "it is")

@@ -15,3 +15,10 @@ trust_root = click.option("--root", type=click.Path(path_type=Path), default=Non
 trust = click.option("--trust", "trust_path", type=click.Path(path_type=Path), default=None,
                      help="Trusted public key (NAME.pub), or a directory of *.pub keys. "
                           "Default: the install root's trust store (`bundle trust add`).")
+db_choice = click.option(
+    "--restore-db", "db_choice", flag_value="restore", default=None,
+    help="An interrupted install left a database restore pending and the database was written "
+         "to since: restore the backup anyway (the current contents are saved first).")
+keep_db = click.option(
+    "--keep-db", "db_choice", flag_value="keep",
+    help="An interrupted install left a database restore pending: keep the database as it is.")

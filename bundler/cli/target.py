@@ -11,7 +11,7 @@ import click
 from bundler.cli import options
 from bundler.cli.common import cli, handled
 from bundler.cli.render import emit_json, table
-from bundler.errors import UnhealthyError
+from bundler.errors import StateError, UnhealthyError
 
 
 def _unhealthy(message: str, as_json: bool) -> NoReturn:
@@ -33,10 +33,12 @@ def _unhealthy(message: str, as_json: bool) -> NoReturn:
 @click.option("--environment", "-e", type=click.Choice(["production", "staging", "development"]),
               default="production", show_default=True,
               help="Which env.defaults of the profile apply (the shared .env always wins).")
+@options.db_choice
+@options.keep_db
 @options.json_output
 @handled
 def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: bool,
-            environment: str, as_json: bool) -> None:
+            environment: str, db_choice: str | None, as_json: bool) -> None:
     """Verify BUNDLE, install it under ROOT, start it, health-check it, then switch to it.
 
     BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
@@ -46,7 +48,7 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
     from bundler.install.layout import Layout
 
     trusted = trust_store.resolve(trust_path, Layout(root.resolve()))
-    result = do_install(bundle, trusted, root, allow_downgrade, environment)
+    result = do_install(bundle, trusted, root, allow_downgrade, environment, db_choice)
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return
@@ -80,6 +82,9 @@ def status(root: Path, as_json: bool) -> None:
                            f" ({s.detail})")
             for chk in st.checks:
                 click.echo(f"  check {chk.name}: {'ok' if chk.ok else 'FAIL'} — {chk.detail}")
+        if st.pending is not None:
+            click.echo(f"PENDING RECOVERY: {st.pending.describe()}; `bundle recover --root "
+                       f"{root}` settles it")
     if st.current is not None and not st.healthy:
         bad = [f"service {s.name} stopped" for s in st.services if not s.running]
         bad += [f"check {chk.name} failed" for chk in st.checks if not chk.ok]
@@ -191,24 +196,56 @@ def trust_remove(keyid: str, root: Path) -> None:
 @options.root
 @click.option("--to", "to_version", default=None, metavar="VERSION",
               help="Release to return to (default: the one before the current).")
+@options.db_choice
+@options.keep_db
 @options.json_output
 @handled
-def rollback(root: Path, to_version: str | None, as_json: bool) -> None:
-    """Switch back to an earlier release kept on disk, health-checked (the database is kept)."""
+def rollback(root: Path, to_version: str | None, db_choice: str | None, as_json: bool) -> None:
+    """Switch back to an earlier release kept on disk, health-checked (the database is kept).
+
+    With an interrupted install pending, finish rolling that install back instead."""
     from bundler.install.layout import Layout, locked
-    from bundler.install.recovery import recover
     from bundler.install.recovery import rollback as do_rollback
 
     layout = Layout(root.resolve())
+    if not layout.root.is_dir():
+        raise StateError(f"{root} is not an install root (no such directory)",
+                         hint="check --root")
     with locked(layout.root):
-        recover(layout)
-        result = do_rollback(layout, to_version)
+        result = do_rollback(layout, to_version, db_choice)
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return
     for c in result.checks:
         click.echo(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
     click.echo(f"rolled back from {result.from_version} to {result.to_version}")
+
+
+@cli.command()
+@options.root
+@options.db_choice
+@options.keep_db
+@options.json_output
+@handled
+def recover(root: Path, db_choice: str | None, as_json: bool) -> None:
+    """Finish or undo an install that was interrupted (kill -9, power cut, failed rollback).
+
+    A pending database restore runs by itself only when nothing has written to the database
+    since; otherwise choose with --restore-db or --keep-db (`bundle status` shows what is
+    pending)."""
+    from bundler.install.layout import Layout, locked
+    from bundler.install.recovery import recover as do_recover
+
+    layout = Layout(root.resolve())
+    if not layout.root.is_dir():
+        raise StateError(f"{root} is not an install root (no such directory)",
+                         hint="check --root")
+    with locked(layout.root):
+        message = do_recover(layout, db_choice=db_choice)
+    if as_json:
+        emit_json({"ok": True, "recovered": message is not None, "message": message})
+    else:
+        click.echo(message or f"{root}: nothing to recover")
 
 
 @cli.command()

@@ -20,7 +20,7 @@ the new release fails. Three promises:
   SQLite: the backup API copies the backup over the live database in one transaction.
 - Secrets never show. The password in a URL (user:PASSWORD@ or ?password=) is handed to the
   client tools as PGPASSWORD in their environment, never in argv; every message, log line and
-  quoted tool output goes through `redact` / the password scrubber.
+  quoted tool output goes through `bundler.redact.redact`.
 
 URLs: `postgresql://user@/db?host=/sock/dir&port=5432` (unix socket),
 `postgresql://user:pw@127.0.0.1:5432/db`, a `+driver` suffix (`postgresql+psycopg://`) is
@@ -60,11 +60,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from bundler import proc
 from bundler.errors import CommandError, InstallError
-from bundler.fsutil import CHUNK, require_space, sha256_file
+from bundler.fsutil import CHUNK, create_file, private_dir, require_space, sha256_file
+from bundler.redact import redact
 
 # Seconds. A dump or a restore of a big database takes long; a hung one must still end.
 DUMP_TIMEOUT = 4 * 3600.0
@@ -144,17 +145,6 @@ class Backup:
 
 # --------------------------------------------------------------------------- URLs and secrets
 
-# Greedy up to the LAST "@" before the host: an unencoded "@" in a password is masked whole.
-_URL_PASSWORD = re.compile(r"(?P<pre>\b[a-z][a-z0-9+.-]*://[^:/@\s?#]*:)[^\s/?#]*(?=@)", re.I)
-_QUERY_PASSWORD = re.compile(r"(?P<pre>[?&]password=)[^&\s]*", re.I)
-
-
-def redact(text: str) -> str:
-    """Mask passwords in every URL in `text` (user:***@host, ?password=***)."""
-    text = _URL_PASSWORD.sub(lambda m: m.group("pre") + "***", text)
-    return _QUERY_PASSWORD.sub(lambda m: m.group("pre") + "***", text)
-
-
 @dataclass(frozen=True)
 class PgTarget:
     """A PostgreSQL URL taken apart: `uri` carries no password and is safe in argv and logs."""
@@ -166,11 +156,7 @@ class PgTarget:
     params: tuple[tuple[str, str], ...]
 
     def scrub(self, text: str) -> str:
-        text = redact(text)
-        if self.password:
-            for form in {self.password, quote(self.password, safe="")}:
-                text = text.replace(form, "***")
-        return text
+        return redact(text, (self.password,))
 
 
 def pg_target(db: Database) -> PgTarget:
@@ -433,7 +419,7 @@ def _fsync(path: Path) -> None:
 def backup(db: Database, dest_dir: Path, env: Mapping[str, str], log: Log, *,
            exec_in_service: ServiceExec | None = None) -> Backup:
     """Back `db` up into a new file in `dest_dir`; the file exists only once it is verified."""
-    dest_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(dest_dir)  # 0700 whatever the umask: backups hold the whole database
     when = _now()
     started = time.monotonic()
     if db.kind == "sqlite":
@@ -457,12 +443,16 @@ def _pg_backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str, s
         + (f" (in compose service {db.compose_service})" if db.compose_service else ""))
     dump_opts = ["-Fc", "-w", f"--lock-wait-timeout={DUMP_LOCK_TIMEOUT}"]
     try:
+        # 0600 before the first byte is written (pg_dump -f and a redirect keep the mode).
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        create_file(tmp, 0o600)
         result = _run_tool(db, ["pg_dump", *dump_opts, "-f", str(tmp), "-d", pg.uri], env,
                            service_argv=["pg_dump", *dump_opts, *_service_conn_args(pg)],
                            stdout=tmp, timeout=DUMP_TIMEOUT, exec_in_service=exec_in_service)
         if result.returncode != 0:
             raise _tool_failed(pg, f"pg_dump of {db.display}", result)
-        os.chmod(tmp, 0o600)  # the whole database: readable by its owner only
+        os.chmod(tmp, 0o600)  # the whole database: readable by its owner only (kept so)
         _fsync(tmp)
         entries = _verify_dump(db, tmp, env, exec_in_service)
         log(f"verified {final.name}: {entries} archive entries, every data block readable")
@@ -531,6 +521,47 @@ def _sqlite_backup(path: Path, dest_dir: Path, when: datetime, log: Log) -> Path
         raise
     _fsync(dest_dir)
     return final
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+# What has been written to a PostgreSQL database: per user table the counts of rows inserted,
+# updated and deleted (cumulative, aborted writes included: a false "changed" only costs the
+# operator a flag), and the identity of every user relation (DDL, TRUNCATE). Reads change
+# nothing here, and neither does a checkpoint or a cluster-wide WAL position of other databases.
+_PG_FINGERPRINT = (
+    "SELECT md5(coalesce((SELECT string_agg(format('%s:%s:%s:%s', relid, n_tup_ins, n_tup_upd,"
+    " n_tup_del), ',' ORDER BY relid) FROM pg_stat_user_tables), '') || '|' || "
+    "coalesce((SELECT string_agg(format('%s:%s:%s', c.oid, c.relname, c.relfilenode), ','"
+    " ORDER BY c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+    " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')"
+    " AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%'), ''))")
+
+
+def fingerprint(db: Database, env: Mapping[str, str], *,
+                exec_in_service: ServiceExec | None = None) -> str:
+    """A short value that changes when the database is written to: compared before a restore
+    that was left pending, it tells whether the restore would discard writes made since
+    bundler last looked. SQLite: the file's bytes; PostgreSQL: see `_PG_FINGERPRINT`."""
+    if db.kind == "sqlite":
+        path = sqlite_path(db)
+        parts = []
+        for f in (path, path.with_name(path.name + "-wal")):
+            parts.append(sha256_file(f)[0] if f.is_file() else "-")
+        return "sqlite:" + hashlib.sha256(":".join(parts).encode()).hexdigest()[:32]
+    pg = pg_target(db)
+    if db.compose_service:
+        result = _run_tool(db, ["psql"], env, timeout=CONNECT_TIMEOUT + 60,
+                           exec_in_service=exec_in_service,
+                           service_argv=["psql", "-X", "-w", "-A", "-t",
+                                         *_service_conn_args(pg), "-c", _PG_FINGERPRINT])
+        if result.returncode != 0:
+            raise _tool_failed(pg, "reading the database's write counters", result)
+        value = result.output.strip().splitlines()[-1].strip() if result.output.strip() else ""
+    else:
+        with connect(db, env) as conn:
+            value = str(conn.execute(_PG_FINGERPRINT).fetchone()[0])
+    return f"pg:{value}"
 
 
 # --------------------------------------------------------------------------- restore

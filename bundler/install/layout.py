@@ -36,6 +36,21 @@ class Layout:
     def release(self, version: str) -> Path:
         return self.releases / version
 
+    def removable_release(self, path: Path) -> Path:
+        """`path`, checked to be a direct child of releases/ (what the installer may delete);
+        StateError otherwise. Every rmtree of a release goes through this."""
+        if path.parent != self.releases or path.name in ("", ".", ".."):
+            raise StateError(f"refusing to remove {path}: not a release directory directly "
+                             f"under {self.releases}")
+        return path
+
+    def removable_staging(self, path: Path) -> Path:
+        """`path`, checked to be one of the root's own `.staging-*` directories."""
+        if path.parent != self.root or not path.name.startswith(".staging-"):
+            raise StateError(f"refusing to remove {path}: not a staging directory directly "
+                             f"under {self.root}")
+        return path
+
     def current_version(self) -> str | None:
         try:
             return Path(os.readlink(self.current)).name

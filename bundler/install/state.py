@@ -1,5 +1,8 @@
 """The state database (SQLite, the embedded default): releases, the event journal, and
-per-product facts such as the last accepted sequence."""
+per-product facts such as the last accepted sequence.
+
+Every detail is redacted (`bundler.redact`) before it is written: no secret reaches the file.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bundler.errors import StateError
+from bundler.fsutil import create_file, private_dir
+from bundler.install import strict
+from bundler.redact import redact
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (
@@ -24,7 +30,8 @@ CREATE TABLE IF NOT EXISTS releases (
     keyid        TEXT NOT NULL,
     status       TEXT NOT NULL,
     installed_at TEXT NOT NULL,
-    detail       TEXT NOT NULL DEFAULT ''
+    detail       TEXT NOT NULL DEFAULT '',
+    txn          TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS events (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -42,6 +49,9 @@ CREATE TABLE IF NOT EXISTS products (
 """
 
 
+_RELEASE_COLUMNS = "version, product, sequence, digest, keyid, status, installed_at, detail, txn"
+
+
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -56,6 +66,7 @@ class ReleaseRow:
     status: str
     installed_at: str
     detail: str = ""
+    txn: str = ""  # the install transaction that last wrote this row
 
 
 @dataclass(frozen=True)
@@ -69,15 +80,24 @@ class Event:
 
 
 class State:
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, schema: int = SCHEMA_VERSION) -> None:
         self.conn = conn
+        # A read-only look at a v1 database (not upgraded: reading changes nothing).
+        self._columns = _RELEASE_COLUMNS if schema >= 2 else \
+            _RELEASE_COLUMNS.replace(", txn", ", '' AS txn")
 
     @classmethod
     def open(cls, db: Path, create: bool = True) -> State:
         if not create and not db.exists():
             raise StateError(f"no bundler state at {db}",
                              hint="nothing was installed under this --root yet")
-        db.parent.mkdir(parents=True, exist_ok=True)
+        strict.check_target(db.parent.parent)  # StrictModes, before it is read or written
+        if create:
+            # Explicit modes whatever the umask: state/ 0700, state.db 0600 (SQLite gives its
+            # -journal the database file's mode). A looser state from an older bundler is
+            # narrowed here, by a writer only.
+            private_dir(db.parent)
+            create_file(db, 0o600)
         conn = sqlite3.connect(db, isolation_level=None, timeout=30)
         # Rollback journal, not WAL: readers open the file read-only and leave no -wal/-shm
         # files behind, so a refused bundle changes nothing at all on the target.
@@ -88,8 +108,16 @@ class State:
             raise StateError(f"{db} was written by a newer bundler (schema {version})",
                              hint="upgrade bundler on this host")
         if version < SCHEMA_VERSION:
-            conn.executescript(_SCHEMA)
+            conn.execute("BEGIN IMMEDIATE")
+            if version == 1:
+                # v2: each release row names the transaction that last installed it, so that
+                # recovery acts on that attempt's journal only (never an older attempt's).
+                conn.execute("ALTER TABLE releases ADD COLUMN txn TEXT NOT NULL DEFAULT ''")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
         return cls(conn)
 
     @classmethod
@@ -97,6 +125,7 @@ class State:
         """The state for reading only, or None when nothing was installed yet."""
         if not db.exists():
             return None
+        strict.check_target(db.parent.parent)
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None,
                                timeout=30)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -104,7 +133,7 @@ class State:
             conn.close()
             raise StateError(f"{db} was written by a newer bundler (schema {version})",
                              hint="upgrade bundler on this host")
-        return cls(conn)
+        return cls(conn, version)
 
     def close(self) -> None:
         self.conn.close()
@@ -122,33 +151,38 @@ class State:
     def event(self, txn: str, version: str, step: str, status: str, detail: str = "") -> None:
         self.conn.execute(
             "INSERT INTO events (ts, txn, version, step, status, detail) VALUES (?,?,?,?,?,?)",
-            (now(), txn, version, step, status, detail),
+            (now(), txn, version, step, status, redact(detail)),
         )
 
     def upsert_release(self, row: ReleaseRow) -> None:
         self.conn.execute(
-            "INSERT OR REPLACE INTO releases VALUES (?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO releases (version, product, sequence, digest, keyid, "
+            "status, installed_at, detail, txn) VALUES (?,?,?,?,?,?,?,?,?)",
             (row.version, row.product, row.sequence, row.digest, row.keyid, row.status,
-             row.installed_at, row.detail),
+             row.installed_at, redact(row.detail), row.txn),
         )
 
     def set_status(self, version: str, status: str, detail: str = "") -> None:
         self.conn.execute("UPDATE releases SET status=?, detail=? WHERE version=?",
-                          (status, detail, version))
+                          (status, redact(detail), version))
 
     def release(self, version: str) -> ReleaseRow | None:
-        row = self.conn.execute("SELECT * FROM releases WHERE version=?", (version,)).fetchone()
+        row = self.conn.execute(f"SELECT {self._columns} FROM releases WHERE version=?",
+                                (version,)).fetchone()
         return ReleaseRow(*row) if row else None
 
     def releases(self) -> list[ReleaseRow]:
-        rows = self.conn.execute("SELECT * FROM releases ORDER BY installed_at, sequence")
+        rows = self.conn.execute(
+            f"SELECT {self._columns} FROM releases ORDER BY installed_at, sequence")
         return [ReleaseRow(*r) for r in rows]
 
     def events(self, limit: int = 200) -> list[Event]:
         rows = self.conn.execute(
             "SELECT ts, txn, version, step, status, detail FROM events ORDER BY id DESC LIMIT ?",
             (limit,))
-        return [Event(*r) for r in rows][::-1]
+        # Redacted again on the way out: rows written by an older bundler were stored as given.
+        return [Event(ts, txn, version, step, status, redact(detail))
+                for ts, txn, version, step, status, detail in rows][::-1]
 
     def product(self) -> tuple[str, int] | None:
         row = self.conn.execute("SELECT name, last_sequence FROM products").fetchone()
@@ -158,6 +192,12 @@ class State:
         self.conn.execute(
             "INSERT INTO products VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET "
             "last_sequence=max(last_sequence, excluded.last_sequence)", (product, sequence))
+
+    def bind_product(self, product: str) -> None:
+        """Bind the root to `product` when an install of it begins (last_sequence 0: none
+        accepted yet), so a failed first install does not leave the root open to another."""
+        self.conn.execute("INSERT INTO products VALUES (?, 0) ON CONFLICT(name) DO NOTHING",
+                          (product,))
 
 
 def new_txn() -> str:
