@@ -1,4 +1,8 @@
-"""Filesystem helpers: atomic writes, streaming hashes, free-space checks."""
+"""Filesystem helpers: atomic writes, streaming hashes, free-space checks.
+
+Files and directories are created with explicit modes (`make_dir`, `private_dir`,
+`create_file`, `atomic_write`), never with whatever the umask leaves.
+"""
 
 from __future__ import annotations
 
@@ -27,13 +31,53 @@ def sha256_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def make_dir(path: Path, mode: int, parents_mode: int = 0o755) -> Path:
+    """Create directory `path` with exactly `mode` (missing parents: `parents_mode`), whatever
+    the umask. An existing directory is left as it is."""
+    if path.is_dir():
+        return path
+    if not path.parent.is_dir():
+        make_dir(path.parent, parents_mode, parents_mode)
+    try:
+        os.mkdir(path, 0o700)  # never wider than asked while it is being set up
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return path
+    os.chmod(path, mode)
+    return path
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a directory only its owner can use (0700): created so, or tightened."""
+    make_dir(path, 0o700)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def create_file(path: Path, mode: int) -> None:
+    """Create `path` (if missing) with exactly `mode`, whatever the umask; an existing file is
+    narrowed to `mode` if it allows more."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode & 0o600)
+    except FileExistsError:
+        if os.stat(path).st_mode & 0o777 & ~mode:
+            os.chmod(path, mode)
+        return
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Write to a temp file beside `path` and rename it into place only on success.
 
     A crash or an exception leaves the old file (or no file), never a half-written one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, 0o755)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:

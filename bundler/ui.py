@@ -1,5 +1,6 @@
 """Human output on stderr: step lines, and a progress bar for long byte-counted work.
 
+Every line goes through `bundler.redact` first: no secret reaches the console.
 stdout is reserved for results (and for `--json`), so automation can parse it while a person
 still sees progress. Progress bars are drawn only on a terminal; elsewhere, plain lines.
 """
@@ -20,6 +21,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from bundler.redact import redact
+
 Log = Callable[[str], None]
 
 _console = Console(stderr=True, highlight=False)
@@ -34,13 +37,14 @@ def set_quiet(quiet: bool) -> None:
 def step(text: str) -> None:
     """One line of progress: what bundler is doing now."""
     if not _quiet:
+        text = redact(text)
         _console.print(f"[bold cyan]==>[/] {text}", markup=True, soft_wrap=True) \
             if _console.is_terminal else print(f"==> {text}", file=sys.stderr, flush=True)
 
 
 def note(text: str) -> None:
     if not _quiet:
-        print(f"    {text}", file=sys.stderr, flush=True)
+        print(f"    {redact(text)}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

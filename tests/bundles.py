@@ -16,9 +16,19 @@ from bundler.models import Target
 from bundler.signing import key_id, pae, sign
 
 
+def kind_of(path: str) -> str:
+    """The kind a payload at `path` has (as the builder names them; see manifest.KIND_PREFIX)."""
+    if path.startswith("python/"):
+        return "wheel" if path.endswith(".whl") else "lock"
+    for prefix, kind in (("npm/", "npm"), ("images/", "images")):
+        if path.startswith(prefix):
+            return kind
+    return "file"
+
+
 def manifest_for(files: dict[str, bytes], **over: object) -> Manifest:
     entries = tuple(FileEntry(path=p, size=len(d), sha256=hashlib.sha256(d).hexdigest(),
-                              kind="file") for p, d in sorted(files.items()))
+                              kind=kind_of(p)) for p, d in sorted(files.items()))
     fields: dict[str, object] = {"name": "shop", "version": "1.0.0", "sequence": 10,
                                  "created": "2026-01-01T00:00:00Z", "target": Target(),
                                  "files": entries}

@@ -463,8 +463,11 @@ def test_detect_without_a_working_compose_is_one_line_with_a_hint(
 
 
 def test_project_names_are_stable_and_valid(tmp_path: Path) -> None:
-    assert cr.project_name("Shop App 2") == "bundler-shop-app-2"
-    assert cr.project_name("shop") == cr.project_name("shop")
+    name = cr.project_name("Shop App 2", tmp_path)
+    assert name.startswith("bundler-shop-app-2-") and len(name) == len("bundler-shop-app-2-") + 8
+    assert cr.project_name("shop", tmp_path) == cr.project_name("shop", tmp_path)
+    assert cr.project_name("shop", tmp_path) != cr.project_name("shop", tmp_path / "other")
+    ComposeProject(name, (tmp_path / "c.yaml",), tmp_path, None)  # valid
     with pytest.raises(InstallError):
         ComposeProject("Bad Name", (tmp_path / "c.yaml",), tmp_path, None)
     with pytest.raises(InstallError):

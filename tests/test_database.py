@@ -29,6 +29,7 @@ from bundler.fsutil import sha256_file
 from bundler.install import database, migrations
 from bundler.install.database import Backup, Database
 from bundler.install.migrations import Migration
+from bundler.redact import redact
 from tests.helpers import REPO, free_port, offline
 from tests.pg_fixtures import PW_PASSWORD, PW_USER, PgCluster, alembic_ini, snapshot
 
@@ -541,10 +542,10 @@ def test_bad_urls_are_refused_without_secrets(tmp_path: Path) -> None:
         assert secret not in shown, url
         assert err.value.message.count("\n") == 0, err.value.message
     # Masked in every message, even written unencoded (an "@" inside the password).
-    assert database.redact("postgresql://app:p@ss:wd@db:5432/app") == (
-        "postgresql://app:***@db:5432/app")
-    assert database.redact("postgresql://app:p@ss@db/app?password=x&sslmode=require") == (
-        "postgresql://app:***@db/app?password=***&sslmode=require")
+    assert redact("postgresql://app:p@ss:wd@db:5432/app") == (
+        "postgresql://app:****@db:5432/app")
+    assert redact("postgresql://app:p@ss@db/app?password=x&sslmode=require") == (
+        "postgresql://app:****@db/app?password=****&sslmode=require")
     not_a_db = tmp_path / "junk.db"
     not_a_db.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(InstallError, match="cannot be read"):

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bundler.install import compose_runtime as cr
 from tests import docker_fixtures as dfx
 from tests.helpers import bundle, bundle_argv, offline
 
@@ -79,8 +80,9 @@ def test_compose_stack_install_upgrade_and_rollback(tmp_path: Path, engine: Any,
         after = json.loads(s3.out)
         assert after["current"]["version"] == "2.0.0" and after["healthy"] is True
         # the rollback brought 2.0.0's container back: it runs image b again
+        project = cr.project_name("shopc", root)  # the default: per product and root
         containers = engine.containers.list(filters={"label": "com.docker.compose.project="
-                                                               "bundler-shopc"})
+                                                               + project})
         assert [c.image.id for c in containers] == [pair.ids[pair.b]]
     finally:
         bundle("stop", "--root", root)
@@ -151,13 +153,20 @@ def test_build_checks_the_compose_files_and_doctor_sees_their_ports(
                                         "detail": "in use by another process (published by "
                                                   "the compose files)"}, rows
 
+        # compose.tool names a compose, never a host path (the target would run it as root)
+        path_tool = build(web, tool="/nonexistent/compose")
+        assert path_tool.rc == 3 and "compose.tool: '/nonexistent/compose' is not valid" \
+            in path_tool.err, path_tool.err
         # A target without the compose the bundle asks for is refused before anything exists
-        assert build(web, tool="/nonexistent/compose").rc == 0
-        (refused,) = offline(bundle_argv("install", path, "--trust", keys[1], "--root",
-                                         tmp_path / "root"))
+        assert build(web, tool="v1").rc == 0
+        empty = tmp_path / "empty-path"
+        empty.mkdir()
+        (refused,) = offline(["env", f"PATH={empty}",
+                              *bundle_argv("install", path, "--trust", keys[1], "--root",
+                                           tmp_path / "root")])
         assert refused.rc == 8, refused.err
-        assert "this bundle runs a compose project: /nonexistent/compose is not a working " \
-               "Docker Compose" in refused.err
+        assert "this bundle runs a compose project: no docker-compose 1.x found on PATH" \
+            in refused.err
         assert not (tmp_path / "root").exists()
     finally:
         busy.close()

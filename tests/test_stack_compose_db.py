@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from bundler.install import compose_runtime as cr
 from tests import docker_fixtures as dfx
 from tests import pg_image
 from tests.helpers import bundle, bundle_argv, offline
@@ -24,14 +25,13 @@ from tests.pg_fixtures import snapshot
 pytestmark = [pytest.mark.docker, pytest.mark.postgres, pytest.mark.slow]
 
 PRODUCT = "shopdb"
-PROJECT = f"bundler-{PRODUCT}"
 
 
-def _clean(engine: Any) -> None:
+def _clean(engine: Any, project: str) -> None:
     for c in engine.containers.list(all=True, filters={
-            "label": f"com.docker.compose.project={PROJECT}"}):
+            "label": f"com.docker.compose.project={project}"}):
         c.remove(force=True)
-    for v in engine.volumes.list(filters={"label": f"com.docker.compose.project={PROJECT}"}):
+    for v in engine.volumes.list(filters={"label": f"com.docker.compose.project={project}"}):
         v.remove(force=True)
 
 
@@ -113,12 +113,13 @@ def test_database_in_a_compose_service(tmp_path: Path, engine: Any,
                                        keys: tuple[Path, Path]) -> None:
     pg_image.ensure(engine)
     pair = dfx.make_pair(engine, "cdb")
-    _clean(engine)
+    root = tmp_path / "target"
+    project = cr.project_name(PRODUCT, root)  # the default: per product and root
+    _clean(engine, project)
     sock = tmp_path / "pgsock"
     sock.mkdir()
     sock.chmod(0o1777)  # the server runs as uid 999 in its container
     url = f"postgresql://app@/appdb?host={sock}"
-    root = tmp_path / "target"
     try:
         m1 = {"001_items.sql": "CREATE TABLE items (id int PRIMARY KEY, name text);\n"
                                "INSERT INTO items VALUES (1, 'a'), (2, 'b');\n"}
@@ -152,7 +153,7 @@ def test_database_in_a_compose_service(tmp_path: Path, engine: Any,
                                  ["env", path, *bundle_argv("doctor", "--root", root, "--json")])
         assert r1.rc == 0, r1.err
         # first install: the database service was started alone, backed up, migrated
-        assert "compose up: project bundler-shopdb, 1 service(s)" in r1.err, r1.err
+        assert f"compose up: project {project}, 1 service(s)" in r1.err, r1.err
         assert "(in compose service db)" in r1.err
         assert r2.rc == 0, r2.err
         rows = {r["check"]: r for r in json.loads(doctor.out)["checks"]}
@@ -167,13 +168,13 @@ def test_database_in_a_compose_service(tmp_path: Path, engine: Any,
         assert after_v2["data"]["public.items"][0] == 4, after_v2["data"]  # 3 + seeded
         assert "migration seed: running psql" in r1.err and "in compose service db" in r1.err
         running = {c.name: c.id for c in engine.containers.list(
-            filters={"label": f"com.docker.compose.project={PROJECT}"})}
+            filters={"label": f"com.docker.compose.project={project}"})}
 
         # Ctrl+C during the backup of an upgrade: nothing of 2.0.0 is touched
         (interrupted,) = offline(install(2, "int:backup"))
         assert interrupted.rc == 130, interrupted.err
         assert {c.name: c.id for c in engine.containers.list(filters={
-            "label": f"com.docker.compose.project={PROJECT}"})} == running
+            "label": f"com.docker.compose.project={project}"})} == running
 
         # a failing migration: restored inside the container, 2.0.0 serving
         r3, r4, status = offline(install(2), install(3),
@@ -187,7 +188,7 @@ def test_database_in_a_compose_service(tmp_path: Path, engine: Any,
         current = json.loads(status.out)
         assert current["current"]["version"] == "2.0.0" and current["healthy"] is True
         web = engine.containers.list(filters={"label": [
-            f"com.docker.compose.project={PROJECT}", "com.docker.compose.service=web"]})
+            f"com.docker.compose.project={project}", "com.docker.compose.service=web"]})
         assert [c.image.id for c in web] == [pair.ids[pair.b]]
 
         # kill -9 as migrations start, the database changed behind its back (a half-done
@@ -215,9 +216,9 @@ def test_database_in_a_compose_service(tmp_path: Path, engine: Any,
         (stopped,) = offline(["env", path, *bundle_argv("doctor", "--root", root, "--json")])
         rows = {r["check"]: r for r in json.loads(stopped.out)["checks"]}
         assert stopped.rc == 19 and rows["database"]["status"] == "fail", rows
-        assert rows["database"]["detail"] == (f"compose service db of project {PROJECT} is "
+        assert rows["database"]["detail"] == (f"compose service db of project {project} is "
                                               "not running"), rows
     finally:
         bundle("stop", "--root", root)
-        _clean(engine)
+        _clean(engine, project)
         dfx.remove_images(engine, pair.a, pair.b, pair.base)

@@ -13,12 +13,14 @@ import click
 from bundler import __version__, ui
 from bundler.cli.render import error
 from bundler.errors import BundlerError, Interrupted
+from bundler.redact import redact
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def handled(fn: F) -> F:
-    """Turn bundler errors into one line + hint and the error's exit code."""
+    """Turn bundler errors into one line + hint and the error's exit code (printed redacted,
+    by `render.error`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -39,7 +41,7 @@ def handled(fn: F) -> F:
 
             with tempfile.NamedTemporaryFile("w", prefix="bundler-crash-", suffix=".txt",
                                              delete=False) as fh:
-                traceback.print_exc(file=fh)
+                fh.write(redact(traceback.format_exc()))
             internal = BundlerError(f"internal error: {type(exc).__name__}: {exc}",
                                     hint=f"this is a bug in bundler; the traceback is in "
                                          f"{fh.name}")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bundler.errors import BundlerError, ProfileError
+from bundler.redact import redact
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -29,16 +30,27 @@ def emit_json(data: Any) -> None:
 
 
 def error(exc: BundlerError, as_json: bool) -> None:
+    """The error line(s) and hint, or its JSON document; secrets redacted either way."""
     if as_json:
-        emit_json({"ok": False, **exc.to_dict()})
+        emit_json(_redacted({"ok": False, **exc.to_dict()}))
         return
     if isinstance(exc, ProfileError):
         for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+            print(f"  {redact(str(problem))}", file=sys.stderr)
         print(f"error: profile has {len(exc.problems)} problem(s)", file=sys.stderr)
     else:
-        first, *rest = exc.message.splitlines() or [""]
+        first, *rest = redact(exc.message).splitlines() or [""]
         for line in rest:
             print(f"  | {line}", file=sys.stderr)
         print(f"error: {first}", file=sys.stderr)
-    print(f"hint: {exc.hint}", file=sys.stderr)
+    print(f"hint: {redact(exc.hint)}", file=sys.stderr)
+
+
+def _redacted(data: Any) -> Any:
+    if isinstance(data, str):
+        return redact(data)
+    if isinstance(data, dict):
+        return {k: _redacted(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_redacted(v) for v in data]
+    return data

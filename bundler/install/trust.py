@@ -1,11 +1,13 @@
-"""The target's trust store: the public keys it accepts bundles from, under the state dir."""
+"""The target's trust store: the public keys it accepts bundles from, under the state dir
+(`state/trust/`, 0700; each key 0600)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from bundler.errors import SigningKeyError
+from bundler.fsutil import atomic_write_bytes, make_dir, private_dir
+from bundler.install import strict
 from bundler.install.layout import Layout
 from bundler.signing import TrustedKey, load_public_key, load_trust
 
@@ -16,13 +18,16 @@ def store(layout: Layout) -> Path:
 
 def add(layout: Layout, pub: Path) -> TrustedKey:
     key = load_public_key(pub)
-    dest = store(layout) / f"{key.keyid}.pub"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(pub, dest)
+    strict.check_target(layout.root)
+    make_dir(layout.root, 0o755)
+    private_dir(layout.state_dir)
+    dest = private_dir(store(layout)) / f"{key.keyid}.pub"
+    atomic_write_bytes(dest, pub.read_bytes(), mode=0o600)
     return load_public_key(dest)
 
 
 def remove(layout: Layout, keyid: str) -> None:
+    strict.check_target(layout.root)
     path = store(layout) / f"{keyid}.pub"
     if not path.is_file():
         raise SigningKeyError(f"key {keyid} is not in the trust store of {layout.root}",
@@ -32,6 +37,7 @@ def remove(layout: Layout, keyid: str) -> None:
 
 def listed(layout: Layout) -> list[TrustedKey]:
     directory = store(layout)
+    strict.check_target(layout.root)  # StrictModes: no key planted by another user
     return [load_public_key(p) for p in sorted(directory.glob("*.pub"))] if directory.is_dir() \
         else []
 
