@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -425,27 +424,24 @@ def test_a_manifest_over_the_envelope_limit_is_refused_at_build(tmp_path: Path,
 def test_status_and_start_of_an_unhealthy_release_exit_with_their_own_code(
         tmp_path: Path, keys: tuple[Path, Path]) -> None:
     assert UnhealthyError.exit_code == 19
-    busy = socket.socket()
-    busy.bind(("127.0.0.1", 0))
-    busy.listen()
-    port = busy.getsockname()[1]
+    flag = tmp_path / "healthy.flag"
+    flag.write_text("ok\n")
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "a.ini").write_text("x\n")
     profile = tmp_path / "p.yaml"
     profile.write_text("schema: 1\nname: api\nversion: 1.0.0\nfiles:\n  - {src: conf, dest: c}\n"
-                       f"health:\n  - {{name: web, tcp: '127.0.0.1:{port}', retries: 1}}\n")
+                       f"health:\n  - {{name: web, command: [test, -f, '{flag}'], "
+                       "retries: 1}\n")
     built = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
                    "--cache-dir", tmp_path / "cache", "--json")
     assert built.rc == 0, built.err
     root = tmp_path / "root"
-    try:
-        installed = bundle("install", json.loads(built.out)["bundle"], "--trust", keys[1],
-                           "--root", root)
-        assert installed.rc == 0, installed.err
-        healthy = bundle("status", "--root", root)
-        assert healthy.rc == 0 and "healthy" in healthy.out, healthy.err
-    finally:
-        busy.close()
+    installed = bundle("install", json.loads(built.out)["bundle"], "--trust", keys[1],
+                       "--root", root)
+    assert installed.rc == 0, installed.err
+    healthy = bundle("status", "--root", root)
+    assert healthy.rc == 0 and "healthy" in healthy.out, healthy.err
+    flag.unlink()
     status = bundle("status", "--root", root)
     assert status.rc == 19, status.err
     assert "api 1.0.0 (sequence" in status.out and "UNHEALTHY" in status.out
