@@ -56,9 +56,11 @@ def test_an_unset_variable_anywhere_is_refused_before_anything_is_created(
 
 @pytest.mark.slow
 def test_a_port_held_by_another_program_is_named_and_refused(
-        project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path) -> None:
+        project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
+        roots: list[Path]) -> None:
     v1 = build(project, keys, cache_dir, "1.0.0", 1)
     root = tmp_path / "target"
+    roots.append(root)
     script = tmp_path / "holder.py"
     script.write_text("import socket, sys, time\ns = socket.socket()\n"
                       "s.bind(('127.0.0.1', int(sys.argv[1])))\ns.listen()\ntime.sleep(120)\n")

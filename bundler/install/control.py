@@ -9,7 +9,7 @@ from bundler.install import health, runtime
 from bundler.install.environ import release_env
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
-from bundler.install.recovery import Pending, pending
+from bundler.install.recovery import Pending, check_recorded_manifest, pending
 from bundler.install.runtime import UnitState
 from bundler.install.state import Event, ReleaseRow, State
 from bundler.manifest import Manifest
@@ -95,6 +95,7 @@ def stop(layout: Layout) -> str:
 
 def start(layout: Layout) -> tuple[str, list[CheckResult]]:
     version, manifest = _require_current(layout)
+    check_recorded_manifest(layout, version)
     state = State.open_readonly(layout.db)
     stuck = pending(state) if state is not None else None
     if state is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,6 +100,21 @@ class ReleaseDir:
             return parse_manifest((self.meta / "manifest.json").read_bytes())
         except OSError:
             return None
+
+    def check_manifest(self, digest: str) -> None:
+        """StateError unless the on-disk manifest is the one whose sha256 the state database
+        recorded when it was verified: `start`, `rollback` and recovery act on that alone."""
+        try:
+            data = (self.meta / "manifest.json").read_bytes()
+        except OSError as exc:
+            raise StateError(f"release {self.path.name}: its manifest is unreadable "
+                             f"({exc.strerror})", hint="install the release's bundle again"
+                             ) from None
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StateError(f"release {self.path.name}: its manifest on disk differs from the "
+                             "one verified at install time (sha256 mismatch); refusing to act "
+                             "on it", hint="install the release's bundle again; check who can "
+                                           "write under the install root")
 
 
 @contextlib.contextmanager

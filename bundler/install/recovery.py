@@ -111,8 +111,22 @@ def _start(layout: Layout, version: str) -> list[CheckResult]:
     manifest = rel.manifest()
     if manifest is None:
         raise StateError(f"release {version} has no manifest on disk")
+    check_recorded_manifest(layout, version)
     runtime.start(layout, version)
     return _checks(layout, rel)
+
+
+def check_recorded_manifest(layout: Layout, version: str) -> None:
+    """The release's on-disk manifest is the one the state database recorded (StateError)."""
+    state = State.open_readonly(layout.db)
+    if state is None:
+        return
+    try:
+        row = state.release(version)
+    finally:
+        state.close()
+    if row is not None:
+        ReleaseDir(layout.release(version)).check_manifest(row.digest)
 
 
 def _stop(layout: Layout, version: str, keep_compose: bool = False) -> None:
