@@ -97,3 +97,21 @@ def test_a_service_that_cannot_start_says_why_in_the_error_line(
     line = next(ln for ln in failed.err.splitlines() if ln.startswith("error:"))
     assert "health check 'web' failed" in line
     assert "service web crash-looping: cannot start" in line and "No such file" in line
+
+
+@pytest.mark.slow
+def test_a_release_manifest_changed_on_disk_is_not_acted_on(
+        project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
+        roots: list[Path]) -> None:
+    v1 = build(project, keys, cache_dir, "1.0.0", 1)
+    root = tmp_path / "target"
+    roots.append(root)
+    (installed,) = offline(bundle_argv("install", v1, "--trust", keys[1], "--root", root))
+    assert installed.rc == 0, installed.err
+    manifest = root / "releases" / "1.0.0" / "bundle" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes() + b" ")  # still valid JSON, other bytes
+    stopped, started = offline(bundle_argv("stop", "--root", root),
+                               bundle_argv("start", "--root", root))
+    assert stopped.rc == 0, stopped.err
+    assert started.rc == 14, started.err
+    assert "its manifest on disk differs from the one verified at install time" in started.err
