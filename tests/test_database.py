@@ -601,7 +601,7 @@ def test_password_goes_by_environment_never_argv(cluster: PgCluster, tmp_path: P
     for _argv, env in tools:
         assert env["PGPASSWORD"] == PW_PASSWORD
     assert log and not any("S3cret" in line for line in log)
-    assert all("pwuser:***@" in line for line in log if "postgresql://" in line)
+    assert all("pwuser:****@" in line for line in log if "postgresql://" in line)
 
 
 # --------------------------------------------------------------------------- compose service

@@ -82,7 +82,8 @@ def _profile(base: Path, version: str, migration: str) -> Path:
     (base / "conf" / "a.ini").write_text(f"v={version}\n")
     path = base / f"api-{version}.yaml"
     path.write_text(
-        f"schema: 1\nname: api\nversion: {version}\nsequence: {version[0]}\nfiles:\n  - {{src: conf, dest: c}}\n"
+        f"schema: 1\nname: api\nversion: {version}\nsequence: {version[0]}\n"
+        "files:\n  - {src: conf, dest: c}\n"
         "env:\n  required: [DATABASE_URL]\n  secret: [SIGNING]\n"
         "database: {url: '${DATABASE_URL}'}\n"
         f"migrations:\n  - name: schema\n    command: [sh, -c, '{migration}']\n")
