@@ -73,7 +73,7 @@ def _uv() -> str:
     found = str(here) if here.exists() else shutil.which("uv")
     if found is None:
         raise BuildError("uv is needed to lock for a target unlike this host, and is missing",
-                         hint="pip install uv (bundler depends on it; reinstall bundler)")
+                         hint="install bundler's build side: pip install 'bundler[build]'")
     return found
 
 
