@@ -13,11 +13,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler import __version__, actions, archive, lockfile, ui, volumes
 from bundler.cache import Cache
+from bundler.engine import engine_client
 from bundler.errors import BuildError
 from bundler.fsutil import require_space
+from bundler.imageref import canonical_tag
 from bundler.lockfile import Lock
 from bundler.manifest import IMAGES_PATH, FileEntry, Manifest
 from bundler.models import ImageRef, NpmProject, NpmRef, Target
+from bundler.platforms import parse_platform
 from bundler.profile import Profile
 from bundler.resolve import compose as compose_check
 from bundler.resolve import files as files_resolver
@@ -70,7 +73,7 @@ def lock(profile: Profile, cache: Cache, path: Path | None = None) -> tuple[Lock
 
 
 def image_platform(target: Target) -> str:
-    return "linux/amd64" if target.platform.endswith("x86_64") else "linux/arm64"
+    return parse_platform(target.platform).docker_platform
 
 
 def _fetch_images(profile: Profile, cache: Cache, current: Lock) -> Lock:
@@ -92,11 +95,11 @@ def _images_current(profile: Profile, current: Lock, cache: Cache) -> bool:
     engine = [i for i in profile.images if i.source == "engine"]
     if not engine:
         return True
-    client = images.engine_client()
+    client = engine_client(BuildError)
     locked = {i.ref: i.image_id for i in current.images}
     for spec in engine:
         now = str(client.api.inspect_image(spec.ref)["Id"])
-        if locked.get(images.canonical_tag(spec.ref)) != now:
+        if locked.get(canonical_tag(spec.ref)) != now:
             return False
     return True
 
@@ -207,9 +210,8 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
 
 def npm_target(target: Target) -> dict[str, str]:
     """node's process.platform / process.arch and the libc of the target."""
-    cpu = "x64" if target.platform.endswith("x86_64") else "arm64"
-    libc = "musl" if target.platform.startswith("musllinux") else "glibc"
-    return {"os": "linux", "cpu": cpu, "libc": libc}
+    plat = parse_platform(target.platform)
+    return {"os": "linux", "cpu": plat.node_cpu, "libc": plat.libc}
 
 
 def _npm(profile: Profile, cache: Cache, entries: list[FileEntry], sources: dict[str, Path]

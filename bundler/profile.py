@@ -37,12 +37,12 @@ from bundler.models import (
     Service,
     Target,
 )
+from bundler.platforms import PLATFORM_RE
 from bundler.redact import has_plaintext_secret
 
 SCHEMA_VERSION = 1
 
 PYTHON_RE = re.compile(r"^3\.\d{1,2}$")
-PLATFORM_RE = re.compile(r"^(manylinux_\d+_\d+|musllinux_\d+_\d+|linux)_(x86_64|aarch64)$")
 DURATION_RE = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _USER_HINT = ("a user name on the target: lowercase letters, digits, '_' and '-', starting "
               "with a letter or '_' (e.g. myapp); create it there with `useradd --system NAME`")

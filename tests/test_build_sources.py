@@ -80,7 +80,7 @@ def test_glob_matching_nothing_is_a_profile_error(tmp_path: Path) -> None:
     ("app@sha256:" + "a" * 64, "docker.io/library/app@sha256:" + "a" * 64),
 ])
 def test_image_refs_compare_the_way_docker_reads_them(a: str, b: str) -> None:
-    from bundler.resolve.compose import normalize_ref
+    from bundler.imageref import canonical_ref
 
-    assert normalize_ref(a) == normalize_ref(b)
-    assert normalize_ref("redis:7") != normalize_ref("redis:6")
+    assert canonical_ref(a) == canonical_ref(b)
+    assert canonical_ref("redis:7") != canonical_ref("redis:6")

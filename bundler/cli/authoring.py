@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from bundler.cli import options
 from bundler.cli.common import cli, handled
 from bundler.cli.render import emit_json
+from bundler.models import Target
+
+if TYPE_CHECKING:
+    from bundler.kit import Kit
 
 
 @cli.command()
@@ -80,11 +85,14 @@ def keygen(name: Path, force: bool, as_json: bool) -> None:
 @click.option("--volume-size", default=None, metavar="SIZE",
               help="Split into parts of at most SIZE (e.g. 700M, 4G) with a signed index; "
                    "use --volume-size fat32 for the largest FAT32-safe parts.")
+@click.option("--with-kit", is_flag=True,
+              help="Also write the target kit (`bundle kit`) for the profile's target next to "
+                   "the bundle.")
 @options.json_output
 @handled
 def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
           sequence: int | None, lock_path: Path | None, frozen: bool, volume_size: str | None,
-          as_json: bool) -> None:
+          with_kit: bool, as_json: bool) -> None:
     """Resolve, fetch, sign and pack PROFILE into OUT/NAME-VERSION.bundle."""
     from bundler import volumes
     from bundler.build import build as do_build
@@ -98,10 +106,19 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
                      else volumes.parse_size(volume_size))
     loaded = load_profile(profile)
     key = load_private_key(key_path)
-    result = do_build(loaded, key, out_dir, Cache(cache_dir or default_cache_dir()), sequence,
-                      part_size, lock_path, frozen)
+    cache = Cache(cache_dir or default_cache_dir())
+    result = do_build(loaded, key, out_dir, cache, sequence, part_size, lock_path, frozen)
+    made = None
+    if with_kit:
+        from bundler import ui
+        from bundler.kit import build_kit
+
+        ui.step("Making the target kit")
+        made = build_kit(out_dir, loaded.target, cache, ui.note,
+                         index=loaded.python if loaded.python else None)
     if as_json:
         emit_json({"ok": True, "bundle": str(result.path), "size": result.size,
+                   "kit": made.to_json() if made else None,
                    "name": result.manifest.name, "version": result.manifest.version,
                    "sequence": result.manifest.sequence, "keyid": result.keyid,
                    "files": len(result.manifest.files),
@@ -115,6 +132,62 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
                    f"files, sequence {result.manifest.sequence}, key {result.keyid}); "
                    + (f"fetched {result.fetched} artifact(s)" if result.fetched
                       else "fetched nothing (all from cache)"))
+        if made:
+            _say_kit(made)
+
+
+def _say_kit(made: Kit) -> None:
+    click.echo(f"wrote {made.path} ({made.size} bytes, CPython {made.python}, "
+               f"{made.platform}; {len(made.packages)} packages)")
+    click.echo(f"sha256 {made.sha256}  (also in {made.path.name}.sha256: check it on the "
+               "target, out of band, before running the kit)")
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("dist"),
+              show_default=True, help="Directory for the kit.")
+@click.option("--platform", "platform_tag", default=Target.platform, show_default=True,
+              metavar="TAG", help="The target's wheel platform, e.g. manylinux_2_28_aarch64.")
+@click.option("--python", "python_version", default=Target.python, show_default=True,
+              metavar="X.Y", help="The target's python3 (major.minor).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Content-addressed download cache (default: XDG cache dir).")
+@click.option("--index-url", default=None, help="Package index to fetch the wheels from.")
+@click.option("--find-links", multiple=True, metavar="DIR|URL",
+              help="Also look for wheels here (repeatable).")
+@click.option("--no-index", is_flag=True, help="Use only --find-links, no index.")
+@click.option("--from-installed", is_flag=True,
+              help="Take the dependencies from the environment bundler runs in (no network); "
+                   "only for a target with this host's Python and platform.")
+@options.json_output
+@handled
+def kit(out_dir: Path, platform_tag: str, python_version: str, cache_dir: Path | None,
+        index_url: str | None, find_links: tuple[str, ...], no_index: bool,
+        from_installed: bool, as_json: bool) -> None:
+    """Write the target kit: ONE file that runs bundler's target commands (trust, verify,
+    install, status, rollback, ...) on a host that has only python3."""
+    from bundler import ui
+    from bundler.cache import Cache, default_cache_dir
+    from bundler.kit import build_kit
+    from bundler.platforms import PLATFORM_RE
+    from bundler.profile import PYTHON_RE, PythonSpec
+
+    if not PLATFORM_RE.match(platform_tag):
+        raise click.BadParameter(f"{platform_tag!r} is not a Linux wheel platform (e.g. "
+                                 "manylinux_2_28_x86_64, musllinux_1_2_aarch64)",
+                                 param_hint="--platform")
+    if not PYTHON_RE.match(python_version):
+        raise click.BadParameter(f"{python_version!r} is not major.minor (e.g. 3.11)",
+                                 param_hint="--python")
+    made = build_kit(out_dir, Target(python=python_version, platform=platform_tag),
+                     Cache(cache_dir or default_cache_dir()), ui.note,
+                     index=PythonSpec(index_url=index_url, find_links=find_links,
+                                      no_index=no_index),
+                     from_installed=from_installed)
+    if as_json:
+        emit_json({"ok": True, **made.to_json()})
+    else:
+        _say_kit(made)
 
 
 @cli.command()

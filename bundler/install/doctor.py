@@ -103,8 +103,8 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
         rows.append(_guard("node/npm", node))
     if target.images or target.runtime.compose:
         def engine() -> Row:
+            from bundler.engine import engine_client
             from bundler.errors import InstallError
-            from bundler.resolve.images import engine_client
 
             version = engine_client(InstallError).version().get("Version", "?")
             return Row("docker engine", "ok", f"version {version}")

@@ -19,20 +19,16 @@ import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, BinaryIO, cast
 
 import zstandard
 
+from bundler.engine import docker_sdk, engine_client, transport_errors
 from bundler.errors import ImageLoadError, InstallError
 from bundler.faults import fault_point
 from bundler.fsutil import CHUNK, human_bytes
-from bundler.resolve.images import (
-    ImageRecord,
-    Scan,
-    canonical_tag,
-    engine_client,
-    transport_errors,
-)
+from bundler.imagearchive import ImageRecord, Scan
+from bundler.imageref import canonical_tag
 from bundler.ui import Log
 
 HOLD = 1024 * 1024  # > the tar's end-of-archive marker plus record padding (at most 11 KiB)
@@ -213,7 +209,7 @@ def load(archive: Path, expected: Sequence[ImageRecord], log: Log) -> None:
     """Load the combined image archive (zstd docker-save tar) and check every Image ID."""
     want = _expected(expected)
     client = engine_client(InstallError)
-    errors = _docker_errors()
+    errors = docker_sdk().errors
     started = time.monotonic()
     stats: dict[str, int] = {}
     log(f"loading {len(want)} image(s) from {archive.name}")
@@ -245,12 +241,6 @@ def load(archive: Path, expected: Sequence[ImageRecord], log: Log) -> None:
     secs = time.monotonic() - started
     log(f"loaded {len(want)} image(s), {human_bytes(stats.get('uncompressed', 0))} in "
         f"{secs:.1f}s; Image IDs match the manifest")
-
-
-def _docker_errors() -> Any:
-    import docker  # type: ignore[import-untyped]
-
-    return docker.errors
 
 
 def _line(text: str) -> str:

@@ -177,8 +177,8 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         atomic_write_bytes(rel.meta / "environment", env.environment.encode())
         if m.images:
             with journal.step("images", f"Loading {len(m.images)} image(s) into the engine"):
+                from bundler.imagearchive import ImageRecord
                 from bundler.install import images as image_loader
-                from bundler.resolve.images import ImageRecord
 
                 image_loader.load(rel.path / IMAGES_PATH,
                                   [ImageRecord(i.ref, i.image_id) for i in m.images], ui.note)
@@ -286,7 +286,7 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
 
 def _install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
     from bundler.install import npm_env
-    from bundler.resolve.npm import NpmPackage
+    from bundler.npmlock import NpmPackage
 
     dest = rel.files / project.dest
     dest.mkdir(parents=True, exist_ok=True)

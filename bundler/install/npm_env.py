@@ -26,7 +26,7 @@ from typing import Any
 from bundler import proc
 from bundler.errors import BuildError, CommandError, InstallError
 from bundler.fsutil import CHUNK
-from bundler.resolve.npm import (
+from bundler.npmlock import (
     NpmPackage,
     npm_env,
     npm_last_error,

@@ -5,7 +5,6 @@ Authentic is not enough: an old bundle replayed from last year's USB stick is au
 
 from __future__ import annotations
 
-import platform
 import re
 import shutil
 from dataclasses import dataclass
@@ -21,10 +20,7 @@ from bundler.install.layout import Layout
 from bundler.install.state import State
 from bundler.manifest import Manifest
 from bundler.models import Target
-
-_ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
-_GLIBC_TAG = re.compile(r"^manylinux_(\d+)_(\d+)_")
-_MUSL_TAG = re.compile(r"^musllinux_")
+from bundler.platforms import Host, host_platform, parse_platform
 
 
 @dataclass(frozen=True)
@@ -77,34 +73,22 @@ def last_recorded_time(state: State) -> str | None:
         return None
 
 
-def host_platform() -> tuple[str, str, tuple[int, int] | None]:
-    """(arch, libc, glibc version) of this host."""
-    arch = _ARCH.get(platform.machine(), platform.machine())
-    libc, version = platform.libc_ver()
-    if libc == "glibc" and version:
-        major, minor = version.split(".")[:2]
-        return arch, "glibc", (int(major), int(minor))
-    return arch, libc or "musl", None
-
-
-def check_target(target: Target, host: tuple[str, str, tuple[int, int] | None] | None = None
-                 ) -> None:
-    arch, libc, glibc = host or host_platform()
-    want_arch = target.platform.rsplit("_", 1)[-1]
-    if target.platform.endswith("x86_64"):
-        want_arch = "x86_64"
-    if want_arch != arch:
-        raise PolicyError(f"bundle is for {target.platform}; this host is {arch}",
+def check_target(target: Target, host: Host | None = None) -> None:
+    """PolicyError unless this host (CPU, libc, glibc version) runs the target's wheels."""
+    have = host or host_platform()
+    want = parse_platform(target.platform)
+    if want.arch != have.arch:
+        raise PolicyError(f"bundle is for {target.platform}; this host is {have.arch}",
                           hint="build the bundle with target.platform for this host")
-    if m := _GLIBC_TAG.match(target.platform):
-        need = (int(m[1]), int(m[2]))
-        if libc != "glibc" or glibc is None or glibc < need:
-            have = f"glibc {glibc[0]}.{glibc[1]}" if glibc else libc
-            raise PolicyError(f"bundle needs glibc {need[0]}.{need[1]}+ ({target.platform}); "
-                              f"this host has {have}",
-                              hint="build for an older manylinux target, e.g. "
-                                   "manylinux_2_17_x86_64")
-    if _MUSL_TAG.match(target.platform) and libc == "glibc":
+    if want.glibc is not None and (have.libc != "glibc" or have.glibc is None
+                                   or have.glibc < want.glibc):
+        need = want.glibc
+        found = f"glibc {have.glibc[0]}.{have.glibc[1]}" if have.glibc else have.libc
+        raise PolicyError(f"bundle needs glibc {need[0]}.{need[1]}+ ({target.platform}); "
+                          f"this host has {found}",
+                          hint="build for an older manylinux target, e.g. "
+                               "manylinux_2_17_x86_64")
+    if want.libc == "musl" and have.libc == "glibc":
         raise PolicyError(f"bundle is for {target.platform} (musl); this host uses glibc",
                           hint="build with a manylinux target.platform")
 
@@ -170,8 +154,8 @@ def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: boo
     if manifest.npm:
         check_node(manifest)
     if manifest.images or manifest.runtime.compose:
+        from bundler.engine import engine_client
         from bundler.errors import InstallError
-        from bundler.resolve.images import engine_client
 
         engine_client(InstallError)  # refuse before anything is created, not half-way
     if manifest.runtime.compose is not None:

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from bundler.errors import BuildError
+from bundler.imageref import canonical_ref
 
 _PORT = re.compile(r"^(?:(?:\[[^\]]*\]|[^:\[\]]+):)?(\d+):\d+(?:/(?:tcp|udp|sctp))?$")
 
@@ -32,19 +33,13 @@ class ComposeFacts:
     ports: tuple[int, ...]  # literal published host ports
 
 
-def normalize_ref(ref: str) -> str:
-    """docker's reading of a ref: default registry and `library/` dropped, `:latest` added."""
-    name = ref
-    for prefix in ("docker.io/library/", "docker.io/", "index.docker.io/library/"):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
-    if name.startswith("library/"):
-        name = name[len("library/"):]
-    last = name.rsplit("/", 1)[-1]
-    if "@" not in name and ":" not in last:
-        name += ":latest"
-    return name
+def _identity(ref: str) -> str:
+    """How Docker reads `ref` (bundler.imageref); an invalid ref stays as written, so it is
+    reported as not carried rather than crashing the check."""
+    try:
+        return canonical_ref(ref)
+    except ValueError:
+        return ref
 
 
 def _published(entry: Any) -> int | None:
@@ -95,9 +90,9 @@ def check(facts: ComposeFacts, carried: Iterable[str],
                          "`image:`: the target builds nothing",
                          hint="build the image here (`docker build -t NAME:TAG .`), give the "
                               "service `image: NAME:TAG` and list it under the profile's images")
-    have = {normalize_ref(r) for r in carried}
+    have = {_identity(r) for r in carried}
     missing = sorted({(img, svc) for svc, img in facts.images.items()
-                      if normalize_ref(img) not in have})
+                      if _identity(img) not in have})
     if missing:
         listed = ", ".join(f"{img} (service {svc})" for img, svc in missing)
         raise BuildError(f"the compose files use image(s) the bundle does not carry: {listed}; "

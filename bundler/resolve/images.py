@@ -29,8 +29,6 @@ import gzip
 import hashlib
 import io
 import json
-import posixpath
-import re
 import shutil
 import tarfile
 import tempfile
@@ -44,22 +42,25 @@ import zstandard
 
 from bundler import proc
 from bundler.cache import Cache
-from bundler.errors import BuildError, BundlerError, CommandError
+from bundler.engine import ENGINE_TIMEOUT, docker_sdk, engine_client, first_line, transport_errors
+from bundler.errors import BuildError, CommandError
 from bundler.fsutil import CHUNK, human_bytes
+from bundler.imagearchive import (
+    SMALL,
+    ImageRecord,
+    LayoutImage,
+    Scan,
+    config_facts,
+    norm_member,
+)
+from bundler.imageref import canonical_tag, parse_ref
 
 SOURCES = ("engine", "registry", "archive")
 ZSTD_LEVEL = 3
-# JSON documents (manifest.json, index.json, OCI manifests, image configs) are read into memory
-# up to this size; layers never are.
-SMALL = 4 * 1024 * 1024
-ENGINE_TIMEOUT = 3600.0  # docker-py's default of 60 s fails on large saves/loads (docker-py#1070)
 SKOPEO_TIMEOUT = 3600.0
 _LAYOUT_FILES = ("manifest.json", "index.json", "oci-layout", "repositories")
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_OCI_INDEX = ("application/vnd.oci.image.index.v1+json",
-              "application/vnd.docker.distribution.manifest.list.v2+json")
 
 Log = Callable[[str], None]
 
@@ -75,12 +76,6 @@ class ImageSpec:
 
 
 @dataclass(frozen=True)
-class ImageRecord:
-    ref: str       # "name:tag" as loaded on the target (":latest" added if the spec had none)
-    image_id: str  # "sha256:<hex>": the config digest, as `docker inspect` .Id reports it
-
-
-@dataclass(frozen=True)
 class ImagesFetched:
     sha256: str        # of the zstd-compressed combined archive, as stored in the cache
     size: int
@@ -89,216 +84,11 @@ class ImagesFetched:
     images: tuple[ImageRecord, ...]
 
 
-# --- references ------------------------------------------------------------------------------
-
-_NAME_RE = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?::[0-9]+)?/)?"
-    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class Ref:
-    name: str
-    tag: str
-    digest: str | None = None
-
-    @property
-    def tagged(self) -> str:
-        return f"{self.name}:{self.tag}"
-
-
-def parse_ref(ref: str) -> Ref:
-    """Split `[registry/]path[:tag][@sha256:hex]`; the tag defaults to `latest`."""
-    rest, _, digest = ref.partition("@")
-    if digest and not _DIGEST_RE.match(digest):
-        raise ValueError(f"bad digest in image reference {ref!r}")
-    name, tag = rest, "latest"
-    colon = rest.rfind(":")
-    if colon > rest.rfind("/"):
-        name, tag = rest[:colon], rest[colon + 1:]
-    if not _NAME_RE.match(name) or not _TAG_RE.match(tag):
-        raise ValueError(f"{ref!r} is not a valid image reference (want name:tag)")
-    return Ref(name, tag, digest or None)
-
-
-def canonical_tag(ref: str) -> str:
-    """`name:tag` in Docker's familiar form, for comparing references spelled differently."""
-    r = parse_ref(ref)
-    name = r.name
-    for prefix in ("docker.io/library/", "index.docker.io/library/", "docker.io/",
-                   "index.docker.io/"):
-        if name.startswith(prefix) and "/" in name:
-            name = name[len(prefix):]
-            break
-    return f"{name}:{r.tag}"
-
-
 def _platform(text: str) -> tuple[str, str, str | None]:
     parts = text.split("/")
     if len(parts) not in (2, 3) or not all(parts):
         raise ValueError(f"platform {text!r} is not os/arch[/variant]")
     return parts[0], parts[1], parts[2] if len(parts) == 3 else None
-
-
-# --- reading image archives (shared with bundler.install.images) ------------------------------
-
-@dataclass(frozen=True)
-class LayoutImage:
-    """One image described by an archive: member paths (links resolved by the caller)."""
-
-    config: str
-    layers: tuple[str, ...]
-    tags: tuple[str, ...]        # canonical name:tag
-    platform: str | None = None  # from an OCI index descriptor, if any
-
-
-def norm_member(name: str) -> str:
-    """Archive member name in one spelling ("./a/b/" -> "a/b"); refuses escaping paths."""
-    clean = posixpath.normpath(name.lstrip("/")) if name not in ("", ".", "./") else "."
-    if clean == ".." or clean.startswith("../") or name.startswith("/"):
-        raise ValueError(f"unsafe member path {name!r}")
-    return clean
-
-
-class Scan:
-    """What one pass over an image tar learned: hashes, small JSON documents, links."""
-
-    def __init__(self) -> None:
-        self.hashes: dict[str, str] = {}  # regular member -> sha256 hex (small ones, or all)
-        self.docs: dict[str, bytes] = {}  # small members that look like JSON
-        self.links: dict[str, str] = {}   # link member -> target member (normalised)
-
-    def resolve(self, name: str) -> str:
-        for _ in range(16):
-            target = self.links.get(name)
-            if target is None:
-                return name
-            name = target
-        raise ValueError(f"link loop at {name!r}")
-
-    def note_link(self, member: tarfile.TarInfo) -> None:
-        name = norm_member(member.name)
-        if member.issym():
-            target = norm_member(posixpath.join(posixpath.dirname(name), member.linkname))
-        else:
-            target = norm_member(member.linkname)
-        self.links[name] = target
-
-    def read(self, tf: tarfile.TarFile, member: tarfile.TarInfo, *,
-             hash_all: bool) -> Iterator[str]:
-        """Read a regular member, hashing it when small or `hash_all` and keeping it when it
-        is a small JSON document; yields after every chunk, so a caller reading the tar from a
-        stream it forwards (bundler.install.images) can pass data on as it goes."""
-        name = norm_member(member.name)
-        fh = tf.extractfile(member)
-        if fh is None:
-            return
-        keep = member.size <= SMALL
-        digest = hashlib.sha256() if keep or hash_all else None
-        kept = bytearray()
-        while chunk := fh.read(CHUNK):
-            if digest is not None:
-                digest.update(chunk)
-            if keep:
-                kept += chunk
-            yield name
-        if digest is not None:
-            self.hashes[name] = digest.hexdigest()
-        if keep and bytes(kept[:1]) in (b"{", b"["):
-            self.docs[name] = bytes(kept)
-
-    def layout(self) -> list[LayoutImage]:
-        """The images the archive describes: legacy manifest.json (docker save; Docker 25+
-        writes it too, next to its OCI index) first, else an OCI image layout (index.json)."""
-        manifest = self.docs.get("manifest.json")
-        if manifest is not None:
-            return self._legacy(manifest)
-        index = self.docs.get("index.json")
-        if index is not None:
-            return self._oci(index, depth=0)
-        raise ValueError("no manifest.json or index.json: not a docker-save or OCI archive")
-
-    def _legacy(self, raw: bytes) -> list[LayoutImage]:
-        doc = json.loads(raw)
-        if not isinstance(doc, list):
-            raise ValueError("manifest.json is not a list")
-        images = []
-        for entry in doc:
-            tags = tuple(canonical_tag(t) for t in entry.get("RepoTags") or ())
-            images.append(LayoutImage(
-                config=self.resolve(norm_member(str(entry["Config"]))),
-                layers=tuple(self.resolve(norm_member(str(p))) for p in entry["Layers"]),
-                tags=tags))
-        return images
-
-    def _oci(self, raw: bytes, depth: int, tags: tuple[str, ...] = (),
-             platform: str | None = None) -> list[LayoutImage]:
-        if depth > 4:
-            raise ValueError("OCI index nesting too deep")
-        doc = json.loads(raw)
-        images: list[LayoutImage] = []
-        for desc in doc.get("manifests") or ():
-            here = tags or _oci_tags(desc.get("annotations") or {})
-            plat = desc.get("platform")
-            pstr = platform
-            if isinstance(plat, dict) and plat.get("os") and plat.get("architecture"):
-                pstr = "/".join(p for p in (plat["os"], plat["architecture"],
-                                            plat.get("variant")) if p)
-            blob = self.docs.get(self.resolve(_blob(str(desc["digest"]))))
-            if blob is None:
-                raise ValueError(f"OCI blob {desc['digest']} is missing")
-            _check_digest(blob, str(desc["digest"]))
-            kind = desc.get("mediaType") or json.loads(blob).get("mediaType")
-            if kind in _OCI_INDEX:
-                images += self._oci(blob, depth + 1, here, pstr)
-                continue
-            man = json.loads(blob)
-            if "config" not in man:
-                continue  # e.g. an attestation manifest
-            images.append(LayoutImage(
-                config=self.resolve(_blob(str(man["config"]["digest"]))),
-                layers=tuple(self.resolve(_blob(str(layer["digest"])))
-                             for layer in man.get("layers") or ()),
-                tags=here, platform=pstr))
-        return images
-
-
-def _oci_tags(annotations: Mapping[str, Any]) -> tuple[str, ...]:
-    tags = []
-    for key in ("io.containerd.image.name", "org.opencontainers.image.ref.name"):
-        value = annotations.get(key)
-        if isinstance(value, str) and ("/" in value or ":" in value):
-            with contextlib.suppress(ValueError):
-                tags.append(canonical_tag(value))
-    return tuple(dict.fromkeys(tags))
-
-
-def _blob(digest: str) -> str:
-    algo, _, hexpart = digest.partition(":")
-    if algo != "sha256" or not _HEX64.match(hexpart):
-        raise ValueError(f"unsupported digest {digest!r}")
-    return f"blobs/sha256/{hexpart}"
-
-
-def _check_digest(data: bytes, digest: str) -> None:
-    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
-        raise ValueError(f"blob {digest} does not match its digest")
-
-
-def config_facts(config: bytes) -> tuple[tuple[str, ...], str, str, str | None]:
-    """(diff_ids as hex, os, architecture, variant) of an image config."""
-    doc = json.loads(config)
-    diff_ids = doc["rootfs"]["diff_ids"]
-    hexes = []
-    for d in diff_ids:
-        algo, _, hexpart = str(d).partition(":")
-        if algo != "sha256" or not _HEX64.match(hexpart):
-            raise ValueError(f"unsupported diff_id {d!r}")
-        hexes.append(hexpart)
-    return tuple(hexes), str(doc.get("os", "")), str(doc.get("architecture", "")), \
-        doc.get("variant")
 
 
 # --- writing the combined archive ------------------------------------------------------------
@@ -418,40 +208,8 @@ class _Out:
 
 # --- the sources -----------------------------------------------------------------------------
 
-def _docker() -> Any:
-    import docker  # type: ignore[import-untyped]  # slow to import: only when used
-
-    return docker
-
-
-def engine_client(error: type[BundlerError] = BuildError) -> Any:
-    """A docker SDK client for the engine named by DOCKER_HOST (default: the local socket)."""
-    docker = _docker()
-    try:
-        client = docker.from_env(timeout=int(ENGINE_TIMEOUT))
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise error(f"the docker engine is not reachable: {_first_line(str(exc))}",
-                    hint="start it (`systemctl start docker`, or `dockerd &` as root) and check "
-                         "`docker info`; DOCKER_HOST names the engine to use") from None
-    return client
-
-
-def transport_errors() -> tuple[type[BaseException], ...]:
-    """What the SDK's HTTP stack raises when the engine drops a connection mid-stream."""
-    from requests.exceptions import RequestException
-    from urllib3.exceptions import HTTPError
-
-    return (RequestException, HTTPError)
-
-
-def _first_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[0][:300] if lines else ""
-
-
 def _engine_ids(client: Any, specs: Sequence[ImageSpec]) -> dict[str, str]:
-    docker = _docker()
+    docker = docker_sdk()
     ids: dict[str, str] = {}
     for spec in specs:
         try:
@@ -463,7 +221,7 @@ def _engine_ids(client: Any, specs: Sequence[ImageSpec]) -> dict[str, str]:
                      "set `source: registry` to pull it with skopeo") from None
         except docker.errors.APIError as exc:
             raise BuildError(f"docker could not inspect {spec.ref}: "
-                             f"{_first_line(str(exc.explanation or exc))}") from None
+                             f"{first_line(str(exc.explanation or exc))}") from None
     return ids
 
 
@@ -478,7 +236,7 @@ def _engine_save(client: Any, ids: Sequence[str]) -> Iterator[IO[bytes]]:
     try:
         if res.status_code != 200:
             raise BuildError(f"docker save failed: HTTP {res.status_code}: "
-                             f"{_first_line(res.text)}")
+                             f"{first_line(res.text)}")
         yield cast(IO[bytes], res.raw)
     finally:
         res.close()
@@ -520,7 +278,7 @@ def _skopeo_pull(spec: ImageSpec, dest: Path, log: Log) -> None:
                              hint="set `platform:` to one the image is published for") from None
         if "connection refused" in low or "no such host" in low or "timeout" in low:
             raise BuildError(f"the registry of {spec.ref} is not reachable: "
-                             f"{_first_line(text.splitlines()[-1])}",
+                             f"{first_line(text.splitlines()[-1])}",
                              hint="check the name, the network, and proxies") from None
         raise BuildError(f"pulling {spec.ref} failed: {text}") from None
 
@@ -589,7 +347,7 @@ def _from_engine(client: Any, specs: Sequence[ImageSpec], ids: Mapping[str, str]
     log(f"saving {len(specs)} image(s) from the docker engine in one pass")
     scan = Scan()
     heads: dict[str, bytes] = {}
-    docker = _docker()
+    docker = docker_sdk()
     try:
         with _engine_save(client, unique) as raw, \
                 tarfile.open(fileobj=raw, mode="r|", bufsize=CHUNK) as tf:
@@ -615,7 +373,7 @@ def _from_engine(client: Any, specs: Sequence[ImageSpec], ids: Mapping[str, str]
                         scan.docs[name] = bytes(buf.kept)
     except (tarfile.TarError, ValueError, OSError, docker.errors.DockerException,
             *transport_errors()) as exc:
-        raise BuildError(f"reading `docker save` output failed: {_first_line(str(exc))}",
+        raise BuildError(f"reading `docker save` output failed: {first_line(str(exc))}",
                          hint="check the engine's log (is /var/lib/docker full?) and "
                               "retry") from None
     try:
@@ -805,7 +563,7 @@ def fetch(specs: Sequence[ImageSpec], cache: Cache, log: Log) -> ImagesFetched:
     for s in specs:
         if s.source == "archive" and s.archive is not None:
             archives.setdefault(s.archive.resolve(), []).append(s)
-    client = engine_client() if engine else None
+    client = engine_client(BuildError) if engine else None
     engine_ids = _engine_ids(client, engine) if engine else {}  # fail fast: before any pull
     cache.tmp.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="images-", dir=cache.tmp))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from bundler import proc
 from bundler.errors import BuildError, CommandError
-from bundler.install.policy import host_platform
 from bundler.models import Target
+from bundler.platforms import host_platform, parse_platform
 from bundler.profile import PythonSpec
 from bundler.resolve import pyindex
 from bundler.ui import Log
@@ -52,20 +52,20 @@ def loose_requirements(spec: PythonSpec, work: Path) -> Path:
 
 
 def host_matches(target: Target) -> bool:
-    arch, libc, _glibc = host_platform()
+    """The target is this host's Python (major.minor), CPU and libc family."""
+    host, want = host_platform(), parse_platform(target.platform)
     same_python = f"{sys.version_info[0]}.{sys.version_info[1]}" == target.python
-    family = "musl" if target.platform.startswith("musllinux") else "glibc"
-    return same_python and libc == family and target.platform.endswith(arch)
+    return same_python and host.libc == want.libc and host.arch == want.arch
 
 
 def uv_platform(target: Target) -> str:
-    arch = "x86_64" if target.platform.endswith("x86_64") else target.platform.rsplit("_", 1)[1]
-    if target.platform.startswith("manylinux_"):
-        major, minor = target.platform.split("_")[1:3]
-        return f"{arch}-manylinux_{major}_{minor}"
-    if target.platform.startswith("musllinux_"):
-        return f"{arch}-unknown-linux-musl"
-    return f"{arch}-unknown-linux-gnu"
+    """The target as uv's --python-platform names it."""
+    p = parse_platform(target.platform)
+    if p.family == "manylinux" and p.version is not None:
+        return f"{p.arch}-manylinux_{p.version[0]}_{p.version[1]}"
+    if p.family == "musllinux":
+        return f"{p.arch}-unknown-linux-musl"
+    return f"{p.arch}-unknown-linux-gnu"
 
 
 def _uv() -> str:
@@ -73,7 +73,7 @@ def _uv() -> str:
     found = str(here) if here.exists() else shutil.which("uv")
     if found is None:
         raise BuildError("uv is needed to lock for a target unlike this host, and is missing",
-                         hint="pip install uv (bundler depends on it; reinstall bundler)")
+                         hint="install bundler's build side: pip install 'bundler[build]'")
     return found
 
 

@@ -3,39 +3,19 @@ for the TARGET (never the build host: pip evaluates markers for the host, pip #1
 
 from __future__ import annotations
 
-import re
-
 from packaging import tags
 
 from bundler.models import Target
-
-_MANY = re.compile(r"^manylinux_(\d+)_(\d+)_(\w+)$")
-_MUSL = re.compile(r"^musllinux_(\d+)_(\d+)_(\w+)$")
-_LEGACY = {(2, 17): "manylinux2014", (2, 12): "manylinux2010", (2, 5): "manylinux1"}
+from bundler.platforms import parse_platform, wheel_platforms
 
 
 def platforms(target: Target) -> list[str]:
-    """Every platform tag a target accepts, most specific first (what pip's --platform needs:
-    pip does not expand a manylinux tag to the older ones on its own)."""
-    plat = target.platform
-    if m := _MANY.match(plat):
-        major, minor, arch = int(m[1]), int(m[2]), m[3]
-        out = []
-        for mi in range(minor, 4, -1):
-            out.append(f"manylinux_{major}_{mi}_{arch}")
-            if (major, mi) in _LEGACY:
-                out.append(f"{_LEGACY[(major, mi)]}_{arch}")
-        return [*out, f"linux_{arch}"]
-    if m := _MUSL.match(plat):
-        major, minor, arch = int(m[1]), int(m[2]), m[3]
-        return [*(f"musllinux_{major}_{mi}_{arch}" for mi in range(minor, -1, -1)),
-                f"linux_{arch}"]
-    return [plat]
+    """Every platform tag the target accepts, most specific first."""
+    return wheel_platforms(target.platform)
 
 
 def arch(target: Target) -> str:
-    return target.platform.rsplit("_", 1)[-1] if not target.platform.endswith("x86_64") \
-        else "x86_64"
+    return parse_platform(target.platform).arch
 
 
 def python_tuple(target: Target) -> tuple[int, int]:

@@ -1,0 +1,45 @@
+"""The Docker engine, through the docker SDK: one client factory for both sides (the build
+host's engine for `source: engine` images, the target's for `docker load` and preflight)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bundler.errors import BundlerError
+
+ENGINE_TIMEOUT = 3600.0  # docker-py's default of 60 s fails on large saves/loads (docker-py#1070)
+
+
+def docker_sdk() -> Any:
+    """The `docker` package, imported only when used (it is slow to import)."""
+    import docker  # type: ignore[import-untyped]
+
+    return docker
+
+
+def engine_client(error: type[BundlerError]) -> Any:
+    """A docker SDK client for the engine named by DOCKER_HOST (default: the local socket);
+    `error` (the caller's side of the error tree) if the engine does not answer."""
+    docker = docker_sdk()
+    try:
+        client = docker.from_env(timeout=int(ENGINE_TIMEOUT))
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise error(f"the docker engine is not reachable: {first_line(str(exc))}",
+                    hint="start it (`systemctl start docker`, or `dockerd &` as root) and check "
+                         "`docker info`; DOCKER_HOST names the engine to use") from None
+    return client
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """What the SDK's HTTP stack raises when the engine drops a connection mid-stream."""
+    from requests.exceptions import RequestException
+    from urllib3.exceptions import HTTPError
+
+    return (RequestException, HTTPError)
+
+
+def first_line(text: str) -> str:
+    """The first line of an engine message, at most 300 characters ("" if empty)."""
+    lines = str(text).strip().splitlines()
+    return lines[0][:300] if lines else ""
