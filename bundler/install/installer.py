@@ -184,8 +184,10 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                                   [ImageRecord(i.ref, i.image_id) for i in m.images], ui.note)
         if m.python_lock and decision.python is not None:
             with journal.step("python", "Installing Python packages offline"):
-                python_env.create_venv(decision.python, rel.venv, rel.path / "python" / "wheels",
-                                       rel.path / m.python_lock, rel.logs / "pip-install.log")
+                made = python_env.create_venv(decision.python, rel.venv,
+                                              rel.path / "python" / "wheels",
+                                              rel.path / m.python_lock, rel.logs, ui.note)
+                ui.note(f"venv ready; log: {made}")
         for project in m.npm:
             with journal.step(f"npm:{project.dest}",
                               f"Installing npm packages offline into files/{project.dest}"):
