@@ -24,7 +24,7 @@ from bundler.platforms import parse_platform
 from bundler.profile import Profile
 from bundler.resolve import compose as compose_check
 from bundler.resolve import files as files_resolver
-from bundler.resolve import images, npm, wheels
+from bundler.resolve import images, npm, runtimes, wheels
 from bundler.signing import MAX_ENVELOPE_BYTES, key_id, sign
 
 
@@ -62,8 +62,14 @@ def lock(profile: Profile, cache: Cache, path: Path | None = None) -> tuple[Lock
         ui.step(f"Resolving Python requirements for CPython {profile.target.python} on "
                 f"{profile.target.platform}")
         locked_wheels = wheels.resolve(profile.python, profile.target, cache, ui.note)
+    locked_runtimes = None
+    if profile.runtimes is not None:
+        ui.step(f"Resolving the Node.js runtime {profile.runtimes.node} for "
+                f"{profile.target.platform}")
+        locked_runtimes = runtimes.resolve(profile.runtimes, profile.target.platform, ui.note)
     result = Lock(inputs=lockfile.inputs_digest(profile), target=profile.target,
-                  wheels=locked_wheels, sources=lockfile.sources_of(profile))
+                  wheels=locked_wheels, sources=lockfile.sources_of(profile),
+                  runtimes=locked_runtimes)
     fetched = len(locked_wheels)
     if profile.images:
         result = _fetch_images(profile, cache, result)
@@ -144,6 +150,16 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         sources[IMAGES_PATH] = cache.path(sha)
     npm_projects, npm_fetched, warnings = _npm(profile, cache, entries, sources)
     fetched += npm_fetched
+    node_runtime = None
+    if profile.runtimes is not None and current.runtimes is not None:
+        ui.step(f"Fetching the Node.js runtime ({current.runtimes[0].name}@"
+                f"{current.runtimes[0].version}, npm@{current.runtimes[1].version})")
+        node_runtime, runtime_files, n = runtimes.fetch(current.runtimes, profile.runtimes,
+                                                        cache, ui.note)
+        fetched += n
+        for entry in runtime_files:
+            entries.append(entry)
+            sources[entry.path] = cache.path(entry.sha256)
     if profile.files:
         ui.step("Collecting files")
         collected = files_resolver.collect(profile.files, cache)
@@ -181,6 +197,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         python_lock=lock_path_in_bundle,
         npm=npm_projects,
         images=current.images,
+        runtimes=node_runtime,
         runtime=runtime,
     )
     envelope = sign(manifest, key)

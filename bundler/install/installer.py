@@ -76,9 +76,15 @@ class InstallResult:
                 "checks": [c.to_json() for c in self.checks]}
 
 
+# A carried Node.js unpacks to about 4x its tarballs (node 20: 46 MB -> 168 MB).
+RUNTIME_FACTOR = 4
+
+
 def space_needed(manifest: Manifest) -> int:
     wheels = sum(f.size for f in manifest.files if f.kind == "wheel")
-    return manifest.payload_size + wheels * VENV_FACTOR + (VENV_BASE if wheels else 0)
+    runtimes = sum(f.size for f in manifest.files if f.kind == "runtime")
+    return (manifest.payload_size + wheels * VENV_FACTOR + (VENV_BASE if wheels else 0)
+            + runtimes * RUNTIME_FACTOR)
 
 
 def install(source: Path, trusted: list[TrustedKey], root: Path,
@@ -182,10 +188,18 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
 
                 image_loader.load(rel.path / IMAGES_PATH,
                                   [ImageRecord(i.ref, i.image_id) for i in m.images], ui.note)
+        if m.runtimes is not None:
+            with journal.step("runtime:node", f"Unpacking Node.js {m.runtimes.node.version} "
+                                              "(carried in the bundle)"):
+                from bundler.install import node_runtime
+
+                node_runtime.install(rel.path, m, ui.note)
         if m.python_lock and decision.python is not None:
             with journal.step("python", "Installing Python packages offline"):
-                python_env.create_venv(decision.python, rel.venv, rel.path / "python" / "wheels",
-                                       rel.path / m.python_lock, rel.logs / "pip-install.log")
+                made = python_env.create_venv(decision.python, rel.venv,
+                                              rel.path / "python" / "wheels",
+                                              rel.path / m.python_lock, rel.logs, ui.note)
+                ui.note(f"venv ready; log: {made}")
         for project in m.npm:
             with journal.step(f"npm:{project.dest}",
                               f"Installing npm packages offline into files/{project.dest}"):
@@ -234,7 +248,8 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                                           tuple((k, env.expand(v)) for k, v in x.env),
                                           x.service, user=m.runtime.user)
                      for x in m.runtime.migrations],
-                    db, rel.files, rel.venv if rel.venv.is_dir() else None, env.as_dict(),
+                    db, rel.files, rel.venv if rel.venv.is_dir() else None,
+                    _with_node(env.as_dict(), rel),
                     ui.note, runtime.oneoff_runner(layout, m.version))
             journal.record("migrate", "applied", "; ".join(
                 f"{r.name}: {', '.join(r.applied) or 'nothing new'}" for r in results))
@@ -297,7 +312,15 @@ def _install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
                            by_path[p.tarball].sha256, by_path[p.tarball].size)
                 for p in project.packages]
     npm_env.install_offline(dest, rel.path / "npm" / "tarballs", packages,
-                            rel.path / "npm-cache", ui.note, project.omit_dev, dict(project.env))
+                            rel.path / "npm-cache", ui.note, project.omit_dev, dict(project.env),
+                            release=rel.path)
+
+
+def _with_node(env: dict[str, str], rel: ReleaseDir) -> dict[str, str]:
+    """The release's carried Node.js first on PATH (command migrations run it)."""
+    from bundler.install import node_runtime
+
+    return node_runtime.on_path(env, rel.path)
 
 
 class _HealthFailed(BundlerError):

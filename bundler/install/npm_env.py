@@ -26,6 +26,7 @@ from typing import Any
 from bundler import proc
 from bundler.errors import BuildError, CommandError, InstallError
 from bundler.fsutil import CHUNK
+from bundler.install import node_runtime
 from bundler.npmlock import (
     NpmPackage,
     npm_env,
@@ -43,10 +44,12 @@ _TIMEOUT = 1800
 
 def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[NpmPackage],
                     npm_cache: Path, log: Callable[[str], None], omit_dev: bool = True,
-                    env: Mapping[str, str] | None = None) -> None:
+                    env: Mapping[str, str] | None = None, release: Path | None = None) -> None:
     """Install node_modules in `project_dir` (which holds package.json + package-lock.json)
     from the tarballs in `tarballs_dir`, with no network. `env` is added to npm's environment
-    (for example PUPPETEER_SKIP_DOWNLOAD=1 for a package's install script)."""
+    (for example PUPPETEER_SKIP_DOWNLOAD=1 for a package's install script). `release`: when
+    it carries Node.js (see node_runtime), that node and npm run, for npm and for the
+    packages' install scripts; else the host's."""
     lock_path = project_dir / "package-lock.json"
     for required in (project_dir / "package.json", lock_path):
         if not required.is_file():
@@ -56,13 +59,17 @@ def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[Np
     npm_cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bundler-npm-") as tmp:
         npm_env_ = npm_env(Path(tmp), {"NPM_CONFIG_REGISTRY": OFFLINE_REGISTRY, **(env or {})})
+        npm_cmd = ["npm"]
+        if release is not None and (carried := node_runtime.npm_argv(release)) is not None:
+            npm_cmd = carried
+            npm_env_ = node_runtime.on_path(npm_env_, release)
         common = ["--offline", "--cache", str(npm_cache), "--registry", OFFLINE_REGISTRY,
                   "--no-audit", "--no-fund", "--no-progress", "--update-notifier=false"]
-        _seed_cache([f for f, _ in files.values()], common, npm_env_, log)
+        _seed_cache([f for f, _ in files.values()], npm_cmd, common, npm_env_, log)
         original = lock_path.read_bytes()
         lock = _load_lock(lock_path, original)
         with _patched_lock(lock_path, original, _offline_lock(lock, files)):
-            args = ["npm", "ci", *common]
+            args = [*npm_cmd, "ci", *common]
             if omit_dev:
                 args.append("--omit=dev")
             log(f"npm ci --offline ({len(packages)} bundled package(s))")
@@ -108,8 +115,8 @@ def _verify_tarballs(tarballs_dir: Path, packages: Sequence[NpmPackage]
     return out
 
 
-def _seed_cache(files: Sequence[Path], common: Sequence[str], env: Mapping[str, str],
-                log: Callable[[str], None]) -> None:
+def _seed_cache(files: Sequence[Path], npm: Sequence[str], common: Sequence[str],
+                env: Mapping[str, str], log: Callable[[str], None]) -> None:
     """`npm cache add` every tarball, a batch of files per npm process."""
     if not files:
         return
@@ -127,7 +134,7 @@ def _seed_cache(files: Sequence[Path], common: Sequence[str], env: Mapping[str, 
     batches.append(batch)
     for chunk in batches:
         try:
-            proc.run(["npm", "cache", "add", *common, *chunk], env=env,
+            proc.run([*npm, "cache", "add", *common, *chunk], env=env,
                      cwd=Path(chunk[0]).parent, what="npm cache add", timeout=_TIMEOUT)
         except CommandError as exc:
             raise InstallError(f"seeding the npm cache failed: {npm_last_error(exc.message)}",

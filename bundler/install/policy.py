@@ -151,7 +151,7 @@ def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: boo
             hint="pass --allow-downgrade to install an older bundle on purpose",
         )
     check_target(manifest.target)
-    if manifest.npm:
+    if manifest.npm and manifest.runtimes is None:  # a carried Node.js is the one that runs
         check_node(manifest)
     if manifest.images or manifest.runtime.compose:
         from bundler.engine import engine_client

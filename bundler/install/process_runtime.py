@@ -13,7 +13,7 @@ from pathlib import Path
 from bundler import proc
 from bundler.errors import InstallError
 from bundler.fsutil import atomic_write_bytes
-from bundler.install import runas
+from bundler.install import node_runtime, runas
 from bundler.install.environ import release_env
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.supervise import start_time
@@ -74,6 +74,7 @@ def start(services: tuple[Service, ...], layout: Layout, rel: ReleaseDir,
         if rel.venv.is_dir():
             env["VIRTUAL_ENV"] = str(rel.venv)
             env["PATH"] = f"{rel.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        env = node_runtime.on_path(env, rel.path)  # the carried Node.js, first
         env.update({k: renv.expand(v) for k, v in renv.values})
         run_spec: dict[str, object] = {
             "name": svc.name,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from bundler import proc
+from bundler import proc, tools
 from bundler.errors import CommandError, InstallError
 from bundler.models import Target
 
@@ -27,9 +28,62 @@ def find_python(target: Target) -> Path | None:
     return None
 
 
-def create_venv(python: Path, venv: Path, wheels: Path, lock: Path, log: Path) -> None:
+# Logged when uv is missing: the slow path, and one that needs python3-venv on the host.
+PIP_FALLBACK_NOTE = ("uv not found (bundler's `uv` package, BUNDLER_UV or PATH): creating the "
+                     "venv with this host's `python -m venv` and pip (slower; needs the "
+                     "python3-venv package on Debian)")
+
+
+def create_venv(python: Path, venv: Path, wheels: Path, lock: Path, logs: Path,
+                note: Callable[[str], None] = lambda _: None) -> Path:
+    """Create `venv` for the host interpreter `python` and install the lock's wheels into it,
+    from `wheels` only: no index, hashes required, binary wheels only, no host configuration.
+
+    With uv (see bundler.tools.find_uv): `uv venv` then `uv pip install --offline`; neither
+    needs the host's `venv` module or pip (Debian's python3 has neither). Without uv: the
+    host's `python -m venv` and the venv's pip. Returns the log written in `logs`
+    (`uv-pip-install.log` or `pip-install.log`, for what ran)."""
+    uv = tools.find_uv()
+    if uv is None:
+        note(PIP_FALLBACK_NOTE)
+        return _with_pip(python, venv, wheels, lock, logs)
+    return _with_uv(uv, python, venv, wheels, lock, logs)
+
+
+def _with_uv(uv: Path, python: Path, venv: Path, wheels: Path, lock: Path, logs: Path
+             ) -> Path:
+    # No uv.toml / pyproject / UV_* from the host (clean_env drops UV_*), no cache shared with
+    # anything else, never an index or a Python download.
+    env = proc.clean_env({"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never"})
+    common = ["--no-config", "--no-cache", "--offline", "--color", "never"]
+    log = logs / "uv-pip-install.log"
+    steps: tuple[tuple[str, list[str | Path]], ...] = (
+        ("uv venv", [uv, "venv", *common, "--no-project", "--no-python-downloads",
+                     "--python", python, venv]),
+        ("uv pip install", [uv, "pip", "install", *common, "--no-index", "--find-links", wheels,
+                            "--require-hashes", "--only-binary", ":all:", "--link-mode", "copy",
+                            "--compile-bytecode", "--python", venv / "bin" / "python",
+                            "-r", lock]),
+    )
+    output = ""
+    for what, argv in steps:
+        try:
+            result = proc.run(argv, what=what, env=env, cwd=venv.parent, timeout=1800,
+                              check=False)
+        except CommandError as exc:  # not executable, timed out
+            _log(log, output + exc.message)
+            raise _failed(exc.message.splitlines()[0], log) from None
+        output += f"$ {what}\n{result.output}"
+        if result.returncode != 0:
+            _log(log, output)
+            raise _failed(f"{what} exited {result.returncode}: {_summary(result.output)}", log)
+    return _log(log, output)
+
+
+def _with_pip(python: Path, venv: Path, wheels: Path, lock: Path, logs: Path) -> Path:
+    log = logs / "pip-install.log"
     try:
-        proc.run([python, "-m", "venv", venv], what="create venv", timeout=300)
+        proc.run([python, "-m", "venv", venv], what="python -m venv", timeout=300)
         result = proc.run(
             [venv / "bin" / "python", "-m", "pip", "install", "--isolated", "--no-index",
              "--require-hashes", "--only-binary=:all:", "--find-links", wheels,
@@ -37,8 +91,33 @@ def create_venv(python: Path, venv: Path, wheels: Path, lock: Path, log: Path) -
             what="pip install (offline)", timeout=1800,
         )
     except CommandError as exc:
-        raise InstallError(f"installing Python packages failed: {exc.message}",
-                           hint="the bundle's wheels do not fit this host; check target.python "
-                                "and target.platform in the profile") from None
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(result.output)
+        _log(log, exc.message)
+        lines = exc.message.splitlines()
+        raise _failed(f"{lines[0].rstrip(':')}: {_summary(chr(10).join(lines[1:]))}"
+                      if len(lines) > 1 else lines[0], log) from None
+    return _log(log, result.output)
+
+
+def _summary(output: str) -> str:
+    """The line of a uv or pip failure that says what went wrong (with its cause, if uv
+    gave one on the next line)."""
+    lines = [ln.strip(" ×│╰─▶") for ln in output.splitlines() if ln.strip(" ×│╰─▶")]
+    for i, line in enumerate(lines):
+        if line.lower().startswith(("error", "caused by", "because", "no solution")):
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            if nxt.lower().startswith(("caused by", "cause:", "because")):
+                return f"{line}; {nxt}"
+            return line
+    return lines[-1] if lines else "no output"
+
+
+def _failed(reason: str, log: Path) -> InstallError:
+    return InstallError(f"installing Python packages failed: {reason}",
+                        hint=f"see {log}; the bundle's wheels do not fit this host: check "
+                             "target.python and target.platform in the profile")
+
+
+def _log(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

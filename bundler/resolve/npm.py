@@ -280,7 +280,7 @@ def default_registry() -> str:
     return url
 
 
-def _registry_url(registry: str) -> str:
+def registry_url(registry: str) -> str:
     parts = urllib.parse.urlsplit(registry)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise BuildError(f"npm registry {registry!r} is not an http(s) URL",
@@ -335,7 +335,9 @@ def _retrying(what: str, attempt: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")
 
 
-def _packument_tarball(registry: str, name: str, version: str) -> str:
+def packument(registry: str, name: str) -> dict[str, Any]:
+    """The registry's document for package `name` (every version's metadata), with retries.
+    `registry`: a URL ending in "/" (see registry_url)."""
     url = registry + name.replace("/", "%2f")
 
     def get() -> dict[str, Any]:
@@ -344,7 +346,7 @@ def _packument_tarball(registry: str, name: str, version: str) -> str:
         return data if isinstance(data, dict) else {}
 
     try:
-        doc = _retrying(f"the packument of {name}", get)
+        doc: dict[str, Any] = _retrying(f"the packument of {name}", get)
     except _NotFound:
         raise BuildError(f"{name} is not in the registry {registry}",
                          hint=f"publish {name} to the registry, or point the build at one "
@@ -352,6 +354,11 @@ def _packument_tarball(registry: str, name: str, version: str) -> str:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BuildError(f"the registry's document for {name} is not JSON",
                          hint="check the registry URL") from None
+    return doc
+
+
+def _packument_tarball(registry: str, name: str, version: str) -> str:
+    doc = packument(registry, name)
     tarball = (((doc.get("versions") or {}).get(version) or {}).get("dist") or {}).get("tarball")
     if not isinstance(tarball, str) or not tarball.startswith(("http://", "https://")):
         raise BuildError(f"{name}@{version} is not in the registry {registry}",
@@ -715,7 +722,7 @@ def fetch(spec: NpmSpec, cache: Cache, log: Callable[[str], None]) -> NpmFetched
     lock = read_json(lock_path, "package-lock.json")
     selection = select(lock, spec, lock_path)
     check_in_sync(package_json, lock, lock_path)
-    registry = _registry_url(spec.registry or default_registry())
+    registry = registry_url(spec.registry or default_registry())
     unchecked = check_npm_ci_accepts(pj_path, lock_path, spec, registry, cache)
     log(f"npm: {len(selection.entries)} package(s) for {_platform(spec)} "
         f"({selection.skipped_dev} dev and {len(selection.skipped_platform)} other-platform "
