@@ -202,6 +202,14 @@ class UnhealthyError(BundlerError):
                    "shows what happened"
 
 
+class ExportError(BundlerError):
+    """`bundle export` cannot write the stick: its kit is missing, or a file could not be
+    written on DEST. What this run wrote is removed again; DEST holds no half-written file."""
+
+    exit_code = 21
+    default_hint = "fix the cause above and run `bundle export` again"
+
+
 class RecoveryPendingError(BundlerError):
     """An interrupted install left a database restore pending, and restoring would discard
     writes made since: the operator must choose (nothing was changed)."""

@@ -158,12 +158,46 @@ def index_path(bundle: Path) -> Path:
     return bundle.with_name(bundle.name + INDEX_SUFFIX)
 
 
+def index_bytes(index: PartIndex, key: Ed25519PrivateKey) -> bytes:
+    """The signed index file's bytes (deterministic: Ed25519 signatures are)."""
+    return sign_payload(canonical_json(index.to_json()), INDEX_TYPE, key)
+
+
 def write_index(bundle: Path, index: PartIndex, key: Ed25519PrivateKey) -> Path:
     from bundler.fsutil import atomic_write_bytes
 
     path = index_path(bundle)
-    atomic_write_bytes(path, sign_payload(canonical_json(index.to_json()), INDEX_TYPE, key))
+    atomic_write_bytes(path, index_bytes(index, key))
     return path
+
+
+def plan_parts(stream: io.RawIOBase | io.BufferedIOBase, bundle_name: str, part_size: int,
+               progress: Any = None) -> PartIndex:
+    """The volume set an existing bundle (read from `stream`) splits into: consecutive slices
+    of at most `part_size` bytes, each hashed. The bundle's own envelope is not touched (it
+    stays signed by its builder); only the part index needs signing (`index_bytes`), and the
+    same bytes always give the same parts, so the slices can be written by a second pass."""
+    parts: list[Part] = []
+    buf = bytearray(min(part_size, 1024 * 1024))
+    while True:
+        digest = hashlib.sha256()
+        got = 0
+        while got < part_size:
+            n = stream.readinto(memoryview(buf)[:min(len(buf), part_size - got)])
+            if not n:
+                break
+            digest.update(memoryview(buf)[:n])
+            got += n
+            if progress:
+                progress(n)
+        if not got:
+            break
+        if len(parts) >= 999:
+            raise BuildError("more than 999 parts", hint="use a larger --volume-size")
+        parts.append(Part(f"{bundle_name}.{len(parts) + 1:03d}", got, digest.hexdigest()))
+        if got < part_size:
+            break
+    return PartIndex(bundle_name, sum(p.size for p in parts), tuple(parts))
 
 
 def find_index(path: Path) -> Path | None:

@@ -36,6 +36,17 @@ if ! docker info >/dev/null 2>&1; then
                                    exit 1; }
 fi
 
+# `bundle export` tests (tests/test_export.py) write onto a real FAT32 image: mkfs.vfat and
+# fsck.vfat (dosfstools), mtools, and fusefat to mount it where the kernel has no vfat driver.
+need=()
+command -v mkfs.vfat >/dev/null || need+=(dosfstools)
+command -v mcopy >/dev/null || need+=(mtools)
+command -v fusefat >/dev/null || need+=(fusefat)
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+fi
+
 # Health-check tests talk to a real Redis.
 if ! command -v redis-server >/dev/null; then
   apt-get update -qq

@@ -40,13 +40,14 @@ def verify(bundle: Path, trust_path: Path | None, root: Path | None, as_json: bo
 
     BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
     """
-    from bundler.install.policy import check_expiry
+    from bundler.install.policy import check_bundler_version, check_expiry
 
     trusted = _trusted(trust_path, root)
     with archive.open_bundle(bundle, trusted) as reader:
         verified = reader.read_envelope()
         m = verified.manifest
-        check_expiry(m)  # what `install` would refuse first (exit 8), not "OK"
+        check_bundler_version(m)  # what `install` would refuse first (exit 8), not "OK"
+        check_expiry(m)
         with ui.bytes_progress("verifying", m.payload_size) as advance:
             done = reader.extract(None, advance)
     if as_json:

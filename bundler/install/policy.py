@@ -12,8 +12,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
 
-from bundler import proc
+from bundler import __version__, proc
 from bundler.errors import CommandError, PolicyError
 from bundler.install import python_env
 from bundler.install.layout import Layout
@@ -73,6 +74,36 @@ def last_recorded_time(state: State) -> str | None:
         return None
 
 
+_BUILDER_RE = re.compile(r"^bundler (\S+)$")
+
+
+def required_version(manifest: Manifest) -> str | None:
+    """The bundler version a bundle needs on the target: the version that built it (the
+    signed `builder`, "bundler X.Y.Z"). None for a manifest that names no bundler builder
+    (hand-made ones): nothing to compare."""
+    match = _BUILDER_RE.match(manifest.builder)
+    return match[1] if match else None
+
+
+def check_bundler_version(manifest: Manifest, own: str = __version__) -> None:
+    """Refuse a bundle built by a newer bundler than this one: this kit may not know what the
+    bundle relies on. The stick `bundle export` writes carries the kit that matches it."""
+    need = required_version(manifest)
+    if need is None:
+        return
+    try:
+        newer = Version(need) > Version(own)
+    except InvalidVersion:
+        raise PolicyError(f"bundle {manifest.name} {manifest.version} was built by "
+                          f"{manifest.builder!r}, whose version this bundler ({own}) cannot "
+                          "compare", hint="use the kit that came with the bundle") from None
+    if newer:
+        raise PolicyError(f"bundle {manifest.name} {manifest.version} needs bundler {need} or "
+                          f"newer; this is bundler {own}",
+                          hint="use the kit that came with the bundle (`bundle export` writes "
+                               "it next to the bundle), or upgrade bundler on this host")
+
+
 def check_target(target: Target, host: Host | None = None) -> None:
     """PolicyError unless this host (CPU, libc, glibc version) runs the target's wheels."""
     have = host or host_platform()
@@ -125,6 +156,7 @@ def check_node(manifest: Manifest) -> str:
 
 def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: bool) -> Decision:
     """Every refusal a host makes before it creates anything."""
+    check_bundler_version(manifest)
     state = State.open_readonly(layout.db)
     known = current_row = None
     last_recorded = None

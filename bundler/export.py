@@ -1,0 +1,552 @@
+"""`bundle export BUNDLE DEST`: the USB step.
+
+Writes onto DEST (a mounted stick, or any directory) everything an air-gapped host needs: the
+bundle (split into a volume set when DEST's filesystem cannot hold a file that large), the kit
+that runs bundler there, the public key, and INSTALL.txt (the sha256 of each file and the exact
+commands). Before writing anything it verifies the bundle, works out every file's bytes and
+sha256, refuses a different file already under one of those names, and checks free space.
+Each file is written under a temp name, fsynced, its page cache dropped, read back in full and
+compared with the source's sha256, and only then renamed to its final name (and the directory
+fsynced): DEST never holds a half-written or unverified file under a final name. A failure
+removes what this run had written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import os
+import re
+import shlex
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+from bundler import archive, ui, volumes
+from bundler.errors import ExportError, IntegrityError, PolicyError, SigningKeyError, SpaceError
+from bundler.faults import corrupt_point
+from bundler.fsutil import CHUNK, human_bytes, sha256_file
+from bundler.install.policy import required_version
+from bundler.manifest import Manifest
+from bundler.signing import TrustedKey, key_id, load_private_key, load_public_key
+
+KIT_PREFIX = "bundler-kit-"
+KIT_SUFFIX = ".pyz"
+_KIT_RE = re.compile(r"^bundler-kit-(?P<version>[^-]+)-(?P<platform>[A-Za-z0-9_.]+)\.pyz$")
+INSTRUCTIONS = "INSTALL.txt"
+# Filesystems that cap a file at 4 GiB - 1 (kernel FAT drivers, and fusefat's FUSE one).
+FAT_TYPES = frozenset({"vfat", "msdos", "fat", "umsdos", "fuse.fusefat"})
+FAT_MAX_FILE = 4 * 1024**3 - 1
+# Test hook: the per-file limit of a FAT filesystem, in bytes, so that a test can exercise the
+# automatic split on a small FAT32 image instead of writing 4 GiB. Never set it otherwise.
+TEST_MAX_FILE_ENV = "BUNDLER_TEST_MAX_FILE"
+TMP_SUFFIX = ".export-tmp"
+
+
+@dataclass
+class Item:
+    """One file `bundle export` puts on DEST."""
+
+    name: str
+    role: str                  # bundle, part, index, kit, kit-sha256, key, instructions
+    size: int
+    sha256: str
+    source: Path | None = None  # copied whole from this file
+    data: bytes | None = None   # or written from memory
+    in_stream: bool = False     # or a slice of the bundle stream (a part of a new split)
+    status: str = "pending"     # then: written, or unchanged (identical file already there)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "role": self.role, "size": self.size,
+                "sha256": self.sha256, "status": self.status}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    dest: Path
+    manifest: Manifest
+    keyid: str
+    items: tuple[Item, ...]
+    fs_type: str
+    max_file: int | None
+    split: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dest": str(self.dest), "name": self.manifest.name,
+                "version": self.manifest.version, "keyid": self.keyid,
+                "fs_type": self.fs_type, "max_file_size": self.max_file, "split": self.split,
+                "files": [i.to_json() for i in self.items]}
+
+
+# ---- the kit ---------------------------------------------------------------------------------
+
+def kit_name_fields(name: str) -> tuple[str, str] | None:
+    """(version, platform) from `bundler-kit-<version>-<platform>.pyz`, or None."""
+    match = _KIT_RE.match(name)
+    return (match["version"], match["platform"]) if match else None
+
+
+def find_kit(bundle_dir: Path, platform: str) -> Path:
+    """The kit for a bundle whose target is `platform`: the newest
+    `bundler-kit-<version>-<platform>.pyz` in the bundle's directory (as `bundle build
+    --with-kit` and `bundle kit --out DIR` write it). The one place a kit is looked for: a kit
+    could be built here instead."""
+    found: list[tuple[Version, float, Path]] = []
+    for path in bundle_dir.glob(f"{KIT_PREFIX}*-{platform}{KIT_SUFFIX}"):
+        fields = kit_name_fields(path.name)
+        if fields is None or fields[1] != platform or not path.is_file():
+            continue
+        try:
+            found.append((Version(fields[0]), path.stat().st_mtime, path))
+        except InvalidVersion:
+            continue
+    if not found:
+        raise ExportError(f"no kit for {platform} next to the bundle (no "
+                          f"{KIT_PREFIX}*-{platform}{KIT_SUFFIX} in {bundle_dir})",
+                          hint="build with --with-kit or run `bundle kit --out DIR` (or pass "
+                               "--kit FILE)")
+    return max(found)[2]
+
+
+def _check_kit(kit: Path, manifest: Manifest) -> str:
+    """The kit's sha256, after checking it against its .sha256 file (if any), its platform and
+    its version against what the bundle needs."""
+    if not kit.is_file():
+        raise ExportError(f"kit {kit} is not a file", hint="pass --kit FILE (a bundler-kit-"
+                          "VERSION-PLATFORM.pyz)")
+    sha, _size = sha256_file(kit)
+    side = kit.with_name(kit.name + ".sha256")
+    if side.is_file():
+        listed = side.read_text(errors="replace").split()
+        if not listed or listed[0].lower() != sha:
+            raise IntegrityError(f"kit {kit.name} does not match {side.name} (its sha256 is "
+                                 f"{sha})", hint="the kit was damaged or replaced: build it "
+                                                 "again with `bundle kit --out DIR`")
+    fields = kit_name_fields(kit.name)
+    if fields is None:
+        ui.note(f"cannot tell {kit.name}'s version or platform from its name "
+                f"(expected {KIT_PREFIX}VERSION-PLATFORM{KIT_SUFFIX})")
+        return sha
+    version, platform = fields
+    if platform != manifest.target.platform:
+        raise PolicyError(f"kit {kit.name} is for {platform}; bundle {manifest.name} "
+                          f"{manifest.version} is for {manifest.target.platform}",
+                          hint=f"use a kit for {manifest.target.platform}")
+    need = required_version(manifest)
+    with contextlib.suppress(InvalidVersion):
+        if need is not None and Version(version) < Version(need):
+            raise PolicyError(f"kit {kit.name} is bundler {version}; bundle {manifest.name} "
+                              f"{manifest.version} needs bundler {need} or newer",
+                              hint="use the kit built with the bundle (`bundle kit --out "
+                                   "DIR`)")
+    return sha
+
+
+# ---- the destination's filesystem ----------------------------------------------------------
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
+def mount_type(path: Path, mounts: str = "/proc/mounts") -> str:
+    """The type of the filesystem holding `path` ("vfat", "ext4", ...), from the mount table:
+    the longest mount point that contains it (the last one mounted, if stacked)."""
+    real = os.path.realpath(path)
+    best, fs_type = "", "unknown"
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return fs_type
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = _unescape(fields[1])
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fs_type = point, fields[2]
+    return fs_type
+
+
+def max_file_size(path: Path, fs_type: str) -> int | None:
+    """The largest file DEST's filesystem holds, or None for no practical limit."""
+    fat = fs_type in FAT_TYPES
+    with contextlib.suppress(OSError):
+        fat = fat or os.statvfs(path).f_namemax == 12  # 8.3 names only: msdos
+    if not fat:
+        return None
+    hook = os.environ.get(TEST_MAX_FILE_ENV)
+    return int(hook) if hook and hook.isdigit() else FAT_MAX_FILE
+
+
+def _space(path: Path) -> tuple[int | None, int]:
+    """(free bytes, allocation unit) of DEST; free is None when the filesystem does not report
+    its size (some FUSE filesystems)."""
+    st = os.statvfs(path)
+    unit = st.f_frsize or st.f_bsize or 1
+    if st.f_blocks == 0:
+        return None, unit
+    return st.f_bavail * unit, unit
+
+
+# ---- planning ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Source:
+    """The bundle as given: one file, or a volume set (its verified index)."""
+
+    path: Path
+    name: str                          # the bundle's base name, NAME-VERSION.bundle
+    directory: Path
+    index: volumes.PartIndex | None
+    index_file: Path | None
+
+    @property
+    def size(self) -> int:
+        return self.index.total_size if self.index else self.path.stat().st_size
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[io.RawIOBase]:
+        if self.index is None:
+            with open(self.path, "rb", buffering=0) as raw:
+                yield raw
+            return
+        assert self.index_file is not None
+        with volumes.PartsReader(self.index_file.parent, self.index) as parts:
+            yield parts
+
+
+def _public_key(bundle: Path, directory: Path, pub: Path | None) -> TrustedKey:
+    """--pub, or the one *.pub beside the bundle that verifies its signature."""
+    if pub is not None:
+        return load_public_key(pub)
+    candidates = [load_public_key(p) for p in sorted(directory.glob("*.pub"))]
+    if not candidates:
+        raise SigningKeyError(f"no public key given and no *.pub next to {bundle}",
+                              hint="pass --pub NAME.pub (the key the bundle was signed with)")
+    keyid = archive.manifest_of(bundle, candidates).keyid
+    return next(k for k in candidates if k.keyid == keyid)
+
+
+def _source(bundle: Path, pub: Path | None) -> tuple[_Source, TrustedKey]:
+    index_file = volumes.find_index(bundle)
+    directory = (index_file or bundle).parent
+    if index_file is None and not bundle.is_file():
+        raise ExportError(f"{bundle} is not a bundle file or a volume set",
+                          hint="pass the .bundle file (or any part of a volume set)")
+    trusted = _public_key(bundle, directory, pub)
+    if index_file is None:
+        return _Source(bundle, bundle.name, directory, None, None), trusted
+    index = volumes.open_index(index_file, [trusted])
+    return _Source(bundle, index.bundle, directory, index, index_file), trusted
+
+
+def _instructions(manifest: Manifest, keyid: str, items: list[Item], kit: str, key: str,
+                  bundle_arg: str) -> bytes:
+    root = f"/srv/{manifest.name}"
+    run = f"python3 -I -S {shlex.quote(kit)}"
+    sums = "\n".join(f"{i.sha256}  {i.name}" for i in items)
+    text = f"""\
+{manifest.name} {manifest.version} (sequence {manifest.sequence}) for \
+{manifest.target.platform}, signed by key {keyid}; written by `bundle export`.
+
+Files (sha256, two spaces, name). To check them all, in this directory:
+  grep -E '^[0-9a-f]{{64}}  ' INSTALL.txt | sha256sum -c
+
+{sums}
+
+On the air-gapped host (it needs python3 >= 3.11 and nothing else to run the kit), in the
+directory that holds these files (e.g. cd /media/usb):
+
+1. Check the kit's sha256 against the one you were given separately: it is the one file
+   that bundler cannot check itself.
+     sha256sum {shlex.quote(kit)}
+
+2. Trust the signing key (once per install root; confirm its key id {keyid} with the
+   sender):
+     {run} trust add {shlex.quote(key)} --root {root}
+
+3. Check the signature and every byte, installing nothing:
+     {run} verify {shlex.quote(bundle_arg)} --root {root}
+
+4. Install, start and health-check it:
+     {run} install {shlex.quote(bundle_arg)} --root {root}
+
+Then: {run} status --root {root}
+"""
+    return text.encode()
+
+
+def _existing(dest: Path, item: Item) -> None:
+    """Mark `item` unchanged if DEST already has it; refuse a different file of that name."""
+    target = dest / item.name
+    if not os.path.lexists(target):
+        return
+    if target.is_file() and not target.is_symlink() and target.stat().st_size == item.size \
+            and sha256_file(target)[0] == item.sha256:
+        item.status = "unchanged"
+        return
+    raise ExportError(f"{target} already exists and is not the file this export writes "
+                      f"({item.role}, sha256 {item.sha256[:16]}…); nothing was written",
+                      hint="remove it (or export to another directory); bundle export never "
+                           "overwrites a different file")
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):  # some filesystems cannot sync a directory
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _drop_cache(fd: int) -> None:
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def _read_back(path: Path, advance: Callable[[int], None]) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _drop_cache(fd)  # read what the device holds, not what the page cache remembers
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+                advance(len(chunk))
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def _flip_one_byte(path: Path) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(path.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, io.SEEK_CUR)
+        fh.write(bytes([byte[0] ^ 0x01]))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _chunks(fh: Any, size: int) -> Iterator[bytes]:
+    left = size
+    while left:
+        chunk = fh.read(min(CHUNK, left))
+        if not chunk:
+            break
+        left -= len(chunk)
+        yield chunk
+
+
+def _file_chunks(path: Path, size: int) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        yield from _chunks(fh, size)
+
+
+def _write_item(dest: Path, item: Item, chunks: Iterator[bytes], what: str,
+                advance: Callable[[int], None], corrupt: bool) -> None:
+    """temp name → fsync → drop cache → read back and compare → rename → fsync the dir."""
+    final = dest / item.name
+    tmp = dest / f".{item.name}{TMP_SUFFIX}"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # left by an export that was killed: ours, by its name
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                    digest.update(chunk)
+                    size += len(chunk)
+                    advance(len(chunk))
+                os.fsync(fd)
+                _drop_cache(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpaceError(f"{dest} ran out of space while writing {item.name}",
+                                 hint="use a larger stick, or free space on it") from None
+            raise ExportError(f"cannot write {item.name} on {dest}: {exc.strerror}",
+                              hint="check the stick (mounted read-write, not full, not "
+                                   "failing), then export again") from None
+        if size != item.size or digest.hexdigest() != item.sha256:
+            raise IntegrityError(f"{what} changed while it was being exported",
+                                 hint="make sure nothing writes to it, then export again")
+        if corrupt:
+            _flip_one_byte(tmp)
+        got = _read_back(tmp, advance)
+        if got != item.sha256:
+            raise IntegrityError(f"{item.name} on {dest} reads back differently from what was "
+                                 f"written (sha256 {got}, expected {item.sha256}); it was "
+                                 "removed", hint="the stick may be failing: try another one, "
+                                                 "then export again")
+        os.replace(tmp, final)
+        _fsync_dir(dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    item.status = "written"
+
+
+def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None = None,
+           key_path: Path | None = None, part_size: int | None = None) -> ExportResult:
+    if not dest.is_dir():
+        raise ExportError(f"{dest} is not a directory",
+                          hint="mount the stick first and pass its mount point (or any "
+                               "existing directory)")
+    source, trusted = _source(bundle, pub)
+    ui.step(f"Verifying {bundle}")
+    with archive.open_bundle(bundle, [trusted]) as reader:
+        manifest = reader.read_envelope().manifest
+        with ui.bytes_progress("verifying", manifest.payload_size) as advance:
+            reader.extract(None, advance)
+    kit = kit or find_kit(source.directory, manifest.target.platform)
+    kit_sha = _check_kit(kit, manifest)
+
+    fs_type = mount_type(dest)
+    max_file = max_file_size(dest, fs_type)
+    if part_size is not None and max_file is not None and part_size > max_file:
+        raise ExportError(f"--volume-size {part_size} is over the {max_file} byte file limit "
+                          f"of {dest} ({fs_type})", hint=f"use --volume-size {max_file} or less")
+    largest = max(p.size for p in source.index.parts) if source.index else source.size
+    if part_size is None and max_file is not None and largest > max_file:
+        part_size = min(volumes.DEFAULT_PART_SIZE, max_file)
+
+    items: list[Item] = []
+    if part_size is None and source.index is None:
+        items.append(Item(source.name, "bundle", source.size, sha256_file(source.path)[0],
+                          source=source.path))
+        bundle_arg = source.name
+    elif part_size is None:
+        assert source.index is not None and source.index_file is not None
+        for part in source.index.parts:  # copied as they are; their hashes are signed
+            items.append(Item(part.file, "part", part.size, part.sha256,
+                              source=source.directory / part.file))
+        data = source.index_file.read_bytes()
+        items.append(Item(source.index_file.name, "index", len(data),
+                          hashlib.sha256(data).hexdigest(), data=data))
+        bundle_arg = source.index_file.name
+    else:
+        if key_path is None:
+            raise SigningKeyError(
+                f"{source.name} ({human_bytes(source.size)}) must be split into parts of at "
+                f"most {part_size} bytes for {dest} ({fs_type}), and a volume set's part index "
+                "is signed: pass --key NAME.key (the key that signed the bundle)",
+                hint="or build the bundle with `bundle build --volume-size fat32` and export "
+                     "that volume set")
+        key = load_private_key(key_path)
+        if key_id(key.public_key()) != trusted.keyid:
+            raise SigningKeyError(f"--key {key_path} (key id {key_id(key.public_key())}) did "
+                                  f"not sign {source.name} (key id {trusted.keyid})",
+                                  hint="pass the NAME.key that signed the bundle")
+        ui.step(f"Splitting {source.name} into parts of at most {part_size} bytes "
+                f"({fs_type} on {dest})")
+        with source.stream() as whole, ui.bytes_progress("hashing", source.size) as advance:
+            index = volumes.plan_parts(whole, source.name, part_size, advance)
+        for part in index.parts:
+            items.append(Item(part.file, "part", part.size, part.sha256, in_stream=True))
+        data = volumes.index_bytes(index, key)
+        index_name = source.name + volumes.INDEX_SUFFIX
+        items.append(Item(index_name, "index", len(data), hashlib.sha256(data).hexdigest(),
+                          data=data))
+        bundle_arg = index_name
+    split = items[0].role == "part"
+
+    items.append(Item(kit.name, "kit", kit.stat().st_size, kit_sha, source=kit))
+    kit_line = f"{kit_sha}  {kit.name}\n".encode()
+    items.append(Item(kit.name + ".sha256", "kit-sha256", len(kit_line),
+                      hashlib.sha256(kit_line).hexdigest(), data=kit_line))
+    key_src = Path(trusted.source)
+    key_data = key_src.read_bytes()
+    items.append(Item(key_src.name, "key", len(key_data), hashlib.sha256(key_data).hexdigest(),
+                      data=key_data))
+    text = _instructions(manifest, trusted.keyid, items, kit.name, key_src.name, bundle_arg)
+    items.append(Item(INSTRUCTIONS, "instructions", len(text), hashlib.sha256(text).hexdigest(),
+                      data=text))
+    names = [i.name.lower() for i in items]  # FAT compares names without case
+    if len(set(names)) != len(names):
+        raise ExportError("two of the files to export have the same name: "
+                          f"{', '.join(i.name for i in items)}",
+                          hint="rename the kit or the public key")
+
+    # Refusals, all before the first byte is written.
+    other_form = [source.name + volumes.INDEX_SUFFIX] if not split else [source.name]
+    for name in other_form:
+        if os.path.lexists(dest / name):
+            raise ExportError(f"{dest / name} is there from another export of "
+                              f"{source.name}; a bundle and a volume set of one name must not "
+                              "sit side by side (readers would pick one); nothing was written",
+                              hint=f"remove {name} (or export to another directory)")
+    for item in items:
+        _existing(dest, item)
+    pending = [i for i in items if i.status == "pending"]
+    free, unit = _space(dest)
+    needed = sum(-(-i.size // unit) * unit for i in pending)
+    if free is None:
+        ui.note(f"{dest} ({fs_type}) does not report its free space: it cannot be checked "
+                "up front")
+    elif needed > free:
+        raise SpaceError(f"exporting {manifest.name} {manifest.version} needs "
+                         f"{human_bytes(needed)} on {dest} but only {human_bytes(free)} is free "
+                         f"({needed} > {free} bytes); nothing was written",
+                         hint="use a larger stick, or free space on it")
+
+    ui.step(f"Writing {len(pending)} file(s) ({human_bytes(sum(i.size for i in pending))}) to "
+            f"{dest}, each read back and compared")
+    corrupt = corrupt_point("export-readback")
+    done: list[Item] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            raw: io.RawIOBase | None = None
+            if any(i.in_stream for i in items):
+                raw = stack.enter_context(source.stream())
+            advance = stack.enter_context(
+                ui.bytes_progress("exporting", 2 * sum(i.size for i in pending)))
+            for item in items:
+                if item.in_stream:
+                    assert raw is not None
+                    chunks = _chunks(raw, item.size)  # consumed even if skipped: in order
+                    what = f"bundle {source.name}"
+                elif item.source is not None:
+                    chunks = _file_chunks(item.source, item.size)
+                    what = str(item.source)
+                else:
+                    assert item.data is not None
+                    chunks, what = iter([item.data]), f"{item.role} {item.name}"
+                if item.status == "unchanged":
+                    for _ in chunks if item.in_stream else ():
+                        pass
+                    ui.note(f"{item.name} is already on {dest}, identical: skipped")
+                    continue
+                hit = corrupt and item.role in ("bundle", "part")
+                corrupt = corrupt and not hit
+                _write_item(dest, item, chunks, what, advance, hit)
+                done.append(item)
+                ui.note(f"wrote {item.name} ({human_bytes(item.size)}), read back: sha256 "
+                        "matches")
+    except BaseException:
+        for item in done:  # nothing half-done is left: only what DEST had before
+            with contextlib.suppress(FileNotFoundError):
+                (dest / item.name).unlink()
+            item.status = "removed"
+        with contextlib.suppress(OSError):
+            _fsync_dir(dest)
+        raise
+    return ExportResult(dest, manifest, trusted.keyid, tuple(items), fs_type, max_file, split)
