@@ -47,6 +47,14 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
 
+# The bare air-gapped target (tests/test_bare_target.py, issue 9): a Debian 12 rootfs made by
+# debootstrap from the mirror in apt's sources, imported into the engine and cached in
+# /var/cache/bundler-tests (tests/bare_image.py; `python -m tests.bare_image bare pg15` prebuilds).
+if ! command -v debootstrap >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap
+fi
+
 # Health-check tests talk to a real Redis.
 if ! command -v redis-server >/dev/null; then
   apt-get update -qq

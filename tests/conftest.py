@@ -12,6 +12,7 @@ import pytest
 from tests.helpers import Project, bundle, make_project
 
 if TYPE_CHECKING:
+    from tests.bare_target import BareTargets, Images
     from tests.pg_fixtures import PgCluster
 
 
@@ -64,3 +65,35 @@ def cluster() -> Iterator[PgCluster]:
 
     with pg_fixtures.cluster_session() as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def bare_images(engine: Any) -> Images:
+    """The bare Debian 12 target images, built or imported on first use (tests.bare_image)."""
+    from tests.bare_target import Images
+
+    return Images(engine)
+
+
+@pytest.fixture
+def bare_target(bare_images: Images, tmp_path: Path) -> Iterator[BareTargets]:
+    """Start fresh bare air-gapped hosts (`bare_target(stick=DIR)`: --network none, DIR
+    read-only at /stick, a writable /srv); every container is removed afterwards."""
+    from tests.bare_target import BareTargets
+
+    targets = BareTargets(bare_images, tmp_path / "bare-target")
+    try:
+        yield targets
+    finally:
+        targets.close()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How long the bare target images took (CI timing), when this session used them."""
+    import sys
+
+    module = sys.modules.get("tests.bare_target")
+    if module is not None and module.BUILD_REPORT:
+        terminalreporter.section("bare target images")
+        for line in module.BUILD_REPORT:
+            terminalreporter.write_line(line)
