@@ -1,0 +1,183 @@
+"""Issue 9's bare-host cases: on a fresh Debian 12 container (python3 only) with `--network
+none`, using only the target kit and files on the read-only stick:
+
+- a bundle with an npm project and a carried Node.js runtime installs and its JS service answers
+  (the bare host has no node at all);
+- a compose bundle installs through the host's engine socket (the engine is the one
+  prerequisite) with the modern compose the kit carries (the host has no docker CLI or compose);
+- an upgrade with SQL migrations on SQLite, then a release whose migration fails (exit 17) and
+  one whose health check fails (exit 12): both roll back, the database restored.
+
+The kit is built once per session, `--with-compose`, from this environment's installed
+packages when this host matches the target (CPython 3.11, a glibc no newer than Debian 12's):
+no network. Otherwise it is fetched from the package index for the target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bundler.platforms import host_platform
+from tests.bare_target import SRV, STICK, BareHost, BareTargets, run_kit
+from tests.helpers import Run, bundle, make_project
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+TARGET_PYTHON = "3.11"  # Debian 12's python3
+TARGET_GLIBC = (2, 36)  # Debian 12's
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The target kit for the bare image, with the compose binary: built once per session."""
+    host = host_platform()
+    platform = f"manylinux_{TARGET_GLIBC[0]}_{TARGET_GLIBC[1]}_{host.arch}"
+    out = tmp_path_factory.mktemp("kit")
+    args: tuple[str, ...] = ("kit", "--out", str(out), "--platform", platform, "--python",
+                             TARGET_PYTHON, "--with-compose", "--json")
+    same = (f"{sys.version_info[0]}.{sys.version_info[1]}" == TARGET_PYTHON
+            and host.glibc is not None and host.glibc <= TARGET_GLIBC)
+    made = bundle(*args, "--from-installed") if same else None
+    if made is None or made.rc != 0:  # not like this host: the target's wheels from the index
+        made = bundle(*args, "--cache-dir", str(tmp_path_factory.mktemp("kit-cache")),
+                      timeout=900)
+    assert made.rc == 0, made.out + made.err
+    return Path(json.loads(made.out)["kit"])
+
+
+def on_stick(stick: Path, kit: Path) -> Path:
+    """Put the session's kit on a stick (a hard link when it can: it is 45 MB)."""
+    stick.mkdir(parents=True, exist_ok=True)
+    dest = stick / kit.name
+    try:
+        os.link(kit, dest)
+    except OSError:
+        shutil.copy2(kit, dest)
+    return dest
+
+
+def ok(result: Run) -> Run:
+    assert result.rc == 0, result.out + result.err
+    return result
+
+
+def fetch(host: BareHost, url: str) -> Run:
+    """GET url from inside the bare host (its own loopback) with its python3."""
+    return host.run("python3", "-c", "import sys, urllib.request\ntry:\n"
+                    f"    r = urllib.request.urlopen({url!r}, timeout=10)\n"
+                    "    print(r.read().decode())\nexcept Exception as e:\n"
+                    "    sys.exit(f'{type(e).__name__}: {e}')")
+
+
+# --- an upgrade with migrations, then two failing releases rolled back ----------------------
+
+SQLITE_PROFILE = """\
+database:
+  url: "sqlite:///{root}/app.db"
+migrations:
+  - {name: schema, sql: app/migrations}
+"""
+
+
+def _rows(db: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT name, note FROM items ORDER BY name").fetchall()
+
+
+def _ledger(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [r[0] for r in conn.execute("SELECT file FROM bundler_migrations ORDER BY file")]
+
+
+def test_upgrade_with_migrations_then_failed_releases_roll_back_on_a_bare_host(
+        bare_target: BareTargets, kit: Path, keys: tuple[Path, Path],
+        tmp_path: Path) -> None:
+    project = make_project(tmp_path / "project")
+    migrations = project.dir / "app" / "migrations"
+    migrations.mkdir()
+    stick = tmp_path / "stick"
+    kit_file = on_stick(stick, kit)
+
+    def build(version: str, seq: int, healthy: bool = True, **sql: str) -> str:
+        for name, text in sql.items():
+            (migrations / f"{name}.sql").write_text(textwrap.dedent(text))
+        built = ok(bundle("build", project.profile(version, healthy=healthy, sequence=seq,
+                                                   extra=SQLITE_PROFILE),
+                          "--key", keys[0], "--out", stick, "--cache-dir", tmp_path / "cache",
+                          "--json"))
+        return f"{STICK}/{Path(json.loads(built.out)['bundle']).name}"
+
+    v1 = build("1.0.0", 1, **{"001": """\
+        CREATE TABLE items (name TEXT PRIMARY KEY);
+        INSERT INTO items VALUES ('one');
+        """})
+    v2 = build("2.0.0", 2, **{"002": """\
+        ALTER TABLE items ADD COLUMN note TEXT;
+        UPDATE items SET note = 'from 1.0.0';
+        INSERT INTO items VALUES ('two', 'from 2.0.0');
+        """})
+    # 3.0.0: 003 applies and commits, then 004 fails: the backup must bring back 2.0.0's data
+    v3 = build("3.0.0", 3, **{"003": "INSERT INTO items VALUES ('three', 'from 3.0.0');\n",
+                              "004": "INSERT INTO no_such_table VALUES (1);\n"})
+    # 3.0.1: every migration applies, then the new release is unhealthy
+    (migrations / "004.sql").write_text("UPDATE items SET note = 'rewritten by 3.0.1';\n")
+    v3b = build("3.0.1", 4, healthy=False)
+    (stick / "release.pub").write_bytes(keys[1].read_bytes())
+
+    host = bare_target(stick=stick)
+    app = f"{SRV}/shop"
+    db = host.srv / "shop" / "app.db"
+    ok(run_kit(host, kit_file, "trust", "add", f"{STICK}/release.pub", "--root", app))
+
+    ok(run_kit(host, kit_file, "install", v1, "--root", app))
+    assert _rows_v1(db) == [("one",)]
+    upgrade = ok(run_kit(host, kit_file, "install", v2, "--root", app))
+    assert "installed and healthy" in upgrade.out, upgrade.out
+    assert _rows(db) == [("one", "from 1.0.0"), ("two", "from 2.0.0")]
+    assert _ledger(db) == ["001.sql", "002.sql"]
+    served = fetch(host, f"http://127.0.0.1:{project.port}/health")
+    assert json.loads(served.out)["version"] == "2.0.0", served.err
+
+    failed = run_kit(host, kit_file, "install", v3, "--root", app)
+    assert failed.rc == 17, failed.out + failed.err
+    assert "004.sql" in failed.err and "no such table: no_such_table" in failed.err, failed.err
+    assert _rows(db) == [("one", "from 1.0.0"), ("two", "from 2.0.0")]  # 003 undone too
+    assert _ledger(db) == ["001.sql", "002.sql"]
+
+    unhealthy = run_kit(host, kit_file, "install", v3b, "--root", app)
+    assert unhealthy.rc == 12, unhealthy.out + unhealthy.err
+    assert _rows(db) == [("one", "from 1.0.0"), ("two", "from 2.0.0")]  # restored
+    assert _ledger(db) == ["001.sql", "002.sql"]
+
+    status = json.loads(ok(run_kit(host, kit_file, "status", "--root", app, "--json")).out)
+    assert status["current"]["version"] == "2.0.0" and status["healthy"] is True, status
+    served = fetch(host, f"http://127.0.0.1:{project.port}/health")
+    assert json.loads(served.out) == {"greeting": "hello from a wheel", "version": "2.0.0"}, \
+        served.err
+    # the release venvs were made on the bare host by the kit's uv (no venv module, no pip)
+    cfg = (host.srv / "shop" / "releases" / "2.0.0" / "venv" / "pyvenv.cfg").read_text()
+    assert re.search(r"^uv = ", cfg, re.M), cfg
+    events = json.loads(ok(run_kit(host, kit_file, "history", "--root", app,
+                                   "--json")).out)["events"]
+    for version in ("3.0.0", "3.0.1"):
+        assert {(e["step"], e["status"]) for e in events if e["version"] == version} >= {
+            ("restore", "done"), ("rollback", "done")}, events
+
+
+def _rows_v1(db: Path) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT name FROM items ORDER BY name").fetchall()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v"]))
