@@ -43,13 +43,15 @@ the shared env file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import json
 import os
 import re
 import shutil
+import socket
 import subprocess  # only for its TimeoutExpired: proc runs everything
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +62,7 @@ from typing import Any, Literal, overload
 import yaml
 
 from bundler import proc
+from bundler.engine import docker_sdk, engine_client, first_line, transport_errors
 from bundler.errors import CommandError, InstallError
 from bundler.install.environ import read_env_file
 from bundler.redact import Secrets, redact
@@ -77,7 +80,6 @@ _LABEL_NUMBER = "com.docker.compose.container-number"
 _LABEL_ONEOFF = "com.docker.compose.oneoff"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _VERSION_RE = re.compile(r"version\s+v?(\d+\.\d+(?:\.\d+)?)", re.IGNORECASE)
-_NO_IMAGE_RE = re.compile(r"No such image: (\S+)")
 # What compose and the docker CLI need from the host environment; nothing else leaks into
 # interpolation (`${VAR}` takes the process environment over the env file).
 _PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_RUNTIME_DIR", "DOCKER_HOST",
@@ -298,13 +300,17 @@ def _compose(project: ComposeProject, tool: ComposeTool, *rest: str, timeout: fl
     return result
 
 
-def _docker(*args: str, timeout: float = 60, check: bool = True) -> proc.Result:
-    try:
-        return proc.run(["docker", *args], env=_base_env(), timeout=timeout, check=check,
-                        what=f"docker {args[0]}")
-    except CommandError as exc:
-        raise InstallError(exc.message, hint="check that the docker CLI is installed and the "
-                                             "engine answers (`docker info`)") from None
+@functools.cache
+def _engine() -> Any:
+    """The engine's API (docker SDK, low-level client), for everything that is not compose
+    itself: the engine is a target prerequisite, the `docker` CLI is not (a bare host with the
+    target kit has only the engine's socket and the compose binary the kit carries)."""
+    return engine_client(InstallError).api
+
+
+def _engine_error(what: str, exc: BaseException) -> InstallError:
+    return InstallError(f"{what}: {first_line(str(exc))}",
+                        hint="check that the engine answers (DOCKER_HOST, or its local socket)")
 
 
 @dataclass(frozen=True)
@@ -359,14 +365,17 @@ def _require_images(project: ComposeProject, services: list[_Service]) -> None:
     images = sorted({s.image for s in services if s.image})
     if not images:
         return
-    result = _docker("image", "inspect", "--format", "{{.Id}}", *images, check=False)
-    if result.returncode == 0:
-        return
-    missing = sorted(set(_NO_IMAGE_RE.findall(result.output)) & set(images)) or [
-        i for i in images if _docker("image", "inspect", i, check=False).returncode != 0]
+    errors = docker_sdk().errors
+    missing = []
+    for image in images:
+        try:
+            _engine().inspect_image(image)
+        except errors.NotFound:
+            missing.append(image)
+        except (errors.DockerException, *transport_errors()) as exc:
+            raise _engine_error(f"docker image inspect {image} failed", exc) from None
     if not missing:
-        raise InstallError(f"docker image inspect failed:\n{result.tail()}",
-                           hint="check that the engine answers (`docker info`)")
+        return
     users = [s.name for s in services if s.image in missing]
     raise InstallError(
         f"image(s) not in the docker engine: {', '.join(missing)} (service(s) "
@@ -390,9 +399,28 @@ def _flags(argv: tuple[str, ...], command: str) -> frozenset[str]:
 # --- state ---------------------------------------------------------------------------------------
 
 def _container_ids(project: ComposeProject) -> list[str]:
-    result = _docker("ps", "--all", "--quiet", "--no-trunc",
-                     "--filter", f"label={_LABEL_PROJECT}={project.name}")
-    return result.output.split()
+    errors = docker_sdk().errors
+    try:
+        found = _engine().containers(all=True, filters={
+            "label": f"{_LABEL_PROJECT}={project.name}"})
+    except (errors.DockerException, *transport_errors()) as exc:
+        raise _engine_error(f"listing the containers of project {project.name} failed",
+                            exc) from None
+    return [str(c["Id"]) for c in found]
+
+
+def _inspect(ids: Sequence[str]) -> list[dict[str, Any]] | None:
+    """`docker inspect` of each container; None if one went away meanwhile."""
+    errors = docker_sdk().errors
+    out = []
+    for cid in ids:
+        try:
+            out.append(dict(_engine().inspect_container(cid)))
+        except errors.NotFound:
+            return None
+        except (errors.DockerException, *transport_errors()) as exc:
+            raise _engine_error(f"docker inspect {cid[:12]} failed", exc) from None
+    return out
 
 
 def ps(project: ComposeProject, tool: ComposeTool | None = None) -> list[ServiceState]:
@@ -405,15 +433,15 @@ def ps(project: ComposeProject, tool: ComposeTool | None = None) -> list[Service
         ids = _container_ids(project)
         if not ids:
             return []
-        result = _docker("inspect", *ids, check=False)
-        if result.returncode == 0:
+        inspected = _inspect(ids)
+        if inspected is not None:
             break
         time.sleep(0.1)  # a container went away between ps and inspect: look again
     else:
-        raise InstallError(f"docker inspect failed for project {project.name}:\n"
-                           f"{result.tail()}", hint="check that the engine answers")
+        raise InstallError(f"docker inspect failed for project {project.name}: its containers "
+                           "keep going away", hint="check what else manages this project")
     states = []
-    for c in json.loads(result.output):
+    for c in inspected:
         labels = c.get("Config", {}).get("Labels") or {}
         if labels.get(_LABEL_ONEOFF, "False") == "True":
             continue
@@ -444,8 +472,11 @@ def logs_tail(project: ComposeProject, tool: ComposeTool, service: str,
         return "(no container)"
     parts = []
     for cid in containers:
-        result = _docker("logs", "--tail", str(lines), cid, check=False)
-        parts.append(result.output.rstrip())
+        try:
+            raw = _engine().logs(cid, stdout=True, stderr=True, tail=lines)
+        except (docker_sdk().errors.DockerException, *transport_errors()) as exc:
+            raw = f"(no log: {first_line(str(exc))})".encode()
+        parts.append(raw.decode("utf-8", "replace").rstrip())
     text = "\n".join(p for p in parts if p)
     return _redact(project, text) if text else "(no output)"
 
@@ -597,12 +628,17 @@ def down(project: ComposeProject, tool: ComposeTool, log: Log) -> None:
         _compose(project, tool, "down", "--remove-orphans", timeout=300)
     else:
         ids = _container_ids(project)
-        if ids:
-            _docker("rm", "--force", *ids, timeout=300)
-        nets = _docker("network", "ls", "--quiet", "--filter",
-                       f"label={_LABEL_PROJECT}={project.name}").output.split()
-        if nets:
-            _docker("network", "rm", *nets, check=False)
+        errors = docker_sdk().errors
+        for cid in ids:
+            try:
+                _engine().remove_container(cid, force=True)
+            except errors.NotFound:
+                pass
+            except (errors.DockerException, *transport_errors()) as exc:
+                raise _engine_error(f"docker rm {cid[:12]} failed", exc) from None
+        for net in _engine().networks(filters={"label": f"{_LABEL_PROJECT}={project.name}"}):
+            with contextlib.suppress(errors.DockerException):
+                _engine().remove_network(net["Id"])
     left = _container_ids(project)
     if left:
         raise InstallError(f"compose down left {len(left)} container(s) of project "
@@ -618,7 +654,11 @@ def stop_services(project: ComposeProject, log: Log, keep: Sequence[str] = ()) -
     if ids:
         log(f"stopping {len(ids)} container(s) of project {project.name}"
             + (f", keeping {', '.join(keep)}" if keep else ""))
-        _docker("stop", *ids, timeout=300)
+        for cid in ids:
+            try:
+                _engine().stop(cid)
+            except (docker_sdk().errors.DockerException, *transport_errors()) as exc:
+                raise _engine_error(f"docker stop {cid[:12]} failed", exc) from None
 
 
 def running_container(project: ComposeProject, service: str) -> str | None:
@@ -632,22 +672,86 @@ def running_container(project: ComposeProject, service: str) -> str | None:
 def exec_in(project: ComposeProject, service: str, argv: Sequence[str],
             stdin_path: Path | None, stdout_path: Path | None, *, env: Mapping[str, str],
             timeout: float) -> proc.Result:
-    """Run `argv` inside the service's running container (`docker exec`, which works the same
-    whichever compose made it), stdin/stdout connected to the given files. `env` reaches the
-    container by name only (`-e NAME`): values (a password) never appear in argv. A non-zero
-    exit is returned, not raised."""
+    """Run `argv` inside the service's running container (the engine's exec, which works the
+    same whichever compose made it), stdin/stdout connected to the given files; the result's
+    output is stderr (and stdout when `stdout_path` is None). `env` goes to the engine in the
+    API request, never into any argv (a password). A non-zero exit is returned, not raised."""
     container = running_container(project, service)
     if container is None:
         raise InstallError(f"compose service {service} of project {project.name} is not "
                            "running", hint=f"start it (`bundle start`) or see `docker ps -a "
                                            f"--filter label={_LABEL_PROJECT}={project.name}`")
-    names = [f"--env={k}" for k in sorted(env)]
+    what = f"{argv[0]} in compose service {service}"
     try:
-        return proc.run(["docker", "exec", "--interactive", *names, container, *argv],
-                        env=_base_env(env), timeout=timeout, check=False, stdin=stdin_path,
-                        stdout=stdout_path, what=f"{argv[0]} in compose service {service}")
-    except CommandError as exc:
-        raise InstallError(_redact(project, exc.message), hint=exc.hint) from None
+        code, output = _exec(container, argv, env, stdin_path, stdout_path, timeout)
+    except TimeoutError:
+        raise InstallError(f"{what}: timed out after {timeout:.0f}s",
+                           hint="the command hung; check the container's load and logs"
+                           ) from None
+    except (docker_sdk().errors.DockerException, *transport_errors(), OSError) as exc:
+        raise InstallError(_redact(project, f"{what}: {first_line(str(exc))}"),
+                           hint="check that the engine answers and the container runs"
+                           ) from None
+    return proc.Result(("exec", container[:12], *argv), code,
+                       _redact(project, output.decode("utf-8", "replace")))
+
+
+def _exec(container: str, argv: Sequence[str], env: Mapping[str, str],
+          stdin_path: Path | None, stdout_path: Path | None,
+          timeout: float) -> tuple[int, bytes]:
+    """One exec through the engine's API, streamed: stdin from a file (written by a thread,
+    then half-closed), the multiplexed stdout/stderr frames read until the engine closes."""
+    api = _engine()
+    exec_id = api.exec_create(container, list(argv), stdin=stdin_path is not None,
+                              stdout=True, stderr=True, environment=dict(env))["Id"]
+    wrapped = api.exec_start(exec_id, socket=True)
+    sock = getattr(wrapped, "_sock", wrapped)  # the SocketIO's socket (unix or tcp)
+    deadline = time.monotonic() + timeout
+    failed: list[BaseException] = []
+
+    def feed(source: Path) -> None:
+        try:
+            with source.open("rb") as src:
+                while chunk := src.read(1 << 16):
+                    sock.sendall(chunk)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:  # the process exited early: its exit code tells
+            failed.append(exc)
+
+    writer = None
+    if stdin_path is not None:
+        writer = threading.Thread(target=feed, args=(stdin_path,), daemon=True)
+        writer.start()
+    captured = bytearray()
+    buffered = b""
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(stdout_path.open("wb")) if stdout_path else None
+        stack.callback(wrapped.close)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            data = sock.recv(1 << 16)  # TimeoutError when the deadline passes
+            if not data:
+                break
+            buffered += data
+            while len(buffered) >= 8:  # frame: stream (1), pad (3), size (4, big-endian)
+                stream, size = buffered[0], int.from_bytes(buffered[4:8], "big")
+                if len(buffered) < 8 + size:
+                    break
+                payload, buffered = buffered[8:8 + size], buffered[8 + size:]
+                if stream == 1 and sink is not None:
+                    sink.write(payload)
+                else:
+                    captured += payload
+    if writer is not None:
+        writer.join(timeout=max(0.0, deadline - time.monotonic()))
+    while (info := api.exec_inspect(exec_id))["Running"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        time.sleep(0.05)
+    return int(info["ExitCode"]), bytes(captured)
 
 
 def run_oneoff(project: ComposeProject, tool: ComposeTool, log: Log, service: str,
