@@ -15,6 +15,7 @@ no network. Otherwise it is fetched from the package index for the target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 
 from bundler.platforms import host_platform
+from tests import docker_fixtures as dfx
 from tests.bare_target import SRV, STICK, BareHost, BareTargets, run_kit
 from tests.helpers import Run, bundle, make_project, unavailable
 from tests.npm_registry import NODE_MAJOR, LocalPackage, local_registry
@@ -263,6 +265,125 @@ def test_npm_project_with_carried_node_installs_and_serves_on_a_bare_host(
     steps = {(e["step"], e["status"]) for e in events}
     assert {("runtime:node", "done"), ("npm:backend", "done"), ("migrate", "done"),
             ("health", "done")} <= steps, steps
+
+
+# --- a compose project through the host's engine socket ---------------------------------------
+
+def _compose_profile(base: Path, name: str, version: str, image: str, healthy: bool,
+                     seq: int) -> Path:
+    app = base / f"app-{version}"
+    app.mkdir(parents=True)
+    (app / "docker-compose.yml").write_text(textwrap.dedent(f"""\
+        services:
+          web:
+            image: {image}
+            command: ["busybox", "sleep", "3600"]
+            environment:
+              RELEASE: "{version}"
+            healthcheck:
+              test: ["CMD-SHELL", "busybox {'true' if healthy else 'false'}"]
+              interval: 1s
+              retries: 2
+        """))
+    profile = base / f"{name}-{version}.yaml"
+    profile.write_text(textwrap.dedent(f"""\
+        schema: 1
+        name: {name}
+        version: {version}
+        sequence: {seq}
+        images:
+          - ref: {image}
+        files:
+          - {{src: app-{version}, dest: stack}}
+        compose:
+          files: [stack/docker-compose.yml]
+        """))
+    return profile
+
+
+def _project_containers(engine: Any, name: str) -> list[Any]:
+    """Containers of this product's compose project(s) on the host engine (any root)."""
+    return [c for c in engine.containers.list(all=True, filters={
+                "label": "com.docker.compose.project"})
+            if c.labels["com.docker.compose.project"].startswith(f"bundler-{name}-")]
+
+
+def _remove_project(engine: Any, name: str) -> None:
+    import docker
+
+    for c in _project_containers(engine, name):
+        with contextlib.suppress(docker.errors.NotFound):
+            c.remove(force=True)
+    for n in engine.networks.list(filters={"label": "com.docker.compose.project"}):
+        if n.attrs["Labels"]["com.docker.compose.project"].startswith(f"bundler-{name}-"):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                n.remove()
+
+
+def test_compose_bundle_installs_through_the_engine_socket_with_the_kits_compose(
+        bare_target: BareTargets, kit: Path, keys: tuple[Path, Path], tmp_path: Path,
+        engine: Any) -> None:
+    name = dfx.unique("barec")  # unique per run: other worktrees share the engine
+    pair = dfx.make_pair(engine, name)
+    stick = tmp_path / "stick"
+    kit_file = on_stick(stick, kit)
+    host: BareHost | None = None
+    root = f"{SRV}/{name}"
+    try:
+        bundles = []
+        for version, image, healthy, seq in (("1.0.0", pair.a, True, 1),
+                                             ("2.0.0", pair.b, False, 2)):
+            built = ok(bundle("build", _compose_profile(tmp_path, name, version, image,
+                                                        healthy, seq),
+                              "--key", keys[0], "--out", stick, "--cache-dir",
+                              tmp_path / "cache", "--json"))
+            bundles.append(f"{STICK}/{Path(json.loads(built.out)['bundle']).name}")
+        (stick / "release.pub").write_bytes(keys[1].read_bytes())
+        # The images reach the engine only from the bundle, loaded by the kit on the target.
+        dfx.remove_images(engine, pair.a, pair.b, pair.base)
+        assert not any(dfx.has_image(engine, r) for r in (pair.a, pair.b))
+
+        host = bare_target(stick=stick, docker_socket=True)
+        assert host.sh("command -v docker docker-compose; true").out == ""
+        ok(run_kit(host, kit_file, "trust", "add", f"{STICK}/release.pub", "--root", root))
+        install = ok(run_kit(host, kit_file, "install", bundles[0], "--root", root))
+        said = install.out + install.err
+        used = re.search(r"compose up: project (\S+), 1 service\(s\), with "
+                         r"(/\S+/bin/docker-compose) (\d+\.\d+\.\d+)", said)
+        assert used, said
+        project, tool, version = used.groups()
+        # the compose binary the kit carries, unpacked from it on this host: nothing else
+        assert host.run(tool, "version").out.strip().endswith(f"v{version}")
+        assert host.run("test", "-x", tool).rc == 0
+        (web,) = _project_containers(engine, name)
+        assert web.labels["com.docker.compose.project"] == project
+        assert web.labels["com.docker.compose.version"] == version
+        assert web.image.id == pair.ids[pair.a]
+        status = json.loads(ok(run_kit(host, kit_file, "status", "--root", root,
+                                       "--json")).out)
+        assert status["healthy"] is True, status
+        units = {u["name"]: u for u in status["services"]}
+        assert units["compose:web"]["running"] is True, status
+
+        # an unhealthy upgrade rolls back to 1.0.0's container, still with the kit's compose
+        failed = run_kit(host, kit_file, "install", bundles[1], "--root", root)
+        assert failed.rc == 12, failed.out + failed.err
+        assert "compose service web is unhealthy" in failed.err, failed.err
+        (web,) = [c for c in _project_containers(engine, name) if c.status == "running"]
+        assert web.image.id == pair.ids[pair.a]
+        assert web.labels["com.docker.compose.version"] == version
+        after = json.loads(ok(run_kit(host, kit_file, "status", "--root", root,
+                                      "--json")).out)
+        assert after["current"]["version"] == "1.0.0" and after["healthy"] is True, after
+
+        stop = ok(run_kit(host, kit_file, "stop", "--root", root))
+        assert "compose down" in stop.out + stop.err, stop.out + stop.err
+        assert _project_containers(engine, name) == []
+    finally:
+        if host is not None:  # the containers are the host engine's: never leave them behind
+            run_kit(host, kit_file, "stop", "--root", root)
+        _remove_project(engine, name)
+        dfx.remove_images(engine, pair.a, pair.b, pair.base)
 
 
 if __name__ == "__main__":  # pragma: no cover
