@@ -302,6 +302,10 @@ def _instructions(manifest: Manifest, keyid: str, items: list[Item], kit: str, k
     root = f"/srv/{manifest.name}"
     run = f"python3 -I -S {shlex.quote(kit)}"
     sums = "\n".join(f"{i.sha256}  {i.name}" for i in items)
+    required = manifest.runtime.env.required
+    env_note = "" if not required else f"""
+   Before the first install, set what the release needs in {root}/shared/.env (one
+   NAME=value a line; kept across releases, never in the bundle): {", ".join(required)}."""
     text = f"""\
 {manifest.name} {manifest.version} (sequence {manifest.sequence}) for \
 {manifest.target.platform}, signed by key {keyid}; written by `bundle export`.
@@ -325,10 +329,13 @@ directory that holds these files (e.g. cd /media/usb):
 3. Check the signature and every byte, installing nothing:
      {run} verify {shlex.quote(bundle_arg)} --root {root}
 
-4. Install, start and health-check it:
+4. Install, start and health-check it (an upgrade, if {root} has an older release):{env_note}
      {run} install {shlex.quote(bundle_arg)} --root {root}
 
-Then: {run} status --root {root}
+5. Its release, services and health:
+     {run} status --root {root}
+
+Back to the previous release, if need be: {run} rollback --root {root}
 """
     return text.encode()
 

@@ -67,8 +67,9 @@ def export_(bundle: Path, dest: Path, kit_path: Path | None, cache_dir: Path | N
         verb = "unchanged" if item.status == "unchanged" else "wrote    "
         click.echo(f"  {verb} {item.name}  {human_bytes(item.size)}  sha256 {item.sha256}")
     if result.kit_source in ("built", "cached"):
-        click.echo(f"  kit {result.kit.name} was {result.kit_source} for the bundle's target "
-                   f"(kept in {result.kit.parent})")
+        how = "built" if result.kit_source == "built" else "built earlier"
+        click.echo(f"  kit {result.kit.name}: {how} for the bundle's target, kept in "
+                   f"{result.kit.parent}")
     m = result.manifest
     written = sum(1 for i in result.items if i.status == "written")
     click.echo(f"exported {m.name} {m.version} to {dest} ({result.fs_type}"
