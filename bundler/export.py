@@ -27,7 +27,8 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from bundler import archive, ui, volumes
+from bundler import __version__, archive, ui, volumes
+from bundler.cache import Cache
 from bundler.errors import ExportError, IntegrityError, PolicyError, SigningKeyError, SpaceError
 from bundler.faults import corrupt_point
 from bundler.fsutil import CHUNK, human_bytes, sha256_file
@@ -75,11 +76,14 @@ class ExportResult:
     fs_type: str
     max_file: int | None
     split: bool
+    kit: Path
+    kit_source: str  # given (--kit), found (next to the bundle), cached or built
 
     def to_json(self) -> dict[str, Any]:
         return {"dest": str(self.dest), "name": self.manifest.name,
                 "version": self.manifest.version, "keyid": self.keyid,
                 "fs_type": self.fs_type, "max_file_size": self.max_file, "split": self.split,
+                "kit": str(self.kit), "kit_source": self.kit_source,
                 "files": [i.to_json() for i in self.items]}
 
 
@@ -94,8 +98,8 @@ def kit_name_fields(name: str) -> tuple[str, str] | None:
 def find_kit(bundle_dir: Path, platform: str) -> Path:
     """The kit for a bundle whose target is `platform`: the newest
     `bundler-kit-<version>-<platform>.pyz` in the bundle's directory (as `bundle build
-    --with-kit` and `bundle kit --out DIR` write it). The one place a kit is looked for: a kit
-    could be built here instead."""
+    --with-kit` and `bundle kit --out DIR` write it). Raises ExportError if there is none
+    (`kit_for` then builds one)."""
     found: list[tuple[Version, float, Path]] = []
     for path in bundle_dir.glob(f"{KIT_PREFIX}*-{platform}{KIT_SUFFIX}"):
         fields = kit_name_fields(path.name)
@@ -111,6 +115,53 @@ def find_kit(bundle_dir: Path, platform: str) -> Path:
                           hint="build with --with-kit or run `bundle kit --out DIR` (or pass "
                                "--kit FILE)")
     return max(found)[2]
+
+
+KIT_CACHE_DIR = "kits"
+
+
+def _kit_key(manifest: Manifest, with_compose: bool, from_installed: bool) -> str:
+    """What a built kit depends on: bundler's version and the bytes of every module the kit
+    carries (and its bootstrap), the target, compose or not, and where its wheels came from."""
+    from bundler import kitboot
+    from bundler.kit import target_modules
+
+    h = hashlib.sha256()
+    h.update(repr((__version__, manifest.target.platform, manifest.target.python,
+                   with_compose, from_installed)).encode())
+    for name, path in [("__main__", Path(kitboot.__file__)), *target_modules().items()]:
+        h.update(f"{name}\0{sha256_file(path)[0]}\n".encode())
+    return h.hexdigest()[:24]
+
+
+def kit_for(bundle_dir: Path, manifest: Manifest, cache: Cache, *,
+            from_installed: bool = False) -> tuple[Path, str]:
+    """The kit to export with a bundle, and where it came from ("found", "cached", "built"):
+    the newest one next to the bundle (`find_kit`), else one built here for the bundle's
+    target (its platform and CPython; with the compose binary when the bundle has a compose
+    project) into `<cache>/kits/<key>/`, where a kit built earlier from the same bundler
+    code for the same target is reused (no network needed then)."""
+    try:
+        return find_kit(bundle_dir, manifest.target.platform), "found"
+    except ExportError:
+        pass
+    from bundler.kit import build_kit, checksum_path, kit_name
+
+    with_compose = manifest.runtime.compose is not None
+    out = cache.root / KIT_CACHE_DIR / _kit_key(manifest, with_compose, from_installed)
+    path = out / kit_name(manifest.target)
+    side = checksum_path(path)
+    if path.is_file() and side.is_file():
+        listed = side.read_text(errors="replace").split()
+        if listed and listed[0].lower() == sha256_file(path)[0]:
+            ui.note(f"no kit next to the bundle: using {path.name} built earlier ({out})")
+            return path, "cached"
+    ui.step(f"No kit next to the bundle: making one for CPython {manifest.target.python} on "
+            f"{manifest.target.platform}" + (" (with compose)" if with_compose else ""))
+    made = build_kit(out, manifest.target, cache, ui.note, from_installed=from_installed,
+                     with_compose=with_compose)
+    ui.note(f"wrote {made.path} (sha256 {made.sha256})")
+    return made.path, "built"
 
 
 def _check_kit(kit: Path, manifest: Manifest) -> str:
@@ -251,6 +302,10 @@ def _instructions(manifest: Manifest, keyid: str, items: list[Item], kit: str, k
     root = f"/srv/{manifest.name}"
     run = f"python3 -I -S {shlex.quote(kit)}"
     sums = "\n".join(f"{i.sha256}  {i.name}" for i in items)
+    required = manifest.runtime.env.required
+    env_note = "" if not required else f"""
+   Before the first install, set what the release needs in {root}/shared/.env (one
+   NAME=value a line; kept across releases, never in the bundle): {", ".join(required)}."""
     text = f"""\
 {manifest.name} {manifest.version} (sequence {manifest.sequence}) for \
 {manifest.target.platform}, signed by key {keyid}; written by `bundle export`.
@@ -274,10 +329,13 @@ directory that holds these files (e.g. cd /media/usb):
 3. Check the signature and every byte, installing nothing:
      {run} verify {shlex.quote(bundle_arg)} --root {root}
 
-4. Install, start and health-check it:
+4. Install, start and health-check it (an upgrade, if {root} has an older release):{env_note}
      {run} install {shlex.quote(bundle_arg)} --root {root}
 
-Then: {run} status --root {root}
+5. Its release, services and health:
+     {run} status --root {root}
+
+Back to the previous release, if need be: {run} rollback --root {root}
 """
     return text.encode()
 
@@ -406,7 +464,11 @@ def _write_item(dest: Path, item: Item, chunks: Iterator[bytes], what: str,
 
 
 def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None = None,
-           key_path: Path | None = None, part_size: int | None = None) -> ExportResult:
+           key_path: Path | None = None, part_size: int | None = None,
+           cache: Cache | None = None, kit_from_installed: bool = False) -> ExportResult:
+    """`cache`: where a kit is built when none is given or next to the bundle (default: the
+    user's bundler cache); `kit_from_installed`: build it from this environment (`bundle kit
+    --from-installed`)."""
     if not dest.is_dir():
         raise ExportError(f"{dest} is not a directory",
                           hint="mount the stick first and pass its mount point (or any "
@@ -417,7 +479,13 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
         manifest = reader.read_envelope().manifest
         with ui.bytes_progress("verifying", manifest.payload_size) as advance:
             reader.extract(None, advance)
-    kit = kit or find_kit(source.directory, manifest.target.platform)
+    if kit is not None:
+        kit_source = "given"
+    else:
+        from bundler.cache import default_cache_dir
+
+        kit, kit_source = kit_for(source.directory, manifest, cache or Cache(default_cache_dir()),
+                                  from_installed=kit_from_installed)
     kit_sha = _check_kit(kit, manifest)
 
     fs_type = mount_type(dest)
@@ -549,4 +617,5 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
         with contextlib.suppress(OSError):
             _fsync_dir(dest)
         raise
-    return ExportResult(dest, manifest, trusted.keyid, tuple(items), fs_type, max_file, split)
+    return ExportResult(dest, manifest, trusted.keyid, tuple(items), fs_type, max_file, split,
+                        kit, kit_source)

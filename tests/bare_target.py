@@ -53,6 +53,7 @@ class BareHost:
     variant: str
     stick: Path  # host side of /stick (read-only inside)
     srv: Path  # host side of /srv (writable inside)
+    stick_at: str = STICK  # where the stick is mounted inside
 
     def run(self, *argv: str | os.PathLike[str], timeout: float = 600,
             env: dict[str, str] | None = None, workdir: str | None = None) -> Run:
@@ -65,8 +66,8 @@ class BareHost:
         return Run(int(result.exit_code), (out or b"").decode(errors="replace"),
                    (err or b"").decode(errors="replace"))
 
-    def sh(self, script: str, timeout: float = 600) -> Run:
-        return self.run("sh", "-c", script, timeout=timeout)
+    def sh(self, script: str, timeout: float = 600, workdir: str | None = None) -> Run:
+        return self.run("sh", "-c", script, timeout=timeout, workdir=workdir)
 
 
 def run_kit(host: BareHost, kit: Path, *args: str | os.PathLike[str],
@@ -74,7 +75,8 @@ def run_kit(host: BareHost, kit: Path, *args: str | os.PathLike[str],
     """Run the target kit (issue 9 item 1: one `.pyz` on the stick) the way an operator does:
     `python3 -I -S /stick/<kit> ARGS` — isolated, no site-packages, nothing but the kit."""
     rel = Path(kit).resolve().relative_to(host.stick.resolve())
-    return host.run("python3", "-I", "-S", f"{STICK}/{rel.as_posix()}", *args, timeout=timeout)
+    return host.run("python3", "-I", "-S", f"{host.stick_at}/{rel.as_posix()}", *args,
+                    timeout=timeout)
 
 
 @dataclass
@@ -105,10 +107,10 @@ class BareTargets:
 
     def __call__(self, variant: str = "bare", stick: Path | None = None,
                  docker_socket: bool = False,
-                 mounts: dict[Path, str] | None = None) -> BareHost:
-        """A new container of `variant` with `stick` at /stick (read-only; an empty dir if
-        None), a fresh writable /srv, the engine socket if asked, and `mounts` (host path →
-        container path, read-only)."""
+                 mounts: dict[Path, str] | None = None, stick_at: str = STICK) -> BareHost:
+        """A new container of `variant` with `stick` at /stick (or `stick_at`; read-only; an
+        empty dir if None), a fresh writable /srv, the engine socket if asked, and `mounts`
+        (host path → container path, read-only)."""
         ref = self.images.ref(variant)
         n = len(self.hosts)
         if stick is None:
@@ -116,7 +118,7 @@ class BareTargets:
             stick.mkdir(parents=True)
         srv = self.workdir / f"srv{n}"
         srv.mkdir(parents=True)
-        volumes = {str(stick.resolve()): {"bind": STICK, "mode": "ro"},
+        volumes = {str(stick.resolve()): {"bind": stick_at, "mode": "ro"},
                    str(srv.resolve()): {"bind": SRV, "mode": "rw"}}
         for src, dest in (mounts or {}).items():
             volumes[str(Path(src).resolve())] = {"bind": dest, "mode": "ro"}
@@ -127,7 +129,7 @@ class BareTargets:
             ref, ["sleep", "infinity"], init=True, network_mode="none",
             user="root", hostname="airgapped", volumes=volumes,
             name=f"bundler-bare-{uuid.uuid4().hex[:10]}", labels={LABEL: "bare-target"})
-        host = BareHost(self.images.client, container, variant, stick, srv)
+        host = BareHost(self.images.client, container, variant, stick, srv, stick_at)
         self.hosts.append(host)  # before it can fail to start: removed at teardown either way
         container.start()
         return host

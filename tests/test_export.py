@@ -252,8 +252,8 @@ def test_export_refuses_up_front_when_space_is_short(built: dict[str, Path],
     assert doc["exit_code"] == 9 and list(small_fs.iterdir()) == []
 
 
-def test_export_kit_older_than_the_bundle_and_missing_kit(built: dict[str, Path],
-                                                          tmp_path: Path) -> None:
+def test_export_refuses_a_kit_older_than_the_bundle(built: dict[str, Path],
+                                                    tmp_path: Path) -> None:
     old = tmp_path / f"bundler-kit-0.0.9-{PLATFORM}.pyz"
     old.write_bytes(b"old kit")
     out = tmp_path / "out"
@@ -262,9 +262,90 @@ def test_export_kit_older_than_the_bundle_and_missing_kit(built: dict[str, Path]
     assert rc == 8, err
     assert "is bundler 0.0.9" in str(doc["message"])
     assert "needs bundler 0.1.0 or newer" in str(doc["message"])
+
+
+def test_export_builds_the_kit_when_none_is_next_to_the_bundle(built: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """No kit beside the bundle: export builds one for the bundle's target into the cache (here
+    from this environment, as the target is this host's: no network), copies it like any file,
+    and reuses it on the next export. --kit still overrides."""
+    import platform as host_platform
+
+    glibc = host_platform.libc_ver()[1]
+    if host_platform.machine() != "x86_64" or not glibc:
+        pytest.skip("the target below is this host's: x86_64 glibc")
+    major, minor = glibc.split(".")[:2]
+    native = f"manylinux_{major}_{minor}_x86_64"
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    profile = files_profile(lonely, size=64 * 1024, extra="target:\n  python: \"3.11\"\n"
+                            f"  platform: {native}\n")
+    made = bundle("build", profile, "--key", built["key"], "--out", lonely / "dist",
+                  "--cache-dir", lonely / "cache", "--json")
+    assert made.rc == 0, made.err
+    src = Path(json.loads(made.out)["bundle"])
+    assert not list(src.parent.glob("*.pyz"))
+    cache = tmp_path / "kitcache"
+    kit_name = f"bundler-kit-0.1.0-{native}.pyz"
+
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, doc, err = export(src, out, "--pub", built["pub"], "--cache-dir", cache,
+                          "--kit-from-installed")
+    assert rc == 0, err
+    assert doc["kit_source"] == "built" and "making one for CPython 3.11" in err
+    files = {f["name"]: f for f in doc["files"]}  # type: ignore[attr-defined]
+    assert files[kit_name]["status"] == "written" and files[kit_name + ".sha256"]
+    kept = Path(str(doc["kit"]))
+    assert kept.parent.parent == cache / "kits" and kept.name == kit_name
+    assert (out / kit_name).read_bytes() == kept.read_bytes()
+    sums = subprocess.run(["sha256sum", "-c", kit_name + ".sha256"], cwd=out,
+                          capture_output=True, text=True, check=False)
+    assert sums.returncode == 0, sums.stdout + sums.stderr
+    text = (out / "INSTALL.txt").read_text()
+    assert f"python3 -I -S {kit_name} install vault-1.0.0.bundle --root /srv/vault" in text
+    # the kit runs: it is a real one, for this target
+    ran = subprocess.run(["python3", "-I", "-S", str(out / kit_name), "--version"],
+                         capture_output=True, text=True, check=False,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                              "BUNDLER_KIT_CACHE": str(tmp_path / "unpacked")})
+    assert ran.returncode == 0 and "0.1.0" in ran.stdout, ran.stderr
+
+    # A second export (another stick) reuses the kit built for this target: nothing is built.
+    again = tmp_path / "again"
+    again.mkdir()
+    rc, doc, err = export(src, again, "--pub", built["pub"], "--cache-dir", cache,
+                          "--kit-from-installed")
+    assert rc == 0, err
+    assert doc["kit_source"] == "cached" and "making one" not in err
+    assert (again / kit_name).read_bytes() == kept.read_bytes()
+
+    # --kit wins over building; a kit next to the bundle wins over the cache.
+    given = tmp_path / "given"
+    given.mkdir()
+    rc, doc, err = export(src, given, "--pub", built["pub"], "--cache-dir", cache,
+                          "--kit", kept)
+    assert rc == 0 and doc["kit_source"] == "given", err
+    shutil.copy(kept, src.parent / kit_name)
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    rc, doc, err = export(src, beside, "--pub", built["pub"], "--cache-dir", cache)
+    assert rc == 0 and doc["kit_source"] == "found", err
+    assert doc["kit"] == str(src.parent / kit_name)
+
+
+def test_export_cannot_build_the_kit_from_an_unfit_environment(built: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    """--kit-from-installed for a target this environment's wheels do not fit: refused with the
+    wheel named, before anything is written."""
     lonely = tmp_path / "lonely"
     lonely.mkdir()
     shutil.copy(built["bundle"], lonely)
-    rc, doc, err = export(lonely / built["bundle"].name, out, "--pub", built["pub"])
-    assert rc == 21 and "build with --with-kit or run `bundle kit --out DIR`" in str(doc["hint"])
+    out = tmp_path / "out"
+    out.mkdir()
+    rc, doc, err = export(lonely / built["bundle"].name, out, "--pub", built["pub"],
+                          "--cache-dir", tmp_path / "cache", "--kit-from-installed")
+    if rc == 0:  # this environment's wheels all fit manylinux_2_28: nothing to refuse here
+        pytest.skip("every installed wheel fits manylinux_2_28_x86_64")
+    assert "--from-installed only serves a target like this host" in str(doc["hint"]), err
     assert list(out.iterdir()) == []
