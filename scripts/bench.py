@@ -950,36 +950,45 @@ def chart(r: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10.5), height_ratios=(1.25, 1))
     fig.suptitle(f"bundler vs the manual checklist ({r['workload']['name']}, "
                  f"{r['bench']['date'][:10]}, {r['bench']['host']['cpus']} cores)", fontsize=13)
     b, i = r["build"], r["install"]
 
     ax = axes[0][0]
+    cold: dict[str, float] = {}
+    for bd in b["bundler"]["breakdown"].values():  # lock, then build
+        for k, v in bd.items():
+            cold[_short(k)] = cold.get(_short(k), 0.0) + v
     bars = {"build, manual": b["manual"]["steps"],
-            "build, bundler (cold)": b["bundler"]["steps"],
-            "rebuild, bundler (warm)": {"bundle build": b["bundler"]["warm_seconds"]},
+            "build, bundler (cold)": cold,
+            "rebuild, bundler (warm)": {_short(k): v
+                                        for k, v in b["bundler"]["warm_breakdown"].items()},
             "install, manual": i["manual"]["steps"],
-            "install, bundler": {"bundle install": i["bundler"]["seconds"]}}
-    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-              "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78"]
+            "install, bundler": {_short(k): v for k, v in i["bundler"]["breakdown"].items()}}
+    cmap = matplotlib.colormaps["tab20"]
     palette: dict[str, Any] = {}
     names = list(bars)
+    xmax = max(sum(v.values()) for v in bars.values())
     for y, label in enumerate(names):
         left = 0.0
         for step, secs in bars[label].items():
-            ax.barh(y, secs, left=left, color=palette.setdefault(step.rstrip(" 0123456789"),
-                                                    colors[len(palette) % len(colors)]),
-                    edgecolor="white")
-            if secs > 1.2:
-                ax.text(left + secs / 2, y, step.replace("docker ", "d."), ha="center",
-                        va="center", fontsize=7)
+            ax.barh(y, secs, left=left, color=palette.setdefault(
+                step.rstrip(" 0123456789"), cmap(len(palette) % 20)),
+                edgecolor="white")
+            if secs > 0.12 * xmax:
+                ax.text(left + secs / 2, y, step, ha="center", va="center", fontsize=7)
             left += secs
-        ax.text(left + 0.2, y, f"{left:.1f} s", va="center", fontsize=9)
+        ax.text(left + 0.01 * xmax, y, f"{left:.1f} s", va="center", fontsize=9)
+    ax.set_xlim(0, xmax * 1.12)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.set_xlabel("seconds (stacked by step)")
+    ax.set_xlabel("seconds (stacked by step; bundler's from its own step lines)")
     ax.set_title("Wall time, same workload, same run")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=n) for n, c in palette.items()], fontsize=7,
+              ncol=4, loc="upper center", bbox_to_anchor=(0.45, -0.13), frameon=False)
 
     ax = axes[0][1]
     sizes = [b["manual"]["bytes"] / 1e6, b["bundler"]["bytes"] / 1e6]
@@ -1022,6 +1031,12 @@ def chart(r: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _short(step: str) -> str:
+    """A chart label for one of bundler's step lines: its first words, no paths."""
+    words = [w for w in step.split() if "/" not in w and "$" not in w][:3]
+    return step if step.startswith("(") else " ".join(words)[:26]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -1033,10 +1048,16 @@ def main() -> int:
                         help="do not profile missed targets (saves a cold build and install)")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "BUNDLER_BENCH_CACHE", Path.home() / ".cache" / "bundler-bench")))
+    parser.add_argument("--chart-from", type=Path, metavar="JSON",
+                        help="only draw --chart from an earlier run's JSON")
     parser.add_argument("--drive", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.drive:
         drive(args.drive)
+        return 0
+    if args.chart_from:
+        chart(json.loads(args.chart_from.read_text()), args.chart or
+              args.chart_from.with_suffix(".png"))
         return 0
     result = run(args.quick, args.cache, profile_runs=not args.no_profile and not args.quick)
     name = "bench-quick" if args.quick else "bench-full"
