@@ -8,7 +8,7 @@ DEMO_ROOT ?= demo-target
 # Reproducible demo bundles: the same commit gives the same bytes (and a no-op re-install).
 export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 1700000000)
 
-.PHONY: venv demo demo-stop test host-setup lint bench clean
+.PHONY: venv demo demo-stop test host-setup lint bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,13 @@ lint: venv
 	$(VENV)/bin/ruff check bundler scripts tests
 	$(VENV)/bin/mypy
 
+# bundler against the manual checklist, one run (issue 12); results + chart in bench/results/
 bench: venv
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py --out bench/results
+
+# a small workload (no network, about a minute here): what tests/test_bench.py runs in CI
+bench-quick: venv
+	$(PY) scripts/bench.py --quick
 
 clean:
 	-test -x $(BUNDLE) && test -d $(DEMO_ROOT) && $(BUNDLE) stop --root $(DEMO_ROOT)

@@ -1,0 +1,77 @@
+"""`make bench` keeps working: the quick size runs end to end (both pipelines, both sides of the
+gap, verify at two sizes) and its JSON has the structure the README and chart read.
+
+Timings are never asserted here (a loaded CI machine is not this one): only that every ratio
+is a positive number and every target carries a verdict."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import REPO, require_netns, unavailable
+
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.netns]
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and math.isfinite(value) and value > 0
+
+
+def test_quick_bench_reports_every_ratio(engine: Any, tmp_path: Path) -> None:
+    require_netns()
+    for tool in ("npm", "node", "sha256sum", "busybox"):
+        if shutil.which(tool) is None:
+            unavailable(f"the bench needs {tool}")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--json",
+         "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)
+    assert result == json.loads((tmp_path / "out" / "bench-quick.json").read_text())
+    png = (tmp_path / "out" / "bench-quick.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+    assert result["bench"]["quick"] is True
+    assert set(result) >= {"bench", "workload", "build", "install", "verify", "ratios",
+                           "targets"}
+    assert set(result["ratios"]) == {
+        "cold_build_ratio", "bundle_size_ratio", "target_install_ratio", "verify_vs_sha256",
+        "verify_busy_vs_sha256", "volumes_busy_vs_sha256", "verify_vs_sha256sum"}
+    bad = {k: v for k, v in result["ratios"].items() if not _positive(v)}
+    assert not bad, bad
+
+    build, install = result["build"], result["install"]
+    assert _positive(build["manual"]["seconds"]) and _positive(build["bundler"]["cold_seconds"])
+    assert _positive(build["bundler"]["warm_seconds"])
+    assert _positive(build["manual"]["bytes"]) and _positive(build["bundler"]["bytes"])
+    # the per-step breakdowns that explain a missed target
+    assert {"pip download", "npm pack", "docker save 1", "tar czf", "sha256sum"} <= set(
+        build["manual"]["steps"])
+    assert set(build["bundler"]["breakdown"]) == {"bundle lock", "bundle build"}
+    assert {"sha256sum -c", "tar xzf", "docker load 3", "pip install", "npm install"} <= set(
+        install["manual"]["steps"])
+    assert any("Loading 3 image(s)" in step for step in install["bundler"]["breakdown"])
+    assert all(_positive(v) for v in install["manual"]["steps"].values())
+
+    rss = result["verify"]["peak_rss_mib"]
+    assert set(rss) == {"verify", "install"}
+    for sizes in rss.values():
+        assert len(sizes) == 2 and all(_positive(v) for v in sizes.values()), rss
+    assert _positive(install["bundler"]["peak_rss_mib"])
+    assert all(_positive(v) for v in result["verify"]["mib_s"].values())
+
+    metrics = {t["metric"] for t in result["targets"]}
+    assert metrics == {"cold_build_ratio", "warm_rebuild_s", "bundle_size_ratio",
+                       "target_install_ratio", "verify_busy_vs_sha256",
+                       "volumes_busy_vs_sha256", "peak_rss_mib"}
+    assert all(isinstance(t["met"], bool) and _positive(t["value"]) for t in result["targets"])
