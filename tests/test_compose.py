@@ -473,3 +473,33 @@ def test_project_names_are_stable_and_valid(tmp_path: Path) -> None:
     with pytest.raises(InstallError):
         ComposeProject("ok", (), tmp_path, None)
     assert os.fspath(ComposeProject("ok", (tmp_path / "c.yaml",), tmp_path, None).workdir)
+
+
+@pytest.mark.docker
+def test_a_root_started_by_an_older_bundler_keeps_its_project_name(
+        engine: Any, tmp_path: Path) -> None:
+    """An older bundler named the project per product only: upgrading bundler must not start a
+    second copy of a running stack beside it. Another root's containers do not count."""
+    product = dfx.unique("legacy")
+    ref = f"bundler-test/{product}:1"
+    dfx.import_base(engine, ref)
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    made = []
+    try:
+        made.append(engine.containers.create(ref, ["sh"], labels={
+            "com.docker.compose.project": f"bundler-{product}",
+            "com.docker.compose.project.working_dir": str(other / "releases/1.0/files")}))
+        cr._runs_here.cache_clear()
+        assert cr.project_name(product, mine).startswith(f"bundler-{product}-")
+        made.append(engine.containers.create(ref, ["sh"], labels={
+            "com.docker.compose.project": f"bundler-{product}",
+            "com.docker.compose.project.working_dir": str(mine / "releases/1.0/files")}))
+        cr._runs_here.cache_clear()
+        assert cr.project_name(product, mine) == f"bundler-{product}"
+        assert cr.project_name(product, other) == f"bundler-{product}"  # it has one too
+        assert cr.project_name(product, tmp_path / "new").startswith(f"bundler-{product}-")
+    finally:
+        for c in made:
+            c.remove(force=True)
+        dfx.remove_images(engine, ref)
+        cr._runs_here.cache_clear()

@@ -78,6 +78,7 @@ _LABEL_PROJECT = "com.docker.compose.project"
 _LABEL_SERVICE = "com.docker.compose.service"
 _LABEL_NUMBER = "com.docker.compose.container-number"
 _LABEL_ONEOFF = "com.docker.compose.oneoff"
+_WORKDIR_LABEL = "com.docker.compose.project.working_dir"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _VERSION_RE = re.compile(r"version\s+v?(\d+\.\d+(?:\.\d+)?)", re.IGNORECASE)
 # What compose and the docker CLI need from the host environment; nothing else leaks into
@@ -204,10 +205,28 @@ def detect(prefer: str | None = None) -> ComposeTool:
 def project_name(product: str, root: Path) -> str:
     """The default compose project name of a product installed under `root`: the same for all
     its releases there, and never shared with another root ("My Shop" and "my-shop", or one
-    product in two roots): the product plus a short hash of the resolved root path."""
+    product in two roots): the product plus a short hash of the resolved root path.
+
+    A root whose stack an older bundler started under the per-product name keeps that name
+    (its containers are found by their project and working-directory labels), so upgrading
+    bundler never starts a second copy of the stack beside the running one."""
     name = re.sub(r"[^a-z0-9_-]+", "-", product.lower()).strip("-_")
     where = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:8]
-    return f"bundler-{name or 'app'}-{where}"
+    legacy = f"bundler-{name or 'app'}"
+    return legacy if _runs_here(legacy, root.resolve()) else f"{legacy}-{where}"
+
+
+@functools.cache
+def _runs_here(project: str, root: Path) -> bool:
+    """Does the engine hold containers of compose project `project` started from `root`?"""
+    try:
+        found = _engine().containers(all=True, filters={
+            "label": f"{_LABEL_PROJECT}={project}"})
+    except Exception:  # no engine (yet): nothing of an older bundler's can be running
+        return False
+    inside = str(root) + os.sep
+    return any(str((c.get("Labels") or {}).get(_WORKDIR_LABEL, "")).startswith(inside)
+               for c in found)
 
 
 @dataclass(frozen=True)
