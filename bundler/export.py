@@ -32,8 +32,7 @@ from bundler.cache import Cache
 from bundler.errors import ExportError, IntegrityError, PolicyError, SigningKeyError, SpaceError
 from bundler.faults import corrupt_point
 from bundler.fsutil import CHUNK, human_bytes, sha256_file
-from bundler.install.policy import required_version
-from bundler.manifest import Manifest
+from bundler.manifest import Manifest, required_version
 from bundler.signing import TrustedKey, key_id, load_private_key, load_public_key
 
 KIT_PREFIX = "bundler-kit-"

@@ -120,6 +120,17 @@ class Manifest:
         raise KeyError(path)
 
 
+_BUILDER_RE = re.compile(r"^bundler (\S+)$")
+
+
+def required_version(manifest: Manifest) -> str | None:
+    """The bundler version a bundle needs on the target: the version that built it (the
+    signed `builder`, "bundler X.Y.Z"). None for a manifest that names no bundler builder
+    (hand-made ones): nothing to compare."""
+    match = _BUILDER_RE.match(manifest.builder)
+    return match[1] if match else None
+
+
 def canonical_json(obj: Any) -> bytes:
     _reject_floats(obj)
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

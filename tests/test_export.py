@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler.errors import ExportError, PolicyError
 from bundler.export import find_kit, mount_type
-from bundler.install.policy import check_bundler_version, required_version
+from bundler.install.policy import check_bundler_version
+from bundler.manifest import required_version
 from tests.bundles import manifest_for, write_bundle
 from tests.helpers import bundle, unavailable
 from tests.test_transport import files_profile

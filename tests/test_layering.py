@@ -15,7 +15,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "bundler"
 BUILD_SIDE = ("bundler.resolve", "bundler.build", "bundler.lockfile", "bundler.actions",
-              "bundler.kit")
+              "bundler.kit", "bundler.export")
 INSTALL_SIDE = ("bundler.install",)
 
 

@@ -19,7 +19,7 @@ from bundler.errors import CommandError, PolicyError
 from bundler.install import python_env
 from bundler.install.layout import Layout
 from bundler.install.state import State
-from bundler.manifest import Manifest
+from bundler.manifest import Manifest, required_version
 from bundler.models import Target
 from bundler.platforms import Host, host_platform, parse_platform
 
@@ -72,17 +72,6 @@ def last_recorded_time(state: State) -> str | None:
         return str(parse_time(text).strftime("%Y-%m-%dT%H:%M:%SZ")) if text else None
     except ValueError:  # a hand-edited journal: nothing to compare against
         return None
-
-
-_BUILDER_RE = re.compile(r"^bundler (\S+)$")
-
-
-def required_version(manifest: Manifest) -> str | None:
-    """The bundler version a bundle needs on the target: the version that built it (the
-    signed `builder`, "bundler X.Y.Z"). None for a manifest that names no bundler builder
-    (hand-made ones): nothing to compare."""
-    match = _BUILDER_RE.match(manifest.builder)
-    return match[1] if match else None
 
 
 def check_bundler_version(manifest: Manifest, own: str = __version__) -> None:
