@@ -167,7 +167,7 @@ def resolve(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> tuple[L
                 _check_complete(pins, wheels, target)
                 break
             except BuildError as gap:
-                if relock or spec.requirements is not None or not pylock.host_matches(target):
+                if relock or spec.requirements is not None or spec.resolver != "pip-tools":
                     raise
                 # pip-compile evaluated markers for this interpreter's exact version; the
                 # target is any CPython X.Y.z, taken as X.Y.0 (e.g. redis needs async-timeout
