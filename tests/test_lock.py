@@ -327,3 +327,53 @@ def test_frozen_build_refuses_a_lock_made_with_other_find_links(
     result = bundle("build", path, "--key", keys[0], "--out", tmp_path / "out",
                     "--cache-dir", tmp_path / "cache", "--frozen")
     assert result.rc == 4 and "missing or out of date" in result.err
+
+
+# --------------------------------------------------------------- progress stays out of pipes
+
+_CONTROL = set(range(0x00, 0x20)) - {0x0A, 0x09}  # anything but newline and tab
+
+
+def _controls(text: str) -> list[str]:
+    return sorted({repr(ch) for ch in text if ord(ch) in _CONTROL or ch == "\x7f"})
+
+
+def test_lock_and_build_print_plain_lines_in_a_pipe_and_with_json(
+        tmp_path: Path, index: str, keys: tuple[Path, Path]) -> None:
+    """No spinner, bar, colour or carriage return where a program reads the output: in a pipe
+    (with or without --json), and with --json even on a terminal."""
+    import os
+    import pty
+    import subprocess
+
+    path = profile(tmp_path / "p", index, HOST)
+    piped = bundle("lock", path, "--cache-dir", tmp_path / "c1")
+    assert piped.rc == 0, piped.err
+    assert "==> Resolving Python requirements" in piped.err
+    assert _controls(piped.out + piped.err) == []
+    built = bundle("build", path, "--key", keys[0], "--out", tmp_path / "out", "--cache-dir",
+                   tmp_path / "c1", "--json")
+    assert built.rc == 0, built.err
+    assert _controls(built.out + built.err) == []
+    # --json on a terminal: stdout and stderr are a pty here
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100"}
+    env.pop("NO_COLOR", None)
+    child = subprocess.Popen(bundle_argv("lock", path, "--cache-dir", tmp_path / "c2",
+                                         "--json"), stdin=subprocess.DEVNULL, stdout=terminal,
+                             stderr=terminal, env=env, close_fds=True)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert child.wait(timeout=120) == 0
+    os.close(controller)
+    seen = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")  # the tty's
+    assert '"wheels"' in seen and "==> Resolving" in seen
+    assert _controls(seen) == []

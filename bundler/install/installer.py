@@ -290,7 +290,8 @@ def _install_packages(journal: _Journal, rel: ReleaseDir, m: Manifest,
     tasks: list[tuple[str, Callable[[], None]]] = []
     if m.images:
         def images() -> None:
-            with journal.step("images", f"Loading {len(m.images)} image(s) into the engine"):
+            with journal.step("images", f"Loading {len(m.images)} image(s) into the engine"), \
+                    ui.activity("images: docker load"):
                 from bundler.imagearchive import ImageRecord
                 from bundler.install import images as image_loader
 

@@ -16,7 +16,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from bundler import proc
+from bundler import proc, ui
 from bundler.errors import BuildError, CommandError
 from bundler.models import Target
 from bundler.platforms import host_platform, parse_platform
@@ -113,7 +113,9 @@ def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir
                               "UV_CACHE_DIR": str(cache_dir / "uv"),
                               "HOME": os.environ.get("HOME", "/root")})
     try:
-        proc.run(args, env=env, what="lock python requirements", timeout=1800)
+        tool = "pip-compile" if spec.resolver == "pip-tools" and not for_target else "uv"
+        with ui.activity(f"resolving {source.name} with {tool}"):
+            proc.run(args, env=env, what="lock python requirements", timeout=1800)
     except CommandError as exc:
         names = sorted({n for pattern in _UNRESOLVABLE for n in re.findall(pattern, exc.message)})
         if names:
