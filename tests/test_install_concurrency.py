@@ -82,6 +82,8 @@ def test_steps_run_at_the_same_time_each_journaled(tmp_path: Path,
     installer._install_packages(journal, rel, m, decision)
     took = time.monotonic() - started
     assert took < 2.5, took  # three 1 s steps, not one after the other
+    assert max(times["python-start"], times["web-start"], times["admin-start"]) \
+        < min(times["python-end"], times["web-end"], times["admin-end"])  # they overlapped
     steps = _steps(state)
     for name in ("python", "npm:web", "npm:admin"):
         assert (name, "started") in steps and (name, "done") in steps
