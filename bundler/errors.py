@@ -178,6 +178,10 @@ class CommandError(BundlerError):
     default_hint = "read the output tail above; the full log path is named where there is one"
 
 
+class Cancelled(InstallError):
+    """A step stopped because another step running at the same time failed first."""
+
+
 class Interrupted(BundlerError):
     exit_code = 130
     default_hint = "nothing was committed; run the same command again to finish"

@@ -3,8 +3,10 @@ builds of the same inputs resolve nothing and, with a warm cache, need no networ
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,27 +71,49 @@ def default_path(profile: Profile) -> Path:
     return profile.path.with_suffix(".lock")
 
 
-def _file_digest(path: Path | None) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else None
-
-
 def inputs_digest(profile: Profile) -> str:
-    """Resolution depends on the target, the requirement sources and where they come from;
-    not on the version, services or files, so bumping the version keeps the lock."""
-    py: dict[str, Any] | None = None
-    if profile.python is not None:
-        spec = profile.python
-        py = {"requirements": _file_digest(spec.requirements),
-              "requirements_in": _file_digest(spec.requirements_in),
-              "pyproject": _file_digest(spec.pyproject),
-              "index_url": spec.index_url, "extra_index_urls": list(spec.extra_index_urls),
-              "no_index": spec.no_index}
-    images = [{"ref": i.ref, "source": i.source, "tls_verify": i.tls_verify,
-               "archive": _file_digest(i.archive)} for i in profile.images]
-    doc = {"target": profile.target.to_json(), "python": py, "images": images}
-    if profile.runtimes is not None:  # only when set: existing locks stay current
-        doc["runtimes"] = profile.runtimes.to_json()
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    """A digest of every input resolution depends on: the whole target, python, npm, images
+    and runtimes specs, field by field (read generically from the frozen dataclasses, so a
+    field added later is covered without anyone remembering to add it here). Not the version,
+    services, files or actions, which are not resolved: bumping the version keeps the lock.
+
+    Files count by content (sha256), directories and other local paths by where they are
+    relative to the profile (a checkout elsewhere keeps its lock)."""
+    doc = {"target": profile.target, "python": profile.python, "npm": profile.npm,
+           "images": profile.images, "runtimes": profile.runtimes}
+    canonical = _canonical(doc, profile.base_dir)
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True,
+                                     separators=(",", ":")).encode()).hexdigest()
+
+
+def _canonical(value: Any, base: Path) -> Any:
+    """JSON-able form of a spec value; refuses a type it does not know rather than guess."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"__type__": type(value).__name__,
+                **{f.name: _canonical(getattr(value, f.name), base)
+                   for f in dataclasses.fields(value)}}
+    if isinstance(value, Path):
+        return _path_input(value, base)
+    if isinstance(value, str):
+        # an absolute local path (e.g. a find_links directory, resolved when loaded)
+        return {"local": os.path.relpath(value, base)} if value.startswith("/") else value
+    if isinstance(value, (tuple, list)):
+        return [_canonical(v, base) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v, base) for k, v in sorted(value.items())}
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    raise TypeError(f"lock inputs: no canonical form for {type(value).__name__} ({value!r})")
+
+
+def _path_input(path: Path, base: Path) -> dict[str, str]:
+    if path.is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        return {"file": h.hexdigest()}
+    return {"path": os.path.relpath(path, base)}
 
 
 def sources_of(profile: Profile) -> tuple[tuple[str, str], ...]:

@@ -13,11 +13,13 @@ import logging
 import os
 import pwd
 import subprocess
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from bundler.errors import CommandError
+from bundler.errors import Cancelled, CommandError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,76 @@ TAIL_LINES = 20
 # bundler's calls must behave the same on every host (pip.conf, PIP_* and npm_config_* are
 # common on real hosts and would silently change what is resolved or installed).
 _SCRUBBED_PREFIXES = ("PIP_", "NPM_CONFIG_", "npm_config_", "UV_", "PYTHON")
+
+
+class CancelScope:
+    """Steps that run at the same time (install: images, Python, npm) share one scope: when
+    one fails, `cancel` stops the others' commands (SIGTERM, then SIGKILL) and makes any
+    later `run` in the scope raise Cancelled, so the failure is not waited out."""
+
+    GRACE = 5.0
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._children: set[subprocess.Popen[bytes]] = set()
+        self.reason = ""
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Cancelled(f"stopped: {self.reason}")
+
+    def cancel(self, reason: str) -> None:
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason = reason
+            self._event.set()
+            children = list(self._children)
+        for child in children:
+            _stop(child, self.GRACE)
+
+    def _add(self, child: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._children.add(child)
+            stop = self._event.is_set()
+        if stop:
+            _stop(child, self.GRACE)
+
+    def _remove(self, child: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._children.discard(child)
+
+
+def _stop(child: subprocess.Popen[bytes], grace: float) -> None:
+    with contextlib.suppress(OSError):
+        child.terminate()
+
+    def kill_later() -> None:
+        try:
+            child.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                child.kill()
+
+    threading.Thread(target=kill_later, daemon=True).start()
+
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def cancel_scope(scope: CancelScope) -> Iterator[None]:
+    """Commands this thread runs inside the block belong to `scope`."""
+    _scope.current = scope
+    try:
+        yield
+    finally:
+        _scope.current = None
 
 
 @dataclass(frozen=True)
@@ -130,18 +202,17 @@ def run(
         # Opened here, not by the child: a FIFO's open blocks until its peer opens it too.
         source = files.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
         sink = files.enter_context(open(stdout, "wb")) if stdout else None
+        scope: CancelScope | None = getattr(_scope, "current", None)
+        if scope is not None:
+            scope.check()
         try:
-            done = subprocess.run(
-                argv,
-                cwd=cwd,
-                env=_child_env(env, user),
-                stdin=source,
-                stdout=sink if sink is not None else subprocess.PIPE,
-                stderr=subprocess.PIPE if sink is not None else subprocess.STDOUT,
-                timeout=timeout,
-                check=False,
-                user=uid, group=gid, extra_groups=groups,
-            )
+            done = _run(scope, argv, timeout,
+                        cwd=cwd,
+                        env=_child_env(env, user),
+                        stdin=source,
+                        stdout=sink if sink is not None else subprocess.PIPE,
+                        stderr=subprocess.PIPE if sink is not None else subprocess.STDOUT,
+                        user=uid, group=gid, extra_groups=groups)
         except FileNotFoundError as exc:
             raise CommandError(
                 f"{label}: executable not found: {argv[0]}",
@@ -159,6 +230,8 @@ def run(
                 f"{label}: timed out after {timeout:.0f}s",
                 hint="the command hung; check the host's load and the command's own log",
             ) from exc
+    if scope is not None:
+        scope.check()  # stopped by the scope: its reason, not the child's exit status
     captured = done.stderr if sink is not None else done.stdout
     result = Result(argv, done.returncode, (captured or b"").decode("utf-8", "replace"))
     if check and done.returncode != 0:
@@ -166,6 +239,28 @@ def run(
             f"{label} failed (exit {done.returncode}):\n{result.tail()}",
         )
     return result
+
+
+def _run(scope: CancelScope | None, argv: tuple[str, ...], timeout: float,
+         **popen: Any) -> subprocess.CompletedProcess[bytes]:
+    """subprocess.run, with the child registered in `scope` while it runs."""
+    with subprocess.Popen(argv, **popen) as child:
+        if scope is not None:
+            scope._add(child)
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            raise
+        except BaseException:  # e.g. Ctrl+C: do not leave the child running
+            child.kill()
+            child.wait()
+            raise
+        finally:
+            if scope is not None:
+                scope._remove(child)
+        return subprocess.CompletedProcess(argv, child.returncode, out, err)
 
 
 def spawn(

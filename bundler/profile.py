@@ -53,6 +53,9 @@ _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 T = TypeVar("T")
 
 
+RESOLVERS = ("uv", "pip-tools")
+
+
 @dataclass(frozen=True)
 class PythonSpec:
     """Exactly one source of requirements: a pinned file, a loose `.in` list, or a pyproject."""
@@ -64,6 +67,7 @@ class PythonSpec:
     extra_index_urls: tuple[str, ...] = ()
     find_links: tuple[str, ...] = ()
     no_index: bool = False
+    resolver: str = "uv"                   # what locks a loose list: "uv" or "pip-tools"
 
     def index_args(self) -> list[str]:
         """Where to look for packages, as pip / pip-compile / uv options: from the profile
@@ -492,7 +496,7 @@ def _dest(c: _Checker, node: Node, where: str) -> str | None:
 def _python_spec(c: _Checker, node: Node, base: Path, check: bool) -> PythonSpec | None:
     sources = ("requirements", "requirements_in", "pyproject")
     m = c.mapping(node, "python", (), (*sources,
-                  "index_url", "extra_index_urls", "find_links", "no_index"))
+                  "index_url", "extra_index_urls", "find_links", "no_index", "resolver"))
     if m is None:
         return None
     given = [k for k in sources if k in m]
@@ -519,10 +523,20 @@ def _python_spec(c: _Checker, node: Node, base: Path, check: bool) -> PythonSpec
     if "find_links" in m and not isinstance(m["find_links"], SequenceNode):
         c.add(m["find_links"], "python.find_links must be a list")
     no_index = bool(c.boolean(m["no_index"], "python.no_index")) if "no_index" in m else False
+    resolver = "uv"
+    if "resolver" in m:
+        resolver = c.string(m["resolver"], "python.resolver",
+                            re.compile(f"^({'|'.join(RESOLVERS)})$"),
+                            f"one of: {', '.join(RESOLVERS)} (uv resolves for any target; "
+                            "pip-tools only for this host's Python and platform)") or "uv"
+        if given[0] == "requirements":
+            c.add(m["resolver"], "python.resolver: python.requirements is pinned already, "
+                  "there is nothing to resolve", "drop `resolver`, or use requirements_in")
     if src is None:
         return None
     return PythonSpec(**{given[0]: src}, index_url=index_url,
-                      extra_index_urls=tuple(extra), find_links=tuple(links), no_index=no_index)
+                      extra_index_urls=tuple(extra), find_links=tuple(links), no_index=no_index,
+                      resolver=resolver)
 
 
 def _file_spec(c: _Checker, node: Node, where: str, base: Path, check: bool) -> FileSpec | None:

@@ -1,14 +1,25 @@
-"""Human output on stderr: step lines, and a progress bar for long byte-counted work.
+"""Human output on stderr: step lines, and live progress for long work.
 
 Every line goes through `bundler.redact` first: no secret reaches the console.
 stdout is reserved for results (and for `--json`), so automation can parse it while a person
-still sees progress. Progress bars are drawn only on a terminal; elsewhere, plain lines.
+still sees progress. Live progress (bars, spinners) is drawn only on a terminal and never with
+`--json`; elsewhere there are plain lines only, with no control characters.
+
+- `bytes_progress`: a bar for byte-counted work (verifying, exporting);
+- `downloads` + `file_progress`: a row per file in flight (bytes and speed; a spinner with
+  the bytes so far when the size is unknown; the attempt count after a retry) under a row
+  counting files;
+- `activity`: a spinner with the elapsed time for work whose size is unknown (locking, an
+  offline install, health-check retries: `update()` shows the attempt).
+
+All of them are safe to use from several threads: one rich `Live` display is shared.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
@@ -16,7 +27,10 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    SpinnerColumn,
+    TaskID,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
@@ -27,6 +41,10 @@ Log = Callable[[str], None]
 
 _console = Console(stderr=True, highlight=False)
 _quiet = False
+_plain = False  # --json: plain lines only, no live progress, no colour
+_lock = threading.RLock()
+_live: Progress | None = None
+_live_users = 0
 
 
 def set_quiet(quiet: bool) -> None:
@@ -34,27 +52,196 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def set_plain(plain: bool) -> None:
+    """No live progress and no styling (`--json`: the output is for programs)."""
+    global _plain
+    _plain = plain
+
+
+def live() -> bool:
+    """Whether progress is drawn: on a terminal, not quiet, not --json."""
+    return not _quiet and not _plain and _console.is_terminal
+
+
 def step(text: str) -> None:
     """One line of progress: what bundler is doing now."""
     if not _quiet:
         text = redact(text)
-        _console.print(f"[bold cyan]==>[/] {text}", markup=True, soft_wrap=True) \
-            if _console.is_terminal else print(f"==> {text}", file=sys.stderr, flush=True)
+        if live():
+            _console.print(f"[bold cyan]==>[/] {text}", markup=True, soft_wrap=True)
+        else:
+            print(f"==> {text}", file=sys.stderr, flush=True)
 
 
 def note(text: str) -> None:
     if not _quiet:
-        print(f"    {redact(text)}", file=sys.stderr, flush=True)
+        if live():
+            _console.print(f"    {redact(text)}", markup=False, soft_wrap=True)
+        else:
+            print(f"    {redact(text)}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _shared() -> Iterator[Progress]:
+    """The one live display, started by its first user and stopped by its last (threads
+    share it: concurrent install steps show one row each)."""
+    global _live, _live_users
+    with _lock:
+        if _live is None:
+            _live = Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                             BarColumn(bar_width=30), TextColumn("{task.fields[amount]}"),
+                             TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
+                             console=_console, transient=True, refresh_per_second=8)
+            _live.start()
+        _live_users += 1
+        progress = _live
+    try:
+        yield progress
+    finally:
+        with _lock:
+            _live_users -= 1
+            if _live_users == 0 and _live is not None:
+                _live.stop()
+                _live = None
 
 
 @contextlib.contextmanager
 def bytes_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
     """Yield an `advance(n)` callable; draws a bar on a terminal, nothing elsewhere."""
-    if _quiet or not _console.is_terminal:
+    if not live():
         yield lambda n: None
         return
     with Progress(TextColumn("    {task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), console=_console,
                   transient=True) as bar:
-        task = bar.add_task(label, total=total)
+        task = bar.add_task(redact(label), total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class Activity:
+    """A spinner row: what is running, for how long, and (`update`) the latest detail such as
+    an attempt count. A no-op off a terminal."""
+
+    def __init__(self, progress: Progress | None, task: TaskID | None, label: str) -> None:
+        self._progress = progress
+        self._task = task
+        self._label = label
+
+    def update(self, detail: str) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, description=redact(f"{self._label} ({detail})"))
+
+
+@contextlib.contextmanager
+def activity(label: str) -> Iterator[Activity]:
+    """A spinner with elapsed time while the block runs (terminal only)."""
+    if not live():
+        yield Activity(None, None, label)
+        return
+    with _shared() as progress:
+        task = progress.add_task(redact(f"    {label}"), total=None, amount="", speed="")
+        try:
+            yield Activity(progress, task, f"    {label}")
+        finally:
+            progress.remove_task(task)
+
+
+class FileBar:
+    """One file's row while it downloads; `retrying` is an http on_retry callback."""
+
+    def __init__(self, progress: Progress | None, task: TaskID | None, label: str) -> None:
+        self._progress = progress
+        self._task = task
+        self._label = label
+        self._done = 0
+        self._total: int | None = None
+        self._attempt = 1
+
+    def total(self, size: int | None) -> None:
+        self._total = size
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, total=size, completed=0)
+            self._show()
+
+    def restart(self) -> None:
+        self._done = 0
+        if self._progress is not None and self._task is not None:
+            self._progress.reset(self._task, total=self._total)
+            self._show()
+
+    def advance(self, n: int) -> None:
+        self._done += n
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, n)
+            self._show()
+
+    def retrying(self, attempt: int, why: str, waited: float) -> None:
+        self._attempt = attempt
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, description=redact(
+                f"    {self._label} (attempt {attempt}: {why}, waited {waited:.1f}s)"))
+
+    def _show(self) -> None:
+        assert self._progress is not None and self._task is not None
+        amount = _size(self._done) + (f"/{_size(self._total)}" if self._total else "")
+        speed = self._progress.tasks[self._task].speed if self._task in \
+            self._progress.task_ids else None
+        self._progress.update(self._task, amount=amount,
+                              speed=f"{_size(speed)}/s" if speed else "")
+
+
+class Downloads:
+    """A row counting files (`n/N files`), under which each file in flight has its own."""
+
+    def __init__(self, progress: Progress | None, task: TaskID | None) -> None:
+        self.progress = progress
+        self.task = task
+
+    def file_done(self) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task, 1)
+            t = self.progress.tasks[[x.id for x in self.progress.tasks].index(self.task)]
+            self.progress.update(self.task, amount=f"{int(t.completed)}/{int(t.total or 0)} "
+                                                   "files")
+
+
+@contextlib.contextmanager
+def downloads(label: str, files: int) -> Iterator[Downloads]:
+    if not live() or files == 0:
+        yield Downloads(None, None)
+        return
+    with _shared() as progress:
+        task = progress.add_task(redact(f"    {label}"), total=files,
+                                 amount=f"0/{files} files", speed="")
+        try:
+            yield Downloads(progress, task)
+        finally:
+            progress.remove_task(task)
+
+
+@contextlib.contextmanager
+def file_progress(group: Downloads | None, label: str) -> Iterator[FileBar]:
+    """A row for one file of `group` (none when the group draws nothing)."""
+    if group is None or group.progress is None:
+        yield FileBar(None, None, label)
+        return
+    progress = group.progress
+    task = progress.add_task(redact(f"    {label}"), total=None, amount="", speed="")
+    try:
+        yield FileBar(progress, task, label)
+        group.file_done()
+    finally:
+        progress.remove_task(task)
+
+
+__all__ = ["Activity", "Downloads", "FileBar", "Log", "activity",
+           "bytes_progress", "downloads", "file_progress", "live", "note", "set_plain",
+           "set_quiet", "step"]

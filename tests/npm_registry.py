@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,8 @@ class LocalRegistry:
         self.packages: dict[str, dict[str, Published]] = {}
         self.served: dict[str, bytes] = {}  # tarball path -> bytes served there
         self.requests: list[str] = []
+        self.request_times: list[tuple[str, float]] = []  # (path, time.monotonic())
+        self.busy: dict[str, tuple[int, str]] = {}  # path -> (503s left, Retry-After value)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -210,6 +213,18 @@ class LocalRegistry:
                 for version, p in versions.items():
                     self.served[tarball_path(name, version)] = p.tarball
 
+    @contextlib.contextmanager
+    def busy_once(self, name: str, version: str, retry_after: str = "1") -> Iterator[None]:
+        """The tarball answers `503 Service Unavailable` with `Retry-After` once, then 200."""
+        path = tarball_path(name, version)
+        with self._lock:
+            self.busy[path] = (1, retry_after)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.busy.pop(path, None)
+
     def clear_requests(self) -> None:
         with self._lock:
             self.requests.clear()
@@ -239,7 +254,19 @@ class LocalRegistry:
                 path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
                 with registry._lock:
                     registry.requests.append(path)
+                    registry.request_times.append((path, time.monotonic()))
                     tarball = registry.served.get(path)
+                    left, retry_after = registry.busy.get(path, (0, ""))
+                    if left:
+                        registry.busy[path] = (left - 1, retry_after)
+                if left:
+                    body = b"busy"
+                    self.send_response(503)
+                    self.send_header("Retry-After", retry_after)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if tarball is not None:
                     self._send(200, tarball, "application/octet-stream")
                     return

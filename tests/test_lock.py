@@ -1,8 +1,10 @@
-"""Locking for the TARGET (pip-tools on a matching host, uv for another Python), bundle.lock,
-and builds that resolve nothing and fetch nothing when the lock and cache are current."""
+"""Locking for the TARGET (uv by default, pip-tools when the profile asks for it on a matching
+host), bundle.lock and its staleness digest, and builds that resolve nothing and fetch nothing
+when the lock and cache are current."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import textwrap
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 from packaging.utils import parse_wheel_filename
 
+from bundler import lockfile
+from bundler.profile import load_profile
 from tests.helpers import bundle, bundle_argv, make_wheel, offline
 from tests.pyindex_server import serve, write_index
 
@@ -51,7 +55,8 @@ def _sdist(out: Path, name: str, version: str) -> Path:
     return path
 
 
-def profile(base: Path, url: str, python: str, version: str = "1.0.0") -> Path:
+def profile(base: Path, url: str, python: str, version: str = "1.0.0",
+            extra: str = "") -> Path:
     base.mkdir(parents=True, exist_ok=True)
     (base / "requirements.in").write_text("webapp\n")
     path = base / "bundle.yaml"
@@ -65,7 +70,7 @@ def profile(base: Path, url: str, python: str, version: str = "1.0.0") -> Path:
         python:
           requirements_in: requirements.in
           index_url: {url}
-        """))
+        """) + extra)
     return path
 
 
@@ -141,12 +146,12 @@ def test_lock_for_a_target_without_wheels_names_the_package(tmp_path: Path, inde
     assert "nosuchpkg" in result.err
 
 
-@pytest.mark.parametrize("python", [HOST, "3.12"])
+@pytest.mark.parametrize("python,resolver", [(HOST, "uv"), ("3.12", "uv"), (HOST, "pip-tools")])
 def test_sdist_only_package_fails_the_lock_naming_it(tmp_path: Path, index: str,
-                                                     python: str) -> None:
-    """Host target (pip-tools) and foreign target (uv) alike: no wheel, no bundle."""
+                                                     python: str, resolver: str) -> None:
+    """uv (any target) and pip-tools (this host) alike: no wheel, no bundle."""
     base = tmp_path / "p"
-    path = profile(base, index, python)
+    path = profile(base, index, python, extra=f"  resolver: {resolver}\n")
     (base / "requirements.in").write_text("webapp\nsrconly\n")
     result = bundle("lock", path, "--cache-dir", tmp_path / "cache")
     assert result.rc == 4, result.err
@@ -173,11 +178,13 @@ def test_pandas_is_locked_with_wheels_for_each_target(tmp_path: Path, python: st
         assert all(t.platform.startswith("manylinux") for t in tags)
 
 
+@pytest.mark.parametrize("resolver", ["uv", "pip-tools"])
 def test_a_patch_version_marker_the_host_passes_is_relocked_for_the_target(
-        tmp_path: Path) -> None:
+        tmp_path: Path, resolver: str) -> None:
     """redis needs async-timeout before CPython 3.11.3; Debian 12 ships 3.11.2. pip-compile on
-    a newer patch leaves it out; the target is any X.Y.z (taken as X.Y.0), so the lock is
-    redone with uv, and has it."""
+    a newer patch leaves it out; the target is any X.Y.z (taken as X.Y.0), so the completeness
+    check finds the gap and the lock is redone with uv, and has it. uv (the default) gets it
+    right the first time."""
     # On an X.Y.0 host the marker is true here too: pip-compile's lock is already complete.
     host_full = ".".join(map(str, sys.version_info[:3] if sys.version_info[2] else
                              (*sys.version_info[:2], 1)))
@@ -188,9 +195,185 @@ def test_a_patch_version_marker_the_host_passes_is_relocked_for_the_target(
         make_wheel(built, "timeouts", "4.0", {"timeouts/__init__.py": ""}),
     ], tmp_path / "index")
     with serve(tmp_path / "index") as url:
-        path = profile(tmp_path / "p", url, HOST)
+        path = profile(tmp_path / "p", url, HOST, extra=f"  resolver: {resolver}\n")
         (tmp_path / "p" / "requirements.in").write_text("client\n")
         result = bundle("lock", path, "--cache-dir", tmp_path / "cache", "--json")
     assert result.rc == 0, result.err
-    assert ("re-locking with uv for the target" in result.err) == (sys.version_info[2] > 0)
+    relocked = "re-locking with uv for the target" in result.err
+    assert relocked == (resolver == "pip-tools" and sys.version_info[2] > 0)
+    assert ("with pip-tools" in result.err) == (resolver == "pip-tools")
     assert {w["name"] for w in json.loads(result.out)["wheels"]} == {"client", "timeouts"}
+
+
+def test_uv_is_the_default_and_pip_tools_is_refused_for_a_foreign_target(
+        tmp_path: Path, index: str) -> None:
+    host = bundle("lock", profile(tmp_path / "h", index, HOST), "--cache-dir", tmp_path / "c")
+    assert host.rc == 0, host.err
+    assert "with uv for CPython" in host.err and "pip-tools" not in host.err
+    foreign = bundle("lock", profile(tmp_path / "f", index, "3.12",
+                                     extra="  resolver: pip-tools\n"),
+                     "--cache-dir", tmp_path / "c")
+    assert foreign.rc == 4
+    assert "pip-tools resolves for this host only" in foreign.err
+
+
+def test_resolver_is_validated_with_file_and_line(tmp_path: Path) -> None:
+    path = profile(tmp_path / "p", "http://127.0.0.1:9/simple/", HOST,
+                   extra="  resolver: poetry\n")
+    result = bundle("validate", path)
+    assert result.rc == 3
+    assert f"{path}:10" in result.err and "python.resolver" in result.err
+    assert "uv, pip-tools" in result.err
+
+
+# ------------------------------------------------------------------- the staleness digest
+
+_SPEC_PROFILE = """\
+schema: 1
+name: web
+version: 1.0.0
+target:
+  python: "3.11"
+  platform: manylinux_2_28_x86_64
+python:
+  requirements_in: requirements.in
+  index_url: http://127.0.0.1:9/simple/
+  find_links: [wheels]
+npm:
+  - project: web
+    registry: http://127.0.0.1:9/npm/
+images:
+  - ref: local/app:1
+    source: archive
+    archive: app.tar
+runtimes:
+  node: "20"
+"""
+
+
+def _different(value: object, type_name: str, tmp: Path, n: int) -> object:
+    """Another value of a spec field's type (the test fails for a type it does not know, so
+    a new kind of field gets looked at)."""
+    def new_file() -> Path:
+        f = tmp / f"other-{n}.txt"
+        f.write_text(f"other {n}\n")
+        return f
+
+    match type_name:
+        case "bool":
+            return not value
+        case "int":
+            assert isinstance(value, int)
+            return value + 1
+        case "str":
+            return f"{value}-changed"
+        case "str | None":
+            return "http://127.0.0.1:9/other/" if value is None else None
+        case "Path" | "Path | None":
+            return new_file()
+        case "tuple[str, ...]":
+            assert isinstance(value, tuple)
+            return (*value, "http://127.0.0.1:9/more/")
+        case "tuple[tuple[str, str], ...]":
+            assert isinstance(value, tuple)
+            return (*value, ("CHANGED", "1"))
+    raise AssertionError(f"teach this test to change a field of type {type_name}")
+
+
+def test_changing_any_field_of_any_spec_makes_the_lock_stale(tmp_path: Path) -> None:
+    base = tmp_path / "p"
+    (base / "web").mkdir(parents=True)
+    (base / "wheels").mkdir()
+    (base / "requirements.in").write_text("webapp\n")
+    (base / "app.tar").write_bytes(b"not really an image")
+    path = base / "bundle.yaml"
+    path.write_text(_SPEC_PROFILE)
+    prof = load_profile(path, check_files=False)
+    assert prof.python is not None and prof.npm and prof.images and prof.runtimes
+    digest = lockfile.inputs_digest(prof)
+    assert lockfile.inputs_digest(load_profile(path, check_files=False)) == digest  # stable
+    # What is not resolved does not matter: a new version keeps the lock.
+    assert lockfile.inputs_digest(dataclasses.replace(prof, version="9")) == digest
+    specs: dict[str, object] = {"target": prof.target, "python": prof.python,
+                                "npm": prof.npm[0], "images": prof.images[0],
+                                "runtimes": prof.runtimes}
+    changed = []
+    n = 0
+    for where, spec in specs.items():
+        assert dataclasses.is_dataclass(spec) and not isinstance(spec, type)
+        for field in dataclasses.fields(spec):
+            n += 1
+            other = dataclasses.replace(  # type: ignore[type-var]
+                spec, **{field.name: _different(getattr(spec, field.name), str(field.type),
+                                                tmp_path, n)})
+            if where in ("npm", "images"):
+                variant = dataclasses.replace(prof, **{where: (other,)})
+            else:
+                variant = dataclasses.replace(prof, **{where: other})
+            assert lockfile.inputs_digest(variant) != digest, f"{where}.{field.name}"
+            changed.append(f"{where}.{field.name}")
+    assert "python.find_links" in changed and "python.resolver" in changed
+    # The content of a requirements file counts, not only its name.
+    (base / "requirements.in").write_text("webapp\nhelper\n")
+    assert lockfile.inputs_digest(load_profile(path, check_files=False)) != digest
+
+
+def test_frozen_build_refuses_a_lock_made_with_other_find_links(
+        tmp_path: Path, index: str, keys: tuple[Path, Path]) -> None:
+    (tmp_path / "p" / "more").mkdir(parents=True)
+    path = profile(tmp_path / "p", index, HOST)
+    lock(path, tmp_path / "cache")
+    path.write_text(path.read_text() + "  find_links: [more]\n")
+    result = bundle("build", path, "--key", keys[0], "--out", tmp_path / "out",
+                    "--cache-dir", tmp_path / "cache", "--frozen")
+    assert result.rc == 4 and "missing or out of date" in result.err
+
+
+# --------------------------------------------------------------- progress stays out of pipes
+
+_CONTROL = set(range(0x00, 0x20)) - {0x0A, 0x09}  # anything but newline and tab
+
+
+def _controls(text: str) -> list[str]:
+    return sorted({repr(ch) for ch in text if ord(ch) in _CONTROL or ch == "\x7f"})
+
+
+def test_lock_and_build_print_plain_lines_in_a_pipe_and_with_json(
+        tmp_path: Path, index: str, keys: tuple[Path, Path]) -> None:
+    """No spinner, bar, colour or carriage return where a program reads the output: in a pipe
+    (with or without --json), and with --json even on a terminal."""
+    import os
+    import pty
+    import subprocess
+
+    path = profile(tmp_path / "p", index, HOST)
+    piped = bundle("lock", path, "--cache-dir", tmp_path / "c1")
+    assert piped.rc == 0, piped.err
+    assert "==> Resolving Python requirements" in piped.err
+    assert _controls(piped.out + piped.err) == []
+    built = bundle("build", path, "--key", keys[0], "--out", tmp_path / "out", "--cache-dir",
+                   tmp_path / "c1", "--json")
+    assert built.rc == 0, built.err
+    assert _controls(built.out + built.err) == []
+    # --json on a terminal: stdout and stderr are a pty here
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100"}
+    env.pop("NO_COLOR", None)
+    child = subprocess.Popen(bundle_argv("lock", path, "--cache-dir", tmp_path / "c2",
+                                         "--json"), stdin=subprocess.DEVNULL, stdout=terminal,
+                             stderr=terminal, env=env, close_fds=True)
+    os.close(terminal)
+    chunks = []
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert child.wait(timeout=120) == 0
+    os.close(controller)
+    seen = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")  # the tty's
+    assert '"wheels"' in seen and "==> Resolving" in seen
+    assert _controls(seen) == []

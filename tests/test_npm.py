@@ -202,6 +202,23 @@ def test_tampered_tarball_is_refused_naming_the_package(
     assert not Cache(tmp_path / "cache").has(bad)
 
 
+def test_a_busy_registry_is_retried_after_the_wait_it_asks_for(
+        projects: dict[str, Path], registry: LocalRegistry, tmp_path: Path) -> None:
+    """503 with Retry-After: 2 once: the download waits those 2 s (urllib3's own backoff
+    before a first retry is 0 s, so the gap shows the header was honoured), then succeeds
+    over the same shared connection pool."""
+    registry.request_times.clear()
+    with registry.busy_once("tiny-base", "1.0.0", retry_after="2"):
+        fetched = do_fetch(projects["no-resolved"], registry, tmp_path / "cache")
+    assert {p.name for p in fetched.packages} == {n for n, _ in PRODUCTION}
+    hits = [t for path, t in registry.request_times if path == "/tiny-base/-/tiny-base-1.0.0.tgz"]
+    assert len(hits) == 2  # the 503, then the retry
+    assert 2.0 <= hits[1] - hits[0] < 4.0
+    data = Cache(tmp_path / "cache").path(
+        next(p.sha256 for p in fetched.packages if p.name == "tiny-base")).read_bytes()
+    assert data == registry.tarball("tiny-base", "1.0.0")
+
+
 def test_package_missing_from_the_registry_is_named(
         projects: dict[str, Path], registry: LocalRegistry, tmp_path: Path) -> None:
     with registry.withdrawn("tiny-base"), pytest.raises(BuildError) as err:

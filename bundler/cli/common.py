@@ -26,6 +26,7 @@ def handled(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json = bool(kwargs.get("as_json"))
         ui.set_quiet(False)
+        ui.set_plain(as_json)  # output for programs: plain lines, no live progress
         try:
             return fn(*args, **kwargs)
         except BundlerError as exc:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bundler import proc
+from bundler import proc, ui
 from bundler.errors import BundlerError, CommandError
 from bundler.install import node_runtime, runas
 from bundler.install.environ import ReleaseEnv
@@ -166,13 +166,16 @@ def run_check(check: HealthCheck, env: ReleaseEnv = _NO_ENV,
     attempts = retries or check.retries
     started = time.monotonic()
     detail = ""
-    for attempt in range(1, attempts + 1):
-        ok, detail = probe(check, env, user)
-        if ok:
-            return CheckResult(check.name, check.kind, True, attempt, env.redact(detail),
-                               time.monotonic() - started)
-        if attempt < attempts:
-            time.sleep(check.interval_ms / 1000)
+    with ui.activity(f"health: {check.name} ({check.kind})") as spinner:
+        for attempt in range(1, attempts + 1):
+            ok, detail = probe(check, env, user)
+            if ok:
+                return CheckResult(check.name, check.kind, True, attempt, env.redact(detail),
+                                   time.monotonic() - started)
+            if attempt < attempts:
+                spinner.update(f"attempt {attempt + 1}/{attempts}; last: "
+                               f"{env.redact(detail)[:60]}")
+                time.sleep(check.interval_ms / 1000)
     return CheckResult(check.name, check.kind, False, attempts, env.redact(detail),
                        time.monotonic() - started)
 

@@ -17,13 +17,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bundler import archive, ui
+from bundler import archive, proc, ui
 from bundler.errors import (
     BundlerError,
+    Cancelled,
     InstallError,
     Interrupted,
     MigrationError,
@@ -181,29 +184,7 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                                f"sequence {m.sequence} accepted with --allow-downgrade")
         _place(layout, rel, staging, verified, previous)
         atomic_write_bytes(rel.meta / "environment", env.environment.encode())
-        if m.images:
-            with journal.step("images", f"Loading {len(m.images)} image(s) into the engine"):
-                from bundler.imagearchive import ImageRecord
-                from bundler.install import images as image_loader
-
-                image_loader.load(rel.path / IMAGES_PATH,
-                                  [ImageRecord(i.ref, i.image_id) for i in m.images], ui.note)
-        if m.runtimes is not None:
-            with journal.step("runtime:node", f"Unpacking Node.js {m.runtimes.node.version} "
-                                              "(carried in the bundle)"):
-                from bundler.install import node_runtime
-
-                node_runtime.install(rel.path, m, ui.note)
-        if m.python_lock and decision.python is not None:
-            with journal.step("python", "Installing Python packages offline"):
-                made = python_env.create_venv(decision.python, rel.venv,
-                                              rel.path / "python" / "wheels",
-                                              rel.path / m.python_lock, rel.logs, ui.note)
-                ui.note(f"venv ready; log: {made}")
-        for project in m.npm:
-            with journal.step(f"npm:{project.dest}",
-                              f"Installing npm packages offline into files/{project.dest}"):
-                _install_npm(rel, m, project)
+        _install_packages(journal, rel, m, decision)
         db = _database(m, env)
         db_exec = runtime.service_exec(layout, m.version, db) if db is not None else None
         if db is not None and db.compose_service:
@@ -297,6 +278,89 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         raise
     finally:
         state.close()
+
+
+def _install_packages(journal: _Journal, rel: ReleaseDir, m: Manifest,
+                      decision: policy.Decision) -> None:
+    """Load the images, fill the venv and install each npm project (after the carried
+    Node.js, which they run): these do not depend on each other, so they run at the same time,
+    each journaled as its own step. The first failure stops the others (their commands are
+    terminated, steps not yet begun never begin; an image load in flight is waited for) and
+    is raised; Ctrl+C likewise."""
+    tasks: list[tuple[str, Callable[[], None]]] = []
+    if m.images:
+        def images() -> None:
+            with journal.step("images", f"Loading {len(m.images)} image(s) into the engine"), \
+                    ui.activity("images: docker load"):
+                from bundler.imagearchive import ImageRecord
+                from bundler.install import images as image_loader
+
+                image_loader.load(rel.path / IMAGES_PATH,
+                                  [ImageRecord(i.ref, i.image_id) for i in m.images], ui.note)
+        tasks.append(("images", images))
+    if m.python_lock and decision.python is not None:
+        python, python_lock = decision.python, m.python_lock
+
+        def python_step() -> None:
+            with journal.step("python", "Installing Python packages offline"), \
+                    ui.activity("python: uv pip install (offline)"):
+                made = python_env.create_venv(python, rel.venv, rel.path / "python" / "wheels",
+                                              rel.path / python_lock, rel.logs, ui.note)
+                ui.note(f"venv ready; log: {made}")
+        tasks.append(("python", python_step))
+    node_ready = threading.Event()
+    if m.runtimes is not None:
+        runtimes = m.runtimes
+
+        def node() -> None:
+            with journal.step("runtime:node", f"Unpacking Node.js {runtimes.node.version} "
+                                              "(carried in the bundle)"):
+                from bundler.install import node_runtime
+
+                node_runtime.install(rel.path, m, ui.note)
+            node_ready.set()
+        tasks.append(("runtime:node", node))
+    else:
+        node_ready.set()
+    for project in m.npm:
+        def npm_step(project: NpmProject = project) -> None:
+            while not node_ready.wait(0.1):
+                scope.check()  # the runtime step failed: never begin
+            scope.check()
+            with journal.step(f"npm:{project.dest}",
+                              f"Installing npm packages offline into files/{project.dest}"), \
+                    ui.activity(f"npm:{project.dest}: npm ci --offline"):
+                _install_npm(rel, m, project)
+        tasks.append((f"npm:{project.dest}", npm_step))
+    if not tasks:
+        return
+    scope = proc.CancelScope()
+
+    def run(task: Callable[[], None]) -> None:
+        with proc.cancel_scope(scope):
+            scope.check()
+            task()
+
+    if len(tasks) == 1:
+        tasks[0][1]()
+        return
+    with ThreadPoolExecutor(max_workers=len(tasks), thread_name_prefix="install") as pool:
+        futures = [pool.submit(run, task) for _, task in tasks]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl+C while the steps run: stop them, then roll back
+            scope.cancel("interrupted")
+            wait(futures)
+            raise
+        failed = [(name, f.exception()) for (name, _), f in zip(tasks, futures, strict=True)
+                  if f.done() and f.exception() is not None]
+        if failed:
+            first_name, first = next(((n, e) for n, e in failed
+                                      if not isinstance(e, Cancelled)), failed[0])
+            scope.cancel(f"{first_name} failed")
+            wait(futures)
+            assert first is not None
+            raise first
 
 
 def _install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
@@ -498,21 +562,25 @@ def _write_report(rel: ReleaseDir, m: Manifest, state: State, journal: _Journal,
 
 
 class _Journal:
-    """Records each step's start and end in the state database, and prints it."""
+    """Records each step's start and end in the state database, and prints it. Steps may run
+    in several threads at once (see _install_packages): one lock serializes the records."""
 
     def __init__(self, state: State, txn: str, version: str) -> None:
         self.state = state
         self.txn = txn
         self.version = version
+        self._lock = threading.RLock()
 
     def record(self, step: str, status: str, detail: str = "") -> None:
-        self.state.event(self.txn, self.version, step, status, detail)
+        with self._lock:
+            self.state.event(self.txn, self.version, step, status, detail)
 
     @contextlib.contextmanager
     def step(self, name: str, text: str) -> Iterator[None]:
         ui.step(text)
-        self.record(name, "started")
-        fault_point(name)
+        with self._lock:  # a crash at the fault point leaves this step the journal's last
+            self.record(name, "started")
+            fault_point(name)
         try:
             yield
         except BaseException as exc:

@@ -98,7 +98,9 @@ class State:
             # narrowed here, by a writer only.
             private_dir(db.parent)
             create_file(db, 0o600)
-        conn = sqlite3.connect(db, isolation_level=None, timeout=30)
+        # check_same_thread off: the installer's concurrent steps journal through one
+        # connection, serialized by its _Journal lock (never two statements at once).
+        conn = sqlite3.connect(db, isolation_level=None, timeout=30, check_same_thread=False)
         # Rollback journal, not WAL: readers open the file read-only and leave no -wal/-shm
         # files behind, so a refused bundle changes nothing at all on the target.
         conn.execute("PRAGMA journal_mode=DELETE")

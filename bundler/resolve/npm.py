@@ -29,16 +29,14 @@ import tarfile
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from bundler import proc
+from bundler import proc, ui
 from bundler.cache import Cache
 from bundler.errors import BuildError, CommandError
 from bundler.fsutil import CHUNK
@@ -53,11 +51,9 @@ from bundler.npmlock import (
     strongest,
     tarball_path,
 )
+from bundler.resolve import http
 
-WORKERS = 8
-ATTEMPTS = 4
-HTTP_TIMEOUT = 60.0
-_USER_AGENT = "bundler (npm fetch)"
+WORKERS = http.MAX_PARALLEL
 _PACKUMENT_ACCEPT = ("application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, "
                      "*/*")
 
@@ -255,14 +251,6 @@ def _platform(spec: NpmSpec) -> str:
 # The registry
 
 
-class _NotFound(Exception):
-    pass
-
-
-class _Transient(Exception):
-    pass
-
-
 def default_registry() -> str:
     """npm's own default registry (host configuration ignored): bundler names no host."""
     with tempfile.TemporaryDirectory(prefix="bundler-npmrc-") as tmp:
@@ -293,46 +281,13 @@ def conventional_url(registry: str, name: str, version: str) -> str:
     return f"{registry}{name}/-/{base}-{version}.tgz"
 
 
-def _open(url: str, accept: str = "*/*") -> BinaryIO:
-    """The response to GET url (the caller closes it). 404/410 -> _NotFound; what a retry may
-    fix -> _Transient; anything else is a BuildError."""
-    req = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT, "Accept": accept})
-    try:
-        resp: BinaryIO = urllib.request.urlopen(req, timeout=HTTP_TIMEOUT)
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        if exc.code in (404, 410):
-            raise _NotFound(url) from None
-        if exc.code == 429 or exc.code >= 500:
-            raise _Transient(f"{url}: HTTP {exc.code}") from None
-        raise BuildError(f"GET {url} failed: HTTP {exc.code} {exc.reason}",
-                         hint="check the registry URL and that it needs no credentials") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise _Transient(f"{url}: {reason}") from None
-    return resp
-
-
-def _read_all(url: str, resp: BinaryIO) -> bytes:
-    try:
-        return resp.read()
-    except (OSError, ValueError) as exc:  # reset, IncompleteRead, timeout
-        raise _Transient(f"{url}: {exc}") from None
-
-
-def _retrying(what: str, attempt: Callable[[], Any]) -> Any:
-    delay = 0.5
-    for n in range(1, ATTEMPTS + 1):
-        try:
-            return attempt()
-        except _Transient as exc:
-            if n == ATTEMPTS:
-                raise BuildError(f"downloading {what} failed after {ATTEMPTS} attempts: {exc}",
-                                 hint="check the network and the registry, then build "
-                                      "again (finished downloads stay cached)") from None
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+def _failed(what: str, exc: http.HttpFailed) -> BuildError:
+    if exc.status is not None and exc.status < 500 and exc.status != 429:
+        return BuildError(exc.message,
+                          hint="check the registry URL and that it needs no credentials")
+    return BuildError(f"downloading {what} failed: {exc.message}",
+                      hint="check the network and the registry, then build again (finished "
+                           "downloads stay cached)")
 
 
 def packument(registry: str, name: str) -> dict[str, Any]:
@@ -340,14 +295,12 @@ def packument(registry: str, name: str) -> dict[str, Any]:
     `registry`: a URL ending in "/" (see registry_url)."""
     url = registry + name.replace("/", "%2f")
 
-    def get() -> dict[str, Any]:
-        with _open(url, _PACKUMENT_ACCEPT) as resp:
-            data = json.loads(_read_all(url, resp))
-        return data if isinstance(data, dict) else {}
-
     try:
-        doc: dict[str, Any] = _retrying(f"the packument of {name}", get)
-    except _NotFound:
+        data = json.loads(http.get_bytes(url, accept=_PACKUMENT_ACCEPT))
+        doc: dict[str, Any] = data if isinstance(data, dict) else {}
+    except http.HttpFailed as exc:
+        raise _failed(f"the packument of {name}", exc) from None
+    except http.NotFound:
         raise BuildError(f"{name} is not in the registry {registry}",
                          hint=f"publish {name} to the registry, or point the build at one "
                               "that has it") from None
@@ -414,41 +367,47 @@ class _Stats:
 
 
 def _download_one(entry: LockEntry, registry: str, cache: Cache, index: _Index,
-                  stats: _Stats) -> NpmPackage:
+                  stats: _Stats, progress: ui.Downloads | None = None) -> NpmPackage:
     hit = index.get(entry.integrity)
     if hit is not None:
         with stats.lock:
             stats.cached += 1
+        if progress is not None:
+            progress.file_done()
         return _package(entry, *hit)
     algo, want = strongest(entry.integrity)
     ident = f"{entry.name}@{entry.version}"
 
     def from_url(url: str) -> tuple[str, int]:
-        def attempt() -> tuple[str, int]:
+        def into_cache(chunks: Iterator[bytes]) -> tuple[str, int]:
             hasher = hashlib.new(algo)
-            with _open(url) as resp:
-                def read(n: int) -> bytes:
-                    try:
-                        chunk = resp.read(n)
-                    except (OSError, ValueError) as exc:  # reset, IncompleteRead, timeout
-                        raise _Transient(f"{url}: {exc}") from None
-                    hasher.update(chunk)
-                    return chunk
 
-                def check(_sha: str, size: int) -> None:
-                    got = hasher.digest()
-                    if got != want:
-                        raise BuildError(
-                            f"integrity mismatch for {ident}: the lock wants "
-                            f"{sri_of(algo, want)[:30]}..., {url} sent {size} bytes hashing "
-                            f"to {sri_of(algo, got)[:30]}...",
-                            hint=f"the registry served different bytes for {ident} than "
-                                 "the lock was made from: do not ship it; find out why")
+            def read(_n: int) -> bytes:
+                chunk = next(chunks, b"")
+                hasher.update(chunk)
+                if chunk:
+                    bar.advance(len(chunk))
+                return chunk
 
-                return cache.put_stream(read, check)
+            def check(_sha: str, size: int) -> None:
+                got = hasher.digest()
+                if got != want:
+                    raise BuildError(
+                        f"integrity mismatch for {ident}: the lock wants "
+                        f"{sri_of(algo, want)[:30]}..., {url} sent {size} bytes hashing "
+                        f"to {sri_of(algo, got)[:30]}...",
+                        hint=f"the registry served different bytes for {ident} than "
+                             "the lock was made from: do not ship it; find out why")
 
-        result: tuple[str, int] = _retrying(ident, attempt)
-        return result
+            bar.restart()
+            return cache.put_stream(read, check)
+
+        with ui.file_progress(progress, ident) as bar:
+            try:
+                return http.stream(url, into_cache, on_retry=bar.retrying,
+                                   on_length=bar.total)
+            except http.HttpFailed as exc:
+                raise _failed(ident, exc) from None
 
     candidates: list[Callable[[], str]] = [
         lambda: conventional_url(registry, entry.name, entry.version),
@@ -470,7 +429,7 @@ def _download_one(entry: LockEntry, registry: str, cache: Cache, index: _Index,
         tried.add(url)
         try:
             sha, size = from_url(url)
-        except _NotFound:
+        except http.NotFound:
             continue
         index.put(entry.integrity, sha, size)
         with stats.lock:
@@ -496,9 +455,10 @@ def download(entries: Sequence[LockEntry], registry: str, cache: Cache,
     started = time.monotonic()
     results: dict[int, NpmPackage] = {}
     with ThreadPoolExecutor(max_workers=max(1, workers),
-                            thread_name_prefix="npm-fetch") as pool:
+                            thread_name_prefix="npm-fetch") as pool, \
+            ui.downloads("npm tarballs", len(entries)) as progress:
         futures: dict[Future[NpmPackage], int] = {
-            pool.submit(_download_one, e, registry, cache, index, stats): i
+            pool.submit(_download_one, e, registry, cache, index, stats, progress): i
             for i, e in enumerate(entries)}
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in done if f.exception() is not None]

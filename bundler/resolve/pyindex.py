@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import html
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,10 +19,10 @@ from packaging.version import InvalidVersion, Version
 
 from bundler.models import Target
 from bundler.profile import PythonSpec
+from bundler.resolve import http
 from bundler.resolve import target as tgt
 
 _ANCHOR = re.compile(r"<a\s[^>]*>([^<]+)</a>", re.IGNORECASE)
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler())
 
 
 def default_index() -> str:
@@ -37,9 +35,9 @@ def default_index() -> str:
 def _files_on_index(index: str, name: str) -> list[str]:
     url = f"{index.rstrip('/')}/{canonicalize_name(name)}/"
     try:
-        with _OPENER.open(url, timeout=30) as resp:
-            text = resp.read(16 * 1024 * 1024).decode("utf-8", "replace")
-    except (urllib.error.URLError, OSError):
+        text = http.get_bytes(url, accept="text/html", limit=16 * 1024 * 1024
+                              ).decode("utf-8", "replace")
+    except (http.NotFound, http.HttpFailed):
         return []
     return [html.unescape(m).strip() for m in _ANCHOR.findall(text)]
 

@@ -1,9 +1,10 @@
 """Locking loose Python requirements into a hashed, pinned list for the TARGET.
 
-pip-compile (pip-tools) resolves for the interpreter it runs on, so it is used only when the
-target is this host's Python and platform family; otherwise uv resolves for the target
-(`--python-version`, `--python-platform`), because pip evaluates markers for the build host
-(pip-tools #1326, pip #11664). Both write the same hashed requirements format.
+uv resolves for the target (`--python-version`, `--python-platform`), whatever the build host
+is, in seconds: it is the default. pip-compile (pip-tools) stays selectable with
+`python.resolver: pip-tools`; it resolves for the interpreter it runs on (pip-tools #1326,
+pip #11664), so it is refused for a target unlike this host. Both write the same hashed
+requirements format.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from bundler import proc
+from bundler import proc, ui
 from bundler.errors import BuildError, CommandError
 from bundler.models import Target
 from bundler.platforms import host_platform, parse_platform
@@ -72,18 +73,26 @@ def _uv() -> str:
     here = Path(sys.executable).parent / "uv"
     found = str(here) if here.exists() else shutil.which("uv")
     if found is None:
-        raise BuildError("uv is needed to lock for a target unlike this host, and is missing",
+        raise BuildError("uv is needed to lock Python requirements, and is missing",
                          hint="install bundler's build side: pip install 'bundler[build]'")
     return found
 
 
 def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir: Path,
                          log: Log, for_target: bool = False) -> str:
-    """Return hashed, pinned requirements text for the target. `for_target`: use uv even on
-    a matching host (pip-compile's markers saw this host's exact patch version)."""
+    """Return hashed, pinned requirements text for the target, with the profile's resolver.
+    `for_target`: use uv even when pip-tools was chosen (pip-compile's markers saw this
+    host's exact patch version)."""
     source = loose_requirements(spec, work)
     out = work / "locked.txt"
-    if host_matches(target) and not for_target:
+    if spec.resolver == "pip-tools" and not for_target:
+        if not host_matches(target):
+            raise BuildError(
+                f"python.resolver pip-tools resolves for this host only (CPython "
+                f"{sys.version_info[0]}.{sys.version_info[1]} on {host_platform().arch}), "
+                f"not for the target (CPython {target.python} on {target.platform})",
+                hint="drop `resolver: pip-tools` from the profile: uv (the default) resolves "
+                     "for any target")
         log(f"locking {source.name} with pip-tools for CPython {target.python} "
             f"({target.platform}, this host)")
         args = [sys.executable, "-m", "piptools", "compile", "--no-header",
@@ -104,7 +113,9 @@ def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir
                               "UV_CACHE_DIR": str(cache_dir / "uv"),
                               "HOME": os.environ.get("HOME", "/root")})
     try:
-        proc.run(args, env=env, what="lock python requirements", timeout=1800)
+        tool = "pip-compile" if spec.resolver == "pip-tools" and not for_target else "uv"
+        with ui.activity(f"resolving {source.name} with {tool}"):
+            proc.run(args, env=env, what="lock python requirements", timeout=1800)
     except CommandError as exc:
         names = sorted({n for pattern in _UNRESOLVABLE for n in re.findall(pattern, exc.message)})
         if names:

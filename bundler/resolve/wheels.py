@@ -17,7 +17,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from packaging.utils import (
 )
 from packaging.version import Version
 
-from bundler import proc
+from bundler import proc, ui
 from bundler.cache import Cache
 from bundler.errors import BuildError, CommandError, Problem, ProfileError
 from bundler.manifest import FileEntry
@@ -167,7 +167,7 @@ def resolve(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> tuple[L
                 _check_complete(pins, wheels, target)
                 break
             except BuildError as gap:
-                if relock or spec.requirements is not None or not pylock.host_matches(target):
+                if relock or spec.requirements is not None or spec.resolver != "pip-tools":
                     raise
                 # pip-compile evaluated markers for this interpreter's exact version; the
                 # target is any CPython X.Y.z, taken as X.Y.0 (e.g. redis needs async-timeout
@@ -239,9 +239,15 @@ def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: Path,
     groups = [list(pins[i::n]) for i in range(n)]
     log(f"downloading {len(pins)} wheel(s) for CPython {target.python} / {target.platform}"
         + (f" ({n} in parallel)" if n > 1 else ""))
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pip-download") as pool:
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pip-download") as pool, \
+            ui.activity(f"downloading {len(pins)} wheel(s)") as spinner:
         futures = [pool.submit(_pip_download, group, spec, target, work / f"g{i}")
                    for i, group in enumerate(groups)]
+        while wait(futures, timeout=0.25).not_done:
+            # pip moves each finished file into --dest: count them
+            got = sum(1 for i in range(n) for _ in (work / f"g{i}" / "dl").glob("*.whl")
+                      ) if ui.live() else 0
+            spinner.update(f"{got}/{len(pins)} files")
         errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
         messages = [e.message for e in errors if isinstance(e, CommandError)]

@@ -1,0 +1,202 @@
+"""HTTP GETs for the build side: one shared urllib3 pool, bounded parallelism, retries.
+
+Every download the build makes by itself (npm packuments and tarballs, the Node.js runtime,
+the package index pages that explain a missing wheel) goes through here:
+
+- one `PoolManager` for the process, so parallel downloads from one registry reuse their
+  keep-alive connections (at most `MAX_PARALLEL` per host, the same bound the callers' thread
+  pools use);
+- retries with urllib3's `Retry`: connection errors, reads cut short, 429 and 5xx answers; a
+  `Retry-After` header (seconds or an HTTP date) is honoured, otherwise exponential backoff;
+  a server asking for more than `MAX_RETRY_AFTER` seconds fails the download instead of
+  stalling the build;
+- bodies are streamed: `stream()` hands the caller an iterator of chunks per attempt (e.g. to
+  write into the content-addressed cache while hashing), so memory stays flat whatever the
+  size, and an attempt cut short leaves nothing behind (the cache discards its temp file).
+
+Proxies come from the environment (`https_proxy`, `no_proxy`, ...), as urllib's did.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import urllib3
+from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError
+from urllib3.util import Retry, Timeout, parse_url
+
+from bundler.fsutil import CHUNK
+
+MAX_PARALLEL = 8
+ATTEMPTS = 4  # tries in all, the first included
+BACKOFF = 0.5  # seconds before the second try, doubling (when no Retry-After)
+MAX_RETRY_AFTER = 120.0
+TIMEOUT = Timeout(connect=15.0, read=60.0)
+USER_AGENT = "bundler"
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+
+T = TypeVar("T")
+OnRetry = Callable[[int, str, float], None]  # (attempt about to start, why, seconds waited)
+
+
+class NotFound(Exception):
+    """404 / 410: the resource is not there (callers may try another URL)."""
+
+
+class HttpFailed(Exception):
+    """The GET failed for good: a status no retry fixes, or retries exhausted."""
+
+    def __init__(self, message: str, status: int | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.attempts = attempts
+
+
+class _Cut(Exception):
+    """The body stopped short (reset, timeout, truncated): worth another try."""
+
+
+_lock = threading.Lock()
+_managers: dict[str | None, urllib3.PoolManager] = {}
+
+
+def _manager(url: str) -> urllib3.PoolManager:
+    parsed = parse_url(url)
+    proxy = None
+    proxies = urllib.request.getproxies()
+    if parsed.scheme in proxies and not urllib.request.proxy_bypass(parsed.host or ""):
+        proxy = proxies[parsed.scheme]
+    with _lock:
+        manager = _managers.get(proxy)
+        if manager is None:
+            headers = {"User-Agent": USER_AGENT}
+            manager = (urllib3.ProxyManager(proxy, num_pools=32, maxsize=MAX_PARALLEL,
+                                            block=True, headers=headers)
+                       if proxy else
+                       urllib3.PoolManager(num_pools=32, maxsize=MAX_PARALLEL, block=True,
+                                           headers=headers))
+            _managers[proxy] = manager
+        return manager
+
+
+def _retry_policy() -> Retry:
+    return Retry(total=ATTEMPTS - 1, connect=ATTEMPTS - 1, read=ATTEMPTS - 1,
+                 status=ATTEMPTS - 1, other=0, backoff_factor=BACKOFF,
+                 status_forcelist=RETRY_STATUS, allowed_methods=frozenset({"GET"}),
+                 respect_retry_after_header=True, raise_on_status=False)
+
+
+def _auth_headers(url: str) -> dict[str, str]:
+    auth = parse_url(url).auth
+    return dict(urllib3.make_headers(basic_auth=auth)) if auth else {}
+
+
+def stream(url: str, consume: Callable[[Iterator[bytes]], T], *, accept: str = "*/*",
+           on_retry: OnRetry | None = None,
+           on_length: Callable[[int | None], None] | None = None) -> T:
+    """GET `url` and return `consume(chunks)`; `consume` runs once per attempt and must not
+    keep anything from a failed one (a retry starts the body from the beginning).
+
+    Raises NotFound (404/410) or HttpFailed (anything else, after the retries)."""
+    retry = _retry_policy()
+    attempt = 1
+    headers = {"Accept": accept, **_auth_headers(url)}
+    while True:
+        why: str
+        response: urllib3.BaseHTTPResponse | None = None
+        reusable = False  # the body was read to its end: the connection can serve again
+        try:
+            response = _manager(url).request("GET", url, headers=headers, retries=False,
+                                             timeout=TIMEOUT, preload_content=False,
+                                             redirect=True)
+            status = response.status
+            if status in (404, 410):
+                reusable = True
+                raise NotFound(url)
+            if status in RETRY_STATUS:
+                why = f"HTTP {status}"
+                reusable = True
+            elif status >= 400:
+                reusable = True
+                raise HttpFailed(f"GET {url} failed: HTTP {status} {response.reason or ''}"
+                                 .rstrip(), status, attempt)
+            else:
+                if on_length is not None:
+                    length = response.headers.get("Content-Length")
+                    on_length(int(length) if length and length.isdigit() else None)
+                try:
+                    result = consume(_chunks(response))
+                except _Cut as cut:
+                    why = str(cut)
+                else:
+                    reusable = True
+                    return result
+        except HTTPError as exc:  # could not connect, or the connection broke
+            why = f"{type(exc).__name__}: {exc}"
+        except OSError as exc:
+            why = f"{type(exc).__name__}: {exc}"
+        finally:
+            if response is not None:
+                _done_with(response, reusable)
+        # one more try, if the policy allows it, after the wait it (or Retry-After) asks for
+        if response is not None and response.status not in RETRY_STATUS:
+            response = None  # the body broke off: a read error, not a status to retry
+        try:
+            retry = retry.increment("GET", url, response=response,
+                                    error=None if response is not None else _Transient(why))
+        except MaxRetryError:
+            raise HttpFailed(f"GET {url} failed after {attempt} attempt(s): {why}",
+                             response.status if response is not None else None,
+                             attempt) from None
+        wait = retry.get_retry_after(response) if response is not None else None
+        if wait is not None and wait > MAX_RETRY_AFTER:
+            raise HttpFailed(f"GET {url}: the server asks to retry after {wait:.0f}s "
+                             f"({why}); not waiting that long", response.status
+                             if response is not None else None, attempt)
+        started = time.monotonic()
+        retry.sleep(response)  # Retry-After when given, else backoff
+        attempt += 1
+        if on_retry is not None:
+            on_retry(attempt, why, time.monotonic() - started)
+
+
+class _Transient(ProtocolError):
+    """What a failed attempt is handed to Retry.increment as (a read error: retried)."""
+
+
+def _done_with(response: urllib3.BaseHTTPResponse, reusable: bool) -> None:
+    """Back to the pool when the body was read (or is small), else close the connection."""
+    try:
+        if reusable:
+            response.drain_conn()  # nothing left after a full read; an error page is small
+            response.release_conn()
+        else:
+            response.close()
+    except (HTTPError, OSError):
+        response.close()
+
+
+def _chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    try:
+        yield from response.stream(CHUNK, decode_content=True)
+    except (HTTPError, OSError) as exc:  # reset, IncompleteRead, read timeout
+        raise _Cut(f"{type(exc).__name__}: {exc}") from None
+
+
+def get_bytes(url: str, *, accept: str = "*/*", limit: int = 64 * 1024 * 1024,
+              on_retry: OnRetry | None = None) -> bytes:
+    """A small document (a packument, an index page), whole; at most `limit` bytes."""
+    def read(chunks: Iterator[bytes]) -> bytes:
+        out = bytearray()
+        for chunk in chunks:
+            out += chunk
+            if len(out) > limit:
+                raise HttpFailed(f"GET {url}: more than {limit} bytes")
+        return bytes(out)
+
+    return stream(url, read, accept=accept, on_retry=on_retry)

@@ -1,0 +1,108 @@
+"""The install's independent steps (images, Python env, npm projects) run at the same time,
+each journaled; the first failure stops the others and is the error raised."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from bundler import proc
+from bundler.errors import Cancelled, InstallError
+from bundler.install import installer, python_env
+from bundler.install.state import State
+from bundler.models import NpmProject
+
+
+def test_a_cancelled_scope_stops_its_running_command_at_once() -> None:
+    scope = proc.CancelScope()
+    outcome: list[BaseException] = []
+
+    def worker() -> None:
+        with proc.cancel_scope(scope):
+            try:
+                proc.run(["sleep", "30"], what="sleep")
+            except BaseException as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=worker)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(0.3)
+    scope.cancel("python failed")
+    thread.join(10)
+    assert time.monotonic() - started < 5
+    assert len(outcome) == 1 and isinstance(outcome[0], Cancelled)
+    assert "python failed" in outcome[0].message
+    with proc.cancel_scope(scope), pytest.raises(Cancelled):  # nothing new starts either
+        proc.run(["true"])
+
+
+def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python_fails: bool
+           ) -> tuple[installer._Journal, State, Any, Any, dict[str, float]]:
+    state = State.open(tmp_path / "state" / "state.db")
+    journal = installer._Journal(state, "t1", "1.0.0")
+    times: dict[str, float] = {}
+
+    def fake_venv(*_args: object, **_kw: object) -> Path:
+        times["python-start"] = time.monotonic()
+        if python_fails:
+            time.sleep(0.3)
+            raise InstallError("uv: Hash mismatch for tinygreet==1.0")
+        proc.run(["sleep", "1"])
+        times["python-end"] = time.monotonic()
+        return tmp_path / "log"
+
+    def fake_npm(_rel: object, _m: object, project: NpmProject) -> None:
+        times[f"{project.dest}-start"] = time.monotonic()
+        proc.run(["sleep", "30" if python_fails else "1"])
+        times[f"{project.dest}-end"] = time.monotonic()
+
+    monkeypatch.setattr(python_env, "create_venv", fake_venv)
+    monkeypatch.setattr(installer, "_install_npm", fake_npm)
+    m = SimpleNamespace(images=(), python_lock="python/requirements.lock", runtimes=None,
+                        npm=(NpmProject("web", True, (), ()), NpmProject("admin", True, (), ())))
+    rel = SimpleNamespace(venv=tmp_path / "venv", path=tmp_path, logs=tmp_path / "logs")
+    decision = SimpleNamespace(python="/usr/bin/python3")
+    return journal, state, m, (rel, decision), times
+
+
+def _steps(state: State) -> list[tuple[str, str]]:
+    return [(e.step, e.status) for e in state.events()]
+
+
+def test_steps_run_at_the_same_time_each_journaled(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    journal, state, m, (rel, decision), times = _setup(tmp_path, monkeypatch, False)
+    started = time.monotonic()
+    installer._install_packages(journal, rel, m, decision)
+    took = time.monotonic() - started
+    assert took < 2.5, took  # three 1 s steps, not one after the other
+    assert max(times["python-start"], times["web-start"], times["admin-start"]) \
+        < min(times["python-end"], times["web-end"], times["admin-end"])  # they overlapped
+    steps = _steps(state)
+    for name in ("python", "npm:web", "npm:admin"):
+        assert (name, "started") in steps and (name, "done") in steps
+    state.close()
+
+
+def test_the_first_failure_stops_the_others_and_is_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    journal, state, m, (rel, decision), times = _setup(tmp_path, monkeypatch, True)
+    started = time.monotonic()
+    with pytest.raises(InstallError) as err:
+        installer._install_packages(journal, rel, m, decision)
+    assert time.monotonic() - started < 8  # npm's 30 s were not waited out
+    assert not isinstance(err.value, Cancelled)
+    assert "Hash mismatch" in err.value.message
+    steps = _steps(state)
+    assert ("python", "failed") in steps
+    assert ("npm:web", "failed") in steps and ("npm:admin", "failed") in steps
+    assert "web-end" not in times and "admin-end" not in times
+    detail = [e.detail for e in state.events() if (e.step, e.status) == ("npm:web", "failed")]
+    assert detail == ["stopped: python failed"]
+    state.close()
