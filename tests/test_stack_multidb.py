@@ -20,8 +20,12 @@ env:
   required: [DATABASE_URL, CHAT_URL]
   secret: [DATABASE_URL, CHAT_URL]
 databases:
-  - {name: vectors, kind: postgres, url: ${DATABASE_URL}}
-  - {name: chat, kind: mysql, url: ${CHAT_URL}}
+  - name: vectors
+    kind: postgres
+    url: ${DATABASE_URL}
+  - name: chat
+    kind: mysql
+    url: ${CHAT_URL}
 migrations:
   - {name: schema, sql: app/db/pg}
   - {name: history, sql: app/db/chat, database: chat}
@@ -90,8 +94,9 @@ def test_two_databases_migrate_and_are_both_restored(
               "CREATE TABLE audit (at datetime);\nUPDATE msgs SET who = 'changed';\n")
     v3b = build(project, keys, cache_dir, "3.0.1", 4, healthy=False)
 
-    manifest = json.loads(bundle("inspect", v1, "--json").out)
-    assert "databases" in json.dumps(manifest)
+    manifest = json.loads(bundle("inspect", v1, "--trust", keys[1], "--json").out)
+    assert [(d["name"], d["kind"]) for d in manifest["databases"]] == [
+        ("vectors", "postgres"), ("chat", "mysql")]
 
     root = tmp_path / "target"
     roots.append(root)
