@@ -92,3 +92,38 @@ def test_single_database_manifest_json_is_unchanged() -> None:
     assert DatabaseSpec.from_json(json.loads(json.dumps(named.to_json()))) == named
     with pytest.raises(ValueError):
         DatabaseSpec.from_json({"url": "x", "kind": "oracle"})
+
+
+def test_pending_lists_every_database_still_to_restore(tmp_path: Path) -> None:
+    """recovery.pending(): per database, its last backup and fingerprints; one the attempt's
+    own rollback restored is left out; `restore done` settles them all."""
+    from bundler.install import recovery
+    from bundler.install.state import ReleaseRow, State
+
+    def backup(name: str, db: str) -> str:
+        return json.dumps({"path": f"/b/{name}", "kind": "pg_dump", "size": 1, "sha256": "0",
+                           "created": "2026-01-01T00:00:00Z", "database": db})
+
+    state = State.open(tmp_path / "state.db")
+    try:
+        with state.tx():
+            state.upsert_release(ReleaseRow("2.0.0", "shop", 2, "d", "k", "rollback_failed",
+                                            "2026-01-01T00:00:00Z", txn="t1"))
+        for step, status, detail in [
+                ("verify", "done", ""), ("backup", "file", backup("old-v", "vectors")),
+                ("backup", "file", backup("v", "vectors")), ("backup", "file", backup("c", "chat")),
+                ("db-state", "before-migrate:vectors", "fv"),
+                ("db-state", "before-migrate:chat", "fc"), ("migrate", "started", ""),
+                ("migrate", "failed", "boom"), ("restore", "done:vectors", "v"),
+                ("db-state", "after-failed-rollback:chat", "fc2")]:
+            state.event("t1", "2.0.0", step, status, detail)
+        p = recovery.pending(state)
+        assert p is not None
+        assert [(r.db_name, r.backup.path.name, r.before, r.after) for r in p.restores] == [
+            ("chat", "c", "fc", "fc2")]
+        assert p.backup is not None and p.backup.path.name == "c"
+        state.event("t1", "2.0.0", "restore", "done", "c")
+        p = recovery.pending(state)
+        assert p is not None and p.restores == ()
+    finally:
+        state.close()
