@@ -4,6 +4,7 @@ server), each with SQL migrations, installed under `unshare -n` (unix sockets on
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,8 +52,8 @@ def migration(project: Project, where: str, name: str, sql: str) -> None:
 
 
 def build(project: Project, keys: tuple[Path, Path], cache: Path, version: str, seq: int,
-          healthy: bool = True) -> Path:
-    profile = project.profile(version, healthy=healthy, sequence=seq, extra=PROFILE)
+          healthy: bool = True, extra: str = "") -> Path:
+    profile = project.profile(version, healthy=healthy, sequence=seq, extra=PROFILE + extra)
     result = bundle("build", profile, "--key", keys[0], "--out", project.dir / "dist",
                     "--cache-dir", cache, "--json")
     assert result.rc == 0, result.err
@@ -133,6 +134,49 @@ def test_two_databases_migrate_and_are_both_restored(
     assert ("3.0.0", "restore", "done:vectors") in steps
     assert ("3.0.0", "restore", "done:chat") in steps
     assert ("3.0.1", "restore", "done") in steps
+
+
+def test_kill_9_in_the_last_database_restores_both_on_rerun(
+        project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
+        cluster: PgCluster, pgurl: str, mariadb: MariaDb, chatdb: str,
+        roots: list[Path]) -> None:
+    pgname = pgurl.split("@/")[1].split("?")[0]
+
+    def state() -> tuple[object, str]:
+        with cluster.connect(pgname) as conn:
+            return snapshot(conn), mariadb.dump(chatdb)
+
+    migration(project, "pg", "001_docs.sql", "CREATE TABLE docs (id int);\n"
+                                             "INSERT INTO docs VALUES (1);\n")
+    migration(project, "chat", "001_msgs.sql", "CREATE TABLE msgs (id int);\n"
+                                               "INSERT INTO msgs VALUES (1);\n")
+    v1 = build(project, keys, cache_dir, "1.0.0", 1)
+    migration(project, "pg", "002_more.sql", "INSERT INTO docs VALUES (2);\n")
+    # The chat database is changed, then its installer dies (as on a power cut).
+    crash = ("  - name: crash\n    database: chat\n    command: [sh, -c, 'mariadb --no-defaults "
+             f"-S {mariadb.socket} -uroot {chatdb} -e \"CREATE TABLE half (x int)\" "
+             "&& kill -9 $PPID']\n")
+    v2 = build(project, keys, cache_dir, "2.0.0", 2, extra=crash)
+    root = tmp_path / "target"
+    roots.append(root)
+    (root / "shared").mkdir(parents=True)
+    (root / "shared" / ".env").write_text(
+        f"DATABASE_URL={pgurl}\nCHAT_URL={mariadb.url(chatdb)}\n")
+    trust = ["--trust", keys[1], "--root", root]
+    (r1,) = offline(bundle_argv("install", v1, *trust))
+    assert r1.rc == 0, r1.err
+    before = state()
+    (crashed,) = offline(bundle_argv("install", v2, *trust))
+    assert crashed.rc == -signal.SIGKILL, crashed.err
+    after = state()
+    assert after[0] != before[0] and after[1] != before[1]  # both half-migrated
+    rerun, status = offline(bundle_argv("install", v1, *trust),
+                            bundle_argv("status", "--root", root, "--json"))
+    assert rerun.rc == 0, rerun.err
+    assert "interrupted during migrate" in rerun.err
+    assert state() == before
+    st = json.loads(status.out)
+    assert st["current"]["version"] == "1.0.0" and st["healthy"] is True
 
 
 def test_mysql_health_check_against_the_real_server(mariadb: MariaDb, chatdb: str) -> None:
