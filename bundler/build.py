@@ -176,8 +176,10 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
                                   "names)")
         facts = compose_check.inspect([(f, sources[f"files/{f}"]) for f in compose.files])
         needed = [(m.service, f"migration {m.name}") for m in runtime.migrations if m.service]
-        if runtime.database is not None and runtime.database.compose_service:
-            needed.append((runtime.database.compose_service, "database.compose_service"))
+        for spec in runtime.all_databases():
+            if spec.compose_service:
+                needed.append((spec.compose_service, "databases.compose_service"
+                               if spec.name else "database.compose_service"))
         compose_check.check(facts, [i.ref for i in profile.images], needed)
         runtime = dataclasses.replace(
             runtime, compose=dataclasses.replace(compose, ports=facts.ports))

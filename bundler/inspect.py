@@ -31,7 +31,9 @@ def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> d
         "migrations": [x.name for x in m.runtime.migrations],
         "user": m.runtime.user,  # the account its processes run as (None: root)
         "parts": parts,
-    }
+    } | ({"databases": [{"name": d.name, "kind": d.kind, "compose_service": d.compose_service}
+                        for d in m.runtime.databases]}
+         if m.runtime.databases else {})  # only for `databases:`: older output unchanged
 
 
 def _artifact_key(entry: FileEntry) -> tuple[str, str]:

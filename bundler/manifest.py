@@ -103,7 +103,9 @@ class Manifest:
             "compose": self.runtime.compose.to_json() if self.runtime.compose else None,
             "database": self.runtime.database.to_json() if self.runtime.database else None,
             "migrations": [mg.to_json() for mg in self.runtime.migrations],
-        } | ({"user": self.runtime.user} if self.runtime.user else {}) \
+        } | ({"databases": [d.to_json() for d in self.runtime.databases]}
+             if self.runtime.databases else {}) \
+            | ({"user": self.runtime.user} if self.runtime.user else {}) \
             | ({"runtimes": self.runtimes.to_json()} if self.runtimes else {})  # only when set
 
     def to_bytes(self) -> bytes:
@@ -324,6 +326,20 @@ def _migrations(raw: Any) -> tuple[MigrationSpec, ...]:
     return tuple(out)
 
 
+def _databases(raw: Any) -> tuple[DatabaseSpec, ...]:
+    if not isinstance(raw, list):
+        raise ValueError("databases must be a list")
+    out = []
+    for i, data in enumerate(raw):
+        if not isinstance(data, dict) or not data.get("name") or not data.get("kind"):
+            raise ValueError(f"databases[{i}] must name its name and kind")
+        out.append(DatabaseSpec.from_json(data))
+    names = [d.name for d in out]
+    if len(set(names)) != len(names):
+        raise ValueError("two databases have the same name")
+    return tuple(out)
+
+
 def _from_json(doc: Any) -> Manifest:
     if not isinstance(doc, dict):
         raise ValueError("manifest must be an object")
@@ -358,7 +374,7 @@ def _from_json(doc: Any) -> Manifest:
         raise ValueError("python.lock names a file that is not listed")
     if lock is not None and next(f.kind for f in files if f.path == lock) != "lock":
         raise ValueError(f"python.lock {lock!r} is not a file of kind 'lock'")
-    return Manifest(
+    manifest = Manifest(
         schema=SCHEMA,
         name=_matching(doc["name"], "name", NAME_RE),
         version=_matching(doc["version"], "version", VERSION_RE),
@@ -379,7 +395,17 @@ def _from_json(doc: Any) -> Manifest:
             env=EnvSpec.from_json(doc.get("env", {})),
             compose=_compose(doc["compose"], seen) if doc.get("compose") else None,
             database=DatabaseSpec.from_json(doc["database"]) if doc.get("database") else None,
+            databases=_databases(doc.get("databases", [])),
             migrations=_migrations(doc.get("migrations", [])),
             user=user_name(doc["user"]) if "user" in doc else None,
         ),
     )
+    runtime = manifest.runtime
+    if runtime.databases and runtime.database is not None:
+        raise ValueError("a manifest has either database or databases, not both")
+    names = {d.name for d in runtime.databases}
+    for mg in runtime.migrations:
+        if mg.database is not None and mg.database not in names:
+            raise ValueError(f"migration {mg.name!r} names an unknown database "
+                             f"{mg.database!r}")
+    return manifest

@@ -95,7 +95,7 @@ class Service:
         )
 
 
-CHECK_KINDS = ("http", "tcp", "postgres", "redis", "command")
+CHECK_KINDS = ("http", "tcp", "postgres", "mysql", "redis", "command")
 
 
 @dataclass(frozen=True)
@@ -302,19 +302,38 @@ class ComposeSpec:
                    tuple(int(p) for p in d.get("ports", ())))
 
 
+DATABASE_KINDS = ("postgres", "mysql", "sqlite")
+
+
 @dataclass(frozen=True)
 class DatabaseSpec:
-    """The release's database: backed up before migrations, restored if the release fails."""
+    """A release's database: backed up before migrations, restored if the release fails.
+
+    `name` and `kind` are set for the entries of `databases:` (kind: postgres | mysql |
+    sqlite; MariaDB is mysql); the single `database:` key leaves them None (its kind comes
+    from the URL's scheme)."""
 
     url: str  # usually ${DATABASE_URL}: expanded from the release environment, never stored
     compose_service: str | None = None
+    name: str | None = None
+    kind: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"url": self.url, "compose_service": self.compose_service}
+        out: dict[str, Any] = {"url": self.url, "compose_service": self.compose_service}
+        # only when set: manifests of a single `database:` stay byte-identical
+        out.update({k: v for k, v in (("name", self.name), ("kind", self.kind)) if v})
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> DatabaseSpec:
-        return cls(str(d["url"]), d.get("compose_service"))
+        kind = d.get("kind")
+        if kind is not None and kind not in DATABASE_KINDS:
+            raise ValueError(f"unknown database kind {kind!r}")
+        name = d.get("name")
+        if name is not None and not NAME_RE.fullmatch(str(name)):
+            raise ValueError(f"database name {name!r} is not a name")
+        return cls(str(d["url"]), d.get("compose_service"),
+                   str(name) if name is not None else None, kind)
 
 
 MIGRATION_KINDS = ("alembic", "sql", "command")
@@ -328,12 +347,15 @@ class MigrationSpec:
     command: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     service: str | None = None       # command only: run as a one-off of this compose service
+    database: str | None = None      # the `databases[].name` it migrates (None: the first)
 
     def to_json(self) -> dict[str, Any]:
         out = {"name": self.name, "kind": self.kind, "path": self.path,
                "command": list(self.command), "env": dict(self.env)}
         if self.service:  # only when set: older manifests stay byte-identical
             out["service"] = self.service
+        if self.database:
+            out["database"] = self.database
         return out
 
     @classmethod
@@ -343,7 +365,8 @@ class MigrationSpec:
         return cls(str(d["name"]), str(d["kind"]), d.get("path"),
                    tuple(str(c) for c in d.get("command", [])),
                    tuple(sorted((str(k), str(v)) for k, v in d.get("env", {}).items())),
-                   str(d["service"]) if d.get("service") else None)
+                   str(d["service"]) if d.get("service") else None,
+                   str(d["database"]) if d.get("database") else None)
 
 
 @dataclass(frozen=True)
@@ -356,10 +379,25 @@ class Runtime:
     env: EnvSpec = field(default_factory=EnvSpec)
     compose: ComposeSpec | None = None
     database: DatabaseSpec | None = None
+    # `databases:` (several, named); when set, `database` is None
+    databases: tuple[DatabaseSpec, ...] = ()
     migrations: tuple[MigrationSpec, ...] = ()
     # The unprivileged account the release's own processes run as: services (unless they name
     # their own), host-run command and alembic migrations, command health checks.
     user: str | None = None
+
+    def all_databases(self) -> tuple[DatabaseSpec, ...]:
+        """Every database of the release: `databases`, or the single `database` as one."""
+        if self.databases:
+            return self.databases
+        return (self.database,) if self.database is not None else ()
+
+    def database_of(self, migration: MigrationSpec) -> DatabaseSpec | None:
+        """The database `migration` runs against: the one it names, else the first."""
+        dbs = self.all_databases()
+        if migration.database:
+            return next((d for d in dbs if d.name == migration.database), None)
+        return dbs[0] if dbs else None
 
     def service_user(self, service: Service) -> str | None:
         return service.user or self.user

@@ -22,6 +22,7 @@ from bundler.errors import Problem, ProfileError
 from bundler.models import (
     CHECK_KINDS,
     COMPOSE_TOOLS,
+    DATABASE_KINDS,
     MIGRATION_KINDS,
     NAME_RE,
     PLACEHOLDERS,
@@ -309,8 +310,8 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         root, "profile",
         required=("schema", "name", "version"),
         optional=("sequence", "expires", "target", "actions", "python", "npm", "images",
-                  "files", "env", "compose", "database", "migrations", "services", "health",
-                  "install", "user", "runtimes"),
+                  "files", "env", "compose", "database", "databases", "migrations", "services",
+                  "health", "install", "user", "runtimes"),
     )
     if top is None:
         raise ProfileError(c.problems)
@@ -361,16 +362,32 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     env = _env(c, top["env"]) if "env" in top else EnvSpec()
     compose = _compose_spec(c, top["compose"]) if "compose" in top else None
     database = _database(c, top["database"]) if "database" in top else None
+    databases = tuple(c.sequence(top["databases"], "databases",
+                                 lambda n, w: _database(c, n, w, named=True))
+                      ) if "databases" in top else ()
     migrations = tuple(c.sequence(top["migrations"], "migrations",
                                   lambda n, w: _migration(c, n, w))) if "migrations" in top else ()
-    if database is not None and database.compose_service and compose is None:
-        c.add(top["database"], "database.compose_service names a compose service but the "
-              "profile has no `compose:`", "add compose: {files: [...]} with that service, or "
-              "drop compose_service for a database reached by URL alone")
+    if "database" in top and "databases" in top:
+        c.add(top["databases"], "give either `database:` or `databases:`, not both",
+              "move the single database into the `databases:` list")
+    if "databases" in top and not databases and not c.problems:
+        c.add(top["databases"], "databases must list at least one database")
+    _unique(c, [d.name or "" for d in databases], top.get("databases"), "database name")
+    for spec, key in [(database, "database")] + [(d, "databases") for d in databases]:
+        if spec is not None and spec.compose_service and compose is None:
+            c.add(top[key], f"{key}.compose_service names a compose service but the "
+                  "profile has no `compose:`", "add compose: {files: [...]} with that service, "
+                  "or drop compose_service for a database reached by URL alone")
+    db_names = {d.name for d in databases}
+    for mg in migrations:
+        if mg.database is not None and mg.database not in db_names:
+            c.add(top["migrations"], f"migration {mg.name!r} names database "
+                  f"{mg.database!r}, which `databases:` does not list",
+                  f"one of: {', '.join(sorted(n for n in db_names if n)) or '(none)'}")
     if any(x.service for x in migrations) and compose is None:
         c.add(top["migrations"], "a migration names a compose `service` but the profile has "
               "no `compose:`", "add compose: {files: [...]}, or drop the migration's service")
-    if migrations and database is None:
+    if migrations and database is None and not databases:
         c.add(top["migrations"], "migrations need a `database:` (what to back up and migrate)",
               "add database: {url: ${DATABASE_URL}}")
     keep = 3
@@ -394,7 +411,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         path=path, schema=schema, name=name, version=version, sequence=sequence,
         expires_ms=expires, target=target, python=python, files=files,
         runtime=Runtime(services=services, health=health, install=InstallPolicy(keep=keep),
-                        env=env, compose=compose, database=database,
+                        env=env, compose=compose, database=database, databases=databases,
                         migrations=migrations, user=user),
         actions=actions,
         npm=npm,
@@ -571,23 +588,45 @@ def _compose_spec(c: _Checker, node: Node) -> ComposeSpec | None:
     return ComposeSpec(tuple(files), project, tool)
 
 
-def _database(c: _Checker, node: Node) -> DatabaseSpec | None:
-    m = c.mapping(node, "database", ("url",), ("compose_service",))
+_DB_URL_RE = re.compile(
+    r"^(\$\{\w+\}|postgres(ql)?(\+\w+)?://\S+|(mysql|mariadb)(\+\w+)?://\S+|sqlite:///\S+)$")
+
+
+def _database(c: _Checker, node: Node, where: str = "database", *,
+              named: bool = False) -> DatabaseSpec | None:
+    m = c.mapping(node, where, ("name", "kind", "url") if named else ("url",),
+                  ("compose_service",))
     if m is None:
         return None
-    url = c.string(m["url"], "database.url",
-                   re.compile(r"^(\$\{\w+\}|postgres(ql)?(\+\w+)?://\S+|sqlite:///\S+)$"),
+    url = c.string(m["url"], f"{where}.url", _DB_URL_RE,
                    "write ${DATABASE_URL} (set on the target) or sqlite:///abs/path.db")
     if url and has_plaintext_secret(url):
-        c.add(m["url"], "database.url holds a password", "use ${DATABASE_URL} and put the URL "
+        c.add(m["url"], f"{where}.url holds a password", "use ${DATABASE_URL} and put the URL "
               "in the target's shared .env: bundles must not carry secrets")
-    service = c.scalar(m["compose_service"], "database.compose_service") \
+    service = c.scalar(m["compose_service"], f"{where}.compose_service") \
         if "compose_service" in m else None
-    return DatabaseSpec(url, service) if url else None
+    name = kind = None
+    if named:
+        name = c.string(m["name"], f"{where}.name", NAME_RE,
+                        "lowercase letters, digits and '-'") if "name" in m else None
+        kind = c.string(m["kind"], f"{where}.kind",
+                        re.compile(f"^({'|'.join(DATABASE_KINDS)})$"),
+                        f"one of: {', '.join(DATABASE_KINDS)} (MariaDB is mysql)"
+                        ) if "kind" in m else None
+        if url and kind and not url.startswith("${"):
+            scheme = url.partition("://")[0].split("+", 1)[0]
+            expected = {"postgres": ("postgres", "postgresql"), "mysql": ("mysql", "mariadb"),
+                        "sqlite": ("sqlite",)}[kind]
+            if scheme not in expected:
+                c.add(m["url"], f"{where}.url is a {scheme}:// URL but kind is {kind}")
+        if name is None or kind is None:
+            return None
+    return DatabaseSpec(url, service, name, kind) if url else None
 
 
 def _migration(c: _Checker, node: Node, where: str) -> MigrationSpec | None:
-    m = c.mapping(node, where, ("name",), (*MIGRATION_KINDS, "env", "service", "cwd"))
+    m = c.mapping(node, where, ("name",), (*MIGRATION_KINDS, "env", "service", "cwd",
+                                                    "database"))
     if m is None:
         return None
     kinds = [k for k in MIGRATION_KINDS if k in m]
@@ -617,7 +656,10 @@ def _migration(c: _Checker, node: Node, where: str) -> MigrationSpec | None:
               "head]}")
     if name is None or (path is None and not command):
         return None
-    return MigrationSpec(name, kind, path, command, tuple(sorted(env.items())), service)
+    database = c.string(m["database"], f"{where}.database", NAME_RE,
+                        "the name of one of `databases:`") if "database" in m else None
+    return MigrationSpec(name, kind, path, command, tuple(sorted(env.items())), service,
+                         database)
 
 
 ENVIRONMENTS = ("all", "production", "staging", "development")
@@ -807,5 +849,6 @@ _CHECK_PATTERNS = {
     "http": (r"^https?://[^/\s]+\S*$", "http://127.0.0.1:8000/health"),
     "tcp": (r"^[^\s:]+:(\d+|\$\{\w+\})$", "127.0.0.1:5432"),
     "postgres": (r"^(postgres(ql)?://\S+|\$\{\w+\})$", "${DATABASE_URL}"),
+    "mysql": (r"^((mysql|mariadb)://\S+|\$\{\w+\})$", "${MYSQL_URL}"),
     "redis": (r"^(rediss?://\S+|\$\{\w+\})$", "redis://127.0.0.1:6379"),
 }

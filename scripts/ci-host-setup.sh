@@ -78,3 +78,13 @@ then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
 fi
+
+# Two-database tests (tests/test_stack_multidb.py): a MariaDB server (mariadb-install-db,
+# mariadbd: started by the tests as a throwaway instance on a unix socket in a temp dir) and the
+# client tools bundler itself uses for a mysql database (mariadb, mariadb-dump).
+if ! command -v mariadbd >/dev/null || ! command -v mariadb-install-db >/dev/null \
+   || ! command -v mariadb >/dev/null || ! command -v mariadb-dump >/dev/null
+then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server mariadb-client
+fi

@@ -13,6 +13,7 @@ from tests.helpers import Project, bundle, make_project
 
 if TYPE_CHECKING:
     from tests.bare_target import BareTargets, Images
+    from tests.mariadb_fixtures import MariaDb
     from tests.pg_fixtures import PgCluster
 
 
@@ -65,6 +66,18 @@ def cluster() -> Iterator[PgCluster]:
 
     with pg_fixtures.cluster_session() as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def mariadb() -> Iterator[MariaDb]:
+    """A throwaway MariaDB server on a unix socket (missing binaries: fails in CI)."""
+    from tests import mariadb_fixtures
+
+    server = mariadb_fixtures.start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

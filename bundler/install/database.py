@@ -65,6 +65,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 from bundler import proc
 from bundler.errors import CommandError, InstallError
 from bundler.fsutil import CHUNK, create_file, private_dir, require_space, sha256_file
+from bundler.install import mysql_db
 from bundler.redact import redact
 
 # Seconds. A dump or a restore of a big database takes long; a hung one must still end.
@@ -105,19 +106,28 @@ class ServiceExec(Protocol):
 class Database:
     url: str
     compose_service: str | None = None
+    name: str | None = None  # its `databases[].name` (None: the single `database:`)
 
     @property
     def kind(self) -> str:
-        """"postgresql" or "sqlite"; InstallError for anything else."""
+        """"postgresql", "mysql" (MySQL or MariaDB, see mysql_db) or "sqlite"; InstallError
+        for anything else."""
         scheme = self.url.partition("://")[0].split("+", 1)[0].lower()
         if scheme in ("postgresql", "postgres"):
             return "postgresql"
+        if scheme in ("mysql", "mariadb"):
+            return "mysql"
         if scheme == "sqlite":
             return "sqlite"
         raise InstallError(
-            f"database URL {redact(self.url)} is not a postgresql:// or sqlite:/// URL",
-            hint="use postgresql://user@host:5432/db, postgresql://user@/db?host=/socket/dir "
-                 "or sqlite:///absolute/path.db")
+            f"database URL {redact(self.url)} is not a postgresql://, mysql:// or sqlite:/// URL",
+            hint="use postgresql://user@host:5432/db, postgresql://user@/db?host=/socket/dir, "
+                 "mysql://user@host:3306/db or sqlite:///absolute/path.db")
+
+    @property
+    def label(self) -> str:
+        """How messages name it: `NAME (URL)` for a named database, else the URL."""
+        return f"{self.name} ({self.display})" if self.name else self.display
 
     @property
     def display(self) -> str:
@@ -128,7 +138,7 @@ class Database:
 @dataclass(frozen=True)
 class Backup:
     path: Path
-    kind: str  # "pg_dump" | "sqlite"
+    kind: str  # "pg_dump" | "sqlite" | "mysqldump"
     size: int
     sha256: str
     created: str
@@ -321,6 +331,9 @@ def check(db: Database, env: Mapping[str, str], *,
     if db.kind == "sqlite":
         _sqlite_check(sqlite_path(db))
         return
+    if db.kind == "mysql":
+        mysql_db.check(db, env, exec_in_service=exec_in_service)
+        return
     pg = pg_target(db)
     if db.compose_service:
         for tool in ("pg_dump", "pg_restore", "psql"):
@@ -425,6 +438,9 @@ def backup(db: Database, dest_dir: Path, env: Mapping[str, str], log: Log, *,
     if db.kind == "sqlite":
         path = _sqlite_backup(sqlite_path(db), dest_dir, when, log)
         kind = "sqlite"
+    elif db.kind == "mysql":
+        path = _mysql_backup(db, dest_dir, when, env, log, exec_in_service)
+        kind = "mysqldump"
     else:
         path = _pg_backup(db, dest_dir, when, env, log, exec_in_service)
         kind = "pg_dump"
@@ -456,6 +472,23 @@ def _pg_backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str, s
         _fsync(tmp)
         entries = _verify_dump(db, tmp, env, exec_in_service)
         log(f"verified {final.name}: {entries} archive entries, every data block readable")
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _fsync(dest_dir)
+    return final
+
+
+def _mysql_backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str, str],
+                  log: Log, exec_in_service: ServiceExec | None) -> Path:
+    final = _backup_path(dest_dir, mysql_db.target(db, env).dbname, ".mysql.sql", when)
+    tmp = dest_dir / f".{final.name}.tmp"
+    try:
+        mysql_db.backup(db, tmp, env, log, exec_in_service=exec_in_service)
+        _fsync(tmp)
+        log(f"verified {final.name}: read back to its completion line")
         os.replace(tmp, final)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -549,6 +582,8 @@ def fingerprint(db: Database, env: Mapping[str, str], *,
         for f in (path, path.with_name(path.name + "-wal")):
             parts.append(sha256_file(f)[0] if f.is_file() else "-")
         return "sqlite:" + hashlib.sha256(":".join(parts).encode()).hexdigest()[:32]
+    if db.kind == "mysql":
+        return mysql_db.fingerprint(db, env, exec_in_service=exec_in_service)
     pg = pg_target(db)
     if db.compose_service:
         result = _run_tool(db, ["psql"], env, timeout=CONNECT_TIMEOUT + 60,
@@ -578,6 +613,12 @@ def restore(db: Database, backup: Backup, env: Mapping[str, str], log: Log, *,
             hint="the database was NOT restored; restore it by hand from another copy")
     if db.kind == "sqlite":
         _sqlite_restore(sqlite_path(db), backup, log)
+    elif db.kind == "mysql":
+        if backup.kind != "mysqldump":
+            raise InstallError(f"backup {backup.path} is a {backup.kind} backup, not a "
+                               "mysqldump")
+        mysql_db.restore(db, backup.path, backup.path.parent, env, log,
+                         exec_in_service=exec_in_service)
     else:
         if backup.kind != "pg_dump":
             raise InstallError(f"backup {backup.path} is a {backup.kind} backup, not a pg_dump")

@@ -11,6 +11,7 @@ from bundler.fsutil import free_bytes, human_bytes
 from bundler.install import environ, policy, ports, python_env, runas
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.manifest import Manifest
+from bundler.models import DatabaseSpec
 
 
 @dataclass(frozen=True)
@@ -136,26 +137,25 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
                     f"not set: {', '.join(missing)}" if missing
                     else f"{len(target.runtime.env.required)} required variable(s) set "
                          f"({environment})"))
-    if target.runtime.database is not None and not missing:
-        def db() -> Row:
+    for spec in target.runtime.all_databases() if not missing else ():
+        def db(spec: DatabaseSpec = spec) -> Row:
             from bundler.install import database
 
-            spec = target.runtime.database
-            assert spec is not None
-            conn = database.Database(env.expand(spec.url), spec.compose_service)
+            label = f"database {spec.name}" if spec.name else "database"
+            conn = database.Database(env.expand(spec.url), spec.compose_service, spec.name)
             if spec.compose_service:
                 if current is None:
-                    return Row("database", "ok", f"compose service {spec.compose_service}: "
-                                                 "started from the bundle by the install")
+                    return Row(label, "ok", f"compose service {spec.compose_service}: "
+                                            "started from the bundle by the install")
                 from bundler.install import runtime
 
                 run_in = runtime.service_exec(layout, current, conn)
                 database.check(conn, env.as_dict(), exec_in_service=run_in)
-                return Row("database", "ok", f"reachable in compose service "
-                                             f"{spec.compose_service}: {conn.display}")
+                return Row(label, "ok", f"reachable in compose service "
+                                        f"{spec.compose_service}: {conn.display}")
             database.check(conn, env.as_dict())
-            return Row("database", "ok", f"reachable: {conn.display}")
-        rows.append(_guard("database", db))
+            return Row(label, "ok", f"reachable: {conn.display}")
+        rows.append(_guard(f"database {spec.name}" if spec.name else "database", db))
     # With a current release its own ports are expected to be busy (it serves them, and an
     # install replaces it); without one, a busy port belongs to someone else.
     rows += _ports(layout, target, env)

@@ -1,4 +1,4 @@
-"""Health checks: http (status, a JSON field's value), tcp, postgres, redis, command.
+"""Health checks: http (status, a JSON field's value), tcp, postgres, mysql, redis, command.
 
 Each result is kept (not just pass/fail) so reports can show it. Targets may use `${VAR}`
 from the release environment; details are redacted before they are shown or stored.
@@ -127,6 +127,15 @@ def probe_postgres(check: HealthCheck, target: str) -> tuple[bool, str]:
         return False, f"postgres: {str(exc).strip().splitlines()[0] if str(exc) else exc}"
 
 
+def probe_mysql(check: HealthCheck, target: str) -> tuple[bool, str]:
+    """MySQL/MariaDB: connect with the `mariadb` (or `mysql`) client and SELECT 1. The client
+    is what a bare host has (Debian: mariadb-client); no Python driver is carried."""
+    from bundler.install import mysql_db
+
+    why = mysql_db.ping(target, {}, max(1.0, check.timeout_ms / 1000))
+    return (False, f"mysql: {why}") if why else (True, "mysql: SELECT 1 ok")
+
+
 def probe_command(check: HealthCheck, argv: list[str], env: ReleaseEnv,
                   user: str | None = None) -> tuple[bool, str]:
     """Run the check's command (as the release's `user`, when it names one)."""
@@ -153,7 +162,7 @@ def probe(check: HealthCheck, env: ReleaseEnv = _NO_ENV,
         target = env.expand(check.target)
         probes: dict[str, Callable[[HealthCheck, str], tuple[bool, str]]] = {
             "http": probe_http, "tcp": probe_tcp, "redis": probe_redis,
-            "postgres": probe_postgres}
+            "postgres": probe_postgres, "mysql": probe_mysql}
         return probes[check.kind](check, target)
     except BundlerError as exc:
         return False, exc.message

@@ -58,7 +58,7 @@ from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.state import ReleaseRow, State, new_txn, now
 from bundler.manifest import IMAGES_PATH, Manifest
-from bundler.models import NpmProject
+from bundler.models import MigrationSpec, NpmProject
 from bundler.signing import TrustedKey, Verified
 
 # A venv plus installed packages take a few times the wheels' size; be generous up front
@@ -185,53 +185,62 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         _place(layout, rel, staging, verified, previous)
         atomic_write_bytes(rel.meta / "environment", env.environment.encode())
         _install_packages(journal, rel, m, decision)
-        db = _database(m, env)
-        db_exec = runtime.service_exec(layout, m.version, db) if db is not None else None
-        if db is not None and db.compose_service:
-            # The running release's project serves the database; on a first install (or after
-            # `bundle stop`) it is started alone, so it can be backed up and migrated.
-            host = previous if runtime.uses_compose(layout, previous) else m.version
-            assert host is not None
-            with journal.step("database-service",
-                              f"Checking the database service {db.compose_service}"):
-                undo.service_started = runtime.ensure_database(layout, host, db,
-                                                               env.as_dict())
-        migrating = bool(m.runtime.migrations) and db is not None
+        dbs = _databases(m, env)
+        services = tuple(d.compose_service for d in dbs if d.compose_service)
+        for db in dbs:
+            if db.compose_service:
+                # The running release's project serves the database; on a first install (or
+                # after `bundle stop`) it is started alone, so it can be backed up and migrated.
+                host = previous if runtime.uses_compose(layout, previous) else m.version
+                assert host is not None
+                with journal.step("database-service",
+                                  f"Checking the database service {db.compose_service}"):
+                    if runtime.ensure_database(layout, host, db, env.as_dict()):
+                        undo.service_started = True
+        migrating = bool(m.runtime.migrations) and bool(dbs)
         if migrating and prev_manifest is not None and previous is not None:
             # Data first: nothing may write between the backup and the migrations, or a
-            # restore would discard those writes. The database service itself stays up.
+            # restore would discard those writes. The database services themselves stay up.
             started = True  # the running services are touched: undo restarts them
             with journal.step("stop-previous", f"Stopping {previous} (no writes during the "
                                                "backup and migrations)"):
-                runtime.quiesce(layout, previous, keep=(db.compose_service,)
-                                if db is not None and db.compose_service else ())
-        if db is not None:
-            with journal.step("backup", f"Backing up the database ({db.display})"):
-                undo.backup = database.backup(db, layout.root / "backups", env.as_dict(),
-                                              ui.note, exec_in_service=db_exec)
-            journal.record("backup", "file", json.dumps(undo.backup.to_json()))
+                runtime.quiesce(layout, previous, keep=services)
+        for db in dbs:
+            # Every database before any migration: a failure in the last one restores them all.
+            with journal.step("backup", f"Backing up the database {db.label}"):
+                taken = database.backup(db, layout.root / "backups", env.as_dict(), ui.note,
+                                        exec_in_service=runtime.service_exec(layout, m.version,
+                                                                             db))
+            undo.backups.append((db, taken))
+            journal.record("backup", "file", json.dumps(_backup_json(db, taken)))
         if not started and prev_manifest is not None and previous is not None:
             started = True  # from here on the running services are touched: undo restarts them
             with journal.step("stop-previous", f"Stopping {previous}"):
                 # A compose project is updated in place by the new release's `up`.
                 runtime.stop(layout, previous, keep_compose=m.runtime.compose is not None)
         started = True
-        if migrating and db is not None:
-            # What the database looks like as migrations begin: a later recovery restores the
-            # backup by itself only if nothing has written to the database since.
-            journal.record("db-state", "before-migrate", database.fingerprint(
-                db, env.as_dict(), exec_in_service=db_exec))
+        if migrating:
+            # What each database looks like as migrations begin: a later recovery restores a
+            # backup by itself only if nothing has written to that database since.
+            for db in dbs:
+                journal.record("db-state", _state_key("before-migrate", db), database.fingerprint(
+                    db, env.as_dict(), exec_in_service=runtime.service_exec(layout, m.version,
+                                                                            db)))
             undo.migrating = True
+            by_name = {d.name: d for d in dbs}
             with journal.step("migrate", f"Running {len(m.runtime.migrations)} migration(s)"):
-                results = migrations.run(
-                    [migrations.Migration(x.name, x.kind, x.path,
-                                          tuple(env.expand(a) for a in x.command),
-                                          tuple((k, env.expand(v)) for k, v in x.env),
-                                          x.service, user=m.runtime.user)
-                     for x in m.runtime.migrations],
-                    db, rel.files, rel.venv if rel.venv.is_dir() else None,
-                    _with_node(env.as_dict(), rel),
-                    ui.note, runtime.oneoff_runner(layout, m.version))
+                results: list[migrations.MigrationResult] = []
+                for target_db, group in _migration_groups(m, by_name):
+                    results += migrations.run(
+                        [migrations.Migration(x.name, x.kind, x.path,
+                                              tuple(env.expand(a) for a in x.command),
+                                              tuple((k, env.expand(v)) for k, v in x.env),
+                                              x.service, user=m.runtime.user)
+                         for x in group],
+                        target_db, rel.files, rel.venv if rel.venv.is_dir() else None,
+                        _with_node(env.as_dict(), rel),
+                        ui.note, runtime.oneoff_runner(layout, m.version),
+                        db_exec=runtime.service_exec(layout, m.version, target_db))
             journal.record("migrate", "applied", "; ".join(
                 f"{r.name}: {', '.join(r.applied) or 'nothing new'}" for r in results))
         with journal.step("start", f"Starting {m.version}"):
@@ -418,20 +427,54 @@ def _place(layout: Layout, rel: ReleaseDir, staging: Path, verified: Verified,
 
 @dataclasses.dataclass
 class _UndoDb:
-    """What the database part of an undo needs: the backup, whether migrations began, and
-    whether this run started the database's compose service."""
+    """What the database part of an undo needs: the backups (one per database, in profile
+    order), whether migrations began, whether this run started a database's compose service,
+    and which databases were restored (by name; None: the single `database:`)."""
 
-    backup: database.Backup | None = None
+    backups: list[tuple[database.Database, database.Backup]] = dataclasses.field(
+        default_factory=list)
     migrating: bool = False
     service_started: bool = False
-    restored: bool = False
+    restored_dbs: set[str | None] = dataclasses.field(default_factory=set)
+
+    @property
+    def backup(self) -> database.Backup | None:
+        return self.backups[0][1] if self.backups else None
+
+    @property
+    def restored(self) -> bool:
+        return bool(self.backups) and all(d.name in self.restored_dbs for d, _ in self.backups)
 
 
-def _database(m: Manifest, env: environ.ReleaseEnv) -> database.Database | None:
-    spec = m.runtime.database
-    if spec is None:
-        return None
-    return database.Database(env.expand(spec.url), spec.compose_service)
+def _databases(m: Manifest, env: environ.ReleaseEnv) -> list[database.Database]:
+    """Every database of the release, in profile order (one for a single `database:`)."""
+    return [database.Database(env.expand(spec.url), spec.compose_service, spec.name)
+            for spec in m.runtime.all_databases()]
+
+
+def _backup_json(db: database.Database, made: database.Backup) -> dict[str, object]:
+    """The journaled `backup`/`file` detail: the Backup, plus the database's name if named."""
+    return made.to_json() | ({"database": db.name} if db.name else {})
+
+
+def _state_key(what: str, db: database.Database) -> str:
+    """The `db-state` status a fingerprint is journaled under: per database when named."""
+    return f"{what}:{db.name}" if db.name else what
+
+
+def _migration_groups(m: Manifest, by_name: dict[str | None, database.Database]
+                      ) -> list[tuple[database.Database, list[MigrationSpec]]]:
+    """The release's migrations in profile order, cut into runs against one database each."""
+    groups: list[tuple[database.Database, list[MigrationSpec]]] = []
+    for x in m.runtime.migrations:
+        spec = m.runtime.database_of(x)
+        assert spec is not None
+        db = by_name[spec.name]
+        if groups and groups[-1][0] is db:
+            groups[-1][1].append(x)
+        else:
+            groups.append((db, [x]))
+    return groups
 
 
 def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: ReleaseDir,
@@ -441,27 +484,28 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
     restart the previous release, check it."""
     ui.step(f"Rolling back: {reason}")
     try:
-        db = _database(m, env)
-        service = db.compose_service if db is not None else None
+        dbs = _databases(m, env)
+        services = tuple(d.compose_service for d in dbs if d.compose_service)
         prev_compose = runtime.uses_compose(layout, previous)
         # The compose project is shared by all releases: before `start` it is the previous
         # release's, running, and must be left alone (but for a database service started here).
         touched = m.runtime.compose is not None and (started or undo.service_started)
-        restore = undo.migrating and undo.backup is not None and db is not None
-        # Nothing may write to the database while it is restored; the database stays up.
+        # Nothing may write to the databases while they are restored; they stay up.
         if touched:
-            runtime.quiesce(layout, m.version, keep=(service,) if service else ())
+            runtime.quiesce(layout, m.version, keep=services)
         else:
             runtime.stop(layout, m.version, keep_compose=True)  # its processes, if any ran
-        if restore:
-            assert db is not None and undo.backup is not None
-            ui.step(f"Restoring the database from {undo.backup.path.name}")
-            if service:
-                runtime.ensure_database(layout, m.version, db, env.as_dict())
-            database.restore(db, undo.backup, env.as_dict(), ui.note,
-                             exec_in_service=runtime.service_exec(layout, m.version, db))
-            journal.record("restore", "done", undo.backup.path.name)
-            undo.restored = True
+        if undo.migrating and undo.backups:
+            for db, made in undo.backups:
+                ui.step(f"Restoring the database {db.label} from {made.path.name}")
+                if db.compose_service:
+                    runtime.ensure_database(layout, m.version, db, env.as_dict())
+                database.restore(db, made, env.as_dict(), ui.note,
+                                 exec_in_service=runtime.service_exec(layout, m.version, db))
+                undo.restored_dbs.add(db.name)
+                if len(undo.backups) > 1:
+                    journal.record("restore", f"done:{db.name}", made.path.name)
+            journal.record("restore", "done", ", ".join(b.path.name for _, b in undo.backups))
         if touched and not (prev_compose and started):
             # Nobody else's: the previous release (if any) does not use compose, or is not
             # being restarted. Put the project back the way it was found.
@@ -502,12 +546,14 @@ def _left_pending(layout: Layout, state: State, journal: _Journal, m: Manifest,
     with contextlib.suppress(Exception), state.tx():
         state.set_status(m.version, "rollback_failed", reason)
     if undo.migrating and not undo.restored:
-        with contextlib.suppress(Exception):
-            db = _database(m, env)
-            if db is not None:
-                journal.record("db-state", "after-failed-rollback", database.fingerprint(
-                    db, env.as_dict(),
-                    exec_in_service=runtime.service_exec(layout, m.version, db)))
+        for db, _ in undo.backups:
+            if db.name in undo.restored_dbs:
+                continue
+            with contextlib.suppress(Exception):
+                journal.record("db-state", _state_key("after-failed-rollback", db),
+                               database.fingerprint(
+                                   db, env.as_dict(),
+                                   exec_in_service=runtime.service_exec(layout, m.version, db)))
 
 
 def _prune(layout: Layout, state: State, keep: int) -> None:
@@ -540,13 +586,15 @@ def _write_report(rel: ReleaseDir, m: Manifest, state: State, journal: _Journal,
               "environment": env.environment, "outcome": outcome, "reason": env.redact(reason),
               "finished": now(), "steps": steps, "checks": [c.to_json() for c in checks],
               "backup": undo.backup.to_json() if undo.backup else None}
+    if len(undo.backups) > 1:  # only then: single-database reports keep their shape
+        report["backups"] = [_backup_json(d, b) for d, b in undo.backups]
     atomic_write_bytes(rel.path / "report.json", json.dumps(report, indent=2).encode())
     lines = [f"# {m.name} {m.version}: {outcome}", "",
              f"- environment: {env.environment}; sequence {m.sequence}; finished {now()}"]
     if reason:
         lines.append(f"- reason: {env.redact(reason)}")
-    if undo.backup:
-        lines.append(f"- database backup: {undo.backup.path}")
+    for db, made in undo.backups:
+        lines.append(f"- database backup{' of ' + db.name if db.name else ''}: {made.path}")
     lines += ["", "## Steps", ""]
     final: dict[str, tuple[str, str]] = {}
     for st in steps:

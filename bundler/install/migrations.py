@@ -115,11 +115,15 @@ class SqlFile:
 
 def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Path | None,
         env: Mapping[str, str], log: Log,
-        in_service: ServiceRun | None = None) -> list[MigrationResult]:
+        in_service: ServiceRun | None = None,
+        db_exec: database.ServiceExec | None = None) -> list[MigrationResult]:
     """Apply `migrations` in order, holding the database's migration lock for the whole run.
-    `in_service`: how to run a command migration that names a compose service."""
+    `in_service`: how to run a command migration that names a compose service; `db_exec`:
+    how to run the MySQL client inside the database's own compose service."""
     if not migrations:
         return []
+    if db.kind == "mysql":
+        return _run_mysql(migrations, db, files_dir, venv, env, log, in_service, db_exec)
     names = [m.name for m in migrations]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -140,6 +144,50 @@ def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Pa
             started = time.monotonic()
             if m.kind == "sql":
                 result = ledger.apply(m, sql_sets[m.name], log)
+            elif m.kind == "alembic":
+                result = _alembic(m, db, files_dir, venv, env, log)
+            else:
+                result = _command(m, db, files_dir, venv, env, log, in_service)
+            log(f"migration {m.name} ({m.kind}): {result.detail} "
+                f"[{time.monotonic() - started:.1f}s]")
+            results.append(result)
+    return results
+
+
+def _run_mysql(migrations: Sequence[Migration], db: Database, files_dir: Path,
+               venv: Path | None, env: Mapping[str, str], log: Log,
+               in_service: ServiceRun | None,
+               db_exec: database.ServiceExec | None) -> list[MigrationResult]:
+    """MySQL/MariaDB: sql files through the client (see mysql_db), alembic and commands as
+    for the other kinds. DDL is not transactional there: the installer's restore covers a
+    file that failed half-way."""
+    from bundler.install import mysql_db
+
+    sql_sets = {m.name: _sql_files(m, files_dir) for m in migrations if m.kind == "sql"}
+    for m in migrations:
+        _validate(m, files_dir, venv)
+    ledger = mysql_db.Ledger(db, env, db_exec)
+    results: list[MigrationResult] = []
+    with mysql_db.migration_lock(db, env, log):
+        if sql_sets:
+            ledger.create()
+        for m in migrations:
+            if m.kind == "sql":
+                _refuse_edited(m, sql_sets[m.name], ledger.read(m.name))
+        for m in migrations:
+            started = time.monotonic()
+            if m.kind == "sql":
+                files = sql_sets[m.name]
+                applied = ledger.read(m.name)
+                todo = [f for f in files if f.name not in applied]
+                for f in todo:
+                    log(f"migration {m.name}: applying {f.name}")
+                    ledger.apply(m.name, f.name, f.sha256, f.text, files_dir)
+                names = tuple(f.name for f in todo)
+                result = MigrationResult(
+                    m.name, m.kind, names,
+                    f"applied {len(names)} file(s), {len(files) - len(names)} already applied"
+                    if names else f"up to date ({len(files)} file(s) applied before)")
             elif m.kind == "alembic":
                 result = _alembic(m, db, files_dir, venv, env, log)
             else:
@@ -364,6 +412,10 @@ def _create_ledger(db: Database, conn: Any) -> None:
 
 
 def _read_ledger(db: Database, env: Mapping[str, str], migration: str) -> dict[str, str]:
+    if db.kind == "mysql":
+        from bundler.install import mysql_db
+
+        return mysql_db.Ledger(db, env, None).read(migration)
     if db.kind == "postgresql":
         with database.connect(db, env) as conn:
             if conn.execute("SELECT to_regclass(%s)", (f"public.{LEDGER}",)).fetchone()[0] is None:
@@ -461,6 +513,10 @@ def _child_env(m: Migration, db: Database, venv: Path | None,
 
 
 def _scrub(db: Database, text: str) -> str:
+    if db.kind == "mysql":
+        from bundler.install import mysql_db
+
+        return mysql_db.target(db).scrub(text)
     if db.kind == "postgresql":
         return database.pg_target(db).scrub(text)
     return redact(text)

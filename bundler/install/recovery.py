@@ -36,32 +36,51 @@ DbChoice = str | None  # None: restore only when provably nothing was written si
 
 
 @dataclass(frozen=True)
+class PendingRestore:
+    """One database's backup still to be restored, with the fingerprints bundler recorded."""
+
+    db_name: str | None  # its `databases[].name`; None: the single `database:`
+    backup: database.Backup
+    before: str | None  # its fingerprint as the migrations began
+    after: str | None   # ... and when the attempt's own rollback failed without restoring it
+
+
+@dataclass(frozen=True)
 class Pending:
     """What recovery will act on: ONE install transaction (never an older attempt of the same
-    version), its last journaled step, and the database backup it must still restore (its
-    migrations began and its own restore has not completed) with the database fingerprint
-    bundler last recorded in that transaction."""
+    version), its last journaled step, and the database backups it must still restore (its
+    migrations began and its own restore has not completed; per database) with each
+    database's fingerprint bundler last recorded in that transaction."""
 
     version: str
     txn: str
     status: str
     step: str
     at: str
-    backup: database.Backup | None
-    before: str | None  # database fingerprint as its migrations began
-    after: str | None   # ... and when its own rollback failed without restoring
+    restores: tuple[PendingRestore, ...] = ()
+
+    @property
+    def backup(self) -> database.Backup | None:
+        return self.restores[0].backup if self.restores else None
 
     def to_json(self) -> dict[str, object]:
-        return {"version": self.version, "txn": self.txn, "status": self.status,
-                "step": self.step, "at": self.at,
-                "restore": self.backup.to_json() if self.backup else None}
+        out: dict[str, object] = {
+            "version": self.version, "txn": self.txn, "status": self.status,
+            "step": self.step, "at": self.at,
+            "restore": self.backup.to_json() if self.backup else None}
+        if any(r.db_name for r in self.restores):
+            out["restores"] = [r.backup.to_json() | {"database": r.db_name}
+                               for r in self.restores]
+        return out
 
     def describe(self) -> str:
         what = (f"the install of {self.version} was interrupted during {self.step}"
                 if self.status == "installing" else
                 f"the rollback of {self.version} failed (last step {self.step})")
-        restore = (f"; its database backup {self.backup.path.name} (taken {self.backup.created})"
-                   " is still to be restored" if self.backup else "")
+        restore = "".join(
+            f"; its database backup {r.backup.path.name}"
+            + (f" of {r.db_name}" if r.db_name else "")
+            + f" (taken {r.backup.created}) is still to be restored" for r in self.restores)
         return f"{what} at {self.at}{restore}"
 
 
@@ -85,16 +104,26 @@ def pending(state: State) -> Pending | None:
     done = {(step, status) for _, step, status, _ in events}
     last = next(((ts, st, status) for ts, st, status, _ in reversed(events)
                  if st not in ("db-state", "backup") or status != "file"), None)
-    backup = None
+    seen = {status: d for _, st, status, d in events if st == "db-state"}
+    restores: list[PendingRestore] = []
     if ("migrate", "started") in done and not done & {("restore", "done"),
                                                       ("restore", "skipped")}:
-        files = [d for _, st, status, d in events if (st, status) == ("backup", "file")]
-        backup = database.Backup.from_json(json.loads(files[-1])) if files else None
-    seen = {status: d for _, st, status, d in events if st == "db-state"}
+        latest: dict[str | None, database.Backup] = {}  # per database, its last backup
+        for _, st, status, d in events:
+            if (st, status) == ("backup", "file"):
+                doc = json.loads(d)
+                name = doc.get("database")
+                latest.pop(name, None)  # keep the journal's (profile) order of the last ones
+                latest[name] = database.Backup.from_json(doc)
+        for name, backup in latest.items():
+            if name is not None and ("restore", f"done:{name}") in done:
+                continue  # restored already by the attempt's own rollback
+            suffix = f":{name}" if name is not None else ""
+            restores.append(PendingRestore(name, backup, seen.get("before-migrate" + suffix),
+                                           seen.get("after-failed-rollback" + suffix)))
     return Pending(row.version, txn, row.status,
                    f"{last[1]} ({last[2]})" if last else "staging",
-                   last[0] if last else row.installed_at, backup,
-                   seen.get("before-migrate"), seen.get("after-failed-rollback"))
+                   last[0] if last else row.installed_at, tuple(restores))
 
 
 def _checks(layout: Layout, rel: ReleaseDir) -> list[CheckResult]:
@@ -169,10 +198,10 @@ def recover(layout: Layout, keep: Path | None = None, db_choice: DbChoice = None
                            "switched and is healthy; its commit was completed")
                 ui.step(message)
                 return message
-        restore = _plan_restore(layout, rel, p, db_choice)  # may refuse: nothing touched yet
+        plans = _plan_restore(layout, rel, p, db_choice)  # may refuse: nothing touched yet
         _stop(layout, p.version)
-        if restore is not None:
-            _restore(state, layout, p, restore, db_choice)
+        if plans:
+            _restore(state, layout, p, plans, db_choice)
         elif p.backup is not None and db_choice == "keep":
             state.event(p.txn, p.version, "restore", "skipped",
                         "the database was kept as it is (--keep-db)")
@@ -222,59 +251,72 @@ class _Restore:
 
 
 def _plan_restore(layout: Layout, rel: ReleaseDir, p: Pending,
-                  db_choice: DbChoice) -> _Restore | None:
-    """The pending restore, if one is due and may run; RecoveryPendingError if restoring would
-    discard writes made since the interrupted attempt and the operator has not chosen."""
+                  db_choice: DbChoice) -> list[_Restore]:
+    """The pending restores (one per database still to restore), if due and they may run;
+    RecoveryPendingError if restoring any of them would discard writes made since the
+    interrupted attempt and the operator has not chosen. Nothing is changed before all are
+    checked."""
     manifest = rel.manifest()
-    if p.backup is None or manifest is None or manifest.runtime.database is None:
-        return None
+    if not p.restores or manifest is None or not manifest.runtime.all_databases():
+        return []
     if db_choice == "keep":
-        return None
+        return []
     env = environ.release_env(layout, manifest.runtime.env, rel.environment(),
                               version=manifest.version)
-    db = database.Database(env.expand(manifest.runtime.database.url),
-                           manifest.runtime.database.compose_service)
-    if db.compose_service:
-        # The interrupted release's project was taken down: its database comes back alone.
-        runtime.ensure_database(layout, p.version, db, env.as_dict())
-    now = database.fingerprint(db, env.as_dict(),
-                               exec_in_service=runtime.service_exec(layout, p.version, db))
-    # Writes made AFTER the failed attempt: exactly known when its failed rollback recorded
-    # the database; after a kill -9 only the attempt's own (half-done) migration wrote, unless
-    # something has run since — then the restore would discard that too.
-    if p.after is not None:
-        later = "it was written to since the failed rollback" if now != p.after else ""
-    else:
-        running = _running(layout, p.version, db.compose_service)
-        later = (f"{', '.join(running)} ran since the interruption and may have written to it"
-                 if running else "")
-    if later and db_choice != "restore":
-        raise RecoveryPendingError(
-            f"{p.describe()}; {db.display}: {later}, and restoring the backup would discard "
-            f"every change made since {p.backup.created}; nothing was changed")
-    changed = p.before is None or now != p.before
-    return _Restore(db, env.as_dict(), p.backup, changed)
+    specs = {spec.name: spec for spec in manifest.runtime.all_databases()}
+    plans: list[_Restore] = []
+    for pr in p.restores:
+        spec = specs.get(pr.db_name)
+        if spec is None:
+            continue
+        db = database.Database(env.expand(spec.url), spec.compose_service, spec.name)
+        if db.compose_service:
+            # The interrupted release's project was taken down: its database comes back alone.
+            runtime.ensure_database(layout, p.version, db, env.as_dict())
+        now = database.fingerprint(db, env.as_dict(),
+                                   exec_in_service=runtime.service_exec(layout, p.version, db))
+        # Writes made AFTER the failed attempt: exactly known when its failed rollback recorded
+        # the database; after a kill -9 only the attempt's own (half-done) migration wrote,
+        # unless something has run since — then the restore would discard that too.
+        if pr.after is not None:
+            later = "it was written to since the failed rollback" if now != pr.after else ""
+        else:
+            running = _running(layout, p.version, db.compose_service)
+            later = (f"{', '.join(running)} ran since the interruption and may have written "
+                     "to it" if running else "")
+        if later and db_choice != "restore":
+            raise RecoveryPendingError(
+                f"{p.describe()}; {db.label}: {later}, and restoring the backup would discard "
+                f"every change made since {pr.backup.created}; nothing was changed")
+        plans.append(_Restore(db, env.as_dict(), pr.backup,
+                              pr.before is None or now != pr.before))
+    return plans
 
 
-def _restore(state: State, layout: Layout, p: Pending, r: _Restore, db_choice: DbChoice) -> None:
-    """Put the pending backup back; what it discards is saved first when anything changed."""
-    run_in = runtime.service_exec(layout, p.version, r.db)
-    try:
-        if r.db.compose_service:
-            runtime.ensure_database(layout, p.version, r.db, r.env)
-        if r.changed:
-            saved = database.backup(r.db, layout.root / "backups", r.env, ui.note,
-                                    exec_in_service=run_in)
-            ui.note(f"the database's current contents were saved to {saved.path} first")
-            state.event(p.txn, p.version, "restore", "saved", json.dumps(saved.to_json()))
-        ui.step(f"Restoring the database from {r.backup.path.name} ("
-                + ("--restore-db" if db_choice == "restore" else "migrations were interrupted")
-                + ")")
-        database.restore(r.db, r.backup, r.env, ui.note, exec_in_service=run_in)
-    finally:
-        if r.db.compose_service:
-            runtime.stop(layout, p.version)
-    state.event(p.txn, p.version, "restore", "done", r.backup.path.name)
+def _restore(state: State, layout: Layout, p: Pending, plans: list[_Restore],
+             db_choice: DbChoice) -> None:
+    """Put the pending backups back; what one discards is saved first when anything changed."""
+    for r in plans:
+        run_in = runtime.service_exec(layout, p.version, r.db)
+        try:
+            if r.db.compose_service:
+                runtime.ensure_database(layout, p.version, r.db, r.env)
+            if r.changed:
+                saved = database.backup(r.db, layout.root / "backups", r.env, ui.note,
+                                        exec_in_service=run_in)
+                ui.note(f"the database's current contents were saved to {saved.path} first")
+                state.event(p.txn, p.version, "restore", "saved", json.dumps(saved.to_json()))
+            ui.step(f"Restoring the database {r.db.label} from {r.backup.path.name} ("
+                    + ("--restore-db" if db_choice == "restore"
+                       else "migrations were interrupted") + ")")
+            database.restore(r.db, r.backup, r.env, ui.note, exec_in_service=run_in)
+        finally:
+            if r.db.compose_service:
+                runtime.stop(layout, p.version)
+        if r.db.name and len(plans) > 1:
+            state.event(p.txn, p.version, "restore", f"done:{r.db.name}", r.backup.path.name)
+    state.event(p.txn, p.version, "restore", "done",
+                ", ".join(r.backup.path.name for r in plans))
 
 
 def _activate(state: State, row: ReleaseRow) -> None:

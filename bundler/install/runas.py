@@ -95,16 +95,18 @@ def _unreachable(user: proc.RunAs, path: Path) -> Path | None:
 def sqlite_file(m: Manifest, env: ReleaseEnv) -> Path | None:
     """The release's SQLite database file (None: no database, not SQLite, or its URL cannot
     be expanded yet)."""
-    spec = m.runtime.database
-    if spec is None or spec.compose_service:
-        return None
     from bundler.install import database
 
-    try:
-        db = database.Database(env.expand(spec.url), None)
-        return database.sqlite_path(db) if db.kind == "sqlite" else None
-    except BundlerError:
-        return None
+    for spec in m.runtime.all_databases():
+        if spec.compose_service:
+            continue
+        try:
+            db = database.Database(env.expand(spec.url), None)
+            if db.kind == "sqlite":
+                return database.sqlite_path(db)
+        except BundlerError:
+            continue
+    return None
 
 
 def preflight(m: Manifest, layout: Layout, env: ReleaseEnv) -> list[proc.RunAs]:
