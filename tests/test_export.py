@@ -274,7 +274,7 @@ def test_export_builds_the_kit_when_none_is_next_to_the_bundle(built: dict[str, 
 
     glibc = host_platform.libc_ver()[1]
     if host_platform.machine() != "x86_64" or not glibc:
-        pytest.skip("the target below is this host's: x86_64 glibc")
+        unavailable("the target below is this host's: needs x86_64 with glibc")
     major, minor = glibc.split(".")[:2]
     native = f"manylinux_{major}_{minor}_x86_64"
     lonely = tmp_path / "lonely"
@@ -347,6 +347,6 @@ def test_export_cannot_build_the_kit_from_an_unfit_environment(built: dict[str, 
     rc, doc, err = export(lonely / built["bundle"].name, out, "--pub", built["pub"],
                           "--cache-dir", tmp_path / "cache", "--kit-from-installed")
     if rc == 0:  # this environment's wheels all fit manylinux_2_28: nothing to refuse here
-        pytest.skip("every installed wheel fits manylinux_2_28_x86_64")
+        unavailable("every installed wheel fits manylinux_2_28_x86_64: nothing to refuse")
     assert "--from-installed only serves a target like this host" in str(doc["hint"]), err
     assert list(out.iterdir()) == []

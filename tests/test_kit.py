@@ -23,7 +23,7 @@ import pytest
 
 from bundler.platforms import host_platform
 from tests.bundles import write_bundle
-from tests.helpers import Run, bundle
+from tests.helpers import Run, bundle, unavailable
 
 BARE_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 BUILD_SIDE = ("bundler.resolve", "bundler.build", "bundler.lockfile", "bundler.kit",
@@ -58,7 +58,7 @@ def run_kit(kit: Path, *args: str | os.PathLike[str], home: Path, cache: Path,
 @pytest.fixture(scope="module")
 def kit(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     if _bare_version() != f"{sys.version_info[0]}.{sys.version_info[1]}":
-        pytest.skip("no bare python3 of this environment's version to run a kit made from it")
+        unavailable("no bare python3 of this environment's version to run a kit made from it")
     out = tmp_path_factory.mktemp("kit")
     result = bundle("kit", "--out", out, "--from-installed", "--platform", _host_tag(),
                     "--python", _bare_version(), "--json")
@@ -184,7 +184,7 @@ def test_from_installed_refuses_another_target(tmp_path: Path) -> None:
 def test_kit_from_the_index_for_a_target(tmp_path: Path) -> None:
     """The wheels of manylinux_2_28_x86_64 / CPython 3.11 (Debian 12's python3 runs them)."""
     if host_platform().arch != "x86_64" or _bare_version() != "3.11":
-        pytest.skip("runs the kit for manylinux_2_28_x86_64 / 3.11 on this host")
+        unavailable("runs the kit for manylinux_2_28_x86_64 / 3.11: needs such a host")
     result = bundle("kit", "--out", tmp_path / "out", "--platform", "manylinux_2_28_x86_64",
                     "--python", "3.11", "--cache-dir", tmp_path / "cache", "--json",
                     timeout=900)

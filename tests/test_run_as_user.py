@@ -25,14 +25,14 @@ from bundler.errors import InstallError, SignatureError
 from bundler.install import runas
 from bundler.manifest import Manifest, parse_manifest
 from bundler.models import Runtime, Service, Target
-from tests.helpers import bundle, bundle_argv, offline
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="creates a system user: needs root")
+from tests.helpers import bundle, bundle_argv, offline, unavailable
 
 
 @pytest.fixture
 def run_user() -> Iterator[pwd.struct_passwd]:
     """A throwaway system account, removed afterwards."""
+    if os.geteuid() != 0:
+        unavailable("creating a system user needs root")
     name = f"bundler-test-{secrets.token_hex(3)}"
     subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)
     try:
@@ -124,7 +124,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-@needs_root
 @pytest.mark.slow
 def test_service_migration_and_check_run_as_the_user(run_user: pwd.struct_passwd,
                                                       world: Path,
@@ -246,7 +245,6 @@ def test_manifest_carries_user_only_when_set() -> None:
             parse_manifest(forged)
 
 
-@needs_root
 def test_proc_run_as_user_sets_ids_groups_and_home(run_user: pwd.struct_passwd) -> None:
     user = proc.lookup_user(run_user.pw_name)
     assert user is not None

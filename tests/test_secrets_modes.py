@@ -17,7 +17,7 @@ import pytest
 from bundler.errors import EnvError
 from bundler.install.environ import read_env_file
 from bundler.redact import Secrets, has_plaintext_secret, redact
-from tests.helpers import REPO, bundle, bundle_argv
+from tests.helpers import REPO, bundle, bundle_argv, unavailable
 
 SECRET = "Sup3r-S3cret-Pw"  # in the shared .env, named like a password
 SIGNING = "signing-value-42"  # named in the profile's env.secret only
@@ -183,7 +183,7 @@ NOBODY = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else None
 def test_strict_modes_refuse_what_another_user_could_write(
         installed: tuple[Path, Path, Path], where: str, change: str) -> None:
     if NOBODY is None:
-        pytest.skip("needs root to chown")
+        unavailable("needs root to chown")
     root, bundle_v2, pub = installed
     target = root / where if where else root
     if change == "chmod":
@@ -280,7 +280,7 @@ def test_agreed_syntax_is_what_compose_reads(tmp_path: Path) -> None:
     """The accepted lines against the carried compose itself (`config` needs no engine)."""
     tool = Path(sys.executable).parent / "docker-compose"
     if not tool.exists() or shutil.which("docker") is None:
-        pytest.skip("the carried compose binary is not installed")
+        unavailable("the carried compose binary or the docker CLI is not installed")
     env = tmp_path / ".env"
     env.write_text("\n".join(AGREED) + "\n")
     names = read_env_file(env)
