@@ -458,7 +458,7 @@ def _pg_backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str, s
     log(f"pg_dump {db.display} -> {final.name}"
         + (f" (in compose service {db.compose_service})" if db.compose_service else ""))
     dump_opts = ["-Fc", "-w", f"--lock-wait-timeout={DUMP_LOCK_TIMEOUT}"]
-    try:
+    with _placing(tmp, final):
         # 0600 before the first byte is written (pg_dump -f and a redirect keep the mode).
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -469,15 +469,8 @@ def _pg_backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str, s
         if result.returncode != 0:
             raise _tool_failed(pg, f"pg_dump of {db.display}", result)
         os.chmod(tmp, 0o600)  # the whole database: readable by its owner only (kept so)
-        _fsync(tmp)
         entries = _verify_dump(db, tmp, env, exec_in_service)
         log(f"verified {final.name}: {entries} archive entries, every data block readable")
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync(dest_dir)
     return final
 
 
@@ -485,16 +478,9 @@ def _mysql_backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str
                   log: Log, exec_in_service: ServiceExec | None) -> Path:
     final = _backup_path(dest_dir, mysql_db.target(db, env).dbname, ".mysql.sql", when)
     tmp = dest_dir / f".{final.name}.tmp"
-    try:
+    with _placing(tmp, final):
         mysql_db.backup(db, tmp, env, log, exec_in_service=exec_in_service)
-        _fsync(tmp)
         log(f"verified {final.name}: read back to its completion line")
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync(dest_dir)
     return final
 
 
@@ -521,7 +507,7 @@ def _sqlite_backup(path: Path, dest_dir: Path, when: datetime, log: Log) -> Path
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=dest_dir)
     os.close(fd)
     tmp = Path(tmp_name)
-    try:
+    with _placing(tmp, final), _sqlite_errors(f"SQLite backup of {path} failed"):
         if path.exists():
             require_space(dest_dir, path.stat().st_size, f"backing up {path}")
             log(f"sqlite backup {path} -> {final.name}")
@@ -540,20 +526,32 @@ def _sqlite_backup(path: Path, dest_dir: Path, when: datetime, log: Log) -> Path
             log(f"sqlite {path} does not exist yet: backing up an empty database")
             with contextlib.closing(sqlite3.connect(tmp)) as dst:
                 dst.execute("PRAGMA user_version = 0")
-        _fsync(tmp)
         os.chmod(tmp, 0o600)
+    return final
+
+
+@contextlib.contextmanager
+def _placing(tmp: Path, final: Path) -> Iterator[None]:
+    """`tmp` becomes `final` only once the block has written and verified it: fsynced, renamed,
+    its directory fsynced. On any failure it is removed: a backup is complete or absent."""
+    try:
+        yield
+        _fsync(tmp)
         os.replace(tmp, final)
-    except sqlite3.Error as exc:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise InstallError(f"SQLite backup of {path} failed: {exc}",
-                           hint="check that the file is a SQLite database and readable") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _fsync(dest_dir)
-    return final
+    _fsync(final.parent)
+
+
+@contextlib.contextmanager
+def _sqlite_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise InstallError(f"{what}: {exc}",
+                           hint="check that the file is a SQLite database and readable") from None
 
 
 # --------------------------------------------------------------------------- fingerprint

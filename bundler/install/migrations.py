@@ -122,8 +122,6 @@ def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Pa
     how to run the MySQL client inside the database's own compose service."""
     if not migrations:
         return []
-    if db.kind == "mysql":
-        return _run_mysql(migrations, db, files_dir, venv, env, log, in_service, db_exec)
     names = [m.name for m in migrations]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -132,7 +130,9 @@ def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Pa
     sql_sets = {m.name: _sql_files(m, files_dir) for m in migrations if m.kind == "sql"}
     for m in migrations:
         _validate(m, files_dir, venv)
-    results: list[MigrationResult] = []
+    if db.kind == "mysql":
+        return _run_mysql(migrations, sql_sets, db, files_dir, venv, env, log, in_service,
+                          db_exec)
     _open_sqlite(migrations, db)  # its directory, before the ledger creates the file
     with _session(db, env, log) as ledger:
         _open_sqlite(migrations, db)  # and the file, now that it exists
@@ -140,62 +140,65 @@ def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Pa
         for m in migrations:
             if m.kind == "sql":
                 _refuse_edited(m, sql_sets[m.name], ledger.read(m.name))
-        for m in migrations:
-            started = time.monotonic()
-            if m.kind == "sql":
-                result = ledger.apply(m, sql_sets[m.name], log)
-            elif m.kind == "alembic":
-                result = _alembic(m, db, files_dir, venv, env, log)
-            else:
-                result = _command(m, db, files_dir, venv, env, log, in_service)
-            log(f"migration {m.name} ({m.kind}): {result.detail} "
-                f"[{time.monotonic() - started:.1f}s]")
-            results.append(result)
+        return _run_each(migrations, lambda m: ledger.apply(m, sql_sets[m.name], log),
+                         db, files_dir, venv, env, log, in_service)
+
+
+def _run_each(migrations: Sequence[Migration],
+              apply_sql: Callable[[Migration], MigrationResult], db: Database,
+              files_dir: Path, venv: Path | None, env: Mapping[str, str], log: Log,
+              in_service: ServiceRun | None) -> list[MigrationResult]:
+    """Run each migration in order, its SQL files through `apply_sql` (the engine's ledger)."""
+    results: list[MigrationResult] = []
+    for m in migrations:
+        started = time.monotonic()
+        if m.kind == "sql":
+            result = apply_sql(m)
+        elif m.kind == "alembic":
+            result = _alembic(m, db, files_dir, venv, env, log)
+        else:
+            result = _command(m, db, files_dir, venv, env, log, in_service)
+        log(f"migration {m.name} ({m.kind}): {result.detail} "
+            f"[{time.monotonic() - started:.1f}s]")
+        results.append(result)
     return results
 
 
-def _run_mysql(migrations: Sequence[Migration], db: Database, files_dir: Path,
-               venv: Path | None, env: Mapping[str, str], log: Log,
-               in_service: ServiceRun | None,
+def _sql_result(m: Migration, files: Sequence[SqlFile], applied: tuple[str, ...]
+                ) -> MigrationResult:
+    return MigrationResult(
+        m.name, m.kind, applied,
+        f"applied {len(applied)} file(s), {len(files) - len(applied)} already applied"
+        if applied else f"up to date ({len(files)} file(s) applied before)")
+
+
+def _run_mysql(migrations: Sequence[Migration], sql_sets: Mapping[str, Sequence[SqlFile]],
+               db: Database, files_dir: Path, venv: Path | None, env: Mapping[str, str],
+               log: Log, in_service: ServiceRun | None,
                db_exec: database.ServiceExec | None) -> list[MigrationResult]:
     """MySQL/MariaDB: sql files through the client (see mysql_db), alembic and commands as
     for the other kinds. DDL is not transactional there: the installer's restore covers a
     file that failed half-way."""
     from bundler.install import mysql_db
 
-    sql_sets = {m.name: _sql_files(m, files_dir) for m in migrations if m.kind == "sql"}
-    for m in migrations:
-        _validate(m, files_dir, venv)
     ledger = mysql_db.Ledger(db, env, db_exec)
-    results: list[MigrationResult] = []
+
+    def apply_sql(m: Migration) -> MigrationResult:
+        files = sql_sets[m.name]
+        applied = ledger.read(m.name)
+        todo = [f for f in files if f.name not in applied]
+        for f in todo:
+            log(f"migration {m.name}: applying {f.name}")
+            ledger.apply(m.name, f.name, f.sha256, f.text, files_dir)
+        return _sql_result(m, files, tuple(f.name for f in todo))
+
     with mysql_db.migration_lock(db, env, log):
         if sql_sets:
             ledger.create()
         for m in migrations:
             if m.kind == "sql":
                 _refuse_edited(m, sql_sets[m.name], ledger.read(m.name))
-        for m in migrations:
-            started = time.monotonic()
-            if m.kind == "sql":
-                files = sql_sets[m.name]
-                applied = ledger.read(m.name)
-                todo = [f for f in files if f.name not in applied]
-                for f in todo:
-                    log(f"migration {m.name}: applying {f.name}")
-                    ledger.apply(m.name, f.name, f.sha256, f.text, files_dir)
-                names = tuple(f.name for f in todo)
-                result = MigrationResult(
-                    m.name, m.kind, names,
-                    f"applied {len(names)} file(s), {len(files) - len(names)} already applied"
-                    if names else f"up to date ({len(files)} file(s) applied before)")
-            elif m.kind == "alembic":
-                result = _alembic(m, db, files_dir, venv, env, log)
-            else:
-                result = _command(m, db, files_dir, venv, env, log, in_service)
-            log(f"migration {m.name} ({m.kind}): {result.detail} "
-                f"[{time.monotonic() - started:.1f}s]")
-            results.append(result)
-    return results
+        return _run_each(migrations, apply_sql, db, files_dir, venv, env, log, in_service)
 
 
 def pending(migrations: Sequence[Migration], db: Database, files_dir: Path,
@@ -334,10 +337,7 @@ class _Ledger:
                 self._apply_pg(m, f)
             else:
                 self._apply_sqlite(m, f)
-        names = tuple(f.name for f in todo)
-        detail = (f"applied {len(names)} file(s), {len(files) - len(names)} already applied"
-                  if names else f"up to date ({len(files)} file(s) applied before)")
-        return MigrationResult(m.name, m.kind, names, detail)
+        return _sql_result(m, files, tuple(f.name for f in todo))
 
     def _apply_pg(self, m: Migration, f: SqlFile) -> None:
         import psycopg
