@@ -74,8 +74,7 @@ def keygen(name: Path, force: bool, as_json: bool) -> None:
               help="Signing key (NAME.key from `bundle keygen`).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("dist"),
               show_default=True, help="Directory for the .bundle file.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Content-addressed download cache (default: XDG cache dir).")
+@options.cache_dir
 @click.option("--sequence", type=click.IntRange(min=1), default=None,
               help="Monotonic bundle sequence (default: profile's, else build time).")
 @click.option("--lock", "lock_path", type=click.Path(path_type=Path), default=None,
@@ -151,8 +150,7 @@ def _say_kit(made: Kit) -> None:
               metavar="TAG", help="The target's wheel platform, e.g. manylinux_2_28_aarch64.")
 @click.option("--python", "python_version", default=Target.python, show_default=True,
               metavar="X.Y", help="The target's python3 (major.minor).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Content-addressed download cache (default: XDG cache dir).")
+@options.cache_dir
 @click.option("--index-url", default=None, help="Package index to fetch the wheels from.")
 @click.option("--find-links", multiple=True, metavar="DIR|URL",
               help="Also look for wheels here (repeatable).")
@@ -198,8 +196,7 @@ def kit(out_dir: Path, platform_tag: str, python_version: str, cache_dir: Path |
 @click.argument("profile", type=click.Path(path_type=Path))
 @click.option("--lock", "lock_path", type=click.Path(path_type=Path), default=None,
               help="Where to write (default: the profile's name with .lock, e.g. bundle.lock).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Content-addressed download cache (default: XDG cache dir).")
+@options.cache_dir
 @options.json_output
 @handled
 def lock(profile: Path, lock_path: Path | None, cache_dir: Path | None, as_json: bool) -> None:

@@ -22,3 +22,6 @@ db_choice = click.option(
 keep_db = click.option(
     "--keep-db", "db_choice", flag_value="keep",
     help="An interrupted install left a database restore pending: keep the database as it is.")
+cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                         help="Content-addressed download cache, also where kits are built "
+                              "and kept (default: XDG cache dir).")

@@ -18,9 +18,7 @@ from bundler.cli.render import emit_json
               help="The kit (bundler-kit-VERSION-PLATFORM.pyz). Default: the newest one for "
                    "the bundle's target platform in the bundle's directory, else one built "
                    "for the bundle's target (like `bundle kit`) into the cache.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Where a kit is built and kept when none is next to the bundle (default: "
-                   "XDG cache dir).")
+@options.cache_dir
 @click.option("--kit-from-installed", is_flag=True,
               help="When a kit is built: take its dependencies from the environment bundler "
                    "runs in (no network; only for a target with this host's Python and "
