@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.helpers import Project, bundle, make_project
 
@@ -15,6 +17,21 @@ if TYPE_CHECKING:
     from tests.bare_target import BareTargets, Images
     from tests.mariadb_fixtures import MariaDb
     from tests.pg_fixtures import PgCluster
+
+
+@pytest.fixture
+def key() -> Ed25519PrivateKey:
+    """An in-process signing key (format tests sign hand-made bundles with it)."""
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def pub(key: Ed25519PrivateKey, tmp_path: Path) -> Path:
+    """`key`'s public half as a NAME.pub file."""
+    path = tmp_path / "release.pub"
+    path.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
 
 
 @pytest.fixture

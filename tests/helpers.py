@@ -72,6 +72,23 @@ def offline(*commands: list[str], timeout: float = 600) -> list[Run]:
     return [Run(r["rc"], r["out"], r["err"]) for r in json.loads(done.stdout)]
 
 
+def tree_snapshot(root: Path) -> dict[str, str]:
+    """Everything observable about a tree: names, types, modes, contents, link targets."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                out[rel] = f"link {os.readlink(p)}"
+            elif p.is_dir():
+                out[rel] = f"dir {st.st_mode:o}"
+            else:
+                out[rel] = f"file {st.st_mode:o} {hashlib.sha256(p.read_bytes()).hexdigest()}"
+    return out
+
+
 def bundle_argv(*args: str | os.PathLike[str]) -> list[str]:
     return [sys.executable, "-m", "bundler", *map(os.fspath, args)]
 

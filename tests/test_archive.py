@@ -23,11 +23,6 @@ FILES = {
 
 
 @pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
 def trust(key: Ed25519PrivateKey, tmp_path: Path) -> list[TrustedKey]:
     pub = tmp_path / "k.pub"
     pub.write_bytes(key.public_key().public_bytes(

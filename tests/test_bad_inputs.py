@@ -3,9 +3,7 @@ with its exact error class, and the target (an already installed root) is left u
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,32 +27,11 @@ from tests.bundles import (
     reg,
     write_bundle,
 )
+from tests.helpers import tree_snapshot as snapshot
 
 V1 = {"files/app/config.ini": b"[app]\nmode = 1\n", "files/app/run.sh": b"echo one\n"}
 V2 = {"files/app/config.ini": b"[app]\nmode = 2\n", "files/app/run.sh": b"echo two\n",
       "files/app/data.bin": bytes(range(256)) * 64}
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Everything observable about a tree: names, types, modes, contents, link targets."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
-                out[rel] = f"link {os.readlink(p)}"
-            elif p.is_dir():
-                out[rel] = f"dir {st.st_mode:o}"
-            else:
-                out[rel] = f"file {st.st_mode:o} {hashlib.sha256(p.read_bytes()).hexdigest()}"
-    return out
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
 
 
 @pytest.fixture

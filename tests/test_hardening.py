@@ -15,7 +15,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler import volumes
@@ -25,19 +24,6 @@ from tests.bundles import craft, envelope_raw, manifest_for, reg, write_bundle
 from tests.helpers import REPO, bundle
 
 FILES = {"files/app/a.txt": b"alpha\n" * 100, "files/app/b.txt": bytes(range(256)) * 40}
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def pub(key: Ed25519PrivateKey, tmp_path: Path) -> Path:
-    path = tmp_path / "release.pub"
-    path.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return path
 
 
 def error_line(err: str) -> str:

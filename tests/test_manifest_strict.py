@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler import archive
@@ -30,41 +29,12 @@ from bundler.manifest import FileEntry, canonical_json
 from bundler.models import HealthCheck, InstallPolicy, Runtime
 from tests.bundles import envelope_raw, kind_of, manifest_for, write_bundle
 from tests.helpers import bundle, free_port
+from tests.helpers import tree_snapshot as snapshot
 
 V1 = {"files/app/config.ini": b"[app]\nmode = 1\n"}
 V2 = {"files/app/config.ini": b"[app]\nmode = 2\n",
       "files/app/compose.yml": b"services: {}\n"}
 Doc = dict[str, Any]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Everything observable about a tree: names, types, modes, contents, link targets."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            st = p.lstat()
-            rel = p.relative_to(root).as_posix()
-            if p.is_symlink():
-                out[rel] = f"link {os.readlink(p)}"
-            elif p.is_dir():
-                out[rel] = f"dir {st.st_mode:o}"
-            else:
-                out[rel] = f"file {st.st_mode:o} {hashlib.sha256(p.read_bytes()).hexdigest()}"
-    return out
-
-
-@pytest.fixture
-def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.fixture
-def pub(key: Ed25519PrivateKey, tmp_path: Path) -> Path:
-    path = tmp_path / "release.pub"
-    path.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    return path
 
 
 @pytest.fixture
