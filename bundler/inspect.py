@@ -6,7 +6,8 @@ from typing import Any
 
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
-from bundler.manifest import FileEntry, Manifest
+from bundler.manifest import KIND_PREFIX, FileEntry, Manifest
+from bundler.models import DatabaseSpec, MigrationSpec
 from bundler.signing import Verified
 
 
@@ -24,16 +25,63 @@ def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> d
         "target": m.target.to_json(),
         "payload_size": m.payload_size,
         "files": [f.to_json() for f in m.files],
+        "wheels": _wheels(m),
+        "npm": [{"project": p.dest, "omit_dev": p.omit_dev,
+                 "packages": [{"name": r.name, "version": r.version} for r in p.packages]}
+                for p in m.npm],
+        "runtimes": ({"node": m.runtimes.node.version, "npm": m.runtimes.npm.version}
+                     if m.runtimes else None),
         "services": [s.name for s in m.runtime.services],
         "health": [h.name for h in m.runtime.health],
-        "images": [i.ref for i in m.images],
+        "images": [i.to_json() for i in m.images],
         "compose": m.runtime.compose.to_json() if m.runtime.compose else None,
-        "migrations": [x.name for x in m.runtime.migrations],
+        "databases": [_database(d) for d in m.runtime.all_databases()],
+        "migrations": [_migration(m, x) for x in m.runtime.migrations],
         "user": m.runtime.user,  # the account its processes run as (None: root)
         "parts": parts,
-    } | ({"databases": [{"name": d.name, "kind": d.kind, "compose_service": d.compose_service}
-                        for d in m.runtime.databases]}
-         if m.runtime.databases else {})  # only for `databases:`: older output unchanged
+    }
+
+
+def _wheels(m: Manifest) -> list[dict[str, str]]:
+    out = []
+    for f in m.files:
+        if f.kind == "wheel":
+            key, version = _artifact_key(f)
+            out.append({"name": key.removeprefix("wheel:"), "version": version,
+                        "file": f.path.rsplit("/", 1)[-1]})
+    return sorted(out, key=lambda w: w["name"])
+
+
+def _database(d: DatabaseSpec) -> dict[str, Any]:
+    """Name, kind and service of a database; never its URL (a secret once expanded). The
+    single `database:` key has no name, and its kind is its URL's scheme when that is literal."""
+    kind = d.kind
+    if kind is None:
+        scheme = d.url.split(":", 1)[0].split("+", 1)[0].lower()
+        kind = {"postgresql": "postgres", "postgres": "postgres", "sqlite": "sqlite",
+                "mysql": "mysql", "mariadb": "mysql"}.get(scheme)
+    return {"name": d.name, "kind": kind, "compose_service": d.compose_service}
+
+
+def _migration(m: Manifest, x: MigrationSpec) -> dict[str, Any]:
+    """A migration and its steps: the SQL files or alembic revisions the bundle carries."""
+    db = m.runtime.database_of(x)
+    steps: list[str] = []
+    if x.path is not None and x.kind in ("sql", "alembic"):
+        base = f"{KIND_PREFIX['file']}{x.path.strip('/')}/".replace("/./", "/")
+        for f in m.files:
+            rel = f.path.removeprefix(base)
+            if rel == f.path:
+                continue
+            sql = x.kind == "sql" and "/" not in rel and rel.endswith(".sql")
+            # alembic: the revision scripts, wherever alembic.ini's script_location puts them
+            revision = x.kind == "alembic" and rel.endswith(".py") and "/versions/" in f"/{rel}"
+            if sql or revision:
+                steps.append(rel)
+    steps.sort()
+    return {"name": x.name, "kind": x.kind, "database": db.name if db else None,
+            "path": x.path, "steps": steps,
+            "command": list(x.command) if x.kind == "command" else None}
 
 
 def _artifact_key(entry: FileEntry) -> tuple[str, str]:

@@ -35,6 +35,20 @@ def test_seed_001_metrics_dashboard(tmp_path: Path, keys: tuple[Path, Path],
     built = bundle("build", PROFILES / "llm-webapp.yaml", "--frozen", "--key", keys[0],
                    "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache", "--json")
     assert built.rc == 0, built.err
+    info = json.loads(bundle("inspect", json.loads(built.out)["bundle"], "--trust", keys[1],
+                             "--json").out)
+    wheels = {w["name"]: w["version"] for w in info["wheels"]}
+    assert wheels["pandas"] == "2.1.3" and wheels["reportlab"] == "4.0.7", wheels
+    assert len(wheels) == len([f for f in info["files"] if f["kind"] == "wheel"])
+    (project,) = info["npm"]
+    assert {"chart.js"} <= {p["name"] for p in project["packages"]}, project
+    assert info["runtimes"]["node"].startswith("20."), info["runtimes"]
+    assert info["databases"] == [{"name": None, "kind": None, "compose_service": None}]
+    assert info["migrations"] == [{
+        "name": "schema", "kind": "alembic", "database": None, "path": "backend",
+        "steps": ["migrations/versions/20251102_add_metrics_tables.py"], "command": None}]
+    human = bundle("inspect", json.loads(built.out)["bundle"], "--trust", keys[1]).out
+    assert "pandas==2.1.3" in human and "migration schema (alembic)" in human, human
     dbname = cluster.create_database()
     root = tmp_path / "target"
     roots.append(root)

@@ -98,6 +98,10 @@ def test_two_databases_migrate_and_are_both_restored(
     manifest = json.loads(bundle("inspect", v1, "--trust", keys[1], "--json").out)
     assert [(d["name"], d["kind"]) for d in manifest["databases"]] == [
         ("vectors", "postgres"), ("chat", "mysql")]
+    v3info = json.loads(bundle("inspect", v3, "--trust", keys[1], "--json").out)
+    assert [(x["name"], x["database"], x["steps"]) for x in v3info["migrations"]] == [
+        ("schema", "vectors", ["001_docs.sql", "002_score.sql", "003_more.sql"]),
+        ("history", "chat", ["001_msgs.sql", "002_user.sql", "003_bad.sql"])]
 
     root = tmp_path / "target"
     roots.append(root)

@@ -87,6 +87,22 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
         click.echo(f"  volumes {len(info['parts'])} parts:")
         for p in info["parts"]:
             click.echo(f"    {p['file']}  {human_bytes(p['size'])}")
+    if info["wheels"]:
+        click.echo(f"  wheels  {len(info['wheels'])}: " + ", ".join(
+            f"{w['name']}=={w['version']}" for w in info["wheels"]))
+    for p in info["npm"]:
+        click.echo(f"  npm     {p['project']}: {len(p['packages'])} packages")
+    if info["runtimes"]:
+        click.echo(f"  carries Node.js {info['runtimes']['node']}, npm {info['runtimes']['npm']}")
+    for i in info["images"]:
+        click.echo(f"  image   {i['ref']}  {i['image_id'][:19]}")
+    for d in info["databases"]:
+        where = f" in compose service {d['compose_service']}" if d["compose_service"] else ""
+        click.echo(f"  database {d['name'] or '(database)'}: {d['kind'] or 'from its URL'}{where}")
+    for x in info["migrations"]:
+        steps = f": {', '.join(x['steps'])}" if x["steps"] else ""
+        click.echo(f"  migration {x['name']} ({x['kind']}"
+                   f"{', on ' + x['database'] if x['database'] else ''}){steps}")
     click.echo(f"  services: {', '.join(info['services']) or '-'}; "
                f"health checks: {', '.join(info['health']) or '-'}")
     if info.get("user"):
