@@ -10,6 +10,7 @@ import pwd
 import secrets
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import tempfile
@@ -154,8 +155,10 @@ def test_service_migration_and_check_run_as_the_user(run_user: pwd.struct_passwd
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, gid, 0o1775), d
     st = data.stat()
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, gid, 0o1770)
+    # The database file is the account's own: bundler created it with the account's file
+    # access (fsowner), never as root in a directory the account can write.
     db = (data / "app.db").stat()
-    assert db.st_gid == gid and db.st_mode & 0o060 == 0o060
+    assert (db.st_uid, db.st_gid) == (int(uid), gid), db
     for p in (rel, rel / "files", rel / "files" / "app", rel / "files" / "app" / "run.sh",
               rel / "bundle" / "manifest.json"):
         st = p.lstat()
@@ -260,3 +263,86 @@ def test_not_root_cannot_run_as_another_user(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(InstallError, match="cannot switch to it") as exc:
         runas.account("nobody")
     assert "run bundle as root" in exc.value.hint
+
+
+def _owned_db(world: Path, user: pwd.struct_passwd) -> tuple[Path, proc.RunAs]:
+    """A SQLite database as bundler lays it out for a run-as account: its directory
+    root:<group> 1770, the file written by the account itself."""
+    account = runas.account(user.pw_name)
+    data = world / "data"
+    data.mkdir()
+    os.chown(data, 0, user.pw_gid)
+    data.chmod(0o1770)
+    path = data / "app.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE t (x TEXT)")
+        conn.execute("INSERT INTO t VALUES ('kept')")
+        conn.commit()
+    os.chown(path, user.pw_uid, user.pw_gid)
+    assert path.stat().st_uid == user.pw_uid
+    return path, account
+
+
+def _rows(path: Path) -> list[tuple[str]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute("SELECT x FROM t ORDER BY x").fetchall()
+
+
+def test_sqlite_restore_never_writes_through_the_accounts_symlinks(
+        run_user: pwd.struct_passwd, world: Path) -> None:
+    """The account can write its database's directory: after the backup it swaps the database
+    for a symlink to another product's database, which a root restore would overwrite with
+    the backup's pages. bundler reads and writes that database with the account's own file
+    access, so the restore fails instead, the other database untouched; with the account's
+    own file back, the same restore works. (SQLite itself opens journals with O_NOFOLLOW.)"""
+    from bundler.install import database
+
+    path, account = _owned_db(world, run_user)
+    backups = world / "backups"
+    db = database.Database(f"sqlite:///{path}", owner=account)
+    made = database.backup(db, backups, {}, lambda _: None)
+    assert made.path.stat().st_uid == 0 and stat.S_IMODE(made.path.stat().st_mode) == 0o600
+
+    other = world / "other-product.db"
+    with contextlib.closing(sqlite3.connect(other)) as conn:
+        conn.execute("CREATE TABLE t (x TEXT)")
+        conn.execute("INSERT INTO t VALUES ('theirs')")
+        conn.commit()
+    other.chmod(0o644)
+    path.rename(path.with_name("mine.db"))
+    path.symlink_to(other)
+    os.lchown(path, run_user.pw_uid, run_user.pw_gid)
+    with pytest.raises(InstallError, match=r"SQLite restore of .* failed"):
+        database.restore(db, made, {}, lambda _: None)
+    assert _rows(other) == [("theirs",)]
+
+    path.unlink()
+    path.with_name("mine.db").rename(path)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO t VALUES ('later')")
+        conn.commit()
+    database.restore(db, made, {}, lambda _: None)
+    assert _rows(path) == [("kept",)]
+    assert not list(path.parent.glob(".app.db.bundler-*")), "side files are removed"
+
+
+def test_sqlite_backup_of_a_symlink_to_roots_file_is_refused(
+        run_user: pwd.struct_passwd, world: Path) -> None:
+    """The account swaps its database for a symlink to a database only root can read: a root
+    backup would copy those rows, and a later restore would hand them to the account."""
+    from bundler.install import database
+
+    path, account = _owned_db(world, run_user)
+    secret = world / "secret.db"
+    with contextlib.closing(sqlite3.connect(secret)) as conn:
+        conn.execute("CREATE TABLE t (x TEXT)")
+        conn.execute("INSERT INTO t VALUES ('root only')")
+        conn.commit()
+    secret.chmod(0o600)
+    path.unlink()
+    path.symlink_to(secret)
+    db = database.Database(f"sqlite:///{path}", owner=account)
+    with pytest.raises(InstallError, match=r"SQLite backup of .* failed"):
+        database.backup(db, world / "backups", {}, lambda _: None)
+    assert not list((world / "backups").glob("*.sqlite")), "no backup holds root's rows"
+    assert _rows(secret) == [("root only",)]

@@ -59,13 +59,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from bundler import proc
 from bundler.errors import CommandError, InstallError
 from bundler.fsutil import CHUNK, create_file, private_dir, require_space, sha256_file
-from bundler.install import mysql_db
+from bundler.install import fsowner, mysql_db
 from bundler.redact import redact
 
 # Seconds. A dump or a restore of a big database takes long; a hung one must still end.
@@ -107,6 +107,9 @@ class Database:
     url: str
     compose_service: str | None = None
     name: str | None = None  # its `databases[].name` (None: the single `database:`)
+    # SQLite: the account whose file access every read and write of the file runs with (the
+    # release's `user`, who can write its directory; see fsowner). None: bundler's own.
+    owner: proc.RunAs | None = None
 
     @property
     def kind(self) -> str:
@@ -329,7 +332,7 @@ def check(db: Database, env: Mapping[str, str], *,
     backed up from here: PostgreSQL answers and pg_dump/pg_restore/psql are new enough for it;
     a SQLite file is a database (or does not exist yet, in a directory that does)."""
     if db.kind == "sqlite":
-        _sqlite_check(sqlite_path(db))
+        _sqlite_check(sqlite_path(db), db.owner)
         return
     if db.kind == "mysql":
         mysql_db.check(db, env, exec_in_service=exec_in_service)
@@ -387,12 +390,16 @@ def wait_ready(db: Database, env: Mapping[str, str], timeout: float, *,
         time.sleep(0.5)
 
 
-def _sqlite_check(path: Path) -> None:
+def _sqlite_check(path: Path, owner: proc.RunAs | None) -> None:
+    fsowner.call(owner, lambda: _sqlite_readable(path))
+
+
+def _sqlite_readable(path: Path) -> None:
     if not path.exists():
         if not path.parent.is_dir():
             raise InstallError(f"SQLite database {path}: directory {path.parent} does not exist",
                                hint="create the directory, or fix the path in the URL")
-        if not os.access(path.parent, os.W_OK):
+        if not os.access(path.parent, os.W_OK, effective_ids=True):
             raise InstallError(f"SQLite database {path}: directory {path.parent} is not writable",
                                hint="run as the user who owns it, or fix its permissions")
         return
@@ -402,6 +409,21 @@ def _sqlite_check(path: Path) -> None:
     except sqlite3.Error as exc:
         raise InstallError(f"SQLite database {path} cannot be read: {exc}",
                            hint="check that the file is a SQLite database and readable") from None
+
+
+@contextlib.contextmanager
+def _side_file(path: Path) -> Iterator[tuple[Path, int]]:
+    """A new, empty file beside the database (created, never opened through a symlink), and
+    its descriptor; removed afterwards. The owner's copy of a backup lives here."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.bundler-", suffix=".tmp", dir=path.parent)
+    side = Path(name)
+    try:
+        yield side, fd
+    finally:
+        os.close(fd)
+        for extra in ("", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{side}{extra}")
 
 
 # --------------------------------------------------------------------------- backup
@@ -436,7 +458,7 @@ def backup(db: Database, dest_dir: Path, env: Mapping[str, str], log: Log, *,
     when = _now()
     started = time.monotonic()
     if db.kind == "sqlite":
-        path = _sqlite_backup(sqlite_path(db), dest_dir, when, log)
+        path = _sqlite_backup(sqlite_path(db), dest_dir, when, log, db.owner)
         kind = "sqlite"
     elif db.kind == "mysql":
         path = _mysql_backup(db, dest_dir, when, env, log, exec_in_service)
@@ -502,32 +524,54 @@ def _verify_dump(db: Database, path: Path, env: Mapping[str, str],
     return entries
 
 
-def _sqlite_backup(path: Path, dest_dir: Path, when: datetime, log: Log) -> Path:
+def _sqlite_backup(path: Path, dest_dir: Path, when: datetime, log: Log,
+                   owner: proc.RunAs | None) -> Path:
     final = _backup_path(dest_dir, path.stem, ".sqlite", when)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=dest_dir)
-    os.close(fd)
     tmp = Path(tmp_name)
     with _placing(tmp, final), _sqlite_errors(f"SQLite backup of {path} failed"):
-        if path.exists():
-            require_space(dest_dir, path.stat().st_size, f"backing up {path}")
-            log(f"sqlite backup {path} -> {final.name}")
-            with contextlib.closing(sqlite3.connect(path, timeout=60)) as src, \
-                    contextlib.closing(sqlite3.connect(tmp)) as dst:
-                # One step (pages=-1): a read transaction on the source for the whole copy, so
-                # the copy is one consistent snapshot even while the application writes.
-                src.backup(dst)
-                dst.execute("PRAGMA journal_mode=DELETE")  # self-contained: no -wal beside it
-                check_row = dst.execute("PRAGMA quick_check").fetchone()
-                if not check_row or check_row[0] != "ok":
-                    raise InstallError(f"the SQLite backup of {path} failed its check: "
-                                       f"{check_row[0] if check_row else 'no result'}")
-        else:
-            # Nothing there yet: the backed-up state is "an empty database".
-            log(f"sqlite {path} does not exist yet: backing up an empty database")
-            with contextlib.closing(sqlite3.connect(tmp)) as dst:
-                dst.execute("PRAGMA user_version = 0")
+        exists = path.exists()
+        with open(fd, "r+b") as sink:
+            if exists:
+                require_space(dest_dir, path.stat().st_size, f"backing up {path}")
+                log(f"sqlite backup {path} -> {final.name}")
+                if owner is not None and owner.switches and os.geteuid() == 0:
+                    fsowner.call(owner, lambda: _owner_snapshot(path, sink))
+                else:
+                    _snapshot(path, tmp)
+            else:
+                # Nothing there yet: the backed-up state is "an empty database".
+                log(f"sqlite {path} does not exist yet: backing up an empty database")
+        with contextlib.closing(sqlite3.connect(tmp)) as dst:
+            if not exists:
+                dst.execute("PRAGMA user_version = 0")  # writes the empty database's header
+            dst.execute("PRAGMA journal_mode=DELETE")  # self-contained: no -wal beside it
+            check_row = dst.execute("PRAGMA quick_check").fetchone()
+            if not check_row or check_row[0] != "ok":
+                raise InstallError(f"the SQLite backup of {path} failed its check: "
+                                   f"{check_row[0] if check_row else 'no result'}")
         os.chmod(tmp, 0o600)
     return final
+
+
+def _snapshot(path: Path, dest: Path) -> None:
+    """One consistent copy of the database at `path` into the SQLite file `dest`."""
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as src, \
+            contextlib.closing(sqlite3.connect(dest)) as dst:
+        # One step (pages=-1): a read transaction on the source for the whole copy, so the
+        # copy is one consistent snapshot even while the application writes.
+        src.backup(dst)
+
+
+def _owner_snapshot(path: Path, sink: BinaryIO) -> None:
+    """With the owner's access (fsowner): snapshot into a side file, then copy its bytes into
+    root's backup file, already open. Root never opens a path the owner could have swapped."""
+    with _side_file(path) as (side, fd):
+        _snapshot(path, side)
+        with open(fd, "rb", closefd=False) as copy:
+            copy.seek(0)
+            shutil.copyfileobj(copy, sink, 1 << 20)
+        sink.flush()
 
 
 @contextlib.contextmanager
@@ -610,7 +654,7 @@ def restore(db: Database, backup: Backup, env: Mapping[str, str], log: Log, *,
             f"(expected {backup.size} bytes, sha256 {backup.sha256[:16]}…)",
             hint="the database was NOT restored; restore it by hand from another copy")
     if db.kind == "sqlite":
-        _sqlite_restore(sqlite_path(db), backup, log)
+        _sqlite_restore(sqlite_path(db), backup, log, db.owner)
     elif db.kind == "mysql":
         if backup.kind != "mysqldump":
             raise InstallError(f"backup {backup.path} is a {backup.kind} backup, not a "
@@ -624,20 +668,38 @@ def restore(db: Database, backup: Backup, env: Mapping[str, str], log: Log, *,
     log(f"restored {db.display} from {backup.path.name} in {time.monotonic() - started:.1f}s")
 
 
-def _sqlite_restore(path: Path, backup: Backup, log: Log) -> None:
+def _sqlite_restore(path: Path, backup: Backup, log: Log, owner: proc.RunAs | None) -> None:
     if backup.kind != "sqlite":
         raise InstallError(f"backup {backup.path} is a {backup.kind} backup, not a SQLite one")
     log(f"sqlite restore {backup.path.name} -> {path}")
     try:
-        with contextlib.closing(sqlite3.connect(backup.path)) as src, \
-                contextlib.closing(sqlite3.connect(path, timeout=60)) as dst:
-            # The backup API replaces every page of the destination in one write transaction:
-            # tables the migration added are gone, the schema and rows are the backup's.
-            src.backup(dst)
+        if owner is not None and owner.switches and os.geteuid() == 0:
+            require_space(path.parent, backup.size, f"restoring {path}")
+            with open(backup.path, "rb") as source:
+                fsowner.call(owner, lambda: _owner_restore(source, path))
+        else:
+            _replace_pages(backup.path, path)
     except sqlite3.Error as exc:
         raise InstallError(f"SQLite restore of {path} from {backup.path} failed: {exc}",
                            hint="stop whatever holds the database open and restore again"
                            ) from None
+
+
+def _replace_pages(source: Path, path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(source)) as src, \
+            contextlib.closing(sqlite3.connect(path, timeout=60)) as dst:
+        # The backup API replaces every page of the destination in one write transaction:
+        # tables the migration added are gone, the schema and rows are the backup's.
+        src.backup(dst)
+
+
+def _owner_restore(source: BinaryIO, path: Path) -> None:
+    """With the owner's access (fsowner): the backup's bytes (root opened the file) into a
+    side file, then its pages over the database."""
+    with _side_file(path) as (side, fd):
+        with open(fd, "wb", closefd=False) as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+        _replace_pages(side, path)
 
 
 # Runs first, inside the restore's transaction: empty the database so that the dump, replayed

@@ -142,7 +142,8 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
             from bundler.install import database
 
             label = f"database {spec.name}" if spec.name else "database"
-            conn = database.Database(env.expand(spec.url), spec.compose_service, spec.name)
+            conn = database.Database(env.expand(spec.url), spec.compose_service, spec.name,
+                                     runas.db_owner(target))
             if spec.compose_service:
                 if current is None:
                     return Row(label, "ok", f"compose service {spec.compose_service}: "

@@ -448,7 +448,8 @@ class _UndoDb:
 
 def _databases(m: Manifest, env: environ.ReleaseEnv) -> list[database.Database]:
     """Every database of the release, in profile order (one for a single `database:`)."""
-    return [database.Database(env.expand(spec.url), spec.compose_service, spec.name)
+    owner = runas.db_owner(m)
+    return [database.Database(env.expand(spec.url), spec.compose_service, spec.name, owner)
             for spec in m.runtime.all_databases()]
 
 

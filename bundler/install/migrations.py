@@ -51,7 +51,7 @@ from typing import Any, Protocol
 
 from bundler import proc
 from bundler.errors import CommandError, LockedError, MigrationError
-from bundler.install import database, runas
+from bundler.install import database, fsowner, runas
 from bundler.install.database import Database
 from bundler.redact import redact
 
@@ -134,14 +134,19 @@ def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Pa
         return _run_mysql(migrations, sql_sets, db, files_dir, venv, env, log, in_service,
                           db_exec)
     _open_sqlite(migrations, db)  # its directory, before the ledger creates the file
-    with _session(db, env, log) as ledger:
-        _open_sqlite(migrations, db)  # and the file, now that it exists
-        # Under the lock, before anything runs: no applied file may have been edited since.
-        for m in migrations:
-            if m.kind == "sql":
-                _refuse_edited(m, sql_sets[m.name], ledger.read(m.name))
-        return _run_each(migrations, lambda m: ledger.apply(m, sql_sets[m.name], log),
-                         db, files_dir, venv, env, log, in_service)
+
+    def under_lock() -> list[MigrationResult]:
+        with _session(db, env, log) as ledger:
+            _open_sqlite(migrations, db)  # and the file, now that it exists
+            # Under the lock, before anything runs: no applied file may have been edited since.
+            for m in migrations:
+                if m.kind == "sql":
+                    _refuse_edited(m, sql_sets[m.name], ledger.read(m.name))
+            return _run_each(migrations, lambda m: ledger.apply(m, sql_sets[m.name], log),
+                             db, files_dir, venv, env, log, in_service)
+
+    # SQLite: with the file access of the account that can write its directory (fsowner).
+    return fsowner.call(db.owner if db.kind == "sqlite" else None, under_lock)
 
 
 def _run_each(migrations: Sequence[Migration],
@@ -422,12 +427,17 @@ def _read_ledger(db: Database, env: Mapping[str, str], migration: str) -> dict[s
                 return {}
             return _Ledger(db, conn).read(migration)
     path = database.sqlite_path(db)
-    if not path.exists():
+
+    def read() -> dict[str, str]:
+        if not path.exists():
+            return {}
+        with contextlib.closing(sqlite3.connect(path, timeout=60)) as sconn:
+            if sconn.execute("SELECT 1 FROM sqlite_master WHERE name = ?",
+                             (LEDGER,)).fetchone():
+                return _Ledger(db, sconn).read(migration)
         return {}
-    with contextlib.closing(sqlite3.connect(path, timeout=60)) as sconn:
-        if sconn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (LEDGER,)).fetchone():
-            return _Ledger(db, sconn).read(migration)
-    return {}
+
+    return fsowner.call(db.owner, read)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from bundler.errors import (
     StateError,
 )
 from bundler.fsutil import atomic_symlink
-from bundler.install import database, environ, health, runtime
+from bundler.install import database, environ, health, runas, runtime
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.state import ReleaseRow, State, new_txn
@@ -269,7 +269,8 @@ def _plan_restore(layout: Layout, rel: ReleaseDir, p: Pending,
         spec = specs.get(pr.db_name)
         if spec is None:
             continue
-        db = database.Database(env.expand(spec.url), spec.compose_service, spec.name)
+        db = database.Database(env.expand(spec.url), spec.compose_service, spec.name,
+                               runas.db_owner(manifest))
         if db.compose_service:
             # The interrupted release's project was taken down: its database comes back alone.
             runtime.ensure_database(layout, p.version, db, env.as_dict())

@@ -92,6 +92,13 @@ def _unreachable(user: proc.RunAs, path: Path) -> Path | None:
     return None
 
 
+def db_owner(m: Manifest) -> proc.RunAs | None:
+    """The account whose file access bundler uses for the release's SQLite database: the
+    release's `user` when it has one bundler switches to (see fsowner), else None."""
+    user = proc.lookup_user(m.runtime.user) if m.runtime.user else None
+    return user if user is not None and user.switches else None
+
+
 def sqlite_file(m: Manifest, env: ReleaseEnv) -> Path | None:
     """The release's SQLite database file (None: no database, not SQLite, or its URL cannot
     be expanded yet)."""
@@ -177,5 +184,14 @@ def sqlite_writable(path: Path, user: proc.RunAs | None) -> None:
             raise InstallError(f"{side} is not a regular file",
                                hint="a database path must not be a symlink")
         if not _can(user, st, 6):
-            os.chown(side, -1, user.gid)
-            os.chmod(side, stat.S_IMODE(st.st_mode) | 0o060)
+            # Through a descriptor opened without following symlinks: the account can
+            # replace the path between the lstat above and here.
+            fd = os.open(side, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise InstallError(f"{side} is not a regular file",
+                                       hint="a database path must not be a symlink")
+                os.fchown(fd, -1, user.gid)
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o060)
+            finally:
+                os.close(fd)
