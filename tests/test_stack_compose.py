@@ -172,3 +172,34 @@ def test_build_checks_the_compose_files_and_doctor_sees_their_ports(
     finally:
         busy.close()
         dfx.remove_images(engine, pair.a, pair.b, pair.base)
+
+
+def test_an_explicit_project_of_another_installation_is_refused(
+        tmp_path: Path, engine: Any, keys: tuple[Path, Path]) -> None:
+    """`compose.project` names a stack another root (or the operator) already runs: compose
+    would recreate its containers and a rollback take them down. Refused (exit 8) before the
+    root is created, the other stack's container untouched."""
+    pair = dfx.make_pair(engine, "cforeign")
+    project = f"shared-{dfx.unique()}"
+    theirs = engine.containers.create(pair.a, ["busybox", "sleep", "3600"], labels={
+        "com.docker.compose.project": project,
+        "com.docker.compose.project.working_dir": "/srv/other-product/releases/1.0/files/x"})
+    try:
+        profile = compose_profile(tmp_path, "1.0.0", pair.a, True, 1)
+        profile.write_text(profile.read_text() + f"  project: {project}\n")
+        built = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
+                       "--cache-dir", tmp_path / "cache", "--json")
+        assert built.rc == 0, built.err
+        root = tmp_path / "target"
+        (result,) = offline(bundle_argv("install", json.loads(built.out)["bundle"],
+                                        "--trust", keys[1], "--root", root))
+        assert result.rc == 8, result.err
+        assert (f"compose project '{project}' already runs containers started from "
+                "/srv/other-product/releases/1.0/files/x") in result.err, result.err
+        assert "own compose.project" in result.err
+        assert not root.exists()
+        theirs.reload()
+        assert theirs.status == "created" and theirs.labels["com.docker.compose.project"] == project
+    finally:
+        theirs.remove(force=True)
+        dfx.remove_images(engine, pair.a, pair.b, pair.base)

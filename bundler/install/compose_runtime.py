@@ -229,6 +229,20 @@ def _runs_here(project: str, root: Path) -> bool:
                for c in found)
 
 
+def started_elsewhere(project: str, root: Path) -> list[str]:
+    """The project directories, outside `root`, of containers already in compose project
+    `project`: another installation's (or the operator's own) stack under that name. An
+    unreachable engine answers nothing: the steps that need it report that themselves."""
+    try:
+        found = _engine().containers(all=True, filters={"label": f"{_LABEL_PROJECT}={project}"})
+    except Exception:
+        return []
+    inside = str(root.resolve()) + os.sep
+    dirs = {str((c.get("Labels") or {}).get(_WORKDIR_LABEL) or "(no project directory)")
+            for c in found}
+    return sorted(d for d in dirs if not d.startswith(inside))
+
+
 @dataclass(frozen=True)
 class ComposeProject:
     name: str  # one per product, stable across releases (see project_name)

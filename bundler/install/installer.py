@@ -110,6 +110,7 @@ def install(source: Path, trusted: list[TrustedKey], root: Path,
             with locked(layout.root):
                 return _ensure_running(layout, m, environment, db_choice)
         ports.refuse_foreign(layout, m, env)
+        runtime.refuse_foreign_project(layout, m)
         require_space(layout.root, space_needed(m), f"installing {m.name} {m.version}")
         with _fresh_root(layout.root) as created_root, locked(layout.root):
             staging: Path | None = None

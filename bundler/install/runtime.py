@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bundler import proc, ui
-from bundler.errors import InstallError
+from bundler.errors import InstallError, PolicyError
 from bundler.install import compose_runtime as cr
 from bundler.install import database, environ, migrations, process_runtime, runas
 from bundler.install.layout import Layout, ReleaseDir
@@ -42,6 +42,22 @@ def _project(layout: Layout, rel: ReleaseDir, m: Manifest) -> cr.ComposeProject:
         workdir=(rel.files / spec.files[0]).parent,
         env_file=env_file if env_file.is_file() else None,
         env=env.values)
+
+
+def refuse_foreign_project(layout: Layout, m: Manifest) -> None:
+    """A profile's explicit `compose.project` must not name a stack this root did not start:
+    compose would recreate, and a rollback take down, another installation's containers.
+    (The default name is per root, see project_name.) PolicyError before anything changes."""
+    spec = m.runtime.compose
+    if spec is None or not spec.project:
+        return
+    elsewhere = cr.started_elsewhere(spec.project, layout.root)
+    if elsewhere:
+        raise PolicyError(
+            f"compose project {spec.project!r} already runs containers started from "
+            f"{', '.join(elsewhere)}, not from {layout.root}",
+            hint="give this product its own compose.project in the profile (or leave it out: "
+                 "bundler then uses one per install root), or remove that stack first")
 
 
 def _tool(m: Manifest) -> cr.ComposeTool:
