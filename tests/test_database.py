@@ -447,6 +447,26 @@ def test_command_migration(cluster: PgCluster, tmp_path: Path) -> None:
     assert PW_PASSWORD not in text and "***" in text
 
 
+@pytest.mark.postgres
+def test_command_migration_finds_the_database_as_left(cluster: PgCluster, tmp_path: Path) -> None:
+    """No ledger table of bundler's in a release without sql migrations: a first `prisma
+    migrate deploy` refuses any table it did not make (P3005). Prisma 6 lists what it applied
+    as a tree, which is reported."""
+    name = cluster.create_database()
+    db = Database(cluster.url(name))
+    prisma6 = ("The following migration(s) have been applied:\n\nmigrations/\n"
+               "  └─ 20240115000000_init/\n    └─ migration.sql\n"
+               "  └─ 20240116000000_add_ai_insight_cache/\n    └─ migration.sql\n")
+    deploy = Migration(name="prisma", kind="command", command=(
+        "sh", "-c", 'test -z "$(psql -X -q -w -t -A -d "$DATABASE_URL" -c '
+                    "\"SELECT tablename FROM pg_tables WHERE schemaname = 'public'\")\" "
+                    f"&& printf '{prisma6}'"))
+    result = migrations.run([deploy], db, tmp_path, None, ENV, Log())
+    assert result[0].applied == ("20240115000000_init", "20240116000000_add_ai_insight_cache")
+    with cluster.connect(name) as c:
+        assert c.execute(f"SELECT to_regclass('{migrations.LEDGER}')").fetchone() == (None,)
+
+
 # --------------------------------------------------------------------------- (5) sqlite
 
 def test_sqlite_backup_is_consistent_while_the_app_writes_and_restore_is_exact(
