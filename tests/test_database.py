@@ -683,3 +683,18 @@ def test_round_trip_inside_unshare_n(cluster: PgCluster, dbname: str,
     report = json.loads(run.out.strip().splitlines()[-1])
     assert report["interfaces"] == ["lo"]  # no network at all in there
     assert report["changed"] and report["equal"], report
+
+
+def test_a_failed_prisma_migration_is_named() -> None:
+    """The JS schema engine says only "external connector error"; the migration it failed in
+    is in its trace (the native engine's P3018 text names it too)."""
+    js = ("3 migrations found in prisma/migrations\nError: external connector error\n"
+          "Null constraint failed: \n   0: sql_schema_connector::apply_migration::apply_script\n"
+          '           with migration_name="20240302000000_require_metric_unit"\n')
+    assert migrations._prisma_failure(js) == (
+        "Prisma migration 20240302000000_require_metric_unit failed: external connector error: "
+        "Null constraint failed")
+    native = ("Error: P3018\n\nA migration failed to apply.\n\nMigration name: 20240302_x\n\n"
+              "Database error code: 23502\n")
+    assert migrations._prisma_failure(native) == "Prisma migration 20240302_x failed: P3018"
+    assert migrations._prisma_failure("Error: P3005\n\nThe database schema is not empty.") is None

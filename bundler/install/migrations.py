@@ -72,6 +72,8 @@ _PRISMA_STEP = re.compile(r"Applying migration `([^`]+)`")
 # whose directory lines ("  └─ 20240115000000_init/") name them
 _PRISMA_APPLIED = "have been applied:"
 _PRISMA_TREE = re.compile(r"^\s*└─ ([^/\s]+)/\s*$", re.M)
+# which migration failed: the JS schema engine's trace, or the native engine's P3018 text
+_PRISMA_FAILED = re.compile(r'with migration_name="([^"]+)"|^Migration name: (\S+)', re.M)
 _ALEMBIC_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (upgrade|downgrade)')
 _EXC_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Failure)\b.*)$")
 
@@ -511,6 +513,22 @@ def _prisma_tree(output: str) -> tuple[str, ...]:
     return tuple(_PRISMA_TREE.findall(tree)) if found else ()
 
 
+def _prisma_failure(output: str) -> str | None:
+    """"Prisma migration X failed: <error>, <its detail>" when Prisma names the migration."""
+    found = _PRISMA_FAILED.search(output)
+    if found is None:
+        return None
+    lines = output.splitlines()
+    error = next((i for i, ln in enumerate(lines) if ln.startswith("Error: ")), None)
+    detail = ""
+    if error is not None:
+        detail = lines[error].removeprefix("Error: ").strip()
+        after = lines[error + 1].strip().rstrip(":") if error + 1 < len(lines) else ""
+        if after and not after[0].isdigit():
+            detail += f": {after}"
+    return f"Prisma migration {found[1] or found[2]} failed" + (f": {detail}" if detail else "")
+
+
 def _child_env(m: Migration, db: Database, venv: Path | None,
                env: Mapping[str, str]) -> dict[str, str]:
     child = proc.clean_env(env)
@@ -627,7 +645,8 @@ def _command(m: Migration, db: Database, files_dir: Path, venv: Path | None,
     if result.returncode != 0:
         raise MigrationError(
             f"migration {m.name}: {m.command[0]}{where} failed (exit {result.returncode}): "
-            f"{_scrub(db, _error_line(result.output))}\n{_tail(db, result)}")
+            f"{_scrub(db, _prisma_failure(result.output) or _error_line(result.output))}"
+            f"\n{_tail(db, result)}")
     applied = tuple(_PRISMA_STEP.findall(result.output)) or _prisma_tree(result.output)
     last = database.first_line("\n".join(reversed(result.output.strip().splitlines())))
     detail = (f"applied {', '.join(applied)}" if applied
