@@ -24,7 +24,7 @@ from bundler.platforms import parse_platform
 from bundler.profile import Profile
 from bundler.resolve import compose as compose_check
 from bundler.resolve import files as files_resolver
-from bundler.resolve import images, npm, runtimes, wheels
+from bundler.resolve import images, npm, prisma, runtimes, wheels
 from bundler.signing import MAX_ENVELOPE_BYTES, key_id, sign
 
 
@@ -114,6 +114,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
           sequence: int | None = None, part_size: int | None = None,
           lock_path: Path | None = None, frozen: bool = False) -> BuildResult:
     created = build_time()
+    harmless = _check_prisma(profile)  # before the actions: a refusal should come at once
     actions.run_all(profile.actions)
     entries: list[FileEntry] = []
     sources: dict[str, Path] = {}
@@ -148,7 +149,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         sha, size = current.images_archive
         entries.append(FileEntry(IMAGES_PATH, size, sha, "images"))
         sources[IMAGES_PATH] = cache.path(sha)
-    npm_projects, npm_fetched, warnings = _npm(profile, cache, entries, sources)
+    npm_projects, npm_fetched, warnings = _npm(profile, cache, entries, sources, harmless)
     fetched += npm_fetched
     node_runtime = None
     if profile.runtimes is not None and current.runtimes is not None:
@@ -233,7 +234,23 @@ def npm_target(target: Target) -> dict[str, str]:
     return {"os": "linux", "cpu": plat.node_cpu, "libc": plat.libc}
 
 
-def _npm(profile: Profile, cache: Cache, entries: list[FileEntry], sources: dict[str, Path]
+def _check_prisma(profile: Profile) -> dict[Path, tuple[str, ...]]:
+    """Each npm project's Prisma set-up checked (resolve.prisma); per project, the packages
+    whose install-script downloads are then harmless."""
+    migrates = any(m.kind == "command" and any("prisma" in arg for arg in m.command)
+                   for m in profile.runtime.migrations)
+    out: dict[Path, tuple[str, ...]] = {}
+    for spec in profile.npm:
+        lock_path = spec.project / "package-lock.json"
+        if lock_path.is_file():  # missing: npm.fetch says so, with its fix
+            lock = npm.read_json(lock_path, "package-lock.json")
+            out[spec.project] = prisma.check(spec.project, lock, lock_path,
+                                             not spec.include_dev, migrates)
+    return out
+
+
+def _npm(profile: Profile, cache: Cache, entries: list[FileEntry], sources: dict[str, Path],
+         harmless: dict[Path, tuple[str, ...]]
          ) -> tuple[tuple[NpmProject, ...], int, tuple[str, ...]]:
     """Fetch each npm project's tarballs; add them (shared ones once) and its package files."""
     projects: list[NpmProject] = []
@@ -244,7 +261,9 @@ def _npm(profile: Profile, cache: Cache, entries: list[FileEntry], sources: dict
         t = npm_target(profile.target)
         got = npm.fetch(npm.NpmSpec(project=spec.project, registry=spec.registry,
                                     omit_dev=not spec.include_dev, os=t["os"], cpu=t["cpu"],
-                                    libc=t["libc"]), cache, ui.note)
+                                    libc=t["libc"],
+                                    harmless_scripts=harmless.get(spec.project, ())),
+                        cache, ui.note)
         downloaded += got.downloaded
         warnings += got.warnings
         for pkg in got.packages:

@@ -447,6 +447,26 @@ def test_command_migration(cluster: PgCluster, tmp_path: Path) -> None:
     assert PW_PASSWORD not in text and "***" in text
 
 
+@pytest.mark.postgres
+def test_command_migration_finds_the_database_as_left(cluster: PgCluster, tmp_path: Path) -> None:
+    """No ledger table of bundler's in a release without sql migrations: a first `prisma
+    migrate deploy` refuses any table it did not make (P3005). Prisma 6 lists what it applied
+    as a tree, which is reported."""
+    name = cluster.create_database()
+    db = Database(cluster.url(name))
+    prisma6 = ("The following migration(s) have been applied:\n\nmigrations/\n"
+               "  └─ 20240115000000_init/\n    └─ migration.sql\n"
+               "  └─ 20240116000000_add_ai_insight_cache/\n    └─ migration.sql\n")
+    deploy = Migration(name="prisma", kind="command", command=(
+        "sh", "-c", 'test -z "$(psql -X -q -w -t -A -d "$DATABASE_URL" -c '
+                    "\"SELECT tablename FROM pg_tables WHERE schemaname = 'public'\")\" "
+                    f"&& printf '{prisma6}'"))
+    result = migrations.run([deploy], db, tmp_path, None, ENV, Log())
+    assert result[0].applied == ("20240115000000_init", "20240116000000_add_ai_insight_cache")
+    with cluster.connect(name) as c:
+        assert c.execute(f"SELECT to_regclass('{migrations.LEDGER}')").fetchone() == (None,)
+
+
 # --------------------------------------------------------------------------- (5) sqlite
 
 def test_sqlite_backup_is_consistent_while_the_app_writes_and_restore_is_exact(
@@ -663,3 +683,18 @@ def test_round_trip_inside_unshare_n(cluster: PgCluster, dbname: str,
     report = json.loads(run.out.strip().splitlines()[-1])
     assert report["interfaces"] == ["lo"]  # no network at all in there
     assert report["changed"] and report["equal"], report
+
+
+def test_a_failed_prisma_migration_is_named() -> None:
+    """The JS schema engine says only "external connector error"; the migration it failed in
+    is in its trace (the native engine's P3018 text names it too)."""
+    js = ("3 migrations found in prisma/migrations\nError: external connector error\n"
+          "Null constraint failed: \n   0: sql_schema_connector::apply_migration::apply_script\n"
+          '           with migration_name="20240302000000_require_metric_unit"\n')
+    assert migrations._prisma_failure(js) == (
+        "Prisma migration 20240302000000_require_metric_unit failed: external connector error: "
+        "Null constraint failed")
+    native = ("Error: P3018\n\nA migration failed to apply.\n\nMigration name: 20240302_x\n\n"
+              "Database error code: 23502\n")
+    assert migrations._prisma_failure(native) == "Prisma migration 20240302_x failed: P3018"
+    assert migrations._prisma_failure("Error: P3005\n\nThe database schema is not empty.") is None

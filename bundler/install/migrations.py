@@ -68,6 +68,12 @@ _TXN_CONTROL = re.compile(
     re.IGNORECASE | re.MULTILINE)
 _ALEMBIC_STEP = re.compile(r"Running upgrade ([^\s,]*) -> ([^\s,]+)(?:, (.*))?")
 _PRISMA_STEP = re.compile(r"Applying migration `([^`]+)`")
+# Prisma 6's summary instead: "The following migration(s) have been applied:" and a tree
+# whose directory lines ("  └─ 20240115000000_init/") name them
+_PRISMA_APPLIED = "have been applied:"
+_PRISMA_TREE = re.compile(r"^\s*└─ ([^/\s]+)/\s*$", re.M)
+# which migration failed: the JS schema engine's trace, or the native engine's P3018 text
+_PRISMA_FAILED = re.compile(r'with migration_name="([^"]+)"|^Migration name: (\S+)', re.M)
 _ALEMBIC_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (upgrade|downgrade)')
 _EXC_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Failure)\b.*)$")
 
@@ -136,7 +142,7 @@ def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Pa
     _open_sqlite(migrations, db)  # its directory, before the ledger creates the file
 
     def under_lock() -> list[MigrationResult]:
-        with _session(db, env, log) as ledger:
+        with _session(db, env, log, ledger=bool(sql_sets)) as ledger:
             _open_sqlite(migrations, db)  # and the file, now that it exists
             # Under the lock, before anything runs: no applied file may have been edited since.
             for m in migrations:
@@ -441,8 +447,12 @@ def _read_ledger(db: Database, env: Mapping[str, str], migration: str) -> dict[s
 
 
 @contextlib.contextmanager
-def _session(db: Database, env: Mapping[str, str], log: Log) -> Iterator[_Ledger]:
-    """The migration lock for the whole run, and the ledger connection under it."""
+def _session(db: Database, env: Mapping[str, str], log: Log, ledger: bool = True
+             ) -> Iterator[_Ledger]:
+    """The migration lock for the whole run, and the ledger connection under it. PostgreSQL
+    gets the ledger table only when `ledger` (the release has sql migrations): a tool that
+    refuses a non-empty schema without its own history (Prisma's P3005 on a first
+    `migrate deploy`) must find the database as the operator left it."""
     if db.kind == "postgresql":
         import psycopg
 
@@ -461,7 +471,8 @@ def _session(db: Database, env: Mapping[str, str], log: Log) -> Iterator[_Ledger
                 conn.execute("RESET lock_timeout")
             try:
                 try:
-                    _create_ledger(db, conn)
+                    if ledger:
+                        _create_ledger(db, conn)
                 except psycopg.Error as exc:
                     raise MigrationError(
                         f"cannot create the migration ledger public.{LEDGER} in {db.display}: "
@@ -505,6 +516,27 @@ def _open_sqlite(migrations: Sequence[Migration], db: Database) -> None:
 def _account(m: Migration) -> proc.RunAs | None:
     """The account an alembic or host command migration runs as (None: as bundler)."""
     return runas.maybe(m.user, MigrationError)
+
+
+def _prisma_tree(output: str) -> tuple[str, ...]:
+    _, found, tree = output.partition(_PRISMA_APPLIED)
+    return tuple(_PRISMA_TREE.findall(tree)) if found else ()
+
+
+def _prisma_failure(output: str) -> str | None:
+    """"Prisma migration X failed: <error>, <its detail>" when Prisma names the migration."""
+    found = _PRISMA_FAILED.search(output)
+    if found is None:
+        return None
+    lines = output.splitlines()
+    error = next((i for i, ln in enumerate(lines) if ln.startswith("Error: ")), None)
+    detail = ""
+    if error is not None:
+        detail = lines[error].removeprefix("Error: ").strip()
+        after = lines[error + 1].strip().rstrip(":") if error + 1 < len(lines) else ""
+        if after and not after[0].isdigit():
+            detail += f": {after}"
+    return f"Prisma migration {found[1] or found[2]} failed" + (f": {detail}" if detail else "")
 
 
 def _child_env(m: Migration, db: Database, venv: Path | None,
@@ -623,8 +655,9 @@ def _command(m: Migration, db: Database, files_dir: Path, venv: Path | None,
     if result.returncode != 0:
         raise MigrationError(
             f"migration {m.name}: {m.command[0]}{where} failed (exit {result.returncode}): "
-            f"{_scrub(db, _error_line(result.output))}\n{_tail(db, result)}")
-    applied = tuple(_PRISMA_STEP.findall(result.output))
+            f"{_scrub(db, _prisma_failure(result.output) or _error_line(result.output))}"
+            f"\n{_tail(db, result)}")
+    applied = tuple(_PRISMA_STEP.findall(result.output)) or _prisma_tree(result.output)
     last = database.first_line("\n".join(reversed(result.output.strip().splitlines())))
     detail = (f"applied {', '.join(applied)}" if applied
               else f"{m.command[0]} ok" + (f": {_scrub(db, last)}" if last else ""))

@@ -70,6 +70,9 @@ class NpmSpec:
     os: str = "linux"  # the TARGET's (node's process.platform), for optional native packages
     cpu: str = "x64"  # node's process.arch
     libc: str = "glibc"  # "glibc" or "musl"; only meaningful when os is linux
+    # packages whose install scripts' downloads are known to fail harmlessly offline (a
+    # checked set-up, e.g. resolve.prisma): not warned about
+    harmless_scripts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -494,10 +497,8 @@ class _Known:  # hashable: warnings are grouped by it
 
 _PRISMA = _Known(
     "the Prisma engines",
-    "bundle the engines built for the target (set binaryTargets in schema.prisma, e.g. "
-    "\"debian-openssl-3.0.x\"), and on the target set PRISMA_ENGINES_CHECKSUM_IGNORE_MISSING=1 "
-    "with PRISMA_QUERY_ENGINE_LIBRARY and PRISMA_SCHEMA_ENGINE_BINARY pointing at the bundled "
-    "files (or run `prisma generate` at build time and ship the generated client)")
+    "use Prisma 6.19.3 with engineType = \"client\" and prisma.config.ts's engine: \"js\" plus "
+    "a driver adapter (see the README's Prisma notes): nothing is then downloaded")
 _PLAYWRIGHT = _Known(
     "browser builds",
     "set PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 for the install; run `npx playwright install` on "
@@ -570,16 +571,17 @@ def read_manifest(tgz: Path) -> tuple[dict[str, Any], bool]:
 
 
 def install_script_warnings(entries: Sequence[LockEntry], packages: Sequence[NpmPackage],
-                            cache: Cache) -> list[str]:
+                            cache: Cache, harmless: Sequence[str] = ()) -> list[str]:
     """A warning, with its fix, for the kept packages whose install scripts run on the
-    air-gapped host and need the network there (one warning per kind of download)."""
+    air-gapped host and need the network there (one warning per kind of download);
+    `harmless`: names left out."""
     kept = {p.name for p in packages}
     by_id = {(p.name, p.version): p for p in packages}
     known_hits: dict[_Known, list[str]] = {}
     warnings: list[str] = []
     for entry in entries:
         known = KNOWN_DOWNLOADERS.get(entry.name)
-        if not entry.has_install_script and known is None:
+        if entry.name in harmless or (not entry.has_install_script and known is None):
             continue
         if any(dep in kept for dep in entry.optional_deps):
             continue  # its native binary comes as an optional platform package, carried here
@@ -688,7 +690,8 @@ def fetch(spec: NpmSpec, cache: Cache, log: Callable[[str], None]) -> NpmFetched
         f"({selection.skipped_dev} dev and {len(selection.skipped_platform)} other-platform "
         "package(s) left out)")
     packages, downloaded = download(selection.entries, registry, cache, log)
-    warnings = install_script_warnings(selection.entries, packages, cache)
+    warnings = install_script_warnings(selection.entries, packages, cache,
+                                       spec.harmless_scripts)
     if unchecked:
         warnings.append(unchecked)
     for w in warnings:
