@@ -166,8 +166,13 @@ def test_seed_000_bundle_lists_its_npm_packages_database_and_migration(built: Bu
     assert {"prisma-6.19.3.tgz", "@prisma+client-6.19.3.tgz", "@prisma+adapter-pg-6.19.3.tgz",
             "@prisma+adapter-pg-7.10.1.tgz", "pg-8.23.1.tgz", "redis-4.7.1.tgz"} <= npm, \
         sorted(npm)
+    (project,) = info["npm"]
+    packages = {(p["name"], p["version"]) for p in project["packages"]}
+    assert {("prisma", "6.19.3"), ("@prisma/client", "6.19.3"), ("pg", "8.23.1"),
+            ("redis", "4.7.1")} <= packages, sorted(packages)
     assert info["databases"] == [{"name": "main", "kind": "postgres", "compose_service": None}]
-    assert info["migrations"] == ["prisma"]
+    assert [(x["name"], x["kind"], x["database"]) for x in info["migrations"]] == [
+        ("prisma", "command", "main")]
     assert info["services"] == ["backend"]
     assert info["health"] == ["backend", "redis", "database"]
     files = {f["path"] for f in info["files"]}
