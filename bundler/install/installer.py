@@ -23,7 +23,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bundler import archive, proc, ui
+from bundler import archive, nodetree, proc, ui
 from bundler.errors import (
     BundlerError,
     Cancelled,
@@ -381,6 +381,13 @@ def _install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
     for name in ("package.json", "package-lock.json"):
         shutil.copyfile(rel.path / project.bundle_dir / name, dest / name)
     by_path = {f.path: f for f in m.files}
+    if project.tree is not None and not (dest / nodetree.ROOT).exists():
+        # Pre-built at build time (no install scripts, nothing platform-bound): written from
+        # the one verified payload instead of running npm ci, whose time is all unpacking.
+        entry = by_path[project.tree]
+        files = nodetree.extract(rel.path / project.tree, entry.sha256, entry.size, dest)
+        ui.note(f"npm: node_modules written from the bundle's pre-built tree ({files} files)")
+        return
     packages = [NpmPackage(p.name, p.version, p.integrity, p.tarball,
                            by_path[p.tarball].sha256, by_path[p.tarball].size)
                 for p in project.packages]
