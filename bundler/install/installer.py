@@ -336,9 +336,10 @@ def _install_packages(journal: _Journal, rel: ReleaseDir, m: Manifest,
             while not node_ready.wait(0.1):
                 scope.check()  # the runtime step failed: never begin
             scope.check()
+            how = "pre-built node_modules" if project.tree else "npm ci --offline"
             with journal.step(f"npm:{project.dest}",
                               f"Installing npm packages offline into files/{project.dest}"), \
-                    ui.activity(f"npm:{project.dest}: npm ci --offline"):
+                    ui.activity(f"npm:{project.dest}: {how}"):
                 _install_npm(rel, m, project)
         tasks.append((f"npm:{project.dest}", npm_step))
     if not tasks:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -84,13 +85,28 @@ def build(project: Path, packages: Sequence[NpmPackage], omit_dev: bool, cache: 
     return result
 
 
+def _scratch(packages: Sequence[NpmPackage], cache: Cache) -> Path:
+    """Where npm ci writes the tree: tmpfs when it has ample room (npm's time is creating
+    files: measured here, 7-8.5 s on /dev/shm against 13.5 s on the disk, with 6.8 s of it in
+    the kernel), else the cache's temp dir."""
+    shm = Path("/dev/shm")
+    need = 1024**3 + 20 * sum(p.size for p in packages)
+    try:
+        st = os.statvfs(shm)
+        if shm.is_dir() and os.access(shm, os.W_OK) and st.f_bavail * st.f_frsize > need:
+            return shm
+    except OSError:
+        pass
+    cache.tmp.mkdir(parents=True, exist_ok=True)
+    return cache.tmp
+
+
 def _build(project: Path, pj_bytes: bytes, lock_bytes: bytes, packages: Sequence[NpmPackage],
            omit_dev: bool, cache: Cache, log: Callable[[str], None]
            ) -> tuple[str, int] | str:
     """npm ci from the cached tarballs in a scratch copy of the project, then pack."""
     lock = json.loads(lock_bytes)
-    cache.tmp.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="npm-tree-", dir=cache.tmp) as tmp:
+    with tempfile.TemporaryDirectory(prefix="npm-tree-", dir=_scratch(packages, cache)) as tmp:
         # npm takes a `file:` spec for a tarball only by its extension: link the cached
         # objects under .tgz names.
         links = Path(tmp) / "tarballs"
