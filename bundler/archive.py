@@ -98,6 +98,7 @@ class Member:
     type: bytes
     size: int
     offset: int  # of its header in the stream
+    in_form: bool  # owner, mode, time and link fields as `pack` writes them
 
     def isreg(self) -> bool:
         return self.type in (tarfile.REGTYPE, tarfile.AREGTYPE)
@@ -122,6 +123,7 @@ class TarStream:
         self.pos = 0
         self._buf = bytearray(CHUNK)
         self._view = memoryview(self._buf)
+        self._mtime: float | None = None  # every header carries the envelope's mtime
 
     def _fill(self, view: memoryview) -> int:
         got = 0
@@ -178,12 +180,24 @@ class TarStream:
                 if not _DIGITS.fullmatch(pax["size"]):
                     raise IntegrityError(f"{self.label}: bad pax size at offset {offset}")
                 size = int(pax["size"])
-            return Member(name, info.type, size, offset)
+            return Member(name, info.type, size, offset, self._in_form(info, pax))
+
+    def _in_form(self, info: tarfile.TarInfo, pax: dict[str, str]) -> bool:
+        """Whether the header fields bundler never reads hold what `pack` writes (the same for
+        every member). Checked so that no byte of a bundle goes unchecked: payloads are hashed,
+        names and sizes matched to the manifest, padding and the end marker must be zeros, and
+        the header checksum covers the rest."""
+        if self._mtime is None:
+            self._mtime = info.mtime
+        form = (info.mode, info.uid, info.gid, info.uname, info.gname, info.linkname,
+                info.devmajor, info.devminor, sorted(set(pax) - {"path", "size"}))
+        return form == (0o644, 0, 0, "", "", "", 0, 0, []) and info.mtime == self._mtime
 
     def _skip_padding(self, size: int) -> None:
         pad = -size % tarfile.BLOCKSIZE
-        if pad:
-            self._exact(pad, "block padding")
+        if pad and self._exact(pad, "block padding").count(0) != pad:
+            raise IntegrityError(f"{self.label}: non-zero block padding before offset "
+                                 f"{self.pos}", hint="the bundle was modified or damaged")
 
     def read_data(self, member: Member, sink: Callable[[memoryview], None]) -> None:
         """Feed the member's data to `sink` in chunks (views into one reused buffer)."""
@@ -308,6 +322,10 @@ class BundleReader:
             if member.size != entry.size:
                 raise IntegrityError(f"{self.label}: member {name!r} is {member.size} bytes, "
                                      f"the manifest says {entry.size}")
+            if not member.in_form:
+                raise IntegrityError(f"{self.label}: the tar header of {name!r} is not in the "
+                                     "form bundler writes (owner, mode, time or link fields "
+                                     "altered)", hint="the bundle was modified or re-packed")
             self._check_payload(member, entry, dest, progress)
             seen.add(name)
         missing = sorted(set(listed) - seen)
@@ -359,7 +377,9 @@ def open_bundle(path: Path, trusted: list[TrustedKey]) -> Iterator[BundleReader]
     index_file = volumes.find_index(path)
     if index_file is not None:
         index = volumes.open_index(index_file, trusted)
-        with volumes.PartsReader(index_file.parent, index) as parts:
+        # Every byte is checked by the reader (payloads against the signed manifest, the rest
+        # for form), so part hashes are only computed to name a part after a failure.
+        with volumes.PartsReader(index_file.parent, index, hash_parts=False) as parts:
             yield BundleReader(parts, index.bundle, trusted)
         return
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import __version__, actions, archive, lockfile, ui, volumes
+from bundler import __version__, actions, archive, lockfile, nodetree, ui, volumes
 from bundler.cache import Cache
 from bundler.engine import engine_client
 from bundler.errors import BuildError
@@ -24,7 +24,7 @@ from bundler.platforms import parse_platform
 from bundler.profile import Profile
 from bundler.resolve import compose as compose_check
 from bundler.resolve import files as files_resolver
-from bundler.resolve import images, npm, prisma, runtimes, wheels
+from bundler.resolve import images, npm, npm_tree, prisma, runtimes, wheels
 from bundler.signing import MAX_ENVELOPE_BYTES, key_id, sign
 
 
@@ -270,9 +270,16 @@ def _npm(profile: Profile, cache: Cache, entries: list[FileEntry], sources: dict
             if pkg.tarball not in sources:
                 entries.append(FileEntry(pkg.tarball, pkg.size, pkg.sha256, "npm"))
                 sources[pkg.tarball] = cache.path(pkg.sha256)
+        tree = npm_tree.build(spec.project, got.packages, not spec.include_dev, cache,
+                              ui.note)
         project = NpmProject(dest=spec.dest, omit_dev=not spec.include_dev, env=spec.env,
                              packages=tuple(NpmRef(p.name, p.version, p.integrity, p.tarball)
-                                            for p in got.packages))
+                                            for p in got.packages),
+                             tree=None if tree is None else
+                             f"npm/projects/{spec.dest}/{nodetree.TREE_NAME}")
+        if tree is not None and project.tree is not None:
+            entries.append(FileEntry(project.tree, tree[1], tree[0], "npm"))
+            sources[project.tree] = cache.path(tree[0])
         for name, (sha, size) in (("package.json", got.package_json),
                                   ("package-lock.json", got.package_lock)):
             path = f"{project.bundle_dir}/{name}"

@@ -35,6 +35,7 @@ from bundler.models import (
     is_inner_path,
     user_name,
 )
+from bundler.nodetree import TREE_NAME
 
 SCHEMA = 1
 PAYLOAD_TYPE = "application/vnd.bundler.manifest+json"
@@ -224,6 +225,10 @@ def _npm_projects(raw: Any, listed: set[str]) -> tuple[NpmProject, ...]:
         for name in ("package.json", "package-lock.json"):
             if f"{project.bundle_dir}/{name}" not in listed:
                 raise ValueError(f"npm project {project.dest!r} lacks {name}")
+        if project.tree is not None and (project.tree != f"{project.bundle_dir}/{TREE_NAME}"
+                                         or project.tree not in listed):
+            raise ValueError(f"npm project {project.dest!r} names an unlisted or misplaced "
+                             f"node_modules payload {project.tree!r}")
         for pkg in project.packages:
             if pkg.tarball not in listed:
                 raise ValueError(f"npm package {pkg.name}@{pkg.version} names an unlisted "

@@ -250,6 +250,9 @@ class NpmProject:
     omit_dev: bool
     env: tuple[tuple[str, str], ...]
     packages: tuple[NpmRef, ...]
+    # The node_modules pre-built at build time (bundler/nodetree.py), when the tree cannot
+    # depend on the target; None: the target runs `npm ci --offline`.
+    tree: str | None = None
 
     @property
     def bundle_dir(self) -> str:
@@ -257,14 +260,19 @@ class NpmProject:
         return f"npm/projects/{self.dest}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"dest": self.dest, "omit_dev": self.omit_dev, "env": dict(self.env),
-                "packages": [p.to_json() for p in self.packages]}
+        out = {"dest": self.dest, "omit_dev": self.omit_dev, "env": dict(self.env),
+               "packages": [p.to_json() for p in self.packages]}
+        if self.tree is not None:  # absent otherwise: such manifests keep their bytes
+            out["tree"] = self.tree
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> NpmProject:
+        tree = d.get("tree")
         return cls(str(d["dest"]), bool(d["omit_dev"]),
                    tuple(sorted((str(k), str(v)) for k, v in d.get("env", {}).items())),
-                   tuple(NpmRef.from_json(p) for p in d["packages"]))
+                   tuple(NpmRef.from_json(p) for p in d["packages"]),
+                   None if tree is None else str(tree))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import archive
+from bundler import archive, volumes
 from bundler.errors import IntegrityError, SignatureError
 from bundler.signing import TrustedKey, load_public_key, sign
 from tests.bundles import craft, data_offsets, manifest_for, members_of, reg, write_bundle
@@ -245,3 +245,75 @@ def test_unsigned_envelope_member(tmp_path: Path, key: Ed25519PrivateKey,
     craft(tmp_path / "bad.bundle", [(reg("envelope.json"), json.dumps(envelope).encode())])
     with pytest.raises(SignatureError, match=r"not signed"):
         verify(tmp_path / "bad.bundle", trust)
+
+
+def test_re_owned_member_header_is_refused(tmp_path: Path, good: Path,
+                                           trust: list[TrustedKey]) -> None:
+    members = members_of(good)
+    members[2][0].uid = 1000  # a valid header (checksum fixed by tarfile), payload untouched
+    craft(tmp_path / "bad.bundle", members)
+    with pytest.raises(IntegrityError, match=r"header of 'files/app/b\.txt' is not in the form"):
+        verify(tmp_path / "bad.bundle", trust)
+
+
+def test_non_zero_block_padding_is_refused(good: Path, trust: list[TrustedKey]) -> None:
+    offset, size = data_offsets(good)["files/app/a.txt"]
+    assert size % 512
+    data = bytearray(good.read_bytes())
+    data[offset + size] = 0x41  # the first padding byte after the member's data
+    good.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="non-zero block padding"):
+        verify(good, trust)
+
+
+def _volume_set(good: Path, key: Ed25519PrivateKey, part_size: int) -> list[Path]:
+    with open(good, "rb", buffering=0) as raw:
+        index = volumes.plan_parts(raw, good.name, part_size)
+    data = good.read_bytes()
+    parts = []
+    for n, part in enumerate(index.parts):
+        path = good.with_name(part.file)
+        path.write_bytes(data[n * part_size:n * part_size + part.size])
+        parts.append(path)
+    volumes.index_path(good).write_bytes(volumes.index_bytes(index, key))
+    good.unlink()
+    return parts
+
+
+@pytest.mark.parametrize("where", ["payload", "padding", "header"])
+def test_volume_set_names_the_tampered_part_wherever_the_byte_is(
+        good: Path, key: Ed25519PrivateKey, trust: list[TrustedKey], tmp_path: Path,
+        where: str) -> None:
+    """Part hashes are computed only after a failure; a flipped byte in a payload, in block
+    padding or in a tar header must still be refused, naming the part it is in."""
+    offsets = data_offsets(good)
+    a_off, a_size = offsets["files/app/a.txt"]
+    b_off, _ = offsets["files/app/b.txt"]
+    pos = {"payload": b_off + 100, "padding": a_off + a_size,
+           "header": b_off - 512 + 100}[where]  # inside b.txt's header: its mode field
+    part_size = 4096
+    parts = _volume_set(good, key, part_size)
+    assert len(parts) >= 3
+    n = pos // part_size
+    data = bytearray(parts[n].read_bytes())
+    data[pos % part_size] ^= 0x01
+    parts[n].write_bytes(bytes(data))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    label = f"part {n + 1} of {len(parts)} ({parts[n].name}) is corrupt"
+    with pytest.raises(IntegrityError, match=re.escape(label)):
+        verify(parts[0], trust, dest)
+
+
+def test_volume_set_verifies_without_hashing_parts(good: Path, key: Ed25519PrivateKey,
+                                                   trust: list[TrustedKey],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    parts = _volume_set(good, key, 4096)
+    monkeypatch.setattr(volumes.PartsReader, "diagnose",
+                        lambda self: pytest.fail("diagnosed a good volume set"))
+    hashed: list[int] = []
+    real = volumes._Hasher.submit
+    monkeypatch.setattr(volumes._Hasher, "submit",
+                        lambda self, d, v: (hashed.append(len(v)), real(self, d, v)))
+    verify(parts[1], trust)
+    assert hashed == []  # each byte hashed once: by the member check only

@@ -26,6 +26,7 @@ import pytest
 from bundler.cache import Cache
 from bundler.errors import BuildError
 from bundler.resolve import npm as npmmod
+from bundler.resolve import npm_tree
 from bundler.resolve.npm import NpmFetched, NpmPackage, NpmSpec, fetch
 from tests.helpers import offline, unavailable
 from tests.npm_registry import LocalPackage, LocalRegistry, local_registry, make_project
@@ -187,6 +188,19 @@ def test_a_second_fetch_downloads_nothing(projects: dict[str, Path], registry: L
     assert (first.downloaded, again.downloaded) == (3, 0)
     assert dataclasses.replace(again, downloaded=3) == first
     assert registry.tarball_requests() == []
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("no-resolved", "tiny-darwin-only is built for a particular platform"),
+    ("fetcher", "tiny-fetcher has an install script")])
+def test_trees_that_depend_on_the_target_are_not_pre_built(
+        projects: dict[str, Path], registry: LocalRegistry, tmp_path: Path, name: str,
+        why: str) -> None:
+    fetched = do_fetch(projects[name], registry, tmp_path / "cache")
+    lines: list[str] = []
+    assert npm_tree.build(projects[name], fetched.packages, True, Cache(tmp_path / "cache"),
+                          lines.append) is None
+    assert lines == [f"npm: node_modules not pre-built ({why}): the target runs npm ci"]
 
 
 def test_tampered_tarball_is_refused_naming_the_package(

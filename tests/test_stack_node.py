@@ -87,6 +87,10 @@ def test_node_stack_builds_offline_from_cache_and_installs_offline(
     assert st["healthy"] is True, status.out
     modules = root / "releases/1.0.0/files/backend/node_modules"
     assert (modules / "tiny-greeter").is_dir() and not (modules / "tiny-devtool").exists()
+    # No install scripts, nothing platform-bound: node_modules was pre-built at build time
+    # and written from that one payload, not by npm ci (whose only trace is its hidden lock).
+    assert "written from the bundle's pre-built tree (2 files)" in install.err
+    assert not (modules / ".package-lock.json").exists()
     events = json.loads(bundle("history", "--root", root, "--json").out)["events"]
     assert ("npm:backend", "done") in [(e["step"], e["status"]) for e in events]
 

@@ -23,7 +23,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bundler import archive, proc, ui
+from bundler import archive, nodetree, proc, ui
 from bundler.errors import (
     BundlerError,
     Cancelled,
@@ -337,9 +337,10 @@ def _install_packages(journal: _Journal, rel: ReleaseDir, m: Manifest,
             while not node_ready.wait(0.1):
                 scope.check()  # the runtime step failed: never begin
             scope.check()
+            how = "pre-built node_modules" if project.tree else "npm ci --offline"
             with journal.step(f"npm:{project.dest}",
                               f"Installing npm packages offline into files/{project.dest}"), \
-                    ui.activity(f"npm:{project.dest}: npm ci --offline"):
+                    ui.activity(f"npm:{project.dest}: {how}"):
                 _install_npm(rel, m, project)
         tasks.append((f"npm:{project.dest}", npm_step))
     if not tasks:
@@ -382,6 +383,13 @@ def _install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
     for name in ("package.json", "package-lock.json"):
         shutil.copyfile(rel.path / project.bundle_dir / name, dest / name)
     by_path = {f.path: f for f in m.files}
+    if project.tree is not None and not (dest / nodetree.ROOT).exists():
+        # Pre-built at build time (no install scripts, nothing platform-bound): written from
+        # the one verified payload instead of running npm ci, whose time is all unpacking.
+        entry = by_path[project.tree]
+        files = nodetree.extract(rel.path / project.tree, entry.sha256, entry.size, dest)
+        ui.note(f"npm: node_modules written from the bundle's pre-built tree ({files} files)")
+        return
     packages = [NpmPackage(p.name, p.version, p.integrity, p.tarball,
                            by_path[p.tarball].sha256, by_path[p.tarball].size)
                 for p in project.packages]
