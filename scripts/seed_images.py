@@ -1,0 +1,373 @@
+"""Build the container images of seeds 002 and 003 here, from the package registries alone.
+
+No container registry and no Maven repository is reachable, so every image starts from the
+bare Debian 12 base of tests/bare_image.py (debootstrap minbase + python3, `docker import`)
+and adds Debian packages with apt (`--no-install-recommends`) from the mirror apt uses here:
+
+- nginx: Debian's nginx; the seed's React frontend is that image plus static files: React's
+  UMD builds from the npm registry (`npm pack`, no JSX and so no build toolchain: a few
+  seconds, nothing to keep warm) and the app's own two files.
+- backend: Debian's OpenJDK 17; a small `com.sun.net.httpserver` service compiled with `javac`
+  in a build stage stands in for the Spring Boot jar, with Debian's PostgreSQL JDBC driver.
+- pyapp: python3-venv and a venv filled from pinned PyPI wheels (`pip download` on this host,
+  `pip install --no-index` in the image); the AI server is pyapp plus its code.
+- postgres: Debian's postgresql-15 (tests/bare_image.py's pg15 image) with an entrypoint
+  like the official image's (initdb with POSTGRES_USER/PASSWORD/DB on an empty volume).
+
+Each image is tagged by a hash of its recipe (Dockerfile, files, inputs, base), so an edited
+recipe is a new image; an existing tag is used as is, else the `docker save` kept in the
+shared cache dir is loaded, else it is built (under the cache's file lock: other worktrees
+share the engine) and saved there. The seed's compose files name stable tags
+(`insurance-chatbot/backend:1.2.0`); `ensure()` points them at the recipe's image.
+
+    python scripts/seed_images.py [002] [--cold]   # build or find; prints times and sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: tests.bare_image is the shared base
+    sys.path.insert(0, str(REPO))
+
+from tests import bare_image  # noqa: E402
+
+PROFILES = REPO / "profiles"
+CHATBOT = PROFILES / "insurance-chatbot"
+REPO_PREFIX = "bundler-seed"
+APT = ("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+       "--no-install-recommends {pkgs} && apt-get clean "
+       "&& rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin")
+REACT = ("react@18.3.1", "react-dom@18.3.1")
+REACT_FILES = {"react": "umd/react.production.min.js",
+               "react-dom": "umd/react-dom.production.min.js"}
+
+PG_ENTRYPOINT = """#!/bin/sh
+# Like the official postgres image: an empty data volume is initialised with POSTGRES_USER,
+# POSTGRES_PASSWORD and POSTGRES_DB; local (socket) connections trust, TCP needs the password.
+set -e
+if [ "$#" -gt 0 ]; then exec "$@"; fi
+export PGDATA=/var/lib/postgresql/data
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+  pw=$(mktemp)
+  printf '%s\\n' "${POSTGRES_PASSWORD:?POSTGRES_PASSWORD must be set}" > "$pw"
+  initdb -D "$PGDATA" -U "${POSTGRES_USER:-postgres}" --pwfile="$pw" -E UTF8 --no-locale \\
+    --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+  rm -f "$pw"
+  echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+  if [ -n "$POSTGRES_DB" ]; then
+    echo "CREATE DATABASE \\"$POSTGRES_DB\\" OWNER \\"${POSTGRES_USER:-postgres}\\";" \\
+      | postgres --single -D "$PGDATA" -j postgres >/dev/null
+  fi
+fi
+exec postgres -D "$PGDATA" -k /var/run/postgresql -c listen_addresses='*'
+"""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One image: a Dockerfile (`{base}` and `{<dep>}` filled with refs) and its context."""
+
+    name: str
+    dockerfile: str
+    deps: tuple[str, ...] = ()        # other recipes (by name) this one builds FROM
+    files: tuple[tuple[str, Path], ...] = ()  # context name -> source file or directory
+    fetch: tuple[str, ...] = ()       # inputs fetched from a registry (hashed as pinned text)
+    alias: str = ""                   # the stable tag the seed's compose files name
+    base: str = "bare"                # bare_image's variant under it: bare | pg15
+    extra: tuple[tuple[str, str], ...] = field(default=())  # generated context files
+
+
+def _digest_path(h: Any, path: Path) -> None:
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file() and "__pycache__" not in p.parts:
+                h.update(p.relative_to(path).as_posix().encode() + b"\0" + p.read_bytes())
+    else:
+        h.update(path.read_bytes())
+
+
+def _requirements(path: Path) -> tuple[str, ...]:
+    return tuple(line.split("#", 1)[0].strip() for line in path.read_text().splitlines()
+                 if line.split("#", 1)[0].strip())
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("nginx", f"""\
+FROM {{base}}
+RUN {APT.format(pkgs="nginx")} \\
+ && rm -f /etc/nginx/sites-enabled/default \\
+ && ln -sf /dev/stdout /var/log/nginx/access.log && ln -sf /dev/stderr /var/log/nginx/error.log
+STOPSIGNAL SIGQUIT
+CMD ["nginx", "-g", "daemon off;"]
+""", alias="insurance-chatbot/nginx:1.2.0"),
+    Recipe("chatbot-frontend", """\
+FROM {nginx}
+COPY www /srv/www
+COPY nginx.conf /etc/nginx/conf.d/frontend.conf
+""", deps=("nginx",), files=(("www", CHATBOT / "frontend" / "src"),
+                             ("nginx.conf", CHATBOT / "frontend" / "nginx.conf")),
+           fetch=REACT, alias="insurance-chatbot/frontend:1.2.0"),
+    Recipe("jre17", f"""\
+FROM {{base}}
+RUN {APT.format(pkgs="openjdk-17-jre-headless libpostgresql-jdbc-java")}
+"""),
+    Recipe("chatbot-backend", f"""\
+FROM {{jre17}} AS build
+RUN {APT.format(pkgs="openjdk-17-jdk-headless")}
+COPY src /src
+RUN javac -d /classes /src/*.java
+FROM {{jre17}}
+COPY --from=build /classes /opt/backend
+USER nobody
+EXPOSE 8080
+CMD ["java", "-cp", "/opt/backend:/usr/share/java/postgresql.jar", "ChatbotBackend"]
+""", deps=("jre17",), files=(("src", CHATBOT / "backend" / "src"),),
+           alias="insurance-chatbot/backend:1.2.0"),
+    Recipe("pyapp", f"""\
+FROM {{base}}
+RUN {APT.format(pkgs="python3-venv")}
+COPY wheels /tmp/wheels
+RUN python3 -m venv /opt/venv \\
+ && /opt/venv/bin/pip install -q --no-index --no-deps --disable-pip-version-check \\
+      /tmp/wheels/*.whl \\
+ && rm -rf /tmp/wheels /root/.cache
+ENV PATH=/opt/venv/bin:{bare_image.PATH}
+""", files=(), fetch=_requirements(CHATBOT / "ai" / "requirements.txt")),
+    Recipe("chatbot-ai", """\
+FROM {pyapp}
+COPY app /app/app
+# the vector_store volume takes this directory's owner when compose first creates it
+RUN mkdir /app/vector_store && chown nobody:nogroup /app/vector_store
+WORKDIR /app
+USER nobody
+EXPOSE 8000
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000"]
+""", deps=("pyapp",), files=(("app", CHATBOT / "ai" / "app"),),
+           alias="insurance-chatbot/ai:1.2.0"),
+    Recipe("postgres15", f"""\
+FROM {{base}}
+COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+RUN chmod 755 /usr/local/bin/docker-entrypoint.sh \\
+ && mkdir -p /var/lib/postgresql/data /var/run/postgresql \\
+ && chown postgres:postgres /var/lib/postgresql/data /var/run/postgresql \\
+ && chmod 700 /var/lib/postgresql/data
+ENV PATH=/usr/lib/postgresql/15/bin:{bare_image.PATH}
+USER postgres
+STOPSIGNAL SIGINT
+EXPOSE 5432
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
+""", base="pg15", extra=(("entrypoint.sh", PG_ENTRYPOINT),),
+           alias="insurance-chatbot/postgres:15"),
+)}
+
+SEEDS = {"002": ("chatbot-frontend", "chatbot-backend", "chatbot-ai", "postgres15", "nginx")}
+
+
+def _base_ref(recipe: Recipe) -> str:
+    return bare_image.REFS[recipe.base]
+
+
+def ref(name: str) -> str:
+    """The recipe's tag: a hash of everything that makes up the image, its bases included."""
+    recipe = RECIPES[name]
+    h = hashlib.sha256()
+    h.update(repr((recipe.dockerfile, recipe.fetch, recipe.extra, _base_ref(recipe),
+                   [ref(d) for d in recipe.deps])).encode())
+    for cname, path in recipe.files:
+        h.update(cname.encode())
+        _digest_path(h, path)
+    return f"{REPO_PREFIX}/{name}:{h.hexdigest()[:12]}"
+
+
+# --- context ----------------------------------------------------------------------------------
+
+def _fetch_wheels(pins: tuple[str, ...], dest: Path) -> None:
+    """Exactly the pinned wheels for Debian 12's CPython 3.11 on x86_64 (host pip settings:
+    the index this machine's pip is configured with)."""
+    dest.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+         "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
+         "--python-version", "3.11", "--implementation", "cp", "--disable-pip-version-check",
+         "-d", str(dest), *pins], check=False, timeout=600, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip download failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def _fetch_react(pins: tuple[str, ...], dest: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(["npm", "pack", "-q", *pins], cwd=tmp, check=True, timeout=600,
+                       capture_output=True)
+        for tgz in Path(tmp).glob("*.tgz"):
+            with tarfile.open(tgz) as tf:
+                pkg = tgz.name.rsplit("-", 1)[0]
+                member = tf.extractfile(f"package/{REACT_FILES[pkg]}")
+                assert member is not None
+                (dest / Path(REACT_FILES[pkg]).name).write_bytes(member.read())
+
+
+FETCHERS: dict[str, Callable[[tuple[str, ...], Path], None]] = {
+    "pyapp": lambda pins, ctx: _fetch_wheels(pins, ctx / "wheels"),
+    "chatbot-frontend": lambda pins, ctx: _fetch_react(pins, ctx / "www"),
+}
+
+
+def _context(recipe: Recipe, ctx: Path) -> bytes:
+    import shutil
+
+    deps = {d: ref(d) for d in recipe.deps}
+    dockerfile = recipe.dockerfile.format(base=_base_ref(recipe), **deps)
+    (ctx / "Dockerfile").write_text(dockerfile)
+    for cname, path in recipe.files:
+        if path.is_dir():
+            shutil.copytree(path, ctx / cname, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, ctx / cname)
+    for cname, text in recipe.extra:
+        (ctx / cname).write_text(text)
+    if recipe.fetch:
+        FETCHERS[recipe.name](recipe.fetch, ctx)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(ctx, arcname=".")
+    return buf.getvalue()
+
+
+# --- building ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Built:
+    name: str
+    ref: str
+    how: str  # "present" | "loaded from cache" | "built"
+    seconds: float
+    size: int
+
+    def describe(self) -> str:
+        return (f"{self.name:18} {self.ref}: {self.how} in {self.seconds:.1f} s, "
+                f"{self.size / 1e6:.0f} MB")
+
+
+def _saved(cache: Path, image: str) -> Path:
+    return cache / "seed-images" / f"{image.replace('/', '_').replace(':', '_')}.image.tar"
+
+
+def _build(client: Any, recipe: Recipe, image: str) -> None:
+    import docker  # type: ignore[import-untyped]
+
+    with tempfile.TemporaryDirectory(prefix=f"seed-{recipe.name}-") as tmp:
+        context = _context(recipe, Path(tmp))
+    try:
+        # host network for the build only: apt, like the host's apt, reaches its mirror
+        client.images.build(fileobj=io.BytesIO(context), custom_context=True, tag=image,
+                            rm=True, forcerm=True, pull=False, network_mode="host")
+    except docker.errors.BuildError as exc:
+        log = "".join(str(c.get("stream", c.get("error", ""))) for c in exc.build_log)
+        raise RuntimeError(f"building {image} failed:\n{log[-4000:]}") from exc
+
+
+def ensure(client: Any, name: str, done: dict[str, Built] | None = None) -> Built:
+    """The recipe's image in the engine (and its stable alias pointing at it)."""
+    done = {} if done is None else done
+    if name in done:
+        return done[name]
+    recipe = RECIPES[name]
+    image = ref(name)
+    start = time.monotonic()
+    how = "present"
+    if not bare_image._has(client, image):
+        cache = bare_image.cache_dir()
+        saved = _saved(cache, image)
+        with bare_image._locked(cache):
+            if not bare_image._has(client, image) and saved.is_file():
+                with open(saved, "rb") as fh:
+                    client.api.load_image(fh)
+                how = "loaded from cache"
+        if not bare_image._has(client, image):
+            # bases first (each under the lock itself), then this one
+            {"bare": bare_image.ensure_bare, "pg15": bare_image.ensure_pg15}[recipe.base](client)
+            for dep in recipe.deps:
+                ensure(client, dep, done)
+            with bare_image._locked(cache):
+                if not bare_image._has(client, image):
+                    _build(client, recipe, image)
+                    saved.parent.mkdir(exist_ok=True)
+                    partial = saved.with_name(saved.name + ".partial")
+                    with open(partial, "wb") as fh:
+                        for chunk in client.api.get_image(image):
+                            fh.write(chunk)
+                    os.replace(partial, saved)
+                    how = "built"
+    if recipe.alias:
+        repo, tag = recipe.alias.rsplit(":", 1)
+        client.api.tag(image, repo, tag)
+    built = Built(name, image, how, time.monotonic() - start, bare_image._size(client, image))
+    done[name] = built
+    return built
+
+
+def ensure_seed(client: Any, seed: str) -> list[Built]:
+    done: dict[str, Built] = {}
+    return [ensure(client, name, done) for name in SEEDS[seed]]
+
+
+def _forget(client: Any, seed: str) -> None:
+    """--cold: remove this seed's images from the engine and the cache (bases are kept)."""
+    names: set[str] = set()
+
+    def walk(name: str) -> None:
+        names.add(name)
+        for dep in RECIPES[name].deps:
+            walk(dep)
+
+    for name in SEEDS[seed]:
+        walk(name)
+    for name in names:
+        image = ref(name)
+        _saved(bare_image.cache_dir(), image).unlink(missing_ok=True)
+        for tag in (image, RECIPES[name].alias):
+            if tag and bare_image._has(client, tag):
+                client.api.remove_image(tag, force=True)
+
+
+def main(argv: list[str]) -> int:
+    import docker
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("seeds", nargs="*", default=sorted(SEEDS), choices=sorted(SEEDS))
+    parser.add_argument("--cold", action="store_true",
+                        help="forget the seeds' images first (engine and cache), then build")
+    args = parser.parse_args(argv)
+    client = docker.from_env(timeout=1800)
+    try:
+        for seed in args.seeds:
+            if args.cold:
+                _forget(client, seed)
+            start = time.monotonic()
+            for built in ensure_seed(client, seed):
+                print(built.describe(), flush=True)
+            print(f"seed {seed}: {time.monotonic() - start:.1f} s", flush=True)
+    except bare_image.Unavailable as exc:
+        print(f"unavailable: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
