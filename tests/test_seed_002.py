@@ -10,11 +10,9 @@ failure the database is back to its full pg_dump before the install and 1.3.0 se
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 
 from bundler.install import compose_runtime as cr
 from scripts import seed_images
+from tests import seed_stack
 from tests.helpers import HostLink, Run, bundle, bundle_argv, free_port, host_link, offline
 
 pytestmark = [pytest.mark.docker, pytest.mark.network, pytest.mark.slow]
@@ -37,7 +36,6 @@ SECRET = "pg-S3cret-chatbot"
 class Bundles:
     pub: Path
     by_version: dict[str, Path]
-    build_seconds: float
 
 
 def _release(src: Path, version: str, seq: int, migrations: dict[str, str | None],
@@ -60,8 +58,6 @@ def _release(src: Path, version: str, seq: int, migrations: dict[str, str | None
 
 @pytest.fixture(scope="module")
 def chatbot(engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bundles]:
-    import time
-
     base = tmp_path_factory.mktemp("seed002")
     seed_images.ensure_seed(engine, "002")  # built from the registries once, then cached
     (base / "keys").mkdir()
@@ -90,14 +86,13 @@ def chatbot(engine: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[B
          "not-the-password"),
     ]
     out: dict[str, Path] = {}
-    start = time.monotonic()
     for version, seq, migrations, password in releases:
         _release(src, version, seq, migrations, password)
         built = bundle("build", src / f"{PRODUCT}.yaml", "--key", key, "--out", base / "out",
                        "--cache-dir", base / "cache", "--json", timeout=900)
         assert built.rc == 0, built.err
         out[version] = Path(json.loads(built.out)["bundle"])
-    yield Bundles(base / "keys" / "release.pub", out, time.monotonic() - start)
+    yield Bundles(base / "keys" / "release.pub", out)
 
 
 def test_inspect_lists_images_databases_and_migrations(chatbot: Bundles) -> None:
@@ -116,34 +111,6 @@ def test_inspect_lists_images_databases_and_migrations(chatbot: Bundles) -> None
             "files/stack/nginx/chatbot.conf"} <= paths, sorted(paths)
     # the wheels and npm packages are inside the images (built by scripts/seed_images.py)
     assert not [p for p in paths if p.endswith((".whl", ".tgz"))]
-
-
-def _get(url: str) -> list[str]:
-    return [sys.executable, "-c", "import urllib.request, sys; r = urllib.request.urlopen("
-            f"{url!r}, timeout=10); sys.stdout.write(r.read().decode())"]
-
-
-def _dump(engine: Any, project: str) -> str:
-    """The database's full plain-text dump, taken inside its container."""
-    (db,) = engine.containers.list(filters={"label": [
-        f"com.docker.compose.project={project}", "com.docker.compose.service=postgres"]})
-    code, out = db.exec_run(["pg_dump", "-h", "/var/run/postgresql", "-U", "chatbot_user",
-                             "chatbot"])
-    assert code == 0, out
-    # pg_dump 15.14+ brackets its output with a random \restrict key: not the contents
-    return "".join(line for line in out.decode().splitlines(keepends=True)
-                   if not line.startswith(("\\restrict ", "\\unrestrict ")))
-
-
-def _clean(engine: Any, project: str) -> None:
-    for c in engine.containers.list(all=True, filters={
-            "label": f"com.docker.compose.project={project}"}):
-        c.remove(force=True)
-    for v in engine.volumes.list(filters={"label": f"com.docker.compose.project={project}"}):
-        v.remove(force=True)
-    for n in engine.networks.list(filters={"label": f"com.docker.compose.project={project}"}):
-        with contextlib.suppress(Exception):
-            n.remove()
 
 
 def test_install_upgrade_and_both_failures_restore(chatbot: Bundles, engine: Any,
@@ -167,7 +134,7 @@ def test_install_upgrade_and_both_failures_restore(chatbot: Bundles, engine: Any
                 + "".join(f"{k}_PORT={v}\n" for k, v in ports.items()))
             _story(chatbot, engine, project, link, ports, trust)
     finally:
-        _clean(engine, project)
+        seed_stack.clean(engine, project)
 
 
 def _story(chatbot: Bundles, engine: Any, project: str, link: HostLink, ports: dict[str, int],
@@ -175,10 +142,13 @@ def _story(chatbot: Bundles, engine: Any, project: str, link: HostLink, ports: d
     host = link.host
 
     def via_nginx() -> list[list[str]]:
-        return [_get(f"http://{host}:{ports['HTTP']}/api/info"),
-                _get(f"http://{host}:{ports['HTTP']}/"),
-                _get(f"http://{host}:{ports['HTTP']}/ai/store"),
-                _get(f"http://{host}:{ports['AI']}/")]
+        return [seed_stack.get(f"http://{host}:{ports['HTTP']}/api/info"),
+                seed_stack.get(f"http://{host}:{ports['HTTP']}/"),
+                seed_stack.get(f"http://{host}:{ports['HTTP']}/ai/store"),
+                seed_stack.get(f"http://{host}:{ports['AI']}/")]
+
+    def dump() -> str:
+        return seed_stack.pg_dump(engine, project, "chatbot_user", "chatbot")
 
     def install(version: str) -> list[Run]:
         return offline(bundle_argv("install", chatbot.by_version[version], *trust),
@@ -206,20 +176,20 @@ def _story(chatbot: Bundles, engine: Any, project: str, link: HostLink, ports: d
     assert r2.rc == 0, r2.err
     assert json.loads(info2.out)["version"] == "1.3.0" and json.loads(info2.out)["faqs"] == 3
     assert json.loads(store2.out)["created_by"] == "1.2.0"  # the named volume was kept
-    before = _dump(engine, project)
+    before = dump()
     assert "feedback" in before and "해지 환급금은?" in before
 
     r3, s3, info3, _, _, _ = install("1.4.0")
     assert r3.rc == 17, r3.err
     assert "004_bad.sql" in r3.err and "rolled back to 1.3.0" in r3.err, r3.err
-    assert _dump(engine, project) == before  # 003_ok.sql ran, and was undone
+    assert dump() == before  # 003_ok.sql ran, and was undone
     assert json.loads(s3.out)["current"]["version"] == "1.3.0"
     assert json.loads(info3.out)["version"] == "1.3.0"  # the previous release serves
 
     r4, s4, info4, _, _, _ = install("1.4.1")
     assert r4.rc == 12, r4.err
     assert "health check 'backend' failed" in r4.err, r4.err
-    assert _dump(engine, project) == before  # its migration ran, and was undone
+    assert dump() == before  # its migration ran, and was undone
     st = json.loads(s4.out)
     assert st["current"]["version"] == "1.3.0" and st["healthy"] is True
     assert json.loads(info4.out) | {"ai": None} == {"service": "backend", "version": "1.3.0",
