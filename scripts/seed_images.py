@@ -13,14 +13,19 @@ and adds Debian packages with apt (`--no-install-recommends`) from the mirror ap
   `pip install --no-index` in the image); the AI server is pyapp plus its code.
 - postgres: Debian's postgresql-15 (tests/bare_image.py's pg15 image) with an entrypoint
   like the official image's (initdb with POSTGRES_USER/PASSWORD/DB on an empty volume).
+- seed 003: the backend is pyapp plus its drivers' wheels (uvicorn with 4 workers);
+  PostgreSQL 17 + pgvector on a Debian 13 (trixie) minbase from the same mirror (Debian 12
+  has no pgvector); Debian 12's MariaDB 10.11 and Redis, with entrypoints like the official
+  images' (MARIADB_DATABASE/USER/PASSWORD on an empty volume).
 
-Each image is tagged by a hash of its recipe (Dockerfile, files, inputs, base), so an edited
-recipe is a new image; an existing tag is used as is, else the `docker save` kept in the
-shared cache dir is loaded, else it is built (under the cache's file lock: other worktrees
-share the engine) and saved there. The seed's compose files name stable tags
-(`insurance-chatbot/backend:1.2.0`); `ensure()` points them at the recipe's image.
+Each image is tagged by a hash of its recipe (Dockerfile, files, pinned inputs, base), so an
+edited recipe is a new image; a seed whose images are all in the engine is used as is, else
+its one `docker save` (shared layers once) in the shared cache dir is loaded, else the missing
+images are built and the set saved, under the cache's file lock (other worktrees share the
+engine and the cache). The seeds' compose files name stable tags
+(`insurance-chatbot/backend:1.2.0`); `ensure_seed()` points them at the recipe's images.
 
-    python scripts/seed_images.py [002] [--cold]   # build or find; prints times and sizes
+    python scripts/seed_images.py [002] [003] [--cold]   # build or find; prints times, sizes
 """
 
 from __future__ import annotations
@@ -47,6 +52,13 @@ from tests import bare_image  # noqa: E402
 
 PROFILES = REPO / "profiles"
 CHATBOT = PROFILES / "insurance-chatbot"
+TOURISM = PROFILES / "tourism"
+# Debian 13: pgvector is packaged there (postgresql-17-pgvector), not in Debian 12
+TRIXIE = "trixie"
+TRIXIE_TAG = "minbase-" + hashlib.sha256(
+    repr((TRIXIE, "minbase", bare_image.BARE_CLEAN, bare_image.BARE_CHANGES)).encode()
+).hexdigest()[:12]
+TRIXIE_REF = f"bundler-test/bare-{TRIXIE}:{TRIXIE_TAG}"
 REPO_PREFIX = "bundler-seed"
 APT = ("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
        "--no-install-recommends {pkgs} && apt-get clean "
@@ -76,6 +88,30 @@ fi
 exec postgres -D "$PGDATA" -k /var/run/postgresql -c listen_addresses='*'
 """
 
+MARIADB_ENTRYPOINT = """#!/bin/sh
+# Like the official mariadb image: an empty data volume gets MARIADB_DATABASE and
+# MARIADB_USER/MARIADB_PASSWORD (from anywhere and over the socket); root logs in by socket.
+set -e
+if [ "$#" -gt 0 ]; then exec "$@"; fi
+sock=/run/mysqld/mysqld.sock
+if [ ! -d /var/lib/mysql/mysql ]; then
+  mariadb-install-db --user=mysql --datadir=/var/lib/mysql --skip-test-db >/dev/null
+  mariadbd --user=mysql --datadir=/var/lib/mysql --skip-networking --socket=$sock &
+  pid=$!
+  for _ in $(seq 120); do mariadb-admin --socket=$sock ping --silent && break; sleep 0.5; done
+  mariadb --socket=$sock <<SQL
+CREATE DATABASE IF NOT EXISTS \\`${MARIADB_DATABASE:?}\\` CHARACTER SET utf8mb4;
+CREATE USER '${MARIADB_USER:?}'@'%' IDENTIFIED BY '${MARIADB_PASSWORD:?}';
+CREATE USER '${MARIADB_USER}'@'localhost' IDENTIFIED BY '${MARIADB_PASSWORD}';
+GRANT ALL ON \\`${MARIADB_DATABASE}\\`.* TO '${MARIADB_USER}'@'%';
+GRANT ALL ON \\`${MARIADB_DATABASE}\\`.* TO '${MARIADB_USER}'@'localhost';
+SQL
+  mariadb-admin --socket=$sock shutdown
+  wait $pid
+fi
+exec mariadbd --user=mysql --datadir=/var/lib/mysql --bind-address=0.0.0.0 --socket=$sock
+"""
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -87,7 +123,7 @@ class Recipe:
     files: tuple[tuple[str, Path], ...] = ()  # context name -> source file or directory
     fetch: tuple[str, ...] = ()       # inputs fetched from a registry (hashed as pinned text)
     alias: str = ""                   # the stable tag the seed's compose files name
-    base: str = "bare"                # bare_image's variant under it: bare | pg15
+    base: str = "bare"                # the Debian base under it: bare | pg15 | trixie
     extra: tuple[tuple[str, str], ...] = field(default=())  # generated context files
 
 
@@ -144,7 +180,7 @@ COPY wheels /tmp/wheels
 RUN python3 -m venv /opt/venv \\
  && /opt/venv/bin/pip install -q --no-index --no-deps --disable-pip-version-check \\
       /tmp/wheels/*.whl \\
- && rm -rf /tmp/wheels /root/.cache
+ && /opt/venv/bin/pip check && rm -rf /tmp/wheels /root/.cache
 ENV PATH=/opt/venv/bin:{bare_image.PATH}
 """, files=(), fetch=_requirements(CHATBOT / "ai" / "requirements.txt")),
     Recipe("chatbot-ai", """\
@@ -172,13 +208,87 @@ EXPOSE 5432
 ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
 """, base="pg15", extra=(("entrypoint.sh", PG_ENTRYPOINT),),
            alias="insurance-chatbot/postgres:15"),
+    Recipe("tourism-backend", """\
+FROM {pyapp}
+COPY wheels /tmp/wheels
+RUN pip install -q --no-index --no-deps --disable-pip-version-check /tmp/wheels/*.whl \\
+ && pip check && rm -rf /tmp/wheels /root/.cache
+COPY app /app/app
+WORKDIR /app
+USER nobody
+EXPOSE 8000
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "4"]
+""", deps=("pyapp",), files=(("app", TOURISM / "backend" / "app"),),
+           fetch=_requirements(TOURISM / "backend" / "requirements.txt"),
+           alias="tourism/backend:1.0.0"),
+    Recipe("pgvector17", f"""\
+FROM {{base}}
+# no cluster from the package's postinst: the entrypoint makes one on the data volume
+RUN mkdir -p /etc/postgresql-common \\
+ && echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf \\
+ && {APT.format(pkgs="postgresql-17 postgresql-17-pgvector")}
+COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+RUN chmod 755 /usr/local/bin/docker-entrypoint.sh \\
+ && mkdir -p /var/lib/postgresql/data /var/run/postgresql \\
+ && chown postgres:postgres /var/lib/postgresql/data /var/run/postgresql \\
+ && chmod 700 /var/lib/postgresql/data
+ENV PATH=/usr/lib/postgresql/17/bin:{bare_image.PATH}
+USER postgres
+STOPSIGNAL SIGINT
+EXPOSE 5432
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
+""", base="trixie", extra=(("entrypoint.sh", PG_ENTRYPOINT),), alias="tourism/pgvector:17"),
+    Recipe("mariadb", f"""\
+FROM {{base}}
+# the package's postinst initialises /var/lib/mysql: emptied, so the entrypoint does it
+# on the data volume, with the users the environment names
+RUN {APT.format(pkgs="mariadb-server mariadb-client")} \\
+ && rm -rf /var/lib/mysql/* && mkdir -p /run/mysqld && chown mysql:mysql /run/mysqld
+COPY entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+RUN chmod 755 /usr/local/bin/docker-entrypoint.sh
+EXPOSE 3306
+ENTRYPOINT ["/usr/local/bin/docker-entrypoint.sh"]
+""", extra=(("entrypoint.sh", MARIADB_ENTRYPOINT),), alias="tourism/mariadb:10.11"),
+    Recipe("redis", f"""\
+FROM {{base}}
+RUN {APT.format(pkgs="redis-server")}
+USER redis
+EXPOSE 6379
+CMD ["redis-server", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", \\
+     "--appendonly", "no"]
+""", alias="tourism/redis:7"),
 )}
 
-SEEDS = {"002": ("chatbot-frontend", "chatbot-backend", "chatbot-ai", "postgres15", "nginx")}
+SEEDS = {"002": ("chatbot-frontend", "chatbot-backend", "chatbot-ai", "postgres15", "nginx"),
+         "003": ("tourism-backend", "pgvector17", "mariadb", "redis")}
 
 
 def _base_ref(recipe: Recipe) -> str:
-    return bare_image.REFS[recipe.base]
+    return TRIXIE_REF if recipe.base == "trixie" else bare_image.REFS[recipe.base]
+
+
+def ensure_trixie(client: Any) -> bare_image.Built:
+    """Debian 13 minbase, the way tests/bare_image.py makes its bookworm base."""
+    start = time.monotonic()
+    if bare_image._has(client, TRIXIE_REF):
+        return bare_image.Built(TRIXIE_REF, "present", time.monotonic() - start,
+                                bare_image._size(client, TRIXIE_REF))
+    cache = bare_image.cache_dir()
+    with bare_image._locked(cache):
+        how = "present"
+        if not bare_image._has(client, TRIXIE_REF):
+            tar = cache / f"bare-{TRIXIE}-{TRIXIE_TAG}.rootfs.tar"
+            how = "imported from cache"
+            if not tar.is_file():
+                bare_image._debootstrap_rootfs(tar, suite=TRIXIE, include=())
+                how = "built"
+            bare_image._import(client, tar, TRIXIE_REF)
+    return bare_image.Built(TRIXIE_REF, how, time.monotonic() - start,
+                            bare_image._size(client, TRIXIE_REF))
+
+
+BASES: dict[str, Callable[[Any], bare_image.Built]] = {
+    "bare": bare_image.ensure_bare, "pg15": bare_image.ensure_pg15, "trixie": ensure_trixie}
 
 
 def ref(name: str) -> str:
@@ -223,6 +333,7 @@ def _fetch_react(pins: tuple[str, ...], dest: Path) -> None:
 FETCHERS: dict[str, Callable[[tuple[str, ...], Path], None]] = {
     "pyapp": lambda pins, ctx: _fetch_wheels(pins, ctx / "wheels"),
     "chatbot-frontend": lambda pins, ctx: _fetch_react(pins, ctx / "www"),
+    "tourism-backend": lambda pins, ctx: _fetch_wheels(pins, ctx / "wheels"),
 }
 
 
@@ -262,8 +373,10 @@ class Built:
                 f"{self.size / 1e6:.0f} MB")
 
 
-def _saved(cache: Path, image: str) -> Path:
-    return cache / "seed-images" / f"{image.replace('/', '_').replace(':', '_')}.image.tar"
+def _saved(cache: Path, seed: str) -> Path:
+    """One `docker save` of all the seed's images: their shared layers stored once."""
+    digest = hashlib.sha256(repr([ref(n) for n in SEEDS[seed]]).encode()).hexdigest()[:12]
+    return cache / f"seed-{seed}-{digest}.images.tar"
 
 
 def _build(client: Any, recipe: Recipe, image: str) -> None:
@@ -280,53 +393,67 @@ def _build(client: Any, recipe: Recipe, image: str) -> None:
         raise RuntimeError(f"building {image} failed:\n{log[-4000:]}") from exc
 
 
-def ensure(client: Any, name: str, done: dict[str, Built] | None = None) -> Built:
-    """The recipe's image in the engine (and its stable alias pointing at it)."""
-    done = {} if done is None else done
+def _ensure(client: Any, name: str, done: dict[str, Built]) -> Built:
+    """The recipe's image in the engine, built (bases and deps first) if it is not there; the
+    caller holds the cache lock."""
     if name in done:
         return done[name]
     recipe = RECIPES[name]
     image = ref(name)
     start = time.monotonic()
     how = "present"
-    if not bare_image._has(client, image):
-        cache = bare_image.cache_dir()
-        saved = _saved(cache, image)
-        with bare_image._locked(cache):
-            if not bare_image._has(client, image) and saved.is_file():
-                with open(saved, "rb") as fh:
-                    client.api.load_image(fh)
-                how = "loaded from cache"
-        if not bare_image._has(client, image):
-            # bases first (each under the lock itself), then this one
-            {"bare": bare_image.ensure_bare, "pg15": bare_image.ensure_pg15}[recipe.base](client)
-            for dep in recipe.deps:
-                ensure(client, dep, done)
-            with bare_image._locked(cache):
-                if not bare_image._has(client, image):
-                    _build(client, recipe, image)
-                    saved.parent.mkdir(exist_ok=True)
-                    partial = saved.with_name(saved.name + ".partial")
-                    with open(partial, "wb") as fh:
-                        for chunk in client.api.get_image(image):
-                            fh.write(chunk)
-                    os.replace(partial, saved)
-                    how = "built"
-    if recipe.alias:
-        repo, tag = recipe.alias.rsplit(":", 1)
-        client.api.tag(image, repo, tag)
-    built = Built(name, image, how, time.monotonic() - start, bare_image._size(client, image))
-    done[name] = built
-    return built
+    if not bare_image._has(client, image):  # its base is there: ensure_seed made it first
+        for dep in recipe.deps:
+            _ensure(client, dep, done)
+        _build(client, recipe, image)
+        how = "built"
+    done[name] = Built(name, image, how, time.monotonic() - start,
+                       bare_image._size(client, image))
+    return done[name]
 
 
 def ensure_seed(client: Any, seed: str) -> list[Built]:
+    """The seed's images in the engine and their stable aliases pointing at them: present,
+    else loaded from the seed's saved set, else built and the set saved (older sets of the
+    seed removed). Serialised with other builders by the cache's file lock."""
+    names = SEEDS[seed]
+    start = time.monotonic()
+    cache = bare_image.cache_dir()
+    saved = _saved(cache, seed)
+    how = "present"
     done: dict[str, Built] = {}
-    return [ensure(client, name, done) for name in SEEDS[seed]]
+    if not all(bare_image._has(client, ref(n)) for n in names):
+        # the bases take the lock themselves: made before this seed's builders hold it
+        for base in sorted({RECIPES[n].base for n in names}):
+            BASES[base](client)
+        with bare_image._locked(cache):
+            if saved.is_file() and not all(bare_image._has(client, ref(n)) for n in names):
+                with open(saved, "rb") as fh:
+                    client.api.load_image(fh)
+                how = "loaded from cache"
+            if not all(bare_image._has(client, ref(n)) for n in names):
+                for name in names:
+                    _ensure(client, name, done)
+                partial = saved.with_name(saved.name + ".partial")
+                # the CLI saves several images in one archive (the SDK's get_image: one)
+                subprocess.run(["docker", "save", "-o", str(partial),
+                                *[ref(n) for n in names]], check=True, timeout=900)
+                os.replace(partial, saved)
+                for old in cache.glob(f"seed-{seed}-*.images.tar"):
+                    if old != saved:
+                        old.unlink()
+    out = []
+    for name in names:
+        alias = RECIPES[name].alias
+        if alias:
+            client.api.tag(ref(name), *alias.rsplit(":", 1))
+        out.append(done.get(name) or Built(name, ref(name), how, time.monotonic() - start,
+                                           bare_image._size(client, ref(name))))
+    return out
 
 
 def _forget(client: Any, seed: str) -> None:
-    """--cold: remove this seed's images from the engine and the cache (bases are kept)."""
+    """--cold: remove this seed's images from the engine and its saved set (bases are kept)."""
     names: set[str] = set()
 
     def walk(name: str) -> None:
@@ -336,10 +463,9 @@ def _forget(client: Any, seed: str) -> None:
 
     for name in SEEDS[seed]:
         walk(name)
+    _saved(bare_image.cache_dir(), seed).unlink(missing_ok=True)
     for name in names:
-        image = ref(name)
-        _saved(bare_image.cache_dir(), image).unlink(missing_ok=True)
-        for tag in (image, RECIPES[name].alias):
+        for tag in (ref(name), RECIPES[name].alias):
             if tag and bare_image._has(client, tag):
                 client.api.remove_image(tag, force=True)
 
