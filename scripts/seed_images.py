@@ -429,7 +429,9 @@ def ensure_seed(client: Any, seed: str) -> list[Built]:
         with bare_image._locked(cache):
             if saved.is_file() and not all(bare_image._has(client, ref(n)) for n in names):
                 with open(saved, "rb") as fh:
-                    client.api.load_image(fh)
+                    for message in client.api.load_image(fh):  # the load runs while read
+                        if "error" in message:
+                            raise RuntimeError(f"loading {saved}: {message['error']}")
                 how = "loaded from cache"
             if not all(bare_image._has(client, ref(n)) for n in names):
                 for name in names:
@@ -447,8 +449,10 @@ def ensure_seed(client: Any, seed: str) -> list[Built]:
         alias = RECIPES[name].alias
         if alias:
             client.api.tag(ref(name), *alias.rsplit(":", 1))
-        out.append(done.get(name) or Built(name, ref(name), how, time.monotonic() - start,
-                                           bare_image._size(client, ref(name))))
+        built = done.get(name)
+        out.append(built if built is not None and built.how == "built" else
+                   Built(name, ref(name), how, time.monotonic() - start,
+                         bare_image._size(client, ref(name))))
     return out
 
 

@@ -234,7 +234,8 @@ def ensure_pg15(client: Any) -> Built:
     with _locked(cache):
         if saved.is_file() and not _has(client, PG15_REF):
             with open(saved, "rb") as fh:
-                client.api.load_image(fh)
+                for _ in client.api.load_image(fh):  # read to the end: the load runs meanwhile
+                    pass
     if not _has(client, PG15_REF):
         ensure_bare(client)
         with _locked(cache):
