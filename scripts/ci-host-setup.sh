@@ -88,3 +88,11 @@ then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mariadb-server mariadb-client
 fi
+
+# The seed images (scripts/seed_images.py, tests/test_seed_002.py): React's UMD builds come
+# from the npm registry through `npm pack`; the seed's stack is health-checked over a veth
+# link (iproute2, above) from the install side's network namespace.
+if ! command -v npm >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm
+fi

@@ -165,8 +165,10 @@ def _size(client: Any, ref: str) -> int:
     return int(client.api.inspect_image(ref)["Size"])
 
 
-def _debootstrap_rootfs(out: Path) -> None:
-    """debootstrap into a temp dir, clean it, tar it to `out` (atomically)."""
+def _debootstrap_rootfs(out: Path, suite: str = SUITE,
+                        include: tuple[str, ...] = BARE_INCLUDE) -> None:
+    """debootstrap `suite` (minbase plus `include`) into a temp dir, clean it, tar it to `out`
+    (atomically). Other suites come from the same mirror (scripts/seed_images.py: trixie)."""
     exe = shutil.which("debootstrap")
     if exe is None:
         raise Unavailable("debootstrap is not installed (apt-get install debootstrap; "
@@ -177,8 +179,8 @@ def _debootstrap_rootfs(out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="bare-rootfs-", dir=out.parent) as tmp:
         root = Path(tmp) / "root"
         done = subprocess.run(
-            [exe, "--variant=minbase", f"--include={','.join(BARE_INCLUDE)}", SUITE,
-             str(root), mirror],
+            [exe, "--variant=minbase", *([f"--include={','.join(include)}"] if include else []),
+             suite, str(root), mirror],
             capture_output=True, text=True, check=False, timeout=1800,
             env={"PATH": PATH, "LANG": "C.UTF-8"})
         if done.returncode != 0:
@@ -232,7 +234,8 @@ def ensure_pg15(client: Any) -> Built:
     with _locked(cache):
         if saved.is_file() and not _has(client, PG15_REF):
             with open(saved, "rb") as fh:
-                client.api.load_image(fh)
+                for _ in client.api.load_image(fh):  # read to the end: the load runs meanwhile
+                    pass
     if not _has(client, PG15_REF):
         ensure_bare(client)
         with _locked(cache):

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import textwrap
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -59,12 +62,51 @@ def require_netns() -> None:
         unavailable("unshare -n is not available (needs root or user namespaces)")
 
 
-def offline(*commands: list[str], timeout: float = 600) -> list[Run]:
-    """Run commands one after another inside ONE new network namespace with no network at
-    all (only loopback, brought up first). Services they start stay in that namespace."""
+@dataclass(frozen=True)
+class HostLink:
+    """A named network namespace whose one link is a veth pair to this host: from inside,
+    `host` (this host's end) is the only address besides loopback; no route leads further."""
+
+    netns: str
+    host: str
+
+
+@contextlib.contextmanager
+def host_link() -> Iterator[HostLink]:
+    """For compose stacks health-checked over their published ports: the engine publishes
+    them on `host` (PUBLISH_ADDR), which the install side reaches and nothing beyond it."""
     require_netns()
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        unavailable("a veth link to a network namespace needs root and iproute2")
+    n = os.getpid() % 60000 + 1 + secrets.randbelow(4000)
+    name, veth = f"bundler-t{n}", f"bt{n}"
+    host = f"10.{231 + n // 16384}.{n // 64 % 256}.{n % 64 * 4 + 1}"
+    inside = host[:host.rindex(".") + 1] + str(int(host.rsplit(".", 1)[1]) + 1)
+    steps = [["ip", "netns", "add", name],
+             ["ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "n"],
+             ["ip", "link", "set", veth + "n", "netns", name],
+             ["ip", "addr", "add", f"{host}/30", "dev", veth],
+             ["ip", "link", "set", veth, "up"],
+             ["ip", "-n", name, "addr", "add", f"{inside}/30", "dev", veth + "n"],
+             ["ip", "-n", name, "link", "set", veth + "n", "up"]]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+        yield HostLink(name, host)
+    finally:
+        subprocess.run(["ip", "link", "del", veth], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+def offline(*commands: list[str], timeout: float = 600, link: HostLink | None = None,
+            ) -> list[Run]:
+    """Run commands one after another inside ONE new network namespace with no network at
+    all (only loopback, brought up first). Services they start stay in that namespace.
+    With `link`, inside that namespace instead (its one link leads to this host only)."""
+    require_netns()
+    enter = ["unshare", "-n"] if link is None else ["nsenter", f"--net=/run/netns/{link.netns}"]
     done = subprocess.run(
-        ["unshare", "-n", sys.executable, str(NETNS_DRIVER),
+        [*enter, sys.executable, str(NETNS_DRIVER),
          json.dumps([[os.fspath(a) for a in c] for c in commands])],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
