@@ -99,13 +99,16 @@ def test_inspect_lists_images_databases_and_migrations(chatbot: Bundles) -> None
     shown = bundle("inspect", chatbot.by_version["1.3.0"], "--trust", chatbot.pub, "--json")
     assert shown.rc == 0, shown.err
     data = json.loads(shown.out)
-    assert data["images"] == ["insurance-chatbot/nginx:1.2.0",
-                              "insurance-chatbot/frontend:1.2.0",
-                              "insurance-chatbot/backend:1.2.0",
-                              "insurance-chatbot/ai:1.2.0", "insurance-chatbot/postgres:15"]
+    assert [i["ref"] for i in data["images"]] == [
+        "insurance-chatbot/nginx:1.2.0", "insurance-chatbot/frontend:1.2.0",
+        "insurance-chatbot/backend:1.2.0", "insurance-chatbot/ai:1.2.0",
+        "insurance-chatbot/postgres:15"]
+    assert all(i["image_id"].startswith("sha256:") for i in data["images"])
     assert data["databases"] == [{"name": "chatbot", "kind": "postgres",
                                   "compose_service": "postgres"}]
-    assert data["migrations"] == ["schema"]
+    assert [(x["name"], x["database"], x["steps"]) for x in data["migrations"]] == [
+        ("schema", "chatbot", ["001_chat.sql", "002_feedback.sql"])]
+    assert data["wheels"] == [] and data["npm"] == []  # the guide builds them into images
     paths = {f["path"] for f in data["files"]}
     assert {"files/stack/migrations/001_chat.sql", "files/stack/migrations/002_feedback.sql",
             "files/stack/nginx/chatbot.conf"} <= paths, sorted(paths)

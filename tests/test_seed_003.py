@@ -106,12 +106,16 @@ def test_inspect_lists_images_databases_and_migrations(tourism: Bundles) -> None
     shown = bundle("inspect", tourism.by_version["1.1.0"], "--trust", tourism.pub, "--json")
     assert shown.rc == 0, shown.err
     data = json.loads(shown.out)
-    assert data["images"] == ["tourism/backend:1.0.0", "tourism/pgvector:17",
-                              "tourism/mariadb:10.11", "tourism/redis:7"]
+    assert [i["ref"] for i in data["images"]] == ["tourism/backend:1.0.0", "tourism/pgvector:17",
+                                                  "tourism/mariadb:10.11", "tourism/redis:7"]
     assert data["databases"] == [
         {"name": "vectors", "kind": "postgres", "compose_service": "postgres"},
         {"name": "chat", "kind": "mysql", "compose_service": "mariadb"}]
-    assert data["migrations"] == ["vectors", "chat"]
+    steps = {x["name"]: (x["database"], x["steps"]) for x in data["migrations"]}
+    assert list(steps) == ["vectors", "chat"]
+    assert steps["vectors"][0] == "vectors" and "002_rating.sql" in steps["vectors"][1], steps
+    assert steps["chat"][0] == "chat" and "002_session.sql" in steps["chat"][1], steps
+    assert data["wheels"] == [] and data["npm"] == []  # the guide builds them into images
     paths = {f["path"] for f in data["files"]}
     assert {"files/stack/migrations/vectors/002_rating.sql",
             "files/stack/migrations/chat/002_session.sql"} <= paths, sorted(paths)
