@@ -1,0 +1,263 @@
+"""The swarm runtime on a real two-node swarm (tests/swarm_fixtures.py): the same kind of
+bundle a one-host compose install takes, deployed as a stack with its images loaded into both
+nodes' engines; upgraded by a rolling update; a release whose image never turns healthy is
+rolled back by the swarm and by bundler while the old release keeps answering; a stopped
+node's engine refuses the install, or degrades it with --allow-degraded.
+
+`bundle` runs inside the manager's network namespace (the install runs on a manager): the
+nodes' addresses exist only there, nothing else is reachable. Host-mode ports and
+`endpoint_mode: dnsrr`: this kernel has no IPVS, so no routing mesh and no VIPs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import docker_fixtures as dfx
+from tests import swarm_fixtures as sfx
+from tests.helpers import Run, bundle
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+HEALTH = ["CMD", "busybox", "timeout", "2", "busybox", "wget", "-q", "-O", "/dev/null",
+          "http://127.0.0.1/version"]
+
+
+def _image(client: Any, base: str, ref: str, version: str, serves: bool) -> str:
+    """A web server image: busybox httpd answering /version with `version`; `serves=False`:
+    one that never answers (its healthcheck never passes)."""
+    cmd = (["busybox", "httpd", "-f", "-p", "80", "-h", "/www"] if serves
+           else ["busybox", "sleep", "3600"])
+    dockerfile = f"FROM {base}\nCOPY www/ /www/\nCMD {json.dumps(cmd)}\n".encode()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in (("Dockerfile", dockerfile), ("www/version", version.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    image, _ = client.images.build(fileobj=buf, custom_context=True, tag=ref, rm=True,
+                                   pull=False)
+    return str(image.id)
+
+
+@dataclass(frozen=True)
+class Built:
+    bundles: dict[str, Path]  # version -> bundle
+    ids: dict[str, str]  # version -> Image ID
+    refs: dict[str, str]  # version -> image reference
+    pub: Path
+
+
+def _profile(base: Path, name: str, version: str, image: str, port: int, seq: int) -> Path:
+    app = base / f"{name}-app-{version}"
+    app.mkdir(parents=True)
+    (app / "docker-compose.yml").write_text(textwrap.dedent(f"""\
+        version: "3.8"
+        services:
+          web:
+            image: {image}
+            environment:
+              RELEASE: "{version}"
+            healthcheck:
+              test: {json.dumps(HEALTH)}
+              interval: 1s
+              timeout: 3s
+              retries: 2
+            ports:
+              - {{target: 80, published: {port}, mode: host}}
+            deploy:
+              replicas: 2
+              endpoint_mode: dnsrr
+              placement: {{max_replicas_per_node: 1}}
+              update_config: {{parallelism: 1, monitor: 2s}}
+        """))
+    profile = base / f"{name}-{version}.yaml"
+    checks = "".join(f"""
+          - name: node{i}
+            http: http://{sfx.SUBNET}.{i}:{port}/version
+            timeout: 1s
+            retries: 20
+            interval: 250ms""" for i in (1, 2))
+    profile.write_text(textwrap.dedent(f"""\
+        schema: 1
+        name: {name}
+        version: {version}
+        sequence: {seq}
+        images:
+          - ref: {image}
+        files:
+          - {{src: {app.name}, dest: stack}}
+        compose:
+          files: [stack/docker-compose.yml]
+        health:""") + checks + "\n")
+    return profile
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sfx.Swarm]:
+    with sfx.two_node_swarm(tmp_path_factory.mktemp("swarm")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
+    """Releases 1.0.0 and 2.0.0 (serving), 3.0.0 (never healthy), signed, built from images
+    in the host's engine; the same bundles a one-host compose install takes."""
+    import docker
+
+    client = docker.from_env(timeout=600)
+    tmp = tmp_path_factory.mktemp("swarm-bundles")
+    tag = dfx.unique("sw")
+    base = f"bundler-test/{tag}-base:1"
+    refs = {v: f"bundler-test/{tag}-web:{v}" for v in ("1.0.0", "2.0.0", "3.0.0")}
+    assert bundle("keygen", tmp / "release").rc == 0
+    try:
+        dfx.import_base(client, base)
+        ids = {v: _image(client, base, ref, v, serves=v != "3.0.0") for v, ref in refs.items()}
+        bundles = {}
+        for seq, (version, ref) in enumerate(refs.items(), start=1):
+            done = bundle("build", _profile(tmp, "swweb", version, ref, 8080, seq),
+                          "--key", tmp / "release.key", "--out", tmp / "out", "--cache-dir",
+                          tmp / "cache", "--json")
+            assert done.rc == 0, done.err
+            bundles[version] = Path(json.loads(done.out)["bundle"])
+        yield Built(bundles, ids, refs, tmp / "release.pub")
+    finally:
+        dfx.remove_images(client, *refs.values(), base)
+        client.close()
+
+
+def on_manager(swarm: sfx.Swarm, *args: str | os.PathLike[str], timeout: float = 300) -> Run:
+    """The real `bundle` CLI on the manager: in its network namespace, its engine as
+    DOCKER_HOST."""
+    done = subprocess.run(["nsenter", f"--net=/run/netns/{swarm.manager.netns}",
+                           sys.executable, "-m", "bundler", *map(os.fspath, args)],
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, "DOCKER_HOST": swarm.manager.host})
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def swarm_root(swarm: sfx.Swarm, root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "swarm.yaml").write_text("nodes:\n" + "".join(
+        f"  {n.name}: {n.host}\n" for n in swarm.nodes))
+    return root
+
+
+def answers(swarm: sfx.Swarm, port: int) -> dict[str, str]:
+    """What each node answers on `port` (its own address)."""
+    out = {}
+    for node in swarm.nodes:
+        got = node.in_netns("curl", "-s", "--max-time", "2",
+                            f"http://{node.address}:{port}/version")
+        out[node.name] = got.stdout if got.returncode == 0 else f"curl exit {got.returncode}"
+    return out
+
+
+# A client like the guide's load balancer: round-robin over the nodes, the next node when one
+# does not answer; one request counts as failed only when no node answered it.
+_POLLER = """
+import json, sys, time, urllib.request
+urls, stop = sys.argv[1].split(","), sys.argv[2]
+failed, seen, n = 0, {}, 0
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+import os
+while not os.path.exists(stop):
+    body = None
+    for k in range(len(urls)):
+        try:
+            body = opener.open(urls[(n + k) % len(urls)], timeout=1).read().decode()
+            break
+        except Exception:
+            pass
+    n += 1
+    if body is None:
+        failed += 1
+    else:
+        seen[body] = seen.get(body, 0) + 1
+    time.sleep(0.02)
+print(json.dumps({"requests": n, "failed": failed, "seen": seen}))
+"""
+
+
+@pytest.fixture
+def poller(swarm: sfx.Swarm, tmp_path: Path) -> Iterator[Any]:
+    procs: list[tuple[subprocess.Popen[str], Path]] = []
+
+    def start(port: int) -> Any:
+        stop = tmp_path / f"stop-{len(procs)}"
+        urls = ",".join(f"http://{n.address}:{port}/version" for n in swarm.nodes)
+        p = subprocess.Popen(["nsenter", f"--net=/run/netns/{swarm.manager.netns}",
+                              sys.executable, "-c", _POLLER, urls, str(stop)],
+                             stdout=subprocess.PIPE, text=True)
+        procs.append((p, stop))
+
+        def finish() -> dict[str, Any]:
+            stop.touch()
+            out, _ = p.communicate(timeout=30)
+            return dict(json.loads(out))
+        return finish
+    yield start
+    for p, stop in procs:
+        stop.touch()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _status(swarm: sfx.Swarm, root: Path) -> dict[str, Any]:
+    done = on_manager(swarm, "status", "--root", root, "--json")
+    return dict(json.loads(done.out))
+
+
+def test_deploy_upgrade_and_rollback_on_two_nodes(swarm: sfx.Swarm, built: Built, poller: Any,
+                                                 tmp_path: Path) -> None:
+    root = swarm_root(swarm, tmp_path / "root")
+    trust = ["--trust", built.pub, "--root", root]
+
+    first = on_manager(swarm, "install", built.bundles["1.0.0"], *trust)
+    assert first.rc == 0, first.err
+    # the images reached both nodes' engines, with the signed Image IDs
+    for node in swarm.nodes:
+        assert node.docker("image", "inspect", "--format", "{{.Id}}", built.refs["1.0.0"]
+                           ).stdout.strip() == built.ids["1.0.0"]
+    assert answers(swarm, 8080) == {n.name: "1.0.0" for n in swarm.nodes}
+    status = _status(swarm, root)
+    units = {u["name"]: u for u in status["services"]}
+    assert set(units) == {f"swarm:web@{n.name}" for n in swarm.nodes}, units
+    assert all(u["running"] and "healthy" in u["detail"] for u in units.values()), units
+
+    # a rolling upgrade while a round-robin client keeps asking both nodes
+    finish = poller(8080)
+    up = on_manager(swarm, "install", built.bundles["2.0.0"], *trust)
+    served = finish()
+    assert up.rc == 0, up.err
+    assert answers(swarm, 8080) == {n.name: "2.0.0" for n in swarm.nodes}
+    assert served["failed"] == 0 and set(served["seen"]) <= {"1.0.0", "2.0.0"}, served
+
+    # 3.0.0 never turns healthy: the swarm rolls its update back, bundler the stack
+    finish = poller(8080)
+    bad = on_manager(swarm, "install", built.bundles["3.0.0"], *trust)
+    served = finish()
+    assert bad.rc == 12, bad.err
+    assert "rollback" in bad.err, bad.err
+    assert served["failed"] == 0 and set(served["seen"]) == {"2.0.0"}, served
+    assert answers(swarm, 8080) == {n.name: "2.0.0" for n in swarm.nodes}
+    after = _status(swarm, root)
+    assert after["current"]["version"] == "2.0.0" and after["healthy"] is True, after
+
+    assert on_manager(swarm, "stop", "--root", root).rc == 0
+    assert swarm.manager.docker("service", "ls", "-q").stdout.strip() == ""
