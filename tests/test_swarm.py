@@ -60,7 +60,8 @@ class Built:
     pub: Path
 
 
-def _profile(base: Path, name: str, version: str, image: str, port: int, seq: int) -> Path:
+def _profile(base: Path, name: str, version: str, image: str, port: int, seq: int,
+             nodes: tuple[int, ...] = (1, 2)) -> Path:
     app = base / f"{name}-app-{version}"
     app.mkdir(parents=True)
     (app / "docker-compose.yml").write_text(textwrap.dedent(f"""\
@@ -75,6 +76,7 @@ def _profile(base: Path, name: str, version: str, image: str, port: int, seq: in
               interval: 1s
               timeout: 3s
               retries: 2
+            stop_grace_period: 1s
             ports:
               - {{target: 80, published: {port}, mode: host}}
             deploy:
@@ -89,7 +91,7 @@ def _profile(base: Path, name: str, version: str, image: str, port: int, seq: in
             http: http://{sfx.SUBNET}.{i}:{port}/version
             timeout: 1s
             retries: 20
-            interval: 250ms""" for i in (1, 2))
+            interval: 250ms""" for i in nodes)
     profile.write_text(textwrap.dedent(f"""\
         schema: 1
         name: {name}
@@ -121,18 +123,25 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     tmp = tmp_path_factory.mktemp("swarm-bundles")
     tag = dfx.unique("sw")
     base = f"bundler-test/{tag}-base:1"
-    refs = {v: f"bundler-test/{tag}-web:{v}" for v in ("1.0.0", "2.0.0", "3.0.0")}
+    refs = {v: f"bundler-test/{tag}-web:{v}" for v in ("1.0.0", "2.0.0", "3.0.0", "down")}
     assert bundle("keygen", tmp / "release").rc == 0
     try:
         dfx.import_base(client, base)
-        ids = {v: _image(client, base, ref, v, serves=v != "3.0.0") for v, ref in refs.items()}
+        ids = {v: _image(client, base, ref, v.replace("down", "1.0.0"), serves=v != "3.0.0")
+               for v, ref in refs.items()}
         bundles = {}
-        for seq, (version, ref) in enumerate(refs.items(), start=1):
+        for seq, (version, ref) in enumerate(list(refs.items())[:3], start=1):
             done = bundle("build", _profile(tmp, "swweb", version, ref, 8080, seq),
                           "--key", tmp / "release.key", "--out", tmp / "out", "--cache-dir",
                           tmp / "cache", "--json")
             assert done.rc == 0, done.err
             bundles[version] = Path(json.loads(done.out)["bundle"])
+        # a product whose health checks ask the manager only (the test stops the worker)
+        done = bundle("build", _profile(tmp, "swdown", "1.0.0", refs["down"], 8081, 1, (1,)),
+                      "--key", tmp / "release.key", "--out", tmp / "out", "--cache-dir",
+                      tmp / "cache", "--json")
+        assert done.rc == 0, done.err
+        bundles["down"] = Path(json.loads(done.out)["bundle"])
         yield Built(bundles, ids, refs, tmp / "release.pub")
     finally:
         dfx.remove_images(client, *refs.values(), base)
@@ -252,7 +261,8 @@ def test_deploy_upgrade_and_rollback_on_two_nodes(swarm: sfx.Swarm, built: Built
     bad = on_manager(swarm, "install", built.bundles["3.0.0"], *trust)
     served = finish()
     assert bad.rc == 12, bad.err
-    assert "rollback" in bad.err, bad.err
+    assert "the swarm rolled back its update (a new task failed: " in bad.err, bad.err
+    assert "unhealthy container" in bad.err
     assert served["failed"] == 0 and set(served["seen"]) == {"2.0.0"}, served
     assert answers(swarm, 8080) == {n.name: "2.0.0" for n in swarm.nodes}
     after = _status(swarm, root)
@@ -260,3 +270,39 @@ def test_deploy_upgrade_and_rollback_on_two_nodes(swarm: sfx.Swarm, built: Built
 
     assert on_manager(swarm, "stop", "--root", root).rc == 0
     assert swarm.manager.docker("service", "ls", "-q").stdout.strip() == ""
+
+
+def test_a_stopped_node_refuses_the_install_or_degrades_it(swarm: sfx.Swarm, built: Built,
+                                                          tmp_path: Path) -> None:
+    root = swarm_root(swarm, tmp_path / "root")
+    trust = ["--trust", built.pub, "--root", root]
+    stack = "bundler-swdown-"
+    swarm.worker.stop()
+    try:
+        swarm.wait_node(swarm.worker, "down")
+        refused = on_manager(swarm, "install", built.bundles["down"], *trust)
+        assert refused.rc == 22, refused.err
+        assert f"swarm node(s) down: {swarm.worker.name} (down" in refused.err, refused.err
+        assert "nothing was changed" in refused.err
+        assert sorted(p.name for p in root.iterdir()) == ["swarm.yaml"]
+        assert stack not in swarm.manager.docker("service", "ls").stdout
+
+        degraded = on_manager(swarm, "install", built.bundles["down"], *trust,
+                              "--allow-degraded")
+        assert degraded.rc == 0, degraded.err
+        units = {u["name"]: u for u in _status(swarm, root)["services"]}
+        assert {n for n, u in units.items() if u["running"]} == {
+            f"swarm:web@{swarm.manager.name}"}, units
+        history = on_manager(swarm, "history", "--root", root, "--json")
+        assert f"--allow-degraded with node(s) down: {swarm.worker.name} (down)" in history.out
+        assert answers(swarm, 8081)[swarm.manager.name] == "1.0.0"
+    finally:
+        swarm.worker.start()
+        swarm.wait_node(swarm.worker, "ready")
+    # the node is back: installing the same bundle again loads its images there and brings
+    # the second replica up
+    again = on_manager(swarm, "install", built.bundles["down"], *trust)
+    assert again.rc == 0, again.err
+    assert f"{swarm.worker.name}: lacks {built.refs['down']}" in again.err
+    assert answers(swarm, 8081) == {n.name: "1.0.0" for n in swarm.nodes}
+    assert on_manager(swarm, "stop", "--root", root).rc == 0

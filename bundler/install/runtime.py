@@ -10,11 +10,12 @@ from pathlib import Path
 
 from bundler import proc, ui
 from bundler.errors import InstallError
+from bundler.imagearchive import ImageRecord
 from bundler.install import compose_runtime as cr
 from bundler.install import database, environ, migrations, process_runtime, runas
 from bundler.install import swarm_runtime as swarm
 from bundler.install.layout import Layout, ReleaseDir
-from bundler.manifest import Manifest
+from bundler.manifest import IMAGES_PATH, Manifest
 
 # Seconds a just-started database service gets to accept connections (initdb of a new volume
 # included).
@@ -75,8 +76,13 @@ def start(layout: Layout, version: str) -> None:
     m = rel.manifest()
     assert m is not None, f"release {version} has no manifest"
     if _swarm(layout, m):
+        if m.images:
+            swarm.ensure_images(layout.root, rel.path / IMAGES_PATH,
+                                [ImageRecord(i.ref, i.image_id) for i in m.images], ui.note)
+        # Fewer replicas are accepted only while a node is still down.
         swarm.deploy(_stack(layout, rel, m), ui.note,
-                     allow_degraded=degraded_marker(rel).exists())
+                     allow_degraded=degraded_marker(rel).exists() and any(
+                         not n.up for n in swarm.nodes(layout.root)))
     elif m.runtime.compose is not None:
         cr.up(_project(layout, rel, m), _tool(m), ui.note)
     if m.runtime.user:  # its SQLite database too (created, or restored, by root meanwhile)

@@ -39,6 +39,7 @@ same way but need IPVS in the nodes' kernels, which the test machine lacks.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import json
 import os
@@ -62,7 +63,9 @@ POLL = 0.5
 DEPLOY_TIMEOUT = 300.0
 FAILED_TASKS = 3  # failed tasks of one service in one deploy before it counts as crash-looping
 _STACK_LABEL = "com.docker.stack.namespace"
-_BAD_UPDATE = ("rollback_started", "rollback_paused", "rollback_completed", "paused")
+# Final states of a failed update; "rollback_started" is waited out (a deploy of the previous
+# release in the middle of the swarm's own rollback would only start another update).
+_BAD_UPDATE = ("rollback_paused", "rollback_completed", "paused")
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,29 @@ def load_images(root: Path, archive: Path, expected: Sequence[Any], log: Log) ->
     return loaded
 
 
+def ensure_images(root: Path, archive: Path, expected: Sequence[Any], log: Log) -> None:
+    """Before a (re)deploy: load the release's images into every reachable node whose engine
+    lacks one of them (a node that was down at install time, or replaced since)."""
+    from bundler.install import images
+
+    errors = docker_sdk().errors
+    for n in nodes(root):
+        if not n.up:
+            continue
+        api = _node_api(n.engine)
+        missing = []
+        for rec in expected:
+            try:
+                have = str(api.inspect_image(rec.ref)["Id"])
+            except errors.ImageNotFound:
+                have = ""
+            if have != rec.image_id:
+                missing.append(rec.ref)
+        if missing:
+            log(f"{n.name}: lacks {', '.join(missing)}; loading images into {n.engine}")
+            images.load(archive, expected, log, client=engine_client(InstallError, n.engine))
+
+
 # --- deploy ------------------------------------------------------------------------------------
 
 def _read_files(stack: Stack) -> dict[str, Any]:
@@ -316,11 +342,15 @@ def deploy(stack: Stack, log: Log, allow_degraded: bool = False,
     _wait(api, stack, started, log, allow_degraded, timeout)
 
 
-def _task_time(task: Mapping[str, Any]) -> float:
-    stamp = str(task.get("CreatedAt", ""))[:19]
+def _stamp(text: object) -> float:
+    """An engine timestamp (UTC, RFC 3339) in epoch seconds, whole seconds; 0 if unreadable."""
     with contextlib.suppress(ValueError):
-        return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        return float(calendar.timegm(time.strptime(str(text)[:19], "%Y-%m-%dT%H:%M:%S")))
     return 0.0
+
+
+def _task_time(task: Mapping[str, Any]) -> float:
+    return _stamp(task.get("CreatedAt", ""))
 
 
 def _verdict(api: Any, svc: Mapping[str, Any], since: float, degraded: bool
@@ -328,20 +358,26 @@ def _verdict(api: Any, svc: Mapping[str, Any], since: float, degraded: bool
     """(converged, why not) for one service; raises when it failed for good."""
     name = str(svc["Spec"]["Name"])
     update = svc.get("UpdateStatus") or {}
-    state = str(update.get("State", ""))
+    # Only an update this deploy began counts: an earlier one's "rollback_completed" stays
+    # on the service until the next update (a deploy that changes nothing starts none).
+    state = str(update.get("State", "")) if _stamp(update.get("StartedAt")) >= since - 1 else ""
+    tasks = api.tasks(filters={"service": str(svc["ID"])})
+    failed = sorted((t for t in tasks if t["Status"]["State"] in ("failed", "rejected")
+                     and _task_time(t) >= since - 1), key=_task_time, reverse=True)
+    why = ""
+    if failed:
+        why = str(failed[0]["Status"].get("Err") or failed[0]["Status"].get("Message", ""))
     if state in _BAD_UPDATE:
-        raise InstallError(f"swarm service {name}: update {state.replace('_', ' ')}: "
-                           f"{update.get('Message', '')}",
+        verb = "rolled back" if state.startswith("rollback") else "paused"
+        raise InstallError(f"swarm service {name}: the swarm {verb} its update"
+                           + (f" (a new task failed: {why})" if why else
+                              f" ({update.get('Message', '')})"),
                            hint=f"`docker service ps {name} --no-trunc` shows the failed tasks")
     if state in ("updating", "rollback_started"):
-        return False, f"{name}: updating"
+        return False, f"{name}: {state.replace('_', ' ')}"
     mode = svc["Spec"].get("Mode", {})
-    tasks = api.tasks(filters={"service": str(svc["ID"])})
-    failed = [t for t in tasks if t["Status"]["State"] in ("failed", "rejected")
-              and _task_time(t) >= since - 1]
     if len(failed) >= FAILED_TASKS:
-        err = failed[0]["Status"].get("Err") or failed[0]["Status"].get("Message", "")
-        raise InstallError(f"swarm service {name} keeps failing ({len(failed)} tasks): {err}",
+        raise InstallError(f"swarm service {name} keeps failing ({len(failed)} tasks): {why}",
                            hint=f"`docker service ps {name} --no-trunc` and `docker service "
                                 f"logs {name}` show why")
     wanted = [t for t in tasks if t.get("DesiredState") == "running"]
@@ -358,7 +394,8 @@ def _verdict(api: Any, svc: Mapping[str, Any], since: float, degraded: bool
 
 def _wait(api: Any, stack: Stack, since: float, log: Log, degraded: bool,
           timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+    began = time.monotonic()
+    deadline = began + timeout
     pending = ["no service yet"]
     while time.monotonic() < deadline:
         services = _services(api, stack.name)
@@ -368,7 +405,8 @@ def _wait(api: Any, stack: Stack, since: float, log: Log, degraded: bool,
             if not done:
                 pending.append(why)
         if services and not pending:
-            log(f"stack {stack.name}: {len(services)} service(s) converged")
+            log(f"stack {stack.name}: {len(services)} service(s) converged in "
+                f"{time.monotonic() - began:.1f}s")
             return
         time.sleep(POLL)
     raise InstallError(f"stack {stack.name} did not converge in {timeout:.0f}s: "
