@@ -231,6 +231,11 @@ def _status(swarm: sfx.Swarm, root: Path) -> dict[str, Any]:
     return dict(json.loads(done.out))
 
 
+def _doctor(swarm: sfx.Swarm, root: Path) -> dict[str, dict[str, str]]:
+    done = on_manager(swarm, "doctor", "--root", root, "--json")
+    return {r["check"]: r for r in json.loads(done.out)["checks"]}
+
+
 def test_deploy_upgrade_and_rollback_on_two_nodes(swarm: sfx.Swarm, built: Built, poller: Any,
                                                  tmp_path: Path) -> None:
     root = swarm_root(swarm, tmp_path / "root")
@@ -247,6 +252,12 @@ def test_deploy_upgrade_and_rollback_on_two_nodes(swarm: sfx.Swarm, built: Built
     units = {u["name"]: u for u in status["services"]}
     assert set(units) == {f"swarm:web@{n.name}" for n in swarm.nodes}, units
     assert all(u["running"] and "healthy" in u["detail"] for u in units.values()), units
+    rows = _doctor(swarm, root)
+    for n in swarm.nodes:
+        assert rows[f"node {n.name}"]["status"] == "ok", rows
+        assert rows[f"node {n.name} images"]["detail"].startswith("1 of 1 "), rows
+        assert rows[f"node {n.name} disk"]["status"] == "ok", rows
+    assert rows["port 8080"]["status"] == "ok", rows
 
     # a rolling upgrade while a round-robin client keeps asking both nodes
     finish = poller(8080)
@@ -296,6 +307,9 @@ def test_a_stopped_node_refuses_the_install_or_degrades_it(swarm: sfx.Swarm, bui
         history = on_manager(swarm, "history", "--root", root, "--json")
         assert f"--allow-degraded with node(s) down: {swarm.worker.name} (down)" in history.out
         assert answers(swarm, 8081)[swarm.manager.name] == "1.0.0"
+        rows = _doctor(swarm, root)
+        assert rows[f"node {swarm.worker.name}"]["status"] == "fail", rows
+        assert rows[f"node {swarm.manager.name}"]["status"] == "ok", rows
     finally:
         swarm.worker.start()
         swarm.wait_node(swarm.worker, "ready")

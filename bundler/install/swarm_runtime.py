@@ -509,3 +509,73 @@ def exec_in(root: Path, stack: Stack, service: str, argv: Sequence[str],
                            ) from None
     return proc.Result(("exec", container[:12], *argv), code,
                        _redact(stack, output.decode("utf-8", "replace")))
+
+
+# --- doctor ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+
+def _node_checks(n: NodeState, images: Sequence[Any], arch: str | None,
+                 need: int) -> list[Check]:
+    from bundler.fsutil import free_bytes, human_bytes
+
+    name = f"node {n.name}"
+    if not n.up:
+        return [Check(name, "fail", f"{n.state}: {n.detail}")]
+    api = _node_api(n.engine)
+    info = api.info()
+    out = [Check(name, "ok", f"{n.role}, {n.state}, engine {info.get('ServerVersion', '?')} "
+                             f"at {n.engine}")]
+    have_arch = str(info.get("Architecture", "?"))
+    present = 0
+    for rec in images:
+        with contextlib.suppress(docker_sdk().errors.ImageNotFound):
+            present += str(api.inspect_image(rec.ref)["Id"]) == rec.image_id
+    loadable = arch is None or have_arch == arch
+    out.append(Check(f"{name} images", "ok" if loadable else "fail",
+                     f"{present} of {len(images)} of the release's images present"
+                     + ("" if present == len(images) else " (the install loads the others)")
+                     + (f"; engine is {have_arch}" if loadable else
+                        f"; engine is {have_arch}, the bundle is for {arch}")))
+    data_root = Path(str(info.get("DockerRootDir", "")))
+    if n.engine.startswith("unix://") and data_root.is_dir():
+        free = free_bytes(data_root)
+        out.append(Check(f"{name} disk", "ok" if free >= need else "fail",
+                         f"{human_bytes(need)} needed, {human_bytes(free)} free in {data_root}"))
+    else:
+        out.append(Check(f"{name} disk", "warn", f"free space in {data_root} on {n.name} is "
+                                                 "not visible from here (a remote engine): "
+                                                 f"{human_bytes(need)} needed"))
+    return out
+
+
+def doctor(root: Path, stack: str, ports: Sequence[int], images: Sequence[Any],
+           arch: str | None, need: int) -> list[Check]:
+    """Every node: engine reachable, the release's images present or loadable (its CPU), the
+    engine's free space; and the release's published ports not taken by another service."""
+    out: list[Check] = []
+    for n in nodes(root):
+        try:
+            out += _node_checks(n, images, arch, need)
+        except (InstallError, docker_sdk().errors.DockerException, *transport_errors()) as exc:
+            out.append(Check(f"node {n.name}", "fail", first_line(str(exc))))
+    taken: dict[int, str] = {}
+    for svc in _manager().services():
+        name = str(svc["Spec"]["Name"])
+        if name.startswith(stack + "_"):
+            continue
+        for p in (svc.get("Endpoint") or {}).get("Ports") or ():
+            if p.get("PublishedPort"):
+                taken[int(p["PublishedPort"])] = name
+    for port in sorted(ports):
+        if port in taken:
+            out.append(Check(f"port {port}", "fail", f"published by swarm service "
+                                                     f"{taken[port]}, not by this product"))
+        else:
+            out.append(Check(f"port {port}", "ok", "not published by any other swarm service"))
+    return out
