@@ -169,11 +169,16 @@ def answers(swarm: sfx.Swarm, port: int) -> dict[str, str]:
     """What each node answers on `port` (its own address)."""
     out = {}
     for node in swarm.nodes:
-        got = node.in_netns("curl", "-s", "--max-time", "2",
-                            f"http://{node.address}:{port}/version")
-        out[node.name] = got.stdout if got.returncode == 0 else f"curl exit {got.returncode}"
+        got = node.in_netns(sys.executable, "-c", _GET, f"http://{node.address}:{port}/version")
+        out[node.name] = got.stdout if got.returncode == 0 else got.stderr.strip()[-200:]
     return out
 
+
+_GET = """
+import sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+sys.stdout.write(opener.open(sys.argv[1], timeout=2).read().decode())
+"""
 
 # A client like the guide's load balancer: round-robin over the nodes, the next node when one
 # does not answer; one request counts as failed only when no node answered it.

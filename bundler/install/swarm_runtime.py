@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -319,6 +320,15 @@ def _docker(stack: Stack, *args: str, timeout: float = 300) -> proc.Result:
     return result
 
 
+@functools.cache
+def _detach() -> tuple[str, ...]:
+    """CLI 26 and later wait for convergence unless told not to (we wait ourselves, reading
+    update states); older CLIs know no --detach and never wait."""
+    result = proc.run(["docker", "stack", "deploy", "--help"], timeout=30, check=False,
+                      what="docker stack deploy --help")
+    return ("--detach=true",) if "--detach" in result.output else ()
+
+
 def _services(api: Any, stack: str) -> list[dict[str, Any]]:
     return list(api.services(filters={"label": f"{_STACK_LABEL}={stack}"}))
 
@@ -333,7 +343,7 @@ def deploy(stack: Stack, log: Log, allow_degraded: bool = False,
         override = Path(tmp) / "bundler-defaults.yml"
         override.write_text(yaml.safe_dump(defaults(services), sort_keys=True))
         override.chmod(0o600)
-        args = ["stack", "deploy", "--resolve-image", "never", "--prune", "--detach=true"]
+        args = ["stack", "deploy", "--resolve-image", "never", "--prune", *_detach()]
         for f in (*stack.files, override):
             args += ["-c", str(f)]
         started = time.time()
