@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tests import docker_fixtures as dfx
+from tests import pg_image
 from tests import swarm_fixtures as sfx
 from tests.helpers import Run, bundle
 
@@ -325,3 +326,119 @@ def test_a_stopped_node_refuses_the_install_or_degrades_it(swarm: sfx.Swarm, bui
     assert f"{swarm.worker.name}: lacks {built.refs['down']}" in again.err
     assert answers(swarm, 8081) == {n.name: "1.0.0" for n in swarm.nodes}
     assert on_manager(swarm, "stop", "--root", root).rc == 0
+
+
+def _db_profile(base: Path, version: str, web: str, seq: int, sql: dict[str, str],
+                sock: Path) -> Path:
+    app = base / f"swdb-app-{version}"
+    (app / "sql").mkdir(parents=True)
+    for name, text in sql.items():
+        (app / "sql" / name).write_text(text)
+    (app / "docker-compose.yml").write_text(textwrap.dedent(f"""\
+        version: "3.8"
+        services:
+          db:
+            image: {pg_image.REF}
+            environment: {{POSTGRES_USER: app, POSTGRES_DB: appdb}}
+            # its socket on the manager's filesystem: SQL migrations connect from there
+            volumes: [pgdata:/var/lib/postgresql/data, {sock}:/var/run/postgresql]
+            deploy:
+              placement: {{constraints: [node.role == manager]}}
+          web:
+            image: {web}
+            healthcheck:
+              test: {json.dumps(HEALTH)}
+              interval: 1s
+              timeout: 3s
+              retries: 2
+            stop_grace_period: 1s
+            ports:
+              - {{target: 80, published: 8082, mode: host}}
+            deploy:
+              replicas: 2
+              endpoint_mode: dnsrr
+              placement: {{max_replicas_per_node: 1}}
+              update_config: {{parallelism: 1, monitor: 1s}}
+        volumes:
+          pgdata: {{}}
+        """))
+    profile = base / f"swdb-{version}.yaml"
+    profile.write_text(textwrap.dedent(f"""\
+        schema: 1
+        name: swdb
+        version: {version}
+        sequence: {seq}
+        images:
+          - ref: {pg_image.REF}
+          - ref: {web}
+        files:
+          - {{src: {app.name}, dest: stack}}
+        compose:
+          files: [stack/docker-compose.yml]
+        database:
+          url: postgresql://app@/appdb?host={sock}
+          compose_service: db
+        migrations:
+          - {{name: schema, sql: stack/sql}}
+        health:
+          - {{name: web, http: "http://{sfx.SUBNET}.2:8082/version", retries: 20,
+              interval: 250ms, timeout: 1s}}
+        """))
+    return profile
+
+
+def test_the_database_is_migrated_once_and_restored_when_the_upgrade_fails(
+        swarm: sfx.Swarm, built: Built, tmp_path: Path) -> None:
+    """A PostgreSQL service in the stack, on the manager: backed up and migrated once from the
+    manager (inside its task), started alone before the first migration; a release that never
+    turns healthy rolls the stack back and restores the database."""
+    import docker
+
+    pg_image.ensure(docker.from_env())
+    v1 = {"001_items.sql": "CREATE TABLE items (id int PRIMARY KEY, name text);\n"
+                           "INSERT INTO items VALUES (1, 'a'), (2, 'b');\n"}
+    v3 = {**v1, "002_price.sql": "ALTER TABLE items ADD COLUMN price int DEFAULT 0;\n"
+                                 "INSERT INTO items VALUES (3, 'c', 7);\n"}
+    sock = tmp_path / "pgsock"
+    sock.mkdir()
+    sock.chmod(0o1777)  # the server runs as uid 999 in its container
+    bundles = []
+    for version, web, seq, sql in (("1.0.0", built.refs["1.0.0"], 1, v1),
+                                   ("3.0.0", built.refs["3.0.0"], 2, v3)):
+        done = bundle("build", _db_profile(tmp_path, version, web, seq, sql, sock), "--key",
+                      built.pub.with_suffix(".key"), "--out", tmp_path / "out", "--cache-dir",
+                      tmp_path / "cache", "--json")
+        assert done.rc == 0, done.err
+        bundles.append(Path(json.loads(done.out)["bundle"]))
+    root = swarm_root(swarm, tmp_path / "root")
+    trust = ["--trust", built.pub, "--root", root]
+
+    def sql(query: str) -> str:
+        cid = swarm.manager.docker("ps", "-q", "--filter",
+                                   "label=com.docker.swarm.service.name="
+                                   + _service(swarm, "swdb", "db")).stdout.split()[0]
+        return swarm.manager.docker("exec", cid, "psql", "-X", "-h", "/var/run/postgresql",
+                                    "-U", "app", "-d", "appdb", "-Atc", query).stdout.strip()
+    try:
+        first = on_manager(swarm, "install", bundles[0], *trust)
+        assert first.rc == 0, first.err
+        assert first.err.count("Running 1 migration(s)") == 1, first.err
+        assert sql("SELECT count(*) FROM items") == "2"
+        assert answers(swarm, 8082) == {n.name: "1.0.0" for n in swarm.nodes}
+
+        bad = on_manager(swarm, "install", bundles[1], *trust)
+        assert bad.rc == 12, bad.err
+        assert bad.err.count("Backing up the database") == 1, bad.err
+        assert "Restoring the database" in bad.err, bad.err
+        assert sql("SELECT count(*) FROM items") == "2"
+        assert sql("SELECT count(*) FROM information_schema.columns WHERE column_name = "
+                   "'price'") == "0"
+        assert answers(swarm, 8082) == {n.name: "1.0.0" for n in swarm.nodes}
+    finally:
+        on_manager(swarm, "stop", "--root", root)
+
+
+def _service(swarm: sfx.Swarm, product: str, service: str) -> str:
+    names = swarm.manager.docker("service", "ls", "--format", "{{.Name}}").stdout.split()
+    return next(n for n in names if n.startswith(f"bundler-{product}-")
+                and n.endswith(f"_{service}"))

@@ -178,12 +178,13 @@ def ensure_service(layout: Layout, version: str, service: str) -> bool:
     (the database, before backups and migrations); True if it was started here."""
     rel, m = _compose_release(layout, version)
     if _swarm(layout, m):
-        if swarm.service_container(layout.root, _stack(layout, rel, m).name, service):
+        stack = _stack(layout, rel, m)
+        if swarm.service_container(layout.root, stack.name, service):
             return False
-        raise InstallError(f"swarm service {service} is not running: a database service of a "
-                           "stack must run before bundler backs it up or migrates it",
-                           hint="deploy the stack once (`bundle start`), or keep the database "
-                                "outside the stack, reachable from the manager")
+        # The stack with only this service running (the others at 0 replicas, scaled up by
+        # the release's own deploy after the migrations).
+        swarm.deploy(stack, ui.note, only=service)
+        return True
     project = _project(layout, rel, m)
     if cr.running_container(project, service) is not None:
         return False

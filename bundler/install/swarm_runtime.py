@@ -334,14 +334,20 @@ def _services(api: Any, stack: str) -> list[dict[str, Any]]:
 
 
 def deploy(stack: Stack, log: Log, allow_degraded: bool = False,
-           timeout: float = DEPLOY_TIMEOUT) -> None:
+           timeout: float = DEPLOY_TIMEOUT, only: str | None = None) -> None:
     """Deploy (or update in place) the stack and wait until it converged: every service
-    updated (not rolled back) and all its replicas running, healthy where checked."""
+    updated (not rolled back) and all its replicas running, healthy where checked. `only`:
+    that service alone, the others at 0 replicas (a database before a first migration)."""
     api = _manager()
     services = _read_files(stack)
+    extra = defaults(services)
+    if only is not None:
+        for name in services:
+            if name != only:
+                extra["services"].setdefault(name, {}).setdefault("deploy", {})["replicas"] = 0
     with tempfile.TemporaryDirectory(prefix="bundler-swarm-") as tmp:
         override = Path(tmp) / "bundler-defaults.yml"
-        override.write_text(yaml.safe_dump(defaults(services), sort_keys=True))
+        override.write_text(yaml.safe_dump(extra, sort_keys=True))
         override.chmod(0o600)
         args = ["stack", "deploy", "--resolve-image", "never", "--prune", *_detach()]
         for f in (*stack.files, override):
