@@ -20,17 +20,20 @@ publish `mode: host` ports and use `endpoint_mode: dnsrr`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tests.helpers import unavailable
+from tests.helpers import Run, unavailable
 
 SUBNET = "10.99.0"
 POOL = "10.99.128.0/17"  # overlay networks of the stacks (the node subnet stays outside it)
@@ -252,6 +255,97 @@ def two_node_swarm(base: Path) -> Iterator[Swarm]:
         yield swarm
     finally:
         teardown(swarm)
+
+
+# --- helpers of the swarm tests -----------------------------------------------------------------
+
+def on_manager(swarm: Swarm, *args: str | os.PathLike[str], timeout: float = 300) -> Run:
+    """The real `bundle` CLI on the manager: in its network namespace, its engine as
+    DOCKER_HOST."""
+    done = subprocess.run(["nsenter", f"--net=/run/netns/{swarm.manager.netns}",
+                           sys.executable, "-m", "bundler", *map(os.fspath, args)],
+                          capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, "DOCKER_HOST": swarm.manager.host})
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def swarm_root(swarm: Swarm, root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "swarm.yaml").write_text("nodes:\n" + "".join(
+        f"  {n.name}: {n.host}\n" for n in swarm.nodes))
+    return root
+
+
+def answers(swarm: Swarm, port: int, path: str = "/version") -> dict[str, str]:
+    """What each node answers on `port` (its own address)."""
+    out = {}
+    for node in swarm.nodes:
+        got = node.in_netns(sys.executable, "-c", _GET, f"http://{node.address}:{port}{path}")
+        out[node.name] = got.stdout if got.returncode == 0 else got.stderr.strip()[-200:]
+    return out
+
+
+_GET = """
+import sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+sys.stdout.write(opener.open(sys.argv[1], timeout=2).read().decode())
+"""
+
+# A client like the guide's load balancer: round-robin over the nodes, the next node when one
+# does not answer; one request counts as failed only when no node answered it.
+_POLLER = """
+import json, os, sys, time, urllib.request
+urls, stop = sys.argv[1].split(","), sys.argv[2]
+failed, seen, errors, n = 0, {}, {}, 0
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+while not os.path.exists(stop):
+    body, why = None, []
+    for k in range(len(urls)):
+        try:
+            body = opener.open(urls[(n + k) % len(urls)], timeout=3).read().decode()
+            break
+        except Exception as exc:
+            why.append(f"{urls[(n + k) % len(urls)]}: {exc}"[:160])
+    n += 1
+    if body is None:
+        failed += 1
+        key = " / ".join(why)
+        errors[key] = errors.get(key, 0) + 1
+    else:
+        seen[body] = seen.get(body, 0) + 1
+    time.sleep(0.02)
+print(json.dumps({"requests": n, "failed": failed, "seen": seen, "errors": errors}))
+"""
+
+
+class Balancer:
+    """The load balancer in front (run in the manager's namespace): round-robin over the
+    nodes' `port`, the next node when one does not answer, until `finish`."""
+
+    def __init__(self, swarm: Swarm, port: int, path: str, stop: Path) -> None:
+        self.stop = stop
+        urls = ",".join(f"http://{n.address}:{port}{path}" for n in swarm.nodes)
+        self.proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{swarm.manager.netns}",
+                                      sys.executable, "-c", _POLLER, urls, str(stop)],
+                                     stdout=subprocess.PIPE, text=True)
+
+    def finish(self) -> dict[str, Any]:
+        """{"requests": n, "failed": unanswered, "seen": {body: count}}"""
+        self.stop.touch()
+        out, _ = self.proc.communicate(timeout=30)
+        return dict(json.loads(out))
+
+    def kill(self) -> None:
+        self.stop.touch()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def service_name(swarm: Swarm, product: str, service: str) -> str:
+    names = swarm.manager.docker("service", "ls", "--format", "{{.Name}}").stdout.split()
+    return next(n for n in names if n.startswith(f"bundler-{product}-")
+                and n.endswith(f"_{service}"))
 
 
 if __name__ == "__main__":  # bring one up by hand: python -m tests.swarm_fixtures

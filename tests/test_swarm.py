@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 import textwrap
 from collections.abc import Iterator
@@ -27,7 +24,8 @@ import pytest
 from tests import docker_fixtures as dfx
 from tests import pg_image
 from tests import swarm_fixtures as sfx
-from tests.helpers import Run, bundle
+from tests.helpers import bundle
+from tests.swarm_fixtures import answers, on_manager, service_name, swarm_root
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -109,12 +107,6 @@ def _profile(base: Path, name: str, version: str, image: str, port: int, seq: in
 
 
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[sfx.Swarm]:
-    with sfx.two_node_swarm(tmp_path_factory.mktemp("swarm")) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     """Releases 1.0.0 and 2.0.0 (serving), 3.0.0 (never healthy), signed, built from images
     in the host's engine; the same bundles a one-host compose install takes."""
@@ -147,89 +139,6 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     finally:
         dfx.remove_images(client, *refs.values(), base)
         client.close()
-
-
-def on_manager(swarm: sfx.Swarm, *args: str | os.PathLike[str], timeout: float = 300) -> Run:
-    """The real `bundle` CLI on the manager: in its network namespace, its engine as
-    DOCKER_HOST."""
-    done = subprocess.run(["nsenter", f"--net=/run/netns/{swarm.manager.netns}",
-                           sys.executable, "-m", "bundler", *map(os.fspath, args)],
-                          capture_output=True, text=True, timeout=timeout, check=False,
-                          env={**os.environ, "DOCKER_HOST": swarm.manager.host})
-    return Run(done.returncode, done.stdout, done.stderr)
-
-
-def swarm_root(swarm: sfx.Swarm, root: Path) -> Path:
-    root.mkdir(parents=True)
-    (root / "swarm.yaml").write_text("nodes:\n" + "".join(
-        f"  {n.name}: {n.host}\n" for n in swarm.nodes))
-    return root
-
-
-def answers(swarm: sfx.Swarm, port: int) -> dict[str, str]:
-    """What each node answers on `port` (its own address)."""
-    out = {}
-    for node in swarm.nodes:
-        got = node.in_netns(sys.executable, "-c", _GET, f"http://{node.address}:{port}/version")
-        out[node.name] = got.stdout if got.returncode == 0 else got.stderr.strip()[-200:]
-    return out
-
-
-_GET = """
-import sys, urllib.request
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-sys.stdout.write(opener.open(sys.argv[1], timeout=2).read().decode())
-"""
-
-# A client like the guide's load balancer: round-robin over the nodes, the next node when one
-# does not answer; one request counts as failed only when no node answered it.
-_POLLER = """
-import json, sys, time, urllib.request
-urls, stop = sys.argv[1].split(","), sys.argv[2]
-failed, seen, n = 0, {}, 0
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-import os
-while not os.path.exists(stop):
-    body = None
-    for k in range(len(urls)):
-        try:
-            body = opener.open(urls[(n + k) % len(urls)], timeout=1).read().decode()
-            break
-        except Exception:
-            pass
-    n += 1
-    if body is None:
-        failed += 1
-    else:
-        seen[body] = seen.get(body, 0) + 1
-    time.sleep(0.02)
-print(json.dumps({"requests": n, "failed": failed, "seen": seen}))
-"""
-
-
-@pytest.fixture
-def poller(swarm: sfx.Swarm, tmp_path: Path) -> Iterator[Any]:
-    procs: list[tuple[subprocess.Popen[str], Path]] = []
-
-    def start(port: int) -> Any:
-        stop = tmp_path / f"stop-{len(procs)}"
-        urls = ",".join(f"http://{n.address}:{port}/version" for n in swarm.nodes)
-        p = subprocess.Popen(["nsenter", f"--net=/run/netns/{swarm.manager.netns}",
-                              sys.executable, "-c", _POLLER, urls, str(stop)],
-                             stdout=subprocess.PIPE, text=True)
-        procs.append((p, stop))
-
-        def finish() -> dict[str, Any]:
-            stop.touch()
-            out, _ = p.communicate(timeout=30)
-            return dict(json.loads(out))
-        return finish
-    yield start
-    for p, stop in procs:
-        stop.touch()
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def _status(swarm: sfx.Swarm, root: Path) -> dict[str, Any]:
@@ -416,7 +325,7 @@ def test_the_database_is_migrated_once_and_restored_when_the_upgrade_fails(
     def sql(query: str) -> str:
         cid = swarm.manager.docker("ps", "-q", "--filter",
                                    "label=com.docker.swarm.service.name="
-                                   + _service(swarm, "swdb", "db")).stdout.split()[0]
+                                   + service_name(swarm, "swdb", "db")).stdout.split()[0]
         return swarm.manager.docker("exec", cid, "psql", "-X", "-h", "/var/run/postgresql",
                                     "-U", "app", "-d", "appdb", "-Atc", query).stdout.strip()
     try:
@@ -436,9 +345,3 @@ def test_the_database_is_migrated_once_and_restored_when_the_upgrade_fails(
         assert answers(swarm, 8082) == {n.name: "1.0.0" for n in swarm.nodes}
     finally:
         on_manager(swarm, "stop", "--root", root)
-
-
-def _service(swarm: sfx.Swarm, product: str, service: str) -> str:
-    names = swarm.manager.docker("service", "ls", "--format", "{{.Name}}").stdout.split()
-    return next(n for n in names if n.startswith(f"bundler-{product}-")
-                and n.endswith(f"_{service}"))

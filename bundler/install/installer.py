@@ -212,7 +212,11 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                     if runtime.ensure_database(layout, host, db, env.as_dict()):
                         undo.service_started = True
         migrating = bool(m.runtime.migrations) and bool(dbs)
-        if migrating and prev_manifest is not None and previous is not None:
+        # A swarm stack is upgraded by a rolling update: its previous release keeps serving
+        # through the backup and migrations (which must suit it, expand before contract); a
+        # restore after a failed upgrade stops it first, and discards what it wrote since.
+        if migrating and prev_manifest is not None and previous is not None \
+                and not runtime.uses_swarm(layout, previous):
             # Data first: nothing may write between the backup and the migrations, or a
             # restore would discard those writes. The database services themselves stay up.
             started = True  # the running services are touched: undo restarts them

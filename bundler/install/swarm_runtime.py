@@ -60,6 +60,7 @@ from bundler.redact import Secrets, redact
 from bundler.ui import Log
 
 CONFIG = "swarm.yaml"
+_NO_NODE = "node.labels.bundler-no-node == true"
 POLL = 0.5
 DEPLOY_TIMEOUT = 300.0
 FAILED_TASKS = 3  # failed tasks of one service in one deploy before it counts as crash-looping
@@ -342,9 +343,15 @@ def deploy(stack: Stack, log: Log, allow_degraded: bool = False,
     services = _read_files(stack)
     extra = defaults(services)
     if only is not None:
-        for name in services:
-            if name != only:
-                extra["services"].setdefault(name, {}).setdefault("deploy", {})["replicas"] = 0
+        for name, spec in services.items():
+            if name == only:
+                continue
+            deploy_ = extra["services"].setdefault(name, {}).setdefault("deploy", {})
+            if (spec.get("deploy") or {}).get("mode") == "global":
+                # a global service has no replica count: a constraint no node meets
+                deploy_["placement"] = {"constraints": [_NO_NODE]}
+            else:
+                deploy_["replicas"] = 0
     with tempfile.TemporaryDirectory(prefix="bundler-swarm-") as tmp:
         override = Path(tmp) / "bundler-defaults.yml"
         override.write_text(yaml.safe_dump(extra, sort_keys=True))
@@ -443,14 +450,24 @@ def remove(stack: Stack, log: Log, timeout: float = 120) -> None:
 
 
 def scale_down(stack: Stack, log: Log, keep: Sequence[str] = ()) -> None:
-    """Scale every service of the stack but `keep` to 0 replicas (no writers during a database
-    backup or restore); the next deploy sets the replicas again."""
+    """Stop every service of the stack but `keep` (no writers during a database backup or
+    restore): replicated ones scaled to 0, global ones constrained to no node; the next
+    deploy of a release's files sets both back."""
     api = _manager()
-    names = [str(s["Spec"]["Name"]) for s in _services(api, stack.name)
-             if str(s["Spec"]["Name"]).removeprefix(stack.name + "_") not in keep]
-    if names:
-        log(f"scaling to 0: {', '.join(names)}")
-        _docker(stack, "service", "scale", "--detach", *[f"{n}=0" for n in names])
+    replicated: list[str] = []
+    global_: list[str] = []
+    for svc in _services(api, stack.name):
+        name = str(svc["Spec"]["Name"])
+        if name.removeprefix(stack.name + "_") in keep:
+            continue
+        (global_ if "Global" in svc["Spec"].get("Mode", {}) else replicated).append(name)
+    if replicated:
+        log(f"scaling to 0: {', '.join(replicated)}")
+        _docker(stack, "service", "scale", "--detach", *[f"{n}=0" for n in replicated])
+    for name in global_:
+        log(f"stopping {name} (global: constrained to no node)")
+        _docker(stack, "service", "update", "--detach", "--constraint-add",
+                _NO_NODE.replace(" ", ""), name)
 
 
 # --- what runs where ---------------------------------------------------------------------------
