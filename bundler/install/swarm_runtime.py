@@ -42,7 +42,6 @@ from __future__ import annotations
 import calendar
 import contextlib
 import functools
-import json
 import os
 import tempfile
 import time
@@ -509,11 +508,6 @@ def service_container(root: Path, stack: str, service: str) -> tuple[str, str] |
             if t["Status"]["State"] == "running" and container and node in engines:
                 return engines[node], str(container)
     return None
-
-
-def describe(root: Path) -> str:
-    """One line for history: which nodes took part."""
-    return json.dumps({n.name: n.state if n.up else f"down: {n.detail}" for n in nodes(root)})
 
 
 def exec_in(root: Path, stack: Stack, service: str, argv: Sequence[str],
