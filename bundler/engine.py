@@ -17,12 +17,17 @@ def docker_sdk() -> Any:
     return docker
 
 
-def engine_client(error: type[BundlerError]) -> Any:
-    """A docker SDK client for the engine named by DOCKER_HOST (default: the local socket);
-    `error` (the caller's side of the error tree) if the engine does not answer."""
+def engine_client(error: type[BundlerError], base_url: str | None = None) -> Any:
+    """A docker SDK client for the engine named by `base_url` (unix://, tcp://, ssh:// through
+    the ssh binary) or else DOCKER_HOST (default: the local socket); `error` (the caller's
+    side of the error tree) if the engine does not answer."""
     docker = docker_sdk()
     try:
-        client = docker.from_env(timeout=int(ENGINE_TIMEOUT))
+        if base_url:
+            client = docker.DockerClient(base_url=base_url, timeout=int(ENGINE_TIMEOUT),
+                                         use_ssh_client=base_url.startswith("ssh://"))
+        else:
+            client = docker.from_env(timeout=int(ENGINE_TIMEOUT))
         client.ping()
     except docker.errors.DockerException as exc:
         raise error(f"the docker engine is not reachable: {first_line(str(exc))}",

@@ -222,3 +222,12 @@ class RecoveryPendingError(BundlerError):
     default_hint = ("`bundle recover --root DIR --restore-db` restores the backup (the current "
                     "contents are saved to backups/ first); `--keep-db` keeps the database as "
                     "it is")
+
+
+class NodeDownError(InstallError):
+    """A swarm node is down, or bundler cannot reach its engine: refused before anything
+    changed (the images could not reach it, and the stack would run degraded)."""
+
+    exit_code = 22
+    default_hint = ("bring the node back (`docker node ls` on a manager; its engine must answer "
+                    "at the endpoint swarm.yaml names), or install with --allow-degraded")

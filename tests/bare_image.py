@@ -61,7 +61,18 @@ def _hash(*parts: object) -> str:
 BARE_TAG = "minbase-" + _hash(SUITE, "minbase", BARE_INCLUDE, BARE_CLEAN, BARE_CHANGES)
 BARE_REF = f"{REPO}:{BARE_TAG}"
 PG15_REF = f"{REPO}:pg15-" + _hash(BARE_REF, PG15_DOCKERFILE)
-REFS = {"bare": BARE_REF, "pg15": PG15_REF}
+# Seed 004's production layer from Debian (issue 13's acceptance): nginx, uvicorn with redis
+# and PostgreSQL clients for the backend, redis-server for the shared cache; one image, each
+# service runs its own command.
+SEED004_DOCKERFILE = """\
+FROM {base}
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light \\
+    python3-uvicorn python3-redis python3-psycopg2 redis-server \\
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+"""
+SEED004_REF = f"{REPO}:seed004-" + _hash(BARE_REF, SEED004_DOCKERFILE)
+REFS = {"bare": BARE_REF, "pg15": PG15_REF, "seed004": SEED004_REF}
 
 
 class Unavailable(Exception):
@@ -225,31 +236,41 @@ def ensure_bare(client: Any) -> Built:
 
 
 def ensure_pg15(client: Any) -> Built:
+    return _ensure_derived(client, PG15_REF, PG15_DOCKERFILE)
+
+
+def ensure_seed004(client: Any) -> Built:
+    return _ensure_derived(client, SEED004_REF, SEED004_DOCKERFILE)
+
+
+def _ensure_derived(client: Any, ref: str, recipe: str) -> Built:
+    """An image built FROM the bare base by `recipe` (apt from the host's mirror), kept in the
+    engine and saved in the cache dir (a later run, or another worktree, loads the save)."""
     start = time.monotonic()
-    if _has(client, PG15_REF):
-        return Built(PG15_REF, "present", time.monotonic() - start, _size(client, PG15_REF))
+    if _has(client, ref):
+        return Built(ref, "present", time.monotonic() - start, _size(client, ref))
     cache = cache_dir()
-    saved = cache / f"{PG15_REF.replace('/', '_').replace(':', '_')}.image.tar"
+    saved = cache / f"{ref.replace('/', '_').replace(':', '_')}.image.tar"
     how = "imported from cache"
     with _locked(cache):
-        if saved.is_file() and not _has(client, PG15_REF):
+        if saved.is_file() and not _has(client, ref):
             with open(saved, "rb") as fh:
                 for _ in client.api.load_image(fh):  # read to the end: the load runs meanwhile
                     pass
-    if not _has(client, PG15_REF):
+    if not _has(client, ref):
         ensure_bare(client)
         with _locked(cache):
-            if not _has(client, PG15_REF):
-                _build_pg15(client, saved)
+            if not _has(client, ref):
+                _build_derived(client, ref, recipe, saved)
                 how = "built"
-    return Built(PG15_REF, how, time.monotonic() - start, _size(client, PG15_REF))
+    return Built(ref, how, time.monotonic() - start, _size(client, ref))
 
 
-def _build_pg15(client: Any, saved: Path) -> None:
+def _build_derived(client: Any, ref: str, recipe: str, saved: Path) -> None:
     import docker
 
     # The base's /etc/apt/sources.list names the mirror debootstrap used (apt's, at run time).
-    dockerfile = PG15_DOCKERFILE.format(base=BARE_REF).encode()
+    dockerfile = recipe.format(base=BARE_REF).encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         info = tarfile.TarInfo("Dockerfile")
@@ -258,19 +279,19 @@ def _build_pg15(client: Any, saved: Path) -> None:
     buf.seek(0)
     try:
         # host network for the build only: apt reaches the mirror as the host's apt does
-        client.images.build(fileobj=buf, custom_context=True, tag=PG15_REF, rm=True,
+        client.images.build(fileobj=buf, custom_context=True, tag=ref, rm=True,
                             forcerm=True, pull=False, network_mode="host")
     except docker.errors.BuildError as exc:
         log = "".join(str(chunk.get("stream", chunk.get("error", ""))) for chunk in exc.build_log)
-        raise RuntimeError(f"building {PG15_REF} failed:\n{log[-4000:]}") from exc
+        raise RuntimeError(f"building {ref} failed:\n{log[-4000:]}") from exc
     partial = saved.with_name(saved.name + ".partial")
     with open(partial, "wb") as fh:
-        for chunk in client.api.get_image(PG15_REF):
+        for chunk in client.api.get_image(ref):
             fh.write(chunk)
     os.replace(partial, saved)
 
 
-ENSURE = {"bare": ensure_bare, "pg15": ensure_pg15}
+ENSURE = {"bare": ensure_bare, "pg15": ensure_pg15, "seed004": ensure_seed004}
 
 
 def main(argv: list[str]) -> int:

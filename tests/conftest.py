@@ -136,3 +136,27 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("bare target images")
         for line in module.BUILD_REPORT:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests import swarm_fixtures
+
+    with swarm_fixtures.two_node_swarm(tmp_path_factory.mktemp("swarm")) as s:
+        yield s
+
+
+@pytest.fixture
+def poller(swarm: Any, tmp_path: Path) -> Iterator[Any]:
+    """start(port, path) -> finish(): a round-robin balancer over the swarm's nodes, counting
+    requests no node answered (tests/swarm_fixtures.py `Balancer`)."""
+    from tests.swarm_fixtures import Balancer
+
+    made: list[Balancer] = []
+
+    def start(port: int, path: str = "/version") -> Any:
+        made.append(Balancer(swarm, port, path, tmp_path / f"stop-{len(made)}"))
+        return made[-1].finish
+    yield start
+    for b in made:
+        b.kill()

@@ -38,7 +38,11 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
       | postgres --single -D "$PGDATA" -j postgres >/dev/null
   fi
 fi
-exec postgres -D "$PGDATA" -k /var/run/postgresql -c listen_addresses='' -c fsync=off
+# LISTEN_ADDRESSES: TCP too (a swarm's other nodes reach it over the overlay network)
+busybox grep -q '^host all all all trust' "$PGDATA/pg_hba.conf" \\
+  || echo 'host all all all trust' >> "$PGDATA/pg_hba.conf"
+exec postgres -D "$PGDATA" -k /var/run/postgresql -c listen_addresses="${LISTEN_ADDRESSES:-}" \\
+  -c fsync=off
 """
 
 

@@ -33,12 +33,16 @@ def _unhealthy(message: str, as_json: bool) -> NoReturn:
 @click.option("--environment", "-e", type=click.Choice(["production", "staging", "development"]),
               default="production", show_default=True,
               help="Which env.defaults of the profile apply (the shared .env always wins).")
+@click.option("--allow-degraded", is_flag=True,
+              help="Swarm (swarm.yaml in ROOT): install while some nodes are down, with the "
+                   "nodes that are up (recorded in history); refused otherwise.")
 @options.db_choice
 @options.keep_db
 @options.json_output
 @handled
 def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: bool,
-            environment: str, db_choice: str | None, as_json: bool) -> None:
+            environment: str, allow_degraded: bool, db_choice: str | None,
+            as_json: bool) -> None:
     """Verify BUNDLE, install it under ROOT, start it, health-check it, then switch to it.
 
     BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
@@ -48,7 +52,8 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
     from bundler.install.layout import Layout
 
     trusted = trust_store.resolve(trust_path, Layout(root.resolve()))
-    result = do_install(bundle, trusted, root, allow_downgrade, environment, db_choice)
+    result = do_install(bundle, trusted, root, allow_downgrade, environment, db_choice,
+                        allow_degraded)
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return

@@ -731,10 +731,11 @@ def exec_in(project: ComposeProject, service: str, argv: Sequence[str],
 
 def _exec(container: str, argv: Sequence[str], env: Mapping[str, str],
           stdin_path: Path | None, stdout_path: Path | None,
-          timeout: float) -> tuple[int, bytes]:
-    """One exec through the engine's API, streamed: stdin from a file (written by a thread,
-    then half-closed), the multiplexed stdout/stderr frames read until the engine closes."""
-    api = _engine()
+          timeout: float, api: Any | None = None) -> tuple[int, bytes]:
+    """One exec through the engine's API (`api`, default DOCKER_HOST's; a swarm task's node's
+    otherwise), streamed: stdin from a file (written by a thread, then half-closed), the
+    multiplexed stdout/stderr frames read until the engine closes."""
+    api = api if api is not None else _engine()
     exec_id = api.exec_create(container, list(argv), stdin=stdin_path is not None,
                               stdout=True, stderr=True, environment=dict(env))["Id"]
     wrapped = api.exec_start(exec_id, socket=True)

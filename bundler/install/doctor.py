@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 from bundler.errors import BundlerError
 from bundler.fsutil import free_bytes, human_bytes
-from bundler.install import environ, policy, ports, python_env, runas
+from bundler.install import environ, policy, ports, python_env, runas, swarm_runtime
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.manifest import Manifest
 from bundler.models import DatabaseSpec
+from bundler.platforms import parse_platform
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,28 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
             database.check(conn, env.as_dict())
             return Row(label, "ok", f"reachable: {conn.display}")
         rows.append(_guard(f"database {spec.name}" if spec.name else "database", db))
+    if target.runtime.compose and swarm_runtime.configured(layout.root):
+        rows += _swarm(layout, target, env)
+        return rows
     # With a current release its own ports are expected to be busy (it serves them, and an
     # install replaces it); without one, a busy port belongs to someone else.
     rows += _ports(layout, target, env)
     return rows
+
+
+def _swarm(layout: Layout, m: Manifest, env: environ.ReleaseEnv) -> list[Row]:
+    """A swarm (swarm.yaml in the root): every node, and the ports across the swarm."""
+    from bundler.imagearchive import ImageRecord
+    from bundler.install.compose_runtime import project_name
+
+    assert m.runtime.compose is not None
+    try:
+        checks = swarm_runtime.doctor(
+            layout.root, m.runtime.compose.project or project_name(m.name, layout.root),
+            sorted(ports.release_ports(m, env)),
+            [ImageRecord(i.ref, i.image_id) for i in m.images],
+            parse_platform(m.target.platform).arch if m.images else None,
+            m.payload_size)
+    except BundlerError as exc:
+        return [Row("swarm", "fail", exc.message.splitlines()[0])]
+    return [Row(c.name, c.status, c.detail) for c in checks]

@@ -19,7 +19,7 @@ import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, BinaryIO, cast
+from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
@@ -205,10 +205,12 @@ def _upload(archive: Path, want: dict[str, str], stats: dict[str, int]) -> Itera
         yield from tee.drain(0)
 
 
-def load(archive: Path, expected: Sequence[ImageRecord], log: Log) -> None:
-    """Load the combined image archive (zstd docker-save tar) and check every Image ID."""
+def load(archive: Path, expected: Sequence[ImageRecord], log: Log,
+         client: Any | None = None) -> None:
+    """Load the combined image archive (zstd docker-save tar) and check every Image ID, into
+    the engine of `client` (default: DOCKER_HOST's; a swarm loads into every node's)."""
     want = _expected(expected)
-    client = engine_client(InstallError)
+    client = client if client is not None else engine_client(InstallError)
     errors = docker_sdk().errors
     started = time.monotonic()
     stats: dict[str, int] = {}

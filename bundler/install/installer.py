@@ -53,6 +53,7 @@ from bundler.install import (
     recovery,
     runas,
     runtime,
+    swarm_runtime,
 )
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
@@ -92,9 +93,10 @@ def space_needed(manifest: Manifest) -> int:
 
 def install(source: Path, trusted: list[TrustedKey], root: Path,
             allow_downgrade: bool = False, environment: str = "production",
-            db_choice: str | None = None) -> InstallResult:
+            db_choice: str | None = None, allow_degraded: bool = False) -> InstallResult:
     """`db_choice`: how to settle a pending database restore left by an interrupted install
-    ("restore" / "keep"; None: only when nothing was written since, see recovery)."""
+    ("restore" / "keep"; None: only when nothing was written since, see recovery).
+    `allow_degraded`: on a swarm, go on while some nodes are down (else refused)."""
     layout = Layout(root.resolve())
     with archive.open_bundle(source, trusted) as reader:
         ui.step(f"Verifying signature of {reader.label}")
@@ -109,8 +111,13 @@ def install(source: Path, trusted: list[TrustedKey], root: Path,
         if decision.already_current:
             with locked(layout.root):
                 return _ensure_running(layout, m, environment, db_choice)
-        ports.refuse_foreign(layout, m, env)
-        runtime.refuse_foreign_project(layout, m)
+        down: list[swarm_runtime.NodeState] = []
+        if m.runtime.compose is not None and swarm_runtime.configured(layout.root):
+            # Every node up and its engine answering, before anything changes.
+            down = swarm_runtime.preflight(layout.root, allow_degraded)
+        else:
+            ports.refuse_foreign(layout, m, env)
+            runtime.refuse_foreign_project(layout, m)
         require_space(layout.root, space_needed(m), f"installing {m.name} {m.version}")
         with _fresh_root(layout.root) as created_root, locked(layout.root):
             staging: Path | None = None
@@ -131,7 +138,7 @@ def install(source: Path, trusted: list[TrustedKey], root: Path,
                     with contextlib.suppress(OSError):
                         layout.root.rmdir()
                 raise
-            return _install_staged(layout, verified, staging, decision, env, db_choice)
+            return _install_staged(layout, verified, staging, decision, env, db_choice, down)
 
 
 @contextlib.contextmanager
@@ -155,7 +162,8 @@ def _ensure_running(layout: Layout, m: Manifest, environment: str,
 
 def _install_staged(layout: Layout, verified: Verified, staging: Path,
                     decision: policy.Decision, env: environ.ReleaseEnv,
-                    db_choice: str | None) -> InstallResult:
+                    db_choice: str | None, down: list[swarm_runtime.NodeState]
+                    ) -> InstallResult:
     m = verified.manifest
     # Only now, with the new bundle verified: a refused bundle must change nothing at all.
     try:
@@ -183,9 +191,15 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             if decision.downgrade:
                 journal.record("downgrade", "allowed",
                                f"sequence {m.sequence} accepted with --allow-downgrade")
+            if down:
+                journal.record("degraded", "allowed", "--allow-degraded with node(s) down: "
+                               + "; ".join(f"{n.name} ({n.state})" for n in down))
         _place(layout, rel, staging, verified, previous)
         atomic_write_bytes(rel.meta / "environment", env.environment.encode())
-        _install_packages(journal, rel, m, decision)
+        if down:
+            atomic_write_bytes(runtime.degraded_marker(rel),
+                               ", ".join(n.name for n in down).encode())
+        _install_packages(journal, rel, m, decision, layout)
         dbs = _databases(m, env)
         services = tuple(d.compose_service for d in dbs if d.compose_service)
         for db in dbs:
@@ -199,7 +213,11 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                     if runtime.ensure_database(layout, host, db, env.as_dict()):
                         undo.service_started = True
         migrating = bool(m.runtime.migrations) and bool(dbs)
-        if migrating and prev_manifest is not None and previous is not None:
+        # A swarm stack is upgraded by a rolling update: its previous release keeps serving
+        # through the backup and migrations (which must suit it, expand before contract); a
+        # restore after a failed upgrade stops it first, and discards what it wrote since.
+        if migrating and prev_manifest is not None and previous is not None \
+                and not runtime.uses_swarm(layout, previous):
             # Data first: nothing may write between the backup and the migrations, or a
             # restore would discard those writes. The database services themselves stay up.
             started = True  # the running services are touched: undo restarts them
@@ -291,7 +309,7 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
 
 
 def _install_packages(journal: _Journal, rel: ReleaseDir, m: Manifest,
-                      decision: policy.Decision) -> None:
+                      decision: policy.Decision, layout: Layout) -> None:
     """Load the images, fill the venv and install each npm project (after the carried
     Node.js, which they run): these do not depend on each other, so they run at the same time,
     each journaled as its own step. The first failure stops the others (their commands are
@@ -305,8 +323,14 @@ def _install_packages(journal: _Journal, rel: ReleaseDir, m: Manifest,
                 from bundler.imagearchive import ImageRecord
                 from bundler.install import images as image_loader
 
-                image_loader.load(rel.path / IMAGES_PATH,
-                                  [ImageRecord(i.ref, i.image_id) for i in m.images], ui.note)
+                records = [ImageRecord(i.ref, i.image_id) for i in m.images]
+                if m.runtime.compose is not None and swarm_runtime.configured(layout.root):
+                    # Into every node's engine, each checked there, before anything starts.
+                    loaded = swarm_runtime.load_images(layout.root, rel.path / IMAGES_PATH,
+                                                       records, ui.note)
+                    journal.record("images", "nodes", ", ".join(loaded))
+                else:
+                    image_loader.load(rel.path / IMAGES_PATH, records, ui.note)
         tasks.append(("images", images))
     if m.python_lock and decision.python is not None:
         python, python_lock = decision.python, m.python_lock
@@ -500,8 +524,9 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
         # The compose project is shared by all releases: before `start` it is the previous
         # release's, running, and must be left alone (but for a database service started here).
         touched = m.runtime.compose is not None and (started or undo.service_started)
-        # Nothing may write to the databases while they are restored; they stay up.
-        if touched:
+        # Nothing may write to the databases while they are restored; they stay up. A stack
+        # with nothing to restore is left serving (the swarm may have rolled it back already).
+        if touched and not (runtime.uses_swarm(layout, m.version) and not undo.migrating):
             runtime.quiesce(layout, m.version, keep=services)
         else:
             runtime.stop(layout, m.version, keep_compose=True)  # its processes, if any ran

@@ -6,13 +6,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from bundler import proc, ui
 from bundler.errors import InstallError, PolicyError
+from bundler.imagearchive import ImageRecord
 from bundler.install import compose_runtime as cr
 from bundler.install import database, environ, migrations, process_runtime, runas
+from bundler.install import swarm_runtime as swarm
 from bundler.install.layout import Layout, ReleaseDir
-from bundler.manifest import Manifest
+from bundler.manifest import IMAGES_PATH, Manifest
 
 # Seconds a just-started database service gets to accept connections (initdb of a new volume
 # included).
@@ -60,6 +63,24 @@ def refuse_foreign_project(layout: Layout, m: Manifest) -> None:
                  "bundler then uses one per install root), or remove that stack first")
 
 
+def _swarm(layout: Layout, m: Manifest) -> bool:
+    """A compose release on a root with swarm.yaml runs as a swarm stack."""
+    return m.runtime.compose is not None and swarm.configured(layout.root)
+
+
+def _stack(layout: Layout, rel: ReleaseDir, m: Manifest) -> swarm.Stack:
+    project = _project(layout, rel, m)
+    values = environ.read_env_file(project.env_file) if project.env_file is not None else {}
+    return swarm.Stack(project.name, project.files, project.workdir,
+                       {**values, **dict(project.env)})
+
+
+def degraded_marker(rel: ReleaseDir) -> Path:
+    """Present when the release was installed with --allow-degraded and a node was down: its
+    stack is accepted with fewer replicas than asked while tasks wait for that node."""
+    return rel.meta / "swarm-degraded"
+
+
 def _tool(m: Manifest) -> cr.ComposeTool:
     assert m.runtime.compose is not None
     return cr.detect(m.runtime.compose.tool)
@@ -70,7 +91,15 @@ def start(layout: Layout, version: str) -> None:
     rel = ReleaseDir(layout.release(version))
     m = rel.manifest()
     assert m is not None, f"release {version} has no manifest"
-    if m.runtime.compose is not None:
+    if _swarm(layout, m):
+        if m.images:
+            swarm.ensure_images(layout.root, rel.path / IMAGES_PATH,
+                                [ImageRecord(i.ref, i.image_id) for i in m.images], ui.note)
+        # Fewer replicas are accepted only while a node is still down.
+        swarm.deploy(_stack(layout, rel, m), ui.note,
+                     allow_degraded=degraded_marker(rel).exists() and any(
+                         not n.up for n in swarm.nodes(layout.root)))
+    elif m.runtime.compose is not None:
         cr.up(_project(layout, rel, m), _tool(m), ui.note)
     if m.runtime.user:  # its SQLite database too (created, or restored, by root meanwhile)
         sqlite = runas.sqlite_file(m, environ.release_env(layout, m.runtime.env,
@@ -89,7 +118,10 @@ def stop(layout: Layout, version: str, keep_compose: bool = False) -> None:
     if m is None:
         return
     process_runtime.stop(m.runtime.services, rel)
-    if m.runtime.compose is not None and not keep_compose:
+    if _swarm(layout, m):
+        if not keep_compose:
+            swarm.remove(_stack(layout, rel, m), ui.note)
+    elif m.runtime.compose is not None and not keep_compose:
         cr.down(_project(layout, rel, m), _tool(m), ui.note)
 
 
@@ -98,6 +130,13 @@ def failures(layout: Layout, version: str) -> list[str]:
     rel = ReleaseDir(layout.release(version))
     m = rel.manifest()
     return process_runtime.failures(m.runtime.services, rel) if m is not None else []
+
+
+def uses_swarm(layout: Layout, version: str | None) -> bool:
+    if version is None:
+        return False
+    m = ReleaseDir(layout.release(version)).manifest()
+    return m is not None and _swarm(layout, m)
 
 
 def uses_compose(layout: Layout, version: str | None) -> bool:
@@ -114,7 +153,12 @@ def states(layout: Layout, version: str) -> list[UnitState]:
         return []
     out = [UnitState(s.name, s.running, s.detail)
            for s in process_runtime.states(m.runtime.services, rel)]
-    if m.runtime.compose is not None:
+    if _swarm(layout, m):
+        for r in swarm.replicas(layout.root, _stack(layout, rel, m).name):
+            detail = r.state + (f", {r.health}" if r.health else "") + (
+                f": {r.error}" if r.error and not r.ok else "")
+            out.append(UnitState(f"swarm:{r.service}@{r.node}", r.ok, detail))
+    elif m.runtime.compose is not None:
         for c in cr.ps(_project(layout, rel, m)):
             detail = c.status + (f", {c.health}" if c.health else "")
             out.append(UnitState(f"compose:{c.name}", c.running and c.health in (None,
@@ -139,6 +183,9 @@ def service_exec(layout: Layout, version: str, db: database.Database
     if not db.compose_service:
         return None
     rel, m = _compose_release(layout, version)
+    if _swarm(layout, m):
+        return functools.partial(swarm.exec_in, layout.root, _stack(layout, rel, m),
+                                 db.compose_service)
     return functools.partial(cr.exec_in, _project(layout, rel, m), db.compose_service)
 
 
@@ -146,6 +193,14 @@ def ensure_service(layout: Layout, version: str, service: str) -> bool:
     """Start `service` of release `version`'s compose project alone if it is not running
     (the database, before backups and migrations); True if it was started here."""
     rel, m = _compose_release(layout, version)
+    if _swarm(layout, m):
+        stack = _stack(layout, rel, m)
+        if swarm.service_container(layout.root, stack.name, service):
+            return False
+        # The stack with only this service running (the others at 0 replicas, scaled up by
+        # the release's own deploy after the migrations).
+        swarm.deploy(stack, ui.note, only=service)
+        return True
     project = _project(layout, rel, m)
     if cr.running_container(project, service) is not None:
         return False
@@ -174,7 +229,9 @@ def quiesce(layout: Layout, version: str, keep: tuple[str, ...] = ()) -> None:
     if m is None:
         return
     process_runtime.stop(m.runtime.services, rel)
-    if m.runtime.compose is not None:
+    if _swarm(layout, m):
+        swarm.scale_down(_stack(layout, rel, m), ui.note, keep)
+    elif m.runtime.compose is not None:
         cr.stop_services(_project(layout, rel, m), ui.note, keep)
 
 
@@ -183,8 +240,8 @@ def oneoff_runner(layout: Layout, version: str) -> migrations.ServiceRun | None:
     services (a migration with `service:`); None without compose."""
     rel = ReleaseDir(layout.release(version))
     m = rel.manifest()
-    if m is None or m.runtime.compose is None:
-        return None
+    if m is None or m.runtime.compose is None or _swarm(layout, m):
+        return None  # a stack has no one-off containers: run such migrations on the manager
     project = _project(layout, rel, m)
 
     def run(service: str, argv: Sequence[str], env: Mapping[str, str],

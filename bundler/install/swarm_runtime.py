@@ -1,0 +1,608 @@
+"""The swarm runtime: a release's compose file deployed as a Docker Swarm stack.
+
+Selected by `swarm.yaml` in the install root (the bundle is the same file a one-host compose
+install takes): it names every node of the swarm and the endpoint of its engine,
+
+    nodes:
+      node1: unix:///var/run/docker.sock
+      node2: ssh://deploy@10.0.0.12
+
+The install runs on a manager (DOCKER_HOST, default the local socket, must be a manager).
+
+Images reach every node by being loaded into each node's engine from the bundle, checked
+against the signed Image IDs on each one (`images.load`), before anything starts. Not a
+registry inside the cluster (Zarf's way): every node's engine would have to trust it
+(`insecure-registries` or a CA on each daemon, then a restart), the registry's own image and
+storage would have to be carried and kept running, and a node could only start a task while
+that registry runs; loading needs nothing but each engine's API, which the install already
+needs to check the node. The cost: the archive is streamed once per node.
+
+Deploy: `docker stack deploy --resolve-image never` (never asks a registry) with the release's
+compose files and, last, bundler's defaults for what a file leaves out: each service's
+`update_config` and `rollback_config` get `failure_action: rollback` (a task that fails or
+turns unhealthy within `monitor` rolls the service back) and `order: start-first` where the
+service allows it; `stop-first` for a service that publishes host-mode ports (the new task
+could not bind them beside the old one) or mounts a named volume (two writers on one volume).
+Waiting reads each service's `.UpdateStatus.State` (`docker service update` and the stack
+deploy succeed even when the swarm then rolled the update back) and its tasks: every replica
+running (a task with a healthcheck only runs once healthy). A rollback of any service fails
+the install, and the installer puts the whole stack back to the previous release.
+
+Nodes: before anything changes, every node must be `ready` in the swarm and its engine must
+answer; else `NodeDownError` (exit 22) names the nodes, or with `--allow-degraded` the
+install goes on with the nodes that are up (recorded in history) and accepts services that
+run fewer replicas than asked while their other tasks wait for a node.
+
+Ports: host-mode ports are tested; ingress-mode ports (the routing mesh) are deployed the
+same way but need IPVS in the nodes' kernels, which the test machine lacks.
+"""
+
+from __future__ import annotations
+
+import calendar
+import contextlib
+import functools
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bundler import proc
+from bundler.engine import docker_sdk, engine_client, first_line, transport_errors
+from bundler.errors import InstallError, NodeDownError
+from bundler.redact import Secrets, redact
+from bundler.ui import Log
+
+CONFIG = "swarm.yaml"
+_NO_NODE = "node.labels.bundler-no-node == true"
+POLL = 0.5
+DEPLOY_TIMEOUT = 300.0
+FAILED_TASKS = 3  # failed tasks of one service in one deploy before it counts as crash-looping
+_STACK_LABEL = "com.docker.stack.namespace"
+# Final states of a failed update; "rollback_started" is waited out (a deploy of the previous
+# release in the middle of the swarm's own rollback would only start another update).
+_BAD_UPDATE = ("rollback_paused", "rollback_completed", "paused")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    node: str  # the node's hostname, as `docker node ls` shows it
+    engine: str  # where its engine answers (unix://, tcp://, ssh://)
+
+
+@dataclass(frozen=True)
+class NodeState:
+    name: str
+    role: str
+    state: str  # the swarm's view: ready, down, unknown
+    engine: str
+    reachable: bool
+    detail: str
+
+    @property
+    def up(self) -> bool:
+        return self.state == "ready" and self.reachable
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    files: tuple[Path, ...]
+    workdir: Path
+    env: Mapping[str, str]  # interpolation: the shared env file's values and the release's env
+
+
+@dataclass(frozen=True)
+class Replica:
+    service: str
+    node: str
+    state: str  # the task's: running, starting, pending, failed, ...
+    health: str | None  # the container's healthcheck status on its node, if it has one
+    error: str
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "running" and self.health in (None, "healthy")
+
+
+def config_path(root: Path) -> Path:
+    return root / CONFIG
+
+
+def configured(root: Path) -> bool:
+    return config_path(root).is_file()
+
+
+def endpoints(root: Path) -> tuple[Endpoint, ...]:
+    path = config_path(root)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InstallError(f"{path} cannot be read: {first_line(str(exc))}",
+                           hint="it maps each node's hostname to its engine: "
+                                "`nodes: {node1: unix:///var/run/docker.sock}`") from None
+    nodes = data.get("nodes") if isinstance(data, dict) else None
+    if not isinstance(nodes, dict) or not nodes or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in nodes.items()):
+        raise InstallError(f"{path}: `nodes:` must map each node's hostname to its engine "
+                           "endpoint", hint="e.g. `nodes: {node1: unix:///var/run/docker.sock, "
+                                            "node2: ssh://deploy@10.0.0.12}`")
+    return tuple(Endpoint(k, v) for k, v in nodes.items())
+
+
+def _manager() -> Any:
+    """The manager's engine API (DOCKER_HOST, or the local socket)."""
+    api = engine_client(InstallError).api
+    info = api.info()
+    if not (info.get("Swarm") or {}).get("ControlAvailable"):
+        raise InstallError("this engine is not a swarm manager (swarm.yaml is in the install "
+                           "root)", hint="run the install on a manager node, or point "
+                                         "DOCKER_HOST at one (`docker node ls` works there)")
+    return api
+
+
+def _node_api(endpoint: str) -> Any:
+    return engine_client(InstallError, endpoint).api
+
+
+def nodes(root: Path) -> list[NodeState]:
+    """Every node the swarm knows, with the endpoint swarm.yaml gives it and whether its
+    engine answers there; a node only in swarm.yaml shows as unknown."""
+    configured_nodes = {e.node: e.engine for e in endpoints(root)}
+    try:
+        listed = _manager().nodes()
+    except (docker_sdk().errors.DockerException, *transport_errors()) as exc:
+        raise InstallError(f"cannot list the swarm's nodes: {first_line(str(exc))}",
+                           hint="check `docker node ls` on this manager") from None
+    out: list[NodeState] = []
+    seen = set()
+    for n in listed:
+        name = str(n["Description"]["Hostname"])
+        seen.add(name)
+        state = str(n["Status"]["State"])
+        role = str(n["Spec"]["Role"])
+        engine = configured_nodes.get(name, "")
+        if not engine:
+            out.append(NodeState(name, role, state, "", False,
+                                 f"no engine endpoint for {name} in {CONFIG}"))
+            continue
+        try:
+            _node_api(engine).version()
+        except InstallError as exc:
+            out.append(NodeState(name, role, state, engine, False, exc.message))
+            continue
+        out.append(NodeState(name, role, state, engine, True,
+                             f"{role}, {state}, engine answers at {engine}"))
+    for name, engine in configured_nodes.items():
+        if name not in seen:
+            out.append(NodeState(name, "?", "unknown", engine, False,
+                                 f"{name} is in {CONFIG} but not in the swarm"))
+    return out
+
+
+def preflight(root: Path, allow_degraded: bool) -> list[NodeState]:
+    """Before anything changes: every node ready and its engine reachable, or (with
+    `allow_degraded`) at least one. Returns the nodes that are down (empty when all are up)."""
+    states = nodes(root)
+    down = [n for n in states if not n.up]
+    if down and (not allow_degraded or len(down) == len(states)):
+        raise NodeDownError("swarm node(s) down: " + "; ".join(
+            f"{n.name} ({n.state}: {n.detail})" if n.detail else f"{n.name} ({n.state})"
+            for n in down) + "; nothing was changed")
+    return down
+
+
+def load_images(root: Path, archive: Path, expected: Sequence[Any], log: Log) -> list[str]:
+    """Load the bundle's images into every reachable node's engine, each checked against the
+    signed Image IDs there. Returns the nodes loaded."""
+    from bundler.install import images
+
+    loaded = []
+    for n in nodes(root):
+        if not n.up:
+            log(f"{n.name}: skipped ({n.detail or n.state})")
+            continue
+        log(f"{n.name}: loading images into {n.engine}")
+        images.load(archive, expected, log, client=engine_client(InstallError, n.engine))
+        loaded.append(n.name)
+    return loaded
+
+
+def ensure_images(root: Path, archive: Path, expected: Sequence[Any], log: Log) -> None:
+    """Before a (re)deploy: load the release's images into every reachable node whose engine
+    lacks one of them (a node that was down at install time, or replaced since)."""
+    from bundler.install import images
+
+    errors = docker_sdk().errors
+    for n in nodes(root):
+        if not n.up:
+            continue
+        api = _node_api(n.engine)
+        missing = []
+        for rec in expected:
+            try:
+                have = str(api.inspect_image(rec.ref)["Id"])
+            except errors.ImageNotFound:
+                have = ""
+            if have != rec.image_id:
+                missing.append(rec.ref)
+        if missing:
+            log(f"{n.name}: lacks {', '.join(missing)}; loading images into {n.engine}")
+            images.load(archive, expected, log, client=engine_client(InstallError, n.engine))
+
+
+# --- deploy ------------------------------------------------------------------------------------
+
+def _read_files(stack: Stack) -> dict[str, Any]:
+    """The services of the stack's files, merged shallowly per service (enough to see which
+    keys a file sets)."""
+    services: dict[str, Any] = {}
+    for f in stack.files:
+        try:
+            data = yaml.safe_load(f.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise InstallError(f"compose file {f.name} cannot be read: {first_line(str(exc))}",
+                               hint="rebuild the bundle with a valid compose file") from None
+        for name, spec in (data.get("services") or {}).items():
+            merged = services.setdefault(name, {})
+            for key, value in (spec or {}).items():
+                if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                    merged[key] = {**merged[key], **value}
+                else:
+                    merged[key] = value
+    return services
+
+
+def _host_ports(spec: Mapping[str, Any]) -> bool:
+    return any(isinstance(p, dict) and p.get("mode") == "host" for p in spec.get("ports") or ())
+
+
+def _named_volume(spec: Mapping[str, Any]) -> bool:
+    for v in spec.get("volumes") or ():
+        if isinstance(v, dict):
+            if v.get("type", "volume") == "volume" and v.get("source"):
+                return True
+        elif ":" in str(v) and not str(v).startswith(("/", ".", "~", "$")):
+            return True
+    return False
+
+
+def defaults(services: Mapping[str, Any]) -> dict[str, Any]:
+    """The compose override bundler deploys last: update/rollback settings each service's
+    files leave out (what they set wins)."""
+    out: dict[str, Any] = {}
+    for name, spec in services.items():
+        deploy = spec.get("deploy") or {}
+        order = "stop-first" if _host_ports(spec) or _named_volume(spec) else "start-first"
+        update = {"failure_action": "rollback", "order": order}
+        rollback = {"order": order}
+        add: dict[str, Any] = {}
+        missing = {k: v for k, v in update.items() if k not in (deploy.get("update_config") or {})}
+        if missing:
+            add["update_config"] = missing
+        missing = {k: v for k, v in rollback.items()
+                   if k not in (deploy.get("rollback_config") or {})}
+        if missing:
+            add["rollback_config"] = missing
+        if add:
+            out[name] = {"deploy": add}
+    return {"version": "3.8", "services": out}
+
+
+def _env(stack: Stack) -> dict[str, str]:
+    passed = ("PATH", "HOME", "LANG", "LC_ALL", "DOCKER_HOST", "DOCKER_CONFIG",
+              "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY", "DOCKER_CONTEXT")
+    env = {k: v for k in passed if (v := os.environ.get(k)) is not None}
+    env.setdefault("PATH", os.defpath)
+    env.update(stack.env)
+    return env
+
+
+def _redact(stack: Stack, text: str) -> str:
+    secrets = Secrets()
+    secrets.add_env(dict(stack.env))
+    return redact(text, secrets.values())
+
+
+def _docker(stack: Stack, *args: str, timeout: float = 300) -> proc.Result:
+    result = proc.run(["docker", *args], cwd=stack.workdir, env=_env(stack), timeout=timeout,
+                      check=False, what=f"docker {args[0]} {args[1]}")
+    if result.returncode != 0:
+        raise InstallError(f"docker {args[0]} {args[1]} of stack {stack.name} failed (exit "
+                           f"{result.returncode}):\n" + _redact(stack, result.tail()),
+                           hint="fix the compose file or the shared .env named above, then "
+                                "install again")
+    return result
+
+
+@functools.cache
+def _detach() -> tuple[str, ...]:
+    """CLI 26 and later wait for convergence unless told not to (we wait ourselves, reading
+    update states); older CLIs know no --detach and never wait."""
+    result = proc.run(["docker", "stack", "deploy", "--help"], timeout=30, check=False,
+                      what="docker stack deploy --help")
+    return ("--detach=true",) if "--detach" in result.output else ()
+
+
+def _services(api: Any, stack: str) -> list[dict[str, Any]]:
+    return list(api.services(filters={"label": f"{_STACK_LABEL}={stack}"}))
+
+
+def deploy(stack: Stack, log: Log, allow_degraded: bool = False,
+           timeout: float = DEPLOY_TIMEOUT, only: str | None = None) -> None:
+    """Deploy (or update in place) the stack and wait until it converged: every service
+    updated (not rolled back) and all its replicas running, healthy where checked. `only`:
+    that service alone, the others at 0 replicas (a database before a first migration)."""
+    api = _manager()
+    services = _read_files(stack)
+    extra = defaults(services)
+    if only is not None:
+        for name, spec in services.items():
+            if name == only:
+                continue
+            deploy_ = extra["services"].setdefault(name, {}).setdefault("deploy", {})
+            if (spec.get("deploy") or {}).get("mode") == "global":
+                # a global service has no replica count: a constraint no node meets
+                deploy_["placement"] = {"constraints": [_NO_NODE]}
+            else:
+                deploy_["replicas"] = 0
+    with tempfile.TemporaryDirectory(prefix="bundler-swarm-") as tmp:
+        override = Path(tmp) / "bundler-defaults.yml"
+        override.write_text(yaml.safe_dump(extra, sort_keys=True))
+        override.chmod(0o600)
+        args = ["stack", "deploy", "--resolve-image", "never", "--prune", *_detach()]
+        for f in (*stack.files, override):
+            args += ["-c", str(f)]
+        started = time.time()
+        log(f"docker stack deploy {stack.name} ({len(services)} service(s))")
+        _docker(stack, *args, stack.name)
+    _wait(api, stack, started, log, allow_degraded, timeout)
+
+
+def _stamp(text: object) -> float:
+    """An engine timestamp (UTC, RFC 3339) in epoch seconds, whole seconds; 0 if unreadable."""
+    with contextlib.suppress(ValueError):
+        return float(calendar.timegm(time.strptime(str(text)[:19], "%Y-%m-%dT%H:%M:%S")))
+    return 0.0
+
+
+def _task_time(task: Mapping[str, Any]) -> float:
+    return _stamp(task.get("CreatedAt", ""))
+
+
+def _verdict(api: Any, svc: Mapping[str, Any], since: float, degraded: bool
+             ) -> tuple[bool, str]:
+    """(converged, why not) for one service; raises when it failed for good."""
+    name = str(svc["Spec"]["Name"])
+    update = svc.get("UpdateStatus") or {}
+    # Only an update this deploy began counts: an earlier one's "rollback_completed" stays
+    # on the service until the next update (a deploy that changes nothing starts none).
+    state = str(update.get("State", "")) if _stamp(update.get("StartedAt")) >= since - 1 else ""
+    tasks = api.tasks(filters={"service": str(svc["ID"])})
+    failed = sorted((t for t in tasks if t["Status"]["State"] in ("failed", "rejected")
+                     and _task_time(t) >= since - 1), key=_task_time, reverse=True)
+    why = ""
+    if failed:
+        why = str(failed[0]["Status"].get("Err") or failed[0]["Status"].get("Message", ""))
+    if state in _BAD_UPDATE:
+        verb = "rolled back" if state.startswith("rollback") else "paused"
+        raise InstallError(f"swarm service {name}: the swarm {verb} its update"
+                           + (f" (a new task failed: {why})" if why else
+                              f" ({update.get('Message', '')})"),
+                           hint=f"`docker service ps {name} --no-trunc` shows the failed tasks")
+    if state in ("updating", "rollback_started"):
+        return False, f"{name}: {state.replace('_', ' ')}"
+    mode = svc["Spec"].get("Mode", {})
+    if len(failed) >= FAILED_TASKS:
+        raise InstallError(f"swarm service {name} keeps failing ({len(failed)} tasks): {why}",
+                           hint=f"`docker service ps {name} --no-trunc` and `docker service "
+                                f"logs {name}` show why")
+    wanted = [t for t in tasks if t.get("DesiredState") == "running"]
+    running = [t for t in wanted if t["Status"]["State"] == "running"]
+    replicas = (int(mode["Replicated"].get("Replicas", 1)) if "Replicated" in mode
+                else len(wanted))  # global: one per eligible node
+    if len(running) >= replicas and len(running) == len(wanted):
+        return True, ""
+    if degraded and running and all(t["Status"]["State"] in ("running", "pending")
+                                    for t in wanted):
+        return True, ""
+    return False, f"{name}: {len(running)}/{replicas} running"
+
+
+def _wait(api: Any, stack: Stack, since: float, log: Log, degraded: bool,
+          timeout: float) -> None:
+    began = time.monotonic()
+    deadline = began + timeout
+    pending = ["no service yet"]
+    while time.monotonic() < deadline:
+        services = _services(api, stack.name)
+        pending = []
+        for svc in services:
+            done, why = _verdict(api, svc, since, degraded)
+            if not done:
+                pending.append(why)
+        if services and not pending:
+            log(f"stack {stack.name}: {len(services)} service(s) converged in "
+                f"{time.monotonic() - began:.1f}s")
+            return
+        time.sleep(POLL)
+    raise InstallError(f"stack {stack.name} did not converge in {timeout:.0f}s: "
+                       + "; ".join(pending),
+                       hint="`docker stack ps` on the manager shows where tasks wait")
+
+
+def remove(stack: Stack, log: Log, timeout: float = 120) -> None:
+    """`docker stack rm`, then wait until its services are gone (named volumes stay)."""
+    api = _manager()
+    if not _services(api, stack.name):
+        return
+    log(f"docker stack rm {stack.name}")
+    _docker(stack, "stack", "rm", stack.name)
+    deadline = time.monotonic() + timeout
+    while _services(api, stack.name) and time.monotonic() < deadline:
+        time.sleep(POLL)
+
+
+def scale_down(stack: Stack, log: Log, keep: Sequence[str] = ()) -> None:
+    """Stop every service of the stack but `keep` (no writers during a database backup or
+    restore): replicated ones scaled to 0, global ones constrained to no node; the next
+    deploy of a release's files sets both back."""
+    api = _manager()
+    replicated: list[str] = []
+    global_: list[str] = []
+    for svc in _services(api, stack.name):
+        name = str(svc["Spec"]["Name"])
+        if name.removeprefix(stack.name + "_") in keep:
+            continue
+        (global_ if "Global" in svc["Spec"].get("Mode", {}) else replicated).append(name)
+    if replicated:
+        log(f"scaling to 0: {', '.join(replicated)}")
+        _docker(stack, "service", "scale", "--detach", *[f"{n}=0" for n in replicated])
+    for name in global_:
+        log(f"stopping {name} (global: constrained to no node)")
+        _docker(stack, "service", "update", "--detach", "--constraint-add",
+                _NO_NODE.replace(" ", ""), name)
+
+
+# --- what runs where ---------------------------------------------------------------------------
+
+def replicas(root: Path, stack: str) -> list[Replica]:
+    """Each service's tasks that should run, with the node they are on and, where the node's
+    engine answers, the container's health."""
+    api = _manager()
+    hostnames = {str(n["ID"]): str(n["Description"]["Hostname"]) for n in api.nodes()}
+    engines = {e.node: e.engine for e in endpoints(root)}
+    out = []
+    for svc in _services(api, stack):
+        name = str(svc["Spec"]["Name"]).removeprefix(stack + "_")
+        for t in api.tasks(filters={"service": str(svc["ID"]), "desired-state": "running"}):
+            node = hostnames.get(str(t.get("NodeID", "")), "-")
+            health = None
+            container = (t["Status"].get("ContainerStatus") or {}).get("ContainerID")
+            if container and node in engines:
+                with contextlib.suppress(InstallError, docker_sdk().errors.DockerException,
+                                         *transport_errors()):
+                    state = _node_api(engines[node]).inspect_container(container)["State"]
+                    health = (state.get("Health") or {}).get("Status")
+            out.append(Replica(name, node, str(t["Status"]["State"]), health,
+                               str(t["Status"].get("Err", ""))))
+    return sorted(out, key=lambda r: (r.service, r.node))
+
+
+def service_container(root: Path, stack: str, service: str) -> tuple[str, str] | None:
+    """(engine endpoint, container id) of one running task of `service`, or None."""
+    api = _manager()
+    hostnames = {str(n["ID"]): str(n["Description"]["Hostname"]) for n in api.nodes()}
+    engines = {e.node: e.engine for e in endpoints(root)}
+    for svc in api.services(filters={"name": f"{stack}_{service}"}):
+        if str(svc["Spec"]["Name"]) != f"{stack}_{service}":
+            continue
+        for t in api.tasks(filters={"service": str(svc["ID"]), "desired-state": "running"}):
+            container = (t["Status"].get("ContainerStatus") or {}).get("ContainerID")
+            node = hostnames.get(str(t.get("NodeID", "")), "")
+            if t["Status"]["State"] == "running" and container and node in engines:
+                return engines[node], str(container)
+    return None
+
+
+def exec_in(root: Path, stack: Stack, service: str, argv: Sequence[str],
+            stdin_path: Path | None, stdout_path: Path | None, *, env: Mapping[str, str],
+            timeout: float) -> proc.Result:
+    """`compose_runtime.exec_in` for a stack: inside a running task of `service`, through
+    the engine of the node it runs on (the database's tools, run once from the manager)."""
+    from bundler.install import compose_runtime as cr
+
+    found = service_container(root, stack.name, service)
+    if found is None:
+        raise InstallError(f"swarm service {service} of stack {stack.name} is not running",
+                           hint=f"`docker service ps {stack.name}_{service}` shows why")
+    engine, container = found
+    what = f"{argv[0]} in swarm service {service}"
+    try:
+        code, output = cr._exec(container, argv, env, stdin_path, stdout_path, timeout,
+                                api=_node_api(engine))
+    except TimeoutError:
+        raise InstallError(f"{what}: timed out after {timeout:.0f}s",
+                           hint="the command hung; check the container's load and logs"
+                           ) from None
+    except (docker_sdk().errors.DockerException, *transport_errors(), OSError) as exc:
+        raise InstallError(_redact(stack, f"{what}: {first_line(str(exc))}"),
+                           hint="check that the node's engine answers and the task runs"
+                           ) from None
+    return proc.Result(("exec", container[:12], *argv), code,
+                       _redact(stack, output.decode("utf-8", "replace")))
+
+
+# --- doctor ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+
+def _node_checks(n: NodeState, images: Sequence[Any], arch: str | None,
+                 need: int) -> list[Check]:
+    from bundler.fsutil import free_bytes, human_bytes
+
+    name = f"node {n.name}"
+    if not n.up:
+        return [Check(name, "fail", f"{n.state}: {n.detail}")]
+    api = _node_api(n.engine)
+    info = api.info()
+    out = [Check(name, "ok", f"{n.role}, {n.state}, engine {info.get('ServerVersion', '?')} "
+                             f"at {n.engine}")]
+    have_arch = str(info.get("Architecture", "?"))
+    present = 0
+    for rec in images:
+        with contextlib.suppress(docker_sdk().errors.ImageNotFound):
+            present += str(api.inspect_image(rec.ref)["Id"]) == rec.image_id
+    loadable = arch is None or have_arch == arch
+    out.append(Check(f"{name} images", "ok" if loadable else "fail",
+                     f"{present} of {len(images)} of the release's images present"
+                     + ("" if present == len(images) else " (the install loads the others)")
+                     + (f"; engine is {have_arch}" if loadable else
+                        f"; engine is {have_arch}, the bundle is for {arch}")))
+    data_root = Path(str(info.get("DockerRootDir", "")))
+    if n.engine.startswith("unix://") and data_root.is_dir():
+        free = free_bytes(data_root)
+        out.append(Check(f"{name} disk", "ok" if free >= need else "fail",
+                         f"{human_bytes(need)} needed, {human_bytes(free)} free in {data_root}"))
+    else:
+        out.append(Check(f"{name} disk", "warn", f"free space in {data_root} on {n.name} is "
+                                                 "not visible from here (a remote engine): "
+                                                 f"{human_bytes(need)} needed"))
+    return out
+
+
+def doctor(root: Path, stack: str, ports: Sequence[int], images: Sequence[Any],
+           arch: str | None, need: int) -> list[Check]:
+    """Every node: engine reachable, the release's images present or loadable (its CPU), the
+    engine's free space; and the release's published ports not taken by another service."""
+    out: list[Check] = []
+    for n in nodes(root):
+        try:
+            out += _node_checks(n, images, arch, need)
+        except (InstallError, docker_sdk().errors.DockerException, *transport_errors()) as exc:
+            out.append(Check(f"node {n.name}", "fail", first_line(str(exc))))
+    taken: dict[int, str] = {}
+    for svc in _manager().services():
+        name = str(svc["Spec"]["Name"])
+        if name.startswith(stack + "_"):
+            continue
+        for p in (svc.get("Endpoint") or {}).get("Ports") or ():
+            if p.get("PublishedPort"):
+                taken[int(p["PublishedPort"])] = name
+    for port in sorted(ports):
+        if port in taken:
+            out.append(Check(f"port {port}", "fail", f"published by swarm service "
+                                                     f"{taken[port]}, not by this product"))
+        else:
+            out.append(Check(f"port {port}", "ok", "not published by any other swarm service"))
+    return out
