@@ -9,11 +9,12 @@ two-node swarm with no network beyond the test's namespaces.
   does not answer (what nginx's `upstream` with `proxy_next_upstream` does), counting every
   request no node answered.
 
-Installed, upgraded (a new backend and a migration) while the balancer counts failures
-(zero: the old backend serves through the backup and migration, the rolling update starts
-each new backend before stopping the old), then an upgrade whose backend never turns
-healthy: rolled back by the swarm, the database restored (the stack's writers stopped for
-the restore: requests fail meanwhile), the new release never seen. Images: Debian's nginx,
+Installed; upgraded to a new backend with nothing left to migrate while the balancer counts
+failures (zero: the rolling update starts each new backend before stopping the old); upgraded
+with a new migration (data first: the previous release's writers stop before the backup, as
+on one host, so a restore can never discard what they wrote; requests fail meanwhile); then
+an upgrade whose backend never turns healthy: rolled back by the swarm, the database restored,
+the new release never seen. Images: Debian's nginx,
 uvicorn and redis (tests/bare_image.py `seed004`) and PostgreSQL (tests/pg_image.py)."""
 
 from __future__ import annotations
@@ -204,8 +205,8 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     v2 = {**v1, "002_more.sql": "INSERT INTO items VALUES (3, 'c');\n"}
     v3 = {**v2, "003_more.sql": "INSERT INTO items VALUES (4, 'd');\n"}
     out = {"pub": tmp / "release.pub"}
-    for version, seq, sql, healthy in (("1.0.0", 1, v1, True), ("2.0.0", 2, v2, True),
-                                       ("3.0.0", 3, v3, False)):
+    for version, seq, sql, healthy in (("1.0.0", 1, v1, True), ("2.0.0", 2, v1, True),
+                                       ("2.1.0", 3, v2, True), ("3.0.0", 4, v3, False)):
         done = bundle("build", _profile(tmp, version, seq, sql, sock, healthy), "--key",
                       tmp / "release.key", "--out", tmp / "out", "--cache-dir", tmp / "cache",
                       "--json", timeout=900)
@@ -235,21 +236,32 @@ def test_seed004_installs_upgrades_and_rolls_back_on_two_nodes(
         up = on_manager(swarm, "install", releases["2.0.0"], *trust, timeout=600)
         lb = finish()
         assert up.rc == 0, up.err
+        assert "no writes during the backup" not in up.err, up.err  # nothing to migrate
         assert lb["failed"] == 0 and lb["requests"] > 20, lb
         print(f"rolling upgrade: {lb['requests']} requests, none unanswered")
-        assert served() == {n.name: {"version": "2.0.0", "items": 3} for n in swarm.nodes}
+        assert served() == {n.name: {"version": "2.0.0", "items": 2} for n in swarm.nodes}
+
+        # A migration to run: the writers stop before the backup (data first).
+        finish = poller(8080, "/")
+        migrated = on_manager(swarm, "install", releases["2.1.0"], *trust, timeout=600)
+        lb = finish()
+        assert migrated.rc == 0, migrated.err
+        assert "Stopping 2.0.0 (no writes during the backup and migrations)" in migrated.err
+        print(f"upgrade with a migration: {lb['failed']} of {lb['requests']} requests "
+              "unanswered (writers stopped for the backup and migration)")
+        assert served() == {n.name: {"version": "2.1.0", "items": 3} for n in swarm.nodes}
 
         finish = poller(8080, "/")
         bad = on_manager(swarm, "install", releases["3.0.0"], *trust, timeout=600)
         lb = finish()
         assert bad.rc == 12, bad.err
         assert "Restoring the database" in bad.err, bad.err
-        # 3.0.0 never answered; 2.0.0 served until the restore, which stops the stack's
-        # writers first (requests then fail until 2.0.0 is back): by design, not counted
-        assert {json.loads(b)["version"] for b in lb["seen"]} == {"2.0.0"}, lb
+        # 3.0.0 never answered; 2.1.0 served until its writers stopped for the backup
+        # (requests then fail until 2.1.0 is back): by design, not counted
+        assert {json.loads(b)["version"] for b in lb["seen"]} == {"2.1.0"}, lb
         print(f"failed upgrade: {lb['failed']} of {lb['requests']} requests unanswered "
               "(during the database restore)")
-        assert served() == {n.name: {"version": "2.0.0", "items": 3} for n in swarm.nodes}
+        assert served() == {n.name: {"version": "2.1.0", "items": 3} for n in swarm.nodes}
     finally:
         on_manager(swarm, "stop", "--root", root)
 

@@ -213,11 +213,12 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                     if runtime.ensure_database(layout, host, db, env.as_dict()):
                         undo.service_started = True
         migrating = bool(m.runtime.migrations) and bool(dbs)
-        # A swarm stack is upgraded by a rolling update: its previous release keeps serving
-        # through the backup and migrations (which must suit it, expand before contract); a
-        # restore after a failed upgrade stops it first, and discards what it wrote since.
-        if migrating and prev_manifest is not None and previous is not None \
-                and not runtime.uses_swarm(layout, previous):
+        if migrating and previous is not None and runtime.uses_swarm(layout, previous) \
+                and not _work_pending(m, rel, env, dbs):
+            # Nothing to migrate: a rolling update with the previous release serving
+            # throughout. Its writes after the backup (a safety copy) are never restored over.
+            migrating = False
+        if migrating and prev_manifest is not None and previous is not None:
             # Data first: nothing may write between the backup and the migrations, or a
             # restore would discard those writes. The database services themselves stay up.
             started = True  # the running services are touched: undo restarts them
@@ -251,11 +252,7 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                 results: list[migrations.MigrationResult] = []
                 for target_db, group in _migration_groups(m, by_name):
                     results += migrations.run(
-                        [migrations.Migration(x.name, x.kind, x.path,
-                                              tuple(env.expand(a) for a in x.command),
-                                              tuple((k, env.expand(v)) for k, v in x.env),
-                                              x.service, user=m.runtime.user)
-                         for x in group],
+                        _migration_steps(m, group, env),
                         target_db, rel.files, rel.venv if rel.venv.is_dir() else None,
                         _with_node(env.as_dict(), rel),
                         ui.note, runtime.oneoff_runner(layout, m.version),
@@ -484,6 +481,35 @@ def _databases(m: Manifest, env: environ.ReleaseEnv) -> list[database.Database]:
     owner = runas.db_owner(m)
     return [database.Database(env.expand(spec.url), spec.compose_service, spec.name, owner)
             for spec in m.runtime.all_databases()]
+
+
+def _migration_steps(m: Manifest, group: list[MigrationSpec], env: environ.ReleaseEnv
+                     ) -> list[migrations.Migration]:
+    return [migrations.Migration(x.name, x.kind, x.path, tuple(env.expand(a) for a in x.command),
+                                 tuple((k, env.expand(v)) for k, v in x.env), x.service,
+                                 user=m.runtime.user)
+            for x in group]
+
+
+def _work_pending(m: Manifest, rel: ReleaseDir, env: environ.ReleaseEnv,
+                  dbs: list[database.Database]) -> bool:
+    """Will the release's migrations change anything? SQL files not in the ledger, alembic
+    heads not current; a command migration always may. Unknown (the database cannot be read
+    from here): yes, the safe answer."""
+    by_name = {d.name: d for d in dbs}
+    venv = rel.venv if rel.venv.is_dir() else None
+    try:
+        for target_db, group in _migration_groups(m, by_name):
+            steps = _migration_steps(m, group, env)
+            if any(x.kind == "command" for x in steps):
+                return True
+            for r in migrations.pending(steps, target_db, rel.files, venv,
+                                        _with_node(env.as_dict(), rel)):
+                if r.applied:
+                    return True
+    except Exception:  # any doubt means: stop the writers
+        return True
+    return False
 
 
 def _backup_json(db: database.Database, made: database.Backup) -> dict[str, object]:

@@ -60,6 +60,8 @@ from bundler.ui import Log
 
 CONFIG = "swarm.yaml"
 _NO_NODE = "node.labels.bundler-no-node == true"
+# Task states in which a container may still run (and write).
+_LIVE_STATES = ("assigned", "accepted", "preparing", "ready", "starting", "running")
 POLL = 0.5
 DEPLOY_TIMEOUT = 300.0
 FAILED_TASKS = 3  # failed tasks of one service in one deploy before it counts as crash-looping
@@ -467,6 +469,24 @@ def scale_down(stack: Stack, log: Log, keep: Sequence[str] = ()) -> None:
         log(f"stopping {name} (global: constrained to no node)")
         _docker(stack, "service", "update", "--detach", "--constraint-add",
                 _NO_NODE.replace(" ", ""), name)
+    _wait_stopped(api, stack, [*replicated, *global_])
+
+
+def _wait_stopped(api: Any, stack: Stack, names: Sequence[str], timeout: float = 120) -> None:
+    """Until no task of `names` runs on any node: the caller backs up or restores the database
+    next, and a writer still running would write past the backup."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = sorted({name for name in names for t in api.tasks(filters={"service": name})
+                          if t.get("Status", {}).get("State") in _LIVE_STATES})
+        if not running:
+            return
+        if time.monotonic() >= deadline:
+            raise InstallError(f"stack {stack.name}: {', '.join(running)} still running "
+                               f"{timeout:.0f}s after being stopped",
+                               hint="check the nodes (docker node ps) and install again; "
+                                    "nothing was backed up or restored")
+        time.sleep(0.5)
 
 
 # --- what runs where ---------------------------------------------------------------------------
