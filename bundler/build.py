@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bundler import __version__, actions, archive, lockfile, nodetree, ui, volumes
 from bundler.cache import Cache
 from bundler.engine import engine_client
-from bundler.errors import BuildError
+from bundler.errors import BuildError, BundlerError
 from bundler.fsutil import require_space
 from bundler.imageref import canonical_tag
 from bundler.lockfile import Lock
@@ -56,7 +57,29 @@ def rfc3339(ts: int) -> str:
 
 
 def lock(profile: Profile, cache: Cache, path: Path | None = None) -> tuple[Lock, int]:
-    """Resolve everything for the target and write the lock; return it and the fetch count."""
+    """Resolve everything for the target and write the lock; return it and the fetch count.
+
+    Meanwhile the npm projects' tarballs are fetched and their node_modules pre-built into the
+    cache (they depend on their package-lock.json, not on this lock): the build after a lock
+    finds them there instead of doing that work alone."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npm-ahead") as pool:
+        ahead = pool.submit(_npm_ahead, profile, cache) if profile.npm else None
+        result = _lock(profile, cache, path)
+        if ahead is not None:
+            ahead.result()
+    return result
+
+
+def _npm_ahead(profile: Profile, cache: Cache) -> None:
+    """A warm-up only: whatever fails here, the build does again and reports."""
+    try:
+        _npm(profile, cache, [], {}, _check_prisma(profile))
+    except BundlerError as exc:
+        ui.note(f"npm packages not fetched ahead ({exc.message.splitlines()[0]}); the build "
+                "fetches them")
+
+
+def _lock(profile: Profile, cache: Cache, path: Path | None) -> tuple[Lock, int]:
     locked_wheels: tuple[wheels.LockedWheel, ...] = ()
     if profile.python is not None:
         ui.step(f"Resolving Python requirements for CPython {profile.target.python} on "
