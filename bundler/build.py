@@ -64,19 +64,21 @@ def lock(profile: Profile, cache: Cache, path: Path | None = None) -> tuple[Lock
     finds them there instead of doing that work alone."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="npm-ahead") as pool:
         ahead = pool.submit(_npm_ahead, profile, cache) if profile.npm else None
-        result = _lock(profile, cache, path)
+        result, fetched = _lock(profile, cache, path)
         if ahead is not None:
-            ahead.result()
-    return result
+            fetched += ahead.result()
+    return result, fetched
 
 
-def _npm_ahead(profile: Profile, cache: Cache) -> None:
-    """A warm-up only: whatever fails here, the build does again and reports."""
+def _npm_ahead(profile: Profile, cache: Cache) -> int:
+    """A warm-up only (the tarballs it downloaded): whatever fails here, the build does
+    again and reports."""
     try:
-        _npm(profile, cache, [], {}, _check_prisma(profile))
+        return _npm(profile, cache, [], {}, _check_prisma(profile))[1]
     except BundlerError as exc:
         ui.note(f"npm packages not fetched ahead ({exc.message.splitlines()[0]}); the build "
                 "fetches them")
+        return 0
 
 
 def _lock(profile: Profile, cache: Cache, path: Path | None) -> tuple[Lock, int]:

@@ -14,6 +14,7 @@ import pytest
 from bundler import proc
 from bundler.errors import Cancelled, InstallError
 from bundler.install import installer, python_env
+from bundler.install.layout import Layout
 from bundler.install.state import State
 from bundler.models import NpmProject
 
@@ -79,7 +80,7 @@ def test_steps_run_at_the_same_time_each_journaled(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     journal, state, m, (rel, decision), times = _setup(tmp_path, monkeypatch, False)
     started = time.monotonic()
-    installer._install_packages(journal, rel, m, decision)
+    installer._install_packages(journal, rel, m, decision, Layout(tmp_path / "root"))
     took = time.monotonic() - started
     assert took < 2.5, took  # three 1 s steps, not one after the other
     assert max(times["python-start"], times["web-start"], times["admin-start"]) \
@@ -95,7 +96,7 @@ def test_the_first_failure_stops_the_others_and_is_raised(
     journal, state, m, (rel, decision), times = _setup(tmp_path, monkeypatch, True)
     started = time.monotonic()
     with pytest.raises(InstallError) as err:
-        installer._install_packages(journal, rel, m, decision)
+        installer._install_packages(journal, rel, m, decision, Layout(tmp_path / "root"))
     assert time.monotonic() - started < 8  # npm's 30 s were not waited out
     assert not isinstance(err.value, Cancelled)
     assert "Hash mismatch" in err.value.message
