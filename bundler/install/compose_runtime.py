@@ -53,7 +53,7 @@ import socket
 import subprocess  # only for its TimeoutExpired: proc runs everything
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -714,19 +714,28 @@ def exec_in(project: ComposeProject, service: str, argv: Sequence[str],
         raise InstallError(f"compose service {service} of project {project.name} is not "
                            "running", hint=f"start it (`bundle start`) or see `docker ps -a "
                                            f"--filter label={_LABEL_PROJECT}={project.name}`")
-    what = f"{argv[0]} in compose service {service}"
+    return exec_result(container, argv, env, stdin_path, stdout_path, timeout,
+                       what=f"{argv[0]} in compose service {service}",
+                       scrub=lambda text: _redact(project, text),
+                       hint="check that the engine answers and the container runs")
+
+
+def exec_result(container: str, argv: Sequence[str], env: Mapping[str, str],
+                stdin_path: Path | None, stdout_path: Path | None, timeout: float, *,
+                what: str, scrub: Callable[[str], str], hint: str,
+                api: Any | None = None) -> proc.Result:
+    """`_exec` as a proc.Result with its output scrubbed of secrets; a timeout or an engine
+    that fails becomes an InstallError naming `what` (`hint`: where to look)."""
     try:
-        code, output = _exec(container, argv, env, stdin_path, stdout_path, timeout)
+        code, output = _exec(container, argv, env, stdin_path, stdout_path, timeout, api=api)
     except TimeoutError:
         raise InstallError(f"{what}: timed out after {timeout:.0f}s",
                            hint="the command hung; check the container's load and logs"
                            ) from None
     except (docker_sdk().errors.DockerException, *transport_errors(), OSError) as exc:
-        raise InstallError(_redact(project, f"{what}: {first_line(str(exc))}"),
-                           hint="check that the engine answers and the container runs"
-                           ) from None
+        raise InstallError(scrub(f"{what}: {first_line(str(exc))}"), hint=hint) from None
     return proc.Result(("exec", container[:12], *argv), code,
-                       _redact(project, output.decode("utf-8", "replace")))
+                       scrub(output.decode("utf-8", "replace")))
 
 
 def _exec(container: str, argv: Sequence[str], env: Mapping[str, str],

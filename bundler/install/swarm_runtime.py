@@ -542,20 +542,11 @@ def exec_in(root: Path, stack: Stack, service: str, argv: Sequence[str],
         raise InstallError(f"swarm service {service} of stack {stack.name} is not running",
                            hint=f"`docker service ps {stack.name}_{service}` shows why")
     engine, container = found
-    what = f"{argv[0]} in swarm service {service}"
-    try:
-        code, output = cr._exec(container, argv, env, stdin_path, stdout_path, timeout,
-                                api=_node_api(engine))
-    except TimeoutError:
-        raise InstallError(f"{what}: timed out after {timeout:.0f}s",
-                           hint="the command hung; check the container's load and logs"
-                           ) from None
-    except (docker_sdk().errors.DockerException, *transport_errors(), OSError) as exc:
-        raise InstallError(_redact(stack, f"{what}: {first_line(str(exc))}"),
-                           hint="check that the node's engine answers and the task runs"
-                           ) from None
-    return proc.Result(("exec", container[:12], *argv), code,
-                       _redact(stack, output.decode("utf-8", "replace")))
+    return cr.exec_result(container, argv, env, stdin_path, stdout_path, timeout,
+                          what=f"{argv[0]} in swarm service {service}",
+                          scrub=lambda text: _redact(stack, text),
+                          hint="check that the node's engine answers and the task runs",
+                          api=_node_api(engine))
 
 
 # --- doctor ------------------------------------------------------------------------------------
