@@ -188,7 +188,7 @@ def test_deploy_upgrade_and_rollback_on_two_nodes(swarm: sfx.Swarm, built: Built
     served = finish()
     assert bad.rc == 12, bad.err
     assert "the swarm rolled back its update (a new task failed: " in bad.err, bad.err
-    assert "unhealthy container" in bad.err
+    assert "unhealthy container" in bad.err, bad.err
     assert served["failed"] == 0 and set(served["seen"]) == {"2.0.0"}, served
     assert answers(swarm, 8080) == {n.name: "2.0.0" for n in swarm.nodes}
     after = _status(swarm, root)

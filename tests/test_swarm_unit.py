@@ -1,5 +1,6 @@
-"""The swarm runtime's pure parts: bundler's update/rollback defaults for a stack and the
-swarm.yaml it reads (no engine; the real swarm is in tests/test_swarm.py)."""
+"""The swarm runtime's pure parts: bundler's update/rollback defaults for a stack, the
+swarm.yaml it reads and the causes a failed update names (no engine; the real swarm is in
+tests/test_swarm.py)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,19 @@ def test_swarm_yaml(tmp_path: Path) -> None:
     (tmp_path / "swarm.yaml").write_text("nodes: [n1, n2]\n")
     with pytest.raises(InstallError, match="must map each node's hostname"):
         sw.endpoints(tmp_path)
+
+
+def test_a_failed_update_names_every_distinct_task_error_newest_first() -> None:
+    def task(err: str, message: str = "started") -> dict[str, object]:
+        return {"Status": {"State": "failed", "Err": err, "Message": message}}
+
+    # one task's error alone can be a side effect of the rollback (seen on CI: a network
+    # error hid "unhealthy container"); the line carries each distinct cause once
+    failed = [task("failed to allocate network (id 7w2i)"), task("unhealthy container"),
+              task("unhealthy container"), task("", "rejected: no suitable node")]
+    assert sw._causes(failed) == ("failed to allocate network (id 7w2i); "
+                                             "unhealthy container; rejected: no suitable node")
+    many = [task(f"error {i}\n  detail") for i in range(5)]
+    assert sw._causes(many) == ("error 0 detail; error 1 detail; error 2 detail; "
+                                           "and 2 more")
+    assert sw._causes([]) == ""

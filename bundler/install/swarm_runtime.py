@@ -377,6 +377,19 @@ def _task_time(task: Mapping[str, Any]) -> float:
     return _stamp(task.get("CreatedAt", ""))
 
 
+def _causes(failed: Sequence[Mapping[str, Any]], most: int = 3) -> str:
+    """The distinct errors of failed tasks, newest first: one task's error alone can be a
+    side effect (a network or node hiccup during the rollback) and hide the real cause."""
+    seen: list[str] = []
+    for task in failed:
+        status = task.get("Status") or {}
+        text = " ".join(str(status.get("Err") or status.get("Message", "")).split())[:200]
+        if text and text not in seen:
+            seen.append(text)
+    return "; ".join(seen[:most]) + (f"; and {len(seen) - most} more" if len(seen) > most
+                                     else "")
+
+
 def _verdict(api: Any, svc: Mapping[str, Any], since: float, degraded: bool
              ) -> tuple[bool, str]:
     """(converged, why not) for one service; raises when it failed for good."""
@@ -388,9 +401,7 @@ def _verdict(api: Any, svc: Mapping[str, Any], since: float, degraded: bool
     tasks = api.tasks(filters={"service": str(svc["ID"])})
     failed = sorted((t for t in tasks if t["Status"]["State"] in ("failed", "rejected")
                      and _task_time(t) >= since - 1), key=_task_time, reverse=True)
-    why = ""
-    if failed:
-        why = str(failed[0]["Status"].get("Err") or failed[0]["Status"].get("Message", ""))
+    why = _causes(failed)
     if state in _BAD_UPDATE:
         verb = "rolled back" if state.startswith("rollback") else "paused"
         raise InstallError(f"swarm service {name}: the swarm {verb} its update"
