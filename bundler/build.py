@@ -242,7 +242,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
             + (f" in volumes of at most {part_size} bytes" if part_size else ""))
     with ui.bytes_progress("packing", total) as advance:
         index = archive.pack(out, envelope, [(e, sources[e.path]) for e in entries], created,
-                             advance, part_size)
+                             advance, part_size, corrupt=cache.evict)
     _remove_stale(out, volume_set=index is not None)
     if index is None:
         return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()), (),
