@@ -39,7 +39,7 @@ from typing import Any
 from bundler import proc, ui
 from bundler.cache import Cache
 from bundler.errors import BuildError, CommandError
-from bundler.fsutil import CHUNK
+from bundler.fsutil import CHUNK, atomic_write_bytes
 from bundler.npmlock import (
     NpmPackage,
     npm_env,
@@ -622,20 +622,53 @@ def install_script_warnings(entries: Sequence[LockEntry], packages: Sequence[Npm
 # What npm ci on the target would say about this lock, asked here
 
 
+_CHECK_FORMAT = "1"  # bump when the check's command changes: earlier verdicts then lapse
+
+
+def _npm_ci_verdict(npm: str, pj: bytes, lock: bytes, spec: NpmSpec, registry: str,
+                    cache: Cache) -> Path:
+    """Where npm's acceptance of exactly these inputs is remembered. The check is a function
+    of them alone: npm runs on a copy holding only the two files, with no host configuration
+    (npm_env), an empty npm cache and --offline; so the key is the files' bytes, the dev
+    setting, the registry, and which npm and node run (their resolved paths, sizes and
+    mtimes, and npm's own package.json, which holds its version): an upgrade checks again."""
+    who: list[object] = []
+    for exe in (npm, shutil.which("node")):
+        real = os.path.realpath(exe) if exe else ""
+        with contextlib.suppress(OSError):
+            st = os.stat(real)
+            who.append([real, st.st_size, st.st_mtime_ns])
+    with contextlib.suppress(OSError):
+        who.append(hashlib.sha256((Path(os.path.realpath(npm)).parent.parent
+                                   / "package.json").read_bytes()).hexdigest())
+    key = hashlib.sha256(json.dumps(
+        [_CHECK_FORMAT, hashlib.sha256(pj).hexdigest(), hashlib.sha256(lock).hexdigest(),
+         spec.omit_dev, registry, who]).encode()).hexdigest()
+    return cache.root / "index" / "npm-ci-check" / key
+
+
 def check_npm_ci_accepts(pj_path: Path, lock_path: Path, spec: NpmSpec, registry: str,
                          cache: Cache) -> str | None:
     """Run `npm ci --dry-run --offline` on a copy of the project: what npm ci would refuse on
     the target (a lock out of sync with package.json, entries npm dropped) fails the build
-    instead. Returns a warning when npm is not installed here, else None."""
-    if shutil.which("npm") is None:
+    instead. Returns a warning when npm is not installed here, else None.
+
+    An acceptance is remembered in the cache (about a second of npm per build): the same
+    inputs are not asked again. A refusal is never remembered."""
+    npm = shutil.which("npm")
+    if npm is None:
         return ("npm is not installed on the build machine, so the lock was not checked with "
                 "`npm ci --dry-run`: the target's npm ci may still refuse it")
+    pj, lock = pj_path.read_bytes(), lock_path.read_bytes()  # checked = remembered
+    verdict = _npm_ci_verdict(npm, pj, lock, spec, registry, cache)
+    if verdict.is_file():
+        return None
     cache.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="npm-check-", dir=cache.tmp) as tmp:
         work = Path(tmp) / "project"
         work.mkdir()
-        shutil.copyfile(pj_path, work / "package.json")
-        shutil.copyfile(lock_path, work / "package-lock.json")
+        (work / "package.json").write_bytes(pj)
+        (work / "package-lock.json").write_bytes(lock)
         args = ["npm", "ci", "--dry-run", "--offline", "--ignore-scripts", "--no-audit",
                 "--no-fund", "--no-progress", "--cache", str(Path(tmp) / "npm-cache"),
                 "--registry", registry]
@@ -644,6 +677,7 @@ def check_npm_ci_accepts(pj_path: Path, lock_path: Path, spec: NpmSpec, registry
         result = proc.run(args, cwd=work, env=npm_env(Path(tmp) / "home"), check=False,
                           timeout=600, what="npm ci --dry-run")
     if result.returncode == 0:
+        atomic_write_bytes(verdict, b"accepted\n")
         return None
     out = result.output
     wanted = npm_not_cached(out, registry)
