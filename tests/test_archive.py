@@ -344,6 +344,7 @@ def test_pack_writes_the_bytes_tarfile_writes(tmp_path: Path, key: Ed25519Privat
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Bundles stay byte for byte what they were when tarfile's stream writer made them."""
     monkeypatch.setattr(archive, "CHUNK", 64 * 1024)  # many reads per member, and partial ones
+    monkeypatch.setattr(archive._Writeback, "STEP", 100_000)  # writeback while packing
     manifest = manifest_for(_PACK_FILES)
     envelope = sign(manifest, key)
     sources = _sources(tmp_path, _PACK_FILES)
@@ -390,3 +391,22 @@ def test_pack_refuses_a_source_of_another_size(tmp_path: Path, key: Ed25519Priva
         archive.pack(tmp_path / "x.bundle", sign(manifest, key),
                      [(e, sources[e.path]) for e in manifest.files], mtime=1_700_000_000)
     assert not (tmp_path / "x.bundle").exists()
+
+
+def test_a_failed_writeback_while_packing_fails_the_pack(tmp_path: Path, key: Ed25519PrivateKey,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reports a writeback error once per open file: the background fdatasync's
+    error is the pack's, not lost before the final fsync."""
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(archive._Writeback, "STEP", 4096)
+    monkeypatch.setattr(archive.os, "fdatasync", failing)
+    manifest = manifest_for(_PACK_FILES)
+    sources = _sources(tmp_path, _PACK_FILES)
+    out = tmp_path / "out" / "x.bundle"
+    out.parent.mkdir()
+    with pytest.raises(OSError, match="Input/output error"):
+        archive.pack(out, sign(manifest, key), [(e, sources[e.path]) for e in manifest.files],
+                     mtime=1_700_000_000)
+    assert list(out.parent.iterdir()) == []
