@@ -16,6 +16,7 @@ import os
 import re
 import tarfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -54,42 +55,124 @@ def pack(
     mtime: int,
     progress: Progress | None = None,
     part_size: int | None = None,
+    corrupt: Callable[[Path], None] | None = None,
 ) -> volumes.PartIndex | None:
     """Write the bundle: envelope first, then payloads sorted by path.
 
     Every header field is fixed (owner, mode, mtime) so the same inputs give the same bytes.
+    Each payload is hashed as it is copied and must match its entry's sha256 (and size): a
+    damaged source fails the build (after `corrupt(source)`) instead of yielding a signed
+    bundle that every target refuses.
     Written atomically: a single file via temp + rename, or (with `part_size`) a volume set
     whose parts are renamed into place only when all of them are complete; returns its index.
     """
     if part_size is None:
-        with atomic_write(out) as raw:
-            _write_tar(raw, envelope, members, mtime, progress)
+        with atomic_write(out) as raw, _Writeback(raw) as sink:
+            _write_tar(sink, envelope, members, mtime, progress, corrupt)
         return None
     writer = volumes.SplitWriter(out, part_size)
     try:
-        _write_tar(writer, envelope, members, mtime, progress)
+        _write_tar(writer, envelope, members, mtime, progress, corrupt)
         return writer.commit()
     except BaseException:
         writer.abort()
         raise
 
 
-def _write_tar(raw: BinaryIO | io.RawIOBase, envelope: bytes,
+class _Writeback:
+    """A writer that hands what was written to the disk while packing goes on: a background
+    fdatasync every STEP bytes, so the fsync that commits the bundle waits for the last part
+    only (here: packing 0.42 -> 0.33 s for 156 MB). Their errors are raised here: the kernel
+    reports a failed writeback once per open file, and the final fsync would not see it."""
+
+    STEP = 64 * 1024 * 1024
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writeback")
+        self._pending: Future[None] | None = None
+        self._since = 0
+
+    def __enter__(self) -> _Writeback:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        self._pool.shutdown(wait=True)
+        if kind is None and self._pending is not None:
+            self._pending.result()
+
+    def write(self, data: bytes | memoryview) -> int:
+        n = self._raw.write(data)
+        self._since += len(data)
+        if self._since >= self.STEP and (self._pending is None or self._pending.done()):
+            if self._pending is not None:
+                self._pending.result()
+            self._raw.flush()
+            self._pending = self._pool.submit(os.fdatasync, self._raw.fileno())
+            self._since = 0
+        return n
+
+
+def _header(name: str, size: int, mtime: int) -> bytes:
+    """One member's header blocks (a pax header first when the name needs one), exactly as
+    tarfile's PAX_FORMAT writer makes them."""
+    return _tarinfo(name, size, mtime).tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING,
+                                             "surrogateescape")
+
+
+def _write_tar(raw: BinaryIO | io.RawIOBase | _Writeback, envelope: bytes,
                members: list[tuple[FileEntry, Path]], mtime: int,
-               progress: Progress | None) -> None:
-    with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT,
-                      bufsize=CHUNK) as tar:
-        tar.addfile(_tarinfo(ENVELOPE, len(envelope), mtime), io.BytesIO(envelope))
-        for entry, source in sorted(members, key=lambda m: m[0].path):
-            with open(source, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if size != entry.size:
-                    raise IntegrityError(f"{source} changed size while packing "
-                                         f"({size} != {entry.size})",
+               progress: Progress | None, corrupt: Callable[[Path], None] | None) -> None:
+    """The bytes `tarfile.open(mode="w|", format=PAX_FORMAT)` writes for these members
+    (tests/test_archive.py holds the two equal), written directly: tarfile's stream writer
+    re-copies its whole buffer on every 16 KiB write, which made packing cost ~0.7 s per
+    150 MB. Each payload is read once into one reused buffer, hashed and written from it."""
+    written = 0
+
+    def put(data: bytes | memoryview) -> None:
+        nonlocal written
+        raw.write(data)
+        written += len(data)
+
+    def pad() -> None:
+        if written % tarfile.BLOCKSIZE:
+            put(tarfile.NUL * (tarfile.BLOCKSIZE - written % tarfile.BLOCKSIZE))
+
+    put(_header(ENVELOPE, len(envelope), mtime))
+    put(envelope)
+    pad()
+    view = memoryview(bytearray(CHUNK))
+    for entry, source in sorted(members, key=lambda m: m[0].path):
+        with open(source, "rb", buffering=0) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size != entry.size:
+                raise IntegrityError(f"{source} changed size while packing "
+                                     f"({size} != {entry.size})",
+                                     hint="something modified the cache; build again")
+            put(_header(entry.path, entry.size, mtime))
+            digest = hashlib.sha256()
+            left = entry.size
+            while left:
+                n = fh.readinto(view[:min(left, CHUNK)])
+                if not n:
+                    raise IntegrityError(f"{source} shrank while packing",
                                          hint="something modified the cache; build again")
-                tar.addfile(_tarinfo(entry.path, entry.size, mtime), fh)
-            if progress:
-                progress(entry.size)
+                digest.update(view[:n])
+                put(view[:n])
+                left -= n
+        if digest.hexdigest() != entry.sha256:
+            hint = "replace it with an intact copy"
+            if corrupt is not None:
+                corrupt(source)
+                hint = "it was removed from the cache: build again to fetch it anew"
+            raise IntegrityError(f"{source} (for {entry.path}) does not hash to its sha256 "
+                                 f"{entry.sha256}: the copy on disk is damaged", hint=hint)
+        pad()
+        if progress:
+            progress(entry.size)
+    put(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # the end-of-archive marker
+    if written % tarfile.RECORDSIZE:  # tarfile rounds the archive up to whole records
+        put(tarfile.NUL * (tarfile.RECORDSIZE - written % tarfile.RECORDSIZE))
 
 
 @dataclass(frozen=True)

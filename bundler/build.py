@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler import __version__, actions, archive, lockfile, nodetree, ui, volumes
 from bundler.cache import Cache
-from bundler.engine import engine_client
+from bundler.engine import engine_client, local_image_ids
 from bundler.errors import BuildError, BundlerError
 from bundler.fsutil import require_space
 from bundler.imageref import canonical_tag
@@ -123,16 +123,15 @@ def _images_current(profile: Profile, current: Lock, cache: Cache) -> bool:
     (a local `docker build` since the lock would otherwise go unnoticed)."""
     if current.images_archive is None or not cache.has(current.images_archive[0]):
         return False
-    engine = [i for i in profile.images if i.source == "engine"]
+    engine = [i.ref for i in profile.images if i.source == "engine"]
     if not engine:
         return True
-    client = engine_client(BuildError)
+    now = local_image_ids(engine)
+    if now is None:
+        client = engine_client(BuildError)
+        now = {ref: str(client.api.inspect_image(ref)["Id"]) for ref in engine}
     locked = {i.ref: i.image_id for i in current.images}
-    for spec in engine:
-        now = str(client.api.inspect_image(spec.ref)["Id"])
-        if locked.get(canonical_tag(spec.ref)) != now:
-            return False
-    return True
+    return all(locked.get(canonical_tag(ref)) == now[ref] for ref in engine)
 
 
 def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
@@ -242,7 +241,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
             + (f" in volumes of at most {part_size} bytes" if part_size else ""))
     with ui.bytes_progress("packing", total) as advance:
         index = archive.pack(out, envelope, [(e, sources[e.path]) for e in entries], created,
-                             advance, part_size)
+                             advance, part_size, corrupt=cache.evict)
     _remove_stale(out, volume_set=index is not None)
     if index is None:
         return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()), (),

@@ -64,6 +64,14 @@ class Cache:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
+    def evict(self, path: Path) -> None:
+        """Remove an object found damaged (its bytes no longer hash to its name): every
+        reader checks `has()`, so the next build fetches or rebuilds it. Paths outside the
+        store are left alone."""
+        if path.parent.parent == self.objects and path.name.startswith(path.parent.name):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
     def put_file(self, src: Path) -> tuple[str, int]:
         """Copy `src` into the store (hashing as it copies); return (sha256, size)."""
         with open(src, "rb") as fh:

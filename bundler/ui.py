@@ -18,28 +18,21 @@ All of them are safe to use from several threads: one rich `Live` display is sha
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
-
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from typing import TYPE_CHECKING
 
 from bundler.redact import redact
 
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, TaskID
+
 Log = Callable[[str], None]
 
-_console = Console(stderr=True, highlight=False)
+_made: Console | None = None
 _quiet = False
 _plain = False  # --json: plain lines only, no live progress, no colour
 _lock = threading.RLock()
@@ -58,9 +51,33 @@ def set_plain(plain: bool) -> None:
     _plain = plain
 
 
+def _console() -> Console:
+    """rich's console on stderr, made when first needed: importing rich takes about a tenth
+    of a second, which plain output (a pipe, --json, CI) never needs."""
+    global _made
+    with _lock:
+        if _made is None:
+            from rich.console import Console
+
+            _made = Console(stderr=True, highlight=False)
+        return _made
+
+
+def _terminal() -> bool:
+    """rich's `is_terminal` for stderr, without importing rich when its answer is known: no
+    tty and neither of the variables rich lets force one (TTY_COMPATIBLE, FORCE_COLOR)."""
+    try:
+        tty = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr: rich says no too
+        tty = False
+    if not tty and "TTY_COMPATIBLE" not in os.environ and "FORCE_COLOR" not in os.environ:
+        return False
+    return _console().is_terminal
+
+
 def live() -> bool:
     """Whether progress is drawn: on a terminal, not quiet, not --json."""
-    return not _quiet and not _plain and _console.is_terminal
+    return not _quiet and not _plain and _terminal()
 
 
 def step(text: str) -> None:
@@ -68,7 +85,7 @@ def step(text: str) -> None:
     if not _quiet:
         text = redact(text)
         if live():
-            _console.print(f"[bold cyan]==>[/] {text}", markup=True, soft_wrap=True)
+            _console().print(f"[bold cyan]==>[/] {text}", markup=True, soft_wrap=True)
         else:
             print(f"==> {text}", file=sys.stderr, flush=True)
 
@@ -76,7 +93,7 @@ def step(text: str) -> None:
 def note(text: str) -> None:
     if not _quiet:
         if live():
-            _console.print(f"    {redact(text)}", markup=False, soft_wrap=True)
+            _console().print(f"    {redact(text)}", markup=False, soft_wrap=True)
         else:
             print(f"    {redact(text)}", file=sys.stderr, flush=True)
 
@@ -88,10 +105,18 @@ def _shared() -> Iterator[Progress]:
     global _live, _live_users
     with _lock:
         if _live is None:
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             _live = Progress(SpinnerColumn(), TextColumn("{task.description}"),
                              BarColumn(bar_width=30), TextColumn("{task.fields[amount]}"),
                              TextColumn("{task.fields[speed]}"), TimeElapsedColumn(),
-                             console=_console, transient=True, refresh_per_second=8)
+                             console=_console(), transient=True, refresh_per_second=8)
             _live.start()
         _live_users += 1
         progress = _live
@@ -111,8 +136,17 @@ def bytes_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
     if not live():
         yield lambda n: None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     with Progress(TextColumn("    {task.description}"), BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=_console,
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=_console(),
                   transient=True) as bar:
         task = bar.add_task(redact(label), total=total)
         yield lambda n: bar.advance(task, n)

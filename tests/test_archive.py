@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import tarfile
 from pathlib import Path
@@ -317,3 +318,95 @@ def test_volume_set_verifies_without_hashing_parts(good: Path, key: Ed25519Priva
                         lambda self, d, v: (hashed.append(len(v)), real(self, d, v)))
     verify(parts[1], trust)
     assert hashed == []  # each byte hashed once: by the member check only
+
+
+# ------------------------------------------------------------------------------------------
+# The packer: tarfile's bytes, and every payload checked against its digest as it is copied
+
+_PACK_FILES = {
+    "files/empty.txt": b"",
+    "files/" + "long-dir/" * 14 + "name.txt": b"needs a pax header\n",  # > 100 characters
+    "files/exact.bin": bytes(512 * 3),
+    "images/images.tar": bytes(range(256)) * 4097 + b"tail",  # > CHUNK: several reads
+    "npm/tarballs/x-1.0.0.tgz": b"z" * 10239,  # ends just short of a tar record
+}
+
+
+def _sources(tmp_path: Path, files: dict[str, bytes]) -> dict[str, Path]:
+    out = {}
+    for i, (name, data) in enumerate(sorted(files.items())):
+        out[name] = tmp_path / f"src{i}"
+        out[name].write_bytes(data)
+    return out
+
+
+def test_pack_writes_the_bytes_tarfile_writes(tmp_path: Path, key: Ed25519PrivateKey,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bundles stay byte for byte what they were when tarfile's stream writer made them."""
+    monkeypatch.setattr(archive, "CHUNK", 64 * 1024)  # many reads per member, and partial ones
+    monkeypatch.setattr(archive._Writeback, "STEP", 100_000)  # writeback while packing
+    manifest = manifest_for(_PACK_FILES)
+    envelope = sign(manifest, key)
+    sources = _sources(tmp_path, _PACK_FILES)
+    archive.pack(tmp_path / "new.bundle", envelope,
+                 [(e, sources[e.path]) for e in manifest.files], mtime=1_700_000_000)
+    with open(tmp_path / "old.bundle", "wb") as raw, \
+            tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(archive._tarinfo(archive.ENVELOPE, len(envelope), 1_700_000_000),
+                    io.BytesIO(envelope))
+        for entry in sorted(manifest.files, key=lambda e: e.path):
+            with open(sources[entry.path], "rb") as fh:
+                tar.addfile(archive._tarinfo(entry.path, entry.size, 1_700_000_000), fh)
+    assert (tmp_path / "new.bundle").read_bytes() == (tmp_path / "old.bundle").read_bytes()
+
+
+@pytest.mark.parametrize("part_size", [None, 4096])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_pack_refuses_a_source_that_does_not_hash_to_its_entry(
+        tmp_path: Path, key: Ed25519PrivateKey, part_size: int | None, where: str) -> None:
+    """A damaged cache object of the right size never reaches a signed bundle: the build
+    fails, writes nothing, and hands the object to `corrupt` (the cache evicts it)."""
+    manifest = manifest_for(FILES)
+    sources = _sources(tmp_path, FILES)
+    bad = sources["files/app/b.txt"]
+    data = bytearray(bad.read_bytes())
+    data[0 if where == "first" else -1] ^= 0x01
+    bad.write_bytes(bytes(data))
+    damaged: list[Path] = []
+    out = tmp_path / "out" / "x.bundle"
+    out.parent.mkdir()
+    with pytest.raises(IntegrityError, match=re.escape(f"{bad} (for files/app/b.txt) does not "
+                                                       "hash to its sha256")):
+        archive.pack(out, sign(manifest, key), [(e, sources[e.path]) for e in manifest.files],
+                     mtime=1_700_000_000, part_size=part_size, corrupt=damaged.append)
+    assert damaged == [bad]
+    assert list(out.parent.iterdir()) == []  # no bundle, no part, no temp file
+
+
+def test_pack_refuses_a_source_of_another_size(tmp_path: Path, key: Ed25519PrivateKey) -> None:
+    manifest = manifest_for(FILES)
+    sources = _sources(tmp_path, FILES)
+    sources["files/app/a.txt"].write_bytes(FILES["files/app/a.txt"] + b"!")
+    with pytest.raises(IntegrityError, match="changed size while packing"):
+        archive.pack(tmp_path / "x.bundle", sign(manifest, key),
+                     [(e, sources[e.path]) for e in manifest.files], mtime=1_700_000_000)
+    assert not (tmp_path / "x.bundle").exists()
+
+
+def test_a_failed_writeback_while_packing_fails_the_pack(tmp_path: Path, key: Ed25519PrivateKey,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reports a writeback error once per open file: the background fdatasync's
+    error is the pack's, not lost before the final fsync."""
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(archive._Writeback, "STEP", 4096)
+    monkeypatch.setattr(archive.os, "fdatasync", failing)
+    manifest = manifest_for(_PACK_FILES)
+    sources = _sources(tmp_path, _PACK_FILES)
+    out = tmp_path / "out" / "x.bundle"
+    out.parent.mkdir()
+    with pytest.raises(OSError, match="Input/output error"):
+        archive.pack(out, sign(manifest, key), [(e, sources[e.path]) for e in manifest.files],
+                     mtime=1_700_000_000)
+    assert list(out.parent.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import textwrap
 from pathlib import Path
@@ -84,3 +85,37 @@ def test_image_refs_compare_the_way_docker_reads_them(a: str, b: str) -> None:
 
     assert canonical_ref(a) == canonical_ref(b)
     assert canonical_ref("redis:7") != canonical_ref("redis:6")
+
+
+def test_a_damaged_cache_object_fails_the_build_and_is_fetched_anew(
+        tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """The packer hashes what it copies: a cached object whose bytes changed (same size, so
+    no cheaper check sees it) fails the build with nothing written, and leaves the cache;
+    the next build stores it again and succeeds."""
+    data = b"server { listen 80; }\n" * 50
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "site.conf").write_bytes(data)
+    profile = tmp_path / "bundle.yaml"
+    profile.write_text("schema: 1\nname: site\nversion: 1.0.0\nfiles:\n"
+                       "  - {src: conf, dest: conf}\n")
+    args = ("build", profile, "--key", keys[0], "--out", tmp_path / "out",
+            "--cache-dir", tmp_path / "cache")
+    assert bundle(*args).rc == 0
+    sha = hashlib.sha256(data).hexdigest()
+    obj = tmp_path / "cache" / "objects" / sha[:2] / sha
+    obj.chmod(0o644)
+    obj.write_bytes(data.replace(b"80", b"81", 1))
+    (tmp_path / "out" / "site-1.0.0.bundle").unlink()
+
+    result = bundle(*args)
+    assert result.rc == 7, result.err
+    assert f"error: {obj} (for files/conf/site.conf) does not hash to its sha256 {sha}" \
+        in result.err
+    assert "removed from the cache: build again" in result.err
+    assert not obj.exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+    assert bundle(*args).rc == 0
+    assert obj.read_bytes() == data
+    verified = bundle("verify", tmp_path / "out" / "site-1.0.0.bundle", "--trust", keys[1])
+    assert verified.rc == 0, verified.err

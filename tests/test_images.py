@@ -330,3 +330,57 @@ def test_engine_unreachable_on_the_target(tmp_path: Path,
     with pytest.raises(InstallError) as err:
         load(tmp_path / "x.tar.zst", [ImageRecord("x:1", "sha256:" + "1" * 64)], log)
     assert "not reachable" in err.value.message and "dockerd" in err.value.hint
+
+
+def test_local_image_ids_are_the_sdks_answers(engine: Any, pair: dfx.Pair,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """A warm build asks the engine's socket directly (no SDK import): the same IDs as the
+    SDK's inspect, None for an image the engine lacks; anything else than a reachable unix
+    socket leaves the question to the SDK (None)."""
+    from bundler.engine import local_image_ids
+
+    missing = f"bundler-test/never-built:{dfx.unique()}"
+    by_id = engine.api.inspect_image(pair.b)["Id"]
+    refs = [pair.a, missing, pair.base, by_id]
+    assert local_image_ids(refs) == {pair.a: engine.api.inspect_image(pair.a)["Id"],
+                                     missing: None,
+                                     pair.base: engine.api.inspect_image(pair.base)["Id"],
+                                     by_id: by_id}
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'no.sock'}")
+    assert local_image_ids([pair.a]) is None
+    monkeypatch.setenv("DOCKER_HOST", "tcp://127.0.0.1:9")
+    assert local_image_ids([pair.a]) is None
+
+
+def test_a_rebuilt_engine_image_is_noticed_by_the_next_build(engine: Any,
+                                                              tmp_path: Path) -> None:
+    """The lock names an engine image's ID; a `docker build` since (same tag, new ID) makes
+    `--frozen` refuse and a plain build save the image again; an unchanged one is reused."""
+    from tests.helpers import bundle
+
+    ref = f"bundler-test/rebuilt:{dfx.unique()}"
+    first = dfx.import_base(engine, ref)
+    profile = tmp_path / "bundle.yaml"
+    profile.write_text(f"schema: 1\nname: app\nversion: 1.0.0\n"
+                       f"images:\n  - ref: {ref}\n    source: engine\n")
+    keys = tmp_path / "k"
+    assert bundle("keygen", keys).rc == 0
+    args = ("build", profile, "--key", f"{keys}.key", "--out", tmp_path / "out",
+            "--cache-dir", tmp_path / "cache", "--json")
+    try:
+        built = bundle(*args)
+        assert built.rc == 0, built.err
+        again = bundle(*args)
+        assert again.rc == 0 and "Saving" not in again.err, again.err
+        second = dfx.import_base(engine, ref)
+        assert second != first
+        frozen = bundle(*args, "--frozen")
+        assert frozen.rc == 4 and "not the engine's current ones" in frozen.out, frozen.out
+        rebuilt = bundle(*args)
+        assert rebuilt.rc == 0 and "Saving 1 image(s)" in rebuilt.err, rebuilt.err
+        info = json.loads(bundle("inspect", json.loads(rebuilt.out)["bundle"], "--trust",
+                                 f"{keys}.pub", "--json").out)
+        assert [i["image_id"] for i in info["images"]] == [second]
+    finally:
+        dfx.remove_images(engine, ref)

@@ -332,6 +332,37 @@ def test_a_lock_npm_ci_would_refuse_fails_the_build_not_the_install(
     assert registry.tarball_requests() == []  # refused before downloading anything
 
 
+def test_npm_ci_accepting_a_lock_is_remembered_for_exactly_those_inputs(
+        projects: dict[str, Path], registry: LocalRegistry, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warm build does not ask npm again about a lock it accepted (about a second), but
+    any change to what decides the answer asks again, and a refusal is never remembered."""
+    asked: list[Path] = []
+    real_run = npmmod.proc.run
+
+    def run(args: Any, **kw: Any) -> Any:
+        if "--dry-run" in args:
+            asked.append(kw["cwd"])
+        return real_run(args, **kw)
+
+    monkeypatch.setattr(npmmod.proc, "run", run)
+    project = copy_project(projects["no-resolved"], tmp_path / "p")
+    cache = tmp_path / "cache"
+    first = do_fetch(project, registry, cache)
+    assert len(asked) == 1
+    assert do_fetch(project, registry, cache) == dataclasses.replace(first, downloaded=0)
+    assert len(asked) == 1
+    do_fetch(project, registry, cache, omit_dev=False)  # another question
+    assert len(asked) == 2
+    lock = json.loads((project / "package-lock.json").read_text())
+    del lock["packages"]["node_modules/tiny-base"]
+    (project / "package-lock.json").write_text(json.dumps(lock))
+    for n in (3, 4):
+        with pytest.raises(BuildError, match="it lacks tiny-base"):
+            do_fetch(project, registry, cache)
+        assert len(asked) == n
+
+
 @pytest.mark.parametrize("entry,what", [
     ({"resolved": "git+ssh://git@example.invalid/a.git#abc", "version": "1.0.0",
       "integrity": "sha512-AAAA"}, "not from a registry"),

@@ -34,12 +34,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bundler import proc, ui
 from bundler.cache import Cache
 from bundler.errors import BuildError, CommandError
-from bundler.fsutil import CHUNK
+from bundler.fsutil import CHUNK, atomic_write_bytes
 from bundler.npmlock import (
     NpmPackage,
     npm_env,
@@ -51,9 +51,10 @@ from bundler.npmlock import (
     strongest,
     tarball_path,
 )
-from bundler.resolve import http
 
-WORKERS = http.MAX_PARALLEL
+if TYPE_CHECKING:
+    from bundler.resolve import http
+
 _PACKUMENT_ACCEPT = ("application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, "
                      "*/*")
 
@@ -296,8 +297,9 @@ def _failed(what: str, exc: http.HttpFailed) -> BuildError:
 def packument(registry: str, name: str) -> dict[str, Any]:
     """The registry's document for package `name` (every version's metadata), with retries.
     `registry`: a URL ending in "/" (see registry_url)."""
-    url = registry + name.replace("/", "%2f")
+    from bundler.resolve import http
 
+    url = registry + name.replace("/", "%2f")
     try:
         data = json.loads(http.get_bytes(url, accept=_PACKUMENT_ACCEPT))
         doc: dict[str, Any] = data if isinstance(data, dict) else {}
@@ -371,13 +373,8 @@ class _Stats:
 
 def _download_one(entry: LockEntry, registry: str, cache: Cache, index: _Index,
                   stats: _Stats, progress: ui.Downloads | None = None) -> NpmPackage:
-    hit = index.get(entry.integrity)
-    if hit is not None:
-        with stats.lock:
-            stats.cached += 1
-        if progress is not None:
-            progress.file_done()
-        return _package(entry, *hit)
+    from bundler.resolve import http
+
     algo, want = strongest(entry.integrity)
     ident = f"{entry.name}@{entry.version}"
 
@@ -450,19 +447,43 @@ def _package(entry: LockEntry, sha: str, size: int) -> NpmPackage:
 
 
 def download(entries: Sequence[LockEntry], registry: str, cache: Cache,
-             log: Callable[[str], None], workers: int = WORKERS
+             log: Callable[[str], None], workers: int | None = None
              ) -> tuple[list[NpmPackage], int]:
-    """Every entry's tarball, verified, in the cache. The first failure stops the rest."""
+    """Every entry's tarball, verified, in the cache. The first failure stops the rest.
+    `workers`: parallel downloads (default: http.MAX_PARALLEL)."""
     index = _Index(cache)
     stats = _Stats()
     started = time.monotonic()
     results: dict[int, NpmPackage] = {}
-    with ThreadPoolExecutor(max_workers=max(1, workers),
+    # Cached tarballs first, re-hashed on all cores; a warm build stops here, without loading
+    # the HTTP stack (urllib3: about a tenth of a second).
+    with ThreadPoolExecutor(max_workers=max(1, min(len(entries), os.cpu_count() or 1)),
+                            thread_name_prefix="npm-cached") as pool:
+        for i, (e, hit) in enumerate(zip(entries, pool.map(lambda e: index.get(e.integrity),
+                                                           entries), strict=True)):
+            if hit is not None:
+                results[i] = _package(e, *hit)
+    stats.cached = len(results)
+    todo = [(i, e) for i, e in enumerate(entries) if i not in results]
+    if todo:
+        _fetch_missing(todo, registry, cache, index, stats, results, workers)
+    took = time.monotonic() - started
+    log(f"npm: {stats.downloaded} tarball(s) downloaded ({stats.bytes / 1e6:.1f} MB), "
+        f"{stats.cached} from cache, in {took:.1f}s")
+    return [results[i] for i in range(len(entries))], stats.downloaded
+
+
+def _fetch_missing(todo: list[tuple[int, LockEntry]], registry: str, cache: Cache,
+                   index: _Index, stats: _Stats, results: dict[int, NpmPackage],
+                   workers: int | None) -> None:
+    from bundler.resolve import http
+
+    with ThreadPoolExecutor(max_workers=max(1, workers or http.MAX_PARALLEL),
                             thread_name_prefix="npm-fetch") as pool, \
-            ui.downloads("npm tarballs", len(entries)) as progress:
+            ui.downloads("npm tarballs", len(todo)) as progress:
         futures: dict[Future[NpmPackage], int] = {
             pool.submit(_download_one, e, registry, cache, index, stats, progress): i
-            for i, e in enumerate(entries)}
+            for i, e in todo}
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         failed = [f for f in done if f.exception() is not None]
         if failed:
@@ -479,10 +500,6 @@ def download(entries: Sequence[LockEntry], registry: str, cache: Cache,
             raise exc
         for f, i in futures.items():
             results[i] = f.result()
-    took = time.monotonic() - started
-    log(f"npm: {stats.downloaded} tarball(s) downloaded ({stats.bytes / 1e6:.1f} MB), "
-        f"{stats.cached} from cache, in {took:.1f}s")
-    return [results[i] for i in range(len(entries))], stats.downloaded
 
 
 # ------------------------------------------------------------------------------------------
@@ -622,20 +639,53 @@ def install_script_warnings(entries: Sequence[LockEntry], packages: Sequence[Npm
 # What npm ci on the target would say about this lock, asked here
 
 
+_CHECK_FORMAT = "1"  # bump when the check's command changes: earlier verdicts then lapse
+
+
+def _npm_ci_verdict(npm: str, pj: bytes, lock: bytes, spec: NpmSpec, registry: str,
+                    cache: Cache) -> Path:
+    """Where npm's acceptance of exactly these inputs is remembered. The check is a function
+    of them alone: npm runs on a copy holding only the two files, with no host configuration
+    (npm_env), an empty npm cache and --offline; so the key is the files' bytes, the dev
+    setting, the registry, and which npm and node run (their resolved paths, sizes and
+    mtimes, and npm's own package.json, which holds its version): an upgrade checks again."""
+    who: list[object] = []
+    for exe in (npm, shutil.which("node")):
+        real = os.path.realpath(exe) if exe else ""
+        with contextlib.suppress(OSError):
+            st = os.stat(real)
+            who.append([real, st.st_size, st.st_mtime_ns])
+    with contextlib.suppress(OSError):
+        who.append(hashlib.sha256((Path(os.path.realpath(npm)).parent.parent
+                                   / "package.json").read_bytes()).hexdigest())
+    key = hashlib.sha256(json.dumps(
+        [_CHECK_FORMAT, hashlib.sha256(pj).hexdigest(), hashlib.sha256(lock).hexdigest(),
+         spec.omit_dev, registry, who]).encode()).hexdigest()
+    return cache.root / "index" / "npm-ci-check" / key
+
+
 def check_npm_ci_accepts(pj_path: Path, lock_path: Path, spec: NpmSpec, registry: str,
                          cache: Cache) -> str | None:
     """Run `npm ci --dry-run --offline` on a copy of the project: what npm ci would refuse on
     the target (a lock out of sync with package.json, entries npm dropped) fails the build
-    instead. Returns a warning when npm is not installed here, else None."""
-    if shutil.which("npm") is None:
+    instead. Returns a warning when npm is not installed here, else None.
+
+    An acceptance is remembered in the cache (about a second of npm per build): the same
+    inputs are not asked again. A refusal is never remembered."""
+    npm = shutil.which("npm")
+    if npm is None:
         return ("npm is not installed on the build machine, so the lock was not checked with "
                 "`npm ci --dry-run`: the target's npm ci may still refuse it")
+    pj, lock = pj_path.read_bytes(), lock_path.read_bytes()  # checked = remembered
+    verdict = _npm_ci_verdict(npm, pj, lock, spec, registry, cache)
+    if verdict.is_file():
+        return None
     cache.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="npm-check-", dir=cache.tmp) as tmp:
         work = Path(tmp) / "project"
         work.mkdir()
-        shutil.copyfile(pj_path, work / "package.json")
-        shutil.copyfile(lock_path, work / "package-lock.json")
+        (work / "package.json").write_bytes(pj)
+        (work / "package-lock.json").write_bytes(lock)
         args = ["npm", "ci", "--dry-run", "--offline", "--ignore-scripts", "--no-audit",
                 "--no-fund", "--no-progress", "--cache", str(Path(tmp) / "npm-cache"),
                 "--registry", registry]
@@ -644,6 +694,7 @@ def check_npm_ci_accepts(pj_path: Path, lock_path: Path, spec: NpmSpec, registry
         result = proc.run(args, cwd=work, env=npm_env(Path(tmp) / "home"), check=False,
                           timeout=600, what="npm ci --dry-run")
     if result.returncode == 0:
+        atomic_write_bytes(verdict, b"accepted\n")
         return None
     out = result.output
     wanted = npm_not_cached(out, registry)
