@@ -1,7 +1,7 @@
 """HTTP GETs for the build side: one shared urllib3 pool, bounded parallelism, retries.
 
 Every download the build makes by itself (npm packuments and tarballs, the Node.js runtime,
-the package index pages that explain a missing wheel) goes through here:
+Python package index pages and wheels) goes through here:
 
 - one `PoolManager` for the process, so parallel downloads from one registry reuse their
   keep-alive connections (at most `MAX_PARALLEL` per host, the same bound the callers' thread
