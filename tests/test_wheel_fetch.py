@@ -334,3 +334,33 @@ def test_the_choice_is_pips_on_a_local_index(tmp_path: Path) -> None:
     assert ours["rho"] and "abi3" in ours["rho"].filename
     assert ours["nu"] and "manylinux2010" in ours["nu"].filename  # pip's legacy-tag order
     assert ours["omicron"] and ours["omicron"].filename.endswith("py3-none-any.whl")
+
+
+def test_redirected_page_links_are_relative_to_where_it_landed(tmp_path: Path) -> None:
+    whl = make_wheel(tmp_path / "built", "sigma", "1.0", {"sigma.py": ""})
+    with index_server() as idx:
+        idx.routes["/simple/sigma/"] = [Reply(301, b"", {"Location": "/mirror/p/sigma/"})]
+        idx.routes["/mirror/p/sigma/"] = [html([f'<a href="../../f/{whl.name}">x</a>'])]
+        idx.routes[f"/mirror/f/{whl.name}"] = [file_reply(whl)]
+        spec = PythonSpec(requirements=pinned(tmp_path, "sigma==1.0").requirements,
+                          index_url=f"{idx.url}/simple/")
+        assert resolve(spec, tmp_path)["sigma"].sha256 == sha(whl)
+
+
+def test_file_index_and_find_links_pages_and_file_urls(tmp_path: Path) -> None:
+    built = tmp_path / "built"
+    on_disk = make_wheel(built, "tau", "1.0", {"tau.py": ""})
+    linked = make_wheel(built, "upsilon", "1.0", {"upsilon.py": ""})
+    direct = make_wheel(built, "phi", "1.0", {"phi.py": ""})
+    write_index([on_disk], tmp_path / "index")  # simple/tau/index.html -> ../../files/
+    with index_server() as idx:
+        idx.routes["/links.html"] = [html([f'<a href="dl/{linked.name}">u</a>'])]
+        idx.routes[f"/dl/{linked.name}"] = [file_reply(linked)]
+        idx.routes[f"/wheels/{direct.name}"] = [file_reply(direct)]
+        spec = PythonSpec(
+            requirements=pinned(tmp_path, "tau==1.0", "upsilon==1.0", "phi==1.0").requirements,
+            index_url=(tmp_path / "index" / "simple").as_uri(),
+            find_links=(f"{idx.url}/links.html", f"{idx.url}/wheels/{direct.name}"))
+        got = resolve(spec, tmp_path)
+    assert {n: w.sha256 for n, w in got.items()} == {
+        "tau": sha(on_disk), "upsilon": sha(linked), "phi": sha(direct)}

@@ -40,6 +40,7 @@ MAX_RETRY_AFTER = 120.0
 TIMEOUT = Timeout(connect=15.0, read=60.0)
 USER_AGENT = "bundler"
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_REDIRECTS = 10
 
 T = TypeVar("T")
 OnRetry = Callable[[int, str, float], None]  # (attempt about to start, why, seconds waited)
@@ -93,6 +94,13 @@ def _retry_policy() -> Retry:
                  respect_retry_after_header=True, raise_on_status=False)
 
 
+# per request: follow redirects (Authorization dropped to another host), retry nothing else
+# (the loop in `stream` does, honouring Retry-After). `retries=False` or `total=False` would
+# hand back the 3xx response itself.
+_FOLLOW = Retry(total=MAX_REDIRECTS, connect=0, read=0, status=0, other=0,
+                redirect=MAX_REDIRECTS, status_forcelist=(), respect_retry_after_header=False)
+
+
 def _auth_headers(url: str) -> dict[str, str]:
     auth = parse_url(url).auth
     return dict(urllib3.make_headers(basic_auth=auth)) if auth else {}
@@ -120,9 +128,8 @@ def stream(url: str, consume: Callable[[Iterator[bytes]], T], *, accept: str = "
         response: urllib3.BaseHTTPResponse | None = None
         reusable = False  # the body was read to its end: the connection can serve again
         try:
-            response = _manager(url).request("GET", url, headers=headers, retries=False,
-                                             timeout=TIMEOUT, preload_content=False,
-                                             redirect=True)
+            response = _manager(url).request("GET", url, headers=headers, retries=_FOLLOW,
+                                             timeout=TIMEOUT, preload_content=False)
             status = response.status
             if status in (404, 410):
                 reusable = True
@@ -150,7 +157,9 @@ def stream(url: str, consume: Callable[[Iterator[bytes]], T], *, accept: str = "
                     reusable = True
                     return result
         except HTTPError as exc:  # could not connect, or the connection broke
-            why = f"{type(exc).__name__}: {exc}"
+            cause: BaseException = exc.reason if isinstance(exc, MaxRetryError) and \
+                exc.reason is not None else exc  # _FOLLOW wraps it
+            why = f"{type(cause).__name__}: {cause}"
         except OSError as exc:
             why = f"{type(exc).__name__}: {exc}"
         finally:
