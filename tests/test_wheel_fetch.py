@@ -364,3 +364,28 @@ def test_file_index_and_find_links_pages_and_file_urls(tmp_path: Path) -> None:
         got = resolve(spec, tmp_path)
     assert {n: w.sha256 for n, w in got.items()} == {
         "tau": sha(on_disk), "upsilon": sha(linked), "phi": sha(direct)}
+
+
+def test_downloads_that_fail_midway_give_their_connection_back(tmp_path: Path) -> None:
+    """A failed consumer (hash mismatch, full disk) closes its connection: it must still
+    free its pool slot, or after MAX_PARALLEL failures every later download waits forever."""
+    from bundler.resolve import http as bhttp
+
+    def refuse(_chunks: Iterator[bytes]) -> None:
+        raise ValueError("no")
+
+    outcome: list[object] = []
+
+    def many() -> None:
+        for _ in range(bhttp.MAX_PARALLEL * 2):
+            with pytest.raises(ValueError):
+                bhttp.stream(f"{idx.url}/blob", refuse)
+        outcome.append(bhttp.get_bytes(f"{idx.url}/blob"))
+
+    with index_server() as idx:
+        idx.routes["/blob"] = [Reply(200, b"x" * 100_000)]
+        worker = threading.Thread(target=many, daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+    assert not worker.is_alive(), "the pool ran out of connections"
+    assert outcome == [b"x" * 100_000]

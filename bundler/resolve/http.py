@@ -192,15 +192,18 @@ class _Transient(ProtocolError):
 
 
 def _done_with(response: urllib3.BaseHTTPResponse, reusable: bool) -> None:
-    """Back to the pool when the body was read (or is small), else close the connection."""
+    """Back to the pool when the body was read (or is small), else close the connection.
+    Either way its slot goes back: the pool blocks at MAX_PARALLEL, so a connection closed
+    but not released would be lost for good, and enough of them stall every download."""
     try:
         if reusable:
             response.drain_conn()  # nothing left after a full read; an error page is small
-            response.release_conn()
         else:
             response.close()
     except (HTTPError, OSError):
         response.close()
+    finally:
+        response.release_conn()  # a closed one is replaced when next taken
 
 
 def _chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
