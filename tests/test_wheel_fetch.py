@@ -7,6 +7,7 @@ compared with the real `pip download` against the same kind of index."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.server
 import json
@@ -389,3 +390,46 @@ def test_downloads_that_fail_midway_give_their_connection_back(tmp_path: Path) -
         worker.join(timeout=30)
     assert not worker.is_alive(), "the pool ran out of connections"
     assert outcome == [b"x" * 100_000]
+
+
+def test_lock_on_a_terminal_draws_the_downloads_and_finishes(tmp_path: Path) -> None:
+    """More wheels than parallel downloads, with the live progress rows drawn (stderr is a
+    terminal): every row comes and goes while others are still running."""
+    built = tmp_path / "built"
+    made = [make_wheel(built, f"tty{i}", "1.0", {f"tty{i}.py": "x = 1\n" * 20_000})
+            for i in range(12)]
+    write_index(made, tmp_path / "index")
+    (tmp_path / "requirements.txt").write_text(
+        "".join(f"tty{i}==1.0 --hash=sha256:{sha(w)}\n" for i, w in enumerate(made)))
+    profile = tmp_path / "tty.yaml"
+    with serve(tmp_path / "index") as url:
+        profile.write_text(
+            "schema: 1\nname: tty\nversion: 1.0.0\ntarget:\n  python: \"3.11\"\n"
+            "  platform: manylinux_2_28_x86_64\npython:\n  requirements: requirements.txt\n"
+            f"  index_url: {url}\n")
+        leader, follower = os.openpty()
+        chunks: list[bytes] = []
+
+        def drain() -> None:  # a full pty would block the writer
+            with contextlib.suppress(OSError):
+                while chunk := os.read(leader, 65536):
+                    chunks.append(chunk)
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "bundler", "lock", str(profile), "--cache-dir",
+                 str(tmp_path / "cache")], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=follower, timeout=120, check=False,
+                env={**os.environ, "TERM": "xterm", "COLUMNS": "120"})
+        finally:
+            os.close(follower)
+            reader.join(timeout=10)
+            os.close(leader)
+        screen = b"".join(chunks)
+    assert done.returncode == 0, screen.decode(errors="replace")[-2000:]
+    text = screen.decode(errors="replace")
+    assert "wheels" in text and "files" in text and "\x1b[" in text  # the live rows
+    locked = json.loads(profile.with_suffix(".lock").read_text())["python"]
+    assert sorted(w["sha256"] for w in locked) == sorted(sha(w) for w in made)
