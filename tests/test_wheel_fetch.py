@@ -433,3 +433,20 @@ def test_lock_on_a_terminal_draws_the_downloads_and_finishes(tmp_path: Path) -> 
     assert "wheels" in text and "files" in text and "\x1b[" in text  # the live rows
     locked = json.loads(profile.with_suffix(".lock").read_text())["python"]
     assert sorted(w["sha256"] for w in locked) == sorted(sha(w) for w in made)
+
+
+def test_a_locked_wheel_gone_or_changed_on_the_index_fails_naming_it(tmp_path: Path) -> None:
+    whl = make_wheel(tmp_path / "built", "chi", "1.0", {"chi.py": ""})
+    with index_server() as idx:
+        idx.routes["/simple/chi/"] = [html([f'<a href="/f/{whl.name}">x</a>'])]
+        idx.routes[f"/f/{whl.name}"] = [Reply(200, whl.read_bytes() + b"!")]
+        spec = PythonSpec(requirements=tmp_path / "unused", index_url=f"{idx.url}/simple/")
+        size = whl.stat().st_size
+        gone = [wheels.LockedWheel("chi", "1.0", (), "chi-1.0-py2-none-any.whl", sha(whl), size)]
+        changed = [wheels.LockedWheel("chi", "1.0", (), whl.name, sha(whl), size)]
+        for locked, words in ((gone, "chi-1.0-py2-none-any.whl (chi 1.0) is not on the package "
+                                     "index any more"),
+                              (changed, f"{whl.name} does not match bundle.lock")):
+            with pytest.raises(BuildError) as err:
+                wheels.materialize(locked, spec, TARGET, Cache(tmp_path / "c"), lambda _m: None)
+            assert words in err.value.message
