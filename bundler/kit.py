@@ -15,9 +15,9 @@ set; the build side's are the `build` extra), with their dependency closure, as 
 target's platform and CPython:
 
 - from the package index (default): locked for the target and downloaded exactly as a
-  bundle's Python requirements are (bundler.resolve.wheels: uv or pip-tools, `pip download
-  --only-binary=:all: --platform ... --isolated`, host pip configuration ignored), cached in
-  bundler's content-addressed cache;
+  bundle's Python requirements are (bundler.resolve.wheels: uv or pip-tools, then the wheel
+  pip would choose for the target, fetched directly; host pip configuration ignored), cached
+  in bundler's content-addressed cache;
 - or `from_installed`: from the environment bundler itself runs in, with no network, when the
   target is this host's Python and platform (each distribution's wheel tags are checked).
 

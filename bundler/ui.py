@@ -226,8 +226,8 @@ class FileBar:
     def _show(self) -> None:
         assert self._progress is not None and self._task is not None
         amount = _size(self._done) + (f"/{_size(self._total)}" if self._total else "")
-        speed = self._progress.tasks[self._task].speed if self._task in \
-            self._progress.task_ids else None
+        # `tasks` is a list: a task's id is not its index once other rows were removed
+        speed = next((t.speed for t in self._progress.tasks if t.id == self._task), None)
         self._progress.update(self._task, amount=amount,
                               speed=f"{_size(speed)}/s" if speed else "")
 

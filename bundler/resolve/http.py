@@ -1,7 +1,7 @@
 """HTTP GETs for the build side: one shared urllib3 pool, bounded parallelism, retries.
 
 Every download the build makes by itself (npm packuments and tarballs, the Node.js runtime,
-the package index pages that explain a missing wheel) goes through here:
+Python package index pages and wheels) goes through here:
 
 - one `PoolManager` for the process, so parallel downloads from one registry reuse their
   keep-alive connections (at most `MAX_PARALLEL` per host, the same bound the callers' thread
@@ -23,7 +23,9 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
+from urllib.parse import urljoin
 
 import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError
@@ -38,6 +40,7 @@ MAX_RETRY_AFTER = 120.0
 TIMEOUT = Timeout(connect=15.0, read=60.0)
 USER_AGENT = "bundler"
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_REDIRECTS = 10
 
 T = TypeVar("T")
 OnRetry = Callable[[int, str, float], None]  # (attempt about to start, why, seconds waited)
@@ -91,6 +94,13 @@ def _retry_policy() -> Retry:
                  respect_retry_after_header=True, raise_on_status=False)
 
 
+# per request: follow redirects (Authorization dropped to another host), retry nothing else
+# (the loop in `stream` does, honouring Retry-After). `retries=False` or `total=False` would
+# hand back the 3xx response itself.
+_FOLLOW = Retry(total=MAX_REDIRECTS, connect=0, read=0, status=0, other=0,
+                redirect=MAX_REDIRECTS, status_forcelist=(), respect_retry_after_header=False)
+
+
 def _auth_headers(url: str) -> dict[str, str]:
     auth = parse_url(url).auth
     return dict(urllib3.make_headers(basic_auth=auth)) if auth else {}
@@ -98,22 +108,28 @@ def _auth_headers(url: str) -> dict[str, str]:
 
 def stream(url: str, consume: Callable[[Iterator[bytes]], T], *, accept: str = "*/*",
            on_retry: OnRetry | None = None,
-           on_length: Callable[[int | None], None] | None = None) -> T:
+           on_length: Callable[[int | None], None] | None = None,
+           on_response: Callable[[str, str], None] | None = None,
+           compressed: bool = False) -> T:
     """GET `url` and return `consume(chunks)`; `consume` runs once per attempt and must not
     keep anything from a failed one (a retry starts the body from the beginning).
+    `on_response(final_url, content_type)` runs before it (the URL after redirects: what a
+    page's relative links are relative to). `compressed`: accept a gzip'ed body (decoded
+    here), for text documents: PyPI's JSON page of a big project shrinks about tenfold.
 
     Raises NotFound (404/410) or HttpFailed (anything else, after the retries)."""
     retry = _retry_policy()
     attempt = 1
     headers = {"Accept": accept, **_auth_headers(url)}
+    if compressed:
+        headers["Accept-Encoding"] = "gzip"
     while True:
         why: str
         response: urllib3.BaseHTTPResponse | None = None
         reusable = False  # the body was read to its end: the connection can serve again
         try:
-            response = _manager(url).request("GET", url, headers=headers, retries=False,
-                                             timeout=TIMEOUT, preload_content=False,
-                                             redirect=True)
+            response = _manager(url).request("GET", url, headers=headers, retries=_FOLLOW,
+                                             timeout=TIMEOUT, preload_content=False)
             status = response.status
             if status in (404, 410):
                 reusable = True
@@ -129,6 +145,10 @@ def stream(url: str, consume: Callable[[Iterator[bytes]], T], *, accept: str = "
                 if on_length is not None:
                     length = response.headers.get("Content-Length")
                     on_length(int(length) if length and length.isdigit() else None)
+                if on_response is not None:
+                    # urllib3 gives the path requested, or the last redirect's Location
+                    on_response(urljoin(url, response.url or ""),
+                                response.headers.get("Content-Type", ""))
                 try:
                     result = consume(_chunks(response))
                 except _Cut as cut:
@@ -137,7 +157,9 @@ def stream(url: str, consume: Callable[[Iterator[bytes]], T], *, accept: str = "
                     reusable = True
                     return result
         except HTTPError as exc:  # could not connect, or the connection broke
-            why = f"{type(exc).__name__}: {exc}"
+            cause: BaseException = exc.reason if isinstance(exc, MaxRetryError) and \
+                exc.reason is not None else exc  # _FOLLOW wraps it
+            why = f"{type(cause).__name__}: {cause}"
         except OSError as exc:
             why = f"{type(exc).__name__}: {exc}"
         finally:
@@ -170,15 +192,18 @@ class _Transient(ProtocolError):
 
 
 def _done_with(response: urllib3.BaseHTTPResponse, reusable: bool) -> None:
-    """Back to the pool when the body was read (or is small), else close the connection."""
+    """Back to the pool when the body was read (or is small), else close the connection.
+    Either way its slot goes back: the pool blocks at MAX_PARALLEL, so a connection closed
+    but not released would be lost for good, and enough of them stall every download."""
     try:
         if reusable:
             response.drain_conn()  # nothing left after a full read; an error page is small
-            response.release_conn()
         else:
             response.close()
     except (HTTPError, OSError):
         response.close()
+    finally:
+        response.release_conn()  # a closed one is replaced when next taken
 
 
 def _chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
@@ -200,3 +225,32 @@ def get_bytes(url: str, *, accept: str = "*/*", limit: int = 64 * 1024 * 1024,
         return bytes(out)
 
     return stream(url, read, accept=accept, on_retry=on_retry)
+
+
+@dataclass(frozen=True)
+class Page:
+    """A small document with what is needed to read it: its type and its URL after
+    redirects."""
+
+    body: bytes
+    content_type: str
+    url: str
+
+
+def get_page(url: str, *, accept: str, limit: int = 64 * 1024 * 1024,
+             on_retry: OnRetry | None = None) -> Page:
+    """Like get_bytes, with the Content-Type and the final URL."""
+    seen: list[tuple[str, str]] = []
+
+    def read(chunks: Iterator[bytes]) -> bytes:
+        out = bytearray()
+        for chunk in chunks:
+            out += chunk
+            if len(out) > limit:
+                raise HttpFailed(f"GET {url}: more than {limit} bytes")
+        return bytes(out)
+
+    body = stream(url, read, accept=accept, on_retry=on_retry, compressed=True,
+                  on_response=lambda final, ctype: seen.append((final, ctype)))
+    final, ctype = seen[-1]
+    return Page(body, ctype, final)

@@ -23,13 +23,36 @@ def python_tuple(target: Target) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def supported_tags(target: Target) -> set[tags.Tag]:
+def _pip_platform_order(plats: list[str]) -> list[str]:
+    """The platforms in the order pip ranks them for `--platform` options: pip follows each
+    legacy manylinux2014 / manylinux2010 tag with the older legacy tags it implies (PEP 599,
+    PEP 571) before the next one given, so manylinux2010 ranks above manylinux_2_16."""
+    out: list[str] = []
+    for plat in plats:
+        prefix, _, arch_ = plat.partition("_")
+        implied = [plat]
+        if prefix == "manylinux2014" and arch_ in ("i686", "x86_64"):
+            implied += [f"manylinux2010_{arch_}", f"manylinux1_{arch_}"]
+        elif prefix == "manylinux2010":
+            implied.append(f"manylinux1_{arch_}")
+        out += [p for p in implied if p not in out]
+    return out
+
+
+def sorted_tags(target: Target) -> list[tags.Tag]:
+    """The wheel tags the target accepts, most preferred first: exactly pip's order for
+    `pip download --implementation cp --python-version X.Y --platform ...` (a wheel ranks
+    by its best tag; bundler picks among a release's wheels the way pip would)."""
     py = python_tuple(target)
     interp = f"cp{py[0]}{py[1]}"
-    plats = platforms(target)
-    found = set(tags.cpython_tags(py, abis=[interp], platforms=plats))
-    found.update(tags.compatible_tags(py, interpreter=interp, platforms=plats))
-    return found
+    plats = _pip_platform_order(platforms(target))
+    found = [*tags.cpython_tags(py, abis=[interp], platforms=plats),
+             *tags.compatible_tags(py, interpreter=interp, platforms=plats)]
+    return list(dict.fromkeys(found))
+
+
+def supported_tags(target: Target) -> set[tags.Tag]:
+    return set(sorted_tags(target))
 
 
 def marker_env(target: Target) -> dict[str, str]:

@@ -1,8 +1,11 @@
 """Python wheels for the target, from a pinned requirements file.
 
-pip downloads (isolated from host pip configuration) for the target's Python and platform
-tags; bundler itself evaluates markers for the target, checks each wheel's tags, and checks
-that the pinned set is complete (every dependency of every wheel is pinned), so a missing
+Each pin's wheel is the one `pip download --only-binary=:all:` would take for the target's
+Python and platform tags (bundler.resolve.pyindex lists the profile's sources and chooses as
+pip does), downloaded directly into the cache over the shared HTTP pool, several at once, each
+checked against its hashes. No `pip download` process: nothing it does is missing here (host
+pip configuration was never used). bundler evaluates markers for the target and checks that
+the pinned set is complete (every dependency of every wheel is pinned), so a missing
 dependency fails the BUILD rather than the air-gapped install.
 """
 
@@ -10,14 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import email.parser
-import os
 import re
 import shutil
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,19 +29,17 @@ from typing import Any
 from packaging.markers import Marker
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import (
-    InvalidWheelFilename,
     NormalizedName,
     canonicalize_name,
-    parse_wheel_filename,
 )
-from packaging.version import Version
 
-from bundler import proc, ui
+from bundler import ui
 from bundler.cache import Cache
-from bundler.errors import BuildError, CommandError, Problem, ProfileError
+from bundler.errors import BuildError, Problem, ProfileError
 from bundler.manifest import FileEntry
 from bundler.models import Target
 from bundler.profile import PythonSpec
+from bundler.resolve import http, pyindex
 from bundler.resolve import target as tgt
 from bundler.ui import Log
 
@@ -162,9 +164,9 @@ def resolve(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> tuple[L
             pins = for_target(parse_requirements_text(text, label), target)
             if not pins:
                 return ()
-            wheels = _download(pins, spec, target, attempt, log)
+            got = _fetch([_Want(p) for p in pins], spec, target, cache, log)
             try:
-                _check_complete(pins, wheels, target)
+                _check_complete(pins, {n: g.path for n, g in got.items()}, target)
                 break
             except BuildError as gap:
                 if relock or spec.requirements is not None or spec.resolver != "pip-tools":
@@ -175,12 +177,8 @@ def resolve(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> tuple[L
                 log(f"pip-compile resolved for this host's CPython {sys.version.split()[0]}, "
                     f"and the target (CPython {target.python}.x) needs more: {gap.message}; "
                     "re-locking with uv for the target")
-        out = []
-        for pin in pins:
-            sha, size = cache.put_file(wheels[pin.name])
-            out.append(LockedWheel(pin.name, pin.version, pin.extras, wheels[pin.name].name,
-                                   sha, size))
-        return tuple(out)
+        return tuple(LockedWheel(p.name, p.version, p.extras, got[p.name].file,
+                                 got[p.name].sha256, got[p.name].size) for p in pins)
 
 
 def materialize(locked: Sequence[LockedWheel], spec: PythonSpec, target: Target, cache: Cache,
@@ -191,17 +189,9 @@ def materialize(locked: Sequence[LockedWheel], spec: PythonSpec, target: Target,
     """
     missing = [w for w in locked if not cache.has(w.sha256)]
     if missing:
-        pins = [Pin(canonicalize_name(w.name), w.version, w.extras, (w.sha256,), None, 0)
-                for w in missing]
-        with _workdir(cache) as work:
-            got = _download(pins, spec, target, work, log)
-            for w in missing:
-                sha, _size = cache.put_file(got[canonicalize_name(w.name)])
-                if sha != w.sha256:
-                    raise BuildError(f"{w.file} from the index differs from bundle.lock "
-                                     f"({sha[:12]} != {w.sha256[:12]})",
-                                     hint="the index served other bytes; investigate before "
-                                          "re-locking with `bundle lock`")
+        # exactly the locked file, its bytes checked against the lock's sha256
+        _fetch([_Want(Pin(canonicalize_name(w.name), w.version, w.extras, (w.sha256,), None, 0),
+                      w.file, "bundle.lock") for w in missing], spec, target, cache, log)
     entries: list[FileEntry] = []
     sources: dict[str, Path] = {}
     lock_lines = [f"# bundler lock for CPython {target.python} on {target.platform}; "
@@ -228,90 +218,143 @@ def _workdir(cache: Cache) -> Iterator[Path]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-DOWNLOAD_WORKERS = 4
+@dataclass(frozen=True)
+class _Want:
+    pin: Pin
+    file: str | None = None        # exactly this file (a locked wheel fetched again)
+    hashes_from: str = "the requirements' --hash"
 
 
-def _download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: Path,
-              log: Log) -> dict[str, Path]:
-    """Download the pins' wheels for the target: several pip processes in parallel (pip
-    fetches one file at a time), each with pip's own retries."""
-    n = max(1, min(DOWNLOAD_WORKERS, len(pins)))
-    groups = [list(pins[i::n]) for i in range(n)]
-    log(f"downloading {len(pins)} wheel(s) for CPython {target.python} / {target.platform}"
-        + (f" ({n} in parallel)" if n > 1 else ""))
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="pip-download") as pool, \
-            ui.activity(f"downloading {len(pins)} wheel(s)") as spinner:
-        futures = [pool.submit(_pip_download, group, spec, target, work / f"g{i}")
-                   for i, group in enumerate(groups)]
-        while wait(futures, timeout=0.25).not_done:
-            # pip moves each finished file into --dest: count them
-            got = sum(1 for i in range(n) for _ in (work / f"g{i}" / "dl").glob("*.whl")
-                      ) if ui.live() else 0
-            spinner.update(f"{got}/{len(pins)} files")
-        errors = [f.exception() for f in futures if f.exception() is not None]
-    if errors:
-        messages = [e.message for e in errors if isinstance(e, CommandError)]
-        if any("No matching distribution found" in m for m in messages):
-            raise _no_wheel_error(pins, spec, target) from None
-        first = errors[0]
-        if isinstance(first, CommandError):
-            raise BuildError(f"downloading wheels failed: {first.message}") from None
-        raise first  # type: ignore[misc]
-    out = work / "dl"
-    out.mkdir()
-    for i in range(n):
-        for whl in (work / f"g{i}" / "dl").glob("*"):
-            os.replace(whl, out / whl.name)
-    found: dict[str, Path] = {}
-    supported = tgt.supported_tags(target)
-    for whl in sorted(out.glob("*")):
-        try:
-            name, version, _build, wtags = parse_wheel_filename(whl.name)
-        except InvalidWheelFilename:
-            raise BuildError(f"pip produced {whl.name}, which is not a wheel",
-                             hint="only wheels can be installed offline") from None
-        if not wtags & supported:
-            raise BuildError(f"{whl.name} does not fit CPython {target.python} on "
-                             f"{target.platform}")
-        found[name] = whl
-        pin = next((p for p in pins if p.name == name), None)
-        if pin is None or Version(pin.version) != version:
-            raise BuildError(f"pip downloaded {whl.name}, which was not asked for")
-    missing_pins = [p.name for p in pins if p.name not in found]
-    if missing_pins:
-        raise BuildError(f"pip did not download {', '.join(missing_pins)}")
-    return found
+@dataclass(frozen=True)
+class Got:
+    """A pin's wheel, in the cache."""
+
+    file: str
+    sha256: str
+    size: int
+    path: Path
 
 
-def _pip_download(pins: Sequence[Pin], spec: PythonSpec, target: Target, work: Path) -> None:
-    work.mkdir(parents=True)
-    req_file = work / "requirements.txt"
-    hashed = all(p.hashes for p in pins)
-    req_file.write_text("".join(
-        f"{p.name}{'[' + ','.join(p.extras) + ']' if p.extras else ''}=={p.version}"
-        + "".join(f" --hash=sha256:{h}" for h in (p.hashes if hashed else ()))
-        + "\n" for p in pins))
-    args: list[str] = [sys.executable, "-m", "pip", "download", "--isolated", "--no-deps",
-                       "--only-binary=:all:", "--implementation", "cp",
-                       "--python-version", target.python, "--dest", str(work / "dl"),
-                       "--retries", "5", "--progress-bar", "off", "-r", str(req_file)]
-    for plat in tgt.platforms(target):
-        args += ["--platform", plat]
-    proc.run([*args, *spec.index_args()], what="pip download", timeout=1800)
+def _fetch(wants: Sequence[_Want], spec: PythonSpec, target: Target, cache: Cache,
+           log: Log) -> dict[NormalizedName, Got]:
+    """Each pin's wheel for the target, chosen as pip would (pyindex.choose_wheel), streamed
+    into the cache (hashed as it is written, checked against the pin's or the index's
+    sha256) over the shared HTTP pool, up to http.MAX_PARALLEL at once. Every pin without a
+    fitting wheel is named in one error; any other failure stops the rest."""
+    workers = max(1, min(http.MAX_PARALLEL, len(wants)))
+    log(f"downloading {len(wants)} wheel(s) for CPython {target.python} / {target.platform}"
+        + (f" ({workers} in parallel)" if workers > 1 else ""))
+    started = time.monotonic()
+    listings: dict[NormalizedName, list[pyindex.ProjectFile]] = {}
+    got: dict[NormalizedName, Got] = {}
+    fetched = [0, 0]  # files, bytes
+    lock = threading.Lock()
+
+    def one(want: _Want, progress: ui.Downloads) -> None:
+        pin = want.pin
+        files = pyindex.project_files(spec, pin.name)
+        chosen = pyindex.choose_wheel(files, pin.name, pin.version, target, pin.hashes,
+                                      want.file)
+        if chosen is None:
+            with lock:
+                listings[pin.name] = files
+            progress.file_done()
+            return
+        result, downloaded = _into_cache(chosen, want, cache, progress)
+        with lock:
+            got[pin.name] = result
+            if downloaded:
+                fetched[0] += 1
+                fetched[1] += result.size
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wheels") as pool, \
+            ui.downloads("wheels", len(wants)) as progress:
+        futures = {pool.submit(one, w, progress): i for i, w in enumerate(wants)}
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in done if f.exception() is not None]
+        if failed:
+            for f in pending:
+                f.cancel()
+            wait(pending)
+            # the first pin's failure in requirement order: stable across runs
+            exc = min(failed, key=lambda f: futures[f]).exception()
+            assert exc is not None
+            raise exc
+    if listings:
+        missing = [w.pin for w in wants if w.pin.name in listings]
+        if any(w.file is not None for w in wants if w.pin.name in listings):
+            w = next(w for w in wants if w.pin.name in listings)
+            raise BuildError(f"{w.file} ({w.pin.name} {w.pin.version}) is not on the "
+                             "package index any more",
+                             hint="re-lock with `bundle lock`, or restore the file on the index")
+        raise _no_wheel_error(missing, spec, target, listings)
+    log(f"fetched {fetched[0]} wheel(s), {fetched[1] / 1e6:.1f} MB, in "
+        f"{time.monotonic() - started:.1f}s" if fetched[0] else "every wheel was in the cache")
+    return got
 
 
-def _no_wheel_error(pins: Sequence[Pin], spec: PythonSpec, target: Target) -> BuildError:
-    """Name EVERY pin without a fitting wheel, each with its reason (pip stops at the first)."""
-    from bundler.resolve import pyindex
+def _into_cache(f: pyindex.ProjectFile, want: _Want, cache: Cache,
+                progress: ui.Downloads) -> tuple[Got, bool]:
+    """The file in the cache, verified: against the pin's hashes when it has any (a lock,
+    --require-hashes), else against the sha256 the index states (as pip checks a link's)."""
+    expected = set(want.pin.hashes) or ({f.sha256} if f.sha256 else set())
+    source = want.hashes_from if want.pin.hashes else "the sha256 the index states"
+    for sha in sorted(expected):
+        if cache.has(sha):  # verified when it was stored
+            progress.file_done()
+            return Got(f.filename, sha, cache.path(sha).stat().st_size, cache.path(sha)), False
 
-    reasons = []
-    for pin in pins:
-        reason = pyindex.why_no_wheel(spec, target, pin.name, pin.version)
-        if "has a fitting wheel" not in reason:
-            reasons.append(reason)
-    detail = "; ".join(reasons) or "pip found no matching distribution"
+    def check(sha: str, size: int) -> None:
+        if expected and sha not in expected:
+            raise BuildError(f"{f.filename} does not match {source}: {size} bytes from "
+                             f"{f.url} hash to sha256 {sha[:16]}..., expected "
+                             f"{' or '.join(h[:16] + '...' for h in sorted(expected))}",
+                             hint="the index served other bytes than the hashes name: do not "
+                                  "ship them; find out why (re-lock only if the change is "
+                                  "legitimate)")
+
+    with ui.file_progress(progress, f.filename) as bar:
+        if f.is_local:
+            path = f.local_path()
+            bar.total(path.stat().st_size)
+            with open(path, "rb") as fh:
+                def read_local(n: int) -> bytes:
+                    chunk = fh.read(n)
+                    bar.advance(len(chunk))
+                    return chunk
+
+                sha, size = cache.put_stream(read_local, check)
+        else:
+            def into_cache(chunks: Iterator[bytes]) -> tuple[str, int]:
+                def read(_n: int) -> bytes:
+                    chunk = next(chunks, b"")
+                    bar.advance(len(chunk))
+                    return chunk
+
+                bar.restart()
+                return cache.put_stream(read, check)
+
+            try:
+                sha, size = http.stream(f.url, into_cache, on_retry=bar.retrying,
+                                        on_length=bar.total)
+            except http.NotFound:
+                raise BuildError(f"{f.filename} is listed by the index but {f.url} is not "
+                                 "found", hint="the index is inconsistent; try again later or "
+                                               "use another index") from None
+            except http.HttpFailed as exc:
+                raise BuildError(f"downloading {f.filename} failed: {exc.message}",
+                                 hint="check the network and the index, then run again "
+                                      "(finished downloads stay cached)") from None
+    return Got(f.filename, sha, size, cache.path(sha)), True
+
+
+def _no_wheel_error(pins: Sequence[Pin], spec: PythonSpec, target: Target,
+                    listings: dict[NormalizedName, list[pyindex.ProjectFile]]) -> BuildError:
+    """Name EVERY pin without a fitting wheel, each with its reason."""
+    reasons = [pyindex.why_no_wheel(spec, target, p.name, p.version, listings.get(p.name))
+               for p in pins]
     return BuildError(
-        f"no wheel for CPython {target.python} on {target.platform}: {detail}",
+        f"no wheel for CPython {target.python} on {target.platform}: {'; '.join(reasons)}",
         hint="pin versions that publish wheels for the target (sdists are not installable "
              "offline), or change target.python / target.platform",
     )
