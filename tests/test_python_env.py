@@ -78,6 +78,12 @@ def test_venv_is_made_and_filled_by_uv_with_host_config_ignored(
     assert "tinygreet" in log.read_text()
     assert notes == []
     _assert_made_by_uv(tmp_path / "venv")
+    # uv's unpacking cache beside the venv is gone; the venv's files, hard-linked from it, stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "requirements.lock", "venv",
+                                                          "wheels", "xdg"]
+    module = next((tmp_path / "venv").glob("lib/python*/site-packages/tinygreet/__init__.py"))
+    assert module.stat().st_nlink == 1 and "def greet" in module.read_text()
+    assert list(module.parent.glob("__pycache__/__init__.*.pyc")), "bytecode is compiled"
 
 
 def test_pip_is_the_logged_fallback_without_uv(tmp_path: Path,
@@ -103,6 +109,7 @@ def test_a_wheel_that_does_not_match_its_hash_fails_in_one_line(tmp_path: Path) 
     assert err.message.startswith("installing Python packages failed: uv pip install exited")
     assert "hash" in err.message.lower(), err.message
     assert str(tmp_path / "logs" / "uv-pip-install.log") in (err.hint or "")
+    assert not (tmp_path / ".uv-unpack").exists()
 
 
 # A Debian host with python3 but without python3-venv and python3-pip: the host's real

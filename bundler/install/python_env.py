@@ -55,16 +55,31 @@ def _with_uv(uv: Path, python: Path, venv: Path, wheels: Path, lock: Path, logs:
     # No uv.toml / pyproject / UV_* from the host (clean_env drops UV_*), no cache shared with
     # anything else, never an index or a Python download.
     env = proc.clean_env({"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never"})
-    common = ["--no-config", "--no-cache", "--offline", "--color", "never"]
+    # uv unpacks each wheel into its cache, then links the files into the venv. A cache of its
+    # own beside the venv (same filesystem, removed afterwards) lets it hard-link instead of
+    # copying every file a second time (--no-cache unpacks into the system's temporary
+    # directory, often another filesystem): 15.3 -> 10.3 s for seed 001's 30 wheels here.
+    unpack = venv.parent / ".uv-unpack"
+    shutil.rmtree(unpack, ignore_errors=True)  # a previous attempt's, killed mid-way
+    unpack.mkdir(mode=0o700)
+    common = ["--no-config", "--cache-dir", str(unpack), "--offline", "--color", "never"]
     log = logs / "uv-pip-install.log"
     steps: tuple[tuple[str, list[str | Path]], ...] = (
         ("uv venv", [uv, "venv", *common, "--no-project", "--no-python-downloads",
                      "--python", python, venv]),
         ("uv pip install", [uv, "pip", "install", *common, "--no-index", "--find-links", wheels,
-                            "--require-hashes", "--only-binary", ":all:", "--link-mode", "copy",
-                            "--compile-bytecode", "--python", venv / "bin" / "python",
-                            "-r", lock]),
+                            "--require-hashes", "--only-binary", ":all:",
+                            "--link-mode", "hardlink", "--compile-bytecode",
+                            "--python", venv / "bin" / "python", "-r", lock]),
     )
+    try:
+        return _run_uv(steps, env, venv, log)
+    finally:
+        shutil.rmtree(unpack, ignore_errors=True)
+
+
+def _run_uv(steps: tuple[tuple[str, list[str | Path]], ...], env: dict[str, str], venv: Path,
+            log: Path) -> Path:
     output = ""
     for what, argv in steps:
         try:
