@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,11 +44,18 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        # uv reads a wheel only up to its METADATA when the server has no range requests,
+        # then hangs up: a broken pipe here is a client's choice, not a failure
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 @contextmanager
 def serve(root: Path) -> Iterator[str]:
     """Serve `root` on 127.0.0.1; yields the simple index URL."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             partial(_Quiet, directory=str(root)))
+    server = _Server(("127.0.0.1", 0), partial(_Quiet, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
