@@ -29,6 +29,8 @@ from bundler.cache import Cache
 from bundler.errors import BuildError
 from bundler.models import Target
 from bundler.profile import PythonSpec
+from bundler.redact import redact
+from bundler.resolve import http as bhttp
 from bundler.resolve import pyindex, wheels
 from bundler.resolve import target as tgt
 from tests.helpers import make_wheel
@@ -160,6 +162,39 @@ def test_html_page_with_base_href_fragments_and_auth(tmp_path: Path) -> None:
         got = resolve(spec, tmp_path)
         assert got["beta-pkg"].file == whl.name
         assert all(a == token for _, _, a in idx.seen)
+
+
+@pytest.fixture
+def netrc_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    path = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(path))
+    bhttp._netrc.cache_clear()
+    yield path
+    bhttp._netrc.cache_clear()
+
+
+def test_a_private_index_takes_its_credentials_from_netrc_as_pip_does(
+        tmp_path: Path, netrc_file: Path) -> None:
+    built = tmp_path / "built"
+    whl = make_wheel(built, "gamma", "1.0", {"gamma.py": ""})
+    token = "Basic " + base64.b64encode(b"ci:t0ken-from-netrc").decode()
+    with index_server(auth=token) as idx:
+        idx.routes["/simple/gamma/"] = [html([f'<a href="/f/{whl.name}">{whl.name}</a>'])]
+        idx.routes[f"/f/{whl.name}"] = [file_reply(whl)]
+        spec = PythonSpec(requirements=pinned(tmp_path, "gamma==1.0").requirements,
+                          index_url=f"{idx.url}/simple/")
+        # no netrc: the 401 says how to give credentials, and never shows any
+        with pytest.raises(BuildError) as no_creds:
+            resolve(spec, tmp_path)
+        assert "HTTP 401" in no_creds.value.message, no_creds.value.message
+        assert "user:token@host, or in ~/.netrc" in no_creds.value.message
+        netrc_file.write_text("machine 127.0.0.1 login ci password t0ken-from-netrc\n")
+        netrc_file.chmod(0o600)
+        bhttp._netrc.cache_clear()
+        got = resolve(spec, tmp_path)
+        assert got["gamma"].sha256 == sha(whl)
+        assert idx.seen[-1] == (f"/f/{whl.name}", "*/*", token)
+        assert "t0ken-from-netrc" not in redact("GET failed: t0ken-from-netrc")
 
 
 def test_429_with_retry_after_then_503_then_success(tmp_path: Path) -> None:

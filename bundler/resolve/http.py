@@ -19,6 +19,9 @@ Proxies come from the environment (`https_proxy`, `no_proxy`, ...), as urllib's 
 
 from __future__ import annotations
 
+import functools
+import netrc
+import os
 import threading
 import time
 import urllib.request
@@ -31,6 +34,7 @@ import urllib3
 from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError
 from urllib3.util import Retry, Timeout, parse_url
 
+from bundler import redact
 from bundler.fsutil import CHUNK
 
 MAX_PARALLEL = 8
@@ -102,8 +106,32 @@ _FOLLOW = Retry(total=MAX_REDIRECTS, connect=0, read=0, status=0, other=0,
 
 
 def _auth_headers(url: str) -> dict[str, str]:
-    auth = parse_url(url).auth
+    """Basic auth from the URL's user:password, else from the netrc file's entry for its
+    host ($NETRC, default ~/.netrc), as pip reads it for a private index."""
+    parsed = parse_url(url)
+    auth = parsed.auth or _netrc_auth(parsed.host or "")
     return dict(urllib3.make_headers(basic_auth=auth)) if auth else {}
+
+
+@functools.cache
+def _netrc() -> netrc.netrc | None:
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path)
+    except (OSError, netrc.NetrcParseError):
+        # missing, unreadable or malformed: no credentials, as pip (requests) treats it; a
+        # server that wants them answers 401, and that error names the way to give them
+        return None
+
+
+def _netrc_auth(host: str) -> str | None:
+    entries = _netrc() if host else None
+    found = entries.authenticators(host) if entries is not None else None
+    if found is None:
+        return None
+    login, _account, password = found
+    redact.remember(password)
+    return f"{login}:{password or ''}"
 
 
 def stream(url: str, consume: Callable[[Iterator[bytes]], T], *, accept: str = "*/*",
@@ -139,8 +167,11 @@ def stream(url: str, consume: Callable[[Iterator[bytes]], T], *, accept: str = "
                 reusable = True
             elif status >= 400:
                 reusable = True
+                wants = (" (the server wants credentials: give them in the URL as "
+                         "user:token@host, or in ~/.netrc)"
+                         if status in (401, 403) and "Authorization" not in headers else "")
                 raise HttpFailed(f"GET {url} failed: HTTP {status} {response.reason or ''}"
-                                 .rstrip(), status, attempt)
+                                 .rstrip() + wants, status, attempt)
             else:
                 if on_length is not None:
                     length = response.headers.get("Content-Length")
