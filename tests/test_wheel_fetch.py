@@ -485,3 +485,21 @@ def test_a_locked_wheel_gone_or_changed_on_the_index_fails_naming_it(tmp_path: P
             with pytest.raises(BuildError) as err:
                 wheels.materialize(locked, spec, TARGET, Cache(tmp_path / "c"), lambda _m: None)
             assert words in err.value.message
+
+
+def test_parallel_downloads_report_the_first_failure_in_input_order() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def job(i: int) -> int:
+        if i == 0:
+            time.sleep(0.3)  # fails last
+            raise BuildError("pin 0 failed", hint="h")
+        if i == 2:
+            raise BuildError("pin 2 failed", hint="h")
+        return i
+
+    with ThreadPoolExecutor(max_workers=3) as pool, pytest.raises(BuildError) as err:
+        bhttp.wait_in_order({pool.submit(job, i): i for i in range(3)})
+    assert err.value.message == "pin 0 failed (and 1 more failed)" and err.value.hint == "h"
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        bhttp.wait_in_order({pool.submit(job, i): i for i in (1, 3)})  # none fails: returns

@@ -25,9 +25,10 @@ import os
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urljoin
 
 import urllib3
@@ -35,6 +36,7 @@ from urllib3.exceptions import HTTPError, MaxRetryError, ProtocolError
 from urllib3.util import Retry, Timeout, parse_url
 
 from bundler import redact
+from bundler.errors import BuildError
 from bundler.fsutil import CHUNK
 
 MAX_PARALLEL = 8
@@ -247,6 +249,10 @@ def _chunks(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
 def get_bytes(url: str, *, accept: str = "*/*", limit: int = 64 * 1024 * 1024,
               on_retry: OnRetry | None = None) -> bytes:
     """A small document (a packument, an index page), whole; at most `limit` bytes."""
+    return stream(url, _whole(url, limit), accept=accept, on_retry=on_retry)
+
+
+def _whole(url: str, limit: int) -> Callable[[Iterator[bytes]], bytes]:
     def read(chunks: Iterator[bytes]) -> bytes:
         out = bytearray()
         for chunk in chunks:
@@ -254,8 +260,7 @@ def get_bytes(url: str, *, accept: str = "*/*", limit: int = 64 * 1024 * 1024,
             if len(out) > limit:
                 raise HttpFailed(f"GET {url}: more than {limit} bytes")
         return bytes(out)
-
-    return stream(url, read, accept=accept, on_retry=on_retry)
+    return read
 
 
 @dataclass(frozen=True)
@@ -272,16 +277,26 @@ def get_page(url: str, *, accept: str, limit: int = 64 * 1024 * 1024,
              on_retry: OnRetry | None = None) -> Page:
     """Like get_bytes, with the Content-Type and the final URL."""
     seen: list[tuple[str, str]] = []
-
-    def read(chunks: Iterator[bytes]) -> bytes:
-        out = bytearray()
-        for chunk in chunks:
-            out += chunk
-            if len(out) > limit:
-                raise HttpFailed(f"GET {url}: more than {limit} bytes")
-        return bytes(out)
-
-    body = stream(url, read, accept=accept, on_retry=on_retry, compressed=True,
+    body = stream(url, _whole(url, limit), accept=accept, on_retry=on_retry, compressed=True,
                   on_response=lambda final, ctype: seen.append((final, ctype)))
     final, ctype = seen[-1]
     return Page(body, ctype, final)
+
+
+def wait_in_order(futures: Mapping[Future[Any], int]) -> None:
+    """Wait for parallel downloads. At the first failure, cancel those not begun, wait for
+    those running, and raise the failure of the lowest index (input order, so the same error
+    whichever finished first), a BuildError noting how many more failed."""
+    _done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    if not any(f.done() and not f.cancelled() and f.exception() is not None for f in futures):
+        return
+    for f in pending:
+        f.cancel()
+    wait(pending)
+    failed = [f for f in futures if not f.cancelled() and f.exception() is not None]
+    exc = min(failed, key=futures.__getitem__).exception()
+    assert exc is not None
+    if isinstance(exc, BuildError) and len(failed) > 1:
+        raise BuildError(f"{exc.message} (and {len(failed) - 1} more failed)",
+                         exc.hint) from None
+    raise exc

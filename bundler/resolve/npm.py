@@ -31,7 +31,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -484,20 +484,7 @@ def _fetch_missing(todo: list[tuple[int, LockEntry]], registry: str, cache: Cach
         futures: dict[Future[NpmPackage], int] = {
             pool.submit(_download_one, e, registry, cache, index, stats, progress): i
             for i, e in todo}
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception() is not None]
-        if failed:
-            for f in pending:
-                f.cancel()
-            wait(pending)
-            # report the failure of the first package in lock order: stable across runs
-            first = min(failed, key=lambda f: futures[f])
-            exc = first.exception()
-            assert exc is not None
-            more = len([f for f in futures if not f.cancelled() and f.exception()]) - 1
-            if isinstance(exc, BuildError) and more > 0:
-                raise BuildError(f"{exc.message} (and {more} more failed)", exc.hint) from None
-            raise exc
+        http.wait_in_order(futures)
         for f, i in futures.items():
             results[i] = f.result()
 

@@ -21,7 +21,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,17 +269,7 @@ def _fetch(wants: Sequence[_Want], spec: PythonSpec, target: Target, cache: Cach
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="wheels") as pool, \
             ui.downloads("wheels", len(wants)) as progress:
-        futures = {pool.submit(one, w, progress): i for i, w in enumerate(wants)}
-        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in done if f.exception() is not None]
-        if failed:
-            for f in pending:
-                f.cancel()
-            wait(pending)
-            # the first pin's failure in requirement order: stable across runs
-            exc = min(failed, key=lambda f: futures[f]).exception()
-            assert exc is not None
-            raise exc
+        http.wait_in_order({pool.submit(one, w, progress): i for i, w in enumerate(wants)})
     if listings:
         missing = [w.pin for w in wants if w.pin.name in listings]
         if any(w.file is not None for w in wants if w.pin.name in listings):
