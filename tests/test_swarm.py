@@ -189,6 +189,14 @@ def test_deploy_upgrade_and_rollback_on_two_nodes(swarm: sfx.Swarm, built: Built
     assert bad.rc == 12, bad.err
     assert "the swarm rolled back its update (a new task failed: " in bad.err, bad.err
     assert "unhealthy container" in bad.err, bad.err
+    # the update stopped at the first node: the other one's 2.0.0 task was never stopped
+    # (without bundler's stop-first `delay` the swarm may go on to it before counting the
+    # failure, and neither node serves until its rollback)
+    tasks = swarm.manager.docker("service", "ps", service_name(swarm, "swweb", "web"),
+                                 "--format", "{{.Image}}|{{.Node}}|{{.CurrentState}}|{{.Error}}"
+                                 ).stdout.splitlines()
+    placed = {t.split("|")[1] for t in tasks if t.startswith(built.refs["3.0.0"] + "|")}
+    assert len(placed - {""}) == 1, tasks  # "": a restart the rollback cancelled unplaced
     assert served["failed"] == 0 and set(served["seen"]) == {"2.0.0"}, served
     assert answers(swarm, 8080) == {n.name: "2.0.0" for n in swarm.nodes}
     after = _status(swarm, root)

@@ -30,7 +30,26 @@ def test_defaults_fill_what_the_files_leave_out() -> None:
     assert out["web"]["deploy"]["update_config"]["order"] == "stop-first"
     assert out["db"]["deploy"]["update_config"]["order"] == "stop-first"
     assert out["bind"]["deploy"]["update_config"]["order"] == "start-first"
-    assert "own" not in out  # what the compose file sets wins
+    # stop-first: a pause of the monitor period (swarm's default 5 s) after each task, so a
+    # failed new task stops the update before the next node's old task goes down
+    assert out["web"]["deploy"]["update_config"]["delay"] == "5000ms"
+    assert "delay" not in out["api"]["deploy"]["update_config"]
+    # what the compose file sets wins; it set no delay for its stop-first update
+    assert out["own"] == {"deploy": {"update_config": {"delay": "5000ms"}}}
+
+
+@pytest.mark.parametrize(("update", "delay"), [
+    ({"monitor": "2s"}, "2000ms"), ({"monitor": "1m30s"}, "90000ms"),
+    ({"monitor": "250ms"}, "1000ms"), ({"monitor": "0s"}, "1000ms"),
+    ({"monitor": "soon"}, "5000ms"), ({}, "5000ms")])
+def test_stop_first_delay_follows_the_monitor(update: dict[str, str], delay: str) -> None:
+    spec = {"image": "w", "ports": [{"target": 80, "published": 80, "mode": "host"}],
+            "deploy": {"update_config": update}}
+    assert sw.defaults({"web": spec})["services"]["web"]["deploy"]["update_config"][
+        "delay"] == delay
+    own = {**spec, "deploy": {"update_config": {**update, "delay": "0s"}}}
+    assert "delay" not in sw.defaults({"web": own})["services"]["web"]["deploy"][
+        "update_config"]  # the file's own delay wins
 
 
 def test_swarm_yaml(tmp_path: Path) -> None:

@@ -22,7 +22,9 @@ compose files and, last, bundler's defaults for what a file leaves out: each ser
 `update_config` and `rollback_config` get `failure_action: rollback` (a task that fails or
 turns unhealthy within `monitor` rolls the service back) and `order: start-first` where the
 service allows it; `stop-first` for a service that publishes host-mode ports (the new task
-could not bind them beside the old one) or mounts a named volume (two writers on one volume).
+could not bind them beside the old one) or mounts a named volume (two writers on one volume),
+with a `delay` of the service's monitor period after each replaced task, so that a new task
+that fails stops the update before the next node's old task is stopped.
 Waiting reads each service's `.UpdateStatus.State` (`docker service update` and the stack
 deploy succeed even when the swarm then rolled the update back) and its tasks: every replica
 running (a task with a healthcheck only runs once healthy). A rollback of any service fails
@@ -43,6 +45,7 @@ import calendar
 import contextlib
 import functools
 import os
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -274,6 +277,31 @@ def _named_volume(spec: Mapping[str, Any]) -> bool:
     return False
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+MONITOR_DEFAULT = 5.0  # swarmkit's update monitor when a service sets none
+MIN_DELAY = 1.0
+
+
+def _seconds(value: object) -> float | None:
+    """A compose duration ("2s", "1m30s", "500ms") in seconds; None if unreadable."""
+    text = str(value).strip()
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _UNIT[u] for n, u in parts)
+
+
+def _stop_first_delay(update: Mapping[str, Any]) -> str:
+    """The pause after each replaced task of a stop-first update: the service's monitor
+    period (at least 1 s). Without it the swarm may stop the next node's old task before it
+    has counted the first new task's failure (its updater picks at random between the
+    failure event and the next slot), leaving no replica serving until its rollback."""
+    monitor = _seconds(update["monitor"]) if "monitor" in update else MONITOR_DEFAULT
+    seconds = MONITOR_DEFAULT if monitor is None else max(monitor, MIN_DELAY)
+    return f"{round(seconds * 1000)}ms"
+
+
 def defaults(services: Mapping[str, Any]) -> dict[str, Any]:
     """The compose override bundler deploys last: update/rollback settings each service's
     files leave out (what they set wins)."""
@@ -281,7 +309,10 @@ def defaults(services: Mapping[str, Any]) -> dict[str, Any]:
     for name, spec in services.items():
         deploy = spec.get("deploy") or {}
         order = "stop-first" if _host_ports(spec) or _named_volume(spec) else "start-first"
-        update = {"failure_action": "rollback", "order": order}
+        update: dict[str, Any] = {"failure_action": "rollback", "order": order}
+        own = deploy.get("update_config") or {}
+        if own.get("order", order) == "stop-first":
+            update["delay"] = _stop_first_delay(own)
         rollback = {"order": order}
         add: dict[str, Any] = {}
         missing = {k: v for k, v in update.items() if k not in (deploy.get("update_config") or {})}
