@@ -256,7 +256,8 @@ def _db_profile(base: Path, version: str, web: str, seq: int, sql: dict[str, str
         services:
           db:
             image: {pg_image.REF}
-            environment: {{POSTGRES_USER: app, POSTGRES_DB: appdb}}
+            # TCP too: the one-off migration task reaches it over the stack's overlay network
+            environment: {{POSTGRES_USER: app, POSTGRES_DB: appdb, LISTEN_ADDRESSES: "*"}}
             # its socket on the manager's filesystem: SQL migrations connect from there
             volumes: [pgdata:/var/lib/postgresql/data, {sock}:/var/run/postgresql]
             deploy:
@@ -297,6 +298,14 @@ def _db_profile(base: Path, version: str, web: str, seq: int, sql: dict[str, str
           compose_service: db
         migrations:
           - {{name: schema, sql: stack/sql}}
+          # a one-off task of the db service (psql is in its image), as this release defines
+          # it (POSTGRES_USER is the service's), with the migration's own env (STAMP)
+          - name: stamp
+            service: db
+            command: [sh, -c, 'psql -X -v ON_ERROR_STOP=1 -h tasks.db -U "$POSTGRES_USER" -d appdb
+              -c "CREATE TABLE IF NOT EXISTS stamps (v text);
+              INSERT INTO stamps VALUES (''$STAMP by $POSTGRES_USER'')"']
+            env: {{STAMP: "{version}"}}
         health:
           - {{name: web, http: "http://{sfx.SUBNET}.2:8082/version", retries: 20,
               interval: 250ms, timeout: 1s}}
@@ -339,17 +348,23 @@ def test_the_database_is_migrated_once_and_restored_when_the_upgrade_fails(
     try:
         first = on_manager(swarm, "install", bundles[0], *trust)
         assert first.rc == 0, first.err
-        assert first.err.count("Running 1 migration(s)") == 1, first.err
+        assert first.err.count("Running 2 migration(s)") == 1, first.err
         assert sql("SELECT count(*) FROM items") == "2"
+        assert sql("SELECT string_agg(v, ',') FROM stamps") == "1.0.0 by app", first.err
         assert answers(swarm, 8082) == {n.name: "1.0.0" for n in swarm.nodes}
+        # the one-off job is gone; only the stack's own services are left
+        assert sorted(swarm.manager.docker("service", "ls", "--format", "{{.Name}}").stdout
+                      .split()) == sorted(service_name(swarm, "swdb", s) for s in ("db", "web"))
 
         bad = on_manager(swarm, "install", bundles[1], *trust)
         assert bad.rc == 12, bad.err
         assert bad.err.count("Backing up the database") == 1, bad.err
         assert "Restoring the database" in bad.err, bad.err
-        assert sql("SELECT count(*) FROM items") == "2"
+        assert "migration stamp: running sh -c" in bad.err, bad.err  # 3.0.0's ran, then
+        assert sql("SELECT count(*) FROM items") == "2"  # the restore undid it
         assert sql("SELECT count(*) FROM information_schema.columns WHERE column_name = "
                    "'price'") == "0"
+        assert sql("SELECT string_agg(v, ',') FROM stamps") == "1.0.0 by app"
         assert answers(swarm, 8082) == {n.name: "1.0.0" for n in swarm.nodes}
     finally:
         on_manager(swarm, "stop", "--root", root)

@@ -78,3 +78,28 @@ def test_a_failed_update_names_every_distinct_task_error_newest_first() -> None:
     assert sw._causes(many) == ("error 0 detail; error 1 detail; error 2 detail; "
                                            "and 2 more")
     assert sw._causes([]) == ""
+
+
+def test_a_one_off_job_is_the_service_with_the_migration_command() -> None:
+    spec = {"Name": "st_api", "TaskTemplate": {
+        "ContainerSpec": {"Image": "app:2", "Command": ["/entry"], "Args": ["serve"],
+                          "Env": ["DATABASE_URL=postgresql://db/app"],
+                          "Mounts": [{"Type": "volume", "Source": "st_data", "Target": "/d"}],
+                          "Healthcheck": {"Test": ["CMD", "curl", "localhost"]}},
+        "RestartPolicy": {"Condition": "any"},
+        "Placement": {"Constraints": ["node.role == worker"], "MaxReplicas": 1,
+                      "Platforms": [{"Architecture": "amd64", "OS": "linux"}]},
+        "Networks": [{"Target": "net1", "Aliases": ["api"]}], "ForceUpdate": 3}}
+    job = sw.job_spec(spec, ["alembic", "upgrade", "head"], {"B": "2", "A": "1"}, "n0")
+    c = job["ContainerSpec"]
+    # compose run's rule: the command replaced, the entrypoint kept
+    assert c["Command"] == ["/entry"] and c["Args"] == ["alembic", "upgrade", "head"]
+    assert c["Env"] == ["DATABASE_URL=postgresql://db/app", "A=1", "B=2"]
+    assert c["Mounts"] == spec["TaskTemplate"]["ContainerSpec"]["Mounts"]
+    assert c["Healthcheck"] == {"Test": ["NONE"]}
+    assert job["RestartPolicy"]["Condition"] == "none"
+    assert job["Placement"] == {"Constraints": ["node.id==n0"],
+                                "Platforms": [{"Architecture": "amd64", "OS": "linux"}]}
+    assert job["Networks"] == [{"Target": "net1"}]  # not answering for the service's name
+    assert "ForceUpdate" not in job
+    assert spec["TaskTemplate"]["ContainerSpec"]["Args"] == ["serve"]  # not changed in place

@@ -29,7 +29,8 @@ The installer backs the database up before (database.backup) and restores it on 
   With `service`, the command runs instead as a one-off container of that compose service
   (the NEW release's image and configuration: `compose run --rm --no-deps`), through the
   caller's `in_service`; its environment is the service's own (its DATABASE_URL is the one
-  that works inside the compose network), plus the migration's env pairs.
+  that works inside the compose network), plus the migration's env pairs. On a swarm it is
+  a job of that service on the manager (`swarm_runtime.run_oneoff`).
 
 For alembic and command, `<venv>/bin` (when a venv is given) is put first on PATH, and the
 migration's own env pairs are applied last. Output quoted in errors has the password scrubbed.

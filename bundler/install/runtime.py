@@ -199,7 +199,7 @@ def ensure_service(layout: Layout, version: str, service: str) -> bool:
             return False
         # The stack with only this service running (the others at 0 replicas, scaled up by
         # the release's own deploy after the migrations).
-        swarm.deploy(stack, ui.note, only=service)
+        swarm.deploy(stack, ui.note, only=(service,))
         return True
     project = _project(layout, rel, m)
     if cr.running_container(project, service) is not None:
@@ -237,11 +237,19 @@ def quiesce(layout: Layout, version: str, keep: tuple[str, ...] = ()) -> None:
 
 def oneoff_runner(layout: Layout, version: str) -> migrations.ServiceRun | None:
     """How release `version` runs a command as a one-off container of one of its compose
-    services (a migration with `service:`); None without compose."""
+    services (a migration with `service:`): `compose run`, or a swarm job on a stack; None
+    without compose."""
     rel = ReleaseDir(layout.release(version))
     m = rel.manifest()
-    if m is None or m.runtime.compose is None or _swarm(layout, m):
-        return None  # a stack has no one-off containers: run such migrations on the manager
+    if m is None or m.runtime.compose is None:
+        return None
+    if _swarm(layout, m):
+        stack = _stack(layout, rel, m)
+
+        def job(service: str, argv: Sequence[str], env: Mapping[str, str],
+                timeout: float) -> proc.Result:
+            return swarm.run_oneoff(stack, ui.note, service, argv, env, timeout)
+        return job
     project = _project(layout, rel, m)
 
     def run(service: str, argv: Sequence[str], env: Mapping[str, str],

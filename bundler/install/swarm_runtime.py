@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import copy
 import functools
 import os
 import re
@@ -57,7 +58,7 @@ import yaml
 
 from bundler import proc
 from bundler.engine import docker_sdk, engine_client, first_line, transport_errors
-from bundler.errors import InstallError, NodeDownError
+from bundler.errors import CommandError, InstallError, NodeDownError
 from bundler.redact import Secrets, redact
 from bundler.ui import Log
 
@@ -367,16 +368,16 @@ def _services(api: Any, stack: str) -> list[dict[str, Any]]:
 
 
 def deploy(stack: Stack, log: Log, allow_degraded: bool = False,
-           timeout: float = DEPLOY_TIMEOUT, only: str | None = None) -> None:
+           timeout: float = DEPLOY_TIMEOUT, only: tuple[str, ...] | None = None) -> None:
     """Deploy (or update in place) the stack and wait until it converged: every service
     updated (not rolled back) and all its replicas running, healthy where checked. `only`:
-    that service alone, the others at 0 replicas (a database before a first migration)."""
+    those services alone, the others at 0 replicas (a database before a first migration)."""
     api = _manager()
     services = _read_files(stack)
     extra = defaults(services)
     if only is not None:
         for name, spec in services.items():
-            if name == only:
+            if name in only:
                 continue
             deploy_ = extra["services"].setdefault(name, {}).setdefault("deploy", {})
             if (spec.get("deploy") or {}).get("mode") == "global":
@@ -529,6 +530,98 @@ def _wait_stopped(api: Any, stack: Stack, names: Sequence[str], timeout: float =
                                hint="check the nodes (docker node ps) and install again; "
                                     "nothing was backed up or restored")
         time.sleep(0.5)
+
+
+# --- one-off containers (migrations with `service:`) ------------------------------------------
+
+ONEOFF_LABEL = "bundler.oneoff"
+_DONE_STATES = ("complete", "failed", "rejected", "shutdown", "orphaned", "remove")
+
+
+def _live(api: Any, stack: Stack) -> tuple[str, ...]:
+    """The stack's services with a task meant to run now (short names)."""
+    out = []
+    for svc in _services(api, stack.name):
+        name = str(svc["Spec"]["Name"])
+        if any(t.get("DesiredState") == "running" for t in api.tasks(filters={"service": name})):
+            out.append(name.removeprefix(stack.name + "_"))
+    return tuple(out)
+
+
+def job_spec(service_spec: Mapping[str, Any], argv: Sequence[str], env: Mapping[str, str],
+             node_id: str) -> dict[str, Any]:
+    """A swarm job running `argv` once as a task of the deployed service: its image,
+    entrypoint, environment, mounts, secrets and networks (what `compose run` takes from the
+    service), `argv` for its command, `env` added, on node `node_id`, never restarted, no
+    healthcheck, no ports and no DNS alias of the service."""
+    template = copy.deepcopy(dict(service_spec["TaskTemplate"]))
+    container = template["ContainerSpec"]
+    container["Args"] = list(argv)
+    container["Env"] = [*(container.get("Env") or ()),
+                        *(f"{k}={v}" for k, v in sorted(env.items()))]
+    container["Healthcheck"] = {"Test": ["NONE"]}
+    template["RestartPolicy"] = {"Condition": "none", "MaxAttempts": 0}
+    placement = {k: v for k, v in (template.get("Placement") or {}).items()
+                 if k != "MaxReplicas"}
+    placement["Constraints"] = [f"node.id=={node_id}"]
+    template["Placement"] = placement
+    template["Networks"] = [{"Target": n["Target"]} for n in template.get("Networks") or ()]
+    template.pop("ForceUpdate", None)
+    return template
+
+
+def run_oneoff(stack: Stack, log: Log, service: str, argv: Sequence[str],
+               env: Mapping[str, str], timeout: float) -> proc.Result:
+    """`compose_runtime.run_oneoff` for a stack (a stack has no `run`): a swarm job of the
+    service as THIS release defines it, on the manager, once. The release is deployed first
+    with only what runs now (the databases) kept running and everything else at 0 replicas,
+    so the service's definition is the new release's; the release's own deploy scales it up
+    after the migrations. The job is removed afterwards, also on failure or Ctrl+C; one a
+    killed install left behind is removed by the next. A non-zero exit is returned, not
+    raised; the output is redacted."""
+    api = _manager()
+    for old in api.services(filters={"label": f"{ONEOFF_LABEL}={stack.name}"}):
+        with contextlib.suppress(*transport_errors()):
+            api.remove_service(old["ID"])
+    if service not in _read_files(stack):
+        raise InstallError(f"stack {stack.name} has no service {service}",
+                           hint="a migration's `service` must name a service of the release's "
+                                "compose files")
+    deploy(stack, log, only=_live(api, stack))
+    spec = api.inspect_service(f"{stack.name}_{service}")["Spec"]
+    template = job_spec(spec, argv, env, str(api.info()["Swarm"]["NodeID"]))
+    what = f"{argv[0]} in a one-off task of swarm service {service}"
+    log(f"{what} (a swarm job on the manager)")
+    job = api.create_service(template, name=f"{stack.name}_{service}-oneoff-{os.urandom(3).hex()}",
+                             labels={ONEOFF_LABEL: stack.name},
+                             mode={"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            done = [t for t in api.tasks(filters={"service": job["ID"]})
+                    if t["Status"]["State"] in _DONE_STATES]
+            if done:
+                break
+            if time.monotonic() >= deadline:
+                raise CommandError(f"{what}: timed out after {timeout:.0f}s",
+                                   hint="`docker service logs` of the job shows where it hung")
+            time.sleep(POLL)
+        status = done[0]["Status"]
+        container = (status.get("ContainerStatus") or {}).get("ContainerID")
+        if not container:  # never started: a mount, image or placement the node refused
+            raise CommandError(f"{what}: the task was {status['State']}: "
+                               + _redact(stack, str(status.get("Err") or status.get("Message"))),
+                               hint="check the service's definition and `docker node ps`")
+        try:
+            output = api.logs(container, stdout=True, stderr=True).decode(errors="replace")
+        except docker_sdk().errors.APIError as exc:
+            output = f"(its output cannot be read: {first_line(str(exc))})"
+        code = 0 if status["State"] == "complete" else int(
+            (status.get("ContainerStatus") or {}).get("ExitCode") or 1)
+        return proc.Result(tuple(argv), code, _redact(stack, output))
+    finally:
+        with contextlib.suppress(Exception):
+            api.remove_service(job["ID"])
 
 
 # --- what runs where ---------------------------------------------------------------------------
