@@ -245,8 +245,13 @@ def test_a_stopped_node_refuses_the_install_or_degrades_it(swarm: sfx.Swarm, bui
     assert on_manager(swarm, "stop", "--root", root).rc == 0
 
 
+STAMP = ('psql -X -v ON_ERROR_STOP=1 -h tasks.db -U "$POSTGRES_USER" -d appdb -c "CREATE '
+         "TABLE IF NOT EXISTS stamps (v text); INSERT INTO stamps VALUES ('$STAMP by "
+         "$POSTGRES_USER')\"")
+
+
 def _db_profile(base: Path, version: str, web: str, seq: int, sql: dict[str, str],
-                sock: Path) -> Path:
+                sock: Path, stamp: str = STAMP) -> Path:
     app = base / f"swdb-app-{version}"
     (app / "sql").mkdir(parents=True)
     for name, text in sql.items():
@@ -302,9 +307,7 @@ def _db_profile(base: Path, version: str, web: str, seq: int, sql: dict[str, str
           # it (POSTGRES_USER is the service's), with the migration's own env (STAMP)
           - name: stamp
             service: db
-            command: [sh, -c, 'psql -X -v ON_ERROR_STOP=1 -h tasks.db -U "$POSTGRES_USER" -d appdb
-              -c "CREATE TABLE IF NOT EXISTS stamps (v text);
-              INSERT INTO stamps VALUES (''$STAMP by $POSTGRES_USER'')"']
+            command: [sh, -c, {json.dumps(stamp)}]
             env: {{STAMP: "{version}"}}
         health:
           - {{name: web, http: "http://{sfx.SUBNET}.2:8082/version", retries: 20,
@@ -329,9 +332,12 @@ def test_the_database_is_migrated_once_and_restored_when_the_upgrade_fails(
     sock.mkdir()
     sock.chmod(0o1777)  # the server runs as uid 999 in its container
     bundles = []
-    for version, web, seq, sql in (("1.0.0", built.refs["1.0.0"], 1, v1),
-                                   ("3.0.0", built.refs["3.0.0"], 2, v3)):
-        done = bundle("build", _db_profile(tmp_path, version, web, seq, sql, sock), "--key",
+    fails = 'echo "ERROR:  relation nope does not exist" >&2; exit 3'
+    for version, web, seq, sql, stamp in (("1.0.0", built.refs["1.0.0"], 1, v1, STAMP),
+                                          ("3.0.0", built.refs["3.0.0"], 2, v3, STAMP),
+                                          ("4.0.0", built.refs["1.0.0"], 3, v3, fails)):
+        done = bundle("build", _db_profile(tmp_path, version, web, seq, sql, sock, stamp),
+                      "--key",
                       built.pub.with_suffix(".key"), "--out", tmp_path / "out", "--cache-dir",
                       tmp_path / "cache", "--json")
         assert done.rc == 0, done.err
@@ -365,6 +371,16 @@ def test_the_database_is_migrated_once_and_restored_when_the_upgrade_fails(
         assert sql("SELECT count(*) FROM information_schema.columns WHERE column_name = "
                    "'price'") == "0"
         assert sql("SELECT string_agg(v, ',') FROM stamps") == "1.0.0 by app"
+
+        # a one-off migration that fails: its exit and error in the line, the database
+        # restored, the job removed, 1.0.0 serving again
+        failed = on_manager(swarm, "install", bundles[2], *trust)
+        assert failed.rc == 17, failed.err
+        assert "failed (exit 3): ERROR:  relation nope does not exist" in failed.err, failed.err
+        assert sql("SELECT count(*) FROM information_schema.columns WHERE column_name = "
+                   "'price'") == "0"
+        assert "oneoff" not in swarm.manager.docker("service", "ls").stdout
+        assert answers(swarm, 8082) == {n.name: "1.0.0" for n in swarm.nodes}
         assert answers(swarm, 8082) == {n.name: "1.0.0" for n in swarm.nodes}
     finally:
         on_manager(swarm, "stop", "--root", root)
