@@ -7,7 +7,8 @@ Four releases, built once for the module: 1.5.0 (first install, production setti
 (a Prisma migration that adds a column, with the regenerated client using it), 1.7.0 (a first
 migration succeeds, the second fails on the rows already there: exit 17) and 1.7.1 (migrates,
 then its backend cannot start: exit 12). After each failure the database is byte for byte its
-pre-install pg_dump and 1.6.0 serves again."""
+pre-install pg_dump and 1.6.0 serves again. Then 1.5.0 once more on two more roots, with the
+guide's staging and development settings (`--environment`)."""
 
 from __future__ import annotations
 
@@ -196,12 +197,24 @@ def test_seed_000_install_upgrade_and_two_failed_releases(
     dumps = tmp_path / "dumps"
     dumps.mkdir()
 
-    def install(version: str) -> list[str]:
+    def install(version: str, where: Path = root, environment: str = "production"
+                ) -> list[str]:
         return bundle_argv("install", built.bundles[version], "--trust", built.pub, "--root",
-                           root, "--environment", "production")
+                           where, "--environment", environment)
+
+    # the guide's other two environments: the same bundle, each on its own root and database
+    others = {}
+    for environment in ("staging", "development"):
+        other = tmp_path / environment
+        roots.append(other)
+        (other / "shared").mkdir(parents=True)
+        (other / "shared" / ".env").write_text(
+            f"DATABASE_URL={cluster.url(cluster.create_database())}\n"
+            f"REDIS_URL=redis://127.0.0.1:{REDIS_PORT}/1\nJWT_SECRET={JWT_SECRET}\n")
+        others[environment] = other
 
     (redis, v1, use1, ttl, v2, use2, before3, v3, after3, use3, before4, v4, after4, use4,
-     status, stop) = offline(
+     status, stop, stg, use_stg, stop_stg, dev, use_dev, stop_dev) = offline(
         ["redis-server", "--port", str(REDIS_PORT), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--daemonize", "yes", "--pidfile", str(redis_pidfile)],
         install("1.5.0"),
@@ -224,7 +237,10 @@ def test_seed_000_install_upgrade_and_two_failed_releases(
         _requests("GET /health", "GET /api/ai-insights?user=u1"),
         bundle_argv("status", "--root", root, "--json"),
         bundle_argv("stop", "--root", root),
-        timeout=1200)
+        *[c for env, where in others.items() for c in (
+            install("1.5.0", where, env), _requests("GET /health"),
+            bundle_argv("stop", "--root", where))],
+        timeout=1500)
     assert redis.rc == 0, redis.err
     # 1.5.0: migrated offline by prisma, serving with the production settings of the guide
     assert v1.rc == 0, v1.err
@@ -275,6 +291,15 @@ def test_seed_000_install_upgrade_and_two_failed_releases(
     assert applied == ["20240115000000_init", "20240116000000_add_ai_insight_cache",
                        "20240201000000_add_insight_score"]
     assert "Goal" not in tables and "bundler_migrations" not in tables, tables
-    outputs = "".join(r.out + r.err for r in (v1, v2, v3, v4, status))
+    # staging and development: the guide's settings of each (section 2's .env files)
+    for run, use, stopped, environment, ttl_, points in (
+            (stg, use_stg, stop_stg, "staging", 1800, 3),
+            (dev, use_dev, stop_dev, "development", 300, 1)):
+        assert run.rc == 0, run.err
+        (seen,) = json.loads(use.out)
+        assert seen["status"] == "ok" and seen["environment"] == environment, seen
+        assert seen["aiInsights"] == {"cacheTtl": ttl_, "minDataPoints": points}, seen
+        assert stopped.rc == 0, stopped.err
+    outputs = "".join(r.out + r.err for r in (v1, v2, v3, v4, status, stg, dev))
     assert JWT_SECRET not in outputs
     print(f"seed 000 builds (s): {built.build_seconds}")
