@@ -133,7 +133,10 @@ def bundle_cmd(name: str, *args: str | os.PathLike[str], hwm: Path | None = None
 
 def run_timed(cmds: list[Cmd]) -> list[dict[str, Any]]:
     """Run commands one after another; per command: seconds, rc, the time of each `==>` step
-    line bundler printed (seconds from its start), stderr's tail."""
+    line bundler printed (seconds from its start), stderr's tail. What earlier runs left to
+    write back is flushed first (not timed): else the second of two pipelines pays for the
+    first's dirty pages (measured here: bundler's install right after the manual one's)."""
+    os.sync()
     out = []
     for cmd in cmds:
         start = time.perf_counter()

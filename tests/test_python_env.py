@@ -24,7 +24,10 @@ from tests.helpers import REPO, make_wheel, unavailable
 def _wheelset(base: Path) -> tuple[Path, Path]:
     wheels = base / "wheels"
     whl = make_wheel(wheels, "tinygreet", "1.0",
-                     {"tinygreet/__init__.py": "def greet():\n    return 'hi'\n"})
+                     {"tinygreet/__init__.py": "def greet():\n    return 'hi'\n",
+                      "tinygreet/testing.py": "T = 1\n",
+                      "tinygreet/tests/test_greet.py": "def test():\n    pass\n",
+                      "tinygreet/py2.py": "print 'a Python 2 file'\n"})
     lock = base / "requirements.lock"
     sha = hashlib.sha256(whl.read_bytes()).hexdigest()
     lock.write_text(f"tinygreet==1.0 --hash=sha256:{sha}\n")
@@ -83,7 +86,12 @@ def test_venv_is_made_and_filled_by_uv_with_host_config_ignored(
                                                           "wheels", "xdg"]
     module = next((tmp_path / "venv").glob("lib/python*/site-packages/tinygreet/__init__.py"))
     assert module.stat().st_nlink == 1 and "def greet" in module.read_text()
-    assert list(module.parent.glob("__pycache__/__init__.*.pyc")), "bytecode is compiled"
+    # bytecode for what services import, not for the package's own test suite, and a file
+    # that is not Python 3 left out as pip and uv do
+    assert sorted(p.name.split(".")[0] for p in module.parent.glob("__pycache__/*.pyc")) == [
+        "__init__", "testing"]
+    assert not (module.parent / "tests" / "__pycache__").exists()
+    assert "compiled 2 file(s); 1 not valid Python 3, left out" in log.read_text()
 
 
 def test_pip_is_the_logged_fallback_without_uv(tmp_path: Path,

@@ -50,6 +50,35 @@ def create_venv(python: Path, venv: Path, wheels: Path, lock: Path, logs: Path,
     return _with_uv(uv, python, venv, wheels, lock, logs)
 
 
+# Bytecode for the venv's site-packages, as `uv pip install --compile-bytecode` and pip write
+# it, but not for directories named test/tests: packages' own test suites, which no service
+# imports (one that does still works, compiled on import), and 1,324 of seed 001's 3,030
+# files: 8.6 -> 4.3 s here. Run by the venv's interpreter: the bytecode must be its own.
+# A file that is not valid Python 3 is left out, as pip and uv do; any other error (a full
+# disk) fails the install.
+COMPILE = """
+import multiprocessing, os, py_compile, re, sysconfig
+from concurrent.futures import ProcessPoolExecutor
+skip = re.compile(r"tests?|__pycache__")
+def one(path):
+    try:
+        py_compile.compile(path, doraise=True)
+    except py_compile.PyCompileError:
+        return 1
+    return 0
+files = []
+for top in sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}):
+    for here, dirs, names in os.walk(top):
+        dirs[:] = [d for d in dirs if not skip.fullmatch(d)]
+        files += [os.path.join(here, n) for n in names if n.endswith(".py")]
+files.sort(key=os.path.getsize, reverse=True)
+fork = multiprocessing.get_context("fork")
+with ProcessPoolExecutor(os.cpu_count() or 1, mp_context=fork) as pool:
+    bad = sum(pool.map(one, files, chunksize=16))
+print(f"compiled {len(files) - bad} file(s); {bad} not valid Python 3, left out")
+"""
+
+
 def _with_uv(uv: Path, python: Path, venv: Path, wheels: Path, lock: Path, logs: Path
              ) -> Path:
     # No uv.toml / pyproject / UV_* from the host (clean_env drops UV_*), no cache shared with
@@ -69,8 +98,9 @@ def _with_uv(uv: Path, python: Path, venv: Path, wheels: Path, lock: Path, logs:
                      "--python", python, venv]),
         ("uv pip install", [uv, "pip", "install", *common, "--no-index", "--find-links", wheels,
                             "--require-hashes", "--only-binary", ":all:",
-                            "--link-mode", "hardlink", "--compile-bytecode",
+                            "--link-mode", "hardlink",
                             "--python", venv / "bin" / "python", "-r", lock]),
+        ("compile bytecode", [venv / "bin" / "python", "-I", "-c", COMPILE]),
     )
     try:
         return _run_uv(steps, env, venv, log)
