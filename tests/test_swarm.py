@@ -381,6 +381,14 @@ def test_the_database_is_migrated_once_and_restored_when_the_upgrade_fails(
                    "'price'") == "0"
         assert "oneoff" not in swarm.manager.docker("service", "ls").stdout
         assert answers(swarm, 8082) == {n.name: "1.0.0" for n in swarm.nodes}
+
+        # a job an install killed mid-way left behind goes with the stack
+        stack = service_name(swarm, "swdb", "db").removesuffix("_db")
+        swarm.manager.docker("service", "create", "--detach", "--name", f"{stack}_db-oneoff-x",
+                             "--label", f"bundler.oneoff={stack}", "--replicas", "0",
+                             pg_image.REF)
+        assert on_manager(swarm, "stop", "--root", root).rc == 0
+        assert swarm.manager.docker("service", "ls", "-q").stdout.strip() == ""
         assert answers(swarm, 8082) == {n.name: "1.0.0" for n in swarm.nodes}
     finally:
         on_manager(swarm, "stop", "--root", root)

@@ -484,6 +484,7 @@ def _wait(api: Any, stack: Stack, since: float, log: Log, degraded: bool,
 def remove(stack: Stack, log: Log, timeout: float = 120) -> None:
     """`docker stack rm`, then wait until its services are gone (named volumes stay)."""
     api = _manager()
+    _remove_oneoffs(api, stack.name)
     if not _services(api, stack.name):
         return
     log(f"docker stack rm {stack.name}")
@@ -538,6 +539,14 @@ ONEOFF_LABEL = "bundler.oneoff"
 _DONE_STATES = ("complete", "failed", "rejected", "shutdown", "orphaned", "remove")
 
 
+def _remove_oneoffs(api: Any, stack: str) -> None:
+    """One-off jobs of the stack an install killed mid-way left behind (not the stack's own
+    services: `docker stack rm` and `--prune` do not see them)."""
+    for old in api.services(filters={"label": f"{ONEOFF_LABEL}={stack}"}):
+        with contextlib.suppress(docker_sdk().errors.NotFound):
+            api.remove_service(old["ID"])
+
+
 def _live(api: Any, stack: Stack) -> tuple[str, ...]:
     """The stack's services with a task meant to run now (short names)."""
     out = []
@@ -577,12 +586,10 @@ def run_oneoff(stack: Stack, log: Log, service: str, argv: Sequence[str],
     with only what runs now (the databases) kept running and everything else at 0 replicas,
     so the service's definition is the new release's; the release's own deploy scales it up
     after the migrations. The job is removed afterwards, also on failure or Ctrl+C; one a
-    killed install left behind is removed by the next. A non-zero exit is returned, not
-    raised; the output is redacted."""
+    killed install left behind is removed by the next one or by `remove`. A non-zero exit
+    is returned, not raised; the output is redacted."""
     api = _manager()
-    for old in api.services(filters={"label": f"{ONEOFF_LABEL}={stack.name}"}):
-        with contextlib.suppress(*transport_errors()):
-            api.remove_service(old["ID"])
+    _remove_oneoffs(api, stack.name)
     if service not in _read_files(stack):
         raise InstallError(f"stack {stack.name} has no service {service}",
                            hint="a migration's `service` must name a service of the release's "
