@@ -83,7 +83,7 @@ def test_a_failed_update_names_every_distinct_task_error_newest_first() -> None:
 def test_a_one_off_job_is_the_service_with_the_migration_command() -> None:
     spec = {"Name": "st_api", "TaskTemplate": {
         "ContainerSpec": {"Image": "app:2", "Command": ["/entry"], "Args": ["serve"],
-                          "Env": ["DATABASE_URL=postgresql://db/app"],
+                          "Env": ["DATABASE_URL=postgresql://db/app", "B=old"],
                           "Mounts": [{"Type": "volume", "Source": "st_data", "Target": "/d"}],
                           "Healthcheck": {"Test": ["CMD", "curl", "localhost"]}},
         "RestartPolicy": {"Condition": "any"},
@@ -94,7 +94,7 @@ def test_a_one_off_job_is_the_service_with_the_migration_command() -> None:
     c = job["ContainerSpec"]
     # compose run's rule: the command replaced, the entrypoint kept
     assert c["Command"] == ["/entry"] and c["Args"] == ["alembic", "upgrade", "head"]
-    assert c["Env"] == ["DATABASE_URL=postgresql://db/app", "A=1", "B=2"]
+    assert c["Env"] == ["DATABASE_URL=postgresql://db/app", "A=1", "B=2"]  # the migration's B
     assert c["Mounts"] == spec["TaskTemplate"]["ContainerSpec"]["Mounts"]
     assert c["Healthcheck"] == {"Test": ["NONE"]}
     assert job["RestartPolicy"]["Condition"] == "none"

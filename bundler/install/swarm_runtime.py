@@ -566,7 +566,8 @@ def job_spec(service_spec: Mapping[str, Any], argv: Sequence[str], env: Mapping[
     template = copy.deepcopy(dict(service_spec["TaskTemplate"]))
     container = template["ContainerSpec"]
     container["Args"] = list(argv)
-    container["Env"] = [*(container.get("Env") or ()),
+    # replaced, not appended: with a name twice, glibc's getenv finds the first
+    container["Env"] = [*(e for e in container.get("Env") or () if e.split("=")[0] not in env),
                         *(f"{k}={v}" for k, v in sorted(env.items()))]
     container["Healthcheck"] = {"Test": ["NONE"]}
     template["RestartPolicy"] = {"Condition": "none", "MaxAttempts": 0}
