@@ -611,8 +611,10 @@ def run_oneoff(stack: Stack, log: Log, service: str, argv: Sequence[str],
             if done:
                 break
             if time.monotonic() >= deadline:
-                raise CommandError(f"{what}: timed out after {timeout:.0f}s",
-                                   hint="`docker service logs` of the job shows where it hung")
+                raise CommandError(f"{what}: timed out after {timeout:.0f}s (the job was "
+                                   "stopped and removed)",
+                                   hint="run the migration's command in a task of the service "
+                                        "by hand (docker exec) to see where it hangs")
             time.sleep(POLL)
         status = done[0]["Status"]
         container = (status.get("ContainerStatus") or {}).get("ContainerID")
