@@ -167,3 +167,24 @@ def test_uv_makes_the_venv_for_a_python_without_venv_and_pip(tmp_path: Path) -> 
                    "log": str(tmp_path / "logs" / "uv-pip-install.log")}
     _assert_made_by_uv(tmp_path / "venv")
     assert f"home = {host.parent}" in (tmp_path / "venv" / "pyvenv.cfg").read_text()
+
+
+def test_bytecode_that_cannot_be_written_fails_in_one_line(tmp_path: Path) -> None:
+    # a regular file where the package's __pycache__ directory must go: the .pyc cannot be
+    # written, as on a full disk; not a file to leave out like one that is not Python 3
+    wheels = tmp_path / "wheels"
+    whl = make_wheel(wheels, "tinygreet", "1.0",
+                     {"tinygreet/__init__.py": "def greet():\n    return 'hi'\n",
+                      "tinygreet/__pycache__": "not a directory\n"})
+    lock = tmp_path / "requirements.lock"
+    sha = hashlib.sha256(whl.read_bytes()).hexdigest()
+    lock.write_text(f"tinygreet==1.0 --hash=sha256:{sha}\n")
+    with pytest.raises(InstallError) as info:
+        python_env.create_venv(_host_python(), tmp_path / "venv", wheels, lock,
+                               tmp_path / "logs")
+    err = info.value
+    assert "\n" not in err.message, err.message
+    assert err.message.startswith("installing Python packages failed: compile bytecode exited "
+                                  "1: NotADirectoryError"), err.message
+    assert "free space in the install root" in (err.hint or ""), err.hint
+    assert not (tmp_path / ".uv-unpack").exists()

@@ -1,14 +1,15 @@
 """The swarm runtime's pure parts: bundler's update/rollback defaults for a stack, the
-swarm.yaml it reads and the causes a failed update names (no engine; the real swarm is in
-tests/test_swarm.py)."""
+swarm.yaml it reads, the causes a failed update names, and a one-off job's failure paths
+against a scripted engine API (the real swarm is in tests/test_swarm.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bundler.errors import InstallError
+from bundler.errors import CommandError, InstallError
 from bundler.install import swarm_runtime as sw
 
 
@@ -103,3 +104,88 @@ def test_a_one_off_job_is_the_service_with_the_migration_command() -> None:
     assert job["Networks"] == [{"Target": "net1"}]  # not answering for the service's name
     assert "ForceUpdate" not in job
     assert spec["TaskTemplate"]["ContainerSpec"]["Args"] == ["serve"]  # not changed in place
+
+
+class _Engine:
+    """The manager's engine API as run_oneoff uses it, with the job's tasks scripted."""
+
+    def __init__(self, tasks: list[dict[str, Any]], logs: bytes = b"") -> None:
+        self.job_tasks, self.output = tasks, logs
+        self.created: list[dict[str, Any]] = []
+        self.removed: list[str] = []
+
+    def services(self, filters: dict[str, str]) -> list[dict[str, Any]]:
+        return []
+
+    def tasks(self, filters: dict[str, str]) -> list[dict[str, Any]]:
+        return self.job_tasks if filters == {"service": "job1"} else []
+
+    def inspect_service(self, name: str) -> dict[str, Any]:
+        return {"Spec": {"TaskTemplate": {"ContainerSpec": {"Image": "app:2"}}}}
+
+    def info(self) -> dict[str, Any]:
+        return {"Swarm": {"NodeID": "n0"}}
+
+    def create_service(self, template: dict[str, Any], **kw: Any) -> dict[str, str]:
+        self.created.append(template)
+        return {"ID": "job1"}
+
+    def remove_service(self, service_id: str) -> None:
+        self.removed.append(service_id)
+
+    def logs(self, container: str, **kw: Any) -> bytes:
+        return self.output
+
+
+def _oneoff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, engine: _Engine,
+            service: str = "api", timeout: float = 5) -> Any:
+    compose = tmp_path / "docker-compose.yml"
+    compose.write_text("services:\n  api: {image: app:2}\n  db: {image: pg}\n")
+    deployed: list[Any] = []
+    monkeypatch.setattr(sw, "_manager", lambda: engine)
+    monkeypatch.setattr(sw, "deploy", lambda *a, **kw: deployed.append(kw))
+    monkeypatch.setattr(sw, "POLL", 0.01)
+    stack = sw.Stack("st", (compose,), tmp_path, {"DB_PASSWORD": "s3cret"})
+    return sw.run_oneoff(stack, lambda _: None, service, ["alembic", "upgrade", "head"],
+                         {}, timeout), deployed
+
+
+def test_a_one_off_job_for_a_service_the_stack_lacks_is_refused_before_anything(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _Engine([])
+    with pytest.raises(InstallError) as info:
+        _oneoff(tmp_path, monkeypatch, engine, service="worker")
+    assert info.value.message == "stack st has no service worker"
+    assert "compose files" in (info.value.hint or "")
+    assert engine.created == []
+
+
+def test_a_one_off_job_returns_its_exit_and_redacted_output_and_is_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _Engine([{"Status": {"State": "failed", "Err": "task: non-zero exit (3)",
+                                  "ContainerStatus": {"ContainerID": "c1", "ExitCode": 3}}}],
+                     logs=b"connecting with s3cret\nERROR: relation nope\n")
+    result, deployed = _oneoff(tmp_path, monkeypatch, engine)
+    assert (result.returncode, result.output) == (3, "connecting with ****\nERROR: relation nope\n")
+    assert deployed == [{"only": ()}]  # the new release's definitions, nothing else kept up
+    assert engine.created[0]["ContainerSpec"]["Args"] == ["alembic", "upgrade", "head"]
+    assert engine.removed == ["job1"]
+
+
+def test_a_one_off_job_that_never_started_or_hangs_fails_in_one_line_and_is_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = _Engine([{"Status": {"State": "rejected", "Err": "invalid mount config: bind "
+                                  "source path does not exist: /srv/x"}}])
+    with pytest.raises(CommandError) as info:
+        _oneoff(tmp_path, monkeypatch, engine)
+    assert info.value.message == ("alembic in a one-off task of swarm service api: the task was "
+                                  "rejected: invalid mount config: bind source path does not "
+                                  "exist: /srv/x")
+    assert info.value.hint and engine.removed == ["job1"]
+
+    engine = _Engine([{"Status": {"State": "running"}}])
+    with pytest.raises(CommandError) as info:
+        _oneoff(tmp_path, monkeypatch, engine, timeout=0.05)
+    assert info.value.message == ("alembic in a one-off task of swarm service api: timed out "
+                                  "after 0s (the job was stopped and removed)")
+    assert info.value.hint and engine.removed == ["job1"]

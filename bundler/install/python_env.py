@@ -56,6 +56,7 @@ def create_venv(python: Path, venv: Path, wheels: Path, lock: Path, logs: Path,
 # files: 8.6 -> 4.3 s here. Run by the venv's interpreter: the bytecode must be its own.
 # A file that is not valid Python 3 is left out, as pip and uv do; any other error (a full
 # disk) fails the install.
+COMPILE_STEP = "compile bytecode"
 COMPILE = """
 import multiprocessing, os, py_compile, re, sysconfig
 from concurrent.futures import ProcessPoolExecutor
@@ -100,7 +101,7 @@ def _with_uv(uv: Path, python: Path, venv: Path, wheels: Path, lock: Path, logs:
                             "--require-hashes", "--only-binary", ":all:",
                             "--link-mode", "hardlink",
                             "--python", venv / "bin" / "python", "-r", lock]),
-        ("compile bytecode", [venv / "bin" / "python", "-I", "-c", COMPILE]),
+        (COMPILE_STEP, [venv / "bin" / "python", "-I", "-c", COMPILE]),
     )
     try:
         return _run_uv(steps, env, venv, log)
@@ -121,7 +122,8 @@ def _run_uv(steps: tuple[tuple[str, list[str | Path]], ...], env: dict[str, str]
         output += f"$ {what}\n{result.output}"
         if result.returncode != 0:
             _log(log, output)
-            raise _failed(f"{what} exited {result.returncode}: {_summary(result.output)}", log)
+            raise _failed(f"{what} exited {result.returncode}: {_summary(result.output)}", log,
+                          wheels_fit=what != COMPILE_STEP)
     return _log(log, output)
 
 
@@ -156,10 +158,14 @@ def _summary(output: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def _failed(reason: str, log: Path) -> InstallError:
+def _failed(reason: str, log: Path, wheels_fit: bool = True) -> InstallError:
+    """`wheels_fit` False: the wheels are in; writing their bytecode failed (a full disk)."""
     return InstallError(f"installing Python packages failed: {reason}",
-                        hint=f"see {log}; the bundle's wheels do not fit this host: check "
-                             "target.python and target.platform in the profile")
+                        hint=f"see {log}; " + (
+                            "the bundle's wheels do not fit this host: check target.python "
+                            "and target.platform in the profile" if wheels_fit else
+                            "the venv could not be written: free space in the install root "
+                            "or fix the file named above, then install again"))
 
 
 def _log(path: Path, text: str) -> Path:
