@@ -12,6 +12,7 @@ import grp
 import logging
 import os
 import pwd
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -74,16 +75,22 @@ class CancelScope:
             self._children.discard(child)
 
 
-def _stop(child: subprocess.Popen[bytes], grace: float) -> None:
+def _signal_group(child: subprocess.Popen[bytes], sig: int) -> None:
+    """`sig` to the child's whole process group (it leads one: see `_run`), so that workers it
+    forked die with it instead of holding its output pipe open."""
     with contextlib.suppress(OSError):
-        child.terminate()
+        os.killpg(child.pid, sig)
+
+
+def _stop(child: subprocess.Popen[bytes], grace: float) -> None:
+    _signal_group(child, signal.SIGTERM)
 
     def kill_later() -> None:
         try:
             child.wait(grace)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                child.kill()
+            pass
+        _signal_group(child, signal.SIGKILL)  # and whatever it left behind
 
     threading.Thread(target=kill_later, daemon=True).start()
 
@@ -243,24 +250,41 @@ def run(
 
 def _run(scope: CancelScope | None, argv: tuple[str, ...], timeout: float,
          **popen: Any) -> subprocess.CompletedProcess[bytes]:
-    """subprocess.run, with the child registered in `scope` while it runs."""
-    with subprocess.Popen(argv, **popen) as child:
+    """subprocess.run, with the child registered in `scope` while it runs.
+
+    The child leads a process group of its own. When it exits, whatever is left of its group
+    is killed: a command bundler waits for must not leave processes behind, and one that did
+    (a worker pool whose parent was killed, say) would hold the output pipe open and hang
+    this call. A timeout, Ctrl+C or a cancel kill the whole group too."""
+    with subprocess.Popen(argv, start_new_session=True, **popen) as child:
         if scope is not None:
             scope._add(child)
+        reaper = threading.Thread(target=_kill_leftovers, args=(child,), daemon=True)
+        reaper.start()
         try:
             out, err = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            child.kill()
+            _signal_group(child, signal.SIGKILL)
             child.communicate()
             raise
         except BaseException:  # e.g. Ctrl+C: do not leave the child running
-            child.kill()
+            _signal_group(child, signal.SIGKILL)
             child.wait()
             raise
         finally:
             if scope is not None:
                 scope._remove(child)
         return subprocess.CompletedProcess(argv, child.returncode, out, err)
+
+
+def _kill_leftovers(child: subprocess.Popen[bytes]) -> None:
+    """Wait for `child` to exit WITHOUT reaping it (its pid, the group's id, stays reserved
+    until `communicate` reaps it), then SIGKILL what is left of its process group."""
+    try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # already reaped: nothing held the pipes
+        return
+    _signal_group(child, signal.SIGKILL)
 
 
 def spawn(

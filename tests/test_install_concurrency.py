@@ -3,6 +3,7 @@ each journaled; the first failure stops the others and is the error raised."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -107,3 +108,70 @@ def test_the_first_failure_stops_the_others_and_is_raised(
     detail = [e.detail for e in state.events() if (e.step, e.status) == ("npm:web", "failed")]
     assert detail == ["stopped: python failed"]
     state.close()
+
+
+# A worker pool whose parent dies, as the venv's bytecode compile did when another step's
+# failure cancelled it on a full disk: the orphaned workers held the output pipe and the
+# install hung with no output.
+_ORPHANS = """
+import os, sys, time
+for _ in range(2):
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+print("parent done", flush=True)
+"""
+
+
+def test_a_command_that_leaves_workers_behind_returns_when_it_exits() -> None:
+    started = time.monotonic()
+    result = proc.run([sys.executable, "-c", _ORPHANS], what="pool")
+    assert time.monotonic() - started < 10
+    assert result.output.strip() == "parent done"
+
+
+def test_cancelling_a_command_kills_the_workers_it_forked(tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    script = f"""
+import os, time
+with open({str(pids)!r}, "w") as f:
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        f.write(f"{{pid}}\\n")
+time.sleep(60)
+"""
+    scope = proc.CancelScope()
+    outcome: list[BaseException] = []
+
+    def worker() -> None:
+        with proc.cancel_scope(scope):
+            try:
+                proc.run([sys.executable, "-c", script], what="compile")
+            except BaseException as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=worker)
+    started = time.monotonic()
+    thread.start()
+    while not (pids.exists() and len(pids.read_text().split()) == 2):
+        time.sleep(0.05)
+    scope.cancel("npm failed")
+    thread.join(20)
+    assert not thread.is_alive() and time.monotonic() - started < 15
+    assert isinstance(outcome[0], Cancelled)
+    for pid in map(int, pids.read_text().split()):
+        deadline = time.monotonic() + 5
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), f"worker {pid} outlived the cancelled command"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
