@@ -7,6 +7,7 @@ automation branches on them, so never renumber.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -231,3 +232,24 @@ class NodeDownError(InstallError):
     exit_code = 22
     default_hint = ("bring the node back (`docker node ls` on a manager; its engine must answer "
                     "at the endpoint swarm.yaml names), or install with --allow-degraded")
+
+
+# What a full disk looks like from here: the OS error itself, SQLite's SQLITE_FULL, and the
+# words the tools bundler runs print for it (uv, pip, npm, pg_dump, tar, docker).
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_FULL_WORDS = ("no space left on device", "disk quota exceeded", "database or disk is full",
+               "enospc", "edquot")
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """`exc`, or an error that led to it, is a filesystem running out of space."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+            return True
+        text = (exc.message if isinstance(exc, BundlerError) else str(exc)).lower()
+        if any(word in text for word in _FULL_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -114,6 +114,21 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
+# Below this much free space a failure is taken to be the disk's: a service that cannot write
+# its pidfile or log fails with its own words, not ENOSPC.
+FULL_MARGIN = 4 * 1024 * 1024
+
+
+def nearly_full(path: Path) -> bool:
+    """The filesystem holding `path` has (almost) no free blocks left, counting those reserved
+    for root: writes there fail now."""
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    st = os.statvfs(probe)
+    return st.f_bfree * st.f_frsize < FULL_MARGIN
+
+
 def require_space(path: Path, needed: int, what: str) -> None:
     available = free_bytes(path)
     if available < needed:

@@ -86,10 +86,8 @@ def _stop(child: subprocess.Popen[bytes], grace: float) -> None:
     _signal_group(child, signal.SIGTERM)
 
     def kill_later() -> None:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
         _signal_group(child, signal.SIGKILL)  # and whatever it left behind
 
     threading.Thread(target=kill_later, daemon=True).start()

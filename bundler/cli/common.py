@@ -12,7 +12,7 @@ import click
 
 from bundler import __version__, ui
 from bundler.cli.render import error
-from bundler.errors import BundlerError, Interrupted
+from bundler.errors import BundlerError, Interrupted, SpaceError, disk_full
 from bundler.redact import redact
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,7 +36,12 @@ def handled(fn: F) -> F:
             exc2 = Interrupted("interrupted")
             error(exc2, as_json)
             sys.exit(exc2.exit_code)
-        except Exception as exc:  # a bug: still one line, with the traceback kept for a report
+        except Exception as exc:
+            if disk_full(exc):  # not a bug: the host's disk is full
+                full = SpaceError(f"a disk is full: {type(exc).__name__}: {exc}")
+                error(full, as_json)
+                sys.exit(full.exit_code)
+            # a bug: still one line, with the traceback kept for a report
             import tempfile
             import traceback
 

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -32,13 +33,18 @@ from bundler.errors import (
     MigrationError,
     RollbackFailedError,
     RolledBackError,
+    SpaceError,
     StateError,
+    disk_full,
 )
 from bundler.faults import fault_point
 from bundler.fsutil import (
     atomic_symlink,
     atomic_write_bytes,
+    free_bytes,
+    human_bytes,
     make_dir,
+    nearly_full,
     private_dir,
     require_space,
 )
@@ -98,6 +104,35 @@ def install(source: Path, trusted: list[TrustedKey], root: Path,
     ("restore" / "keep"; None: only when nothing was written since, see recovery).
     `allow_degraded`: on a swarm, go on while some nodes are down (else refused)."""
     layout = Layout(root.resolve())
+    try:
+        return _install(layout, source, trusted, allow_downgrade, environment, db_choice,
+                        allow_degraded)
+    except (BundlerError, OSError, sqlite3.Error) as exc:
+        if isinstance(exc, (SpaceError, RollbackFailedError, Interrupted)) \
+                or not disk_full(exc):
+            raise
+        raise _disk_full_error(_reason(exc), layout) from exc
+
+
+def _disk_full_error(what: str, layout: Layout) -> SpaceError:
+    """A write failed for lack of space (staging, venv, bytecode, npm tree, backup, journal,
+    logs): the install stopped and was undone. Exit 9, with what is serving now."""
+    try:
+        serving = layout.current_version()
+    except StateError:
+        serving = None
+    free = human_bytes(free_bytes(layout.root))
+    return SpaceError(
+        f"{what.splitlines()[0]} (the filesystem of {layout.root} ran out of space; {free} "
+        "free after the undo)",
+        hint=f"free space there (`df -h {layout.root}`; `du -sh {layout.root}/*` shows "
+             "bundler's share), then run the same install again; "
+             + (f"{serving} is serving" if serving else "nothing was installed"))
+
+
+def _install(layout: Layout, source: Path, trusted: list[TrustedKey],
+             allow_downgrade: bool, environment: str, db_choice: str | None,
+             allow_degraded: bool) -> InstallResult:
     with archive.open_bundle(source, trusted) as reader:
         ui.step(f"Verifying signature of {reader.label}")
         verified = reader.read_envelope()
@@ -129,6 +164,7 @@ def install(source: Path, trusted: list[TrustedKey], root: Path,
                     return _ensure_running(layout, m, environment, db_choice)
                 staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=layout.root))
                 ui.step(f"Verifying and staging {len(m.files)} file(s)")
+                fault_point("extract")
                 with ui.bytes_progress("verifying", m.payload_size) as advance:
                     reader.extract(staging, advance)
             except BaseException:
@@ -279,11 +315,11 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             state.set_status(m.version, "active")
             state.accept_sequence(m.name, m.sequence)
             journal.record("commit", "done", f"current -> {m.version}")
-        _write_report(rel, m, state, journal, checks, "installed", "", undo, env)
-        _prune(layout, state, m.runtime.install.keep)
-        return InstallResult(m.version, previous, "installed", tuple(checks))
     except BaseException as exc:
         reason = _reason(exc)
+        undo.disk_full = disk_full(exc) or nearly_full(layout.root)
+        if undo.disk_full:
+            state.release_reserve()  # room to journal the rollback
         try:
             _undo(layout, state, journal, m, rel, previous, prev_manifest, started, reason,
                   prev_env, undo, env)
@@ -294,6 +330,10 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted("interrupted; the new release was removed and the previous one "
                               "restored") from None
+        if undo.disk_full:
+            what = (f"{m.version} failed and was rolled back"
+                    f"{' to ' + previous if previous else ''}: {reason}") if started else reason
+            raise _disk_full_error(what, layout) from exc
         if started:
             # A failed migration keeps its own exit code: the release is rolled back either
             # way, but automation should know the database was what failed.
@@ -301,6 +341,12 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             raise kind(f"{m.version} failed and was rolled back"
                        f"{' to ' + previous if previous else ''}: {reason}") from None
         raise
+    else:
+        # Committed: nothing from here on may undo it (a full disk fails the report only).
+        _write_report(rel, m, state, journal, checks, "installed", "", undo, env)
+        _prune(layout, state, m.runtime.install.keep)
+        state.make_reserve()
+        return InstallResult(m.version, previous, "installed", tuple(checks))
     finally:
         state.close()
 
@@ -465,6 +511,7 @@ class _UndoDb:
         default_factory=list)
     migrating: bool = False
     service_started: bool = False
+    disk_full: bool = False  # the failure was a full disk: free what this install wrote
     restored_dbs: set[str | None] = dataclasses.field(default_factory=set)
 
     @property
@@ -544,6 +591,15 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
     restart the previous release, check it."""
     ui.step(f"Rolling back: {reason}")
     try:
+        if layout.current_version() == m.version and previous != m.version:
+            # Failed between the switch and its record (a full disk at commit): point
+            # `current` back before anything restarts.
+            if previous is not None:
+                atomic_symlink(os.path.join("releases", previous), layout.current)
+            else:
+                layout.current.unlink()
+        if undo.disk_full:
+            _free_payloads(rel)
         dbs = _databases(m, env)
         services = tuple(d.compose_service for d in dbs if d.compose_service)
         prev_compose = runtime.uses_compose(layout, previous)
@@ -589,7 +645,9 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
         with state.tx():
             state.set_status(m.version, status, reason)
             journal.record("rollback", "done", reason)
-        if not started:
+        if not started or undo.disk_full:
+            # Nothing to keep: it never ran, or it is a partial tree left by a full disk
+            # (the journal holds what happened).
             shutil.rmtree(layout.removable_release(rel.path), ignore_errors=True)
     except RollbackFailedError:
         _left_pending(layout, state, journal, m, env, undo, reason)
@@ -597,6 +655,14 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
     except BaseException as exc:
         _left_pending(layout, state, journal, m, env, undo, reason)
         raise RollbackFailedError(f"rollback after '{reason}' failed: {_reason(exc)}") from exc
+
+
+def _free_payloads(rel: ReleaseDir) -> None:
+    """The disk filled: give back the space of what this failed release unpacked (payloads,
+    venv, caches) before anything else is written, the database restore first of all. Its
+    manifest and files/ (compose files) stay until the undo is done."""
+    for part in ("venv", "python", "npm", "npm-cache", "images", ".uv-unpack"):
+        shutil.rmtree(rel.path / part, ignore_errors=True)
 
 
 def _left_pending(layout: Layout, state: State, journal: _Journal, m: Manifest,
@@ -618,7 +684,15 @@ def _left_pending(layout: Layout, state: State, journal: _Journal, m: Manifest,
 
 
 def _prune(layout: Layout, state: State, keep: int) -> None:
-    """Keep the current release and the newest `keep - 1` others (rollback targets)."""
+    """Keep the current release and the newest `keep - 1` others (rollback targets). Runs
+    after the commit: a failure here is reported, never undoes the installed release."""
+    try:
+        _prune_old(layout, state, keep)
+    except (OSError, sqlite3.Error, BundlerError) as exc:
+        ui.note(f"old releases not pruned ({_reason(exc)}); the next install prunes them")
+
+
+def _prune_old(layout: Layout, state: State, keep: int) -> None:
     current = layout.current_version()
     old = [r for r in state.releases()
            if r.version != current and r.status in ("superseded", "rolled_back")]
@@ -637,7 +711,17 @@ def _write_report(rel: ReleaseDir, m: Manifest, state: State, journal: _Journal,
                   checks: list[CheckResult], outcome: str, reason: str, undo: _UndoDb,
                   env: environ.ReleaseEnv) -> None:
     """report.json for automation and REPORT.md, a checklist like the ones operators used to
-    tick by hand: every step and check of this install with its result."""
+    tick by hand: every step and check of this install with its result. Best effort: on a
+    full disk the journal in state.db still holds every step."""
+    try:
+        _write_report_files(rel, m, state, journal, checks, outcome, reason, undo, env)
+    except (OSError, sqlite3.Error) as exc:
+        ui.note(f"install report not written ({_reason(exc)}); `bundle history` has every step")
+
+
+def _write_report_files(rel: ReleaseDir, m: Manifest, state: State, journal: _Journal,
+                        checks: list[CheckResult], outcome: str, reason: str, undo: _UndoDb,
+                        env: environ.ReleaseEnv) -> None:
     rows = state.conn.execute(
         "SELECT ts, step, status, detail FROM events WHERE txn=? ORDER BY id",
         (journal.txn,)).fetchall()
@@ -693,7 +777,8 @@ class _Journal:
         try:
             yield
         except BaseException as exc:
-            self.record(name, "failed", _reason(exc))
+            with contextlib.suppress(sqlite3.Error):  # the failure itself is the news
+                self.record(name, "failed", _reason(exc))
             raise
         self.record(name, "done")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from bundler import proc, tools
 from bundler.errors import CommandError, InstallError
+from bundler.faults import fault_point
 from bundler.models import Target
 
 
@@ -113,6 +115,7 @@ def _run_uv(steps: tuple[tuple[str, list[str | Path]], ...], env: dict[str, str]
             log: Path) -> Path:
     output = ""
     for what, argv in steps:
+        fault_point(f"python:{what}")
         try:
             result = proc.run(argv, what=what, env=env, cwd=venv.parent, timeout=1800,
                               check=False)
@@ -169,6 +172,8 @@ def _failed(reason: str, log: Path, wheels_fit: bool = True) -> InstallError:
 
 
 def _log(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """Best effort: on a full disk the step's own error is what must reach the operator."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     return path

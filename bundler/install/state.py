@@ -6,6 +6,8 @@ Every detail is redacted (`bundler.redact`) before it is written: no secret reac
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -14,12 +16,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bundler.errors import StateError
+from bundler.errors import StateError, disk_full
 from bundler.fsutil import create_file, private_dir
 from bundler.install import strict
 from bundler.redact import redact
 
 SCHEMA_VERSION = 2
+
+# Space kept aside in state/ for the journal: when the disk fills during an install, this file
+# is deleted so that the rollback can still be recorded (SQLite's rollback journal and the new
+# pages need room). Made again by the next writer that finds space for it.
+RESERVE = "reserve"
+RESERVE_BYTES = 2 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS releases (
@@ -80,8 +88,10 @@ class Event:
 
 
 class State:
-    def __init__(self, conn: sqlite3.Connection, schema: int = SCHEMA_VERSION) -> None:
+    def __init__(self, conn: sqlite3.Connection, schema: int = SCHEMA_VERSION,
+                 reserve: Path | None = None) -> None:
         self.conn = conn
+        self.reserve = reserve
         # A read-only look at a v1 database (not upgraded: reading changes nothing).
         self._columns = _RELEASE_COLUMNS if schema >= 2 else \
             _RELEASE_COLUMNS.replace(", txn", ", '' AS txn")
@@ -120,7 +130,34 @@ class State:
                     conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
-        return cls(conn)
+        state = cls(conn, reserve=db.parent / RESERVE)
+        if create:
+            state.make_reserve()
+        return state
+
+    def make_reserve(self) -> None:
+        """Set RESERVE_BYTES aside (real blocks, not a sparse file), if there is room."""
+        if self.reserve is None or self.reserve.exists():
+            return
+        try:
+            fd = os.open(self.reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                         0o600)
+        except OSError:
+            return
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError:  # no room now (or no fallocate here): try again next time
+            self.reserve.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+    def release_reserve(self) -> bool:
+        """Give the reserve back to the filesystem (the disk is full); False if there was
+        none to give."""
+        if self.reserve is None or not self.reserve.exists():
+            return False
+        self.reserve.unlink(missing_ok=True)
+        return True
 
     @classmethod
     def open_readonly(cls, db: Path) -> State | None:
@@ -145,16 +182,33 @@ class State:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
+            self._commit()
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            # SQLite may have rolled back already (SQLITE_FULL, I/O errors): a second ROLLBACK
+            # would fail with "no transaction is active" and hide the real error.
+            if self.conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+
+    def _commit(self) -> None:
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            if not (disk_full(exc) and self.conn.in_transaction and self.release_reserve()):
+                raise
+            self.conn.execute("COMMIT")
 
     def event(self, txn: str, version: str, step: str, status: str, detail: str = "") -> None:
-        self.conn.execute(
-            "INSERT INTO events (ts, txn, version, step, status, detail) VALUES (?,?,?,?,?,?)",
-            (now(), txn, version, step, status, redact(detail)),
-        )
+        row = (now(), txn, version, step, status, redact(detail))
+        insert = "INSERT INTO events (ts, txn, version, step, status, detail) VALUES (?,?,?,?,?,?)"
+        try:
+            self.conn.execute(insert, row)
+        except sqlite3.OperationalError as exc:
+            # A full disk: the reserve makes room for this record (and the rollback's).
+            if self.conn.in_transaction or not (disk_full(exc) and self.release_reserve()):
+                raise
+            self.conn.execute(insert, row)
 
     def upsert_release(self, row: ReleaseRow) -> None:
         self.conn.execute(

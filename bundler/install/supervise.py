@@ -6,6 +6,7 @@ so services outlive the `bundle install` that started them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -60,10 +61,16 @@ def main(spec_path: str) -> int:
     error: str | None
 
     def record(child: int | None, last_exit: int | None, error: str | None) -> None:
-        # What `bundle status` reads: is the service up, and if not, why.
-        atomic_write_bytes(state_path, json.dumps(
-            {"child": child, "restarts": restarts, "last_exit": last_exit,
-             "error": error}).encode(), mode=0o644)
+        # What `bundle status` reads: is the service up, and if not, why. A full disk must not
+        # kill the supervisor (the service would run on unsupervised): then it is not written.
+        with contextlib.suppress(OSError):
+            atomic_write_bytes(state_path, json.dumps(
+                {"child": child, "restarts": restarts, "last_exit": last_exit,
+                 "error": error}).encode(), mode=0o644)
+
+    def say(text: str) -> None:
+        with contextlib.suppress(OSError):  # the log's filesystem may be full
+            os.write(log_fd, text.encode())
 
     try:
         while not stopping.is_set():
@@ -73,7 +80,7 @@ def main(spec_path: str) -> int:
                                    log_fh=log_fd, user=user)
             except CommandError as exc:
                 why = exc.message.splitlines()[0]
-                os.write(log_fd, f"[supervisor] {spec['name']}: {why}\n".encode())
+                say(f"[supervisor] {spec['name']}: {why}\n")
                 code, error = None, why
             else:
                 record(child.pid, None, None)
@@ -92,9 +99,9 @@ def main(spec_path: str) -> int:
                 backoff = 1.0
             restarts += 1
             record(None, code, error)
-            os.write(log_fd, f"[supervisor] {spec['name']} "
-                             f"{'exited with ' + str(code) if error is None else 'did not start'}"
-                             f"; restarting in {backoff:.0f}s\n".encode())
+            say(f"[supervisor] {spec['name']} "
+                f"{'exited with ' + str(code) if error is None else 'did not start'}"
+                f"; restarting in {backoff:.0f}s\n")
             deadline = time.monotonic() + backoff
             while time.monotonic() < deadline and not stopping.is_set():
                 stopping.wait(0.2)
