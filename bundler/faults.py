@@ -2,7 +2,9 @@
 at POINT, the way a power cut or `kill -9` would; BUNDLER_FAULT=int:POINT sends it SIGINT
 there, as an operator's Ctrl+C would. Crash tests are so deterministic rather than
 timing-based. Points: every journaled install step as it starts (`images`, `python`,
-`migrate`, ...), `commit` (switched, not yet recorded) and `images-stream` (the engine has
+`migrate`, ...), `extract` (staging begins), `python:<command>` (each command of the Python
+step), `migrate:applied` (after each SQL file), `health` (started, not yet checked), `commit`
+(switched, not yet recorded), `committed` (recorded) and `images-stream` (the engine has
 received part of the image archive).
 
 BUNDLER_FAULT=fill:POINT fills the filesystem holding BUNDLER_FAULT_FILL (a file it creates

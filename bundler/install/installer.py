@@ -298,6 +298,7 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         with journal.step("start", f"Starting {m.version}"):
             runtime.start(layout, m.version)
         ui.step("Health-checking")
+        fault_point("health")  # started, not yet checked
         checks = health.run_all(m.runtime.health, env, user=m.runtime.user)
         report_checks = checks
         failed = [c for c in checks if not c.ok]
@@ -315,6 +316,7 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             state.set_status(m.version, "active")
             state.accept_sequence(m.name, m.sequence)
             journal.record("commit", "done", f"current -> {m.version}")
+        fault_point("committed")
     except BaseException as exc:
         reason = _reason(exc)
         undo.disk_full = disk_full(exc) or nearly_full(layout.root)

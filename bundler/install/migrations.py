@@ -52,6 +52,7 @@ from typing import Any, Protocol
 
 from bundler import proc
 from bundler.errors import CommandError, LockedError, MigrationError
+from bundler.faults import fault_point
 from bundler.install import database, fsowner, runas
 from bundler.install.database import Database
 from bundler.redact import redact
@@ -349,6 +350,7 @@ class _Ledger:
                 self._apply_pg(m, f)
             else:
                 self._apply_sqlite(m, f)
+            fault_point("migrate:applied")  # crash tests: a half-migrated database
         return _sql_result(m, files, tuple(f.name for f in todo))
 
     def _apply_pg(self, m: Migration, f: SqlFile) -> None:
