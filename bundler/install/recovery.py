@@ -126,13 +126,15 @@ def pending(state: State) -> Pending | None:
                    last[0] if last else row.installed_at, tuple(restores))
 
 
-def _checks(layout: Layout, rel: ReleaseDir) -> list[CheckResult]:
+def _checks(layout: Layout, rel: ReleaseDir,
+            crashed: health.Crashed | None = None) -> list[CheckResult]:
     manifest = rel.manifest()
     if manifest is None:
         return []
     env = environ.release_env(layout, manifest.runtime.env, rel.environment(),
                               version=manifest.version)
-    return health.run_all(manifest.runtime.health, env, user=manifest.runtime.user)
+    return health.run_all(manifest.runtime.health, env, user=manifest.runtime.user,
+                          crashed=crashed or runtime.watch(layout, manifest.version))
 
 
 def _start(layout: Layout, version: str) -> list[CheckResult]:
@@ -141,8 +143,9 @@ def _start(layout: Layout, version: str) -> list[CheckResult]:
     if manifest is None:
         raise StateError(f"release {version} has no manifest on disk")
     check_recorded_manifest(layout, version)
+    crashed = runtime.watch(layout, version)
     runtime.start(layout, version)
-    return _checks(layout, rel)
+    return _checks(layout, rel, crashed)
 
 
 def check_recorded_manifest(layout: Layout, version: str) -> None:
