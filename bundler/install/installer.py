@@ -632,11 +632,16 @@ def _left_pending(layout: Layout, state: State, journal: _Journal, m: Manifest,
 
 
 def _prune(layout: Layout, state: State, keep: int) -> None:
-    """Keep the current release and the newest `keep - 1` others (rollback targets)."""
+    """Keep the current release, the newest `keep - 1` others that passed their checks
+    (rollback targets), and the newest one that never did, for inspection (its logs and
+    REPORT.md): a failed release never takes a good one's slot. Older failed ones go."""
     current = layout.current_version()
     old = [r for r in state.releases()
            if r.version != current and r.status in ("superseded", "rolled_back")]
-    for row in old[:max(0, len(old) - (keep - 1))]:
+    good = [r for r in old if state.passed_checks(r.version)]
+    failed = [r for r in old if r not in good]
+    doomed = good[:max(0, len(good) - (keep - 1))] + failed[:-1]
+    for row in sorted(doomed, key=old.index):
         try:
             path = layout.removable_release(layout.release(row.version))
         except StateError as exc:  # a row from an older bundler: keep it, say so
