@@ -179,18 +179,22 @@ def test_swarm_evidence_is_the_failed_tasks_since_the_deploy(monkeypatch: pytest
                                                                "Spec": {"Name": "st_db"}}]
 
         def tasks(self, filters: dict[str, str]) -> list[dict[str, Any]]:
-            if filters["service"] == "s2":
-                return [{"CreatedAt": "2020-01-01T00:00:00Z",
-                         "Status": {"State": "failed", "Err": "old failure"}}]
-            return [{"CreatedAt": "2030-01-01T00:00:00.5Z",
-                     "Status": {"State": "failed", "Err": "task: non-zero exit (3)"}},
-                    {"CreatedAt": "2030-01-01T00:00:01Z", "Status": {"State": "running"}}]
+            if filters["service"] == "s2":  # failed once, replaced by a task that runs
+                return [{"CreatedAt": "2030-01-01T00:00:00Z",
+                         "Status": {"State": "failed", "Err": "node hiccup"}},
+                        {"CreatedAt": "2030-01-01T00:00:02Z", "Status": {"State": "running"}}]
+            return [{"CreatedAt": "2020-01-01T00:00:00Z",
+                     "Status": {"State": "failed", "Err": "an old failure"}},
+                    {"CreatedAt": "2030-01-01T00:00:00Z", "Status": {"State": "shutdown"}},
+                    {"CreatedAt": "2030-01-01T00:00:01Z",
+                     "Status": {"State": "failed", "Err": "task: non-zero exit (3)"}}]
 
     monkeypatch.setattr(swarm, "_manager", Api)
     stack = swarm.Stack("st", (tmp_path / "c.yml",), tmp_path, {})
     assert swarm.crashed(stack, time.time()) == [
         "swarm service web: 1 task(s) failed: task: non-zero exit (3)"]
-    assert len(swarm.crashed(stack, None)) == 2
+    assert swarm.crashed(stack, None) == [  # the old failure counts when asked for any time
+        "swarm service web: 2 task(s) failed: task: non-zero exit (3); an old failure"]
 
 
 # --- the health loop ---------------------------------------------------------------------------

@@ -660,10 +660,12 @@ def replicas(root: Path, stack: str) -> list[Replica]:
 
 
 def crashed(stack: Stack, since: float | None = None) -> list[str]:
-    """Decisive evidence that the stack will not come up: per service, the tasks that failed
-    or were rejected after `since` (epoch seconds; None: ever), with their errors, redacted.
-    (`deploy` already waits out a failing update; this is for a task that fails later, while
-    the release's own checks retry.) An engine that does not answer: InstallError."""
+    """Decisive evidence that the stack will not come up: a service whose newest task failed
+    (or was rejected), or with FAILED_TASKS failed tasks, after `since` (epoch seconds; None:
+    ever), with their errors, redacted. One failure the swarm replaced with a running task is
+    none: `deploy` tolerates it too. (`deploy` already waits out a failing update; this is for
+    a task that fails later, while the release's own checks retry.) An engine that does not
+    answer: InstallError."""
     api = _manager()
     out = []
     try:
@@ -674,10 +676,10 @@ def crashed(stack: Stack, since: float | None = None) -> list[str]:
                            f"{first_line(str(exc))}") from None
     for svc, tasks in services:
         name = str(svc["Spec"]["Name"]).removeprefix(stack.name + "_")
-        failed = sorted((t for t in tasks if t["Status"]["State"] in ("failed", "rejected")
-                         and (since is None or _task_time(t) >= since - 1)),
+        recent = sorted((t for t in tasks if since is None or _task_time(t) >= since - 1),
                         key=_task_time, reverse=True)
-        if failed:
+        failed = [t for t in recent if t["Status"]["State"] in ("failed", "rejected")]
+        if failed and (len(failed) >= FAILED_TASKS or recent[0] is failed[0]):
             why = _causes(failed)
             out.append(_redact(stack, f"swarm service {name}: {len(failed)} task(s) failed"
                                       + (f": {why}" if why else "")))
