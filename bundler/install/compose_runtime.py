@@ -606,8 +606,8 @@ def _service_failure(project: ComposeProject, tool: ComposeTool,
     said = tails.condense(tail)
     return InstallError(
         f"compose service {st.name} {_redact(project, why)}{also}"
-        + (f": {said}" if said else "") + f"; project {project.name}, "
-        f"container {st.container[:12]}; last log lines:\n"
+        + (f": {said}" if said else "") + f" (project {project.name}, "
+        f"container {st.container[:12]})\nlast log lines:\n"
         + "\n".join(f"    {line}" for line in tail.splitlines()),
         hint=f"fix the service's image, command, healthcheck or configuration, then install "
              f"again; `docker logs {st.container[:12]}` shows its whole log")
@@ -620,7 +620,7 @@ def _timeout(project: ComposeProject, tool: ComposeTool, pending: tuple[str, ...
     said = tails.condense(tail)
     return InstallError(
         f"compose project {project.name}: not ready after {timeout:.0f}s: {', '.join(pending)}"
-        + (f" ({first}: {said})" if said else "") + f"; last log lines of {first}:\n"
+        + (f" ({first}: {said})" if said else "") + f"\nlast log lines of {first}:\n"
         + "\n".join(f"    {line}" for line in tail.splitlines()),
         hint="a service that needs longer to start needs a longer timeout; otherwise see its "
              "log: `docker logs CONTAINER`")
