@@ -21,6 +21,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -160,25 +161,45 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+# Off a terminal, an activity whose detail changes says so at most this often (seconds): a
+# pipe or a CI log sees a long health wait go on, not a silence.
+PLAIN_EVERY = 5.0
+
+
 class Activity:
     """A spinner row: what is running, for how long, and (`update`) the latest detail such as
-    an attempt count. A no-op off a terminal."""
+    an attempt count. Off a terminal (a pipe, --json), a plain line with the latest detail
+    every PLAIN_EVERY seconds instead (`update` and `tick` print it when due)."""
 
-    def __init__(self, progress: Progress | None, task: TaskID | None, label: str) -> None:
+    def __init__(self, progress: Progress | None, task: TaskID | None, label: str,
+                 plain: bool = False) -> None:
         self._progress = progress
         self._task = task
         self._label = label
+        self._plain = plain
+        self._began = self._said = time.monotonic()
+        self._detail = ""
 
     def update(self, detail: str) -> None:
+        self._detail = detail
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, description=redact(f"{self._label} ({detail})"))
+        self.tick()
+
+    def tick(self) -> None:
+        """Print the latest detail as a plain line if one is due (off a terminal only)."""
+        now = time.monotonic()
+        if self._plain and self._detail and now - self._said >= PLAIN_EVERY:
+            self._said = now
+            note(f"{self._label}: {self._detail} ({now - self._began:.0f}s)")
 
 
 @contextlib.contextmanager
 def activity(label: str) -> Iterator[Activity]:
-    """A spinner with elapsed time while the block runs (terminal only)."""
+    """A spinner with elapsed time while the block runs (terminal only; elsewhere the
+    periodic plain lines of `Activity`)."""
     if not live():
-        yield Activity(None, None, label)
+        yield Activity(None, None, label, plain=not _quiet)
         return
     with _shared() as progress:
         task = progress.add_task(redact(f"    {label}"), total=None, amount="", speed="")

@@ -31,6 +31,7 @@ class Run:
     rc: int
     out: str
     err: str
+    seconds: float = 0.0  # wall time, where measured (offline: each command's own)
 
 
 def bundle(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
@@ -111,7 +112,7 @@ def offline(*commands: list[str], timeout: float = 600, link: HostLink | None = 
         capture_output=True, text=True, timeout=timeout, check=False,
     )
     assert done.returncode == 0, f"netns driver failed: {done.stderr}"
-    return [Run(r["rc"], r["out"], r["err"]) for r in json.loads(done.stdout)]
+    return [Run(r["rc"], r["out"], r["err"], r["seconds"]) for r in json.loads(done.stdout)]
 
 
 def tree_snapshot(root: Path) -> dict[str, str]:

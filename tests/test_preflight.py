@@ -96,7 +96,7 @@ def test_a_service_that_cannot_start_says_why_in_the_error_line(
     assert failed.rc == 12, failed.err
     line = next(ln for ln in failed.err.splitlines() if ln.startswith("error:"))
     assert "health check 'web' failed" in line
-    assert "service web crash-looping: cannot start" in line and "No such file" in line
+    assert "service web could not start (cannot start" in line and "No such file" in line
 
 
 @pytest.mark.slow

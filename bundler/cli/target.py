@@ -201,11 +201,15 @@ def trust_remove(keyid: str, root: Path) -> None:
 @options.root
 @click.option("--to", "to_version", default=None, metavar="VERSION",
               help="Release to return to (default: the one before the current).")
+@click.option("--force", is_flag=True,
+              help="Allow --to a release that never passed its health checks (its own "
+                   "install rolled it back); its checks must pass now.")
 @options.db_choice
 @options.keep_db
 @options.json_output
 @handled
-def rollback(root: Path, to_version: str | None, db_choice: str | None, as_json: bool) -> None:
+def rollback(root: Path, to_version: str | None, force: bool, db_choice: str | None,
+             as_json: bool) -> None:
     """Switch back to an earlier release kept on disk, health-checked (the database is kept).
 
     With an interrupted install pending, finish rolling that install back instead."""
@@ -217,7 +221,7 @@ def rollback(root: Path, to_version: str | None, db_choice: str | None, as_json:
         raise StateError(f"{root} is not an install root (no such directory)",
                          hint="check --root")
     with locked(layout.root):
-        result = do_rollback(layout, to_version, db_choice)
+        result = do_rollback(layout, to_version, db_choice, force=force)
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return

@@ -43,6 +43,7 @@ the shared env file.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import functools
 import hashlib
@@ -64,6 +65,7 @@ import yaml
 from bundler import proc
 from bundler.engine import docker_sdk, engine_client, first_line, transport_errors
 from bundler.errors import CommandError, InstallError
+from bundler.install import tails
 from bundler.install.environ import read_env_file
 from bundler.redact import Secrets, redact
 from bundler.ui import Log
@@ -274,6 +276,9 @@ class ServiceState:
     restarts: int = 0
     image: str = ""  # Image ID the container runs
     health_output: str = ""  # the last healthcheck's output
+    started_at: float = 0.0   # when it last started (epoch seconds; 0: never)
+    finished_at: float = 0.0  # when it last exited (epoch seconds; 0: never)
+    last_exit: int | None = None  # its last exit code, whatever its state now
 
 
 def _base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -493,8 +498,30 @@ def ps(project: ComposeProject, tool: ComposeTool | None = None) -> list[Service
                            restarts=int(c.get("RestartCount", 0)),
                            image=str(c.get("Image", "")),
                            health_output=str(hlog[-1].get("Output", "")).strip() if hlog else "",
+                           started_at=_epoch(st.get("StartedAt")),
+                           finished_at=_epoch(st.get("FinishedAt")),
+                           last_exit=st.get("ExitCode") if _epoch(st.get("FinishedAt"))
+                           else None,
                        )))
     return [s for _, _, s in sorted(states, key=lambda t: (t[0], t[1]))]
+
+
+def _epoch(stamp: object) -> float:
+    """An engine timestamp (RFC 3339, nanoseconds, UTC) in epoch seconds; 0 for the zero
+    time the engine gives what never happened, or anything unreadable."""
+    m = re.match(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?Z$", str(stamp or ""))
+    if m is None or m.group(1) == "0001":
+        return 0.0
+    whole = calendar.timegm((*(int(x) for x in m.groups()[:6]), 0, 0, 0))
+    return whole + float(f"0.{m.group(7) or 0}")
+
+
+def _container_log(cid: str, lines: int) -> str:
+    try:
+        raw = _engine().logs(cid, stdout=True, stderr=True, tail=lines)
+    except (docker_sdk().errors.DockerException, *transport_errors()) as exc:
+        raw = f"(no log: {first_line(str(exc))})".encode()
+    return bytes(raw).decode("utf-8", "replace").rstrip()
 
 
 def logs_tail(project: ComposeProject, tool: ComposeTool, service: str,
@@ -503,15 +530,32 @@ def logs_tail(project: ComposeProject, tool: ComposeTool, service: str,
     containers = [s.container for s in ps(project, tool) if s.name == service]
     if not containers:
         return "(no container)"
-    parts = []
-    for cid in containers:
-        try:
-            raw = _engine().logs(cid, stdout=True, stderr=True, tail=lines)
-        except (docker_sdk().errors.DockerException, *transport_errors()) as exc:
-            raw = f"(no log: {first_line(str(exc))})".encode()
-        parts.append(raw.decode("utf-8", "replace").rstrip())
-    text = "\n".join(p for p in parts if p)
+    text = "\n".join(p for p in (_container_log(cid, lines) for cid in containers) if p)
     return _redact(project, text) if text else "(no output)"
+
+
+def crashed(project: ComposeProject, since: float | None = None) -> list[str]:
+    """Decisive evidence, per the engine, that the project will not come up: a container
+    that exited non-zero or is restarting after `since` (epoch seconds; None: ever), or one
+    its own healthcheck calls unhealthy; each with the last lines of its log, redacted, on
+    one line. A clean exit is not evidence (a one-shot job of the project does that)."""
+    out = []
+    for st in ps(project):
+        if since is not None and st.finished_at < since and st.health != "unhealthy":
+            continue
+        if st.status == "restarting" or (st.finished_at and st.last_exit not in (0, None)):
+            code = "" if st.last_exit is None else f" with code {st.last_exit}"
+            how = (f"keeps restarting (exited{code}, {st.restarts} restart(s))"
+                   if st.status == "restarting" or st.running else f"exited{code}")
+        elif st.health == "unhealthy":
+            said = tails.clean(st.health_output.splitlines()[-1]) if st.health_output else ""
+            how = "is unhealthy" + (f" (healthcheck: {said})" if said else "")
+        else:
+            continue
+        said = tails.condense(_container_log(st.container, LOG_LINES))
+        out.append(_redact(project, f"compose service {st.name} {how} (container "
+                                    f"{st.container[:12]})" + (f": {said}" if said else "")))
+    return out
 
 
 # --- up / down -----------------------------------------------------------------------------------
@@ -558,9 +602,12 @@ def _service_failure(project: ComposeProject, tool: ComposeTool,
     others = sorted({s.name for s, _ in failed[1:]} - {st.name})
     also = f" (also failing: {', '.join(others)})" if others else ""
     tail = logs_tail(project, tool, st.name)
+    # The first line is what a rollback's error and the journal keep: it carries the cause.
+    said = tails.condense(tail)
     return InstallError(
-        f"compose service {st.name} {_redact(project, why)}{also}; project {project.name}, "
-        f"container {st.container[:12]}; last log lines:\n"
+        f"compose service {st.name} {_redact(project, why)}{also}"
+        + (f": {said}" if said else "") + f" (project {project.name}, "
+        f"container {st.container[:12]})\nlast log lines:\n"
         + "\n".join(f"    {line}" for line in tail.splitlines()),
         hint=f"fix the service's image, command, healthcheck or configuration, then install "
              f"again; `docker logs {st.container[:12]}` shows its whole log")
@@ -570,9 +617,11 @@ def _timeout(project: ComposeProject, tool: ComposeTool, pending: tuple[str, ...
              timeout: float) -> InstallError:
     first = pending[0].split(" ", 1)[0]
     tail = logs_tail(project, tool, first)
+    said = tails.condense(tail)
     return InstallError(
-        f"compose project {project.name}: not ready after {timeout:.0f}s: {', '.join(pending)}; "
-        f"last log lines of {first}:\n" + "\n".join(f"    {line}" for line in tail.splitlines()),
+        f"compose project {project.name}: not ready after {timeout:.0f}s: {', '.join(pending)}"
+        + (f" ({first}: {said})" if said else "") + f"\nlast log lines of {first}:\n"
+        + "\n".join(f"    {line}" for line in tail.splitlines()),
         hint="a service that needs longer to start needs a longer timeout; otherwise see its "
              "log: `docker logs CONTAINER`")
 

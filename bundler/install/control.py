@@ -105,10 +105,12 @@ def start(layout: Layout) -> tuple[str, list[CheckResult]]:
                          hint=f"`bundle recover --root {layout.root}` settles it first")
     environment = ReleaseDir(layout.release(version)).environment()
     with locked(layout.root):
+        crashed = runtime.watch(layout, version)
         runtime.start(layout, version)
     return version, health.run_all(manifest.runtime.health,
                                    release_env(layout, manifest.runtime.env, environment,
-                                               version=version), user=manifest.runtime.user)
+                                               version=version), user=manifest.runtime.user,
+                                   crashed=crashed)
 
 
 def _require_current(layout: Layout) -> tuple[str, Manifest]:

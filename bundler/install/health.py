@@ -28,6 +28,12 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _NO_ENV = ReleaseEnv("production", (), frozenset())
 
 
+# What the runtime says about the release between retries: one line per unit that will not
+# come up (runtime.crashed); [] when nothing is decided yet.
+Crashed = Callable[[], list[str]]
+EVIDENCE_EVERY = 1.0  # seconds: how often a long wait between attempts asks the runtime
+
+
 @dataclass(frozen=True)
 class CheckResult:
     name: str
@@ -36,10 +42,16 @@ class CheckResult:
     attempts: int
     detail: str
     seconds: float = 0.0
+    # The runtime's evidence the check gave up on before its retries ran out (redacted).
+    evidence: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "kind": self.kind, "ok": self.ok, "attempts": self.attempts,
-                "detail": self.detail, "seconds": round(self.seconds, 3)}
+        out: dict[str, object] = {
+            "name": self.name, "kind": self.kind, "ok": self.ok, "attempts": self.attempts,
+            "detail": self.detail, "seconds": round(self.seconds, 3)}
+        if self.evidence:
+            out["evidence"] = list(self.evidence)
+        return out
 
 
 def _json_field(body: bytes, path: str) -> object:
@@ -169,9 +181,12 @@ def probe(check: HealthCheck, env: ReleaseEnv = _NO_ENV,
 
 
 def run_check(check: HealthCheck, env: ReleaseEnv = _NO_ENV,
-              retries: int | None = None, user: str | None = None) -> CheckResult:
+              retries: int | None = None, user: str | None = None,
+              crashed: Crashed | None = None) -> CheckResult:
     """`user`: the release's account, which command checks run as (the other kinds are
-    probes bundler makes itself)."""
+    probes bundler makes itself). `crashed`: the runtime's evidence, asked after every failed
+    attempt (and every EVIDENCE_EVERY seconds of a long interval): once it names a unit that
+    will not come up, the check gives up at once with it instead of spending its retries."""
     attempts = retries or check.retries
     started = time.monotonic()
     detail = ""
@@ -181,14 +196,51 @@ def run_check(check: HealthCheck, env: ReleaseEnv = _NO_ENV,
             if ok:
                 return CheckResult(check.name, check.kind, True, attempt, env.redact(detail),
                                    time.monotonic() - started)
-            if attempt < attempts:
-                spinner.update(f"attempt {attempt + 1}/{attempts}; last: "
-                               f"{env.redact(detail)[:60]}")
-                time.sleep(check.interval_ms / 1000)
+            if attempt == attempts:
+                break
+            spinner.update(f"attempt {attempt + 1}/{attempts}; last: "
+                           f"{env.redact(detail)[:100]}")
+            evidence = [env.redact(e) for e in _wait(check.interval_ms / 1000, spinner, crashed)]
+            if evidence:
+                return CheckResult(
+                    check.name, check.kind, False, attempt,
+                    f"{'; '.join(evidence)} (gave up at attempt {attempt} of {attempts}; last "
+                    f"probe: {env.redact(detail)})", time.monotonic() - started,
+                    tuple(evidence))
     return CheckResult(check.name, check.kind, False, attempts, env.redact(detail),
                        time.monotonic() - started)
 
 
+def _wait(seconds: float, spinner: ui.Activity, crashed: Crashed | None) -> list[str]:
+    """Sleep until the next attempt, asking `crashed` first and then every EVIDENCE_EVERY
+    seconds; its evidence as soon as there is some. A question the runtime cannot answer
+    (an engine away) is no evidence."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if crashed is not None:
+            try:
+                evidence = crashed()
+            except BundlerError:
+                evidence = []
+            if evidence:
+                return evidence
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return []
+        time.sleep(min(left, EVIDENCE_EVERY))
+        spinner.tick()
+        if time.monotonic() >= deadline:
+            return []  # the next attempt's probe comes first
+
+
 def run_all(checks: tuple[HealthCheck, ...], env: ReleaseEnv = _NO_ENV,
-            retries: int | None = None, user: str | None = None) -> list[CheckResult]:
-    return [run_check(c, env, retries, user) for c in checks]
+            retries: int | None = None, user: str | None = None,
+            crashed: Crashed | None = None) -> list[CheckResult]:
+    """Each check in turn; after one that gave up on the runtime's evidence (`crashed`, see
+    run_check) the others are not run: the release is failing, and why is known."""
+    out: list[CheckResult] = []
+    for check in checks:
+        out.append(run_check(check, env, retries, user, crashed))
+        if out[-1].evidence:
+            break
+    return out

@@ -190,9 +190,11 @@ def _ensure_running(layout: Layout, m: Manifest, environment: str,
     Call under the root lock."""
     ui.step(f"{m.name} {m.version} is already the current release")
     recovery.recover(layout, db_choice=db_choice)
+    crashed = runtime.watch(layout, m.version)
     runtime.start(layout, m.version)
     checks = health.run_all(m.runtime.health, environ.release_env(
-        layout, m.runtime.env, environment, version=m.version), user=m.runtime.user)
+        layout, m.runtime.env, environment, version=m.version), user=m.runtime.user,
+        crashed=crashed)
     return InstallResult(m.version, None, "unchanged", tuple(checks))
 
 
@@ -295,16 +297,19 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                         db_exec=runtime.service_exec(layout, m.version, target_db))
             journal.record("migrate", "applied", "; ".join(
                 f"{r.name}: {', '.join(r.applied) or 'nothing new'}" for r in results))
+        crashed = runtime.watch(layout, m.version)
         with journal.step("start", f"Starting {m.version}"):
             runtime.start(layout, m.version)
         ui.step("Health-checking")
         fault_point("health")  # started, not yet checked
-        checks = health.run_all(m.runtime.health, env, user=m.runtime.user)
+        checks = health.run_all(m.runtime.health, env, user=m.runtime.user, crashed=crashed)
         report_checks = checks
         failed = [c for c in checks if not c.ok]
         if failed:
             journal.record("health", "failed", failed[0].detail)
-            why = runtime.failures(layout, m.version)
+            # The cause, not only the symptom: what the runtime says (with the service's last
+            # output), unless the check gave up on that very evidence and says it already.
+            why = [] if failed[0].evidence else _cause(crashed, layout, m.version)
             raise _HealthFailed(f"health check {failed[0].name!r} failed: {failed[0].detail}"
                                 + (f"; {'; '.join(why)}" if why else ""))
         journal.record("health", "done", "; ".join(c.detail for c in checks))
@@ -478,6 +483,14 @@ class _HealthFailed(BundlerError):
     pass
 
 
+def _cause(crashed: health.Crashed, layout: Layout, version: str) -> list[str]:
+    """Why the release's units are not up, for the error line (best effort: [] if unknown)."""
+    try:
+        return crashed() or runtime.failures(layout, version)
+    except BundlerError:
+        return []
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, BundlerError):
         return exc.message.splitlines()[0]
@@ -633,10 +646,11 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
             else:
                 runtime.stop(layout, m.version)
         if started and prev_manifest is not None and previous is not None:
+            crashed = runtime.watch(layout, previous)
             runtime.start(layout, previous)
             checks = health.run_all(prev_manifest.runtime.health, environ.release_env(
                 layout, prev_manifest.runtime.env, prev_env, version=previous),
-                user=prev_manifest.runtime.user)
+                user=prev_manifest.runtime.user, crashed=crashed)
             bad = [c for c in checks if not c.ok]
             if bad:
                 journal.record("rollback", "failed", bad[0].detail)
@@ -686,7 +700,9 @@ def _left_pending(layout: Layout, state: State, journal: _Journal, m: Manifest,
 
 
 def _prune(layout: Layout, state: State, keep: int) -> None:
-    """Keep the current release and the newest `keep - 1` others (rollback targets). Runs
+    """Keep the current release, the newest `keep - 1` others that passed their checks
+    (rollback targets), and the newest one that never did, for inspection (its logs and
+    REPORT.md): a failed release never takes a good one's slot. Older failed ones go. Runs
     after the commit: a failure here is reported, never undoes the installed release."""
     try:
         _prune_old(layout, state, keep)
@@ -698,7 +714,10 @@ def _prune_old(layout: Layout, state: State, keep: int) -> None:
     current = layout.current_version()
     old = [r for r in state.releases()
            if r.version != current and r.status in ("superseded", "rolled_back")]
-    for row in old[:max(0, len(old) - (keep - 1))]:
+    good = [r for r in old if state.passed_checks(r.version)]
+    failed = [r for r in old if r not in good]
+    doomed = good[:max(0, len(good) - (keep - 1))] + failed[:-1]
+    for row in sorted(doomed, key=old.index):
         try:
             path = layout.removable_release(layout.release(row.version))
         except StateError as exc:  # a row from an older bundler: keep it, say so

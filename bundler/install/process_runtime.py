@@ -9,11 +9,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bundler import proc
 from bundler.errors import InstallError
 from bundler.fsutil import atomic_write_bytes
-from bundler.install import node_runtime, runas
+from bundler.install import node_runtime, runas, tails
 from bundler.install.environ import release_env
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.supervise import start_time
@@ -143,10 +144,7 @@ def states(services: tuple[Service, ...], rel: ReleaseDir) -> list[ServiceState]
         if pid is None or _zombie(pid):
             out.append(ServiceState(svc.name, False, None, "stopped"))
             continue
-        try:
-            st = json.loads((rel.run / f"{svc.name}.state").read_text())
-        except (OSError, ValueError):
-            st = {}
+        st = _read_state(rel, svc.name)
         child = st.get("child")
         restarts = int(st.get("restarts") or 0)
         if child is not None and start_time(int(child)) is not None:
@@ -165,3 +163,63 @@ def failures(services: tuple[Service, ...], rel: ReleaseDir) -> list[str]:
     """One line per service that is not up, for an error line: the cause, not only the
     health check's symptom."""
     return [f"service {s.name} {s.detail}" for s in states(services, rel) if not s.running]
+
+
+def _read_state(rel: ReleaseDir, name: str) -> dict[str, Any]:
+    """The supervisor's state file ({} if absent or not the supervisor's: like the pidfile,
+    only a file of ours, not a symlink, counts)."""
+    try:
+        fd = os.open(rel.run / f"{name}.state", os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return {}
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return {}
+        data = json.loads(os.read(fd, 64 * 1024))
+    except (OSError, ValueError):
+        return {}
+    finally:
+        os.close(fd)
+    return data if isinstance(data, dict) else {}
+
+
+def crashed(services: tuple[Service, ...], rel: ReleaseDir,
+            since: float | None = None) -> list[str]:
+    """Decisive evidence that services will not come up: one line per service that exited,
+    or could not start, after `since` (wall clock; None: ever), or whose supervisor is gone,
+    with the last lines it printed before that exit. Not redacted: see runtime.crashed.
+
+    Any exit counts, a clean one too: a service is meant to run until stopped, and one that
+    exits before its checks passed is restarted into the same fault (the 30 s a misspelt
+    setting cost in a trial were the health retries waiting on a crash loop)."""
+    out = []
+    for svc in services:
+        if _read_pid(rel, svc.name) is None:
+            out.append(f"service {svc.name} is not running (its supervisor is gone; see "
+                       f"{rel.logs / 'supervisor.log'})")
+            continue
+        st = _read_state(rel, svc.name)
+        restarts = int(st.get("restarts") or 0)
+        if not restarts:
+            continue
+        when = st.get("exited_at")
+        if since is not None and (when is None or float(when) < since):
+            continue  # before this start (or an older supervisor, which does not say)
+        how = (f"could not start ({st['error']})" if st.get("error")
+               else f"exited with {st.get('last_exit')}")
+        said = last_output(rel, svc.name)
+        out.append(f"service {svc.name} {how} before it was healthy "
+                   f"({restarts} restart{'s' if restarts != 1 else ''})"
+                   + (f": {said}" if said else f"; see {rel.logs / (svc.name + '.log')}"))
+    return out
+
+
+def last_output(rel: ReleaseDir, name: str) -> str:
+    """The last lines service `name` printed before it last exited, on one line: its log up
+    to the supervisor's latest line (the run that ended there), supervisor lines left out."""
+    text = tails.read_log(rel.logs / f"{name}.log")
+    lines = text.splitlines()
+    marks = [i for i, line in enumerate(lines) if line.startswith("[supervisor] ")]
+    if marks:
+        lines = lines[:marks[-1]]
+    return tails.condense("\n".join(x for x in lines if not x.startswith("[supervisor] ")))

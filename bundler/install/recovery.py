@@ -12,6 +12,7 @@ from pathlib import Path
 from bundler import ui
 from bundler.errors import (
     InstallError,
+    PolicyError,
     RecoveryPendingError,
     RollbackFailedError,
     StateError,
@@ -126,13 +127,15 @@ def pending(state: State) -> Pending | None:
                    last[0] if last else row.installed_at, tuple(restores))
 
 
-def _checks(layout: Layout, rel: ReleaseDir) -> list[CheckResult]:
+def _checks(layout: Layout, rel: ReleaseDir,
+            crashed: health.Crashed | None = None) -> list[CheckResult]:
     manifest = rel.manifest()
     if manifest is None:
         return []
     env = environ.release_env(layout, manifest.runtime.env, rel.environment(),
                               version=manifest.version)
-    return health.run_all(manifest.runtime.health, env, user=manifest.runtime.user)
+    return health.run_all(manifest.runtime.health, env, user=manifest.runtime.user,
+                          crashed=crashed or runtime.watch(layout, manifest.version))
 
 
 def _start(layout: Layout, version: str) -> list[CheckResult]:
@@ -141,8 +144,9 @@ def _start(layout: Layout, version: str) -> list[CheckResult]:
     if manifest is None:
         raise StateError(f"release {version} has no manifest on disk")
     check_recorded_manifest(layout, version)
+    crashed = runtime.watch(layout, version)
     runtime.start(layout, version)
-    return _checks(layout, rel)
+    return _checks(layout, rel, crashed)
 
 
 def check_recorded_manifest(layout: Layout, version: str) -> None:
@@ -346,15 +350,16 @@ class RollbackResult:
                 "checks": [c.to_json() for c in self.checks]}
 
 
-def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None
-             ) -> RollbackResult:
+def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None,
+             force: bool = False) -> RollbackResult:
     """Switch back to an earlier release (default: the one before the current), health-checked.
     Call under the root lock.
 
     The database is not restored: data written since would be lost. Restoring is automatic
     only when an install fails; see the install report for the backup file. With an
     interrupted install pending, a plain rollback finishes that install's rollback and stops
-    there: the healthy current release is not rolled back as well.
+    there: the healthy current release is not rolled back as well. `to` a release that never
+    passed its checks (its own install rolled it back): PolicyError unless `force`.
     """
     probe = State.open_readonly(layout.db)
     if probe is None:
@@ -365,6 +370,15 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None
             raise StateError(f"release {to} is not on disk under {layout.root}",
                              hint="only the releases kept by install.keep can be rolled back "
                                   "to; `bundle status --root DIR` lists them")
+        if to is not None and not force and not probe.passed_checks(to):
+            row = probe.release(to)
+            raise PolicyError(
+                f"release {to} never passed its health checks"
+                + (f" ({row.status}: {row.detail})" if row and row.detail else "")
+                + "; nothing was changed",
+                hint=f"`bundle history --root {layout.root}` shows why it failed; `bundle "
+                     f"rollback --root {layout.root} --to {to} --force` tries it anyway (its "
+                     "checks must pass, or the current release stays)")
         stuck = pending(probe)
     finally:
         probe.close()
@@ -402,6 +416,8 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None
         with state.tx():
             state.set_status(current, "rolled_back", f"manual rollback to {target}")
             state.set_status(target, "active")
+            # it passed its checks now (a release forced back after a failed install too)
+            state.event(txn, target, "health", "done", "; ".join(c.detail for c in checks))
             state.event(txn, target, "rollback", "done", f"from {current} (manual)")
         return RollbackResult(current, target, tuple(checks))
     finally:

@@ -4,7 +4,8 @@ docker compose project. The installer, recovery and control commands only call t
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +131,40 @@ def failures(layout: Layout, version: str) -> list[str]:
     rel = ReleaseDir(layout.release(version))
     m = rel.manifest()
     return process_runtime.failures(m.runtime.services, rel) if m is not None else []
+
+
+def crashed(layout: Layout, version: str, since: float | None = None) -> list[str]:
+    """Decisive evidence that release `version` will not come up, whatever its health checks
+    say next: one line per failing unit, with the last lines of its own output, redacted.
+    Process services: one that exited (or could not start) after `since`, from its
+    supervisor's state file and its log; compose: a container that exited non-zero or
+    restarts after `since`, or is unhealthy, per the engine (with `docker logs --tail`);
+    swarm: tasks that failed after `since`. `since`: wall clock, taken before the start
+    (None: any time). An engine that does not answer is no evidence: [] then."""
+    rel = ReleaseDir(layout.release(version))
+    m = rel.manifest()
+    if m is None:
+        return []
+    env = environ.release_env(layout, m.runtime.env, rel.environment(), version=version)
+    for svc in m.runtime.services:  # their own env's secrets are masked too
+        environ.release_env(layout, m.runtime.env, rel.environment(), dict(svc.env),
+                            version=version)
+    out = process_runtime.crashed(m.runtime.services, rel, since)
+    try:
+        if _swarm(layout, m):
+            out += swarm.crashed(_stack(layout, rel, m), since)
+        elif m.runtime.compose is not None:
+            out += cr.crashed(_project(layout, rel, m), since)
+    except InstallError:
+        pass
+    return [env.redact(line) for line in out]
+
+
+def watch(layout: Layout, version: str) -> Callable[[], list[str]]:
+    """`crashed` for what is started from now on: call it just before starting the release
+    and hand the result to the health checks (health.run_all's `crashed`)."""
+    since = time.time()
+    return functools.partial(crashed, layout, version, since)
 
 
 def uses_swarm(layout: Layout, version: str | None) -> bool:

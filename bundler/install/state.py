@@ -232,6 +232,23 @@ class State:
             f"SELECT {self._columns} FROM releases ORDER BY installed_at, sequence")
         return [ReleaseRow(*r) for r in rows]
 
+    def passed_checks(self, version: str) -> bool:
+        """Whether release `version` passed its health checks since it was last installed:
+        it went live (active, superseded), or its journal says so (`health done` of its
+        install or of a rollback to it, a resumed commit). A release rolled back by its own
+        install never did: it is no rollback target (see recovery.rollback, _prune)."""
+        row = self.release(version)
+        if row is None:
+            return False
+        if row.status in ("active", "superseded"):
+            return True
+        first = self.conn.execute("SELECT min(id) FROM events WHERE txn=? AND version=?",
+                                  (row.txn, version)).fetchone()[0] if row.txn else None
+        return self.conn.execute(
+            "SELECT 1 FROM events WHERE version=? AND id>=? AND ((step='health' AND "
+            "status='done') OR (step='recover' AND status='resumed')) LIMIT 1",
+            (version, first or 0)).fetchone() is not None
+
     def events(self, limit: int = 200) -> list[Event]:
         rows = self.conn.execute(
             "SELECT ts, txn, version, step, status, detail FROM events ORDER BY id DESC LIMIT ?",

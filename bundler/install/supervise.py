@@ -57,16 +57,19 @@ def main(spec_path: str) -> int:
                      0o644)
     state_path = pidfile.with_suffix(".state")
     restarts = 0
-    code: int | None
-    error: str | None
+    code: int | None = None
+    error: str | None = None
+    exited_at: float | None = None
 
-    def record(child: int | None, last_exit: int | None, error: str | None) -> None:
-        # What `bundle status` reads: is the service up, and if not, why. A full disk must not
+    def record(child: int | None) -> None:
+        # What `bundle status` and the health checks read: is the service up, and how and
+        # when (wall clock: the installer compares it with when it started the release) it
+        # last exited. The last exit stays while a restarted child runs. A full disk must not
         # kill the supervisor (the service would run on unsupervised): then it is not written.
         with contextlib.suppress(OSError):
             atomic_write_bytes(state_path, json.dumps(
-                {"child": child, "restarts": restarts, "last_exit": last_exit,
-                 "error": error}).encode(), mode=0o644)
+                {"child": child, "restarts": restarts, "last_exit": code, "error": error,
+                 "exited_at": exited_at}).encode(), mode=0o644)
 
     def say(text: str) -> None:
         with contextlib.suppress(OSError):  # the log's filesystem may be full
@@ -83,7 +86,7 @@ def main(spec_path: str) -> int:
                 say(f"[supervisor] {spec['name']}: {why}\n")
                 code, error = None, why
             else:
-                record(child.pid, None, None)
+                record(child.pid)
                 while child.poll() is None and not stopping.is_set():
                     stopping.wait(0.2)
                 if stopping.is_set():
@@ -98,10 +101,13 @@ def main(spec_path: str) -> int:
             if time.monotonic() - started > STABLE_AFTER:
                 backoff = 1.0
             restarts += 1
-            record(None, code, error)
+            exited_at = time.time()
+            # The log line first: whoever sees the exit in the state file finds the run's
+            # output ended by this line (see process_runtime.crashed).
             say(f"[supervisor] {spec['name']} "
                 f"{'exited with ' + str(code) if error is None else 'did not start'}"
                 f"; restarting in {backoff:.0f}s\n")
+            record(None)
             deadline = time.monotonic() + backoff
             while time.monotonic() < deadline and not stopping.is_set():
                 stopping.wait(0.2)

@@ -659,6 +659,33 @@ def replicas(root: Path, stack: str) -> list[Replica]:
     return sorted(out, key=lambda r: (r.service, r.node))
 
 
+def crashed(stack: Stack, since: float | None = None) -> list[str]:
+    """Decisive evidence that the stack will not come up: a service whose newest task failed
+    (or was rejected), or with FAILED_TASKS failed tasks, after `since` (epoch seconds; None:
+    ever), with their errors, redacted. One failure the swarm replaced with a running task is
+    none: `deploy` tolerates it too. (`deploy` already waits out a failing update; this is for
+    a task that fails later, while the release's own checks retry.) An engine that does not
+    answer: InstallError."""
+    api = _manager()
+    out = []
+    try:
+        services = [(svc, api.tasks(filters={"service": str(svc["ID"])}))
+                    for svc in _services(api, stack.name)]
+    except (docker_sdk().errors.DockerException, *transport_errors()) as exc:
+        raise InstallError(f"reading the tasks of stack {stack.name} failed: "
+                           f"{first_line(str(exc))}") from None
+    for svc, tasks in services:
+        name = str(svc["Spec"]["Name"]).removeprefix(stack.name + "_")
+        recent = sorted((t for t in tasks if since is None or _task_time(t) >= since - 1),
+                        key=_task_time, reverse=True)
+        failed = [t for t in recent if t["Status"]["State"] in ("failed", "rejected")]
+        if failed and (len(failed) >= FAILED_TASKS or recent[0] is failed[0]):
+            why = _causes(failed)
+            out.append(_redact(stack, f"swarm service {name}: {len(failed)} task(s) failed"
+                                      + (f": {why}" if why else "")))
+    return out
+
+
 def service_container(root: Path, stack: str, service: str) -> tuple[str, str] | None:
     """(engine endpoint, container id) of one running task of `service`, or None."""
     api = _manager()
