@@ -6,6 +6,7 @@ database. The install side runs under `unshare -n`; the service is a real HTTP s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,11 +125,15 @@ def world() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="bundler-data-", dir="/tmp"))
     base.chmod(0o755)
     yield base
+    pids = []
     for pidfile in base.glob("root/releases/*/run/*.pid"):
-        try:
-            os.kill(int(pidfile.read_text().split()[0]), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().split()[0])
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+    deadline = time.monotonic() + 15  # the supervisor stops its service before it exits
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -358,3 +364,31 @@ def test_kill_during_migrate_then_recover_restores_the_data_directory(
     assert reply(got)[1]["items"] == ["a", "b"]
     final = json.loads(status.out)
     assert final["pending_recovery"] is None and final["current"]["version"] == "1.0.0"
+
+
+def test_a_data_directory_swapped_for_a_symlink_is_refused_before_anything_changes(
+        run_user: pwd.struct_passwd, world: Path, keys: tuple[Path, Path]) -> None:
+    """Someone replaced data/uploads with a symlink to a root directory: the next install
+    refuses it (exit 11) before it creates anything; the symlink is never followed."""
+    app = App(world, run_user.pw_name, keys)
+    v1 = app.build("1.0.0", 1)
+    v2 = app.build("2.0.0", 2)
+    victim = world / "victim"
+    victim.mkdir()
+    swap = ["sh", "-c", f"mv {app.uploads} {world / 'moved'} && ln -s {victim} {app.uploads}"]
+    r1, swapped, r2, st = offline(
+        app.install(v1), swap, app.install(v2),
+        bundle_argv("status", "--root", app.root, "--json"))
+    assert r1.rc == 0, r1.err
+    assert swapped.rc == 0, swapped.err
+    assert r2.rc == 11, r2.err
+    assert "error: data directory uploads is not a directory" in r2.err
+    assert "never a symlink" in r2.err
+    assert not (app.root / "releases" / "2.0.0").exists()
+    assert not list(app.root.glob(".staging-*"))
+    assert app.uploads.is_symlink() and list(victim.iterdir()) == []
+    vst = victim.stat()
+    assert (vst.st_uid, stat.S_IMODE(vst.st_mode)) == (0, 0o755)
+    status = json.loads(st.out)
+    assert status["current"]["version"] == "1.0.0" and status["pending_recovery"] is None
+    assert [r["version"] for r in status["releases"]] == ["1.0.0"]
