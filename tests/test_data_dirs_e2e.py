@@ -38,6 +38,9 @@ APP = textwrap.dedent("""\
     from http.server import BaseHTTPRequestHandler, HTTPServer
     port, data = int(sys.argv[1]), os.environ["UPLOADS"]
     items = os.path.join(data, "items")
+    if os.environ.get("MARK_START"):  # a release that writes as it starts
+        os.makedirs(items, exist_ok=True)
+        open(os.path.join(items, "started-" + os.environ["APP_VERSION"]), "w").close()
 
     class H(BaseHTTPRequestHandler):
         def reply(self, code, doc):
@@ -157,9 +160,18 @@ class App:
         path.write_text(text)
         return path
 
-    def build(self, version: str, seq: int, healthy: bool = True, step: str = "") -> Path:
-        """A bundle; `step`: a command migration (run as the user) after the SQL ones."""
+    def build(self, version: str, seq: int, healthy: bool = True, step: str = "",
+              uploads: str = "uploads", database: bool = True, mark: bool = False) -> Path:
+        """A bundle; `step`: a command migration (run as the user) after the SQL ones;
+        `uploads`: its `data:` entry; `database`: with the SQLite database and migrations;
+        `mark`: the service writes a file into its data directory as it starts."""
         migration = f"  - name: reshape\n    command: [sh, -c, '{step}']\n" if step else ""
+        db = textwrap.dedent("""\
+            database:
+              url: sqlite:///{data:db}/app.db
+            migrations:
+              - {name: schema, sql: app/sql}
+            """) + migration if database else ""
         profile = self.src / f"notes-{version}.yaml"
         profile.write_text(textwrap.dedent(f"""\
             schema: 1
@@ -171,13 +183,9 @@ class App:
               - src: app
                 dest: app
             data:
-              - uploads
+              - {uploads}
               - {{name: db, backup: never}}
-            database:
-              url: sqlite:///{{data:db}}/app.db
-            migrations:
-              - {{name: schema, sql: app/sql}}
-            """) + migration + textwrap.dedent(f"""\
+            """) + db + textwrap.dedent(f"""\
             services:
               - name: web
                 cwd: app
@@ -186,6 +194,7 @@ class App:
                   UPLOADS: "{{data:uploads}}"
                   APP_VERSION: "{version}"
                   APP_HEALTHY: "{1 if healthy else 0}"
+                  MARK_START: "{1 if mark else ''}"
             health:
               - name: web
                 http: http://127.0.0.1:{self.port}/health
@@ -245,6 +254,11 @@ def test_the_service_writes_its_data_as_the_user_and_upgrades_keep_it(
     v1 = app.build("1.0.0", 1)
     app.sql("002_more.sql", "INSERT INTO items VALUES (2);\n")
     v2 = app.build("2.0.0", 2, step="echo migrated > {data:uploads}/migrated")
+    shown = bundle("inspect", v2, "--trust", keys[1], "--json")
+    assert shown.rc == 0, shown.err
+    assert json.loads(shown.out)["data"] == [
+        {"name": "uploads", "mode": "0750", "backup": "migrate"},
+        {"name": "db", "mode": "0750", "backup": "never"}]
     r1, a, b, got1, r2, got2, back, got3 = offline(
         app.install(v1), app.post("a", "first"), app.post("b", "second"), app.get(),
         app.install(v2), app.get(),
@@ -392,3 +406,32 @@ def test_a_data_directory_swapped_for_a_symlink_is_refused_before_anything_chang
     status = json.loads(st.out)
     assert status["current"]["version"] == "1.0.0" and status["pending_recovery"] is None
     assert [r["version"] for r in status["releases"]] == ["1.0.0"]
+
+
+@pytest.mark.parametrize("policy", ["always", "migrate"])
+def test_backup_always_restores_a_failed_upgrade_without_migrations(
+        run_user: pwd.struct_passwd, world: Path, keys: tuple[Path, Path], policy: str) -> None:
+    """No database, no migrations: `backup: always` still backs the directory up, and the
+    failed release's startup write is undone; with the default (`migrate`) nothing is backed
+    up, and what it wrote stays (as documented)."""
+    app = App(world, run_user.pw_name, keys)
+    entry = f"{{name: uploads, backup: {policy}}}"
+    v1 = app.build("1.0.0", 1, uploads=entry, database=False)
+    v2 = app.build("2.0.0", 2, uploads=entry, database=False, healthy=False, mark=True)
+    r1, a, before, r2, after, got = offline(
+        app.install(v1), app.post("a", "first"), app.tree(), app.install(v2), app.tree(),
+        app.get())
+    assert r1.rc == 0, r1.err
+    assert reply(a)[0] == 201
+    assert r2.rc == 12, r2.err
+    backups = list((app.root / "backups").glob("data-uploads-*.tar"))
+    if policy == "always":
+        assert "Restoring the data directory uploads" in r2.err
+        assert json.loads(after.out) == json.loads(before.out)
+        assert len(backups) == 2  # v1's install and v2's
+        assert reply(got)[1]["items"] == ["a"]
+    else:
+        assert "Backing up the data directory" not in r2.err
+        assert "Restoring the data directory" not in r2.err
+        assert backups == []
+        assert reply(got)[1]["items"] == ["a", "started-2.0.0"]
