@@ -38,6 +38,7 @@ def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> d
         "databases": [_database(d) for d in m.runtime.all_databases()],
         "migrations": [_migration(m, x) for x in m.runtime.migrations],
         "user": m.runtime.user,  # the account its processes run as (None: root)
+        "data": [d.to_json() for d in m.runtime.data],  # <root>/data/<name>/, kept
         "parts": parts,
     }
 

@@ -22,6 +22,7 @@ from bundler.models import (
     VERSION_RE,
     ComposeSpec,
     DatabaseSpec,
+    DataDir,
     EnvSpec,
     HealthCheck,
     ImageRef,
@@ -107,6 +108,7 @@ class Manifest:
         } | ({"databases": [d.to_json() for d in self.runtime.databases]}
              if self.runtime.databases else {}) \
             | ({"user": self.runtime.user} if self.runtime.user else {}) \
+            | ({"data": [d.to_json() for d in self.runtime.data]} if self.runtime.data else {}) \
             | ({"runtimes": self.runtimes.to_json()} if self.runtimes else {})  # only when set
 
     def to_bytes(self) -> bytes:
@@ -345,6 +347,17 @@ def _databases(raw: Any) -> tuple[DatabaseSpec, ...]:
     return tuple(out)
 
 
+def _data_dirs(raw: Any) -> tuple[DataDir, ...]:
+    """`data`: each a name (the directory under <root>/data/), mode and backup policy."""
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("data must be a non-empty list")
+    out = tuple(DataDir.from_json(d) for d in raw)
+    names = [d.name for d in out]
+    if len(set(names)) != len(names):
+        raise ValueError("two data directories have the same name")
+    return out
+
+
 def _from_json(doc: Any) -> Manifest:
     if not isinstance(doc, dict):
         raise ValueError("manifest must be an object")
@@ -403,6 +416,7 @@ def _from_json(doc: Any) -> Manifest:
             databases=_databases(doc.get("databases", [])),
             migrations=_migrations(doc.get("migrations", [])),
             user=user_name(doc["user"]) if "user" in doc else None,
+            data=_data_dirs(doc["data"]) if "data" in doc else (),
         ),
     )
     runtime = manifest.runtime

@@ -10,8 +10,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-PLACEHOLDERS = ("{release}", "{files}", "{venv}", "{root}")
-PLACEHOLDER_RE = re.compile(r"\{(?:release|files|venv|root)\}")
+PLACEHOLDERS = ("{release}", "{files}", "{venv}", "{root}", "{data}", "{data:NAME}")
+# `{data:NAME}`: NAME as NAME_RE allows (no "/", no "."), so it never leaves <root>/data/.
+PLACEHOLDER_RE = re.compile(
+    r"\{(?:release|files|venv|root|data(?::[a-z0-9][a-z0-9-]{0,62})?)\}")
 
 # What a product name and a release version may be. One definition, checked where a profile is
 # loaded AND where a signed manifest is parsed: a version names `releases/<version>/`.
@@ -344,6 +346,52 @@ class DatabaseSpec:
                    str(name) if name is not None else None, kind)
 
 
+# A data directory (profile `data:`): when it is backed up (with the databases, before a
+# migrating upgrade; before every upgrade; never), and the modes it may have (owner rwx, never
+# group- or world-writable, no special bits).
+DATA_BACKUP = ("migrate", "always", "never")
+DATA_MODE_RE = re.compile(r"^(0o|0)?[0-7]{3}$")
+
+
+def data_mode(text: str) -> int | None:
+    """An octal mode as a profile or manifest writes it ("0750", "750", "0o750"), if it is
+    one a data directory may have; else None."""
+    if not DATA_MODE_RE.fullmatch(text):
+        return None
+    mode = int(text.removeprefix("0o"), 8)
+    return mode if mode & 0o700 == 0o700 and not mode & 0o022 else None
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """A writable directory the release keeps its own files in: `<root>/data/<name>/`,
+    outside every release (kept across upgrades, rollbacks and prunes), owned by the release's
+    `user` (else root), mode `mode`."""
+
+    name: str
+    mode: int = 0o750
+    backup: str = "migrate"  # one of DATA_BACKUP
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "mode": f"{self.mode:04o}", "backup": self.backup}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> DataDir:
+        if not isinstance(d, dict) or set(d) != {"name", "mode", "backup"}:
+            raise ValueError("a data directory must name exactly name, mode and backup")
+        name, mode, backup = d["name"], d["mode"], d["backup"]
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            raise ValueError(f"data directory name {name!r} is not a name")
+        value = data_mode(mode) if isinstance(mode, str) else None
+        if value is None:
+            raise ValueError(f"data directory {name} has mode {mode!r}: not an octal mode "
+                             "with owner rwx and no group or world write")
+        if backup not in DATA_BACKUP:
+            raise ValueError(f"data directory {name} has backup {backup!r}, not one of "
+                             f"{', '.join(DATA_BACKUP)}")
+        return cls(name, value, backup)
+
+
 MIGRATION_KINDS = ("alembic", "sql", "command")
 
 
@@ -393,6 +441,8 @@ class Runtime:
     # The unprivileged account the release's own processes run as: services (unless they name
     # their own), host-run command and alembic migrations, command health checks.
     user: str | None = None
+    # Writable data directories under `<root>/data/` (profile `data:`), in profile order.
+    data: tuple[DataDir, ...] = ()
 
     def all_databases(self) -> tuple[DatabaseSpec, ...]:
         """Every database of the release: `databases`, or the single `database` as one."""

@@ -22,6 +22,7 @@ from bundler.errors import Problem, ProfileError
 from bundler.models import (
     CHECK_KINDS,
     COMPOSE_TOOLS,
+    DATA_BACKUP,
     DATABASE_KINDS,
     MIGRATION_KINDS,
     NAME_RE,
@@ -31,6 +32,7 @@ from bundler.models import (
     VERSION_RE,
     ComposeSpec,
     DatabaseSpec,
+    DataDir,
     EnvSpec,
     HealthCheck,
     InstallPolicy,
@@ -39,6 +41,7 @@ from bundler.models import (
     RuntimesSpec,
     Service,
     Target,
+    data_mode,
 )
 from bundler.platforms import PLATFORM_RE
 from bundler.redact import has_plaintext_secret
@@ -311,7 +314,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         required=("schema", "name", "version"),
         optional=("sequence", "expires", "target", "actions", "python", "npm", "images",
                   "files", "env", "compose", "database", "databases", "migrations", "services",
-                  "health", "install", "user", "runtimes"),
+                  "health", "install", "user", "runtimes", "data"),
     )
     if top is None:
         raise ProfileError(c.problems)
@@ -396,8 +399,11 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         if inst is not None and "keep" in inst:
             keep = c.integer(inst["keep"], "install.keep", 1) or keep
 
+    data = tuple(c.sequence(top["data"], "data", lambda n, w: _data_dir(c, n, w))
+                 ) if "data" in top else ()
+    _unique(c, [d.name for d in data], top.get("data"), "data directory")
     _confined_to_files(c, top, files, npm, services, migrations)
-    _placeholders(c, root)
+    _placeholders(c, root, {d.name for d in data})
     _unique(c, [s.name for s in services], top.get("services"), "service")
     _unique(c, [h.name for h in health], top.get("health"), "health check")
     _unique(c, [f.dest for f in files], top.get("files"), "files dest")
@@ -412,7 +418,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
         expires_ms=expires, target=target, python=python, files=files,
         runtime=Runtime(services=services, health=health, install=InstallPolicy(keep=keep),
                         env=env, compose=compose, database=database, databases=databases,
-                        migrations=migrations, user=user),
+                        migrations=migrations, user=user, data=data),
         actions=actions,
         npm=npm,
         images=images,
@@ -450,25 +456,69 @@ def _item(node: Node | None, i: int) -> Node | None:
 
 
 _BRACED = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# `{data:NAME}` and its misspellings (`{dta:uploads}`); not `${VAR:-default}` (shell).
+_BRACED_ARG = re.compile(r"(?<!\$)\{([A-Za-z_][A-Za-z0-9_]*):([^{}\s]*)\}")
 
 
-def _placeholders(c: _Checker, node: Node | None) -> None:
-    """A misspelt placeholder (`{venvv}`) would reach the target as literal text."""
+def _placeholders(c: _Checker, node: Node | None, data: set[str]) -> None:
+    """A misspelt placeholder (`{venvv}`) would reach the target as literal text, and a
+    `{data:NAME}` that names no `data:` entry would be a directory nobody created."""
     if isinstance(node, ScalarNode) and isinstance(node.value, str):
         known = [p.strip("{}") for p in PLACEHOLDERS]
         for word in _BRACED.findall(node.value):
+            if word == "data" and not data:
+                c.add(node, "placeholder {data} but the profile declares no `data:` "
+                      "directory", "declare one, e.g. data: [uploads], and use {data:uploads}")
             if word in known:
                 continue
             close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
             if close:
                 c.add(node, f"unknown placeholder {{{word}}}",
                       f"did you mean {{{close[0]}}}? placeholders: {', '.join(PLACEHOLDERS)}")
+        for word, arg in _BRACED_ARG.findall(node.value):
+            if word != "data":
+                if difflib.get_close_matches(word, ["data"], n=1, cutoff=0.6):
+                    c.add(node, f"unknown placeholder {{{word}:{arg}}}",
+                          f"did you mean {{data:{arg}}}?")
+            elif arg not in data:
+                c.add(node, f"placeholder {{data:{arg}}} names no data directory",
+                      f"declared under `data:`: {', '.join(sorted(data)) or 'none'}")
     elif isinstance(node, MappingNode):
         for _key, value in node.value:
-            _placeholders(c, value)
+            _placeholders(c, value, data)
     elif isinstance(node, SequenceNode):
         for value in node.value:
-            _placeholders(c, value)
+            _placeholders(c, value, data)
+
+
+_DATA_MODE_HINT = ("an octal mode with owner rwx and no group or world write, quoted or not: "
+                   "0750 (the default), 0700, 0755")
+
+
+def _data_dir(c: _Checker, node: Node, where: str) -> DataDir | None:
+    """`- uploads` or `- {name: uploads, mode: 0700, backup: always}`: a writable directory
+    `<root>/data/<name>/` on the target. Where it lives is fixed: it has no path."""
+    if isinstance(node, ScalarNode):
+        name = c.string(node, where, NAME_RE, "a directory name: lowercase letters, digits "
+                        "and '-' (it lives at <root>/data/NAME/ on the target)")
+        return DataDir(name) if name else None
+    m = c.mapping(node, where, ("name",), ("mode", "backup"))
+    if m is None:
+        return None
+    name = c.string(m["name"], f"{where}.name", NAME_RE, "lowercase letters, digits and '-' "
+                    "(it lives at <root>/data/NAME/ on the target)") if "name" in m else None
+    mode: int | None = 0o750
+    if "mode" in m:
+        text = c.scalar(m["mode"], f"{where}.mode")
+        mode = data_mode(text) if text is not None else None
+        if text is not None and mode is None:
+            c.add(m["mode"], f"{where}.mode: '{text}' is not valid", _DATA_MODE_HINT)
+    backup = c.string(m["backup"], f"{where}.backup", re.compile(f"^({'|'.join(DATA_BACKUP)})$"),
+                      "migrate (before an upgrade that migrates, the default), always (before "
+                      "every upgrade) or never") if "backup" in m else "migrate"
+    if name is None or mode is None or backup is None:
+        return None
+    return DataDir(name, mode, backup)
 
 
 def _unique(c: _Checker, names: list[str], node: Node | None, what: str) -> None:

@@ -126,10 +126,11 @@ def _loader_variable(name: str) -> bool:
 
 
 def placeholders(layout: Layout, version: str | None) -> dict[str, str]:
-    """What `{root}`, `{release}`, `{files}` and `{venv}` mean for release `version`: the same
-    in every string a profile may put them in (service commands and env, env.defaults, the
-    database URL, migrations, health checks)."""
-    out = {"{root}": str(layout.root)}
+    """What `{root}`, `{release}`, `{files}`, `{venv}` and `{data}` mean for release
+    `version`: the same in every string a profile may put them in (service commands and env,
+    env.defaults, the database URL, migrations, health checks). `{data:NAME}` is `{data}/NAME`
+    (see `_place`)."""
+    out = {"{root}": str(layout.root), "{data}": str(layout.root / "data")}
     if version is not None:
         rel = layout.release(version)
         out.update({"{release}": str(rel), "{files}": str(rel / "files"),
@@ -138,7 +139,13 @@ def placeholders(layout: Layout, version: str | None) -> dict[str, str]:
 
 
 def _place(text: str, places: dict[str, str]) -> str:
-    return PLACEHOLDER_RE.sub(lambda m: places.get(m.group(0), m.group(0)), text)
+    def one(m: re.Match[str]) -> str:
+        word = m.group(0)
+        if word.startswith("{data:") and "{data}" in places:
+            return f"{places['{data}']}/{word[6:-1]}"  # a NAME_RE name: stays under data/
+        return places.get(word, word)
+
+    return PLACEHOLDER_RE.sub(one, text)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from bundler.fsutil import (
 )
 from bundler.install import (
     database,
+    datadirs,
     environ,
     health,
     migrations,
@@ -143,6 +144,7 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey],
         environ.check_required(env, m.runtime.env, layout)
         environ.check_references(env, m, layout)
         runas.preflight(m, layout, env)  # the release's `user` exists and can work here
+        datadirs.check(layout, m)  # its data directories are usable (never symlinks)
         if decision.already_current:
             with locked(layout.root):
                 return _ensure_running(layout, m, environment, db_choice)
@@ -153,7 +155,8 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey],
         else:
             ports.refuse_foreign(layout, m, env)
             runtime.refuse_foreign_project(layout, m)
-        require_space(layout.root, space_needed(m), f"installing {m.name} {m.version}")
+        require_space(layout.root, space_needed(m) + datadirs.space_needed(layout, m),
+                      f"installing {m.name} {m.version}")
         with _fresh_root(layout.root) as created_root, locked(layout.root):
             staging: Path | None = None
             try:
@@ -277,6 +280,15 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                 # A compose project is updated in place by the new release's `up`.
                 runtime.stop(layout, previous, keep_compose=m.runtime.compose is not None)
         started = True
+        # The data directories, with the previous release stopped: created and owned right,
+        # then backed up (before a migration, or always when asked): restored with the
+        # databases if this install fails.
+        datadirs.prepare(layout, m)
+        for spec in datadirs.due(m, migrating):
+            with journal.step("data-backup", f"Backing up the data directory {spec.name}"):
+                made = datadirs.backup(layout, spec)
+            undo.data.append(made)
+            journal.record("data-backup", "file", json.dumps(made.to_json()))
         if migrating:
             # What each database looks like as migrations begin: a later recovery restores a
             # backup by itself only if nothing has written to that database since.
@@ -528,6 +540,9 @@ class _UndoDb:
     service_started: bool = False
     disk_full: bool = False  # the failure was a full disk: free what this install wrote
     restored_dbs: set[str | None] = dataclasses.field(default_factory=set)
+    # The data directories backed up by this attempt, and those its undo put back.
+    data: list[datadirs.DataBackup] = dataclasses.field(default_factory=list)
+    data_restored: set[str] = dataclasses.field(default_factory=set)
 
     @property
     def backup(self) -> database.Backup | None:
@@ -638,6 +653,7 @@ def _undo(layout: Layout, state: State, journal: _Journal, m: Manifest, rel: Rel
                 if len(undo.backups) > 1:
                     journal.record("restore", f"done:{db.name}", made.path.name)
             journal.record("restore", "done", ", ".join(b.path.name for _, b in undo.backups))
+        datadirs.restore_taken(layout, undo.data, journal.record, undo.data_restored)
         if touched and not (prev_compose and started):
             # Nobody else's: the previous release (if any) does not use compose, or is not
             # being restarted. Put the project back the way it was found.
@@ -688,6 +704,7 @@ def _left_pending(layout: Layout, state: State, journal: _Journal, m: Manifest,
     can tell whether anything wrote to it since. Best effort: the first failure is the news."""
     with contextlib.suppress(Exception), state.tx():
         state.set_status(m.version, "rollback_failed", reason)
+    datadirs.record_left(layout, undo.data, undo.data_restored, journal.record)
     if undo.migrating and not undo.restored:
         for db, _ in undo.backups:
             if db.name in undo.restored_dbs:
@@ -754,6 +771,8 @@ def _write_report_files(rel: ReleaseDir, m: Manifest, state: State, journal: _Jo
               "backup": undo.backup.to_json() if undo.backup else None}
     if len(undo.backups) > 1:  # only then: single-database reports keep their shape
         report["backups"] = [_backup_json(d, b) for d, b in undo.backups]
+    if undo.data:
+        report["data_backups"] = [b.to_json() for b in undo.data]
     atomic_write_bytes(rel.path / "report.json", json.dumps(report, indent=2).encode())
     lines = [f"# {m.name} {m.version}: {outcome}", "",
              f"- environment: {env.environment}; sequence {m.sequence}; finished {now()}"]
@@ -761,6 +780,7 @@ def _write_report_files(rel: ReleaseDir, m: Manifest, state: State, journal: _Jo
         lines.append(f"- reason: {env.redact(reason)}")
     for db, made in undo.backups:
         lines.append(f"- database backup{' of ' + db.name if db.name else ''}: {made.path}")
+    lines += [f"- data directory backup of {b.name}: {b.path}" for b in undo.data]
     lines += ["", "## Steps", ""]
     final: dict[str, tuple[str, str]] = {}
     for st in steps:

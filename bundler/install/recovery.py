@@ -18,7 +18,7 @@ from bundler.errors import (
     StateError,
 )
 from bundler.fsutil import atomic_symlink
-from bundler.install import database, environ, health, runas, runtime
+from bundler.install import database, datadirs, environ, health, runas, runtime
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.state import ReleaseRow, State, new_txn
@@ -59,6 +59,7 @@ class Pending:
     step: str
     at: str
     restores: tuple[PendingRestore, ...] = ()
+    data: tuple[datadirs.PendingData, ...] = ()  # its data directories still to restore
 
     @property
     def backup(self) -> database.Backup | None:
@@ -72,6 +73,8 @@ class Pending:
         if any(r.db_name for r in self.restores):
             out["restores"] = [r.backup.to_json() | {"database": r.db_name}
                                for r in self.restores]
+        if self.data:  # only then: the shape is unchanged for releases without data dirs
+            out["data_restores"] = [d.to_json() for d in self.data]
         return out
 
     def describe(self) -> str:
@@ -82,6 +85,8 @@ class Pending:
             f"; its database backup {r.backup.path.name}"
             + (f" of {r.db_name}" if r.db_name else "")
             + f" (taken {r.backup.created}) is still to be restored" for r in self.restores)
+        restore += "".join(f"; the backup {d.backup.path.name} of its data directory "
+                           f"{d.backup.name} is still to be restored" for d in self.data)
         return f"{what} at {self.at}{restore}"
 
 
@@ -104,7 +109,7 @@ def pending(state: State) -> Pending | None:
         "SELECT ts, step, status, detail FROM events WHERE txn=? ORDER BY id", (txn,)).fetchall()
     done = {(step, status) for _, step, status, _ in events}
     last = next(((ts, st, status) for ts, st, status, _ in reversed(events)
-                 if st not in ("db-state", "backup") or status != "file"), None)
+                 if st not in ("db-state", "backup", "data-backup") or status != "file"), None)
     seen = {status: d for _, st, status, d in events if st == "db-state"}
     restores: list[PendingRestore] = []
     if ("migrate", "started") in done and not done & {("restore", "done"),
@@ -124,7 +129,8 @@ def pending(state: State) -> Pending | None:
                                            seen.get("after-failed-rollback" + suffix)))
     return Pending(row.version, txn, row.status,
                    f"{last[1]} ({last[2]})" if last else "staging",
-                   last[0] if last else row.installed_at, tuple(restores))
+                   last[0] if last else row.installed_at, tuple(restores),
+                   datadirs.pending_restores(events))
 
 
 def _checks(layout: Layout, rel: ReleaseDir,
@@ -203,12 +209,21 @@ def recover(layout: Layout, keep: Path | None = None, db_choice: DbChoice = None
                 ui.step(message)
                 return message
         plans = _plan_restore(layout, rel, p, db_choice)  # may refuse: nothing touched yet
+        data_plans = datadirs.plan_restores(layout, p.data, db_choice, p.describe(),
+                                            lambda: _running(layout, p.version, None))
+
+        def record(step: str, status: str, detail: str) -> None:
+            state.event(p.txn, p.version, step, status, detail)
+
         _stop(layout, p.version)
         if plans:
             _restore(state, layout, p, plans, db_choice)
         elif p.backup is not None and db_choice == "keep":
             state.event(p.txn, p.version, "restore", "skipped",
                         "the database was kept as it is (--keep-db)")
+        if db_choice == "keep":
+            datadirs.skip_restores(p.data, record)
+        datadirs.run_restores(layout, data_plans, record)
         good = current if current and current != p.version else _last_good(state, layout,
                                                                            p.version)
         if good is not None:

@@ -13,7 +13,7 @@ from bundler import proc, ui
 from bundler.errors import InstallError, PolicyError
 from bundler.imagearchive import ImageRecord
 from bundler.install import compose_runtime as cr
-from bundler.install import database, environ, migrations, process_runtime, runas
+from bundler.install import database, datadirs, environ, migrations, process_runtime, runas
 from bundler.install import swarm_runtime as swarm
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.manifest import IMAGES_PATH, Manifest
@@ -92,6 +92,7 @@ def start(layout: Layout, version: str) -> None:
     rel = ReleaseDir(layout.release(version))
     m = rel.manifest()
     assert m is not None, f"release {version} has no manifest"
+    datadirs.prepare(layout, m)  # there, and owned by this release's `user`
     if _swarm(layout, m):
         if m.images:
             swarm.ensure_images(layout.root, rel.path / IMAGES_PATH,
