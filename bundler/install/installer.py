@@ -108,6 +108,8 @@ def install(source: Path, trusted: list[TrustedKey], root: Path,
         environ.check_required(env, m.runtime.env, layout)
         environ.check_references(env, m, layout)
         runas.preflight(m, layout, env)  # the release's `user` exists and can work here
+        for db in _databases(m, env):
+            database.check_url(db, env.as_dict())  # a bad URL: refused before any write
         if decision.already_current:
             with locked(layout.root):
                 return _ensure_running(layout, m, environment, db_choice)
