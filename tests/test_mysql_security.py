@@ -245,6 +245,21 @@ def test_restore_of_hostile_names_runs_nothing_and_equals_the_dump(
 
 
 @pytest.mark.mariadb
+def test_a_dump_holding_client_commands_runs_none_of_them(
+        mariadb: MariaDb, appdb: str, attack: Attack, tmp_path: Path) -> None:
+    """Defence in depth: a dump that holds client commands (as an older dump tool could write
+    for hostile names, CVE-2024-21096) is replayed sandboxed: the restore fails, runs none."""
+    db = Database(mariadb.url(appdb))
+    for n, line in enumerate((f"\\! touch {attack.tag}-d", f"system touch {attack.tag}-s",
+                              f"\\T {attack.tag}-t")):
+        dump = tmp_path / f"evil{n}.sql"
+        dump.write_text(f"CREATE TABLE t{n} (x int);\n{line}\nSELECT 1;\n-- Dump completed\n")
+        with pytest.raises(InstallError, match="restoring"):
+            mysql_db.restore(db, dump, tmp_path, ENV, log_to([]))
+    assert attack.markers() == []
+
+
+@pytest.mark.mariadb
 def test_the_old_raw_listing_would_have_run_the_command(
         mariadb: MariaDb, appdb: str, attack: Attack, tmp_path: Path) -> None:
     """The attack is real: the listing the restore used to feed back to the client, run the
