@@ -1,12 +1,13 @@
 """A throwaway MariaDB server for the tests, reached through a unix socket only.
 
 `start_server()`: `mariadb-install-db` into a fresh temp dir, then `mariadbd --no-defaults
---skip-networking` with its socket in that dir (as root: `--user=root`; otherwise as the
-caller). Durability off (a test server). `create_database()` makes a database and a user with
-a URL-hostile password that owns it. No binaries, or a server that will not start: skip
-locally, FAIL under CI=true (Debian: `apt-get install mariadb-server mariadb-client`, see
-scripts/ci-host-setup.sh). `dump()` is the full contents to compare (`mariadb-dump` of the
-database, schema and rows, routines and triggers, without its date line).
+--skip-networking` (with `port`: on 127.0.0.1:port instead) with its socket in that dir (as
+root: `--user=root`; otherwise as the caller). Durability off (a test server).
+`create_database()` makes a database and a user with a URL-hostile password that owns it. No
+binaries, or a server that will not start: skip locally, FAIL under CI=true (Debian: `apt-get
+install mariadb-server mariadb-client`, see scripts/ci-host-setup.sh). `dump()` is the full
+contents to compare (`mariadb-dump` of the database, schema and rows, routines and triggers,
+without its date line).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class MariaDb:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_server() -> MariaDb:
+def start_server(port: int | None = None) -> MariaDb:
     installer, server = shutil.which("mariadb-install-db"), shutil.which("mariadbd")
     if not installer or not server or not shutil.which("mariadb-dump"):
         unavailable("MariaDB is not installed (Debian: apt-get install mariadb-server "
@@ -86,7 +87,8 @@ def start_server() -> MariaDb:
     log = open(root / "server.log", "wb")  # noqa: SIM115 - the server's own log, kept open
     process = subprocess.Popen(
         [server, "--no-defaults", f"--datadir={data}", f"--socket={root / 'sock'}",
-         "--skip-networking", f"--pid-file={root / 'pid'}", *as_root,
+         *(["--bind-address=127.0.0.1", f"--port={port}"] if port else ["--skip-networking"]),
+         f"--pid-file={root / 'pid'}", *as_root,
          "--innodb-flush-log-at-trx-commit=0", "--innodb-doublewrite=0",
          "--skip-log-bin"], stdout=log, stderr=subprocess.STDOUT)
     db = MariaDb(root, process)

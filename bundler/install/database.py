@@ -326,6 +326,13 @@ def _major(version_output: str) -> int | None:
 
 # --------------------------------------------------------------------------- check
 
+def check_url(db: Database, env: Mapping[str, str]) -> None:
+    """Read `db`'s URL as its engine will, without connecting: InstallError (one line, password
+    masked) for one it would refuse later. Run before anything is written."""
+    if db.kind == "mysql":
+        mysql_db.target(db, env)
+
+
 def check(db: Database, env: Mapping[str, str], *,
           exec_in_service: ServiceExec | None = None) -> None:
     """Raise InstallError (one line, redacted, with a hint) unless `db` is reachable and can be

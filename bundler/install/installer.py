@@ -145,6 +145,8 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey],
         environ.check_references(env, m, layout)
         runas.preflight(m, layout, env)  # the release's `user` exists and can work here
         datadirs.check(layout, m)  # its data directories are usable (never symlinks)
+        for db in _databases(m, env):
+            database.check_url(db, env.as_dict())  # a bad URL: refused before any write
         if decision.already_current:
             with locked(layout.root):
                 return _ensure_running(layout, m, environment, db_choice)

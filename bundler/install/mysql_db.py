@@ -4,7 +4,7 @@ SQL migrations and the `mysql:` health check. `database.py` dispatches here for 
 Everything goes through the client programs a bare host (or the database's own container)
 has: `mariadb` / `mariadb-dump` (Debian: mariadb-client), else `mysql` / `mysqldump`. No
 Python driver is needed. The password never appears in argv: locally it goes into a 0600
-`--defaults-file` in a private temp directory (with user, host, port and socket); inside a
+`--defaults-file` in a private temp directory (with user, host, port, socket, database); in a
 compose service it is MYSQL_PWD in the client's environment (passed through compose's own
 environment, `-e MYSQL_PWD`), and the client connects through the container's default socket.
 
@@ -12,11 +12,11 @@ environment, `-e MYSQL_PWD`), and the client connects through the container's de
   InnoDB tables without locking writers) to a temp file beside the target, read back in full
   (it must end with the dump's own "-- Dump completed" line, i.e. the tool finished), fsynced
   and renamed into place. Kind "mysqldump".
-- Restore: ONE client session drops every table, view, sequence and routine of the database
+- Restore: ONE client session drops every view, table, sequence and routine of the database
   (foreign key checks off), then replays the dump. MySQL DDL is not transactional: a restore
   cut short leaves the database partly restored (run it again: it starts from empty each
   time); the backup itself is untouched.
-- Fingerprint: the list of the database's tables with their `CHECKSUM TABLE` values.
+- Fingerprint: every table's name, type and creation time, and its `CHECKSUM TABLE` value.
 - SQL migrations (`sql_*` below): a ledger table `bundler_migrations`; each file runs in one
   client session as `START TRANSACTION; <file>; INSERT <ledger row>; COMMIT;` and the client
   stops at the first error, so the session ends uncommitted: a failing file's row changes are
@@ -24,6 +24,17 @@ environment, `-e MYSQL_PWD`), and the client connects through the container's de
   its earlier DDL statements applied: the installer's restore of the backup covers that.
   A `GET_LOCK('bundler:migrations')` session is held for the whole run.
 - Health check: `mariadb ... -e 'SELECT 1'` against the URL.
+
+Security (docs/security-mysql.md): the client runs as root and obeys its own commands (`\\!`
+runs a shell) wherever its input has one outside a quoted string, and object names are picked
+by whoever holds the application's account. So no name is ever parsed out of the client's
+output: names are selected as HEX(), decoded here and written back quoted (`unhex`,
+`quote_name`); values bundler writes are hex literals; output is read escaped (no `-r`), from
+stdout alone. Every script fed to the client (restore, migration) runs with `--binary-mode`
+(no client command but DELIMITER and \\C) and, where the client has it, `--sandbox` with
+mariadb-dump's sandbox line first. URL parts holding a control character, and a database name
+starting with `-`, are refused; option-file values are quoted; the database is never a bare
+word in argv.
 
 URLs: `mysql://user:pw@host:3306/db`, `mariadb://...`, `?unix_socket=/path` (or `socket=`)
 for a unix socket; a `+driver` suffix (`mysql+pymysql://`) is accepted and ignored.
@@ -80,17 +91,61 @@ def target(db: Database, env: Mapping[str, str] | None = None) -> MyTarget:
 
 
 def parse_url(url: str, display: str, env: Mapping[str, str] | None = None) -> MyTarget:
+    """The URL's parts; InstallError (one line, password never shown) for a part the client's
+    option file or argv could misread (see `_refuse_unsafe`)."""
     parts = urlsplit("mysql://" + url.partition("://")[2])
+    if "@" in parts.path + parts.query + parts.fragment:
+        # not shown: a bare '/', '?' or '#' in the password ends the host there, and the
+        # password, past it, is not masked
+        raise InstallError("a MySQL URL holds an '@' after its host",
+                           hint="use mysql://user:password@host:3306/db, with a '/', '?', '#' "
+                                "or '@' in the password percent-encoded (%2F, %3F, %23, %40)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise InstallError(f"MySQL URL {_printable(display)}: its port is not a number",
+                           hint="use mysql://user:password@host:3306/db") from None
+    if "/" in parts.path.lstrip("/"):
+        raise InstallError(f"MySQL URL {_printable(display)}: its path holds more than a "
+                           "database name", hint="percent-encode a '/' in the database name "
+                                                 "(%2F)")
     params = dict(parse_qsl(parts.query, keep_blank_values=True))
     dbname = unquote(parts.path.lstrip("/"))
     if not dbname:
-        raise InstallError(f"MySQL URL {display} names no database",
+        raise InstallError(f"MySQL URL {_printable(display)} names no database",
                            hint="use mysql://user@host:3306/DBNAME")
     password = unquote(parts.password) if parts.password is not None else None
     password = password or params.get("password") or (env or {}).get("MYSQL_PWD") or None
     socket = params.get("unix_socket") or params.get("socket") or None
-    return MyTarget(unquote(parts.username) if parts.username else None, password,
-                    parts.hostname or None, parts.port, socket, dbname)
+    t = MyTarget(unquote(parts.username) if parts.username else None, password,
+                 parts.hostname or None, port, socket, dbname)
+    _refuse_unsafe(t, display)
+    return t
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _refuse_unsafe(t: MyTarget, display: str) -> None:
+    """A control character would end a line of the option file (`%0A` in the user adds an
+    option such as `tee=FILE`); a database name starting with `-` reads as an option."""
+    shown = _printable(display)
+    for part, value in (("user", t.user), ("password", t.password), ("host", t.host),
+                        ("socket", t.socket), ("database name", t.dbname)):
+        if value and (bad := _CONTROL.search(value)):
+            raise InstallError(
+                f"MySQL URL {shown}: its {part} holds a control character "
+                f"(U+{ord(bad.group()):04X})",
+                hint=f"remove it from the URL's {part} (percent-encoded, %0A is a newline; "
+                     "%09 a tab)")
+    if t.dbname.startswith("-"):
+        raise InstallError(f"MySQL URL {shown}: its database name starts with '-'",
+                           hint="name a database that does not start with '-' (the client "
+                                "tools would read it as an option)")
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _tool(*names: str) -> str:
@@ -112,30 +167,36 @@ def dumper() -> str:
 
 @contextlib.contextmanager
 def _defaults(t: MyTarget) -> Iterator[str]:
-    """A 0600 option file with the connection settings (and the password): never in argv."""
+    """A 0600 option file with the connection settings, the password and the database (never
+    in argv), every value quoted."""
     tmp = Path(tempfile.mkdtemp(prefix="bundler-my-"))
     try:
         path = tmp / "my.cnf"
         create_file(path, 0o600)
         lines = ["[client]"]
         if t.user:
-            lines.append(f"user={t.user}")
+            lines.append(_opt("user", t.user))
         if t.password:
-            lines.append(f'password="{_opt_escape(t.password)}"')
+            lines.append(_opt("password", t.password))
         if t.socket:
-            lines.append(f"socket={t.socket}")
-            lines.append("protocol=socket")
+            lines += [_opt("socket", t.socket), "protocol=socket"]
         elif t.host:
-            lines.append(f"host={t.host}")
-            lines.append("protocol=tcp")
+            lines += [_opt("host", t.host), "protocol=tcp"]
         if t.port:
             lines.append(f"port={t.port}")
-        # the interactive clients' own groups (the dump tools refuse this option)
-        lines += ["[mysql]", f"connect-timeout={CONNECT_TIMEOUT}"]
+        # the interactive clients' own group: the dump tools refuse connect-timeout, and read
+        # `database` in [client] as a prefix of their --databases
+        lines += ["[mysql]", f"connect-timeout={CONNECT_TIMEOUT}", _opt("database", t.dbname)]
         path.write_text("\n".join(lines) + "\n")
         yield f"--defaults-file={path}"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _opt(key: str, value: str) -> str:
+    """`key="value"` as the option file parser reads it back: inside double quotes, `#` is
+    no comment and backslash escapes (control characters are refused in parse_url)."""
+    return f'{key}="{_opt_escape(value)}"'
 
 
 def _opt_escape(value: str) -> str:
@@ -150,9 +211,11 @@ def run_client(db: Database, args: Sequence[str], env: Mapping[str, str], *,
                dump: bool = False, stdin: Path | None = None, stdout: Path | None = None,
                timeout: float = 600, exec_in_service: ServiceExec | None = None
                ) -> proc.Result:
-    """Run the client (or, `dump`, the dump tool) with `args` against `db`."""
+    """Run the client (or, `dump`, the dump tool) with `args` against `db`'s database (set
+    here: never a bare word in argv)."""
     t = target(db, env)
     names = ("mariadb-dump", "mysqldump") if dump else ("mariadb", "mysql")
+    tail = ["--", t.dbname] if dump else []
     try:
         if db.compose_service:
             if exec_in_service is None:
@@ -162,26 +225,68 @@ def run_client(db: Database, args: Sequence[str], env: Mapping[str, str], *,
             argv = ["sh", "-c", _SERVICE_SH, *names]
             if t.user:
                 argv += [f"--user={t.user}"]
-            argv += list(args)
+            if not dump:
+                argv += [f"--database={t.dbname}"]
+            argv += [*args, *tail]
             service_env = {"MYSQL_PWD": t.password} if t.password else {}
             return exec_in_service(argv, stdin, stdout, env=service_env, timeout=timeout)
         with _defaults(t) as opt:
-            return proc.run([_tool(*names), opt, *args], env=proc.clean_env(env),
+            return proc.run([_tool(*names), opt, *args, *tail], env=proc.clean_env(env),
                             timeout=timeout, check=False, stdin=stdin, stdout=stdout)
     except CommandError as exc:
         raise InstallError(t.scrub(exc.message), hint=exc.hint) from None
 
 
+# Batch output without -r: tab, newline, NUL and backslash in a value are escaped, so a row is
+# one line ("\r" is not escaped: split on "\n" only) and its fields split on tabs.
+_BATCH = ("--batch", "--skip-column-names", "--binary-mode")
+
+
 def query(db: Database, sql: str, env: Mapping[str, str], *, what: str,
           exec_in_service: ServiceExec | None = None, timeout: float = 600) -> list[list[str]]:
-    """Rows of `sql` (tab-separated batch output), or InstallError naming `what`."""
+    """Rows of `sql` (fed on stdin: no size limit of argv; rows read from stdout alone), or
+    InstallError naming `what`. A column holding a name or any text is to be selected as
+    HEX() and read back with `unhex`: never parse such a value out of the client's output."""
     t = target(db, env)
-    result = run_client(db, ["-N", "-B", "-r", t.dbname, "-e", sql], env, timeout=timeout,
-                        exec_in_service=exec_in_service)
-    if result.returncode != 0:
-        raise _failed(t, what, result)
-    return [ln.split("\t") for ln in result.output.splitlines() if ln and not
-            ln.startswith(("Warning", "mysql: [Warning]", "mariadb: [Warning]"))]
+    with _scratch() as tmp:
+        (tmp / "query.sql").write_text(sql.rstrip().rstrip(";") + ";\n")
+        create_file(tmp / "rows", 0o600)
+        result = run_client(db, _BATCH, env, stdin=tmp / "query.sql", stdout=tmp / "rows",
+                            timeout=timeout, exec_in_service=exec_in_service)
+        if result.returncode != 0:
+            raise _failed(t, what, result)
+        text = (tmp / "rows").read_text(encoding="utf-8", errors="replace")
+    return [line.split("\t") for line in text.split("\n") if line]
+
+
+@contextlib.contextmanager
+def _scratch() -> Iterator[Path]:
+    tmp = Path(tempfile.mkdtemp(prefix="bundler-my-"))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_HEX = re.compile(r"(?:[0-9A-F]{2})*")
+
+
+def unhex(value: str, what: str) -> str:
+    """A HEX() column back to text; InstallError if it is not one."""
+    if not _HEX.fullmatch(value):
+        raise InstallError(f"{what}: the server's answer is not the hex column asked for",
+                           hint="this is a bug in bundler, or not a MySQL/MariaDB server")
+    try:
+        return bytes.fromhex(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InstallError(f"{what}: a name is not UTF-8",
+                           hint="this is a bug in bundler") from None
+
+
+def quote_name(name: str) -> str:
+    """`name` as a quoted identifier: inside backticks the client parses no command, and the
+    server reads a doubled backtick as one."""
+    return "`" + name.replace("`", "``") + "`"
 
 
 def _failed(t: MyTarget, what: str, result: proc.Result) -> InstallError:
@@ -191,6 +296,21 @@ def _failed(t: MyTarget, what: str, result: proc.Result) -> InstallError:
     return InstallError(f"{what} failed (exit {result.returncode}): {line}",
                         hint="check that the server runs and that the URL's host, port (or "
                              "socket), user, password and database are right")
+
+
+SANDBOX_LINE = "/*M!999999\\- enable the sandbox mode */\n"
+
+
+def script_flags(db: Database, env: Mapping[str, str],
+                 exec_in_service: ServiceExec | None) -> tuple[list[str], str]:
+    """The client's flags for a script from a file, and the line the script must start with.
+    `--binary-mode`: no client command but DELIMITER and \\C (MySQL and MariaDB clients);
+    a client that has `--sandbox` runs with it too, and gets the sandbox line (the one that
+    mariadb-dump writes; older clients and MySQL's reject that line, so they do not)."""
+    result = run_client(db, ["--help"], env, timeout=60, exec_in_service=exec_in_service)
+    if result.returncode == 0 and "--sandbox" in result.output:
+        return ["--binary-mode", "--sandbox"], SANDBOX_LINE
+    return ["--binary-mode"], ""
 
 
 # --------------------------------------------------------------------------- check
@@ -206,10 +326,13 @@ def check(db: Database, env: Mapping[str, str], *,
 
 def ping(url: str, env: Mapping[str, str], timeout: float) -> str:
     """The `mysql:` health check: connect and SELECT 1; '' when fine, else why not."""
-    t = parse_url(url, redact(url), env)
+    try:
+        t = parse_url(url, redact(url), env)
+    except InstallError as exc:
+        return exc.message
     try:
         with _defaults(t) as opt:
-            result = proc.run([client(), opt, "-N", "-B", t.dbname, "-e", "SELECT 1"],
+            result = proc.run([client(), opt, *_BATCH, "-e", "SELECT 1"],
                               env=proc.clean_env(env), timeout=timeout, check=False)
     except (CommandError, InstallError) as exc:
         return t.scrub(exc.message)
@@ -234,7 +357,7 @@ def backup(db: Database, tmp: Path, env: Mapping[str, str], log: Log, *,
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     create_file(tmp, 0o600)
-    result = run_client(db, [*DUMP_OPTS, t.dbname], env, dump=True, stdout=tmp,
+    result = run_client(db, DUMP_OPTS, env, dump=True, stdout=tmp,
                         timeout=DUMP_TIMEOUT, exec_in_service=exec_in_service)
     if result.returncode != 0:
         raise _failed(t, f"mariadb-dump of {db.display}", result)
@@ -255,31 +378,50 @@ def verify(path: Path) -> None:
 
 # --------------------------------------------------------------------------- restore
 
+# Every object the dump recreates, by kind; names as HEX() (see the module's docstring).
 _OBJECTS = (
-    "SELECT CONCAT(IF(table_type = 'VIEW', 'DROP VIEW IF EXISTS ', "
-    "IF(table_type = 'SEQUENCE', 'DROP SEQUENCE IF EXISTS ', 'DROP TABLE IF EXISTS ')), "
-    "'`', REPLACE(table_name, '`', '``'), '`;') FROM information_schema.tables "
+    "SELECT table_type, HEX(CONVERT(table_name USING utf8mb4)) FROM information_schema.tables "
     "WHERE table_schema = DATABASE() "
-    "UNION ALL SELECT CONCAT('DROP ', routine_type, ' IF EXISTS `', "
-    "REPLACE(routine_name, '`', '``'), '`;') FROM information_schema.routines "
-    "WHERE routine_schema = DATABASE()")
+    "UNION ALL SELECT routine_type, HEX(CONVERT(routine_name USING utf8mb4)) "
+    "FROM information_schema.routines WHERE routine_schema = DATABASE()")
+_DROP = {"VIEW": "VIEW", "BASE TABLE": "TABLE", "SYSTEM VERSIONED": "TABLE",
+         "SEQUENCE": "SEQUENCE", "PROCEDURE": "PROCEDURE", "FUNCTION": "FUNCTION"}
+
+
+def drop_statements(db: Database, env: Mapping[str, str],
+                    exec_in_service: ServiceExec | None = None) -> list[str]:
+    """`DROP ... IF EXISTS` for every object of the database, views first, each name quoted
+    here from its HEX(); InstallError (before anything is dropped) for a kind bundler cannot
+    drop."""
+    what = f"listing {db.display}"
+    drops: list[tuple[bool, str]] = []
+    for row in query(db, _OBJECTS, env, what=what, exec_in_service=exec_in_service):
+        kind = _DROP.get(row[0]) if len(row) == 2 else None
+        if kind is None:
+            raise InstallError(f"{what}: cannot restore a database holding a "
+                               f"{_printable(row[0])!r} object",
+                               hint="drop it by hand, then restore again")
+        drops.append((kind != "VIEW",
+                      f"DROP {kind} IF EXISTS {quote_name(unhex(row[1], what))};"))
+    return [statement for _, statement in sorted(drops)]
 
 
 def restore(db: Database, dump: Path, work_dir: Path, env: Mapping[str, str], log: Log, *,
             exec_in_service: ServiceExec | None = None) -> None:
-    """Empty the database, then replay `dump`, in one client session."""
+    """Empty the database, then replay `dump`, in one sandboxed client session."""
     t = target(db, env)
-    drops = [row[0] for row in query(db, _OBJECTS, env, what=f"listing {db.display}",
-                                     exec_in_service=exec_in_service)]
+    drops = drop_statements(db, env, exec_in_service)
+    flags, first = script_flags(db, env, exec_in_service)
     log(f"restoring {db.display} from {dump.name} ({len(drops)} object(s) dropped first)")
     fd, name = tempfile.mkstemp(prefix=".restore-", suffix=".sql", dir=work_dir)
     script = Path(name)
     try:
         with os.fdopen(fd, "wb") as out, open(dump, "rb") as src:
-            out.write(("SET FOREIGN_KEY_CHECKS = 0;\n" + "\n".join(drops) + "\n").encode())
+            out.write((first + "SET NAMES utf8mb4;\nSET FOREIGN_KEY_CHECKS = 0;\n"
+                       + "".join(d + "\n" for d in drops)).encode())
             shutil.copyfileobj(src, out, 1 << 20)
             out.write(b"\nSET FOREIGN_KEY_CHECKS = 1;\n")
-        result = run_client(db, [t.dbname], env, stdin=script, timeout=DUMP_TIMEOUT,
+        result = run_client(db, flags, env, stdin=script, timeout=DUMP_TIMEOUT,
                             exec_in_service=exec_in_service)
     finally:
         script.unlink(missing_ok=True)
@@ -291,24 +433,31 @@ def restore(db: Database, dump: Path, work_dir: Path, env: Mapping[str, str], lo
 
 def fingerprint(db: Database, env: Mapping[str, str], *,
                 exec_in_service: ServiceExec | None = None) -> str:
-    tables = query(db, "SELECT table_name, table_type, create_time FROM "
-                   "information_schema.tables WHERE table_schema = DATABASE() "
-                   "ORDER BY table_name", env, what="reading the database's tables",
-                   exec_in_service=exec_in_service)
+    """Every table's name (hex), type and creation time, and each base table's CHECKSUM."""
+    what = "reading the database's tables"
+    tables = query(db, "SELECT HEX(CONVERT(table_name USING utf8mb4)), table_type, "
+                   "create_time FROM information_schema.tables WHERE table_schema = "
+                   "DATABASE() ORDER BY 1", env, what=what, exec_in_service=exec_in_service)
     parts = ["|".join(row) for row in tables]
-    base = [r[0] for r in tables if len(r) > 1 and r[1] == "BASE TABLE"]
+    base = [unhex(r[0], what) for r in tables
+            if len(r) == 3 and r[1] in ("BASE TABLE", "SYSTEM VERSIONED")]
     if base:
-        names = ", ".join("`" + n.replace("`", "``") + "`" for n in base)
-        parts += ["|".join(r) for r in query(db, f"CHECKSUM TABLE {names}", env,
-                                             what="checksumming the database's tables",
-                                             exec_in_service=exec_in_service)]
+        what = "checksumming the database's tables"
+        sums = query(db, "CHECKSUM TABLE " + ", ".join(quote_name(n) for n in base), env,
+                     what=what, exec_in_service=exec_in_service)
+        if len(sums) != len(base):
+            raise InstallError(f"{what}: {len(sums)} answer(s) for {len(base)} table(s)",
+                               hint="a table was created or dropped meanwhile: try again")
+        parts += [row[-1] for row in sums]
     return "mysql:" + hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 # --------------------------------------------------------------------------- migrations
 
-def _q(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+def _lit(value: str) -> str:
+    """`value` as a SQL string literal that reads the same whatever the sql_mode (hex: nothing
+    for the client or the server to unescape)."""
+    return f"CONVERT(X'{value.encode().hex()}' USING utf8mb4)"
 
 
 _TXN_CONTROL = re.compile(
@@ -324,6 +473,7 @@ class Ledger:
         self.db = db
         self.env = env
         self.run_in = exec_in_service
+        self._flags: tuple[list[str], str] | None = None  # script_flags(), asked once
 
     def create(self) -> None:
         try:
@@ -342,10 +492,11 @@ class Ledger:
                        what="reading the migration ledger", exec_in_service=self.run_in)
         if not exists or exists[0][0] == "0":
             return {}
-        rows = query(self.db, f"SELECT file, sha256 FROM {LEDGER} WHERE migration = "
-                     f"{_q(migration)}", self.env, what="reading the migration ledger",
+        what = "reading the migration ledger"
+        rows = query(self.db, f"SELECT HEX(CONVERT(file USING utf8mb4)), sha256 FROM {LEDGER} "
+                     f"WHERE migration = {_lit(migration)}", self.env, what=what,
                      exec_in_service=self.run_in)
-        return {r[0]: r[1] for r in rows if len(r) == 2}
+        return {unhex(r[0], what): r[1] for r in rows if len(r) == 2}
 
     def apply(self, migration: str, file: str, sha256: str, text: str, work_dir: Path) -> None:
         if _TXN_CONTROL.search(text):
@@ -353,15 +504,20 @@ class Ledger:
                                  "control (BEGIN/COMMIT/ROLLBACK)",
                                  hint="remove it: bundler runs each file in one transaction")
         t = target(self.db, self.env)
-        script = (f"SET autocommit = 0;\nSTART TRANSACTION;\n{text}\n;\n"
+        if self._flags is None:
+            self._flags = script_flags(self.db, self.env, self.run_in)
+        flags, first = self._flags
+        # --binary-mode reads CRLF as is: what the client in text mode reads, LF endings
+        text = text.replace("\r\n", "\n")
+        script = (f"{first}SET autocommit = 0;\nSTART TRANSACTION;\n{text}\n;\n"
                   f"INSERT INTO {LEDGER} (migration, file, sha256) VALUES "
-                  f"({_q(migration)}, {_q(file)}, {_q(sha256)});\nCOMMIT;\n")
+                  f"({_lit(migration)}, {_lit(file)}, {_lit(sha256)});\nCOMMIT;\n")
         fd, name = tempfile.mkstemp(prefix=".migrate-", suffix=".sql", dir=work_dir)
         path = Path(name)
         try:
-            with os.fdopen(fd, "w") as out:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
                 out.write(script)
-            result = run_client(self.db, [t.dbname], self.env, stdin=path,
+            result = run_client(self.db, flags, self.env, stdin=path,
                                 exec_in_service=self.run_in, timeout=3600)
         finally:
             path.unlink(missing_ok=True)
@@ -385,7 +541,7 @@ def migration_lock(db: Database, env: Mapping[str, str], log: Log) -> Iterator[N
     t = target(db, env)
     with _defaults(t) as opt:
         holder = subprocess.Popen(
-            [client(), opt, "-N", "-B", "--unbuffered", t.dbname],
+            [client(), opt, *_BATCH, "--unbuffered"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=proc.clean_env(env), text=True)
         try:
