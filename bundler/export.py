@@ -42,6 +42,7 @@ from bundler.errors import (
 )
 from bundler.faults import corrupt_point
 from bundler.fsutil import CHUNK, human_bytes, sha256_file
+from bundler.kitboot import META as KIT_META
 from bundler.kitboot import kit_file_name
 from bundler.manifest import Manifest, required_version
 from bundler.models import Target
@@ -129,9 +130,9 @@ def find_kit(bundle_dir: Path, target: Target) -> Path:
     found: list[tuple[Version, float, Path]] = []
     for path in bundle_dir.glob(pattern):
         fields = kit_name_fields(path.name)
-        if fields is None or (fields.python, fields.platform) != (target.python,
-                                                                   target.platform) \
-                or not path.is_file():
+        wanted = fields is not None and fields.python == target.python \
+            and fields.platform == target.platform
+        if fields is None or not wanted or not path.is_file():
             continue
         try:
             found.append((Version(fields.version), path.stat().st_mtime, path))
@@ -198,11 +199,9 @@ def kit_for(bundle_dir: Path, manifest: Manifest, cache: Cache, *,
 
 def _kit_meta(kit: Path) -> dict[str, Any] | None:
     """The kit.json a kit records (its Python and platform), or None if it is not a kit."""
-    from bundler import kitboot
-
     try:
         with zipfile.ZipFile(kit) as zf:
-            meta = json.loads(zf.read(kitboot.META))
+            meta = json.loads(zf.read(KIT_META))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
     return meta if isinstance(meta, dict) else None
