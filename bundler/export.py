@@ -17,9 +17,12 @@ import contextlib
 import errno
 import hashlib
 import io
+import json
 import os
 import re
 import shlex
+import textwrap
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,17 +30,29 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from bundler import __version__, archive, ui, volumes
+from bundler import __version__, archive, hostneeds, ui, volumes
 from bundler.cache import Cache
-from bundler.errors import ExportError, IntegrityError, PolicyError, SigningKeyError, SpaceError
+from bundler.errors import (
+    ExportError,
+    IntegrityError,
+    PolicyError,
+    SignatureError,
+    SigningKeyError,
+    SpaceError,
+)
 from bundler.faults import corrupt_point
 from bundler.fsutil import CHUNK, human_bytes, sha256_file
+from bundler.kitboot import META as KIT_META
+from bundler.kitboot import kit_file_name
 from bundler.manifest import Manifest, required_version
+from bundler.models import Target
 from bundler.signing import TrustedKey, key_id, load_private_key, load_public_key
 
 KIT_PREFIX = "bundler-kit-"
 KIT_SUFFIX = ".pyz"
-_KIT_RE = re.compile(r"^bundler-kit-(?P<version>[^-]+)-(?P<platform>[A-Za-z0-9_.]+)\.pyz$")
+# bundler-kit-VERSION-cpXY-PLATFORM.pyz (kits made before the Python was in the name: no cpXY)
+_KIT_RE = re.compile(r"^bundler-kit-(?P<version>[^-]+)-(?:cp(?P<python>[0-9]{2,3})-)?"
+                     r"(?P<platform>[A-Za-z0-9_.]+)\.pyz$")
 INSTRUCTIONS = "INSTALL.txt"
 # Filesystems that cap a file at 4 GiB - 1 (kernel FAT drivers, and fusefat's FUSE one).
 FAT_TYPES = frozenset({"vfat", "msdos", "fat", "umsdos", "fuse.fusefat"})
@@ -77,43 +92,62 @@ class ExportResult:
     split: bool
     kit: Path
     kit_source: str  # given (--kit), found (next to the bundle), cached or built
+    pub: Path        # the public key exported (--pub, or the one found that verifies)
 
     def to_json(self) -> dict[str, Any]:
         return {"dest": str(self.dest), "name": self.manifest.name,
                 "version": self.manifest.version, "keyid": self.keyid,
                 "fs_type": self.fs_type, "max_file_size": self.max_file, "split": self.split,
-                "kit": str(self.kit), "kit_source": self.kit_source,
+                "kit": str(self.kit), "kit_source": self.kit_source, "pub": str(self.pub),
                 "files": [i.to_json() for i in self.items]}
 
 
 # ---- the kit ---------------------------------------------------------------------------------
 
-def kit_name_fields(name: str) -> tuple[str, str] | None:
-    """(version, platform) from `bundler-kit-<version>-<platform>.pyz`, or None."""
+@dataclass(frozen=True)
+class KitName:
+    """What a kit's file name says: `bundler-kit-<version>-cp<XY>-<platform>.pyz`."""
+
+    version: str
+    python: str | None  # "3.11"; None for a name from before the Python was in it
+    platform: str
+
+
+def kit_name_fields(name: str) -> KitName | None:
     match = _KIT_RE.match(name)
-    return (match["version"], match["platform"]) if match else None
+    if match is None:
+        return None
+    cp = match["python"]
+    return KitName(match["version"], f"{cp[0]}.{cp[1:]}" if cp else None, match["platform"])
 
 
-def find_kit(bundle_dir: Path, platform: str) -> Path:
-    """The kit for a bundle whose target is `platform`: the newest
-    `bundler-kit-<version>-<platform>.pyz` in the bundle's directory (as `bundle build
-    --with-kit` and `bundle kit --out DIR` write it). Raises ExportError if there is none
-    (`kit_for` then builds one)."""
+def find_kit(bundle_dir: Path, target: Target) -> Path:
+    """The kit for a bundle's target: the newest `bundler-kit-<version>-cp<XY>-<platform>.pyz`
+    of its CPython and platform in the bundle's directory (as `bundle build --with-kit` and
+    `bundle kit --out DIR` write it). Raises ExportError if there is none (`kit_for` then
+    builds one)."""
+    pattern = f"{KIT_PREFIX}*-{_cp(target.python)}-{target.platform}{KIT_SUFFIX}"
     found: list[tuple[Version, float, Path]] = []
-    for path in bundle_dir.glob(f"{KIT_PREFIX}*-{platform}{KIT_SUFFIX}"):
+    for path in bundle_dir.glob(pattern):
         fields = kit_name_fields(path.name)
-        if fields is None or fields[1] != platform or not path.is_file():
+        wanted = fields is not None and fields.python == target.python \
+            and fields.platform == target.platform
+        if fields is None or not wanted or not path.is_file():
             continue
         try:
-            found.append((Version(fields[0]), path.stat().st_mtime, path))
+            found.append((Version(fields.version), path.stat().st_mtime, path))
         except InvalidVersion:
             continue
     if not found:
-        raise ExportError(f"no kit for {platform} next to the bundle (no "
-                          f"{KIT_PREFIX}*-{platform}{KIT_SUFFIX} in {bundle_dir})",
+        raise ExportError(f"no kit for CPython {target.python} on {target.platform} next to "
+                          f"the bundle (no {pattern} in {bundle_dir})",
                           hint="build with --with-kit or run `bundle kit --out DIR` (or pass "
                                "--kit FILE)")
     return max(found)[2]
+
+
+def _cp(python: str) -> str:
+    return "cp" + python.replace(".", "")
 
 
 KIT_CACHE_DIR = "kits"
@@ -141,7 +175,7 @@ def kit_for(bundle_dir: Path, manifest: Manifest, cache: Cache, *,
     project) into `<cache>/kits/<key>/`, where a kit built earlier from the same bundler
     code for the same target is reused (no network needed then)."""
     try:
-        return find_kit(bundle_dir, manifest.target.platform), "found"
+        return find_kit(bundle_dir, manifest.target), "found"
     except ExportError:
         pass
     from bundler.kit import build_kit, checksum_path, kit_name
@@ -163,12 +197,22 @@ def kit_for(bundle_dir: Path, manifest: Manifest, cache: Cache, *,
     return made.path, "built"
 
 
+def _kit_meta(kit: Path) -> dict[str, Any] | None:
+    """The kit.json a kit records (its Python and platform), or None if it is not a kit."""
+    try:
+        with zipfile.ZipFile(kit) as zf:
+            meta = json.loads(zf.read(KIT_META))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _check_kit(kit: Path, manifest: Manifest) -> str:
-    """The kit's sha256, after checking it against its .sha256 file (if any), its platform and
-    its version against what the bundle needs."""
+    """The kit's sha256, after checking it against its .sha256 file (if any), its Python,
+    platform and version against what the bundle needs."""
     if not kit.is_file():
         raise ExportError(f"kit {kit} is not a file", hint="pass --kit FILE (a bundler-kit-"
-                          "VERSION-PLATFORM.pyz)")
+                          "VERSION-cpXY-PLATFORM.pyz)")
     sha, _size = sha256_file(kit)
     side = kit.with_name(kit.name + ".sha256")
     if side.is_file():
@@ -177,19 +221,30 @@ def _check_kit(kit: Path, manifest: Manifest) -> str:
             raise IntegrityError(f"kit {kit.name} does not match {side.name} (its sha256 is "
                                  f"{sha})", hint="the kit was damaged or replaced: build it "
                                                  "again with `bundle kit --out DIR`")
+    target = manifest.target
+    meta = _kit_meta(kit) or {}
     fields = kit_name_fields(kit.name)
-    if fields is None:
-        ui.note(f"cannot tell {kit.name}'s version or platform from its name "
-                f"(expected {KIT_PREFIX}VERSION-PLATFORM{KIT_SUFFIX})")
+    python = str(meta.get("python") or (fields.python if fields else "") or "")
+    platform = str(meta.get("platform") or (fields.platform if fields else "") or "")
+    if fields is None and not meta:
+        ui.note(f"cannot tell {kit.name}'s version, Python or platform from its name "
+                f"(expected {KIT_PREFIX}VERSION-cpXY-PLATFORM{KIT_SUFFIX})")
         return sha
-    version, platform = fields
-    if platform != manifest.target.platform:
+    right = kit_file_name(__version__, target.python, target.platform)
+    if platform and platform != target.platform:
         raise PolicyError(f"kit {kit.name} is for {platform}; bundle {manifest.name} "
-                          f"{manifest.version} is for {manifest.target.platform}",
-                          hint=f"use a kit for {manifest.target.platform}")
+                          f"{manifest.version} is for {target.platform}",
+                          hint=f"use a kit for {target.platform} ({right})")
+    if python and python != target.python:
+        raise PolicyError(f"kit {kit.name} is for CPython {python}; bundle {manifest.name} "
+                          f"{manifest.version} is for CPython {target.python} (a kit's "
+                          "compiled wheels are for one Python)",
+                          hint=f"use {right} (`bundle kit --python {target.python} "
+                               f"--platform {target.platform} --out DIR`)")
+    version = str(meta.get("bundler") or (fields.version if fields else ""))
     need = required_version(manifest)
     with contextlib.suppress(InvalidVersion):
-        if need is not None and Version(version) < Version(need):
+        if need is not None and version and Version(version) < Version(need):
             raise PolicyError(f"kit {kit.name} is bundler {version}; bundle {manifest.name} "
                               f"{manifest.version} needs bundler {need} or newer",
                               hint="use the kit built with the bundle (`bundle kit --out "
@@ -271,25 +326,66 @@ class _Source:
             yield parts
 
 
-def _public_key(bundle: Path, directory: Path, pub: Path | None) -> TrustedKey:
-    """--pub, or the one *.pub beside the bundle that verifies its signature."""
+def _key_files(directory: Path, key_path: Path | None) -> list[Path]:
+    """Where a bundle's public key may be, as `bundle keygen` and `bundle build --out` lay
+    files out: NAME.pub beside the --key NAME.key, any *.pub in the bundle's directory,
+    beside --key, and in the current directory (the Quick start's release.pub)."""
+    dirs = [directory, *([key_path.parent] if key_path else []), Path.cwd()]
+    paths = [*([key_path.with_suffix(".pub")] if key_path else []),
+             *(p for d in dirs for p in sorted(d.glob("*.pub")))]
+    seen: set[Path] = set()
+    out = []
+    for path in paths:
+        real = path.resolve()
+        if real not in seen and path.is_file():
+            seen.add(real)
+            out.append(path)
+    return out
+
+
+def _public_key(bundle: Path, directory: Path, pub: Path | None,
+                key_path: Path | None) -> TrustedKey:
+    """--pub, or the public key found (`_key_files`) that verifies the bundle's signature."""
     if pub is not None:
-        return load_public_key(pub)
-    candidates = [load_public_key(p) for p in sorted(directory.glob("*.pub"))]
+        trusted = load_public_key(pub)
+        ui.note(f"public key: {pub} (key id {trusted.keyid}, given)")
+        return trusted
+    files = _key_files(directory, key_path)
+    candidates = []
+    for path in files:
+        try:
+            candidates.append(load_public_key(path))
+        except SigningKeyError as exc:  # e.g. an ssh key: not ours, not a reason to stop
+            ui.note(f"skipping {path}: {exc.message}")
+    where = ", ".join(str(d) for d in dict.fromkeys(
+        [directory, *([key_path.parent] if key_path else []), Path.cwd()]))
+    hint = ("pass --pub NAME.pub: the NAME.pub that `bundle keygen NAME` wrote beside the "
+            "NAME.key the bundle was built with")
     if not candidates:
-        raise SigningKeyError(f"no public key given and no *.pub next to {bundle}",
-                              hint="pass --pub NAME.pub (the key the bundle was signed with)")
-    keyid = archive.manifest_of(bundle, candidates).keyid
-    return next(k for k in candidates if k.keyid == keyid)
+        raise SigningKeyError(f"no public key given and no *.pub found to verify {bundle} "
+                              f"(looked in {where})", hint=hint)
+    try:
+        keyid = archive.manifest_of(bundle, candidates).keyid
+    except SignatureError as exc:
+        if "which is not trusted" not in exc.message:
+            raise  # a key found did sign it, and the bundle is damaged: that error it is
+        raise SigningKeyError(f"none of the public keys found verifies {bundle}'s signature "
+                              f"(tried {', '.join(str(k.source) for k in candidates)}): "
+                              f"{exc.message}", hint=hint) from None
+    trusted = next(k for k in candidates if k.keyid == keyid)
+    ui.note(f"public key: {trusted.source} (key id {keyid}: it verifies the bundle's "
+            "signature)")
+    return trusted
 
 
-def _source(bundle: Path, pub: Path | None) -> tuple[_Source, TrustedKey]:
+def _source(bundle: Path, pub: Path | None,
+            key_path: Path | None) -> tuple[_Source, TrustedKey]:
     index_file = volumes.find_index(bundle)
     directory = (index_file or bundle).parent
     if index_file is None and not bundle.is_file():
         raise ExportError(f"{bundle} is not a bundle file or a volume set",
                           hint="pass the .bundle file (or any part of a volume set)")
-    trusted = _public_key(bundle, directory, pub)
+    trusted = _public_key(bundle, directory, pub, key_path)
     if index_file is None:
         return _Source(bundle, bundle.name, directory, None, None), trusted
     index = volumes.open_index(index_file, [trusted])
@@ -316,7 +412,7 @@ Files (sha256, two spaces, name). To check them all, in this directory:
 
 On the air-gapped host (it needs python3 >= 3.11 and nothing else to run the kit), in the
 directory that holds these files (e.g. cd /media/usb):
-
+{_host_steps(manifest)}
 1. Check the kit's sha256 against the one you were given separately: it is the one file
    that bundler cannot check itself.
      sha256sum {shlex.quote(kit)}
@@ -337,6 +433,24 @@ directory that holds these files (e.g. cd /media/usb):
 Back to the previous release, if need be: {run} rollback --root {root}
 """
     return text.encode()
+
+
+def _host_steps(manifest: Manifest) -> str:
+    """Step 0 of INSTALL.txt: what the host must have before the install (bundler.hostneeds),
+    each with its command when one line provides it; empty when it needs nothing more."""
+    needs = hostneeds.host_needs(manifest)
+    if not needs:
+        return ""
+    lines = ["", "0. Prepare the host, once (`install` checks these first and names what is "
+                 "missing):"]
+    for need in needs:
+        what = need.what + (":" if need.command else "")
+        lines += textwrap.wrap(what, 88, initial_indent="   - ",
+                               subsequent_indent="     ", break_on_hyphens=False,
+                               break_long_words=False)
+        if need.command:
+            lines.append(f"       {need.command}")
+    return "\n".join(lines) + "\n"
 
 
 def _existing(dest: Path, item: Item) -> None:
@@ -472,7 +586,7 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
         raise ExportError(f"{dest} is not a directory",
                           hint="mount the stick first and pass its mount point (or any "
                                "existing directory)")
-    source, trusted = _source(bundle, pub)
+    source, trusted = _source(bundle, pub, key_path)
     ui.step(f"Verifying {bundle}")
     with archive.open_bundle(bundle, [trusted]) as reader:
         manifest = reader.read_envelope().manifest
@@ -617,4 +731,4 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
             _fsync_dir(dest)
         raise
     return ExportResult(dest, manifest, trusted.keyid, tuple(items), fs_type, max_file, split,
-                        kit, kit_source)
+                        kit, kit_source, key_src)

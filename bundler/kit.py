@@ -1,6 +1,6 @@
 """`bundle kit`: ONE file that runs bundler's target side on a host that has only `python3`.
 
-The kit is a zipapp (`python3 -I -S bundler-kit-VERSION-PLATFORM.pyz install ...`):
+The kit is a zipapp (`python3 -I -S bundler-kit-VERSION-cpXY-PLATFORM.pyz install ...`):
 
     __main__.py   bundler/kitboot.py: unpacks site/ once into a private cache dir, runs bundle
     site/...      bundler's target-side modules, and the TARGET's wheels of their dependencies
@@ -83,7 +83,8 @@ class Kit:
 
 
 def kit_name(target: Target) -> str:
-    return f"bundler-kit-{__version__}-{target.platform}.pyz"
+    """`bundler-kit-VERSION-cpXY-PLATFORM.pyz`: kits for two Pythons never share a name."""
+    return kitboot.kit_file_name(__version__, target.python, target.platform)
 
 
 def checksum_path(kit: Path) -> Path:
@@ -270,7 +271,7 @@ def _wheel_members(whl: Path, label: str) -> list[_Member]:
 def build_kit(out_dir: Path, target: Target, cache: Cache, log: Log, *,
               index: PythonSpec | None = None, from_installed: bool = False,
               with_compose: bool = False) -> Kit:
-    """Write OUT_DIR/bundler-kit-VERSION-PLATFORM.pyz and its .sha256 file; `with_compose`:
+    """Write OUT_DIR/bundler-kit-VERSION-cpXY-PLATFORM.pyz and its .sha256 file; `with_compose`:
     carry the modern compose binary too (for bundles with a compose project)."""
     modules = target_modules()
     root = _package_root().parent

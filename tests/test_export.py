@@ -6,22 +6,38 @@ import json
 import shutil
 import subprocess
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from bundler.errors import ExportError, PolicyError
-from bundler.export import find_kit, mount_type
+from bundler.export import KitName, find_kit, kit_name_fields, mount_type
 from bundler.install.policy import check_bundler_version
 from bundler.manifest import required_version
+from bundler.models import (
+    ComposeSpec,
+    DatabaseSpec,
+    EnvSpec,
+    HealthCheck,
+    ImageRef,
+    NodeRuntime,
+    NpmProject,
+    NpmRef,
+    Runtime,
+    Service,
+    Target,
+)
 from tests.bundles import manifest_for, write_bundle
-from tests.helpers import bundle, unavailable
+from tests.helpers import REPO, bundle, bundle_argv, unavailable
 from tests.test_transport import files_profile
 
 PLATFORM = "manylinux_2_28_x86_64"
-KIT = f"bundler-kit-0.1.0-{PLATFORM}.pyz"
+KIT = f"bundler-kit-0.1.0-cp311-{PLATFORM}.pyz"
 MiB = 1024 * 1024
 
 
@@ -65,14 +81,26 @@ def test_verify_and_install_refuse_a_bundle_from_a_newer_bundler(tmp_path: Path)
 
 # ---- kit finding and mount detection (units) ------------------------------------------------
 
-def test_find_kit_takes_the_newest_for_the_platform(tmp_path: Path) -> None:
-    for name in (f"bundler-kit-0.9.0-{PLATFORM}.pyz", f"bundler-kit-0.10.0-{PLATFORM}.pyz",
-                 "bundler-kit-0.11.0-manylinux_2_28_aarch64.pyz", "bundler-kit-x-y.pyz"):
+def test_find_kit_takes_the_newest_for_the_python_and_platform(tmp_path: Path) -> None:
+    for name in (f"bundler-kit-0.9.0-cp311-{PLATFORM}.pyz",
+                 f"bundler-kit-0.10.0-cp311-{PLATFORM}.pyz",
+                 f"bundler-kit-0.12.0-cp312-{PLATFORM}.pyz",   # another Python
+                 f"bundler-kit-0.13.0-{PLATFORM}.pyz",         # an old name: its Python unknown
+                 "bundler-kit-0.11.0-cp311-manylinux_2_28_aarch64.pyz", "bundler-kit-x-y.pyz"):
         (tmp_path / name).write_bytes(b"kit")
-    assert find_kit(tmp_path, PLATFORM).name == f"bundler-kit-0.10.0-{PLATFORM}.pyz"
-    with pytest.raises(ExportError) as err:
-        find_kit(tmp_path, "musllinux_1_2_x86_64")
-    assert "build with --with-kit or run `bundle kit --out DIR`" in err.value.hint
+    assert find_kit(tmp_path, Target("3.11", PLATFORM)).name == \
+        f"bundler-kit-0.10.0-cp311-{PLATFORM}.pyz"
+    assert find_kit(tmp_path, Target("3.12", PLATFORM)).name == \
+        f"bundler-kit-0.12.0-cp312-{PLATFORM}.pyz"
+    for target in (Target("3.13", PLATFORM), Target("3.11", "musllinux_1_2_x86_64")):
+        with pytest.raises(ExportError) as err:
+            find_kit(tmp_path, target)
+        assert f"no kit for CPython {target.python} on {target.platform}" in err.value.message
+        assert "build with --with-kit or run `bundle kit --out DIR`" in err.value.hint
+    assert kit_name_fields(f"bundler-kit-0.1.0-cp313-{PLATFORM}.pyz") == KitName(
+        "0.1.0", "3.13", PLATFORM)
+    assert kit_name_fields(f"bundler-kit-0.1.0-{PLATFORM}.pyz") == KitName(
+        "0.1.0", None, PLATFORM)
 
 
 def test_mount_type_longest_prefix(tmp_path: Path) -> None:
@@ -287,7 +315,7 @@ def test_export_builds_the_kit_when_none_is_next_to_the_bundle(built: dict[str, 
     src = Path(json.loads(made.out)["bundle"])
     assert not list(src.parent.glob("*.pyz"))
     cache = tmp_path / "kitcache"
-    kit_name = f"bundler-kit-0.1.0-{native}.pyz"
+    kit_name = f"bundler-kit-0.1.0-cp311-{native}.pyz"
 
     out = tmp_path / "out"
     out.mkdir()
@@ -350,3 +378,183 @@ def test_export_cannot_build_the_kit_from_an_unfit_environment(built: dict[str, 
         unavailable("every installed wheel fits manylinux_2_28_x86_64: nothing to refuse")
     assert "--from-installed only serves a target like this host" in str(doc["hint"]), err
     assert list(out.iterdir()) == []
+
+
+# ---- the kit's Python (issue 17) ----------------------------------------------------------
+
+def test_export_refuses_a_kit_for_another_python(built: dict[str, Path], tmp_path: Path) -> None:
+    """By its name, and by the kit.json inside when the name says otherwise (renamed)."""
+    right = f"bundler-kit-0.1.0-cp311-{PLATFORM}.pyz"
+    named = tmp_path / f"bundler-kit-0.1.0-cp312-{PLATFORM}.pyz"
+    named.write_bytes(b"PK stand-in kit")
+    renamed = tmp_path / "renamed" / right
+    renamed.parent.mkdir()
+    with zipfile.ZipFile(renamed, "w") as zf:
+        zf.writestr("kit.json", json.dumps({"bundler": "0.1.0", "python": "3.12",
+                                            "platform": PLATFORM}))
+    out = tmp_path / "out"
+    out.mkdir()
+    for kit in (named, renamed):
+        rc, doc, err = export(built["bundle"], out, "--kit", kit)
+        assert rc == 8, err
+        assert f"kit {kit.name} is for CPython 3.12; bundle vault 1.0.0 is for CPython 3.11" \
+            in str(doc["message"])
+        assert f"use {right} (`bundle kit --python 3.11 --platform {PLATFORM}" in str(doc["hint"])
+        assert list(out.iterdir()) == []
+
+
+# ---- the public key, found as the Quick start lays files out (issue 17) --------------------
+
+def export_in(cwd: Path, src: Path, dest: Path, *args: str | Path) -> tuple[int, dict[str, Any],
+                                                                           str]:
+    done = subprocess.run(bundle_argv("export", src, dest, "--json", *args), cwd=cwd,
+                          capture_output=True, text=True, timeout=300, check=False)
+    return done.returncode, json.loads(done.stdout) if done.stdout else {}, done.stderr
+
+
+@pytest.fixture
+def lonely_bundle(built: dict[str, Path], tmp_path: Path) -> Path:
+    """The bundle and its kit in a dist/ of their own, no public key beside them."""
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    shutil.copy(built["bundle"], dist)
+    shutil.copy(built["dist"] / KIT, dist)
+    return dist / built["bundle"].name
+
+
+def test_export_finds_the_key_of_the_quick_start(built: dict[str, Path], tmp_path: Path) -> None:
+    """`bundle keygen release` in the current directory, `bundle build --out dist/`, then
+    `bundle export dist/NAME.bundle STICK`: export finds ./release.pub, says so, and puts it on
+    the stick. An ssh key there is skipped."""
+    cwd = tmp_path / "work"
+    (cwd / "dist").mkdir(parents=True)
+    shutil.copy(built["pub"], cwd / "release.pub")
+    shutil.copy(built["key"], cwd / "release.key")
+    shutil.copy(built["bundle"], cwd / "dist")
+    shutil.copy(built["dist"] / KIT, cwd / "dist")
+    (cwd / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI me@host\n")
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    rc, doc, err = export_in(cwd, Path("dist") / built["bundle"].name, stick)
+    assert rc == 0, err
+    assert doc["pub"] == str(cwd / "release.pub")
+    assert f"public key: {cwd / 'release.pub'} (key id {doc['keyid']}: it verifies" in err
+    assert f"skipping {cwd / 'id_ed25519.pub'}: " in err
+    assert (stick / "release.pub").read_bytes() == built["pub"].read_bytes()
+
+
+def test_export_finds_the_key_beside_the_signing_key(built: dict[str, Path],
+                                                     lonely_bundle: Path, tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    shutil.copy(built["pub"], keys / "release.pub")
+    shutil.copy(built["key"], keys / "release.key")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    rc, doc, err = export_in(elsewhere, lonely_bundle, stick, "--key", keys / "release.key")
+    assert rc == 0, err
+    assert doc["pub"] == str(keys / "release.pub")
+
+
+def test_export_says_when_no_key_found_verifies(built: dict[str, Path], lonely_bundle: Path,
+                                                tmp_path: Path) -> None:
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    rc, doc, err = export_in(cwd, lonely_bundle, stick)
+    assert rc == 5, err
+    assert str(doc["message"]).startswith(
+        f"no public key given and no *.pub found to verify {lonely_bundle} (looked in "
+        f"{lonely_bundle.parent}, {cwd})")
+    assert "pass --pub NAME.pub" in str(doc["hint"])
+
+    assert bundle("keygen", cwd / "other").rc == 0  # someone else's key: it does not verify
+    rc, doc, err = export_in(cwd, lonely_bundle, stick)
+    assert rc == 5, err
+    assert str(doc["message"]).startswith(
+        f"none of the public keys found verifies {lonely_bundle}'s signature (tried "
+        f"{cwd / 'other.pub'}): ")
+    assert "which is not trusted" in str(doc["message"])
+    assert list(stick.iterdir()) == []
+
+
+# ---- INSTALL.txt: what the host needs first (issue 17) -------------------------------------
+
+def test_install_txt_lists_the_host_steps(built: dict[str, Path], tmp_path: Path) -> None:
+    key = load_pem_private_key(built["key"].read_bytes(), password=None)
+    runtime = Runtime(
+        user="webapp",
+        services=(Service("api", ("run",)), Service("worker", ("run",), user="jobs")),
+        databases=(DatabaseSpec("${DATABASE_URL}", name="main", kind="postgres"),
+                   DatabaseSpec("${CHAT_URL}", name="chat", kind="mysql"),
+                   DatabaseSpec("sqlite:////srv/shop/shared/cache.db", name="cache",
+                                kind="sqlite"),
+                   DatabaseSpec("${IN_COMPOSE}", compose_service="db", name="side",
+                                kind="postgres")),
+        env=EnvSpec(required=("DATABASE_URL", "CHAT_URL")))
+    src = tmp_path / "src"
+    src.mkdir()
+    write_bundle(src / "shop-1.0.0.bundle", key,  # type: ignore[arg-type]
+                 {"files/app.txt": b"hello\n", "python/requirements.lock": b"# empty\n"},
+                 runtime=runtime, python_lock="python/requirements.lock")
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    rc, _doc, err = export(src / "shop-1.0.0.bundle", stick, "--pub", built["pub"],
+                          "--kit", built["dist"] / KIT)
+    assert rc == 0, err
+    text = (stick / "INSTALL.txt").read_text()
+    step0 = text[text.index("\n0. Prepare the host"):text.index("\n1. Check")]
+    assert step0.index("useradd --system webapp") < step0.index("useradd --system jobs")
+    assert ("   - the account webapp, which the release runs as:\n"
+            "       useradd --system webapp\n") in step0, step0
+    flat = " ".join(step0.split())
+    for words in ("CPython 3.11 (python3.11 or python3 on PATH)",
+                  "(Debian: postgresql-client-<server major version>), to back up database main",
+                  "(Debian: mariadb-client), to back up database chat"):
+        assert words in flat, step0
+    assert "cache" not in step0 and "side" not in step0  # SQLite; a compose service's tools
+    assert "DATABASE_URL, CHAT_URL" in text  # the shared .env variables, as before
+    assert text.index("0. Prepare the host") < text.index(" install shop-1.0.0.bundle")
+    assert all(len(line) <= 100 for line in step0.splitlines())
+
+
+def test_host_needs_by_kind_of_bundle() -> None:
+    """bundler.hostneeds: one home for what a host needs (README's table names the same)."""
+    from bundler import hostneeds
+
+    def needs(**over: object) -> list[str]:
+        return [n.what for n in hostneeds.host_needs(manifest_for({}, **over))]
+
+    assert needs() == []
+    compose = ComposeSpec(files=("compose/docker-compose.yml",))
+    assert needs(runtime=Runtime(compose=compose)) == [
+        "a running Docker engine (Debian: docker.io), for its compose project"]
+    assert needs(images=(ImageRef("app:1", "sha256:" + "0" * 64),)) == [
+        "a running Docker engine (Debian: docker.io), for its images"]
+    npm = NpmProject("web", True, (), ())
+    assert needs(npm=(npm,), target=Target(node=">=18")) == [
+        "Node.js and npm on PATH (Node.js >=18; Debian: nodejs npm), for its npm projects"]
+    carried = NodeRuntime(NpmRef("node", "20.0.0", "", ""), NpmRef("npm", "10.0.0", "", ""))
+    assert needs(npm=(npm,), runtimes=carried) == []
+    mysql_check = HealthCheck("db", kind="mysql", target="${CHAT_URL}")
+    assert needs(runtime=Runtime(health=(mysql_check,))) == [
+        "the MariaDB/MySQL client tools (Debian: mariadb-client), for its mysql health check"]
+    unknown = needs(runtime=Runtime(database=DatabaseSpec("${DATABASE_URL}")))
+    assert len(unknown) == 1 and "if it is PostgreSQL" in unknown[0] \
+        and "if it is MariaDB/MySQL" in unknown[0]
+    literal = needs(runtime=Runtime(database=DatabaseSpec("mariadb://app@db/shop")))
+    assert literal[0].startswith("the MariaDB/MySQL client tools")
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("### What the target needs, per kind of bundle"):]
+    for fact in ("mariadb-client", "postgresql-client", "useradd --system"):
+        assert fact in table, fact
+    for fact in (hostneeds.MARIADB_CLIENT, hostneeds.DOCKER_ENGINE, hostneeds.useradd("NAME"),
+                 hostneeds.postgres_client().split("<")[0]):
+        assert fact in table, fact
+    # A single `database:` whose kind only a health check of its URL tells (seed 001's).
+    pg_check = HealthCheck("db", kind="postgres", target="${DATABASE_URL}")
+    told = needs(runtime=Runtime(database=DatabaseSpec("${DATABASE_URL}"), health=(pg_check,)))
+    assert len(told) == 1 and told[0].startswith("the PostgreSQL client tools")

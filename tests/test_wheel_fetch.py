@@ -503,3 +503,32 @@ def test_parallel_downloads_report_the_first_failure_in_input_order() -> None:
     assert err.value.message == "pin 0 failed (and 1 more failed)" and err.value.hint == "h"
     with ThreadPoolExecutor(max_workers=2) as pool:
         bhttp.wait_in_order({pool.submit(job, i): i for i in (1, 3)})  # none fails: returns
+
+
+def test_a_warm_cache_gives_each_target_its_own_wheel(tmp_path: Path) -> None:
+    """A pin's hashes name every file of its version (one per Python ABI). The cache holds
+    bytes, not names: one Python's cached wheel must not stand in for another's (issue 17:
+    a kit for 3.13 carried 3.11's compiled cffi)."""
+    house = tmp_path / "house"
+    abi = {py: make_wheel(house, "delta", "1.0", {"delta.py": ""},
+                          tag=f"cp{py}-cp{py}-manylinux_2_17_x86_64") for py in ("311", "312")}
+    pin = "delta==1.0 " + " ".join(f"--hash=sha256:{sha(w)}" for w in abi.values())
+    for index_states_hashes in (False, True):
+        work = tmp_path / f"states-{index_states_hashes}"
+        if index_states_hashes:  # a PEP 503 page with #sha256= fragments
+            page = house / "links.html"
+            page.write_text("".join(f'<a href="{w.name}#sha256={sha(w)}">{w.name}</a>\n'
+                                    for w in abi.values()))
+            links = (page.as_uri(),)
+        else:  # a find-links directory: no stated hash, only the pin's
+            links = (str(house),)
+        spec = PythonSpec(requirements=pinned(work.parent, pin).requirements, find_links=links,
+                          no_index=True)
+        cache = Cache(work / "cache")
+        for py in ("3.11", "3.12"):  # the second on a cache warm with the first's wheel
+            (got,) = wheels.resolve(spec, Target(py, "manylinux_2_28_x86_64"), cache,
+                                    lambda _m: None)
+            wanted = abi[py.replace(".", "")]
+            assert (got.file, got.sha256) == (wanted.name, sha(wanted)), py
+        if index_states_hashes:
+            page.unlink()

@@ -15,9 +15,10 @@ from bundler.cli.render import emit_json
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--kit", "kit_path", type=click.Path(path_type=Path), default=None,
-              help="The kit (bundler-kit-VERSION-PLATFORM.pyz). Default: the newest one for "
-                   "the bundle's target platform in the bundle's directory, else one built "
-                   "for the bundle's target (like `bundle kit`) into the cache.")
+              help="The kit (bundler-kit-VERSION-cpXY-PLATFORM.pyz). Default: the newest one "
+                   "for the bundle's target Python and platform in the bundle's directory, "
+                   "else one built for the bundle's target (like `bundle kit`) into the "
+                   "cache.")
 @options.cache_dir
 @click.option("--kit-from-installed", is_flag=True,
               help="When a kit is built: take its dependencies from the environment bundler "
@@ -25,7 +26,8 @@ from bundler.cli.render import emit_json
                    "platform), as `bundle kit --from-installed`.")
 @click.option("--pub", "pub_path", type=click.Path(path_type=Path), default=None,
               help="The public key the bundle was signed with (NAME.pub). Default: the *.pub "
-                   "in the bundle's directory that verifies it.")
+                   "that verifies it, in the bundle's directory, beside --key or in the "
+                   "current directory.")
 @click.option("--key", "key_path", type=click.Path(path_type=Path), default=None,
               help="The signing key (NAME.key): needed only when the bundle must be split "
                    "here, to sign the volume set's part index.")
@@ -68,6 +70,7 @@ def export_(bundle: Path, dest: Path, kit_path: Path | None, cache_dir: Path | N
         how = "built" if result.kit_source == "built" else "built earlier"
         click.echo(f"  kit {result.kit.name}: {how} for the bundle's target, kept in "
                    f"{result.kit.parent}")
+    click.echo(f"  public key {result.pub} (key id {result.keyid})")
     m = result.manifest
     written = sum(1 for i in result.items if i.status == "written")
     click.echo(f"exported {m.name} {m.version} to {dest} ({result.fs_type}"

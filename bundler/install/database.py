@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from bundler import proc
+from bundler import hostneeds, proc
 from bundler.errors import CommandError, InstallError
 from bundler.fsutil import CHUNK, create_file, private_dir, require_space, sha256_file
 from bundler.install import fsowner, mysql_db
@@ -371,14 +371,16 @@ def check(db: Database, env: Mapping[str, str], *,
             raise InstallError(
                 f"{tool} is not on PATH: it is needed to back up {db.display}",
                 hint=f"install the PostgreSQL {server} client tools (Debian: "
-                     f"postgresql-client-{server}), or run the database as a compose service")
+                     f"{hostneeds.postgres_client(server)}), or run the database as a compose "
+                     "service")
         result = proc.run([tool, "--version"], env=tool_env(pg, env), timeout=60, check=False)
         client = _major(result.output)
         if client is not None and client < server:
             raise InstallError(
                 f"{tool} {client} cannot back up or restore PostgreSQL {server} at {db.display}",
                 hint=f"install the PostgreSQL {server} client tools (Debian: "
-                     f"postgresql-client-{server}), or run the database as a compose service")
+                     f"{hostneeds.postgres_client(server)}), or run the database as a compose "
+                     "service")
 
 
 def wait_ready(db: Database, env: Mapping[str, str], timeout: float, *,

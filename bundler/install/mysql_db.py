@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from bundler import proc
+from bundler import hostneeds, proc
 from bundler.errors import CommandError, InstallError, LockedError, MigrationError
 from bundler.fsutil import create_file
 from bundler.redact import redact
@@ -153,8 +153,8 @@ def _tool(*names: str) -> str:
         if shutil.which(name, path=proc.clean_env().get("PATH")):
             return name
     raise InstallError(f"{names[0]} is not on PATH: it is needed for a MySQL/MariaDB database",
-                       hint="install the client tools (Debian: mariadb-client), or run the "
-                            "database as a compose service")
+                       hint=f"install the client tools (Debian: {hostneeds.MARIADB_CLIENT}), or "
+                            "run the database as a compose service")
 
 
 def client() -> str:

@@ -24,7 +24,7 @@ import pwd
 import stat
 from pathlib import Path
 
-from bundler import proc
+from bundler import hostneeds, proc
 from bundler.errors import BundlerError, InstallError, PolicyError
 from bundler.install.environ import ReleaseEnv
 from bundler.install.layout import Layout, ReleaseDir
@@ -37,8 +37,7 @@ _SQLITE_SIDE_FILES = ("", "-journal", "-wal", "-shm")
 
 def names(m: Manifest) -> list[str]:
     """Every account release `m` runs something as, in order of first use."""
-    found = [m.runtime.user] + [s.user for s in m.runtime.services]
-    return list(dict.fromkeys(n for n in found if n))
+    return hostneeds.accounts(m)
 
 
 def _me() -> str:
@@ -54,7 +53,7 @@ def account(name: str, error: type[BundlerError] = InstallError) -> proc.RunAs:
     found = proc.lookup_user(name)
     if found is None:
         raise error(f"the release runs as user {name}, which does not exist on this host",
-                    hint=f"create it first: useradd --system {name}")
+                    hint=f"create it first: {hostneeds.useradd(name)}")
     if os.geteuid() != 0 and found.switches:
         raise error(f"the release runs as user {name}, but bundler runs as {_me()}, not "
                     "root, and cannot switch to it",

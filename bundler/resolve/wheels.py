@@ -289,7 +289,15 @@ def _into_cache(f: pyindex.ProjectFile, want: _Want, cache: Cache,
     --require-hashes), else against the sha256 the index states (as pip checks a link's)."""
     expected = set(want.pin.hashes) or ({f.sha256} if f.sha256 else set())
     source = want.hashes_from if want.pin.hashes else "the sha256 the index states"
-    for sha in sorted(expected):
+    # The cache holds bytes, not names, and a pin's hashes name every file of its version (one
+    # per Python ABI and platform): only the chosen file's own hash may come from the cache,
+    # or another target's wheel would stand in for it. Without a stated hash, only a pin that
+    # admits one file says which bytes the chosen file must be.
+    if f.sha256 and f.sha256 in expected:
+        known = [f.sha256]
+    else:
+        known = list(expected) if not f.sha256 and len(expected) == 1 else []
+    for sha in known:
         if cache.has(sha):  # verified when it was stored
             progress.file_done()
             return Got(f.filename, sha, cache.path(sha).stat().st_size, cache.path(sha)), False

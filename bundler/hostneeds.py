@@ -1,0 +1,102 @@
+"""What a target host must have before a bundle installs there, and what provides it: the one
+home of these facts (shared by both sides: imports neither).
+
+`bundle export` lists them in INSTALL.txt, before the install command; the installer's
+preflight names the same account command and client packages in its hints when one is missing;
+README's "What the target needs, per kind of bundle" table says it for people (a test keeps it
+naming the same packages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bundler.manifest import Manifest
+from bundler.models import DatabaseSpec
+
+MARIADB_CLIENT = "mariadb-client"   # Debian's MySQL/MariaDB client tools (mariadb, mariadb-dump)
+DOCKER_ENGINE = "docker.io"         # Debian's Docker engine
+NODE_PACKAGES = "nodejs npm"        # Debian's Node.js and npm
+
+
+def useradd(name: str) -> str:
+    """The command that creates the account a release runs as."""
+    return f"useradd --system {name}"
+
+
+def postgres_client(major: int | None = None) -> str:
+    """Debian's package of the PostgreSQL client tools for a server's major version."""
+    return f"postgresql-client-{major if major is not None else '<server major version>'}"
+
+
+def accounts(m: Manifest) -> list[str]:
+    """Every account release `m` runs something as, in order of first use."""
+    found = [m.runtime.user] + [s.user for s in m.runtime.services]
+    return list(dict.fromkeys(n for n in found if n))
+
+
+@dataclass(frozen=True)
+class Need:
+    what: str          # what the host must have, and what for
+    command: str = ""  # the one command that provides it, when there is one
+
+
+def _db_kind(m: Manifest, db: DatabaseSpec) -> str | None:
+    """postgres | mysql | sqlite, or None when only the target's environment will tell:
+    the declared kind, else a literal URL's scheme, else a health check of that URL."""
+    if db.kind:
+        return db.kind
+    scheme = db.url.partition("://")[0].split("+", 1)[0].lower() if "://" in db.url else ""
+    if scheme.startswith("$"):
+        scheme = ""
+    kinds = {"postgresql": "postgres", "postgres": "postgres", "mysql": "mysql",
+             "mariadb": "mysql", "sqlite": "sqlite"}
+    if scheme in kinds:
+        return kinds[scheme]
+    checked = {c.kind for c in m.runtime.health if c.target == db.url
+               and c.kind in ("postgres", "mysql")}
+    return checked.pop() if len(checked) == 1 else None
+
+
+def _database_needs(m: Manifest) -> list[Need]:
+    out = []
+    pg_tools = ("the PostgreSQL client tools (pg_dump, pg_restore, psql) of the server's major "
+                f"version (Debian: {postgres_client()})")
+    my_tools = f"the MariaDB/MySQL client tools (Debian: {MARIADB_CLIENT})"
+    for db in m.runtime.all_databases():
+        if db.compose_service:
+            continue  # its tools run inside the service
+        label = f"database {db.name} ({db.url})" if db.name else f"the database at {db.url}"
+        kind = _db_kind(m, db)
+        if kind == "postgres":
+            out.append(Need(f"{pg_tools}, to back up {label}"))
+        elif kind == "mysql":
+            out.append(Need(f"{my_tools}, to back up {label}"))
+        elif kind is None:
+            out.append(Need(f"to back up {label}: if it is PostgreSQL, {pg_tools}; if it is "
+                            f"MariaDB/MySQL, {my_tools}"))
+    if not any(n.what.startswith(my_tools) for n in out) and any(
+            c.kind == "mysql" for c in m.runtime.health):
+        out.append(Need(f"{my_tools}, for its mysql health check"))
+    return out
+
+
+def host_needs(m: Manifest) -> tuple[Need, ...]:
+    """What the host must have before `install` (the kit's python3 aside), in the order an
+    operator sets them up."""
+    out = [Need(f"the account {name}, which the release runs as", useradd(name))
+           for name in accounts(m)]
+    if m.python_lock:
+        out.append(Need(f"CPython {m.target.python} (python{m.target.python} or python3 on "
+                        "PATH), for the release's Python environment"))
+    if m.images or m.runtime.compose is not None:
+        has = " and ".join(w for w, on in (("images", bool(m.images)),
+                                            ("compose project", m.runtime.compose is not None))
+                           if on)
+        out.append(Need(f"a running Docker engine (Debian: {DOCKER_ENGINE}), for its {has}"))
+    if m.npm and m.runtimes is None:
+        versions = ", ".join(v for v in (m.target.node and f"Node.js {m.target.node}",
+                                        m.target.npm and f"npm {m.target.npm}") if v)
+        out.append(Need(f"Node.js and npm on PATH ({versions or 'any version'}; Debian: "
+                        f"{NODE_PACKAGES}), for its npm projects"))
+    return tuple(out + _database_needs(m))
