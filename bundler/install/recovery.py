@@ -21,6 +21,7 @@ from bundler.install import database, environ, health, runas, runtime
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.state import ReleaseRow, State, new_txn
+from bundler.progname import cmd
 
 
 def _stale_staging(layout: Layout, keep: Path | None) -> None:
@@ -364,7 +365,7 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None
         if to is not None and (probe.release(to) is None or not layout.release(to).is_dir()):
             raise StateError(f"release {to} is not on disk under {layout.root}",
                              hint="only the releases kept by install.keep can be rolled back "
-                                  "to; `bundle status --root DIR` lists them")
+                                  f"to; `{cmd('status', '--root', layout.root)}` lists them")
         stuck = pending(probe)
     finally:
         probe.close()
@@ -378,11 +379,13 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None
         current = layout.current_version()
         if current is None:
             raise StateError(f"no current release under {layout.root}",
-                             hint="install one with `bundle install BUNDLE --root DIR`")
+                             hint="install one with "
+                                  f"`{cmd('install', 'BUNDLE', '--root', layout.root)}`")
         target = to or _last_good(state, layout, current)
         if target is None or target == current:
             raise StateError(f"no earlier release to roll back to under {layout.root}",
-                             hint="`bundle status --root DIR` lists the releases kept on disk")
+                             hint=f"`{cmd('status', '--root', layout.root)}` lists the releases "
+                                  "kept on disk")
         txn = new_txn()
         ui.step(f"Rolling back from {current} to {target}")
         _stop(layout, current)
