@@ -3,12 +3,18 @@
 The CLI prints `error: <message>` and `hint: <hint>` on one line each and exits with
 `exit_code`; `--json` renders the same fields. Codes are part of the public interface:
 automation branches on them, so never renumber.
+
+A default hint that names a target-side command writes it `{bundle} ...`: it is filled in
+with the command that runs bundler here (`bundler.progname`: `bundle`, or the kit's
+`python3 -I -S KIT`) when the error is made. Connected-side commands stay a literal `bundle`.
 """
 
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
+
+from bundler import progname
 
 
 class BundlerError(Exception):
@@ -18,7 +24,7 @@ class BundlerError(Exception):
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.hint = hint or self.default_hint
+        self.hint = hint or self.default_hint.replace("{bundle}", progname.prog())
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -99,7 +105,7 @@ class PolicyError(BundlerError):
     """The bundle is authentic but must not be installed here (expired, replayed, wrong target)."""
 
     exit_code = 8
-    default_hint = "build a fresh bundle for this target, or see `bundle install --help`"
+    default_hint = "build a fresh bundle for this target, or see `{bundle} install --help`"
 
 
 class SpaceError(BundlerError):
@@ -113,14 +119,14 @@ class LockedError(BundlerError):
     """Another bundler process holds the lock on this root."""
 
     exit_code = 10
-    default_hint = "wait for the other install to finish; `bundle status` shows what it is doing"
+    default_hint = "wait for the other install to finish; `{bundle} status` shows what it is doing"
 
 
 class InstallError(BundlerError):
     """An install step failed before the new release went live; the host is as it was."""
 
     exit_code = 11
-    default_hint = "fix the cause above and run `bundle install` again"
+    default_hint = "fix the cause above and run `{bundle} install` again"
 
 
 class ImageLoadError(InstallError):
@@ -162,14 +168,14 @@ class RollbackFailedError(BundlerError):
     """Rolling back failed too: the host needs an operator now."""
 
     exit_code = 13
-    default_hint = "run `bundle status` and `bundle history`, then `bundle rollback` by hand"
+    default_hint = "run `{bundle} status` and `{bundle} history`, then `{bundle} rollback` by hand"
 
 
 class StateError(BundlerError):
     """The install root or its state database is not in the expected shape."""
 
     exit_code = 14
-    default_hint = "check --root; `bundle status --root DIR` shows what is installed there"
+    default_hint = "check --root; `{bundle} status --root DIR` shows what is installed there"
 
 
 class CommandError(BundlerError):
@@ -203,8 +209,8 @@ class UnhealthyError(BundlerError):
     """
 
     exit_code = 19
-    default_hint = "see the FAIL rows above; `bundle doctor` checks the host, `bundle history` " \
-                   "shows what happened"
+    default_hint = "see the FAIL rows above; `{bundle} doctor` checks the host, " \
+                   "`{bundle} history` shows what happened"
 
 
 class ExportError(BundlerError):
@@ -220,7 +226,7 @@ class RecoveryPendingError(BundlerError):
     writes made since: the operator must choose (nothing was changed)."""
 
     exit_code = 20
-    default_hint = ("`bundle recover --root DIR --restore-db` restores the backup (the current "
+    default_hint = ("`{bundle} recover --root DIR --restore-db` restores the backup (the current "
                     "contents are saved to backups/ first); `--keep-db` keeps the database as "
                     "it is")
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Any
 
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from bundler.manifest import KIND_PREFIX, FileEntry, Manifest
-from bundler.models import DatabaseSpec, MigrationSpec
+from bundler.models import DatabaseSpec, EnvSpec, HealthCheck, MigrationSpec, Runtime
+from bundler.redact import redact
 from bundler.signing import Verified
 
 
@@ -118,14 +120,12 @@ def diff(old: Manifest, new: Manifest) -> dict[str, Any]:
         "added": added,
         "removed": removed,
         "changed": changed,
-        "services": _named_diff([s.name for s in old.runtime.services],
-                                [s.name for s in new.runtime.services],
-                                {s.name: s for s in old.runtime.services},
-                                {s.name: s for s in new.runtime.services}),
-        "health": _named_diff([h.name for h in old.runtime.health],
-                              [h.name for h in new.runtime.health],
-                              {h.name: h for h in old.runtime.health},
-                              {h.name: h for h in new.runtime.health}),
+        "services": _service_diff(old.runtime, new.runtime),
+        "health": _health_diff(old.runtime.health, new.runtime.health),
+        "ports": _port_diff(_ports(old), _ports(new)),
+        "user": None if old.runtime.user == new.runtime.user else [old.runtime.user,
+                                                                     new.runtime.user],
+        "env": _env_diff(old.runtime.env, new.runtime.env),
     }
 
 
@@ -134,7 +134,95 @@ def _entry(f: FileEntry) -> dict[str, Any]:
     return {"artifact": key, "kind": f.kind, "version": version or None, "size": f.size}
 
 
-def _named_diff(old: list[str], new: list[str], a: dict[str, object], b: dict[str, object]
-                ) -> dict[str, list[str]]:
-    return {"added": sorted(set(new) - set(old)), "removed": sorted(set(old) - set(new)),
-            "changed": sorted(n for n in set(old) & set(new) if a[n] != b[n])}
+def _service_diff(old: Runtime, new: Runtime) -> dict[str, Any]:
+    """Services added and removed, and for each one in both what changed: its command (words
+    redacted), working directory, effective user and env KEYS (never values)."""
+    a = {s.name: s for s in old.services}
+    b = {s.name: s for s in new.services}
+    changed = []
+    for name in sorted(a.keys() & b.keys()):
+        x, y = a[name], b[name]
+        what: dict[str, Any] = {}
+        if x.command != y.command:
+            what["command"] = [_words(x.command), _words(y.command)]
+        if x.cwd != y.cwd:
+            what["cwd"] = [x.cwd, y.cwd]
+        if old.service_user(x) != new.service_user(y):
+            what["user"] = [old.service_user(x), new.service_user(y)]
+        env = _changed_keys(dict(x.env), dict(y.env))
+        if any(env.values()):
+            what["env"] = env
+        if what:
+            changed.append({"name": name, **what})
+    return {"added": sorted(b.keys() - a.keys()), "removed": sorted(a.keys() - b.keys()),
+            "changed": changed}
+
+
+_CHECK_FIELDS = ("kind", "target", "command", "expect_status", "json_field", "json_equals",
+                 "timeout_ms", "retries", "interval_ms")
+
+
+def _health_diff(old: tuple[HealthCheck, ...], new: tuple[HealthCheck, ...]) -> dict[str, Any]:
+    """Checks added and removed, and each changed field of the others ([before, after])."""
+    a = {h.name: h.to_json() for h in old}
+    b = {h.name: h.to_json() for h in new}
+    changed = []
+    for name in sorted(a.keys() & b.keys()):
+        what = {f: [_shown(a[name][f]), _shown(b[name][f])] for f in _CHECK_FIELDS
+                if a[name][f] != b[name][f]}
+        if what:
+            changed.append({"name": name, **what})
+    return {"added": sorted(b.keys() - a.keys()), "removed": sorted(a.keys() - b.keys()),
+            "changed": changed}
+
+
+def _ports(m: Manifest) -> dict[int, str]:
+    """port -> what serves or publishes it, as far as the manifest says without the target's
+    environment: local http/tcp health checks with a literal port, compose's published ports."""
+    out: dict[int, str] = {}
+    for h in m.runtime.health:
+        if h.kind in ("http", "tcp"):
+            netloc = h.target.split("://", 1)[-1].split("/", 1)[0] if h.kind == "http" \
+                else h.target
+            port = netloc.rpartition(":")[2]
+            if port.isdigit():
+                out.setdefault(int(port), f"health check {h.name}")
+    for p in m.runtime.compose.ports if m.runtime.compose else ():
+        out.setdefault(p, "published by the compose files")
+    return out
+
+
+def _env_diff(old: EnvSpec, new: EnvSpec) -> dict[str, Any]:
+    """The release environment's KEYS that changed (required ones; defaults per environment,
+    a changed value named by its key only)."""
+    a, b = dict(old.defaults), dict(new.defaults)
+    defaults = {}
+    for environment in sorted(a.keys() | b.keys()):
+        keys = _changed_keys(dict(a.get(environment, ())), dict(b.get(environment, ())))
+        if any(keys.values()):
+            defaults[environment] = keys
+    return {"required": {"added": sorted(set(new.required) - set(old.required)),
+                         "removed": sorted(set(old.required) - set(new.required))},
+            "defaults": defaults}
+
+
+def _port_diff(a: dict[int, str], b: dict[int, str]) -> dict[str, list[dict[str, Any]]]:
+    return {"added": [{"port": p, "for": b[p]} for p in sorted(b.keys() - a.keys())],
+            "removed": [{"port": p, "for": a[p]} for p in sorted(a.keys() - b.keys())]}
+
+
+def _changed_keys(a: dict[str, str], b: dict[str, str]) -> dict[str, list[str]]:
+    """Keys added, removed, and changed (in both, another value): never the values."""
+    return {"added": sorted(b.keys() - a.keys()), "removed": sorted(a.keys() - b.keys()),
+            "changed": sorted(k for k in a.keys() & b.keys() if a[k] != b[k])}
+
+
+def _words(argv: tuple[str, ...]) -> str:
+    return redact(shlex.join(argv))
+
+
+def _shown(value: Any) -> Any:
+    """A check's field as shown: URLs and commands redacted (a literal password in a target)."""
+    if isinstance(value, list):
+        return _words(tuple(value))
+    return redact(value) if isinstance(value, str) else value

@@ -258,6 +258,17 @@ def _extract(kit: zipfile.ZipFile, base: str, dest: str, digest: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def invocation(kit: str) -> str:
+    """The command line that runs this kit, for hints that tell the operator what to run next:
+    the interpreter as typed when it was found on PATH (else its absolute path), the isolated
+    flags, the kit by its absolute path (so the line works from any directory)."""
+    import shlex
+
+    typed = (getattr(sys, "orig_argv", None) or [""])[0]
+    python = typed if typed and "/" not in typed else (sys.executable or "python3")
+    return " ".join(shlex.quote(w) for w in (python, "-I", "-S", kit))
+
+
 def _dump_modules(path: str) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(sorted(sys.modules)) + "\n")
@@ -305,7 +316,7 @@ def main() -> None:
     from bundler.cli.kitmain import main as bundle
 
     sys.argv[0] = "bundle"
-    bundle()
+    bundle(invocation(here))
 
 
 if __name__ == "__main__":

@@ -194,8 +194,10 @@ SERVER_JS = textwrap.dedent("""\
                               exec: process.execPath}));
     }).listen(Number(process.argv[2]), '127.0.0.1');
     """)
-# Exits non-zero unless the node that runs it is the release's carried one.
-CARRIED = "if (!process.execPath.endsWith('/runtime/node/bin/node')) process.exit(3)"
+# Exits non-zero unless the node that runs it is the carried one (node reports its real path:
+# the release's runtime/node links to the root's shared runtimes/<key>/).
+CARRIED = ("const x = process.execPath; "
+           "if (!x.includes('/runtimes/') || !x.endsWith('/bin/node')) process.exit(3)")
 
 
 def test_npm_project_with_carried_node_installs_and_serves_on_a_bare_host(
@@ -256,9 +258,11 @@ def test_npm_project_with_carried_node_installs_and_serves_on_a_bare_host(
     assert status["healthy"] is True, status
     served = fetch(host, f"http://127.0.0.1:{port}/")
     answer = json.loads(served.out or "null") or {}
-    assert answer == {"greeting": "hello from npm", "node": f"v{node['version']}",
-                      "exec": f"{root}/releases/1.0.0/runtime/node/bin/node"}, served.err
     release = host.srv / "carried" / "releases" / "1.0.0"
+    shared = os.readlink(release / "runtime" / "node")  # the one tree releases share
+    assert shared.startswith("../../../runtimes/"), shared
+    assert answer == {"greeting": "hello from npm", "node": f"v{node['version']}",
+                      "exec": f"{root}/runtimes/{Path(shared).name}/bin/node"}, served.err
     assert (release / "files/backend/node_modules/tiny-greeter/index.js").is_file()
     events = json.loads(ok(run_kit(host, kit_file, "history", "--root", root,
                                    "--json")).out)["events"]

@@ -50,9 +50,9 @@ def _bare_version() -> str:
 
 
 def run_kit(kit: Path, *args: str | os.PathLike[str], home: Path, cache: Path,
-            dump: Path | None = None) -> Run:
+            dump: Path | None = None, env: dict[str, str] | None = None) -> Run:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "LANG": "C.UTF-8",
-           "BUNDLER_KIT_CACHE": str(cache)}
+           "BUNDLER_KIT_CACHE": str(cache), **(env or {})}
     if dump is not None:
         env["BUNDLER_KIT_DUMP_MODULES"] = str(dump)
     done = subprocess.run([BARE_PYTHON, "-I", "-S", str(kit), *map(os.fspath, args)],
@@ -140,6 +140,54 @@ def test_kit_runs_target_commands_on_bare_python(kit: dict[str, object], tmp_pat
     assert not list(home.iterdir()), "the kit wrote into HOME although BUNDLER_KIT_CACHE is set"
 
 
+def test_kit_hints_name_the_kit_command(kit: dict[str, object], tmp_path: Path,
+                                       keys: tuple[Path, Path]) -> None:
+    """On the target the command is the kit, not `bundle`: every hint that says what to run
+    next, and click's usage line, name the kit as it was run (its absolute path)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    path = Path(str(kit["kit"]))
+    home, cache, root = tmp_path / "home", tmp_path / "cache", tmp_path / "root"
+    home.mkdir()
+    ran = f"{BARE_PYTHON} -I -S {path}"
+
+    # A bad input: a misspelt root. The hint's command is the kit's.
+    misspelt = tmp_path / "srv-elsewhere"
+    refused = run_kit(path, "status", "--root", misspelt, home=home, cache=cache)
+    assert refused.rc == 14, refused.err
+    assert f"error: no install root at {misspelt}\n" in refused.err
+    assert f"hint: check --root (or BUNDLER_ROOT); a first install makes it one: `{ran} install " \
+        f"BUNDLE --trust KEY.pub --root {misspelt}`" in refused.err, refused.err
+    assert "`bundle " not in refused.err
+
+    # A root whose trust store has no key: the hint says how to add one, with the kit.
+    added = run_kit(path, "trust", "add", keys[1], "--root", root, "--json", home=home,
+                    cache=cache)
+    assert added.rc == 0, added.err
+    keyid = json.loads(added.out)["keyid"]
+    assert run_kit(path, "trust", "remove", keyid, "--root", root, home=home, cache=cache).rc == 0
+    key = load_pem_private_key(keys[0].read_bytes(), password=None)
+    bundle_path = tmp_path / "shop-1.0.0.bundle"
+    write_bundle(bundle_path, key, {"files/app.txt": b"hello\n"})  # type: ignore[arg-type]
+    untrusted = run_kit(path, "install", bundle_path, "--root", root, "--json", home=home,
+                        cache=cache)
+    assert untrusted.rc == 5, untrusted.err
+    assert f"`{ran} trust add KEY.pub --root {root}`" in json.loads(untrusted.out)["hint"]
+
+    usage = run_kit(path, "status", home=home, cache=cache, env={"BUNDLER_ROOT": ""})
+    assert usage.rc == 2 and f"Try '{ran} status --help' for help." in usage.err, usage.err
+
+    # Run as an operator types it (python3 from PATH, the kit by a relative path): the hint
+    # keeps `python3` and names the kit absolutely, so it works from any directory.
+    if BARE_PYTHON == "/usr/bin/python3":
+        done = subprocess.run(["python3", "-I", "-S", path.name, "status", "--root", misspelt],
+                              capture_output=True, text=True, cwd=path.parent, timeout=120,
+                              env={"PATH": "/usr/bin:/bin", "HOME": str(home),
+                                   "BUNDLER_KIT_CACHE": str(cache)}, check=False)
+        assert done.returncode == 14, done.stderr
+        assert f"`python3 -I -S {path} install BUNDLE" in done.stderr, done.stderr
+
+
 def test_kit_unpacks_once_privately_and_checks_its_digest(kit: dict[str, object],
                                                           tmp_path: Path) -> None:
     path = Path(str(kit["kit"]))
@@ -201,6 +249,7 @@ def test_kit_from_the_index_for_a_target(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     dump = tmp_path / "modules.txt"
+    (tmp_path / "root" / "state").mkdir(parents=True)  # an install root, with no key yet
     listed = run_kit(Path(doc["kit"]), "trust", "list", "--root", tmp_path / "root", "--json",
                      home=home, cache=tmp_path / "kitcache", dump=dump)
     assert listed.rc == 0, listed.err

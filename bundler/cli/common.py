@@ -6,14 +6,19 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from bundler import __version__, ui
+from bundler.cli import render
 from bundler.cli.render import error
 from bundler.errors import BundlerError, Interrupted, SpaceError, disk_full
 from bundler.redact import redact
+
+if TYPE_CHECKING:
+    from bundler.install.layout import Layout
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,6 +30,7 @@ def handled(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json = bool(kwargs.get("as_json"))
+        render.begin(as_json)
         ui.set_quiet(False)
         ui.set_plain(as_json)  # output for programs: plain lines, no live progress
         try:
@@ -55,6 +61,26 @@ def handled(fn: F) -> F:
             sys.exit(internal.exit_code)
 
     return wrapper  # type: ignore[return-value]
+
+
+def use_root(root: Path, *, create: bool = False) -> Layout:
+    """The install root a command works on (--root, else BUNDLER_ROOT), made absolute and said
+    once: `==> root: DIR` on stderr for people, a `root` field in every --json document. It
+    must be an install root (StateError, exit 14: a misspelt --root is named as such) unless
+    the command may create it (`create`: `install --trust`, `trust add`)."""
+    from bundler.install.layout import Layout, check_root
+
+    layout = Layout(root.resolve())
+    render.add_context(root=str(layout.root))
+    if not render.json_mode():
+        ctx = click.get_current_context(silent=True)
+        from_env = ctx is not None and \
+            ctx.get_parameter_source("root") == click.core.ParameterSource.ENVIRONMENT
+        ui.step(f"root: {layout.root}" + (" (from BUNDLER_ROOT)" if from_env else "")
+                + (" (new)" if create and not layout.root.exists() else ""))
+    if not create:
+        check_root(layout.root)
+    return layout
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,16 +9,18 @@ import click
 
 from bundler import archive, ui, volumes
 from bundler.cli import options
-from bundler.cli.common import cli, handled
+from bundler.cli.common import cli, handled, use_root
 from bundler.cli.render import emit_json
 from bundler.fsutil import human_bytes
 from bundler.install import trust as trust_store
-from bundler.install.layout import Layout
 from bundler.signing import TrustedKey
 
 
 def _trusted(trust_path: Path | None, root: Path | None) -> list[TrustedKey]:
-    return trust_store.resolve(trust_path, Layout(root.resolve()) if root else None)
+    """--trust, else the trust store of --root (or BUNDLER_ROOT): only then is a root used."""
+    if trust_path is not None:
+        return trust_store.resolve(trust_path, None)
+    return trust_store.resolve(None, use_root(root) if root is not None else None)
 
 
 def _parts(path: Path, trusted: list[TrustedKey]) -> list[dict[str, Any]] | None:
@@ -137,10 +139,50 @@ def diff(old: Path, new: Path, trust_path: Path | None, root: Path | None,
         click.echo(f"  - {r['artifact']}{' ' + r['version'] if r['version'] else ''}")
     for c in result["changed"]:
         click.echo(f"  ~ {c['artifact']}: {c['from']} → {c['to']}")
-    for what in ("services", "health"):
-        d = result[what]
-        for key, mark in (("added", "+"), ("removed", "-"), ("changed", "~")):
-            for name in d[key]:
-                click.echo(f"  {mark} {what[:-1] if what == 'services' else 'health'} {name}")
+    _say_runtime_diff(result)
     if not (result["added"] or result["removed"] or result["changed"]):
         click.echo("  no artifact changes")
+
+
+def _say_runtime_diff(result: dict[str, Any]) -> None:
+    """Services, health checks, ports, user and environment keys: what changed in each."""
+    for what, label in (("services", "service"), ("health", "health")):
+        d = result[what]
+        for name in d["added"]:
+            click.echo(f"  + {label} {name}")
+        for name in d["removed"]:
+            click.echo(f"  - {label} {name}")
+        for c in d["changed"]:
+            click.echo(f"  ~ {label} {c['name']}:")
+            for field, change in c.items():
+                if field == "name":
+                    continue
+                if field == "env":
+                    click.echo(f"      env keys: {_keys(change)} (values not shown)")
+                else:
+                    none = "root" if field == "user" else "(none)"
+                    click.echo(f"      {field}: {_text(change[0], none)} → "
+                               f"{_text(change[1], none)}")
+    for p in result["ports"]["added"]:
+        click.echo(f"  + port {p['port']} ({p['for']})")
+    for p in result["ports"]["removed"]:
+        click.echo(f"  - port {p['port']} ({p['for']})")
+    if result["user"]:
+        click.echo(f"  ~ user: {_text(result['user'][0], 'root')} → "
+                   f"{_text(result['user'][1], 'root')}")
+    env = result["env"]
+    required = env["required"]
+    if required["added"] or required["removed"]:
+        click.echo("  ~ env required: " + ", ".join(
+            [f"+ {k}" for k in required["added"]] + [f"- {k}" for k in required["removed"]]))
+    for environment, keys in env["defaults"].items():
+        click.echo(f"  ~ env defaults ({environment}): {_keys(keys)} (values not shown)")
+
+
+def _keys(change: dict[str, list[str]]) -> str:
+    return ", ".join([f"+ {k}" for k in change["added"]] + [f"- {k}" for k in change["removed"]]
+                     + [f"~ {k}" for k in change["changed"]])
+
+
+def _text(value: object, none: str = "(none)") -> str:
+    return none if value is None else str(value)

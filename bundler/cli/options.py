@@ -8,10 +8,14 @@ import click
 
 json_output = click.option("--json", "as_json", is_flag=True,
                            help="Print a machine-readable JSON result on stdout.")
-root = click.option("--root", type=click.Path(path_type=Path), required=True,
+# The install root: --root, else BUNDLER_ROOT (set it once in a shell that works on one root).
+ROOT_ENV = "BUNDLER_ROOT"
+root = click.option("--root", type=click.Path(path_type=Path), required=True, envvar=ROOT_ENV,
+                    show_envvar=True,
                     help="Install root (holds releases/, current and state/).")
 trust_root = click.option("--root", type=click.Path(path_type=Path), default=None,
-                          help="Use the trust store of this install root (instead of --trust).")
+                          envvar=ROOT_ENV, show_envvar=True,
+                          help="Use the trust store of this install root (when no --trust).")
 trust = click.option("--trust", "trust_path", type=click.Path(path_type=Path), default=None,
                      help="Trusted public key (NAME.pub), or a directory of *.pub keys. "
                           "Default: the install root's trust store (`bundle trust add`).")

@@ -25,7 +25,30 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     console.print(grid)
 
 
+_context: dict[str, str] = {}  # fields every JSON document of this command carries (root)
+_json_mode = False
+
+
+def begin(as_json: bool) -> None:
+    """A command starts: output for programs or people; no context from an earlier one."""
+    global _json_mode
+    _json_mode = as_json
+    _context.clear()
+
+
+def json_mode() -> bool:
+    return _json_mode
+
+
+def add_context(**fields: str) -> None:
+    """Fields (e.g. the root the command used) every JSON document it prints from now carries,
+    its errors included; a document's own field of the same name wins."""
+    _context.update(fields)
+
+
 def emit_json(data: Any) -> None:
+    if isinstance(data, dict):
+        data = {**_context, **data}
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 

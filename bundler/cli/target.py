@@ -9,9 +9,10 @@ from typing import NoReturn
 import click
 
 from bundler.cli import options
-from bundler.cli.common import cli, handled
+from bundler.cli.common import cli, handled, use_root
 from bundler.cli.render import emit_json, table
-from bundler.errors import StateError, UnhealthyError
+from bundler.errors import UnhealthyError
+from bundler.progname import cmd
 
 
 def _unhealthy(message: str, as_json: bool) -> NoReturn:
@@ -46,13 +47,15 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
     """Verify BUNDLE, install it under ROOT, start it, health-check it, then switch to it.
 
     BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
+    A ROOT that does not exist yet is created only with --trust (a first install); without
+    it, ROOT must be an install root whose trust store has the key.
     """
     from bundler.install import trust as trust_store
     from bundler.install.installer import install as do_install
-    from bundler.install.layout import Layout
 
-    trusted = trust_store.resolve(trust_path, Layout(root.resolve()))
-    result = do_install(bundle, trusted, root, allow_downgrade, environment, db_choice,
+    layout = use_root(root, create=trust_path is not None)
+    trusted = trust_store.resolve(trust_path, layout)
+    result = do_install(bundle, trusted, layout.root, allow_downgrade, environment, db_choice,
                         allow_degraded)
     if as_json:
         emit_json({"ok": True, **result.to_json()})
@@ -60,7 +63,7 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
     for c in result.checks:
         click.echo(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
     verb = "already current" if result.status == "unchanged" else "installed and healthy"
-    click.echo(f"{result.version} {verb} under {root}")
+    click.echo(f"{result.version} {verb} under {layout.root}")
 
 
 @cli.command()
@@ -70,14 +73,14 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
 def status(root: Path, as_json: bool) -> None:
     """Show the current release, its services and its health."""
     from bundler.install.control import status as get_status
-    from bundler.install.layout import Layout
 
-    st = get_status(Layout(root.resolve()))
+    layout = use_root(root)
+    st = get_status(layout)
     if as_json:
         emit_json({"ok": True, **st.to_json()})
     else:
         if st.current is None:
-            click.echo(f"{root}: no current release")
+            click.echo(f"{layout.root}: no current release")
         else:
             c = st.current
             click.echo(f"{st.product} {c.version} (sequence {c.sequence}, {c.status}, "
@@ -88,8 +91,8 @@ def status(root: Path, as_json: bool) -> None:
             for chk in st.checks:
                 click.echo(f"  check {chk.name}: {'ok' if chk.ok else 'FAIL'} — {chk.detail}")
         if st.pending is not None:
-            click.echo(f"PENDING RECOVERY: {st.pending.describe()}; `bundle recover --root "
-                       f"{root}` settles it")
+            click.echo(f"PENDING RECOVERY: {st.pending.describe()}; "
+                       f"`{cmd('recover', '--root', layout.root)}` settles it")
     if st.current is not None and not st.healthy:
         bad = [f"service {s.name} stopped" for s in st.services if not s.running]
         bad += [f"check {chk.name} failed" for chk in st.checks if not chk.ok]
@@ -104,9 +107,8 @@ def status(root: Path, as_json: bool) -> None:
 def history(root: Path, as_json: bool) -> None:
     """Show the journal of installs, steps and rollbacks."""
     from bundler.install.control import history as get_history
-    from bundler.install.layout import Layout
 
-    events = get_history(Layout(root.resolve()))
+    events = get_history(use_root(root))
     if as_json:
         emit_json({"ok": True, "events": [e.__dict__ for e in events]})
         return
@@ -120,9 +122,8 @@ def history(root: Path, as_json: bool) -> None:
 def stop(root: Path) -> None:
     """Stop the current release's services."""
     from bundler.install.control import stop as do_stop
-    from bundler.install.layout import Layout
 
-    click.echo(f"stopped {do_stop(Layout(root.resolve()))}")
+    click.echo(f"stopped {do_stop(use_root(root))}")
 
 
 @cli.command()
@@ -131,9 +132,8 @@ def stop(root: Path) -> None:
 def start(root: Path) -> None:
     """Start the current release's services and health-check them."""
     from bundler.install.control import start as do_start
-    from bundler.install.layout import Layout
 
-    version, checks = do_start(Layout(root.resolve()))
+    version, checks = do_start(use_root(root))
     for c in checks:
         click.echo(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
     click.echo(f"started {version}")
@@ -154,15 +154,16 @@ def trust() -> None:
 @options.json_output
 @handled
 def trust_add(key: Path, root: Path, as_json: bool) -> None:
-    """Trust KEY (a NAME.pub) for bundles installed under ROOT."""
+    """Trust KEY (a NAME.pub) for bundles installed under ROOT (created if it does not exist:
+    the first step on a new host)."""
     from bundler.install import trust as trust_store
-    from bundler.install.layout import Layout
 
-    added = trust_store.add(Layout(root.resolve()), key)
+    layout = use_root(root, create=True)
+    added = trust_store.add(layout, key)
     if as_json:
         emit_json({"ok": True, "keyid": added.keyid, "path": added.source})
     else:
-        click.echo(f"trusted key {added.keyid} for {root}")
+        click.echo(f"trusted key {added.keyid} for {layout.root}")
 
 
 @trust.command("list")
@@ -172,16 +173,16 @@ def trust_add(key: Path, root: Path, as_json: bool) -> None:
 def trust_list(root: Path, as_json: bool) -> None:
     """List the keys ROOT trusts."""
     from bundler.install import trust as trust_store
-    from bundler.install.layout import Layout
 
-    keys = trust_store.listed(Layout(root.resolve()))
+    layout = use_root(root)
+    keys = trust_store.listed(layout)
     if as_json:
         emit_json({"ok": True, "keys": [{"keyid": k.keyid, "path": k.source} for k in keys]})
         return
     for k in keys:
         click.echo(f"{k.keyid}  {k.source}")
     if not keys:
-        click.echo(f"{root}: no trusted keys")
+        click.echo(f"{layout.root}: no trusted keys")
 
 
 @trust.command("remove")
@@ -191,10 +192,10 @@ def trust_list(root: Path, as_json: bool) -> None:
 def trust_remove(keyid: str, root: Path) -> None:
     """Stop trusting the key KEYID under ROOT."""
     from bundler.install import trust as trust_store
-    from bundler.install.layout import Layout
 
-    trust_store.remove(Layout(root.resolve()), keyid)
-    click.echo(f"removed key {keyid} from {root}")
+    layout = use_root(root)
+    trust_store.remove(layout, keyid)
+    click.echo(f"removed key {keyid} from {layout.root}")
 
 
 @cli.command()
@@ -213,13 +214,10 @@ def rollback(root: Path, to_version: str | None, force: bool, db_choice: str | N
     """Switch back to an earlier release kept on disk, health-checked (the database is kept).
 
     With an interrupted install pending, finish rolling that install back instead."""
-    from bundler.install.layout import Layout, locked
+    from bundler.install.layout import locked
     from bundler.install.recovery import rollback as do_rollback
 
-    layout = Layout(root.resolve())
-    if not layout.root.is_dir():
-        raise StateError(f"{root} is not an install root (no such directory)",
-                         hint="check --root")
+    layout = use_root(root)
     with locked(layout.root):
         result = do_rollback(layout, to_version, db_choice, force=force)
     if as_json:
@@ -242,19 +240,16 @@ def recover(root: Path, db_choice: str | None, as_json: bool) -> None:
     A pending database restore runs by itself only when nothing has written to the database
     since; otherwise choose with --restore-db or --keep-db (`bundle status` shows what is
     pending)."""
-    from bundler.install.layout import Layout, locked
+    from bundler.install.layout import locked
     from bundler.install.recovery import recover as do_recover
 
-    layout = Layout(root.resolve())
-    if not layout.root.is_dir():
-        raise StateError(f"{root} is not an install root (no such directory)",
-                         hint="check --root")
+    layout = use_root(root)
     with locked(layout.root):
         message = do_recover(layout, db_choice=db_choice)
     if as_json:
         emit_json({"ok": True, "recovered": message is not None, "message": message})
     else:
-        click.echo(message or f"{root}: nothing to recover")
+        click.echo(message or f"{layout.root}: nothing to recover")
 
 
 @cli.command()
@@ -272,9 +267,9 @@ def doctor(bundle: Path | None, root: Path, trust_path: Path | None, environment
     from bundler import archive
     from bundler.install import doctor as doc
     from bundler.install import trust as trust_store
-    from bundler.install.layout import Layout
 
-    layout = Layout(root.resolve())
+    # Before a first install (BUNDLE and --trust) the root may not exist yet.
+    layout = use_root(root, create=bundle is not None and trust_path is not None)
     manifest = None
     if bundle is not None:
         manifest = archive.manifest_of(bundle, trust_store.resolve(trust_path, layout)).manifest

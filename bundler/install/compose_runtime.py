@@ -67,6 +67,7 @@ from bundler.engine import docker_sdk, engine_client, first_line, transport_erro
 from bundler.errors import CommandError, InstallError
 from bundler.install import tails
 from bundler.install.environ import read_env_file
+from bundler.progname import cmd
 from bundler.redact import Secrets, redact
 from bundler.ui import Log
 
@@ -761,7 +762,7 @@ def exec_in(project: ComposeProject, service: str, argv: Sequence[str],
     container = running_container(project, service)
     if container is None:
         raise InstallError(f"compose service {service} of project {project.name} is not "
-                           "running", hint=f"start it (`bundle start`) or see `docker ps -a "
+                           "running", hint=f"start it (`{cmd('start')}`) or see `docker ps -a "
                                            f"--filter label={_LABEL_PROJECT}={project.name}`")
     return exec_result(container, argv, env, stdin_path, stdout_path, timeout,
                        what=f"{argv[0]} in compose service {service}",

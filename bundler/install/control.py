@@ -13,6 +13,7 @@ from bundler.install.recovery import Pending, check_recorded_manifest, pending
 from bundler.install.runtime import UnitState
 from bundler.install.state import Event, ReleaseRow, State
 from bundler.manifest import Manifest
+from bundler.progname import cmd
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,9 @@ def current_manifest(layout: Layout) -> tuple[str, Manifest] | None:
     manifest = ReleaseDir(layout.release(version)).manifest()
     if manifest is None:
         raise StateError(f"release {version} has no readable manifest",
-                         hint=f"the release directory is damaged; `bundle rollback --root "
-                              f"{layout.root}` returns to a kept release")
+                         hint="the release directory is damaged; "
+                              f"`{cmd('rollback', '--root', layout.root)}` returns to a kept "
+                              "release")
     return version, manifest
 
 
@@ -102,7 +104,7 @@ def start(layout: Layout) -> tuple[str, list[CheckResult]]:
         state.close()
     if stuck is not None:  # starting the old release on a half-migrated database: no
         raise StateError(f"an install is not settled: {stuck.describe()}",
-                         hint=f"`bundle recover --root {layout.root}` settles it first")
+                         hint=f"`{cmd('recover', '--root', layout.root)}` settles it first")
     environment = ReleaseDir(layout.release(version)).environment()
     with locked(layout.root):
         crashed = runtime.watch(layout, version)
@@ -117,5 +119,6 @@ def _require_current(layout: Layout) -> tuple[str, Manifest]:
     found = current_manifest(layout)
     if found is None:
         raise StateError(f"no current release under {layout.root}",
-                         hint="install one with `bundle install BUNDLE --root DIR`")
+                         hint="install one with "
+                              f"`{cmd('install', 'BUNDLE', '--root', layout.root)}`")
     return found

@@ -13,6 +13,7 @@ from bundler.install.layout import Layout, ReleaseDir
 from bundler.manifest import Manifest
 from bundler.models import DatabaseSpec
 from bundler.platforms import parse_platform
+from bundler.progname import cmd
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def _pending(layout: Layout) -> list[Row]:
     if stuck is None:
         return []
     return [Row("pending recovery", "warn" if stuck.backup is None else "fail",
-                f"{stuck.describe()}; `bundle recover --root {layout.root}` settles it")]
+                f"{stuck.describe()}; `{cmd('recover', '--root', layout.root)}` settles it")]
 
 
 def run(layout: Layout, m: Manifest | None, environment: str = "production") -> list[Row]:
@@ -85,7 +86,7 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
     if m is not None:
         from bundler.install.installer import space_needed
 
-        need, free = space_needed(m), free_bytes(layout.root)
+        need, free = space_needed(m, layout.root), free_bytes(layout.root)
         rows.append(Row("disk space", "ok" if free >= need else "fail",
                         f"{human_bytes(need)} needed, {human_bytes(free)} free"))
 

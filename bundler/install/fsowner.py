@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from bundler import proc
+from bundler import proc, progname
 from bundler.errors import InstallError
 
 T = TypeVar("T")
@@ -42,7 +42,7 @@ def _switch(user: proc.RunAs) -> None:
     if libc.setfsuid(_QUERY) != user.uid or libc.setfsgid(_QUERY) != user.gid:
         raise InstallError(f"cannot take the file access of user {user.name} "
                            f"(uid {user.uid}) to work on its database",
-                           hint="run bundle as root (sudo)")
+                           hint=f"run `{progname.prog()}` as root (sudo)")
 
 
 def call(user: proc.RunAs | None, fn: Callable[[], T]) -> T:

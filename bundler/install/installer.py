@@ -91,9 +91,16 @@ class InstallResult:
 RUNTIME_FACTOR = 4
 
 
-def space_needed(manifest: Manifest) -> int:
+def space_needed(manifest: Manifest, root: Path | None = None) -> int:
+    """Bytes an install takes; a carried runtime already unpacked under `root` (shared between
+    releases) takes none."""
+    from bundler.install import node_runtime
+
     wheels = sum(f.size for f in manifest.files if f.kind == "wheel")
     runtimes = sum(f.size for f in manifest.files if f.kind == "runtime")
+    if root is not None and manifest.runtimes is not None \
+            and node_runtime.shared_ready(root, manifest):
+        runtimes = 0
     return (manifest.payload_size + wheels * VENV_FACTOR + (VENV_BASE if wheels else 0)
             + runtimes * RUNTIME_FACTOR)
 
@@ -157,7 +164,7 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey],
         else:
             ports.refuse_foreign(layout, m, env)
             runtime.refuse_foreign_project(layout, m)
-        require_space(layout.root, space_needed(m) + datadirs.space_needed(layout, m),
+        require_space(layout.root, space_needed(m, layout.root) + datadirs.space_needed(layout, m),
                       f"installing {m.name} {m.version}")
         with _fresh_root(layout.root) as created_root, locked(layout.root):
             staging: Path | None = None
@@ -415,7 +422,7 @@ def _install_packages(journal: _Journal, rel: ReleaseDir, m: Manifest,
                                               "(carried in the bundle)"):
                 from bundler.install import node_runtime
 
-                node_runtime.install(rel.path, m, ui.note)
+                node_runtime.install(rel.path, m, ui.note, layout.root)
             node_ready.set()
         tasks.append(("runtime:node", node))
     else:
@@ -745,6 +752,9 @@ def _prune_old(layout: Layout, state: State, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
         with state.tx():
             state.set_status(row.version, "pruned", row.detail)
+    from bundler.install import node_runtime
+
+    node_runtime.prune(layout.root, ui.note)  # the shared runtimes no release left links to
 
 
 def _write_report(rel: ReleaseDir, m: Manifest, state: State, journal: _Journal,

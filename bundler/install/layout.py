@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import hashlib
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from bundler.errors import LockedError, StateError
 from bundler.manifest import Manifest, parse_manifest
+from bundler.progname import cmd
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,66 @@ class ReleaseDir:
                              "one verified at install time (sha256 mismatch); refusing to act "
                              "on it", hint="install the release's bundle again; check who can "
                                            "write under the install root")
+
+
+def is_install_root(path: Path) -> bool:
+    """A directory with the `state/` directory that `install` and `trust add` make."""
+    return path.is_dir() and (path / "state").is_dir()
+
+
+def check_root(root: Path) -> None:
+    """StateError (exit 14) unless `root` is an install root: a misspelt --root says so, and
+    names the install roots it may have meant, instead of failing later on something else
+    ("no trusted key", "no bundler state"). Only `install --trust KEY` and `trust add` may
+    create a root (they do not call this); see docs/operating.md."""
+    if is_install_root(root):
+        return
+    near = _near_roots(root)
+    maybe = f" (did you mean {' or '.join(str(p) for p in near)}?)" if near else ""
+    hint = "check --root (or BUNDLER_ROOT)"
+    if not near:
+        hint += ("; a first install makes it one: "
+                 f"`{cmd('install', 'BUNDLE', '--trust', 'KEY.pub', '--root', root)}`")
+    if not root.exists():
+        raise StateError(f"no install root at {root}{maybe}", hint=hint)
+    if not root.is_dir():
+        raise StateError(f"{root} is not an install root (not a directory){maybe}",
+                         hint="check --root (or BUNDLER_ROOT)")
+    raise StateError(f"{root} is not an install root: it has no state/ (nothing was installed "
+                     f"or trusted there){maybe}", hint=hint)
+
+
+def _near_roots(root: Path) -> list[Path]:
+    """Install roots `root` may have meant: the root it lies in, its own subdirectories that are
+    roots (a parent given), else paths that differ from it in one misspelt component, the
+    first one that does not exist (compared with its existing siblings)."""
+    above = next((p for p in root.parents if is_install_root(p)), None)
+    if above is not None:
+        return [above]
+    with contextlib.suppress(OSError):
+        inside = sorted(Path(e.path) for e in os.scandir(root)
+                        if e.is_dir() and is_install_root(Path(e.path)))
+        if inside:
+            return inside[:3]
+    parts = root.parts  # absolute: parts[0] is "/"
+    if len(parts) < 2:
+        return []
+    i = 1
+    while i < len(parts) and Path(*parts[:i + 1]).exists():
+        i += 1
+    if i == len(parts):  # it all exists: compare the root's own name with its siblings
+        i -= 1
+    base, name, rest = Path(*parts[:i]), parts[i], parts[i + 1:]
+    try:
+        siblings = [e.name for e in os.scandir(base) if e.is_dir()]
+    except OSError:
+        return []
+    out = []
+    for close in difflib.get_close_matches(name, siblings, n=5, cutoff=0.6):
+        candidate = base.joinpath(close, *rest)
+        if candidate != root and is_install_root(candidate):
+            out.append(candidate)
+    return out[:3]
 
 
 @contextlib.contextmanager

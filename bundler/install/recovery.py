@@ -22,6 +22,7 @@ from bundler.install import database, datadirs, environ, health, runas, runtime
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.state import ReleaseRow, State, new_txn
+from bundler.progname import cmd
 
 
 def _stale_staging(layout: Layout, keep: Path | None) -> None:
@@ -384,16 +385,16 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None,
         if to is not None and (probe.release(to) is None or not layout.release(to).is_dir()):
             raise StateError(f"release {to} is not on disk under {layout.root}",
                              hint="only the releases kept by install.keep can be rolled back "
-                                  "to; `bundle status --root DIR` lists them")
+                                  f"to; `{cmd('status', '--root', layout.root)}` lists them")
         if to is not None and not force and not probe.passed_checks(to):
             row = probe.release(to)
             raise PolicyError(
                 f"release {to} never passed its health checks"
                 + (f" ({row.status}: {row.detail})" if row and row.detail else "")
                 + "; nothing was changed",
-                hint=f"`bundle history --root {layout.root}` shows why it failed; `bundle "
-                     f"rollback --root {layout.root} --to {to} --force` tries it anyway (its "
-                     "checks must pass, or the current release stays)")
+                hint=f"`{cmd('history', '--root', layout.root)}` shows why it failed; "
+                     f"`{cmd('rollback', '--root', layout.root, '--to', to, '--force')}` tries "
+                     "it anyway (its checks must pass, or the current release stays)")
         stuck = pending(probe)
     finally:
         probe.close()
@@ -407,11 +408,13 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None,
         current = layout.current_version()
         if current is None:
             raise StateError(f"no current release under {layout.root}",
-                             hint="install one with `bundle install BUNDLE --root DIR`")
+                             hint="install one with "
+                                  f"`{cmd('install', 'BUNDLE', '--root', layout.root)}`")
         target = to or _last_good(state, layout, current)
         if target is None or target == current:
             raise StateError(f"no earlier release to roll back to under {layout.root}",
-                             hint="`bundle status --root DIR` lists the releases kept on disk")
+                             hint=f"`{cmd('status', '--root', layout.root)}` lists the releases "
+                                  "kept on disk")
         txn = new_txn()
         ui.step(f"Rolling back from {current} to {target}")
         _stop(layout, current)

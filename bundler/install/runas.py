@@ -24,7 +24,7 @@ import pwd
 import stat
 from pathlib import Path
 
-from bundler import hostneeds, proc
+from bundler import hostneeds, proc, progname
 from bundler.errors import BundlerError, InstallError, PolicyError
 from bundler.install.environ import ReleaseEnv
 from bundler.install.layout import Layout, ReleaseDir
@@ -57,7 +57,8 @@ def account(name: str, error: type[BundlerError] = InstallError) -> proc.RunAs:
     if os.geteuid() != 0 and found.switches:
         raise error(f"the release runs as user {name}, but bundler runs as {_me()}, not "
                     "root, and cannot switch to it",
-                    hint=f"run bundle as root (sudo), or build the bundle with `user: {_me()}`")
+                    hint=f"run `{progname.prog()}` as root (sudo), or build the bundle with "
+                         f"`user: {_me()}`")
     return found
 
 

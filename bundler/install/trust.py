@@ -8,7 +8,8 @@ from pathlib import Path
 from bundler.errors import SigningKeyError
 from bundler.fsutil import atomic_write_bytes, make_dir, private_dir
 from bundler.install import strict
-from bundler.install.layout import Layout
+from bundler.install.layout import Layout, check_root
+from bundler.progname import cmd
 from bundler.signing import TrustedKey, load_public_key, load_trust
 
 
@@ -31,7 +32,8 @@ def remove(layout: Layout, keyid: str) -> None:
     path = store(layout) / f"{keyid}.pub"
     if not path.is_file():
         raise SigningKeyError(f"key {keyid} is not in the trust store of {layout.root}",
-                              hint="`bundle trust list --root DIR` shows the trusted keys")
+                              hint=f"`{cmd('trust', 'list', '--root', layout.root)}` shows the "
+                                   "trusted keys")
     path.unlink()
 
 
@@ -43,13 +45,18 @@ def listed(layout: Layout) -> list[TrustedKey]:
 
 
 def resolve(trust_path: Path | None, layout: Layout | None) -> list[TrustedKey]:
-    """Keys named on the command line, else the root's trust store."""
+    """Keys named on the command line, else the root's trust store (the root must exist:
+    a misspelt --root is reported as such, not as a missing key)."""
     if trust_path is not None:
         return load_trust(trust_path)
+    if layout is not None:
+        check_root(layout.root)
     keys = listed(layout) if layout is not None else []
     if not keys:
-        where = f" and {layout.root} has no trust store" if layout else ""
+        where = f" and {layout.root} has no trusted key" if layout else ""
+        root = layout.root if layout else "DIR"
         raise SigningKeyError(f"no trusted key: pass --trust KEY.pub{where}",
-                              hint="add the builder's key once with `bundle trust add KEY.pub "
-                                   "--root DIR`, or pass --trust")
+                              hint="add the builder's key once with "
+                                   f"`{cmd('trust', 'add', 'KEY.pub', '--root', root)}`, or pass "
+                                   "--trust")
     return keys
