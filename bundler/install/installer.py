@@ -122,20 +122,27 @@ def install(source: Path, trusted: list[TrustedKey], root: Path,
         raise _disk_full_error(_reason(exc), layout) from exc
 
 
-def _disk_full_error(what: str, layout: Layout) -> SpaceError:
+def _disk_full_error(what: str, layout: Layout, root_full: bool = True) -> SpaceError:
     """A write failed for lack of space (staging, venv, bytecode, npm tree, backup, journal,
-    logs): the install stopped and was undone. Exit 9, with what is serving now."""
+    logs; or the database's or the engine's disk, `root_full` False): the install stopped and
+    was undone. Exit 9, with what is serving now."""
     try:
         serving = layout.current_version()
     except StateError:
         serving = None
+    after = "then run the same install again; " + (
+        f"{serving} is serving" if serving else "nothing was installed")
+    if not root_full:
+        return SpaceError(
+            f"{what.splitlines()[0]} (a disk ran out of space, not the one holding "
+            f"{layout.root}: the database's, the Docker engine's or the temporary directory's)",
+            hint=f"free space on the disk the error names (`df -h`), {after}")
     free = human_bytes(free_bytes(layout.root))
     return SpaceError(
         f"{what.splitlines()[0]} (the filesystem of {layout.root} ran out of space; {free} "
         "free after the undo)",
         hint=f"free space there (`df -h {layout.root}`; `du -sh {layout.root}/*` shows "
-             "bundler's share), then run the same install again; "
-             + (f"{serving} is serving" if serving else "nothing was installed"))
+             f"bundler's share), {after}")
 
 
 def _install(layout: Layout, source: Path, trusted: list[TrustedKey],
@@ -345,7 +352,8 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         fault_point("committed")
     except BaseException as exc:
         reason = _reason(exc)
-        undo.disk_full = disk_full(exc) or nearly_full(layout.root)
+        root_full = nearly_full(layout.root)
+        undo.disk_full = disk_full(exc) or root_full
         if undo.disk_full:
             state.release_reserve()  # room to journal the rollback
         try:
@@ -361,7 +369,7 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
         if undo.disk_full:
             what = (f"{m.version} failed and was rolled back"
                     f"{' to ' + previous if previous else ''}: {reason}") if started else reason
-            raise _disk_full_error(what, layout) from exc
+            raise _disk_full_error(what, layout, root_full) from exc
         if started:
             # A failed migration keeps its own exit code: the release is rolled back either
             # way, but automation should know the database was what failed.
