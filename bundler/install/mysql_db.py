@@ -95,8 +95,8 @@ def parse_url(url: str, display: str, env: Mapping[str, str] | None = None) -> M
 
 def _tool(*names: str) -> str:
     for name in names:
-        if shutil.which(name, path=proc.clean_env().get("PATH")):
-            return name
+        if found := proc.which(name):  # bundler's own PATH, never a .env's (see bundler.proc)
+            return found
     raise InstallError(f"{names[0]} is not on PATH: it is needed for a MySQL/MariaDB database",
                        hint="install the client tools (Debian: mariadb-client), or run the "
                             "database as a compose service")
