@@ -43,17 +43,16 @@ SERVER_JS = textwrap.dedent("""\
     """)
 
 
-def test_npm_install_scripts_run_as_the_release_user_and_the_tree_is_roots(
-        run_user: pwd.struct_passwd, world: Path, keys: tuple[Path, Path],  # noqa: F811
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def _build(base: Path, user: str, keys: tuple[Path, Path], **project: object) -> str:
+    """A bundle whose npm project depends on tiny-whoami (`project`: more package.json)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         unavailable("node and npm are not installed")
     packages = [LocalPackage("tiny-whoami", "1.0.0", {"who.js": WHO_JS},
                              {"scripts": {"postinstall": "node who.js"}})]
-    src = world / "src"
-    with local_registry(world / "registry", packages) as registry:
+    src = base / "src"
+    with local_registry(base / "registry", packages) as registry:
         backend = make_project(src / "backend", registry,
-                               {"dependencies": {"tiny-whoami": "1.0.0"}})
+                               {"dependencies": {"tiny-whoami": "1.0.0"}, **project})
         (backend / "server.js").write_text(SERVER_JS)
         port = free_port()
         profile = src / "bundle.yaml"
@@ -61,7 +60,7 @@ def test_npm_install_scripts_run_as_the_release_user_and_the_tree_is_roots(
             schema: 1
             name: whoapp
             version: 1.0.0
-            user: {run_user.pw_name}
+            user: {user}
             target: {{node: ">=18", npm: ">=8"}}
             npm:
               - project: backend
@@ -78,9 +77,16 @@ def test_npm_install_scripts_run_as_the_release_user_and_the_tree_is_roots(
                 retries: 40
                 interval: 250ms
             """))
-        built = bundle("build", profile, "--key", keys[0], "--out", world / "out",
-                       "--cache-dir", world / "cache", "--json")
+        built = bundle("build", profile, "--key", keys[0], "--out", base / "out",
+                       "--cache-dir", base / "cache", "--json")
         assert built.rc == 0, built.err
+    return str(json.loads(built.out)["bundle"])
+
+
+def test_npm_install_scripts_run_as_the_release_user_and_the_tree_is_roots(
+        run_user: pwd.struct_passwd, world: Path, keys: tuple[Path, Path],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    built = _build(world, run_user.pw_name, keys)
     root = world / "root"
     # npm reads its settings from the environment in any letter case: none of these may
     # reach the npm bundler runs (ignore-scripts would skip the script this test watches; a
@@ -89,8 +95,7 @@ def test_npm_install_scripts_run_as_the_release_user_and_the_tree_is_roots(
     monkeypatch.setenv("NPM_CONFIG_SCRIPT_SHELL", str(world / "no-such-shell"))
     monkeypatch.setenv("npm_config_registry", "http://127.0.0.1:9/")
     install, status = offline(
-        bundle_argv("install", json.loads(built.out)["bundle"], "--trust", keys[1],
-                    "--root", root),
+        bundle_argv("install", built, "--trust", keys[1], "--root", root),
         bundle_argv("status", "--root", root, "--json"))
     assert install.rc == 0, install.err
     assert "npm ci --offline" in install.err  # the install script made npm run, not pre-built
@@ -112,3 +117,19 @@ def test_npm_install_scripts_run_as_the_release_user_and_the_tree_is_roots(
     assert (st.st_uid, st.st_gid) == (0, 0) and not st.st_mode & 0o022
     st = (rel / "files" / "backend").stat()
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o755)
+
+
+def test_a_project_script_writing_outside_node_modules_is_denied_and_named(
+        run_user: pwd.struct_passwd, world: Path, keys: tuple[Path, Path]) -> None:  # noqa: F811
+    # The project's own postinstall builds into the project directory, which is root's.
+    built = _build(world, run_user.pw_name, keys, scripts={
+        "postinstall": "node -e \"require('fs').writeFileSync('dist.js', '1')\""})
+    root = world / "root"
+    (install,) = offline(bundle_argv("install", built, "--trust", keys[1], "--root", root))
+    assert install.rc == 11, install.err  # InstallError: rolled back before going live
+    assert (f"npm ci --offline, run as user {run_user.pw_name}, was denied writing: EACCES "
+            "on dist.js (install script: node -e") in install.err
+    assert "an `actions` step" in install.err
+    # whatever the failure left behind, the account owns nothing under the root
+    mine = [p for p in root.rglob("*") if p.lstat().st_uid == run_user.pw_uid]
+    assert mine == []

@@ -12,6 +12,7 @@ from bundler.cli import options
 from bundler.cli.common import cli, handled
 from bundler.cli.render import emit_json, table
 from bundler.errors import StateError, UnhealthyError
+from bundler.redact import redact
 
 
 def _unhealthy(message: str, as_json: bool) -> NoReturn:
@@ -84,7 +85,7 @@ def status(root: Path, as_json: bool) -> None:
                        f"installed {c.installed_at}) — {'healthy' if st.healthy else 'UNHEALTHY'}")
             for s in st.services:
                 click.echo(f"  service {s.name}: {'running' if s.running else 'STOPPED'}"
-                           f" ({s.detail})")
+                           f" ({redact(s.detail)})")
             for chk in st.checks:
                 click.echo(f"  check {chk.name}: {'ok' if chk.ok else 'FAIL'} — {chk.detail}")
         if st.pending is not None:

@@ -84,7 +84,7 @@ def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[Np
                 result = proc.run(args, cwd=project_dir, env=npm_env_, user=user,
                                   what="npm ci (offline)", timeout=_TIMEOUT)
             except CommandError as exc:
-                raise _explain(exc, lock) from None
+                raise _explain(exc, lock, user) from None
     summary = [line for line in result.output.splitlines() if line.strip()]
     log(f"npm: {summary[-1].strip() if summary else 'done'}")
     if not (project_dir / "node_modules").is_dir() and packages:
@@ -224,11 +224,28 @@ def _atomic_write(path: Path, data: bytes) -> None:
 _SCRIPT_PATH = re.compile(r"^npm error path (\S+)", re.M)
 _SCRIPT_CMD = re.compile(r"^npm error command sh -c (.+)$", re.M)
 _CODE = re.compile(r"^npm error code (\S+)", re.M)
+# node's "Error: EACCES: permission denied, open 'x'", or (when only the tail of the output is
+# left) the error object's "code: 'EACCES'" and "path: 'x'" lines
+_DENIED = re.compile(r"\bEACCES: (.*)$|code: 'EACCES'", re.M)
+_DENIED_PATH = re.compile(r"^\s*path: '([^']*)'", re.M)
 
 
-def _explain(exc: CommandError, lock: Mapping[str, Any]) -> InstallError:
+def _explain(exc: CommandError, lock: Mapping[str, Any],
+             user: proc.RunAs | None = None) -> InstallError:
     """One line saying what npm could not do, and how to fix it."""
     out = exc.message
+    denied = _DENIED.search(out) if user is not None else None
+    if user is not None and denied is not None:
+        where = _DENIED_PATH.search(out)
+        what = (f"EACCES: {denied.group(1).strip()}" if denied.group(1) else
+                f"EACCES on {where.group(1)}" if where else "EACCES")
+        script = _SCRIPT_CMD.search(out)
+        return InstallError(
+            f"npm ci --offline, run as user {user.name}, was denied writing: {what}"
+            + (f" (install script: {script.group(1).strip()})" if script else ""),
+            hint=f"npm and the install scripts run as {user.name}, which may write only "
+                 "node_modules (the release's other files are root's): make the files a "
+                 "script writes at build time (an `actions` step) and ship them")
     name = npm_not_cached(out, OFFLINE_REGISTRY)
     if name is not None:
         platform_pkg = any(
