@@ -311,3 +311,16 @@ def test_a_path_in_the_env_does_not_choose_bundlers_database_tools(
             assert conn.execute("SELECT x FROM t").fetchall() == [(1,)]
     finally:
         cluster.drop_database(name)
+
+
+def test_compose_output_masks_the_env_files_values(tmp_path: Path) -> None:
+    from bundler.install import compose_runtime as cr
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("APP_CONFIG=q8Xv2LpQ9rTz\nAPP_MODE=production\nSMTP_PASS=sunshine\n")
+    project = cr.ComposeProject("p1", (tmp_path / "compose.yaml",), tmp_path, env_file,
+                                (("DB_PASS", "dbPass-5521y"), ("PLAIN", "q9Yw3MpR0sUa")))
+    text = "q8Xv2LpQ9rTz production sunshine dbPass-5521y q9Yw3MpR0sUa"
+    # the env file's values are the operator's .env; project.env (the release's own
+    # environment, profile defaults included) counts secret names only
+    assert cr._redact(project, text) == "**** production **** **** q9Yw3MpR0sUa"
