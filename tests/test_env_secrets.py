@@ -150,6 +150,7 @@ def _profile(base: Path, version: str, migration: str, service: str) -> Path:
         schema: 1
         name: leaky
         version: {version}
+        sequence: {version[0]}
         files:
           - {{src: conf, dest: conf}}
         env:
@@ -249,6 +250,7 @@ PG_PROFILE = """\
 schema: 1
 name: pathy
 version: {version}
+sequence: {sequence}
 files:
   - {{src: db, dest: db}}
 env:
@@ -288,7 +290,7 @@ def test_a_path_in_the_env_does_not_choose_bundlers_database_tools(
             if sql:  # 2.0.0 backs up, 3.0.0 fails and restores (pg_restore, psql)
                 (tmp_path / "db" / f"00{version[0]}.sql").write_text(sql)
             profile = tmp_path / f"p-{version}.yaml"
-            profile.write_text(PG_PROFILE.format(version=version))
+            profile.write_text(PG_PROFILE.format(version=version, sequence=version[0]))
             result = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
                             "--cache-dir", tmp_path / "cache", "--json")
             assert result.rc == 0, result.err
