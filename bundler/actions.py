@@ -17,7 +17,7 @@ def run_all(actions: tuple[Action, ...]) -> None:
         env = {**os.environ, **dict(action.env)}
         try:
             proc.run(action.run, cwd=action.cwd, env=env, timeout=action.timeout_ms / 1000,
-                     what=f"action {action.name}")
+                     what=f"action {action.name}", release_command=True)
         except CommandError as exc:
             raise BuildError(exc.message, hint=f"fix action '{action.name}' (cwd {action.cwd}); "
                                                "nothing was packed") from None

@@ -3,6 +3,13 @@
 Every call goes through `run` (wait for it) or `spawn` (detached, for supervised services),
 so that environments are built the same way, timeouts are always set, and failures carry the
 tail of the output instead of a bare exit status.
+
+Which program a bare command name means: bundler's own tools (pg_dump, psql, mariadb, docker,
+npm, ...) are looked up on bundler's own PATH (`own_path`: the environment bundler was started
+with), never on a PATH in the child's environment, which may come from the operator's shared
+.env. Only the release's own commands (`run(..., release_command=True)`: command migrations
+and health checks; services through `popen`) are looked up on their environment's PATH, the
+operator's if the .env sets one.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import grp
 import logging
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import threading
@@ -28,8 +36,16 @@ TAIL_LINES = 20
 
 # Variables that make tools reach for host configuration or the network on their own.
 # bundler's calls must behave the same on every host (pip.conf, PIP_* and npm_config_* are
-# common on real hosts and would silently change what is resolved or installed).
-_SCRUBBED_PREFIXES = ("PIP_", "NPM_CONFIG_", "npm_config_", "UV_", "PYTHON")
+# common on real hosts and would silently change what is resolved or installed). pip, uv and
+# Python read their variables by exact (upper-case) name; npm reads any case of
+# `npm_config_` (@npmcli/config matches /^npm_config_/i), so that prefix is compared
+# case-insensitively.
+_SCRUBBED_PREFIXES = ("PIP_", "UV_", "PYTHON")
+_SCRUBBED_ANY_CASE = ("npm_config_",)
+
+
+def _scrubbed(name: str) -> bool:
+    return name.startswith(_SCRUBBED_PREFIXES) or name.lower().startswith(_SCRUBBED_ANY_CASE)
 
 
 class CancelScope:
@@ -167,9 +183,24 @@ class Result:
         return "\n".join(self.output.rstrip().splitlines()[-lines:])
 
 
+def own_path() -> str:
+    """bundler's own PATH: the absolute entries of the PATH it was started with (an empty or
+    relative entry would mean the working directory), or the system default."""
+    entries = [e for e in os.environ.get("PATH", "").split(os.pathsep) if os.path.isabs(e)]
+    return os.pathsep.join(entries) if entries else os.defpath
+
+
+def which(name: str) -> str | None:
+    """The program bundler runs for `name`: looked up on `own_path` (see the module
+    docstring); a name with a `/` is taken as is."""
+    if "/" in name:
+        return name
+    return shutil.which(name, path=own_path())
+
+
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The host environment without variables that change tool behaviour behind our back."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if not _scrubbed(k)}
     env["PIP_CONFIG_FILE"] = os.devnull
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     env["PIP_NO_INPUT"] = "1"
@@ -191,16 +222,23 @@ def run(
     stdin: Path | None = None,
     stdout: Path | None = None,
     user: RunAs | None = None,
+    release_command: bool = False,
 ) -> Result:
     """Run a command to completion, capturing stdout+stderr together.
 
     `stdin` / `stdout`: files (or FIFOs) to connect instead; with `stdout`, the result's
-    output is stderr alone. `user`: run as that account (its groups and HOME). Raises
-    CommandError (with the output tail) on a non-zero exit when `check`, and always on a
-    timeout or a missing executable.
+    output is stderr alone. `user`: run as that account (its groups and HOME).
+    `release_command`: the command is the release's own (a migration, a health check), looked
+    up on `env`'s PATH; else it is bundler's tool, looked up on bundler's own (see the module
+    docstring). Raises CommandError (with the output tail) on a non-zero exit when `check`,
+    and always on a timeout or a missing executable.
     """
     argv = tuple(os.fspath(a) for a in args)
     label = what or argv[0]
+    program = argv[0] if release_command else which(argv[0])
+    if program is None:
+        raise CommandError(f"{label}: executable not found: {argv[0]}",
+                           hint=f"install {argv[0]} or put it on PATH")
     uid, gid, groups = _identity(user)
     log.debug("run: %s (cwd=%s)", " ".join(argv), cwd)
     with contextlib.ExitStack() as files:
@@ -212,6 +250,7 @@ def run(
             scope.check()
         try:
             done = _run(scope, argv, timeout,
+                        executable=program,
                         cwd=cwd,
                         env=_child_env(env, user),
                         stdin=source,

@@ -1,17 +1,38 @@
 """The one place secrets are masked, on the build side and the target alike.
 
-Everything bundler shows or stores that may quote a value (the console, `--json` errors, the
-journal in `state.db`, `bundle history`, install reports, compose, health and migration output)
-goes through `redact`. It masks:
+Everything bundler shows or stores that may quote a value (the console, `--json` output and
+errors, the journal in `state.db`, `bundle history` and `status`, install reports, compose,
+health and migration output) goes through `redact`. It masks:
 
 - the password in a URL's userinfo (`scheme://user:PASSWORD@host`), greedy up to the LAST `@`
   before the host, so an unencoded `@` inside the password is masked whole;
 - password-ish parameters (`?password=`, `&token=`, `api_key=`, `client_secret=`, ...), in a URL
   query or as `name=value` words (libpq keyword strings, `KEY=value` dumps);
 - known secret values, raw and percent-encoded: those passed in, and those this process learnt
-  with `remember` / `remember_env` (the release environment's variables named in the profile's
-  `env.secret` or with PASSWORD, SECRET, TOKEN, KEY or CREDENTIAL in their name, and every
-  password found in a URL among its values).
+  with `remember` / `remember_env` (see "Which values are secret" below).
+
+Which values are secret (the rule; `Secrets.add_env` applies it, nothing else decides):
+
+1. A variable with a secret name: listed in the profile's `env.secret`, or whose name matches
+   `SECRET_NAME` (PASSWORD, PASSWD, PASSPHRASE, SECRET, TOKEN, KEY, CREDENTIAL, DSN anywhere;
+   PASS, PW, AUTH, SALT as a `_`-separated word, e.g. SMTP_PASS, DB_PW; a name ending in PWD,
+   e.g. MYSQL_PWD, but not the shell's PWD/OLDPWD). Its value is masked whatever it looks like
+   (from MIN_SECRET characters on).
+2. Every value read from the operator's shared `.env`, whatever its name, unless it is plainly
+   not a secret (`plainly_not_secret`), so that a value that is also an everyday word does not
+   turn every message into `****`:
+   - shorter than MIN_SECRET characters;
+   - a number, version or IPv4 address (`8080`, `0.5`, `1.2.3`, `10.0.0.1`), or one with a unit
+     (`30s`, `512M`);
+   - a switch, environment or log-level word (`true`, `off`, `production`, `info`, ...);
+   - a plain lowercase word or dotted/dashed words of up to 12 letters each (`shop`,
+     `my-app`, `db.internal`);
+   - an absolute file path or a `sqlite:` URL (`/srv/app/data`);
+   - a URL with no password, no query and at most one path segment
+     (`redis://cache:6379/0`, `https://shop.example.com`).
+   Anything else (mixed case, digits and letters, symbols, longer URLs) is masked. A secret that
+   is a plain number or lowercase word needs a secret name (rule 1) or `env.secret`.
+3. The password of every URL among any of those values (rule 1 or 2 or neither).
 """
 
 from __future__ import annotations
@@ -24,7 +45,20 @@ from urllib.parse import quote, unquote
 MASK = "****"
 MIN_SECRET = 4  # shorter values would mask half of every message: never taken as secrets
 
-SECRET_NAME = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|KEY|CREDENTIAL", re.I)
+SECRET_NAME = re.compile(r"PASSWORD|PASSWD|PASSPHRASE|SECRET|TOKEN|KEY|CREDENTIAL|DSN"
+                         r"|(?:^|_)(?:PASS|PW|AUTH|SALT)(?:_|$)|PWD$", re.I)
+_NOT_SECRET_NAMES = frozenset({"PWD", "OLDPWD"})  # the shell's working directories
+
+# Values from the shared .env that are plainly not secrets (rule 2 in the module docstring).
+_WORDS = ("true|false|yes|no|on|off|none|null|enabled?|disabled?|production|staging"
+          "|development|dev|prod|test|testing|local|trace|debug|info|notice|warn|warning"
+          "|error|critical|fatal")
+_PLAIN = re.compile(
+    r"[+-]?\d+(?:\.\d+)*[A-Za-z]{0,2}"             # 8080, 0.5, 1.2.3, 10.0.0.1, 30s, 512M
+    rf"|(?i:{_WORDS})"
+    r"|[a-z]{1,12}(?:[-_.][a-z]{1,12})*"             # shop, my-app, db.internal (lowercase)
+    r"|(?:sqlite:/{0,3})?/[\w.+-]*(?:/[\w.+-]*)*"    # /srv/app/data, sqlite:////srv/app.db
+    r"|[a-z][a-z0-9+.-]*://[\w.-]+(?::\d+)?(?:/[\w.-]*)?")  # redis://cache:6379/0
 
 # scheme://user:PASSWORD@host: the user part stops at ":" (or "@"/"/"), the password runs to
 # the last "@" before the host (a password with "/", "?", "#" or whitespace is not a URL).
@@ -37,8 +71,15 @@ _PARAM = re.compile(rf"(?P<pre>(?:^|(?<=[?&;\s\"'(,])){_PARAM_NAME}=)(?P<value>[
 
 
 def is_secret_name(name: str, secret_names: Iterable[str] = ()) -> bool:
-    """A variable whose value must never be shown."""
-    return name in set(secret_names) or bool(SECRET_NAME.search(name))
+    """A variable whose value must never be shown (rule 1 in the module docstring)."""
+    if name in set(secret_names):
+        return True
+    return name.upper() not in _NOT_SECRET_NAMES and bool(SECRET_NAME.search(name))
+
+
+def plainly_not_secret(value: str) -> bool:
+    """A value from the shared .env that is shown as is (rule 2 in the module docstring)."""
+    return len(value) < MIN_SECRET or _PLAIN.fullmatch(value) is not None
 
 
 def url_passwords(text: str) -> list[str]:
@@ -68,12 +109,21 @@ class Secrets:
         with self._lock:
             self._values |= {f for f in forms if len(f) >= MIN_SECRET}
 
-    def add_env(self, values: Mapping[str, str], secret_names: Iterable[str] = ()) -> None:
-        names = set(secret_names)
+    def add_env(self, values: Mapping[str, str], secret_names: Iterable[str] = (),
+                from_file: Iterable[str] = ()) -> None:
+        """The secret values among `values` (the rule in the module docstring): `secret_names`
+        are the profile's `env.secret`, `from_file` the names whose value came from the
+        operator's shared .env."""
+        names, env_file = set(secret_names), set(from_file)
         for name, value in values.items():
-            if is_secret_name(name, names):
+            if is_secret_name(name, names) or (
+                    name in env_file and not plainly_not_secret(value)):
                 self.add(value)
             self.add(*url_passwords(value))
+
+    def add_env_file(self, values: Mapping[str, str]) -> None:
+        """Every value read from a shared .env (all of them from the operator's file)."""
+        self.add_env(values, from_file=values)
 
     def values(self) -> list[str]:
         with self._lock:
@@ -91,8 +141,9 @@ def remember(*values: str | None) -> None:
     KNOWN.add(*values)
 
 
-def remember_env(values: Mapping[str, str], secret_names: Iterable[str] = ()) -> None:
-    KNOWN.add_env(values, secret_names)
+def remember_env(values: Mapping[str, str], secret_names: Iterable[str] = (),
+                 from_file: Iterable[str] = ()) -> None:
+    KNOWN.add_env(values, secret_names, from_file)
 
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:

@@ -47,15 +47,17 @@ def add_context(**fields: str) -> None:
 
 
 def emit_json(data: Any) -> None:
+    """The one JSON document on stdout (with the command's context, e.g. its root); every
+    string in it redacted (bundler.redact)."""
     if isinstance(data, dict):
         data = {**_context, **data}
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.write(json.dumps(_redacted(data), indent=2, sort_keys=True, default=str) + "\n")
 
 
 def error(exc: BundlerError, as_json: bool) -> None:
     """The error line(s) and hint, or its JSON document; secrets redacted either way."""
     if as_json:
-        emit_json(_redacted({"ok": False, **exc.to_dict()}))
+        emit_json({"ok": False, **exc.to_dict()})
         return
     if isinstance(exc, ProfileError):
         for problem in exc.problems:
@@ -74,6 +76,6 @@ def _redacted(data: Any) -> Any:
         return redact(data)
     if isinstance(data, dict):
         return {k: _redacted(v) for k, v in data.items()}
-    if isinstance(data, list):
+    if isinstance(data, (list, tuple)):
         return [_redacted(v) for v in data]
     return data

@@ -13,6 +13,7 @@ from bundler.cli.common import cli, handled, use_root
 from bundler.cli.render import emit_json, table
 from bundler.errors import UnhealthyError
 from bundler.progname import cmd
+from bundler.redact import redact
 
 
 def _unhealthy(message: str, as_json: bool) -> NoReturn:
@@ -87,7 +88,7 @@ def status(root: Path, as_json: bool) -> None:
                        f"installed {c.installed_at}) — {'healthy' if st.healthy else 'UNHEALTHY'}")
             for s in st.services:
                 click.echo(f"  service {s.name}: {'running' if s.running else 'STOPPED'}"
-                           f" ({s.detail})")
+                           f" ({redact(s.detail)})")
             for chk in st.checks:
                 click.echo(f"  check {chk.name}: {'ok' if chk.ok else 'FAIL'} — {chk.detail}")
         if st.pending is not None:

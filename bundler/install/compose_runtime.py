@@ -284,9 +284,9 @@ class ServiceState:
 
 def _base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k in _PASSED_ENV if (v := os.environ.get(k)) is not None}
-    env.setdefault("PATH", os.defpath)
     env.setdefault("LC_ALL", "C.UTF-8")
     env.update(extra or {})
+    env["PATH"] = proc.own_path()  # compose is bundler's tool: never a .env's PATH (proc)
     return env
 
 
@@ -303,8 +303,9 @@ def _args(project: ComposeProject, tool: ComposeTool, *rest: str) -> list[str]:
 def _redact(project: ComposeProject, text: str) -> str:
     """`bundler.redact.redact`, also knowing the secrets in the project's env and env file."""
     secrets = Secrets()
-    values = read_env_file(project.env_file) if project.env_file is not None else {}
-    secrets.add_env({**values, **dict(project.env)})
+    if project.env_file is not None:
+        secrets.add_env_file(read_env_file(project.env_file))
+    secrets.add_env(dict(project.env))
     return redact(text, secrets.values())
 
 

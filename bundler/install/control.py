@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from bundler.errors import StateError
 from bundler.install import health, runtime
-from bundler.install.environ import release_env
+from bundler.install.environ import release_env, remember_shared
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.recovery import Pending, check_recorded_manifest, pending
@@ -58,6 +58,7 @@ def current_manifest(layout: Layout) -> tuple[str, Manifest] | None:
 
 
 def status(layout: Layout) -> Status:
+    remember_shared(layout)  # what the stored state quotes is masked (see bundler.redact)
     state = State.open(layout.db, create=False)
     try:
         product = state.product()
@@ -81,6 +82,7 @@ def status(layout: Layout) -> Status:
 
 
 def history(layout: Layout) -> list[Event]:
+    remember_shared(layout)  # rows written before a value counted as secret: masked now
     state = State.open(layout.db, create=False)
     try:
         return state.events()

@@ -214,8 +214,10 @@ def _password(pg: PgTarget, env: Mapping[str, str]) -> str | None:
 
 
 def tool_env(pg: PgTarget, env: Mapping[str, str]) -> dict[str, str]:
-    """Environment for local client tools: `env` over proc.clean_env(), plus PGPASSWORD."""
+    """Environment for local client tools: `env` over proc.clean_env(), plus PGPASSWORD; PATH
+    is bundler's own (they are bundler's tools, see bundler.proc), never a .env's."""
     child = proc.clean_env(env)
+    child["PATH"] = proc.own_path()
     password = _password(pg, env)
     if password:
         child["PGPASSWORD"] = password

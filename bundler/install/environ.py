@@ -1,9 +1,10 @@
 """The release environment: profile defaults per environment, service env, and the
 operator's shared `.env` (kept across releases, never in the bundle), in that order.
 
-Secrets (the profile's `env.secret`, plus anything that looks like a password) are never
-printed: every message that may carry a value goes through `bundler.redact`, which learns
-the release environment's secret values when `release_env` reads it.
+Secrets are never printed: every message that may carry a value goes through
+`bundler.redact`, which learns the release environment's secret values when `release_env`
+reads it. Which values are secret is redact's rule alone: the profile's `env.secret`, names
+that say password, and every value from the shared .env that is not plainly harmless.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from bundler.errors import EnvError
+from bundler.errors import BundlerError, EnvError
 from bundler.install import strict
 from bundler.install.layout import Layout
 from bundler.manifest import Manifest
@@ -154,6 +155,7 @@ class ReleaseEnv:
     values: tuple[tuple[str, str], ...]
     secret: frozenset[str]
     places: tuple[tuple[str, str], ...] = ()
+    from_file: frozenset[str] = frozenset()  # names whose value is the shared .env's
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.values)
@@ -176,7 +178,7 @@ class ReleaseEnv:
     def secrets(self) -> list[str]:
         """The values that must never be shown (see `bundler.redact`)."""
         found = Secrets()
-        found.add_env(self.as_dict(), self.secret)
+        found.add_env(self.as_dict(), self.secret, self.from_file)
         return found.values()
 
     def redact(self, text: str) -> str:
@@ -192,12 +194,24 @@ def release_env(layout: Layout, spec: EnvSpec, environment: str,
                        hint=f"use one of: {', '.join(ENVIRONMENTS)}")
     places = placeholders(layout, version)
     strict.check_target(layout.root)  # StrictModes, before reading it
+    shared = read_env_file(shared_env_file(layout))
     values = {k: _place(v, places) for k, v in {
-        **spec.defaults_for(environment), **(service_env or {}),
-        **read_env_file(shared_env_file(layout))}.items()}
-    remember_env(values, spec.secret)  # masked in every message from now on
+        **spec.defaults_for(environment), **(service_env or {}), **shared}.items()}
+    remember_env(values, spec.secret, shared)  # masked in every message from now on
     return ReleaseEnv(environment, tuple(sorted(values.items())), frozenset(spec.secret),
-                      tuple(sorted(places.items())))
+                      tuple(sorted(places.items())), frozenset(shared))
+
+
+def remember_shared(layout: Layout) -> None:
+    """Learn the shared .env's secrets (for commands that show what earlier runs stored, such
+    as `history`: rows written before a value became secret are masked when shown). A file
+    that cannot be read is left alone: whatever reads it for real reports why."""
+    try:
+        strict.check_target(layout.root)
+        shared = read_env_file(shared_env_file(layout))
+    except (BundlerError, OSError):
+        return
+    remember_env(shared, (), shared)
 
 
 def references(m: Manifest, environment: str) -> list[str]:

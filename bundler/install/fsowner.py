@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from bundler import proc, progname
@@ -66,3 +68,78 @@ def call(user: proc.RunAs | None, fn: Callable[[], T]) -> T:
     if failed:
         raise failed[0]
     return out[0]
+
+
+def own_tree(top: Path, uid: int, gid: int, mask: int = 0o7777, *,
+             owned_by: int | None = None) -> None:
+    """Give `top` and everything under it to uid:gid, modes cut to `mask`, never through a
+    symlink: the tree may be written by an account running at the same time (it can swap a
+    directory for a symlink to /etc while root walks it). os.fwalk opens each directory
+    relative to its parent and checks it is the one listed; each entry is then changed through
+    a descriptor opened without following symlinks (a symlink itself: only its owner).
+    `owned_by`: change only what that uid owns (a file the account hard-linked in from
+    elsewhere is left alone, and `foreign_entries` names it)."""
+    try:
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        _own(fd, uid, gid, mask, owned_by)
+    finally:
+        os.close(fd)
+    for _, dirs, files, dir_fd in os.fwalk(top, follow_symlinks=False):
+        for name in (*dirs, *files):
+            _own_entry(name, dir_fd, uid, gid, mask, owned_by)
+
+
+def _own(fd: int, uid: int, gid: int, mask: int, owned_by: int | None) -> None:
+    st = os.fstat(fd)
+    if owned_by is not None and st.st_uid != owned_by:
+        return
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.fchown(fd, uid, gid)
+    if stat.S_IMODE(st.st_mode) & ~mask:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & mask)
+
+
+def _own_entry(name: str, dir_fd: int, uid: int, gid: int, mask: int,
+               owned_by: int | None) -> None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        return  # removed meanwhile
+    except OSError:  # a symlink (ELOOP) or a socket (ENXIO): the entry itself, not a target
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if owned_by is None or st.st_uid == owned_by:
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        return
+    try:
+        _own(fd, uid, gid, mask, owned_by)
+    finally:
+        os.close(fd)
+
+
+def foreign_entries(top: Path, uid: int, gid: int, mask: int = 0o7777) -> list[str]:
+    """Entries under `top` (itself included) not owned by uid:gid or with mode bits outside
+    `mask` (symlinks: owner only), relative to `top`: what `own_tree` left undone."""
+    found = []
+    try:
+        st = os.lstat(top)
+    except FileNotFoundError:
+        return []
+    if (st.st_uid, st.st_gid) != (uid, gid) or stat.S_IMODE(st.st_mode) & ~mask:
+        found.append(".")
+    for dirpath, dirs, files, dir_fd in os.fwalk(top, follow_symlinks=False):
+        for name in (*dirs, *files):
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            bad_mode = not stat.S_ISLNK(st.st_mode) and stat.S_IMODE(st.st_mode) & ~mask
+            if (st.st_uid, st.st_gid) != (uid, gid) or bad_mode:
+                found.append(os.path.relpath(os.path.join(dirpath, name), top))
+    return found

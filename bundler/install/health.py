@@ -159,7 +159,7 @@ def probe_command(check: HealthCheck, argv: list[str], env: ReleaseEnv,
             child = node_runtime.on_path(child, Path(release))
         result = proc.run(argv, env=child, check=False,
                           timeout=check.timeout_ms / 1000, what=f"check {check.name}",
-                          user=account)
+                          user=account, release_command=True)
     except CommandError as exc:
         return False, exc.message
     last = result.tail(1)

@@ -498,7 +498,7 @@ def _install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
                 for p in project.packages]
     npm_env.install_offline(dest, rel.path / "npm" / "tarballs", packages,
                             rel.path / "npm-cache", ui.note, project.omit_dev, dict(project.env),
-                            release=rel.path)
+                            release=rel.path, user=runas.maybe(m.runtime.user))
 
 
 def _with_node(env: dict[str, str], rel: ReleaseDir) -> dict[str, str]:

@@ -591,7 +591,7 @@ def _alembic_call(m: Migration, db: Database, files_dir: Path, venv: Path | None
     try:
         return proc.run([exe, *args], cwd=cwd, env=_child_env(m, db, venv, env),
                         timeout=timeout, check=False, what=f"migration {m.name}",
-                        user=_account(m))
+                        user=_account(m), release_command=True)
     except CommandError as exc:
         raise MigrationError(f"migration {m.name}: {_scrub(db, exc.message)}",
                              hint="install alembic into the release's Python environment "
@@ -651,7 +651,8 @@ def _command(m: Migration, db: Database, files_dir: Path, venv: Path | None,
         else:
             result = proc.run(list(m.command), cwd=_within(files_dir, m, m.path or "."),
                               env=_child_env(m, db, venv, env), timeout=COMMAND_TIMEOUT,
-                              check=False, what=f"migration {m.name}", user=_account(m))
+                              check=False, what=f"migration {m.name}", user=_account(m),
+                              release_command=True)
     except CommandError as exc:
         raise MigrationError(f"migration {m.name}: {_scrub(db, exc.message)}",
                              hint=exc.hint) from None

@@ -150,8 +150,8 @@ def _printable(text: str) -> str:
 
 def _tool(*names: str) -> str:
     for name in names:
-        if shutil.which(name, path=proc.clean_env().get("PATH")):
-            return name
+        if found := proc.which(name):  # bundler's own PATH, never a .env's (see bundler.proc)
+            return found
     raise InstallError(f"{names[0]} is not on PATH: it is needed for a MySQL/MariaDB database",
                        hint=f"install the client tools (Debian: {hostneeds.MARIADB_CLIENT}), or "
                             "run the database as a compose service")

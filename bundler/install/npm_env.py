@@ -30,7 +30,7 @@ from typing import Any
 from bundler import proc
 from bundler.errors import BuildError, CommandError, InstallError
 from bundler.fsutil import CHUNK
-from bundler.install import node_runtime
+from bundler.install import fsowner, node_runtime
 from bundler.npmlock import (
     NpmPackage,
     npm_env,
@@ -47,12 +47,14 @@ _TIMEOUT = 1800
 
 def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[NpmPackage],
                     npm_cache: Path, log: Callable[[str], None], omit_dev: bool = True,
-                    env: Mapping[str, str] | None = None, release: Path | None = None) -> None:
+                    env: Mapping[str, str] | None = None, release: Path | None = None,
+                    user: proc.RunAs | None = None) -> None:
     """Install node_modules in `project_dir` (which holds package.json + package-lock.json)
     from the tarballs in `tarballs_dir`, with no network. `env` is added to npm's environment
     (for example PUPPETEER_SKIP_DOWNLOAD=1 for a package's install script). `release`: when
     it carries Node.js (see node_runtime), that node and npm run, for npm and for the
-    packages' install scripts; else the host's."""
+    packages' install scripts; else the host's. `user`: the release's account, which npm and
+    the packages' install scripts run as (see `_as_user`)."""
     lock_path = project_dir / "package-lock.json"
     for required in (project_dir / "package.json", lock_path):
         if not required.is_file():
@@ -60,7 +62,10 @@ def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[Np
                                hint="the bundle's npm project is incomplete: rebuild it")
     files = _verify_tarballs(tarballs_dir, packages)
     npm_cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bundler-npm-") as tmp:
+    if user is not None and not (user.switches and os.geteuid() == 0):
+        user = None  # bundler already runs as that account
+    with tempfile.TemporaryDirectory(prefix="bundler-npm-") as tmp, \
+            _as_user(user, [Path(tmp), npm_cache, project_dir / "node_modules"]):
         npm_env_ = npm_env(Path(tmp), {"NPM_CONFIG_REGISTRY": OFFLINE_REGISTRY, **(env or {})})
         npm_cmd = ["npm"]
         if release is not None and (carried := node_runtime.npm_argv(release)) is not None:
@@ -76,15 +81,44 @@ def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[Np
                 args.append("--omit=dev")
             log(f"npm ci --offline ({len(packages)} bundled package(s))")
             try:
-                result = proc.run(args, cwd=project_dir, env=npm_env_,
+                result = proc.run(args, cwd=project_dir, env=npm_env_, user=user,
                                   what="npm ci (offline)", timeout=_TIMEOUT)
             except CommandError as exc:
-                raise _explain(exc, lock) from None
+                raise _explain(exc, lock, user) from None
     summary = [line for line in result.output.splitlines() if line.strip()]
     log(f"npm: {summary[-1].strip() if summary else 'done'}")
     if not (project_dir / "node_modules").is_dir() and packages:
         raise InstallError("npm ci reported success but wrote no node_modules",
                            hint="run `npm ci --offline` by hand in the release dir to see why")
+
+
+@contextlib.contextmanager
+def _as_user(user: proc.RunAs | None, writable: Sequence[Path]) -> Iterator[None]:
+    """npm and the packages' install scripts (arbitrary code from the bundle) run as the
+    release's account, never as root: for the run it owns the directories npm writes (its
+    home, its cache, node_modules; the project directory and everything else stay root's),
+    and afterwards, whatever happened, those are root's again and not writable by it, as the
+    rest of the release is (fsowner.own_tree: safe against an install script that left a
+    process behind swapping directories for symlinks)."""
+    if user is None:
+        yield
+        return
+    for path in writable:
+        path.mkdir(parents=True, exist_ok=True)
+        fsowner.own_tree(path, user.uid, user.gid)
+    try:
+        yield
+    finally:
+        for path in writable:
+            fsowner.own_tree(path, 0, 0, 0o755, owned_by=user.uid)
+    for path in writable[1:]:  # (the home is removed with its temporary directory)
+        left = fsowner.foreign_entries(path, 0, 0, 0o755)
+        if left:
+            raise InstallError(
+                f"{path} holds entries bundler did not write and could not make root's: "
+                f"{', '.join(left[:5])}",
+                hint=f"an install script run as {user.name} put them there (a hard link "
+                     "to a file of another owner?): check the packages, then install again")
 
 
 def _verify_tarballs(tarballs_dir: Path, packages: Sequence[NpmPackage]
@@ -190,11 +224,28 @@ def _atomic_write(path: Path, data: bytes) -> None:
 _SCRIPT_PATH = re.compile(r"^npm error path (\S+)", re.M)
 _SCRIPT_CMD = re.compile(r"^npm error command sh -c (.+)$", re.M)
 _CODE = re.compile(r"^npm error code (\S+)", re.M)
+# node's "Error: EACCES: permission denied, open 'x'", or (when only the tail of the output is
+# left) the error object's "code: 'EACCES'" and "path: 'x'" lines
+_DENIED = re.compile(r"\bEACCES: (.*)$|code: 'EACCES'", re.M)
+_DENIED_PATH = re.compile(r"^\s*path: '([^']*)'", re.M)
 
 
-def _explain(exc: CommandError, lock: Mapping[str, Any]) -> InstallError:
+def _explain(exc: CommandError, lock: Mapping[str, Any],
+             user: proc.RunAs | None = None) -> InstallError:
     """One line saying what npm could not do, and how to fix it."""
     out = exc.message
+    denied = _DENIED.search(out) if user is not None else None
+    if user is not None and denied is not None:
+        where = _DENIED_PATH.search(out)
+        what = (f"EACCES: {denied.group(1).strip()}" if denied.group(1) else
+                f"EACCES on {where.group(1)}" if where else "EACCES")
+        script = _SCRIPT_CMD.search(out)
+        return InstallError(
+            f"npm ci --offline, run as user {user.name}, was denied writing: {what}"
+            + (f" (install script: {script.group(1).strip()})" if script else ""),
+            hint=f"npm and the install scripts run as {user.name}, which may write only "
+                 "node_modules (the release's other files are root's): make the files a "
+                 "script writes at build time (an `actions` step) and ship them")
     name = npm_not_cached(out, OFFLINE_REGISTRY)
     if name is not None:
         platform_pkg = any(

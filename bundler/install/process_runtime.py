@@ -84,6 +84,7 @@ def start(services: tuple[Service, ...], layout: Layout, rel: ReleaseDir,
             "env": env,
             "log": str(rel.logs / f"{svc.name}.log"),
             "pidfile": str(_pidfile(rel, svc.name)),
+            "secrets": renv.secrets(),  # masked in what the supervisor writes (0644 files)
         }
         if svc.user or user:
             run_spec["user"] = svc.user or user

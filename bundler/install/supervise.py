@@ -19,6 +19,7 @@ from types import FrameType
 from bundler import proc
 from bundler.errors import CommandError
 from bundler.fsutil import atomic_write_bytes
+from bundler.redact import redact
 
 MAX_BACKOFF = 30.0
 STABLE_AFTER = 60.0
@@ -82,7 +83,7 @@ def main(spec_path: str) -> int:
                 child = proc.popen(spec["argv"], cwd=Path(spec["cwd"]), env=spec["env"],
                                    log_fh=log_fd, user=user)
             except CommandError as exc:
-                why = exc.message.splitlines()[0]
+                why = redact(exc.message.splitlines()[0], spec.get("secrets", ()))
                 say(f"[supervisor] {spec['name']}: {why}\n")
                 code, error = None, why
             else:

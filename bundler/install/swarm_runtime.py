@@ -332,8 +332,8 @@ def _env(stack: Stack) -> dict[str, str]:
     passed = ("PATH", "HOME", "LANG", "LC_ALL", "DOCKER_HOST", "DOCKER_CONFIG",
               "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY", "DOCKER_CONTEXT")
     env = {k: v for k in passed if (v := os.environ.get(k)) is not None}
-    env.setdefault("PATH", os.defpath)
     env.update(stack.env)
+    env["PATH"] = proc.own_path()  # docker is bundler's tool: never a .env's PATH (proc)
     return env
 
 
