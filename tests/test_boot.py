@@ -11,7 +11,9 @@ import configparser
 import hashlib
 import json
 import os
+import sqlite3
 import stat
+import sys
 import zipfile
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from bundler.install import boot, rootbin
 from bundler.install.layout import Layout
 from bundler.manifest import Manifest
 from bundler.models import ComposeSpec, Runtime, Service, Target
+from tests.helpers import Project, bundle, bundle_argv, offline
 
 # --- a fake systemd: unit files in a directory, enablement as a set ---------------------------
 
@@ -361,3 +364,83 @@ services:
     assert boot.no_restart_policy(tmp_path, ("a.yml",)) == ["api", "never", "worker"]
     assert boot.no_restart_policy(tmp_path, ("a.yml", "b.yml")) == ["never", "worker"]
     assert boot.no_restart_policy(tmp_path, ("missing.yml",)) == []
+
+
+# --- on this host (no systemd): install, the root's own command, start --boot, uninstall ------
+
+SQLITE = """\
+database:
+  url: "sqlite:///{root}/app.db"
+migrations:
+  - {name: schema, sql: app/migrations}
+"""
+
+
+@pytest.mark.slow
+def test_install_then_uninstall_on_a_host_without_systemd(project: Project,
+                                                          keys: tuple[Path, Path],
+                                                          tmp_path: Path,
+                                                          roots: list[Path]) -> None:
+    migrations = project.dir / "app" / "migrations"
+    migrations.mkdir()
+    (migrations / "001.sql").write_text("CREATE TABLE items (name TEXT);\n"
+                                        "INSERT INTO items VALUES ('kept');\n")
+    built = []
+    for version, healthy in (("1.0.0", True), ("1.0.1", False)):
+        done = bundle("build", project.profile(version, healthy=healthy, extra=SQLITE),
+                      "--key", keys[0], "--out", project.dir / "dist",
+                      "--cache-dir", tmp_path / "cache", "--json")
+        assert done.rc == 0, done.err
+        built.append(json.loads(done.out)["bundle"])
+    root, failed_root = tmp_path / "target", tmp_path / "failed"
+    roots += [root, failed_root]
+    own = [str(root / "bin" / "bundle")]
+    runs = offline(
+        bundle_argv("install", built[1], "--trust", keys[1], "--root", failed_root),
+        bundle_argv("install", built[0], "--trust", keys[1], "--root", root),
+        [*own, "status", "--root", root, "--json"],
+        [*own, "stop", "--root", root],
+        [*own, "start", "--root", root, "--boot"],
+        [*own, "history", "--root", root, "--json"],
+        [*own, "uninstall", "--root", root, "--purge"],
+        [*own, "uninstall", "--root", root, "--json"],
+        [*own, "status", "--root", root, "--json"],
+    )
+    failed, install, status, stop, boot_start, history, refused, gone, stopped = runs
+    assert failed.rc == 12, failed.err
+    assert not (failed_root / "bin").exists()  # a failed first install leaves no bin/
+
+    assert install.rc == 0, install.err
+    assert install.err.count("boot: not configured (no systemd): after a reboot, run "
+                             f"`{root}/bin/bundle start --root {root}`") == 1, install.err
+    assert f"this root's own command: {root}/bin/bundle (runs this installation's bundler" \
+        in install.err
+    wrapper = root / "bin" / "bundle"
+    assert stat.S_IMODE(wrapper.stat().st_mode) == 0o755
+    assert wrapper.read_text().splitlines()[-1] == f'exec {sys.executable} -I -m bundler "$@"'
+    doc = json.loads(status.out)
+    assert doc["healthy"] is True and doc["boot"] == {
+        "configured": False, "unit": None, "detail": "not configured (no systemd)"}, doc
+    assert stop.rc == 0 and boot_start.rc == 0, stop.err + boot_start.err
+    boots = [(e["step"], e["status"]) for e in json.loads(history.out)["events"]
+             if e["step"] == "boot"]
+    assert boots == [("boot", "none"), ("boot", "started"), ("boot", "healthy")], boots
+
+    assert refused.rc == 8 and "needs confirmation" in refused.err, refused.err
+    doc = json.loads(gone.out)
+    assert doc == {"ok": True, "root": str(root), "product": "shop", "stopped": "1.0.0",
+                   "unit_removed": None, "purged": [], "kept": ["state", "shared", "backups"]}
+    doc = json.loads(stopped.out)
+    assert stopped.rc == 19 and [s["running"] for s in doc["services"]] == [False], doc
+    # the same bundle again: already current, started again
+    again, back, purged = offline(
+        bundle_argv("install", built[0], "--trust", keys[1], "--root", root, "--json"),
+        [*own, "status", "--root", root, "--json"],
+        [*own, "uninstall", "--root", root, "--purge", "--yes", "--json"])
+    assert again.rc == 0 and json.loads(again.out)["status"] == "unchanged", again.err
+    assert json.loads(back.out)["healthy"] is True, back.out
+    doc = json.loads(purged.out)
+    assert doc["purged"] == ["current", "releases", "bin"] and doc["stopped"] == "1.0.0", doc
+    assert sorted(p.name for p in root.iterdir()) == ["app.db", "backups", "shared", "state"]
+    with sqlite3.connect(root / "app.db") as conn:
+        assert conn.execute("SELECT name FROM items").fetchall() == [("kept",)]
