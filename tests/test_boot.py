@@ -433,10 +433,14 @@ def test_install_then_uninstall_on_a_host_without_systemd(project: Project,
     doc = json.loads(stopped.out)
     assert stopped.rc == 19 and [s["running"] for s in doc["services"]] == [False], doc
     # the same bundle again: already current, started again
-    again, back, purged = offline(
+    again, back, purged, replay, reinstall, purged2 = offline(
         bundle_argv("install", built[0], "--trust", keys[1], "--root", root, "--json"),
         [*own, "status", "--root", root, "--json"],
-        [*own, "uninstall", "--root", root, "--purge", "--yes", "--json"])
+        [*own, "uninstall", "--root", root, "--purge", "--yes", "--json"],
+        bundle_argv("install", built[0], "--trust", keys[1], "--root", root),
+        bundle_argv("install", built[0], "--trust", keys[1], "--root", root,
+                    "--allow-downgrade"),
+        [*own, "uninstall", "--root", root, "--purge", "--yes"])
     assert again.rc == 0 and json.loads(again.out)["status"] == "unchanged", again.err
     assert json.loads(back.out)["healthy"] is True, back.out
     doc = json.loads(purged.out)
@@ -444,3 +448,6 @@ def test_install_then_uninstall_on_a_host_without_systemd(project: Project,
     assert sorted(p.name for p in root.iterdir()) == ["app.db", "backups", "shared", "state"]
     with sqlite3.connect(root / "app.db") as conn:
         assert conn.execute("SELECT name FROM items").fetchall() == [("kept",)]
+    # the accepted sequence is kept: the same bundle again is a replay unless allowed
+    assert replay.rc == 8 and "not newer than the last accepted" in replay.err, replay.err
+    assert reinstall.rc == 0 and purged2.rc == 0, reinstall.err + purged2.err
