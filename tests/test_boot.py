@@ -255,6 +255,20 @@ def test_at_commit_journals_and_prints_the_outcome(tmp_path: Path,
     assert f"this root's own command: {layout.root / 'bin/bundle'}" in err
 
 
+def test_nothing_after_the_commit_can_fail_the_install(tmp_path: Path) -> None:
+    sd = FakeSystemd(tmp_path / "units")
+    layout = Layout(tmp_path / "root")
+    layout.root.mkdir()
+
+    def broken_journal(*_: str) -> None:
+        raise OSError("disk full")
+
+    with boot.at_commit(layout, manifest(), broken_journal, systemd=sd):
+        pass  # committed: the journal's failure is reported, not raised (no undo of it)
+    assert (sd.unit_dir / boot.unit_name("shop", layout.root)).is_file()
+    assert (layout.root / "bin" / "bundle").is_file()
+
+
 # --- the root's own command ---------------------------------------------------------------------
 
 def make_kit(path: Path, files: dict[str, bytes], digest: str | None = None) -> str:

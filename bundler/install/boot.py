@@ -236,11 +236,21 @@ def at_commit(layout: Layout, m: Manifest, record: Record | None = None,
     try:
         yield setup
     except BaseException:
-        undo_unit()
-        undo_bin()
+        for undo in (undo_unit, undo_bin):  # each one, whatever the other did
+            with contextlib.suppress(Exception):
+                undo()
         raise
-    with contextlib.suppress(Exception):
-        rootbin.prune(layout, how)
+    try:  # committed: nothing here may fail the install (its undo would undo a live release)
+        _after_commit(layout, m, setup, how, command, record)
+    except Exception as exc:
+        ui.note(f"boot: {setup.detail} (after the commit: {exc})")
+
+
+def _after_commit(layout: Layout, m: Manifest, setup: BootSetup, how: rootbin.Running,
+                  command: Path, record: Record | None) -> None:
+    """Prune old kits from bin/, say once what was set up (and warn about compose services
+    the engine will not restart), journal it."""
+    rootbin.prune(layout, how)
     lines = [f"boot: {setup.detail}", f"this root's own command: {command} " + (
         "(a copy of this kit: the stick is no longer needed)" if how.kit else
         f"(runs this installation's bundler, {how.python})")]
@@ -248,8 +258,7 @@ def at_commit(layout: Layout, m: Manifest, record: Record | None = None,
     for line in lines:
         ui.note(line)
     if record is not None:
-        with contextlib.suppress(Exception):
-            record("boot", "enabled" if setup.configured else "none", setup.detail)
+        record("boot", "enabled" if setup.configured else "none", setup.detail)
 
 
 def compose_warnings(layout: Layout, m: Manifest, setup: BootSetup) -> list[str]:
