@@ -64,7 +64,7 @@ def running() -> Running:
     where = getattr(main, "__file__", None)
     if not where or getattr(main, "META", None) != kitboot.META:
         return Running(python)
-    kit = Path(where).parent
+    kit = Path(where).parent.absolute()  # INSTALL.txt runs it by a relative name
     tree = Path(bundler.__file__).resolve().parent.parent
     try:
         digest = (tree / kitboot.READY).read_text(encoding="ascii").strip()
