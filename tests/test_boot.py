@@ -11,8 +11,10 @@ import configparser
 import hashlib
 import json
 import os
+import select
 import sqlite3
 import stat
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -446,6 +448,11 @@ def test_install_then_uninstall_on_a_host_without_systemd(project: Project,
                    "unit_removed": None, "purged": [], "kept": ["state", "shared", "backups"]}
     doc = json.loads(stopped.out)
     assert stopped.rc == 19 and [s["running"] for s in doc["services"]] == [False], doc
+    # --purge on a terminal asks; "no" changes nothing
+    said, rc = on_a_terminal([*own, "uninstall", "--root", str(root), "--purge"], b"n\n")
+    assert rc == 8 and "not confirmed; nothing was changed" in said, said
+    assert f"Remove {root}/current, {root}/releases, {root}/bin" in said and "[y/N]" in said
+    assert (root / "releases" / "1.0.0").is_dir() and (root / "bin" / "bundle").is_file()
     # the same bundle again: already current, started again
     again, back, purged, replay, reinstall, purged2 = offline(
         bundle_argv("install", built[0], "--trust", keys[1], "--root", root, "--json"),
@@ -465,3 +472,26 @@ def test_install_then_uninstall_on_a_host_without_systemd(project: Project,
     # the accepted sequence is kept: the same bundle again is a replay unless allowed
     assert replay.rc == 8 and "not newer than the last accepted" in replay.err, replay.err
     assert reinstall.rc == 0 and purged2.rc == 0, reinstall.err + purged2.err
+
+
+def on_a_terminal(argv: list[str], reply: bytes) -> tuple[str, int]:
+    """Run argv with a pseudo-terminal as stdin and stderr, typing `reply`; what it printed
+    there and its exit status."""
+    master, slave = os.openpty()
+    try:
+        child = subprocess.Popen(argv, stdin=slave, stdout=subprocess.DEVNULL, stderr=slave)
+        os.write(master, reply)
+        rc = child.wait(timeout=120)
+        said = b""
+        while select.select([master], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed its end
+                break
+            if not chunk:
+                break
+            said += chunk
+        return said.decode(errors="replace"), rc
+    finally:
+        os.close(master)
+        os.close(slave)
