@@ -431,6 +431,14 @@ directory that holds these files (e.g. cd /media/usb):
      {run} status --root {root}
 
 Back to the previous release, if need be: {run} rollback --root {root}
+
+After the first install this stick is no longer needed to run bundler on the host: the
+install copies the kit (verified) into {root}/bin/ and writes {root}/bin/bundle, which runs
+it. Use {root}/bin/bundle for every later command (status, history, stop, start, rollback,
+recover, uninstall); where systemd runs the host, the install also enables a unit that starts
+the stack at boot and health-checks it ({root}/bin/bundle uninstall --root {root} stops the
+stack and removes the unit, keeping databases, data and backups). A later bundle comes with
+its own kit: install it with that kit, which then replaces the copy in {root}/bin/.
 """
     return text.encode()
 

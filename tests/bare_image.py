@@ -4,6 +4,8 @@
   python3-venv, no pip, no Node.js, no PostgreSQL client), imported with `docker import`.
 - `pg15`: `FROM` that image, plus Debian's `postgresql-15` (server and client tools; seed 001's
   host runs its own PostgreSQL), installed with apt from the same mirror.
+- `systemd`: `FROM` the bare image, plus `systemd systemd-sysv dbus`: a host that boots
+  (systemd as PID 1, see tests.booted_host).
 
 The Debian mirror is read from this machine's apt sources at run time (never committed). Each
 image is tagged by a hash of its recipe, so an edited recipe is a new image, never a stale one;
@@ -12,7 +14,7 @@ rootfs tar, the pg15 image as `docker save`), so a re-run after `docker system p
 in seconds instead of bootstrapping again. A file lock there serialises concurrent builders
 (other worktrees share the engine and the cache).
 
-    python -m tests.bare_image [bare|pg15 ...]    # build (or find) them; prints tag, time, size
+    python -m tests.bare_image [bare|pg15|seed004|systemd ...]  # build or find; tag, time, size
 """
 
 from __future__ import annotations
@@ -72,7 +74,18 @@ RUN apt-get update -qq \\
  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
 """
 SEED004_REF = f"{REPO}:seed004-" + _hash(BARE_REF, SEED004_DOCKERFILE)
-REFS = {"bare": BARE_REF, "pg15": PG15_REF, "seed004": SEED004_REF}
+# A host that boots (DESIGN.md section 9): systemd as PID 1 in the container, for the reboot
+# tests of issue 17 (`docker restart` of it is a power cut). Run it with tests.booted_host.
+SYSTEMD_DOCKERFILE = """\
+FROM {base}
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd \\
+    systemd-sysv dbus \\
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+CMD ["/lib/systemd/systemd"]
+"""
+SYSTEMD_REF = f"{REPO}:systemd-" + _hash(BARE_REF, SYSTEMD_DOCKERFILE)
+REFS = {"bare": BARE_REF, "pg15": PG15_REF, "seed004": SEED004_REF, "systemd": SYSTEMD_REF}
 
 
 class Unavailable(Exception):
@@ -243,6 +256,10 @@ def ensure_seed004(client: Any) -> Built:
     return _ensure_derived(client, SEED004_REF, SEED004_DOCKERFILE)
 
 
+def ensure_systemd(client: Any) -> Built:
+    return _ensure_derived(client, SYSTEMD_REF, SYSTEMD_DOCKERFILE)
+
+
 def _ensure_derived(client: Any, ref: str, recipe: str) -> Built:
     """An image built FROM the bare base by `recipe` (apt from the host's mirror), kept in the
     engine and saved in the cache dir (a later run, or another worktree, loads the save)."""
@@ -291,7 +308,8 @@ def _build_derived(client: Any, ref: str, recipe: str, saved: Path) -> None:
     os.replace(partial, saved)
 
 
-ENSURE = {"bare": ensure_bare, "pg15": ensure_pg15, "seed004": ensure_seed004}
+ENSURE = {"bare": ensure_bare, "pg15": ensure_pg15, "seed004": ensure_seed004,
+          "systemd": ensure_systemd}
 
 
 def main(argv: list[str]) -> int:

@@ -333,6 +333,7 @@ def test_export_builds_the_kit_when_none_is_next_to_the_bundle(built: dict[str, 
     assert sums.returncode == 0, sums.stdout + sums.stderr
     text = (out / "INSTALL.txt").read_text()
     assert f"python3 -I -S {kit_name} install vault-1.0.0.bundle --root /srv/vault" in text
+    assert "Use /srv/vault/bin/bundle for every later command" in text  # no stick after it
     # the kit runs: it is a real one, for this target
     ran = subprocess.run(["python3", "-I", "-S", str(out / kit_name), "--version"],
                          capture_output=True, text=True, check=False,

@@ -1,4 +1,4 @@
-"""Target-side commands: install, status, history, stop, start, trust."""
+"""Target-side commands: install, status, history, stop, start, uninstall, trust."""
 
 from __future__ import annotations
 
@@ -73,12 +73,14 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
 @handled
 def status(root: Path, as_json: bool) -> None:
     """Show the current release, its services and its health."""
+    from bundler.install import boot
     from bundler.install.control import status as get_status
 
     layout = use_root(root)
     st = get_status(layout)
+    at_boot = boot.describe(layout, st.product)
     if as_json:
-        emit_json({"ok": True, **st.to_json()})
+        emit_json({"ok": True, **st.to_json(), "boot": at_boot.to_json()})
     else:
         if st.current is None:
             click.echo(f"{layout.root}: no current release")
@@ -91,6 +93,7 @@ def status(root: Path, as_json: bool) -> None:
                            f" ({redact(s.detail)})")
             for chk in st.checks:
                 click.echo(f"  check {chk.name}: {'ok' if chk.ok else 'FAIL'} — {chk.detail}")
+        click.echo(f"  boot: {at_boot.detail}")
         if st.pending is not None:
             click.echo(f"PENDING RECOVERY: {st.pending.describe()}; "
                        f"`{cmd('recover', '--root', layout.root)}` settles it")
@@ -129,12 +132,28 @@ def stop(root: Path) -> None:
 
 @cli.command()
 @options.root
+@click.option("--boot", "at_boot", is_flag=True,
+              help="As the boot unit runs it: settle an install a power cut interrupted "
+                   "(never discarding writes), then start and health-check, and record the "
+                   "outcome in the journal (`bundle history`, step `boot`).")
 @handled
-def start(root: Path) -> None:
+def start(root: Path, at_boot: bool) -> None:
     """Start the current release's services and health-check them."""
     from bundler.install.control import start as do_start
 
-    version, checks = do_start(use_root(root))
+    layout = use_root(root)
+    if at_boot:
+        from bundler.install.boot import start_at_boot
+
+        run = start_at_boot(layout)
+        if run.recovered:
+            click.echo(run.recovered)
+        if run.version is None:
+            click.echo(f"{layout.root}: nothing installed, nothing to start")
+            return
+        version, checks = run.version, list(run.checks)
+    else:
+        version, checks = do_start(layout)
     for c in checks:
         click.echo(f"  {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}")
     click.echo(f"started {version}")
@@ -142,6 +161,45 @@ def start(root: Path) -> None:
     if failed:
         _unhealthy(f"{version} started but is unhealthy: check {', '.join(failed)} failed",
                    as_json=False)
+
+
+@cli.command()
+@options.root
+@click.option("--purge", is_flag=True,
+              help="Also remove releases/, current and bin/ (code, venvs, bundler's own "
+                   "command). Databases, data, backups/, shared/ and state/ are kept always.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before --purge removes files.")
+@options.json_output
+@handled
+def uninstall(root: Path, purge: bool, yes: bool, as_json: bool) -> None:
+    """Stop the stack and remove its boot unit, keeping databases, data and backups.
+
+    `bundle start` brings it back; the next `bundle install` sets the boot unit up again.
+    See docs/boot.md for what is kept."""
+    from bundler.errors import PolicyError
+    from bundler.install.uninstall import describe_purge
+    from bundler.install.uninstall import uninstall as do_uninstall
+
+    layout = use_root(root)
+    if purge and not yes:
+        if as_json or not sys.stdin.isatty():
+            raise PolicyError("--purge removes files and needs confirmation; nothing was "
+                              "changed", hint="add --yes to remove releases/, current and bin/ "
+                                              "(databases, data and backups are kept)")
+        if not click.confirm(describe_purge(layout.root), default=False, err=True):
+            raise PolicyError("not confirmed; nothing was changed",
+                              hint=f"`{cmd('uninstall', '--root', layout.root)}` without "
+                                   "--purge only stops the stack and removes its boot unit")
+    result = do_uninstall(layout, purge)
+    if as_json:
+        emit_json({"ok": True, **result.to_json()})
+        return
+    click.echo(f"stopped {result.stopped}" if result.stopped else "nothing was running")
+    click.echo(f"removed the boot unit {result.unit}" if result.unit else "no boot unit")
+    if result.purged:
+        click.echo(f"removed {', '.join(result.purged)}")
+    click.echo(f"kept {', '.join(result.kept) or 'nothing else'} under {result.root}; "
+               "databases are never touched")
 
 
 @cli.group()

@@ -49,6 +49,7 @@ from bundler.fsutil import (
     require_space,
 )
 from bundler.install import (
+    boot,
     database,
     datadirs,
     environ,
@@ -214,6 +215,8 @@ def _ensure_running(layout: Layout, m: Manifest, environment: str,
     checks = health.run_all(m.runtime.health, environ.release_env(
         layout, m.runtime.env, environment, version=m.version), user=m.runtime.user,
         crashed=crashed)
+    with boot.at_commit(layout, m):  # set up again if missing (e.g. after `bundle uninstall`)
+        pass
     return InstallResult(m.version, None, "unchanged", tuple(checks))
 
 
@@ -341,7 +344,8 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             raise _HealthFailed(f"health check {failed[0].name!r} failed: {failed[0].detail}"
                                 + (f"; {'; '.join(why)}" if why else ""))
         journal.record("health", "done", "; ".join(c.detail for c in checks))
-        with state.tx():
+        # bin/ and the boot unit go in with the switch, and back out if it fails (boot.py)
+        with boot.at_commit(layout, m, journal.record), state.tx():
             atomic_symlink(os.path.join("releases", m.version), layout.current)
             fault_point("commit")  # switched, not yet recorded: recovery must finish it
             if previous and previous != m.version:
