@@ -54,7 +54,8 @@ COMMANDS = [
     ("status",), ("history",), ("stop",), ("start",), ("rollback",), ("rollback", "--to", "1.0.0"),
     ("recover",), ("doctor",), ("doctor", "BUNDLE"), ("trust", "list"),
     ("trust", "remove", "feedfacefeedface"), ("install", "BUNDLE"), ("verify", "BUNDLE"),
-    ("inspect", "BUNDLE"), ("diff", "BUNDLE", "BUNDLE"),
+    ("inspect", "BUNDLE"), ("diff", "BUNDLE", "BUNDLE"), ("uninstall",),
+    ("uninstall", "--purge", "--yes"), ("start", "--boot"),
 ]
 
 
