@@ -231,3 +231,13 @@ class NodeDownError(InstallError):
     exit_code = 22
     default_hint = ("bring the node back (`docker node ls` on a manager; its engine must answer "
                     "at the endpoint swarm.yaml names), or install with --allow-degraded")
+
+
+class HostPolicyError(PolicyError):
+    """The bundle asks the host for something this root's host policy does not allow (a
+    privileged container, a host path mounted, a capability, a host namespace, root...), or
+    for something bundler cannot check exactly: refused before anything is created."""
+
+    exit_code = 23
+    default_hint = ("`bundle inspect BUNDLE` lists what the bundle asks of the host; "
+                    "docs/host-policy.md says how to allow it")
