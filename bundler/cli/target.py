@@ -36,13 +36,14 @@ def _unhealthy(message: str, as_json: bool) -> NoReturn:
 @click.option("--allow-degraded", is_flag=True,
               help="Swarm (swarm.yaml in ROOT): install while some nodes are down, with the "
                    "nodes that are up (recorded in history); refused otherwise.")
+@options.allow
 @options.db_choice
 @options.keep_db
 @options.json_output
 @handled
 def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: bool,
-            environment: str, allow_degraded: bool, db_choice: str | None,
-            as_json: bool) -> None:
+            environment: str, allow_degraded: bool, allow: tuple[str, ...],
+            db_choice: str | None, as_json: bool) -> None:
     """Verify BUNDLE, install it under ROOT, start it, health-check it, then switch to it.
 
     BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
@@ -53,7 +54,7 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
 
     trusted = trust_store.resolve(trust_path, Layout(root.resolve()))
     result = do_install(bundle, trusted, root, allow_downgrade, environment, db_choice,
-                        allow_degraded)
+                        allow_degraded, allow)
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return
@@ -201,11 +202,13 @@ def trust_remove(keyid: str, root: Path) -> None:
 @options.root
 @click.option("--to", "to_version", default=None, metavar="VERSION",
               help="Release to return to (default: the one before the current).")
+@options.allow
 @options.db_choice
 @options.keep_db
 @options.json_output
 @handled
-def rollback(root: Path, to_version: str | None, db_choice: str | None, as_json: bool) -> None:
+def rollback(root: Path, to_version: str | None, allow: tuple[str, ...],
+             db_choice: str | None, as_json: bool) -> None:
     """Switch back to an earlier release kept on disk, health-checked (the database is kept).
 
     With an interrupted install pending, finish rolling that install back instead."""
@@ -217,7 +220,7 @@ def rollback(root: Path, to_version: str | None, db_choice: str | None, as_json:
         raise StateError(f"{root} is not an install root (no such directory)",
                          hint="check --root")
     with locked(layout.root):
-        result = do_rollback(layout, to_version, db_choice)
+        result = do_rollback(layout, to_version, db_choice, allow)
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return

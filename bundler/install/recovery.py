@@ -17,7 +17,7 @@ from bundler.errors import (
     StateError,
 )
 from bundler.fsutil import atomic_symlink
-from bundler.install import database, environ, health, runas, runtime
+from bundler.install import database, environ, health, hostpolicy, runas, runtime
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.state import ReleaseRow, State, new_txn
@@ -346,8 +346,8 @@ class RollbackResult:
                 "checks": [c.to_json() for c in self.checks]}
 
 
-def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None
-             ) -> RollbackResult:
+def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None,
+             allow: tuple[str, ...] = ()) -> RollbackResult:
     """Switch back to an earlier release (default: the one before the current), health-checked.
     Call under the root lock.
 
@@ -355,6 +355,9 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None
     only when an install fails; see the install report for the backup file. With an
     interrupted install pending, a plain rollback finishes that install's rollback and stops
     there: the healthy current release is not rolled back as well.
+
+    The release returned to is checked against the root's host policy (and `allow`) as an
+    install would be: a release installed under a looser policy is not restarted silently.
     """
     probe = State.open_readonly(layout.db)
     if probe is None:
@@ -384,6 +387,8 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None
             raise StateError(f"no earlier release to roll back to under {layout.root}",
                              hint="`bundle status --root DIR` lists the releases kept on disk")
         txn = new_txn()
+        asked = hostpolicy.check_release(layout, target, hostpolicy.flag_grants(allow),
+                                         ReleaseDir(layout.release(current)).manifest())
         ui.step(f"Rolling back from {current} to {target}")
         _stop(layout, current)
         checks = _start(layout, target)
@@ -402,6 +407,8 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None
         with state.tx():
             state.set_status(current, "rolled_back", f"manual rollback to {target}")
             state.set_status(target, "active")
+            if asked.allowed:
+                state.event(txn, target, "host-policy", "allowed", asked.journal())
             state.event(txn, target, "rollback", "done", f"from {current} (manual)")
         return RollbackResult(current, target, tuple(checks))
     finally:
