@@ -119,12 +119,20 @@ def load(text: str | bytes, name: str) -> dict[str, Any]:
     return doc
 
 
-def _norm(value: Any) -> Any:
+MAX_NODES = 100_000  # YAML aliases can make a small file a huge tree: refused, not walked
+
+
+def _norm(value: Any, budget: list[int] | None = None) -> Any:
     """Plain JSON without floats, deterministic: every scalar but a bool or null as text."""
+    budget = budget if budget is not None else [MAX_NODES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise Unevaluable(f"the compose files expand to more than {MAX_NODES} values "
+                          "(YAML aliases?)")
     if isinstance(value, dict):
-        return {str(k): _norm(v) for k, v in value.items()}
+        return {str(k): _norm(v, budget) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_norm(v) for v in value]
+        return [_norm(v, budget) for v in value]
     if value is None or isinstance(value, bool | str):
         return value
     return str(value)
@@ -547,11 +555,32 @@ class _Analysis:
 
 def analyse(ex: Mapping[str, Any], env: Env | None, place: Place) -> list[Request]:
     """Every request the compose excerpt `ex` makes. `env`: the values compose interpolates
-    with (None: unknown, as in `bundle inspect`: what depends on them is `pending`)."""
+    with (None: unknown, as in `bundle inspect`: what depends on them is `pending`).
+    Unevaluable if `ex` is not in the shape `excerpt` makes (a record written by hand)."""
+    _check_shape(ex)
+    try:
+        return _Analysis(ex, env, place).run()
+    except (AttributeError, TypeError, KeyError) as exc:
+        raise Unevaluable(f"the excerpt of the compose files is malformed ({exc})") from None
+
+
+def _check_shape(ex: Mapping[str, Any]) -> None:
     if ex.get("version") != EXCERPT_VERSION:
         raise Unevaluable(f"host-request excerpt version {ex.get('version')!r} is not one "
                           "this bundler reads")
-    return _Analysis(ex, env, place).run()
+    services = ex.get("services")
+    if not isinstance(services, dict) or not all(isinstance(v, dict)
+                                                 for v in services.values()):
+        raise Unevaluable("the excerpt's `services` is not a mapping of mappings")
+    for name, spec in services.items():
+        for key in (*_LIST_KEYS, "reserved_devices"):
+            if not isinstance(spec.get(key, []), list):
+                raise Unevaluable(f"the excerpt's service {name}: `{key}` is not a list")
+    for key in _TOP_KEYS:
+        section = ex.get(key, {})
+        if not isinstance(section, dict) or not all(isinstance(v, dict)
+                                                    for v in section.values()):
+            raise Unevaluable(f"the excerpt's `{key}` is not a mapping of mappings")
 
 
 def process_requests(runtime: Runtime) -> list[Request]:

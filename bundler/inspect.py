@@ -7,6 +7,7 @@ from typing import Any
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from bundler import hostreq
+from bundler.errors import HostPolicyError
 from bundler.manifest import KIND_PREFIX, FileEntry, Manifest
 from bundler.models import DatabaseSpec, MigrationSpec
 from bundler.signing import Verified
@@ -54,7 +55,13 @@ def host_requests(m: Manifest, compose: dict[str, Any] | None = None) -> dict[st
     complete = spec is None or ex is not None
     if spec is not None and ex is not None:
         workdir = spec.files[0].rpartition("/")[0] or "."
-        requests += hostreq.analyse(ex, None, hostreq.Place(workdir))
+        try:
+            requests += hostreq.analyse(ex, None, hostreq.Place(workdir))
+        except hostreq.Unevaluable as exc:
+            raise HostPolicyError(f"the signed manifest's record of what the compose files "
+                                  f"ask of the host cannot be read: {exc}",
+                                  hint="do not install it; `bundle verify` reads the files "
+                                       "themselves") from None
     return {"host_requests": [r.to_json() for r in requests],
             "host_requests_complete": complete}
 

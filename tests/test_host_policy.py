@@ -228,6 +228,26 @@ def test_what_compose_would_read_differently_is_refused(text: str, message: str)
         hostreq.excerpt_of_files([("stack/c.yml", text)])
 
 
+def test_an_alias_bomb_is_refused_not_walked() -> None:
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]
+    text = "x-bomb:\n" + "".join(f"  {line}\n" for line in levels) + \
+        "services:\n  web:\n    sysctls: *a6\n"
+    with pytest.raises(Unevaluable, match="more than 100000 values"):
+        hostreq.excerpt_of_files([("c.yml", text)])
+
+
+@pytest.mark.parametrize("record", [
+    {"version": 1, "services": {"web": {"cap_add": "NET_ADMIN"}}},
+    {"version": 1, "services": ["web"]},
+    {"version": 1, "services": {"web": {"volumes": [["/", "/host"]]}}},
+    {"version": 2, "services": {}},
+])
+def test_a_malformed_record_is_unevaluable_not_a_crash(record: dict[str, Any]) -> None:
+    with pytest.raises(Unevaluable):
+        hostreq.analyse(record, None, Place("stack"))
+
+
 def test_the_excerpt_is_plain_deterministic_json() -> None:
     text = svc("user: 0\nsysctls: {net.x: 1.5}\nprivileged: yes\n")
     ex = hostreq.excerpt_of_files([("c.yml", text)])
