@@ -209,6 +209,7 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
                                f"sequence {m.sequence} accepted with --allow-downgrade")
             if asked.allowed:
                 journal.record("host-policy", "allowed", asked.journal())
+                ui.note(f"host policy allows: {asked.journal()}")
             if down:
                 journal.record("degraded", "allowed", "--allow-degraded with node(s) down: "
                                + "; ".join(f"{n.name} ({n.state})" for n in down))
