@@ -15,9 +15,9 @@ import io
 import os
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,6 +26,8 @@ from bundler.errors import IntegrityError, SignatureError
 from bundler.fsutil import CHUNK, atomic_write
 from bundler.manifest import FileEntry
 from bundler.signing import MAX_ENVELOPE_BYTES, TrustedKey, Verified, verify_envelope
+
+MAX_CAPTURE = 4 * 1024 * 1024  # a compose file `bundle verify` reads back
 
 ENVELOPE = "envelope.json"
 Progress = Callable[[int], None]
@@ -336,6 +338,8 @@ class Extracted:
     verified: Verified
     dest: Path | None
     bytes_read: int
+    # The members asked for by `extract(capture=...)`, each only once its sha256 matched.
+    captured: dict[str, bytes] = field(default_factory=dict)
 
 
 class BundleReader:
@@ -376,20 +380,26 @@ class BundleReader:
                 self._raw.diagnose()
             raise
 
-    def extract(self, dest: Path | None, progress: Progress | None = None) -> Extracted:
+    def extract(self, dest: Path | None, progress: Progress | None = None,
+                capture: Collection[str] = ()) -> Extracted:
         """Check every payload member; write each to `dest/<manifest path>` if dest is given.
+        The members named in `capture` (small ones: at most MAX_CAPTURE bytes each, else
+        IntegrityError) are also kept in memory, for `bundle verify` to read.
 
         Raises at the first problem. The caller owns `dest` and removes it on failure.
         """
         result: list[Extracted] = []
-        self._diagnosed(lambda: result.append(self._extract(dest, progress)))
+        self._diagnosed(lambda: result.append(self._extract(dest, progress,
+                                                            frozenset(capture))))
         return result[0]
 
-    def _extract(self, dest: Path | None, progress: Progress | None) -> Extracted:
+    def _extract(self, dest: Path | None, progress: Progress | None,
+                 capture: frozenset[str] = frozenset()) -> Extracted:
         assert self.verified is not None, "read_envelope() first"
         manifest = self.verified.manifest
         listed = {f.path: f for f in manifest.files}
         seen: set[str] = set()
+        captured: dict[str, bytes] = {}
         while (member := self._tar.next()) is not None:
             name = member.name
             if not member.isreg():
@@ -409,7 +419,12 @@ class BundleReader:
                 raise IntegrityError(f"{self.label}: the tar header of {name!r} is not in the "
                                      "form bundler writes (owner, mode, time or link fields "
                                      "altered)", hint="the bundle was modified or re-packed")
-            self._check_payload(member, entry, dest, progress)
+            if name in capture and entry.size > MAX_CAPTURE:
+                raise IntegrityError(f"{self.label}: member {name!r} is {entry.size} bytes, "
+                                     f"over the {MAX_CAPTURE} byte limit for a compose file")
+            kept = self._check_payload(member, entry, dest, progress, name in capture)
+            if kept is not None:
+                captured[name] = kept
             seen.add(name)
         missing = sorted(set(listed) - seen)
         if missing:
@@ -417,17 +432,20 @@ class BundleReader:
             raise IntegrityError(f"{self.label}: member {missing[0]!r}{more} listed in the "
                                  "manifest is missing from the bundle",
                                  hint="the copy is incomplete or was re-packed: copy it again")
-        return Extracted(self.verified, dest, self._tar.pos)
+        return Extracted(self.verified, dest, self._tar.pos, captured)
 
     def _check_payload(self, member: Member, entry: FileEntry, dest: Path | None,
-                       progress: Progress | None) -> None:
+                       progress: Progress | None, keep: bool = False) -> bytes | None:
         digest = hashlib.sha256()
+        kept: list[bytes] = []
         with _open_dest(dest, entry.path) as out:
 
             def sink(view: memoryview) -> None:
                 digest.update(view)
                 if out is not None:
                     out.write(view)
+                if keep:
+                    kept.append(bytes(view))
                 if progress:
                     progress(len(view))
 
@@ -435,6 +453,7 @@ class BundleReader:
         if digest.hexdigest() != entry.sha256:
             raise IntegrityError(f"{self.label}: member {entry.path!r} does not match its "
                                  "signed sha256")
+        return b"".join(kept) if keep else None
 
 
 @contextlib.contextmanager

@@ -207,7 +207,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
                                if spec.name else "database.compose_service"))
         compose_check.check(facts, [i.ref for i in profile.images], needed)
         runtime = dataclasses.replace(
-            runtime, compose=dataclasses.replace(compose, ports=facts.ports))
+            runtime, compose=dataclasses.replace(compose, ports=facts.ports, host=facts.host))
     expires = None
     if profile.expires_ms is not None:
         expires = rfc3339(created + profile.expires_ms // 1000)

@@ -240,6 +240,16 @@ class NodeDownError(InstallError):
                     "at the endpoint swarm.yaml names), or install with --allow-degraded")
 
 
+class HostPolicyError(PolicyError):
+    """The bundle asks the host for something this root's host policy does not allow (a
+    privileged container, a host path mounted, a capability, a host namespace, root...), or
+    for something bundler cannot check exactly: refused before anything is created."""
+
+    exit_code = 23
+    default_hint = ("`{bundle} inspect BUNDLE` lists what the bundle asks of the host; "
+                    "docs/host-policy.md says how to allow it")
+
+
 # What a full disk looks like from here: the OS error itself, SQLite's SQLITE_FULL, and the
 # words the tools bundler runs print for it (uv, pip, npm, pg_dump, tar, docker).
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

@@ -7,6 +7,8 @@ from typing import Any
 
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
+from bundler import hostreq
+from bundler.errors import HostPolicyError
 from bundler.manifest import KIND_PREFIX, FileEntry, Manifest
 from bundler.models import DatabaseSpec, EnvSpec, HealthCheck, MigrationSpec, Runtime
 from bundler.redact import redact
@@ -41,8 +43,30 @@ def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> d
         "migrations": [_migration(m, x) for x in m.runtime.migrations],
         "user": m.runtime.user,  # the account its processes run as (None: root)
         "data": [d.to_json() for d in m.runtime.data],  # <root>/data/<name>/, kept
+        **host_requests(m),
         "parts": parts,
     }
+
+
+def host_requests(m: Manifest, compose: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the release asks of the host (bundler.hostreq), from the manifest's record of its
+    compose files or from `compose`, the excerpt of the files themselves (`bundle verify`).
+    `host_requests_complete` is False for an older bundle that records nothing of them."""
+    requests = hostreq.process_requests(m.runtime)
+    spec = m.runtime.compose
+    ex = compose if compose is not None else spec.host if spec is not None else None
+    complete = spec is None or ex is not None
+    if spec is not None and ex is not None:
+        workdir = spec.files[0].rpartition("/")[0] or "."
+        try:
+            requests += hostreq.analyse(ex, None, hostreq.Place(workdir))
+        except hostreq.Unevaluable as exc:
+            raise HostPolicyError(f"the signed manifest's record of what the compose files "
+                                  f"ask of the host cannot be read: {exc}",
+                                  hint="do not install it; `bundle verify` reads the files "
+                                       "themselves") from None
+    return {"host_requests": [r.to_json() for r in requests],
+            "host_requests_complete": complete}
 
 
 def _wheels(m: Manifest) -> list[dict[str, str]]:

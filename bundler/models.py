@@ -298,18 +298,26 @@ class ComposeSpec:
     project: str | None = None
     tool: str | None = None  # prefer "v1" / "v2" / a command; default: modern compose first
     ports: tuple[int, ...] = ()  # host ports the files publish (found at build time)
+    # What the files ask of the host (bundler.hostreq.excerpt), recorded at build time for
+    # `bundle inspect`; the target checks the files themselves. None: an older bundle.
+    host: dict[str, Any] | None = field(default=None, hash=False)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"files": list(self.files), "project": self.project,
                                "tool": self.tool}
         if self.ports:  # only when known: older manifests stay byte-identical
             out["ports"] = list(self.ports)
+        if self.host is not None:
+            out["host"] = self.host
         return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ComposeSpec:
+        host = d.get("host")
+        if host is not None and not isinstance(host, dict):
+            raise ValueError("compose.host is not a mapping")
         return cls(tuple(str(f) for f in d["files"]), d.get("project"), d.get("tool"),
-                   tuple(int(p) for p in d.get("ports", ())))
+                   tuple(int(p) for p in d.get("ports", ())), host)
 
 
 DATABASE_KINDS = ("postgres", "mysql", "sqlite")

@@ -132,6 +132,16 @@ def tree_snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def host_policy(root: Path, *grants: str | os.PathLike[str]) -> Path:
+    """`<root>/policy.yaml` allowing `grants` (`host-mount=/srv/pg`, `privileged`, ...), as an
+    operator writes it for what a bundle asks of the host (docs/host-policy.md)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "policy.yaml"
+    path.write_text("allow:\n" + "".join(f"  - '{os.fspath(g)}'\n" for g in grants))
+    path.chmod(0o644)
+    return path
+
+
 def bundle_argv(*args: str | os.PathLike[str]) -> list[str]:
     return [sys.executable, "-m", "bundler", *map(os.fspath, args)]
 

@@ -82,7 +82,7 @@ def test_build_side_imports_no_install_side() -> None:
 
 @pytest.mark.parametrize("neutral", ["bundler.imageref", "bundler.imagearchive",
                                      "bundler.npmlock", "bundler.platforms", "bundler.engine",
-                                     "bundler.hostneeds", "bundler.kitboot"])
+                                     "bundler.hostneeds", "bundler.kitboot", "bundler.hostreq"])
 def test_shared_modules_import_neither_side(neutral: str) -> None:
     assert _offenders((neutral,), BUILD_SIDE + INSTALL_SIDE) == []
 

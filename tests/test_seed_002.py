@@ -23,7 +23,16 @@ import pytest
 from bundler.install import compose_runtime as cr
 from scripts import seed_images
 from tests import seed_stack
-from tests.helpers import HostLink, Run, bundle, bundle_argv, free_port, host_link, offline
+from tests.helpers import (
+    HostLink,
+    Run,
+    bundle,
+    bundle_argv,
+    free_port,
+    host_link,
+    host_policy,
+    offline,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.network, pytest.mark.slow]
 
@@ -135,6 +144,7 @@ def test_install_upgrade_and_both_failures_restore(chatbot: Bundles, engine: Any
                 f"DATABASE_URL=postgresql://chatbot_user@/chatbot?host={sock}\n"
                 f"PUBLISH_ADDR={link.host}\n"
                 + "".join(f"{k}_PORT={v}\n" for k, v in ports.items()))
+            host_policy(root, f"host-mount={sock}")  # the profile's one policy line
             _story(chatbot, engine, project, link, ports, trust)
     finally:
         seed_stack.clean(engine, project)

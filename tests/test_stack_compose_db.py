@@ -19,7 +19,7 @@ import pytest
 from bundler.install import compose_runtime as cr
 from tests import docker_fixtures as dfx
 from tests import pg_image
-from tests.helpers import bundle, bundle_argv, offline
+from tests.helpers import bundle, bundle_argv, host_policy, offline
 from tests.pg_fixtures import snapshot
 
 pytestmark = [pytest.mark.docker, pytest.mark.postgres, pytest.mark.slow]
@@ -142,6 +142,7 @@ def test_database_in_a_compose_service(tmp_path: Path, engine: Any,
             bundles.append(json.loads(built.out)["bundle"])
         (root / "shared").mkdir(parents=True)
         (root / "shared" / ".env").write_text(f"DATABASE_URL={url}\nPGSOCK={sock}\n")
+        host_policy(root, f"host-mount={sock}")  # the db service mounts the socket directory
         trust = ["--trust", keys[1], "--root", root]
         path = no_host_pg_tools(tmp_path)
 

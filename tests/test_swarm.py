@@ -24,7 +24,7 @@ import pytest
 from tests import docker_fixtures as dfx
 from tests import pg_image
 from tests import swarm_fixtures as sfx
-from tests.helpers import bundle
+from tests.helpers import bundle, host_policy
 from tests.swarm_fixtures import answers, on_manager, service_name, swarm_root
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -343,6 +343,7 @@ def test_the_database_is_migrated_once_and_restored_when_the_upgrade_fails(
         assert done.rc == 0, done.err
         bundles.append(Path(json.loads(done.out)["bundle"]))
     root = swarm_root(swarm, tmp_path / "root")
+    host_policy(root, f"host-mount={sock}")  # the db service mounts the socket directory
     trust = ["--trust", built.pub, "--root", root]
 
     def sql(query: str) -> str:

@@ -29,7 +29,7 @@ import pytest
 
 from tests import bare_image, pg_image
 from tests import swarm_fixtures as sfx
-from tests.helpers import bundle
+from tests.helpers import bundle, host_policy
 from tests.swarm_fixtures import answers, on_manager, service_name, swarm_root
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -204,7 +204,7 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
                            "INSERT INTO items VALUES (1, 'a'), (2, 'b');\n"}
     v2 = {**v1, "002_more.sql": "INSERT INTO items VALUES (3, 'c');\n"}
     v3 = {**v2, "003_more.sql": "INSERT INTO items VALUES (4, 'd');\n"}
-    out = {"pub": tmp / "release.pub"}
+    out = {"pub": tmp / "release.pub", "sock": sock}
     for version, seq, sql, healthy in (("1.0.0", 1, v1, True), ("2.0.0", 2, v1, True),
                                        ("2.1.0", 3, v2, True), ("3.0.0", 4, v3, False)):
         done = bundle("build", _profile(tmp, version, seq, sql, sock, healthy), "--key",
@@ -218,6 +218,7 @@ def releases(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
 def test_seed004_installs_upgrades_and_rolls_back_on_two_nodes(
         swarm: sfx.Swarm, releases: dict[str, Any], poller: Any, tmp_path: Path) -> None:
     root = swarm_root(swarm, tmp_path / "root")
+    host_policy(root, f"host-mount={releases['sock']}")  # db mounts the socket directory
     trust = ["--trust", releases["pub"], "--root", root]
 
     def served() -> dict[str, Any]:

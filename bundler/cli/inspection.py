@@ -12,7 +12,9 @@ from bundler.cli import options
 from bundler.cli.common import cli, handled, use_root
 from bundler.cli.render import emit_json
 from bundler.fsutil import human_bytes
+from bundler.hostreq import Request
 from bundler.install import trust as trust_store
+from bundler.manifest import Manifest
 from bundler.signing import TrustedKey
 
 
@@ -42,6 +44,7 @@ def verify(bundle: Path, trust_path: Path | None, root: Path | None, as_json: bo
 
     BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
     """
+    from bundler.inspect import host_requests
     from bundler.install.policy import check_bundler_version, check_expiry
 
     trusted = _trusted(trust_path, root)
@@ -50,14 +53,54 @@ def verify(bundle: Path, trust_path: Path | None, root: Path | None, as_json: bo
         m = verified.manifest
         check_bundler_version(m)  # what `install` would refuse first (exit 8), not "OK"
         check_expiry(m)
+        compose = [f"files/{f}" for f in m.runtime.compose.files] if m.runtime.compose else []
         with ui.bytes_progress("verifying", m.payload_size) as advance:
-            done = reader.extract(None, advance)
+            done = reader.extract(None, advance, capture=compose)
+    # What the compose files themselves ask of the host, not the manifest's record of it.
+    asked = host_requests(m, _compose_excerpt(m, done.captured) if compose else None)
     if as_json:
         emit_json({"ok": True, "name": m.name, "version": m.version, "sequence": m.sequence,
-                   "keyid": verified.keyid, "files": len(m.files), "bytes": done.bytes_read})
+                   "keyid": verified.keyid, "files": len(m.files), "bytes": done.bytes_read,
+                   **asked})
     else:
         click.echo(f"{bundle}: OK — {m.name} {m.version}, sequence {m.sequence}, "
                    f"{len(m.files)} files, signed by {verified.keyid}")
+        _show_requests(asked)
+
+
+def _compose_excerpt(m: Manifest, captured: dict[str, bytes]) -> dict[str, Any]:
+    from bundler.hostreq import checked_excerpt
+
+    spec = m.runtime.compose
+    assert spec is not None
+    return checked_excerpt(((f, captured[f"files/{f}"]) for f in spec.files), spec.host,
+                           f"{m.name} {m.version}")
+
+
+def _show_requests(info: dict[str, Any]) -> None:
+    """The host requests of `bundle inspect` / `verify`, one line each."""
+    requests = info["host_requests"]
+    if not info["host_requests_complete"]:
+        click.echo("  asks of the host: its compose files' requests are not recorded in this "
+                   "bundle (built by an older bundler): `bundle verify` reads them")
+    if not requests:
+        if info["host_requests_complete"]:
+            click.echo("  asks of the host: nothing beyond confined containers/processes")
+        return
+    click.echo("  asks of the host:")
+    for r in requests:
+        who = f"service {r['service']}" if r["service"] else "the release"
+        text = Request(r["service"], r["kind"], r["value"], r["source"]).describe()
+        if r["pending"]:
+            note = "decided at install from the environment, then checked"
+        elif r["kind"] == "user" and r["value"] == "root":
+            note = ("allowed while the current release runs as root too, "
+                    "else --allow user=root")
+        elif r["refused_by_default"]:
+            note = f"refused unless allowed: --allow {r['allow']}"
+        else:
+            note = "listed only"
+        click.echo(f"    {who}: {text}  [{note}]")
 
 
 @cli.command()
@@ -109,6 +152,7 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
                f"health checks: {', '.join(info['health']) or '-'}")
     if info.get("user"):
         click.echo(f"  runs as user {info['user']}")
+    _show_requests(info)
 
 
 @cli.command()

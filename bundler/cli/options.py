@@ -29,3 +29,21 @@ keep_db = click.option(
 cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                          help="Content-addressed download cache, also where kits are built "
                               "and kept (default: XDG cache dir).")
+
+
+def _check_allow(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+                 ) -> tuple[str, ...]:
+    from bundler.hostreq import grant_parse
+
+    for v in values:
+        grant_parse(v, click.BadParameter)
+    return values
+
+
+allow = click.option(
+    "--allow", "allow", multiple=True, metavar="KIND[=VALUE]", callback=_check_allow,
+    help="Allow the release to ask this of the host, for this command only, beyond the root's "
+         "policy.yaml (repeatable): privileged, cap=NAME, host-mount=PATH, host-network, "
+         "host-pid, host-ipc, host-userns, host-uts, host-cgroup, device=PATH, "
+         "security-opt=OPT, join-container=NAME, volume-driver=NAME, user=NAME. "
+         "See docs/host-policy.md.")

@@ -38,13 +38,14 @@ def _unhealthy(message: str, as_json: bool) -> NoReturn:
 @click.option("--allow-degraded", is_flag=True,
               help="Swarm (swarm.yaml in ROOT): install while some nodes are down, with the "
                    "nodes that are up (recorded in history); refused otherwise.")
+@options.allow
 @options.db_choice
 @options.keep_db
 @options.json_output
 @handled
 def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: bool,
-            environment: str, allow_degraded: bool, db_choice: str | None,
-            as_json: bool) -> None:
+            environment: str, allow_degraded: bool, allow: tuple[str, ...],
+            db_choice: str | None, as_json: bool) -> None:
     """Verify BUNDLE, install it under ROOT, start it, health-check it, then switch to it.
 
     BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
@@ -57,7 +58,7 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
     layout = use_root(root, create=trust_path is not None)
     trusted = trust_store.resolve(trust_path, layout)
     result = do_install(bundle, trusted, layout.root, allow_downgrade, environment, db_choice,
-                        allow_degraded)
+                        allow_degraded, allow)
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return
@@ -264,12 +265,13 @@ def trust_remove(keyid: str, root: Path) -> None:
 @click.option("--force", is_flag=True,
               help="Allow --to a release that never passed its health checks (its own "
                    "install rolled it back); its checks must pass now.")
+@options.allow
 @options.db_choice
 @options.keep_db
 @options.json_output
 @handled
-def rollback(root: Path, to_version: str | None, force: bool, db_choice: str | None,
-             as_json: bool) -> None:
+def rollback(root: Path, to_version: str | None, force: bool, allow: tuple[str, ...],
+             db_choice: str | None, as_json: bool) -> None:
     """Switch back to an earlier release kept on disk, health-checked (the database is kept).
 
     With an interrupted install pending, finish rolling that install back instead."""
@@ -278,7 +280,7 @@ def rollback(root: Path, to_version: str | None, force: bool, db_choice: str | N
 
     layout = use_root(root)
     with locked(layout.root):
-        result = do_rollback(layout, to_version, db_choice, force=force)
+        result = do_rollback(layout, to_version, db_choice, allow, force=force)
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return

@@ -290,6 +290,12 @@ def _base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def process_env(values: Mapping[str, str]) -> dict[str, str]:
+    """The environment compose runs with for a release whose env is `values`: what it
+    interpolates the compose files with, over the env file it reads (bundler.hostreq)."""
+    return _base_env(dict(values))
+
+
 def _args(project: ComposeProject, tool: ComposeTool, *rest: str) -> list[str]:
     args = [*tool.argv, "--project-name", project.name,
             "--project-directory", str(project.workdir)]

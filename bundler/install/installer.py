@@ -54,6 +54,7 @@ from bundler.install import (
     datadirs,
     environ,
     health,
+    hostpolicy,
     migrations,
     policy,
     ports,
@@ -108,14 +109,17 @@ def space_needed(manifest: Manifest, root: Path | None = None) -> int:
 
 def install(source: Path, trusted: list[TrustedKey], root: Path,
             allow_downgrade: bool = False, environment: str = "production",
-            db_choice: str | None = None, allow_degraded: bool = False) -> InstallResult:
+            db_choice: str | None = None, allow_degraded: bool = False,
+            allow: tuple[str, ...] = ()) -> InstallResult:
     """`db_choice`: how to settle a pending database restore left by an interrupted install
     ("restore" / "keep"; None: only when nothing was written since, see recovery).
-    `allow_degraded`: on a swarm, go on while some nodes are down (else refused)."""
+    `allow_degraded`: on a swarm, go on while some nodes are down (else refused).
+    `allow`: what the release may ask of the host beyond the root's policy (`--allow`)."""
     layout = Layout(root.resolve())
+    grants = hostpolicy.flag_grants(allow)  # a bad --allow: refused before anything
     try:
         return _install(layout, source, trusted, allow_downgrade, environment, db_choice,
-                        allow_degraded)
+                        allow_degraded, grants)
     except (BundlerError, OSError, sqlite3.Error) as exc:
         if isinstance(exc, (SpaceError, RollbackFailedError, Interrupted)) \
                 or not disk_full(exc):
@@ -148,7 +152,7 @@ def _disk_full_error(what: str, layout: Layout, root_full: bool = True) -> Space
 
 def _install(layout: Layout, source: Path, trusted: list[TrustedKey],
              allow_downgrade: bool, environment: str, db_choice: str | None,
-             allow_degraded: bool) -> InstallResult:
+             allow_degraded: bool, grants: tuple[hostpolicy.Grant, ...]) -> InstallResult:
     with archive.open_bundle(source, trusted) as reader:
         ui.step(f"Verifying signature of {reader.label}")
         verified = reader.read_envelope()
@@ -165,6 +169,8 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey],
         if decision.already_current:
             with locked(layout.root):
                 return _ensure_running(layout, m, environment, db_choice)
+        # What it asks of the host (privileges, host mounts, root), as its manifest says.
+        hostpolicy.check_manifest(layout, m, env.as_dict(), grants, _current_manifest(layout))
         down: list[swarm_runtime.NodeState] = []
         if m.runtime.compose is not None and swarm_runtime.configured(layout.root):
             # Every node up and its engine answering, before anything changes.
@@ -187,6 +193,10 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey],
                 fault_point("extract")
                 with ui.bytes_progress("verifying", m.payload_size) as advance:
                     reader.extract(staging, advance)
+                # Again on the verified compose files themselves: the manifest's record of
+                # them is the signer's word. Refused: only the staging directory goes.
+                asked = hostpolicy.check_files(layout, m, env.as_dict(), staging / "files",
+                                               grants, _current_manifest(layout))
             except BaseException:
                 if staging is not None:
                     shutil.rmtree(layout.removable_staging(staging), ignore_errors=True)
@@ -194,7 +204,13 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey],
                     with contextlib.suppress(OSError):
                         layout.root.rmdir()
                 raise
-            return _install_staged(layout, verified, staging, decision, env, db_choice, down)
+            return _install_staged(layout, verified, staging, decision, env, db_choice, down,
+                                   asked)
+
+
+def _current_manifest(layout: Layout) -> Manifest | None:
+    current = layout.current_version()
+    return ReleaseDir(layout.release(current)).manifest() if current else None
 
 
 @contextlib.contextmanager
@@ -222,8 +238,8 @@ def _ensure_running(layout: Layout, m: Manifest, environment: str,
 
 def _install_staged(layout: Layout, verified: Verified, staging: Path,
                     decision: policy.Decision, env: environ.ReleaseEnv,
-                    db_choice: str | None, down: list[swarm_runtime.NodeState]
-                    ) -> InstallResult:
+                    db_choice: str | None, down: list[swarm_runtime.NodeState],
+                    asked: hostpolicy.Outcome) -> InstallResult:
     m = verified.manifest
     # Only now, with the new bundle verified: a refused bundle must change nothing at all.
     try:
@@ -251,6 +267,9 @@ def _install_staged(layout: Layout, verified: Verified, staging: Path,
             if decision.downgrade:
                 journal.record("downgrade", "allowed",
                                f"sequence {m.sequence} accepted with --allow-downgrade")
+            if asked.allowed:
+                journal.record("host-policy", "allowed", asked.journal())
+                ui.note(f"host policy allows: {asked.journal()}")
             if down:
                 journal.record("degraded", "allowed", "--allow-degraded with node(s) down: "
                                + "; ".join(f"{n.name} ({n.state})" for n in down))

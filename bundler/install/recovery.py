@@ -18,7 +18,7 @@ from bundler.errors import (
     StateError,
 )
 from bundler.fsutil import atomic_symlink
-from bundler.install import database, datadirs, environ, health, runas, runtime
+from bundler.install import database, datadirs, environ, health, hostpolicy, runas, runtime
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.state import ReleaseRow, State, new_txn
@@ -367,7 +367,7 @@ class RollbackResult:
 
 
 def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None,
-             force: bool = False) -> RollbackResult:
+             allow: tuple[str, ...] = (), *, force: bool = False) -> RollbackResult:
     """Switch back to an earlier release (default: the one before the current), health-checked.
     Call under the root lock.
 
@@ -376,6 +376,9 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None,
     interrupted install pending, a plain rollback finishes that install's rollback and stops
     there: the healthy current release is not rolled back as well. `to` a release that never
     passed its checks (its own install rolled it back): PolicyError unless `force`.
+
+    The release returned to is checked against the root's host policy (and `allow`) as an
+    install would be: a release installed under a looser policy is not restarted silently.
     """
     probe = State.open_readonly(layout.db)
     if probe is None:
@@ -416,6 +419,8 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None,
                              hint=f"`{cmd('status', '--root', layout.root)}` lists the releases "
                                   "kept on disk")
         txn = new_txn()
+        asked = hostpolicy.check_release(layout, target, hostpolicy.flag_grants(allow),
+                                         ReleaseDir(layout.release(current)).manifest())
         ui.step(f"Rolling back from {current} to {target}")
         _stop(layout, current)
         checks = _start(layout, target)
@@ -436,6 +441,8 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None,
             state.set_status(target, "active")
             # it passed its checks now (a release forced back after a failed install too)
             state.event(txn, target, "health", "done", "; ".join(c.detail for c in checks))
+            if asked.allowed:
+                state.event(txn, target, "host-policy", "allowed", asked.journal())
             state.event(txn, target, "rollback", "done", f"from {current} (manual)")
         return RollbackResult(current, target, tuple(checks))
     finally:

@@ -69,6 +69,22 @@ def _swarm(layout: Layout, m: Manifest) -> bool:
     return m.runtime.compose is not None and swarm.configured(layout.root)
 
 
+def interpolation_env(layout: Layout, m: Manifest, values: Mapping[str, str],
+                      bundled_dotenv: Mapping[str, str] | None) -> dict[str, str | None] | None:
+    """What compose (or `docker stack deploy`) will interpolate release `m`'s compose files
+    with, its env being `values`: its process environment, over the `.env` file it reads.
+    `bundled_dotenv`: the bundle's own `.env` beside the first compose file ({}: none; None:
+    there is one, not read yet). A variable only that file sets is None (compose may or may
+    not read it); the result is None when nothing exact can be said yet."""
+    on_swarm = _swarm(layout, m)
+    process = swarm.process_env(values) if on_swarm else cr.process_env(values)
+    if bundled_dotenv is None:
+        return None
+    if not on_swarm and not environ.shared_env_file(layout).is_file():
+        return {**bundled_dotenv, **process}  # no --env-file: compose reads the bundle's
+    return {**{k: None for k in bundled_dotenv}, **process}
+
+
 def _stack(layout: Layout, rel: ReleaseDir, m: Manifest) -> swarm.Stack:
     project = _project(layout, rel, m)
     values = environ.read_env_file(project.env_file) if project.env_file is not None else {}

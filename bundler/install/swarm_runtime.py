@@ -328,13 +328,18 @@ def defaults(services: Mapping[str, Any]) -> dict[str, Any]:
     return {"version": "3.8", "services": out}
 
 
-def _env(stack: Stack) -> dict[str, str]:
+def process_env(values: Mapping[str, str]) -> dict[str, str]:
+    """The environment `docker stack deploy` runs with (and interpolates the files with)."""
     passed = ("PATH", "HOME", "LANG", "LC_ALL", "DOCKER_HOST", "DOCKER_CONFIG",
               "DOCKER_CERT_PATH", "DOCKER_TLS_VERIFY", "DOCKER_CONTEXT")
     env = {k: v for k in passed if (v := os.environ.get(k)) is not None}
-    env.update(stack.env)
+    env.update(values)
     env["PATH"] = proc.own_path()  # docker is bundler's tool: never a .env's PATH (proc)
     return env
+
+
+def _env(stack: Stack) -> dict[str, str]:
+    return process_env(stack.env)
 
 
 def _redact(stack: Stack, text: str) -> str:

@@ -3,7 +3,9 @@
 The target has no registry and builds nothing, so a service whose image the bundle does not
 carry can only fail there, late; a `database.compose_service` or migration `service` that
 names no service, the same. Both are caught here, at build time. The host ports the files
-publish are recorded in the manifest for `bundle doctor`.
+publish are recorded in the manifest for `bundle doctor`, and what they ask of the host
+(privileges, host mounts, namespaces: bundler.hostreq) for `bundle inspect`; what a host
+policy cannot evaluate exactly (`extends`, `include`) is refused here already.
 
 Values that compose interpolates (`${TAG}`) are only known on the target: they are skipped
 here, and the installer's own checks (every image in the engine before `up`) still apply.
@@ -13,12 +15,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from bundler import hostreq
 from bundler.errors import BuildError
 from bundler.imageref import canonical_ref
 
@@ -31,6 +34,7 @@ class ComposeFacts:
     images: dict[str, str]  # service -> literal image ref (interpolated ones left out)
     built: tuple[str, ...]  # services with `build:` and no image: nothing to run offline
     ports: tuple[int, ...]  # literal published host ports
+    host: dict[str, Any] = field(default_factory=dict)  # hostreq.excerpt (signed)
 
 
 def _identity(ref: str) -> str:
@@ -53,6 +57,7 @@ def _published(entry: Any) -> int | None:
 def inspect(paths: Sequence[tuple[str, Path]]) -> ComposeFacts:
     """Merge the compose files (as `-f a -f b` would: services are unioned)."""
     services: dict[str, dict[str, Any]] = {}
+    docs: list[tuple[str, dict[str, Any]]] = []
     for name, path in paths:
         try:
             doc = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -63,6 +68,7 @@ def inspect(paths: Sequence[tuple[str, Path]]) -> ComposeFacts:
         if not isinstance(doc, dict) or not isinstance(doc.get("services", {}), dict):
             raise BuildError(f"compose file {name} has no `services:` mapping",
                              hint="a compose file is a mapping with `services:`")
+        docs.append((name, doc))
         for svc, spec in (doc.get("services") or {}).items():
             merged = services.setdefault(str(svc), {})
             merged.update(spec if isinstance(spec, dict) else {})
@@ -73,7 +79,13 @@ def inspect(paths: Sequence[tuple[str, Path]]) -> ComposeFacts:
     ports = sorted({p for spec in services.values() for p in map(_published,
                                                                   spec.get("ports") or ())
                     if p is not None})
-    return ComposeFacts(tuple(sorted(services)), images, built, tuple(ports))
+    try:
+        host = hostreq.excerpt(docs)
+    except hostreq.Unevaluable as exc:
+        raise BuildError(str(exc), hint="the target checks what every service asks of the "
+                                        "host (docs/host-policy.md) and refuses what it cannot "
+                                        "evaluate exactly as compose will") from None
+    return ComposeFacts(tuple(sorted(services)), images, built, tuple(ports), host)
 
 
 def check(facts: ComposeFacts, carried: Iterable[str],
