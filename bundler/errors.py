@@ -12,6 +12,7 @@ with the command that runs bundler here (`bundler.progname`: `bundle`, or the ki
 from __future__ import annotations
 
 import errno
+import re
 from dataclasses import dataclass
 
 from bundler import progname
@@ -253,8 +254,9 @@ class HostPolicyError(PolicyError):
 # What a full disk looks like from here: the OS error itself, SQLite's SQLITE_FULL, and the
 # words the tools bundler runs print for it (uv, pip, npm, pg_dump, tar, docker).
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_FULL_WORDS = ("no space left on device", "disk quota exceeded", "database or disk is full",
-               "enospc", "edquot")
+# The error codes only in capitals and as words (npm's `code ENOSPC`): a path may hold them.
+_FULL_WORDS = re.compile(r"(?i:no space left on device|disk quota exceeded|database or disk "
+                         r"is full)|\bE(?:NOSPC|DQUOT)\b")
 
 
 def disk_full(exc: BaseException | None) -> bool:
@@ -264,8 +266,8 @@ def disk_full(exc: BaseException | None) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
             return True
-        text = (exc.message if isinstance(exc, BundlerError) else str(exc)).lower()
-        if any(word in text for word in _FULL_WORDS):
+        text = exc.message if isinstance(exc, BundlerError) else str(exc)
+        if _FULL_WORDS.search(text):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -42,6 +42,8 @@ def test_a_full_disk_is_recognised_through_the_errors_it_caused() -> None:
     assert not disk_full(_raised(InstallError("migration failed"),
                                  OSError(errno.EACCES, "Permission denied")))
     assert not disk_full(InstallError("health check 'web' failed: 503"))
+    # a path that happens to hold the letters is not the error code
+    assert not disk_full(InstallError("port 80 is held by /srv/wt-enospc/bin/python"))
 
 
 def test_the_error_names_whose_disk_filled(tmp_path: Path) -> None:

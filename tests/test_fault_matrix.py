@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Project, bundle, bundle_argv, offline
+from tests.helpers import Project, bundle, bundle_argv, host_policy, offline
 from tests.pg_fixtures import PgCluster, snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.netns]
@@ -269,6 +269,7 @@ def test_kill_9_at_each_step_of_a_migrating_upgrade_compose_runtime(
     (root / "shared").mkdir(parents=True)
     (root / "shared" / ".env").write_text(
         f"DATABASE_URL=postgresql://app@/appdb?host={sock}\nPGSOCK={sock}\n")
+    host_policy(root, f"host-mount={sock}")  # the db service mounts the socket directory
     trust = ["--trust", pub, "--root", root]
     snap = [sys.executable, "-c", COMPOSE_SNAPSHOT, str(sock)]
     try:

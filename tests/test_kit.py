@@ -607,6 +607,7 @@ def test_kits_for_two_pythons_from_the_index(tmp_path: Path) -> None:
     if py312 is not None and host_platform().arch == "x86_64":
         env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "BUNDLER_KIT_CACHE":
                str(tmp_path / "unpacked")}
+        (tmp_path / "root" / "state").mkdir(parents=True)  # an install root
         ran = subprocess.run([py312, "-I", "-S", str(paths["3.12"]), "trust", "list", "--root",
                               str(tmp_path / "root"), "--json"], capture_output=True,
                              text=True, env=env, timeout=300, check=False)
