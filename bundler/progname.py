@@ -6,7 +6,7 @@ target it is usually the kit (`python3 -I -S /media/usb/bundler-kit-....pyz`), w
 command through `cmd()`, so it is one they can paste. Commands that only exist on the
 connected side (`bundle build`, `bundle keygen`, `bundle kit`) keep the literal `bundle`.
 
-The kit's bootstrap sets it (`bundler.kitboot.invocation`); a copy of the kit installed into
+The kit's bootstrap sets it (`bundler.bundle.kitboot.invocation`); a copy of the kit installed into
 an install root can set its own path the same way.
 """
 

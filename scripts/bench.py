@@ -646,8 +646,8 @@ def _hashlib(path: Path) -> None:
 
 
 def _verify(path: Path, pub: Path) -> None:
-    from bundler import archive
-    from bundler.signing import load_public_key
+    from bundler.bundle import archive
+    from bundler.bundle.signing import load_public_key
 
     with archive.open_bundle(path, [load_public_key(pub)]) as reader:
         reader.read_envelope()
@@ -658,7 +658,7 @@ def _split(path: Path, key: Path, parts: int) -> Path:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from bundler import volumes
+    from bundler.bundle import volumes
 
     out = path.with_name("vol.bundle")
     writer = volumes.SplitWriter(out, path.stat().st_size // parts + 1)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import archive
-from bundler.manifest import PAYLOAD_TYPE, FileEntry, Manifest, canonical_json
-from bundler.models import Target
-from bundler.signing import key_id, pae, sign
+from bundler.bundle import archive
+from bundler.bundle.manifest import PAYLOAD_TYPE, FileEntry, Manifest, canonical_json
+from bundler.bundle.models import Target
+from bundler.bundle.signing import key_id, pae, sign
 
 
 def kind_of(path: str) -> str:

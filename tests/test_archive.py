@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import archive, volumes
+from bundler.bundle import archive, volumes
+from bundler.bundle.signing import TrustedKey, load_public_key, sign
 from bundler.errors import IntegrityError, SignatureError
-from bundler.signing import TrustedKey, load_public_key, sign
 from tests.bundles import craft, data_offsets, manifest_for, members_of, reg, write_bundle
 
 FILES = {

@@ -12,12 +12,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import volumes
+from bundler.bundle import volumes
+from bundler.bundle.manifest import canonical_json
+from bundler.bundle.models import Target
+from bundler.bundle.signing import TrustedKey, load_public_key
 from bundler.errors import BundlerError, IntegrityError, PolicyError, SignatureError
 from bundler.install.installer import install
-from bundler.manifest import canonical_json
-from bundler.models import Target
-from bundler.signing import TrustedKey, load_public_key
 from tests.bundles import (
     craft,
     data_offsets,

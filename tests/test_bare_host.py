@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from bundler.platforms import host_platform
+from bundler.bundle.platforms import host_platform
 from tests import docker_fixtures as dfx
 from tests.bare_target import SRV, STICK, BareHost, BareTargets, run_kit
 from tests.helpers import Run, bundle, make_project, unavailable

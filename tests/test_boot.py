@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from bundler import kitboot
+from bundler.bundle import kitboot
+from bundler.bundle.manifest import Manifest
+from bundler.bundle.models import ComposeSpec, Runtime, Service, Target
 from bundler.errors import IntegrityError, StateError
 from bundler.install import boot, rootbin
 from bundler.install.layout import Layout
-from bundler.manifest import Manifest
-from bundler.models import ComposeSpec, Runtime, Service, Target
 from tests.helpers import Project, bundle, bundle_argv, offline
 
 # --- a fake systemd: unit files in a directory, enablement as a set ---------------------------

@@ -81,7 +81,7 @@ def test_glob_matching_nothing_is_a_profile_error(tmp_path: Path) -> None:
     ("app@sha256:" + "a" * 64, "docker.io/library/app@sha256:" + "a" * 64),
 ])
 def test_image_refs_compare_the_way_docker_reads_them(a: str, b: str) -> None:
-    from bundler.imageref import canonical_ref
+    from bundler.bundle.imageref import canonical_ref
 
     assert canonical_ref(a) == canonical_ref(b)
     assert canonical_ref("redis:7") != canonical_ref("redis:6")

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from bundler.build.profile import load_profile
+from bundler.bundle.manifest import Manifest, parse_manifest
+from bundler.bundle.models import DataDir, MigrationSpec, Runtime, Target
 from bundler.errors import InstallError, ProfileError, RecoveryPendingError, SignatureError
 from bundler.install import datadirs, environ
 from bundler.install.layout import Layout
-from bundler.manifest import Manifest, parse_manifest
-from bundler.models import DataDir, MigrationSpec, Runtime, Target
-from bundler.profile import load_profile
 from tests.helpers import bundle, unavailable
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler.models import ComposeSpec, EnvSpec, HealthCheck, Runtime, Service
+from bundler.bundle.models import ComposeSpec, EnvSpec, HealthCheck, Runtime, Service
 from tests.bundles import write_bundle
 from tests.helpers import bundle
 

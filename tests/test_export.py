@@ -15,11 +15,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from bundler.errors import ExportError, PolicyError
-from bundler.export import KitName, find_kit, kit_name_fields, mount_type
-from bundler.install.policy import check_bundler_version
-from bundler.manifest import required_version
-from bundler.models import (
+from bundler.build.export import KitName, find_kit, kit_name_fields, mount_type
+from bundler.bundle.manifest import required_version
+from bundler.bundle.models import (
     ComposeSpec,
     DatabaseSpec,
     EnvSpec,
@@ -32,6 +30,8 @@ from bundler.models import (
     Service,
     Target,
 )
+from bundler.errors import ExportError, PolicyError
+from bundler.install.policy import check_bundler_version
 from tests.bundles import manifest_for, write_bundle
 from tests.helpers import REPO, bundle, bundle_argv, unavailable
 from tests.test_transport import files_profile
@@ -523,8 +523,8 @@ def test_install_txt_lists_the_host_steps(built: dict[str, Path], tmp_path: Path
 
 
 def test_host_needs_by_kind_of_bundle() -> None:
-    """bundler.hostneeds: one home for what a host needs (README's table names the same)."""
-    from bundler import hostneeds
+    """bundler.bundle.hostneeds: one home for what a host needs (README's table names the same)."""
+    from bundler.bundle import hostneeds
 
     def needs(**over: object) -> list[str]:
         return [n.what for n in hostneeds.host_needs(manifest_for({}, **over))]

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from bundler import ui
+from bundler.bundle.models import HealthCheck, Service
 from bundler.errors import CommandError, PolicyError
 from bundler.install import compose_runtime as cr
 from bundler.install import health, process_runtime, recovery, tails
@@ -22,7 +23,6 @@ from bundler.install.installer import _prune
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.state import ReleaseRow, State, now
 from bundler.install.supervise import start_time
-from bundler.models import HealthCheck, Service
 from tests.helpers import free_port
 
 CLICK_ERROR = ("Usage: app [OPTIONS]\nTry 'app --help' for help.\n\n"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import volumes
+from bundler.bundle import volumes
+from bundler.bundle.manifest import canonical_json
 from bundler.errors import UnhealthyError
-from bundler.manifest import canonical_json
 from tests.bundles import craft, envelope_raw, manifest_for, reg, write_bundle
 from tests.helpers import REPO, bundle
 
@@ -237,7 +237,7 @@ def test_an_envelope_with_400k_signatures_is_refused_in_one_short_line(
         tmp_path: Path, key: Ed25519PrivateKey, pub: Path) -> None:
     body = manifest_for(FILES).to_bytes()
     sigs = [{"keyid": f"{i:x}", "sig": "AA=="} for i in range(400_000)]
-    envelope = canonical_json({"payloadType": "application/vnd.bundler.manifest+json",
+    envelope = canonical_json({"payloadType": "application/vnd.bundler.bundle.manifest+json",
                                "payload": base64.b64encode(body).decode(),
                                "signatures": sigs})
     path = _with_envelope(tmp_path / "many.bundle", envelope)
@@ -252,7 +252,7 @@ def test_untrusted_huge_key_ids_and_types_keep_the_message_short(
         tmp_path: Path, pub: Path) -> None:
     body = manifest_for(FILES).to_bytes()
     for doc, start in (
-            ({"payloadType": "application/vnd.bundler.manifest+json",
+            ({"payloadType": "application/vnd.bundler.bundle.manifest+json",
               "payload": base64.b64encode(body).decode(),
               "signatures": [{"keyid": "k" * 1_000_000, "sig": "AAAA"}]},
              "error: envelope.json is signed by key kkkk"),
@@ -386,7 +386,7 @@ def test_the_bounded_zstd_reader_reads_several_frames_in_small_chunks(tmp_path: 
 
 def test_a_manifest_over_the_envelope_limit_is_refused_at_build(tmp_path: Path,
                                                                 keys: tuple[Path, Path]) -> None:
-    from bundler.signing import MAX_ENVELOPE_BYTES
+    from bundler.bundle.signing import MAX_ENVELOPE_BYTES
 
     data = tmp_path / "many"
     data.mkdir()

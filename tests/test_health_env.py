@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from bundler.bundle.models import EnvSpec, HealthCheck
 from bundler.errors import EnvError
 from bundler.install.environ import ReleaseEnv, check_required, read_env_file, release_env
 from bundler.install.health import run_check
 from bundler.install.layout import Layout
-from bundler.models import EnvSpec, HealthCheck
 from tests.helpers import bundle, free_port, unavailable
 
 

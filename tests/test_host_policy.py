@@ -1,4 +1,4 @@
-"""What a signed bundle asks of the host (bundler.hostreq) and the root's host policy
+"""What a signed bundle asks of the host (bundler.bundle.hostreq) and the root's host policy
 (bundler.install.hostpolicy): the compose analysis for every kind of request, both volume
 syntaxes, several files, interpolation; the policy file and --allow grants; and, through the
 real CLI, process bundles that run as root, `bundle inspect`/`verify` listing the requests, and
@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import hostreq
+from bundler.bundle import hostreq
+from bundler.bundle.hostreq import Place, Request, Unevaluable
+from bundler.bundle.models import ComposeSpec, MigrationSpec, Runtime, Service
 from bundler.errors import HostPolicyError, StateError
-from bundler.hostreq import Place, Request, Unevaluable
 from bundler.install import hostpolicy
-from bundler.models import ComposeSpec, MigrationSpec, Runtime, Service
 from tests.bundles import write_bundle
 from tests.helpers import bundle
 from tests.helpers import tree_snapshot as snapshot

@@ -1,6 +1,6 @@
 """The Docker-image artifact kind, against a real engine, real skopeo and a real registry.
 
-Build side: bundler.resolve.images.fetch; target side: bundler.install.images.load.
+Build side: bundler.build.resolve.images.fetch; target side: bundler.install.images.load.
 Images are tiny (a static busybox), made locally: see tests/docker_fixtures.py.
 """
 
@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import zstandard
 
-from bundler.cache import Cache
+from bundler.build.cache import Cache
+from bundler.build.resolve.images import ImageRecord, ImageSpec, fetch
 from bundler.errors import BuildError, ImageLoadError, InstallError
 from bundler.install.images import load
-from bundler.resolve.images import ImageRecord, ImageSpec, fetch
 from tests import docker_fixtures as dfx
 
 pytestmark = pytest.mark.docker

@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from bundler import proc
+from bundler.bundle.models import NpmProject
 from bundler.errors import Cancelled, InstallError
 from bundler.install import installer, python_env
 from bundler.install.layout import Layout
 from bundler.install.state import State
-from bundler.models import NpmProject
 
 
 def test_a_cancelled_scope_stops_its_running_command_at_once() -> None:

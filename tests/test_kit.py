@@ -26,14 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from bundler.platforms import host_platform
+from bundler.bundle.platforms import host_platform
 from tests.bundles import write_bundle
 from tests.helpers import Run, bundle, make_wheel, unavailable
 from tests.pyindex_server import serve, write_index
 
 BARE_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-BUILD_SIDE = ("bundler.resolve", "bundler.build", "bundler.lockfile", "bundler.kit",
-              "bundler.profile", "bundler.cli.authoring", "piptools", "pip", "uv")
+BUILD_SIDE = ("bundler.build", "bundler.cli.authoring", "piptools", "pip", "uv")
 
 
 def _host_tag() -> str:
@@ -89,8 +88,7 @@ def test_kit_carries_no_build_side(kit: dict[str, object]) -> None:
     assert "__main__.py" in names and "kit.json" in names
     assert "site/bundler/install/installer.py" in names
     assert "site/bundler/cli/kitmain.py" in names
-    for bad in ("site/bundler/resolve/", "site/bundler/build.py", "site/bundler/lockfile.py",
-                "site/bundler/kit.py", "site/bundler/cli/authoring.py", "site/piptools/",
+    for bad in ("site/bundler/build/", "site/bundler/cli/authoring.py", "site/piptools/",
                 "site/pip/"):
         assert not any(n.startswith(bad) for n in names), bad
     packages = {str(p).split("==")[0].lower() for p in kit["packages"]}  # type: ignore[attr-defined]
@@ -134,7 +132,7 @@ def test_kit_runs_target_commands_on_bare_python(kit: dict[str, object], tmp_pat
     assert json.loads(verified.out)["ok"] is True
 
     loaded = dump.read_text().split()
-    assert "bundler.archive" in loaded and "cryptography" in loaded
+    assert "bundler.bundle.archive" in loaded and "cryptography" in loaded
     leaked = [m for m in loaded if any(m == b or m.startswith(b + ".") for b in BUILD_SIDE)]
     assert leaked == []
     assert not list(home.iterdir()), "the kit wrote into HOME although BUNDLER_KIT_CACHE is set"
@@ -262,7 +260,7 @@ def test_kit_from_the_index_for_a_target(tmp_path: Path) -> None:
 
 def _fake_kit(path: Path, python: str | None = None) -> Path:
     """A small kit (kit.json + site/) for the bootstrap's own steps, run in-process."""
-    from bundler import kitboot
+    from bundler.bundle import kitboot
 
     files = {"fakemod.py": b"X = 1\n", "pkg/data.bin": b"\0" * 4096}
     seen = [(rel, hashlib.sha256(data).hexdigest(), False) for rel, data in files.items()]
@@ -394,7 +392,7 @@ def test_root_never_unpacks_into_a_home_that_is_not_roots(monkeypatch: pytest.Mo
                                                           tmp_path: Path) -> None:
     """sudo keeps the caller's HOME: root's candidate is its own home, from the password
     database."""
-    from bundler import kitboot
+    from bundler.bundle import kitboot
 
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setenv("HOME", str(tmp_path / "someone-else"))
@@ -404,7 +402,7 @@ def test_root_never_unpacks_into_a_home_that_is_not_roots(monkeypatch: pytest.Mo
 
 def test_the_tree_is_imported_from_its_checked_real_path(monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path) -> None:
-    from bundler import kitboot
+    from bundler.bundle import kitboot
 
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
@@ -423,7 +421,7 @@ def test_a_swap_after_the_rename_is_caught(monkeypatch: pytest.MonkeyPatch, tmp_
     """The race, planted deterministically: right after the rename that puts the tree in
     place, the tree (or a parent) becomes a link to someone else's tree, complete with the
     right digest file. The check after the rename refuses to use it."""
-    from bundler import kitboot
+    from bundler.bundle import kitboot
 
     kit_file = _fake_kit(tmp_path / "kit.pyz")
     base = tmp_path / "cache"
@@ -494,7 +492,7 @@ def test_a_kit_for_another_python_names_the_kit_to_use(kit: dict[str, object],
                                                        tmp_path: Path) -> None:
     """The real bootstrap, in a kit that says it is for CPython 3.99: it names the kit for
     the Python that runs it (the file `bundle kit` would write), and unpacks nothing."""
-    from bundler import kitboot
+    from bundler.bundle import kitboot
 
     path = Path(str(kit["kit"]))
     other = tmp_path / "other.pyz"  # its bootstrap and kit.json: the check comes first
@@ -534,10 +532,10 @@ def test_kits_for_two_pythons_from_one_warm_cache(monkeypatch: pytest.MonkeyPatc
     with the first's wheels, carries its own Python's wheel, under its own name."""
     from packaging.requirements import Requirement
 
-    from bundler import kit as kitmod
-    from bundler.cache import Cache
-    from bundler.models import Target
-    from bundler.profile import PythonSpec
+    from bundler.build import kit as kitmod
+    from bundler.build.cache import Cache
+    from bundler.build.profile import PythonSpec
+    from bundler.bundle.models import Target
 
     built = [make_wheel(tmp_path / "built", "fakeffi", "1.0",
                         {f"_fakeffi.cpython-{py}-x86_64-linux-gnu.so": f"built for {py}\n"},

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from packaging.utils import parse_wheel_filename
 
-from bundler import lockfile
-from bundler.profile import load_profile
+from bundler.build import lockfile
+from bundler.build.profile import load_profile
 from tests.helpers import bundle, bundle_argv, make_wheel, offline
 from tests.pyindex_server import serve, write_index
 

@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import archive
+from bundler.bundle import archive
+from bundler.bundle.manifest import FileEntry, canonical_json
+from bundler.bundle.models import HealthCheck, InstallPolicy, Runtime
 from bundler.errors import StateError
 from bundler.install import compose_runtime as cr
 from bundler.install.layout import Layout
 from bundler.install.state import ReleaseRow, State
-from bundler.manifest import FileEntry, canonical_json
-from bundler.models import HealthCheck, InstallPolicy, Runtime
 from tests.bundles import envelope_raw, kind_of, manifest_for, write_bundle
 from tests.helpers import bundle, free_port
 from tests.helpers import tree_snapshot as snapshot

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from bundler.build.profile import load_profile
+from bundler.bundle.models import DatabaseSpec, MigrationSpec, Runtime
 from bundler.errors import ProfileError
-from bundler.models import DatabaseSpec, MigrationSpec, Runtime
-from bundler.profile import load_profile
 
 BASE = """\
 schema: 1

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
+from bundler.build.resolve import runtimes
+from bundler.bundle.manifest import Manifest
+from bundler.bundle.models import NodeRuntime, NpmRef
 from bundler.errors import InstallError, StateError
 from bundler.install import node_runtime
-from bundler.manifest import Manifest
-from bundler.models import NodeRuntime, NpmRef
-from bundler.resolve import runtimes
 from tests.bundles import manifest_for
 from tests.helpers import bundle, bundle_argv, free_port, offline, unavailable
 from tests.npm_registry import (
@@ -268,7 +268,7 @@ def test_engines_ranges() -> None:
 
 @pytest.mark.network
 def test_resolves_against_the_public_registry() -> None:
-    from bundler.models import RuntimesSpec
+    from bundler.bundle.models import RuntimesSpec
 
     node, npm_ = runtimes.resolve(RuntimesSpec(node=NODE_MAJOR), "manylinux_2_28_aarch64",
                                   lambda _: None)

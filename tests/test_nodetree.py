@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bundler import nodetree
+from bundler.build.resolve.npm_tree import portable_reason
+from bundler.bundle import nodetree
 from bundler.errors import IntegrityError
-from bundler.resolve.npm_tree import portable_reason
 
 
 def make_tree(project: Path) -> None:

@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
-from bundler.cache import Cache
+from bundler.build.cache import Cache
+from bundler.build.resolve import npm as npmmod
+from bundler.build.resolve import npm_tree
+from bundler.build.resolve.npm import NpmFetched, NpmPackage, NpmSpec, fetch
 from bundler.errors import BuildError
-from bundler.resolve import npm as npmmod
-from bundler.resolve import npm_tree
-from bundler.resolve.npm import NpmFetched, NpmPackage, NpmSpec, fetch
 from tests.helpers import offline, unavailable
 from tests.npm_registry import LocalPackage, LocalRegistry, local_registry, make_project
 
@@ -407,7 +407,7 @@ DRIVER = textwrap.dedent('''\
     from pathlib import Path
     from bundler.errors import BundlerError
     from bundler.install.npm_env import install_offline
-    from bundler.resolve.npm import NpmPackage
+    from bundler.build.resolve.npm import NpmPackage
 
     args = json.loads(sys.argv[1])
     try:

@@ -1,5 +1,5 @@
 """`bundle build` refuses a Prisma set-up that cannot run offline, naming the file and the fix
-(bundler.resolve.prisma). The set-up that passes is the one seed 000 runs end to end
+(bundler.build.resolve.prisma). The set-up that passes is the one seed 000 runs end to end
 (tests/test_seed_000.py)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from bundler.build.resolve import prisma
 from bundler.errors import BuildError
-from bundler.resolve import prisma
 from tests.helpers import bundle
 
 BACKEND = Path(__file__).resolve().parent.parent / "profiles" / "health-platform" / "backend"

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from bundler.build.profile import load_profile
 from bundler.errors import ProfileError
-from bundler.profile import load_profile
 from tests.helpers import bundle
 
 

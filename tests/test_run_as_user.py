@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from bundler import proc
+from bundler.bundle.manifest import Manifest, parse_manifest
+from bundler.bundle.models import Runtime, Service, Target
 from bundler.errors import InstallError, SignatureError
 from bundler.install import runas
-from bundler.manifest import Manifest, parse_manifest
-from bundler.models import Runtime, Service, Target
 from tests.helpers import bundle, bundle_argv, offline, unavailable
 
 

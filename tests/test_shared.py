@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bundler.imageref import canonical_ref, canonical_tag, familiar_name
-from bundler.models import Target
-from bundler.platforms import Host, PlatformTag, parse_platform, wheel_platforms
+from bundler.bundle.imageref import canonical_ref, canonical_tag, familiar_name
+from bundler.bundle.models import Target
+from bundler.bundle.platforms import Host, PlatformTag, parse_platform, wheel_platforms
 
 POSTGRES = ["postgres:15", "library/postgres:15", "docker.io/postgres:15",
             "docker.io/library/postgres:15", "index.docker.io/postgres:15",
@@ -22,7 +22,7 @@ def test_docker_hub_spellings_are_one_image(spelling: str) -> None:
 
 
 def test_the_compose_check_and_the_install_check_agree() -> None:
-    from bundler.resolve.compose import ComposeFacts, check
+    from bundler.build.resolve.compose import ComposeFacts, check
 
     facts = ComposeFacts(services=("db",), images={"db": "index.docker.io/postgres:15"},
                          built=(), ports=())
@@ -82,9 +82,9 @@ def test_platform_facts() -> None:
 
 
 def test_uv_and_policy_read_the_same_tag() -> None:
+    from bundler.build.resolve.pylock import uv_platform
     from bundler.errors import PolicyError
     from bundler.install.policy import check_target
-    from bundler.resolve.pylock import uv_platform
 
     t = Target(python="3.11", platform="manylinux_2_28_aarch64")
     assert uv_platform(t) == "aarch64-manylinux_2_28"

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler.errors import SignatureError, SigningKeyError
-from bundler.manifest import PAYLOAD_TYPE, canonical_json
-from bundler.signing import (
+from bundler.bundle.manifest import PAYLOAD_TYPE, canonical_json
+from bundler.bundle.signing import (
     generate,
     key_id,
     load_private_key,
@@ -19,6 +18,7 @@ from bundler.signing import (
     sign,
     verify_envelope,
 )
+from bundler.errors import SignatureError, SigningKeyError
 from tests.bundles import envelope_raw, manifest_for
 from tests.helpers import bundle
 

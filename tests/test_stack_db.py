@@ -142,9 +142,9 @@ def test_kill_9_during_a_migration_is_restored_on_rerun(
 
 
 def test_postgres_health_check_against_the_real_server(cluster: PgCluster, dburl: str) -> None:
+    from bundler.bundle.models import HealthCheck
     from bundler.install.environ import ReleaseEnv
     from bundler.install.health import run_check
-    from bundler.models import HealthCheck
 
     env = ReleaseEnv("production", (("DATABASE_URL", dburl),), frozenset({"DATABASE_URL"}))
     check = HealthCheck(name="db", kind="postgres", target="${DATABASE_URL}", retries=1)

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import hostreq
+from bundler.bundle import hostreq
+from bundler.bundle.models import ComposeSpec, Runtime
 from bundler.install import compose_runtime as cr
-from bundler.models import ComposeSpec, Runtime
 from tests import docker_fixtures as dfx
 from tests.bundles import write_bundle
 from tests.helpers import Run, bundle, bundle_argv, host_policy, offline

@@ -184,9 +184,9 @@ def test_kill_9_in_the_last_database_restores_both_on_rerun(
 
 
 def test_mysql_health_check_against_the_real_server(mariadb: MariaDb, chatdb: str) -> None:
+    from bundler.bundle.models import HealthCheck
     from bundler.install.environ import ReleaseEnv
     from bundler.install.health import run_check
-    from bundler.models import HealthCheck
 
     env = ReleaseEnv("production", (("CHAT_URL", mariadb.url(chatdb)),),
                      frozenset({"CHAT_URL"}))

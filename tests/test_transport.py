@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bundler.bundle.volumes import DEFAULT_PART_SIZE, parse_size
 from bundler.errors import BuildError
-from bundler.volumes import DEFAULT_PART_SIZE, parse_size
 from tests.helpers import Project, bundle, unavailable
 
 

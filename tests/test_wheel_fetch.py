@@ -25,14 +25,14 @@ from pathlib import Path
 import pytest
 from packaging.utils import canonicalize_name
 
-from bundler.cache import Cache
+from bundler.build.cache import Cache
+from bundler.build.profile import PythonSpec
+from bundler.build.resolve import http as bhttp
+from bundler.build.resolve import pyindex, wheels
+from bundler.build.resolve import target as tgt
+from bundler.bundle.models import Target
 from bundler.errors import BuildError
-from bundler.models import Target
-from bundler.profile import PythonSpec
 from bundler.redact import redact
-from bundler.resolve import http as bhttp
-from bundler.resolve import pyindex, wheels
-from bundler.resolve import target as tgt
 from tests.helpers import make_wheel
 from tests.pyindex_server import serve, write_index
 
@@ -405,7 +405,7 @@ def test_file_index_and_find_links_pages_and_file_urls(tmp_path: Path) -> None:
 def test_downloads_that_fail_midway_give_their_connection_back(tmp_path: Path) -> None:
     """A failed consumer (hash mismatch, full disk) closes its connection: it must still
     free its pool slot, or after MAX_PARALLEL failures every later download waits forever."""
-    from bundler.resolve import http as bhttp
+    from bundler.build.resolve import http as bhttp
 
     def refuse(_chunks: Iterator[bytes]) -> None:
         raise ValueError("no")

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 
 import click
 
+from bundler.bundle.models import Target
 from bundler.cli import options
 from bundler.cli.common import cli, handled
 from bundler.cli.render import emit_json
-from bundler.models import Target
 
 if TYPE_CHECKING:
-    from bundler.kit import Kit
+    from bundler.build.kit import Kit
 
 
 @cli.command()
@@ -22,9 +22,9 @@ if TYPE_CHECKING:
 @handled
 def init(directory: Path, force: bool) -> None:
     """Write a commented starter profile, DIRECTORY/bundle.yaml."""
+    from bundler.build.starter import STARTER
     from bundler.errors import Problem, ProfileError
     from bundler.fsutil import atomic_write_bytes
-    from bundler.starter import STARTER
 
     target = directory / "bundle.yaml"
     if target.exists() and not force:
@@ -40,8 +40,8 @@ def init(directory: Path, force: bool) -> None:
 @handled
 def validate(profile: Path, as_json: bool) -> None:
     """Check a profile and report every problem at once (file:line)."""
-    from bundler.profile import load_profile
-    from bundler.resolve.wheels import parse_requirements
+    from bundler.build.profile import load_profile
+    from bundler.build.resolve.wheels import parse_requirements
 
     loaded = load_profile(profile)
     if loaded.python is not None and loaded.python.requirements is not None:
@@ -59,7 +59,7 @@ def validate(profile: Path, as_json: bool) -> None:
 @handled
 def keygen(name: Path, force: bool, as_json: bool) -> None:
     """Create an Ed25519 signing key pair: NAME.key (private, 0600) and NAME.pub."""
-    from bundler.signing import generate
+    from bundler.bundle.signing import generate
 
     priv, pub, kid = generate(name, force)
     if as_json:
@@ -93,11 +93,11 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
           sequence: int | None, lock_path: Path | None, frozen: bool, volume_size: str | None,
           with_kit: bool, as_json: bool) -> None:
     """Resolve, fetch, sign and pack PROFILE into OUT/NAME-VERSION.bundle."""
-    from bundler import volumes
-    from bundler.build import build as do_build
-    from bundler.cache import Cache, default_cache_dir
-    from bundler.profile import load_profile
-    from bundler.signing import load_private_key
+    from bundler.build.builder import build as do_build
+    from bundler.build.cache import Cache, default_cache_dir
+    from bundler.build.profile import load_profile
+    from bundler.bundle import volumes
+    from bundler.bundle.signing import load_private_key
 
     part_size = None
     if volume_size is not None:
@@ -110,7 +110,7 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
     made = None
     if with_kit:
         from bundler import ui
-        from bundler.kit import build_kit
+        from bundler.build.kit import build_kit
 
         ui.step("Making the target kit")
         made = build_kit(out_dir, loaded.target, cache, ui.note,
@@ -169,10 +169,10 @@ def kit(out_dir: Path, platform_tag: str, python_version: str, cache_dir: Path |
     """Write the target kit: ONE file that runs bundler's target commands (trust, verify,
     install, status, rollback, ...) on a host that has only python3."""
     from bundler import ui
-    from bundler.cache import Cache, default_cache_dir
-    from bundler.kit import build_kit
-    from bundler.platforms import PLATFORM_RE
-    from bundler.profile import PYTHON_RE, PythonSpec
+    from bundler.build.cache import Cache, default_cache_dir
+    from bundler.build.kit import build_kit
+    from bundler.build.profile import PYTHON_RE, PythonSpec
+    from bundler.bundle.platforms import PLATFORM_RE
 
     if not PLATFORM_RE.match(platform_tag):
         raise click.BadParameter(f"{platform_tag!r} is not a Linux wheel platform (e.g. "
@@ -201,10 +201,10 @@ def kit(out_dir: Path, platform_tag: str, python_version: str, cache_dir: Path |
 @handled
 def lock(profile: Path, lock_path: Path | None, cache_dir: Path | None, as_json: bool) -> None:
     """Resolve PROFILE for its target and write the lock file (exact versions and hashes)."""
-    from bundler.build import lock as do_lock
-    from bundler.cache import Cache, default_cache_dir
-    from bundler.lockfile import default_path
-    from bundler.profile import load_profile
+    from bundler.build.builder import lock as do_lock
+    from bundler.build.cache import Cache, default_cache_dir
+    from bundler.build.lockfile import default_path
+    from bundler.build.profile import load_profile
 
     loaded = load_profile(profile)
     result, fetched = do_lock(loaded, Cache(cache_dir or default_cache_dir()), lock_path)

@@ -7,15 +7,16 @@ from typing import Any
 
 import click
 
-from bundler import archive, ui, volumes
+from bundler import ui
+from bundler.bundle import archive, volumes
+from bundler.bundle.hostreq import Request
+from bundler.bundle.manifest import Manifest
+from bundler.bundle.signing import TrustedKey
 from bundler.cli import options
 from bundler.cli.common import cli, handled, use_root
 from bundler.cli.render import emit_json
 from bundler.fsutil import human_bytes
-from bundler.hostreq import Request
 from bundler.install import trust as trust_store
-from bundler.manifest import Manifest
-from bundler.signing import TrustedKey
 
 
 def _trusted(trust_path: Path | None, root: Path | None) -> list[TrustedKey]:
@@ -44,7 +45,7 @@ def verify(bundle: Path, trust_path: Path | None, root: Path | None, as_json: bo
 
     BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name).
     """
-    from bundler.inspect import host_requests
+    from bundler.bundle.inspect import host_requests
     from bundler.install.policy import check_bundler_version, check_expiry
 
     trusted = _trusted(trust_path, root)
@@ -69,7 +70,7 @@ def verify(bundle: Path, trust_path: Path | None, root: Path | None, as_json: bo
 
 
 def _compose_excerpt(m: Manifest, captured: dict[str, bytes]) -> dict[str, Any]:
-    from bundler.hostreq import checked_excerpt
+    from bundler.bundle.hostreq import checked_excerpt
 
     spec = m.runtime.compose
     assert spec is not None
@@ -114,7 +115,7 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
 
     Only the signed envelope is read (fast); `bundle verify` checks every byte.
     """
-    from bundler.inspect import describe
+    from bundler.bundle.inspect import describe
 
     trusted = _trusted(trust_path, root)
     info = describe(archive.manifest_of(bundle, trusted), _parts(bundle, trusted))
@@ -165,7 +166,7 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
 def diff(old: Path, new: Path, trust_path: Path | None, root: Path | None,
          as_json: bool) -> None:
     """What changed from bundle OLD to bundle NEW: artifacts, versions, services, checks."""
-    from bundler.inspect import diff as compute
+    from bundler.bundle.inspect import diff as compute
 
     trusted = _trusted(trust_path, root)
     result = compute(archive.manifest_of(old, trusted).manifest,

@@ -33,7 +33,7 @@ cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default
 
 def _check_allow(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
                  ) -> tuple[str, ...]:
-    from bundler.hostreq import grant_parse
+    from bundler.bundle.hostreq import grant_parse
 
     for v in values:
         grant_parse(v, click.BadParameter)

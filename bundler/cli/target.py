@@ -325,7 +325,7 @@ def doctor(bundle: Path | None, root: Path, trust_path: Path | None, environment
            as_json: bool) -> None:
     """Check this host against BUNDLE (or the current release): engine, compose, disk, ports,
     Python/Node, database, environment. Changes nothing; exit 19 if a check fails."""
-    from bundler import archive
+    from bundler.bundle import archive
     from bundler.install import doctor as doc
     from bundler.install import trust as trust_store
 

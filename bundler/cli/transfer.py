@@ -49,9 +49,9 @@ def export_(bundle: Path, dest: Path, kit_path: Path | None, cache_dir: Path | N
     4 GiB - 1). Free space is checked before anything is written; an existing file of the
     same name is skipped if identical and refused if different.
     """
-    from bundler import volumes
-    from bundler.cache import Cache
-    from bundler.export import export
+    from bundler.build.cache import Cache
+    from bundler.build.export import export
+    from bundler.bundle import volumes
     from bundler.fsutil import human_bytes
 
     part_size = None

@@ -33,13 +33,13 @@ from pathlib import Path
 import yaml
 
 from bundler import proc, ui
+from bundler.bundle.manifest import Manifest
 from bundler.errors import BundlerError, InstallError, UnhealthyError
 from bundler.fsutil import atomic_write_bytes
 from bundler.install import control, recovery, rootbin, swarm_runtime
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.state import State, new_txn
-from bundler.manifest import Manifest
 
 UNIT_DIR = Path("/etc/systemd/system")
 BOOTED = Path("/run/systemd/system")  # exists when systemd is PID 1 (sd_booted(3))

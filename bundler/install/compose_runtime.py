@@ -292,7 +292,7 @@ def _base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def process_env(values: Mapping[str, str]) -> dict[str, str]:
     """The environment compose runs with for a release whose env is `values`: what it
-    interpolates the compose files with, over the env file it reads (bundler.hostreq)."""
+    interpolates the compose files with, over the env file it reads (bundler.bundle.hostreq)."""
     return _base_env(dict(values))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bundler.bundle.manifest import Manifest
 from bundler.errors import StateError
 from bundler.install import health, runtime
 from bundler.install.environ import release_env, remember_shared
@@ -12,7 +13,6 @@ from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.recovery import Pending, check_recorded_manifest, pending
 from bundler.install.runtime import UnitState
 from bundler.install.state import Event, ReleaseRow, State
-from bundler.manifest import Manifest
 from bundler.progname import cmd
 
 

@@ -62,7 +62,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from bundler import hostneeds, proc
+from bundler import proc
+from bundler.bundle import hostneeds
 from bundler.errors import CommandError, InstallError
 from bundler.fsutil import CHUNK, create_file, private_dir, require_space, sha256_file
 from bundler.install import fsowner, mysql_db

@@ -54,12 +54,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from bundler import ui
+from bundler.bundle.manifest import Manifest
+from bundler.bundle.models import DataDir
 from bundler.errors import InstallError, RecoveryPendingError, SpaceError
 from bundler.fsutil import CHUNK, human_bytes, private_dir, require_space
 from bundler.install import runas
 from bundler.install.layout import Layout
-from bundler.manifest import Manifest
-from bundler.models import DataDir
 
 # (step, status, detail): the install journal's record, or recovery's.
 Record = Callable[[str, str, str], None]

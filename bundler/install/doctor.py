@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bundler.bundle.manifest import Manifest
+from bundler.bundle.models import DatabaseSpec
+from bundler.bundle.platforms import parse_platform
 from bundler.errors import BundlerError
 from bundler.fsutil import free_bytes, human_bytes
 from bundler.install import environ, policy, ports, python_env, runas, swarm_runtime
 from bundler.install.layout import Layout, ReleaseDir
-from bundler.manifest import Manifest
-from bundler.models import DatabaseSpec
-from bundler.platforms import parse_platform
 from bundler.progname import cmd
 
 
@@ -170,7 +170,7 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
 
 def _swarm(layout: Layout, m: Manifest, env: environ.ReleaseEnv) -> list[Row]:
     """A swarm (swarm.yaml in the root): every node, and the ports across the swarm."""
-    from bundler.imagearchive import ImageRecord
+    from bundler.bundle.imagearchive import ImageRecord
     from bundler.install.compose_runtime import project_name
 
     assert m.runtime.compose is not None

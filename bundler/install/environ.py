@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from bundler.bundle.manifest import Manifest
+from bundler.bundle.models import PLACEHOLDER_RE, EnvSpec
 from bundler.errors import BundlerError, EnvError
 from bundler.install import strict
 from bundler.install.layout import Layout
-from bundler.manifest import Manifest
-from bundler.models import PLACEHOLDER_RE, EnvSpec
 from bundler.redact import Secrets, redact, remember_env
 
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

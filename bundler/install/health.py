@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundler import proc, ui
+from bundler.bundle.models import HealthCheck
 from bundler.errors import BundlerError, CommandError
 from bundler.install import node_runtime, runas
 from bundler.install.environ import ReleaseEnv
-from bundler.models import HealthCheck
 
 # No proxies, ever: the target is air-gapped, and a stray http_proxy would send a loopback
 # health check off-host.

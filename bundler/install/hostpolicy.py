@@ -10,7 +10,7 @@ bundler trusts under the root) lists what the operator allows, in the `--allow` 
     users: [app, root]   # optional: the only accounts a release may run its own code as
 
 `bundle install --allow KIND[=VALUE]` (repeatable) allows more for one command. Everything
-`bundler.hostreq` marks refused-by-default is refused unless allowed, before anything is
+`bundler.bundle.hostreq` marks refused-by-default is refused unless allowed, before anything is
 created: on the manifest's record first, then on the verified compose files themselves
 (a signer may lie in the record), with only the staging directory to remove.
 
@@ -31,13 +31,13 @@ from typing import Any
 
 import yaml
 
-from bundler import hostreq
+from bundler.bundle import hostreq
+from bundler.bundle.hostreq import Request
+from bundler.bundle.manifest import Manifest
 from bundler.errors import BundlerError, HostPolicyError
-from bundler.hostreq import Request
 from bundler.install import environ, runtime, strict
 from bundler.install import swarm_runtime as swarm
 from bundler.install.layout import Layout, ReleaseDir
-from bundler.manifest import Manifest
 
 POLICY = "policy.yaml"
 _HINT = "`bundle inspect BUNDLE` lists everything it asks of the host; see docs/host-policy.md"

@@ -23,12 +23,12 @@ from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
+from bundler.bundle.imagearchive import ImageRecord, Scan
+from bundler.bundle.imageref import canonical_tag
 from bundler.engine import docker_sdk, engine_client, transport_errors
 from bundler.errors import ImageLoadError, InstallError
 from bundler.faults import fault_point
 from bundler.fsutil import CHUNK, human_bytes
-from bundler.imagearchive import ImageRecord, Scan
-from bundler.imageref import canonical_tag
 from bundler.ui import Log
 
 HOLD = 1024 * 1024  # > the tar's end-of-archive marker plus record padding (at most 11 KiB)

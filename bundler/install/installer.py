@@ -24,7 +24,11 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bundler import archive, nodetree, proc, ui
+from bundler import proc, ui
+from bundler.bundle import archive, nodetree
+from bundler.bundle.manifest import IMAGES_PATH, Manifest
+from bundler.bundle.models import MigrationSpec, NpmProject
+from bundler.bundle.signing import TrustedKey, Verified
 from bundler.errors import (
     BundlerError,
     Cancelled,
@@ -67,9 +71,6 @@ from bundler.install import (
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
 from bundler.install.state import ReleaseRow, State, new_txn, now
-from bundler.manifest import IMAGES_PATH, Manifest
-from bundler.models import MigrationSpec, NpmProject
-from bundler.signing import TrustedKey, Verified
 
 # A venv plus installed packages take a few times the wheels' size; be generous up front
 # rather than fail half-way.
@@ -422,7 +423,7 @@ def _install_packages(journal: _Journal, rel: ReleaseDir, m: Manifest,
         def images() -> None:
             with journal.step("images", f"Loading {len(m.images)} image(s) into the engine"), \
                     ui.activity("images: docker load"):
-                from bundler.imagearchive import ImageRecord
+                from bundler.bundle.imagearchive import ImageRecord
                 from bundler.install import images as image_loader
 
                 records = [ImageRecord(i.ref, i.image_id) for i in m.images]
@@ -501,8 +502,8 @@ def _install_packages(journal: _Journal, rel: ReleaseDir, m: Manifest,
 
 
 def _install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
+    from bundler.bundle.npmlock import NpmPackage
     from bundler.install import npm_env
-    from bundler.npmlock import NpmPackage
 
     dest = rel.files / project.dest
     dest.mkdir(parents=True, exist_ok=True)

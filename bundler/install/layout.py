@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from bundler.bundle.manifest import Manifest, parse_manifest
 from bundler.errors import LockedError, StateError
-from bundler.manifest import Manifest, parse_manifest
 from bundler.progname import cmd
 
 

@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from bundler import hostneeds, proc
+from bundler import proc
+from bundler.bundle import hostneeds
 from bundler.errors import CommandError, InstallError, LockedError, MigrationError
 from bundler.fsutil import create_file
 from bundler.redact import redact

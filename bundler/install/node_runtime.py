@@ -38,11 +38,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from bundler import proc
+from bundler.bundle.manifest import Manifest
+from bundler.bundle.models import NpmRef
 from bundler.errors import CommandError, InstallError
 from bundler.fsutil import CHUNK, make_dir, sha256_file
 from bundler.install import strict
-from bundler.manifest import Manifest
-from bundler.models import NpmRef
 
 RUNTIME_DIR = Path("runtime") / "node"
 NPM_DIR = Path("lib") / "node_modules" / "npm"

@@ -28,10 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from bundler import proc
-from bundler.errors import BuildError, CommandError, InstallError
-from bundler.fsutil import CHUNK
-from bundler.install import fsowner, node_runtime
-from bundler.npmlock import (
+from bundler.bundle.npmlock import (
     NpmPackage,
     npm_env,
     npm_last_error,
@@ -39,6 +36,9 @@ from bundler.npmlock import (
     package_name,
     parse_sri,
 )
+from bundler.errors import BuildError, CommandError, InstallError
+from bundler.fsutil import CHUNK
+from bundler.install import fsowner, node_runtime
 
 # Never contacted: `.invalid` is reserved (RFC 2606) and npm runs with --offline.
 OFFLINE_REGISTRY = "https://registry.invalid/"

@@ -15,13 +15,13 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from bundler import __version__, proc
+from bundler.bundle.manifest import Manifest, required_version
+from bundler.bundle.models import Target
+from bundler.bundle.platforms import Host, host_platform, parse_platform
 from bundler.errors import CommandError, PolicyError
 from bundler.install import python_env
 from bundler.install.layout import Layout
 from bundler.install.state import State
-from bundler.manifest import Manifest, required_version
-from bundler.models import Target
-from bundler.platforms import Host, host_platform, parse_platform
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
+from bundler.bundle.manifest import Manifest
 from bundler.errors import BundlerError, PolicyError
 from bundler.install import environ
 from bundler.install.layout import Layout, ReleaseDir
-from bundler.manifest import Manifest
 
 _LOCAL = ("127.0.0.1", "localhost", "0.0.0.0", "[::1]", "::1", "[::]")
 _LISTEN = "0A"

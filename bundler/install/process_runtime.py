@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from bundler import proc
+from bundler.bundle.models import EnvSpec, Service
 from bundler.errors import InstallError
 from bundler.fsutil import atomic_write_bytes
 from bundler.install import node_runtime, runas, tails
 from bundler.install.environ import release_env
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.supervise import start_time
-from bundler.models import EnvSpec, Service
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bundler import proc, tools
+from bundler.bundle.models import Target
 from bundler.errors import CommandError, InstallError
 from bundler.faults import fault_point
-from bundler.models import Target
 
 
 def find_python(target: Target) -> Path | None:

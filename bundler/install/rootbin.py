@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bundler
-from bundler import kitboot
+from bundler.bundle import kitboot
 from bundler.errors import IntegrityError, StateError
 from bundler.fsutil import CHUNK, atomic_write_bytes, make_dir
 from bundler.install import strict
@@ -56,7 +56,7 @@ class Running:
 
 
 def running() -> Running:
-    """The kit's bootstrap (bundler/kitboot.py) runs as `__main__` from inside the kit file
+    """The kit's bootstrap (bundler/bundle/kitboot.py) runs as `__main__` from inside the kit file
     (`<kit>/__main__.py`) and unpacks site/ into a directory named by its digest, where the
     bootstrap's READY file records it: both are read back here."""
     python = sys.executable or "/usr/bin/python3"

@@ -24,11 +24,12 @@ import pwd
 import stat
 from pathlib import Path
 
-from bundler import hostneeds, proc, progname
+from bundler import proc, progname
+from bundler.bundle import hostneeds
+from bundler.bundle.manifest import Manifest
 from bundler.errors import BundlerError, InstallError, PolicyError
 from bundler.install.environ import ReleaseEnv
 from bundler.install.layout import Layout, ReleaseDir
-from bundler.manifest import Manifest
 
 GROUP_DIR_MODE = 0o1775  # logs/, run/
 DB_DIR_MODE = 0o1770     # a SQLite database's directory bundler creates

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundler import proc, ui
+from bundler.bundle.imagearchive import ImageRecord
+from bundler.bundle.manifest import IMAGES_PATH, Manifest
 from bundler.errors import InstallError, PolicyError
-from bundler.imagearchive import ImageRecord
 from bundler.install import compose_runtime as cr
 from bundler.install import database, datadirs, environ, migrations, process_runtime, runas
 from bundler.install import swarm_runtime as swarm
 from bundler.install.layout import Layout, ReleaseDir
-from bundler.manifest import IMAGES_PATH, Manifest
 
 # Seconds a just-started database service gets to accept connections (initdb of a new volume
 # included).

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bundler.bundle.signing import TrustedKey, load_public_key, load_trust
 from bundler.errors import SigningKeyError
 from bundler.fsutil import atomic_write_bytes, make_dir, private_dir
 from bundler.install import strict
 from bundler.install.layout import Layout, check_root
 from bundler.progname import cmd
-from bundler.signing import TrustedKey, load_public_key, load_trust
 
 
 def store(layout: Layout) -> Path:

@@ -252,7 +252,7 @@ class NpmProject:
     omit_dev: bool
     env: tuple[tuple[str, str], ...]
     packages: tuple[NpmRef, ...]
-    # The node_modules pre-built at build time (bundler/nodetree.py), when the tree cannot
+    # The node_modules pre-built at build time (bundler/bundle/nodetree.py), when the tree cannot
     # depend on the target; None: the target runs `npm ci --offline`.
     tree: str | None = None
 
@@ -298,7 +298,7 @@ class ComposeSpec:
     project: str | None = None
     tool: str | None = None  # prefer "v1" / "v2" / a command; default: modern compose first
     ports: tuple[int, ...] = ()  # host ports the files publish (found at build time)
-    # What the files ask of the host (bundler.hostreq.excerpt), recorded at build time for
+    # What the files ask of the host (bundler.bundle.hostreq.excerpt), recorded at build time for
     # `bundle inspect`; the target checks the files themselves. None: an older bundle.
     host: dict[str, Any] | None = field(default=None, hash=False)
 

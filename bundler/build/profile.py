@@ -18,8 +18,7 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from bundler.errors import Problem, ProfileError
-from bundler.models import (
+from bundler.bundle.models import (
     CHECK_KINDS,
     COMPOSE_TOOLS,
     DATA_BACKUP,
@@ -43,7 +42,8 @@ from bundler.models import (
     Target,
     data_mode,
 )
-from bundler.platforms import PLATFORM_RE
+from bundler.bundle.platforms import PLATFORM_RE
+from bundler.errors import Problem, ProfileError
 from bundler.redact import has_plaintext_secret
 
 SCHEMA_VERSION = 1

@@ -12,21 +12,23 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler import __version__, actions, archive, lockfile, nodetree, ui, volumes
-from bundler.cache import Cache
+from bundler import __version__, ui
+from bundler.build import actions, lockfile
+from bundler.build.cache import Cache
+from bundler.build.lockfile import Lock
+from bundler.build.profile import Profile
+from bundler.build.resolve import compose as compose_check
+from bundler.build.resolve import files as files_resolver
+from bundler.build.resolve import images, npm, npm_tree, prisma, runtimes, wheels
+from bundler.bundle import archive, nodetree, volumes
+from bundler.bundle.imageref import canonical_tag
+from bundler.bundle.manifest import IMAGES_PATH, FileEntry, Manifest
+from bundler.bundle.models import ImageRef, NpmProject, NpmRef, Target
+from bundler.bundle.platforms import parse_platform
+from bundler.bundle.signing import MAX_ENVELOPE_BYTES, key_id, sign
 from bundler.engine import engine_client, local_image_ids
 from bundler.errors import BuildError, BundlerError
 from bundler.fsutil import require_space
-from bundler.imageref import canonical_tag
-from bundler.lockfile import Lock
-from bundler.manifest import IMAGES_PATH, FileEntry, Manifest
-from bundler.models import ImageRef, NpmProject, NpmRef, Target
-from bundler.platforms import parse_platform
-from bundler.profile import Profile
-from bundler.resolve import compose as compose_check
-from bundler.resolve import files as files_resolver
-from bundler.resolve import images, npm, npm_tree, prisma, runtimes, wheels
-from bundler.signing import MAX_ENVELOPE_BYTES, key_id, sign
 
 
 @dataclass(frozen=True)

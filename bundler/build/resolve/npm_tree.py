@@ -1,6 +1,6 @@
 """Pre-build a project's node_modules once, here, when the tree cannot depend on the target.
 
-The target then writes one verified payload (`bundler/nodetree.py`) instead of running
+The target then writes one verified payload (`bundler/bundle/nodetree.py`) instead of running
 `npm ci --offline`, whose time is nearly all tarball unpacking. The tarballs still travel, so
 a target can always fall back to `npm ci` (it does when the payload is absent).
 
@@ -28,10 +28,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bundler import nodetree, proc
-from bundler.cache import Cache
+from bundler import proc
+from bundler.build.cache import Cache
+from bundler.bundle import nodetree
+from bundler.bundle.npmlock import NpmPackage, npm_env, npm_last_error, package_name
 from bundler.errors import BuildError, CommandError
-from bundler.npmlock import NpmPackage, npm_env, npm_last_error, package_name
 
 _FORMAT = "1"  # bump when what is packed changes: old cache entries are then ignored
 _PROJECT_SCRIPTS = ("preinstall", "install", "postinstall", "preprepare", "prepare",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from bundler import proc, ui
+from bundler.build.profile import Action
 from bundler.errors import BuildError, CommandError
-from bundler.profile import Action
 
 
 def run_all(actions: tuple[Action, ...]) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bundler.manifest import Manifest
-from bundler.models import DatabaseSpec
+from bundler.bundle.manifest import Manifest
+from bundler.bundle.models import DatabaseSpec
 
 MARIADB_CLIENT = "mariadb-client"   # Debian's MySQL/MariaDB client tools (mariadb, mariadb-dump)
 DOCKER_ENGINE = "docker.io"         # Debian's Docker engine

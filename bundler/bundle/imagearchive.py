@@ -16,8 +16,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bundler.bundle.imageref import canonical_tag
 from bundler.fsutil import CHUNK
-from bundler.imageref import canonical_tag
 
 # JSON documents (manifest.json, index.json, OCI manifests, image configs) are read into memory
 # up to this size; layers never are.

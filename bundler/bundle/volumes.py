@@ -22,9 +22,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bundler.bundle.manifest import canonical_json, strict_loads
+from bundler.bundle.signing import TrustedKey, sign_payload, verify_payload
 from bundler.errors import BuildError, IntegrityError, SignatureError
-from bundler.manifest import canonical_json, strict_loads
-from bundler.signing import TrustedKey, sign_payload, verify_payload
 
 INDEX_TYPE = "application/vnd.bundler.parts+json"
 INDEX_SUFFIX = ".parts"

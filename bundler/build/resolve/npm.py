@@ -37,10 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bundler import proc, ui
-from bundler.cache import Cache
-from bundler.errors import BuildError, CommandError
-from bundler.fsutil import CHUNK, atomic_write_bytes
-from bundler.npmlock import (
+from bundler.build.cache import Cache
+from bundler.bundle.npmlock import (
     NpmPackage,
     npm_env,
     npm_last_error,
@@ -51,9 +49,11 @@ from bundler.npmlock import (
     strongest,
     tarball_path,
 )
+from bundler.errors import BuildError, CommandError
+from bundler.fsutil import CHUNK, atomic_write_bytes
 
 if TYPE_CHECKING:
-    from bundler.resolve import http
+    from bundler.build.resolve import http
 
 _PACKUMENT_ACCEPT = ("application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, "
                      "*/*")
@@ -297,7 +297,7 @@ def _failed(what: str, exc: http.HttpFailed) -> BuildError:
 def packument(registry: str, name: str) -> dict[str, Any]:
     """The registry's document for package `name` (every version's metadata), with retries.
     `registry`: a URL ending in "/" (see registry_url)."""
-    from bundler.resolve import http
+    from bundler.build.resolve import http
 
     url = registry + name.replace("/", "%2f")
     try:
@@ -373,7 +373,7 @@ class _Stats:
 
 def _download_one(entry: LockEntry, registry: str, cache: Cache, index: _Index,
                   stats: _Stats, progress: ui.Downloads | None = None) -> NpmPackage:
-    from bundler.resolve import http
+    from bundler.build.resolve import http
 
     algo, want = strongest(entry.integrity)
     ident = f"{entry.name}@{entry.version}"
@@ -476,7 +476,7 @@ def download(entries: Sequence[LockEntry], registry: str, cache: Cache,
 def _fetch_missing(todo: list[tuple[int, LockEntry]], registry: str, cache: Cache,
                    index: _Index, stats: _Stats, results: dict[int, NpmPackage],
                    workers: int | None) -> None:
-    from bundler.resolve import http
+    from bundler.build.resolve import http
 
     with ThreadPoolExecutor(max_workers=max(1, workers or http.MAX_PARALLEL),
                             thread_name_prefix="npm-fetch") as pool, \

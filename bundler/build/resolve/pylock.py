@@ -17,11 +17,11 @@ import tomllib
 from pathlib import Path
 
 from bundler import proc, ui
+from bundler.build.profile import PythonSpec
+from bundler.build.resolve import pyindex
+from bundler.bundle.models import Target
+from bundler.bundle.platforms import host_platform, parse_platform
 from bundler.errors import BuildError, CommandError
-from bundler.models import Target
-from bundler.platforms import host_platform, parse_platform
-from bundler.profile import PythonSpec
-from bundler.resolve import pyindex
 from bundler.ui import Log
 
 # How pip (pip-compile) and uv say that a project has nothing installable for the target.

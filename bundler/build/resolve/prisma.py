@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bundler.bundle.npmlock import package_name
 from bundler.errors import BuildError
-from bundler.npmlock import package_name
 
 SUPPORTED = (6, 19)
 PINNED = "6.19.3"

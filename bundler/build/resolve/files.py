@@ -7,10 +7,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bundler.cache import Cache
+from bundler.build.cache import Cache
+from bundler.build.profile import FileSpec
+from bundler.bundle.manifest import PATH_RE, FileEntry
 from bundler.errors import BuildError
-from bundler.manifest import PATH_RE, FileEntry
-from bundler.profile import FileSpec
 
 
 @dataclass(frozen=True)

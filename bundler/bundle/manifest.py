@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from bundler.errors import SignatureError
-from bundler.models import (
+from bundler.bundle.models import (
     COMPOSE_TOOLS,
     NAME_RE,
     NODE_PACKAGES,
@@ -36,10 +35,11 @@ from bundler.models import (
     is_inner_path,
     user_name,
 )
-from bundler.nodetree import TREE_NAME
+from bundler.bundle.nodetree import TREE_NAME
+from bundler.errors import SignatureError
 
 SCHEMA = 1
-PAYLOAD_TYPE = "application/vnd.bundler.manifest+json"
+PAYLOAD_TYPE = "application/vnd.bundler.bundle.manifest+json"
 
 # Member paths are chosen by the builder; the verifier still refuses anything that could
 # escape a directory or mean different things on different systems.

@@ -41,11 +41,8 @@ from typing import IO, Any, cast
 import zstandard
 
 from bundler import proc
-from bundler.cache import Cache
-from bundler.engine import ENGINE_TIMEOUT, docker_sdk, engine_client, first_line, transport_errors
-from bundler.errors import BuildError, CommandError
-from bundler.fsutil import CHUNK, human_bytes
-from bundler.imagearchive import (
+from bundler.build.cache import Cache
+from bundler.bundle.imagearchive import (
     SMALL,
     ImageRecord,
     LayoutImage,
@@ -53,7 +50,10 @@ from bundler.imagearchive import (
     config_facts,
     norm_member,
 )
-from bundler.imageref import canonical_tag, parse_ref
+from bundler.bundle.imageref import canonical_tag, parse_ref
+from bundler.engine import ENGINE_TIMEOUT, docker_sdk, engine_client, first_line, transport_errors
+from bundler.errors import BuildError, CommandError
+from bundler.fsutil import CHUNK, human_bytes
 
 SOURCES = ("engine", "registry", "archive")
 ZSTD_LEVEL = 3

@@ -7,12 +7,12 @@ from typing import Any
 
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
-from bundler import hostreq
+from bundler.bundle import hostreq
+from bundler.bundle.manifest import KIND_PREFIX, FileEntry, Manifest
+from bundler.bundle.models import DatabaseSpec, EnvSpec, HealthCheck, MigrationSpec, Runtime
+from bundler.bundle.signing import Verified
 from bundler.errors import HostPolicyError
-from bundler.manifest import KIND_PREFIX, FileEntry, Manifest
-from bundler.models import DatabaseSpec, EnvSpec, HealthCheck, MigrationSpec, Runtime
 from bundler.redact import redact
-from bundler.signing import Verified
 
 
 def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> d
 
 
 def host_requests(m: Manifest, compose: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the release asks of the host (bundler.hostreq), from the manifest's record of its
+    """What the release asks of the host (bundler.bundle.hostreq), from the manifest's record of its
     compose files or from `compose`, the excerpt of the files themselves (`bundle verify`).
     `host_requests_complete` is False for an older bundle that records nothing of them."""
     requests = hostreq.process_requests(m.runtime)

@@ -4,7 +4,7 @@ The target has no registry and builds nothing, so a service whose image the bund
 carry can only fail there, late; a `database.compose_service` or migration `service` that
 names no service, the same. Both are caught here, at build time. The host ports the files
 publish are recorded in the manifest for `bundle doctor`, and what they ask of the host
-(privileges, host mounts, namespaces: bundler.hostreq) for `bundle inspect`; what a host
+(privileges, host mounts, namespaces: bundler.bundle.hostreq) for `bundle inspect`; what a host
 policy cannot evaluate exactly (`extends`, `include`) is refused here already.
 
 Values that compose interpolates (`${TAG}`) are only known on the target: they are skipped
@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-from bundler import hostreq
+from bundler.bundle import hostreq
+from bundler.bundle.imageref import canonical_ref
 from bundler.errors import BuildError
-from bundler.imageref import canonical_ref
 
 _PORT = re.compile(r"^(?:(?:\[[^\]]*\]|[^:\[\]]+):)?(\d+):\d+(?:/(?:tcp|udp|sctp))?$")
 
@@ -38,7 +38,7 @@ class ComposeFacts:
 
 
 def _identity(ref: str) -> str:
-    """How Docker reads `ref` (bundler.imageref); an invalid ref stays as written, so it is
+    """How Docker reads `ref` (bundler.bundle.imageref); an invalid ref stays as written, so it is
     reported as not carried rather than crashing the check."""
     try:
         return canonical_ref(ref)

@@ -30,8 +30,14 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-from bundler import __version__, archive, hostneeds, ui, volumes
-from bundler.cache import Cache
+from bundler import __version__, ui
+from bundler.build.cache import Cache
+from bundler.bundle import archive, hostneeds, volumes
+from bundler.bundle.kitboot import META as KIT_META
+from bundler.bundle.kitboot import kit_file_name
+from bundler.bundle.manifest import Manifest, required_version
+from bundler.bundle.models import Target
+from bundler.bundle.signing import TrustedKey, key_id, load_private_key, load_public_key
 from bundler.errors import (
     ExportError,
     IntegrityError,
@@ -42,11 +48,6 @@ from bundler.errors import (
 )
 from bundler.faults import corrupt_point
 from bundler.fsutil import CHUNK, human_bytes, sha256_file
-from bundler.kitboot import META as KIT_META
-from bundler.kitboot import kit_file_name
-from bundler.manifest import Manifest, required_version
-from bundler.models import Target
-from bundler.signing import TrustedKey, key_id, load_private_key, load_public_key
 
 KIT_PREFIX = "bundler-kit-"
 KIT_SUFFIX = ".pyz"
@@ -156,8 +157,8 @@ KIT_CACHE_DIR = "kits"
 def _kit_key(manifest: Manifest, with_compose: bool, from_installed: bool) -> str:
     """What a built kit depends on: bundler's version and the bytes of every module the kit
     carries (and its bootstrap), the target, compose or not, and where its wheels came from."""
-    from bundler import kitboot
-    from bundler.kit import target_modules
+    from bundler.build.kit import target_modules
+    from bundler.bundle import kitboot
 
     h = hashlib.sha256()
     h.update(repr((__version__, manifest.target.platform, manifest.target.python,
@@ -178,7 +179,7 @@ def kit_for(bundle_dir: Path, manifest: Manifest, cache: Cache, *,
         return find_kit(bundle_dir, manifest.target), "found"
     except ExportError:
         pass
-    from bundler.kit import build_kit, checksum_path, kit_name
+    from bundler.build.kit import build_kit, checksum_path, kit_name
 
     with_compose = manifest.runtime.compose is not None
     out = cache.root / KIT_CACHE_DIR / _kit_key(manifest, with_compose, from_installed)
@@ -444,7 +445,7 @@ its own kit: install it with that kit, which then replaces the copy in {root}/bi
 
 
 def _host_steps(manifest: Manifest) -> str:
-    """Step 0 of INSTALL.txt: what the host must have before the install (bundler.hostneeds),
+    """Step 0 of INSTALL.txt: what the host must have before the install (bundler.bundle.hostneeds),
     each with its command when one line provides it; empty when it needs nothing more."""
     needs = hostneeds.host_needs(manifest)
     if not needs:
@@ -603,7 +604,7 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
     if kit is not None:
         kit_source = "given"
     else:
-        from bundler.cache import default_cache_dir
+        from bundler.build.cache import default_cache_dir
 
         kit, kit_source = kit_for(source.directory, manifest, cache or Cache(default_cache_dir()),
                                   from_installed=kit_from_installed)

@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
+from bundler.bundle.models import Runtime
 from bundler.errors import HostPolicyError
-from bundler.models import Runtime
 
 EXCERPT_VERSION = 1
 # The service keys the excerpt keeps (version 1). List-valued keys are unioned across files,

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bundler.build.profile import Profile
+from bundler.build.resolve.runtimes import Locked as LockedRuntime
+from bundler.build.resolve.wheels import LockedWheel
+from bundler.bundle.models import ImageRef, Target
 from bundler.errors import BuildError
 from bundler.fsutil import atomic_write_bytes
-from bundler.models import ImageRef, Target
-from bundler.profile import Profile
-from bundler.resolve.runtimes import Locked as LockedRuntime
-from bundler.resolve.wheels import LockedWheel
 
 SCHEMA = 1
 

@@ -1,6 +1,6 @@
 """npm's lock model as bundler carries it (a package = name + version + integrity + the
 bundled tarball), Subresource Integrity strings, and how bundler runs npm with no host
-configuration. Shared by the build side (bundler.resolve.npm: fetch) and the install side
+configuration. Shared by the build side (bundler.build.resolve.npm: fetch) and the install side
 (bundler.install.npm_env: `npm ci --offline`).
 """
 

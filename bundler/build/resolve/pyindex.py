@@ -8,7 +8,7 @@ directories, their HTML files, local files, URLs of pages or of files), then the
 for PEP 691 JSON and answers with that or a PEP 503 HTML page; links are resolved against the
 page's URL (or its <base href>), hashes come from the JSON `hashes` or a `#sha256=` fragment,
 yanked files and Requires-Python are kept for the choice. Credentials written in an index URL
-are sent with the files on the same host (as pip does), through bundler.resolve.http.
+are sent with the files on the same host (as pip does), through bundler.build.resolve.http.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
+from bundler.build.profile import PythonSpec
+from bundler.build.resolve import http
+from bundler.build.resolve import target as tgt
+from bundler.bundle.models import Target
 from bundler.errors import BuildError
-from bundler.models import Target
-from bundler.profile import PythonSpec
-from bundler.resolve import http
-from bundler.resolve import target as tgt
 
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 # what pip asks an index for: PEP 691 JSON first, HTML as the fallback

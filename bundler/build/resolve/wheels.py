@@ -1,7 +1,7 @@
 """Python wheels for the target, from a pinned requirements file.
 
 Each pin's wheel is the one `pip download --only-binary=:all:` would take for the target's
-Python and platform tags (bundler.resolve.pyindex lists the profile's sources and chooses as
+Python and platform tags (bundler.build.resolve.pyindex lists the profile's sources and chooses as
 pip does), downloaded directly into the cache over the shared HTTP pool, several at once, each
 checked against its hashes. No `pip download` process: nothing it does is missing here (host
 pip configuration was never used). bundler evaluates markers for the target and checks that
@@ -34,13 +34,13 @@ from packaging.utils import (
 )
 
 from bundler import ui
-from bundler.cache import Cache
+from bundler.build.cache import Cache
+from bundler.build.profile import PythonSpec
+from bundler.build.resolve import http, pyindex
+from bundler.build.resolve import target as tgt
+from bundler.bundle.manifest import FileEntry
+from bundler.bundle.models import Target
 from bundler.errors import BuildError, Problem, ProfileError
-from bundler.manifest import FileEntry
-from bundler.models import Target
-from bundler.profile import PythonSpec
-from bundler.resolve import http, pyindex
-from bundler.resolve import target as tgt
 from bundler.ui import Log
 
 LOCK_PATH = "python/requirements.lock"
@@ -148,7 +148,7 @@ class LockedWheel:
 
 def resolve(spec: PythonSpec, target: Target, cache: Cache, log: Log) -> tuple[LockedWheel, ...]:
     """Lock (if the requirements are loose), download for the target, check, cache."""
-    from bundler.resolve import pylock
+    from bundler.build.resolve import pylock
 
     with _workdir(cache) as work:
         for relock in (False, True):

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from bundler import volumes
+from bundler.bundle import volumes
+from bundler.bundle.manifest import FileEntry
+from bundler.bundle.signing import MAX_ENVELOPE_BYTES, TrustedKey, Verified, verify_envelope
 from bundler.errors import IntegrityError, SignatureError
 from bundler.fsutil import CHUNK, atomic_write
-from bundler.manifest import FileEntry
-from bundler.signing import MAX_ENVELOPE_BYTES, TrustedKey, Verified, verify_envelope
 
 MAX_CAPTURE = 4 * 1024 * 1024  # a compose file `bundle verify` reads back
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from packaging import tags
 
-from bundler.models import Target
-from bundler.platforms import parse_platform, wheel_platforms
+from bundler.bundle.models import Target
+from bundler.bundle.platforms import parse_platform, wheel_platforms
 
 
 def platforms(target: Target) -> list[str]:

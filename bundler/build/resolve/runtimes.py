@@ -8,7 +8,7 @@ own dependencies) is carried too and run on the target as `node <npm>/bin/npm-cl
 `bundle lock` picks the newest release matching the profile's version (a major, major.minor
 or full version; prereleases never) and records name + version + integrity in bundle.lock;
 later builds fetch exactly those, by integrity, through the npm kind's own verified download
-and cache (bundler.resolve.npm). npm defaults to the newest release whose `engines.node`
+and cache (bundler.build.resolve.npm). npm defaults to the newest release whose `engines.node`
 accepts the chosen Node.
 """
 
@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
-from bundler import npmlock
-from bundler.cache import Cache
+from bundler.build.cache import Cache
+from bundler.build.resolve import npm
+from bundler.bundle import npmlock
+from bundler.bundle.manifest import FileEntry
+from bundler.bundle.models import NODE_PACKAGES, NPM_PACKAGE, NodeRuntime, NpmRef, RuntimesSpec
 from bundler.errors import BuildError
-from bundler.manifest import FileEntry
-from bundler.models import NODE_PACKAGES, NPM_PACKAGE, NodeRuntime, NpmRef, RuntimesSpec
-from bundler.resolve import npm
 
 RUNTIMES_DIR = "runtimes"
 _RELEASE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")

@@ -20,9 +20,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from bundler.bundle.manifest import (
+    PAYLOAD_TYPE,
+    Manifest,
+    canonical_json,
+    parse_manifest,
+    strict_loads,
+)
 from bundler.errors import SignatureError, SigningKeyError
 from bundler.fsutil import atomic_write_bytes
-from bundler.manifest import PAYLOAD_TYPE, Manifest, canonical_json, parse_manifest, strict_loads
 
 # The one limit on an envelope's size: the reader refuses more, and so does `bundle build`.
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024

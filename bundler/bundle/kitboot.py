@@ -1,4 +1,5 @@
-"""The target kit's bootstrap: the kit's `__main__.py` (bundler.kit copies this file verbatim).
+"""The target kit's bootstrap: the kit's `__main__.py` (bundler.build.kit copies this file
+verbatim).
 
 Standard library only: it runs on `python3 -I -S` before anything else is importable.
 Compiled extensions (cryptography, zstandard, psycopg's binary) cannot be imported from inside
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import os
 import pwd
@@ -57,7 +59,7 @@ def kit_file_name(version: str, python: str, platform: str) -> str:
 
 def tree_digest(files: Iterable[tuple[str, str, bool]]) -> str:
     """The digest of a tree: (relative path, sha256 hex, executable) of every file, sorted by
-    path. bundler.kit records it at build time; the bootstrap checks it after extracting."""
+    path. bundler.build.kit records it at build time; the bootstrap checks it after extracting."""
     h = hashlib.sha256()
     for path, sha, executable in sorted(files):
         h.update(f"{path}\0{sha}\0{'x' if executable else '-'}\n".encode())
@@ -313,8 +315,11 @@ def main() -> None:
         import atexit
 
         atexit.register(_dump_modules, dump)
-    from bundler.cli.kitmain import main as bundle
-
+    # The command line's entry point, as kit.json names it (`module:function`, written by
+    # `bundle kit`): the bootstrap is the kit's format, and imports no command of its own.
+    with zipfile.ZipFile(here) as kit:
+        module, _, function = str(json.loads(kit.read(META))["entry"]).partition(":")
+    bundle = getattr(importlib.import_module(module), function)
     sys.argv[0] = "bundle"
     bundle(invocation(here))
 

@@ -1,0 +1,1 @@
+"""The connected side: profile, lock, resolve, cache, build, kit, export."""
