@@ -18,7 +18,7 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import PLACEHOLDER_RE, EnvSpec
 from bundler.errors import BundlerError, EnvError
 from bundler.install import strict
-from bundler.install.layout import Layout
+from bundler.install.layout import Layout, ReleaseDir
 from bundler.redact import Secrets, redact, remember_env
 
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -26,7 +26,7 @@ ENVIRONMENTS = ("production", "staging", "development")
 
 
 def shared_env_file(layout: Layout) -> Path:
-    return layout.root / "shared" / ".env"
+    return layout.env_file
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -131,11 +131,11 @@ def placeholders(layout: Layout, version: str | None) -> dict[str, str]:
     `version`: the same in every string a profile may put them in (service commands and env,
     env.defaults, the database URL, migrations, health checks). `{data:NAME}` is `{data}/NAME`
     (see `_place`)."""
-    out = {"{root}": str(layout.root), "{data}": str(layout.root / "data")}
+    out = {"{root}": str(layout.root), "{data}": str(layout.data)}
     if version is not None:
-        rel = layout.release(version)
-        out.update({"{release}": str(rel), "{files}": str(rel / "files"),
-                    "{venv}": str(rel / "venv")})
+        rel = ReleaseDir(layout.release(version))
+        out.update({"{release}": str(rel.path), "{files}": str(rel.files),
+                    "{venv}": str(rel.venv)})
     return out
 
 

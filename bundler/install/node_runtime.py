@@ -43,10 +43,10 @@ from bundler.bundle.models import NpmRef
 from bundler.errors import CommandError, InstallError
 from bundler.fsutil import CHUNK, make_dir, sha256_file
 from bundler.install import strict
+from bundler.install.layout import Layout
 
 RUNTIME_DIR = Path("runtime") / "node"
 NPM_DIR = Path("lib") / "node_modules" / "npm"
-STORE = "runtimes"  # <root>/runtimes/<key>/: the shared, read-only trees
 MARKER = ".bundler-runtime"  # in each tree: {"key", "digest"} (not part of the digest)
 _LAYOUT = 1  # how a tree is laid out: part of the key, so a change never reuses an old tree
 
@@ -80,7 +80,8 @@ def npm_argv(release: Path) -> list[str] | None:
 
 
 def store(root: Path) -> Path:
-    return root / STORE
+    """<root>/runtimes/: the shared, read-only trees (one per key)."""
+    return Layout(root).runtimes
 
 
 def key(m: Manifest) -> str:
@@ -250,7 +251,7 @@ def prune(root: Path, log: Callable[[str], None]) -> list[str]:
     if not top.is_dir():
         return []
     used = set()
-    releases = root / "releases"
+    releases = Layout(root).releases
     for rel in releases.iterdir() if releases.is_dir() else ():
         link = rel / RUNTIME_DIR
         if link.is_symlink():
