@@ -26,6 +26,7 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import ComposeSpec, Runtime, Service, Target
 from bundler.errors import IntegrityError, StateError
 from bundler.install import boot, rootbin
+from bundler.install import compose_runtime as cr
 from bundler.install.layout import Layout
 from tests.helpers import Project, bundle, bundle_argv, offline
 
@@ -377,9 +378,9 @@ services:
     depends_on: {migrate: {condition: service_completed_successfully}}
 """)
     (tmp_path / "b.yml").write_text("services:\n  api: {restart: always}\n")
-    assert boot.no_restart_policy(tmp_path, ("a.yml",)) == ["api", "never", "worker"]
-    assert boot.no_restart_policy(tmp_path, ("a.yml", "b.yml")) == ["never", "worker"]
-    assert boot.no_restart_policy(tmp_path, ("missing.yml",)) == []
+    assert cr.no_restart_policy(tmp_path, ("a.yml",)) == ["api", "never", "worker"]
+    assert cr.no_restart_policy(tmp_path, ("a.yml", "b.yml")) == ["never", "worker"]
+    assert cr.no_restart_policy(tmp_path, ("missing.yml",)) == []
 
 
 # --- on this host (no systemd): install, the root's own command, start --boot, uninstall ------

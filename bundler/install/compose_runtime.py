@@ -203,6 +203,40 @@ def detect(prefer: str | None = None) -> ComposeTool:
              "version` / `docker-compose version` must answer")
 
 
+# --- what the files ask ------------------------------------------------------------------------
+
+def no_restart_policy(files_dir: Path, files: tuple[str, ...]) -> list[str]:
+    """The services of the compose files (later files override earlier ones, as compose
+    merges them) with neither `restart:` (other than "no") nor `deploy.restart_policy`;
+    one-shot jobs others wait for (service_completed_successfully) are not counted."""
+    policy: dict[str, bool] = {}
+    jobs: set[str] = set()
+    for name in files:
+        try:
+            doc = yaml.safe_load((files_dir / name).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        services = doc.get("services") if isinstance(doc, dict) else None
+        if not isinstance(services, dict):
+            continue
+        for svc, spec in services.items():
+            spec = spec if isinstance(spec, dict) else {}
+            deploy = spec.get("deploy")
+            deploy = deploy if isinstance(deploy, dict) else {}
+            restart = spec.get("restart")
+            if restart is not None:  # YAML reads a bare `no` as False
+                policy[str(svc)] = str(restart).lower() not in ("no", "false")
+            elif "restart_policy" in deploy:
+                policy[str(svc)] = True
+            else:
+                policy.setdefault(str(svc), False)
+            needs = spec.get("depends_on")
+            if isinstance(needs, dict):
+                jobs |= {str(d) for d, c in needs.items() if isinstance(c, dict)
+                         and c.get("condition") == "service_completed_successfully"}
+    return sorted(s for s, has in policy.items() if not has and s not in jobs)
+
+
 # --- the project ---------------------------------------------------------------------------------
 
 def project_name(product: str, root: Path) -> str:
