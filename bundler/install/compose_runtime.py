@@ -793,51 +793,68 @@ def running_container(project: ComposeProject, service: str) -> str | None:
     return None
 
 
-def exec_in(project: ComposeProject, service: str, argv: Sequence[str],
-            stdin_path: Path | None, stdout_path: Path | None, *, env: Mapping[str, str],
-            timeout: float) -> proc.Result:
-    """Run `argv` inside the service's running container (the engine's exec, which works the
-    same whichever compose made it), stdin/stdout connected to the given files; the result's
-    output is stderr (and stdout when `stdout_path` is None). `env` goes to the engine in the
-    API request, never into any argv (a password). A non-zero exit is returned, not raised."""
-    container = running_container(project, service)
-    if container is None:
-        raise InstallError(f"compose service {service} of project {project.name} is not "
-                           "running", hint=f"start it (`{cmd('start')}`) or see `docker ps -a "
-                                           f"--filter label={_LABEL_PROJECT}={project.name}`")
-    return exec_result(container, argv, env, stdin_path, stdout_path, timeout,
-                       what=f"{argv[0]} in compose service {service}",
-                       scrub=lambda text: _redact(project, text),
-                       hint="check that the engine answers and the container runs")
+@dataclass(frozen=True)
+class Exec:
+    """One command to run in a container: `env` goes to the engine in the API request, never
+    into any argv (a password); stdin/stdout connected to the given files."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    stdin_path: Path | None
+    stdout_path: Path | None
+    timeout: float
 
 
-def exec_result(container: str, argv: Sequence[str], env: Mapping[str, str],
-                stdin_path: Path | None, stdout_path: Path | None, timeout: float, *,
-                what: str, scrub: Callable[[str], str], hint: str,
-                api: Any | None = None) -> proc.Result:
+@dataclass(frozen=True)
+class InService:
+    """Runs commands inside a compose service's running container (a database.ServiceExec):
+    the engine's exec, which works the same whichever compose made it."""
+
+    project: ComposeProject
+    service: str
+
+    def __call__(self, argv: Sequence[str], stdin_path: Path | None,
+                 stdout_path: Path | None, *, env: Mapping[str, str],
+                 timeout: float) -> proc.Result:
+        """The result's output is stderr (and stdout when `stdout_path` is None). A non-zero
+        exit is returned, not raised."""
+        project, service = self.project, self.service
+        container = running_container(project, service)
+        if container is None:
+            raise InstallError(f"compose service {service} of project {project.name} is not "
+                               "running", hint=f"start it (`{cmd('start')}`) or see `docker ps "
+                                               f"-a --filter label={_LABEL_PROJECT}="
+                                               f"{project.name}`")
+        return exec_result(container, Exec(argv, env, stdin_path, stdout_path, timeout),
+                           what=f"{argv[0]} in compose service {service}",
+                           scrub=lambda text: _redact(project, text),
+                           hint="check that the engine answers and the container runs")
+
+
+def exec_result(container: str, call: Exec, *, what: str, scrub: Callable[[str], str],
+                hint: str, api: Any | None = None) -> proc.Result:
     """`_exec` as a proc.Result with its output scrubbed of secrets; a timeout or an engine
     that fails becomes an InstallError naming `what` (`hint`: where to look)."""
     try:
-        code, output = _exec(container, argv, env, stdin_path, stdout_path, timeout, api=api)
+        code, output = _exec(container, call, api=api)
     except TimeoutError:
-        raise InstallError(f"{what}: timed out after {timeout:.0f}s",
+        raise InstallError(f"{what}: timed out after {call.timeout:.0f}s",
                            hint="the command hung; check the container's load and logs"
                            ) from None
     except (docker_sdk().errors.DockerException, *transport_errors(), OSError) as exc:
         raise InstallError(scrub(f"{what}: {first_line(str(exc))}"), hint=hint) from None
-    return proc.Result(("exec", container[:12], *argv), code,
+    return proc.Result(("exec", container[:12], *call.argv), code,
                        scrub(output.decode("utf-8", "replace")))
 
 
-def _exec(container: str, argv: Sequence[str], env: Mapping[str, str],
-          stdin_path: Path | None, stdout_path: Path | None,
-          timeout: float, api: Any | None = None) -> tuple[int, bytes]:
+def _exec(container: str, call: Exec, api: Any | None = None) -> tuple[int, bytes]:
     """One exec through the engine's API (`api`, default DOCKER_HOST's; a swarm task's node's
     otherwise), streamed: stdin from a file (written by a thread, then half-closed), the
     multiplexed stdout/stderr frames read until the engine closes."""
+    stdin_path, stdout_path, timeout = call.stdin_path, call.stdout_path, call.timeout
     api = api if api is not None else _engine()
-    exec_id = api.exec_create(container, list(argv), stdin=stdin_path is not None,
-                              stdout=True, stderr=True, environment=dict(env))["Id"]
+    exec_id = api.exec_create(container, list(call.argv), stdin=stdin_path is not None,
+                              stdout=True, stderr=True, environment=dict(call.env))["Id"]
     wrapped = api.exec_start(exec_id, socket=True)
     sock = getattr(wrapped, "_sock", wrapped)  # the SocketIO's socket (unix or tcp)
     deadline = time.monotonic() + timeout

@@ -704,23 +704,32 @@ def service_container(layout: Layout, stack: str, service: str) -> tuple[str, st
     return None
 
 
-def exec_in(layout: Layout, stack: Stack, service: str, argv: Sequence[str],
-            stdin_path: Path | None, stdout_path: Path | None, *, env: Mapping[str, str],
-            timeout: float) -> proc.Result:
-    """`compose_runtime.exec_in` for a stack: inside a running task of `service`, through
-    the engine of the node it runs on (the database's tools, run once from the manager)."""
-    from bundler.install import compose_runtime as cr
+@dataclass(frozen=True)
+class InTask:
+    """`compose_runtime.InService` for a stack: commands inside a running task of `service`,
+    through the engine of the node it runs on (the database's tools, run once from the
+    manager)."""
 
-    found = service_container(layout, stack.name, service)
-    if found is None:
-        raise InstallError(f"swarm service {service} of stack {stack.name} is not running",
-                           hint=f"`docker service ps {stack.name}_{service}` shows why")
-    engine, container = found
-    return cr.exec_result(container, argv, env, stdin_path, stdout_path, timeout,
-                          what=f"{argv[0]} in swarm service {service}",
-                          scrub=lambda text: _redact(stack, text),
-                          hint="check that the node's engine answers and the task runs",
-                          api=_node_api(engine))
+    layout: Layout
+    stack: Stack
+    service: str
+
+    def __call__(self, argv: Sequence[str], stdin_path: Path | None,
+                 stdout_path: Path | None, *, env: Mapping[str, str],
+                 timeout: float) -> proc.Result:
+        from bundler.install import compose_runtime as cr
+
+        stack, service = self.stack, self.service
+        found = service_container(self.layout, stack.name, service)
+        if found is None:
+            raise InstallError(f"swarm service {service} of stack {stack.name} is not running",
+                               hint=f"`docker service ps {stack.name}_{service}` shows why")
+        engine, container = found
+        return cr.exec_result(container, cr.Exec(argv, env, stdin_path, stdout_path, timeout),
+                              what=f"{argv[0]} in swarm service {service}",
+                              scrub=lambda text: _redact(stack, text),
+                              hint="check that the node's engine answers and the task runs",
+                              api=_node_api(engine))
 
 
 # --- doctor ------------------------------------------------------------------------------------

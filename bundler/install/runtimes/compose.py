@@ -6,7 +6,6 @@ updates it in place, and a rollback brings the previous release's files back up.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -66,7 +65,7 @@ class ComposeRuntime(ProcessRuntime):
     def service_exec(self, service: str) -> database.ServiceExec:
         """The container is found by the product's project label, whichever release started
         it."""
-        return functools.partial(cr.exec_in, self.project(), service)
+        return cr.InService(self.project(), service)
 
     def ensure_service(self, service: str) -> bool:
         project = self.project()

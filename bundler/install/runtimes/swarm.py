@@ -7,7 +7,6 @@ tasks while the previous release serves and the swarm rolls a failed one back by
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
@@ -56,7 +55,7 @@ class SwarmRuntime(ComposeRuntime):
                                  log)
 
     def service_exec(self, service: str) -> database.ServiceExec:
-        return functools.partial(swarm.exec_in, self.layout, self.stack(), service)
+        return swarm.InTask(self.layout, self.stack(), service)
 
     def ensure_service(self, service: str) -> bool:
         stack = self.stack()
