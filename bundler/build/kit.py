@@ -54,7 +54,7 @@ from bundler.build.resolve import wheels
 from bundler.bundle import kitboot
 from bundler.bundle.models import Target
 from bundler.errors import BuildError
-from bundler.fsutil import CHUNK
+from bundler.fsutil import CHUNK, sha256_file
 
 # The kit's command line (kit.json's "entry", run by the bootstrap) and the supervisor it
 # starts as `python -m`: what the target side can import is what these reach.
@@ -310,7 +310,7 @@ def build_kit(out_dir: Path, target: Target, cache: Cache, log: Log, *,
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    sha = _sha256(path)
+    sha = sha256_file(path)[0]
     checksum_path(path).write_text(f"{sha}  {path.name}\n", encoding="ascii")
     return Kit(path, sha, path.stat().st_size, target.platform, target.python,
                tuple(packages), len(modules))
@@ -342,10 +342,3 @@ def _chunks(src: IO[bytes]) -> Iterator[bytes]:
     while chunk := src.read(CHUNK):
         yield chunk
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
