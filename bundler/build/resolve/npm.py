@@ -502,7 +502,7 @@ class _Known:  # hashable: warnings are grouped by it
 _PRISMA = _Known(
     "the Prisma engines",
     "use Prisma 6.19.3 with engineType = \"client\" and prisma.config.ts's engine: \"js\" plus "
-    "a driver adapter (see the README's Prisma notes): nothing is then downloaded")
+    "a driver adapter (see docs/prisma.md): nothing is then downloaded")
 _PLAYWRIGHT = _Known(
     "browser builds",
     "set PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 for the install; run `npx playwright install` on "

@@ -38,7 +38,7 @@ CLI_ADAPTER_ALIAS = '"prisma-cli-adapter-pg": "npm:@prisma/adapter-pg@7.10.1"'
 PRISMA_PACKAGES = ("prisma", "@prisma/client", "@prisma/engines")
 CONFIG_NAMES = tuple(f"prisma.config.{ext}" for ext in ("ts", "mts", "cts", "js", "mjs",
                                                          "cjs"))
-_HINT_SETUP = "see the README's Prisma notes for the whole offline set-up"
+_HINT_SETUP = "see docs/prisma.md for the whole offline set-up"
 
 _COMMENT = re.compile(r"//[^\n]*")
 _BLOCK = re.compile(r"\b(generator|datasource)\s+(\w+)\s*\{([^}]*)\}")
