@@ -73,7 +73,8 @@ def _help(ctx: click.Context) -> str:
 
 
 def render() -> str:
-    from bundler.cli.main import cli  # registers every command, as `bundle` does
+    import bundler.cli.main  # noqa: F401 - registers every command, as `bundle` does
+    from bundler.cli.common import cli
 
     root = click.Context(cli, info_name="bundle", terminal_width=WIDTH,
                          **cli.context_settings)  # -h as well as --help, inherited below
