@@ -523,7 +523,8 @@ def test_install_txt_lists_the_host_steps(built: dict[str, Path], tmp_path: Path
 
 
 def test_host_needs_by_kind_of_bundle() -> None:
-    """bundler.bundle.hostneeds: one home for what a host needs (README's table names the same)."""
+    """bundler.bundle.hostneeds: one home for what a host needs (docs/target.md's table names the
+    same)."""
     from bundler.bundle import hostneeds
 
     def needs(**over: object) -> list[str]:
@@ -548,8 +549,9 @@ def test_host_needs_by_kind_of_bundle() -> None:
         and "if it is MariaDB/MySQL" in unknown[0]
     literal = needs(runtime=Runtime(database=DatabaseSpec("mariadb://app@db/shop")))
     assert literal[0].startswith("the MariaDB/MySQL client tools")
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("### What the target needs, per kind of bundle"):]
+    doc = (REPO / "docs" / "target.md").read_text()
+    table = doc[doc.index("## What the target needs, per kind of bundle"):]
+    table = table[:table.index("\n## ")]
     for fact in ("mariadb-client", "postgresql-client", "useradd --system"):
         assert fact in table, fact
     for fact in (hostneeds.MARIADB_CLIENT, hostneeds.DOCKER_ENGINE, hostneeds.useradd("NAME"),

@@ -3,8 +3,8 @@ home of these facts (shared by both sides: imports neither).
 
 `bundle export` lists them in INSTALL.txt, before the install command; the installer's
 preflight names the same account command and client packages in its hints when one is missing;
-README's "What the target needs, per kind of bundle" table says it for people (a test keeps it
-naming the same packages).
+docs/target.md's "What the target needs, per kind of bundle" table says it for people (a test
+keeps it naming the same packages).
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
 """Container images for the target: ONE docker-save archive, zstd-compressed into the cache.
 
-Sources, per image:
-- "engine": the local Docker engine. All engine images are saved in ONE `GET /images/get`
-  call (what `docker save a b c` does), by Image ID, so the engine writes a layer that several
-  images share once, and a tag moved while we work cannot swap the content.
-- "registry": pulled with skopeo into a docker-archive per image (skopeo decompresses the
-  layers); no engine is needed on the build host.
-- "archive": an existing `docker save` tar (legacy layout, or Docker 25+ with index.json and
-  blobs) or an OCI image-layout tar (skopeo/buildx `oci-archive`; gzip or zstd layers are
-  decompressed here).
-
-Everything is merged by this module into one legacy docker-save tar (manifest.json +
-`<config>.json` + layer tars), which every engine since 1.10 loads, Debian's 20.10 included.
-We merge ourselves rather than `docker load` registry images into the build host's engine and
-`docker save` all of them because that needs an engine (and changes it) just to move bytes,
-while the merge is a streaming tar rewrite keyed by content: a layer is stored once per
-diff_id across all sources, every config is hashed (its sha256 IS the Image ID we record) and
-every uncompressed layer is checked against its config's diff_id before the bundle is signed.
-
-The tar is streamed through a multithreaded zstd compressor (level 3) straight into the
-content-addressed cache; no step holds a whole archive or layer in memory.
+Images from the engine, a registry (skopeo) or an archive file are merged here into one legacy
+docker-save tar, a layer stored once per diff_id and every layer checked against its config,
+streamed through zstd into the cache. Why and how: docs/design/bundle-format.md, "Images".
 """
 
 from __future__ import annotations

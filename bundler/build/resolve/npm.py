@@ -1,20 +1,9 @@
 """npm packages for the target, from a project's package-lock.json (lockfileVersion 2 or 3).
 
-bundler reads the lock itself and works from name + version + integrity only (lock files made
-with `omit-lockfile-registry-resolved` carry no tarball URL). It keeps what a production
-install on the TARGET needs (no dev dependencies when asked; optional platform packages only
-if their os/cpu/libc fit the target), downloads each tarball with plain HTTP GETs from the
-registry (in parallel, with retries), verifies it against the lock's integrity while it
-streams into the content-addressed cache, and reports packages whose install scripts would
-reach for the network on the air-gapped host. Before downloading, `npm ci --dry-run
---offline` runs on a copy of the project, so a lock that npm ci would refuse on the target
-(out of sync, entries missing) fails the build instead of the air-gapped install.
-
-Why HTTP and not `npm pack`/`npm cache add`: one npm process per package is slow, npm would
-not check the bytes against OUR lock, and its errors name no package. The tarball location is
-the registry's convention (`<registry>/<name>/-/<base>-<version>.tgz`); when that answers 404,
-the packument's `dist.tarball` is asked (registries may host tarballs elsewhere), then the
-lock's own `resolved` URL. Whatever the source, the integrity from the lock decides.
+Works from name + version + integrity only: keeps what a production install on the TARGET
+needs, fetches each tarball over HTTP (integrity checked while it streams into the cache),
+checks the lock with `npm ci --dry-run --offline` first, and reports install scripts that
+would reach for the network. Why not `npm pack`: docs/design/bundle-format.md, "npm projects".
 """
 
 from __future__ import annotations
@@ -502,7 +491,7 @@ class _Known:  # hashable: warnings are grouped by it
 _PRISMA = _Known(
     "the Prisma engines",
     "use Prisma 6.19.3 with engineType = \"client\" and prisma.config.ts's engine: \"js\" plus "
-    "a driver adapter (see the README's Prisma notes): nothing is then downloaded")
+    "a driver adapter (see docs/prisma.md): nothing is then downloaded")
 _PLAYWRIGHT = _Known(
     "browser builds",
     "set PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 for the install; run `npx playwright install` on "

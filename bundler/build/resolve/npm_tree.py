@@ -1,21 +1,9 @@
 """Pre-build a project's node_modules once, here, when the tree cannot depend on the target.
 
-The target then writes one verified payload (`bundler/bundle/nodetree.py`) instead of running
-`npm ci --offline`, whose time is nearly all tarball unpacking. The tarballs still travel, so
-a target can always fall back to `npm ci` (it does when the payload is absent).
-
-Built only when nothing in the tree can differ between this machine and the target:
-- no package in the lock has an install script (`hasInstallScript`: node-gyp builds,
-  postinstall downloads, anything platform-dependent) and the project's own package.json has
-  no install or prepare scripts;
-- no package in the lock is restricted to an os, cpu or libc (npm would pick the optional
-  platform packages for the machine it runs on);
-- the built tree holds no native addon (`*.node`) or ELF executable (`nodetree.pack`).
-Otherwise the bundle carries only the tarballs and the target runs `npm ci --offline` as
-before; the build log says why.
-
-Cached by the inputs that decide the tree (package.json, the lock, the dev setting, the
-tarballs' digests), so a warm build runs no npm at all.
+Only when no package has an install script, none is os/cpu/libc-bound and the tree holds no
+native code; cached by the inputs that decide the tree. The target then writes one verified
+payload (bundler/bundle/nodetree.py) instead of `npm ci --offline`, or falls back to it.
+See docs/design/bundle-format.md, "Pre-built node_modules".
 """
 
 from __future__ import annotations
