@@ -27,8 +27,8 @@ from bundler import proc
 from bundler.errors import InstallError, LockedError, MigrationError
 from bundler.fsutil import sha256_file
 from bundler.install import database, migrations
-from bundler.install.db import postgres
 from bundler.install.database import Backup, Database
+from bundler.install.db import postgres
 from bundler.install.migrations import Migration
 from bundler.redact import redact
 from tests.helpers import REPO, free_port, offline

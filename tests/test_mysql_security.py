@@ -18,8 +18,8 @@ import pytest
 
 from bundler.errors import InstallError, MigrationError
 from bundler.install import database
-from bundler.install.db import mysql
 from bundler.install.database import Database
+from bundler.install.db import mysql
 from tests.helpers import Project, bundle, bundle_argv, free_port, offline, tree_snapshot
 from tests.mariadb_fixtures import APP_PASSWORD, MariaDb, start_server
 
