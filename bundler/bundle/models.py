@@ -98,7 +98,60 @@ class Service:
         )
 
 
-CHECK_KINDS = ("http", "tcp", "postgres", "mysql", "redis", "command")
+class DbKind(StrEnum):
+    """A kind of database bundler backs up, restores and migrates: the one vocabulary of the
+    profile's `databases[].kind`, the manifest, the host's needs and the target's engines
+    (bundler/install/db/, one module each). A URL's scheme names its kind (`of_url`: MariaDB
+    is mysql). A new kind is a member here, its schemes, and its engine module."""
+
+    POSTGRES = "postgres"
+    MYSQL = "mysql"
+    SQLITE = "sqlite"
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        """The URL schemes of this kind (each may carry a `+driver` suffix:
+        `postgresql+psycopg://`)."""
+        return _DB_URLS[self][0]
+
+    @property
+    def product(self) -> str:
+        """How prose names it."""
+        return {DbKind.POSTGRES: "PostgreSQL", DbKind.MYSQL: "MariaDB/MySQL",
+                DbKind.SQLITE: "SQLite"}[self]
+
+    def url_regex(self, *, driver: bool = True) -> str:
+        """A pattern (unanchored) of a literal URL of this kind as a profile may write it: one
+        of its schemes, a `+driver` suffix when `driver` (never for SQLite), `://` (SQLite:
+        `:///`, an absolute path), then no blank."""
+        schemes, may_name_driver, separator = _DB_URLS[self]
+        plus = r"(\+\w+)?" if driver and may_name_driver else ""
+        return f"({'|'.join(schemes)}){plus}{separator}\\S+"
+
+    @classmethod
+    def of_url(cls, url: str) -> DbKind | None:
+        """The kind a URL's scheme names (None: no scheme, or one of no kind)."""
+        return _BY_SCHEME.get(url_scheme(url))
+
+
+# Per kind: its URL schemes, whether a profile may add `+driver` to them, what follows them
+# (SQLite: an absolute path, `sqlite:///abs/path.db`).
+_DB_URLS: dict[DbKind, tuple[tuple[str, ...], bool, str]] = {
+    DbKind.POSTGRES: (("postgres", "postgresql"), True, "://"),
+    DbKind.MYSQL: (("mysql", "mariadb"), True, "://"),
+    DbKind.SQLITE: (("sqlite",), False, ":///"),
+}
+_BY_SCHEME = {scheme: kind for kind, (schemes, _, _) in _DB_URLS.items() for scheme in schemes}
+DATABASE_KINDS = tuple(kind.value for kind in DbKind)
+
+
+def url_scheme(url: str) -> str:
+    """A URL's scheme, lowercase, without its `+driver` suffix ("" when it has no `://`)."""
+    head, sep, _ = url.partition("://")
+    return head.split("+", 1)[0].lower() if sep else ""
+
+
+CHECK_KINDS = ("http", "tcp", DbKind.POSTGRES.value, DbKind.MYSQL.value, "redis", "command")
 
 
 @dataclass(frozen=True)
@@ -319,54 +372,6 @@ class ComposeSpec:
             raise ValueError("compose.host is not a mapping")
         return cls(tuple(str(f) for f in d["files"]), d.get("project"), d.get("tool"),
                    tuple(int(p) for p in d.get("ports", ())), host)
-
-
-class DbKind(StrEnum):
-    """A kind of database bundler backs up, restores and migrates: the one vocabulary of the
-    profile's `databases[].kind`, the manifest, the host's needs and the target's engines
-    (bundler/install/db/, one module each). A URL's scheme names its kind (`of_url`: MariaDB
-    is mysql). A new kind is a member here, its schemes, and its engine module."""
-
-    POSTGRES = "postgres"
-    MYSQL = "mysql"
-    SQLITE = "sqlite"
-
-    @property
-    def schemes(self) -> tuple[str, ...]:
-        """The URL schemes of this kind, each also with a `+driver` suffix
-        (`postgresql+psycopg://`)."""
-        return _DB_SCHEMES[self]
-
-    @property
-    def product(self) -> str:
-        """How prose names it."""
-        return {DbKind.POSTGRES: "PostgreSQL", DbKind.MYSQL: "MariaDB/MySQL",
-                DbKind.SQLITE: "SQLite"}[self]
-
-    def url_regex(self, *, driver: bool = True) -> str:
-        """A pattern (unanchored) of a literal URL of this kind as a profile may write it: one
-        of its schemes, a `+driver` suffix when `driver` (never for SQLite), `://` (SQLite:
-        `:///`, an absolute path), then no blank."""
-        plus = r"(\+\w+)?" if driver and self is not DbKind.SQLITE else ""
-        slashes = ":///" if self is DbKind.SQLITE else "://"
-        return f"({'|'.join(self.schemes)}){plus}{slashes}\\S+"
-
-    @classmethod
-    def of_url(cls, url: str) -> DbKind | None:
-        """The kind a URL's scheme names (None: no scheme, or one of no kind)."""
-        return _BY_SCHEME.get(url_scheme(url))
-
-
-_DB_SCHEMES = {DbKind.POSTGRES: ("postgres", "postgresql"), DbKind.MYSQL: ("mysql", "mariadb"),
-               DbKind.SQLITE: ("sqlite",)}
-_BY_SCHEME = {scheme: kind for kind, schemes in _DB_SCHEMES.items() for scheme in schemes}
-DATABASE_KINDS = tuple(kind.value for kind in DbKind)
-
-
-def url_scheme(url: str) -> str:
-    """A URL's scheme, lowercase, without its `+driver` suffix ("" when it has no `://`)."""
-    head, sep, _ = url.partition("://")
-    return head.split("+", 1)[0].lower() if sep else ""
 
 
 @dataclass(frozen=True)

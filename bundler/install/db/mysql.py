@@ -73,6 +73,7 @@ from bundler.install.db.base import (
 )
 from bundler.redact import redact
 
+BACKUP_KIND = "mysqldump"  # what Backup.kind says of its backups
 DUMP_TIMEOUT = 4 * 3600.0
 CONNECT_TIMEOUT = 10
 LOCK_NAME = "bundler:migrations"
@@ -605,7 +606,7 @@ class Mysql:
     """The MySQL/MariaDB engine (see the module's docstring)."""
 
     kind = DbKind.MYSQL
-    backup_kind = "mysqldump"
+    backup_kind = BACKUP_KIND
 
     def check_url(self, db: Database, env: Mapping[str, str]) -> None:
         target(db, env)
@@ -620,7 +621,7 @@ class Mysql:
 
     def restore(self, db: Database, backup: Backup, env: Mapping[str, str], log: Log,
                 run_in: ServiceExec | None) -> None:
-        if backup.kind != self.backup_kind:
+        if backup.kind != BACKUP_KIND:
             raise wrong_backup(backup, "a mysqldump")
         restore(db, backup.path, backup.path.parent, env, log, exec_in_service=run_in)
 

@@ -79,6 +79,7 @@ from bundler.install.db.base import (
 )
 from bundler.redact import redact
 
+BACKUP_KIND = "pg_dump"  # what Backup.kind says of its backups
 # Seconds. A dump or a restore of a big database takes long; a hung one must still end.
 DUMP_TIMEOUT = 4 * 3600.0
 RESTORE_TIMEOUT = 4 * 3600.0
@@ -497,7 +498,7 @@ def restore_prologue() -> bytes:
 def restore(db: Database, backup: Backup, env: Mapping[str, str], log: Log,
             exec_in_service: ServiceExec | None) -> None:
     """The prologue, then the dump as a script, in one psql session (see the module)."""
-    if backup.kind != "pg_dump":
+    if backup.kind != BACKUP_KIND:
         raise wrong_backup(backup, "a pg_dump")
     pg = pg_target(db)
     log(f"restoring {db.display} from {backup.path.name} (one transaction)"
@@ -773,7 +774,7 @@ class Postgres:
     """The PostgreSQL engine (see the module's docstring)."""
 
     kind = DbKind.POSTGRES
-    backup_kind = "pg_dump"
+    backup_kind = BACKUP_KIND
 
     def check_url(self, db: Database, env: Mapping[str, str]) -> None:
         return None  # libpq reads any URL; what it refuses, `check` says when it connects

@@ -51,6 +51,7 @@ from bundler.install.db.base import (
 )
 from bundler.redact import redact
 
+BACKUP_KIND = "sqlite"  # what Backup.kind says of its backups
 DB_DIR_MODE = 0o1770     # a SQLite database's directory bundler creates
 _SIDE_FILES = ("", "-journal", "-wal", "-shm")
 
@@ -179,7 +180,7 @@ def fingerprint(db: Database) -> str:
 # --------------------------------------------------------------------------- restore
 
 def _restore(path: Path, backup: Backup, log: Log, owner: proc.RunAs | None) -> None:
-    if backup.kind != "sqlite":
+    if backup.kind != BACKUP_KIND:
         raise wrong_backup(backup, "a SQLite one")
     log(f"sqlite restore {backup.path.name} -> {path}")
     try:
@@ -336,7 +337,7 @@ class Sqlite:
     """The SQLite engine (see the module's docstring)."""
 
     kind = DbKind.SQLITE
-    backup_kind = "sqlite"
+    backup_kind = BACKUP_KIND
 
     def check_url(self, db: Database, env: Mapping[str, str]) -> None:
         return None  # the path is read where it is used (`sqlite_path`)
