@@ -2,7 +2,9 @@
 
 `run` applies a release's migrations in order and stops at the first failure with a
 `MigrationError` naming the migration, the file (or revision) and the database's own error.
-The installer backs the database up before (database.backup) and restores it on failure.
+The installer backs the database up before (db.backup) and restores it on failure. What
+differs per kind of database (the ledger, the lock, the file's owner) is the engine's
+(bundler/install/db/); this module is the same for all of them.
 
 - One run at a time per database: the engine's migration lock (PostgreSQL: a session advisory
   lock, which restores take too; MySQL: GET_LOCK; SQLite: a flock on the file) is held for the
@@ -12,9 +14,9 @@ The installer backs the database up before (database.backup) and restores it on 
   of file name. A ledger table `bundler_migrations(migration, file, sha256, applied_at)`
   records what was applied (the engine's `Ledger`). Each file runs in ONE transaction together
   with its ledger row: a failing file leaves nothing of itself behind (MySQL: but the DDL it
-  ran, see db.mysql), and files before it stay applied. An applied
-  file whose sha256 no longer matches its ledger row (edited after it was applied) is refused
-  before anything runs. A file must not hold BEGIN/COMMIT/ROLLBACK of its own (refused: it
+  ran, see db.mysql), and files before it stay applied. An applied file whose sha256 no
+  longer matches its ledger row (edited after it was applied) is refused before anything
+  runs. A file must not hold BEGIN/COMMIT/ROLLBACK of its own (refused: it
   would commit half a file), nor statements that cannot run in a transaction block (CREATE
   INDEX CONCURRENTLY: the database says so, and the file is rolled back).
 - kind "alembic": `<venv>/bin/alembic upgrade head` with cwd = `path` (the directory holding
