@@ -28,6 +28,7 @@ from bundler.errors import InstallError, LockedError, MigrationError
 from bundler.fsutil import sha256_file
 from bundler.install import database, migrations
 from bundler.install.database import Backup, Database
+from bundler.install.db import postgres
 from bundler.install.migrations import Migration
 from bundler.redact import redact
 from tests.helpers import REPO, free_port, offline
@@ -178,7 +179,7 @@ def test_restore_does_not_hang_on_a_busy_database(cluster: PgCluster, dbname: st
     with a hint after the lock timeout, not hang; the database is unchanged."""
     seed(conn)
     saved = database.backup(pgdb, tmp_path, ENV, Log())
-    monkeypatch.setattr(database, "RESTORE_LOCK_TIMEOUT", "1s")
+    monkeypatch.setattr(postgres, "RESTORE_LOCK_TIMEOUT", "1s")
     with cluster.connect(dbname) as holder:
         holder.execute("BEGIN; LOCK TABLE items IN ACCESS SHARE MODE")
         with pytest.raises(InstallError) as err:

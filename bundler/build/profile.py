@@ -32,6 +32,7 @@ from bundler.bundle.models import (
     ComposeSpec,
     DatabaseSpec,
     DataDir,
+    DbKind,
     EnvSpec,
     HealthCheck,
     InstallPolicy,
@@ -41,6 +42,7 @@ from bundler.bundle.models import (
     Service,
     Target,
     data_mode,
+    url_scheme,
 )
 from bundler.bundle.platforms import PLATFORM_RE
 from bundler.errors import Problem, ProfileError
@@ -638,8 +640,7 @@ def _compose_spec(c: _Checker, node: Node) -> ComposeSpec | None:
     return ComposeSpec(tuple(files), project, tool)
 
 
-_DB_URL_RE = re.compile(
-    r"^(\$\{\w+\}|postgres(ql)?(\+\w+)?://\S+|(mysql|mariadb)(\+\w+)?://\S+|sqlite:///\S+)$")
+_DB_URL_RE = re.compile(r"^(\$\{\w+\}|" + "|".join(k.url_regex() for k in DbKind) + ")$")
 
 
 def _database(c: _Checker, node: Node, where: str = "database", *,
@@ -663,15 +664,11 @@ def _database(c: _Checker, node: Node, where: str = "database", *,
                         re.compile(f"^({'|'.join(DATABASE_KINDS)})$"),
                         f"one of: {', '.join(DATABASE_KINDS)} (MariaDB is mysql)"
                         ) if "kind" in m else None
-        if url and kind and not url.startswith("${"):
-            scheme = url.partition("://")[0].split("+", 1)[0]
-            expected = {"postgres": ("postgres", "postgresql"), "mysql": ("mysql", "mariadb"),
-                        "sqlite": ("sqlite",)}[kind]
-            if scheme not in expected:
-                c.add(m["url"], f"{where}.url is a {scheme}:// URL but kind is {kind}")
+        if url and kind and not url.startswith("${") and DbKind.of_url(url) != kind:
+            c.add(m["url"], f"{where}.url is a {url_scheme(url)}:// URL but kind is {kind}")
         if name is None or kind is None:
             return None
-    return DatabaseSpec(url, service, name, kind) if url else None
+    return DatabaseSpec(url, service, name, DbKind(kind) if kind else None) if url else None
 
 
 def _migration(c: _Checker, node: Node, where: str) -> MigrationSpec | None:
@@ -898,7 +895,8 @@ def _health(c: _Checker, node: Node, where: str) -> HealthCheck | None:
 _CHECK_PATTERNS = {
     "http": (r"^https?://[^/\s]+\S*$", "http://127.0.0.1:8000/health"),
     "tcp": (r"^[^\s:]+:(\d+|\$\{\w+\})$", "127.0.0.1:5432"),
-    "postgres": (r"^(postgres(ql)?://\S+|\$\{\w+\})$", "${DATABASE_URL}"),
-    "mysql": (r"^((mysql|mariadb)://\S+|\$\{\w+\})$", "${MYSQL_URL}"),
+    DbKind.POSTGRES: (rf"^({DbKind.POSTGRES.url_regex(driver=False)}|\$\{{\w+\}})$",
+                      "${DATABASE_URL}"),
+    DbKind.MYSQL: (rf"^({DbKind.MYSQL.url_regex(driver=False)}|\$\{{\w+\}})$", "${MYSQL_URL}"),
     "redis": (r"^(rediss?://\S+|\$\{\w+\})$", "redis://127.0.0.1:6379"),
 }
