@@ -18,6 +18,7 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from bundler.bundle.manifest import COMPOSE_PROJECT_RE
 from bundler.bundle.models import (
     CHECK_KINDS,
     COMPOSE_TOOLS,
@@ -630,7 +631,7 @@ def _compose_spec(c: _Checker, node: Node) -> ComposeSpec | None:
         c.add(m["files"], "compose.files must list the compose file(s), as their `files` dest",
               "e.g. [app/docker-compose.yml]")
         return None
-    project = c.string(m["project"], "compose.project", re.compile(r"^[a-z0-9][a-z0-9_-]*$"),
+    project = c.string(m["project"], "compose.project", COMPOSE_PROJECT_RE,
                        "lowercase letters, digits, '-' and '_'") if "project" in m else None
     tool = c.string(m["tool"], "compose.tool", re.compile(f"^({'|'.join(COMPOSE_TOOLS)})$"),
                     f"one of: {', '.join(COMPOSE_TOOLS)} (a named compose, never a path)"

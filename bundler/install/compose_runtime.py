@@ -63,6 +63,7 @@ from typing import Any, Literal, overload
 import yaml
 
 from bundler import proc
+from bundler.bundle.manifest import COMPOSE_PROJECT_RE
 from bundler.engine import docker_sdk, engine_client, first_line, transport_errors
 from bundler.errors import CommandError, InstallError
 from bundler.install import tails
@@ -82,7 +83,6 @@ _LABEL_SERVICE = "com.docker.compose.service"
 _LABEL_NUMBER = "com.docker.compose.container-number"
 _LABEL_ONEOFF = "com.docker.compose.oneoff"
 _WORKDIR_LABEL = "com.docker.compose.project.working_dir"
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _VERSION_RE = re.compile(r"version\s+v?(\d+\.\d+(?:\.\d+)?)", re.IGNORECASE)
 # What compose and the docker CLI need from the host environment; nothing else leaks into
 # interpolation (`${VAR}` takes the process environment over the env file).
@@ -255,7 +255,7 @@ class ComposeProject:
     env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
+        if not COMPOSE_PROJECT_RE.match(self.name):
             raise InstallError(f"compose project name {self.name!r} is not valid",
                                hint="use lowercase letters, digits, '-' and '_', starting with "
                                     "a letter or digit (see project_name)")
