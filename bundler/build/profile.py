@@ -782,7 +782,7 @@ def _runtimes(c: _Checker, node: Node, target: Target) -> RuntimesSpec | None:
     registry = c.string(m["registry"], "runtimes.registry", re.compile(r"^https?://\S+$"),
                         "an http(s) URL; default: npm's own registry") \
         if "registry" in m else None
-    if target.platform.startswith("musllinux"):
+    if target.tag.libc == "musl":
         c.add(m["node"], f"runtimes.node: the registry's Node.js builds need glibc; "
               f"target.platform {target.platform} is musl",
               "carry Node.js for a manylinux target, or install it on the musl host")
