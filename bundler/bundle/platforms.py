@@ -9,8 +9,8 @@ import platform
 import re
 from dataclasses import dataclass
 
-# What a target may be: CPython on Linux, x86_64 or aarch64 (the profile, the manifest, a kit's
-# name and `bundle kit --platform` all read a tag through parse_platform).
+# What a target may be: CPython on Linux, x86_64 or aarch64 (the profile, the manifest, the lock
+# and `bundle kit --platform` check a tag with this; models.Target.tag is the parsed one).
 PLATFORM_RE = re.compile(r"^(?:(manylinux|musllinux)_(\d+)_(\d+)|(linux))_(x86_64|aarch64)$")
 _ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -70,9 +70,6 @@ def parse_platform(tag: str) -> PlatformTag:
     if m[4]:
         return PlatformTag("linux", None, m[5])
     return PlatformTag(m[1], (int(m[2]), int(m[3])), m[5])
-
-
-DEFAULT_PLATFORM = parse_platform("manylinux_2_28_x86_64")
 
 
 def wheel_platforms(tag: PlatformTag | str) -> list[str]:
