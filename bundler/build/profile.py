@@ -18,6 +18,7 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from bundler.bundle.imageref import REF_HINT, canonical_tag, ref_problem
 from bundler.bundle.manifest import COMPOSE_PROJECT_RE
 from bundler.bundle.models import (
     CHECK_KINDS,
@@ -409,7 +410,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     _unique(c, [h.name for h in health], top.get("health"), "health check")
     _unique(c, [f.dest for f in files], top.get("files"), "files dest")
     _unique(c, [n.dest for n in npm], top.get("npm"), "npm dest")
-    _unique(c, [i.ref for i in images], top.get("images"), "image")
+    _unique(c, [canonical_tag(i.ref) for i in images], top.get("images"), "image")
 
     if c.problems:
         raise ProfileError(c.problems)
@@ -792,7 +793,7 @@ def _runtimes(c: _Checker, node: Node, target: Target) -> RuntimesSpec | None:
     return RuntimesSpec(node=version, npm=npm, registry=registry)
 
 
-_SOURCES = ("engine", "registry", "archive")
+IMAGE_SOURCES = ("engine", "registry", "archive")  # where the build takes an image from
 
 
 def _image(c: _Checker, node: Node, where: str, base: Path, check: bool
@@ -800,10 +801,14 @@ def _image(c: _Checker, node: Node, where: str, base: Path, check: bool
     m = c.mapping(node, where, ("ref",), ("source", "archive", "tls_verify"))
     if m is None:
         return None
-    ref = c.string(m["ref"], f"{where}.ref", re.compile(r"^[a-z0-9][a-z0-9._/:@-]*$"),
-                   "write name:tag, e.g. local/app:1.2") if "ref" in m else None
-    source = c.string(m["source"], f"{where}.source", re.compile(f"^({'|'.join(_SOURCES)})$"),
-                      f"one of: {', '.join(_SOURCES)}") if "source" in m else "engine"
+    source = c.string(m["source"], f"{where}.source",
+                      re.compile(f"^({'|'.join(IMAGE_SOURCES)})$"),
+                      f"one of: {', '.join(IMAGE_SOURCES)}") if "source" in m else "engine"
+    ref = c.scalar(m["ref"], f"{where}.ref") if "ref" in m else None
+    problem = ref_problem(ref, registry=source == "registry") if ref is not None else None
+    if problem is not None:
+        c.add(m["ref"], f"{where}.ref: {problem}", REF_HINT)
+        ref = None
     archive = _rel_path(c, m["archive"], f"{where}.archive", base, check) \
         if "archive" in m else None
     if source == "archive" and "archive" not in m:
