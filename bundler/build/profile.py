@@ -134,7 +134,7 @@ class Action:
     run: tuple[str, ...]
     cwd: Path
     env: tuple[tuple[str, str], ...] = ()
-    timeout_ms: int = 1_800_000
+    timeout_ms: int = 30 * 60_000  # the default when the profile gives none
 
 
 @dataclass(frozen=True)
@@ -831,7 +831,8 @@ def _action(c: _Checker, node: Node, where: str, base: Path, check: bool) -> Act
         c.add(m["run"], f"{where}.run is empty", "write the command as a list of words")
     cwd = _rel_path(c, m["cwd"], f"{where}.cwd", base, check) if "cwd" in m else base.resolve()
     env = c.string_map(m["env"], f"{where}.env") if "env" in m else {}
-    timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m else 1_800_000
+    timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m \
+        else Action.timeout_ms
     if name is None or not run or cwd is None or timeout is None:
         return None
     return Action(name=name, run=tuple(run), cwd=cwd, env=tuple(sorted(env.items())),
@@ -890,9 +891,12 @@ def _health(c: _Checker, node: Node, where: str) -> HealthCheck | None:
         if jm is not None and "field" in jm and "equals" in jm:
             json_field = c.scalar(jm["field"], f"{where}.json.field")
             json_equals = c.scalar(jm["equals"], f"{where}.json.equals")
-    timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m else 2000
-    retries = c.integer(m["retries"], f"{where}.retries", 1) if "retries" in m else 30
-    interval = c.duration_ms(m["interval"], f"{where}.interval") if "interval" in m else 500
+    timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m \
+        else HealthCheck.timeout_ms
+    retries = c.integer(m["retries"], f"{where}.retries", 1) if "retries" in m \
+        else HealthCheck.retries
+    interval = c.duration_ms(m["interval"], f"{where}.interval") if "interval" in m \
+        else HealthCheck.interval_ms
     if (name is None or status is None or timeout is None or retries is None
             or interval is None or not (target or command)):
         return None

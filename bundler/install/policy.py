@@ -14,7 +14,7 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from bundler import __version__, proc
+from bundler import __version__, proc, timeouts
 from bundler.bundle.manifest import Manifest, required_version
 from bundler.bundle.models import Target
 from bundler.bundle.platforms import Host, host_platform
@@ -118,7 +118,8 @@ def tool_version(tool: str) -> str | None:
     if shutil.which(tool) is None:
         return None
     try:
-        result = proc.run([tool, "--version"], timeout=60, check=False, what=f"{tool} --version")
+        result = proc.run([tool, "--version"], timeout=timeouts.PROBE, check=False,
+                          what=f"{tool} --version")
     except CommandError:
         return None
     m = re.search(r"(\d+\.\d+\.\d+)", result.output)

@@ -16,7 +16,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from bundler import proc, ui
+from bundler import proc, timeouts, ui
 from bundler.build.profile import PythonSpec
 from bundler.build.resolve import pyindex
 from bundler.bundle.models import Target
@@ -110,7 +110,7 @@ def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir
     try:
         tool = "pip-compile" if spec.resolver == "pip-tools" and not for_target else "uv"
         with ui.activity(f"resolving {source.name} with {tool}"):
-            proc.run(args, env=env, what="lock python requirements", timeout=1800)
+            proc.run(args, env=env, what="lock python requirements", timeout=timeouts.PACKAGES)
     except CommandError as exc:
         names = sorted({n for pattern in _UNRESOLVABLE for n in re.findall(pattern, exc.message)})
         if names:
