@@ -52,3 +52,16 @@ def test_check_mode_says_when_a_document_is_stale(tmp_path: Path,
     assert GEN.main(["exit-codes", "--check"]) == 1
     assert GEN.main(["exit-codes"]) == 0
     assert GEN.main(["exit-codes", "--check"]) == 0
+
+
+def test_exit_codes_are_never_renumbered() -> None:
+    """The tests name codes by class (`MigrationError.exit_code`); this is the one place the
+    numbers are written, because automation branches on them."""
+    assert {name: c.exit_code for name, c in vars(errors).items()
+            if isinstance(c, type) and issubclass(c, errors.BundlerError)} == {
+        "BundlerError": 1, "ProfileError": 3, "BuildError": 4, "SigningKeyError": 5,
+        "SignatureError": 6, "IntegrityError": 7, "PolicyError": 8, "SpaceError": 9,
+        "LockedError": 10, "InstallError": 11, "Cancelled": 11, "RolledBackError": 12,
+        "RollbackFailedError": 13, "StateError": 14, "CommandError": 15, "ImageLoadError": 16,
+        "MigrationError": 17, "EnvError": 18, "UnhealthyError": 19, "RecoveryPendingError": 20,
+        "ExportError": 21, "NodeDownError": 22, "HostPolicyError": 23, "Interrupted": 130}
