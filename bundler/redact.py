@@ -3,7 +3,9 @@
 Everything bundler shows or stores that may quote a value goes through `redact`: URL
 passwords (greedy up to the LAST `@` before the host), password-ish parameters and
 `name=value` words, and known secret values, raw and percent-encoded. Which values are secret
-is decided by `Secrets.add_env` alone; the rule and its exceptions: docs/secrets.md.
+is decided by `Secrets.add_env` alone, and `release_secrets` is the one place that says what
+it applies to for a release (every runtime and report asks it); the rule and its exceptions:
+docs/secrets.md.
 """
 
 from __future__ import annotations
@@ -112,9 +114,16 @@ def remember(*values: str | None) -> None:
     KNOWN.add(*values)
 
 
-def remember_env(values: Mapping[str, str], secret_names: Iterable[str] = (),
-                 from_file: Iterable[str] = ()) -> None:
-    KNOWN.add_env(values, secret_names, from_file)
+def release_secrets(values: Mapping[str, str], secret_names: Iterable[str] = (),
+                    shared: Mapping[str, str] | None = None) -> list[str]:
+    """What is secret for a release (the rule above), longest first: among its environment
+    `values`, what the rule picks given the profile's `env.secret` (`secret_names`), a name
+    the operator's shared .env sets counting as read from that file; and the shared .env's
+    own values (`shared`, as read from the file)."""
+    found = Secrets()
+    found.add_env(shared or {}, from_file=shared or {})
+    found.add_env(values, secret_names, from_file=shared or {})
+    return found.values()
 
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:

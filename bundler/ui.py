@@ -209,7 +209,6 @@ class FileBar:
         self._label = label
         self._done = 0
         self._total: int | None = None
-        self._attempt = 1
 
     def total(self, size: int | None) -> None:
         self._total = size
@@ -230,7 +229,6 @@ class FileBar:
             self._show()
 
     def retrying(self, attempt: int, why: str, waited: float) -> None:
-        self._attempt = attempt
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, description=redact(
                 f"    {self._label} (attempt {attempt}: {why}, waited {waited:.1f}s)"))

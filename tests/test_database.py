@@ -237,7 +237,7 @@ def test_sql_migrations_ledger(pgdb: Database, conn: psycopg.Connection[Any],
         "003_bad.sql",)
     with pytest.raises(MigrationError) as err:
         migrations.run([sql_migration()], pgdb, files, None, ENV, log)
-    assert err.value.exit_code == 17 and isinstance(err.value, InstallError)
+    assert err.value.exit_code == MigrationError.exit_code and isinstance(err.value, InstallError)
     assert "schema: 003_bad.sql line 4" in err.value.message
     assert 'relation "missing_table" does not exist' in err.value.message
     ledger = conn.execute("SELECT file FROM bundler_migrations ORDER BY file").fetchall()

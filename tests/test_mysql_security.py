@@ -47,7 +47,7 @@ def q(name: str) -> str:
 def test_a_control_character_in_a_url_part_is_refused(url: str, part: str) -> None:
     with pytest.raises(InstallError) as err:
         mysql.target(Database(url), ENV)
-    assert type(err.value) is InstallError and err.value.exit_code == 11
+    assert type(err.value) is InstallError and err.value.exit_code == InstallError.exit_code
     assert f"its {part} holds a control character" in err.value.message
     assert part in err.value.hint
     shown = err.value.message + err.value.hint
@@ -58,7 +58,7 @@ def test_a_control_character_in_a_url_part_is_refused(url: str, part: str) -> No
 def test_a_database_name_starting_with_a_dash_is_refused(name: str) -> None:
     with pytest.raises(InstallError) as err:
         mysql.target(Database(f"mysql://app:{SECRET}@localhost/{name}"), ENV)
-    assert type(err.value) is InstallError and err.value.exit_code == 11
+    assert type(err.value) is InstallError and err.value.exit_code == InstallError.exit_code
     assert "database name starts with '-'" in err.value.message
     assert SECRET not in err.value.message + err.value.hint
 
@@ -74,7 +74,7 @@ def test_a_database_name_starting_with_a_dash_is_refused(name: str) -> None:
 def test_a_malformed_url_is_refused_in_one_line_without_its_password(url: str, why: str) -> None:
     with pytest.raises(InstallError) as err:
         mysql.target(Database(url), ENV)
-    assert why in err.value.message and err.value.exit_code == 11
+    assert why in err.value.message and err.value.exit_code == InstallError.exit_code
     assert SECRET not in err.value.message + err.value.hint
     assert "\n" not in err.value.message + err.value.hint
 
@@ -429,7 +429,7 @@ def test_installer_refuses_hostile_urls_and_restores_hostile_names_safely(
         env_file.write_text(f"CHAT_URL={bad}\n")
         before = tree_snapshot(root)
         (refused,) = offline(bundle_argv("install", v1, *trust))
-        assert refused.rc == 11, refused.err
+        assert refused.rc == InstallError.exit_code, refused.err
         assert why in refused.err and "my-S3cret" not in refused.err + refused.out
         assert not (root / "releases").exists() and not tee.exists()
         assert {k: v for k, v in tree_snapshot(root).items() if not k.startswith("state")} \
@@ -441,7 +441,7 @@ def test_installer_refuses_hostile_urls_and_restores_hostile_names_safely(
     as_app(mariadb, appdb, attack.create_sql())  # the application, with its own account
     before = mariadb.dump(appdb)
     (r2,) = offline(bundle_argv("install", v2, *trust))
-    assert r2.rc == 17, r2.err
+    assert r2.rc == MigrationError.exit_code, r2.err
     assert "002_bad.sql" in r2.err and "rolled back to 1.0.0" in r2.err
     assert attack.markers() == []
     assert mariadb.dump(appdb) == before

@@ -298,9 +298,6 @@ class TarStream:
             remaining -= n
         self._skip_padding(member.size)
 
-    def skip_data(self, member: Member) -> None:
-        self.read_data(member, lambda _v: None)
-
     def _check_end(self, offset: int) -> None:
         """After the first zero block: a second one, then only zero padding up to one record."""
         second = self._upto(tarfile.BLOCKSIZE)

@@ -6,10 +6,13 @@ manifest stays the single source of truth on the target.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+
+from bundler.bundle.platforms import PlatformTag, parse_platform
 
 PLACEHOLDERS = ("{release}", "{files}", "{venv}", "{root}", "{data}", "{data:NAME}")
 # `{data:NAME}`: NAME as NAME_RE allows (no "/", no "."), so it never leaves <root>/data/.
@@ -50,9 +53,15 @@ class Target:
     Node.js / npm versions it needs (PEP 440 specifiers such as ">=18"; "" = any)."""
 
     python: str = "3.11"
-    platform: str = "manylinux_2_28_x86_64"
+    platform: str = "manylinux_2_28_x86_64"  # as written; `tag` is what every reader uses
     node: str = ""
     npm: str = ""
+
+    @functools.cached_property
+    def tag(self) -> PlatformTag:
+        """The platform tag, parsed once (bundler.bundle.platforms); ValueError if it is no
+        target's. The profile, manifest, lock and `--platform` check it where they read it."""
+        return parse_platform(self.platform)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"python": self.python, "platform": self.platform}
@@ -62,8 +71,10 @@ class Target:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Target:
-        return cls(python=str(data["python"]), platform=str(data["platform"]),
-                   node=str(data.get("node", "")), npm=str(data.get("npm", "")))
+        target = cls(python=str(data["python"]), platform=str(data["platform"]),
+                     node=str(data.get("node", "")), npm=str(data.get("npm", "")))
+        parse_platform(target.platform)  # a signed manifest or a lock with a bad tag: ValueError
+        return target
 
 
 @dataclass(frozen=True)

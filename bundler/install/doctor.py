@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import DatabaseSpec
-from bundler.bundle.platforms import parse_platform
 from bundler.errors import BundlerError
 from bundler.fsutil import free_bytes, human_bytes
 from bundler.install import environ, policy, ports, python_env, runas, swarm_runtime
@@ -179,7 +178,7 @@ def _swarm(layout: Layout, m: Manifest, env: environ.ReleaseEnv) -> list[Row]:
             layout.root, m.runtime.compose.project or project_name(m.name, layout.root),
             sorted(ports.release_ports(m, env)),
             [ImageRecord(i.ref, i.image_id) for i in m.images],
-            parse_platform(m.target.platform).arch if m.images else None,
+            m.target.tag.arch if m.images else None,
             m.payload_size)
     except BundlerError as exc:
         return [Row("swarm", "fail", exc.message.splitlines()[0])]

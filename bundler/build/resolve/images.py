@@ -25,6 +25,7 @@ import zstandard
 
 from bundler import proc
 from bundler.build.cache import Cache
+from bundler.build.profile import IMAGE_SOURCES
 from bundler.bundle.imagearchive import (
     SMALL,
     ImageRecord,
@@ -33,12 +34,11 @@ from bundler.bundle.imagearchive import (
     config_facts,
     norm_member,
 )
-from bundler.bundle.imageref import canonical_tag, parse_ref
+from bundler.bundle.imageref import REF_HINT, canonical_tag, parse_ref, ref_problem
 from bundler.engine import ENGINE_TIMEOUT, docker_sdk, engine_client, first_line, transport_errors
 from bundler.errors import BuildError, CommandError
 from bundler.fsutil import CHUNK, human_bytes
 
-SOURCES = ("engine", "registry", "archive")
 ZSTD_LEVEL = 3
 SKOPEO_TIMEOUT = 3600.0
 _LAYOUT_FILES = ("manifest.json", "index.json", "oci-layout", "repositories")
@@ -512,18 +512,16 @@ def _validate(specs: Sequence[ImageSpec]) -> None:
     seen: dict[str, str] = {}
     for spec in specs:
         where = f"image {spec.ref!r}"
+        problem = ref_problem(spec.ref, registry=spec.source == "registry")
+        if problem is not None:
+            raise BuildError(f"{where}: {problem}", hint=REF_HINT)
         try:
-            ref = parse_ref(spec.ref)
             _platform(spec.platform)
         except ValueError as exc:
-            raise BuildError(f"{where}: {exc}",
-                             hint="write images as name:tag, platforms as os/arch") from None
-        if spec.source not in SOURCES:
+            raise BuildError(f"{where}: {exc}", hint="write platforms as os/arch") from None
+        if spec.source not in IMAGE_SOURCES:
             raise BuildError(f"{where}: unknown source {spec.source!r}",
-                             hint=f"use one of: {', '.join(SOURCES)}")
-        if ref.digest and spec.source != "registry":
-            raise BuildError(f"{where}: a @sha256 digest only works with source: registry",
-                             hint="name the image by its tag")
+                             hint=f"use one of: {', '.join(IMAGE_SOURCES)}")
         if spec.source == "archive":
             if spec.archive is None or not spec.archive.is_file():
                 raise BuildError(f"{where}: archive {spec.archive} does not exist",

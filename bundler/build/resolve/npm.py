@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bundler import proc, ui
+from bundler import proc, timeouts, ui
 from bundler.build.cache import Cache
 from bundler.bundle.npmlock import (
     NpmPackage,
@@ -249,7 +249,8 @@ def default_registry() -> str:
     with tempfile.TemporaryDirectory(prefix="bundler-npmrc-") as tmp:
         try:
             result = proc.run(["npm", "config", "get", "registry"], env=npm_env(Path(tmp)),
-                              cwd=Path(tmp), what="npm config get registry", timeout=60)
+                              cwd=Path(tmp), what="npm config get registry",
+                              timeout=timeouts.PROBE)
         except CommandError as exc:
             raise BuildError(f"cannot ask npm for its default registry: {exc.message}",
                              hint="install Node.js and npm on the build machine, or set the "
@@ -668,7 +669,7 @@ def check_npm_ci_accepts(pj_path: Path, lock_path: Path, spec: NpmSpec, registry
         if spec.omit_dev:
             args.append("--omit=dev")
         result = proc.run(args, cwd=work, env=npm_env(Path(tmp) / "home"), check=False,
-                          timeout=600, what="npm ci --dry-run")
+                          timeout=proc.DEFAULT_TIMEOUT, what="npm ci --dry-run")
     if result.returncode == 0:
         atomic_write_bytes(verdict, b"accepted\n")
         return None

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bundler import proc
+from bundler import proc, timeouts
 from bundler.build.cache import Cache
 from bundler.bundle import nodetree
 from bundler.bundle.npmlock import NpmPackage, npm_env, npm_last_error, package_name
@@ -122,7 +122,7 @@ def _build(project: Path, pj_bytes: bytes, lock_bytes: bytes, packages: Sequence
         if omit_dev:
             args.append("--omit=dev")
         try:
-            proc.run(args, cwd=work, env=npm_env(Path(tmp) / "home"), timeout=1800,
+            proc.run(args, cwd=work, env=npm_env(Path(tmp) / "home"), timeout=timeouts.PACKAGES,
                      what="npm ci (pre-building node_modules)")
         except CommandError as exc:
             raise BuildError(f"npm ci from the fetched tarballs failed: "
