@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import MigrationError, RecoveryPendingError, RollbackFailedError, StateError
 from tests.helpers import Project, bundle, bundle_argv, offline
 
 pytestmark = pytest.mark.slow
@@ -129,7 +130,7 @@ def test_a_retry_never_restores_an_earlier_attempts_backup(
         bundle_argv("rollback", "--root", root, "--json"),
         bundle_argv("status", "--root", root, "--json"))
     assert r1.rc == 0, r1.err
-    assert r2.rc == 17, r2.err
+    assert r2.rc == MigrationError.exit_code, r2.err
     assert (w4.rc, w5.rc) == (0, 0), w4.err + w5.err
     assert retry.rc == -signal.SIGKILL
     assert back.rc == 0, back.err
@@ -198,7 +199,7 @@ def test_a_rollback_that_failed_after_restoring_is_not_restored_again(
         bundle_argv("install", v3, *trust),
         bundle_argv("status", "--root", root, "--json"))
     assert r1.rc == 0, r1.err
-    assert r2.rc == 13, r2.err
+    assert r2.rc == RollbackFailedError.exit_code, r2.err
     assert "Restoring the database" in r2.err
     assert healthy.rc == 0, healthy.err
     assert w3.rc == 0, w3.err
@@ -234,7 +235,7 @@ def test_rollback_to_a_missing_release_touches_nothing(
     assert r1.rc == 0, r1.err
     assert crashed.rc == -signal.SIGKILL
     assert w7.rc == 0, w7.err
-    assert bad_to.rc == 14, bad_to.err
+    assert bad_to.rc == StateError.exit_code, bad_to.err
     assert f"error: release 9.9.9 is not on disk under {root}" in bad_to.err
     assert "Restoring" not in bad_to.err
     assert db.rows() == [1, 7]
@@ -270,10 +271,10 @@ def test_a_pending_restore_that_would_discard_later_writes_needs_a_choice(
         bundle_argv("recover", "--root", root, "--keep-db"),
         bundle_argv("status", "--root", root, "--json"))
     assert r1.rc == 0, r1.err
-    assert r2.rc == 13, r2.err
+    assert r2.rc == RollbackFailedError.exit_code, r2.err
     assert "missing or changed since it was taken" in r2.err
     assert w8.rc == 0, w8.err
-    assert refused.rc == 20, refused.err
+    assert refused.rc == RecoveryPendingError.exit_code, refused.err
     assert "written to since the failed rollback" in refused.err
     assert "--restore-db" in refused.err and "--keep-db" in refused.err
     assert db.rows() == [1, 8]

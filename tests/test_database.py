@@ -28,6 +28,7 @@ from bundler.errors import InstallError, LockedError, MigrationError
 from bundler.fsutil import sha256_file
 from bundler.install import database, migrations
 from bundler.install.database import Backup, Database
+from bundler.install.db import postgres
 from bundler.install.migrations import Migration
 from bundler.redact import redact
 from tests.helpers import REPO, free_port, offline
@@ -178,7 +179,7 @@ def test_restore_does_not_hang_on_a_busy_database(cluster: PgCluster, dbname: st
     with a hint after the lock timeout, not hang; the database is unchanged."""
     seed(conn)
     saved = database.backup(pgdb, tmp_path, ENV, Log())
-    monkeypatch.setattr(database, "RESTORE_LOCK_TIMEOUT", "1s")
+    monkeypatch.setattr(postgres, "RESTORE_LOCK_TIMEOUT", "1s")
     with cluster.connect(dbname) as holder:
         holder.execute("BEGIN; LOCK TABLE items IN ACCESS SHARE MODE")
         with pytest.raises(InstallError) as err:
@@ -236,7 +237,7 @@ def test_sql_migrations_ledger(pgdb: Database, conn: psycopg.Connection[Any],
         "003_bad.sql",)
     with pytest.raises(MigrationError) as err:
         migrations.run([sql_migration()], pgdb, files, None, ENV, log)
-    assert err.value.exit_code == 17 and isinstance(err.value, InstallError)
+    assert err.value.exit_code == MigrationError.exit_code and isinstance(err.value, InstallError)
     assert "schema: 003_bad.sql line 4" in err.value.message
     assert 'relation "missing_table" does not exist' in err.value.message
     ledger = conn.execute("SELECT file FROM bundler_migrations ORDER BY file").fetchall()

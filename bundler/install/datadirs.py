@@ -387,7 +387,6 @@ def _write_tar(top: int, sink: _Hashing) -> str:
     """Stream the tree under `top` into `sink` as a PAX tar; return the tree's digest (of
     exactly what was written)."""
     digest = hashlib.sha256()
-    skipped = 0
     with tarfile.open(fileobj=sink, mode="w|",  # type: ignore[call-overload]
                       format=tarfile.PAX_FORMAT) as tar:
         for entry, pfd in _walk(top):
@@ -400,7 +399,6 @@ def _write_tar(top: int, sink: _Hashing) -> str:
             with os.fdopen(fd, "rb") as fh:
                 st = os.fstat(fh.fileno())
                 if not stat.S_ISREG(st.st_mode):
-                    skipped += 1
                     continue
                 entry = _Entry(entry.rel, "f", st, "")
                 tar.addfile(_member(entry), fh)

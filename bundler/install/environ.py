@@ -19,7 +19,7 @@ from bundler.bundle.models import PLACEHOLDER_RE, EnvSpec
 from bundler.errors import BundlerError, EnvError
 from bundler.install import strict
 from bundler.install.layout import Layout, ReleaseDir
-from bundler.redact import Secrets, redact, remember_env
+from bundler.redact import redact, release_secrets, remember
 
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ENVIRONMENTS = ("production", "staging", "development")
@@ -176,10 +176,9 @@ class ReleaseEnv:
         return _REF.sub(sub, text)
 
     def secrets(self) -> list[str]:
-        """The values that must never be shown (see `bundler.redact`)."""
-        found = Secrets()
-        found.add_env(self.as_dict(), self.secret, self.from_file)
-        return found.values()
+        """The values that must never be shown (bundler.redact.release_secrets)."""
+        shared = {k: v for k, v in self.values if k in self.from_file}
+        return release_secrets(self.as_dict(), self.secret, shared)
 
     def redact(self, text: str) -> str:
         """`bundler.redact.redact`, knowing this environment's secret values."""
@@ -197,9 +196,10 @@ def release_env(layout: Layout, spec: EnvSpec, environment: str,
     shared = read_env_file(shared_env_file(layout))
     values = {k: _place(v, places) for k, v in {
         **spec.defaults_for(environment), **(service_env or {}), **shared}.items()}
-    remember_env(values, spec.secret, shared)  # masked in every message from now on
-    return ReleaseEnv(environment, tuple(sorted(values.items())), frozenset(spec.secret),
-                      tuple(sorted(places.items())), frozenset(shared))
+    env = ReleaseEnv(environment, tuple(sorted(values.items())), frozenset(spec.secret),
+                     tuple(sorted(places.items())), frozenset(shared))
+    remember(*env.secrets())  # masked in every message from now on
+    return env
 
 
 def remember_shared(layout: Layout) -> None:
@@ -211,7 +211,7 @@ def remember_shared(layout: Layout) -> None:
         shared = read_env_file(shared_env_file(layout))
     except (BundlerError, OSError):
         return
-    remember_env(shared, (), shared)
+    remember(*release_secrets({}, shared=shared))
 
 
 def references(m: Manifest, environment: str) -> list[str]:

@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from bundler import proc
+from bundler import proc, timeouts
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import NpmRef
 from bundler.errors import CommandError, InstallError
@@ -48,6 +48,7 @@ from bundler.install.layout import Layout
 RUNTIME_DIR = Path("runtime") / "node"
 NPM_DIR = Path("lib") / "node_modules" / "npm"
 MARKER = ".bundler-runtime"  # in each tree: {"key", "digest"} (not part of the digest)
+_NPM_PROBE = 120.0  # `npm --version` loads npm's whole CLI first: slower than a probe
 _LAYOUT = 1  # how a tree is laid out: part of the key, so a change never reuses an old tree
 
 
@@ -170,10 +171,11 @@ def _runs(release: Path, m: Manifest) -> str:
         raise InstallError(f"the carried {node.name}@{node.version} has no bin/node",
                            hint="the bundle's runtime is not a Node.js build: rebuild it")
     try:
-        got = proc.run([bindir / "node", "--version"], what="node --version", timeout=60)
+        got = proc.run([bindir / "node", "--version"], what="node --version",
+                       timeout=timeouts.PROBE)
         npm_got = proc.run([*(npm_argv(release) or []), "--version"],
                            env=on_path(proc.clean_env(), release), cwd=home(release),
-                           what="npm --version", timeout=120)
+                           what="npm --version", timeout=_NPM_PROBE)
     except CommandError as exc:
         raise InstallError(f"the carried Node.js does not run on this host: "
                            f"{exc.message.splitlines()[0]}",

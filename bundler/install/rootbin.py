@@ -98,13 +98,6 @@ def wrapped_kit(layout: Layout) -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def kit_digest(path: Path) -> str:
     """The digest of a kit's site/ tree, computed from its members (not taken from kit.json):

@@ -60,7 +60,7 @@ from bundler import proc
 from bundler.engine import docker_sdk, engine_client, first_line, transport_errors
 from bundler.errors import CommandError, InstallError, NodeDownError
 from bundler.install.layout import Layout
-from bundler.redact import Secrets, redact
+from bundler.redact import redact, release_secrets
 from bundler.ui import Log
 
 _NO_NODE = "node.labels.bundler-no-node == true"
@@ -340,9 +340,7 @@ def _env(stack: Stack) -> dict[str, str]:
 
 
 def _redact(stack: Stack, text: str) -> str:
-    secrets = Secrets()
-    secrets.add_env(dict(stack.env))
-    return redact(text, secrets.values())
+    return redact(text, release_secrets(dict(stack.env)))
 
 
 def _docker(stack: Stack, *args: str, timeout: float = 300) -> proc.Result:
