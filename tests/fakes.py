@@ -1,6 +1,6 @@
 """Fakes at the install side's adapter boundaries, for unit tests that run in milliseconds:
 a runtime (bundler.install.runtimes), a database engine behind the database facade
-(bundler.install.database: backup, restore, fingerprint, wait_ready) and the migrations
+(bundler.install.db: backup, restore, fingerprint, wait_ready) and the migrations
 (bundler.install.migrations.run, pending), and the health checks. They share one `World`:
 what they did, in order, what the databases hold, and what they must fail at.
 
@@ -20,7 +20,8 @@ import pytest
 
 from bundler.bundle.manifest import Manifest
 from bundler.errors import InstallError
-from bundler.install import database, health, migrations, runtimes
+from bundler.install import db as engines
+from bundler.install import health, migrations, runtimes
 from bundler.install.environ import ReleaseEnv
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
@@ -103,7 +104,7 @@ class FakeRuntime:
     def crashed(self, since: float | None) -> list[str]:
         return []
 
-    def service_exec(self, service: str) -> database.ServiceExec:
+    def service_exec(self, service: str) -> engines.ServiceExec:
         raise InstallError(f"release {self.version} has no compose project")
 
     def ensure_service(self, service: str) -> bool:
@@ -126,23 +127,23 @@ class FakeEngine:
     def __init__(self, world: World) -> None:
         self.world = world
 
-    def backup(self, db: database.Database, dest_dir: Path, env: Mapping[str, str], log: Any,
-               *, exec_in_service: Any = None) -> database.Backup:
+    def backup(self, db: engines.Database, dest_dir: Path, env: Mapping[str, str], log: Any,
+               *, exec_in_service: Any = None) -> engines.Backup:
         self.world.act(f"backup:{db.name}")
         dest_dir.mkdir(parents=True, exist_ok=True)
         path = dest_dir / f"{db.name or 'db'}-{len(self.world.backups)}.fake"
         contents = self.world.data[db.name]
         path.write_text(contents)
         self.world.backups[str(path)] = contents
-        return database.Backup(path, "fake", len(contents),
+        return engines.Backup(path, "fake", len(contents),
                                hashlib.sha256(contents.encode()).hexdigest(), "now")
 
-    def restore(self, db: database.Database, made: database.Backup, env: Mapping[str, str],
+    def restore(self, db: engines.Database, made: engines.Backup, env: Mapping[str, str],
                 log: Any, *, exec_in_service: Any = None) -> None:
         self.world.act(f"restore:{db.name}")
         self.world.data[db.name] = self.world.backups[str(made.path)]
 
-    def fingerprint(self, db: database.Database, env: Mapping[str, str], *,
+    def fingerprint(self, db: engines.Database, env: Mapping[str, str], *,
                     exec_in_service: Any = None) -> str:
         self.world.act(f"fingerprint:{db.name}")
         return hashlib.sha256(self.world.data[db.name].encode()).hexdigest()[:12]
@@ -150,7 +151,7 @@ class FakeEngine:
     def wait_ready(self, *args: Any, **kwargs: Any) -> None:
         return None
 
-    def migrate(self, steps: Sequence[migrations.Migration], db: database.Database,
+    def migrate(self, steps: Sequence[migrations.Migration], db: engines.Database,
                 *args: Any, **kwargs: Any) -> list[migrations.MigrationResult]:
         self.world.data[db.name] = "half-migrated"  # a failure leaves it half done
         self.world.act(f"migrate:{db.name}")
@@ -183,7 +184,7 @@ def install(monkeypatch: pytest.MonkeyPatch, world: World | None = None) -> Worl
     monkeypatch.setattr(runtimes, "pick", lambda layout, m: FakeRuntime)
     engine = FakeEngine(world)
     for name in ("backup", "restore", "fingerprint", "wait_ready"):
-        monkeypatch.setattr(database, name, getattr(engine, name))
+        monkeypatch.setattr(engines, name, getattr(engine, name))
     monkeypatch.setattr(migrations, "run", engine.migrate)
     monkeypatch.setattr(migrations, "pending", engine.pending)
     monkeypatch.setattr(health, "run_all", fake_checks(world))

@@ -17,9 +17,8 @@ from urllib.parse import quote
 import pytest
 
 from bundler.errors import InstallError, MigrationError
-from bundler.install import database
-from bundler.install.database import Database
-from bundler.install.db import mysql
+from bundler.install import db as engines
+from bundler.install.db import Database, mysql
 from tests.helpers import Project, bundle, bundle_argv, free_port, offline, tree_snapshot
 from tests.mariadb_fixtures import APP_PASSWORD, MariaDb, start_server
 
@@ -211,7 +210,7 @@ def test_restore_of_hostile_names_runs_nothing_and_equals_the_dump(
          attack.sequence])
     before = mariadb.dump(appdb)
     lines: list[str] = []
-    saved = database.backup(db, tmp_path / "backups", ENV, log_to(lines))
+    saved = engines.backup(db, tmp_path / "backups", ENV, log_to(lines))
     # The app keeps writing, renames, drops and adds hostile objects of its own.
     added = "new`\t" + attack.proc
     as_app(mariadb, appdb, f"INSERT INTO {q(attack.tab_table)} VALUES (3, 'three');\n"
@@ -233,7 +232,7 @@ def test_restore_of_hostile_names_runs_nothing_and_equals_the_dump(
         return real(db, args, env, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(mysql, "run_client", spy)
-    database.restore(db, saved, ENV, log_to(lines))
+    engines.restore(db, saved, ENV, log_to(lines))
     assert attack.markers() == []
     assert mariadb.dump(appdb) == before  # every object dropped and recreated, rows equal
     assert len(scripts) == 1
@@ -241,7 +240,7 @@ def test_restore_of_hostile_names_runs_nothing_and_equals_the_dump(
     assert args == ["--binary-mode", "--sandbox"]
     assert script.startswith(mysql.SANDBOX_LINE.encode())
     # ... and a second restore over the restored database is as harmless.
-    database.restore(db, saved, ENV, log_to(lines))
+    engines.restore(db, saved, ENV, log_to(lines))
     assert attack.markers() == [] and mariadb.dump(appdb) == before
 
 
@@ -285,8 +284,8 @@ def test_fingerprint_of_hostile_names_is_stable_and_sees_every_change(
         mariadb: MariaDb, appdb: str, attack: Attack) -> None:
     db = Database(mariadb.url(appdb))
     as_app(mariadb, appdb, attack.create_sql())
-    first = database.fingerprint(db, ENV)
-    assert database.fingerprint(db, ENV) == first
+    first = engines.fingerprint(db, ENV)
+    assert engines.fingerprint(db, ENV) == first
     seen = {first}
     for change in (f"UPDATE {q(attack.tab_table)} SET body = 'x' WHERE id = 2",
                    f"INSERT INTO {q(attack.nl_table)} VALUES ('c')",
@@ -294,9 +293,9 @@ def test_fingerprint_of_hostile_names_is_stable_and_sees_every_change(
                    f"CREATE TABLE {q(attack.proc + 'z')} (x int)",
                    f"DROP VIEW {q(attack.view)}"):
         as_app(mariadb, appdb, change + ";\n")
-        value = database.fingerprint(db, ENV)
+        value = engines.fingerprint(db, ENV)
         assert value not in seen, change
-        assert database.fingerprint(db, ENV) == value
+        assert engines.fingerprint(db, ENV) == value
         seen.add(value)
     assert attack.markers() == []
 
@@ -340,11 +339,11 @@ def test_odd_but_legal_user_password_and_database_names_work(
                 f"CREATE TABLE {q(dbname)}.t (x int); INSERT INTO {q(dbname)}.t VALUES (5)")
     db = Database(f"mysql://{quote(user, safe='')}:{quote(password, safe='')}@localhost/"
                   f"{quote(dbname, safe='')}?unix_socket={mariadb.socket}")
-    database.check(db, ENV)
+    engines.check(db, ENV)
     before = mariadb.dump(dbname)
-    saved = database.backup(db, tmp_path / "b", ENV, log_to([]))
+    saved = engines.backup(db, tmp_path / "b", ENV, log_to([]))
     mariadb.sql("INSERT INTO t VALUES (6)", dbname)
-    database.restore(db, saved, ENV, log_to([]))
+    engines.restore(db, saved, ENV, log_to([]))
     assert mariadb.dump(dbname) == before
     assert mysql.query(db, "SELECT HEX(DATABASE())", ENV, what="x") == [
         [dbname.encode().hex().upper()]]
@@ -368,13 +367,13 @@ def test_a_tcp_url_still_works(tcp_server: tuple[MariaDb, int], tmp_path: Path) 
                f"'{APP_PASSWORD.replace(chr(39), chr(39) * 2)}'; "
                f"GRANT ALL ON {name}.* TO 'app'@'127.0.0.1'")
     db = Database(f"mysql://app:{quote(APP_PASSWORD, safe='')}@127.0.0.1:{port}/{name}")
-    database.check(db, ENV)
+    engines.check(db, ENV)
     assert mysql.ping(db.url, ENV, 5.0) == ""
     as_app(server, name, "CREATE TABLE t (x int); INSERT INTO t VALUES (1);")
     before = server.dump(name)
-    saved = database.backup(db, tmp_path / "b", ENV, log_to([]))
+    saved = engines.backup(db, tmp_path / "b", ENV, log_to([]))
     server.sql("DROP TABLE t", name)
-    database.restore(db, saved, ENV, log_to([]))
+    engines.restore(db, saved, ENV, log_to([]))
     assert server.dump(name) == before
 
 

@@ -295,12 +295,12 @@ def test_sqlite_restore_never_writes_through_the_accounts_symlinks(
     the backup's pages. bundler reads and writes that database with the account's own file
     access, so the restore fails instead, the other database untouched; with the account's
     own file back, the same restore works. (SQLite itself opens journals with O_NOFOLLOW.)"""
-    from bundler.install import database
+    from bundler.install import db as engines
 
     path, account = _owned_db(world, run_user)
     backups = world / "backups"
-    db = database.Database(f"sqlite:///{path}", owner=account)
-    made = database.backup(db, backups, {}, lambda _: None)
+    db = engines.Database(f"sqlite:///{path}", owner=account)
+    made = engines.backup(db, backups, {}, lambda _: None)
     assert made.path.stat().st_uid == 0 and stat.S_IMODE(made.path.stat().st_mode) == 0o600
 
     other = world / "other-product.db"
@@ -313,7 +313,7 @@ def test_sqlite_restore_never_writes_through_the_accounts_symlinks(
     path.symlink_to(other)
     os.lchown(path, run_user.pw_uid, run_user.pw_gid)
     with pytest.raises(InstallError, match=r"SQLite restore of .* failed"):
-        database.restore(db, made, {}, lambda _: None)
+        engines.restore(db, made, {}, lambda _: None)
     assert _rows(other) == [("theirs",)]
 
     path.unlink()
@@ -321,7 +321,7 @@ def test_sqlite_restore_never_writes_through_the_accounts_symlinks(
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("INSERT INTO t VALUES ('later')")
         conn.commit()
-    database.restore(db, made, {}, lambda _: None)
+    engines.restore(db, made, {}, lambda _: None)
     assert _rows(path) == [("kept",)]
     assert not list(path.parent.glob(".app.db.bundler-*")), "side files are removed"
 
@@ -330,7 +330,7 @@ def test_sqlite_backup_of_a_symlink_to_roots_file_is_refused(
         run_user: pwd.struct_passwd, world: Path) -> None:
     """The account swaps its database for a symlink to a database only root can read: a root
     backup would copy those rows, and a later restore would hand them to the account."""
-    from bundler.install import database
+    from bundler.install import db as engines
 
     path, account = _owned_db(world, run_user)
     secret = world / "secret.db"
@@ -341,8 +341,8 @@ def test_sqlite_backup_of_a_symlink_to_roots_file_is_refused(
     secret.chmod(0o600)
     path.unlink()
     path.symlink_to(secret)
-    db = database.Database(f"sqlite:///{path}", owner=account)
+    db = engines.Database(f"sqlite:///{path}", owner=account)
     with pytest.raises(InstallError, match=r"SQLite backup of .* failed"):
-        database.backup(db, world / "backups", {}, lambda _: None)
+        engines.backup(db, world / "backups", {}, lambda _: None)
     assert not list((world / "backups").glob("*.sqlite")), "no backup holds root's rows"
     assert _rows(secret) == [("root only",)]

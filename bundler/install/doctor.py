@@ -124,20 +124,20 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
                          f"({environment})"))
     for spec in target.runtime.all_databases() if not missing else ():
         def db(spec: DatabaseSpec = spec) -> Row:
-            from bundler.install import database
+            from bundler.install import db as engines
 
             label = f"database {spec.name}" if spec.name else "database"
-            conn = database.Database(env.expand(spec.url), spec.compose_service, spec.name,
+            conn = engines.Database(env.expand(spec.url), spec.compose_service, spec.name,
                                      runas.db_owner(target))
             if spec.compose_service:
                 if current is None:
                     return Row(label, "ok", f"compose service {spec.compose_service}: "
                                             "started from the bundle by the install")
                 run_in = Release.require(layout, current).service_exec(conn)
-                database.check(conn, env.as_dict(), exec_in_service=run_in)
+                engines.check(conn, env.as_dict(), exec_in_service=run_in)
                 return Row(label, "ok", f"reachable in compose service "
                                         f"{spec.compose_service}: {conn.display}")
-            database.check(conn, env.as_dict())
+            engines.check(conn, env.as_dict())
             return Row(label, "ok", f"reachable: {conn.display}")
         rows.append(_guard(f"database {spec.name}" if spec.name else "database", db))
     # The ports (on a swarm: across the swarm) and, on a swarm, every node.

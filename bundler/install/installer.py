@@ -39,7 +39,6 @@ from bundler.faults import fault_point
 from bundler.fsutil import free_bytes, human_bytes, make_dir, require_space
 from bundler.install import (
     boot,
-    database,
     datadirs,
     environ,
     hostpolicy,
@@ -50,6 +49,7 @@ from bundler.install import (
     runas,
     steps,
 )
+from bundler.install import db as engines
 from bundler.install.health import CheckResult
 from bundler.install.journal import Journal, reason
 from bundler.install.layout import Layout, ReleaseDir, locked
@@ -198,7 +198,7 @@ def _check_release(new: Release, env: environ.ReleaseEnv) -> None:
     runas.preflight(m, layout, env)  # the release's `user` exists and can work here
     datadirs.check(layout, m)  # its data directories are usable (never symlinks)
     for db in new.databases(env):
-        database.check_url(db, env.as_dict())  # a bad URL: refused before any write
+        engines.check_url(db, env.as_dict())  # a bad URL: refused before any write
 
 
 def _current_manifest(layout: Layout) -> Manifest | None:

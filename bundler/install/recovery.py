@@ -16,7 +16,8 @@ from bundler.errors import (
     RollbackFailedError,
     StateError,
 )
-from bundler.install import database, datadirs, hostpolicy
+from bundler.install import datadirs, hostpolicy
+from bundler.install import db as engines
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.release import Release
@@ -42,7 +43,7 @@ class PendingRestore:
     """One database's backup still to be restored, with the fingerprints bundler recorded."""
 
     db_name: str | None  # its `databases[].name`; None: the single `database:`
-    backup: database.Backup
+    backup: engines.Backup
     before: str | None  # its fingerprint as the migrations began
     after: str | None   # ... and when the attempt's own rollback failed without restoring it
 
@@ -63,7 +64,7 @@ class Pending:
     data: tuple[datadirs.PendingData, ...] = ()  # its data directories still to restore
 
     @property
-    def backup(self) -> database.Backup | None:
+    def backup(self) -> engines.Backup | None:
         return self.restores[0].backup if self.restores else None
 
     def to_json(self) -> dict[str, object]:
@@ -115,13 +116,13 @@ def pending(state: State) -> Pending | None:
     restores: list[PendingRestore] = []
     if ("migrate", "started") in done and not done & {("restore", "done"),
                                                       ("restore", "skipped")}:
-        latest: dict[str | None, database.Backup] = {}  # per database, its last backup
+        latest: dict[str | None, engines.Backup] = {}  # per database, its last backup
         for _, st, status, d in events:
             if (st, status) == ("backup", "file"):
                 doc = json.loads(d)
                 name = doc.get("database")
                 latest.pop(name, None)  # keep the journal's (profile) order of the last ones
-                latest[name] = database.Backup.from_json(doc)
+                latest[name] = engines.Backup.from_json(doc)
         for name, backup in latest.items():
             if name is not None and ("restore", f"done:{name}") in done:
                 continue  # restored already by the attempt's own rollback
@@ -287,9 +288,9 @@ def _running(layout: Layout, version: str, db_service: str | None) -> list[str]:
 
 @dataclass(frozen=True)
 class _Restore:
-    db: database.Database
+    db: engines.Database
     env: dict[str, str]
-    backup: database.Backup
+    backup: engines.Backup
     changed: bool  # the database was written to since bundler last saw it
 
 
@@ -313,7 +314,7 @@ def _plan_restore(release: Release | None, p: Pending, db_choice: DbChoice) -> l
         if db.compose_service:
             # The interrupted release's project was taken down: its database comes back alone.
             release.ensure_database(db, env.as_dict())
-        now = database.fingerprint(db, env.as_dict(), exec_in_service=release.service_exec(db))
+        now = engines.fingerprint(db, env.as_dict(), exec_in_service=release.service_exec(db))
         # Writes made AFTER the failed attempt: exactly known when its failed rollback recorded
         # the database; after a kill -9 only the attempt's own (half-done) migration wrote,
         # unless something has run since — then the restore would discard that too.
@@ -338,10 +339,10 @@ def _restore(state: State, release: Release, p: Pending, plans: list[_Restore],
     why = " (" + ("--restore-db" if db_choice == "restore"
                   else "migrations were interrupted") + ")"
     for r in plans:
-        def keep_current(run_in: database.ServiceExec | None, r: _Restore = r) -> None:
+        def keep_current(run_in: engines.ServiceExec | None, r: _Restore = r) -> None:
             if not r.changed:
                 return
-            saved = database.backup(r.db, release.layout.backups, r.env, ui.note,
+            saved = engines.backup(r.db, release.layout.backups, r.env, ui.note,
                                     exec_in_service=run_in)
             ui.note(f"the database's current contents were saved to {saved.path} first")
             state.event(p.txn, p.version, "restore", "saved", json.dumps(saved.to_json()))

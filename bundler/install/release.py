@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import DatabaseSpec
 from bundler.errors import StateError
-from bundler.install import database, datadirs, environ, health, runas, runtimes
+from bundler.install import datadirs, environ, health, runas, runtimes
+from bundler.install import db as engines
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.runtimes import Runtime
@@ -67,12 +68,12 @@ class Release:
         return environ.release_env(self.layout, self.manifest.runtime.env, self.environment,
                                    service_env, version=self.version)
 
-    def databases(self, env: environ.ReleaseEnv) -> list[database.Database]:
+    def databases(self, env: environ.ReleaseEnv) -> list[engines.Database]:
         """Every database of the release, in profile order (one for a single `database:`)."""
         return [self.database_for(spec, env) for spec in self.manifest.runtime.all_databases()]
 
-    def database_for(self, spec: DatabaseSpec, env: environ.ReleaseEnv) -> database.Database:
-        return database.Database(env.expand(spec.url), spec.compose_service, spec.name,
+    def database_for(self, spec: DatabaseSpec, env: environ.ReleaseEnv) -> engines.Database:
+        return engines.Database(env.expand(spec.url), spec.compose_service, spec.name,
                                  runas.db_owner(self.manifest))
 
     # --- running ------------------------------------------------------------------------------
@@ -121,16 +122,16 @@ class Release:
 
     # --- its databases in container services --------------------------------------------------
 
-    def service_exec(self, db: database.Database) -> database.ServiceExec | None:
+    def service_exec(self, db: engines.Database) -> engines.ServiceExec | None:
         """How to run the database's client tools inside its container service (None: on the
         host)."""
         return self.runtime.service_exec(db.compose_service) if db.compose_service else None
 
-    def ensure_database(self, db: database.Database, env: dict[str, str]) -> bool:
+    def ensure_database(self, db: engines.Database, env: dict[str, str]) -> bool:
         """Start the database's service alone if it is down, then wait until it answers (a
         healthcheck may be missing); True if it was started here."""
         assert db.compose_service
         started = self.runtime.ensure_service(db.compose_service)
         if started:
-            database.wait_ready(db, env, DB_READY_TIMEOUT, exec_in_service=self.service_exec(db))
+            engines.wait_ready(db, env, DB_READY_TIMEOUT, exec_in_service=self.service_exec(db))
         return started

@@ -28,7 +28,6 @@ from bundler.faults import fault_point
 from bundler.fsutil import atomic_write_bytes, make_dir, nearly_full, private_dir
 from bundler.install import (
     boot,
-    database,
     datadirs,
     environ,
     health,
@@ -37,6 +36,7 @@ from bundler.install import (
     packages,
     policy,
 )
+from bundler.install import db as engines
 from bundler.install.health import CheckResult
 from bundler.install.journal import Journal, reason
 from bundler.install.layout import Layout, ReleaseDir
@@ -45,7 +45,7 @@ from bundler.install.runtimes import NodeDown
 from bundler.install.state import ReleaseRow, State, now
 from bundler.install.undo import UndoStack, restore_databases
 
-Taken = tuple[database.Database, database.Backup]
+Taken = tuple[engines.Database, engines.Backup]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Attempt:
     staging: Path  # the verified tree, placed as the release by `begin`
     previous_version: str | None
     previous: Release | None  # None also when its manifest is unreadable
-    dbs: list[database.Database]
+    dbs: list[engines.Database]
     undo: UndoStack = field(default_factory=UndoStack)
     migrates: bool = False  # the migrations will run (decided by `plan_migrations`)
     # Flags the undo reads: the serving release was touched (stopped, or a first release
@@ -101,7 +101,7 @@ class Attempt:
         return tuple(d.compose_service for d in self.dbs if d.compose_service)
 
     @property
-    def backup(self) -> database.Backup | None:
+    def backup(self) -> engines.Backup | None:
         return self.backups[0][1] if self.backups else None
 
     @property
@@ -196,7 +196,7 @@ def back_up_databases(a: Attempt) -> None:
     backups are kept (no undo); the migrate step's undo restores them."""
     for db in a.dbs:
         with a.journal.step("backup", f"Backing up the database {db.label}"):
-            taken = database.backup(db, a.layout.backups, a.env.as_dict(), ui.note,
+            taken = engines.backup(db, a.layout.backups, a.env.as_dict(), ui.note,
                                     exec_in_service=a.new.service_exec(db))
         a.backups.append((db, taken))
         a.journal.record("backup", "file", json.dumps(backup_json(db, taken)))
@@ -237,7 +237,7 @@ def migrate(a: Attempt) -> None:
         return
     m = a.new.manifest
     for db in a.dbs:
-        a.journal.record("db-state", _state_key("before-migrate", db), database.fingerprint(
+        a.journal.record("db-state", _state_key("before-migrate", db), engines.fingerprint(
             db, a.env.as_dict(), exec_in_service=a.new.service_exec(db)))
     a.migrating = True
     a.undo.push("migrate", lambda: _restore_databases(a))
@@ -426,7 +426,7 @@ def _left_pending(a: Attempt) -> None:
             continue
         with contextlib.suppress(Exception):
             a.journal.record("db-state", _state_key("after-failed-rollback", db),
-                             database.fingerprint(db, a.env.as_dict(),
+                             engines.fingerprint(db, a.env.as_dict(),
                                                   exec_in_service=a.new.service_exec(db)))
 
 
@@ -461,21 +461,21 @@ def _cause(a: Attempt) -> list[str]:
         return []
 
 
-def backup_json(db: database.Database, made: database.Backup) -> dict[str, object]:
+def backup_json(db: engines.Database, made: engines.Backup) -> dict[str, object]:
     """The journaled `backup`/`file` detail: the Backup, plus the database's name if named."""
     return made.to_json() | ({"database": db.name} if db.name else {})
 
 
-def _state_key(what: str, db: database.Database) -> str:
+def _state_key(what: str, db: engines.Database) -> str:
     """The `db-state` status a fingerprint is journaled under: per database when named."""
     return f"{what}:{db.name}" if db.name else what
 
 
-def _migration_groups(a: Attempt) -> list[tuple[database.Database, list[MigrationSpec]]]:
+def _migration_groups(a: Attempt) -> list[tuple[engines.Database, list[MigrationSpec]]]:
     """The release's migrations in profile order, cut into runs against one database each."""
     m = a.new.manifest
     by_name = {d.name: d for d in a.dbs}
-    groups: list[tuple[database.Database, list[MigrationSpec]]] = []
+    groups: list[tuple[engines.Database, list[MigrationSpec]]] = []
     for x in m.runtime.migrations:
         spec = m.runtime.database_of(x)
         assert spec is not None

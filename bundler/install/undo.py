@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from bundler import ui
-from bundler.install import database
+from bundler.install import db as engines
 from bundler.install.release import Release
 
 Undo = Callable[[], None]
@@ -43,9 +43,9 @@ class UndoStack:
             self.entries.pop()
 
 
-def restore_database(release: Release, db: database.Database, made: database.Backup,
+def restore_database(release: Release, db: engines.Database, made: engines.Backup,
                      env: dict[str, str], why: str = "",
-                     keep_current: Callable[[database.ServiceExec | None], None] | None = None
+                     keep_current: Callable[[engines.ServiceExec | None], None] | None = None
                      ) -> None:
     """Put `db` back from the backup `made`: the undo of a migration. A database in a
     container service of `release` is started alone first if it is down. `keep_current`:
@@ -56,11 +56,11 @@ def restore_database(release: Release, db: database.Database, made: database.Bac
     if keep_current is not None:
         keep_current(run_in)
     ui.step(f"Restoring the database {db.label} from {made.path.name}{why}")
-    database.restore(db, made, env, ui.note, exec_in_service=run_in)
+    engines.restore(db, made, env, ui.note, exec_in_service=run_in)
 
 
-def restore_databases(release: Release, taken: Sequence[tuple[database.Database,
-                                                               database.Backup]],
+def restore_databases(release: Release, taken: Sequence[tuple[engines.Database,
+                                                               engines.Backup]],
                       env: dict[str, str], record: Record, done: set[str | None]) -> None:
     """The migrate step's undo: every database back from the backup this attempt took, in
     profile order; each one restored is added to `done` and journaled (`restore`)."""

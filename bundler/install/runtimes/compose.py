@@ -12,7 +12,8 @@ from typing import ClassVar
 from bundler import proc, ui
 from bundler.errors import PolicyError
 from bundler.install import compose_runtime as cr
-from bundler.install import database, environ, migrations, ports
+from bundler.install import db as engines
+from bundler.install import environ, migrations, ports
 from bundler.install.runtimes.common import NodeDown, UnitState
 from bundler.install.runtimes.process import ProcessRuntime
 
@@ -62,7 +63,7 @@ class ComposeRuntime(ProcessRuntime):
                 hint="give this product its own compose.project in the profile (or leave it "
                      "out: bundler then uses one per install root), or remove that stack first")
 
-    def service_exec(self, service: str) -> database.ServiceExec:
+    def service_exec(self, service: str) -> engines.ServiceExec:
         """The container is found by the product's project label, whichever release started
         it."""
         return cr.InService(self.project(), service)

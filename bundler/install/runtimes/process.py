@@ -13,7 +13,8 @@ from bundler.bundle.imagearchive import ImageRecord
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import Service
 from bundler.errors import InstallError
-from bundler.install import database, environ, images, migrations, ports, process_runtime, runas
+from bundler.install import db as engines
+from bundler.install import environ, images, migrations, ports, process_runtime, runas
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.runtimes.common import HostCheck, NodeDown, UnitState
 from bundler.ui import Log
@@ -126,7 +127,7 @@ class ProcessRuntime:
 
     # --- a database in a container service ----------------------------------------------------
 
-    def service_exec(self, service: str) -> database.ServiceExec:
+    def service_exec(self, service: str) -> engines.ServiceExec:
         """How to run a database's client tools inside its container `service`."""
         raise self._no_containers()
 
@@ -151,7 +152,7 @@ class ProcessRuntime:
 
     def _no_containers(self) -> InstallError:
         return InstallError(f"release {self.version} has no compose project",
-                            hint="database.compose_service needs the profile's `compose:`")
+                            hint="engines.compose_service needs the profile's `compose:`")
 
     # --- the container hooks (nothing to do for processes alone) ------------------------------
 

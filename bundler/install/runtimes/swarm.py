@@ -13,7 +13,8 @@ from typing import ClassVar
 from bundler import proc, ui
 from bundler.bundle.platforms import parse_platform
 from bundler.errors import BundlerError
-from bundler.install import database, environ, migrations, ports
+from bundler.install import db as engines
+from bundler.install import environ, migrations, ports
 from bundler.install import swarm_runtime as swarm
 from bundler.install.runtimes.common import HostCheck, NodeDown, UnitState
 from bundler.install.runtimes.compose import ComposeRuntime
@@ -54,7 +55,7 @@ class SwarmRuntime(ComposeRuntime):
         return swarm.load_images(self.layout, self.rel.images_archive, self._image_records(),
                                  log)
 
-    def service_exec(self, service: str) -> database.ServiceExec:
+    def service_exec(self, service: str) -> engines.ServiceExec:
         return swarm.InTask(self.layout, self.stack(), service)
 
     def ensure_service(self, service: str) -> bool:
