@@ -10,10 +10,6 @@ from pathlib import Path
 
 from tests.helpers import REPO
 
-# Written at the same time on other branches of issue 18 (exit codes; install sequence,
-# runtimes and databases): links to them are checked once they exist. Empty this at merge.
-PENDING = {"docs/design/install-sequence.md", "docs/design/runtimes.md"}
-
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^(```|~~~)")
 
@@ -59,9 +55,6 @@ def test_every_link_resolves() -> None:
                     continue  # http(s), mailto
                 path, _, anchor = target.partition("#")
                 dest = (doc.parent / path).resolve() if path else doc
-                rel = dest.relative_to(REPO).as_posix() if dest.is_relative_to(REPO) else ""
-                if rel in PENDING and not dest.exists():
-                    continue
                 if not dest.exists():
                     broken.append(f"{doc.relative_to(REPO)}: {target} (no such file)")
                 elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
@@ -81,5 +74,5 @@ def test_paths_named_in_the_code_exist() -> None:
     named = set()
     for src in [*(REPO / "bundler").rglob("*.py"), *(REPO / "profiles").glob("*.yaml")]:
         named.update(re.findall(r"\bdocs/[\w./-]+\.md\b", src.read_text()))
-    missing = sorted(n for n in named if n not in PENDING and not (REPO / n).exists())
+    missing = sorted(n for n in named if not (REPO / n).exists())
     assert not missing, missing
