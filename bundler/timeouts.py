@@ -12,3 +12,8 @@ PROBE = 60.0
 PACKAGES = 1800.0
 # How long SQLite waits for another connection's lock before it says "database is locked".
 SQLITE_BUSY = 30.0
+# A database dump or restore (pg_dump/pg_restore, mysqldump/mysql): a big database takes long;
+# a hung one must still end.
+DB_DUMP = 4 * 3600.0
+# Connecting to a database server (libpq's connect_timeout, mysql's connect-timeout).
+DB_CONNECT = 10

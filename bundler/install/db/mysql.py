@@ -55,7 +55,7 @@ from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from bundler import proc
+from bundler import proc, timeouts
 from bundler.bundle import hostneeds
 from bundler.bundle.models import DbKind
 from bundler.errors import CommandError, InstallError, LockedError, MigrationError
@@ -74,8 +74,8 @@ from bundler.install.db.base import (
 from bundler.redact import redact
 
 BACKUP_KIND = "mysqldump"  # what Backup.kind says of its backups
-DUMP_TIMEOUT = 4 * 3600.0
-CONNECT_TIMEOUT = 10
+DUMP_TIMEOUT = timeouts.DB_DUMP
+CONNECT_TIMEOUT = timeouts.DB_CONNECT
 LOCK_NAME = "bundler:migrations"
 LOCK_WAIT = 600
 DONE_MARK = b"-- Dump completed"

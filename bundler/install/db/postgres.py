@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from bundler import proc
+from bundler import proc, timeouts
 from bundler.bundle import hostneeds
 from bundler.bundle.models import DbKind
 from bundler.errors import CommandError, InstallError, LockedError, MigrationError
@@ -80,10 +80,8 @@ from bundler.install.db.base import (
 from bundler.redact import redact
 
 BACKUP_KIND = "pg_dump"  # what Backup.kind says of its backups
-# Seconds. A dump or a restore of a big database takes long; a hung one must still end.
-DUMP_TIMEOUT = 4 * 3600.0
-RESTORE_TIMEOUT = 4 * 3600.0
-CONNECT_TIMEOUT = 10
+DUMP_TIMEOUT = RESTORE_TIMEOUT = timeouts.DB_DUMP
+CONNECT_TIMEOUT = timeouts.DB_CONNECT
 # How long a restore waits for locks held by sessions that are still using the database
 # (the installer stops the release first; a straggler must not make the restore hang).
 RESTORE_LOCK_TIMEOUT = "120s"
