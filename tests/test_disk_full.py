@@ -22,18 +22,18 @@ from pathlib import Path
 import pytest
 
 from bundler.errors import SpaceError
-from tests.helpers import Project, bundle, bundle_argv, make_wheel, offline, unavailable
+from tests.helpers import (
+    Project,
+    build_release,
+    bundle,
+    bundle_argv,
+    make_wheel,
+    offline,
+    unavailable,
+    write_migration,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
-
-PROFILE = """\
-env:
-  required: [DATABASE_URL]
-database:
-  url: ${DATABASE_URL}
-migrations:
-  - {name: schema, sql: app/db/migrations}
-"""
 
 
 @pytest.fixture
@@ -62,21 +62,6 @@ def _heavy(project: Project) -> None:
         f.write(f"heavy==1.0 --hash=sha256:{sha}\n")
 
 
-def _migration(project: Project, name: str, sql: str) -> None:
-    d = project.dir / "app" / "db" / "migrations"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / name).write_text(sql)
-
-
-def _build(project: Project, keys: tuple[Path, Path], cache: Path, version: str,
-           seq: int) -> Path:
-    result = bundle("build", project.profile(version, sequence=seq, extra=PROFILE),
-                    "--key", keys[0], "--out", project.dir / "dist", "--cache-dir", cache,
-                    "--json")
-    assert result.rc == 0, result.err
-    return Path(json.loads(result.out)["bundle"])
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """v1 (table items, 3 rows) and v2 (a second migration), and the public key."""
@@ -87,12 +72,12 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
     _heavy(project)
     keys = (base / "k.key", base / "k.pub")
     assert bundle("keygen", base / "k").rc == 0
-    _migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
-                                         "INSERT INTO items VALUES (1), (2), (3);\n")
-    v1 = _build(project, keys, base / "cache", "1.0.0", 1)
-    _migration(project, "002_more.sql", "ALTER TABLE items ADD COLUMN note text;\n"
-                                        "INSERT INTO items VALUES (4, 'v2');\n")
-    v2 = _build(project, keys, base / "cache", "2.0.0", 2)
+    write_migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
+                    "INSERT INTO items VALUES (1), (2), (3);\n")
+    v1 = build_release(project, keys, base / "cache", "1.0.0", 1)
+    write_migration(project, "002_more.sql", "ALTER TABLE items ADD COLUMN note text;\n"
+                    "INSERT INTO items VALUES (4, 'v2');\n")
+    v2 = build_release(project, keys, base / "cache", "2.0.0", 2)
     return v1, v2, keys[1]
 
 
