@@ -193,6 +193,21 @@ def first_line(text: str) -> str:
     return ""
 
 
+class ServerEngine:
+    """What the server engines (PostgreSQL, MySQL/MariaDB) answer alike: their data is no file
+    of the host's, and the server's own accounts decide who may write it."""
+
+    def file_owner(self, db: Database) -> proc.RunAs | None:
+        return None
+
+    def owned_file(self, db: Database) -> Path | None:
+        return None
+
+    def let_write(self, db: Database, user: proc.RunAs | None) -> None:
+        return None
+
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 

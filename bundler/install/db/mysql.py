@@ -66,6 +66,7 @@ from bundler.install.db.base import (
     Database,
     Engine,
     Log,
+    ServerEngine,
     ServiceExec,
     backup_path,
     placing,
@@ -602,7 +603,7 @@ def migration_session(db: Database, env: Mapping[str, str], log: Log, *, ledger:
 
 # --------------------------------------------------------------------------- the engine
 
-class Mysql:
+class Mysql(ServerEngine):
     """The MySQL/MariaDB engine (see the module's docstring)."""
 
     kind = DbKind.MYSQL
@@ -641,15 +642,6 @@ class Mysql:
     def read_ledger(self, db: Database, env: Mapping[str, str],
                     migration: str) -> dict[str, str]:
         return Ledger(db, env, None).read(migration)
-
-    def file_owner(self, db: Database) -> proc.RunAs | None:
-        return None
-
-    def owned_file(self, db: Database) -> Path | None:
-        return None
-
-    def let_write(self, db: Database, user: proc.RunAs | None) -> None:
-        return None  # the server's own accounts decide
 
     def client_env(self, db: Database) -> dict[str, str]:
         return {}

@@ -71,6 +71,7 @@ from bundler.install.db.base import (
     Database,
     Engine,
     Log,
+    ServerEngine,
     ServiceExec,
     backup_path,
     first_line,
@@ -768,7 +769,7 @@ def read_ledger(db: Database, env: Mapping[str, str], migration: str) -> dict[st
 
 # --------------------------------------------------------------------------- the engine
 
-class Postgres:
+class Postgres(ServerEngine):
     """The PostgreSQL engine (see the module's docstring)."""
 
     kind = DbKind.POSTGRES
@@ -804,15 +805,6 @@ class Postgres:
     def read_ledger(self, db: Database, env: Mapping[str, str],
                     migration: str) -> dict[str, str]:
         return read_ledger(db, env, migration)
-
-    def file_owner(self, db: Database) -> proc.RunAs | None:
-        return None
-
-    def owned_file(self, db: Database) -> Path | None:
-        return None
-
-    def let_write(self, db: Database, user: proc.RunAs | None) -> None:
-        return None  # the server's own accounts decide
 
     def client_env(self, db: Database) -> dict[str, str]:
         password = pg_target(db).password
