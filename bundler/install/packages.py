@@ -16,7 +16,7 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import NpmProject
 from bundler.bundle.npmlock import NpmPackage
 from bundler.errors import Cancelled
-from bundler.install import node_runtime, npm_env, policy, python_env, runas
+from bundler.install import delta, node_runtime, npm_env, policy, python_env, runas
 from bundler.install.journal import Journal
 from bundler.install.layout import ReleaseDir
 from bundler.install.release import Release
@@ -30,7 +30,12 @@ def install(journal: Journal, release: Release, decision: policy.Decision) -> No
     is raised; Ctrl+C likewise."""
     rel, m, layout = release.dir, release.manifest, release.layout
     tasks: list[tuple[str, Callable[[], None]]] = []
-    if m.images:
+    if m.images and delta.images_from_host(m):
+        def images_held() -> None:
+            with journal.step("images", "Checking the images the delta leaves to the engine"):
+                delta.ensure_images(m, ui.note)
+        tasks.append(("images", images_held))
+    elif m.images:
         def images() -> None:
             with journal.step("images", f"Loading {len(m.images)} image(s) into the engine"), \
                     ui.activity("images: docker load"):
