@@ -112,6 +112,9 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
     dest = rel.files / project.dest
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("package.json", "package-lock.json"):
+        # A new file, never written through: the profile's files/ may hold the same content,
+        # hard-linked to the same store object (bundler.install.store).
+        (dest / name).unlink(missing_ok=True)
         shutil.copyfile(rel.path / project.bundle_dir / name, dest / name)
     by_path = {f.path: f for f in m.files}
     if project.tree is not None and not (dest / nodetree.ROOT).exists():
