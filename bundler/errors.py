@@ -269,6 +269,18 @@ class HostPolicyError(PolicyError):
                     "docs/host-policy.md says how to allow it")
 
 
+
+class DeltaError(BundlerError):
+    """A receipt or a delta bundle does not fit: a receipt that is malformed, for another
+    product, or not older than the release being built (`bundle build --against`); or, on the
+    target, an artifact a delta bundle does not carry is missing from the root's store or
+    corrupt there, or an image it leaves to the host is not in the engine (refused before
+    anything changes: the root is as it was)."""
+
+    exit_code = 24
+    default_hint = ("carry the full bundle (build without --against), or build the delta "
+                    "against a fresh receipt: `{bundle} receipt --root DIR --out FILE`")
+
 # What a full disk looks like from here: the OS error itself, SQLite's SQLITE_FULL, and the
 # words the tools bundler runs print for it (uv, pip, npm, pg_dump, tar, docker).
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

@@ -64,4 +64,5 @@ def test_exit_codes_are_never_renumbered() -> None:
         "LockedError": 10, "InstallError": 11, "Cancelled": 11, "RolledBackError": 12,
         "RollbackFailedError": 13, "StateError": 14, "CommandError": 15, "ImageLoadError": 16,
         "MigrationError": 17, "EnvError": 18, "UnhealthyError": 19, "RecoveryPendingError": 20,
-        "ExportError": 21, "NodeDownError": 22, "HostPolicyError": 23, "Interrupted": 130}
+        "ExportError": 21, "NodeDownError": 22, "HostPolicyError": 23, "DeltaError": 24,
+            "Interrupted": 130}

@@ -132,6 +132,16 @@ def test_kit_runs_target_commands_on_bare_python(kit: dict[str, object], tmp_pat
                        home=home, cache=cache, dump=dump)
     assert verified.rc == 0, verified.err + verified.out
     assert json.loads(verified.out)["ok"] is True
+    # Installed, then the host's receipt (bundle receipt, docs/delta.md): through the kit.
+    installed = run_kit(path, "install", bundle_path, "--root", root, home=home, cache=cache)
+    assert installed.rc == 0, installed.err
+    made = run_kit(path, "receipt", "--root", root, "--out", tmp_path, "--json",
+                   home=home, cache=cache)
+    assert made.rc == 0, made.err
+    receipt = json.loads(made.out)
+    assert receipt["artifacts"] == 1 and receipt["current"]["version"] == "1.0.0"
+    assert Path(receipt["receipt"]).is_file() and "PUBLIC KEY" in receipt["public_key"]
+    assert (root / "state" / "host.key").stat().st_mode & 0o777 == 0o600
 
     loaded = dump.read_text().split()
     assert "bundler.bundle.archive" in loaded and "cryptography" in loaded

@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler import __version__, ui
-from bundler.build import actions, lockfile
+from bundler.build import actions, delta, lockfile
 from bundler.build.cache import Cache
 from bundler.build.lockfile import Lock
 from bundler.build.profile import Profile
@@ -40,6 +40,7 @@ class BuildResult:
     locked: bool             # resolution ran (no current lock) and bundle.lock was written
     fetched: int             # artifacts downloaded by this build (0: the cache had all)
     warnings: tuple[str, ...] = ()
+    against: delta.HostHas | None = None  # a delta bundle: what the host was taken to have
 
 
 def build_time() -> int:
@@ -137,7 +138,8 @@ def _images_current(profile: Profile, current: Lock, cache: Cache) -> bool:
 
 def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
           sequence: int | None = None, part_size: int | None = None,
-          lock_path: Path | None = None, frozen: bool = False) -> BuildResult:
+          lock_path: Path | None = None, frozen: bool = False,
+          against: delta.HostHas | None = None) -> BuildResult:
     created = build_time()
     harmless = _check_prisma(profile)  # before the actions: a refusal should come at once
     actions.run_all(profile.actions)
@@ -212,11 +214,16 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
     expires = None
     if profile.expires_ms is not None:
         expires = rfc3339(created + profile.expires_ms // 1000)
+    # Monotonic by default: the build time. Explicit values win (CLI, then profile).
+    sequence = sequence or profile.sequence or created
+    if against is not None:
+        delta.check_fits(against, profile.name, sequence)
+        ui.note(against.note)
+        entries = delta.mark(entries, current.images, against)
     manifest = Manifest(
         name=profile.name,
         version=profile.version,
-        # Monotonic by default: the build time. Explicit values win (CLI, then profile).
-        sequence=sequence or profile.sequence or created,
+        sequence=sequence,
         created=rfc3339(created),
         expires=expires,
         builder=f"bundler {__version__}",
@@ -236,21 +243,23 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
                               "files into one archive), or split the release in two")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{profile.name}-{profile.version}.bundle"
-    total = manifest.payload_size
+    total = manifest.travel_size
     require_space(out_dir, total + len(envelope) + 1024 * 1024, "writing the bundle")
-    ui.step(f"Packing {len(entries)} file(s) into {out}"
+    packed = manifest.travelling
+    ui.step(f"Packing {len(packed)} file(s) into {out}"
+            + (f" ({len(manifest.from_host)} left to the host)" if manifest.from_host else "")
             + (f" in volumes of at most {part_size} bytes" if part_size else ""))
     with ui.bytes_progress("packing", total) as advance:
-        index = archive.pack(out, envelope, [(e, sources[e.path]) for e in entries], created,
+        index = archive.pack(out, envelope, [(e, sources[e.path]) for e in packed], created,
                              advance, part_size, corrupt=cache.evict)
     _remove_stale(out, volume_set=index is not None)
     if index is None:
         return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()), (),
-                           relocked, fetched, warnings)
+                           relocked, fetched, warnings, against)
     index_file = volumes.write_index(out, index, key)
     parts = tuple(out_dir / p.file for p in index.parts)
     return BuildResult(index_file, manifest, index.total_size, key_id(key.public_key()), parts,
-                       relocked, fetched, warnings)
+                       relocked, fetched, warnings, against)
 
 
 def npm_target(target: Target) -> dict[str, str]:

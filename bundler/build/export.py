@@ -599,7 +599,7 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
     ui.step(f"Verifying {bundle}")
     with archive.open_bundle(bundle, [trusted]) as reader:
         manifest = reader.read_envelope().manifest
-        with ui.bytes_progress("verifying", manifest.payload_size) as advance:
+        with ui.bytes_progress("verifying", manifest.travel_size) as advance:
             reader.extract(None, advance)
     if kit is not None:
         kit_source = "given"

@@ -395,7 +395,8 @@ class BundleReader:
                  capture: frozenset[str] = frozenset()) -> Extracted:
         assert self.verified is not None, "read_envelope() first"
         manifest = self.verified.manifest
-        listed = {f.path: f for f in manifest.files}
+        listed = {f.path: f for f in manifest.travelling}
+        supplied = {f.path for f in manifest.from_host}
         seen: set[str] = set()
         captured: dict[str, bytes] = {}
         while (member := self._tar.next()) is not None:
@@ -407,6 +408,9 @@ class BundleReader:
             if name == ENVELOPE or name in seen:
                 raise IntegrityError(f"{self.label}: member {name!r} appears twice")
             entry = listed.get(name)
+            if name in supplied:
+                raise IntegrityError(f"{self.label}: member {name!r} is one the signed manifest "
+                                     "leaves to the host (a delta bundle does not carry it)")
             if entry is None:
                 raise IntegrityError(f"{self.label}: member {name!r} is not listed in the "
                                      "signed manifest")

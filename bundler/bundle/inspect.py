@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from typing import Any
 
@@ -22,6 +23,12 @@ from bundler.errors import HostPolicyError
 from bundler.redact import redact
 
 
+def split(m: Manifest) -> dict[str, int]:
+    """What a bundle carries and what it leaves to the host (a delta), in files and bytes."""
+    return {"travel_files": len(m.travelling), "travel_bytes": m.travel_size,
+            "host_files": len(m.from_host), "host_bytes": sum(f.size for f in m.from_host)}
+
+
 def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     m = verified.manifest
     return {
@@ -35,6 +42,7 @@ def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> d
         "builder": m.builder,
         "target": m.target.to_json(),
         "payload_size": m.payload_size,
+        "delta": split(m) if m.from_host else None,  # what a delta leaves to the host
         "files": [f.to_json() for f in m.files],
         "wheels": _wheels(m),
         "npm": [{"project": p.dest, "omit_dev": p.omit_dev,
@@ -154,7 +162,20 @@ def diff(old: Manifest, new: Manifest) -> dict[str, Any]:
         "user": None if old.runtime.user == new.runtime.user else [old.runtime.user,
                                                                      new.runtime.user],
         "env": _env_diff(old.runtime.env, new.runtime.env),
+        # NEW as a delta: what it leaves to the host; else what a delta of it built
+        # `--against OLD` would carry (the host having installed OLD).
+        "delta": split(new) if new.from_host else split(against(old, new)),
     }
+
+
+def against(old: Manifest, new: Manifest) -> Manifest:
+    """`new` marked as `bundle build --against OLD` would mark it (bundler.build.delta)."""
+    have = {f.sha256 for f in old.files if f.kind != "images"}
+    old_ids = {i.image_id for i in old.images}
+    images_held = bool(new.images) and all(i.image_id in old_ids for i in new.images)
+    return dataclasses.replace(new, files=tuple(
+        dataclasses.replace(f, travels=not (images_held if f.kind == "images"
+                                            else f.sha256 in have)) for f in new.files))
 
 
 def _entry(f: FileEntry) -> dict[str, Any]:

@@ -63,9 +63,13 @@ class FileEntry:
     size: int
     sha256: str
     kind: str
+    # False: a delta bundle does not carry it; the host supplies it from its store (or, for
+    # the images, its engine). Written only when False, so a full manifest keeps its bytes.
+    travels: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256, "kind": self.kind}
+        return {"path": self.path, "size": self.size, "sha256": self.sha256,
+                "kind": self.kind} | ({} if self.travels else {"travels": False})
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,20 @@ class Manifest:
     @property
     def payload_size(self) -> int:
         return sum(f.size for f in self.files)
+
+    @property
+    def travelling(self) -> tuple[FileEntry, ...]:
+        """The files the bundle carries (all of them, unless it is a delta)."""
+        return tuple(f for f in self.files if f.travels)
+
+    @property
+    def from_host(self) -> tuple[FileEntry, ...]:
+        """The files a delta bundle leaves to the host (its store, or its engine)."""
+        return tuple(f for f in self.files if not f.travels)
+
+    @property
+    def travel_size(self) -> int:
+        return sum(f.size for f in self.travelling)
 
     def file(self, path: str) -> FileEntry:
         for f in self.files:
@@ -387,7 +405,13 @@ def _from_json(doc: Any) -> Manifest:
         size = _int(raw["size"], "size")
         if size < 0:
             raise ValueError(f"negative size for {path!r}")
-        files.append(FileEntry(path=path, size=size, sha256=sha, kind=kind))
+        if set(raw) - {"path", "size", "sha256", "kind", "travels"}:
+            raise ValueError(f"file {path!r} has unknown keys")
+        # One form only: absent means it travels, so only `false` may be written.
+        if "travels" in raw and raw["travels"] is not False:
+            raise ValueError(f"file {path!r}: travels may only be false")
+        files.append(FileEntry(path=path, size=size, sha256=sha, kind=kind,
+                               travels="travels" not in raw))
     python = doc.get("python")
     lock = _str(python["lock"], "python.lock") if python else None
     if lock is not None and lock not in seen:

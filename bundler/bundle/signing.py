@@ -208,6 +208,29 @@ def verify_payload(data: bytes, trusted: list[TrustedKey], expected_type: str,
     )
 
 
+def unverified_payload(data: bytes, expected_type: str, what: str) -> tuple[bytes, str]:
+    """The payload of a DSSE envelope and the key id it names, WITHOUT checking the signature:
+    for a document whose signer's key the reader does not have (a host's receipt read on the
+    connected side with no --host-key). Its payload type is still checked."""
+    try:
+        env = strict_loads(data[:MAX_ENVELOPE_BYTES + 1])
+        payload_type = env["payloadType"]
+        body = base64.b64decode(env["payload"], validate=True)
+        sigs = env["signatures"]
+        keyid = sigs[0]["keyid"] if isinstance(sigs, list) and sigs else ""
+        if not isinstance(payload_type, str) or not isinstance(keyid, str):
+            raise ValueError("bad envelope fields")
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError,
+            binascii.Error) as exc:
+        raise SignatureError(f"{what} is malformed: {str(exc)[:200]}",
+                             hint="pass the file `bundle receipt` wrote") from None
+    if payload_type != expected_type:
+        raise SignatureError(f"{what} payloadType is {_short(payload_type)}, "
+                             f"expected {expected_type!r}",
+                             hint="this envelope signs another kind of document")
+    return body, keyid
+
+
 def verify_envelope(data: bytes, trusted: list[TrustedKey]) -> Verified:
     """Check the bundle envelope's signature; parse the manifest only after."""
     body, keyid = verify_payload(data, trusted, PAYLOAD_TYPE)

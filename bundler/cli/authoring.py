@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 import click
 
+from bundler.bundle.inspect import split
 from bundler.bundle.models import Target
 from bundler.cli import options
 from bundler.cli.common import cli, handled
 from bundler.cli.render import emit_json
+from bundler.fsutil import human_bytes
 
 if TYPE_CHECKING:
     from bundler.build.kit import Kit
@@ -87,11 +89,21 @@ def keygen(name: Path, force: bool, as_json: bool) -> None:
 @click.option("--with-kit", is_flag=True,
               help="Also write the target kit (`bundle kit`) for the profile's target next to "
                    "the bundle.")
+@click.option("--against", "against_path", type=click.Path(path_type=Path), default=None,
+              metavar="RECEIPT|OLD.bundle",
+              help="Build a delta bundle: leave out what the host has, as its receipt "
+                   "(`bundle receipt`) says, or else an older bundle it installed "
+                   "(docs/delta.md).")
+@click.option("--host-key", "host_key", type=click.Path(path_type=Path), default=None,
+              metavar="HOST.pub",
+              help="The host key (`bundle receipt` prints it) the receipt must be signed by; "
+                   "without it the receipt is used unauthenticated.")
 @options.json_output
 @handled
 def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
           sequence: int | None, lock_path: Path | None, frozen: bool, volume_size: str | None,
-          with_kit: bool, as_json: bool) -> None:
+          with_kit: bool, against_path: Path | None, host_key: Path | None,
+          as_json: bool) -> None:
     """Resolve, fetch, sign and pack PROFILE into OUT/NAME-VERSION.bundle."""
     from bundler.build.builder import build as do_build
     from bundler.build.cache import Cache, default_cache_dir
@@ -106,7 +118,19 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
     loaded = load_profile(profile)
     key = load_private_key(key_path)
     cache = Cache(cache_dir or default_cache_dir())
-    result = do_build(loaded, key, out_dir, cache, sequence, part_size, lock_path, frozen)
+    against = None
+    if against_path is not None:
+        from bundler.build import delta
+        from bundler.bundle.signing import TrustedKey, key_id
+
+        own = TrustedKey(key_id(key.public_key()), key.public_key(), str(key_path))
+        against = delta.load(against_path, host_key, own)
+        if not against.authenticated:
+            click.echo(f"warning: {against.note}", err=True)
+    elif host_key is not None:
+        raise click.UsageError("--host-key checks the receipt given with --against")
+    result = do_build(loaded, key, out_dir, cache, sequence, part_size, lock_path, frozen,
+                      against)
     made = None
     if with_kit:
         from bundler import ui
@@ -124,7 +148,9 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
                    "files": len(result.manifest.files),
                    "parts": [str(p) for p in result.parts],
                    "locked": result.locked, "fetched": result.fetched,
-                   "warnings": list(result.warnings)})
+                   "warnings": list(result.warnings),
+                   "delta": (split(result.manifest) | result.against.to_json()
+                             if result.against else None)})
     else:
         for w in result.warnings:
             click.echo(f"warning: {w}", err=True)
@@ -132,6 +158,11 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
                    f"files, sequence {result.manifest.sequence}, key {result.keyid}); "
                    + (f"fetched {result.fetched} artifact(s)" if result.fetched
                       else "fetched nothing (all from cache)"))
+        if result.against:
+            d = split(result.manifest)
+            click.echo(f"delta against {result.against.label}: {d['travel_files']} file(s) "
+                       f"travel ({human_bytes(d['travel_bytes'])}), {d['host_files']} the host "
+                       f"must supply ({human_bytes(d['host_bytes'])})")
         if made:
             _say_kit(made)
 

@@ -55,7 +55,7 @@ def verify(bundle: Path, trust_path: Path | None, root: Path | None, as_json: bo
         check_bundler_version(m)  # what `install` would refuse first (exit 8), not "OK"
         check_expiry(m)
         compose = [f"files/{f}" for f in m.runtime.compose.files] if m.runtime.compose else []
-        with ui.bytes_progress("verifying", m.payload_size) as advance:
+        with ui.bytes_progress("verifying", m.travel_size) as advance:
             done = reader.extract(None, advance, capture=compose)
     # What the compose files themselves ask of the host, not the manifest's record of it.
     asked = host_requests(m, _compose_excerpt(m, done.captured) if compose else None)
@@ -127,8 +127,11 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
     click.echo(f"  created {info['created']}, expires {info['expires'] or 'never'}")
     click.echo(f"  target  CPython {info['target']['python']} on {info['target']['platform']}")
     click.echo(f"  payload {human_bytes(info['payload_size'])} in {len(info['files'])} files")
+    if info["delta"]:
+        _say_delta(info["delta"])
     for f in info["files"]:
-        click.echo(f"    {f['kind']:<6} {human_bytes(f['size']):>10}  {f['path']}")
+        click.echo(f"    {f['kind']:<6} {human_bytes(f['size']):>10}  {f['path']}"
+                   + ("  (from the host)" if f.get("travels") is False else ""))
     if info["parts"]:
         click.echo(f"  volumes {len(info['parts'])} parts:")
         for p in info["parts"]:
@@ -154,6 +157,12 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
     if info.get("user"):
         click.echo(f"  runs as user {info['user']}")
     _show_requests(info)
+
+
+def _say_delta(d: dict[str, int]) -> None:
+    click.echo(f"  delta   {d['travel_files']} file(s) travel ({human_bytes(d['travel_bytes'])}),"
+               f" {d['host_files']} the host must supply from its store or engine "
+               f"({human_bytes(d['host_bytes'])})")
 
 
 @cli.command()
@@ -187,6 +196,7 @@ def diff(old: Path, new: Path, trust_path: Path | None, root: Path | None,
     _say_runtime_diff(result)
     if not (result["added"] or result["removed"] or result["changed"]):
         click.echo("  no artifact changes")
+    _say_delta(result["delta"])
 
 
 def _say_runtime_diff(result: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Target-side commands: install, status, history, stop, start, uninstall, trust."""
+"""Target-side commands: install, status, history, stop, start, uninstall, trust, receipt."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from bundler.cli import options
 from bundler.cli.common import cli, handled, use_root
 from bundler.cli.render import emit_json, table
 from bundler.errors import UnhealthyError
+from bundler.fsutil import human_bytes
 from bundler.progname import cmd
 from bundler.redact import redact
 
@@ -346,3 +347,36 @@ def doctor(bundle: Path | None, root: Path, trust_path: Path | None, environment
     if failed:
         names = [r.check for r in rows if r.status == "fail"]
         _unhealthy(f"this host is not ready: {', '.join(names)} failed", as_json)
+
+
+@cli.command()
+@options.root
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True,
+              help="The receipt file to write, or a directory (e.g. the stick) to write "
+                   "NAME.receipt into.")
+@options.json_output
+@handled
+def receipt(root: Path, out: Path, as_json: bool) -> None:
+    """Write a receipt of what ROOT holds (releases, store objects re-hashed, images in the
+    engine), signed by this host's key, for `bundle build --against RECEIPT` (docs/delta.md).
+    The host key is made by the first install; its public half is printed."""
+    from bundler import ui
+    from bundler.install import receipts
+    from bundler.install.layout import locked
+
+    layout = use_root(root)
+    with locked(layout.root):  # no install may change the store while it is hashed
+        made = receipts.make(layout, out, ui.note)
+    if as_json:
+        emit_json({"ok": True, **made.to_json()})
+        return
+    r = made.receipt
+    held = sum(a.size for a in r.artifacts)
+    click.echo(f"wrote {made.path}: {r.product} "
+               + (f"{r.current.version} (sequence {r.current.sequence})" if r.current
+                  else "(no current release)")
+               + f", {len(r.kept)} kept release(s), {len(r.artifacts)} artifact(s) "
+               f"({human_bytes(held)}), {len(r.images)} image(s)")
+    click.echo(f"host key {made.keyid} ({made.host_pub}); build with "
+               f"`bundle build PROFILE --against {made.path.name} --host-key host.pub`:")
+    click.echo(made.public_key.rstrip())

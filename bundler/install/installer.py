@@ -40,6 +40,7 @@ from bundler.fsutil import free_bytes, human_bytes, make_dir, require_space
 from bundler.install import (
     boot,
     datadirs,
+    delta,
     environ,
     hostpolicy,
     node_runtime,
@@ -48,6 +49,7 @@ from bundler.install import (
     report,
     runas,
     steps,
+    store,
 )
 from bundler.install import db as engines
 from bundler.install.health import CheckResult
@@ -102,7 +104,7 @@ def space_needed(manifest: Manifest, root: Path | None = None) -> int:
     if root is not None and manifest.runtimes is not None \
             and node_runtime.shared_ready(root, manifest):
         runtimes = 0
-    return (manifest.payload_size + wheels * VENV_FACTOR + (VENV_BASE if wheels else 0)
+    return (manifest.travel_size + wheels * VENV_FACTOR + (VENV_BASE if wheels else 0)
             + runtimes * RUNTIME_FACTOR)
 
 
@@ -157,6 +159,9 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey], options: O
         if decision.already_current:
             with locked(layout.root):
                 return _ensure_running(new, options)
+        # A delta: what it leaves to the host must be here, intact (re-hashed), before
+        # anything is created.
+        delta.preflight(layout, m)
         # What it asks of the host (privileges, host mounts, root), as its manifest says.
         hostpolicy.check_manifest(layout, m, env.as_dict(), grants, _current_manifest(layout))
         down = new.runtime.preflight(env, options.allow_degraded)  # nodes, ports: nothing yet
@@ -173,8 +178,12 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey], options: O
                 staging = layout.new_staging()
                 ui.step(f"Verifying and staging {len(m.files)} file(s)")
                 fault_point("extract")
-                with ui.bytes_progress("verifying", m.payload_size) as advance:
+                with ui.bytes_progress("verifying", m.travel_size) as advance:
                     reader.extract(staging, advance)
+                if m.from_host:
+                    ui.step(f"Taking {len(m.from_host)} file(s) the delta leaves to the host "
+                            "from the store")
+                    store.supply(layout, m, staging)
                 # Again on the verified compose files themselves: the manifest's record of
                 # them is the signer's word. Refused: only the staging directory goes.
                 asked = hostpolicy.check_files(layout, m, env.as_dict(), staging / "files",
@@ -307,3 +316,4 @@ def _prune_old(layout: Layout, state: State, keep: int) -> None:
         with state.tx():
             state.set_status(row.version, "pruned", row.detail)
     node_runtime.prune(layout.root, ui.note)  # the shared runtimes no release left links to
+    store.collect(layout, ui.note)  # the store objects no kept release names

@@ -5,6 +5,8 @@ here (of `Layout`, or of `ReleaseDir` inside one release), so a new one is added
       current -> releases/<version>   the release that serves (switched at the commit)
       releases/<version>/             one per kept release (`ReleaseDir`)
       state/state.db, state/trust/    the journal; the trusted keys
+      state/host.key, state/host.pub  the host key that signs receipts (bundle receipt)
+      store/sha256/<digest>           one copy of each artifact the releases hold (0444)
       shared/.env                     the operator's environment, kept across releases
       backups/                        database and data-directory backups
       data/<name>/                    the releases' own data directories
@@ -55,6 +57,27 @@ class Layout:
     @property
     def trust_dir(self) -> Path:
         return self.state_dir / "trust"
+
+    @property
+    def host_key(self) -> Path:
+        """The private half of the host key that signs this root's receipts (0600)."""
+        return self.state_dir / "host.key"
+
+    @property
+    def host_pub(self) -> Path:
+        return self.state_dir / "host.pub"
+
+    @property
+    def store(self) -> Path:
+        """The content store: one copy of each artifact, hard-linked into the releases."""
+        return self.root / "store"
+
+    @property
+    def store_objects(self) -> Path:
+        return self.store / "sha256"
+
+    def store_object(self, sha256: str) -> Path:
+        return self.store_objects / sha256
 
     @property
     def shared(self) -> Path:

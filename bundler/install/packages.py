@@ -16,7 +16,7 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import NpmProject
 from bundler.bundle.npmlock import NpmPackage
 from bundler.errors import Cancelled
-from bundler.install import node_runtime, npm_env, policy, python_env, runas
+from bundler.install import delta, node_runtime, npm_env, policy, python_env, runas
 from bundler.install.journal import Journal
 from bundler.install.layout import ReleaseDir
 from bundler.install.release import Release
@@ -30,7 +30,12 @@ def install(journal: Journal, release: Release, decision: policy.Decision) -> No
     is raised; Ctrl+C likewise."""
     rel, m, layout = release.dir, release.manifest, release.layout
     tasks: list[tuple[str, Callable[[], None]]] = []
-    if m.images:
+    if m.images and delta.images_from_host(m):
+        def images_held() -> None:
+            with journal.step("images", "Checking the images the delta leaves to the engine"):
+                delta.ensure_images(m, ui.note)
+        tasks.append(("images", images_held))
+    elif m.images:
         def images() -> None:
             with journal.step("images", f"Loading {len(m.images)} image(s) into the engine"), \
                     ui.activity("images: docker load"):
@@ -107,6 +112,9 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
     dest = rel.files / project.dest
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("package.json", "package-lock.json"):
+        # A new file, never written through: the profile's files/ may hold the same content,
+        # hard-linked to the same store object (bundler.install.store).
+        (dest / name).unlink(missing_ok=True)
         shutil.copyfile(rel.path / project.bundle_dir / name, dest / name)
     by_path = {f.path: f for f in m.files}
     if project.tree is not None and not (dest / nodetree.ROOT).exists():

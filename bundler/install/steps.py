@@ -35,6 +35,8 @@ from bundler.install import (
     migrations,
     packages,
     policy,
+    receipts,
+    store,
 )
 from bundler.install import db as engines
 from bundler.install.health import CheckResult
@@ -141,6 +143,7 @@ def begin(a: Attempt) -> None:
             a.journal.record("degraded", "allowed", "--allow-degraded with node(s) down: "
                              + "; ".join(f"{n.name} ({n.state})" for n in plan.down))
     _place(a)
+    receipts.host_key(a.layout)  # made by the first install; it signs `bundle receipt`
     atomic_write_bytes(a.new.dir.environment_file, a.env.environment.encode())
     if plan.down:
         atomic_write_bytes(a.new.dir.degraded_marker,
@@ -345,6 +348,8 @@ def _outcome(a: Attempt) -> None:
         # Nothing to keep: it never ran, or it is a partial tree left by a full disk (the
         # journal holds what happened).
         shutil.rmtree(a.layout.removable_release(a.new.dir.path), ignore_errors=True)
+        with contextlib.suppress(OSError):  # what only it brought into the store goes too
+            store.collect(a.layout)
 
 
 def _quiet(a: Attempt) -> None:
@@ -451,6 +456,11 @@ def _place(a: Attempt) -> None:
     rel.meta.mkdir()
     rel.meta.chmod(0o755)
     atomic_write_bytes(rel.manifest_file, a.plan.verified.manifest_bytes)
+    # Its payloads become the store's one copy (or links to it): journaled, so that what the
+    # store gained is accounted for; the undo of `begin` collects what only this release named.
+    added, size = store.adopt(a.layout, rel.path, a.new.manifest)
+    fault_point("store")  # objects added, not yet journaled: recovery must cope
+    a.journal.record("store", "added", f"{added} object(s), {size} bytes")
 
 
 def _cause(a: Attempt) -> list[str]:

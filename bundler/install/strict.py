@@ -70,4 +70,6 @@ def check_target(root: Path) -> None:
     check((root, "the install root"), (layout.state_dir, "the state directory"),
           (layout.db, "the state database"), (store, "the trust store"),
           *((k, "a trusted key") for k in keys), (layout.shared, "the shared directory"),
-          (layout.env_file, "the shared environment file"))
+          (layout.env_file, "the shared environment file"),
+          (layout.host_key, "the host key"), (layout.store, "the content store"),
+          (layout.store_objects, "the content store's objects"))
