@@ -72,7 +72,8 @@ def test_status_names_the_release_and_history_lists_steps(project: Project, cach
     assert "shop 1.0.0" in status.out and "healthy" in status.out
     hist = bundle("history", "--root", root, "--json")
     steps = [(e["step"], e["status"]) for e in json.loads(hist.out)["events"]]
-    assert steps == [("verify", "done"), ("python", "started"), ("python", "done"),
+    assert steps == [("verify", "done"), ("python", "started"), ("python", "installed"),
+                     ("python", "done"),
                      ("start", "started"), ("start", "done"), ("health", "done"),
                      ("commit", "done"), ("boot", "none")]  # no systemd here: docs/boot.md
 
