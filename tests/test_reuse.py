@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from bundler import tools
 from bundler.bundle.manifest import FileEntry, Manifest
 from bundler.bundle.models import Target
 from bundler.install import npm_env, python_env, reuse
@@ -281,3 +282,22 @@ def test_a_different_tree_is_unpacked(tmp_path: Path) -> None:
     other = (path, "0" * 64, size)  # another payload digest: no match (and extract refuses)
     with pytest.raises(Exception, match="does not match the manifest"):
         _tree(root / "1.1", other, [root / "1.0"])
+
+
+@pytest.mark.slow
+def test_a_venv_made_by_the_pip_fallback_is_reused_equal_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pip's venv names its path in pyvenv.cfg and its own scripts; pip writes its bytecode
+    monkeypatch.setattr(tools, "find_uv", lambda: None)
+    inputs, m = _wheels(tmp_path / "in")
+    root = tmp_path / "root"
+    first = _release(root, "1.0", inputs)
+    _provide(first, m, [])
+    second = _release(root, "1.1", inputs)
+    assert _provide(second, m, [first]).reused_from == "1.0"
+    assert str(second / "venv") in (second / "venv" / "pyvenv.cfg").read_text()
+    clone = tree_digest(second / "venv")
+    shutil.move(second, tmp_path / "clone")
+    again = _release(root, "1.1", inputs)
+    assert _provide(again, m, []).reused_from is None
+    assert tree_digest(again / "venv") == clone
