@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bundler import tools
+from bundler import proc, tools
 from bundler.bundle.manifest import FileEntry, Manifest
-from bundler.bundle.models import Target
+from bundler.bundle.models import Runtime, Target
 from bundler.install import npm_env, python_env, reuse
 from tests.helpers import make_wheel, tree_digest
 
@@ -301,3 +301,17 @@ def test_a_venv_made_by_the_pip_fallback_is_reused_equal_too(
     again = _release(root, "1.1", inputs)
     assert _provide(again, m, []).reused_from is None
     assert tree_digest(again / "venv") == clone
+
+
+def test_hard_links_only_between_releases_whose_processes_cannot_write_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def release(user: str | None) -> Manifest:
+        return Manifest("shop", "1", 1, "", Target(), (), runtime=Runtime(user=user))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(proc, "lookup_user", lambda name: proc.RunAs(
+        name, 0 if name == "root" else 990, 990, (990,), "/nonexistent"))
+    assert reuse.link_safe(release("app"), release("app")) is True
+    assert reuse.link_safe(release(None), release("app")) is False  # 1.0 ran as root
+    assert reuse.link_safe(release("app"), release("root")) is False
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # the files are not root's
+    assert reuse.link_safe(release("app"), release("app")) is False

@@ -265,7 +265,7 @@ def provide(python: Path, m: Manifest, release: Path, releases: list[Path],
     venv, fp = release / "venv", fingerprint(m, python)
     for old in releases:
         rec = reuse.Record.load(record_path(old))
-        if rec is None or rec.fingerprint != fp or rec.top != str(old / "venv"):
+        if rec is None or rec.fingerprint != fp or rec.top != os.path.abspath(old / "venv"):
             continue
         start = time.monotonic()
         try:

@@ -106,7 +106,7 @@ def scan(top: Path, fingerprint: str, anchor: str = "") -> Record:
                 entries.append(Entry(rel, "f", mode, digest, found))
             else:
                 raise Doubt(f"{rel} is not a file, directory or symlink")
-    return Record(fingerprint, str(top), anchor, tuple(entries))
+    return Record(fingerprint, os.path.abspath(top), anchor, tuple(entries))
 
 
 def _hash(path: str, needle: bytes) -> tuple[str, bool]:
@@ -179,6 +179,9 @@ def clone(old: Record, dest: Path, fingerprint: str, written: Mapping[str, bytes
         new, counts = _fill(src, tmp, old, written, link, relink)
         _seal_dirs(tmp, new)
         os.rename(tmp, dest)
+    except OSError as exc:  # a full disk: the normal install says so, in its own words
+        remove(tmp)
+        raise Doubt(f"cloning failed: {exc.strerror or exc}") from None
     except BaseException:
         remove(tmp)
         raise
