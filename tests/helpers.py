@@ -7,9 +7,11 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -285,3 +287,37 @@ def make_project(base: Path) -> Project:
     app.mkdir()
     (app / "server.py").write_text(SERVER_PY)
     return Project(base, wheelhouse, free_port())
+
+
+# What differs between two fresh installs of the same release, and is no content: a .pyc's
+# bytes 8-12 (its source's mtime, written at install: uv keeps no wheel times) and uv's
+# `uv_cache.json` in each dist-info (the ctime of the wheel file it installed from) with its
+# RECORD row.
+_UV_TIMESTAMP = re.compile(rb'"timestamp":\{[^}]*\}')
+_UV_CACHE_ROW = re.compile(rb"^(.*/uv_cache\.json),sha256=[^,]*,\d+$", re.M)
+
+
+def tree_digest(top: Path) -> dict[str, tuple[str, ...]]:
+    """Every entry under `top`: relative path -> (type, mode, content's sha256) or (link,
+    target); install-time stamps masked (above). Two installs of the same release at the same
+    path give equal digests, however each was made."""
+    out: dict[str, tuple[str, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = path.relative_to(top).as_posix()
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", oct(st.st_mode))
+            else:
+                data = path.read_bytes()
+                if rel.endswith(".pyc"):
+                    data = data[:8] + data[12:]
+                elif rel.endswith(".dist-info/uv_cache.json"):
+                    data = _UV_TIMESTAMP.sub(b"", data)
+                elif rel.endswith(".dist-info/RECORD"):
+                    data = _UV_CACHE_ROW.sub(rb"\1", data)
+                out[rel] = ("file", oct(st.st_mode), hashlib.sha256(data).hexdigest())
+    return out

@@ -73,6 +73,7 @@ def test_status_names_the_release_and_history_lists_steps(project: Project, cach
     hist = bundle("history", "--root", root, "--json")
     steps = [(e["step"], e["status"]) for e in json.loads(hist.out)["events"]]
     assert steps == [("verify", "done"), ("store", "added"), ("python", "started"),
+                     ("python", "installed"),
                      ("python", "done"),
                      ("start", "started"), ("start", "done"), ("health", "done"),
                      ("commit", "done"), ("boot", "none")]  # no systemd here: docs/boot.md

@@ -51,21 +51,21 @@ def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python_fails: bool
     journal = Journal(state, "t1", "1.0.0")
     times: dict[str, float] = {}
 
-    def fake_venv(*_args: object, **_kw: object) -> Path:
+    def fake_venv(*_args: object, **_kw: object) -> python_env.Made:
         times["python-start"] = time.monotonic()
         if python_fails:
             time.sleep(0.3)
             raise InstallError("uv: Hash mismatch for tinygreet==1.0")
         proc.run(["sleep", "1"])
         times["python-end"] = time.monotonic()
-        return tmp_path / "log"
+        return python_env.Made("installed", None, tmp_path / "log")
 
-    def fake_npm(_rel: object, _m: object, project: NpmProject) -> None:
+    def fake_npm(_rel: object, _m: object, project: NpmProject, *_args: object) -> None:
         times[f"{project.dest}-start"] = time.monotonic()
         proc.run(["sleep", "30" if python_fails else "1"])
         times[f"{project.dest}-end"] = time.monotonic()
 
-    monkeypatch.setattr(python_env, "create_venv", fake_venv)
+    monkeypatch.setattr(python_env, "provide", fake_venv)
     monkeypatch.setattr(packages, "install_npm", fake_npm)
     m = SimpleNamespace(images=(), python_lock="python/requirements.lock", runtimes=None,
                         npm=(NpmProject("web", True, (), ()), NpmProject("admin", True, (), ())))

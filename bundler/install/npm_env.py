@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from bundler import proc, timeouts
+from bundler.bundle import nodetree
 from bundler.bundle.npmlock import (
     NpmPackage,
     npm_env,
@@ -38,7 +39,7 @@ from bundler.bundle.npmlock import (
 )
 from bundler.errors import BuildError, CommandError, InstallError
 from bundler.fsutil import CHUNK
-from bundler.install import fsowner, node_runtime
+from bundler.install import fsowner, node_runtime, reuse
 
 # Never contacted: `.invalid` is reserved (RFC 2606) and npm runs with --offline.
 OFFLINE_REGISTRY = "https://registry.invalid/"
@@ -273,3 +274,46 @@ def _explain(exc: CommandError, lock: Mapping[str, Any],
         f"{npm_last_error(out)}",
         hint="run `npm ci --offline` by hand in the release dir to see npm's full output")
 
+
+
+# --- reuse: a pre-built node_modules an installed release unpacked from the same payload -----
+
+_TREE_FORMAT = 1  # bump when how a tree is unpacked changes (bundler.bundle.nodetree)
+
+
+def tree_record(release: Path, dest: str) -> Path:
+    """Where the record of project `dest`'s node_modules is kept in a release."""
+    key = hashlib.sha256(dest.encode()).hexdigest()[:16]
+    return release / "bundle" / f"node_modules-{key}.record.json"
+
+
+def provide_tree(payload: Path, sha256: str, size: int, project_dir: Path, release: Path,
+                 dest: str, releases: Sequence[Path], link_safe: Callable[[Path], bool],
+                 log: Callable[[str], None]) -> str:
+    """`project_dir/node_modules` from the pre-built tree whose payload has `sha256`: cloned
+    from the first of `releases` that unpacked the same payload and still holds exactly what
+    it unpacked (a tree does not depend on where it is: nothing is rewritten), else unpacked
+    (nodetree.extract). Its record is written either way; returns what was done."""
+    fp = hashlib.sha256(f"bundler node_modules, format {_TREE_FORMAT}\n{sha256}\n".encode()
+                        ).hexdigest()
+    top = project_dir / nodetree.ROOT
+    for old in releases:
+        for path in sorted((old / "bundle").glob("node_modules-*.record.json")):
+            rec = reuse.Record.load(path)
+            if rec is None or rec.fingerprint != fp or not Path(rec.top).is_relative_to(old):
+                continue
+            try:
+                done = reuse.clone(rec, top, fp, {}, link_safe(old))
+            except reuse.Doubt as exc:
+                log(f"npm: node_modules of {old.name} not reused ({exc}): unpacking it")
+                continue
+            done.record.write(tree_record(release, dest))
+            how = (f"{done.linked} file(s) hard-linked, {done.copied} copied" if done.linked
+                   else f"{done.copied} file(s) copied")
+            return f"reused the node_modules of release {old.name} (same pre-built tree): {how}"
+    files = nodetree.extract(payload, sha256, size, project_dir)
+    try:
+        reuse.scan(top, fp).write(tree_record(release, dest))
+    except reuse.Doubt as exc:
+        log(f"npm: this node_modules cannot be reused by a later release: {exc}")
+    return f"node_modules written from the bundle's pre-built tree ({files} files)"

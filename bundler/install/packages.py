@@ -9,6 +9,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
 
 from bundler import proc, ui
 from bundler.bundle import nodetree
@@ -16,9 +17,13 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import NpmProject
 from bundler.bundle.npmlock import NpmPackage
 from bundler.errors import Cancelled
+<<<<<<< HEAD
 from bundler.install import delta, node_runtime, npm_env, policy, python_env, runas
+=======
+from bundler.install import node_runtime, npm_env, policy, python_env, reuse, runas
+>>>>>>> i19-c
 from bundler.install.journal import Journal
-from bundler.install.layout import ReleaseDir
+from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.release import Release
 
 
@@ -44,14 +49,16 @@ def install(journal: Journal, release: Release, decision: policy.Decision) -> No
                     journal.record("images", "nodes", ", ".join(loaded))
         tasks.append(("images", images))
     if m.python_lock and decision.python is not None:
-        python, python_lock = decision.python, m.python_lock
+        python = decision.python
 
         def python_step() -> None:
             with journal.step("python", "Installing Python packages offline"), \
-                    ui.activity("python: uv pip install (offline)"):
-                made = python_env.create_venv(python, rel.venv, rel.wheels,
-                                              rel.path / python_lock, rel.logs, ui.note)
-                ui.note(f"venv ready; log: {made}")
+                    ui.activity("python: venv (reused, or uv pip install offline)"):
+                made = python_env.provide(python, m, rel.path, earlier(layout, rel),
+                                          lambda old: link_safe(old, m), ui.note)
+                journal.record("python", "reused" if made.reused_from else "installed",
+                               made.summary)
+                ui.note(f"venv {made.summary}" + (f"; log: {made.log}" if made.log else ""))
         tasks.append(("python", python_step))
     node_ready = threading.Event()
     if m.runtimes is not None:
@@ -74,7 +81,7 @@ def install(journal: Journal, release: Release, decision: policy.Decision) -> No
             with journal.step(f"npm:{project.dest}",
                               f"Installing npm packages offline into files/{project.dest}"), \
                     ui.activity(f"npm:{project.dest}: {how}"):
-                install_npm(rel, m, project)
+                install_npm(rel, m, project, journal, layout)
         tasks.append((f"npm:{project.dest}", npm_step))
     if not tasks:
         return
@@ -107,7 +114,8 @@ def install(journal: Journal, release: Release, decision: policy.Decision) -> No
             raise first
 
 
-def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
+def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, journal: Journal,
+                layout: Layout) -> None:
     """npm project `project` of release `m` into its files/ (offline, from the bundle)."""
     dest = rel.files / project.dest
     dest.mkdir(parents=True, exist_ok=True)
@@ -118,11 +126,16 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
         shutil.copyfile(rel.path / project.bundle_dir / name, dest / name)
     by_path = {f.path: f for f in m.files}
     if project.tree is not None and not (dest / nodetree.ROOT).exists():
-        # Pre-built at build time (no install scripts, nothing platform-bound): written from
-        # the one verified payload instead of running npm ci, whose time is all unpacking.
+        # Pre-built at build time (no install scripts, nothing platform-bound): cloned from an
+        # earlier release's, or written from the one verified payload instead of running npm
+        # ci, whose time is all unpacking.
         entry = by_path[project.tree]
-        files = nodetree.extract(rel.path / project.tree, entry.sha256, entry.size, dest)
-        ui.note(f"npm: node_modules written from the bundle's pre-built tree ({files} files)")
+        done = npm_env.provide_tree(rel.path / project.tree, entry.sha256, entry.size, dest,
+                                    rel.path, project.dest, earlier(layout, rel),
+                                    lambda old: link_safe(old, m), ui.note)
+        journal.record(f"npm:{project.dest}",
+                       "reused" if done.startswith("reused") else "unpacked", done)
+        ui.note(f"npm: {done}")
         return
     packages = [NpmPackage(p.name, p.version, p.integrity, p.tarball,
                            by_path[p.tarball].sha256, by_path[p.tarball].size)
@@ -130,6 +143,29 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject) -> None:
     npm_env.install_offline(dest, rel.npm_tarballs, packages,
                             rel.npm_cache, ui.note, project.omit_dev, dict(project.env),
                             release=rel.path, user=runas.maybe(m.runtime.user))
+
+
+def earlier(layout: Layout, rel: ReleaseDir) -> list[Path]:
+    """The other release directories under the root, the current one first, then the most
+    recently installed: where a tree to reuse may be (bundler.install.reuse)."""
+    current = layout.current_version()
+    others = [p for p in (layout.releases.iterdir() if layout.releases.is_dir() else ())
+              if p.is_dir() and not p.is_symlink() and p != rel.path]
+    others.sort(key=lambda p: (p.name != current, -_mtime(p / "bundle")))
+    return others
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def link_safe(old: Path, new: Manifest) -> bool:
+    """Whether files may be hard-linked from release directory `old` (reuse.link_safe)."""
+    manifest = ReleaseDir(old).manifest()
+    return manifest is not None and reuse.link_safe(manifest, new)
 
 
 def with_node(env: dict[str, str], rel: ReleaseDir) -> dict[str, str]:

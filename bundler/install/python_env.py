@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import csv
+import hashlib
+import os
+import posixpath
+import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from bundler import proc, timeouts, tools
+from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import Target
 from bundler.errors import CommandError, InstallError
 from bundler.faults import fault_point
+from bundler.fsutil import sha256_file
+from bundler.install import reuse
 
 _PYTHON_PROBE = 30.0  # seconds for each candidate interpreter to print its version
 _VENV_TIMEOUT = 300.0  # `python -m venv`: copies pip in
@@ -179,3 +190,231 @@ def _log(path: Path, text: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return path
+
+
+# --- reuse: the venv of an installed release with the same inputs, cloned (bundler.install.reuse)
+
+# Bump when how a venv is made changes (the commands above, their options): a record made
+# before then never matches again. COMPILE's text is part of the fingerprint by itself.
+VENV_RECIPE = 1
+RECORD_NAME = "venv.record.json"  # in the release's bundle/ directory
+_SHEBANG_MAX = 127
+_RECORD_ROW = re.compile(rb"^(.*),sha256=([A-Za-z0-9_-]+),(\d+)(\r?)$")
+# Run by the clone's own interpreter: it must start from the clone (sys.prefix), and every
+# rewritten .pyc must load and name its source in the clone.
+_CHECK = """
+import marshal, os, sys
+venv = sys.argv[1]
+assert sys.prefix == venv, f"sys.prefix is {sys.prefix}, not {venv}"
+def names(code):
+    yield code.co_filename
+    for c in code.co_consts:
+        if hasattr(c, "co_filename"):
+            yield from names(c)
+for rel in sys.argv[2:]:
+    with open(os.path.join(venv, rel), "rb") as fh:
+        code = marshal.loads(fh.read()[16:])
+    bad = [n for n in names(code) if not n.startswith(venv + "/")]
+    assert not bad, f"{rel} names {bad[0]}"
+print("ok")
+"""
+
+
+def record_path(release: Path) -> Path:
+    return release / "bundle" / RECORD_NAME
+
+
+def fingerprint(m: Manifest, python: Path) -> str:
+    """What a venv made for release `m` by `python` depends on, its path aside: the wheels
+    and the lock (their signed sha256), the interpreter (its path, version and build), the
+    installer (uv's binary, or the pip fallback) and how bundler runs them."""
+    probe = proc.run([python, "-I", "-c", "import sys; print(sys.version); "
+                      "print(sys.implementation.cache_tag, sys.platform)"],
+                     what="python (fingerprint)", timeout=_PYTHON_PROBE)
+    uv = tools.find_uv()
+    h = hashlib.sha256(f"bundler venv, recipe {VENV_RECIPE}\n".encode())
+    h.update(hashlib.sha256(COMPILE.encode()).hexdigest().encode())
+    h.update(f"\npython {python}\n{probe.output}\n".encode())
+    h.update(f"installer {'uv ' + sha256_file(uv)[0] if uv else 'pip'}\n".encode())
+    assert m.python_lock is not None
+    for f in sorted(m.files, key=lambda f: f.path):
+        if f.kind == "wheel" or f.path == m.python_lock:
+            h.update(f"{f.kind} {f.path} {f.sha256}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Made:
+    """How the venv came to be: `reused_from` the release it was cloned from (None: installed
+    with `log` the installer's log)."""
+
+    summary: str
+    reused_from: str | None = None
+    log: Path | None = None
+
+
+def provide(python: Path, m: Manifest, release: Path, releases: list[Path],
+            link_safe: Callable[[Path], bool], note: Callable[[str], None] = lambda _: None
+            ) -> Made:
+    """`<release>/venv` for release `m`: cloned from the first of `releases` (installed ones,
+    the current first) whose venv record has the same fingerprint and whose venv is exactly
+    as recorded; else installed from the wheels (`create_venv`). Either way its record is
+    written, for the next release. `link_safe(old_release)`: whether files may be hard-linked
+    from that release (reuse.link_safe), else they are copied."""
+    assert m.python_lock is not None
+    venv, fp = release / "venv", fingerprint(m, python)
+    for old in releases:
+        rec = reuse.Record.load(record_path(old))
+        if rec is None or rec.fingerprint != fp or rec.top != os.path.abspath(old / "venv"):
+            continue
+        start = time.monotonic()
+        try:
+            done = _clone(rec, venv, fp, link_safe(old))
+        except reuse.Doubt as exc:
+            note(f"venv of {old.name} not reused ({exc}): installing from the wheels")
+            continue
+        done.record.write(record_path(release))
+        how = (f"{done.linked} file(s) hard-linked, {done.copied} copied" if done.linked
+               else f"{done.copied} file(s) copied")
+        return Made(f"reused the venv of release {old.name} (same wheels, interpreter and "
+                    f"installer): {how}, {done.written} rewritten for the new path, in "
+                    f"{time.monotonic() - start:.1f} s", old.name)
+    start = time.monotonic()
+    log = create_venv(python, venv, release / "python" / "wheels", release / m.python_lock,
+                      release / "logs", note)
+    took = time.monotonic() - start
+    try:
+        reuse.scan(venv, fp, os.path.abspath(release)).write(record_path(release))
+    except reuse.Doubt as exc:
+        note(f"the venv cannot be reused by a later release: {exc}")
+    return Made(f"installed from the wheels in {took:.1f} s", None, log)
+
+
+def _clone(rec: reuse.Record, venv: Path, fp: str, link: bool) -> reuse.Cloned:
+    """The venv `rec` describes, cloned to `venv`: files that hold the old release's path
+    rewritten (scripts' #! lines, activate scripts, bytecode; then the RECORD rows of those
+    files), everything else linked or copied; then checked by its own interpreter."""
+    old, new = rec.anchor, os.path.abspath(venv.parent)
+    src = Path(rec.top)
+    written: dict[str, bytes] = {}
+    was: dict[str, str] = {}  # the sha256 of each rewritten file before
+    for e in rec.entries:
+        if e.kind == "f" and e.holds_path:
+            written[e.path] = _moved_bytes(e.path, reuse.read_verified(src, e), old, new)
+            was[e.path] = e.value
+    for e in rec.entries:
+        if e.kind == "f" and e.path.endswith(".dist-info/RECORD"):
+            data = written.get(e.path) or reuse.read_verified(src, e)
+            fixed = _fix_record(data, e.path, written, was)
+            if fixed != data:
+                written[e.path] = fixed
+    done = reuse.clone(rec, venv, fp, written, link, relink=(old, new))
+    pycs = sorted(p for p in written if p.endswith(".pyc"))
+    result = proc.run([venv / "bin" / "python", "-I", "-c", _CHECK, str(venv), *pycs],
+                      what="python (venv check)", timeout=_VENV_TIMEOUT, check=False)
+    if result.returncode != 0:
+        reuse.remove(venv)
+        raise reuse.Doubt(f"the clone does not check: {_summary(result.output)}")
+    return done
+
+
+def _moved_bytes(rel: str, data: bytes, old: str, new: str) -> bytes:
+    """A file's bytes with the old release's path replaced by the new one's."""
+    if rel.endswith(".pyc"):
+        moved = patch_pyc(data, old, new)
+        if moved is None:
+            raise reuse.Doubt(f"{rel} names the old path where bundler does not rewrite it")
+        return moved
+    if rel.endswith(".py") or b"\0" in data:  # a source (its .pyc would go stale), a binary
+        raise reuse.Doubt(f"{rel} holds the old path and is not a script bundler rewrites")
+    moved = data.replace(old.encode(), new.encode())
+    if data.startswith(b"#!"):
+        line = moved.split(b"\n", 1)[0]
+        # uv and pip write `#!<python>` only up to 127 bytes and without spaces, else a
+        # /bin/sh line that execs it: a form that a path's length decides is not rewritten
+        if old.encode() not in data.split(b"\n", 1)[0] or len(line) > _SHEBANG_MAX \
+                or b" " in line:
+            raise reuse.Doubt(f"{rel}: its #! line takes another form at the new path")
+    return moved
+
+
+# marshal's string types (CPython 3.4+): short ASCII (1-byte length), ASCII, UTF-8, each also
+# interned; FLAG_REF (0x80) marks an object later ones refer back to.
+_SHORT = {ord("z"): False, ord("Z"): True}              # -> interned
+_LONG = {ord("a"): False, ord("A"): True, ord("u"): False, ord("t"): True}
+_FLAG_REF = 0x80
+
+
+def patch_pyc(data: bytes, old: str, new: str) -> bytes | None:
+    """Bytecode whose strings that begin with `old` (the source's path, compiled in) begin
+    with `new` instead, written as marshal writes a string of that length and kind, so that
+    the result is byte for byte what compiling at the new path writes (the header, which
+    names the source's mtime and size, is kept: the source is the same file). None when an
+    occurrence is not the start of a marshal string (no guess is made)."""
+    needle, out, end = old.encode(), [], len(data)
+    spots = _spots(data, needle)
+    if spots is None:
+        return None
+    for start, size, kind in reversed(spots):
+        body = data[start:start + size]
+        text = new.encode() + body[len(needle):]
+        out.append(data[start + size:end])
+        out.append(_string_head(kind, text) + text)
+        end = start - (2 if kind & 0x7F in _SHORT else 5)
+    out.append(data[:end])
+    return b"".join(reversed(out))
+
+
+def _spots(data: bytes, needle: bytes) -> list[tuple[int, int, int]] | None:
+    """(where the string's bytes start, their length, its type byte) of each string that
+    begins with `needle`; None if `needle` occurs anywhere else."""
+    spots = []
+    at = data.find(needle, 16)
+    while at != -1:
+        framings = []
+        if at >= 2 and data[at - 2] & 0x7F in _SHORT:
+            framings.append((data[at - 1], data[at - 2]))
+        if at >= 5 and data[at - 5] & 0x7F in _LONG:
+            framings.append((int.from_bytes(data[at - 4:at], "little"), data[at - 5]))
+        fits = [(size, kind) for size, kind in framings
+                if len(needle) <= size and at + size <= len(data)]
+        if len(fits) != 1:
+            return None  # neither framing, or both: no guess
+        size, kind = fits[0]
+        spots.append((at, size, kind))
+        at = data.find(needle, at + size)
+    return spots
+
+
+def _string_head(kind: int, text: bytes) -> bytes:
+    """The type byte and length marshal writes for `text`, keeping the interned and
+    FLAG_REF bits of the string it replaces."""
+    interned = (_SHORT | _LONG)[kind & 0x7F]
+    ascii_ = text.isascii()
+    if ascii_ and len(text) < 256:
+        code = "Z" if interned else "z"
+        return bytes([ord(code) | kind & _FLAG_REF, len(text)])
+    code = ("A" if interned else "a") if ascii_ else ("t" if interned else "u")
+    return bytes([ord(code) | kind & _FLAG_REF]) + len(text).to_bytes(4, "little")
+
+
+def _fix_record(data: bytes, rel: str, written: dict[str, bytes], was: dict[str, str]
+                ) -> bytes:
+    """A wheel's RECORD with the sha256 and size of each file it lists that was rewritten,
+    where the row had the file's sha256 before (the installer wrote it: a script); a row that
+    did not (a wheel's own .pyc, compiled again after) stays as a fresh install leaves it."""
+    base = posixpath.dirname(posixpath.dirname(rel))  # RECORD paths are from site-packages
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        row = _RECORD_ROW.match(line)
+        if row is None:
+            continue
+        name = next(csv.reader([row[1].decode()]))[0]
+        path = posixpath.normpath(posixpath.join(base, name))
+        moved = written.get(path)
+        before = base64.urlsafe_b64decode(row[2] + b"=" * (-len(row[2]) % 4)).hex()
+        if moved is None or was.get(path) != before:
+            continue
+        digest = base64.urlsafe_b64encode(hashlib.sha256(moved).digest()).rstrip(b"=")
+        lines[i] = b"%s,sha256=%s,%d%s" % (row[1], digest, len(moved), row[4])
+    return b"\n".join(lines)

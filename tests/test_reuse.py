@@ -1,0 +1,317 @@
+"""Reuse of an installed release's venv and pre-built node_modules (bundler.install.reuse):
+real uv, real venvs, real bytecode; a clone must equal, file for file, a fresh install at the
+same path."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import py_compile
+import shutil
+import stat
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from bundler import proc, tools
+from bundler.bundle.manifest import FileEntry, Manifest
+from bundler.bundle.models import Runtime, Target
+from bundler.install import npm_env, python_env, reuse
+from tests.helpers import make_wheel, tree_digest
+
+LOCK = "python/requirements.lock"
+
+
+def _wheels(base: Path, greeting: str = "hi") -> tuple[Path, Manifest]:
+    """A wheel set with what depends on the venv's path: a console script (its #! line, and
+    its RECORD row), bytecode, and a .pyc shipped in the wheel that is compiled again."""
+    wheels = base / "wheels"
+    make_wheel(wheels, "tinygreet", "1.0", {
+        "tinygreet/__init__.py": f"def greet():\n    return {greeting!r}\n",
+        "tinygreet/cli.py": "def main():\n    print('cli')\n",
+        "tinygreet/__pycache__/cli.cpython-311.pyc": "shipped in the wheel\n",
+        "tinygreet-1.0.dist-info/entry_points.txt":
+            "[console_scripts]\ntinygreet = tinygreet.cli:main\n"})
+    make_wheel(wheels, "other", "2.0", {"other/__init__.py": "X = 1\n"})
+    lines, files = [], []
+    for whl in sorted(wheels.iterdir()):
+        sha = hashlib.sha256(whl.read_bytes()).hexdigest()
+        name, version = whl.name.split("-")[:2]
+        lines.append(f"{name}=={version} --hash=sha256:{sha}\n")
+        files.append(FileEntry(f"python/wheels/{whl.name}", whl.stat().st_size, sha, "wheel"))
+    lock = "".join(lines).encode()
+    (base / "requirements.lock").write_bytes(lock)
+    files.append(FileEntry(LOCK, len(lock), hashlib.sha256(lock).hexdigest(), "lock"))
+    m = Manifest("shop", "1", 1, "", Target(python=f"{sys.version_info[0]}."
+                                                   f"{sys.version_info[1]}"),
+                 tuple(files), python_lock=LOCK)
+    return base, m
+
+
+def _release(root: Path, version: str, inputs: Path) -> Path:
+    rel = root / "releases" / version
+    for d in ("python", "bundle", "logs"):
+        (rel / d).mkdir(parents=True)
+    shutil.copytree(inputs / "wheels", rel / "python" / "wheels")
+    shutil.copyfile(inputs / "requirements.lock", rel / LOCK)
+    return rel
+
+
+def _python() -> Path:
+    return Path(getattr(sys, "_base_executable", sys.executable))
+
+
+def _provide(rel: Path, m: Manifest, earlier: list[Path], link: bool = False
+             ) -> python_env.Made:
+    return python_env.provide(_python(), m, rel, earlier, lambda _: link)
+
+
+def test_a_reused_venv_equals_a_fresh_install_at_the_same_path(tmp_path: Path) -> None:
+    inputs, m = _wheels(tmp_path / "in")
+    root = tmp_path / "root"
+    first = _release(root, "1.0", inputs)
+    assert _provide(first, m, []).reused_from is None
+    record = python_env.record_path(first)
+    assert stat.S_IMODE(record.stat().st_mode) == 0o644
+    version = "1.1"
+    second = _release(root, version, inputs)
+    made = _provide(second, m, [first])
+    assert made.reused_from == "1.0", made
+    assert "rewritten for the new path" in made.summary
+    clone = tree_digest(second / "venv")
+    run = [str(second / "venv" / "bin" / "tinygreet")]
+    assert os.popen(" ".join(run)).read() == "cli\n"  # its #! names the new venv
+    shutil.move(second, tmp_path / "clone")
+    again = _release(root, version, inputs)
+    assert _provide(again, m, []).reused_from is None  # no earlier release: installed
+    assert tree_digest(again / "venv") == clone
+    # the record of the clone says what a fresh install's does (bytecode hashes aside)
+    got = reuse.Record.load(python_env.record_path(tmp_path / "clone"))
+    want = reuse.Record.load(python_env.record_path(again))
+    assert got is not None and want is not None
+    assert got.fingerprint == want.fingerprint and got.anchor == want.anchor
+    assert [e.path for e in got.entries] == [e.path for e in want.entries]
+    # the first release's venv is as it was installed
+    assert reuse.Record.load(record) == reuse.scan(first / "venv", got.fingerprint,
+                                                   str(first))
+
+
+def test_a_path_that_changes_the_scripts_form_installs_normally(tmp_path: Path) -> None:
+    # a #! line over 127 bytes: uv writes a /bin/sh line that execs the python instead
+    inputs, m = _wheels(tmp_path / "in")
+    root = tmp_path / "root"
+    first = _release(root, "1.0", inputs)
+    _provide(first, m, [])
+    notes: list[str] = []
+    second = _release(root, "1.1-" + "x" * 120, inputs)
+    made = python_env.provide(_python(), m, second, [first], lambda _: False, notes.append)
+    assert made.reused_from is None
+    assert any("#! line takes another form" in n for n in notes), notes
+    assert os.popen(str(second / "venv" / "bin" / "tinygreet")).read() == "cli\n"
+
+
+def test_a_changed_wheel_installs_normally(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    inputs, m = _wheels(tmp_path / "in")
+    first = _release(root, "1.0", inputs)
+    _provide(first, m, [])
+    changed, m2 = _wheels(tmp_path / "in2", greeting="hello")
+    second = _release(root, "1.1", changed)
+    made = _provide(second, m2, [first])
+    assert made.reused_from is None and made.log is not None
+    assert "installed from the wheels" in made.summary
+
+
+def test_a_tampered_file_defeats_reuse_and_does_not_propagate(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    inputs, m = _wheels(tmp_path / "in")
+    first = _release(root, "1.0", inputs)
+    _provide(first, m, [])
+    module = next((first / "venv").glob("lib/python*/site-packages/tinygreet/__init__.py"))
+    module.write_text("def greet():\n    return 'tampered'\n")
+    notes: list[str] = []
+    second = _release(root, "1.1", inputs)
+    made = python_env.provide(_python(), m, second, [first], lambda _: True, notes.append)
+    assert made.reused_from is None
+    assert any("not reused" in n and "tinygreet/__init__.py" in n for n in notes), notes
+    fresh = next((second / "venv").glob("lib/python*/site-packages/tinygreet/__init__.py"))
+    assert "return 'hi'" in fresh.read_text() and fresh.stat().st_nlink == 1
+    assert not list(second.glob(".venv.cloning*")) and not list(second.glob("*.cloning"))
+
+
+def test_what_an_app_wrote_into_the_venv_is_left_behind(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    inputs, m = _wheels(tmp_path / "in")
+    first = _release(root, "1.0", inputs)
+    _provide(first, m, [])
+    pkg = next((first / "venv").glob("lib/python*/site-packages/other"))
+    (pkg / "cache.json").write_text("{}")  # a package's own cache, bytecode of a test dir...
+    (pkg / "tests").mkdir()
+    second = _release(root, "1.1", inputs)
+    assert _provide(second, m, [first]).reused_from == "1.0"
+    clone = next((second / "venv").glob("lib/python*/site-packages/other"))
+    assert sorted(p.name for p in clone.iterdir()) == ["__init__.py", "__pycache__"]
+
+
+def test_hard_links_only_where_allowed_and_never_for_rewritten_files(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    inputs, m = _wheels(tmp_path / "in")
+    first = _release(root, "1.0", inputs)
+    _provide(first, m, [])
+    linked = _release(root, "1.1", inputs)
+    copied = _release(root, "1.2", inputs)
+    assert "hard-linked" in _provide(linked, m, [first], link=True).summary
+    assert "hard-linked" not in _provide(copied, m, [first], link=False).summary
+    site = "lib/python{}.{}/site-packages".format(*sys.version_info[:2])
+    src = f"{site}/tinygreet/__init__.py"
+    assert os.path.samefile(first / "venv" / src, linked / "venv" / src)
+    assert not os.path.samefile(first / "venv" / src, copied / "venv" / src)
+    # what holds the path (scripts, bytecode, RECORD) is a new file in every clone
+    for rel in ("bin/tinygreet", f"{site}/tinygreet/__pycache__/__init__.cpython-"
+                f"{sys.version_info[0]}{sys.version_info[1]}.pyc",
+                f"{site}/tinygreet-1.0.dist-info/RECORD"):
+        assert (linked / "venv" / rel).stat().st_nlink == 1, rel
+    # a copy keeps its source's mtime: the bytecode's header still matches it
+    assert (copied / "venv" / src).stat().st_mtime_ns == (first / "venv" / src).stat(
+        ).st_mtime_ns
+
+
+def test_a_record_that_names_another_place_is_not_trusted(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    inputs, m = _wheels(tmp_path / "in")
+    first = _release(root, "1.0", inputs)
+    _provide(first, m, [])
+    record = python_env.record_path(first)
+    data = json.loads(record.read_text())
+    data["top"] = str(tmp_path / "elsewhere" / "venv")
+    record.write_text(json.dumps(data))
+    second = _release(root, "1.1", inputs)
+    assert _provide(second, m, [first]).reused_from is None
+
+
+# --- bytecode --------------------------------------------------------------------------------
+
+def _compiled(where: Path, source: str) -> bytes:
+    where.mkdir(parents=True)
+    (where / "mod.py").write_text(source)
+    out = where / "mod.pyc"
+    py_compile.compile(str(where / "mod.py"), cfile=str(out), doraise=True)
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("new_len", [10, 300])
+def test_patched_bytecode_is_what_compiling_at_the_new_path_writes(tmp_path: Path,
+                                                                  new_len: int) -> None:
+    source = "def f():\n    def g():\n        return 1\n    return g\nclass C:\n    x = 2\n"
+    old, new = tmp_path / "a", tmp_path.joinpath(*["b" * 9] * (new_len // 10))
+    at_old, at_new = _compiled(old, source), _compiled(new, source)
+    patched = python_env.patch_pyc(at_old, str(old), str(new))
+    assert patched is not None
+    assert patched[:8] + patched[12:] == at_new[:8] + at_new[12:]
+
+
+def test_bytecode_with_the_path_outside_a_string_start_is_not_patched(tmp_path: Path) -> None:
+    old = tmp_path / "a"
+    data = _compiled(old, f"X = 'see {old}/mod.py'\n")
+    assert python_env.patch_pyc(data, str(old), str(tmp_path / "b")) is None
+
+
+# --- node_modules ------------------------------------------------------------------------------
+
+def _tree_payload(base: Path) -> tuple[Path, str, int]:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        def add(name: str, kind: bytes, data: bytes = b"", link: str = "",
+                mode: int = 0o644) -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.size, info.linkname = kind, mode, len(data), link
+            tar.addfile(info, io.BytesIO(data))
+        add("node_modules", tarfile.DIRTYPE, mode=0o755)
+        add("node_modules/left-pad", tarfile.DIRTYPE, mode=0o755)
+        add("node_modules/left-pad/index.js", tarfile.REGTYPE, b"module.exports = 1;\n")
+        add("node_modules/left-pad/cli.js", tarfile.REGTYPE, b"#!/usr/bin/env node\n",
+            mode=0o755)
+        add("node_modules/.bin", tarfile.DIRTYPE, mode=0o755)
+        add("node_modules/.bin/left-pad", tarfile.SYMTYPE, link="../left-pad/cli.js")
+    payload = base / "node_modules.tar.zst"
+    base.mkdir(parents=True)
+    payload.write_bytes(zstandard.ZstdCompressor().compress(raw.getvalue()))
+    data = payload.read_bytes()
+    return payload, hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _tree(rel: Path, payload: tuple[Path, str, int], earlier: list[Path],
+          link: bool = False, notes: list[str] | None = None) -> str:
+    project = rel / "files" / "web"
+    project.mkdir(parents=True)
+    (rel / "bundle").mkdir(exist_ok=True)
+    return npm_env.provide_tree(*payload, project, rel, "web", earlier, lambda _: link,
+                                (notes if notes is not None else []).append)
+
+
+def test_a_prebuilt_tree_is_cloned_and_equals_a_fresh_unpack(tmp_path: Path) -> None:
+    payload = _tree_payload(tmp_path / "in")
+    root = tmp_path / "root" / "releases"
+    first, second, fresh = root / "1.0", root / "1.1", root / "1.2"
+    assert _tree(first, payload, []).startswith("node_modules written")
+    done = _tree(second, payload, [first], link=True)
+    assert done.startswith("reused the node_modules of release 1.0"), done
+    assert _tree(fresh, payload, []).startswith("node_modules written")
+    tree = "files/web/node_modules"
+    assert tree_digest(second / tree) == tree_digest(fresh / tree) == tree_digest(first / tree)
+    assert os.path.samefile(first / tree / "left-pad/index.js", second / tree /
+                            "left-pad/index.js")
+    # tampered: unpacked again from the payload, and the tampering stays where it was
+    (first / tree / "left-pad/index.js").write_text("evil\n")
+    notes: list[str] = []
+    third = root / "1.3"
+    assert _tree(third, payload, [first], notes=notes).startswith("node_modules written")
+    assert any("not reused" in n for n in notes), notes
+    assert (third / tree / "left-pad/index.js").read_text() == "module.exports = 1;\n"
+
+
+def test_a_different_tree_is_unpacked(tmp_path: Path) -> None:
+    root = tmp_path / "root" / "releases"
+    _tree(root / "1.0", _tree_payload(tmp_path / "in"), [])
+    path, _, size = _tree_payload(tmp_path / "in2")
+    other = (path, "0" * 64, size)  # another payload digest: no match (and extract refuses)
+    with pytest.raises(Exception, match="does not match the manifest"):
+        _tree(root / "1.1", other, [root / "1.0"])
+
+
+@pytest.mark.slow
+def test_a_venv_made_by_the_pip_fallback_is_reused_equal_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pip's venv names its path in pyvenv.cfg and its own scripts; pip writes its bytecode
+    monkeypatch.setattr(tools, "find_uv", lambda: None)
+    inputs, m = _wheels(tmp_path / "in")
+    root = tmp_path / "root"
+    first = _release(root, "1.0", inputs)
+    _provide(first, m, [])
+    second = _release(root, "1.1", inputs)
+    assert _provide(second, m, [first]).reused_from == "1.0"
+    assert str(second / "venv") in (second / "venv" / "pyvenv.cfg").read_text()
+    clone = tree_digest(second / "venv")
+    shutil.move(second, tmp_path / "clone")
+    again = _release(root, "1.1", inputs)
+    assert _provide(again, m, []).reused_from is None
+    assert tree_digest(again / "venv") == clone
+
+
+def test_hard_links_only_between_releases_whose_processes_cannot_write_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def release(user: str | None) -> Manifest:
+        return Manifest("shop", "1", 1, "", Target(), (), runtime=Runtime(user=user))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(proc, "lookup_user", lambda name: proc.RunAs(
+        name, 0 if name == "root" else 990, 990, (990,), "/nonexistent"))
+    assert reuse.link_safe(release("app"), release("app")) is True
+    assert reuse.link_safe(release(None), release("app")) is False  # 1.0 ran as root
+    assert reuse.link_safe(release("app"), release("root")) is False
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # the files are not root's
+    assert reuse.link_safe(release("app"), release("app")) is False

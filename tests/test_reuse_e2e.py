@@ -1,0 +1,188 @@
+"""Reuse end to end (bundler.install.reuse): real builds, installs under `unshare -n`, real
+uv venvs and a real pre-built node_modules. A release whose wheels (or tree) equal an installed
+one's clones it; the clone equals a fresh install at the same path; a failed release that
+wrote into its clone leaves the release it was cloned from as it was."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bundler.errors import RolledBackError
+from tests.helpers import (
+    REPO,
+    SERVER_PY,
+    Project,
+    bundle,
+    bundle_argv,
+    free_port,
+    offline,
+    tree_digest,
+    unavailable,
+)
+from tests.npm_registry import LocalPackage, LocalRegistry, local_registry, make_project
+
+pytestmark = [pytest.mark.slow, pytest.mark.netns]
+
+# An app that, before it fails, writes in place into a file of its venv (or node_modules):
+# what a hard link shared with the previous release would carry over to it.
+SCRIBBLE_PY = "import tinygreet\nopen(tinygreet.__file__, 'ab').write(b'# scribbled\\n')\n"
+
+
+def _digest(path: Path, out: Path) -> list[str]:
+    """argv that writes tree_digest(path) as JSON to `out` (run between installs)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(REPO)!r}); "
+            "from pathlib import Path; from tests.helpers import tree_digest; "
+            f"Path({str(out)!r}).write_text(json.dumps(tree_digest(Path({str(path)!r}))))")
+    return [sys.executable, "-c", code]
+
+
+def _now(path: Path) -> object:
+    """tree_digest(path) as it reads back from JSON (lists for tuples)."""
+    return json.loads(json.dumps(tree_digest(path)))
+
+
+def _steps(root: Path, version: str, step: str) -> dict[str, str]:
+    report = json.loads((root / "releases" / version / "report.json").read_text())
+    return {s["status"]: s["detail"] for s in report["steps"] if s["step"] == step}
+
+
+def _build(project: Project, keys: tuple[Path, Path], cache: Path, version: str,
+           app: str, **kw: object) -> Path:
+    (project.dir / "app" / "server.py").write_text(app)
+    profile = project.profile(version, **kw)  # type: ignore[arg-type]
+    result = bundle("build", profile, "--key", keys[0], "--out", project.dir / "dist",
+                    "--cache-dir", cache, "--json")
+    assert result.rc == 0, result.err
+    return Path(json.loads(result.out)["bundle"])
+
+
+def test_same_wheels_reuse_the_venv_and_a_rollback_leaves_it_alone(
+        project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
+        roots: list[Path]) -> None:
+    v1 = _build(project, keys, cache_dir, "1.0.0", SERVER_PY, sequence=1)
+    v2 = _build(project, keys, cache_dir, "1.1.0", "# app code changed\n" + SERVER_PY,
+                sequence=2)
+    v3 = _build(project, keys, cache_dir, "1.2.0", SCRIBBLE_PY + SERVER_PY, sequence=3,
+                healthy=False)
+    root = tmp_path / "target"
+    roots.extend([root, tmp_path / "first"])
+    trust = ["--trust", keys[1], "--root", root]
+    venv1, venv2 = root / "releases/1.0.0/venv", root / "releases/1.1.0/venv"
+    r1, r2, _, _, r3, stop = offline(
+        bundle_argv("install", v1, *trust), bundle_argv("install", v2, *trust),
+        _digest(venv1, tmp_path / "venv1.json"), _digest(venv2, tmp_path / "venv2.json"),
+        bundle_argv("install", v3, *trust),
+        bundle_argv("stop", "--root", root))
+    assert (r1.rc, r2.rc, stop.rc) == (0, 0, 0), r1.err + r2.err + stop.err
+    installed = _steps(root, "1.0.0", "python")["installed"]
+    reused = _steps(root, "1.1.0", "python")["reused"]
+    assert reused.startswith("reused the venv of release 1.0.0"), reused
+    assert f"venv {reused}" in r2.err
+    # 1.2.0 cloned 1.1.0's venv (the current one), wrote into it, failed: rolled back
+    assert r3.rc == RolledBackError.exit_code, r3.err
+    assert _steps(root, "1.2.0", "python")["reused"].startswith(
+        "reused the venv of release 1.1.0")
+    scribbled = next((root / "releases/1.2.0/venv").glob("lib/python*/site-packages/"
+                                                         "tinygreet/__init__.py"))
+    assert scribbled.read_text().endswith("# scribbled\n")
+    before = json.loads((tmp_path / "venv2.json").read_text())
+    assert _now(venv2) == before  # the scribble reached neither 1.1.0 nor 1.0.0
+    assert _now(venv1) == json.loads((tmp_path / "venv1.json").read_text())
+    # the reused venv equals a fresh install of 1.1.0 at the same path
+    shutil.move(root, tmp_path / "first")
+    (fresh, stop) = offline(bundle_argv("install", v2, *trust),
+                            bundle_argv("stop", "--root", root))
+    assert fresh.rc == 0, fresh.err
+    assert "installed" in _steps(root, "1.1.0", "python")
+    assert _now(venv2) == before
+    seconds = [float(re.search(r"in ([\d.]+) s", d)[1])  # type: ignore[index]
+               for d in (installed, reused)]
+    print(f"\nvenv: installed in {seconds[0]} s, reused in {seconds[1]} s")
+
+
+SERVER_JS = textwrap.dedent("""\
+    const http = require('http');
+    const { greet } = require('tiny-greeter');
+    http.createServer((req, res) => {
+      res.writeHead(200, {'Content-Type': 'application/json'});
+      res.end(JSON.stringify({greeting: greet()}));
+    }).listen(Number(process.argv[2]), '127.0.0.1');
+    """)
+SCRIBBLE_JS = ("require('fs').appendFileSync(require.resolve('tiny-greeter'), '// scribbled\\n');"
+               "\nprocess.exit(3);\n")
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        unavailable("node and npm are not installed")
+    packages = [LocalPackage("tiny-greeter", "1.2.0",
+                             {"index.js": "exports.greet = () => 'hello from npm';\n"})]
+    with local_registry(tmp_path / "registry", packages) as reg:
+        yield reg
+
+
+def test_the_same_prebuilt_tree_is_reused_and_a_rollback_leaves_it_alone(
+        tmp_path: Path, registry: LocalRegistry, keys: tuple[Path, Path],
+        roots: list[Path]) -> None:
+    app = tmp_path / "app"
+    backend = make_project(app / "backend", registry,
+                           {"dependencies": {"tiny-greeter": "^1.2.0"}})
+    port = free_port()
+    bundles = []
+    for n, (version, server) in enumerate((("1.0.0", SERVER_JS),
+                                          ("1.1.0", "// changed\n" + SERVER_JS),
+                                          ("1.2.0", SCRIBBLE_JS)), 1):
+        (backend / "server.js").write_text(server)
+        profile = app / f"{version}.yaml"
+        profile.write_text(textwrap.dedent(f"""\
+            schema: 1
+            name: insights
+            version: {version}
+            sequence: {n}
+            target: {{node: ">=18", npm: ">=8"}}
+            npm:
+              - project: backend
+                registry: {registry.url}
+            files:
+              - {{src: backend, dest: backend, exclude: [node_modules]}}
+            services:
+              - name: api
+                cwd: backend
+                command: ["node", "server.js", "{port}"]
+            health:
+              - name: api
+                http: http://127.0.0.1:{port}/health
+                retries: 20
+                interval: 250ms
+            """))
+        built = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
+                       "--cache-dir", tmp_path / "cache", "--json")
+        assert built.rc == 0, built.err
+        bundles.append(Path(json.loads(built.out)["bundle"]))
+    root = tmp_path / "target"
+    roots.append(root)
+    trust = ["--trust", keys[1], "--root", root]
+    tree1 = root / "releases/1.0.0/files/backend/node_modules"
+    tree2 = root / "releases/1.1.0/files/backend/node_modules"
+    r1, r2, _, r3 = offline(*(bundle_argv("install", b, *trust) for b in bundles[:2]),
+                            _digest(tree2, tmp_path / "tree2.json"),
+                            bundle_argv("install", bundles[2], *trust))
+    assert (r1.rc, r2.rc) == (0, 0), r1.err + r2.err
+    assert "unpacked" in _steps(root, "1.0.0", "npm:backend")
+    reused = _steps(root, "1.1.0", "npm:backend")["reused"]
+    assert reused.startswith("reused the node_modules of release 1.0.0"), reused
+    assert r3.rc == RolledBackError.exit_code, r3.err
+    assert "reused" in _steps(root, "1.2.0", "npm:backend")
+    scribbled = root / "releases/1.2.0/files/backend/node_modules/tiny-greeter/index.js"
+    assert scribbled.read_text().endswith("// scribbled\n")
+    before = json.loads((tmp_path / "tree2.json").read_text())
+    assert _now(tree2) == before == _now(tree1)
