@@ -10,6 +10,13 @@ zstd frame checked out (its content checksum) and every expected tag names exact
 expected Image ID. Otherwise the upload is aborted: the engine sees a truncated request body,
 its untar fails, and nothing is loaded or re-tagged (docker load unpacks the whole tar before
 it registers anything). After a load, every tag is checked once more with `docker inspect`.
+
+A thin archive (bundler.bundle.imagedelta: a delta bundle's, without the layers the host's
+engine holds) loads the same way: the engine takes a layer whose chain it holds from its own
+store. `require_layers` checks, before anything changes, that the engine holds every chain the
+signed manifest says it must supply, and refuses the containerd image store, which cannot load
+such an archive; the stream check then refuses a layer missing from the archive that the
+manifest did not list. Why: docs/design/image-delta.md.
 """
 
 from __future__ import annotations
@@ -17,16 +24,18 @@ from __future__ import annotations
 import os
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
-from bundler.bundle.imagearchive import ImageRecord, Scan
+from bundler import progname
+from bundler.bundle.imagearchive import ImageRecord, Scan, norm_member
+from bundler.bundle.imagedelta import CLASSIC, CONTAINERD, HeldImage, HostLayers, missing_layers
 from bundler.bundle.imageref import canonical_tag
 from bundler.engine import docker_sdk, engine_client, transport_errors
-from bundler.errors import ImageLoadError, InstallError
+from bundler.errors import ImageLoadError, InstallError, PolicyError
 from bundler.faults import fault_point
 from bundler.fsutil import CHUNK, human_bytes
 from bundler.ui import Log
@@ -174,19 +183,39 @@ def _check_archive(scan: Scan, want: dict[str, str]) -> None:
                         "not list")
 
 
-def _upload(archive: Path, want: dict[str, str], stats: dict[str, int]) -> Iterator[bytes]:
+def _check_layers(scan: Scan, present: set[str], omitted: Collection[str]) -> None:
+    """Every layer the archive does not carry must be one the signed manifest leaves to the
+    engine (and require_layers found there): else the engine would fail half-way, after it
+    loaded the images before it."""
+    try:
+        missing = missing_layers(scan.layout(), scan.docs, present)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Corrupt(f"its image index is unreadable: {exc}") from None
+    unlisted = [(label, diff) for label, diff, chain in missing if chain not in omitted]
+    if unlisted:
+        label, diff = unlisted[0]
+        more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        raise _Mismatch(f"image {label}: layer {diff[:19]} is not in the archive and the "
+                        f"manifest does not say the engine supplies it{more}")
+
+
+def _upload(archive: Path, want: dict[str, str], stats: dict[str, int],
+            omitted: Collection[str] = frozenset()) -> Iterator[bytes]:
     """The decompressed archive, as chunks for the engine; raises before the final HOLD
-    bytes when the archive is damaged or holds other images than expected."""
+    bytes when the archive is damaged, holds other images than expected, or lacks a layer
+    that `omitted` (the chain IDs the engine supplies) does not name."""
     with open(archive, "rb") as fh:
         src = _ZstdReader(fh)
         tee = _Tee(src)
         scan = Scan()
+        present: set[str] = set()
         try:
             with tarfile.open(fileobj=cast(IO[bytes], tee), mode="r|", bufsize=CHUNK) as tf:
                 for member in tf:
                     if member.issym() or member.islnk():
                         scan.note_link(member)
                     elif member.isreg():
+                        present.add(scan.resolve(norm_member(member.name)))
                         for _ in scan.read(tf, member, hash_all=False):
                             yield from tee.drain(HOLD)
                     yield from tee.drain(HOLD)
@@ -201,22 +230,29 @@ def _upload(archive: Path, want: dict[str, str], stats: dict[str, int]) -> Itera
                 raise _Corrupt(f"more than {human_bytes(HOLD)} follow the tar's "
                                "end-of-archive marker")
         _check_archive(scan, want)
+        _check_layers(scan, present, omitted)
         stats["uncompressed"] = tee.total
         yield from tee.drain(0)
 
 
 def load(archive: Path, expected: Sequence[ImageRecord], log: Log,
-         client: Any | None = None) -> None:
+         client: Any | None = None, *, omitted: Collection[str] = ()) -> None:
     """Load the combined image archive (zstd docker-save tar) and check every Image ID, into
-    the engine of `client` (default: DOCKER_HOST's; a swarm loads into every node's)."""
+    the engine of `client` (default: DOCKER_HOST's; a swarm loads into every node's).
+    `omitted`: the chain IDs of the layers a thin archive leaves to the engine, as the signed
+    manifest lists them; checked with require_layers before the upload starts."""
     want = _expected(expected)
     client = client if client is not None else engine_client(InstallError)
     errors = docker_sdk().errors
     started = time.monotonic()
     stats: dict[str, int] = {}
+    if omitted:
+        require_layers(client, omitted)
+        log(f"{len(set(omitted))} layer chain(s) come from the engine's own store")
     log(f"loading {len(want)} image(s) from {archive.name}")
     try:
-        for msg in client.api.load_image(_upload(archive, want, stats), quiet=True):
+        for msg in client.api.load_image(_upload(archive, want, stats, frozenset(omitted)),
+                                         quiet=True):
             if isinstance(msg, dict) and msg.get("error"):
                 raise ImageLoadError(f"docker load failed: {_line(msg['error'])}",
                                      hint="see the engine's log (journalctl -u docker)")
@@ -243,6 +279,67 @@ def load(archive: Path, expected: Sequence[ImageRecord], log: Log,
     secs = time.monotonic() - started
     log(f"loaded {len(want)} image(s), {human_bytes(stats.get('uncompressed', 0))} in "
         f"{secs:.1f}s; Image IDs match the manifest")
+
+
+# --- what the engine holds: for the receipt, and before a thin archive is loaded ------------
+
+_SNAPSHOTTER = "io.containerd.snapshotter.v1"
+_FIX = ("carry a full bundle (`bundle build` without --against), or build the delta against "
+        "a fresh receipt of this host (`{bundle} receipt`)")
+
+
+def image_store(info: Mapping[str, Any]) -> str:
+    """CLASSIC or CONTAINERD, from the engine's `docker info` (GET /info). The containerd
+    image store reports its snapshotter as DriverStatus [["driver-type",
+    "io.containerd.snapshotter.v1"]] (moby daemon/containerd/service.go, LayerStoreStatus);
+    a graph driver reports its own facts there (overlay2: "Backing Filesystem", ...)."""
+    for row in info.get("DriverStatus") or ():
+        if isinstance(row, list | tuple) and len(row) == 2 and tuple(row) == (
+                "driver-type", _SNAPSHOTTER):
+            return CONTAINERD
+    return CLASSIC
+
+
+def held_layers(client: Any) -> HostLayers:
+    """The engine's image store and every image in it (dangling and intermediate ones too)
+    with its diff IDs: what a receipt records. An image removed while we look is skipped."""
+    errors = docker_sdk().errors
+    try:
+        store = image_store(client.info())
+        ids = sorted({str(i) for i in client.api.images(all=True, quiet=True)})
+        images = []
+        for image_id in ids:
+            try:
+                layers = client.api.inspect_image(image_id)["RootFS"].get("Layers") or []
+            except errors.ImageNotFound:
+                continue
+            images.append(HeldImage(image_id, tuple(str(d) for d in layers)))
+    except (errors.DockerException, *transport_errors()) as exc:
+        raise InstallError(f"the docker engine did not list its images: {_line(str(exc))}",
+                           hint="check `docker info` and the engine's log") from None
+    return HostLayers(store, tuple(images))
+
+
+def require_layers(client: Any, needed: Collection[str]) -> None:
+    """Refuse (PolicyError, before anything changes) unless the engine can supply every layer
+    chain in `needed`: a classic image store holding each one. The error lists what is
+    missing and the fix."""
+    if not needed:
+        return
+    host = held_layers(client)
+    if host.store != CLASSIC:
+        raise PolicyError(
+            f"this engine keeps images in the containerd image store, which loads only "
+            f"complete image archives; this delta bundle leaves {len(set(needed))} layer(s) to "
+            f"the engine", hint=_FIX.replace("{bundle}", progname.prog()))
+    missing = sorted(set(needed) - host.chains())
+    if missing:
+        shown = ", ".join(c.removeprefix("sha256:")[:12] for c in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise PolicyError(
+            f"the docker engine lacks {len(missing)} image layer(s) this delta bundle leaves to "
+            f"it (chain IDs {shown}{more}): were images removed since the receipt?",
+            hint=_FIX.replace("{bundle}", progname.prog()))
 
 
 def _line(text: str) -> str:
