@@ -17,11 +17,7 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import NpmProject
 from bundler.bundle.npmlock import NpmPackage
 from bundler.errors import Cancelled
-<<<<<<< HEAD
-from bundler.install import delta, node_runtime, npm_env, policy, python_env, runas
-=======
-from bundler.install import node_runtime, npm_env, policy, python_env, reuse, runas
->>>>>>> i19-c
+from bundler.install import delta, node_runtime, npm_env, policy, python_env, reuse, runas
 from bundler.install.journal import Journal
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.release import Release
