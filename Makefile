@@ -40,6 +40,7 @@ host-setup:
 lint: venv
 	$(VENV)/bin/ruff check bundler scripts tests
 	$(VENV)/bin/mypy
+	$(PY) scripts/lint_kit.py  # the target kit's modules as Python 3.9 (issue 22)
 
 # bundler against the manual checklist, one run (issue 12); results + chart in bench/results/
 bench: venv

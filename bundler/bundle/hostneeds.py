@@ -29,6 +29,37 @@ def postgres_client(major: int | None = None) -> str:
     return f"postgresql-client-{major if major is not None else '<server major version>'}"
 
 
+# A CPython other than the host's python3, per family of host (issue 22): the package each
+# family's own repositories name it by (uv, carried in the kit, makes the venv: no -venv package).
+_PYTHON_FAMILIES = (
+    ("Debian/Ubuntu", frozenset({"debian", "ubuntu"}), "apt-get install python{v}"),
+    ("RHEL family", frozenset({"rhel", "centos", "fedora", "rocky", "almalinux", "ol"}),
+     "dnf install python{v}"),
+)
+
+
+def os_release(text: str) -> dict[str, str]:
+    """/etc/os-release's fields (os-release(5): KEY=value, the value maybe quoted)."""
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key and not key.startswith("#"):
+            out[key] = value.strip().strip("\"'")
+    return out
+
+
+def python_install(python: str, release: dict[str, str] | None = None) -> str:
+    """How a host installs CPython `python` (e.g. "3.12"): the command of its family, read from
+    its os-release fields (ID, ID_LIKE), or every family's when they are unknown."""
+    ids = set(f"{(release or {}).get('ID', '')} {(release or {}).get('ID_LIKE', '')}".split())
+    for family, members, command in _PYTHON_FAMILIES:
+        if ids & members:
+            name = (release or {}).get("PRETTY_NAME") or family
+            return f"`{command.format(v=python)}` on {name}"
+    return "; ".join(f"{family}: `{command.format(v=python)}`"
+                     for family, _, command in _PYTHON_FAMILIES)
+
+
 def accounts(m: Manifest) -> list[str]:
     """Every account release `m` runs something as, in order of first use."""
     found = [m.runtime.user] + [s.user for s in m.runtime.services]
@@ -96,7 +127,8 @@ def host_needs(m: Manifest) -> tuple[Need, ...]:
            for name in accounts(m)]
     if m.python_lock:
         out.append(Need(f"CPython {m.target.python} (python{m.target.python} or python3 on "
-                        "PATH), for the release's Python environment"))
+                        "PATH), for the release's Python environment (a host whose python3 is "
+                        f"another: {python_install(m.target.python)})"))
     if m.images or m.runtime.compose is not None:
         has = " and ".join(w for w, on in (("images", bool(m.images)),
                                             ("compose project", m.runtime.compose is not None))

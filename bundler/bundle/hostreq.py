@@ -120,9 +120,9 @@ def _norm(value: Any, budget: list[int] | None = None) -> Any:
                           "(YAML aliases?)")
     if isinstance(value, dict):
         return {str(k): _norm(v, budget) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, (list, tuple)):
         return [_norm(v, budget) for v in value]
-    if value is None or isinstance(value, bool | str):
+    if value is None or isinstance(value, (bool, str)):
         return value
     return str(value)
 
@@ -135,7 +135,7 @@ def _listed(value: Any, key: str, service: str) -> list[Any]:
         return [str(k) for k in value]
     if key == "sysctls" and isinstance(value, dict):
         return [f"{k}={'' if v is None else _norm(v)}" for k, v in value.items()]
-    if key == "env_file" and isinstance(value, str | dict):
+    if key == "env_file" and isinstance(value, (str, dict)):
         value = [value]
     if not isinstance(value, list):
         raise Unevaluable(f"service {service}: `{key}` is not a list")

@@ -27,6 +27,7 @@ from typing import IO, Any, cast
 import zstandard
 
 from bundler.bundle.imagearchive import SMALL, LayoutImage, Scan, config_facts, norm_member
+from bundler.compat import zip_strict
 from bundler.errors import BuildError
 from bundler.fsutil import CHUNK
 
@@ -172,7 +173,7 @@ def _plan(scan: Scan, sizes: Mapping[str, int], held: frozenset[str]
             raise ValueError(f"{img.config} lists {len(diffs)} layers, manifest.json "
                              f"{len(img.layers)}")
         rows = []
-        for member, diff, chain in zip(img.layers, diffs, chain_ids(diffs), strict=True):
+        for member, diff, chain in zip_strict(img.layers, diffs, chain_ids(diffs)):
             if member not in sizes:
                 raise ValueError(f"layer {member} is not in the archive")
             uses.setdefault(member, []).append(chain in held)
@@ -308,7 +309,7 @@ def missing_layers(images: Sequence[LayoutImage], configs: Mapping[str, bytes],
             raise ValueError(f"{img.config} lists {len(diffs)} layers, the index "
                              f"{len(img.layers)}")
         label = img.tags[0] if img.tags else img.config
-        for member, diff, chain in zip(img.layers, diffs, chain_ids(diffs), strict=True):
+        for member, diff, chain in zip_strict(img.layers, diffs, chain_ids(diffs)):
             if member not in present:
                 out.append((label, diff, chain))
     return tuple(out)

@@ -166,7 +166,7 @@ def _reject_floats(obj: Any) -> None:
     if isinstance(obj, dict):
         for v in obj.values():
             _reject_floats(v)
-    elif isinstance(obj, list | tuple):
+    elif isinstance(obj, (list, tuple)):
         for v in obj:
             _reject_floats(v)
 

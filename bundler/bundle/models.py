@@ -9,10 +9,10 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from bundler.bundle.platforms import PlatformTag, parse_platform
+from bundler.compat import StrEnum
 
 PLACEHOLDERS = ("{release}", "{files}", "{venv}", "{root}", "{data}", "{data:NAME}")
 # `{data:NAME}`: NAME as NAME_RE allows (no "/", no "."), so it never leaves <root>/data/.

@@ -48,7 +48,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -56,6 +56,7 @@ from typing import Any, BinaryIO
 from bundler import ui
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import DataDir
+from bundler.compat import UTC
 from bundler.errors import InstallError, RecoveryPendingError, SpaceError
 from bundler.fsutil import CHUNK, human_bytes, private_dir, require_space
 from bundler.install import runas

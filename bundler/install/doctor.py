@@ -81,7 +81,8 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
     if target.python_lock:
         exe = python_env.find_python(target.target)
         rows.append(Row(f"python {target.target.python}", "ok" if exe else "fail",
-                        str(exe) if exe else "not found on this host"))
+                        str(exe) if exe else "not found on this host (install it "
+                        f"{python_env.install_hint(target.target.python)})"))
     if target.runtimes is not None:
         rows.append(Row("node/npm", "ok", f"carried in the bundle: node "
                                           f"{target.runtimes.node.version}, npm "

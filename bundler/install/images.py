@@ -294,7 +294,7 @@ def image_store(info: Mapping[str, Any]) -> str:
     "io.containerd.snapshotter.v1"]] (moby daemon/containerd/service.go, LayerStoreStatus);
     a graph driver reports its own facts there (overlay2: "Backing Filesystem", ...)."""
     for row in info.get("DriverStatus") or ():
-        if isinstance(row, list | tuple) and len(row) == 2 and tuple(row) == (
+        if isinstance(row, (list, tuple)) and len(row) == 2 and tuple(row) == (
                 "driver-type", _SNAPSHOTTER):
             return CONTAINERD
     return CLASSIC

@@ -16,6 +16,7 @@ from bundler.bundle import nodetree
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import NpmProject
 from bundler.bundle.npmlock import NpmPackage
+from bundler.compat import zip_strict
 from bundler.errors import Cancelled
 from bundler.install import delta, node_runtime, npm_env, policy, python_env, reuse, runas
 from bundler.install.journal import Journal
@@ -99,7 +100,7 @@ def install(journal: Journal, release: Release, decision: policy.Decision) -> No
             scope.cancel("interrupted")
             wait(futures)
             raise
-        failed = [(name, f.exception()) for (name, _), f in zip(tasks, futures, strict=True)
+        failed = [(name, f.exception()) for (name, _), f in zip_strict(tasks, futures)
                   if f.done() and f.exception() is not None]
         if failed:
             first_name, first = next(((n, e) for n, e in failed

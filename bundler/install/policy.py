@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
@@ -18,6 +18,7 @@ from bundler import __version__, proc, timeouts
 from bundler.bundle.manifest import Manifest, required_version
 from bundler.bundle.models import Target
 from bundler.bundle.platforms import Host, host_platform
+from bundler.compat import UTC
 from bundler.errors import CommandError, PolicyError
 from bundler.install import python_env
 from bundler.install.layout import Layout
@@ -195,7 +196,8 @@ def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: boo
         if found is None:
             raise PolicyError(f"this bundle needs Python {manifest.target.python} on the host, "
                               "and none was found",
-                              hint=f"install python{manifest.target.python}, or build for this "
-                                   "host's Python (target.python in the profile)")
+                              hint=f"install it ({python_env.install_hint(manifest.target.python)}"
+                                   "), or build for this host's Python (target.python in the "
+                                   "profile)")
         python = found
     return Decision(already_current=False, downgrade=downgrade, python=python)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundler import proc, timeouts, tools
+from bundler.bundle import hostneeds
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import Target
 from bundler.errors import CommandError, InstallError
@@ -41,6 +42,20 @@ def find_python(target: Target) -> Path | None:
         if result.returncode == 0 and result.output.strip() == want:
             return Path(exe)
     return None
+
+
+OS_RELEASE = (Path("/etc/os-release"), Path("/usr/lib/os-release"))  # os-release(5)'s order
+
+
+def install_hint(python: str, files: tuple[Path, ...] = OS_RELEASE) -> str:
+    """How this host installs CPython `python`: its family's package, from its os-release."""
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        return hostneeds.python_install(python, hostneeds.os_release(text))
+    return hostneeds.python_install(python)
 
 
 # Logged when uv is missing: the slow path, and one that needs python3-venv on the host.

@@ -8,7 +8,7 @@ before it is listed: what the receipt claims, the host has."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler.bundle.receipt import PAYLOAD_TYPE, Artifact, HeldRelease, Receipt
 from bundler.bundle.signing import key_id, load_private_key, sign_payload
+from bundler.compat import UTC
 from bundler.engine import local_image_ids
 from bundler.errors import StateError
 from bundler.fsutil import atomic_write_bytes, create_file, private_dir

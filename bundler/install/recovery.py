@@ -7,6 +7,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from bundler import ui
 from bundler.errors import (
@@ -34,7 +35,7 @@ def _stale_staging(layout: Layout, keep: Path | None) -> None:
 
 # An install that did not finish: killed mid-way, or its own rollback failed.
 PENDING = ("installing", "rollback_failed")
-DbChoice = str | None  # None: restore only when provably nothing was written since; or
+DbChoice = Optional[str]  # None: restore only when provably nothing was written since; or
 # "restore" / "keep" as the operator chose (--restore-db / --keep-db)
 
 

@@ -13,10 +13,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from bundler import timeouts
+from bundler.compat import UTC
 from bundler.errors import StateError, disk_full
 from bundler.fsutil import create_file, private_dir
 from bundler.install import strict

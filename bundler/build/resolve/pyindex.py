@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import unquote, urldefrag, urljoin, urlsplit, urlunsplit
 from urllib.request import pathname2url, url2pathname
 
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.specifiers import InvalidSpecifier, Specifier, SpecifierSet
 from packaging.tags import Tag
 from packaging.utils import (
     InvalidSdistFilename,
@@ -274,7 +274,11 @@ def _wheel_of(f: ProjectFile, version: Version | None = None
 
 def python_fits(f: ProjectFile, target: Target) -> bool:
     """The file's Requires-Python admits the target's X.Y.0 (what pip download checks with
-    --python-version X.Y); an invalid specifier is ignored, as pip ignores it."""
+    --python-version X.Y); an invalid specifier is ignored, as pip ignores it.
+
+    A clause that excludes one patch release of X.Y (`!=3.9.0,!=3.9.1`: cryptography's) does
+    not exclude the target, which is any CPython X.Y.z (Debian 11 ships 3.9.2, RHEL 9 3.9.18):
+    such clauses are left out, as uv's resolver leaves them out for `--python-version X.Y`."""
     if f.requires_python is None:
         return True
     try:
@@ -282,7 +286,16 @@ def python_fits(f: ProjectFile, target: Target) -> bool:
     except InvalidSpecifier:
         return True
     py = tgt.python_tuple(target)
-    return Version(f"{py[0]}.{py[1]}.0") in spec
+    kept = SpecifierSet(",".join(str(s) for s in spec if not _one_patch_of(s, py)))
+    return Version(f"{py[0]}.{py[1]}.0") in kept
+
+
+def _one_patch_of(clause: Specifier, py: tuple[int, int]) -> bool:
+    """`!=X.Y.Z` (no wildcard) of the target's X.Y."""
+    if clause.operator != "!=" or clause.version.endswith(".*"):
+        return False
+    release = Version(clause.version).release
+    return len(release) == 3 and release[:2] == py
 
 
 def choose_wheel(files: Sequence[ProjectFile], name: str, version: str, target: Target,

@@ -14,12 +14,13 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from bundler import proc
 from bundler.bundle.models import DbKind
+from bundler.compat import UTC
 from bundler.errors import InstallError
 from bundler.redact import redact
 

@@ -63,6 +63,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 from bundler import proc, timeouts
 from bundler.bundle import hostneeds
 from bundler.bundle.models import DbKind
+from bundler.compat import F_SETPIPE_SZ
 from bundler.errors import CommandError, InstallError, LockedError, MigrationError
 from bundler.fsutil import CHUNK, create_file
 from bundler.install.db.base import (
@@ -609,7 +610,7 @@ class _Pump:
         self._dst = os.open(sink, os.O_RDWR | os.O_NONBLOCK)
         for fd in (self._src, self._dst):
             with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+                fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)
 
     def run(self) -> None:
         try:
