@@ -119,3 +119,28 @@ def test_excluding_single_patch_releases_does_not_exclude_the_series(
 
     f = ProjectFile("x-1-py3-none-any.whl", "file:///x", requires_python=requires)
     assert python_fits(f, Target(python, "manylinux_2_28_x86_64")) is fits
+
+
+def test_distutils_is_named_for_debian_and_ubuntu_hosts() -> None:
+    from bundler.bundle import hostneeds
+
+    debian = hostneeds.os_release(OS_RELEASES["debian11"])
+    assert hostneeds.distutils_install(debian) == (
+        "`apt-get install python3-distutils` on Debian GNU/Linux 11 (bullseye)")
+    assert hostneeds.distutils_install(None) == "Debian/Ubuntu: `apt-get install python3-distutils`"
+
+
+def test_install_txt_names_distutils_for_a_39_bundle_only() -> None:
+    from bundler.bundle import hostneeds
+    from bundler.bundle.models import Target
+    from tests.bundles import manifest_for
+
+    def needs(python: str) -> list[str]:
+        m = manifest_for({}, target=Target(python, "manylinux_2_28_x86_64"),
+                         python_lock="python/requirements.lock")
+        return [n.what for n in hostneeds.host_needs(m)]
+
+    assert any("python3-distutils" in n for n in needs("3.9"))
+    assert not any("distutils" in n for n in needs("3.11"))
+    assert any("`apt-get install python3.11`; RHEL family: `dnf install python3.11`" in n
+               for n in needs("3.11"))

@@ -411,8 +411,9 @@ Files (sha256, two spaces, name). To check them all, in this directory:
 
 {sums}
 
-On the air-gapped host (it needs python3 >= 3.11 and nothing else to run the kit), in the
-directory that holds these files (e.g. cd /media/usb):
+On the air-gapped host (the kit runs on its python3, which must be CPython \
+{manifest.target.python}; nothing else
+is needed), in the directory that holds these files (e.g. cd /media/usb):
 {_host_steps(manifest)}
 1. Check the kit's sha256 against the one you were given separately: it is the one file
    that bundler cannot check itself.

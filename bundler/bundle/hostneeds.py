@@ -60,6 +60,21 @@ def python_install(python: str, release: dict[str, str] | None = None) -> str:
                      for family, _, command in _PYTHON_FAMILIES)
 
 
+# uv (which makes the release's venv) refuses a CPython before 3.10 without its distutils,
+# which Debian and Ubuntu package apart from python3 (RHEL's python3 has it).
+UV_DISTUTILS_BEFORE = (3, 10)
+DISTUTILS_PACKAGE = "python3-distutils"  # Debian/Ubuntu, for their python3
+
+
+def distutils_install(release: dict[str, str] | None = None) -> str:
+    """How a host installs distutils for its python3 (Debian/Ubuntu: its own package)."""
+    ids = set(f"{(release or {}).get('ID', '')} {(release or {}).get('ID_LIKE', '')}".split())
+    command = f"apt-get install {DISTUTILS_PACKAGE}"
+    if ids & _PYTHON_FAMILIES[0][1]:
+        return f"`{command}` on {(release or {}).get('PRETTY_NAME') or 'Debian/Ubuntu'}"
+    return f"Debian/Ubuntu: `{command}`"
+
+
 def accounts(m: Manifest) -> list[str]:
     """Every account release `m` runs something as, in order of first use."""
     found = [m.runtime.user] + [s.user for s in m.runtime.services]
@@ -129,6 +144,9 @@ def host_needs(m: Manifest) -> tuple[Need, ...]:
         out.append(Need(f"CPython {m.target.python} (python{m.target.python} or python3 on "
                         "PATH), for the release's Python environment (a host whose python3 is "
                         f"another: {python_install(m.target.python)})"))
+        if tuple(int(x) for x in m.target.python.split(".")) < UV_DISTUTILS_BEFORE:
+            out.append(Need(f"its distutils (Debian/Ubuntu: {DISTUTILS_PACKAGE}), which uv "
+                            f"needs to make a venv for CPython {m.target.python}"))
     if m.images or m.runtime.compose is not None:
         has = " and ".join(w for w, on in (("images", bool(m.images)),
                                             ("compose project", m.runtime.compose is not None))

@@ -199,5 +199,10 @@ def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: boo
                               hint=f"install it ({python_env.install_hint(manifest.target.python)}"
                                    "), or build for this host's Python (target.python in the "
                                    "profile)")
+        lacking = python_env.missing_distutils(found)
+        if lacking is not None:
+            raise PolicyError(f"{found} (CPython {manifest.target.python}) has no distutils, "
+                              "which uv needs to make the release's venv before Python 3.10",
+                              hint=f"install it ({lacking})")
         python = found
     return Decision(already_current=False, downgrade=downgrade, python=python)

@@ -49,13 +49,27 @@ OS_RELEASE = (Path("/etc/os-release"), Path("/usr/lib/os-release"))  # os-releas
 
 def install_hint(python: str, files: tuple[Path, ...] = OS_RELEASE) -> str:
     """How this host installs CPython `python`: its family's package, from its os-release."""
+    return hostneeds.python_install(python, _os_release(files))
+
+
+def _os_release(files: tuple[Path, ...] = OS_RELEASE) -> dict[str, str] | None:
     for path in files:
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            return hostneeds.os_release(path.read_text(encoding="utf-8", errors="replace"))
         except OSError:
             continue
-        return hostneeds.python_install(python, hostneeds.os_release(text))
-    return hostneeds.python_install(python)
+    return None
+
+
+def missing_distutils(python: Path) -> str | None:
+    """How to install what uv needs of `python` and it lacks (distutils, before 3.10), or None.
+    Checked when bundler carries uv: without it, the pip fallback needs the venv module."""
+    if tools.find_uv() is None:
+        return None
+    probe = (f"import sys\nif sys.version_info < {hostneeds.UV_DISTUTILS_BEFORE!r}:\n"
+             "    import distutils.sysconfig")
+    result = proc.run([str(python), "-I", "-c", probe], check=False, timeout=_PYTHON_PROBE)
+    return None if result.returncode == 0 else hostneeds.distutils_install(_os_release())
 
 
 # Logged when uv is missing: the slow path, and one that needs python3-venv on the host.
