@@ -196,3 +196,37 @@ def test_the_build_carries_images_whole_and_says_why(
     assert (got, path, plan.how) == (entry, src, "whole")
     assert why in plan.note and "images travel whole" in plan.note
     assert not (tmp_path / "thin").exists() and not (tmp_path / "thin.part").exists()
+
+
+# --- swarm roots ---------------------------------------------------------------------------
+
+def test_a_swarm_root_refuses_a_layer_delta_before_asking_the_engine(tmp_path: Path) -> None:
+    from bundler.install import delta as install_delta
+    from bundler.install.layout import Layout
+
+    layout = Layout(tmp_path / "root")
+    layout.root.mkdir()
+    layout.swarm_file.write_text("nodes: []\n")
+    before = sorted(p.name for p in layout.root.iterdir())
+    thin = _manifest(dataclasses.replace(IMAGES, host_layers=LAYERS[:1]))
+    with pytest.raises(DeltaError) as err:  # DOCKER_HOST is never asked: refused first
+        install_delta.preflight(layout, thin)
+    assert err.value.exit_code == 24
+    assert "some image layers" in err.value.message and "runs a swarm" in err.value.message
+    assert "full bundle" in err.value.hint
+    assert sorted(p.name for p in layout.root.iterdir()) == before
+
+
+def test_a_swarm_roots_receipt_lists_no_image(tmp_path: Path) -> None:
+    """So a delta built against it carries the images whole, which the swarm install takes."""
+    from bundler.install import receipts
+    from bundler.install.layout import Layout
+
+    layout = Layout(tmp_path / "root")
+    meta = layout.release("1.0.0") / "bundle"
+    meta.mkdir(parents=True)
+    (meta / "manifest.json").write_bytes(_manifest().to_bytes())
+    layout.swarm_file.write_text("nodes: []\n")
+    said: list[str] = []
+    assert receipts._images(layout, ["1.0.0"], said.append) == ((), False)
+    assert "a swarm root" in said[0]

@@ -123,6 +123,9 @@ def _images(layout: Layout, versions: list[str], log: Log) -> tuple[tuple[str, .
             ids.update(i.image_id for i in manifest.images)
     if not ids:
         return (), False
+    if layout.swarm_file.exists():  # each node loads the archive: a delta carries it whole
+        log("a swarm root: no image listed (a delta will carry the images whole)")
+        return (), False
     found = local_image_ids(sorted(ids))
     if found is None:
         log("the docker engine did not answer: no image listed (a delta will carry them)")
