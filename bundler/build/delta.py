@@ -1,5 +1,6 @@
 """`bundle build --against RECEIPT|OLD.bundle`: what the host already has, and so which of a
-release's artifacts a delta bundle leaves out (docs/delta.md).
+release's artifacts a delta bundle leaves out, down to the image layers its engine holds
+(docs/delta.md).
 
 The signed manifest stays the release's complete description; a file the host has is only
 marked `travels: false`. Nothing here is trusted on the target: it re-checks every file it
@@ -111,8 +112,8 @@ def check_fits(has: HostHas, name: str, sequence: int) -> None:
 def mark(entries: Sequence[FileEntry], images: Sequence[ImageRef],
          has: HostHas) -> list[FileEntry]:
     """`entries` with `travels` False for what the host has: a file whose sha256 its store
-    holds; the images' archive when the engine holds every image's exact Image ID (images
-    travel whole or not at all)."""
+    holds; the images' archive when the engine holds every image's exact Image ID (else it
+    travels, whole or thinned by `thin_images`)."""
     images_held = bool(images) and all(i.image_id in has.images for i in images)
     out = []
     for e in entries:
