@@ -222,8 +222,9 @@ def _release_tree(root: Path, version: str) -> dict[str, str]:
     durations), the venv's compiled bytecode (__pycache__), PER_INSTALL in a dist-info, the
     reuse records (bundle/*.record.json: this install's own account of the trees it made, with
     their absolute paths; the trees themselves are compared), and the absolute root path uv
-    writes into the venv's scripts and pyvenv.cfg (compared with the root's path replaced). The signed manifest is compared as what it describes: a delta's
-    own bytes also mark what did not travel."""
+    writes into the venv's scripts and pyvenv.cfg (compared with the root's path replaced).
+    The signed manifest is compared as what it describes: a delta's own bytes also mark what
+    did not travel."""
     rel = root / "releases" / version
     out = {}
     for path, what in tree_snapshot(rel).items():
