@@ -8,7 +8,7 @@ DEMO_ROOT ?= demo-target
 # Reproducible demo bundles: the same commit gives the same bytes (and a no-op re-install).
 export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 1700000000)
 
-.PHONY: venv demo demo-stop test host-setup lint bench bench-quick clean
+.PHONY: venv demo demo-stop test host-setup lint bench bench-delta bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +45,16 @@ lint: venv
 # bundler against the manual checklist, one run (issue 12); results + chart in bench/results/
 bench: venv
 	$(PY) scripts/bench.py --out bench/results
+	$(PY) scripts/bench_delta.py --out bench/results
+
+# only the delta bundles' part (issue 19): bench/results/bench-delta.json
+bench-delta: venv
+	$(PY) scripts/bench_delta.py --out bench/results
 
 # a small workload (no network, about a minute here): what tests/test_bench.py runs in CI
 bench-quick: venv
 	$(PY) scripts/bench.py --quick
+	$(PY) scripts/bench_delta.py --quick
 
 clean:
 	-test -x $(BUNDLE) && test -d $(DEMO_ROOT) && $(BUNDLE) stop --root $(DEMO_ROOT)

@@ -75,3 +75,43 @@ def test_quick_bench_reports_every_ratio(engine: Any, tmp_path: Path) -> None:
                        "target_install_ratio", "verify_busy_vs_sha256",
                        "volumes_busy_vs_sha256", "peak_rss_mib"}
     assert all(isinstance(t["met"], bool) and _positive(t["value"]) for t in result["targets"])
+
+
+def test_quick_delta_bench_reports_every_change(engine: Any, tmp_path: Path) -> None:
+    """The delta part (issue 19): every change row has both bundles, both upgrades (with
+    their step lines) and peak RSS; every target carries a verdict. No timing asserted."""
+    require_netns()
+    for tool in ("npm", "node", "busybox"):
+        if shutil.which(tool) is None:
+            unavailable(f"the bench needs {tool}")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_delta.py"), "--quick", "--json",
+         "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
+        capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)
+    assert result == json.loads((tmp_path / "out" / "bench-delta-quick.json").read_text())
+    assert result["bench"]["quick"] is True
+    assert _positive(result["initial"]["install_seconds"])
+    rows = {r["change"]: r for r in result["changes"]}
+    assert set(rows) == {"version only", "app code", "one wheel", "2 wheels", "whole lock"}
+    for row in rows.values():
+        full, delta = row["full"], row["delta"]
+        assert _positive(full["bytes"]) and _positive(delta["bytes"])
+        assert delta["bytes"] < full["bytes"], row["change"]  # a delta, not a full bundle
+        assert row["delta_carries"]["split"]["host_files"] > 0
+        for kind in ("full", "delta"):
+            up = row["upgrade"][kind]
+            assert _positive(up["seconds"]) and _positive(up["peak_rss_mib"])
+            assert any("Verifying" in step for step in up["breakdown"])
+        assert _positive(delta["peak_rss_mib"])
+        assert any("from the store" in step for step in row["upgrade"]["delta"]["breakdown"])
+    # what changed is what travels: each rebuilt wheel, and nothing else of the lock
+    carried = set(rows["one wheel"]["delta_carries"]["files"])
+    assert [p for p in carried if p.endswith(".whl")] == [
+        p for p in carried if "benchtiny_b" in p], carried
+    assert not any(p.endswith(".whl") for p in rows["app code"]["delta_carries"]["files"])
+    assert {t["metric"] for t in result["targets"]} == {
+        "app_delta_size_ratio", "app_upgrade_time_ratio", "wheel_delta_excess_mb",
+        "delta_peak_rss_mib"}
+    assert all(isinstance(t["met"], bool) and _positive(t["value"]) for t in result["targets"])

@@ -219,16 +219,19 @@ PER_INSTALL = ("uv_cache.json", "RECORD")
 def _release_tree(root: Path, version: str) -> dict[str, str]:
     """What the release directory holds, but for what is inherently this root's and this
     run's: logs/ and run/ (its processes' output and pids), report.json and REPORT.md (times,
-    durations), the venv's compiled bytecode (__pycache__), PER_INSTALL in a dist-info, and
-    the absolute root path uv writes into the venv's scripts and pyvenv.cfg (compared with the
-    root's path replaced). The signed manifest is compared as what it describes: a delta's
-    own bytes also mark what did not travel."""
+    durations), the venv's compiled bytecode (__pycache__), PER_INSTALL in a dist-info, the
+    reuse records (bundle/*.record.json: this install's own account of the trees it made, with
+    their absolute paths; the trees themselves are compared), and the absolute root path uv
+    writes into the venv's scripts and pyvenv.cfg (compared with the root's path replaced).
+    The signed manifest is compared as what it describes: a delta's own bytes also mark what
+    did not travel."""
     rel = root / "releases" / version
     out = {}
     for path, what in tree_snapshot(rel).items():
         top, name = path.split("/")[0], path.rsplit("/", 1)[-1]
         if top in ("logs", "run", "report.json", "REPORT.md") or "__pycache__" in path \
-                or (".dist-info/" in path and name in PER_INSTALL):
+                or (".dist-info/" in path and name in PER_INSTALL) \
+                or (top == "bundle" and name.endswith(".record.json")):
             continue
         if path == "bundle/manifest.json":
             m = parse_manifest((rel / path).read_bytes())

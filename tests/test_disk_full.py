@@ -51,15 +51,18 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def _heavy(project: Project) -> None:
-    """A wheel of 400 modules beside tinygreet: a venv and bytecode step that take a while."""
+def _heavy(project: Project, version: str) -> None:
+    """A wheel of 400 modules beside tinygreet: a venv and bytecode step that take a while.
+    Each release gets its own version of it, so that the upgrade installs its venv (an
+    unchanged wheel set would reuse the previous release's: docs/design/reuse.md)."""
     files = {f"heavy/m{i}.py": f"X = {i}\n" + "def f():\n    return 1\n" * 50
              for i in range(400)}
     files["heavy/__init__.py"] = ""
-    whl = make_wheel(project.wheelhouse, "heavy", "1.0", files)
+    whl = make_wheel(project.wheelhouse, "heavy", version, files)
     sha = hashlib.sha256(whl.read_bytes()).hexdigest()
-    with open(project.dir / "requirements.txt", "a") as f:
-        f.write(f"heavy==1.0 --hash=sha256:{sha}\n")
+    reqs = project.dir / "requirements.txt"
+    kept = [line for line in reqs.read_text().splitlines() if not line.startswith("heavy==")]
+    reqs.write_text("\n".join([*kept, f"heavy=={version} --hash=sha256:{sha}"]) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +72,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
 
     base = tmp_path_factory.mktemp("diskfull")
     project = make_project(base)
-    _heavy(project)
+    _heavy(project, "1.0")
     keys = (base / "k.key", base / "k.pub")
     assert bundle("keygen", base / "k").rc == 0
     write_migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
@@ -77,6 +80,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
     v1 = build_release(project, keys, base / "cache", "1.0.0", 1)
     write_migration(project, "002_more.sql", "ALTER TABLE items ADD COLUMN note text;\n"
                     "INSERT INTO items VALUES (4, 'v2');\n")
+    _heavy(project, "2.0")
     v2 = build_release(project, keys, base / "cache", "2.0.0", 2)
     return v1, v2, keys[1]
 

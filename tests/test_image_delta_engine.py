@@ -19,7 +19,7 @@ import zstandard
 from bundler.build.cache import Cache
 from bundler.build.resolve.images import ImagesFetched, ImageSpec, fetch
 from bundler.bundle.imagedelta import CLASSIC, chain_ids, thin
-from bundler.errors import ImageLoadError, PolicyError
+from bundler.errors import DeltaError, ImageLoadError
 from bundler.install.images import held_layers, load, require_layers
 from tests import docker_fixtures as dfx
 from tests.helpers import unavailable
@@ -107,13 +107,13 @@ def test_an_engine_without_the_base_is_refused_before_anything_is_loaded(
     assert got.omitted_chains[0] not in held_layers(engine).chains()
     repo = release.new.rsplit(":", 1)[0]
 
-    with pytest.raises(PolicyError) as caught:
+    with pytest.raises(DeltaError) as caught:
         load(tmp_path / "thin.tar.zst", full.images, log, omitted=got.omitted_chains)
-    assert caught.value.exit_code == 8
+    assert caught.value.exit_code == 24
     assert "lacks 1 image layer" in caught.value.message
     assert got.omitted_chains[0].removeprefix("sha256:")[:12] in caught.value.message
     assert engine.api.images(name=repo, all=True) == []
-    with pytest.raises(PolicyError):
+    with pytest.raises(DeltaError):
         require_layers(engine, got.omitted_chains)  # the same check, alone (install preflight)
 
     # a manifest that does not list the missing layer: the stream check aborts the upload

@@ -28,7 +28,7 @@ from bundler.bundle.imagedelta import (
     chain_ids,
     thin,
 )
-from bundler.errors import BuildError, PolicyError
+from bundler.errors import BuildError, DeltaError
 from bundler.install import images
 from bundler.install.images import held_layers, image_store, require_layers
 from tests.helpers import REPO
@@ -378,9 +378,9 @@ def test_require_layers_names_what_is_missing_and_the_fix() -> None:
     require_layers(client, chain_ids([A, B]))  # held: no error
     require_layers(FakeClient(INFO_CONTAINERD, {}), ())  # nothing needed: no question asked
     lacking = chain_ids([A, C])[1]
-    with pytest.raises(PolicyError) as caught:
+    with pytest.raises(DeltaError) as caught:
         require_layers(client, [A, lacking])
-    assert caught.value.exit_code == PolicyError.exit_code == 8
+    assert caught.value.exit_code == DeltaError.exit_code == 24
     assert "lacks 1 image layer" in caught.value.message
     assert lacking.removeprefix("sha256:")[:12] in caught.value.message
     assert "full bundle" in caught.value.hint and "receipt" in caught.value.hint
@@ -388,7 +388,7 @@ def test_require_layers_names_what_is_missing_and_the_fix() -> None:
 
 def test_require_layers_refuses_the_containerd_store_up_front() -> None:
     client = FakeClient(INFO_CONTAINERD, {C: [A, B]})  # it even has the layers
-    with pytest.raises(PolicyError) as caught:
+    with pytest.raises(DeltaError) as caught:
         require_layers(client, [A])
     assert "containerd image store" in caught.value.message
     assert "full bundle" in caught.value.hint

@@ -41,6 +41,7 @@ class BuildResult:
     fetched: int             # artifacts downloaded by this build (0: the cache had all)
     warnings: tuple[str, ...] = ()
     against: delta.HostHas | None = None  # a delta bundle: what the host was taken to have
+    images: delta.ImagesPlan | None = None  # a delta with images: how they travel
 
 
 def build_time() -> int:
@@ -140,6 +141,18 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
           sequence: int | None = None, part_size: int | None = None,
           lock_path: Path | None = None, frozen: bool = False,
           against: delta.HostHas | None = None) -> BuildResult:
+    # A delta's thin image archive is written here, packed, then removed.
+    thin_file = out_dir / f".{profile.name}-{profile.version}.images.thin"
+    try:
+        return _build(profile, key, out_dir, cache, sequence, part_size, lock_path, frozen,
+                      against, thin_file)
+    finally:
+        thin_file.unlink(missing_ok=True)
+
+
+def _build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
+           sequence: int | None, part_size: int | None, lock_path: Path | None, frozen: bool,
+           against: delta.HostHas | None, thin_file: Path) -> BuildResult:
     created = build_time()
     harmless = _check_prisma(profile)  # before the actions: a refusal should come at once
     actions.run_all(profile.actions)
@@ -220,6 +233,13 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
         delta.check_fits(against, profile.name, sequence)
         ui.note(against.note)
         entries = delta.mark(entries, current.images, against)
+    images_plan = None
+    if against is not None and current.images_archive is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        at = next(i for i, e in enumerate(entries) if e.kind == "images")
+        entries[at], sources[IMAGES_PATH], images_plan = delta.thin_images(
+            entries[at], sources[IMAGES_PATH], against, thin_file)
+        ui.note(images_plan.note)
     manifest = Manifest(
         name=profile.name,
         version=profile.version,
@@ -255,11 +275,11 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
     _remove_stale(out, volume_set=index is not None)
     if index is None:
         return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()), (),
-                           relocked, fetched, warnings, against)
+                           relocked, fetched, warnings, against, images_plan)
     index_file = volumes.write_index(out, index, key)
     parts = tuple(out_dir / p.file for p in index.parts)
     return BuildResult(index_file, manifest, index.total_size, key_id(key.public_key()), parts,
-                       relocked, fetched, warnings, against)
+                       relocked, fetched, warnings, against, images_plan)
 
 
 def npm_target(target: Target) -> dict[str, str]:

@@ -24,9 +24,13 @@ from bundler.redact import redact
 
 
 def split(m: Manifest) -> dict[str, int]:
-    """What a bundle carries and what it leaves to the host (a delta), in files and bytes."""
+    """What a bundle carries and what it leaves to the host (a delta), in files and bytes;
+    and of a thin image archive (travel_bytes counts it), the image layers the host's engine
+    supplies (uncompressed bytes)."""
     return {"travel_files": len(m.travelling), "travel_bytes": m.travel_size,
-            "host_files": len(m.from_host), "host_bytes": sum(f.size for f in m.from_host)}
+            "host_files": len(m.from_host), "host_bytes": sum(f.size for f in m.from_host),
+            "host_layers": len(m.host_layers),
+            "host_layer_bytes": sum(x.size for x in m.host_layers)}
 
 
 def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -42,7 +46,7 @@ def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> d
         "builder": m.builder,
         "target": m.target.to_json(),
         "payload_size": m.payload_size,
-        "delta": split(m) if m.from_host else None,  # what a delta leaves to the host
+        "delta": split(m) if m.is_delta else None,  # what a delta leaves to the host
         "files": [f.to_json() for f in m.files],
         "wheels": _wheels(m),
         "npm": [{"project": p.dest, "omit_dev": p.omit_dev,
@@ -164,12 +168,14 @@ def diff(old: Manifest, new: Manifest) -> dict[str, Any]:
         "env": _env_diff(old.runtime.env, new.runtime.env),
         # NEW as a delta: what it leaves to the host; else what a delta of it built
         # `--against OLD` would carry (the host having installed OLD).
-        "delta": split(new) if new.from_host else split(against(old, new)),
+        "delta": split(new) if new.is_delta else split(against(old, new)),
     }
 
 
 def against(old: Manifest, new: Manifest) -> Manifest:
-    """`new` marked as `bundle build --against OLD` would mark it (bundler.build.delta)."""
+    """`new` marked as `bundle build --against OLD` would mark it (bundler.build.delta):
+    images whole, or not at all when OLD has every Image ID (an old bundle does not tell the
+    host's image store, so no layer is left out)."""
     have = {f.sha256 for f in old.files if f.kind != "images"}
     old_ids = {i.image_id for i in old.images}
     images_held = bool(new.images) and all(i.image_id in old_ids for i in new.images)

@@ -55,6 +55,19 @@ RESERVED = ("envelope.json",)
 KIND_PREFIX = {"wheel": "python/", "lock": "python/", "file": "files/", "npm": "npm/",
                "images": "images/", "runtime": "runtimes/"}
 COMPOSE_PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+CHAIN_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class HostLayer:
+    """A layer a delta's thin image archive leaves out: the target's engine must hold its
+    chain (bundler.bundle.imagedelta). `size`: the layer's uncompressed bytes."""
+
+    chain_id: str  # "sha256:<hex>", the OCI ChainID of the image's layers up to this one
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chain_id": self.chain_id, "size": self.size}
 
 
 @dataclass(frozen=True)
@@ -66,10 +79,16 @@ class FileEntry:
     # False: a delta bundle does not carry it; the host supplies it from its store (or, for
     # the images, its engine). Written only when False, so a full manifest keeps its bytes.
     travels: bool = True
+    # The images' archive of a layer delta: size and sha256 are the thin archive's, and these
+    # are the layers it leaves to the engine (sorted by chain ID). Written only when some
+    # are, so a full manifest keeps its bytes.
+    host_layers: tuple[HostLayer, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "size": self.size, "sha256": self.sha256,
-                "kind": self.kind} | ({} if self.travels else {"travels": False})
+                "kind": self.kind} | ({} if self.travels else {"travels": False}) \
+            | ({"host_layers": [x.to_json() for x in self.host_layers]}
+               if self.host_layers else {})
 
 
 @dataclass(frozen=True)
@@ -136,6 +155,21 @@ class Manifest:
     @property
     def travel_size(self) -> int:
         return sum(f.size for f in self.travelling)
+
+    @property
+    def host_layers(self) -> tuple[HostLayer, ...]:
+        """The image layers a delta's thin archive leaves to the target's engine."""
+        return tuple(x for f in self.files if f.kind == "images" for x in f.host_layers)
+
+    @property
+    def host_chains(self) -> tuple[str, ...]:
+        return tuple(x.chain_id for x in self.host_layers)
+
+    @property
+    def is_delta(self) -> bool:
+        """It leaves something to the host: files (its store), images or layers (its
+        engine)."""
+        return bool(self.from_host or self.host_layers)
 
     def file(self, path: str) -> FileEntry:
         for f in self.files:
@@ -378,6 +412,29 @@ def _data_dirs(raw: Any) -> tuple[DataDir, ...]:
     return out
 
 
+def _host_layers(raw: Any, path: str, kind: str, travels: bool) -> tuple[HostLayer, ...]:
+    """A thin images archive's layers left to the engine: one form only (a non-empty list
+    sorted by chain ID, each chain once, exactly {chain_id, size}), on a travelling file of
+    kind images."""
+    if kind != "images" or not travels:
+        raise ValueError(f"file {path!r}: host_layers belong to a travelling images archive")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"file {path!r}: host_layers must be a non-empty list")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict) or set(item) != {"chain_id", "size"}:
+            raise ValueError(f"file {path!r}: a host layer is not {{chain_id, size}}")
+        chain = _matching(item["chain_id"], "host layer chain_id", CHAIN_RE)
+        size = _int(item["size"], "host layer size")
+        if size < 0:
+            raise ValueError(f"file {path!r}: negative host layer size")
+        out.append(HostLayer(chain, size))
+    chains = [x.chain_id for x in out]
+    if chains != sorted(set(chains)):
+        raise ValueError(f"file {path!r}: host_layers are not sorted by chain ID, each once")
+    return tuple(out)
+
+
 def _from_json(doc: Any) -> Manifest:
     if not isinstance(doc, dict):
         raise ValueError("manifest must be an object")
@@ -405,13 +462,15 @@ def _from_json(doc: Any) -> Manifest:
         size = _int(raw["size"], "size")
         if size < 0:
             raise ValueError(f"negative size for {path!r}")
-        if set(raw) - {"path", "size", "sha256", "kind", "travels"}:
+        if set(raw) - {"path", "size", "sha256", "kind", "travels", "host_layers"}:
             raise ValueError(f"file {path!r} has unknown keys")
         # One form only: absent means it travels, so only `false` may be written.
         if "travels" in raw and raw["travels"] is not False:
             raise ValueError(f"file {path!r}: travels may only be false")
+        layers = _host_layers(raw["host_layers"], path, kind, "travels" not in raw) \
+            if "host_layers" in raw else ()
         files.append(FileEntry(path=path, size=size, sha256=sha, kind=kind,
-                               travels="travels" not in raw))
+                               travels="travels" not in raw, host_layers=layers))
     python = doc.get("python")
     lock = _str(python["lock"], "python.lock") if python else None
     if lock is not None and lock not in seen:

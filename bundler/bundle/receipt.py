@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from bundler.bundle.imagedelta import HostLayers
 from bundler.bundle.manifest import SHA256_RE, canonical_json, strict_loads
 from bundler.bundle.models import NAME_RE, VERSION_RE
 from bundler.bundle.signing import TrustedKey, unverified_payload, verify_payload
@@ -25,6 +26,9 @@ _KEYID_RE = re.compile(r"^[0-9a-f]{16}$")
 _TIME_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")
 _KEYS = {"schema", "product", "created", "host_key", "accepted_sequence", "current", "kept",
          "artifacts", "images"}
+# Written by a host whose engine was asked (bundler 19-d on); an older receipt has none, and
+# a delta built against it carries images whole.
+_OPTIONAL = {"engine"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ class Receipt:
     kept: tuple[HeldRelease, ...]  # every release directory the root keeps, current included
     artifacts: tuple[Artifact, ...]  # store objects, each re-hashed when the receipt was made
     images: tuple[str, ...]  # Image IDs of the releases' images present in the engine
+    # Those images' layers and the engine's image store (classic: their layer chains can be
+    # left out of a delta's image archive). None: the engine was not asked, or an old receipt.
+    engine: HostLayers | None = None
     schema: int = SCHEMA
 
     def to_json(self) -> dict[str, Any]:
@@ -64,7 +71,8 @@ class Receipt:
                 "kept": [r.to_json() for r in self.kept],
                 "artifacts": [a.to_json() for a in sorted(self.artifacts,
                                                           key=lambda a: a.sha256)],
-                "images": sorted(self.images)}
+                "images": sorted(self.images)} \
+            | ({"engine": self.engine.to_dict()} if self.engine is not None else {})
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_json())
@@ -111,11 +119,13 @@ def parse_receipt(data: bytes, what: str = "receipt") -> Receipt:
                          ) from None
 
 
-def _keys(doc: Any, keys: set[str], what: str) -> dict[str, Any]:
+def _keys(doc: Any, keys: set[str], what: str, optional: frozenset[str] = frozenset()
+          ) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise ValueError(f"{what} must be an object")
-    if set(doc) != keys:
-        extra, missing = sorted(set(doc) - keys), sorted(keys - set(doc))
+    if set(doc) - optional != keys:
+        extra = sorted(set(doc) - keys - optional)
+        missing = sorted(keys - set(doc))
         raise ValueError(f"{what}: " + "; ".join(
             ([f"unknown keys {', '.join(extra)}"] if extra else [])
             + ([f"missing keys {', '.join(missing)}"] if missing else [])))
@@ -146,8 +156,22 @@ def _list(raw: Any, what: str) -> list[Any]:
     return raw
 
 
+def _engine(raw: Any) -> HostLayers:
+    """The engine's image store and its images' layers, as strictly as the rest: exact keys,
+    each image once, digests sha256:<64 hex>."""
+    doc = _keys(raw, {"store", "images"}, "engine")
+    for i, item in enumerate(_list(doc["images"], "engine.images")):
+        _keys(item, {"id", "diff_ids"}, f"engine.images[{i}]")
+        for j, diff in enumerate(_list(item["diff_ids"], f"engine.images[{i}].diff_ids")):
+            _text(diff, f"engine.images[{i}].diff_ids[{j}]", _IMAGE_ID_RE)
+    layers = HostLayers.from_dict(doc)
+    if len({img.image_id for img in layers.images}) != len(layers.images):
+        raise ValueError("an engine image is listed twice")
+    return layers
+
+
 def _from_json(raw: Any) -> Receipt:
-    doc = _keys(raw, _KEYS, "receipt")
+    doc = _keys(raw, _KEYS, "receipt", frozenset(_OPTIONAL))
     if _int(doc["schema"], "schema") != SCHEMA:
         raise ValueError(f"unsupported receipt schema {doc['schema']} (this bundler reads "
                          f"{SCHEMA})")
@@ -171,4 +195,5 @@ def _from_json(raw: Any) -> Receipt:
                    host_key=_text(doc["host_key"], "host_key", _KEYID_RE),
                    accepted_sequence=_int(doc["accepted_sequence"], "accepted_sequence"),
                    current=current, kept=kept, artifacts=tuple(artifacts),
-                   images=tuple(images))
+                   images=tuple(images),
+                   engine=_engine(doc["engine"]) if "engine" in doc else None)

@@ -150,6 +150,7 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
                    "locked": result.locked, "fetched": result.fetched,
                    "warnings": list(result.warnings),
                    "delta": (split(result.manifest) | result.against.to_json()
+                             | {"images": result.images.to_json() if result.images else None}
                              if result.against else None)})
     else:
         for w in result.warnings:
@@ -162,7 +163,8 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
             d = split(result.manifest)
             click.echo(f"delta against {result.against.label}: {d['travel_files']} file(s) "
                        f"travel ({human_bytes(d['travel_bytes'])}), {d['host_files']} the host "
-                       f"must supply ({human_bytes(d['host_bytes'])})")
+                       f"must supply ({human_bytes(d['host_bytes'])})"
+                       + (f"; {result.images.note}" if result.images else ""))
         if made:
             _say_kit(made)
 

@@ -131,7 +131,9 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
         _say_delta(info["delta"])
     for f in info["files"]:
         click.echo(f"    {f['kind']:<6} {human_bytes(f['size']):>10}  {f['path']}"
-                   + ("  (from the host)" if f.get("travels") is False else ""))
+                   + ("  (from the host)" if f.get("travels") is False else "")
+                   + (f"  (thin: {len(f['host_layers'])} layer(s) from the host's engine)"
+                      if f.get("host_layers") else ""))
     if info["parts"]:
         click.echo(f"  volumes {len(info['parts'])} parts:")
         for p in info["parts"]:
@@ -163,6 +165,9 @@ def _say_delta(d: dict[str, int]) -> None:
     click.echo(f"  delta   {d['travel_files']} file(s) travel ({human_bytes(d['travel_bytes'])}),"
                f" {d['host_files']} the host must supply from its store or engine "
                f"({human_bytes(d['host_bytes'])})")
+    if d.get("host_layers"):
+        click.echo(f"  layers  the image archive travels thin: {d['host_layers']} layer(s) "
+                   f"({human_bytes(d['host_layer_bytes'])}) the host's engine must supply")
 
 
 @cli.command()

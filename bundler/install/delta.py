@@ -1,7 +1,8 @@
 """A delta bundle on the target: what it leaves to the host must be here, intact, before
 anything changes (docs/delta.md). Files come from the content store (bundler.install.store);
 the images, when their archive does not travel, from the engine, which must hold every one of
-them by its exact Image ID."""
+them by its exact Image ID; and when a thin archive travels, the layer chains it leaves out,
+from the engine's (classic) image store."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from bundler.bundle.imageref import canonical_tag
 from bundler.bundle.manifest import Manifest
 from bundler.engine import docker_sdk, engine_client, local_image_ids
 from bundler.errors import DeltaError, ImageLoadError
+from bundler.install import images as engine_images
 from bundler.install import store
 from bundler.install.layout import Layout
 from bundler.ui import Log
@@ -25,17 +27,21 @@ def preflight(layout: Layout, m: Manifest) -> None:
     """Before anything changes: every store object the delta leaves out is present and
     re-hashes to its digest, and every image it leaves out is in the engine. DeltaError
     naming them all otherwise."""
-    if not m.from_host:
+    if not m.is_delta:
         return
-    if layout.swarm_file.exists() and images_from_host(m):
-        raise DeltaError(f"{m.name} {m.version} leaves its images to the host, but this root "
-                         "runs a swarm, whose nodes each need them; nothing was changed",
+    if layout.swarm_file.exists() and (images_from_host(m) or m.host_layers):
+        what = "its images" if images_from_host(m) else "some image layers"
+        raise DeltaError(f"{m.name} {m.version} leaves {what} to the host, but this root "
+                         "runs a swarm, whose nodes each load the release's image archive "
+                         "(now, or when a node is replaced); nothing was changed",
                          hint="carry the full bundle (build without --against)")
     lacking = [str(p) for p in store.check(layout, m.from_host)]
     if images_from_host(m):
         lacking += [f"image {x}: not in the engine" for x in _missing_images(m)]
     if lacking:
         raise store.missing_error(lacking, m)
+    if m.host_layers:  # DeltaError naming the chains the engine lacks, with the fix
+        engine_images.require_layers(engine_client(DeltaError), m.host_chains)
 
 
 def _image_ids(ids: Sequence[str]) -> dict[str, str | None]:

@@ -14,9 +14,9 @@ it registers anything). After a load, every tag is checked once more with `docke
 A thin archive (bundler.bundle.imagedelta: a delta bundle's, without the layers the host's
 engine holds) loads the same way: the engine takes a layer whose chain it holds from its own
 store. `require_layers` checks, before anything changes, that the engine holds every chain the
-signed manifest says it must supply, and refuses the containerd image store, which cannot load
-such an archive; the stream check then refuses a layer missing from the archive that the
-manifest did not list. Why: docs/design/image-delta.md.
+signed manifest says it must supply (DeltaError, exit 24), and refuses the containerd image
+store, which cannot load such an archive; the stream check then refuses a layer missing from
+the archive that the manifest did not list. Why: docs/design/image-delta.md.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from bundler.bundle.imagearchive import ImageRecord, Scan, norm_member
 from bundler.bundle.imagedelta import CLASSIC, CONTAINERD, HeldImage, HostLayers, missing_layers
 from bundler.bundle.imageref import canonical_tag
 from bundler.engine import docker_sdk, engine_client, transport_errors
-from bundler.errors import ImageLoadError, InstallError, PolicyError
+from bundler.errors import DeltaError, ImageLoadError, InstallError
 from bundler.faults import fault_point
 from bundler.fsutil import CHUNK, human_bytes
 from bundler.ui import Log
@@ -300,19 +300,24 @@ def image_store(info: Mapping[str, Any]) -> str:
     return CLASSIC
 
 
-def held_layers(client: Any) -> HostLayers:
-    """The engine's image store and every image in it (dangling and intermediate ones too)
-    with its diff IDs: what a receipt records. An image removed while we look is skipped."""
+def held_layers(client: Any, only: Collection[str] | None = None) -> HostLayers:
+    """The engine's image store and every image in it (dangling and intermediate ones too;
+    `only`: just these Image IDs, those it holds) with its diff IDs: what a receipt records.
+    An image removed while we look is skipped."""
     errors = docker_sdk().errors
     try:
         store = image_store(client.info())
-        ids = sorted({str(i) for i in client.api.images(all=True, quiet=True)})
+        ids = sorted({str(i) for i in client.api.images(all=True, quiet=True)} if only is None
+                     else set(only))
         images = []
         for image_id in ids:
             try:
-                layers = client.api.inspect_image(image_id)["RootFS"].get("Layers") or []
+                found = client.api.inspect_image(image_id)
             except errors.ImageNotFound:
                 continue
+            if str(found["Id"]) != image_id:  # `only` names IDs; never a tag's other image
+                continue
+            layers = found["RootFS"].get("Layers") or []
             images.append(HeldImage(image_id, tuple(str(d) for d in layers)))
     except (errors.DockerException, *transport_errors()) as exc:
         raise InstallError(f"the docker engine did not list its images: {_line(str(exc))}",
@@ -321,14 +326,14 @@ def held_layers(client: Any) -> HostLayers:
 
 
 def require_layers(client: Any, needed: Collection[str]) -> None:
-    """Refuse (PolicyError, before anything changes) unless the engine can supply every layer
-    chain in `needed`: a classic image store holding each one. The error lists what is
-    missing and the fix."""
+    """Refuse (DeltaError, exit 24, before anything changes) unless the engine can supply
+    every layer chain in `needed`: a classic image store holding each one. The error lists
+    what is missing and the fix."""
     if not needed:
         return
     host = held_layers(client)
     if host.store != CLASSIC:
-        raise PolicyError(
+        raise DeltaError(
             f"this engine keeps images in the containerd image store, which loads only "
             f"complete image archives; this delta bundle leaves {len(set(needed))} layer(s) to "
             f"the engine", hint=_FIX.replace("{bundle}", progname.prog()))
@@ -336,7 +341,7 @@ def require_layers(client: Any, needed: Collection[str]) -> None:
     if missing:
         shown = ", ".join(c.removeprefix("sha256:")[:12] for c in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise PolicyError(
+        raise DeltaError(
             f"the docker engine lacks {len(missing)} image layer(s) this delta bundle leaves to "
             f"it (chain IDs {shown}{more}): were images removed since the receipt?",
             hint=_FIX.replace("{bundle}", progname.prog()))

@@ -14,12 +14,14 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from bundler.bundle.imagedelta import HostLayers
 from bundler.bundle.receipt import PAYLOAD_TYPE, Artifact, HeldRelease, Receipt
 from bundler.bundle.signing import key_id, load_private_key, sign_payload
 from bundler.compat import UTC
-from bundler.engine import local_image_ids
-from bundler.errors import StateError
+from bundler.engine import engine_client, local_image_ids
+from bundler.errors import BundlerError, StateError
 from bundler.fsutil import atomic_write_bytes, create_file, private_dir
+from bundler.install import images as engine_images
 from bundler.install import store
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.state import State
@@ -69,7 +71,10 @@ class Made:
                 "current": r.current.to_json() if r.current else None,
                 "kept": [k.to_json() for k in r.kept], "artifacts": len(r.artifacts),
                 "artifact_bytes": sum(a.size for a in r.artifacts), "images": len(r.images),
-                "engine": self.engine, "unprovable": list(self.unprovable)}
+                "engine": self.engine,
+                "image_store": r.engine.store if r.engine is not None else None,
+                "layer_chains": len(r.engine.chains()) if r.engine is not None else 0,
+                "unprovable": list(self.unprovable)}
 
 
 def make(layout: Layout, out: Path, log: Log) -> Made:
@@ -95,12 +100,14 @@ def make(layout: Layout, out: Path, log: Log) -> Made:
     for name in bad:
         log(f"store object {name[:16]}... does not re-hash to its name: not listed")
     images, engine = _images(layout, [r.version for r in kept], log)
+    layers = _layers(images, log) if images else None
     key = host_key(layout)
     receipt = Receipt(
         product=product[0], created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         host_key=key_id(key.public_key()), accepted_sequence=product[1],
         current=next((h for h in held if h.version == current), None), kept=held,
-        artifacts=tuple(Artifact(h.sha256, h.size) for h in good), images=images)
+        artifacts=tuple(Artifact(h.sha256, h.size) for h in good), images=images,
+        engine=layers)
     path = out / f"{product[0]}.receipt" if out.is_dir() else out
     atomic_write_bytes(path, sign_payload(receipt.to_bytes(), PAYLOAD_TYPE, key))
     return Made(path, receipt, receipt.host_key, public_pem(key).decode(), layout.host_pub,
@@ -117,8 +124,24 @@ def _images(layout: Layout, versions: list[str], log: Log) -> tuple[tuple[str, .
             ids.update(i.image_id for i in manifest.images)
     if not ids:
         return (), False
+    if layout.swarm_file.exists():  # each node loads the archive: a delta carries it whole
+        log("a swarm root: no image listed (a delta will carry the images whole)")
+        return (), False
     found = local_image_ids(sorted(ids))
     if found is None:
         log("the docker engine did not answer: no image listed (a delta will carry them)")
         return (), False
     return tuple(sorted(i for i, have in found.items() if have == i)), True
+
+
+def _layers(held: tuple[str, ...], log: Log) -> HostLayers | None:
+    """The image store and the layers of the images in `held` (the releases' own, which the
+    engine holds): what lets a delta leave their layer chains out. Only the product's images
+    are named, not everything else the engine holds (docs/delta.md: what a receipt reveals).
+    None when the engine does not answer: a delta then carries images whole."""
+    try:
+        return engine_images.held_layers(engine_client(BundlerError), only=held)
+    except BundlerError as exc:
+        log(f"the docker engine did not list its layers ({exc.message.splitlines()[0]}): "
+            "a delta will carry images whole")
+        return None

@@ -75,7 +75,8 @@ class ProcessRuntime:
     def load_images(self, log: Log) -> list[str] | None:
         """Load the release's images into the engine, each checked against its signed Image
         ID; the nodes loaded (None: this host's engine only)."""
-        images.load(self.rel.images_archive, self._image_records(), log)
+        images.load(self.rel.images_archive, self._image_records(), log,
+                     omitted=self.manifest.host_chains)  # a delta's thin archive
         return None
 
     def _image_records(self) -> list[ImageRecord]:

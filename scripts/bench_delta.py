@@ -1,0 +1,420 @@
+#!/usr/bin/env python3
+"""`make bench`, delta part (issue 19): what an upgrade costs when the host says what it has.
+
+The stack is bench.py's (seed 001's 30 wheels, its npm project, three ~100 MiB images) plus
+seed 001's backend code as `files:`. Release 1.0.0 is built and installed (offline) into a
+root, which then writes its receipt (`bundle receipt`); a copy of that root (`cp -a`, same
+path when restored) is the host state every upgrade starts from. For each change (nothing
+but the version, the application code, one wheel, several wheels, every wheel of the lock),
+release 1.1.0 is built twice from the same lock and warm cache, in full and `--against` the
+receipt, and each bundle is installed as the upgrade on a freshly restored root, under
+`unshare -n`, side by side in one run, in turns (full, delta, then delta, full, ...), the best
+of each kept. A changed wheel is the same wheel rebuilt with one module changed (a new sha256,
+as a patched rebuild or a new version would have), served by an index of its own.
+
+Printed against issue 19's targets (never timing asserts in tests): app code only, delta
+<= 2% of the full bundle and its upgrade <= 30% of the full one's wall time; one wheel, delta
+<= that wheel + 1 MB; peak RSS (the bundler process's own VmHWM) of the delta build and
+install < 150 MiB. A missed upgrade-time target gets a cProfile summary of a separate delta
+upgrade; every upgrade carries its per-step breakdown (bundler's own `==>` lines).
+
+    python scripts/bench_delta.py [--quick] [--json] [--out DIR] [--no-profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bench
+from bench import MIB, Setup, bundle_cmd, checked, read_hwm, say, step_breakdown
+from tests.npm_registry import make_project
+from tests.pyindex_server import serve, write_index
+
+MB = 1_000_000
+
+# Issue 19's targets, never loosened: (op, bound, what).
+TARGETS: dict[str, tuple[str, float, str]] = {
+    "app_delta_size_ratio": ("<=", 0.02, "app code only: delta <= 2% of the full bundle"),
+    "app_upgrade_time_ratio": ("<=", 0.30, "app code only: delta upgrade <= 30% of full's"),
+    "wheel_delta_excess_mb": ("<=", 1.0, "one wheel: delta <= that wheel + 1 MB"),
+    "delta_peak_rss_mib": ("<", 150.0, "peak RSS of delta build and install < 150 MiB"),
+}
+
+FILES = """\
+files:
+  - src: backend
+    dest: backend
+    exclude: ["__pycache__", "*.pyc", "requirements.in"]
+"""
+
+
+@dataclass(frozen=True)
+class Change:
+    name: str
+    app: bool = False                 # the application code changed
+    wheels: tuple[str, ...] = ()      # projects whose wheel is rebuilt; ("*",): every wheel
+
+
+FULL_CHANGES = (
+    Change("version only"),
+    Change("app code", app=True),
+    Change("one wheel", wheels=("sqlalchemy",)),
+    Change("5 wheels", wheels=("sqlalchemy", "pydantic_core", "fastapi", "starlette",
+                               "uvicorn")),
+    Change("whole lock", wheels=("*",)),
+)
+QUICK_CHANGES = (
+    Change("version only"),
+    Change("app code", app=True),
+    Change("one wheel", wheels=("benchtiny_b",)),
+    Change("2 wheels", wheels=("benchtiny_a", "benchtiny_b")),
+    Change("whole lock", wheels=("*",)),
+)
+
+
+def _project(wheel: Path) -> str:
+    return wheel.name.split("-", 1)[0].lower()
+
+
+def _record_hash(data: bytes) -> str:
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(
+        b"=").decode()
+
+
+def rebuilt(wheel: Path, dest: Path) -> Path:
+    """The same wheel (file name, version) with its first module changed and RECORD to match:
+    new bytes, a new sha256, everything else as it was."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / wheel.name
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(out, "w") as dst:
+        infos = src.infolist()
+        record = next(i.filename for i in infos if i.filename.endswith(".dist-info/RECORD"))
+        module = next(i.filename for i in infos
+                      if i.filename.endswith(".py") and ".dist-info/" not in i.filename)
+        data = {i.filename: src.read(i) for i in infos}
+        data[module] += b"\n# bench_delta: rebuilt\n"
+        rows = list(csv.reader(io.StringIO(data[record].decode())))
+        for row in rows:
+            if row and row[0] == module:
+                row[1:3] = [_record_hash(data[module]), str(len(data[module]))]
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        data[record] = text.getvalue().encode()
+        for info in infos:
+            dst.writestr(info, data[info.filename], compress_type=info.compress_type)
+    return out
+
+
+def wheel_set(base: list[Path], change: Change, work: Path) -> tuple[list[Path], list[Path]]:
+    """(the index's wheels for this change, the rebuilt ones)."""
+    names = {_project(w) for w in base} if change.wheels == ("*",) else set(change.wheels)
+    unknown = names - {_project(w) for w in base}
+    if unknown:
+        raise SystemExit(f"bench: no wheel for {sorted(unknown)} in the workload")
+    dest = work / "wheels" / change.name.replace(" ", "-")
+    changed = [rebuilt(w, dest) for w in base if _project(w) in names]
+    return [dest / w.name if _project(w) in names else w for w in base], changed
+
+
+# ------------------------------------------------------------------------------------------
+# Releases
+
+
+def release(s: Setup, d: Path, version: str, sequence: int, index_url: str,
+            requirements_in: str, frontend: Path, app_changed: bool) -> Path:
+    """A profile directory: bench.py's profile + seed 001's backend code as files."""
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(bench.SEED / "backend" / "app", d / "backend" / "app",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (d / "backend" / "requirements.in").write_text(requirements_in)
+    if app_changed:
+        with open(d / "backend" / "app" / "main.py", "a") as fh:
+            fh.write("\n\nRELEASE_NOTE = 'bench_delta: the application code changed'\n")
+    shutil.copytree(frontend, d / "frontend", ignore=shutil.ignore_patterns("node_modules"))
+    images = "".join(f"  - ref: {r}\n    source: engine\n" for r in s.refs)
+    text = bench.PROFILE.format(
+        sequence=sequence, python=f"{sys.version_info[0]}.{sys.version_info[1]}",
+        index=index_url, registry=s.registry.url, images=images)
+    profile = d / "bench.yaml"
+    profile.write_text(text.replace("version: 1.0.0", f"version: {version}") + FILES)
+    return profile
+
+
+def build(s: Setup, profile: Path, cache: Path, receipt: Path | None = None,
+          host_pub: Path | None = None) -> dict[str, Any]:
+    """`bundle lock` (not timed, first call only), then one timed `bundle build`: in full, or
+    --against the receipt."""
+    kind = "full" if receipt is None else "delta"
+    out, hwm = profile.parent / kind, profile.parent / f"build-{kind}.hwm"
+    if not profile.with_suffix(".lock").exists():
+        checked(bench.run_timed([bundle_cmd("bundle lock", "lock", profile,
+                                            "--cache-dir", cache)]))
+    against: list[Path | str] = []
+    if receipt is not None and host_pub is not None:
+        against = ["--against", receipt, "--host-key", host_pub]
+    [res] = checked(bench.run_timed([bundle_cmd(
+        f"build {kind}", "build", profile, "--key", s.key, "--out", out, "--cache-dir", cache,
+        *against, hwm=hwm)]))
+    [bundle] = out.glob("*.bundle")
+    return {"bundle": str(bundle), "bytes": bundle.stat().st_size,
+            "seconds": round(res["seconds"], 3), "peak_rss_mib": read_hwm(hwm)}
+
+
+def travelling(s: Setup, bundle: Path) -> dict[str, Any]:
+    """What the bundle carries, from its own signed manifest (`bundle inspect --json`)."""
+    done = subprocess.run(bundle_cmd("inspect", "inspect", bundle, "--trust", s.pub,
+                                     "--json").argv, capture_output=True, text=True,
+                          check=True)
+    info = json.loads(done.stdout)
+    files = [f for f in info["files"] if f.get("travels") is not False]
+    return {"split": info["delta"],
+            "files": {f["path"]: f["size"] for f in sorted(files, key=lambda f: -f["size"])}}
+
+
+# ------------------------------------------------------------------------------------------
+# The host state and the upgrades
+
+
+def restore(root: Path, snap: Path) -> None:
+    """The root exactly as release 1.0.0's install left it, at the same path (`cp -a` keeps
+    hard links, modes, owners and times; bundler's records name the root's path)."""
+    shutil.rmtree(root, ignore_errors=True)
+    subprocess.run(["cp", "-a", str(snap), str(root)], check=True)
+
+
+def upgrade(s: Setup, root: Path, snap: Path, bundle: Path, tag: str) -> dict[str, Any]:
+    restore(root, snap)
+    hwm = root.parent / f"upgrade-{tag}.hwm"
+    [res] = checked(bench.run_offline([bundle_cmd(
+        f"upgrade {tag}", "install", bundle, "--trust", s.pub, "--root", root, hwm=hwm)]))
+    return {"seconds": round(res["seconds"], 3), "breakdown": step_breakdown(res),
+            "peak_rss_mib": read_hwm(hwm)}
+
+
+def profile_upgrade(s: Setup, root: Path, snap: Path, bundle: Path) -> dict[str, Any]:
+    restore(root, snap)
+    dump = root.parent / "prof-delta-upgrade.out"
+    cmd = bundle_cmd("upgrade", "install", bundle, "--trust", s.pub, "--root", root)
+    checked(bench.run_offline([bench.profiled(cmd, dump)]))
+    return bench.profile_summary(dump, top=25)
+
+
+def measure(s: Setup, change: Change, d: Path, full: dict[str, Any], delta: dict[str, Any],
+            root: Path, snap: Path, repeats: int) -> dict[str, Any]:
+    """The same upgrade from both bundles, in turns (full first, then delta first, ...)."""
+    runs: dict[str, list[dict[str, Any]]] = {"full": [], "delta": []}
+    for i in range(repeats):
+        order = ("full", "delta") if i % 2 == 0 else ("delta", "full")
+        for kind in order:
+            b = full if kind == "full" else delta
+            runs[kind].append(upgrade(s, root, snap, Path(b["bundle"]), kind))
+            say(f"  {change.name}: upgrade from the {kind} bundle "
+                f"{runs[kind][-1]['seconds']:.1f} s")
+    best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
+    return {"full": {**best["full"], "runs": [r["seconds"] for r in runs["full"]]},
+            "delta": {**best["delta"], "runs": [r["seconds"] for r in runs["delta"]]}}
+
+
+# ------------------------------------------------------------------------------------------
+# One run
+
+
+def run(quick: bool, cache: Path, profile_runs: bool) -> dict[str, Any]:
+    started = time.time()
+    load_before = os.getloadavg()
+    changes = QUICK_CHANGES if quick else FULL_CHANGES
+    repeats = 1 if quick else 2
+    with tempfile.TemporaryDirectory(prefix="bundler-bench-delta-") as tmp, \
+            contextlib.ExitStack() as stack:
+        work = Path(tmp)
+        wl = bench.quick_workload(work) if quick else bench.full_workload(cache)
+        refs = bench.ensure_images(wl.images)
+        key, pub = bench.make_keys(work)
+        index_url, registry, specs = stack.enter_context(bench.servers(work, wl))
+        frontend = work / "frontend-template"
+        if wl.npm_project is not None:
+            shutil.copytree(wl.npm_project, frontend,
+                            ignore=shutil.ignore_patterns("node_modules"))
+        else:
+            make_project(frontend, registry, wl.npm_manifest)
+        s = Setup(work, index_url, registry, specs, refs, key, pub, work / "rel")
+        bcache, root, snap = work / "bundler-cache", work / "root", work / "root-1.0.0"
+
+        say("release 1.0.0: lock, build, install (offline, images removed first)")
+        base_profile = release(s, s.app / "base", "1.0.0", 1, index_url, wl.requirements_in,
+                               frontend, app_changed=False)
+        base = build(s, base_profile, bcache)
+        bench.remove_images(refs)
+        hwm = work / "install-base.hwm"
+        [first] = checked(bench.run_offline([bundle_cmd(
+            "install 1.0.0", "install", base["bundle"], "--trust", pub, "--root", root,
+            hwm=hwm)]))
+        receipt = work / "host.receipt"
+        [rec] = checked(bench.run_timed([bundle_cmd("receipt", "receipt", "--root", root,
+                                                    "--out", receipt)]))
+        host_pub = root / "state" / "host.pub"
+        subprocess.run(["cp", "-a", str(root), str(snap)], check=True)
+        initial = {"bytes": base["bytes"], "build_seconds": base["seconds"],
+                   "install_seconds": round(first["seconds"], 3),
+                   "install_breakdown": step_breakdown(first),
+                   "install_peak_rss_mib": read_hwm(hwm),
+                   "receipt_seconds": round(rec["seconds"], 3),
+                   "receipt_bytes": receipt.stat().st_size}
+
+        rows = []
+        for n, change in enumerate(changes, 2):
+            say(f"change {change.name!r}: build full and delta, upgrade from each")
+            url = index_url
+            wheels, changed = wl.wheels, list[Path]()
+            if change.wheels:
+                wheels, changed = wheel_set(wl.wheels, change, work)
+                idx = work / f"index-{n}"
+                write_index(wheels, idx)
+                url = stack.enter_context(serve(idx))
+            profile = release(s, s.app / f"v{n}", "1.1.0", n, url, wl.requirements_in,
+                              frontend, app_changed=change.app)
+            full = build(s, profile, bcache)
+            delta = build(s, profile, bcache, receipt, host_pub)
+            if change.app:
+                main_py = profile.parent / "backend" / "app" / "main.py"
+                change_bytes = main_py.stat().st_size
+            else:
+                change_bytes = sum(w.stat().st_size for w in changed)
+            row: dict[str, Any] = {
+                "change": change.name, "changed_files": len(changed) + int(change.app),
+                "change_bytes": change_bytes, "full": full, "delta": delta,
+                "delta_carries": travelling(s, Path(delta["bundle"]))}
+            row["upgrade"] = measure(s, change, profile.parent, full, delta, root, snap,
+                                     repeats)
+            rows.append(row)
+        by_name = {r["change"]: r for r in rows}
+        app, one = by_name["app code"], by_name["one wheel"]
+        app_time_ratio = (app["upgrade"]["delta"]["seconds"]
+                          / app["upgrade"]["full"]["seconds"])
+        if profile_runs and app_time_ratio > TARGETS["app_upgrade_time_ratio"][1]:
+            say("app-code upgrade missed its target: profiling the delta upgrade")
+            app["upgrade"]["delta"]["profile"] = profile_upgrade(
+                s, root, snap, Path(app["delta"]["bundle"]))
+        rss = [v for r in rows for v in (r["delta"]["peak_rss_mib"],
+                                         r["upgrade"]["delta"]["peak_rss_mib"])
+               if v is not None]
+        values = {
+            "app_delta_size_ratio": app["delta"]["bytes"] / app["full"]["bytes"],
+            "app_upgrade_time_ratio": app_time_ratio,
+            "wheel_delta_excess_mb": (one["delta"]["bytes"] - one["change_bytes"]) / MB,
+            "delta_peak_rss_mib": max(rss) if rss else float("nan"),
+        }
+        for r in rows:
+            for b in (r["full"], r["delta"]):
+                b["bundle"] = Path(b["bundle"]).name
+        wheels_mib = round(sum(w.stat().st_size for w in wl.wheels) / MIB, 1)
+    targets = []
+    for metric, (op, bound, what) in TARGETS.items():
+        value = values[metric]
+        met = value <= bound if op == "<=" else value < bound
+        targets.append({"metric": metric, "target": what, "op": op, "bound": bound,
+                        "value": round(value, 4), "met": bool(met)})
+    result = {
+        "bench": {"schema": 1, "quick": quick, "repeats": repeats,
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                  "seconds": round(time.time() - started, 1),
+                  "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                           "machine": platform.machine(), "docker": bench._docker_version(),
+                           "loadavg_1_5_15": {"start": load_before, "end": os.getloadavg()}}},
+        "workload": {"name": wl.name, "wheels": len(wl.wheels),
+                     "wheels_mib": wheels_mib,
+                     "images": len(refs)},
+        "initial": initial,
+        "changes": rows,
+        "targets": targets,
+    }
+    return bench._relative(result, work)
+
+
+# ------------------------------------------------------------------------------------------
+# Output
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = ["| change | changed | full bundle | delta bundle | delta/full | upgrade, full "
+             "| upgrade, delta | delta/full | delta build | RSS build/install |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in r["changes"]:
+        u = c["upgrade"]
+        lines.append(
+            f"| {c['change']} | {_size(c['change_bytes'])} ({c['changed_files']} file(s)) "
+            f"| {_size(c['full']['bytes'])} | {_size(c['delta']['bytes'])} "
+            f"| {c['delta']['bytes'] / c['full']['bytes']:.2%} "
+            f"| {u['full']['seconds']:.1f} s | {u['delta']['seconds']:.1f} s "
+            f"| {u['delta']['seconds'] / u['full']['seconds']:.2f}x "
+            f"| {c['delta']['seconds']:.1f} s "
+            f"| {_mib(c['delta']['peak_rss_mib'])}/{_mib(u['delta']['peak_rss_mib'])} MiB |")
+    return "\n".join(lines)
+
+
+def verdicts(r: dict[str, Any]) -> str:
+    return "\n".join(f"{'met' if t['met'] else 'MISSED'}: {t['target']} "
+                     f"(measured {t['value']:g}, bound {t['bound']:g})" for t in r["targets"])
+
+
+def breakdowns(r: dict[str, Any]) -> str:
+    out = []
+    for c in r["changes"]:
+        for kind in ("full", "delta"):
+            out.append(f"breakdown, {c['change']}, upgrade from {kind}: "
+                       + bench._fmt(c["upgrade"][kind]["breakdown"]))
+    return "\n".join(out)
+
+
+def _size(n: int) -> str:
+    return f"{n / MB:.1f} MB" if n >= 100_000 else f"{n / 1000:.1f} kB"
+
+
+def _mib(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a small workload (no network): for CI")
+    parser.add_argument("--json", action="store_true", help="print the JSON result on stdout")
+    parser.add_argument("--out", type=Path, help="write DIR/bench-delta[-quick].json")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="do not profile a missed upgrade-time target")
+    parser.add_argument("--cache", type=Path, default=Path(os.environ.get(
+        "BUNDLER_BENCH_CACHE", Path.home() / ".cache" / "bundler-bench")))
+    args = parser.parse_args()
+    result = run(args.quick, args.cache, profile_runs=not args.no_profile and not args.quick)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        name = "bench-delta-quick" if args.quick else "bench-delta"
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(result))
+        print(verdicts(result))
+        print(breakdowns(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
