@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,12 +35,25 @@ def pub(key: Ed25519PrivateKey, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    """A fresh signing key pair made by the real `bundle keygen`."""
-    (tmp_path / "keys").mkdir()
-    result = bundle("keygen", tmp_path / "keys" / "release")
+@pytest.fixture(scope="session")
+def session_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One signing key pair made by the real `bundle keygen`, once per session (a keygen is a
+    CLI start: about 0.2 s, which dozens of tests used to pay each)."""
+    base = tmp_path_factory.mktemp("keys")
+    result = bundle("keygen", base / "release")
     assert result.rc == 0, result.err
+    return base / "release.key", base / "release.pub"
+
+
+@pytest.fixture
+def keys(session_keys: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """The session's key pair (real `bundle keygen`), copied with its modes into this test's
+    tmp_path/keys: a test may move, chmod or delete its copy. Every root is a test's own, so
+    sharing the pair across tests changes nothing a test can see; a test that needs a second,
+    different key runs keygen itself."""
+    (tmp_path / "keys").mkdir()
+    for src in session_keys:
+        shutil.copy2(src, tmp_path / "keys" / src.name)
     return tmp_path / "keys" / "release.key", tmp_path / "keys" / "release.pub"
 
 
