@@ -6,6 +6,8 @@
   host runs its own PostgreSQL), installed with apt from the same mirror.
 - `systemd`: `FROM` the bare image, plus `systemd systemd-sysv dbus`: a host that boots
   (systemd as PID 1, see tests.booted_host).
+- `trixie`: `debootstrap --variant=minbase trixie` plus `python3` (Debian 13's: CPython 3.13),
+  a second real Python from the Debian mirror (a kit for another Python runs there).
 
 The Debian mirror is read from this machine's apt sources at run time (never committed). Each
 image is tagged by a hash of its recipe, so an edited recipe is a new image, never a stale one;
@@ -14,7 +16,7 @@ rootfs tar, the pg15 image as `docker save`), so a re-run after `docker system p
 in seconds instead of bootstrapping again. A file lock there serialises concurrent builders
 (other worktrees share the engine and the cache).
 
-    python -m tests.bare_image [bare|pg15|seed004|systemd ...]  # build or find; tag, time, size
+    python -m tests.bare_image [bare|pg15|seed004|systemd|trixie ...]  # build or find
 """
 
 from __future__ import annotations
@@ -85,7 +87,12 @@ RUN apt-get update -qq \\
 CMD ["/lib/systemd/systemd"]
 """
 SYSTEMD_REF = f"{REPO}:systemd-" + _hash(BARE_REF, SYSTEMD_DOCKERFILE)
-REFS = {"bare": BARE_REF, "pg15": PG15_REF, "seed004": SEED004_REF, "systemd": SYSTEMD_REF}
+# Debian 13 with its python3 (3.13): the same recipe as `bare` on another suite.
+TRIXIE_SUITE = "trixie"
+TRIXIE_TAG = "python3-" + _hash(TRIXIE_SUITE, "minbase", BARE_INCLUDE, BARE_CLEAN, BARE_CHANGES)
+TRIXIE_PY_REF = f"bundler-test/bare-{TRIXIE_SUITE}:{TRIXIE_TAG}"
+REFS = {"bare": BARE_REF, "pg15": PG15_REF, "seed004": SEED004_REF, "systemd": SYSTEMD_REF,
+        "trixie": TRIXIE_PY_REF}
 
 
 class Unavailable(Exception):
@@ -231,21 +238,31 @@ def _import(client: Any, tar: Path, ref: str) -> None:
 
 
 def ensure_bare(client: Any) -> Built:
+    return _ensure_rootfs(client, BARE_REF, SUITE)
+
+
+def ensure_trixie(client: Any) -> Built:
+    return _ensure_rootfs(client, TRIXIE_PY_REF, TRIXIE_SUITE)
+
+
+def _ensure_rootfs(client: Any, ref: str, suite: str) -> Built:
+    """A debootstrapped `suite` (minbase plus BARE_INCLUDE) as `ref`, its rootfs tar kept in
+    the cache dir."""
     start = time.monotonic()
-    if _has(client, BARE_REF):
-        return Built(BARE_REF, "present", time.monotonic() - start, _size(client, BARE_REF))
+    if _has(client, ref):
+        return Built(ref, "present", time.monotonic() - start, _size(client, ref))
     cache = cache_dir()
     with _locked(cache):
-        if _has(client, BARE_REF):  # another builder finished while we waited
+        if _has(client, ref):  # another builder finished while we waited
             how = "present"
         else:
-            tar = cache / f"bare-bookworm-{BARE_TAG}.rootfs.tar"
+            tar = cache / f"bare-{suite}-{ref.rsplit(':', 1)[1]}.rootfs.tar"
             how = "imported from cache"
             if not tar.is_file():
-                _debootstrap_rootfs(tar)
+                _debootstrap_rootfs(tar, suite=suite)
                 how = "built"
-            _import(client, tar, BARE_REF)
-    return Built(BARE_REF, how, time.monotonic() - start, _size(client, BARE_REF))
+            _import(client, tar, ref)
+    return Built(ref, how, time.monotonic() - start, _size(client, ref))
 
 
 def ensure_pg15(client: Any) -> Built:
@@ -309,7 +326,7 @@ def _build_derived(client: Any, ref: str, recipe: str, saved: Path) -> None:
 
 
 ENSURE = {"bare": ensure_bare, "pg15": ensure_pg15, "seed004": ensure_seed004,
-          "systemd": ensure_systemd}
+          "systemd": ensure_systemd, "trixie": ensure_trixie}
 
 
 def main(argv: list[str]) -> int:
