@@ -13,6 +13,7 @@ from typing import Any
 from bundler.errors import BundlerError
 
 ENGINE_TIMEOUT = 3600.0  # docker-py's default of 60 s fails on large saves/loads (docker-py#1070)
+LOOKUP_TIMEOUT = 10.0  # a quick look at the local engine that may find none (local_image_ids)
 
 
 def docker_sdk() -> Any:
@@ -41,7 +42,8 @@ def engine_client(error: type[BundlerError], base_url: str | None = None) -> Any
     return client
 
 
-def local_image_ids(refs: Sequence[str], timeout: float = 10.0) -> dict[str, str | None] | None:
+def local_image_ids(refs: Sequence[str], timeout: float = LOOKUP_TIMEOUT
+                    ) -> dict[str, str | None] | None:
     """Each ref's image ID (None: the engine has no such image), asked of the local engine's
     API socket directly: importing the SDK and its HTTP stack takes about 0.2 s, more than a
     warm build spends on anything else but packing. None (ask through `engine_client`, whose

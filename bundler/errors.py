@@ -19,6 +19,8 @@ from bundler import progname
 
 
 class BundlerError(Exception):
+    """An internal error: a bug in bundler (the traceback file is named)."""
+
     exit_code = 1
     default_hint = "this is a bug in bundler; please report it with the command you ran"
 
@@ -72,7 +74,9 @@ class ProfileError(BundlerError):
 
 
 class BuildError(BundlerError):
-    """Resolving, fetching or packing failed on the connected side."""
+    """Resolving, fetching or packing failed on the connected side: a download, no wheel for
+    the target (each package named with the reason), incomplete pins, a failing action, a
+    stale lock with `--frozen`, a manifest over the 16 MiB envelope limit."""
 
     exit_code = 4
     default_hint = "fix the cause above and run `bundle build` again; nothing was written"
@@ -86,7 +90,8 @@ class SigningKeyError(BundlerError):
 
 
 class SignatureError(BundlerError):
-    """The envelope is missing, malformed, or not signed by a trusted key."""
+    """The envelope is missing, malformed, or not signed by a trusted key: unsigned, an
+    untrusted key, an altered manifest, a wrong payload type."""
 
     exit_code = 6
     default_hint = (
@@ -96,21 +101,27 @@ class SignatureError(BundlerError):
 
 
 class IntegrityError(BundlerError):
-    """A payload member does not match the signed manifest (tampered, damaged, truncated)."""
+    """A payload member does not match the signed manifest: altered, missing, extra,
+    duplicated, not a regular file; or the bundle is truncated."""
 
     exit_code = 7
     default_hint = "the bundle was altered or damaged in transit: copy it again from the source"
 
 
 class PolicyError(BundlerError):
-    """The bundle is authentic but must not be installed here (expired, replayed, wrong target)."""
+    """The bundle is authentic but must not be installed here: expired (`install` and
+    `verify`), built by a newer bundler than this one, another product, a replayed or older
+    sequence, this host's clock before the bundle's creation or the root's last install, a
+    wrong target; or a destructive command not confirmed (`uninstall --purge` without
+    `--yes`)."""
 
     exit_code = 8
     default_hint = "build a fresh bundle for this target, or see `{bundle} install --help`"
 
 
 class SpaceError(BundlerError):
-    """Not enough free disk space for the work asked for."""
+    """Not enough free disk space for the work asked for (bytes needed and available are
+    named), or a filesystem filled up during the work."""
 
     exit_code = 9
     default_hint = "free some space or choose another --root on a larger filesystem"
@@ -173,7 +184,8 @@ class RollbackFailedError(BundlerError):
 
 
 class StateError(BundlerError):
-    """The install root or its state database is not in the expected shape."""
+    """The install root or its state database is not in the expected shape: nothing installed
+    under `--root`, or state written by a newer bundler."""
 
     exit_code = 14
     default_hint = "check --root; `{bundle} status --root DIR` shows what is installed there"
@@ -191,12 +203,15 @@ class Cancelled(InstallError):
 
 
 class Interrupted(BundlerError):
+    """Interrupted (Ctrl+C): the new release was removed, the previous one restored."""
+
     exit_code = 130
     default_hint = "nothing was committed; run the same command again to finish"
 
 
 class EnvError(BundlerError):
-    """The release environment is incomplete: required variables are not set."""
+    """The release environment is incomplete: required variables are not set (all are named;
+    values are never printed)."""
 
     exit_code = 18
     default_hint = "set them in the root's shared .env (`<root>/shared/.env`), then install again"
@@ -206,7 +221,7 @@ class UnhealthyError(BundlerError):
     """`status`, `start` or `doctor` found the release unhealthy or the host not ready.
 
     Not a failure of bundler itself (that is exit 1): the command ran and its report says what
-    is wrong.
+    is wrong (printed as usual; with `--json` it is the document on stdout).
     """
 
     exit_code = 19
@@ -215,8 +230,9 @@ class UnhealthyError(BundlerError):
 
 
 class ExportError(BundlerError):
-    """`bundle export` cannot write the stick: its kit is missing, or a file could not be
-    written on DEST. What this run wrote is removed again; DEST holds no half-written file."""
+    """`bundle export` cannot write the stick: its kit is missing, a different file already
+    has a name it writes, or a file could not be written on DEST. What this run wrote is
+    removed again; DEST holds no half-written file."""
 
     exit_code = 21
     default_hint = "fix the cause above and run `bundle export` again"
@@ -233,8 +249,9 @@ class RecoveryPendingError(BundlerError):
 
 
 class NodeDownError(InstallError):
-    """A swarm node is down, or bundler cannot reach its engine: refused before anything
-    changed (the images could not reach it, and the stack would run degraded)."""
+    """A swarm node is down, or bundler cannot reach its engine at the endpoint `swarm.yaml`
+    names (every such node is named): refused before anything changed (the images could not
+    reach it, and the stack would run degraded)."""
 
     exit_code = 22
     default_hint = ("bring the node back (`docker node ls` on a manager; its engine must answer "
@@ -244,7 +261,8 @@ class NodeDownError(InstallError):
 class HostPolicyError(PolicyError):
     """The bundle asks the host for something this root's host policy does not allow (a
     privileged container, a host path mounted, a capability, a host namespace, root...), or
-    for something bundler cannot check exactly: refused before anything is created."""
+    for something bundler cannot check exactly: refused before anything is created. The error
+    names the `--allow` flag and the `<root>/policy.yaml` line that would allow it."""
 
     exit_code = 23
     default_hint = ("`{bundle} inspect BUNDLE` lists what the bundle asks of the host; "

@@ -1,19 +1,10 @@
-"""Testing hook for crash recovery: BUNDLER_FAULT=kill:POINT makes the process die (SIGKILL)
-at POINT, the way a power cut or `kill -9` would; BUNDLER_FAULT=int:POINT sends it SIGINT
-there, as an operator's Ctrl+C would. Crash tests are so deterministic rather than
-timing-based. Points: every journaled install step as it starts (`images`, `python`,
-`migrate`, ...), `extract` (staging begins), `python:<command>` (each command of the Python
-step), `migrate:applied` (after each SQL file), `health` (started, not yet checked), `commit`
-(switched, not yet recorded), `committed` (recorded) and `images-stream` (the engine has
-received part of the image archive).
+"""Testing hook for crash recovery: BUNDLER_FAULT=ACTION:POINT.
 
-BUNDLER_FAULT=fill:POINT fills the filesystem holding BUNDLER_FAULT_FILL (a file it creates
-there) at POINT until a write fails with ENOSPC, as a disk filling up mid-install would;
-every later write on that filesystem fails the same way until the test removes the file.
-
-BUNDLER_FAULT=corrupt:POINT makes `corrupt_point(POINT)` true, for data faults the code under
-test injects itself: `export-readback` flips one byte of the first bundle file `bundle export`
-has written (after its fsync), so the read-back check must catch it."""
+`kill` dies by SIGKILL at POINT (a power cut), `int` sends SIGINT (Ctrl+C), `fill` fills the
+filesystem holding BUNDLER_FAULT_FILL until a write fails with ENOSPC, `corrupt` makes
+`corrupt_point(POINT)` true for data faults the code injects itself. The points:
+docs/design/recovery.md, "Tested".
+"""
 
 from __future__ import annotations
 

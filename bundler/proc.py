@@ -33,6 +33,7 @@ from bundler.errors import Cancelled, CommandError
 log = logging.getLogger(__name__)
 
 TAIL_LINES = 20
+DEFAULT_TIMEOUT = 600.0  # seconds; every run has one (a hung tool must not hang bundler)
 
 # Variables that make tools reach for host configuration or the network on their own.
 # bundler's calls must behave the same on every host (pip.conf, PIP_* and npm_config_* are
@@ -216,7 +217,7 @@ def run(
     *,
     cwd: Path | None = None,
     env: Mapping[str, str] | None = None,
-    timeout: float = 600,
+    timeout: float = DEFAULT_TIMEOUT,
     check: bool = True,
     what: str | None = None,
     stdin: Path | None = None,

@@ -1,38 +1,11 @@
 """The one place secrets are masked, on the build side and the target alike.
 
-Everything bundler shows or stores that may quote a value (the console, `--json` output and
-errors, the journal in `state.db`, `bundle history` and `status`, install reports, compose,
-health and migration output) goes through `redact`. It masks:
-
-- the password in a URL's userinfo (`scheme://user:PASSWORD@host`), greedy up to the LAST `@`
-  before the host, so an unencoded `@` inside the password is masked whole;
-- password-ish parameters (`?password=`, `&token=`, `api_key=`, `client_secret=`, ...), in a URL
-  query or as `name=value` words (libpq keyword strings, `KEY=value` dumps);
-- known secret values, raw and percent-encoded: those passed in, and those this process learnt
-  with `remember` / `remember_env` (see "Which values are secret" below).
-
-Which values are secret (the rule; `Secrets.add_env` applies it, nothing else decides):
-
-1. A variable with a secret name: listed in the profile's `env.secret`, or whose name matches
-   `SECRET_NAME` (PASSWORD, PASSWD, PASSPHRASE, SECRET, TOKEN, KEY, CREDENTIAL, DSN anywhere;
-   PASS, PW, AUTH, SALT as a `_`-separated word, e.g. SMTP_PASS, DB_PW; a name ending in PWD,
-   e.g. MYSQL_PWD, but not the shell's PWD/OLDPWD). Its value is masked whatever it looks like
-   (from MIN_SECRET characters on).
-2. Every value read from the operator's shared `.env`, whatever its name, unless it is plainly
-   not a secret (`plainly_not_secret`), so that a value that is also an everyday word does not
-   turn every message into `****`:
-   - shorter than MIN_SECRET characters;
-   - a number, version or IPv4 address (`8080`, `0.5`, `1.2.3`, `10.0.0.1`), or one with a unit
-     (`30s`, `512M`);
-   - a switch, environment or log-level word (`true`, `off`, `production`, `info`, ...);
-   - a plain lowercase word or dotted/dashed words of up to 12 letters each (`shop`,
-     `my-app`, `db.internal`);
-   - an absolute file path or a `sqlite:` URL (`/srv/app/data`);
-   - a URL with no password, no query and at most one path segment
-     (`redis://cache:6379/0`, `https://shop.example.com`).
-   Anything else (mixed case, digits and letters, symbols, longer URLs) is masked. A secret that
-   is a plain number or lowercase word needs a secret name (rule 1) or `env.secret`.
-3. The password of every URL among any of those values (rule 1 or 2 or neither).
+Everything bundler shows or stores that may quote a value goes through `redact`: URL
+passwords (greedy up to the LAST `@` before the host), password-ish parameters and
+`name=value` words, and known secret values, raw and percent-encoded. Which values are secret
+is decided by `Secrets.add_env` alone, and `release_secrets` is the one place that says what
+it applies to for a release (every runtime and report asks it); the rule and its exceptions:
+docs/secrets.md.
 """
 
 from __future__ import annotations
@@ -141,9 +114,16 @@ def remember(*values: str | None) -> None:
     KNOWN.add(*values)
 
 
-def remember_env(values: Mapping[str, str], secret_names: Iterable[str] = (),
-                 from_file: Iterable[str] = ()) -> None:
-    KNOWN.add_env(values, secret_names, from_file)
+def release_secrets(values: Mapping[str, str], secret_names: Iterable[str] = (),
+                    shared: Mapping[str, str] | None = None) -> list[str]:
+    """What is secret for a release (the rule above), longest first: among its environment
+    `values`, what the rule picks given the profile's `env.secret` (`secret_names`), a name
+    the operator's shared .env sets counting as read from that file; and the shared .env's
+    own values (`shared`, as read from the file)."""
+    found = Secrets()
+    found.add_env(shared or {}, from_file=shared or {})
+    found.add_env(values, secret_names, from_file=shared or {})
+    return found.values()
 
 
 def redact(text: str, secrets: Iterable[str | None] = ()) -> str:

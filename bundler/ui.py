@@ -1,18 +1,9 @@
 """Human output on stderr: step lines, and live progress for long work.
 
-Every line goes through `bundler.redact` first: no secret reaches the console.
-stdout is reserved for results (and for `--json`), so automation can parse it while a person
-still sees progress. Live progress (bars, spinners) is drawn only on a terminal and never with
-`--json`; elsewhere there are plain lines only, with no control characters.
-
-- `bytes_progress`: a bar for byte-counted work (verifying, exporting);
-- `downloads` + `file_progress`: a row per file in flight (bytes and speed; a spinner with
-  the bytes so far when the size is unknown; the attempt count after a retry) under a row
-  counting files;
-- `activity`: a spinner with the elapsed time for work whose size is unknown (locking, an
-  offline install, health-check retries: `update()` shows the attempt).
-
-All of them are safe to use from several threads: one rich `Live` display is shared.
+Every line is redacted first; stdout is reserved for results and `--json`. Live progress
+(`bytes_progress`, `downloads` + `file_progress`, `activity`) is drawn only on a terminal and
+never with `--json`, plain lines elsewhere; thread-safe (one shared rich `Live`).
+See docs/design/contributing.md.
 """
 
 from __future__ import annotations
@@ -218,7 +209,6 @@ class FileBar:
         self._label = label
         self._done = 0
         self._total: int | None = None
-        self._attempt = 1
 
     def total(self, size: int | None) -> None:
         self._total = size
@@ -239,7 +229,6 @@ class FileBar:
             self._show()
 
     def retrying(self, attempt: int, why: str, waited: float) -> None:
-        self._attempt = attempt
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, description=redact(
                 f"    {self._label} (attempt {attempt}: {why}, waited {waited:.1f}s)"))

@@ -244,6 +244,36 @@ class Project:
         return path
 
 
+
+# A release with one database migrated by SQL files (the shape the data-safety, disk-full and
+# crash tests upgrade); DB_PROFILE is appended to a Project's profile.
+DB_PROFILE = """\
+env:
+  required: [DATABASE_URL]
+database:
+  url: ${DATABASE_URL}
+migrations:
+  - {name: schema, sql: app/db/migrations}
+"""
+
+
+def write_migration(project: Project, name: str, sql: str) -> Path:
+    """One SQL migration file, shipped with the app's files."""
+    d = project.dir / "app" / "db" / "migrations"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / name).write_text(sql)
+    return d / name
+
+
+def build_release(project: Project, keys: tuple[Path, Path], cache: Path, version: str,
+                  seq: int, *, healthy: bool = True, extra: str = DB_PROFILE) -> Path:
+    """`bundle build` of the project's profile (plus `extra`) at `version`; the bundle's path."""
+    result = bundle("build", project.profile(version, healthy=healthy, sequence=seq, extra=extra),
+                    "--key", keys[0], "--out", project.dir / "dist", "--cache-dir", cache,
+                    "--json")
+    assert result.rc == 0, result.err
+    return Path(json.loads(result.out)["bundle"])
+
 def make_project(base: Path) -> Project:
     """A small app with one real dependency wheel, built locally: no index needed."""
     wheelhouse = base / "wheelhouse"

@@ -203,23 +203,24 @@ def snapshot(conn: psycopg.Connection[Any]) -> dict[str, Any]:
 
 def netns_roundtrip(argv: list[str]) -> None:
     """check → backup → change → restore → compare, printing one JSON line (for unshare -n)."""
-    from bundler.install import database
+    from bundler.install import db as engines
+    from bundler.install.db import postgres
 
     url, workdir = argv[0], Path(argv[1])
-    db = database.Database(url)
+    db = engines.Database(url)
     lines: list[str] = []
-    database.check(db, {})
-    info = psycopg.conninfo.conninfo_to_dict(database.pg_target(db).uri)
+    engines.check(db, {})
+    info = psycopg.conninfo.conninfo_to_dict(postgres.pg_target(db).uri)
     with psycopg.connect(**info, autocommit=True) as conn:
         before = snapshot(conn)
         t0 = time.monotonic()
-        saved = database.backup(db, workdir, {}, lines.append)
+        saved = engines.backup(db, workdir, {}, lines.append)
         t1 = time.monotonic()
         conn.execute("CREATE TABLE made_offline (x int); ALTER TABLE items ADD COLUMN extra "
                      "int; DELETE FROM items WHERE id % 2 = 0")
         changed = snapshot(conn) != before
         t2 = time.monotonic()
-        database.restore(db, saved, {}, lines.append)
+        engines.restore(db, saved, {}, lines.append)
         t3 = time.monotonic()
         after = snapshot(conn)
     print(json.dumps({

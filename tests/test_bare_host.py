@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from bundler.bundle.platforms import host_platform
+from bundler.errors import MigrationError, RolledBackError
 from tests import docker_fixtures as dfx
 from tests.bare_target import SRV, STICK, BareHost, BareTargets, run_kit
 from tests.helpers import Run, bundle, make_project, unavailable
@@ -154,13 +155,13 @@ def test_upgrade_with_migrations_then_failed_releases_roll_back_on_a_bare_host(
     assert json.loads(served.out)["version"] == "2.0.0", served.err
 
     failed = run_kit(host, kit_file, "install", v3, "--root", app)
-    assert failed.rc == 17, failed.out + failed.err
+    assert failed.rc == MigrationError.exit_code, failed.out + failed.err
     assert "004.sql" in failed.err and "no such table: no_such_table" in failed.err, failed.err
     assert _rows(db) == [("one", "from 1.0.0"), ("two", "from 2.0.0")]  # 003 undone too
     assert _ledger(db) == ["001.sql", "002.sql"]
 
     unhealthy = run_kit(host, kit_file, "install", v3b, "--root", app)
-    assert unhealthy.rc == 12, unhealthy.out + unhealthy.err
+    assert unhealthy.rc == RolledBackError.exit_code, unhealthy.out + unhealthy.err
     assert _rows(db) == [("one", "from 1.0.0"), ("two", "from 2.0.0")]  # restored
     assert _ledger(db) == ["001.sql", "002.sql"]
 
@@ -372,7 +373,7 @@ def test_compose_bundle_installs_through_the_engine_socket_with_the_kits_compose
 
         # an unhealthy upgrade rolls back to 1.0.0's container, still with the kit's compose
         failed = run_kit(host, kit_file, "install", bundles[1], "--root", root)
-        assert failed.rc == 12, failed.out + failed.err
+        assert failed.rc == RolledBackError.exit_code, failed.out + failed.err
         assert "compose service web is unhealthy" in failed.err, failed.err
         (web,) = [c for c in _project_containers(engine, name) if c.status == "running"]
         assert web.image.id == pair.ids[pair.a]

@@ -1,5 +1,5 @@
 """`make bench` keeps working: the quick size runs end to end (both pipelines, both sides of the
-gap, verify at two sizes) and its JSON has the structure the README and chart read.
+gap, verify at two sizes) and its JSON has the structure bench/README.md and the chart read.
 
 Timings are never asserted here (a loaded CI machine is not this one): only that every ratio
 is a positive number and every target carries a verdict."""

@@ -24,8 +24,9 @@ import pytest
 from bundler.bundle import kitboot
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import ComposeSpec, Runtime, Service, Target
-from bundler.errors import IntegrityError, StateError
+from bundler.errors import IntegrityError, PolicyError, RolledBackError, StateError, UnhealthyError
 from bundler.install import boot, rootbin
+from bundler.install import compose_runtime as cr
 from bundler.install.layout import Layout
 from tests.helpers import Project, bundle, bundle_argv, offline
 
@@ -377,9 +378,9 @@ services:
     depends_on: {migrate: {condition: service_completed_successfully}}
 """)
     (tmp_path / "b.yml").write_text("services:\n  api: {restart: always}\n")
-    assert boot.no_restart_policy(tmp_path, ("a.yml",)) == ["api", "never", "worker"]
-    assert boot.no_restart_policy(tmp_path, ("a.yml", "b.yml")) == ["never", "worker"]
-    assert boot.no_restart_policy(tmp_path, ("missing.yml",)) == []
+    assert cr.no_restart_policy(tmp_path, ("a.yml",)) == ["api", "never", "worker"]
+    assert cr.no_restart_policy(tmp_path, ("a.yml", "b.yml")) == ["never", "worker"]
+    assert cr.no_restart_policy(tmp_path, ("missing.yml",)) == []
 
 
 # --- on this host (no systemd): install, the root's own command, start --boot, uninstall ------
@@ -423,7 +424,7 @@ def test_install_then_uninstall_on_a_host_without_systemd(project: Project,
         [*own, "status", "--root", root, "--json"],
     )
     failed, install, status, stop, boot_start, history, refused, gone, stopped = runs
-    assert failed.rc == 12, failed.err
+    assert failed.rc == RolledBackError.exit_code, failed.err
     assert not (failed_root / "bin").exists()  # a failed first install leaves no bin/
 
     assert install.rc == 0, install.err
@@ -442,15 +443,16 @@ def test_install_then_uninstall_on_a_host_without_systemd(project: Project,
              if e["step"] == "boot"]
     assert boots == [("boot", "none"), ("boot", "started"), ("boot", "healthy")], boots
 
-    assert refused.rc == 8 and "needs confirmation" in refused.err, refused.err
+    assert refused.rc == PolicyError.exit_code and "needs confirmation" in refused.err, refused.err
     doc = json.loads(gone.out)
     assert doc == {"ok": True, "root": str(root), "product": "shop", "stopped": "1.0.0",
                    "unit_removed": None, "purged": [], "kept": ["state", "shared", "backups"]}
     doc = json.loads(stopped.out)
-    assert stopped.rc == 19 and [s["running"] for s in doc["services"]] == [False], doc
+    assert stopped.rc == UnhealthyError.exit_code \
+        and [s["running"] for s in doc["services"]] == [False], doc
     # --purge on a terminal asks; "no" changes nothing
     said, rc = on_a_terminal([*own, "uninstall", "--root", str(root), "--purge"], b"n\n")
-    assert rc == 8 and "not confirmed; nothing was changed" in said, said
+    assert rc == PolicyError.exit_code and "not confirmed; nothing was changed" in said, said
     assert f"Remove {root}/current, {root}/releases, {root}/bin" in said and "[y/N]" in said
     assert (root / "releases" / "1.0.0").is_dir() and (root / "bin" / "bundle").is_file()
     # the same bundle again: already current, started again
@@ -470,7 +472,8 @@ def test_install_then_uninstall_on_a_host_without_systemd(project: Project,
     with sqlite3.connect(root / "app.db") as conn:
         assert conn.execute("SELECT name FROM items").fetchall() == [("kept",)]
     # the accepted sequence is kept: the same bundle again is a replay unless allowed
-    assert replay.rc == 8 and "not newer than the last accepted" in replay.err, replay.err
+    assert replay.rc == PolicyError.exit_code \
+        and "not newer than the last accepted" in replay.err, replay.err
     assert reinstall.rc == 0 and purged2.rc == 0, reinstall.err + purged2.err
 
 

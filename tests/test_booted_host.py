@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from bundler.errors import PolicyError
 from tests.bare_target import SRV, STICK, Images, run_kit
 from tests.booted_host import BootedHost, BootedTargets
 from tests.helpers import Run, bundle, make_project
@@ -154,7 +155,7 @@ def test_the_stack_comes_back_after_a_power_cut_and_uninstall_keeps_the_data(
     assert after["boot"]["detail"].startswith(f"not configured (no unit {unit}"), after
 
     refused = cmd(host, root, "uninstall", "--purge")  # destructive: not without --yes
-    assert refused.rc == 8 and "needs confirmation" in refused.err, refused.err
+    assert refused.rc == PolicyError.exit_code and "needs confirmation" in refused.err, refused.err
     assert (local / "releases" / "1.0.0").is_dir()
     purged = json.loads(ok(host.run("python3", "-I", "-S", f"{root}/bin/{kit_file.name}",
                                     "uninstall", "--root", root, "--purge", "--yes",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import BuildError, IntegrityError, ProfileError
 from tests.helpers import bundle
 
 
@@ -58,7 +59,7 @@ def test_failing_action_stops_the_build_with_its_output(tmp_path: Path,
         """))
     result = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
                     "--cache-dir", tmp_path / "cache")
-    assert result.rc == 4
+    assert result.rc == BuildError.exit_code
     assert "  | ERROR: missing module react" in result.err
     assert "error: action frontend failed (exit 3):" in result.err
     assert not (tmp_path / "out").exists()
@@ -69,7 +70,7 @@ def test_glob_matching_nothing_is_a_profile_error(tmp_path: Path) -> None:
     profile.write_text("schema: 1\nname: site\nversion: 1.0.0\nfiles:\n"
                        "  - {src: 'migrations/*.sql', dest: db}\n")
     result = bundle("validate", profile)
-    assert result.rc == 3
+    assert result.rc == ProfileError.exit_code
     assert ":5: files[0].src: pattern 'migrations/*.sql' matches nothing" in result.err
 
 
@@ -108,7 +109,7 @@ def test_a_damaged_cache_object_fails_the_build_and_is_fetched_anew(
     (tmp_path / "out" / "site-1.0.0.bundle").unlink()
 
     result = bundle(*args)
-    assert result.rc == 7, result.err
+    assert result.rc == IntegrityError.exit_code, result.err
     assert f"error: {obj} (for files/conf/site.conf) does not hash to its sha256 {sha}" \
         in result.err
     assert "removed from the cache: build again" in result.err

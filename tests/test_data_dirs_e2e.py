@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import InstallError, MigrationError, RolledBackError
 from tests.helpers import Run, bundle, bundle_argv, free_port, offline, unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
@@ -316,7 +317,8 @@ def test_a_failed_migrating_upgrade_restores_the_data_directory(
         app.post("d", "after"), bundle_argv("status", "--root", app.root, "--json"))
     assert r1.rc == 0, r1.err
     assert reply(a)[0] == 201 and reply(b)[0] == 201
-    assert r2.rc == (17 if failure == "migration" else 12), r2.err
+    assert r2.rc == (MigrationError.exit_code if failure == "migration"
+                     else RolledBackError.exit_code), r2.err
     assert "Restoring the data directory uploads from data-uploads-" in r2.err
     assert "Restoring the database" in r2.err
     assert json.loads(after.out) == json.loads(before.out)  # exactly, owners and mtimes too
@@ -395,7 +397,7 @@ def test_a_data_directory_swapped_for_a_symlink_is_refused_before_anything_chang
         bundle_argv("status", "--root", app.root, "--json"))
     assert r1.rc == 0, r1.err
     assert swapped.rc == 0, swapped.err
-    assert r2.rc == 11, r2.err
+    assert r2.rc == InstallError.exit_code, r2.err
     assert "error: data directory uploads is not a directory" in r2.err
     assert "never a symlink" in r2.err
     assert not (app.root / "releases" / "2.0.0").exists()
@@ -423,7 +425,7 @@ def test_backup_always_restores_a_failed_upgrade_without_migrations(
         app.get())
     assert r1.rc == 0, r1.err
     assert reply(a)[0] == 201
-    assert r2.rc == 12, r2.err
+    assert r2.rc == RolledBackError.exit_code, r2.err
     backups = list((app.root / "backups").glob("data-uploads-*.tar"))
     if policy == "always":
         assert "Restoring the data directory uploads" in r2.err

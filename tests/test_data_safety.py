@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Project, bundle, bundle_argv, offline
+from bundler.errors import MigrationError, RecoveryPendingError, RollbackFailedError, StateError
+from tests.helpers import (
+    DB_PROFILE,
+    Project,
+    build_release,
+    bundle,
+    bundle_argv,
+    offline,
+    write_migration,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -73,33 +82,6 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
     cluster.drop_database(name)
 
 
-PROFILE = """\
-env:
-  required: [DATABASE_URL]
-database:
-  url: ${DATABASE_URL}
-migrations:
-  - {name: schema, sql: app/db/migrations}
-"""
-
-
-def migration(project: Project, name: str, sql: str) -> Path:
-    d = project.dir / "app" / "db" / "migrations"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / name).write_text(sql)
-    return d / name
-
-
-def build(project: Project, keys: tuple[Path, Path], cache: Path, version: str, seq: int,
-          healthy: bool = True, extra: str = "") -> Path:
-    result = bundle("build", project.profile(version, healthy=healthy, sequence=seq,
-                                             extra=PROFILE + extra),
-                    "--key", keys[0], "--out", project.dir / "dist", "--cache-dir", cache,
-                    "--json")
-    assert result.rc == 0, result.err
-    return Path(json.loads(result.out)["bundle"])
-
-
 def status_of(root: Path) -> dict[str, object]:
     done = bundle("status", "--root", root, "--json")
     return dict(json.loads(done.out))
@@ -110,12 +92,12 @@ def test_a_retry_never_restores_an_earlier_attempts_backup(
         roots: list[Path]) -> None:
     """v2 fails its migration (restored, exit 17); rows are written; a retry of v2 dies before
     migrating; rows are written; `bundle rollback` settles the retry and loses nothing."""
-    migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
-                                        "INSERT INTO items VALUES (1), (2), (3);\n")
-    v1 = build(project, keys, cache_dir, "1.0.0", 1)
-    bad = migration(project, "002_bad.sql", "CREATE TABLE half (x int);\n"
-                                            "INSERT INTO nowhere VALUES (1);\n")
-    v2 = build(project, keys, cache_dir, "2.0.0", 2)
+    write_migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
+                    "INSERT INTO items VALUES (1), (2), (3);\n")
+    v1 = build_release(project, keys, cache_dir, "1.0.0", 1)
+    bad = write_migration(project, "002_bad.sql", "CREATE TABLE half (x int);\n"
+                          "INSERT INTO nowhere VALUES (1);\n")
+    v2 = build_release(project, keys, cache_dir, "2.0.0", 2)
     bad.unlink()
     root = db.root
     roots.append(root)
@@ -129,7 +111,7 @@ def test_a_retry_never_restores_an_earlier_attempts_backup(
         bundle_argv("rollback", "--root", root, "--json"),
         bundle_argv("status", "--root", root, "--json"))
     assert r1.rc == 0, r1.err
-    assert r2.rc == 17, r2.err
+    assert r2.rc == MigrationError.exit_code, r2.err
     assert (w4.rc, w5.rc) == (0, 0), w4.err + w5.err
     assert retry.rc == -signal.SIGKILL
     assert back.rc == 0, back.err
@@ -173,12 +155,12 @@ def test_a_rollback_that_failed_after_restoring_is_not_restored_again(
     """v2 fails its health check; its rollback restores the database, then cannot bring v1
     back (another program took the port): exit 13. The port is freed, v1 recovers, rows are
     written: the next install must not restore v2's backup a second time."""
-    migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
-                                        "INSERT INTO items VALUES (1);\n")
-    v1 = build(project, keys, cache_dir, "1.0.0", 1)
-    migration(project, "002_more.sql", "INSERT INTO items VALUES (2);\n")
-    v2 = build(project, keys, cache_dir, "2.0.0", 2, healthy=False)
-    v3 = build(project, keys, cache_dir, "3.0.0", 3)
+    write_migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
+                    "INSERT INTO items VALUES (1);\n")
+    v1 = build_release(project, keys, cache_dir, "1.0.0", 1)
+    write_migration(project, "002_more.sql", "INSERT INTO items VALUES (2);\n")
+    v2 = build_release(project, keys, cache_dir, "2.0.0", 2, healthy=False)
+    v3 = build_release(project, keys, cache_dir, "3.0.0", 3)
     root = db.root
     roots.append(root)
     trust = ["--trust", keys[1], "--root", root]
@@ -198,7 +180,7 @@ def test_a_rollback_that_failed_after_restoring_is_not_restored_again(
         bundle_argv("install", v3, *trust),
         bundle_argv("status", "--root", root, "--json"))
     assert r1.rc == 0, r1.err
-    assert r2.rc == 13, r2.err
+    assert r2.rc == RollbackFailedError.exit_code, r2.err
     assert "Restoring the database" in r2.err
     assert healthy.rc == 0, healthy.err
     assert w3.rc == 0, w3.err
@@ -216,11 +198,11 @@ def test_rollback_to_a_missing_release_touches_nothing(
         roots: list[Path]) -> None:
     """With a restore pending (kill -9 as migrations start), `rollback --to 9.9.9` is refused
     before the pending restore runs; status and doctor show what is pending."""
-    migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
-                                        "INSERT INTO items VALUES (1);\n")
-    v1 = build(project, keys, cache_dir, "1.0.0", 1)
-    migration(project, "002_more.sql", "INSERT INTO items VALUES (2);\n")
-    v2 = build(project, keys, cache_dir, "2.0.0", 2)
+    write_migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
+                    "INSERT INTO items VALUES (1);\n")
+    v1 = build_release(project, keys, cache_dir, "1.0.0", 1)
+    write_migration(project, "002_more.sql", "INSERT INTO items VALUES (2);\n")
+    v2 = build_release(project, keys, cache_dir, "2.0.0", 2)
     root = db.root
     roots.append(root)
     trust = ["--trust", keys[1], "--root", root]
@@ -234,7 +216,7 @@ def test_rollback_to_a_missing_release_touches_nothing(
     assert r1.rc == 0, r1.err
     assert crashed.rc == -signal.SIGKILL
     assert w7.rc == 0, w7.err
-    assert bad_to.rc == 14, bad_to.err
+    assert bad_to.rc == StateError.exit_code, bad_to.err
     assert f"error: release 9.9.9 is not on disk under {root}" in bad_to.err
     assert "Restoring" not in bad_to.err
     assert db.rows() == [1, 7]
@@ -251,13 +233,13 @@ def test_a_pending_restore_that_would_discard_later_writes_needs_a_choice(
     """v2's migration fails and its rollback cannot restore (the backup was damaged): exit 13,
     the restore left pending. Rows are written afterwards. The next install refuses (exit 20,
     nothing changed) until the operator chooses; --keep-db keeps every row."""
-    migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
-                                        "INSERT INTO items VALUES (1);\n")
-    v1 = build(project, keys, cache_dir, "1.0.0", 1)
+    write_migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
+                    "INSERT INTO items VALUES (1);\n")
+    v1 = build_release(project, keys, cache_dir, "1.0.0", 1)
     # `{root}` in a command migration is the install root, as in service commands.
     spoil = ("  - name: spoil\n    command: [sh, -c, 'for f in {root}/backups/*; do "
              "echo x >> $f; done; exit 1']\n")
-    v2 = build(project, keys, cache_dir, "2.0.0", 2, extra=spoil)
+    v2 = build_release(project, keys, cache_dir, "2.0.0", 2, extra=DB_PROFILE + spoil)
     root = db.root
     roots.append(root)
     trust = ["--trust", keys[1], "--root", root]
@@ -270,10 +252,10 @@ def test_a_pending_restore_that_would_discard_later_writes_needs_a_choice(
         bundle_argv("recover", "--root", root, "--keep-db"),
         bundle_argv("status", "--root", root, "--json"))
     assert r1.rc == 0, r1.err
-    assert r2.rc == 13, r2.err
+    assert r2.rc == RollbackFailedError.exit_code, r2.err
     assert "missing or changed since it was taken" in r2.err
     assert w8.rc == 0, w8.err
-    assert refused.rc == 20, refused.err
+    assert refused.rc == RecoveryPendingError.exit_code, refused.err
     assert "written to since the failed rollback" in refused.err
     assert "--restore-db" in refused.err and "--keep-db" in refused.err
     assert db.rows() == [1, 8]

@@ -26,8 +26,9 @@ import pytest
 from bundler import proc
 from bundler.errors import InstallError, LockedError, MigrationError
 from bundler.fsutil import sha256_file
-from bundler.install import database, migrations
-from bundler.install.database import Backup, Database
+from bundler.install import db as engines
+from bundler.install import migrations
+from bundler.install.db import Backup, Database, postgres
 from bundler.install.migrations import Migration
 from bundler.redact import redact
 from tests.helpers import REPO, free_port, offline
@@ -114,11 +115,11 @@ def seed(conn: psycopg.Connection[Any], rows: int = 5000) -> None:
 def test_restore_undoes_a_migration_exactly(pgdb: Database, conn: psycopg.Connection[Any],
                                             tmp_path: Path) -> None:
     seed(conn, rows=100_000)
-    database.check(pgdb, ENV)
+    engines.check(pgdb, ENV)
     before = snapshot(conn)
     log = Log()
     t0 = time.monotonic()
-    saved = database.backup(pgdb, tmp_path / "backups", ENV, log)
+    saved = engines.backup(pgdb, tmp_path / "backups", ENV, log)
     backup_s = time.monotonic() - t0
     assert saved.kind == "pg_dump" and saved.path.is_file() and saved.size > 0
     assert saved.path.parent == tmp_path / "backups"
@@ -131,7 +132,7 @@ def test_restore_undoes_a_migration_exactly(pgdb: Database, conn: psycopg.Connec
         assert migrated[key] != before[key], key  # the migration really changed each aspect
 
     t0 = time.monotonic()
-    database.restore(pgdb, saved, ENV, log)
+    engines.restore(pgdb, saved, ENV, log)
     restore_s = time.monotonic() - t0
     after = snapshot(conn)
     for key in before:
@@ -150,7 +151,7 @@ def test_restore_is_all_or_nothing(pgdb: Database, conn: psycopg.Connection[Any]
     """A dump cut short (pg_restore dies half-way) must not commit a half-restored database:
     the reset already ran in the same transaction, and the COMMIT never arrives."""
     seed(conn)
-    saved = database.backup(pgdb, tmp_path, ENV, Log())
+    saved = engines.backup(pgdb, tmp_path, ENV, Log())
     conn.execute(textwrap.dedent(MIGRATE_SQL))
     migrated = snapshot(conn)
     cut = tmp_path / "cut.pgdump"
@@ -158,14 +159,14 @@ def test_restore_is_all_or_nothing(pgdb: Database, conn: psycopg.Connection[Any]
     digest, size = sha256_file(cut)
     broken = Backup(cut, "pg_dump", size, digest, saved.created)
     with pytest.raises(InstallError) as err:
-        database.restore(pgdb, broken, ENV, Log())
+        engines.restore(pgdb, broken, ENV, Log())
     assert "nothing was changed" in err.value.hint or "nothing was changed" in err.value.message
     assert snapshot(conn) == migrated
 
     # A backup file that changed after it was taken is refused before anything runs.
     tampered = Backup(saved.path, "pg_dump", saved.size, "0" * 64, saved.created)
     with pytest.raises(InstallError, match="changed since it was taken"):
-        database.restore(pgdb, tampered, ENV, Log())
+        engines.restore(pgdb, tampered, ENV, Log())
     assert snapshot(conn) == migrated
 
 
@@ -177,12 +178,12 @@ def test_restore_does_not_hang_on_a_busy_database(cluster: PgCluster, dbname: st
     """A session that still holds a lock (the app was not stopped) makes the restore fail
     with a hint after the lock timeout, not hang; the database is unchanged."""
     seed(conn)
-    saved = database.backup(pgdb, tmp_path, ENV, Log())
-    monkeypatch.setattr(database, "RESTORE_LOCK_TIMEOUT", "1s")
+    saved = engines.backup(pgdb, tmp_path, ENV, Log())
+    monkeypatch.setattr(postgres, "RESTORE_LOCK_TIMEOUT", "1s")
     with cluster.connect(dbname) as holder:
         holder.execute("BEGIN; LOCK TABLE items IN ACCESS SHARE MODE")
         with pytest.raises(InstallError) as err:
-            database.restore(pgdb, saved, ENV, Log())
+            engines.restore(pgdb, saved, ENV, Log())
         holder.execute("ROLLBACK")
     assert "lock timeout" in err.value.message and "stop the services" in err.value.hint
     assert conn.execute("SELECT count(*) FROM items").fetchone() == (5000,)
@@ -236,7 +237,7 @@ def test_sql_migrations_ledger(pgdb: Database, conn: psycopg.Connection[Any],
         "003_bad.sql",)
     with pytest.raises(MigrationError) as err:
         migrations.run([sql_migration()], pgdb, files, None, ENV, log)
-    assert err.value.exit_code == 17 and isinstance(err.value, InstallError)
+    assert err.value.exit_code == MigrationError.exit_code and isinstance(err.value, InstallError)
     assert "schema: 003_bad.sql line 4" in err.value.message
     assert 'relation "missing_table" does not exist' in err.value.message
     ledger = conn.execute("SELECT file FROM bundler_migrations ORDER BY file").fetchall()
@@ -304,8 +305,8 @@ def test_lock_wait_is_bounded(pgdb: Database, tmp_path: Path,
     files = tmp_path / "files"
     write_sql(files / "db" / "sql", {"001.sql": "SELECT 1;"})
     monkeypatch.setattr(migrations, "LOCK_WAIT", 1)
-    with database.connect(pgdb, ENV) as holder:
-        holder.execute("SELECT pg_advisory_lock(%s)", (database.ADVISORY_LOCK_KEY,))
+    with postgres.connect(pgdb, ENV) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (postgres.ADVISORY_LOCK_KEY,))
         with pytest.raises(LockedError, match="another installer"):
             migrations.run([sql_migration()], pgdb, files, None, ENV, Log())
 
@@ -384,7 +385,7 @@ def test_alembic_upgrade_and_failed_revision_is_restorable(
     assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0002",)
     assert migrations.run([mig], db, files, VENV, ENV, Log())[0].applied == ()
 
-    saved = database.backup(db, tmp_path / "backups", ENV, Log())
+    saved = engines.backup(db, tmp_path / "backups", ENV, Log())
     before = snapshot(conn)
     versions = project / "migrations" / "versions"
     (versions / "0003_good.py").write_text(revision("0003", "0002", """\
@@ -404,7 +405,7 @@ def test_alembic_upgrade_and_failed_revision_is_restorable(
     assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0003",)
     assert snapshot(conn) != before
 
-    database.restore(db, saved, ENV, Log())
+    engines.restore(db, saved, ENV, Log())
     assert snapshot(conn) == before
     assert conn.execute("SELECT version_num FROM alembic_version").fetchone() == ("0002",)
 
@@ -478,7 +479,7 @@ def test_sqlite_backup_is_consistent_while_the_app_writes_and_restore_is_exact(
         c.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, batch int, body text)")
         c.executemany("INSERT INTO events (batch, body) VALUES (0, ?)",
                       [(f"row{i}",) for i in range(10)])
-    database.check(db, ENV)
+    engines.check(db, ENV)
     stop = threading.Event()
 
     def writer() -> None:  # the application: batches of exactly 10 rows, one per transaction
@@ -494,7 +495,7 @@ def test_sqlite_backup_is_consistent_while_the_app_writes_and_restore_is_exact(
     app.start()
     try:
         time.sleep(0.05)
-        saved = database.backup(db, tmp_path / "backups", ENV, Log())
+        saved = engines.backup(db, tmp_path / "backups", ENV, Log())
     finally:
         stop.set()
         app.join()
@@ -528,7 +529,7 @@ def test_sqlite_backup_is_consistent_while_the_app_writes_and_restore_is_exact(
     with pytest.raises(MigrationError, match=r"001\.sql was changed"):
         migrations.run([mig], db, files, None, ENV, Log())
 
-    database.restore(db, saved, ENV, Log())
+    engines.restore(db, saved, ENV, Log())
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT * FROM events ORDER BY id").fetchall() == saved_rows
         tables = c.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1"
@@ -539,11 +540,11 @@ def test_sqlite_backup_is_consistent_while_the_app_writes_and_restore_is_exact(
 def test_sqlite_missing_file_backs_up_as_empty(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     db = Database(f"sqlite:////{path}")  # SQLAlchemy's absolute form works too
-    database.check(db, ENV)
-    saved = database.backup(db, tmp_path / "b", ENV, Log())
+    engines.check(db, ENV)
+    saved = engines.backup(db, tmp_path / "b", ENV, Log())
     with sqlite3.connect(path) as c:
         c.execute("CREATE TABLE made_later (x int)")
-    database.restore(db, saved, ENV, Log())
+    engines.restore(db, saved, ENV, Log())
     with sqlite3.connect(path) as c:
         assert c.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
 
@@ -557,7 +558,7 @@ def test_bad_urls_are_refused_without_secrets(tmp_path: Path) -> None:
                 f"postgresql://app@127.0.0.1:{free_port()}/app?password={secret}",
                 f"sqlite:///{tmp_path}/no/such/dir/x.db"):
         with pytest.raises(InstallError) as err:
-            database.check(Database(url), ENV)
+            engines.check(Database(url), ENV)
         shown = err.value.message + err.value.hint + str(err.value)
         assert secret not in shown, url
         assert err.value.message.count("\n") == 0, err.value.message
@@ -569,7 +570,7 @@ def test_bad_urls_are_refused_without_secrets(tmp_path: Path) -> None:
     not_a_db = tmp_path / "junk.db"
     not_a_db.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(InstallError, match="cannot be read"):
-        database.check(Database(f"sqlite:///{not_a_db}"), ENV)
+        engines.check(Database(f"sqlite:///{not_a_db}"), ENV)
 
 
 @pytest.mark.postgres
@@ -577,14 +578,14 @@ def test_check_wrong_password_and_missing_database(cluster: PgCluster, dbname: s
                                                    capfd: pytest.CaptureFixture[str]) -> None:
     wrong = Database(cluster.url(dbname, user=PW_USER, password="Wr0ng-pass-xyz"))
     with pytest.raises(InstallError) as err:
-        database.check(wrong, ENV)
+        engines.check(wrong, ENV)
     assert "password authentication failed" in err.value.message
     assert "Wr0ng-pass-xyz" not in str(err.value) + err.value.hint
     assert "check the password" in err.value.hint
     with pytest.raises(InstallError) as err:
-        database.check(Database(cluster.url("no_such_db")), ENV)
+        engines.check(Database(cluster.url("no_such_db")), ENV)
     assert "create the database" in err.value.hint
-    database.check(Database(cluster.url(dbname, user=PW_USER, password=PW_PASSWORD)), ENV)
+    engines.check(Database(cluster.url(dbname, user=PW_USER, password=PW_PASSWORD)), ENV)
     out, errout = capfd.readouterr()
     assert "Wr0ng-pass-xyz" not in out + errout and PW_PASSWORD not in out + errout
 
@@ -605,11 +606,11 @@ def test_password_goes_by_environment_never_argv(cluster: PgCluster, tmp_path: P
 
     monkeypatch.setattr(proc, "run", spy)
     log = Log()
-    database.check(db, ENV)
-    saved = database.backup(db, tmp_path, ENV, log)
+    engines.check(db, ENV)
+    saved = engines.backup(db, tmp_path, ENV, log)
     with cluster.connect(name) as c:
         c.execute("DROP TABLE t")
-    database.restore(db, saved, ENV, log)
+    engines.restore(db, saved, ENV, log)
     with cluster.connect(name) as c:
         assert c.execute("SELECT x FROM t").fetchall() == [(1,)]
         assert c.execute("SELECT tableowner FROM pg_tables WHERE tablename = 't'"
@@ -653,11 +654,11 @@ def test_tools_run_inside_the_compose_service(cluster: PgCluster, dbname: str,
 
     url = f"postgresql://postgres:Sekr1t@db.invalid:5432/{dbname}"
     db = Database(url, compose_service="db")
-    database.check(db, ENV, exec_in_service=exec_in_service)
+    engines.check(db, ENV, exec_in_service=exec_in_service)
     before = snapshot(conn)
-    saved = database.backup(db, tmp_path, ENV, Log(), exec_in_service=exec_in_service)
+    saved = engines.backup(db, tmp_path, ENV, Log(), exec_in_service=exec_in_service)
     conn.execute(textwrap.dedent(MIGRATE_SQL))
-    database.restore(db, saved, ENV, Log(), exec_in_service=exec_in_service)
+    engines.restore(db, saved, ENV, Log(), exec_in_service=exec_in_service)
     assert snapshot(conn) == before
     used = {argv[0] for argv, _ in calls}
     assert used == {"pg_dump", "pg_restore", "psql"}
@@ -665,7 +666,7 @@ def test_tools_run_inside_the_compose_service(cluster: PgCluster, dbname: str,
         assert not any("db.invalid" in a or "Sekr1t" in a for a in argv), argv
         assert env.get("PGPASSWORD") == "Sekr1t"
     with pytest.raises(InstallError, match="no way to run commands in it"):
-        database.backup(db, tmp_path, ENV, Log())
+        engines.backup(db, tmp_path, ENV, Log())
 
 
 # --------------------------------------------------------------------------- (7) air gap

@@ -123,7 +123,7 @@ def test_data_placeholder_needs_a_declared_directory(tmp_path: Path) -> None:
 def test_validate_cli_reports_data_problems_with_exit_3(tmp_path: Path) -> None:
     path = _profile(tmp_path, "data: [../etc]\n")
     result = bundle("validate", path)
-    assert result.rc == 3, result.err
+    assert result.rc == ProfileError.exit_code, result.err
     assert f"{path}:4: data[0]: '../etc' is not valid" in result.err
 
 

@@ -21,18 +21,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Project, bundle, bundle_argv, make_wheel, offline, unavailable
+from bundler.errors import SpaceError
+from tests.helpers import (
+    Project,
+    build_release,
+    bundle,
+    bundle_argv,
+    make_wheel,
+    offline,
+    unavailable,
+    write_migration,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
-
-PROFILE = """\
-env:
-  required: [DATABASE_URL]
-database:
-  url: ${DATABASE_URL}
-migrations:
-  - {name: schema, sql: app/db/migrations}
-"""
 
 
 @pytest.fixture
@@ -61,21 +62,6 @@ def _heavy(project: Project) -> None:
         f.write(f"heavy==1.0 --hash=sha256:{sha}\n")
 
 
-def _migration(project: Project, name: str, sql: str) -> None:
-    d = project.dir / "app" / "db" / "migrations"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / name).write_text(sql)
-
-
-def _build(project: Project, keys: tuple[Path, Path], cache: Path, version: str,
-           seq: int) -> Path:
-    result = bundle("build", project.profile(version, sequence=seq, extra=PROFILE),
-                    "--key", keys[0], "--out", project.dir / "dist", "--cache-dir", cache,
-                    "--json")
-    assert result.rc == 0, result.err
-    return Path(json.loads(result.out)["bundle"])
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """v1 (table items, 3 rows) and v2 (a second migration), and the public key."""
@@ -86,12 +72,12 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
     _heavy(project)
     keys = (base / "k.key", base / "k.pub")
     assert bundle("keygen", base / "k").rc == 0
-    _migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
-                                         "INSERT INTO items VALUES (1), (2), (3);\n")
-    v1 = _build(project, keys, base / "cache", "1.0.0", 1)
-    _migration(project, "002_more.sql", "ALTER TABLE items ADD COLUMN note text;\n"
-                                        "INSERT INTO items VALUES (4, 'v2');\n")
-    v2 = _build(project, keys, base / "cache", "2.0.0", 2)
+    write_migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
+                    "INSERT INTO items VALUES (1), (2), (3);\n")
+    v1 = build_release(project, keys, base / "cache", "1.0.0", 1)
+    write_migration(project, "002_more.sql", "ALTER TABLE items ADD COLUMN note text;\n"
+                    "INSERT INTO items VALUES (4, 'v2');\n")
+    v2 = build_release(project, keys, base / "cache", "2.0.0", 2)
     return v1, v2, keys[1]
 
 
@@ -130,7 +116,7 @@ def test_a_full_disk_at_each_write_phase_leaves_the_previous_release_serving(
             status, ["ls", "-A", root, root / "releases"], bundle_argv(*argv), status,
             timeout=300)
         assert first.rc == 0, first.err
-        assert full.rc == 9, full.err  # SpaceError, whatever the phase
+        assert full.rc == SpaceError.exit_code, full.err  # SpaceError, whatever the phase
         error = [ln for ln in full.err.splitlines() if ln.startswith("error:")]
         assert len(error) == 1 and "ran out of space" in error[0], full.err
         assert "hint: free space there" in full.err and "1.0.0 is serving" in full.err
@@ -176,13 +162,13 @@ def test_a_disk_filled_by_another_program_mid_install_does_not_hang_it(
             ["sh", "-c", f"sleep 1; rm -f {filler}"],
             bundle_argv("status", "--root", root, "--json"), timeout=300)
         assert first.rc == 0, first.err
-        assert timed.rc in (0, 9), timed.err
+        assert timed.rc in (0, SpaceError.exit_code), timed.err
         elapsed = int(timed.err.rsplit("elapsed ", 1)[1].split()[0])
         assert elapsed < 90, f"the install took {elapsed}s: {timed.err}"
         assert "Traceback" not in timed.err and "internal error" not in timed.err
         doc = json.loads(st.out)
         assert doc["pending_recovery"] is None and doc["healthy"] is True, st.out
-        if timed.rc == 9:
+        if timed.rc == SpaceError.exit_code:
             assert doc["current"]["version"] == "1.0.0"
             assert not (root / "releases" / "2.0.0").exists()
         assert freed.rc == 0

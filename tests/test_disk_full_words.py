@@ -50,7 +50,7 @@ def test_the_error_names_whose_disk_filled(tmp_path: Path) -> None:
     root = tmp_path / "root"
     root.mkdir()
     mine = _disk_full_error("backing up failed", Layout(root))
-    assert isinstance(mine, SpaceError) and mine.exit_code == 9
+    assert isinstance(mine, SpaceError) and mine.exit_code == SpaceError.exit_code
     assert f"the filesystem of {root} ran out of space" in mine.message
     assert "nothing was installed" in mine.hint and "\n" not in mine.message
     other = _disk_full_error("loading images failed", Layout(root), root_full=False)

@@ -11,6 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import (
+    BuildError,
+    IntegrityError,
+    PolicyError,
+    RolledBackError,
+    SignatureError,
+    SigningKeyError,
+)
 from tests.bundles import data_offsets
 from tests.helpers import Project, bundle, bundle_argv, make_wheel, offline
 
@@ -86,9 +94,9 @@ def test_tampered_bundle_is_refused_and_root_stays_empty(project: Project, cache
         for result in (verify, install):
             errors = [ln for ln in result.err.splitlines() if ln.startswith("error:")]
             if member == "envelope.json":
-                assert result.rc == 6, result.err
+                assert result.rc == SignatureError.exit_code, result.err
             else:
-                assert result.rc == 7, result.err
+                assert result.rc == IntegrityError.exit_code, result.err
                 assert errors == [f"error: bad.bundle: member '{member}' does not match its "
                                   "signed sha256"]
             assert len(errors) == 1
@@ -107,7 +115,7 @@ def test_root_that_exists_is_left_exactly_as_it_was(project: Project, cache_dir:
     root.mkdir()
     (root / "keep.txt").write_text("mine")
     (install,) = offline(bundle_argv("install", path, "--trust", keys[1], "--root", root))
-    assert install.rc == 7
+    assert install.rc == IntegrityError.exit_code
     assert sorted(p.name for p in root.iterdir()) == ["keep.txt"]
 
 
@@ -126,7 +134,7 @@ def test_upgrade_then_unhealthy_release_rolls_back(project: Project, cache_dir: 
         bundle_argv("install", v3, *trust), bundle_argv("status", "--root", root, "--json"))
     assert (r1.rc, r2.rc) == (0, 0), r1.err + r2.err
     assert json.loads(s2.out)["current"]["version"] == "2.0.0"
-    assert r3.rc == 12, r3.err
+    assert r3.rc == RolledBackError.exit_code, r3.err
     assert "error: 3.0.0 failed and was rolled back to 2.0.0: health check 'web' failed" in r3.err
     after = json.loads(s3.out)
     assert after["current"]["version"] == "2.0.0" and after["healthy"] is True
@@ -156,7 +164,7 @@ def test_replayed_older_bundle_is_refused_unless_allowed(project: Project, cache
         bundle_argv("install", new, *trust), bundle_argv("install", old, *trust),
         bundle_argv("install", old, *trust, "--allow-downgrade"))
     assert r_new.rc == 0, r_new.err
-    assert r_old.rc == 8 and "not newer than the last accepted (6)" in r_old.err
+    assert r_old.rc == PolicyError.exit_code and "not newer than the last accepted (6)" in r_old.err
     assert r_forced.rc == 0, r_forced.err
 
 
@@ -164,14 +172,14 @@ def test_wrong_or_missing_key(project: Project, cache_dir: Path, keys: tuple[Pat
                               tmp_path: Path) -> None:
     missing = bundle("build", project.profile(), "--key", tmp_path / "nope.key",
                      "--out", tmp_path / "out", "--cache-dir", cache_dir)
-    assert missing.rc == 5 and "cannot read signing key" in missing.err
+    assert missing.rc == SigningKeyError.exit_code and "cannot read signing key" in missing.err
     assert not (tmp_path / "out").exists()
     path = build(project, keys, cache_dir)
     other = tmp_path / "other"
     assert bundle("keygen", other).rc == 0
     root = tmp_path / "root"
     (result,) = offline(bundle_argv("install", path, "--trust", f"{other}.pub", "--root", root))
-    assert result.rc == 6 and "which is not trusted" in result.err
+    assert result.rc == SignatureError.exit_code and "which is not trusted" in result.err
     assert not root.exists()
 
 
@@ -209,7 +217,7 @@ def test_wheel_only_for_another_python_fails_the_build(project: Project, cache_d
     (project.dir / "requirements.txt").write_text("fastthing==2.0\n")
     result = bundle("build", project.profile(), "--key", keys[0], "--out", project.dir / "d",
                     "--cache-dir", cache_dir)
-    assert result.rc == 4, result.err
+    assert result.rc == BuildError.exit_code, result.err
     assert ("error: no wheel for CPython 3.11 on manylinux_2_28_x86_64: fastthing 2.0 has no "
             "wheel for CPython 3.11 on manylinux_2_28_x86_64 (wheels exist for: "
             "cp399-cp399-manylinux_2_17_x86_64)") in result.err
@@ -223,7 +231,7 @@ def test_sdist_only_package_fails_the_build_naming_each(project: Project, cache_
     (project.dir / "requirements.txt").write_text("srconly==1.0\nwinonly==3.0\ntinygreet==1.0\n")
     result = bundle("build", project.profile(), "--key", keys[0], "--out", project.dir / "d",
                     "--cache-dir", cache_dir)
-    assert result.rc == 4, result.err
+    assert result.rc == BuildError.exit_code, result.err
     assert "srconly 1.0 has only an sdist" in result.err
     assert "winonly 3.0 has no wheel for CPython" in result.err and "win_amd64" in result.err
     assert "tinygreet" not in result.err.split("error:")[1]
@@ -236,7 +244,7 @@ def test_incomplete_pins_fail_the_build(project: Project, cache_dir: Path,
     (project.dir / "requirements.txt").write_text("needy==1.0\ntinygreet==1.0\n")
     result = bundle("build", project.profile(), "--key", keys[0], "--out", project.dir / "d",
                     "--cache-dir", cache_dir)
-    assert result.rc == 4, result.err
+    assert result.rc == BuildError.exit_code, result.err
     assert "needy needs missingdep>=2, not pinned" in result.err
     assert "winonly" not in result.err  # marker evaluated for the (Linux) target
 

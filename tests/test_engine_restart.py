@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from bundler.errors import UnhealthyError
 from tests import docker_fixtures as dfx
 from tests.helpers import bundle, bundle_argv, offline, unavailable
 from tests.swarm_fixtures import Node, _own_pids, _run, _unmount_under
@@ -193,7 +194,7 @@ def test_after_an_engine_power_cut_only_services_with_a_restart_policy_come_back
                 bundle_argv("start", "--root", root, "--boot"),
                 bundle_argv("history", "--root", root, "--json"),
                 bundle_argv("status", "--root", root, "--json"))
-            assert after.rc == 19, after.out + after.err
+            assert after.rc == UnhealthyError.exit_code, after.out + after.err
             running = {s["name"]: s["running"] for s in json.loads(after.out)["services"]}
             assert running == {"compose:kept": True, "compose:lost": False}, running
             assert boot.rc == 0, boot.out + boot.err

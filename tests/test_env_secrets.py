@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bundler import proc
+from bundler.errors import MigrationError, RolledBackError
 from bundler.install import fsowner
 from bundler.redact import Secrets, is_secret_name, plainly_not_secret, redact
 from tests.helpers import bundle, bundle_argv, offline, unavailable
@@ -223,8 +224,9 @@ def test_every_env_secret_is_masked_everywhere_bundler_writes(
         bundle_argv("history", "--root", root, "--json"))
     first, status, failed_json, failed_text, crashed, history = runs
     assert first.rc == 0, first.err
-    assert failed_json.rc == 17 and failed_text.rc == 17, failed_text.err
-    assert crashed.rc == 12, crashed.out + crashed.err
+    assert failed_json.rc == MigrationError.exit_code \
+        and failed_text.rc == MigrationError.exit_code, failed_text.err
+    assert crashed.rc == RolledBackError.exit_code, crashed.out + crashed.err
     assert history.rc == 0 and status.rc == 0, status.err
     texts = {f"run {i} {stream}": getattr(r, stream)
              for i, r in enumerate(runs) for stream in ("out", "err")}
@@ -303,7 +305,7 @@ def test_a_path_in_the_env_does_not_choose_bundlers_database_tools(
             *(bundle_argv("install", b, "--trust", keys[1], "--root", root) for b in built))
         assert first.rc == 0, first.err
         assert second.rc == 0, second.err
-        assert third.rc == 17, third.err
+        assert third.rc == MigrationError.exit_code, third.err
         assert "Restoring the database" in third.err
         assert not marker.exists(), marker.read_text()
         assert (tmp_path / "probed").read_text().count("probed") >= 2

@@ -30,7 +30,7 @@ from bundler.bundle.models import (
     Service,
     Target,
 )
-from bundler.errors import ExportError, PolicyError
+from bundler.errors import ExportError, IntegrityError, PolicyError, SigningKeyError, SpaceError
 from bundler.install.policy import check_bundler_version
 from tests.bundles import manifest_for, write_bundle
 from tests.helpers import REPO, bundle, bundle_argv, unavailable
@@ -73,7 +73,7 @@ def test_verify_and_install_refuse_a_bundle_from_a_newer_bundler(tmp_path: Path)
     for cmd in (["verify", path, "--trust", pub],
                 ["install", path, "--trust", pub, "--root", tmp_path / "root"]):
         result = bundle(*cmd)
-        assert result.rc == 8, result.err
+        assert result.rc == PolicyError.exit_code, result.err
         assert "needs bundler 99.0.0 or newer; this is bundler 0.1.0" in result.err
         assert "hint: use the kit that came with the bundle" in result.err
     assert not (tmp_path / "root" / "releases").exists()
@@ -187,7 +187,7 @@ def test_export_splits_for_fat32_and_the_parts_verify(built: dict[str, Path],
                                                       fat32: Path) -> None:
     env = {"BUNDLER_TEST_MAX_FILE": str(MiB)}  # test hook: FAT's 4 GiB - 1, scaled down
     rc, doc, err = export(built["bundle"], fat32, env=env)
-    assert rc == 5, err  # a split needs the key to sign the part index
+    assert rc == SigningKeyError.exit_code, err  # a split needs the key to sign the part index
     assert "pass --key NAME.key" in str(doc["message"]) and list(fat32.iterdir()) == []
 
     rc, doc, err = export(built["bundle"], fat32, "--key", built["key"], env=env)
@@ -225,7 +225,7 @@ def test_export_refuses_to_overwrite_a_different_file(built: dict[str, Path],
                                                       fat32: Path) -> None:
     (fat32 / "release.pub").write_text("someone else's key\n")
     rc, doc, err = export(built["bundle"], fat32)
-    assert rc == 21, err
+    assert rc == ExportError.exit_code, err
     assert f"{fat32 / 'release.pub'} already exists and is not the file" in str(doc["message"])
     assert sorted(p.name for p in fat32.iterdir()) == ["release.pub"]
     assert (fat32 / "release.pub").read_text() == "someone else's key\n"
@@ -234,7 +234,7 @@ def test_export_refuses_to_overwrite_a_different_file(built: dict[str, Path],
 def test_export_read_back_catches_a_changed_byte(built: dict[str, Path], fat32: Path) -> None:
     rc, doc, err = export(built["bundle"], fat32, env={
         "BUNDLER_FAULT": "corrupt:export-readback"})
-    assert rc == 7, err
+    assert rc == IntegrityError.exit_code, err
     assert str(doc["message"]).startswith(f"vault-1.0.0.bundle on {fat32} reads back "
                                           "differently")
     assert list(fat32.iterdir()) == []  # nothing half-written, not even under a temp name
@@ -252,9 +252,10 @@ def test_export_bundle_larger_than_the_stick(built: dict[str, Path], fat32: Path
         # fusefat reports no capacity (f_blocks 0): the check cannot run up front, so the write
         # fails when the stick is full (fusefat says EPERM) and what was written is removed.
         assert "does not report its free space" in err
-        assert rc == 21 and "cannot write vault-1.0.0.bundle" in str(doc["message"])
+        assert rc == ExportError.exit_code \
+            and "cannot write vault-1.0.0.bundle" in str(doc["message"])
     else:  # the kernel's vfat reports its size: refused before anything is written
-        assert rc == 9 and "nothing was written" in str(doc["message"])
+        assert rc == SpaceError.exit_code and "nothing was written" in str(doc["message"])
     assert list(fat32.iterdir()) == []
 
 
@@ -275,10 +276,10 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 def test_export_refuses_up_front_when_space_is_short(built: dict[str, Path],
                                                      small_fs: Path) -> None:
     rc, doc, err = export(built["bundle"], small_fs)
-    assert rc == 9, err
+    assert rc == SpaceError.exit_code, err
     message = str(doc["message"])
     assert f"on {small_fs} but only" in message and "nothing was written" in message
-    assert doc["exit_code"] == 9 and list(small_fs.iterdir()) == []
+    assert doc["exit_code"] == SpaceError.exit_code and list(small_fs.iterdir()) == []
 
 
 def test_export_refuses_a_kit_older_than_the_bundle(built: dict[str, Path],
@@ -288,7 +289,7 @@ def test_export_refuses_a_kit_older_than_the_bundle(built: dict[str, Path],
     out = tmp_path / "out"
     out.mkdir()
     rc, doc, err = export(built["bundle"], out, "--kit", old)
-    assert rc == 8, err
+    assert rc == PolicyError.exit_code, err
     assert "is bundler 0.0.9" in str(doc["message"])
     assert "needs bundler 0.1.0 or newer" in str(doc["message"])
 
@@ -397,7 +398,7 @@ def test_export_refuses_a_kit_for_another_python(built: dict[str, Path], tmp_pat
     out.mkdir()
     for kit in (named, renamed):
         rc, doc, err = export(built["bundle"], out, "--kit", kit)
-        assert rc == 8, err
+        assert rc == PolicyError.exit_code, err
         assert f"kit {kit.name} is for CPython 3.12; bundle vault 1.0.0 is for CPython 3.11" \
             in str(doc["message"])
         assert f"use {right} (`bundle kit --python 3.11 --platform {PLATFORM}" in str(doc["hint"])
@@ -466,7 +467,7 @@ def test_export_says_when_no_key_found_verifies(built: dict[str, Path], lonely_b
     stick = tmp_path / "stick"
     stick.mkdir()
     rc, doc, err = export_in(cwd, lonely_bundle, stick)
-    assert rc == 5, err
+    assert rc == SigningKeyError.exit_code, err
     assert str(doc["message"]).startswith(
         f"no public key given and no *.pub found to verify {lonely_bundle} (looked in "
         f"{lonely_bundle.parent}, {cwd})")
@@ -474,7 +475,7 @@ def test_export_says_when_no_key_found_verifies(built: dict[str, Path], lonely_b
 
     assert bundle("keygen", cwd / "other").rc == 0  # someone else's key: it does not verify
     rc, doc, err = export_in(cwd, lonely_bundle, stick)
-    assert rc == 5, err
+    assert rc == SigningKeyError.exit_code, err
     assert str(doc["message"]).startswith(
         f"none of the public keys found verifies {lonely_bundle}'s signature (tried "
         f"{cwd / 'other.pub'}): ")
@@ -523,7 +524,8 @@ def test_install_txt_lists_the_host_steps(built: dict[str, Path], tmp_path: Path
 
 
 def test_host_needs_by_kind_of_bundle() -> None:
-    """bundler.bundle.hostneeds: one home for what a host needs (README's table names the same)."""
+    """bundler.bundle.hostneeds: one home for what a host needs (docs/target.md's table names the
+    same)."""
     from bundler.bundle import hostneeds
 
     def needs(**over: object) -> list[str]:
@@ -548,8 +550,9 @@ def test_host_needs_by_kind_of_bundle() -> None:
         and "if it is MariaDB/MySQL" in unknown[0]
     literal = needs(runtime=Runtime(database=DatabaseSpec("mariadb://app@db/shop")))
     assert literal[0].startswith("the MariaDB/MySQL client tools")
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("### What the target needs, per kind of bundle"):]
+    doc = (REPO / "docs" / "target.md").read_text()
+    table = doc[doc.index("## What the target needs, per kind of bundle"):]
+    table = table[:table.index("\n## ")]
     for fact in ("mariadb-client", "postgresql-client", "useradd --system"):
         assert fact in table, fact
     for fact in (hostneeds.MARIADB_CLIENT, hostneeds.DOCKER_ENGINE, hostneeds.useradd("NAME"),

@@ -328,7 +328,7 @@ def test_rollback_to_a_release_that_never_passed_is_refused_before_anything(
     before = layout.db.read_bytes()
     with pytest.raises(PolicyError) as info:
         recovery.rollback(layout, "3.0")
-    assert info.value.exit_code == 8
+    assert info.value.exit_code == PolicyError.exit_code
     assert info.value.message == ("release 3.0 never passed its health checks (rolled_back: "
                                   "health check 'web' failed); nothing was changed")
     assert "--force" in info.value.hint

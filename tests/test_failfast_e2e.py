@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from bundler.errors import PolicyError, RolledBackError, UnhealthyError
 from tests import docker_fixtures as dfx
 from tests.helpers import Project, bundle, bundle_argv, offline
 
@@ -60,7 +61,7 @@ def shared_env(root: Path, text: str) -> None:
 
 
 def status(run: Any) -> dict[str, Any]:
-    assert run.rc in (0, 19), run.err
+    assert run.rc in (0, UnhealthyError.exit_code), run.err
     doc: dict[str, Any] = json.loads(run.out)
     return doc
 
@@ -86,14 +87,14 @@ def test_a_crashing_upgrade_fails_fast_says_why_and_the_previous_release_serves(
     assert r1.rc == 0, r1.err
 
     # The live but unhealthy release: all its retries, with a line every ~5 s in the pipe.
-    assert r2.rc == 12, r2.err
+    assert r2.rc == RolledBackError.exit_code, r2.err
     assert r2.seconds > 7, r2.seconds
     waits = [x for x in r2.err.splitlines() if x.startswith("    health: web (http): attempt ")]
     assert waits, r2.err
     assert "/28; last: GET http://127.0.0.1:" in waits[0] and "status 503" in waits[0]
 
     # The crashing one: given up at the first evidence, well inside the 60 s budget.
-    assert r3.rc == 12, r3.err
+    assert r3.rc == RolledBackError.exit_code, r3.err
     assert r3.seconds < 20, (r3.seconds, r3.err)
     errors = [x for x in r3.err.splitlines() if x.startswith("error:")]
     assert len(errors) == 1, r3.err
@@ -138,7 +139,7 @@ def test_a_failed_release_takes_no_keep_slot_and_is_no_rollback_target_unless_fo
         *installs, bundle_argv("status", "--root", root, "--json"),
         bundle_argv("rollback", "--root", root, "--to", "3.0.0", "--json"),
         bundle_argv("status", "--root", root, "--json"))
-    assert [r.rc for r in runs] == [0, 0, 12, 0], [r.err for r in runs]
+    assert [r.rc for r in runs] == [0, 0, RolledBackError.exit_code, 0], [r.err for r in runs]
     assert "health check 'ready' failed" in runs[2].err
 
     # keep: 2 -> 4.0.0 (current) and 2.0.0 (its rollback target); 3.0.0, the newest failed
@@ -149,7 +150,7 @@ def test_a_failed_release_takes_no_keep_slot_and_is_no_rollback_target_unless_fo
                         "4.0.0": "active"}
 
     # A release that never passed its checks is no rollback target...
-    assert refused.rc == 8, refused.err
+    assert refused.rc == PolicyError.exit_code, refused.err
     err = json.loads(refused.out)
     assert err["error"] == "PolicyError"
     assert err["message"].startswith("release 3.0.0 never passed its health checks")
@@ -226,7 +227,7 @@ def test_a_compose_container_that_exits_non_zero_fails_the_upgrade_fast(
                                 bundle_argv("install", bad, *trust),
                                 bundle_argv("status", "--root", root, "--json"))
         assert r1.rc == 0, r1.err
-        assert r2.rc == 12, r2.err
+        assert r2.rc == RolledBackError.exit_code, r2.err
         assert r2.seconds < 20, (r2.seconds, r2.err)
         errors = [x for x in r2.err.splitlines() if x.startswith("error:")]
         assert len(errors) == 1, r2.err

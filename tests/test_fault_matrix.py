@@ -22,19 +22,17 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import Project, bundle, bundle_argv, host_policy, offline
+from tests.helpers import (
+    build_release,
+    bundle,
+    bundle_argv,
+    host_policy,
+    offline,
+    write_migration,
+)
 from tests.pg_fixtures import PgCluster, snapshot
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.netns]
-
-PROFILE = """\
-env:
-  required: [DATABASE_URL]
-database:
-  url: ${DATABASE_URL}
-migrations:
-  - {name: schema, sql: app/db/migrations}
-"""
 
 # point -> what `bundle recover` does after a kill there: "nothing" (nothing was pending),
 # "rolled back" (to 1.0.0, the database restored if migrations began), "choice" (the new
@@ -68,21 +66,6 @@ COMPOSE = {
 }
 
 
-def _migration(project: Project, name: str, sql: str) -> None:
-    d = project.dir / "app" / "db" / "migrations"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / name).write_text(sql)
-
-
-def _build(project: Project, keys: tuple[Path, Path], cache: Path, version: str,
-           seq: int) -> Path:
-    result = bundle("build", project.profile(version, sequence=seq, extra=PROFILE),
-                    "--key", keys[0], "--out", project.dir / "dist", "--cache-dir", cache,
-                    "--json")
-    assert result.rc == 0, result.err
-    return Path(json.loads(result.out)["bundle"])
-
-
 @pytest.fixture(scope="module")
 def process_bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """v1 makes `items`; v2 migrates in two files (so a kill between them leaves half)."""
@@ -92,14 +75,14 @@ def process_bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     project = make_project(base)
     keys = (base / "k.key", base / "k.pub")
     assert bundle("keygen", base / "k").rc == 0
-    _migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
-                                         "INSERT INTO items VALUES (1), (2), (3);\n")
-    v1 = _build(project, keys, base / "cache", "1.0.0", 1)
-    _migration(project, "002_note.sql", "ALTER TABLE items ADD COLUMN note text;\n"
-                                        "UPDATE items SET note = 'v2';\n")
-    _migration(project, "003_more.sql", "CREATE TABLE tags (item int REFERENCES items);\n"
-                                        "INSERT INTO items VALUES (4, 'v2');\n")
-    v2 = _build(project, keys, base / "cache", "2.0.0", 2)
+    write_migration(project, "001_items.sql", "CREATE TABLE items (id int PRIMARY KEY);\n"
+                    "INSERT INTO items VALUES (1), (2), (3);\n")
+    v1 = build_release(project, keys, base / "cache", "1.0.0", 1)
+    write_migration(project, "002_note.sql", "ALTER TABLE items ADD COLUMN note text;\n"
+                    "UPDATE items SET note = 'v2';\n")
+    write_migration(project, "003_more.sql", "CREATE TABLE tags (item int REFERENCES items);\n"
+                    "INSERT INTO items VALUES (4, 'v2');\n")
+    v2 = build_release(project, keys, base / "cache", "2.0.0", 2)
     return v1, v2, keys[1]
 
 

@@ -19,7 +19,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler.bundle import volumes
 from bundler.bundle.manifest import canonical_json
-from bundler.errors import UnhealthyError
+from bundler.errors import (
+    BuildError,
+    IntegrityError,
+    PolicyError,
+    SignatureError,
+    StateError,
+    UnhealthyError,
+)
 from tests.bundles import craft, envelope_raw, manifest_for, reg, write_bundle
 from tests.helpers import REPO, bundle
 
@@ -52,13 +59,13 @@ def test_verify_refuses_an_expired_bundle_like_install(tmp_path: Path, key: Ed25
                  expires="2020-07-01T00:00:00Z")
     for args in (("verify", path), ("install", path, "--root", tmp_path / "root")):
         result = bundle(*args, "--trust", pub)
-        assert result.rc == 8, (args, result.out, result.err)
+        assert result.rc == PolicyError.exit_code, (args, result.out, result.err)
         assert error_line(result.err) == ("error: bundle shop 1.0.0 expired at "
                                           "2020-07-01T00:00:00Z"), result.err
         assert "hint: build a fresh bundle" in result.err
     assert not (tmp_path / "root").exists()
     as_json = bundle("verify", path, "--trust", pub, "--json")
-    assert as_json.rc == 8 and json.loads(as_json.out)["error"] == "PolicyError"
+    assert as_json.rc == PolicyError.exit_code and json.loads(as_json.out)["error"] == "PolicyError"
 
 
 def test_a_host_clock_before_the_bundle_was_created_is_refused(
@@ -68,7 +75,7 @@ def test_a_host_clock_before_the_bundle_was_created_is_refused(
                  expires="2099-07-01T00:00:00Z")
     for args in (("verify", path), ("install", path, "--root", tmp_path / "root")):
         result = bundle(*args, "--trust", pub)
-        assert result.rc == 8, (args, result.out, result.err)
+        assert result.rc == PolicyError.exit_code, (args, result.out, result.err)
         line = error_line(result.err)
         assert line.startswith("error: this host's clock says 20"), line
         assert line.endswith(", before bundle shop 1.0.0 was created (2099-01-01T00:00:00Z): "
@@ -96,7 +103,7 @@ def test_a_host_clock_set_back_before_the_last_install_is_refused(
         conn.execute("UPDATE events SET ts='2098-05-05T05:05:05Z' WHERE id=(SELECT max(id) "
                      "FROM events)")
     result = bundle("install", second, "--trust", pub, "--root", root)
-    assert result.rc == 8, result.err
+    assert result.rc == PolicyError.exit_code, result.err
     line = error_line(result.err)
     assert line.startswith("error: this host's clock says 20"), line
     assert line.endswith(", before the last install recorded under this root "
@@ -118,7 +125,7 @@ def test_a_malformed_time_in_a_signed_manifest_is_a_signature_error(
     for args in (("verify", path), ("inspect", path),
                  ("install", path, "--root", tmp_path / "root")):
         result = bundle(*args, "--trust", pub)
-        assert result.rc == 6, (args, result.out, result.err)
+        assert result.rc == SignatureError.exit_code, (args, result.out, result.err)
         assert error_line(result.err) == (f"error: signed manifest is malformed: {field} "
                                           f"{what}"), result.err
     assert not (tmp_path / "root").exists()
@@ -177,11 +184,11 @@ def _with_envelope(path: Path, envelope: bytes) -> Path:
 def test_a_deeply_nested_envelope_is_a_signature_error(tmp_path: Path, pub: Path) -> None:
     path = _with_envelope(tmp_path / "deep.bundle", b"[" * 200_000 + b"]" * 200_000)
     result = bundle("verify", path, "--trust", pub)
-    assert result.rc == 6, result.err
+    assert result.rc == SignatureError.exit_code, result.err
     assert error_line(result.err) == "error: envelope.json is malformed: JSON nested too deeply"
     nested = b'{"payloadType":' + b'{"a":' * 100_000 + b"1" + b"}" * 100_000 + b"}"
     result = bundle("verify", _with_envelope(tmp_path / "deep2.bundle", nested), "--trust", pub)
-    assert result.rc == 6, result.err
+    assert result.rc == SignatureError.exit_code, result.err
     assert error_line(result.err) == "error: envelope.json is malformed: JSON nested too deeply"
 
 
@@ -189,7 +196,7 @@ def test_a_deeply_nested_part_index_is_a_signature_error(tmp_path: Path, pub: Pa
     (tmp_path / "vol.bundle.001").write_bytes(b"x")
     (tmp_path / "vol.bundle.parts").write_bytes(b"[" * 100_000 + b"]" * 100_000)
     result = bundle("verify", tmp_path / "vol.bundle.parts", "--trust", pub)
-    assert result.rc == 6, result.err
+    assert result.rc == SignatureError.exit_code, result.err
     assert error_line(result.err) == ("error: vol.bundle.parts is malformed: JSON nested too "
                                       "deeply")
 
@@ -207,7 +214,7 @@ def test_a_pax_size_that_is_not_ascii_digits_is_an_integrity_error(
     path = tmp_path / "pax.bundle"
     craft(path, [(reg("envelope.json"), envelope), (member, data)])
     result = bundle("verify", path, "--trust", pub)
-    assert result.rc == 7, result.err
+    assert result.rc == IntegrityError.exit_code, result.err
     assert error_line(result.err).startswith("error: pax.bundle: bad pax size at offset "), \
         result.err
 
@@ -228,7 +235,7 @@ def test_a_pax_record_length_that_is_not_ascii_digits_is_an_integrity_error(
     bad = tmp_path / "bad.bundle"
     bad.write_bytes(cut + block + record + b"\0" * (-len(record) % 512) + b"\0" * 10240)
     result = bundle("verify", bad, "--trust", pub)
-    assert result.rc == 7, result.err
+    assert result.rc == IntegrityError.exit_code, result.err
     assert error_line(result.err).startswith("error: bad.bundle: malformed pax header at "
                                              "offset "), result.err
 
@@ -242,7 +249,7 @@ def test_an_envelope_with_400k_signatures_is_refused_in_one_short_line(
                                "signatures": sigs})
     path = _with_envelope(tmp_path / "many.bundle", envelope)
     result = bundle("verify", path, "--trust", pub)
-    assert result.rc == 6, result.err
+    assert result.rc == SignatureError.exit_code, result.err
     assert error_line(result.err) == ("error: envelope.json has 400000 signatures; at most 16 "
                                       "are accepted")
     assert len(result.err) < 500
@@ -266,7 +273,7 @@ def test_untrusted_huge_key_ids_and_types_keep_the_message_short(
         if start == "error: envelope.json":  # a duplicate (huge) key, written by hand
             raw = raw[:-1] + b',"' + b"d" * 1_000_000 + b'":3}'
         result = bundle("verify", _with_envelope(tmp_path / "x.bundle", raw), "--trust", pub)
-        assert result.rc == 6, result.err[:300]
+        assert result.rc == SignatureError.exit_code, result.err[:300]
         line = error_line(result.err)
         assert line.startswith(start) and len(line) < 400, line[:500]
 
@@ -399,7 +406,7 @@ def test_a_manifest_over_the_envelope_limit_is_refused_at_build(tmp_path: Path,
                        f"files:\n  - {{src: many, dest: {deep}}}\n")
     result = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
                     "--cache-dir", tmp_path / "cache")
-    assert result.rc == 4, result.err
+    assert result.rc == BuildError.exit_code, result.err
     line = error_line(result.err)
     assert line.startswith(f"error: the signed manifest of {count} files is "), line
     assert line.endswith(f" bytes, over the {MAX_ENVELOPE_BYTES} byte envelope limit"), line
@@ -432,19 +439,21 @@ def test_status_and_start_of_an_unhealthy_release_exit_with_their_own_code(
     assert healthy.rc == 0 and "healthy" in healthy.out, healthy.err
     flag.unlink()
     status = bundle("status", "--root", root)
-    assert status.rc == 19, status.err
+    assert status.rc == UnhealthyError.exit_code, status.err
     assert "api 1.0.0 (sequence" in status.out and "UNHEALTHY" in status.out
     assert error_line(status.err) == "error: api 1.0.0 is unhealthy: check web failed"
     assert "hint: " in status.err
     as_json = bundle("status", "--root", root, "--json")
-    assert as_json.rc == 19, as_json.err
+    assert as_json.rc == UnhealthyError.exit_code, as_json.err
     assert json.loads(as_json.out)["healthy"] is False  # the one JSON document: the report
     start = bundle("start", "--root", root)
-    assert start.rc == 19, start.err
+    assert start.rc == UnhealthyError.exit_code, start.err
     assert "started 1.0.0" in start.out
     assert error_line(start.err) == ("error: 1.0.0 started but is unhealthy: check web "
                                      "failed")
     doctor = bundle("doctor", "--root", root)
-    assert doctor.rc in (0, 19), doctor.err  # the host itself may well be ready
+    # the host itself may well be ready
+    assert doctor.rc in (0, UnhealthyError.exit_code), doctor.err
     missing = bundle("status", "--root", tmp_path / "nothing")
-    assert missing.rc == 14, missing.err  # not installed is a state error, not "unhealthy"
+    # not installed is a state error, not "unhealthy"
+    assert missing.rc == StateError.exit_code, missing.err

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bundler.bundle.models import EnvSpec, HealthCheck
-from bundler.errors import EnvError
+from bundler.errors import EnvError, ProfileError, UnhealthyError
 from bundler.install.environ import ReleaseEnv, check_required, read_env_file, release_env
 from bundler.install.health import run_check
 from bundler.install.layout import Layout
@@ -138,7 +138,7 @@ def test_missing_required_variable_refuses_install_untouched(tmp_path: Path,
     root = tmp_path / "root"
     result = bundle("install", json.loads(built.out)["bundle"], "--trust", keys[1],
                     "--root", root)
-    assert result.rc == 18
+    assert result.rc == EnvError.exit_code
     assert "required variable(s) not set for production: DATABASE_URL, JWT_SECRET" in result.err
     assert not root.exists()
     (root / "shared").mkdir(parents=True)
@@ -153,7 +153,8 @@ def test_secret_default_in_profile_is_refused(tmp_path: Path) -> None:
     profile.write_text("schema: 1\nname: api\nversion: 1.0.0\nenv:\n  secret: [JWT_SECRET]\n"
                        "  defaults:\n    production: {JWT_SECRET: changeme}\n")
     result = bundle("validate", profile)
-    assert result.rc == 3 and "secret JWT_SECRET has a default value" in result.err
+    assert result.rc == ProfileError.exit_code \
+        and "secret JWT_SECRET has a default value" in result.err
 
 
 def test_doctor_reports_each_check_and_fails_on_problems(tmp_path: Path,
@@ -177,7 +178,8 @@ def test_doctor_reports_each_check_and_fails_on_problems(tmp_path: Path,
     root = tmp_path / "root"
     result = bundle("doctor", path, "--root", root, "--trust", keys[1], "--json")
     busy.close()
-    assert result.rc == 19  # UnhealthyError: not ready (1 means a bug in bundler)
+    # UnhealthyError: not ready (1 means a bug in bundler)
+    assert result.rc == UnhealthyError.exit_code
     rows = {r["check"]: r for r in json.loads(result.out)["checks"]}
     assert rows["environment"]["status"] == "fail" and "API_TOKEN" in rows["environment"]["detail"]
     assert rows[f"port {port}"]["status"] == "fail"

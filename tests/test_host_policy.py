@@ -25,6 +25,7 @@ from bundler.bundle.models import ComposeSpec, MigrationSpec, Runtime, Service
 from bundler.errors import HostPolicyError, StateError
 from bundler.install import hostpolicy
 from tests.bundles import write_bundle
+from tests.exit_codes import USAGE
 from tests.helpers import bundle
 from tests.helpers import tree_snapshot as snapshot
 
@@ -303,7 +304,7 @@ def test_the_policy_file(tmp_path: Path) -> None:
         _policy(root, text)
         with pytest.raises(HostPolicyError, match=message) as info:
             hostpolicy.load(root)
-        assert info.value.exit_code == 23 and str(path) in info.value.message
+        assert info.value.exit_code == HostPolicyError.exit_code and str(path) in info.value.message
 
 
 def test_a_policy_file_others_can_write_is_refused(tmp_path: Path) -> None:
@@ -331,7 +332,7 @@ def test_refused_by_default_with_one_line_naming_service_request_flag_and_policy
     reqs = requests(svc("privileged: true\nvolumes: ['/:/host']\ncap_add: [CHOWN]\n"), env={})
     with pytest.raises(HostPolicyError) as info:
         _decide(reqs, root)
-    assert info.value.exit_code == 23
+    assert info.value.exit_code == HostPolicyError.exit_code
     assert info.value.message == (
         "compose service web asks for a privileged container (every capability and device, "
         "no confinement) (privileged: true) (and host-mount=/ for compose service web), which "
@@ -471,7 +472,7 @@ def test_a_record_that_hides_what_the_files_ask_is_refused(tmp_path: Path,
     assert json.loads(bundle("inspect", path, "--trust", pub, "--json").out)[
         "host_requests"] == []
     done = bundle("verify", path, "--trust", pub)
-    assert done.rc == 23, done.err
+    assert done.rc == HostPolicyError.exit_code, done.err
     assert "error: the signed manifest of shop 2.0.0 records other requests than its compose " \
            "files make of the host" in done.err
 
@@ -512,14 +513,14 @@ def test_a_process_bundle_that_runs_as_root(tmp_path: Path, key: Ed25519PrivateK
     path = _runs_as(tmp_path, key, "root", "2.0.0", 20)
     before = snapshot(root)
     done = bundle("install", path, "--trust", pub, "--root", root)
-    assert done.rc == 23, done.err
+    assert done.rc == HostPolicyError.exit_code, done.err
     assert _error(done.err) == (
         "error: the release asks for running as root on the host (user: root), which this "
         "host's policy does not allow: pass --allow user=root for this install, or add "
         f"`allow: [user=root]` to {root}/policy.yaml")
     assert snapshot(root) == before
     bad = bundle("install", path, "--trust", pub, "--root", root, "--allow", "root")
-    assert bad.rc == 2 and "unknown kind 'root'" in bad.err
+    assert bad.rc == USAGE and "unknown kind 'root'" in bad.err
     done = bundle("install", path, "--trust", pub, "--root", root, "--allow", "user=root")
     try:
         assert done.rc == 0, done.err
@@ -569,7 +570,7 @@ def test_without_a_policy_root_is_refused_only_over_a_release_that_names_a_user(
     before = snapshot(root)
     escalate = _runs_as(tmp_path, key, None, "5.0.0", 50)
     done = bundle("install", escalate, "--trust", pub, "--root", root)
-    assert done.rc == 23, done.err
+    assert done.rc == HostPolicyError.exit_code, done.err
     assert _error(done.err).startswith(
         "error: the release asks for running as root on the host (the profile names no "
         "`user`), which this host's policy does not allow: pass --allow user=root"), done.err

@@ -376,7 +376,8 @@ def test_a_rebuilt_engine_image_is_noticed_by_the_next_build(engine: Any,
         second = dfx.import_base(engine, ref)
         assert second != first
         frozen = bundle(*args, "--frozen")
-        assert frozen.rc == 4 and "not the engine's current ones" in frozen.out, frozen.out
+        assert frozen.rc == BuildError.exit_code \
+            and "not the engine's current ones" in frozen.out, frozen.out
         rebuilt = bundle(*args)
         assert rebuilt.rc == 0 and "Saving 1 image(s)" in rebuilt.err, rebuilt.err
         info = json.loads(bundle("inspect", json.loads(rebuilt.out)["bundle"], "--trust",

@@ -15,7 +15,8 @@ import pytest
 from bundler import proc
 from bundler.bundle.models import NpmProject
 from bundler.errors import Cancelled, InstallError
-from bundler.install import installer, python_env
+from bundler.install import packages, python_env
+from bundler.install.journal import Journal
 from bundler.install.layout import Layout
 from bundler.install.state import State
 
@@ -45,9 +46,9 @@ def test_a_cancelled_scope_stops_its_running_command_at_once() -> None:
 
 
 def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python_fails: bool
-           ) -> tuple[installer._Journal, State, Any, Any, dict[str, float]]:
+           ) -> tuple[Journal, State, Any, Any, dict[str, float]]:
     state = State.open(tmp_path / "state" / "state.db")
-    journal = installer._Journal(state, "t1", "1.0.0")
+    journal = Journal(state, "t1", "1.0.0")
     times: dict[str, float] = {}
 
     def fake_venv(*_args: object, **_kw: object) -> Path:
@@ -65,12 +66,14 @@ def _setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python_fails: bool
         times[f"{project.dest}-end"] = time.monotonic()
 
     monkeypatch.setattr(python_env, "create_venv", fake_venv)
-    monkeypatch.setattr(installer, "_install_npm", fake_npm)
+    monkeypatch.setattr(packages, "install_npm", fake_npm)
     m = SimpleNamespace(images=(), python_lock="python/requirements.lock", runtimes=None,
                         npm=(NpmProject("web", True, (), ()), NpmProject("admin", True, (), ())))
-    rel = SimpleNamespace(venv=tmp_path / "venv", path=tmp_path, logs=tmp_path / "logs")
+    rel = SimpleNamespace(venv=tmp_path / "venv", path=tmp_path, logs=tmp_path / "logs",
+                          wheels=tmp_path / "python" / "wheels")
+    release = SimpleNamespace(dir=rel, manifest=m, layout=Layout(tmp_path / "root"))
     decision = SimpleNamespace(python="/usr/bin/python3")
-    return journal, state, m, (rel, decision), times
+    return journal, state, release, decision, times
 
 
 def _steps(state: State) -> list[tuple[str, str]]:
@@ -79,9 +82,9 @@ def _steps(state: State) -> list[tuple[str, str]]:
 
 def test_steps_run_at_the_same_time_each_journaled(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    journal, state, m, (rel, decision), times = _setup(tmp_path, monkeypatch, False)
+    journal, state, release, decision, times = _setup(tmp_path, monkeypatch, False)
     started = time.monotonic()
-    installer._install_packages(journal, rel, m, decision, Layout(tmp_path / "root"))
+    packages.install(journal, release, decision)
     took = time.monotonic() - started
     assert took < 2.5, took  # three 1 s steps, not one after the other
     assert max(times["python-start"], times["web-start"], times["admin-start"]) \
@@ -94,10 +97,10 @@ def test_steps_run_at_the_same_time_each_journaled(tmp_path: Path,
 
 def test_the_first_failure_stops_the_others_and_is_raised(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    journal, state, m, (rel, decision), times = _setup(tmp_path, monkeypatch, True)
+    journal, state, release, decision, times = _setup(tmp_path, monkeypatch, True)
     started = time.monotonic()
     with pytest.raises(InstallError) as err:
-        installer._install_packages(journal, rel, m, decision, Layout(tmp_path / "root"))
+        packages.install(journal, release, decision)
     assert time.monotonic() - started < 8  # npm's 30 s were not waited out
     assert not isinstance(err.value, Cancelled)
     assert "Hash mismatch" in err.value.message

@@ -26,9 +26,11 @@ from pathlib import Path
 import pytest
 
 from bundler.bundle.platforms import host_platform
+from bundler.errors import BuildError, SigningKeyError, StateError
 from tests.bare_target import SRV, BareTargets
 from tests.bare_target import run_kit as run_bare_kit
 from tests.bundles import write_bundle
+from tests.exit_codes import KIT_REFUSED, USAGE
 from tests.helpers import Run, bundle, make_wheel, unavailable
 from tests.pyindex_server import serve, write_index
 
@@ -153,7 +155,7 @@ def test_kit_hints_name_the_kit_command(kit: dict[str, object], tmp_path: Path,
     # A bad input: a misspelt root. The hint's command is the kit's.
     misspelt = tmp_path / "srv-elsewhere"
     refused = run_kit(path, "status", "--root", misspelt, home=home, cache=cache)
-    assert refused.rc == 14, refused.err
+    assert refused.rc == StateError.exit_code, refused.err
     assert f"error: no install root at {misspelt}\n" in refused.err
     assert f"hint: check --root (or BUNDLER_ROOT); a first install makes it one: `{ran} install " \
         f"BUNDLE --trust KEY.pub --root {misspelt}`" in refused.err, refused.err
@@ -170,11 +172,11 @@ def test_kit_hints_name_the_kit_command(kit: dict[str, object], tmp_path: Path,
     write_bundle(bundle_path, key, {"files/app.txt": b"hello\n"})  # type: ignore[arg-type]
     untrusted = run_kit(path, "install", bundle_path, "--root", root, "--json", home=home,
                         cache=cache)
-    assert untrusted.rc == 5, untrusted.err
+    assert untrusted.rc == SigningKeyError.exit_code, untrusted.err
     assert f"`{ran} trust add KEY.pub --root {root}`" in json.loads(untrusted.out)["hint"]
 
     usage = run_kit(path, "status", home=home, cache=cache, env={"BUNDLER_ROOT": ""})
-    assert usage.rc == 2 and f"Try '{ran} status --help' for help." in usage.err, usage.err
+    assert usage.rc == USAGE and f"Try '{ran} status --help' for help." in usage.err, usage.err
 
     # Run as an operator types it (python3 from PATH, the kit by a relative path): the hint
     # keeps `python3` and names the kit absolutely, so it works from any directory. (PATH
@@ -184,7 +186,7 @@ def test_kit_hints_name_the_kit_command(kit: dict[str, object], tmp_path: Path,
                           env={"PATH": f"{Path(BARE_PYTHON).parent}:/usr/bin:/bin",
                                "HOME": str(home), "BUNDLER_KIT_CACHE": str(cache)},
                           check=False)
-    assert done.returncode == 14, done.stderr
+    assert done.returncode == StateError.exit_code, done.stderr
     assert f"`python3 -I -S {path} install BUNDLE" in done.stderr, done.stderr
 
 
@@ -216,7 +218,7 @@ def test_kit_unpacks_once_privately_and_checks_its_digest(kit: dict[str, object]
             dst.writestr(info, data)
     other = tmp_path / "other-cache"
     bad = run_kit(forged, "--version", home=home, cache=other)
-    assert bad.rc == 2
+    assert bad.rc == KIT_REFUSED
     assert "do not match the digest" in bad.err
     assert list(other.iterdir()) == []
 
@@ -231,7 +233,7 @@ def test_kit_is_reproducible(kit: dict[str, object], tmp_path: Path) -> None:
 def test_from_installed_refuses_another_target(tmp_path: Path) -> None:
     result = bundle("kit", "--out", tmp_path, "--from-installed",
                     "--platform", "manylinux_2_17_aarch64", "--json")
-    assert result.rc == 4
+    assert result.rc == BuildError.exit_code
     assert "--from-installed only serves a target like this host" in json.loads(result.out)["hint"]
     assert not any(tmp_path.iterdir())
 
@@ -390,7 +392,8 @@ def test_another_user_runs_the_kit_with_a_cache_of_their_own(kit: dict[str, obje
     roots = shared_dir / "roots"
     roots.mkdir(mode=0o755)
     refused = as_them(roots)
-    assert refused.returncode == 2 and f"{roots} is owned by root (uid 0)" in refused.stderr
+    assert refused.returncode == KIT_REFUSED \
+        and f"{roots} is owned by root (uid 0)" in refused.stderr
 
 
 def test_root_never_unpacks_into_a_home_that_is_not_roots(monkeypatch: pytest.MonkeyPatch,
@@ -449,7 +452,7 @@ def test_a_swap_after_the_rename_is_caught(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(os, "rename", rename_then_swap)
     with pytest.raises(SystemExit) as out:
         kitboot.unpack(str(kit_file))
-    assert out.value.code == 2
+    assert out.value.code == KIT_REFUSED
     err = capsys.readouterr().err
     link = next(iter(base.iterdir())) if swapped == "tree" else base
     assert f"changed while it was being put in place: {link} is a symbolic link" in err, err
@@ -607,4 +610,4 @@ def test_kits_for_two_pythons_from_the_index(tmp_path: Path, bare_target: BareTa
     assert ran.rc == 0, ran.err
     assert json.loads(ran.out)["keys"] == [], ran.out
     wrong = run_bare_kit(host, paths["3.11"], "--version")
-    assert wrong.rc == 2 and f"or use {paths['3.13'].name}" in wrong.err, wrong.err
+    assert wrong.rc == KIT_REFUSED and f"or use {paths['3.13'].name}" in wrong.err, wrong.err

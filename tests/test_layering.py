@@ -149,8 +149,7 @@ def test_no_module_imports_itself_through_others() -> None:
     for v in sorted(graph):
         if v not in index:
             visit(v)
-    # TODO(issue 18, the database engines behind one interface) removes this last one
-    assert cycles in ([], [["bundler.install.database", "bundler.install.mysql_db"]])
+    assert cycles == []
 
 
 def test_the_checker_sees_lazy_and_relative_imports() -> None:

@@ -16,6 +16,7 @@ from packaging.utils import parse_wheel_filename
 
 from bundler.build import lockfile
 from bundler.build.profile import load_profile
+from bundler.errors import BuildError, ProfileError
 from tests.helpers import bundle, bundle_argv, make_wheel, offline
 from tests.pyindex_server import serve, write_index
 
@@ -135,7 +136,7 @@ def test_frozen_build_refuses_a_stale_lock(tmp_path: Path, index: str,
     (tmp_path / "p" / "requirements.in").write_text("webapp\nbackport\n")
     result = bundle("build", path, "--key", keys[0], "--out", tmp_path / "out",
                     "--cache-dir", tmp_path / "cache", "--frozen")
-    assert result.rc == 4 and "missing or out of date" in result.err
+    assert result.rc == BuildError.exit_code and "missing or out of date" in result.err
 
 
 def test_lock_for_a_target_without_wheels_names_the_package(tmp_path: Path, index: str) -> None:
@@ -143,7 +144,7 @@ def test_lock_for_a_target_without_wheels_names_the_package(tmp_path: Path, inde
     path = profile(base, index, "3.12")
     (base / "requirements.in").write_text("webapp\nnosuchpkg\n")
     result = bundle("lock", path, "--cache-dir", tmp_path / "cache")
-    assert result.rc == 4
+    assert result.rc == BuildError.exit_code
     assert "nosuchpkg" in result.err
 
 
@@ -155,7 +156,7 @@ def test_sdist_only_package_fails_the_lock_naming_it(tmp_path: Path, index: str,
     path = profile(base, index, python, extra=f"  resolver: {resolver}\n")
     (base / "requirements.in").write_text("webapp\nsrconly\n")
     result = bundle("lock", path, "--cache-dir", tmp_path / "cache")
-    assert result.rc == 4, result.err
+    assert result.rc == BuildError.exit_code, result.err
     assert "srconly" in result.err.split("error:", 1)[1]
 
 
@@ -214,7 +215,7 @@ def test_uv_is_the_default_and_pip_tools_is_refused_for_a_foreign_target(
     foreign = bundle("lock", profile(tmp_path / "f", index, "3.12",
                                      extra="  resolver: pip-tools\n"),
                      "--cache-dir", tmp_path / "c")
-    assert foreign.rc == 4
+    assert foreign.rc == BuildError.exit_code
     assert "pip-tools resolves for this host only" in foreign.err
 
 
@@ -222,7 +223,7 @@ def test_resolver_is_validated_with_file_and_line(tmp_path: Path) -> None:
     path = profile(tmp_path / "p", "http://127.0.0.1:9/simple/", HOST,
                    extra="  resolver: poetry\n")
     result = bundle("validate", path)
-    assert result.rc == 3
+    assert result.rc == ProfileError.exit_code
     assert f"{path}:10" in result.err and "python.resolver" in result.err
     assert "uv, pip-tools" in result.err
 
@@ -327,7 +328,7 @@ def test_frozen_build_refuses_a_lock_made_with_other_find_links(
     path.write_text(path.read_text() + "  find_links: [more]\n")
     result = bundle("build", path, "--key", keys[0], "--out", tmp_path / "out",
                     "--cache-dir", tmp_path / "cache", "--frozen")
-    assert result.rc == 4 and "missing or out of date" in result.err
+    assert result.rc == BuildError.exit_code and "missing or out of date" in result.err
 
 
 # --------------------------------------------------------------- progress stays out of pipes

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from bundler.bundle import archive
 from bundler.bundle.manifest import FileEntry, canonical_json
 from bundler.bundle.models import HealthCheck, InstallPolicy, Runtime
-from bundler.errors import StateError
+from bundler.errors import PolicyError, ProfileError, RolledBackError, SignatureError, StateError
 from bundler.install import compose_runtime as cr
 from bundler.install.layout import Layout
 from bundler.install.state import ReleaseRow, State
@@ -103,7 +103,7 @@ def refused(path: Path, pub: Path, root: Path, message: str, command: str = "ins
     """`bundle install` (or doctor) exits 6 with exactly this error line."""
     before = snapshot(root) if root.exists() else None
     done = bundle(command, path, "--trust", pub, "--root", root)
-    assert done.rc == 6, (done.rc, done.err)
+    assert done.rc == SignatureError.exit_code, (done.rc, done.err)
     lines = [ln for ln in done.err.splitlines() if ln.startswith("error: ")]
     assert lines == [f"error: signed manifest is malformed: {message}"], done.err
     if before is None:
@@ -309,7 +309,7 @@ def test_the_profile_accepts_only_named_compose_tools(tmp_path: Path) -> None:
           tool: /opt/bin/docker-compose
         """))
     done = bundle("validate", tmp_path / "p.yaml")
-    assert done.rc == 3, done.err
+    assert done.rc == ProfileError.exit_code, done.err
     assert "p.yaml:8: compose.tool: '/opt/bin/docker-compose' is not valid" in done.err
 
 
@@ -380,7 +380,8 @@ def test_a_failed_first_install_still_binds_the_root_to_its_product(
     alpha.parent.mkdir()
     write_bundle(alpha, key, V1, name="alpha", sequence=10, runtime=Runtime(health=(down,)))
     first = bundle("install", alpha, "--trust", pub, "--root", root)
-    assert first.rc == 12, first.err  # failed after the install began: rolled back
+    # failed after the install began: rolled back
+    assert first.rc == RolledBackError.exit_code, first.err
     assert not (root / "current").exists()
 
     beta = tmp_path / "b" / "beta-1.0.0.bundle"
@@ -388,7 +389,7 @@ def test_a_failed_first_install_still_binds_the_root_to_its_product(
     write_bundle(beta, key, V1, name="beta", sequence=99)
     before = snapshot(root)
     other = bundle("install", beta, "--trust", pub, "--root", root)
-    assert other.rc == 8, other.err
+    assert other.rc == PolicyError.exit_code, other.err
     assert "error: this root holds product 'alpha'; the bundle is 'beta'" in other.err
     assert snapshot(root) == before
 

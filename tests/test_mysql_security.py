@@ -17,8 +17,8 @@ from urllib.parse import quote
 import pytest
 
 from bundler.errors import InstallError, MigrationError
-from bundler.install import database, mysql_db
-from bundler.install.database import Database
+from bundler.install import db as engines
+from bundler.install.db import Database, mysql
 from tests.helpers import Project, bundle, bundle_argv, free_port, offline, tree_snapshot
 from tests.mariadb_fixtures import APP_PASSWORD, MariaDb, start_server
 
@@ -45,8 +45,8 @@ def q(name: str) -> str:
 ])
 def test_a_control_character_in_a_url_part_is_refused(url: str, part: str) -> None:
     with pytest.raises(InstallError) as err:
-        mysql_db.target(Database(url), ENV)
-    assert type(err.value) is InstallError and err.value.exit_code == 11
+        mysql.target(Database(url), ENV)
+    assert type(err.value) is InstallError and err.value.exit_code == InstallError.exit_code
     assert f"its {part} holds a control character" in err.value.message
     assert part in err.value.hint
     shown = err.value.message + err.value.hint
@@ -56,8 +56,8 @@ def test_a_control_character_in_a_url_part_is_refused(url: str, part: str) -> No
 @pytest.mark.parametrize("name", ["--foo", "-x", "--defaults-file=%2Fetc%2Fpasswd"])
 def test_a_database_name_starting_with_a_dash_is_refused(name: str) -> None:
     with pytest.raises(InstallError) as err:
-        mysql_db.target(Database(f"mysql://app:{SECRET}@localhost/{name}"), ENV)
-    assert type(err.value) is InstallError and err.value.exit_code == 11
+        mysql.target(Database(f"mysql://app:{SECRET}@localhost/{name}"), ENV)
+    assert type(err.value) is InstallError and err.value.exit_code == InstallError.exit_code
     assert "database name starts with '-'" in err.value.message
     assert SECRET not in err.value.message + err.value.hint
 
@@ -72,36 +72,36 @@ def test_a_database_name_starting_with_a_dash_is_refused(name: str) -> None:
 ])
 def test_a_malformed_url_is_refused_in_one_line_without_its_password(url: str, why: str) -> None:
     with pytest.raises(InstallError) as err:
-        mysql_db.target(Database(url), ENV)
-    assert why in err.value.message and err.value.exit_code == 11
+        mysql.target(Database(url), ENV)
+    assert why in err.value.message and err.value.exit_code == InstallError.exit_code
     assert SECRET not in err.value.message + err.value.hint
     assert "\n" not in err.value.message + err.value.hint
 
 
 def test_the_health_check_reports_a_refused_url_instead_of_raising() -> None:
-    why = mysql_db.ping(f"mysql://app%0Atee=x:{SECRET}@localhost/db", ENV, 1.0)
+    why = mysql.ping(f"mysql://app%0Atee=x:{SECRET}@localhost/db", ENV, 1.0)
     assert "its user holds a control character" in why and SECRET not in why
 
 
 def test_option_file_values_are_quoted_and_the_database_is_in_the_client_group() -> None:
-    t = mysql_db.MyTarget('u"s#r\\', 'p"w#\\x\' y', None, None, "/run/my sock#1", 'd b"#')
-    with mysql_db._defaults(t) as opt:
+    t = mysql.MyTarget('u"s#r\\', 'p"w#\\x\' y', None, None, "/run/my sock#1", 'd b"#')
+    with mysql._defaults(t) as opt:
         path = Path(opt.removeprefix("--defaults-file="))
         assert path.stat().st_mode & 0o777 == 0o600
         lines = path.read_text().splitlines()
     assert not path.exists()
     assert lines == ["[client]", 'user="u\\"s#r\\\\"', 'password="p\\"w#\\\\x\' y"',
                      'socket="/run/my sock#1"', "protocol=socket",
-                     "[mysql]", f"connect-timeout={mysql_db.CONNECT_TIMEOUT}",
+                     "[mysql]", f"connect-timeout={mysql.CONNECT_TIMEOUT}",
                      'database="d b\\"#"']
 
 
 def test_names_come_back_from_hex_only() -> None:
-    assert mysql_db.unhex("6109620A60", "x") == "a\tb\n`"
+    assert mysql.unhex("6109620A60", "x") == "a\tb\n`"
     for bad in ("61 62", "6", "zz", "a\tb", "61\n"):
         with pytest.raises(InstallError, match="not the hex column"):
-            mysql_db.unhex(bad, "listing")
-    assert mysql_db.quote_name("a`b\n\\! x") == "`a``b\n\\! x`"
+            mysql.unhex(bad, "listing")
+    assert mysql.quote_name("a`b\n\\! x") == "`a``b\n\\! x`"
 
 
 def test_a_client_without_sandbox_gets_binary_mode_and_no_sandbox_line(
@@ -110,15 +110,15 @@ def test_a_client_without_sandbox_gets_binary_mode_and_no_sandbox_line(
 
     answers = {"with": "  --sandbox   Disallow commands that access the file system",
                "without": "  --binary-mode   By default, ASCII '\\0' is disallowed"}
-    for kind, expected in (("with", (["--binary-mode", "--sandbox"], mysql_db.SANDBOX_LINE)),
+    for kind, expected in (("with", (["--binary-mode", "--sandbox"], mysql.SANDBOX_LINE)),
                            ("without", (["--binary-mode"], ""))):
         def fake(db: Database, args: list[str], env: object, text: str = answers[kind],
                  **kw: object) -> proc.Result:
             assert args == ["--help"]
             return proc.Result(("mariadb", "--help"), 0, text)
 
-        monkeypatch.setattr(mysql_db, "run_client", fake)
-        assert mysql_db.script_flags(Database("mysql://u@h/db"), ENV, None) == expected
+        monkeypatch.setattr(mysql, "run_client", fake)
+        assert mysql.script_flags(Database("mysql://u@h/db"), ENV, None) == expected
 
 
 # --------------------------------------------------------------------------- hostile objects
@@ -193,7 +193,7 @@ def appdb(mariadb: MariaDb) -> str:
     return mariadb.create_database()
 
 
-def log_to(lines: list[str]) -> mysql_db.Log:
+def log_to(lines: list[str]) -> mysql.Log:
     return lines.append
 
 
@@ -210,7 +210,7 @@ def test_restore_of_hostile_names_runs_nothing_and_equals_the_dump(
          attack.sequence])
     before = mariadb.dump(appdb)
     lines: list[str] = []
-    saved = database.backup(db, tmp_path / "backups", ENV, log_to(lines))
+    saved = engines.backup(db, tmp_path / "backups", ENV, log_to(lines))
     # The app keeps writing, renames, drops and adds hostile objects of its own.
     added = "new`\t" + attack.proc
     as_app(mariadb, appdb, f"INSERT INTO {q(attack.tab_table)} VALUES (3, 'three');\n"
@@ -223,7 +223,7 @@ def test_restore_of_hostile_names_runs_nothing_and_equals_the_dump(
 
     # Every script the client reads starts with the sandbox line, under --sandbox.
     scripts: list[tuple[list[str], bytes]] = []
-    real = mysql_db.run_client
+    real = mysql.run_client
 
     def spy(db: Database, args: list[str], env: object, **kw: object) -> object:
         stdin = kw.get("stdin")
@@ -231,16 +231,16 @@ def test_restore_of_hostile_names_runs_nothing_and_equals_the_dump(
             scripts.append((list(args), stdin.read_bytes()))
         return real(db, args, env, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(mysql_db, "run_client", spy)
-    database.restore(db, saved, ENV, log_to(lines))
+    monkeypatch.setattr(mysql, "run_client", spy)
+    engines.restore(db, saved, ENV, log_to(lines))
     assert attack.markers() == []
     assert mariadb.dump(appdb) == before  # every object dropped and recreated, rows equal
     assert len(scripts) == 1
     args, script = scripts[0]
     assert args == ["--binary-mode", "--sandbox"]
-    assert script.startswith(mysql_db.SANDBOX_LINE.encode())
+    assert script.startswith(mysql.SANDBOX_LINE.encode())
     # ... and a second restore over the restored database is as harmless.
-    database.restore(db, saved, ENV, log_to(lines))
+    engines.restore(db, saved, ENV, log_to(lines))
     assert attack.markers() == [] and mariadb.dump(appdb) == before
 
 
@@ -255,7 +255,7 @@ def test_a_dump_holding_client_commands_runs_none_of_them(
         dump = tmp_path / f"evil{n}.sql"
         dump.write_text(f"CREATE TABLE t{n} (x int);\n{line}\nSELECT 1;\n-- Dump completed\n")
         with pytest.raises(InstallError, match="restoring"):
-            mysql_db.restore(db, dump, tmp_path, ENV, log_to([]))
+            mysql.restore(db, dump, tmp_path, ENV, log_to([]))
     assert attack.markers() == []
 
 
@@ -284,8 +284,8 @@ def test_fingerprint_of_hostile_names_is_stable_and_sees_every_change(
         mariadb: MariaDb, appdb: str, attack: Attack) -> None:
     db = Database(mariadb.url(appdb))
     as_app(mariadb, appdb, attack.create_sql())
-    first = database.fingerprint(db, ENV)
-    assert database.fingerprint(db, ENV) == first
+    first = engines.fingerprint(db, ENV)
+    assert engines.fingerprint(db, ENV) == first
     seen = {first}
     for change in (f"UPDATE {q(attack.tab_table)} SET body = 'x' WHERE id = 2",
                    f"INSERT INTO {q(attack.nl_table)} VALUES ('c')",
@@ -293,9 +293,9 @@ def test_fingerprint_of_hostile_names_is_stable_and_sees_every_change(
                    f"CREATE TABLE {q(attack.proc + 'z')} (x int)",
                    f"DROP VIEW {q(attack.view)}"):
         as_app(mariadb, appdb, change + ";\n")
-        value = database.fingerprint(db, ENV)
+        value = engines.fingerprint(db, ENV)
         assert value not in seen, change
-        assert database.fingerprint(db, ENV) == value
+        assert engines.fingerprint(db, ENV) == value
         seen.add(value)
     assert attack.markers() == []
 
@@ -304,7 +304,7 @@ def test_fingerprint_of_hostile_names_is_stable_and_sees_every_change(
 def test_ledger_reads_hostile_file_names_and_refuses_client_commands(
         mariadb: MariaDb, appdb: str, attack: Attack, tmp_path: Path) -> None:
     db = Database(mariadb.url(appdb))
-    ledger = mysql_db.Ledger(db, ENV, None)
+    ledger = mysql.Ledger(db, ENV, None)
     ledger.create()
     odd = "00\t1\n'`\\x;.sql"
     ledger.apply("m'\\", odd, "a" * 64, "CREATE TABLE t1 (x int);\r\nINSERT INTO t1 VALUES (1);",
@@ -315,7 +315,7 @@ def test_ledger_reads_hostile_file_names_and_refuses_client_commands(
     mode = mariadb.sql("SELECT @@GLOBAL.sql_mode").strip()
     mariadb.sql("SET GLOBAL sql_mode = CONCAT(@@sql_mode, ',NO_BACKSLASH_ESCAPES')")
     try:
-        assert mysql_db.Ledger(db, ENV, None).read("m'\\") == {odd: "a" * 64,
+        assert mysql.Ledger(db, ENV, None).read("m'\\") == {odd: "a" * 64,
                                                               "002.sql": "b" * 64}
     finally:
         mariadb.sql(f"SET GLOBAL sql_mode = '{mode}'")
@@ -325,7 +325,7 @@ def test_ledger_reads_hostile_file_names_and_refuses_client_commands(
         with pytest.raises(MigrationError):
             ledger.apply("evil", f"{n}.sql", "c" * 64, text, tmp_path)
     assert attack.markers() == []
-    assert mysql_db.Ledger(db, ENV, None).read("evil") == {}
+    assert mysql.Ledger(db, ENV, None).read("evil") == {}
 
 
 @pytest.mark.mariadb
@@ -339,13 +339,13 @@ def test_odd_but_legal_user_password_and_database_names_work(
                 f"CREATE TABLE {q(dbname)}.t (x int); INSERT INTO {q(dbname)}.t VALUES (5)")
     db = Database(f"mysql://{quote(user, safe='')}:{quote(password, safe='')}@localhost/"
                   f"{quote(dbname, safe='')}?unix_socket={mariadb.socket}")
-    database.check(db, ENV)
+    engines.check(db, ENV)
     before = mariadb.dump(dbname)
-    saved = database.backup(db, tmp_path / "b", ENV, log_to([]))
+    saved = engines.backup(db, tmp_path / "b", ENV, log_to([]))
     mariadb.sql("INSERT INTO t VALUES (6)", dbname)
-    database.restore(db, saved, ENV, log_to([]))
+    engines.restore(db, saved, ENV, log_to([]))
     assert mariadb.dump(dbname) == before
-    assert mysql_db.query(db, "SELECT HEX(DATABASE())", ENV, what="x") == [
+    assert mysql.query(db, "SELECT HEX(DATABASE())", ENV, what="x") == [
         [dbname.encode().hex().upper()]]
 
 
@@ -367,13 +367,13 @@ def test_a_tcp_url_still_works(tcp_server: tuple[MariaDb, int], tmp_path: Path) 
                f"'{APP_PASSWORD.replace(chr(39), chr(39) * 2)}'; "
                f"GRANT ALL ON {name}.* TO 'app'@'127.0.0.1'")
     db = Database(f"mysql://app:{quote(APP_PASSWORD, safe='')}@127.0.0.1:{port}/{name}")
-    database.check(db, ENV)
-    assert mysql_db.ping(db.url, ENV, 5.0) == ""
+    engines.check(db, ENV)
+    assert mysql.ping(db.url, ENV, 5.0) == ""
     as_app(server, name, "CREATE TABLE t (x int); INSERT INTO t VALUES (1);")
     before = server.dump(name)
-    saved = database.backup(db, tmp_path / "b", ENV, log_to([]))
+    saved = engines.backup(db, tmp_path / "b", ENV, log_to([]))
     server.sql("DROP TABLE t", name)
-    database.restore(db, saved, ENV, log_to([]))
+    engines.restore(db, saved, ENV, log_to([]))
     assert server.dump(name) == before
 
 
@@ -428,7 +428,7 @@ def test_installer_refuses_hostile_urls_and_restores_hostile_names_safely(
         env_file.write_text(f"CHAT_URL={bad}\n")
         before = tree_snapshot(root)
         (refused,) = offline(bundle_argv("install", v1, *trust))
-        assert refused.rc == 11, refused.err
+        assert refused.rc == InstallError.exit_code, refused.err
         assert why in refused.err and "my-S3cret" not in refused.err + refused.out
         assert not (root / "releases").exists() and not tee.exists()
         assert {k: v for k, v in tree_snapshot(root).items() if not k.startswith("state")} \
@@ -440,7 +440,7 @@ def test_installer_refuses_hostile_urls_and_restores_hostile_names_safely(
     as_app(mariadb, appdb, attack.create_sql())  # the application, with its own account
     before = mariadb.dump(appdb)
     (r2,) = offline(bundle_argv("install", v2, *trust))
-    assert r2.rc == 17, r2.err
+    assert r2.rc == MigrationError.exit_code, r2.err
     assert "002_bad.sql" in r2.err and "rolled back to 1.0.0" in r2.err
     assert attack.markers() == []
     assert mariadb.dump(appdb) == before

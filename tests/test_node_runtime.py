@@ -28,7 +28,7 @@ import pytest
 from bundler.build.resolve import runtimes
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import NodeRuntime, NpmRef
-from bundler.errors import InstallError, StateError
+from bundler.errors import InstallError, ProfileError, StateError
 from bundler.install import node_runtime
 from tests.bundles import manifest_for
 from tests.helpers import bundle, bundle_argv, free_port, offline, unavailable
@@ -246,7 +246,7 @@ def test_an_invalid_runtimes_value_fails_validate_with_file_and_line(
     path = tmp_path / "bundle.yaml"
     path.write_text(f"schema: 1\nname: shop\nversion: 1.0.0\nruntimes: {value}\n")
     result = bundle("validate", path)
-    assert result.rc == 3, result.err
+    assert result.rc == ProfileError.exit_code, result.err
     assert f"{path}{message}" in result.err, result.err
 
 
@@ -255,7 +255,8 @@ def test_node_for_a_musl_target_is_refused(tmp_path: Path) -> None:
     path.write_text("schema: 1\nname: shop\nversion: 1.0.0\n"
                     "target: {platform: musllinux_1_2_x86_64}\nruntimes: {node: \"20\"}\n")
     result = bundle("validate", path)
-    assert result.rc == 3 and f"{path}:5: runtimes.node: the registry's Node.js builds need " \
+    assert result.rc == ProfileError.exit_code \
+        and f"{path}:5: runtimes.node: the registry's Node.js builds need " \
         "glibc" in result.err, result.err
 
 

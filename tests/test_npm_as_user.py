@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import InstallError
 from bundler.install import fsowner
 from tests.helpers import bundle, bundle_argv, free_port, offline, unavailable
 from tests.npm_registry import LocalPackage, local_registry, make_project
@@ -126,7 +127,8 @@ def test_a_project_script_writing_outside_node_modules_is_denied_and_named(
         "postinstall": "node -e \"require('fs').writeFileSync('dist.js', '1')\""})
     root = world / "root"
     (install,) = offline(bundle_argv("install", built, "--trust", keys[1], "--root", root))
-    assert install.rc == 11, install.err  # InstallError: rolled back before going live
+    # InstallError: rolled back before going live
+    assert install.rc == InstallError.exit_code, install.err
     assert (f"npm ci --offline, run as user {run_user.pw_name}, was denied writing: EACCES "
             "on dist.js (install script: node -e") in install.err
     assert "an `actions` step" in install.err

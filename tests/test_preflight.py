@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import EnvError, PolicyError, ProfileError, RolledBackError, StateError
 from tests.helpers import Project, bundle, bundle_argv, offline
 
 
@@ -34,7 +35,7 @@ def test_validate_refuses_what_only_the_target_would_find(project: Project) -> N
         '"{venv}/bin/python"', '"{venvv}/bin/python"')
     profile.write_text(text)
     result = bundle("validate", profile, "--json")
-    assert result.rc == 3, result.err
+    assert result.rc == ProfileError.exit_code, result.err
     messages = [p["message"] for p in json.loads(result.out)["problems"]]
     assert "migrations[0].sql: 'db/migrations' is not in the release's files" in messages
     assert "services[0].cwd: 'nowhere' is not in the release's files" in messages
@@ -49,7 +50,7 @@ def test_an_unset_variable_anywhere_is_refused_before_anything_is_created(
         """))
     root = tmp_path / "target"
     result = bundle("install", bundle_path, "--trust", keys[1], "--root", root)
-    assert result.rc == 18, result.err
+    assert result.rc == EnvError.exit_code, result.err
     assert "variable(s) used by shop 1.0.0 but not set: PGHOST_DIR, PGPORT_NUM" in result.err
     assert not root.exists()
 
@@ -74,7 +75,7 @@ def test_a_port_held_by_another_program_is_named_and_refused(
     port_row = rows[f"port {project.port}"]
     assert port_row["status"] == "fail" and "held by pid" in port_row["detail"]
     assert "holder.py" in port_row["detail"]  # the holder's command line
-    assert refused.rc == 8, refused.err
+    assert refused.rc == PolicyError.exit_code, refused.err
     assert f"port {project.port} (health check web) is held by pid" in refused.err
     assert not root.exists()
 
@@ -93,7 +94,7 @@ def test_a_service_that_cannot_start_says_why_in_the_error_line(
     roots.append(root)
     (failed,) = offline(bundle_argv("install", json.loads(result.out)["bundle"],
                                     "--trust", keys[1], "--root", root))
-    assert failed.rc == 12, failed.err
+    assert failed.rc == RolledBackError.exit_code, failed.err
     line = next(ln for ln in failed.err.splitlines() if ln.startswith("error:"))
     assert "health check 'web' failed" in line
     assert "service web could not start (cannot start" in line and "No such file" in line
@@ -113,5 +114,5 @@ def test_a_release_manifest_changed_on_disk_is_not_acted_on(
     stopped, started = offline(bundle_argv("stop", "--root", root),
                                bundle_argv("start", "--root", root))
     assert stopped.rc == 0, stopped.err
-    assert started.rc == 14, started.err
+    assert started.rc == StateError.exit_code, started.err
     assert "its manifest on disk differs from the one verified at install time" in started.err

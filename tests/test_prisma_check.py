@@ -155,7 +155,7 @@ def test_bundle_build_refuses_before_running_any_action(project: Path, tmp_path:
         "    command: [npx, prisma, migrate, deploy]\n")
     done = bundle("build", tmp_path / "p.yaml", "--key", keys[0], "--out", tmp_path / "out",
                   "--cache-dir", tmp_path / "cache")
-    assert done.rc == 4, done.err
+    assert done.rc == BuildError.exit_code, done.err
     lines = done.err.strip().splitlines()
     assert lines[-2].startswith("error: ") and "prisma 7.10.0 cannot run offline" in lines[-2]
     assert lines[-1].startswith("hint: pin prisma and @prisma/client to exactly 6.19.3")

@@ -29,7 +29,7 @@ def test_starter_profile_from_init_is_valid(tmp_path: Path) -> None:
 def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
     assert bundle("init", tmp_path).rc == 0
     result = bundle("init", tmp_path)
-    assert result.rc == 3
+    assert result.rc == ProfileError.exit_code
     assert "--force" in result.err
 
 
@@ -54,7 +54,7 @@ def test_three_mistakes_are_all_reported_with_line_numbers(tmp_path: Path) -> No
             retries: many
         """)
     result = bundle("validate", path)
-    assert result.rc == 3
+    assert result.rc == ProfileError.exit_code
     lines = [ln for ln in result.err.splitlines() if ln.startswith("  ")]
     assert any(":3: profile: unknown key 'verison'" in ln and "did you mean 'version'" in ln
                for ln in lines), result.err
@@ -72,7 +72,7 @@ def test_json_output_lists_every_problem(tmp_path: Path) -> None:
         version: 1.0.0
         """)
     result = bundle("validate", path, "--json")
-    assert result.rc == 3
+    assert result.rc == ProfileError.exit_code
     doc = json.loads(result.out)
     assert doc["error"] == "ProfileError"
     assert [(p["line"], p["message"].split(":")[0]) for p in doc["problems"]] == [
@@ -94,10 +94,10 @@ def test_broken_yaml_names_the_line(tmp_path: Path) -> None:
 
 def test_missing_profile_and_empty_profile(tmp_path: Path) -> None:
     result = bundle("validate", tmp_path / "nope.yaml")
-    assert result.rc == 3 and "profile not found" in result.err
+    assert result.rc == ProfileError.exit_code and "profile not found" in result.err
     empty = write(tmp_path, "")
     result = bundle("validate", empty)
-    assert result.rc == 3 and "profile is empty" in result.err
+    assert result.rc == ProfileError.exit_code and "profile is empty" in result.err
 
 
 def test_duplicate_keys_and_bad_types(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import LockedError
 from tests.helpers import Project, bundle, bundle_argv, offline
 
 pytestmark = pytest.mark.slow
@@ -92,7 +93,7 @@ def test_second_concurrent_install_is_refused(project: Project, keys: tuple[Path
         result = bundle("install", v1, "--trust", keys[1], "--root", root)
     finally:
         os.close(fd)
-    assert result.rc == 10
+    assert result.rc == LockedError.exit_code
     assert f"error: another bundler process is working on {root}" in result.err
     assert list(root.iterdir()) == []
 

@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler import progname
-from bundler.errors import StateError
+from bundler.errors import SigningKeyError, StateError
 from bundler.install.layout import check_root
 from tests.bundles import write_bundle
+from tests.exit_codes import USAGE
 from tests.helpers import bundle, tree_snapshot
 
 
@@ -111,7 +112,8 @@ def test_a_root_with_no_trusted_key_is_still_reported_as_such(
     keyid = json.loads(bundle("trust", "list", "--root", root, "--json").out)["keys"][0]["keyid"]
     assert bundle("trust", "remove", keyid, "--root", root).rc == 0
     done = bundle("verify", made, "--root", root)
-    assert done.rc == 5 and f"no trusted key: pass --trust KEY.pub and {root} has no trusted " \
+    assert done.rc == SigningKeyError.exit_code \
+        and f"no trusted key: pass --trust KEY.pub and {root} has no trusted " \
         "key" in done.err, done.err
     assert f"`bundle trust add KEY.pub --root {root}`" in done.err
 
@@ -134,7 +136,7 @@ def test_bundler_root_is_used_said_and_in_every_json_document(
     wins = bundle("status", "--root", other, env=env)  # the flag wins over the variable
     assert wins.rc == StateError.exit_code and f"no install root at {other}" in wins.err
     missing = bundle("status", env={"BUNDLER_ROOT": ""})
-    assert missing.rc == 2 and "BUNDLER_ROOT" in missing.err
+    assert missing.rc == USAGE and "BUNDLER_ROOT" in missing.err
 
 
 def test_trust_add_creates_a_root_and_says_so(tmp_path: Path, pub: Path) -> None:

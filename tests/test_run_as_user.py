@@ -24,7 +24,7 @@ import pytest
 from bundler import proc
 from bundler.bundle.manifest import Manifest, parse_manifest
 from bundler.bundle.models import Runtime, Service, Target
-from bundler.errors import InstallError, SignatureError
+from bundler.errors import InstallError, PolicyError, ProfileError, SignatureError
 from bundler.install import runas
 from tests.helpers import bundle, bundle_argv, offline, unavailable
 
@@ -181,7 +181,7 @@ def test_missing_user_is_refused_before_anything_is_created(world: Path,
     assert shown.rc == 0 and json.loads(shown.out)["user"] == name, shown.err
     # a root that does not exist stays absent
     result = bundle("install", path, "--trust", keys[1], "--root", root)
-    assert result.rc == 8, result.err
+    assert result.rc == PolicyError.exit_code, result.err
     assert f"error: the release runs as user {name}, which does not exist on this host" \
         in result.err.splitlines()
     assert f"hint: create it first: useradd --system {name}" in result.err.splitlines()
@@ -191,7 +191,7 @@ def test_missing_user_is_refused_before_anything_is_created(world: Path,
     (root / "keep.txt").write_text("x")
     before = sorted((p.relative_to(root), p.stat().st_mode) for p in root.rglob("*"))
     result = bundle("install", path, "--trust", keys[1], "--root", root)
-    assert result.rc == 8, result.err
+    assert result.rc == PolicyError.exit_code, result.err
     assert sorted((p.relative_to(root), p.stat().st_mode) for p in root.rglob("*")) == before
     # bundle doctor names it too, with the hint
     doctor = bundle("doctor", path, "--trust", keys[1], "--root", root, "--json")
@@ -217,7 +217,7 @@ def test_invalid_user_names_fail_validate_with_file_and_line(tmp_path: Path) -> 
             usr: app
     """))
     result = bundle("validate", profile)
-    assert result.rc == 3, result.err
+    assert result.rc == ProfileError.exit_code, result.err
     err = result.err
     assert f"{profile}:4: user: 'Bad User!' is not valid" in err
     assert f"{profile}:8: services[0].user: '-root' is not valid" in err
@@ -295,12 +295,12 @@ def test_sqlite_restore_never_writes_through_the_accounts_symlinks(
     the backup's pages. bundler reads and writes that database with the account's own file
     access, so the restore fails instead, the other database untouched; with the account's
     own file back, the same restore works. (SQLite itself opens journals with O_NOFOLLOW.)"""
-    from bundler.install import database
+    from bundler.install import db as engines
 
     path, account = _owned_db(world, run_user)
     backups = world / "backups"
-    db = database.Database(f"sqlite:///{path}", owner=account)
-    made = database.backup(db, backups, {}, lambda _: None)
+    db = engines.Database(f"sqlite:///{path}", owner=account)
+    made = engines.backup(db, backups, {}, lambda _: None)
     assert made.path.stat().st_uid == 0 and stat.S_IMODE(made.path.stat().st_mode) == 0o600
 
     other = world / "other-product.db"
@@ -313,7 +313,7 @@ def test_sqlite_restore_never_writes_through_the_accounts_symlinks(
     path.symlink_to(other)
     os.lchown(path, run_user.pw_uid, run_user.pw_gid)
     with pytest.raises(InstallError, match=r"SQLite restore of .* failed"):
-        database.restore(db, made, {}, lambda _: None)
+        engines.restore(db, made, {}, lambda _: None)
     assert _rows(other) == [("theirs",)]
 
     path.unlink()
@@ -321,7 +321,7 @@ def test_sqlite_restore_never_writes_through_the_accounts_symlinks(
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("INSERT INTO t VALUES ('later')")
         conn.commit()
-    database.restore(db, made, {}, lambda _: None)
+    engines.restore(db, made, {}, lambda _: None)
     assert _rows(path) == [("kept",)]
     assert not list(path.parent.glob(".app.db.bundler-*")), "side files are removed"
 
@@ -330,7 +330,7 @@ def test_sqlite_backup_of_a_symlink_to_roots_file_is_refused(
         run_user: pwd.struct_passwd, world: Path) -> None:
     """The account swaps its database for a symlink to a database only root can read: a root
     backup would copy those rows, and a later restore would hand them to the account."""
-    from bundler.install import database
+    from bundler.install import db as engines
 
     path, account = _owned_db(world, run_user)
     secret = world / "secret.db"
@@ -341,8 +341,8 @@ def test_sqlite_backup_of_a_symlink_to_roots_file_is_refused(
     secret.chmod(0o600)
     path.unlink()
     path.symlink_to(secret)
-    db = database.Database(f"sqlite:///{path}", owner=account)
+    db = engines.Database(f"sqlite:///{path}", owner=account)
     with pytest.raises(InstallError, match=r"SQLite backup of .* failed"):
-        database.backup(db, world / "backups", {}, lambda _: None)
+        engines.backup(db, world / "backups", {}, lambda _: None)
     assert not list((world / "backups").glob("*.sqlite")), "no backup holds root's rows"
     assert _rows(secret) == [("root only",)]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bundler.errors import EnvError
+from bundler.errors import EnvError, MigrationError, ProfileError, StateError
 from bundler.install.environ import read_env_file
 from bundler.redact import Secrets, has_plaintext_secret, redact
 from tests.helpers import REPO, bundle, bundle_argv, unavailable
@@ -60,12 +60,14 @@ def test_validate_refuses_a_password_in_a_url_query(tmp_path: Path) -> None:
         profile.write_text("schema: 1\nname: api\nversion: 1.0.0\n"
                            f"database: {{url: '{url}'}}\n")
         result = bundle("validate", profile)
-        assert result.rc == 3 and f"{where} holds a password" in result.err, result.err
+        assert result.rc == ProfileError.exit_code and f"{where} holds a password" in result.err, \
+            result.err
         assert "hunter2" not in result.err
     profile.write_text("schema: 1\nname: api\nversion: 1.0.0\nenv:\n  defaults:\n"
                        "    all: {REDIS_URL: 'redis://:hunter2@cache:6379'}\n")
     result = bundle("validate", profile)
-    assert result.rc == 3 and "REDIS_URL holds a password" in result.err, result.err
+    assert result.rc == ProfileError.exit_code and "REDIS_URL holds a password" in result.err, \
+        result.err
 
 
 # --- an installed root, under umask 000 -------------------------------------------------------
@@ -150,7 +152,7 @@ def test_a_migration_that_echoes_secrets_shows_them_nowhere(
         installed: tuple[Path, Path, Path]) -> None:
     root, bundle_v2, _ = installed
     failed = _run("install", bundle_v2, "--root", root)
-    assert failed.returncode == 17, failed.stderr
+    assert failed.returncode == MigrationError.exit_code, failed.stderr
     assert "migration schema" in failed.stderr and "****" in failed.stderr
     history = bundle("history", "--root", root, "--json")
     assert history.rc == 0, history.err
@@ -205,7 +207,7 @@ def test_strict_modes_refuse_what_another_user_could_write(
                  ("trust", "add", pub, "--root", root),
                  ("doctor", bundle_v2, "--root", root)):
         result = bundle(*args)
-        assert result.rc == 14, (args, result.rc, result.err)
+        assert result.rc == StateError.exit_code, (args, result.rc, result.err)
         assert str(target) in result.err and "another user could make bundler run" in result.err
         assert "chmod go-w" in result.err and f"chown root: {target}" in result.err
     assert _snapshot(root) == before
@@ -225,7 +227,7 @@ def test_loader_variables_are_refused_from_the_shared_env(
     name = line.removeprefix("export ").split("=")[0]
     before = _snapshot(root)
     result = bundle("install", bundle_v2, "--root", root)
-    assert result.rc == 18, result.err
+    assert result.rc == EnvError.exit_code, result.err
     assert f"{env}:5: {name} may not be set in the shared .env" in result.err
     assert _snapshot(root) == before
     assert read_env_file_ok("PYTHONUNBUFFERED=1\n", root.parent) == {"PYTHONUNBUFFERED": "1"}

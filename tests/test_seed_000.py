@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import MigrationError, RolledBackError
 from tests import bare_image
 from tests.helpers import bundle, bundle_argv, offline, unavailable
 from tests.pg_fixtures import PgCluster
@@ -264,7 +265,7 @@ def test_seed_000_install_upgrade_and_two_failed_releases(
         assert conn.execute('SELECT score FROM "AIInsightCache" WHERE "userId" = %s',
                             ("u2",)).fetchone() == (62.0,)
     # 1.7.0: its first migration applied, its second failed: all of it undone
-    assert v3.rc == 17, v3.err
+    assert v3.rc == MigrationError.exit_code, v3.err
     assert ("Prisma migration 20240302000000_require_metric_unit failed: external connector "
             "error: Null constraint failed") in v3.err, v3.err
     assert "rolled back to 1.6.0" in v3.err, v3.err
@@ -273,7 +274,7 @@ def test_seed_000_install_upgrade_and_two_failed_releases(
     health3, served3 = json.loads(use3.out)
     assert health3["status"] == "ok" and served3["cached"] is True, use3.out
     # 1.7.1: migrated, then unhealthy: the same restore, exit 12
-    assert v4.rc == 12, v4.err
+    assert v4.rc == RolledBackError.exit_code, v4.err
     assert "applied 20240401000000_add_user_note" in v4.err, v4.err
     assert "backend" in v4.err and "rolled back to 1.6.0" in v4.err, v4.err
     assert before4.rc == after4.rc == 0, before4.err + after4.err

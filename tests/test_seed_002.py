@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from bundler.errors import MigrationError, RolledBackError
 from bundler.install import compose_runtime as cr
 from scripts import seed_images
 from tests import seed_stack
@@ -193,14 +194,14 @@ def _story(chatbot: Bundles, engine: Any, project: str, link: HostLink, ports: d
     assert "feedback" in before and "해지 환급금은?" in before
 
     r3, s3, info3, _, _, _ = install("1.4.0")
-    assert r3.rc == 17, r3.err
+    assert r3.rc == MigrationError.exit_code, r3.err
     assert "004_bad.sql" in r3.err and "rolled back to 1.3.0" in r3.err, r3.err
     assert dump() == before  # 003_ok.sql ran, and was undone
     assert json.loads(s3.out)["current"]["version"] == "1.3.0"
     assert json.loads(info3.out)["version"] == "1.3.0"  # the previous release serves
 
     r4, s4, info4, _, _, _ = install("1.4.1")
-    assert r4.rc == 12, r4.err
+    assert r4.rc == RolledBackError.exit_code, r4.err
     assert "health check 'backend' failed" in r4.err, r4.err
     assert dump() == before  # its migration ran, and was undone
     st = json.loads(s4.out)

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from bundler.errors import MigrationError, RolledBackError
 from bundler.install import compose_runtime as cr
 from scripts import seed_images
 from tests import seed_stack
@@ -198,14 +199,14 @@ def _story(tourism: Bundles, engine: Any, project: str, link: HostLink,
     assert "rating" in before[0] and "session_id" in before[1]
 
     r3, s3, h3 = install("1.2.0")
-    assert r3.rc == 17, r3.err
+    assert r3.rc == MigrationError.exit_code, r3.err
     assert "003_bad.sql" in r3.err and "rolled back to 1.1.0" in r3.err, r3.err
     assert state() == before  # 003_more.sql ran in PostgreSQL, and was undone
     assert json.loads(s3.out)["current"]["version"] == "1.1.0"
     assert json.loads(h3.out)["version"] == "1.1.0"  # the previous release serves
 
     r4, s4, h4 = install("1.2.1")
-    assert r4.rc == 12, r4.err
+    assert r4.rc == RolledBackError.exit_code, r4.err
     # the compose healthcheck (the guide's) fails first: /health answers 503
     assert "compose service backend is unhealthy" in r4.err and "503" in r4.err, r4.err
     assert state() == before  # both databases migrated, and were restored

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import MigrationError
 from tests.helpers import bundle, bundle_argv, offline, unavailable
 from tests.pg_fixtures import PgCluster
 
@@ -122,7 +123,7 @@ def test_seed_004_rag_assistant_on_sqlite_and_redis(tmp_path: Path, keys: tuple[
     assert json.loads(first.out)["cached"] is False
     assert json.loads(second.out)["cached"] is True  # through the supervised redis
     assert json.loads(health.out) == {"status": "ok", "env": "prod", "users": 1}
-    assert upgrade.rc == 17, upgrade.err
+    assert upgrade.rc == MigrationError.exit_code, upgrade.err
     assert "002_bad.sql" in upgrade.err and "rolled back to 2.0.0" in upgrade.err
     assert json.loads(after.out)["users"] == 1  # restored: the DELETE is gone
     with sqlite3.connect(db) as conn:

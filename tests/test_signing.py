@@ -39,7 +39,7 @@ def test_keygen_writes_private_key_0600_and_refuses_overwrite(tmp_path: Path) ->
     with pytest.raises(SigningKeyError, match="already exists"):
         generate(tmp_path / "release")
     result = bundle("keygen", tmp_path / "release")
-    assert result.rc == 5 and "--force" in result.err
+    assert result.rc == SigningKeyError.exit_code and "--force" in result.err
 
 
 def test_roundtrip_and_keyid(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bundler.errors import BuildError, PolicyError, ProfileError, RolledBackError
 from bundler.install import compose_runtime as cr
 from tests import docker_fixtures as dfx
 from tests.helpers import bundle, bundle_argv, offline
@@ -75,7 +76,7 @@ def test_compose_stack_install_upgrade_and_rollback(tmp_path: Path, engine: Any,
         units = {u["name"]: u for u in json.loads(s1.out)["services"]}
         assert units["compose:web"]["running"] is True, s1.out
         assert r2.rc == 0, r2.err
-        assert r3.rc == 12, r3.err
+        assert r3.rc == RolledBackError.exit_code, r3.err
         assert "compose service web is unhealthy" in r3.err
         after = json.loads(s3.out)
         assert after["current"]["version"] == "2.0.0" and after["healthy"] is True
@@ -129,15 +130,17 @@ def test_build_checks_the_compose_files_and_doctor_sees_their_ports(
                       {{target: 443, published: "18443"}}]
             """)
         missing = build(web + f"cache:\n  image: {pair.b}\n")
-        assert missing.rc == 4, missing.err
+        assert missing.rc == BuildError.exit_code, missing.err
         assert f"use image(s) the bundle does not carry: {pair.b} (service cache)" in missing.err
         built_only = build(web + "worker:\n  build: ./worker\n")
-        assert built_only.rc == 4 and "worker have `build:` and no `image:`" in built_only.err
+        assert built_only.rc == BuildError.exit_code \
+            and "worker have `build:` and no `image:`" in built_only.err
         broken = build("web: [unclosed\n")
-        assert broken.rc == 4 and "compose file stack/docker-compose.yml cannot be read" \
+        assert broken.rc == BuildError.exit_code \
+            and "compose file stack/docker-compose.yml cannot be read" \
             in broken.err, broken.err
         typo = build(web, "database: {url: '${DATABASE_URL}', compose_service: postgress}\n")
-        assert typo.rc == 4, typo.err
+        assert typo.rc == BuildError.exit_code, typo.err
         assert "database.compose_service names compose service 'postgress'" in typo.err
         assert "(they have: web)" in typo.err
 
@@ -156,7 +159,8 @@ def test_build_checks_the_compose_files_and_doctor_sees_their_ports(
 
         # compose.tool names a compose, never a host path (the target would run it as root)
         path_tool = build(web, tool="/nonexistent/compose")
-        assert path_tool.rc == 3 and "compose.tool: '/nonexistent/compose' is not valid" \
+        assert path_tool.rc == ProfileError.exit_code \
+            and "compose.tool: '/nonexistent/compose' is not valid" \
             in path_tool.err, path_tool.err
         # A target without the compose the bundle asks for is refused before anything exists
         assert build(web, tool="v1").rc == 0
@@ -165,7 +169,7 @@ def test_build_checks_the_compose_files_and_doctor_sees_their_ports(
         (refused,) = offline(["env", f"PATH={empty}",
                               *bundle_argv("install", path, "--trust", keys[1], "--root",
                                            tmp_path / "root")])
-        assert refused.rc == 8, refused.err
+        assert refused.rc == PolicyError.exit_code, refused.err
         assert "this bundle runs a compose project: no docker-compose 1.x found on PATH" \
             in refused.err
         assert not (tmp_path / "root").exists()
@@ -193,7 +197,7 @@ def test_an_explicit_project_of_another_installation_is_refused(
         root = tmp_path / "target"
         (result,) = offline(bundle_argv("install", json.loads(built.out)["bundle"],
                                         "--trust", keys[1], "--root", root))
-        assert result.rc == 8, result.err
+        assert result.rc == PolicyError.exit_code, result.err
         assert (f"compose project '{project}' already runs containers started from "
                 "/srv/other-product/releases/1.0/files/x") in result.err, result.err
         assert "own compose.project" in result.err

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from bundler.errors import Interrupted, MigrationError, RolledBackError, UnhealthyError
 from bundler.install import compose_runtime as cr
 from tests import docker_fixtures as dfx
 from tests import pg_image
@@ -173,17 +174,17 @@ def test_database_in_a_compose_service(tmp_path: Path, engine: Any,
 
         # Ctrl+C during the backup of an upgrade: nothing of 2.0.0 is touched
         (interrupted,) = offline(install(2, "int:backup"))
-        assert interrupted.rc == 130, interrupted.err
+        assert interrupted.rc == Interrupted.exit_code, interrupted.err
         assert {c.name: c.id for c in engine.containers.list(filters={
             "label": f"com.docker.compose.project={project}"})} == running
 
         # a failing migration: restored inside the container, 2.0.0 serving
         r3, r4, status = offline(install(2), install(3),
                                  bundle_argv("status", "--root", root, "--json"))
-        assert r3.rc == 17, r3.err
+        assert r3.rc == MigrationError.exit_code, r3.err
         assert "003_bad.sql" in r3.err and "rolled back to 2.0.0" in r3.err
         assert "in compose service db" in r3.err  # the restore ran in the container
-        assert r4.rc == 12, r4.err  # unhealthy web: 003_ok.sql undone
+        assert r4.rc == RolledBackError.exit_code, r4.err  # unhealthy web: 003_ok.sql undone
         assert "compose service web is unhealthy" in r4.err
         assert state() == after_v2
         current = json.loads(status.out)
@@ -216,7 +217,7 @@ def test_database_in_a_compose_service(tmp_path: Path, engine: Any,
         assert bundle("stop", "--root", root).rc == 0
         (stopped,) = offline(["env", path, *bundle_argv("doctor", "--root", root, "--json")])
         rows = {r["check"]: r for r in json.loads(stopped.out)["checks"]}
-        assert stopped.rc == 19 and rows["database"]["status"] == "fail", rows
+        assert stopped.rc == UnhealthyError.exit_code and rows["database"]["status"] == "fail", rows
         assert rows["database"]["detail"] == (f"compose service db of project {project} is "
                                               "not running"), rows
     finally:

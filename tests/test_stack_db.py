@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
+from bundler.errors import MigrationError, RolledBackError
 from tests import pg_fixtures
-from tests.helpers import Project, bundle, bundle_argv, offline
+from tests.helpers import Project, build_release, bundle, bundle_argv, offline, write_migration
 from tests.pg_fixtures import PgCluster, snapshot
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -41,41 +42,25 @@ def state_of(cluster: PgCluster, url: str) -> dict[str, Any]:
         return snapshot(conn)
 
 
-def migration(project: Project, name: str, sql: str) -> None:
-    d = project.dir / "app" / "db" / "migrations"  # shipped with the app's files
-    d.mkdir(parents=True, exist_ok=True)
-    (d / name).write_text(sql)
-
-
-def build(project: Project, keys: tuple[Path, Path], cache: Path, version: str, seq: int,
-          healthy: bool = True, extra: str = "") -> Path:
-    profile = project.profile(version, healthy=healthy, sequence=seq,
-                              extra=DB_PROFILE + extra)
-    result = bundle("build", profile, "--key", keys[0], "--out", project.dir / "dist",
-                    "--cache-dir", cache, "--json")
-    assert result.rc == 0, result.err
-    return Path(json.loads(result.out)["bundle"])
-
-
 def test_migrations_failures_restore_the_database(
         project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
         cluster: PgCluster, dburl: str, roots: list[Path]) -> None:
-    migration(project, "001_items.sql",
-              "CREATE TABLE items (id int PRIMARY KEY, name text);\n"
-              "INSERT INTO items VALUES (1, 'a'), (2, 'b'), (3, 'c');\n")
-    v1 = build(project, keys, cache_dir, "1.0.0", 1)
-    migration(project, "002_price.sql",
-              "ALTER TABLE items ADD COLUMN price int DEFAULT 0;\n"
-              "INSERT INTO items VALUES (4, 'd', 10);\n")
-    v2 = build(project, keys, cache_dir, "2.0.0", 2)
-    migration(project, "003_bad.sql",
-              "CREATE TABLE half (x int);\nINSERT INTO items VALUES (5, 'e', 1);\n"
-              "SELECT no_such_function();\n")
-    v3 = build(project, keys, cache_dir, "3.0.0", 3)
+    write_migration(project, "001_items.sql",
+                    "CREATE TABLE items (id int PRIMARY KEY, name text);\n"
+                    "INSERT INTO items VALUES (1, 'a'), (2, 'b'), (3, 'c');\n")
+    v1 = build_release(project, keys, cache_dir, "1.0.0", 1, extra=DB_PROFILE)
+    write_migration(project, "002_price.sql",
+                    "ALTER TABLE items ADD COLUMN price int DEFAULT 0;\n"
+                    "INSERT INTO items VALUES (4, 'd', 10);\n")
+    v2 = build_release(project, keys, cache_dir, "2.0.0", 2, extra=DB_PROFILE)
+    write_migration(project, "003_bad.sql",
+                    "CREATE TABLE half (x int);\nINSERT INTO items VALUES (5, 'e', 1);\n"
+                    "SELECT no_such_function();\n")
+    v3 = build_release(project, keys, cache_dir, "3.0.0", 3, extra=DB_PROFILE)
     (project.dir / "app" / "db" / "migrations" / "003_bad.sql").unlink()
-    migration(project, "003_ok.sql", "CREATE TABLE audit (at timestamptz);\n"
-                                     "UPDATE items SET price = 99;\n")
-    v3b = build(project, keys, cache_dir, "3.0.1", 4, healthy=False)
+    write_migration(project, "003_ok.sql", "CREATE TABLE audit (at timestamptz);\n"
+                    "UPDATE items SET price = 99;\n")
+    v3b = build_release(project, keys, cache_dir, "3.0.1", 4, healthy=False, extra=DB_PROFILE)
 
     root = tmp_path / "target"
     roots.append(root)
@@ -91,7 +76,8 @@ def test_migrations_failures_restore_the_database(
 
     r3, s3 = offline(bundle_argv("install", v3, *trust),
                      bundle_argv("status", "--root", root, "--json"))
-    assert r3.rc == 17, r3.err  # a failed migration: rolled back, with its own exit code
+    # a failed migration: rolled back, with its own exit code
+    assert r3.rc == MigrationError.exit_code, r3.err
     assert "003_bad.sql" in r3.err and "rolled back to 2.0.0" in r3.err
     assert "Restoring the database" in r3.err
     assert state_of(cluster, dburl) == after_v2  # schema and rows exactly as before v3
@@ -100,7 +86,7 @@ def test_migrations_failures_restore_the_database(
 
     r4, s4 = offline(bundle_argv("install", v3b, *trust),
                      bundle_argv("status", "--root", root, "--json"))
-    assert r4.rc == 12, r4.err
+    assert r4.rc == RolledBackError.exit_code, r4.err
     assert "health check 'web' failed" in r4.err
     assert state_of(cluster, dburl) == after_v2  # 003_ok.sql ran, and was undone
     assert json.loads(s4.out)["healthy"] is True
@@ -114,13 +100,13 @@ def test_migrations_failures_restore_the_database(
 def test_kill_9_during_a_migration_is_restored_on_rerun(
         project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
         cluster: PgCluster, dburl: str, roots: list[Path]) -> None:
-    migration(project, "001_items.sql", "CREATE TABLE items (id int);\n"
-                                        "INSERT INTO items VALUES (1);\n")
-    v1 = build(project, keys, cache_dir, "1.0.0", 1)
+    write_migration(project, "001_items.sql", "CREATE TABLE items (id int);\n"
+                    "INSERT INTO items VALUES (1);\n")
+    v1 = build_release(project, keys, cache_dir, "1.0.0", 1, extra=DB_PROFILE)
     # The migration changes the database, then its installer dies (as on a power cut).
     crash = ("  - name: crash\n    command: [sh, -c, 'psql \"$DATABASE_URL\" -qc "
              "\"CREATE TABLE half (x int)\" && kill -9 $PPID']\n")
-    v2 = build(project, keys, cache_dir, "2.0.0", 2, extra=crash)
+    v2 = build_release(project, keys, cache_dir, "2.0.0", 2, extra=DB_PROFILE + crash)
     root = tmp_path / "target"
     roots.append(root)
     (root / "shared").mkdir(parents=True)
@@ -192,14 +178,14 @@ def test_upgrade_with_alembic_and_sql_migrations(
         project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
         cluster: PgCluster, dburl: str, roots: list[Path]) -> None:
     """alembic runs from the release's own venv, filled offline from bundled wheels."""
-    migration(project, "001_items.sql", "CREATE TABLE items (id int);\n")
-    v1 = build(project, keys, cache_dir, "1.0.0", 1)
+    write_migration(project, "001_items.sql", "CREATE TABLE items (id int);\n")
+    v1 = build_release(project, keys, cache_dir, "1.0.0", 1, extra=DB_PROFILE)
     alembic_dir = project.dir / "app" / "db"
     (alembic_dir / "alembic.ini").write_text(pg_fixtures.alembic_ini("models"))
     (alembic_dir / "models" / "versions").mkdir(parents=True)
     (alembic_dir / "models" / "env.py").write_text(ALEMBIC_ENV)
     (alembic_dir / "models" / "versions" / "0001_widgets.py").write_text(ALEMBIC_REVISION)
-    migration(project, "002_more.sql", "ALTER TABLE items ADD COLUMN name text;\n")
+    write_migration(project, "002_more.sql", "ALTER TABLE items ADD COLUMN name text;\n")
     (project.dir / "requirements.in").write_text(
         "tinygreet\nalembic\nsqlalchemy\npsycopg[binary]\n")
     profile = project.profile("2.0.0", sequence=2, extra=DB_PROFILE + (

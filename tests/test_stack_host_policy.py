@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler.bundle import hostreq
 from bundler.bundle.models import ComposeSpec, Runtime
+from bundler.errors import HostPolicyError, RolledBackError
 from bundler.install import compose_runtime as cr
 from tests import docker_fixtures as dfx
 from tests.bundles import write_bundle
@@ -127,7 +128,7 @@ def test_privileged_and_host_mounts_refused_before_anything_then_allowed(
         assert len(running) == 1
 
         (refused,) = offline(bundle_argv("install", built["2.0.0"], *trust))
-        assert refused.rc == 23, refused.err
+        assert refused.rc == HostPolicyError.exit_code, refused.err
         assert _error(refused) == (
             "error: compose service web asks for a privileged container (every capability and "
             "device, no confinement) (privileged: true) (and host-mount=/ for compose service "
@@ -144,13 +145,15 @@ def test_privileged_and_host_mounts_refused_before_anything_then_allowed(
         # container that cannot grant every capability (this machine: DESIGN.md section 9),
         # runc refuses a privileged container, and the install rolls back as for any failed
         # start; elsewhere it installs.
-        assert flagged.rc == (0 if _runs_privileged(engine, image) else 12), flagged.err
+        assert flagged.rc == (0 if _runs_privileged(engine, image)
+                              else RolledBackError.exit_code), flagged.err
         assert "host's policy" not in flagged.err
 
         refused, policy_missing = offline(
             bundle_argv("install", built["3.0.0"], *trust),
             bundle_argv("install", built["3.0.0"], *trust, "--allow", "host-mount=/srv"))
-        assert refused.rc == 23 and policy_missing.rc == 23
+        assert refused.rc == HostPolicyError.exit_code \
+            and policy_missing.rc == HostPolicyError.exit_code
         assert "pass --allow host-pid --allow cap=SYS_ADMIN --allow host-mount=/ for this " \
                "install" in _error(refused)
         # a grant below / does not cover /
@@ -178,7 +181,7 @@ def test_privileged_and_host_mounts_refused_before_anything_then_allowed(
         policy.unlink()
         before, running = snapshot(root), _containers(engine, root)
         (back,) = offline(bundle_argv("rollback", "--root", root, "--to", "3.0.0"))
-        assert back.rc == 23, back.err
+        assert back.rc == HostPolicyError.exit_code, back.err
         assert "pass --allow host-pid --allow cap=SYS_ADMIN --allow host-mount=/" in _error(back)
         # (checked before the journal is written or anything stopped)
         assert (snapshot(root), _containers(engine, root)) == (before, running)
@@ -191,7 +194,7 @@ def test_privileged_and_host_mounts_refused_before_anything_then_allowed(
         # a fresh root: refused leaves no root at all; --allow installs it
         (refused,) = offline(
             bundle_argv("install", built["3.0.0"], "--trust", keys[1], "--root", fresh))
-        assert refused.rc == 23, refused.err
+        assert refused.rc == HostPolicyError.exit_code, refused.err
         assert not fresh.exists()
         (allowed,) = offline(
             bundle_argv("install", built["3.0.0"], "--trust", keys[1], "--root", fresh, *FLAGS))
@@ -208,7 +211,7 @@ def test_a_fresh_root_is_not_created_by_a_refused_install(tmp_path: Path, engine
     root = tmp_path / "target"
     path = _hand_made(tmp_path, key, b"services:\n  web: {image: x, network_mode: host}\n")
     done = bundle("install", path, "--trust", pub, "--root", root)
-    assert done.rc == 23, done.err
+    assert done.rc == HostPolicyError.exit_code, done.err
     assert "compose service web asks for the host's network stack (network_mode: host)" \
         in _error(done)
     assert not root.exists()
@@ -257,7 +260,7 @@ def test_the_verified_compose_files_decide(tmp_path: Path, engine: Any, key: Ed2
     before = snapshot(root)
     done = bundle("install", _hand_made(tmp_path, key, compose, record), "--trust", pub,
                   "--root", root)
-    assert done.rc == 23, done.err
+    assert done.rc == HostPolicyError.exit_code, done.err
     assert _error(done).startswith(message), done.err
     assert snapshot(root) == before
     assert not list(root.glob(".staging-*"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import MigrationError, RolledBackError
 from tests.helpers import Project, bundle, bundle_argv, offline
 from tests.mariadb_fixtures import MariaDb
 from tests.pg_fixtures import PgCluster, snapshot
@@ -121,14 +122,14 @@ def test_two_databases_migrate_and_are_both_restored(
 
     r3, s3 = offline(bundle_argv("install", v3, *trust),
                      bundle_argv("status", "--root", root, "--json"))
-    assert r3.rc == 17, r3.err
+    assert r3.rc == MigrationError.exit_code, r3.err
     assert "003_bad.sql" in r3.err and "rolled back to 2.0.0" in r3.err
     assert state() == after_v2  # both databases: schema and rows exactly as before v3
     assert json.loads(s3.out)["current"]["version"] == "2.0.0"
 
     r4, s4 = offline(bundle_argv("install", v3b, *trust),
                      bundle_argv("status", "--root", root, "--json"))
-    assert r4.rc == 12, r4.err
+    assert r4.rc == RolledBackError.exit_code, r4.err
     assert "health check 'web' failed" in r4.err
     assert state() == after_v2  # 003_more.sql and 003_ok.sql ran, and were undone
     assert json.loads(s4.out)["healthy"] is True

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bundler.errors import PolicyError
 from tests.helpers import bundle, bundle_argv, free_port, offline, unavailable
 from tests.npm_registry import LocalPackage, LocalRegistry, local_registry, make_project
 
@@ -110,6 +111,6 @@ def test_node_stack_builds_offline_from_cache_and_installs_offline(
     rows = {r["check"]: r for r in json.loads(doctor.out)["checks"]}
     assert rows["node/npm"]["status"] == "fail" and "needs node >=999" in rows["node/npm"][
         "detail"], rows
-    assert refused.rc == 8, refused.err
+    assert refused.rc == PolicyError.exit_code, refused.err
     assert "this bundle needs node >=999; this host has node" in refused.err
     assert not (root / "releases" / "1.0.1").exists()

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from bundler.errors import MigrationError, NodeDownError, RolledBackError
 from tests import docker_fixtures as dfx
 from tests import pg_image
 from tests import swarm_fixtures as sfx
@@ -186,7 +187,7 @@ def test_deploy_upgrade_and_rollback_on_two_nodes(swarm: sfx.Swarm, built: Built
     finish = poller(8080)
     bad = on_manager(swarm, "install", built.bundles["3.0.0"], *trust)
     served = finish()
-    assert bad.rc == 12, bad.err
+    assert bad.rc == RolledBackError.exit_code, bad.err
     assert "the swarm rolled back its update (a new task failed: " in bad.err, bad.err
     assert "unhealthy container" in bad.err, bad.err
     # the update stopped at the first node: the other one's 2.0.0 task was never stopped
@@ -215,7 +216,7 @@ def test_a_stopped_node_refuses_the_install_or_degrades_it(swarm: sfx.Swarm, bui
     try:
         swarm.wait_node(swarm.worker, "down")
         refused = on_manager(swarm, "install", built.bundles["down"], *trust)
-        assert refused.rc == 22, refused.err
+        assert refused.rc == NodeDownError.exit_code, refused.err
         assert f"swarm node(s) down: {swarm.worker.name} (down" in refused.err, refused.err
         assert "nothing was changed" in refused.err
         assert sorted(p.name for p in root.iterdir()) == ["swarm.yaml"]
@@ -364,7 +365,7 @@ def test_the_database_is_migrated_once_and_restored_when_the_upgrade_fails(
                       .split()) == sorted(service_name(swarm, "swdb", s) for s in ("db", "web"))
 
         bad = on_manager(swarm, "install", bundles[1], *trust)
-        assert bad.rc == 12, bad.err
+        assert bad.rc == RolledBackError.exit_code, bad.err
         assert bad.err.count("Backing up the database") == 1, bad.err
         assert "Restoring the database" in bad.err, bad.err
         assert "migration stamp: running sh -c" in bad.err, bad.err  # 3.0.0's ran, then
@@ -376,7 +377,7 @@ def test_the_database_is_migrated_once_and_restored_when_the_upgrade_fails(
         # a one-off migration that fails: its exit and error in the line, the database
         # restored, the job removed, 1.0.0 serving again
         failed = on_manager(swarm, "install", bundles[2], *trust)
-        assert failed.rc == 17, failed.err
+        assert failed.rc == MigrationError.exit_code, failed.err
         assert "failed (exit 3): ERROR:  relation nope does not exist" in failed.err, failed.err
         assert sql("SELECT count(*) FROM information_schema.columns WHERE column_name = "
                    "'price'") == "0"

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from bundler.errors import RolledBackError
 from tests import bare_image, pg_image
 from tests import swarm_fixtures as sfx
 from tests.helpers import bundle, host_policy
@@ -256,7 +257,7 @@ def test_seed004_installs_upgrades_and_rolls_back_on_two_nodes(
         finish = poller(8080, "/")
         bad = on_manager(swarm, "install", releases["3.0.0"], *trust, timeout=600)
         lb = finish()
-        assert bad.rc == 12, bad.err
+        assert bad.rc == RolledBackError.exit_code, bad.err
         assert "Restoring the database" in bad.err, bad.err
         # 3.0.0 never answered; 2.1.0 served until its writers stopped for the backup
         # (requests then fail until 2.1.0 is back): by design, not counted

@@ -11,6 +11,7 @@ import pytest
 
 from bundler.errors import CommandError, InstallError
 from bundler.install import swarm_runtime as sw
+from bundler.install.layout import Layout
 
 
 def test_defaults_fill_what_the_files_leave_out() -> None:
@@ -54,15 +55,15 @@ def test_stop_first_delay_follows_the_monitor(update: dict[str, str], delay: str
 
 
 def test_swarm_yaml(tmp_path: Path) -> None:
-    assert not sw.configured(tmp_path)
+    assert not sw.configured(Layout(tmp_path))
     (tmp_path / "swarm.yaml").write_text("nodes:\n  n1: unix:///var/run/docker.sock\n"
                                          "  n2: ssh://deploy@10.0.0.2\n")
-    assert sw.configured(tmp_path)
-    assert sw.endpoints(tmp_path) == (sw.Endpoint("n1", "unix:///var/run/docker.sock"),
+    assert sw.configured(Layout(tmp_path))
+    assert sw.endpoints(Layout(tmp_path)) == (sw.Endpoint("n1", "unix:///var/run/docker.sock"),
                                       sw.Endpoint("n2", "ssh://deploy@10.0.0.2"))
     (tmp_path / "swarm.yaml").write_text("nodes: [n1, n2]\n")
     with pytest.raises(InstallError, match="must map each node's hostname"):
-        sw.endpoints(tmp_path)
+        sw.endpoints(Layout(tmp_path))
 
 
 def test_a_failed_update_names_every_distinct_task_error_newest_first() -> None:

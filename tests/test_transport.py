@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from bundler.bundle.volumes import DEFAULT_PART_SIZE, parse_size
-from bundler.errors import BuildError
+from bundler.errors import (
+    BuildError,
+    IntegrityError,
+    PolicyError,
+    SignatureError,
+    SigningKeyError,
+    SpaceError,
+    StateError,
+)
 from tests.helpers import Project, bundle, unavailable
 
 
@@ -65,11 +73,12 @@ def test_volume_set_build_verify_and_corrupt_part(tmp_path: Path,
     data[1000] ^= 1
     parts[1].write_bytes(bytes(data))
     bad = bundle("verify", parts[0], "--trust", keys[1])
-    assert bad.rc == 7
+    assert bad.rc == IntegrityError.exit_code
     assert "error: part 2 of 4 (vault-1.0.0.bundle.002) is corrupt (sha256 mismatch)" in bad.err
     parts[3].unlink()
     gone = bundle("verify", parts[0], "--trust", keys[1])
-    assert gone.rc == 7 and "part 4 of 4 (vault-1.0.0.bundle.004) is missing" in gone.err
+    assert gone.rc == IntegrityError.exit_code \
+        and "part 4 of 4 (vault-1.0.0.bundle.004) is missing" in gone.err
 
 
 def test_part_index_is_signed(tmp_path: Path, keys: tuple[Path, Path]) -> None:
@@ -79,12 +88,13 @@ def test_part_index_is_signed(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     other = tmp_path / "other"
     assert bundle("keygen", other).rc == 0
     result = bundle("verify", index, "--trust", f"{other}.pub")
-    assert result.rc == 6 and "vault-1.0.0.bundle.parts is signed by key" in result.err
+    assert result.rc == SignatureError.exit_code \
+        and "vault-1.0.0.bundle.parts is signed by key" in result.err
     doc = json.loads(index.read_text())
     doc["payload"] = doc["payload"][:-8] + "AAAAAAA="
     index.write_text(json.dumps(doc))
     result = bundle("verify", index, "--trust", keys[1])
-    assert result.rc == 6
+    assert result.rc == SignatureError.exit_code
 
 
 def test_rebuild_replaces_stale_parts_and_single_file(tmp_path: Path,
@@ -162,7 +172,7 @@ def test_trust_store_is_used_when_no_trust_flag(tmp_path: Path,
     root = tmp_path / "root"
     none = bundle("install", str(built["bundle"]), "--root", root)
     # No root yet and no --trust: the root is what is missing (a first install passes --trust)
-    assert none.rc == 14 and f"no install root at {root}" in none.err, none.err
+    assert none.rc == StateError.exit_code and f"no install root at {root}" in none.err, none.err
     assert not root.exists()
     assert bundle("trust", "add", keys[1], "--root", root).rc == 0
     listed = json.loads(bundle("trust", "list", "--root", root, "--json").out)
@@ -171,7 +181,8 @@ def test_trust_store_is_used_when_no_trust_flag(tmp_path: Path,
     installed = bundle("install", str(built["bundle"]), "--root", root)
     assert installed.rc == 0, installed.err
     assert bundle("trust", "remove", str(built["keyid"]), "--root", root).rc == 0
-    assert bundle("trust", "remove", "feedfacefeedface", "--root", root).rc == 5
+    assert bundle("trust", "remove", "feedfacefeedface", "--root", root).rc \
+        == SigningKeyError.exit_code
 
 
 def test_allow_downgrade_is_recorded_in_history(tmp_path: Path,
@@ -185,7 +196,7 @@ def test_allow_downgrade_is_recorded_in_history(tmp_path: Path,
     root = tmp_path / "root"
     assert bundle("install", str(new["bundle"]), "--trust", keys[1], "--root", root).rc == 0
     refused = bundle("install", str(old["bundle"]), "--trust", keys[1], "--root", root)
-    assert refused.rc == 8
+    assert refused.rc == PolicyError.exit_code
     forced = bundle("install", str(old["bundle"]), "--trust", keys[1], "--root", root,
                     "--allow-downgrade")
     assert forced.rc == 0, forced.err
@@ -211,7 +222,7 @@ def test_install_refuses_up_front_when_space_is_short(tmp_path: Path, keys: tupl
     built = build(files_profile(tmp_path), keys, tmp_path / "out")
     root = small_fs / "root"
     result = bundle("install", str(built["bundle"]), "--trust", keys[1], "--root", root)
-    assert result.rc == 9, result.err
+    assert result.rc == SpaceError.exit_code, result.err
     assert "needs 3.0 MiB" in result.err and "bytes)" in result.err
     assert list(small_fs.iterdir()) == []
 
@@ -220,6 +231,6 @@ def test_build_refuses_up_front_when_space_is_short(tmp_path: Path, keys: tuple[
                                                     small_fs: Path) -> None:
     result = bundle("build", files_profile(tmp_path), "--key", keys[0], "--out",
                     small_fs / "out", "--cache-dir", tmp_path / "cache")
-    assert result.rc == 9, result.err
+    assert result.rc == SpaceError.exit_code, result.err
     assert "writing the bundle needs" in result.err
     assert not any(small_fs.rglob("*.bundle*"))

@@ -24,7 +24,6 @@ from bundler.bundle import archive, nodetree, volumes
 from bundler.bundle.imageref import canonical_tag
 from bundler.bundle.manifest import IMAGES_PATH, FileEntry, Manifest
 from bundler.bundle.models import ImageRef, NpmProject, NpmRef, Target
-from bundler.bundle.platforms import parse_platform
 from bundler.bundle.signing import MAX_ENVELOPE_BYTES, key_id, sign
 from bundler.engine import engine_client, local_image_ids
 from bundler.errors import BuildError, BundlerError
@@ -93,7 +92,7 @@ def _lock(profile: Profile, cache: Cache, path: Path | None) -> tuple[Lock, int]
     if profile.runtimes is not None:
         ui.step(f"Resolving the Node.js runtime {profile.runtimes.node} for "
                 f"{profile.target.platform}")
-        locked_runtimes = runtimes.resolve(profile.runtimes, profile.target.platform, ui.note)
+        locked_runtimes = runtimes.resolve(profile.runtimes, profile.target.tag, ui.note)
     result = Lock(inputs=lockfile.inputs_digest(profile), target=profile.target,
                   wheels=locked_wheels, sources=lockfile.sources_of(profile),
                   runtimes=locked_runtimes)
@@ -106,7 +105,7 @@ def _lock(profile: Profile, cache: Cache, path: Path | None) -> tuple[Lock, int]
 
 
 def image_platform(target: Target) -> str:
-    return parse_platform(target.platform).docker_platform
+    return target.tag.docker_platform
 
 
 def _fetch_images(profile: Profile, cache: Cache, current: Lock) -> Lock:
@@ -256,7 +255,7 @@ def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
 
 def npm_target(target: Target) -> dict[str, str]:
     """node's process.platform / process.arch and the libc of the target."""
-    plat = parse_platform(target.platform)
+    plat = target.tag
     return {"os": "linux", "cpu": plat.node_cpu, "libc": plat.libc}
 
 

@@ -1,28 +1,9 @@
 """`bundle kit`: ONE file that runs bundler's target side on a host that has only `python3`.
 
-The kit is a zipapp (`python3 -I -S bundler-kit-VERSION-cpXY-PLATFORM.pyz install ...`):
-
-    __main__.py   bundler/bundle/kitboot.py: unpacks site/ once into a private cache dir,
-                  then runs kit.json's entry (bundle's command line)
-    site/...      bundler's target-side modules, and the TARGET's wheels of their dependencies
-    kit.json      bundler version, target platform and Python, the digest of site/
-
-Which of bundler's modules: exactly those reachable by import (read with `ast`, lazy imports
-inside functions included) from the kit's command (`bundler.cli.kitmain`) and the process
-supervisor (`python -m bundler.install.supervise`). The build side (resolve/, build.py, the
-lock file, pip-tools, uv as a resolver) is not reachable from there, and tests/test_layering.py
-keeps it so. Which dependencies: bundler's own `[project] dependencies` (the target side's
-set; the build side's are the `build` extra), with their dependency closure, as wheels for the
-target's platform and CPython:
-
-- from the package index (default): locked for the target and downloaded exactly as a
-  bundle's Python requirements are (bundler.build.resolve.wheels: uv or pip-tools, then the wheel
-  pip would choose for the target, fetched directly; host pip configuration ignored), cached
-  in bundler's content-addressed cache;
-- or `from_installed`: from the environment bundler itself runs in, with no network, when the
-  target is this host's Python and platform (each distribution's wheel tags are checked).
-
-Deterministic: sorted members, fixed timestamps; the same inputs give the same bytes.
+A deterministic zipapp: `__main__.py` (bundler/bundle/kitboot.py), `site/` (bundler's modules
+reachable by import from the kit's command and the supervisor, plus the TARGET's wheels of
+their dependencies, locked like a bundle's or taken `from_installed`) and `kit.json`. What it
+holds and why: docs/kit.md.
 """
 
 from __future__ import annotations
@@ -54,7 +35,7 @@ from bundler.build.resolve import wheels
 from bundler.bundle import kitboot
 from bundler.bundle.models import Target
 from bundler.errors import BuildError
-from bundler.fsutil import CHUNK
+from bundler.fsutil import CHUNK, sha256_file
 
 # The kit's command line (kit.json's "entry", run by the bootstrap) and the supervisor it
 # starts as `python -m`: what the target side can import is what these reach.
@@ -310,7 +291,7 @@ def build_kit(out_dir: Path, target: Target, cache: Cache, log: Log, *,
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    sha = _sha256(path)
+    sha = sha256_file(path)[0]
     checksum_path(path).write_text(f"{sha}  {path.name}\n", encoding="ascii")
     return Kit(path, sha, path.stat().st_size, target.platform, target.python,
                tuple(packages), len(modules))
@@ -342,10 +323,3 @@ def _chunks(src: IO[bytes]) -> Iterator[bytes]:
     while chunk := src.read(CHUNK):
         yield chunk
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -18,6 +18,8 @@ import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from bundler.bundle.imageref import REF_HINT, canonical_tag, ref_problem
+from bundler.bundle.manifest import COMPOSE_PROJECT_RE
 from bundler.bundle.models import (
     CHECK_KINDS,
     COMPOSE_TOOLS,
@@ -32,6 +34,7 @@ from bundler.bundle.models import (
     ComposeSpec,
     DatabaseSpec,
     DataDir,
+    DbKind,
     EnvSpec,
     HealthCheck,
     InstallPolicy,
@@ -41,6 +44,7 @@ from bundler.bundle.models import (
     Service,
     Target,
     data_mode,
+    url_scheme,
 )
 from bundler.bundle.platforms import PLATFORM_RE
 from bundler.errors import Problem, ProfileError
@@ -132,7 +136,7 @@ class Action:
     run: tuple[str, ...]
     cwd: Path
     env: tuple[tuple[str, str], ...] = ()
-    timeout_ms: int = 1_800_000
+    timeout_ms: int = 30 * 60_000  # the default when the profile gives none
 
 
 @dataclass(frozen=True)
@@ -408,7 +412,7 @@ def load_profile(path: Path, *, check_files: bool = True) -> Profile:
     _unique(c, [h.name for h in health], top.get("health"), "health check")
     _unique(c, [f.dest for f in files], top.get("files"), "files dest")
     _unique(c, [n.dest for n in npm], top.get("npm"), "npm dest")
-    _unique(c, [i.ref for i in images], top.get("images"), "image")
+    _unique(c, [canonical_tag(i.ref) for i in images], top.get("images"), "image")
 
     if c.problems:
         raise ProfileError(c.problems)
@@ -630,7 +634,7 @@ def _compose_spec(c: _Checker, node: Node) -> ComposeSpec | None:
         c.add(m["files"], "compose.files must list the compose file(s), as their `files` dest",
               "e.g. [app/docker-compose.yml]")
         return None
-    project = c.string(m["project"], "compose.project", re.compile(r"^[a-z0-9][a-z0-9_-]*$"),
+    project = c.string(m["project"], "compose.project", COMPOSE_PROJECT_RE,
                        "lowercase letters, digits, '-' and '_'") if "project" in m else None
     tool = c.string(m["tool"], "compose.tool", re.compile(f"^({'|'.join(COMPOSE_TOOLS)})$"),
                     f"one of: {', '.join(COMPOSE_TOOLS)} (a named compose, never a path)"
@@ -638,8 +642,7 @@ def _compose_spec(c: _Checker, node: Node) -> ComposeSpec | None:
     return ComposeSpec(tuple(files), project, tool)
 
 
-_DB_URL_RE = re.compile(
-    r"^(\$\{\w+\}|postgres(ql)?(\+\w+)?://\S+|(mysql|mariadb)(\+\w+)?://\S+|sqlite:///\S+)$")
+_DB_URL_RE = re.compile(r"^(\$\{\w+\}|" + "|".join(k.url_regex() for k in DbKind) + ")$")
 
 
 def _database(c: _Checker, node: Node, where: str = "database", *,
@@ -663,15 +666,11 @@ def _database(c: _Checker, node: Node, where: str = "database", *,
                         re.compile(f"^({'|'.join(DATABASE_KINDS)})$"),
                         f"one of: {', '.join(DATABASE_KINDS)} (MariaDB is mysql)"
                         ) if "kind" in m else None
-        if url and kind and not url.startswith("${"):
-            scheme = url.partition("://")[0].split("+", 1)[0]
-            expected = {"postgres": ("postgres", "postgresql"), "mysql": ("mysql", "mariadb"),
-                        "sqlite": ("sqlite",)}[kind]
-            if scheme not in expected:
-                c.add(m["url"], f"{where}.url is a {scheme}:// URL but kind is {kind}")
+        if url and kind and not url.startswith("${") and DbKind.of_url(url) != kind:
+            c.add(m["url"], f"{where}.url is a {url_scheme(url)}:// URL but kind is {kind}")
         if name is None or kind is None:
             return None
-    return DatabaseSpec(url, service, name, kind) if url else None
+    return DatabaseSpec(url, service, name, DbKind(kind) if kind else None) if url else None
 
 
 def _migration(c: _Checker, node: Node, where: str) -> MigrationSpec | None:
@@ -781,7 +780,7 @@ def _runtimes(c: _Checker, node: Node, target: Target) -> RuntimesSpec | None:
     registry = c.string(m["registry"], "runtimes.registry", re.compile(r"^https?://\S+$"),
                         "an http(s) URL; default: npm's own registry") \
         if "registry" in m else None
-    if target.platform.startswith("musllinux"):
+    if target.tag.libc == "musl":
         c.add(m["node"], f"runtimes.node: the registry's Node.js builds need glibc; "
               f"target.platform {target.platform} is musl",
               "carry Node.js for a manylinux target, or install it on the musl host")
@@ -791,7 +790,7 @@ def _runtimes(c: _Checker, node: Node, target: Target) -> RuntimesSpec | None:
     return RuntimesSpec(node=version, npm=npm, registry=registry)
 
 
-_SOURCES = ("engine", "registry", "archive")
+IMAGE_SOURCES = ("engine", "registry", "archive")  # where the build takes an image from
 
 
 def _image(c: _Checker, node: Node, where: str, base: Path, check: bool
@@ -799,10 +798,14 @@ def _image(c: _Checker, node: Node, where: str, base: Path, check: bool
     m = c.mapping(node, where, ("ref",), ("source", "archive", "tls_verify"))
     if m is None:
         return None
-    ref = c.string(m["ref"], f"{where}.ref", re.compile(r"^[a-z0-9][a-z0-9._/:@-]*$"),
-                   "write name:tag, e.g. local/app:1.2") if "ref" in m else None
-    source = c.string(m["source"], f"{where}.source", re.compile(f"^({'|'.join(_SOURCES)})$"),
-                      f"one of: {', '.join(_SOURCES)}") if "source" in m else "engine"
+    source = c.string(m["source"], f"{where}.source",
+                      re.compile(f"^({'|'.join(IMAGE_SOURCES)})$"),
+                      f"one of: {', '.join(IMAGE_SOURCES)}") if "source" in m else "engine"
+    ref = c.scalar(m["ref"], f"{where}.ref") if "ref" in m else None
+    problem = ref_problem(ref, registry=source == "registry") if ref is not None else None
+    if problem is not None:
+        c.add(m["ref"], f"{where}.ref: {problem}", REF_HINT)
+        ref = None
     archive = _rel_path(c, m["archive"], f"{where}.archive", base, check) \
         if "archive" in m else None
     if source == "archive" and "archive" not in m:
@@ -825,7 +828,8 @@ def _action(c: _Checker, node: Node, where: str, base: Path, check: bool) -> Act
         c.add(m["run"], f"{where}.run is empty", "write the command as a list of words")
     cwd = _rel_path(c, m["cwd"], f"{where}.cwd", base, check) if "cwd" in m else base.resolve()
     env = c.string_map(m["env"], f"{where}.env") if "env" in m else {}
-    timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m else 1_800_000
+    timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m \
+        else Action.timeout_ms
     if name is None or not run or cwd is None or timeout is None:
         return None
     return Action(name=name, run=tuple(run), cwd=cwd, env=tuple(sorted(env.items())),
@@ -884,9 +888,12 @@ def _health(c: _Checker, node: Node, where: str) -> HealthCheck | None:
         if jm is not None and "field" in jm and "equals" in jm:
             json_field = c.scalar(jm["field"], f"{where}.json.field")
             json_equals = c.scalar(jm["equals"], f"{where}.json.equals")
-    timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m else 2000
-    retries = c.integer(m["retries"], f"{where}.retries", 1) if "retries" in m else 30
-    interval = c.duration_ms(m["interval"], f"{where}.interval") if "interval" in m else 500
+    timeout = c.duration_ms(m["timeout"], f"{where}.timeout") if "timeout" in m \
+        else HealthCheck.timeout_ms
+    retries = c.integer(m["retries"], f"{where}.retries", 1) if "retries" in m \
+        else HealthCheck.retries
+    interval = c.duration_ms(m["interval"], f"{where}.interval") if "interval" in m \
+        else HealthCheck.interval_ms
     if (name is None or status is None or timeout is None or retries is None
             or interval is None or not (target or command)):
         return None
@@ -898,7 +905,8 @@ def _health(c: _Checker, node: Node, where: str) -> HealthCheck | None:
 _CHECK_PATTERNS = {
     "http": (r"^https?://[^/\s]+\S*$", "http://127.0.0.1:8000/health"),
     "tcp": (r"^[^\s:]+:(\d+|\$\{\w+\})$", "127.0.0.1:5432"),
-    "postgres": (r"^(postgres(ql)?://\S+|\$\{\w+\})$", "${DATABASE_URL}"),
-    "mysql": (r"^((mysql|mariadb)://\S+|\$\{\w+\})$", "${MYSQL_URL}"),
+    DbKind.POSTGRES: (rf"^({DbKind.POSTGRES.url_regex(driver=False)}|\$\{{\w+\}})$",
+                      "${DATABASE_URL}"),
+    DbKind.MYSQL: (rf"^({DbKind.MYSQL.url_regex(driver=False)}|\$\{{\w+\}})$", "${MYSQL_URL}"),
     "redis": (r"^(rediss?://\S+|\$\{\w+\})$", "redis://127.0.0.1:6379"),
 }

@@ -2,9 +2,10 @@
 
 Layout: a plain (uncompressed) tar whose FIRST member is `envelope.json`; every other member
 is a payload file listed in the signed manifest, in sorted order. Verification is one pass
-over the stream (`tarfile` mode "r|"): the envelope is checked before anything else is parsed,
-then each member is checked against the manifest and written, hashed as it is written, under a
-path the verifier chooses. Nothing here ever extracts a member by its own name.
+over the stream with a strict reader of our own (`TarStream`): the envelope is checked before
+anything else is parsed, then each member is checked against the manifest and written, hashed
+as it is written, under a path the verifier chooses. Nothing here ever extracts a member by
+its own name. See docs/design/bundle-format.md and docs/design/security-model.md.
 """
 
 from __future__ import annotations
@@ -296,9 +297,6 @@ class TarStream:
             sink(view[:n])
             remaining -= n
         self._skip_padding(member.size)
-
-    def skip_data(self, member: Member) -> None:
-        self.read_data(member, lambda _v: None)
 
     def _check_end(self, offset: int) -> None:
         """After the first zero block: a second one, then only zero padding up to one record."""

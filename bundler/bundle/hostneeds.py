@@ -3,8 +3,8 @@ home of these facts (shared by both sides: imports neither).
 
 `bundle export` lists them in INSTALL.txt, before the install command; the installer's
 preflight names the same account command and client packages in its hints when one is missing;
-README's "What the target needs, per kind of bundle" table says it for people (a test keeps it
-naming the same packages).
+docs/target.md's "What the target needs, per kind of bundle" table says it for people (a test
+keeps it naming the same packages).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bundler.bundle.manifest import Manifest
-from bundler.bundle.models import DatabaseSpec
+from bundler.bundle.models import DATABASE_KINDS, DatabaseSpec, DbKind
 
 MARIADB_CLIENT = "mariadb-client"   # Debian's MySQL/MariaDB client tools (mariadb, mariadb-dump)
 DOCKER_ENGINE = "docker.io"         # Debian's Docker engine
@@ -41,43 +41,51 @@ class Need:
     command: str = ""  # the one command that provides it, when there is one
 
 
-def _db_kind(m: Manifest, db: DatabaseSpec) -> str | None:
-    """postgres | mysql | sqlite, or None when only the target's environment will tell:
-    the declared kind, else a literal URL's scheme, else a health check of that URL."""
+def _db_kind(m: Manifest, db: DatabaseSpec) -> DbKind | None:
+    """Its kind, or None when only the target's environment will tell: the declared kind, else
+    a literal URL's scheme, else a health check of that URL."""
     if db.kind:
-        return db.kind
-    scheme = db.url.partition("://")[0].split("+", 1)[0].lower() if "://" in db.url else ""
-    if scheme.startswith("$"):
-        scheme = ""
-    kinds = {"postgresql": "postgres", "postgres": "postgres", "mysql": "mysql",
-             "mariadb": "mysql", "sqlite": "sqlite"}
-    if scheme in kinds:
-        return kinds[scheme]
-    checked = {c.kind for c in m.runtime.health if c.target == db.url
-               and c.kind in ("postgres", "mysql")}
+        return DbKind(db.kind)
+    kind = DbKind.of_url(db.url)
+    if kind is not None:
+        return kind
+    checked = {DbKind(c.kind) for c in m.runtime.health if c.target == db.url
+               and c.kind in DATABASE_KINDS}
     return checked.pop() if len(checked) == 1 else None
+
+
+def client_tools(kind: DbKind) -> str | None:
+    """The client tools a host needs to back up (and restore, migrate) a database of `kind`
+    that does not run in a compose service (None: bundler carries what it needs)."""
+    return {DbKind.POSTGRES: "the PostgreSQL client tools (pg_dump, pg_restore, psql) of the "
+                             f"server's major version (Debian: {postgres_client()})",
+            DbKind.MYSQL: f"the MariaDB/MySQL client tools (Debian: {MARIADB_CLIENT})",
+            DbKind.SQLITE: None}[kind]
+
+
+# Health check kinds whose probe runs the engine's client tools (the postgres check connects
+# through the Python driver bundler carries).
+_PROBE_NEEDS_TOOLS = (DbKind.MYSQL,)
 
 
 def _database_needs(m: Manifest) -> list[Need]:
     out = []
-    pg_tools = ("the PostgreSQL client tools (pg_dump, pg_restore, psql) of the server's major "
-                f"version (Debian: {postgres_client()})")
-    my_tools = f"the MariaDB/MySQL client tools (Debian: {MARIADB_CLIENT})"
     for db in m.runtime.all_databases():
         if db.compose_service:
             continue  # its tools run inside the service
         label = f"database {db.name} ({db.url})" if db.name else f"the database at {db.url}"
         kind = _db_kind(m, db)
-        if kind == "postgres":
-            out.append(Need(f"{pg_tools}, to back up {label}"))
-        elif kind == "mysql":
-            out.append(Need(f"{my_tools}, to back up {label}"))
+        tools = client_tools(kind) if kind is not None else None
+        if tools is not None:
+            out.append(Need(f"{tools}, to back up {label}"))
         elif kind is None:
-            out.append(Need(f"to back up {label}: if it is PostgreSQL, {pg_tools}; if it is "
-                            f"MariaDB/MySQL, {my_tools}"))
-    if not any(n.what.startswith(my_tools) for n in out) and any(
-            c.kind == "mysql" for c in m.runtime.health):
-        out.append(Need(f"{my_tools}, for its mysql health check"))
+            out.append(Need(f"to back up {label}: " + "; ".join(
+                f"if it is {k.product}, {t}" for k in DbKind if (t := client_tools(k)))))
+    for kind in _PROBE_NEEDS_TOOLS:
+        tools = client_tools(kind)
+        if tools and not any(n.what.startswith(tools) for n in out) and any(
+                c.kind == kind for c in m.runtime.health):
+            out.append(Need(f"{tools}, for its {kind} health check"))
     return out
 
 

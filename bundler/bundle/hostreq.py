@@ -1,20 +1,9 @@
 """What a release asks of the host beyond a confined service (docs/host-policy.md).
 
-A signed bundle can ask for a privileged container, a host path mounted into a container
-(`/:/host`), extra capabilities, the host's network, PID, IPC, user, UTS or cgroup namespace,
-host devices, weakened confinement (`security_opt`), another project's container, or, for a
-process release, to run as root. This module finds every such request, for both sides:
-
-- the build side records an *excerpt* of the compose files in the signed manifest: their
-  merged services restricted to the keys that matter here (`excerpt`), so that `bundle
-  inspect` can list the requests from the envelope alone;
-- `bundle verify` and the installer read the compose files themselves (a signer may lie in
-  the excerpt) and `analyse` them; the installer with the environment compose will
-  interpolate them with, and the release's real paths.
-
-What cannot be evaluated exactly as compose will is refused (`Unevaluable`), never guessed:
-`extends`, `include`, YAML tags compose adds (`!reset`), nested interpolation, a required
-variable that is unset, a value in a form compose would reject.
+Finds every request (privileged, host mounts, capabilities, host namespaces, devices,
+security_opt, other containers, root) for both sides: the build side records an `excerpt` of
+the compose files in the signed manifest; `bundle verify` and the installer `analyse` the
+files themselves. What cannot be evaluated exactly as compose will is refused (`Unevaluable`).
 """
 
 from __future__ import annotations

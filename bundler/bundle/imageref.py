@@ -1,5 +1,6 @@
-"""Container image references, read the way Docker reads them: ONE normaliser, shared by the
-build-time compose check, the image resolver and the install-time image checks.
+"""Container image references, read the way Docker reads them: ONE parser and normaliser,
+shared by `bundle validate` (the profile's images), the image resolver and the build-time
+compose check, the manifest reader and the install-time image checks.
 
 Docker's rules (distribution/reference): the first path component is a registry only when it
 holds a "." or ":" or is "localhost"; `index.docker.io` is the old name of `docker.io`; an
@@ -20,6 +21,8 @@ _NAME_RE = re.compile(
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HUB = ("docker.io", "index.docker.io")
+REF_HINT = ("write [registry[:port]/]name:tag in lowercase (e.g. local/app:1.2, "
+            "localhost:5000/app:1), or name@sha256:DIGEST with source: registry")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,19 @@ def parse_ref(ref: str) -> Ref:
     if not _NAME_RE.match(name) or not _TAG_RE.match(tag):
         raise ValueError(f"{ref!r} is not a valid image reference (want name:tag)")
     return Ref(name, tag, digest or None)
+
+
+def ref_problem(ref: str, *, registry: bool) -> str | None:
+    """Why `ref` cannot name an image to carry, or None. `registry`: it is pulled from its
+    registry, the one source a `@sha256:` digest can pin. The profile check and the build both
+    ask this, so `bundle validate` passes exactly what `bundle build` takes."""
+    try:
+        parsed = parse_ref(ref)
+    except ValueError as exc:
+        return str(exc)
+    if parsed.digest and not registry:
+        return f"{ref!r}: a @sha256 digest only works with source: registry"
+    return None
 
 
 def familiar_name(name: str) -> str:

@@ -9,7 +9,14 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from bundler.bundle import hostreq
 from bundler.bundle.manifest import KIND_PREFIX, FileEntry, Manifest
-from bundler.bundle.models import DatabaseSpec, EnvSpec, HealthCheck, MigrationSpec, Runtime
+from bundler.bundle.models import (
+    DatabaseSpec,
+    DbKind,
+    EnvSpec,
+    HealthCheck,
+    MigrationSpec,
+    Runtime,
+)
 from bundler.bundle.signing import Verified
 from bundler.errors import HostPolicyError
 from bundler.redact import redact
@@ -82,12 +89,9 @@ def _wheels(m: Manifest) -> list[dict[str, str]]:
 def _database(d: DatabaseSpec) -> dict[str, Any]:
     """Name, kind and service of a database; never its URL (a secret once expanded). The
     single `database:` key has no name, and its kind is its URL's scheme when that is literal."""
-    kind = d.kind
-    if kind is None:
-        scheme = d.url.split(":", 1)[0].split("+", 1)[0].lower()
-        kind = {"postgresql": "postgres", "postgres": "postgres", "sqlite": "sqlite",
-                "mysql": "mysql", "mariadb": "mysql"}.get(scheme)
-    return {"name": d.name, "kind": kind, "compose_service": d.compose_service}
+    kind = d.kind or DbKind.of_url(d.url)
+    return {"name": d.name, "kind": str(kind) if kind else None,
+            "compose_service": d.compose_service}
 
 
 def _migration(m: Manifest, x: MigrationSpec) -> dict[str, Any]:

@@ -1,30 +1,10 @@
 """The target kit's bootstrap: the kit's `__main__.py` (bundler.build.kit copies this file
 verbatim).
 
-Standard library only: it runs on `python3 -I -S` before anything else is importable.
-Compiled extensions (cryptography, zstandard, psycopg's binary) cannot be imported from inside
-a zip, so the kit's `site/` tree is extracted ONCE into a private, versioned directory and put
-on sys.path (the way shiv does it):
-
-- where: $BUNDLER_KIT_CACHE, else /var/cache/bundler-kit, else ~/.cache/bundler-kit (for root:
-  root's home from the password database, never $HOME); the first one that is safe (below);
-- as:    <that dir>/<digest>/, where digest is the sha256 of the tree recorded in the kit;
-- how:   into a temporary directory beside it, every file hashed while written, the tree's
-  digest compared with the recorded one, then renamed into place (atomic: a crash or a
-  concurrent run never leaves a half-extracted tree that looks ready).
-
-Safe, as sshd's StrictModes (`safe_path`) has it: the directory's canonical path, each
-component from / down, is a real directory owned by root or this user and writable by neither
-group nor others; the directory itself is owned by this user. One deliberate difference: a
-parent that is sticky (like /tmp) may be group/other-writable, as there only the owner of an
-entry can rename or remove it, and the entry's owner is checked. So nobody else can swap any
-part of the path for their own tree between the check and the import. The path is checked
-before anything is created, again before an unpacked tree is used (also right after the
-rename that makes it), and sys.path gets the checked canonical path, never a name that goes
-through a link.
-
-The kit file itself is checked by the operator against its published sha256 (`<kit>.sha256`).
-BUNDLER_KIT_DUMP_MODULES=FILE writes the names of every module loaded, at exit (for tests).
+Standard library only (it runs on `python3 -I -S`): extracts the kit's `site/` ONCE into a
+private directory that is safe as sshd's StrictModes has it, checks it against the digest the
+kit records, puts the checked canonical path on sys.path and runs kit.json's entry point.
+Where, how, and why it is safe for root: docs/kit.md.
 """
 
 from __future__ import annotations

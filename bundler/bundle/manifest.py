@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from bundler.bundle.imageref import parse_ref
 from bundler.bundle.models import (
     COMPOSE_TOOLS,
     NAME_RE,
@@ -212,6 +213,7 @@ def parse_manifest(data: bytes) -> Manifest:
 def _images(raw: Any, listed: set[str]) -> tuple[ImageRef, ...]:
     images = tuple(ImageRef.from_json(i) for i in raw)
     for image in images:
+        parse_ref(image.ref)  # ValueError for a reference Docker would not take
         if not re.match(r"^sha256:[0-9a-f]{64}$", image.image_id):
             raise ValueError(f"image {image.ref!r} has a malformed image_id")
     if images and IMAGES_PATH not in listed:

@@ -6,9 +6,13 @@ manifest stays the single source of truth on the target.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
+
+from bundler.bundle.platforms import PlatformTag, parse_platform
 
 PLACEHOLDERS = ("{release}", "{files}", "{venv}", "{root}", "{data}", "{data:NAME}")
 # `{data:NAME}`: NAME as NAME_RE allows (no "/", no "."), so it never leaves <root>/data/.
@@ -49,9 +53,15 @@ class Target:
     Node.js / npm versions it needs (PEP 440 specifiers such as ">=18"; "" = any)."""
 
     python: str = "3.11"
-    platform: str = "manylinux_2_28_x86_64"
+    platform: str = "manylinux_2_28_x86_64"  # as written; `tag` is what every reader uses
     node: str = ""
     npm: str = ""
+
+    @functools.cached_property
+    def tag(self) -> PlatformTag:
+        """The platform tag, parsed once (bundler.bundle.platforms); ValueError if it is no
+        target's. The profile, manifest, lock and `--platform` check it where they read it."""
+        return parse_platform(self.platform)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"python": self.python, "platform": self.platform}
@@ -61,8 +71,10 @@ class Target:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Target:
-        return cls(python=str(data["python"]), platform=str(data["platform"]),
-                   node=str(data.get("node", "")), npm=str(data.get("npm", "")))
+        target = cls(python=str(data["python"]), platform=str(data["platform"]),
+                     node=str(data.get("node", "")), npm=str(data.get("npm", "")))
+        parse_platform(target.platform)  # a signed manifest or a lock with a bad tag: ValueError
+        return target
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,60 @@ class Service:
         )
 
 
-CHECK_KINDS = ("http", "tcp", "postgres", "mysql", "redis", "command")
+class DbKind(StrEnum):
+    """A kind of database bundler backs up, restores and migrates: the one vocabulary of the
+    profile's `databases[].kind`, the manifest, the host's needs and the target's engines
+    (bundler/install/db/, one module each). A URL's scheme names its kind (`of_url`: MariaDB
+    is mysql). A new kind is a member here, its schemes, and its engine module."""
+
+    POSTGRES = "postgres"
+    MYSQL = "mysql"
+    SQLITE = "sqlite"
+
+    @property
+    def schemes(self) -> tuple[str, ...]:
+        """The URL schemes of this kind (each may carry a `+driver` suffix:
+        `postgresql+psycopg://`)."""
+        return _DB_URLS[self][0]
+
+    @property
+    def product(self) -> str:
+        """How prose names it."""
+        return {DbKind.POSTGRES: "PostgreSQL", DbKind.MYSQL: "MariaDB/MySQL",
+                DbKind.SQLITE: "SQLite"}[self]
+
+    def url_regex(self, *, driver: bool = True) -> str:
+        """A pattern (unanchored) of a literal URL of this kind as a profile may write it: one
+        of its schemes, a `+driver` suffix when `driver` (never for SQLite), `://` (SQLite:
+        `:///`, an absolute path), then no blank."""
+        schemes, may_name_driver, separator = _DB_URLS[self]
+        plus = r"(\+\w+)?" if driver and may_name_driver else ""
+        return f"({'|'.join(schemes)}){plus}{separator}\\S+"
+
+    @classmethod
+    def of_url(cls, url: str) -> DbKind | None:
+        """The kind a URL's scheme names (None: no scheme, or one of no kind)."""
+        return _BY_SCHEME.get(url_scheme(url))
+
+
+# Per kind: its URL schemes, whether a profile may add `+driver` to them, what follows them
+# (SQLite: an absolute path, `sqlite:///abs/path.db`).
+_DB_URLS: dict[DbKind, tuple[tuple[str, ...], bool, str]] = {
+    DbKind.POSTGRES: (("postgres", "postgresql"), True, "://"),
+    DbKind.MYSQL: (("mysql", "mariadb"), True, "://"),
+    DbKind.SQLITE: (("sqlite",), False, ":///"),
+}
+_BY_SCHEME = {scheme: kind for kind, (schemes, _, _) in _DB_URLS.items() for scheme in schemes}
+DATABASE_KINDS = tuple(kind.value for kind in DbKind)
+
+
+def url_scheme(url: str) -> str:
+    """A URL's scheme, lowercase, without its `+driver` suffix ("" when it has no `://`)."""
+    head, sep, _ = url.partition("://")
+    return head.split("+", 1)[0].lower() if sep else ""
+
+
+CHECK_KINDS = ("http", "tcp", DbKind.POSTGRES.value, DbKind.MYSQL.value, "redis", "command")
 
 
 @dataclass(frozen=True)
@@ -320,9 +385,6 @@ class ComposeSpec:
                    tuple(int(p) for p in d.get("ports", ())), host)
 
 
-DATABASE_KINDS = ("postgres", "mysql", "sqlite")
-
-
 @dataclass(frozen=True)
 class DatabaseSpec:
     """A release's database: backed up before migrations, restored if the release fails.
@@ -334,7 +396,7 @@ class DatabaseSpec:
     url: str  # usually ${DATABASE_URL}: expanded from the release environment, never stored
     compose_service: str | None = None
     name: str | None = None
-    kind: str | None = None
+    kind: DbKind | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"url": self.url, "compose_service": self.compose_service}
@@ -351,7 +413,8 @@ class DatabaseSpec:
         if name is not None and not NAME_RE.fullmatch(str(name)):
             raise ValueError(f"database name {name!r} is not a name")
         return cls(str(d["url"]), d.get("compose_service"),
-                   str(name) if name is not None else None, kind)
+                   str(name) if name is not None else None,
+                   DbKind(kind) if kind is not None else None)
 
 
 # A data directory (profile `data:`): when it is backed up (with the databases, before a

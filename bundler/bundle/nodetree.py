@@ -1,22 +1,9 @@
 """A project's `node_modules`, pre-built at build time, as one payload: its format and its
 strict extraction.
 
-Why: `npm ci --offline` of seed 001's 12 tarballs spends nearly all its time unpacking them
-(npm's timing: `reify:unpack` is 22.3 of 22.5 s on a loaded machine; 6,221 files, 5,722 of
-them date-fns'), at 6.5-8 s of CPU; writing the same tree from one tar takes 0.5-1 s of CPU.
-The build side runs `npm ci` once, only for projects whose tree cannot depend on the target
-(see `resolve/npm_tree.py`), and packs the result here; the install side writes it back.
-
-Format: a zstd-compressed PAX tar written by `pack` only: directories, regular files (mode
-0644, or 0755 when executable) and relative symlinks (`node_modules/.bin`), every name under
-`node_modules/`, sorted, owner/time fields fixed, so the same tree gives the same bytes. The
-payload's sha256 is in the signed manifest like every other file's.
-
-`extract` never trusts the archive's own paths: every name is checked component by component,
-every symlink must point inside node_modules (checked lexically) and is created only after
-every file and directory, no member may sit under a symlink's path, and files are created
-with O_EXCL|O_NOFOLLOW. Anything else (hard links, devices, absolute or escaping paths) stops
-the install.
+`pack` writes a deterministic zstd-compressed tar (directories, regular files, relative
+symlinks, all under `node_modules/`); `extract` never trusts the archive's own paths. Why, and
+the rules: docs/design/bundle-format.md, "Pre-built node_modules".
 """
 
 from __future__ import annotations

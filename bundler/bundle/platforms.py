@@ -9,9 +9,9 @@ import platform
 import re
 from dataclasses import dataclass
 
-# What a profile may name: CPython on Linux, x86_64 or aarch64.
-PLATFORM_RE = re.compile(r"^(manylinux_\d+_\d+|musllinux_\d+_\d+|linux)_(x86_64|aarch64)$")
-_TAG = re.compile(r"^(?:(manylinux|musllinux)_(\d+)_(\d+)|(linux))_(\w+)$")
+# What a target may be: CPython on Linux, x86_64 or aarch64 (the profile, the manifest, the lock
+# and `bundle kit --platform` check a tag with this; models.Target.tag is the parsed one).
+PLATFORM_RE = re.compile(r"^(?:(manylinux|musllinux)_(\d+)_(\d+)|(linux))_(x86_64|aarch64)$")
 _ARCH = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64"}
 _NODE_CPU = {"x86_64": "x64", "aarch64": "arm64"}
@@ -46,6 +46,15 @@ class PlatformTag:
         """node's process.arch on this target ("x64", "arm64")."""
         return _NODE_CPU.get(self.arch, self.arch)
 
+    @property
+    def uv_platform(self) -> str:
+        """The target as uv's --python-platform names it."""
+        if self.family == "manylinux" and self.version is not None:
+            return f"{self.arch}-manylinux_{self.version[0]}_{self.version[1]}"
+        if self.family == "musllinux":
+            return f"{self.arch}-unknown-linux-musl"
+        return f"{self.arch}-unknown-linux-gnu"
+
     def __str__(self) -> str:
         if self.version is None:
             return f"{self.family}_{self.arch}"
@@ -53,20 +62,20 @@ class PlatformTag:
 
 
 def parse_platform(tag: str) -> PlatformTag:
-    """ValueError unless `tag` is a Linux wheel platform tag."""
-    m = _TAG.match(tag)
+    """ValueError unless `tag` is a target's wheel platform tag (PLATFORM_RE)."""
+    m = PLATFORM_RE.match(tag)
     if m is None:
-        raise ValueError(f"{tag!r} is not a Linux wheel platform tag "
-                         "(e.g. manylinux_2_28_x86_64)")
+        raise ValueError(f"{tag!r} is not a Linux wheel platform tag for x86_64 or aarch64 "
+                         "(e.g. manylinux_2_28_x86_64, musllinux_1_2_aarch64)")
     if m[4]:
         return PlatformTag("linux", None, m[5])
     return PlatformTag(m[1], (int(m[2]), int(m[3])), m[5])
 
 
-def wheel_platforms(tag: str) -> list[str]:
+def wheel_platforms(tag: PlatformTag | str) -> list[str]:
     """Every platform tag a target accepts, most specific first (what pip's --platform needs:
     pip does not expand a manylinux tag to the older ones on its own)."""
-    p = parse_platform(tag)
+    p = tag if isinstance(tag, PlatformTag) else parse_platform(tag)
     if p.family == "manylinux" and p.version is not None:
         major, minor = p.version
         out = []
@@ -79,7 +88,22 @@ def wheel_platforms(tag: str) -> list[str]:
         major, minor = p.version
         return [*(f"musllinux_{major}_{mi}_{p.arch}" for mi in range(minor, -1, -1)),
                 f"linux_{p.arch}"]
-    return [tag]
+    return [str(p)]
+
+
+def pip_platforms(tag: PlatformTag) -> list[str]:
+    """wheel_platforms in the order pip ranks them for `--platform` options: pip follows each
+    legacy manylinux2014 / manylinux2010 tag with the older legacy tags it implies (PEP 599,
+    PEP 571) before the next one given, so manylinux2010 ranks above manylinux_2_16."""
+    out: list[str] = []
+    for plat in wheel_platforms(tag):
+        implied = [plat]
+        if plat == f"manylinux2014_{tag.arch}" and tag.arch in ("i686", "x86_64"):
+            implied += [f"manylinux2010_{tag.arch}", f"manylinux1_{tag.arch}"]
+        elif plat == f"manylinux2010_{tag.arch}":
+            implied.append(f"manylinux1_{tag.arch}")
+        out += [p for p in implied if p not in out]
+    return out
 
 
 @dataclass(frozen=True)

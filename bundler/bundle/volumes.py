@@ -3,8 +3,10 @@
 `NAME-VERSION.bundle.001, .002, …` are consecutive slices of the bundle tar; the signed part
 index `NAME-VERSION.bundle.parts` (a DSSE envelope) lists each part's size and sha256. Readers
 verify the index, check every part is present with the right size before reading a byte of
-payload, then stream the parts in order (never joining them into a temp file), hashing each;
-a bad part is named: "part 2 of 3 (app-1.0.bundle.002) is corrupt".
+payload, then stream the parts in order (never joining them into a temp file); a bad part is
+named: "part 2 of 3 (app-1.0.bundle.002) is corrupt". When verifying, the members' hashes check
+every byte, and part hashes are computed only to name a bad part (PartsReader;
+docs/design/bundle-format.md).
 """
 
 from __future__ import annotations

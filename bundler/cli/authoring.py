@@ -147,7 +147,8 @@ def _say_kit(made: Kit) -> None:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("dist"),
               show_default=True, help="Directory for the kit.")
 @click.option("--platform", "platform_tag", default=Target.platform, show_default=True,
-              metavar="TAG", help="The target's wheel platform, e.g. manylinux_2_28_aarch64.")
+              metavar="TAG", callback=options.platform_tag,
+              help="The target's wheel platform, e.g. manylinux_2_28_aarch64.")
 @click.option("--python", "python_version", default=Target.python, show_default=True,
               metavar="X.Y", help="The target's python3 (major.minor).")
 @options.cache_dir
@@ -172,12 +173,7 @@ def kit(out_dir: Path, platform_tag: str, python_version: str, cache_dir: Path |
     from bundler.build.cache import Cache, default_cache_dir
     from bundler.build.kit import build_kit
     from bundler.build.profile import PYTHON_RE, PythonSpec
-    from bundler.bundle.platforms import PLATFORM_RE
 
-    if not PLATFORM_RE.match(platform_tag):
-        raise click.BadParameter(f"{platform_tag!r} is not a Linux wheel platform (e.g. "
-                                 "manylinux_2_28_x86_64, musllinux_1_2_aarch64)",
-                                 param_hint="--platform")
     if not PYTHON_RE.match(python_version):
         raise click.BadParameter(f"{python_version!r} is not major.minor (e.g. 3.11)",
                                  param_hint="--python")

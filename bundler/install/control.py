@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bundler.bundle.manifest import Manifest
 from bundler.errors import StateError
-from bundler.install import health, runtime
-from bundler.install.environ import release_env, remember_shared
+from bundler.install.environ import remember_shared
 from bundler.install.health import CheckResult
-from bundler.install.layout import Layout, ReleaseDir, locked
+from bundler.install.layout import Layout, locked
 from bundler.install.recovery import Pending, check_recorded_manifest, pending
-from bundler.install.runtime import UnitState
+from bundler.install.release import Release
+from bundler.install.runtimes import UnitState
 from bundler.install.state import Event, ReleaseRow, State
 from bundler.progname import cmd
 
@@ -44,17 +43,17 @@ class Status:
         }
 
 
-def current_manifest(layout: Layout) -> tuple[str, Manifest] | None:
+def current_release(layout: Layout) -> Release | None:
     version = layout.current_version()
     if version is None:
         return None
-    manifest = ReleaseDir(layout.release(version)).manifest()
-    if manifest is None:
+    found = Release.load(layout, version)
+    if found is None:
         raise StateError(f"release {version} has no readable manifest",
                          hint="the release directory is damaged; "
                               f"`{cmd('rollback', '--root', layout.root)}` returns to a kept "
                               "release")
-    return version, manifest
+    return found
 
 
 def status(layout: Layout) -> Status:
@@ -62,8 +61,8 @@ def status(layout: Layout) -> Status:
     state = State.open(layout.db, create=False)
     try:
         product = state.product()
-        found = current_manifest(layout)
-        row = state.release(found[0]) if found else None
+        found = current_release(layout)
+        row = state.release(found.version) if found else None
         releases = tuple(state.releases())
         stuck = pending(state)
     finally:
@@ -71,12 +70,8 @@ def status(layout: Layout) -> Status:
     services: tuple[UnitState, ...] = ()
     checks: tuple[CheckResult, ...] = ()
     if found:
-        version, manifest = found
-        rel = ReleaseDir(layout.release(version))
-        services = tuple(runtime.states(layout, version))
-        env = release_env(layout, manifest.runtime.env, rel.environment(), version=version)
-        checks = tuple(health.run_all(manifest.runtime.health, env, retries=1,
-                                      user=manifest.runtime.user))
+        services = tuple(found.runtime.states())
+        checks = tuple(found.check(retries=1))
     return Status(str(layout.root), product[0] if product else None, row, services, checks,
                   releases, stuck)
 
@@ -93,13 +88,13 @@ def history(layout: Layout) -> list[Event]:
 def stop(layout: Layout) -> str:
     found = _require_current(layout)
     with locked(layout.root):
-        runtime.stop(layout, found[0])
-    return found[0]
+        found.stop()
+    return found.version
 
 
 def start(layout: Layout) -> tuple[str, list[CheckResult]]:
-    version, manifest = _require_current(layout)
-    check_recorded_manifest(layout, version)
+    release = _require_current(layout)
+    check_recorded_manifest(layout, release.version)
     state = State.open_readonly(layout.db)
     stuck = pending(state) if state is not None else None
     if state is not None:
@@ -107,18 +102,14 @@ def start(layout: Layout) -> tuple[str, list[CheckResult]]:
     if stuck is not None:  # starting the old release on a half-migrated database: no
         raise StateError(f"an install is not settled: {stuck.describe()}",
                          hint=f"`{cmd('recover', '--root', layout.root)}` settles it first")
-    environment = ReleaseDir(layout.release(version)).environment()
     with locked(layout.root):
-        crashed = runtime.watch(layout, version)
-        runtime.start(layout, version)
-    return version, health.run_all(manifest.runtime.health,
-                                   release_env(layout, manifest.runtime.env, environment,
-                                               version=version), user=manifest.runtime.user,
-                                   crashed=crashed)
+        crashed = release.watch()
+        release.start()
+    return release.version, release.check(crashed)
 
 
-def _require_current(layout: Layout) -> tuple[str, Manifest]:
-    found = current_manifest(layout)
+def _require_current(layout: Layout) -> Release:
+    found = current_release(layout)
     if found is None:
         raise StateError(f"no current release under {layout.root}",
                          hint="install one with "

@@ -71,7 +71,7 @@ _LEFTOVER = (".restore-", ".old-")  # bundler's own names under data/ (a NAME ne
 
 
 def base(layout: Layout) -> Path:
-    return layout.root / "data"
+    return layout.data
 
 
 def path(layout: Layout, name: str) -> Path:
@@ -387,7 +387,6 @@ def _write_tar(top: int, sink: _Hashing) -> str:
     """Stream the tree under `top` into `sink` as a PAX tar; return the tree's digest (of
     exactly what was written)."""
     digest = hashlib.sha256()
-    skipped = 0
     with tarfile.open(fileobj=sink, mode="w|",  # type: ignore[call-overload]
                       format=tarfile.PAX_FORMAT) as tar:
         for entry, pfd in _walk(top):
@@ -400,7 +399,6 @@ def _write_tar(top: int, sink: _Hashing) -> str:
             with os.fdopen(fd, "rb") as fh:
                 st = os.fstat(fh.fileno())
                 if not stat.S_ISREG(st.st_mode):
-                    skipped += 1
                     continue
                 entry = _Entry(entry.rel, "f", st, "")
                 tar.addfile(_member(entry), fh)
@@ -435,7 +433,7 @@ def _disk_errors(what: str) -> Iterator[None]:
 def backup(layout: Layout, spec: DataDir) -> DataBackup:
     """Back data directory `spec` up into a new tar in `<root>/backups/`: complete and read
     back, or absent."""
-    dest = private_dir(layout.root / "backups")  # 0700: the account's files are in there
+    dest = private_dir(layout.backups)  # 0700: the account's files are in there
     when = datetime.now(UTC)
     final = _backup_name(dest, spec.name, when)
     tmp = dest / f".{final.name}.tmp"
@@ -765,7 +763,7 @@ def run_restores(layout: Layout, plans: Sequence[Plan], record: Record) -> None:
             record("restore-data", f"done:{made.name}", "unchanged since its backup")
             continue
         ui.step(f"Restoring the data directory {made.name} from {made.path.name}")
-        kept = restore(layout, made, keep_in=layout.root / "backups")
+        kept = restore(layout, made, keep_in=layout.backups)
         if kept is not None:
             ui.note(f"its contents as they were are kept in {kept}")
             record("restore-data", f"saved:{made.name}", str(kept))

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import DatabaseSpec
-from bundler.bundle.platforms import parse_platform
 from bundler.errors import BundlerError
 from bundler.fsutil import free_bytes, human_bytes
-from bundler.install import environ, policy, ports, python_env, runas, swarm_runtime
+from bundler.install import policy, python_env, runas
 from bundler.install.layout import Layout, ReleaseDir
+from bundler.install.release import Release
 from bundler.progname import cmd
 
 
@@ -31,23 +31,6 @@ def _guard(name: str, fn: Callable[[], Row]) -> Row:
         return fn()
     except BundlerError as exc:
         return Row(name, "fail", exc.message.splitlines()[0])
-
-
-def _ports(layout: Layout, m: Manifest, env: environ.ReleaseEnv) -> list[Row]:
-    """The local ports the release serves, and who holds each one now."""
-    current = layout.current_version()
-    rows = []
-    for port, why in sorted(ports.release_ports(m, env).items()):
-        held = ports.holders(port)
-        if not held:
-            rows.append(Row(f"port {port}", "ok", f"free ({why})"))
-        elif all(ports.ours(h, layout, current) for h in held):
-            rows.append(Row(f"port {port}", "ok", f"in use by the current release {current}, "
-                                                  f"which an install replaces ({why})"))
-        else:
-            rows.append(Row(f"port {port}", "fail", f"held by {', '.join(map(str, held))}, "
-                                                    f"not by this product ({why})"))
-    return rows
 
 
 def _pending(layout: Layout) -> list[Row]:
@@ -81,8 +64,8 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
         target = ReleaseDir(layout.release(current)).manifest()
     if target is None:
         return rows
-    env = environ.release_env(layout, target.runtime.env, environment,
-                              version=target.version)
+    release = Release.of(layout, target, environment)
+    env = release.env()
     if m is not None:
         from bundler.install.installer import space_needed
 
@@ -109,7 +92,7 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
             assert target is not None
             return Row("node/npm", "ok", policy.check_node(target))
         rows.append(_guard("node/npm", node))
-    if target.images or target.runtime.compose:
+    if target.images or release.runtime.containers:
         def engine() -> Row:
             from bundler.engine import engine_client
             from bundler.errors import InstallError
@@ -117,7 +100,7 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
             version = engine_client(InstallError).version().get("Version", "?")
             return Row("docker engine", "ok", f"version {version}")
         rows.append(_guard("docker engine", engine))
-    if target.runtime.compose:
+    if release.runtime.containers:
         def compose() -> Row:
             from bundler.install.compose_runtime import detect
 
@@ -141,46 +124,22 @@ def run(layout: Layout, m: Manifest | None, environment: str = "production") -> 
                          f"({environment})"))
     for spec in target.runtime.all_databases() if not missing else ():
         def db(spec: DatabaseSpec = spec) -> Row:
-            from bundler.install import database
+            from bundler.install import db as engines
 
             label = f"database {spec.name}" if spec.name else "database"
-            conn = database.Database(env.expand(spec.url), spec.compose_service, spec.name,
+            conn = engines.Database(env.expand(spec.url), spec.compose_service, spec.name,
                                      runas.db_owner(target))
             if spec.compose_service:
                 if current is None:
                     return Row(label, "ok", f"compose service {spec.compose_service}: "
                                             "started from the bundle by the install")
-                from bundler.install import runtime
-
-                run_in = runtime.service_exec(layout, current, conn)
-                database.check(conn, env.as_dict(), exec_in_service=run_in)
+                run_in = Release.require(layout, current).service_exec(conn)
+                engines.check(conn, env.as_dict(), exec_in_service=run_in)
                 return Row(label, "ok", f"reachable in compose service "
                                         f"{spec.compose_service}: {conn.display}")
-            database.check(conn, env.as_dict())
+            engines.check(conn, env.as_dict())
             return Row(label, "ok", f"reachable: {conn.display}")
         rows.append(_guard(f"database {spec.name}" if spec.name else "database", db))
-    if target.runtime.compose and swarm_runtime.configured(layout.root):
-        rows += _swarm(layout, target, env)
-        return rows
-    # With a current release its own ports are expected to be busy (it serves them, and an
-    # install replaces it); without one, a busy port belongs to someone else.
-    rows += _ports(layout, target, env)
+    # The ports (on a swarm: across the swarm) and, on a swarm, every node.
+    rows += [Row(c.check, c.status, c.detail) for c in release.runtime.host_checks(env)]
     return rows
-
-
-def _swarm(layout: Layout, m: Manifest, env: environ.ReleaseEnv) -> list[Row]:
-    """A swarm (swarm.yaml in the root): every node, and the ports across the swarm."""
-    from bundler.bundle.imagearchive import ImageRecord
-    from bundler.install.compose_runtime import project_name
-
-    assert m.runtime.compose is not None
-    try:
-        checks = swarm_runtime.doctor(
-            layout.root, m.runtime.compose.project or project_name(m.name, layout.root),
-            sorted(ports.release_ports(m, env)),
-            [ImageRecord(i.ref, i.image_id) for i in m.images],
-            parse_platform(m.target.platform).arch if m.images else None,
-            m.payload_size)
-    except BundlerError as exc:
-        return [Row("swarm", "fail", exc.message.splitlines()[0])]
-    return [Row(c.name, c.status, c.detail) for c in checks]

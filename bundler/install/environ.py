@@ -18,15 +18,15 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import PLACEHOLDER_RE, EnvSpec
 from bundler.errors import BundlerError, EnvError
 from bundler.install import strict
-from bundler.install.layout import Layout
-from bundler.redact import Secrets, redact, remember_env
+from bundler.install.layout import Layout, ReleaseDir
+from bundler.redact import redact, release_secrets, remember
 
 _REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ENVIRONMENTS = ("production", "staging", "development")
 
 
 def shared_env_file(layout: Layout) -> Path:
-    return layout.root / "shared" / ".env"
+    return layout.env_file
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -131,11 +131,11 @@ def placeholders(layout: Layout, version: str | None) -> dict[str, str]:
     `version`: the same in every string a profile may put them in (service commands and env,
     env.defaults, the database URL, migrations, health checks). `{data:NAME}` is `{data}/NAME`
     (see `_place`)."""
-    out = {"{root}": str(layout.root), "{data}": str(layout.root / "data")}
+    out = {"{root}": str(layout.root), "{data}": str(layout.data)}
     if version is not None:
-        rel = layout.release(version)
-        out.update({"{release}": str(rel), "{files}": str(rel / "files"),
-                    "{venv}": str(rel / "venv")})
+        rel = ReleaseDir(layout.release(version))
+        out.update({"{release}": str(rel.path), "{files}": str(rel.files),
+                    "{venv}": str(rel.venv)})
     return out
 
 
@@ -176,10 +176,9 @@ class ReleaseEnv:
         return _REF.sub(sub, text)
 
     def secrets(self) -> list[str]:
-        """The values that must never be shown (see `bundler.redact`)."""
-        found = Secrets()
-        found.add_env(self.as_dict(), self.secret, self.from_file)
-        return found.values()
+        """The values that must never be shown (bundler.redact.release_secrets)."""
+        shared = {k: v for k, v in self.values if k in self.from_file}
+        return release_secrets(self.as_dict(), self.secret, shared)
 
     def redact(self, text: str) -> str:
         """`bundler.redact.redact`, knowing this environment's secret values."""
@@ -197,9 +196,10 @@ def release_env(layout: Layout, spec: EnvSpec, environment: str,
     shared = read_env_file(shared_env_file(layout))
     values = {k: _place(v, places) for k, v in {
         **spec.defaults_for(environment), **(service_env or {}), **shared}.items()}
-    remember_env(values, spec.secret, shared)  # masked in every message from now on
-    return ReleaseEnv(environment, tuple(sorted(values.items())), frozenset(spec.secret),
-                      tuple(sorted(places.items())), frozenset(shared))
+    env = ReleaseEnv(environment, tuple(sorted(values.items())), frozenset(spec.secret),
+                     tuple(sorted(places.items())), frozenset(shared))
+    remember(*env.secrets())  # masked in every message from now on
+    return env
 
 
 def remember_shared(layout: Layout) -> None:
@@ -211,7 +211,7 @@ def remember_shared(layout: Layout) -> None:
         shared = read_env_file(shared_env_file(layout))
     except (BundlerError, OSError):
         return
-    remember_env(shared, (), shared)
+    remember(*release_secrets({}, shared=shared))
 
 
 def references(m: Manifest, environment: str) -> list[str]:

@@ -70,6 +70,31 @@ def call(user: proc.RunAs | None, fn: Callable[[], T]) -> T:
     return out[0]
 
 
+def can(user: proc.RunAs, st: os.stat_result, bits: int) -> bool:
+    """Would `user` get `bits` (4 read, 2 write, 1 search) on a file with this stat? (Mode
+    bits only, as the kernel checks them without ACLs.)"""
+    if user.uid == 0:
+        return True
+    if st.st_uid == user.uid:
+        shift = 6
+    elif st.st_gid in user.groups or st.st_gid == user.gid:
+        shift = 3
+    else:
+        shift = 0
+    return (st.st_mode >> shift) & bits == bits
+
+
+def group_dir(path: Path, user: proc.RunAs, mode: int) -> None:
+    """`path` a directory root:<user's group> with `mode` (created when missing)."""
+    path.mkdir(parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise InstallError(f"{path} is not a directory", hint="remove it and start again")
+    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (0, user.gid, mode):
+        os.chown(path, 0, user.gid)
+        os.chmod(path, mode)
+
+
 def own_tree(top: Path, uid: int, gid: int, mask: int = 0o7777, *,
              owned_by: int | None = None) -> None:
     """Give `top` and everything under it to uid:gid, modes cut to `mask`, never through a

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bundler import proc, ui
-from bundler.bundle.models import HealthCheck
+from bundler.bundle.models import DbKind, HealthCheck
 from bundler.errors import BundlerError, CommandError
-from bundler.install import node_runtime, runas
+from bundler.install import db, node_runtime, runas
 from bundler.install.environ import ReleaseEnv
 
 # No proxies, ever: the target is air-gapped, and a stray http_proxy would send a loopback
@@ -128,24 +128,13 @@ def _resp(*words: str) -> bytes:
     return out
 
 
-def probe_postgres(check: HealthCheck, target: str) -> tuple[bool, str]:
-    import psycopg  # imported here: it is slow, and only postgres checks need it
-
-    try:
-        with psycopg.connect(target, connect_timeout=max(1, check.timeout_ms // 1000)) as conn:
-            conn.execute("SELECT 1")
-        return True, "postgres: SELECT 1 ok"
-    except psycopg.Error as exc:
-        return False, f"postgres: {str(exc).strip().splitlines()[0] if str(exc) else exc}"
-
-
-def probe_mysql(check: HealthCheck, target: str) -> tuple[bool, str]:
-    """MySQL/MariaDB: connect with the `mariadb` (or `mysql`) client and SELECT 1. The client
-    is what a bare host has (Debian: mariadb-client); no Python driver is carried."""
-    from bundler.install import mysql_db
-
-    why = mysql_db.ping(target, {}, max(1.0, check.timeout_ms / 1000))
-    return (False, f"mysql: {why}") if why else (True, "mysql: SELECT 1 ok")
+def probe_database(check: HealthCheck, target: str) -> tuple[bool, str]:
+    """postgres, mysql: the database's engine connects and runs SELECT 1 (PostgreSQL through
+    the driver bundler carries; MySQL/MariaDB with the client a bare host has, Debian's
+    mariadb-client)."""
+    kind = DbKind(check.kind)
+    why = db.ping(kind, target, {}, check.timeout_ms / 1000)
+    return (False, f"{kind}: {why}") if why else (True, f"{kind}: SELECT 1 ok")
 
 
 def probe_command(check: HealthCheck, argv: list[str], env: ReleaseEnv,
@@ -174,7 +163,7 @@ def probe(check: HealthCheck, env: ReleaseEnv = _NO_ENV,
         target = env.expand(check.target)
         probes: dict[str, Callable[[HealthCheck, str], tuple[bool, str]]] = {
             "http": probe_http, "tcp": probe_tcp, "redis": probe_redis,
-            "postgres": probe_postgres, "mysql": probe_mysql}
+            DbKind.POSTGRES: probe_database, DbKind.MYSQL: probe_database}
         return probes[check.kind](check, target)
     except BundlerError as exc:
         return False, exc.message

@@ -35,11 +35,9 @@ from bundler.bundle import hostreq
 from bundler.bundle.hostreq import Request
 from bundler.bundle.manifest import Manifest
 from bundler.errors import BundlerError, HostPolicyError
-from bundler.install import environ, runtime, strict
-from bundler.install import swarm_runtime as swarm
+from bundler.install import environ, runtimes, strict
 from bundler.install.layout import Layout, ReleaseDir
 
-POLICY = "policy.yaml"
 _HINT = "`bundle inspect BUNDLE` lists everything it asks of the host; see docs/host-policy.md"
 
 
@@ -70,7 +68,7 @@ def _bad(path: Path, what: str) -> HostPolicyError:
 
 def load(root: Path) -> Policy:
     """The root's policy (no file: nothing allowed beyond the defaults). StrictModes first."""
-    path = root / POLICY
+    path = Layout(root).policy_file
     strict.check_target(root)
     strict.check((path, "the host policy"))
     try:
@@ -194,7 +192,7 @@ def _workdir(m: Manifest) -> str:
 
 def _compose_requests(layout: Layout, m: Manifest, values: dict[str, str],
                       ex: dict[str, Any], dotenv: dict[str, str] | None) -> list[Request]:
-    env = runtime.interpolation_env(layout, m, values, dotenv)
+    env = _runtime(layout, m).interpolation_env(values, dotenv)
     if env is None:
         raise hostreq.Unevaluable("the bundle's own .env is not read yet")
     files = layout.release(m.version) / "files"
@@ -202,10 +200,13 @@ def _compose_requests(layout: Layout, m: Manifest, values: dict[str, str],
     return hostreq.analyse(ex, env, hostreq.Place(_workdir(m), str(files), home))
 
 
+def _runtime(layout: Layout, m: Manifest) -> runtimes.Runtime:
+    """How release `m` would run here (its environment is not needed for what is asked)."""
+    return runtimes.bind(layout, ReleaseDir(layout.release(m.version)), m, "production")
+
+
 def _label(layout: Layout, m: Manifest) -> str:
-    if m.runtime.compose is None:
-        return "service"
-    return "swarm service" if swarm.configured(layout.root) else "compose service"
+    return runtimes.pick(layout, m).service_label
 
 
 def check_manifest(layout: Layout, m: Manifest, values: dict[str, str],

@@ -1,4 +1,18 @@
-"""Where things live under an install root."""
+"""Where things live under an install root: every path bundler uses under it is a property
+here (of `Layout`, or of `ReleaseDir` inside one release), so a new one is added in one place.
+
+    <root>/
+      current -> releases/<version>   the release that serves (switched at the commit)
+      releases/<version>/             one per kept release (`ReleaseDir`)
+      state/state.db, state/trust/    the journal; the trusted keys
+      shared/.env                     the operator's environment, kept across releases
+      backups/                        database and data-directory backups
+      data/<name>/                    the releases' own data directories
+      runtimes/<key>/                 carried Node.js trees shared between releases
+      bin/                            this root's own bundler (the boot unit runs it)
+      policy.yaml, swarm.yaml         the host policy; the swarm's nodes (the swarm runtime)
+      .staging-*/                     a bundle being verified (never a release yet)
+"""
 
 from __future__ import annotations
 
@@ -7,12 +21,14 @@ import difflib
 import fcntl
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bundler.bundle.manifest import Manifest, parse_manifest
+from bundler.bundle.manifest import IMAGES_PATH, Manifest, parse_manifest
 from bundler.errors import LockedError, StateError
+from bundler.fsutil import atomic_symlink
 from bundler.progname import cmd
 
 
@@ -36,6 +52,57 @@ class Layout:
     def db(self) -> Path:
         return self.state_dir / "state.db"
 
+    @property
+    def trust_dir(self) -> Path:
+        return self.state_dir / "trust"
+
+    @property
+    def shared(self) -> Path:
+        """The operator's own files, kept across releases (0700)."""
+        return self.root / "shared"
+
+    @property
+    def env_file(self) -> Path:
+        """The shared `.env`: the environment every release runs with."""
+        return self.shared / ".env"
+
+    @property
+    def backups(self) -> Path:
+        return self.root / "backups"
+
+    @property
+    def data(self) -> Path:
+        """Where the releases' data directories live (`{data}` in a profile)."""
+        return self.root / "data"
+
+    @property
+    def bin(self) -> Path:
+        """This root's own bundler (bundler.install.rootbin)."""
+        return self.root / "bin"
+
+    @property
+    def runtimes(self) -> Path:
+        """The carried Node.js trees, shared between releases (bundler.install.node_runtime)."""
+        return self.root / "runtimes"
+
+    @property
+    def policy_file(self) -> Path:
+        """The host policy (bundler.install.hostpolicy)."""
+        return self.root / "policy.yaml"
+
+    @property
+    def swarm_file(self) -> Path:
+        """The swarm's nodes; present: compose releases run as a swarm stack."""
+        return self.root / "swarm.yaml"
+
+    def staging_dirs(self) -> list[Path]:
+        """Staging directories left under the root (an install's own, or a dead one's)."""
+        return sorted(self.root.glob(".staging-*"))
+
+    def new_staging(self) -> Path:
+        """A fresh, private staging directory for a bundle being verified."""
+        return Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+
     def release(self, version: str) -> Path:
         return self.releases / version
 
@@ -53,6 +120,13 @@ class Layout:
             raise StateError(f"refusing to remove {path}: not a staging directory directly "
                              f"under {self.root}")
         return path
+
+    def switch(self, version: str | None) -> None:
+        """Point `current` at release `version` atomically (None: no current release)."""
+        if version is None:
+            self.current.unlink(missing_ok=True)
+        else:
+            atomic_symlink(os.path.join(self.releases.name, version), self.current)
 
     def current_version(self) -> str | None:
         try:
@@ -89,17 +163,62 @@ class ReleaseDir:
     def meta(self) -> Path:
         return self.path / "bundle"
 
+    @property
+    def manifest_file(self) -> Path:
+        return self.meta / "manifest.json"
+
+    @property
+    def environment_file(self) -> Path:
+        return self.meta / "environment"
+
+    @property
+    def degraded_marker(self) -> Path:
+        """Present when the release was installed with --allow-degraded and a node was down: its
+        stack is accepted with fewer replicas than asked while tasks wait for that node."""
+        return self.meta / "swarm-degraded"
+
+    @property
+    def report_json(self) -> Path:
+        return self.path / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.path / "REPORT.md"
+
+    @property
+    def images_archive(self) -> Path:
+        return self.path / IMAGES_PATH
+
+    @property
+    def wheels(self) -> Path:
+        return self.path / "python" / "wheels"
+
+    @property
+    def npm_tarballs(self) -> Path:
+        return self.path / "npm" / "tarballs"
+
+    @property
+    def npm_cache(self) -> Path:
+        return self.path / "npm-cache"
+
+    @property
+    def payloads(self) -> tuple[Path, ...]:
+        """What the release unpacked or built (payloads, venv, caches): what a full disk frees
+        first. Its manifest and files/ (compose files) are not among them."""
+        return tuple(self.path / part for part in ("venv", "python", "npm", "npm-cache",
+                                                   "images", ".uv-unpack"))
+
     def environment(self) -> str:
         """The environment this release was installed for (production when not recorded)."""
         try:
-            return (self.meta / "environment").read_text().strip() or "production"
+            return self.environment_file.read_text().strip() or "production"
         except OSError:
             return "production"
 
     def manifest(self) -> Manifest | None:
         """The signed manifest this release was installed from (verified at install time)."""
         try:
-            return parse_manifest((self.meta / "manifest.json").read_bytes())
+            return parse_manifest(self.manifest_file.read_bytes())
         except OSError:
             return None
 
@@ -107,7 +226,7 @@ class ReleaseDir:
         """StateError unless the on-disk manifest is the one whose sha256 the state database
         recorded when it was verified: `start`, `rollback` and recovery act on that alone."""
         try:
-            data = (self.meta / "manifest.json").read_bytes()
+            data = self.manifest_file.read_bytes()
         except OSError as exc:
             raise StateError(f"release {self.path.name}: its manifest is unreadable "
                              f"({exc.strerror})", hint="install the release's bundle again"
@@ -121,7 +240,7 @@ class ReleaseDir:
 
 def is_install_root(path: Path) -> bool:
     """A directory with the `state/` directory that `install` and `trust add` make."""
-    return path.is_dir() and (path / "state").is_dir()
+    return path.is_dir() and Layout(path).state_dir.is_dir()
 
 
 def check_root(root: Path) -> None:

@@ -2,19 +2,21 @@
 
 `run` applies a release's migrations in order and stops at the first failure with a
 `MigrationError` naming the migration, the file (or revision) and the database's own error.
-The installer backs the database up before (database.backup) and restores it on failure.
+The installer backs the database up before (db.backup) and restores it on failure. What
+differs per kind of database (the ledger, the lock, the file's owner) is the engine's
+(bundler/install/db/); this module is the same for all of them.
 
-- One run at a time per database: a PostgreSQL SESSION advisory lock
-  (`database.ADVISORY_LOCK_KEY`) is held on a connection of our own for the whole run, every
-  kind included, so two installers never migrate the same database concurrently (the second
-  waits, up to LOCK_WAIT, then fails with LockedError). database.restore takes the same key.
-  SQLite: an exclusive flock on the database file itself for the run.
+- One run at a time per database: the engine's migration lock (PostgreSQL: a session advisory
+  lock, which restores take too; MySQL: GET_LOCK; SQLite: a flock on the file) is held for the
+  whole run, every kind of migration included, so two installers never migrate the same
+  database concurrently (the second waits, up to LOCK_WAIT, then fails with LockedError).
 - kind "sql": every `*.sql` in `path` (relative to the release's files dir), in lexical order
   of file name. A ledger table `bundler_migrations(migration, file, sha256, applied_at)`
-  records what was applied. Each file runs in ONE transaction together with its ledger row:
-  a failing file leaves nothing of itself behind, and files before it stay applied. An applied
-  file whose sha256 no longer matches its ledger row (edited after it was applied) is refused
-  before anything runs. A file must not hold BEGIN/COMMIT/ROLLBACK of its own (refused: it
+  records what was applied (the engine's `Ledger`). Each file runs in ONE transaction together
+  with its ledger row: a failing file leaves nothing of itself behind (MySQL: but the DDL it
+  ran, see db.mysql), and files before it stay applied. An applied file whose sha256 no
+  longer matches its ledger row (edited after it was applied) is refused before anything
+  runs. A file must not hold BEGIN/COMMIT/ROLLBACK of its own (refused: it
   would commit half a file), nor statements that cannot run in a transaction block (CREATE
   INDEX CONCURRENTLY: the database says so, and the file is rolled back).
 - kind "alembic": `<venv>/bin/alembic upgrade head` with cwd = `path` (the directory holding
@@ -38,26 +40,24 @@ migration's own env pairs are applied last. Output quoted in errors has the pass
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import re
-import sqlite3
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from bundler import proc
-from bundler.errors import CommandError, LockedError, MigrationError
+from bundler.errors import CommandError, MigrationError
 from bundler.faults import fault_point
-from bundler.install import database, fsowner, runas
-from bundler.install.database import Database
-from bundler.redact import redact
+from bundler.install import db as engines
+from bundler.install import fsowner, runas
+from bundler.install.db import LEDGER, Database, Engine, Ledger, ServiceExec
 
-LEDGER = "bundler_migrations"
+__all__ = ["LEDGER", "Migration", "MigrationResult", "ServiceRun", "SqlFile", "pending", "run"]
+
 # Seconds to wait for another installer's migration run before giving up.
 LOCK_WAIT = 600
 COMMAND_TIMEOUT = 3600.0
@@ -124,10 +124,10 @@ class SqlFile:
 def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Path | None,
         env: Mapping[str, str], log: Log,
         in_service: ServiceRun | None = None,
-        db_exec: database.ServiceExec | None = None) -> list[MigrationResult]:
+        db_exec: ServiceExec | None = None) -> list[MigrationResult]:
     """Apply `migrations` in order, holding the database's migration lock for the whole run.
     `in_service`: how to run a command migration that names a compose service; `db_exec`:
-    how to run the MySQL client inside the database's own compose service."""
+    how to run the database's client inside its own compose service (MySQL)."""
     if not migrations:
         return []
     names = [m.name for m in migrations]
@@ -138,23 +138,23 @@ def run(migrations: Sequence[Migration], db: Database, files_dir: Path, venv: Pa
     sql_sets = {m.name: _sql_files(m, files_dir) for m in migrations if m.kind == "sql"}
     for m in migrations:
         _validate(m, files_dir, venv)
-    if db.kind == "mysql":
-        return _run_mysql(migrations, sql_sets, db, files_dir, venv, env, log, in_service,
-                          db_exec)
-    _open_sqlite(migrations, db)  # its directory, before the ledger creates the file
+    engine = engines.engine(db)
+    _let_accounts_write(migrations, engine, db)  # a file's directory, before the ledger
 
     def under_lock() -> list[MigrationResult]:
-        with _session(db, env, log, ledger=bool(sql_sets)) as ledger:
-            _open_sqlite(migrations, db)  # and the file, now that it exists
+        with engine.migration_session(db, env, log, ledger=bool(sql_sets), lock_wait=LOCK_WAIT,
+                                      run_in=db_exec) as ledger:
+            _let_accounts_write(migrations, engine, db)  # and the file, now that it exists
             # Under the lock, before anything runs: no applied file may have been edited since.
             for m in migrations:
                 if m.kind == "sql":
                     _refuse_edited(m, sql_sets[m.name], ledger.read(m.name))
-            return _run_each(migrations, lambda m: ledger.apply(m, sql_sets[m.name], log),
-                             db, files_dir, venv, env, log, in_service)
+            return _run_each(
+                migrations, lambda m: _apply_sql(ledger, m, sql_sets[m.name], files_dir, log),
+                db, files_dir, venv, env, log, in_service)
 
     # SQLite: with the file access of the account that can write its directory (fsowner).
-    return fsowner.call(db.owner if db.kind == "sqlite" else None, under_lock)
+    return fsowner.call(engine.file_owner(db), under_lock)
 
 
 def _run_each(migrations: Sequence[Migration],
@@ -177,41 +177,29 @@ def _run_each(migrations: Sequence[Migration],
     return results
 
 
+def _apply_sql(ledger: Ledger, m: Migration, files: Sequence[SqlFile], files_dir: Path,
+               log: Log) -> MigrationResult:
+    """The files of `m` not in the ledger yet, in order, each with its ledger row."""
+    applied = ledger.read(m.name)
+    _refuse_edited(m, files, applied)
+    todo = [f for f in files if f.name not in applied]
+    last_applied = max(applied, default="")
+    for f in todo:
+        if f.name < last_applied:
+            log(f"migration {m.name}: {f.name} sorts before the already applied "
+                f"{last_applied}; applying it now")
+        log(f"migration {m.name}: applying {f.name}")
+        ledger.apply(m.name, f.name, f.sha256, f.text, files_dir)
+        fault_point("migrate:applied")  # crash tests: a half-migrated database
+    return _sql_result(m, files, tuple(f.name for f in todo))
+
+
 def _sql_result(m: Migration, files: Sequence[SqlFile], applied: tuple[str, ...]
                 ) -> MigrationResult:
     return MigrationResult(
         m.name, m.kind, applied,
         f"applied {len(applied)} file(s), {len(files) - len(applied)} already applied"
         if applied else f"up to date ({len(files)} file(s) applied before)")
-
-
-def _run_mysql(migrations: Sequence[Migration], sql_sets: Mapping[str, Sequence[SqlFile]],
-               db: Database, files_dir: Path, venv: Path | None, env: Mapping[str, str],
-               log: Log, in_service: ServiceRun | None,
-               db_exec: database.ServiceExec | None) -> list[MigrationResult]:
-    """MySQL/MariaDB: sql files through the client (see mysql_db), alembic and commands as
-    for the other kinds. DDL is not transactional there: the installer's restore covers a
-    file that failed half-way."""
-    from bundler.install import mysql_db
-
-    ledger = mysql_db.Ledger(db, env, db_exec)
-
-    def apply_sql(m: Migration) -> MigrationResult:
-        files = sql_sets[m.name]
-        applied = ledger.read(m.name)
-        todo = [f for f in files if f.name not in applied]
-        for f in todo:
-            log(f"migration {m.name}: applying {f.name}")
-            ledger.apply(m.name, f.name, f.sha256, f.text, files_dir)
-        return _sql_result(m, files, tuple(f.name for f in todo))
-
-    with mysql_db.migration_lock(db, env, log):
-        if sql_sets:
-            ledger.create()
-        for m in migrations:
-            if m.kind == "sql":
-                _refuse_edited(m, sql_sets[m.name], ledger.read(m.name))
-        return _run_each(migrations, apply_sql, db, files_dir, venv, env, log, in_service)
 
 
 def pending(migrations: Sequence[Migration], db: Database, files_dir: Path,
@@ -226,7 +214,7 @@ def pending(migrations: Sequence[Migration], db: Database, files_dir: Path,
         _validate(m, files_dir, venv)
         if m.kind == "sql":
             files = _sql_files(m, files_dir)
-            applied = _read_ledger(db, env, m.name)
+            applied = engines.engine(db).read_ledger(db, env, m.name)
             _refuse_edited(m, files, applied)
             todo = tuple(f.name for f in files if f.name not in applied)
             out.append(MigrationResult(m.name, m.kind, todo, f"{len(todo)} file(s) pending"))
@@ -313,207 +301,17 @@ def _refuse_edited(m: Migration, files: Sequence[SqlFile], applied: Mapping[str,
                      "change in a new file that sorts after it")
 
 
-# --------------------------------------------------------------------------- the ledger
-
-class _Ledger:
-    """The connection that holds the migration lock, and applies sql files through it."""
-
-    def __init__(self, db: Database, conn: Any) -> None:
-        self.db = db
-        self.conn = conn
-
-    @property
-    def postgres(self) -> bool:
-        return self.db.kind == "postgresql"
-
-    def read(self, migration: str) -> dict[str, str]:
-        if self.postgres:
-            rows = self.conn.execute(
-                f"SELECT file, sha256 FROM public.{LEDGER} WHERE migration = %s",
-                (migration,)).fetchall()
-        else:
-            rows = self.conn.execute(f"SELECT file, sha256 FROM {LEDGER} WHERE migration = ?",
-                                     (migration,)).fetchall()
-        return {str(f): str(s) for f, s in rows}
-
-    def apply(self, m: Migration, files: Sequence[SqlFile], log: Log) -> MigrationResult:
-        applied = self.read(m.name)
-        _refuse_edited(m, files, applied)
-        todo = [f for f in files if f.name not in applied]
-        last_applied = max(applied, default="")
-        for f in todo:
-            if f.name < last_applied:
-                log(f"migration {m.name}: {f.name} sorts before the already applied "
-                    f"{last_applied}; applying it now")
-            log(f"migration {m.name}: applying {f.name}")
-            if self.postgres:
-                self._apply_pg(m, f)
-            else:
-                self._apply_sqlite(m, f)
-            fault_point("migrate:applied")  # crash tests: a half-migrated database
-        return _sql_result(m, files, tuple(f.name for f in todo))
-
-    def _apply_pg(self, m: Migration, f: SqlFile) -> None:
-        import psycopg
-        from psycopg.pq import TransactionStatus
-
-        try:
-            with self.conn.transaction():
-                self.conn.execute(f.text)  # no parameters: sent as one simple-protocol query
-                if self.conn.info.transaction_status != TransactionStatus.INTRANS:
-                    raise MigrationError(
-                        f"migration {m.name}: {f.name} ended the transaction itself (COMMIT "
-                        "or ROLLBACK inside it): the file may be partly applied",
-                        hint="remove transaction control from the file; restore the backup")
-                self.conn.execute(
-                    f"INSERT INTO public.{LEDGER} (migration, file, sha256) VALUES (%s, %s, %s)",
-                    (m.name, f.name, f.sha256))
-        except psycopg.Error as exc:
-            raise MigrationError(
-                f"migration {m.name}: {f.name}{_pg_location(exc, f.text)}: "
-                f"{_pg_message(exc)}; this file was rolled back, earlier ones stay applied"
-            ) from None
-
-    def _apply_sqlite(self, m: Migration, f: SqlFile) -> None:
-        def q(value: str) -> str:
-            return "'" + value.replace("'", "''") + "'"
-
-        script = (f"BEGIN IMMEDIATE;\n{f.text}\n;\n"
-                  f"INSERT INTO {LEDGER} (migration, file, sha256, applied_at) VALUES "
-                  f"({q(m.name)}, {q(f.name)}, {q(f.sha256)}, "
-                  f"strftime('%Y-%m-%dT%H:%M:%SZ', 'now'));\nCOMMIT;\n")
-        try:
-            self.conn.executescript(script)
-        except sqlite3.Error as exc:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise MigrationError(
-                f"migration {m.name}: {f.name}: sqlite: {exc}; this file was rolled back, "
-                "earlier ones stay applied") from None
-
-
-def _pg_message(exc: Any) -> str:
-    diag = getattr(exc, "diag", None)
-    primary = getattr(diag, "message_primary", None) if diag is not None else None
-    return str(primary or database.first_line(str(exc)))
-
-
-def _pg_location(exc: Any, text: str) -> str:
-    diag = getattr(exc, "diag", None)
-    position = getattr(diag, "statement_position", None) if diag is not None else None
-    if not position:
-        return ""
-    with contextlib.suppress(ValueError):
-        return f" line {text.count(chr(10), 0, int(position) - 1) + 1}"
-    return ""
-
-
-def _create_ledger(db: Database, conn: Any) -> None:
-    if db.kind == "postgresql":
-        conn.execute(f"""CREATE TABLE IF NOT EXISTS public.{LEDGER} (
-            migration text NOT NULL,
-            file text NOT NULL,
-            sha256 text NOT NULL,
-            applied_at timestamptz NOT NULL DEFAULT now(),
-            PRIMARY KEY (migration, file))""")
-    else:
-        conn.execute(f"""CREATE TABLE IF NOT EXISTS {LEDGER} (
-            migration TEXT NOT NULL,
-            file TEXT NOT NULL,
-            sha256 TEXT NOT NULL,
-            applied_at TEXT NOT NULL,
-            PRIMARY KEY (migration, file))""")
-
-
-def _read_ledger(db: Database, env: Mapping[str, str], migration: str) -> dict[str, str]:
-    if db.kind == "mysql":
-        from bundler.install import mysql_db
-
-        return mysql_db.Ledger(db, env, None).read(migration)
-    if db.kind == "postgresql":
-        with database.connect(db, env) as conn:
-            if conn.execute("SELECT to_regclass(%s)", (f"public.{LEDGER}",)).fetchone()[0] is None:
-                return {}
-            return _Ledger(db, conn).read(migration)
-    path = database.sqlite_path(db)
-
-    def read() -> dict[str, str]:
-        if not path.exists():
-            return {}
-        with contextlib.closing(sqlite3.connect(path, timeout=60)) as sconn:
-            if sconn.execute("SELECT 1 FROM sqlite_master WHERE name = ?",
-                             (LEDGER,)).fetchone():
-                return _Ledger(db, sconn).read(migration)
-        return {}
-
-    return fsowner.call(db.owner, read)
-
-
-@contextlib.contextmanager
-def _session(db: Database, env: Mapping[str, str], log: Log, ledger: bool = True
-             ) -> Iterator[_Ledger]:
-    """The migration lock for the whole run, and the ledger connection under it. PostgreSQL
-    gets the ledger table only when `ledger` (the release has sql migrations): a tool that
-    refuses a non-empty schema without its own history (Prisma's P3005 on a first
-    `migrate deploy`) must find the database as the operator left it."""
-    if db.kind == "postgresql":
-        import psycopg
-
-        with database.connect(db, env) as conn:
-            key = database.ADVISORY_LOCK_KEY
-            if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
-                log(f"another installer is migrating {db.display}: waiting up to {LOCK_WAIT}s")
-                conn.execute(f"SET lock_timeout = '{LOCK_WAIT}s'")
-                try:
-                    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-                except psycopg.errors.LockNotAvailable:
-                    raise LockedError(
-                        f"another installer has been migrating {db.display} for over "
-                        f"{LOCK_WAIT}s", hint="wait for it to finish, then install again"
-                    ) from None
-                conn.execute("RESET lock_timeout")
-            try:
-                try:
-                    if ledger:
-                        _create_ledger(db, conn)
-                except psycopg.Error as exc:
-                    raise MigrationError(
-                        f"cannot create the migration ledger public.{LEDGER} in {db.display}: "
-                        f"{_pg_message(exc)}",
-                        hint="the database user needs CREATE on schema public") from None
-                yield _Ledger(db, conn)
-            finally:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-        return
-    path = database.sqlite_path(db)
-    with contextlib.closing(sqlite3.connect(path, timeout=60, isolation_level=None)) as sconn:
-        try:
-            _create_ledger(db, sconn)  # also creates the file when there is none yet
-        except sqlite3.Error as exc:
-            raise MigrationError(f"cannot create the migration ledger in {path}: {exc}",
-                                 hint="check that the database file is writable") from None
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log(f"another installer is migrating {path}: waiting")
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            yield _Ledger(db, sconn)
-        finally:
-            os.close(fd)  # releases the flock
-
-
 # --------------------------------------------------------------------------- alembic, command
 
-def _open_sqlite(migrations: Sequence[Migration], db: Database) -> None:
-    """A SQLite database, writable by the accounts alembic and command migrations run as."""
-    if db.kind != "sqlite":
+def _let_accounts_write(migrations: Sequence[Migration], engine: Engine,
+                        db: Database) -> None:
+    """A database that is a file (SQLite): writable by the accounts alembic and command
+    migrations run as."""
+    if engine.owned_file(db) is None:
         return
     for m in migrations:
         if m.kind != "sql" and not m.service and m.user:
-            runas.sqlite_writable(database.sqlite_path(db), _account(m))
+            engine.let_write(db, _account(m))
 
 
 def _account(m: Migration) -> proc.RunAs | None:
@@ -546,10 +344,8 @@ def _child_env(m: Migration, db: Database, venv: Path | None,
                env: Mapping[str, str]) -> dict[str, str]:
     child = proc.clean_env(env)
     child["DATABASE_URL"] = db.url
-    if db.kind == "postgresql":
-        password = database.pg_target(db).password
-        if password and "PGPASSWORD" not in child:
-            child["PGPASSWORD"] = password
+    for name, value in engines.engine(db).client_env(db).items():
+        child.setdefault(name, value)
     if venv is not None:
         child["PATH"] = f"{venv / 'bin'}{os.pathsep}{child.get('PATH', os.defpath)}"
         child["VIRTUAL_ENV"] = str(venv)
@@ -558,13 +354,7 @@ def _child_env(m: Migration, db: Database, venv: Path | None,
 
 
 def _scrub(db: Database, text: str) -> str:
-    if db.kind == "mysql":
-        from bundler.install import mysql_db
-
-        return mysql_db.target(db).scrub(text)
-    if db.kind == "postgresql":
-        return database.pg_target(db).scrub(text)
-    return redact(text)
+    return engines.engine(db).scrub(db, text)
 
 
 def _error_line(output: str) -> str:
@@ -662,7 +452,7 @@ def _command(m: Migration, db: Database, files_dir: Path, venv: Path | None,
             f"{_scrub(db, _prisma_failure(result.output) or _error_line(result.output))}"
             f"\n{_tail(db, result)}")
     applied = tuple(_PRISMA_STEP.findall(result.output)) or _prisma_tree(result.output)
-    last = database.first_line("\n".join(reversed(result.output.strip().splitlines())))
+    last = engines.first_line("\n".join(reversed(result.output.strip().splitlines())))
     detail = (f"applied {', '.join(applied)}" if applied
               else f"{m.command[0]} ok" + (f": {_scrub(db, last)}" if last else ""))
     return MigrationResult(m.name, m.kind, applied, detail)

@@ -37,17 +37,18 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from bundler import proc
+from bundler import proc, timeouts
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import NpmRef
 from bundler.errors import CommandError, InstallError
 from bundler.fsutil import CHUNK, make_dir, sha256_file
 from bundler.install import strict
+from bundler.install.layout import Layout
 
 RUNTIME_DIR = Path("runtime") / "node"
 NPM_DIR = Path("lib") / "node_modules" / "npm"
-STORE = "runtimes"  # <root>/runtimes/<key>/: the shared, read-only trees
 MARKER = ".bundler-runtime"  # in each tree: {"key", "digest"} (not part of the digest)
+_NPM_PROBE = 120.0  # `npm --version` loads npm's whole CLI first: slower than a probe
 _LAYOUT = 1  # how a tree is laid out: part of the key, so a change never reuses an old tree
 
 
@@ -80,7 +81,8 @@ def npm_argv(release: Path) -> list[str] | None:
 
 
 def store(root: Path) -> Path:
-    return root / STORE
+    """<root>/runtimes/: the shared, read-only trees (one per key)."""
+    return Layout(root).runtimes
 
 
 def key(m: Manifest) -> str:
@@ -169,10 +171,11 @@ def _runs(release: Path, m: Manifest) -> str:
         raise InstallError(f"the carried {node.name}@{node.version} has no bin/node",
                            hint="the bundle's runtime is not a Node.js build: rebuild it")
     try:
-        got = proc.run([bindir / "node", "--version"], what="node --version", timeout=60)
+        got = proc.run([bindir / "node", "--version"], what="node --version",
+                       timeout=timeouts.PROBE)
         npm_got = proc.run([*(npm_argv(release) or []), "--version"],
                            env=on_path(proc.clean_env(), release), cwd=home(release),
-                           what="npm --version", timeout=120)
+                           what="npm --version", timeout=_NPM_PROBE)
     except CommandError as exc:
         raise InstallError(f"the carried Node.js does not run on this host: "
                            f"{exc.message.splitlines()[0]}",
@@ -250,7 +253,7 @@ def prune(root: Path, log: Callable[[str], None]) -> list[str]:
     if not top.is_dir():
         return []
     used = set()
-    releases = root / "releases"
+    releases = Layout(root).releases
     for rel in releases.iterdir() if releases.is_dir() else ():
         link = rel / RUNTIME_DIR
         if link.is_symlink():

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bundler import proc
+from bundler import proc, timeouts
 from bundler.bundle.npmlock import (
     NpmPackage,
     npm_env,
@@ -42,7 +42,6 @@ from bundler.install import fsowner, node_runtime
 
 # Never contacted: `.invalid` is reserved (RFC 2606) and npm runs with --offline.
 OFFLINE_REGISTRY = "https://registry.invalid/"
-_TIMEOUT = 1800
 
 
 def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[NpmPackage],
@@ -82,7 +81,7 @@ def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[Np
             log(f"npm ci --offline ({len(packages)} bundled package(s))")
             try:
                 result = proc.run(args, cwd=project_dir, env=npm_env_, user=user,
-                                  what="npm ci (offline)", timeout=_TIMEOUT)
+                                  what="npm ci (offline)", timeout=timeouts.PACKAGES)
             except CommandError as exc:
                 raise _explain(exc, lock, user) from None
     summary = [line for line in result.output.splitlines() if line.strip()]

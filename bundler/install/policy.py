@@ -14,10 +14,10 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from bundler import __version__, proc
+from bundler import __version__, proc, timeouts
 from bundler.bundle.manifest import Manifest, required_version
 from bundler.bundle.models import Target
-from bundler.bundle.platforms import Host, host_platform, parse_platform
+from bundler.bundle.platforms import Host, host_platform
 from bundler.errors import CommandError, PolicyError
 from bundler.install import python_env
 from bundler.install.layout import Layout
@@ -96,7 +96,7 @@ def check_bundler_version(manifest: Manifest, own: str = __version__) -> None:
 def check_target(target: Target, host: Host | None = None) -> None:
     """PolicyError unless this host (CPU, libc, glibc version) runs the target's wheels."""
     have = host or host_platform()
-    want = parse_platform(target.platform)
+    want = target.tag
     if want.arch != have.arch:
         raise PolicyError(f"bundle is for {target.platform}; this host is {have.arch}",
                           hint="build the bundle with target.platform for this host")
@@ -118,7 +118,8 @@ def tool_version(tool: str) -> str | None:
     if shutil.which(tool) is None:
         return None
     try:
-        result = proc.run([tool, "--version"], timeout=60, check=False, what=f"{tool} --version")
+        result = proc.run([tool, "--version"], timeout=timeouts.PROBE, check=False,
+                          what=f"{tool} --version")
     except CommandError:
         return None
     m = re.search(r"(\d+\.\d+\.\d+)", result.output)

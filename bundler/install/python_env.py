@@ -8,11 +8,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bundler import proc, tools
+from bundler import proc, timeouts, tools
 from bundler.bundle.models import Target
 from bundler.errors import CommandError, InstallError
 from bundler.faults import fault_point
 
+_PYTHON_PROBE = 30.0  # seconds for each candidate interpreter to print its version
+_VENV_TIMEOUT = 300.0  # `python -m venv`: copies pip in
 
 def find_python(target: Target) -> Path | None:
     """A host interpreter whose major.minor is the target's, if there is one."""
@@ -24,7 +26,7 @@ def find_python(target: Target) -> Path | None:
         if exe is None:
             continue
         result = proc.run([exe, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                          check=False, timeout=30)
+                          check=False, timeout=_PYTHON_PROBE)
         if result.returncode == 0 and result.output.strip() == want:
             return Path(exe)
     return None
@@ -117,7 +119,7 @@ def _run_uv(steps: tuple[tuple[str, list[str | Path]], ...], env: dict[str, str]
     for what, argv in steps:
         fault_point(f"python:{what}")
         try:
-            result = proc.run(argv, what=what, env=env, cwd=venv.parent, timeout=1800,
+            result = proc.run(argv, what=what, env=env, cwd=venv.parent, timeout=timeouts.PACKAGES,
                               check=False)
         except CommandError as exc:  # not executable, timed out
             _log(log, output + exc.message)
@@ -133,12 +135,12 @@ def _run_uv(steps: tuple[tuple[str, list[str | Path]], ...], env: dict[str, str]
 def _with_pip(python: Path, venv: Path, wheels: Path, lock: Path, logs: Path) -> Path:
     log = logs / "pip-install.log"
     try:
-        proc.run([python, "-m", "venv", venv], what="python -m venv", timeout=300)
+        proc.run([python, "-m", "venv", venv], what="python -m venv", timeout=_VENV_TIMEOUT)
         result = proc.run(
             [venv / "bin" / "python", "-m", "pip", "install", "--isolated", "--no-index",
              "--require-hashes", "--only-binary=:all:", "--find-links", wheels,
              "--no-cache-dir", "--progress-bar", "off", "-r", lock],
-            what="pip install (offline)", timeout=1800,
+            what="pip install (offline)", timeout=timeouts.PACKAGES,
         )
     except CommandError as exc:
         _log(log, exc.message)

@@ -4,7 +4,6 @@ on the operator's request. Both run under the root lock and journal what they di
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +16,18 @@ from bundler.errors import (
     RollbackFailedError,
     StateError,
 )
-from bundler.fsutil import atomic_symlink
-from bundler.install import database, datadirs, environ, health, hostpolicy, runas, runtime
+from bundler.install import datadirs, hostpolicy
+from bundler.install import db as engines
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
+from bundler.install.release import Release
 from bundler.install.state import ReleaseRow, State, new_txn
+from bundler.install.undo import UndoStack, restore_database
 from bundler.progname import cmd
 
 
 def _stale_staging(layout: Layout, keep: Path | None) -> None:
-    for leftover in layout.root.glob(".staging-*"):
+    for leftover in layout.staging_dirs():
         if keep is None or leftover != keep:
             shutil.rmtree(layout.removable_staging(leftover), ignore_errors=True)
 
@@ -42,7 +43,7 @@ class PendingRestore:
     """One database's backup still to be restored, with the fingerprints bundler recorded."""
 
     db_name: str | None  # its `databases[].name`; None: the single `database:`
-    backup: database.Backup
+    backup: engines.Backup
     before: str | None  # its fingerprint as the migrations began
     after: str | None   # ... and when the attempt's own rollback failed without restoring it
 
@@ -63,7 +64,7 @@ class Pending:
     data: tuple[datadirs.PendingData, ...] = ()  # its data directories still to restore
 
     @property
-    def backup(self) -> database.Backup | None:
+    def backup(self) -> engines.Backup | None:
         return self.restores[0].backup if self.restores else None
 
     def to_json(self) -> dict[str, object]:
@@ -115,13 +116,13 @@ def pending(state: State) -> Pending | None:
     restores: list[PendingRestore] = []
     if ("migrate", "started") in done and not done & {("restore", "done"),
                                                       ("restore", "skipped")}:
-        latest: dict[str | None, database.Backup] = {}  # per database, its last backup
+        latest: dict[str | None, engines.Backup] = {}  # per database, its last backup
         for _, st, status, d in events:
             if (st, status) == ("backup", "file"):
                 doc = json.loads(d)
                 name = doc.get("database")
                 latest.pop(name, None)  # keep the journal's (profile) order of the last ones
-                latest[name] = database.Backup.from_json(doc)
+                latest[name] = engines.Backup.from_json(doc)
         for name, backup in latest.items():
             if name is not None and ("restore", f"done:{name}") in done:
                 continue  # restored already by the attempt's own rollback
@@ -134,26 +135,11 @@ def pending(state: State) -> Pending | None:
                    datadirs.pending_restores(events))
 
 
-def _checks(layout: Layout, rel: ReleaseDir,
-            crashed: health.Crashed | None = None) -> list[CheckResult]:
-    manifest = rel.manifest()
-    if manifest is None:
-        return []
-    env = environ.release_env(layout, manifest.runtime.env, rel.environment(),
-                              version=manifest.version)
-    return health.run_all(manifest.runtime.health, env, user=manifest.runtime.user,
-                          crashed=crashed or runtime.watch(layout, manifest.version))
-
-
 def _start(layout: Layout, version: str) -> list[CheckResult]:
-    rel = ReleaseDir(layout.release(version))
-    manifest = rel.manifest()
-    if manifest is None:
-        raise StateError(f"release {version} has no manifest on disk")
+    """Start release `version` (its on-disk manifest checked first) and health-check it."""
+    release = Release.require(layout, version)
     check_recorded_manifest(layout, version)
-    crashed = runtime.watch(layout, version)
-    runtime.start(layout, version)
-    return _checks(layout, rel, crashed)
+    return release.restart()
 
 
 def check_recorded_manifest(layout: Layout, version: str) -> None:
@@ -169,8 +155,10 @@ def check_recorded_manifest(layout: Layout, version: str) -> None:
         ReleaseDir(layout.release(version)).check_manifest(row.digest)
 
 
-def _stop(layout: Layout, version: str, keep_compose: bool = False) -> None:
-    runtime.stop(layout, version, keep_compose)
+def _stop(layout: Layout, version: str) -> None:
+    release = Release.load(layout, version)
+    if release is not None:
+        release.stop()
 
 
 def recover(layout: Layout, keep: Path | None = None, db_choice: DbChoice = None) -> str | None:
@@ -194,60 +182,95 @@ def recover(layout: Layout, keep: Path | None = None, db_choice: DbChoice = None
         p = pending(state)
         if p is None:
             return None
-        row = state.release(p.version)
-        assert row is not None
-        current = layout.current_version()
-        rel = ReleaseDir(layout.release(p.version))
-        if p.status == "installing" and current == p.version and rel.manifest() is not None:
-            checks = _checks(layout, rel)
-            if (checks and all(c.ok for c in checks)) or not checks:
-                with state.tx():
-                    _activate(state, row)
-                    state.event(p.txn, p.version, "recover", "resumed",
-                                f"interrupted during {p.step} after the switch; healthy")
-                message = (f"resumed: the interrupted install of {p.version} had already "
-                           "switched and is healthy; its commit was completed")
-                ui.step(message)
-                return message
-        plans = _plan_restore(layout, rel, p, db_choice)  # may refuse: nothing touched yet
-        data_plans = datadirs.plan_restores(layout, p.data, db_choice, p.describe(),
-                                            lambda: _running(layout, p.version, None))
+        interrupted = Release.load(layout, p.version)
+        if p.status == "installing" and layout.current_version() == p.version \
+                and interrupted is not None:
+            resumed = _resume(state, interrupted, p)
+            if resumed is not None:
+                return resumed
+        return _undo(state, layout, p, interrupted, db_choice)
+    finally:
+        state.close()
 
-        def record(step: str, status: str, detail: str) -> None:
-            state.event(p.txn, p.version, step, status, detail)
 
-        _stop(layout, p.version)
-        if plans:
-            _restore(state, layout, p, plans, db_choice)
-        elif p.backup is not None and db_choice == "keep":
-            state.event(p.txn, p.version, "restore", "skipped",
-                        "the database was kept as it is (--keep-db)")
+def _resume(state: State, release: Release, p: Pending) -> str | None:
+    """Killed after the switch: the release serves; finish its commit if it is healthy."""
+    checks = release.check(release.watch())
+    if checks and not all(c.ok for c in checks):
+        return None
+    row = state.release(p.version)
+    assert row is not None
+    with state.tx():
+        _activate(state, row)
+        state.event(p.txn, p.version, "recover", "resumed",
+                    f"interrupted during {p.step} after the switch; healthy")
+    message = (f"resumed: the interrupted install of {p.version} had already switched and is "
+               "healthy; its commit was completed")
+    ui.step(message)
+    return message
+
+
+def _undo(state: State, layout: Layout, p: Pending, interrupted: Release | None,
+          db_choice: DbChoice) -> str:
+    """The undo of the interrupted install's steps, rebuilt from its journal (the install's
+    own undo died with it) and unwound in reverse: stop it, restore its databases and data
+    directories, return to the last good release, record the outcome. What could discard
+    writes is checked first (RecoveryPendingError): nothing is touched before."""
+    plans = _plan_restore(interrupted, p, db_choice)
+    data_plans = datadirs.plan_restores(layout, p.data, db_choice, p.describe(),
+                                        lambda: _running(layout, p.version, None))
+    current = layout.current_version()
+    good = current if current and current != p.version else _last_good(state, layout,
+                                                                       p.version)
+
+    def record(step: str, status: str, detail: str) -> None:
+        state.event(p.txn, p.version, step, status, detail)
+
+    def restore_data() -> None:
         if db_choice == "keep":
             datadirs.skip_restores(p.data, record)
         datadirs.run_restores(layout, data_plans, record)
-        good = current if current and current != p.version else _last_good(state, layout,
-                                                                           p.version)
-        if good is not None:
-            if current != good:
-                atomic_symlink(os.path.join("releases", good), layout.current)
-            bad = [c for c in _start(layout, good) if not c.ok]
-            if bad:
-                with state.tx():
-                    state.set_status(p.version, "rollback_failed", f"{good} unhealthy")
-                    state.event(p.txn, p.version, "recover", "failed",
-                                f"{good} is unhealthy: {bad[0].detail}")
-                raise RollbackFailedError(f"after an interrupted install of {p.version}, "
-                                          f"{good} is unhealthy: {bad[0].detail}")
+
+    def restore_databases() -> None:
+        if plans:
+            assert interrupted is not None  # plans come from its manifest
+            _restore(state, interrupted, p, plans, db_choice)
+        elif p.backup is not None and db_choice == "keep":
+            record("restore", "skipped", "the database was kept as it is (--keep-db)")
+
+    stack = UndoStack()  # in the order the install's steps pushed them
+    stack.push("outcome", lambda: _rolled_back(state, p, good))
+    if good is not None:
+        stack.push("previous", lambda: _return_to(state, layout, p, good))
+    stack.push("data-backup", restore_data)
+    stack.push("migrate", restore_databases)
+    stack.push("start", lambda: interrupted.stop() if interrupted is not None else None)
+    stack.unwind()
+    message = (f"rolled back: the install of {p.version} was interrupted during {p.step}; "
+               f"{good or 'no release'} is running")
+    ui.step(message)
+    return message
+
+
+def _return_to(state: State, layout: Layout, p: Pending, good: str) -> None:
+    """`current` back to the last good release, started and healthy (RollbackFailedError)."""
+    if layout.current_version() != good:
+        layout.switch(good)
+    bad = [c for c in _start(layout, good) if not c.ok]
+    if bad:
         with state.tx():
-            state.set_status(p.version, "rolled_back", f"interrupted during {p.step}")
-            state.event(p.txn, p.version, "recover", "rolled_back",
-                        f"interrupted during {p.step}; {good or 'nothing'} running")
-        message = (f"rolled back: the install of {p.version} was interrupted during {p.step}; "
-                   f"{good or 'no release'} is running")
-        ui.step(message)
-        return message
-    finally:
-        state.close()
+            state.set_status(p.version, "rollback_failed", f"{good} unhealthy")
+            state.event(p.txn, p.version, "recover", "failed",
+                        f"{good} is unhealthy: {bad[0].detail}")
+        raise RollbackFailedError(f"after an interrupted install of {p.version}, "
+                                  f"{good} is unhealthy: {bad[0].detail}")
+
+
+def _rolled_back(state: State, p: Pending, good: str | None) -> None:
+    with state.tx():
+        state.set_status(p.version, "rolled_back", f"interrupted during {p.step}")
+        state.event(p.txn, p.version, "recover", "rolled_back",
+                    f"interrupted during {p.step}; {good or 'nothing'} running")
 
 
 def _running(layout: Layout, version: str, db_service: str | None) -> list[str]:
@@ -255,54 +278,50 @@ def _running(layout: Layout, version: str, db_service: str | None) -> list[str]:
     but for the database's own compose service."""
     names: list[str] = []
     for v in dict.fromkeys(x for x in (version, layout.current_version()) if x):
-        if ReleaseDir(layout.release(v)).manifest() is None:
+        release = Release.load(layout, v)
+        if release is None:
             continue
-        names += [f"{u.name} ({v})" for u in runtime.states(layout, v)
+        names += [f"{u.name} ({v})" for u in release.runtime.states()
                   if u.running and u.name != f"compose:{db_service}"]
     return list(dict.fromkeys(names))
 
 
 @dataclass(frozen=True)
 class _Restore:
-    db: database.Database
+    db: engines.Database
     env: dict[str, str]
-    backup: database.Backup
+    backup: engines.Backup
     changed: bool  # the database was written to since bundler last saw it
 
 
-def _plan_restore(layout: Layout, rel: ReleaseDir, p: Pending,
-                  db_choice: DbChoice) -> list[_Restore]:
+def _plan_restore(release: Release | None, p: Pending, db_choice: DbChoice) -> list[_Restore]:
     """The pending restores (one per database still to restore), if due and they may run;
     RecoveryPendingError if restoring any of them would discard writes made since the
     interrupted attempt and the operator has not chosen. Nothing is changed before all are
     checked."""
-    manifest = rel.manifest()
-    if not p.restores or manifest is None or not manifest.runtime.all_databases():
+    if not p.restores or release is None or not release.manifest.runtime.all_databases():
         return []
     if db_choice == "keep":
         return []
-    env = environ.release_env(layout, manifest.runtime.env, rel.environment(),
-                              version=manifest.version)
-    specs = {spec.name: spec for spec in manifest.runtime.all_databases()}
+    env = release.env()
+    specs = {spec.name: spec for spec in release.manifest.runtime.all_databases()}
     plans: list[_Restore] = []
     for pr in p.restores:
         spec = specs.get(pr.db_name)
         if spec is None:
             continue
-        db = database.Database(env.expand(spec.url), spec.compose_service, spec.name,
-                               runas.db_owner(manifest))
+        db = release.database_for(spec, env)
         if db.compose_service:
             # The interrupted release's project was taken down: its database comes back alone.
-            runtime.ensure_database(layout, p.version, db, env.as_dict())
-        now = database.fingerprint(db, env.as_dict(),
-                                   exec_in_service=runtime.service_exec(layout, p.version, db))
+            release.ensure_database(db, env.as_dict())
+        now = engines.fingerprint(db, env.as_dict(), exec_in_service=release.service_exec(db))
         # Writes made AFTER the failed attempt: exactly known when its failed rollback recorded
         # the database; after a kill -9 only the attempt's own (half-done) migration wrote,
         # unless something has run since — then the restore would discard that too.
         if pr.after is not None:
             later = "it was written to since the failed rollback" if now != pr.after else ""
         else:
-            running = _running(layout, p.version, db.compose_service)
+            running = _running(release.layout, p.version, db.compose_service)
             later = (f"{', '.join(running)} ran since the interruption and may have written "
                      "to it" if running else "")
         if later and db_choice != "restore":
@@ -314,26 +333,25 @@ def _plan_restore(layout: Layout, rel: ReleaseDir, p: Pending,
     return plans
 
 
-def _restore(state: State, layout: Layout, p: Pending, plans: list[_Restore],
+def _restore(state: State, release: Release, p: Pending, plans: list[_Restore],
              db_choice: DbChoice) -> None:
     """Put the pending backups back; what one discards is saved first when anything changed."""
+    why = " (" + ("--restore-db" if db_choice == "restore"
+                  else "migrations were interrupted") + ")"
     for r in plans:
-        run_in = runtime.service_exec(layout, p.version, r.db)
+        def keep_current(run_in: engines.ServiceExec | None, r: _Restore = r) -> None:
+            if not r.changed:
+                return
+            saved = engines.backup(r.db, release.layout.backups, r.env, ui.note,
+                                    exec_in_service=run_in)
+            ui.note(f"the database's current contents were saved to {saved.path} first")
+            state.event(p.txn, p.version, "restore", "saved", json.dumps(saved.to_json()))
+
         try:
-            if r.db.compose_service:
-                runtime.ensure_database(layout, p.version, r.db, r.env)
-            if r.changed:
-                saved = database.backup(r.db, layout.root / "backups", r.env, ui.note,
-                                        exec_in_service=run_in)
-                ui.note(f"the database's current contents were saved to {saved.path} first")
-                state.event(p.txn, p.version, "restore", "saved", json.dumps(saved.to_json()))
-            ui.step(f"Restoring the database {r.db.label} from {r.backup.path.name} ("
-                    + ("--restore-db" if db_choice == "restore"
-                       else "migrations were interrupted") + ")")
-            database.restore(r.db, r.backup, r.env, ui.note, exec_in_service=run_in)
+            restore_database(release, r.db, r.backup, r.env, why, keep_current)
         finally:
             if r.db.compose_service:
-                runtime.stop(layout, p.version)
+                release.stop()
         if r.db.name and len(plans) > 1:
             state.event(p.txn, p.version, "restore", f"done:{r.db.name}", r.backup.path.name)
     state.event(p.txn, p.version, "restore", "done",
@@ -435,7 +453,7 @@ def rollback(layout: Layout, to: str | None = None, db_choice: DbChoice = None,
                                           f"{current} did not come back: {restored[0].detail}")
             raise InstallError(f"{target} is unhealthy: {bad[0].detail}; stayed on {current}",
                                hint="check the release's logs in releases/<version>/logs/")
-        atomic_symlink(os.path.join("releases", target), layout.current)
+        layout.switch(target)
         with state.tx():
             state.set_status(current, "rolled_back", f"manual rollback to {target}")
             state.set_status(target, "active")

@@ -37,7 +37,6 @@ from bundler.fsutil import CHUNK, atomic_write_bytes, make_dir
 from bundler.install import strict
 from bundler.install.layout import Layout
 
-BIN = "bin"
 WRAPPER = "bundle"
 KIT_GLOB = "bundler-kit-*.pyz"
 MARK = "# Written by bundler"
@@ -82,7 +81,7 @@ def wrapper_text(python: str, kit: Path | None) -> str:
 
 
 def command(layout: Layout) -> Path:
-    return layout.root / BIN / WRAPPER
+    return layout.bin / WRAPPER
 
 
 def wrapped_kit(layout: Layout) -> Path | None:
@@ -98,13 +97,6 @@ def wrapped_kit(layout: Layout) -> Path | None:
             return found[0] if found else None
     return None
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def kit_digest(path: Path) -> str:
@@ -196,7 +188,7 @@ def place(layout: Layout, how: Running | None = None) -> tuple[Path, Undo]:
     """Put this bundler into `<root>/bin/` (see the module doc); return the wrapper's path
     and the undo of everything this call changed. Call under the root lock."""
     how = how or running()
-    bindir = layout.root / BIN
+    bindir = layout.bin
     why = strict.problem(bindir)
     if why is not None:
         raise StateError(f"{bindir} {why}: the boot unit runs what it holds as root",
@@ -232,7 +224,7 @@ def place(layout: Layout, how: Running | None = None) -> tuple[Path, Undo]:
 def prune(layout: Layout, keep_running: Running | None = None) -> list[str]:
     """Remove the kits in bin/ that the wrapper no longer runs (never the one running now);
     also the `.old` copies an earlier place() kept for its undo. Best effort."""
-    bindir = layout.root / BIN
+    bindir = layout.bin
     keep = {p.resolve() for p in (wrapped_kit(layout), (keep_running or running()).kit) if p}
     removed = []
     for path in sorted(bindir.glob(KIT_GLOB)) + sorted(bindir.glob(".bundler-kit-*.old")):

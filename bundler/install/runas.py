@@ -28,12 +28,12 @@ from bundler import proc, progname
 from bundler.bundle import hostneeds
 from bundler.bundle.manifest import Manifest
 from bundler.errors import BundlerError, InstallError, PolicyError
+from bundler.install import db, fsowner
+from bundler.install.db import sqlite
 from bundler.install.environ import ReleaseEnv
 from bundler.install.layout import Layout, ReleaseDir
 
 GROUP_DIR_MODE = 0o1775  # logs/, run/
-DB_DIR_MODE = 0o1770     # a SQLite database's directory bundler creates
-_SQLITE_SIDE_FILES = ("", "-journal", "-wal", "-shm")
 
 
 def names(m: Manifest) -> list[str]:
@@ -67,20 +67,6 @@ def maybe(name: str | None, error: type[BundlerError] = InstallError) -> proc.Ru
     return account(name, error) if name else None
 
 
-def _can(user: proc.RunAs, st: os.stat_result, bits: int) -> bool:
-    """Would `user` get `bits` (4 read, 2 write, 1 search) on a file with this stat? (Mode
-    bits only, as the kernel checks them without ACLs.)"""
-    if user.uid == 0:
-        return True
-    if st.st_uid == user.uid:
-        shift = 6
-    elif st.st_gid in user.groups or st.st_gid == user.gid:
-        shift = 3
-    else:
-        shift = 0
-    return (st.st_mode >> shift) & bits == bits
-
-
 def _unreachable(user: proc.RunAs, path: Path) -> Path | None:
     """The first existing directory on the way to `path` that `user` cannot search."""
     for d in reversed([path, *path.parents]):
@@ -88,7 +74,7 @@ def _unreachable(user: proc.RunAs, path: Path) -> Path | None:
             st = os.stat(d)
         except FileNotFoundError:
             return None
-        if not _can(user, st, 1):
+        if not fsowner.can(user, st, 1):
             return d
     return None
 
@@ -101,19 +87,18 @@ def db_owner(m: Manifest) -> proc.RunAs | None:
 
 
 def sqlite_file(m: Manifest, env: ReleaseEnv) -> Path | None:
-    """The release's SQLite database file (None: no database, not SQLite, or its URL cannot
-    be expanded yet)."""
-    from bundler.install import database
-
+    """The file the release's database lives in (its first that is a file: SQLite), which
+    its account must be able to write (None: no such database, or its URL cannot be
+    expanded yet)."""
     for spec in m.runtime.all_databases():
         if spec.compose_service:
             continue
         try:
-            db = database.Database(env.expand(spec.url), None)
-            if db.kind == "sqlite":
-                return database.sqlite_path(db)
+            found = db.owned_file(db.Database(env.expand(spec.url), None))
         except BundlerError:
             continue
+        if found is not None:
+            return found
     return None
 
 
@@ -134,7 +119,7 @@ def preflight(m: Manifest, layout: Layout, env: ReleaseEnv) -> list[proc.RunAs]:
     path = sqlite_file(m, env)
     if release is not None and release.switches and path is not None:
         directory = path.parent
-        if directory.is_dir() and not _can(release, directory.stat(), 3):
+        if directory.is_dir() and not fsowner.can(release, directory.stat(), 3):
             raise PolicyError(
                 f"user {release.name} cannot write the SQLite database's directory "
                 f"{directory}", hint=f"give it its own directory: chgrp {release.group_name()} "
@@ -143,56 +128,16 @@ def preflight(m: Manifest, layout: Layout, env: ReleaseEnv) -> list[proc.RunAs]:
     return users
 
 
-def _group_dir(path: Path, user: proc.RunAs, mode: int) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise InstallError(f"{path} is not a directory", hint="remove it and start again")
-    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (0, user.gid, mode):
-        os.chown(path, 0, user.gid)
-        os.chmod(path, mode)
-
-
 def release_dirs(rel: ReleaseDir, user: proc.RunAs | None) -> None:
     """logs/ and run/ of a release, writable by `user`'s group (see the module docstring);
     plain root-owned directories without a user to switch to."""
     for path in (rel.logs, rel.run):
         if user is not None and user.switches and os.geteuid() == 0:
-            _group_dir(path, user, GROUP_DIR_MODE)
+            fsowner.group_dir(path, user, GROUP_DIR_MODE)
         else:
             path.mkdir(parents=True, exist_ok=True)
 
 
 def sqlite_writable(path: Path, user: proc.RunAs | None) -> None:
-    """Let `user` write the SQLite database at `path`: its directory (created for it when it
-    does not exist) and the file and its journals, through its group."""
-    if user is None or not user.switches or os.geteuid() != 0:
-        return
-    directory = path.parent
-    if not directory.exists():
-        _group_dir(directory, user, DB_DIR_MODE)
-    elif not _can(user, directory.stat(), 3):
-        raise InstallError(f"user {user.name} cannot write the SQLite database's directory "
-                           f"{directory}", hint=f"chgrp {user.group_name()} {directory} && "
-                                                f"chmod 1770 {directory}")
-    for suffix in _SQLITE_SIDE_FILES:
-        side = path.with_name(path.name + suffix)
-        try:
-            st = os.lstat(side)
-        except FileNotFoundError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            raise InstallError(f"{side} is not a regular file",
-                               hint="a database path must not be a symlink")
-        if not _can(user, st, 6):
-            # Through a descriptor opened without following symlinks: the account can
-            # replace the path between the lstat above and here.
-            fd = os.open(side, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise InstallError(f"{side} is not a regular file",
-                                       hint="a database path must not be a symlink")
-                os.fchown(fd, -1, user.gid)
-                os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o060)
-            finally:
-                os.close(fd)
+    """Let `user` write the SQLite database at `path` (see db.sqlite.writable)."""
+    sqlite.writable(path, user)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bundler import timeouts
 from bundler.errors import StateError, disk_full
 from bundler.fsutil import create_file, private_dir
 from bundler.install import strict
@@ -110,7 +111,8 @@ class State:
             create_file(db, 0o600)
         # check_same_thread off: the installer's concurrent steps journal through one
         # connection, serialized by its _Journal lock (never two statements at once).
-        conn = sqlite3.connect(db, isolation_level=None, timeout=30, check_same_thread=False)
+        conn = sqlite3.connect(db, isolation_level=None, timeout=timeouts.SQLITE_BUSY,
+                               check_same_thread=False)
         # Rollback journal, not WAL: readers open the file read-only and leave no -wal/-shm
         # files behind, so a refused bundle changes nothing at all on the target.
         conn.execute("PRAGMA journal_mode=DELETE")
@@ -166,7 +168,7 @@ class State:
             return None
         strict.check_target(db.parent.parent)
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None,
-                               timeout=30)
+                               timeout=timeouts.SQLITE_BUSY)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             conn.close()

@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 
 from bundler.errors import StateError
+from bundler.install.layout import Layout
 
 
 def _owner_name(uid: int) -> str:
@@ -63,10 +64,10 @@ def check_target(root: Path) -> None:
     """Everything bundler trusts under an install root (what exists of it): the root,
     `state/`, `state.db`, the trust store and its keys, `shared/` and `shared/.env`. Called
     wherever any of them is read, so every target command checks before it acts."""
-    state, shared = root / "state", root / "shared"
-    store = state / "trust"
+    layout = Layout(root)
+    store = layout.trust_dir
     keys = sorted(store.glob("*.pub")) if store.is_dir() else []
-    check((root, "the install root"), (state, "the state directory"),
-          (state / "state.db", "the state database"), (store, "the trust store"),
-          *((k, "a trusted key") for k in keys), (shared, "the shared directory"),
-          (shared / ".env", "the shared environment file"))
+    check((root, "the install root"), (layout.state_dir, "the state directory"),
+          (layout.db, "the state database"), (store, "the trust store"),
+          *((k, "a trusted key") for k in keys), (layout.shared, "the shared directory"),
+          (layout.env_file, "the shared environment file"))

@@ -59,10 +59,10 @@ import yaml
 from bundler import proc
 from bundler.engine import docker_sdk, engine_client, first_line, transport_errors
 from bundler.errors import CommandError, InstallError, NodeDownError
-from bundler.redact import Secrets, redact
+from bundler.install.layout import Layout
+from bundler.redact import redact, release_secrets
 from bundler.ui import Log
 
-CONFIG = "swarm.yaml"
 _NO_NODE = "node.labels.bundler-no-node == true"
 # Task states in which a container may still run (and write).
 _LIVE_STATES = ("assigned", "accepted", "preparing", "ready", "starting", "running")
@@ -116,16 +116,13 @@ class Replica:
         return self.state == "running" and self.health in (None, "healthy")
 
 
-def config_path(root: Path) -> Path:
-    return root / CONFIG
+def configured(layout: Layout) -> bool:
+    """A compose release on this root runs as a swarm stack."""
+    return layout.swarm_file.is_file()
 
 
-def configured(root: Path) -> bool:
-    return config_path(root).is_file()
-
-
-def endpoints(root: Path) -> tuple[Endpoint, ...]:
-    path = config_path(root)
+def endpoints(layout: Layout) -> tuple[Endpoint, ...]:
+    path = layout.swarm_file
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -156,10 +153,10 @@ def _node_api(endpoint: str) -> Any:
     return engine_client(InstallError, endpoint).api
 
 
-def nodes(root: Path) -> list[NodeState]:
+def nodes(layout: Layout) -> list[NodeState]:
     """Every node the swarm knows, with the endpoint swarm.yaml gives it and whether its
     engine answers there; a node only in swarm.yaml shows as unknown."""
-    configured_nodes = {e.node: e.engine for e in endpoints(root)}
+    configured_nodes = {e.node: e.engine for e in endpoints(layout)}
     try:
         listed = _manager().nodes()
     except (docker_sdk().errors.DockerException, *transport_errors()) as exc:
@@ -175,7 +172,7 @@ def nodes(root: Path) -> list[NodeState]:
         engine = configured_nodes.get(name, "")
         if not engine:
             out.append(NodeState(name, role, state, "", False,
-                                 f"no engine endpoint for {name} in {CONFIG}"))
+                                 f"no engine endpoint for {name} in swarm.yaml"))
             continue
         try:
             _node_api(engine).version()
@@ -187,14 +184,14 @@ def nodes(root: Path) -> list[NodeState]:
     for name, engine in configured_nodes.items():
         if name not in seen:
             out.append(NodeState(name, "?", "unknown", engine, False,
-                                 f"{name} is in {CONFIG} but not in the swarm"))
+                                 f"{name} is in swarm.yaml but not in the swarm"))
     return out
 
 
-def preflight(root: Path, allow_degraded: bool) -> list[NodeState]:
+def preflight(layout: Layout, allow_degraded: bool) -> list[NodeState]:
     """Before anything changes: every node ready and its engine reachable, or (with
     `allow_degraded`) at least one. Returns the nodes that are down (empty when all are up)."""
-    states = nodes(root)
+    states = nodes(layout)
     down = [n for n in states if not n.up]
     if down and (not allow_degraded or len(down) == len(states)):
         raise NodeDownError("swarm node(s) down: " + "; ".join(
@@ -203,13 +200,13 @@ def preflight(root: Path, allow_degraded: bool) -> list[NodeState]:
     return down
 
 
-def load_images(root: Path, archive: Path, expected: Sequence[Any], log: Log) -> list[str]:
+def load_images(layout: Layout, archive: Path, expected: Sequence[Any], log: Log) -> list[str]:
     """Load the bundle's images into every reachable node's engine, each checked against the
     signed Image IDs there. Returns the nodes loaded."""
     from bundler.install import images
 
     loaded = []
-    for n in nodes(root):
+    for n in nodes(layout):
         if not n.up:
             log(f"{n.name}: skipped ({n.detail or n.state})")
             continue
@@ -219,13 +216,13 @@ def load_images(root: Path, archive: Path, expected: Sequence[Any], log: Log) ->
     return loaded
 
 
-def ensure_images(root: Path, archive: Path, expected: Sequence[Any], log: Log) -> None:
+def ensure_images(layout: Layout, archive: Path, expected: Sequence[Any], log: Log) -> None:
     """Before a (re)deploy: load the release's images into every reachable node whose engine
     lacks one of them (a node that was down at install time, or replaced since)."""
     from bundler.install import images
 
     errors = docker_sdk().errors
-    for n in nodes(root):
+    for n in nodes(layout):
         if not n.up:
             continue
         api = _node_api(n.engine)
@@ -343,9 +340,7 @@ def _env(stack: Stack) -> dict[str, str]:
 
 
 def _redact(stack: Stack, text: str) -> str:
-    secrets = Secrets()
-    secrets.add_env(dict(stack.env))
-    return redact(text, secrets.values())
+    return redact(text, release_secrets(dict(stack.env)))
 
 
 def _docker(stack: Stack, *args: str, timeout: float = 300) -> proc.Result:
@@ -641,12 +636,12 @@ def run_oneoff(stack: Stack, log: Log, service: str, argv: Sequence[str],
 
 # --- what runs where ---------------------------------------------------------------------------
 
-def replicas(root: Path, stack: str) -> list[Replica]:
+def replicas(layout: Layout, stack: str) -> list[Replica]:
     """Each service's tasks that should run, with the node they are on and, where the node's
     engine answers, the container's health."""
     api = _manager()
     hostnames = {str(n["ID"]): str(n["Description"]["Hostname"]) for n in api.nodes()}
-    engines = {e.node: e.engine for e in endpoints(root)}
+    engines = {e.node: e.engine for e in endpoints(layout)}
     out = []
     for svc in _services(api, stack):
         name = str(svc["Spec"]["Name"]).removeprefix(stack + "_")
@@ -691,11 +686,11 @@ def crashed(stack: Stack, since: float | None = None) -> list[str]:
     return out
 
 
-def service_container(root: Path, stack: str, service: str) -> tuple[str, str] | None:
+def service_container(layout: Layout, stack: str, service: str) -> tuple[str, str] | None:
     """(engine endpoint, container id) of one running task of `service`, or None."""
     api = _manager()
     hostnames = {str(n["ID"]): str(n["Description"]["Hostname"]) for n in api.nodes()}
-    engines = {e.node: e.engine for e in endpoints(root)}
+    engines = {e.node: e.engine for e in endpoints(layout)}
     for svc in api.services(filters={"name": f"{stack}_{service}"}):
         if str(svc["Spec"]["Name"]) != f"{stack}_{service}":
             continue
@@ -707,23 +702,32 @@ def service_container(root: Path, stack: str, service: str) -> tuple[str, str] |
     return None
 
 
-def exec_in(root: Path, stack: Stack, service: str, argv: Sequence[str],
-            stdin_path: Path | None, stdout_path: Path | None, *, env: Mapping[str, str],
-            timeout: float) -> proc.Result:
-    """`compose_runtime.exec_in` for a stack: inside a running task of `service`, through
-    the engine of the node it runs on (the database's tools, run once from the manager)."""
-    from bundler.install import compose_runtime as cr
+@dataclass(frozen=True)
+class InTask:
+    """`compose_runtime.InService` for a stack: commands inside a running task of `service`,
+    through the engine of the node it runs on (the database's tools, run once from the
+    manager)."""
 
-    found = service_container(root, stack.name, service)
-    if found is None:
-        raise InstallError(f"swarm service {service} of stack {stack.name} is not running",
-                           hint=f"`docker service ps {stack.name}_{service}` shows why")
-    engine, container = found
-    return cr.exec_result(container, argv, env, stdin_path, stdout_path, timeout,
-                          what=f"{argv[0]} in swarm service {service}",
-                          scrub=lambda text: _redact(stack, text),
-                          hint="check that the node's engine answers and the task runs",
-                          api=_node_api(engine))
+    layout: Layout
+    stack: Stack
+    service: str
+
+    def __call__(self, argv: Sequence[str], stdin_path: Path | None,
+                 stdout_path: Path | None, *, env: Mapping[str, str],
+                 timeout: float) -> proc.Result:
+        from bundler.install import compose_runtime as cr
+
+        stack, service = self.stack, self.service
+        found = service_container(self.layout, stack.name, service)
+        if found is None:
+            raise InstallError(f"swarm service {service} of stack {stack.name} is not running",
+                               hint=f"`docker service ps {stack.name}_{service}` shows why")
+        engine, container = found
+        return cr.exec_result(container, cr.Exec(argv, env, stdin_path, stdout_path, timeout),
+                              what=f"{argv[0]} in swarm service {service}",
+                              scrub=lambda text: _redact(stack, text),
+                              hint="check that the node's engine answers and the task runs",
+                              api=_node_api(engine))
 
 
 # --- doctor ------------------------------------------------------------------------------------
@@ -769,12 +773,12 @@ def _node_checks(n: NodeState, images: Sequence[Any], arch: str | None,
     return out
 
 
-def doctor(root: Path, stack: str, ports: Sequence[int], images: Sequence[Any],
+def doctor(layout: Layout, stack: str, ports: Sequence[int], images: Sequence[Any],
            arch: str | None, need: int) -> list[Check]:
     """Every node: engine reachable, the release's images present or loadable (its CPU), the
     engine's free space; and the release's published ports not taken by another service."""
     out: list[Check] = []
-    for n in nodes(root):
+    for n in nodes(layout):
         try:
             out += _node_checks(n, images, arch, need)
         except (InstallError, docker_sdk().errors.DockerException, *transport_errors()) as exc:

@@ -14,7 +14,7 @@ from bundler.progname import cmd
 
 
 def store(layout: Layout) -> Path:
-    return layout.state_dir / "trust"
+    return layout.trust_dir
 
 
 def add(layout: Layout, pub: Path) -> TrustedKey:

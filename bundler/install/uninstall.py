@@ -18,15 +18,21 @@ from pathlib import Path
 
 from bundler import ui
 from bundler.errors import StateError
-from bundler.install import boot, runtime
+from bundler.install import boot
 from bundler.install.layout import Layout, locked
 from bundler.install.recovery import pending
-from bundler.install.rootbin import BIN
+from bundler.install.release import Release
 from bundler.install.state import State, new_txn
 
-# What --purge removes, and what uninstall always keeps (when present), relative to the root.
-PURGED = ("current", "releases", BIN)
-KEPT = ("state", "shared", "backups", "data")
+
+def _purged(layout: Layout) -> tuple[Path, ...]:
+    """What --purge removes: what bundler can rebuild from a bundle."""
+    return layout.current, layout.releases, layout.bin
+
+
+def _kept(layout: Layout) -> tuple[Path, ...]:
+    """What uninstall always keeps (when present)."""
+    return layout.state_dir, layout.shared, layout.backups, layout.data
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,9 @@ def uninstall(layout: Layout, purge: bool = False,
         version = layout.current_version()
         if version is not None:
             ui.step(f"Stopping {version}")
-            runtime.stop(layout, version)
+            release = Release.load(layout, version)
+            if release is not None:
+                release.stop()
         purged = _purge(layout) if purge else ()
         state = State.open(layout.db, create=False)
         try:
@@ -91,28 +99,27 @@ def uninstall(layout: Layout, purge: bool = False,
                      f"purged {', '.join(purged)}" if purge else "files kept"]))
         finally:
             state.close()
-    kept = tuple(k for k in KEPT if (layout.root / k).exists())
+    kept = tuple(k.name for k in _kept(layout) if k.exists())
     return UninstallResult(str(layout.root), product, version, unit, purged, kept)
 
 
 def _purge(layout: Layout) -> tuple[str, ...]:
     """Remove releases/, current, bin/ and staging leftovers: only those, by name."""
     removed = []
-    for name in PURGED:
-        path = layout.root / name
+    for path in _purged(layout):
         if path.is_symlink() or path.is_file():
             path.unlink()
         elif path.is_dir():
             shutil.rmtree(path)
         else:
             continue
-        removed.append(name)
-    for leftover in sorted(layout.root.glob(".staging-*")):
+        removed.append(path.name)
+    for leftover in layout.staging_dirs():
         shutil.rmtree(layout.removable_staging(leftover), ignore_errors=True)
     return tuple(removed)
 
 
-def describe_purge(root: Path) -> str:
+def describe_purge(layout: Layout) -> str:
     """The confirmation question: what goes, what stays."""
-    return (f"Remove {', '.join(str(root / p) for p in PURGED)} (the releases: code, venvs, "
+    return (f"Remove {', '.join(map(str, _purged(layout)))} (the releases: code, venvs, "
             f"bundler's own command)? Databases, data, backups/, shared/ and state/ are kept")

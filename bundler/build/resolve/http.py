@@ -1,20 +1,8 @@
 """HTTP GETs for the build side: one shared urllib3 pool, bounded parallelism, retries.
 
-Every download the build makes by itself (npm packuments and tarballs, the Node.js runtime,
-Python package index pages and wheels) goes through here:
-
-- one `PoolManager` for the process, so parallel downloads from one registry reuse their
-  keep-alive connections (at most `MAX_PARALLEL` per host, the same bound the callers' thread
-  pools use);
-- retries with urllib3's `Retry`: connection errors, reads cut short, 429 and 5xx answers; a
-  `Retry-After` header (seconds or an HTTP date) is honoured, otherwise exponential backoff;
-  a server asking for more than `MAX_RETRY_AFTER` seconds fails the download instead of
-  stalling the build;
-- bodies are streamed: `stream()` hands the caller an iterator of chunks per attempt (e.g. to
-  write into the content-addressed cache while hashing), so memory stays flat whatever the
-  size, and an attempt cut short leaves nothing behind (the cache discards its temp file).
-
-Proxies come from the environment (`https_proxy`, `no_proxy`, ...), as urllib's did.
+Every download the build makes by itself goes through here: keep-alive connections (at most
+`MAX_PARALLEL` per host), retries that honour `Retry-After` (up to `MAX_RETRY_AFTER`), bodies
+streamed per attempt so memory stays flat. See docs/design/bundle-format.md, "Downloads".
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
 """Container images for the target: ONE docker-save archive, zstd-compressed into the cache.
 
-Sources, per image:
-- "engine": the local Docker engine. All engine images are saved in ONE `GET /images/get`
-  call (what `docker save a b c` does), by Image ID, so the engine writes a layer that several
-  images share once, and a tag moved while we work cannot swap the content.
-- "registry": pulled with skopeo into a docker-archive per image (skopeo decompresses the
-  layers); no engine is needed on the build host.
-- "archive": an existing `docker save` tar (legacy layout, or Docker 25+ with index.json and
-  blobs) or an OCI image-layout tar (skopeo/buildx `oci-archive`; gzip or zstd layers are
-  decompressed here).
-
-Everything is merged by this module into one legacy docker-save tar (manifest.json +
-`<config>.json` + layer tars), which every engine since 1.10 loads, Debian's 20.10 included.
-We merge ourselves rather than `docker load` registry images into the build host's engine and
-`docker save` all of them because that needs an engine (and changes it) just to move bytes,
-while the merge is a streaming tar rewrite keyed by content: a layer is stored once per
-diff_id across all sources, every config is hashed (its sha256 IS the Image ID we record) and
-every uncompressed layer is checked against its config's diff_id before the bundle is signed.
-
-The tar is streamed through a multithreaded zstd compressor (level 3) straight into the
-content-addressed cache; no step holds a whole archive or layer in memory.
+Images from the engine, a registry (skopeo) or an archive file are merged here into one legacy
+docker-save tar, a layer stored once per diff_id and every layer checked against its config,
+streamed through zstd into the cache. Why and how: docs/design/bundle-format.md, "Images".
 """
 
 from __future__ import annotations
@@ -42,6 +25,7 @@ import zstandard
 
 from bundler import proc
 from bundler.build.cache import Cache
+from bundler.build.profile import IMAGE_SOURCES
 from bundler.bundle.imagearchive import (
     SMALL,
     ImageRecord,
@@ -50,12 +34,11 @@ from bundler.bundle.imagearchive import (
     config_facts,
     norm_member,
 )
-from bundler.bundle.imageref import canonical_tag, parse_ref
+from bundler.bundle.imageref import REF_HINT, canonical_tag, parse_ref, ref_problem
 from bundler.engine import ENGINE_TIMEOUT, docker_sdk, engine_client, first_line, transport_errors
 from bundler.errors import BuildError, CommandError
 from bundler.fsutil import CHUNK, human_bytes
 
-SOURCES = ("engine", "registry", "archive")
 ZSTD_LEVEL = 3
 SKOPEO_TIMEOUT = 3600.0
 _LAYOUT_FILES = ("manifest.json", "index.json", "oci-layout", "repositories")
@@ -529,18 +512,16 @@ def _validate(specs: Sequence[ImageSpec]) -> None:
     seen: dict[str, str] = {}
     for spec in specs:
         where = f"image {spec.ref!r}"
+        problem = ref_problem(spec.ref, registry=spec.source == "registry")
+        if problem is not None:
+            raise BuildError(f"{where}: {problem}", hint=REF_HINT)
         try:
-            ref = parse_ref(spec.ref)
             _platform(spec.platform)
         except ValueError as exc:
-            raise BuildError(f"{where}: {exc}",
-                             hint="write images as name:tag, platforms as os/arch") from None
-        if spec.source not in SOURCES:
+            raise BuildError(f"{where}: {exc}", hint="write platforms as os/arch") from None
+        if spec.source not in IMAGE_SOURCES:
             raise BuildError(f"{where}: unknown source {spec.source!r}",
-                             hint=f"use one of: {', '.join(SOURCES)}")
-        if ref.digest and spec.source != "registry":
-            raise BuildError(f"{where}: a @sha256 digest only works with source: registry",
-                             hint="name the image by its tag")
+                             hint=f"use one of: {', '.join(IMAGE_SOURCES)}")
         if spec.source == "archive":
             if spec.archive is None or not spec.archive.is_file():
                 raise BuildError(f"{where}: archive {spec.archive} does not exist",

@@ -1,20 +1,9 @@
 """npm packages for the target, from a project's package-lock.json (lockfileVersion 2 or 3).
 
-bundler reads the lock itself and works from name + version + integrity only (lock files made
-with `omit-lockfile-registry-resolved` carry no tarball URL). It keeps what a production
-install on the TARGET needs (no dev dependencies when asked; optional platform packages only
-if their os/cpu/libc fit the target), downloads each tarball with plain HTTP GETs from the
-registry (in parallel, with retries), verifies it against the lock's integrity while it
-streams into the content-addressed cache, and reports packages whose install scripts would
-reach for the network on the air-gapped host. Before downloading, `npm ci --dry-run
---offline` runs on a copy of the project, so a lock that npm ci would refuse on the target
-(out of sync, entries missing) fails the build instead of the air-gapped install.
-
-Why HTTP and not `npm pack`/`npm cache add`: one npm process per package is slow, npm would
-not check the bytes against OUR lock, and its errors name no package. The tarball location is
-the registry's convention (`<registry>/<name>/-/<base>-<version>.tgz`); when that answers 404,
-the packument's `dist.tarball` is asked (registries may host tarballs elsewhere), then the
-lock's own `resolved` URL. Whatever the source, the integrity from the lock decides.
+Works from name + version + integrity only: keeps what a production install on the TARGET
+needs, fetches each tarball over HTTP (integrity checked while it streams into the cache),
+checks the lock with `npm ci --dry-run --offline` first, and reports install scripts that
+would reach for the network. Why not `npm pack`: docs/design/bundle-format.md, "npm projects".
 """
 
 from __future__ import annotations
@@ -36,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bundler import proc, ui
+from bundler import proc, timeouts, ui
 from bundler.build.cache import Cache
 from bundler.bundle.npmlock import (
     NpmPackage,
@@ -260,7 +249,8 @@ def default_registry() -> str:
     with tempfile.TemporaryDirectory(prefix="bundler-npmrc-") as tmp:
         try:
             result = proc.run(["npm", "config", "get", "registry"], env=npm_env(Path(tmp)),
-                              cwd=Path(tmp), what="npm config get registry", timeout=60)
+                              cwd=Path(tmp), what="npm config get registry",
+                              timeout=timeouts.PROBE)
         except CommandError as exc:
             raise BuildError(f"cannot ask npm for its default registry: {exc.message}",
                              hint="install Node.js and npm on the build machine, or set the "
@@ -502,7 +492,7 @@ class _Known:  # hashable: warnings are grouped by it
 _PRISMA = _Known(
     "the Prisma engines",
     "use Prisma 6.19.3 with engineType = \"client\" and prisma.config.ts's engine: \"js\" plus "
-    "a driver adapter (see the README's Prisma notes): nothing is then downloaded")
+    "a driver adapter (see docs/prisma.md): nothing is then downloaded")
 _PLAYWRIGHT = _Known(
     "browser builds",
     "set PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 for the install; run `npx playwright install` on "
@@ -679,7 +669,7 @@ def check_npm_ci_accepts(pj_path: Path, lock_path: Path, spec: NpmSpec, registry
         if spec.omit_dev:
             args.append("--omit=dev")
         result = proc.run(args, cwd=work, env=npm_env(Path(tmp) / "home"), check=False,
-                          timeout=600, what="npm ci --dry-run")
+                          timeout=proc.DEFAULT_TIMEOUT, what="npm ci --dry-run")
     if result.returncode == 0:
         atomic_write_bytes(verdict, b"accepted\n")
         return None

@@ -1,21 +1,9 @@
 """Pre-build a project's node_modules once, here, when the tree cannot depend on the target.
 
-The target then writes one verified payload (`bundler/bundle/nodetree.py`) instead of running
-`npm ci --offline`, whose time is nearly all tarball unpacking. The tarballs still travel, so
-a target can always fall back to `npm ci` (it does when the payload is absent).
-
-Built only when nothing in the tree can differ between this machine and the target:
-- no package in the lock has an install script (`hasInstallScript`: node-gyp builds,
-  postinstall downloads, anything platform-dependent) and the project's own package.json has
-  no install or prepare scripts;
-- no package in the lock is restricted to an os, cpu or libc (npm would pick the optional
-  platform packages for the machine it runs on);
-- the built tree holds no native addon (`*.node`) or ELF executable (`nodetree.pack`).
-Otherwise the bundle carries only the tarballs and the target runs `npm ci --offline` as
-before; the build log says why.
-
-Cached by the inputs that decide the tree (package.json, the lock, the dev setting, the
-tarballs' digests), so a warm build runs no npm at all.
+Only when no package has an install script, none is os/cpu/libc-bound and the tree holds no
+native code; cached by the inputs that decide the tree. The target then writes one verified
+payload (bundler/bundle/nodetree.py) instead of `npm ci --offline`, or falls back to it.
+See docs/design/bundle-format.md, "Pre-built node_modules".
 """
 
 from __future__ import annotations
@@ -28,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bundler import proc
+from bundler import proc, timeouts
 from bundler.build.cache import Cache
 from bundler.bundle import nodetree
 from bundler.bundle.npmlock import NpmPackage, npm_env, npm_last_error, package_name
@@ -134,7 +122,7 @@ def _build(project: Path, pj_bytes: bytes, lock_bytes: bytes, packages: Sequence
         if omit_dev:
             args.append("--omit=dev")
         try:
-            proc.run(args, cwd=work, env=npm_env(Path(tmp) / "home"), timeout=1800,
+            proc.run(args, cwd=work, env=npm_env(Path(tmp) / "home"), timeout=timeouts.PACKAGES,
                      what="npm ci (pre-building node_modules)")
         except CommandError as exc:
             raise BuildError(f"npm ci from the fetched tarballs failed: "

@@ -1,23 +1,9 @@
 """Prisma in an npm project: refuse, at build time, a set-up that cannot run offline.
 
-Prisma's classic engines are native binaries that its install scripts and its CLI download
-from Prisma's own host (not a package registry), so on an air-gapped target `prisma migrate
-deploy` and the client fail. What runs with no network, found by trying (seed 000,
-tests/test_seed_000.py):
-
-- prisma and @prisma/client 6.19.x. Prisma 7's CLI fetches the native schema engine before
-  every migrate and generate; older 6.x lack the JavaScript schema engine used below.
-- the generator with `engineType = "client"`: the generated client runs its query compiler as
-  WebAssembly over a driver adapter (no query engine library).
-- prisma.config.ts with `engine: "js"`, `experimental: { adapter: true }` and an `adapter`
-  for the CLI: migrate runs the WebAssembly schema engine shipped inside the prisma package.
-- for PostgreSQL, the CLI's adapter from @prisma/adapter-pg 7.x (under an npm alias):
-  6.19's own fails reading the migrations table ("Column type 'name' could not be
-  deserialized", upstream prisma/orm#27403).
-
-`check` names the file and the change for the first thing missing; it returns the packages
-whose install-script download attempts are then harmless (the build does not warn about
-them).
+`check` names the file and the change for the first thing missing from the set-up that runs
+with no network (Prisma 6.19.x, `engineType = "client"`, a JS-engine prisma.config with an
+adapter from @prisma/adapter-pg 7.x); it returns the packages whose install-script download
+attempts are then harmless. The set-up and why: docs/prisma.md.
 """
 
 from __future__ import annotations
@@ -38,7 +24,7 @@ CLI_ADAPTER_ALIAS = '"prisma-cli-adapter-pg": "npm:@prisma/adapter-pg@7.10.1"'
 PRISMA_PACKAGES = ("prisma", "@prisma/client", "@prisma/engines")
 CONFIG_NAMES = tuple(f"prisma.config.{ext}" for ext in ("ts", "mts", "cts", "js", "mjs",
                                                          "cjs"))
-_HINT_SETUP = "see the README's Prisma notes for the whole offline set-up"
+_HINT_SETUP = "see docs/prisma.md for the whole offline set-up"
 
 _COMMENT = re.compile(r"//[^\n]*")
 _BLOCK = re.compile(r"\b(generator|datasource)\s+(\w+)\s*\{([^}]*)\}")

@@ -16,11 +16,11 @@ import sys
 import tomllib
 from pathlib import Path
 
-from bundler import proc, ui
+from bundler import proc, timeouts, ui
 from bundler.build.profile import PythonSpec
 from bundler.build.resolve import pyindex
 from bundler.bundle.models import Target
-from bundler.bundle.platforms import host_platform, parse_platform
+from bundler.bundle.platforms import host_platform
 from bundler.errors import BuildError, CommandError
 from bundler.ui import Log
 
@@ -54,19 +54,14 @@ def loose_requirements(spec: PythonSpec, work: Path) -> Path:
 
 def host_matches(target: Target) -> bool:
     """The target is this host's Python (major.minor), CPU and libc family."""
-    host, want = host_platform(), parse_platform(target.platform)
+    host, want = host_platform(), target.tag
     same_python = f"{sys.version_info[0]}.{sys.version_info[1]}" == target.python
     return same_python and host.libc == want.libc and host.arch == want.arch
 
 
 def uv_platform(target: Target) -> str:
     """The target as uv's --python-platform names it."""
-    p = parse_platform(target.platform)
-    if p.family == "manylinux" and p.version is not None:
-        return f"{p.arch}-manylinux_{p.version[0]}_{p.version[1]}"
-    if p.family == "musllinux":
-        return f"{p.arch}-unknown-linux-musl"
-    return f"{p.arch}-unknown-linux-gnu"
+    return target.tag.uv_platform
 
 
 def _uv() -> str:
@@ -115,7 +110,7 @@ def compile_requirements(spec: PythonSpec, target: Target, work: Path, cache_dir
     try:
         tool = "pip-compile" if spec.resolver == "pip-tools" and not for_target else "uv"
         with ui.activity(f"resolving {source.name} with {tool}"):
-            proc.run(args, env=env, what="lock python requirements", timeout=1800)
+            proc.run(args, env=env, what="lock python requirements", timeout=timeouts.PACKAGES)
     except CommandError as exc:
         names = sorted({n for pattern in _UNRESOLVABLE for n in re.findall(pattern, exc.message)})
         if names:

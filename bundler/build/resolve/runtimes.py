@@ -25,6 +25,7 @@ from bundler.build.resolve import npm
 from bundler.bundle import npmlock
 from bundler.bundle.manifest import FileEntry
 from bundler.bundle.models import NODE_PACKAGES, NPM_PACKAGE, NodeRuntime, NpmRef, RuntimesSpec
+from bundler.bundle.platforms import PlatformTag, parse_platform
 from bundler.errors import BuildError
 
 RUNTIMES_DIR = "runtimes"
@@ -33,9 +34,9 @@ _RELEASE = re.compile(r"^(\d+)\.(\d+)\.(\d+)$")
 Version = tuple[int, int, int]
 
 
-def node_package(platform: str) -> str:
+def node_package(platform: PlatformTag) -> str:
     """The registry package holding Node.js for a wheel platform tag's CPU."""
-    return NODE_PACKAGES["x64" if platform.endswith("x86_64") else "arm64"]
+    return NODE_PACKAGES[platform.node_cpu]
 
 
 def _release(text: str) -> Version | None:
@@ -143,11 +144,13 @@ def registry_of(spec: RuntimesSpec) -> str:
     return npm.registry_url(spec.registry or npm.default_registry())
 
 
-def resolve(spec: RuntimesSpec, platform: str, log: Callable[[str], None]
+def resolve(spec: RuntimesSpec, platform: PlatformTag | str, log: Callable[[str], None]
             ) -> tuple[Locked, Locked]:
-    """The newest Node.js for the target's CPU matching `spec.node`, and its npm."""
+    """The newest Node.js for the target's CPU (its platform tag, or the tag's text) matching
+    `spec.node`, and its npm."""
     registry = registry_of(spec)
-    node_name = node_package(platform)
+    node_name = node_package(platform if isinstance(platform, PlatformTag)
+                             else parse_platform(platform))
     node = _pick(node_name, npm.packument(registry, node_name),
                  lambda v, _m: _matches(v, spec.node), spec.node, registry)
     node_version = _release(node.version)

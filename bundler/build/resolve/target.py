@@ -6,37 +6,21 @@ from __future__ import annotations
 from packaging import tags
 
 from bundler.bundle.models import Target
-from bundler.bundle.platforms import parse_platform, wheel_platforms
+from bundler.bundle.platforms import pip_platforms, wheel_platforms
 
 
 def platforms(target: Target) -> list[str]:
     """Every platform tag the target accepts, most specific first."""
-    return wheel_platforms(target.platform)
+    return wheel_platforms(target.tag)
 
 
 def arch(target: Target) -> str:
-    return parse_platform(target.platform).arch
+    return target.tag.arch
 
 
 def python_tuple(target: Target) -> tuple[int, int]:
     major, minor = target.python.split(".")
     return int(major), int(minor)
-
-
-def _pip_platform_order(plats: list[str]) -> list[str]:
-    """The platforms in the order pip ranks them for `--platform` options: pip follows each
-    legacy manylinux2014 / manylinux2010 tag with the older legacy tags it implies (PEP 599,
-    PEP 571) before the next one given, so manylinux2010 ranks above manylinux_2_16."""
-    out: list[str] = []
-    for plat in plats:
-        prefix, _, arch_ = plat.partition("_")
-        implied = [plat]
-        if prefix == "manylinux2014" and arch_ in ("i686", "x86_64"):
-            implied += [f"manylinux2010_{arch_}", f"manylinux1_{arch_}"]
-        elif prefix == "manylinux2010":
-            implied.append(f"manylinux1_{arch_}")
-        out += [p for p in implied if p not in out]
-    return out
 
 
 def sorted_tags(target: Target) -> list[tags.Tag]:
@@ -45,7 +29,7 @@ def sorted_tags(target: Target) -> list[tags.Tag]:
     by its best tag; bundler picks among a release's wheels the way pip would)."""
     py = python_tuple(target)
     interp = f"cp{py[0]}{py[1]}"
-    plats = _pip_platform_order(platforms(target))
+    plats = pip_platforms(target.tag)
     found = [*tags.cpython_tags(py, abis=[interp], platforms=plats),
              *tags.compatible_tags(py, interpreter=interp, platforms=plats)]
     return list(dict.fromkeys(found))

@@ -1,44 +1,43 @@
-"""Database backup and restore for `bundle install`: PostgreSQL (pg_dump -Fc) and SQLite.
+"""PostgreSQL: check, backup (pg_dump -Fc), restore, fingerprint, the SQL migration ledger,
+the migration lock and the `postgres:` health check.
 
-The installer backs the database up before migrating and restores it when the migration or
-the new release fails. Three promises:
-
-- A backup is complete or absent. `pg_dump -Fc` (SQLite: the backup API, a consistent copy
-  even while the application writes) goes to a temp file beside the target; it is read back
-  in full (`pg_restore --list`, then a decode of every data block), fsynced and only then
-  renamed into place. Its sha256 is recorded, and `restore` refuses a file that changed since.
+- A backup is complete or absent. `pg_dump -Fc` goes to a temp file beside the target; it is
+  read back in full (`pg_restore --list`, then a decode of every data block), fsynced and only
+  then renamed into place (base.placing).
 - A restore brings the database back to EXACTLY the backed-up state, schema and rows, even
   after a migration added tables, columns, types, functions, schemas or extensions, or failed
-  half-way; and it is all or nothing. PostgreSQL: ONE transaction, in one `psql` session, first
-  empties the database (every non-system schema but `public` is dropped with CASCADE, and
-  `public` is emptied object by object: `pg_dump` assumes it exists), then replays
-  `pg_restore -1 -f -` (the dump as a script) streamed through a FIFO: no plain-SQL copy of the
-  data ever lands on disk. The `COMMIT` is the last line of that script, so a stream cut short
-  for any reason (pg_restore died, the disk went away) commits nothing: the session ends inside
-  the transaction and the server rolls it back. `pg_restore --clean --if-exists` would not do:
-  it drops only what the dump names, so objects a migration created after the dump survive.
-  SQLite: the backup API copies the backup over the live database in one transaction.
+  half-way; and it is all or nothing: ONE transaction, in one `psql` session, first empties the
+  database (every non-system schema but `public` is dropped with CASCADE, and `public` is
+  emptied object by object: `pg_dump` assumes it exists), then replays `pg_restore -1 -f -`
+  (the dump as a script) streamed through a FIFO: no plain-SQL copy of the data ever lands on
+  disk. The `COMMIT` is the last line of that script, so a stream cut short for any reason
+  (pg_restore died, the disk went away) commits nothing: the session ends inside the
+  transaction and the server rolls it back. `pg_restore --clean --if-exists` would not do: it
+  drops only what the dump names, so objects a migration created after the dump survive.
 - Secrets never show. The password in a URL (user:PASSWORD@ or ?password=) is handed to the
   client tools as PGPASSWORD in their environment, never in argv; every message, log line and
   quoted tool output goes through `bundler.redact.redact`.
+- Migrations: a SESSION advisory lock (`ADVISORY_LOCK_KEY`) is held on a connection of our own
+  for the whole run, so two installers never migrate the same database concurrently; restores
+  take the same key for their transaction. Each SQL file runs in ONE transaction together with
+  its row in `public.bundler_migrations`.
 
 URLs: `postgresql://user@/db?host=/sock/dir&port=5432` (unix socket),
 `postgresql://user:pw@127.0.0.1:5432/db`, a `+driver` suffix (`postgresql+psycopg://`) is
-accepted and ignored; `sqlite:///abs/path.db` and SQLAlchemy's `sqlite:////abs/path.db` both
-name /abs/path.db (relative SQLite paths are refused: an installer must not depend on its cwd).
+accepted and ignored.
 
 Databases in a compose service (`Database.compose_service`): pg_dump, pg_restore and psql run
 INSIDE that service, so client and server versions always match. This module does not call
-compose itself: the caller passes `exec_in_service` (see `ServiceExec`), typically
+compose itself: the caller passes `run_in` (see `base.ServiceExec`), typically
 `docker compose -p PROJECT exec -T -e PGPASSWORD SERVICE ARGV...` with stdin/stdout redirected
 to the given paths and PGPASSWORD in compose's own environment. Inside the service the tools
 connect through the container's default unix socket as the URL's user to the URL's database
 (the URL's host and port are what the application uses, not what works inside the container).
 
-Not reset by a PostgreSQL restore (database-wide objects a schema drop does not reach, rarely
-made by application migrations): event triggers, publications, subscriptions, foreign-data
-wrappers and servers, casts, languages, operator classes and families, and the ACL of the
-`public` schema itself. They are listed here so nobody assumes otherwise.
+Not reset by a restore (database-wide objects a schema drop does not reach, rarely made by
+application migrations): event triggers, publications, subscriptions, foreign-data wrappers
+and servers, casts, languages, operator classes and families, and the ACL of the `public`
+schema itself. They are listed here so nobody assumes otherwise.
 """
 
 from __future__ import annotations
@@ -50,29 +49,40 @@ import os
 import re
 import select
 import shutil
-import sqlite3
 import tempfile
 import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
-from bundler import proc
+from bundler import proc, timeouts
 from bundler.bundle import hostneeds
-from bundler.errors import CommandError, InstallError
-from bundler.fsutil import CHUNK, create_file, private_dir, require_space, sha256_file
-from bundler.install import fsowner, mysql_db
+from bundler.bundle.models import DbKind
+from bundler.errors import CommandError, InstallError, LockedError, MigrationError
+from bundler.fsutil import CHUNK, create_file
+from bundler.install.db.base import (
+    LEDGER,
+    Backup,
+    Database,
+    Engine,
+    Log,
+    ServerEngine,
+    ServiceExec,
+    backup_path,
+    first_line,
+    placing,
+    wrong_backup,
+)
 from bundler.redact import redact
 
-# Seconds. A dump or a restore of a big database takes long; a hung one must still end.
-DUMP_TIMEOUT = 4 * 3600.0
-RESTORE_TIMEOUT = 4 * 3600.0
-CONNECT_TIMEOUT = 10
+BACKUP_KIND = "pg_dump"  # what Backup.kind says of its backups
+DUMP_TIMEOUT = RESTORE_TIMEOUT = timeouts.DB_DUMP
+CONNECT_TIMEOUT = timeouts.DB_CONNECT
 # How long a restore waits for locks held by sessions that are still using the database
 # (the installer stops the release first; a straggler must not make the restore hang).
 RESTORE_LOCK_TIMEOUT = "120s"
@@ -86,75 +96,6 @@ ADVISORY_LOCK_KEY = int.from_bytes(hashlib.sha256(b"bundler:migrations").digest(
 CONNECT_HINT = ("check that the database server is running and that the URL's host, port (or "
                 "socket directory), user and database, and the password, are right")
 
-Log = Callable[[str], None]
-
-
-class ServiceExec(Protocol):
-    """Runs `argv` inside the database's compose service (for `Database.compose_service`).
-
-    stdin_path / stdout_path: files (or FIFOs) to connect to the command's stdin / stdout, or
-    None for no stdin / captured stdout. `env`: variables to set inside the service (PGPASSWORD:
-    pass it via compose's environment, `-e NAME`, never as `-e NAME=VALUE` in argv). Returns
-    the finished command as a `proc.Result` whose output is what it printed (stderr, plus
-    stdout when not redirected); a non-zero exit is returned, not raised. Must honour timeout.
-    """
-
-    def __call__(self, argv: Sequence[str], stdin_path: Path | None, stdout_path: Path | None,
-                 *, env: Mapping[str, str], timeout: float) -> proc.Result: ...
-
-
-@dataclass(frozen=True)
-class Database:
-    url: str
-    compose_service: str | None = None
-    name: str | None = None  # its `databases[].name` (None: the single `database:`)
-    # SQLite: the account whose file access every read and write of the file runs with (the
-    # release's `user`, who can write its directory; see fsowner). None: bundler's own.
-    owner: proc.RunAs | None = None
-
-    @property
-    def kind(self) -> str:
-        """"postgresql", "mysql" (MySQL or MariaDB, see mysql_db) or "sqlite"; InstallError
-        for anything else."""
-        scheme = self.url.partition("://")[0].split("+", 1)[0].lower()
-        if scheme in ("postgresql", "postgres"):
-            return "postgresql"
-        if scheme in ("mysql", "mariadb"):
-            return "mysql"
-        if scheme == "sqlite":
-            return "sqlite"
-        raise InstallError(
-            f"database URL {redact(self.url)} is not a postgresql://, mysql:// or sqlite:/// URL",
-            hint="use postgresql://user@host:5432/db, postgresql://user@/db?host=/socket/dir, "
-                 "mysql://user@host:3306/db or sqlite:///absolute/path.db")
-
-    @property
-    def label(self) -> str:
-        """How messages name it: `NAME (URL)` for a named database, else the URL."""
-        return f"{self.name} ({self.display})" if self.name else self.display
-
-    @property
-    def display(self) -> str:
-        """The URL with its password masked: the only form of it that may be printed."""
-        return redact(self.url)
-
-
-@dataclass(frozen=True)
-class Backup:
-    path: Path
-    kind: str  # "pg_dump" | "sqlite" | "mysqldump"
-    size: int
-    sha256: str
-    created: str
-
-    def to_json(self) -> dict[str, object]:
-        return {"path": str(self.path), "kind": self.kind, "size": self.size,
-                "sha256": self.sha256, "created": self.created}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Backup:
-        return cls(Path(str(data["path"])), str(data["kind"]), int(data["size"]),
-                   str(data["sha256"]), str(data["created"]))
 
 
 # --------------------------------------------------------------------------- URLs and secrets
@@ -174,7 +115,7 @@ class PgTarget:
 
 
 def pg_target(db: Database) -> PgTarget:
-    if db.kind != "postgresql":
+    if db.kind != DbKind.POSTGRES:
         raise InstallError(f"{db.display} is not a PostgreSQL database")
     parts = urlsplit("postgresql://" + db.url.partition("://")[2])
     userinfo, at, hostport = parts.netloc.rpartition("@")
@@ -193,15 +134,6 @@ def pg_target(db: Database) -> PgTarget:
     user = unquote(user_q) or dict(params).get("user") or None
     return PgTarget(uri, password or None, user, dbname, tuple(params))
 
-
-def sqlite_path(db: Database) -> Path:
-    if db.kind != "sqlite":
-        raise InstallError(f"{db.display} is not a SQLite database")
-    path = urlsplit(db.url).path
-    if not path.startswith("/") or not path.strip("/"):
-        raise InstallError(f"SQLite URL {db.display} does not name an absolute file path",
-                           hint="use sqlite:///absolute/path.db (or sqlite:////absolute/path.db)")
-    return Path("/" + path.lstrip("/"))
 
 
 # libpq environment variables honoured from `env` for direct (psycopg) connections too.
@@ -232,13 +164,6 @@ def _service_env(pg: PgTarget, env: Mapping[str, str]) -> dict[str, str]:
     if password:
         out["PGPASSWORD"] = password
     return out
-
-
-def first_line(text: str) -> str:
-    for line in text.strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
 
 
 def connect(db: Database, env: Mapping[str, str], *, timeout: int = CONNECT_TIMEOUT) -> Any:
@@ -329,24 +254,10 @@ def _major(version_output: str) -> int | None:
 
 # --------------------------------------------------------------------------- check
 
-def check_url(db: Database, env: Mapping[str, str]) -> None:
-    """Read `db`'s URL as its engine will, without connecting: InstallError (one line, password
-    masked) for one it would refuse later. Run before anything is written."""
-    if db.kind == "mysql":
-        mysql_db.target(db, env)
-
-
 def check(db: Database, env: Mapping[str, str], *,
           exec_in_service: ServiceExec | None = None) -> None:
-    """Raise InstallError (one line, redacted, with a hint) unless `db` is reachable and can be
-    backed up from here: PostgreSQL answers and pg_dump/pg_restore/psql are new enough for it;
-    a SQLite file is a database (or does not exist yet, in a directory that does)."""
-    if db.kind == "sqlite":
-        _sqlite_check(sqlite_path(db), db.owner)
-        return
-    if db.kind == "mysql":
-        mysql_db.check(db, env, exec_in_service=exec_in_service)
-        return
+    """Raise InstallError (one line, redacted, with a hint) unless `db` answers and
+    pg_dump/pg_restore/psql are new enough for it."""
     pg = pg_target(db)
     if db.compose_service:
         for tool in ("pg_dump", "pg_restore", "psql"):
@@ -386,113 +297,31 @@ def check(db: Database, env: Mapping[str, str], *,
                      "service")
 
 
-def wait_ready(db: Database, env: Mapping[str, str], timeout: float, *,
-               exec_in_service: ServiceExec | None = None) -> None:
-    """`check` until it passes or `timeout` seconds have gone by (then its last error): a
-    database container that was just started (without a healthcheck compose could wait for)
-    refuses connections while it initialises."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            check(db, env, exec_in_service=exec_in_service)
-            return
-        except InstallError:
-            if time.monotonic() >= deadline:
-                raise
-        time.sleep(0.5)
+def ping(url: str, env: Mapping[str, str], timeout: float) -> str:
+    """The `postgres:` health check: connect (the URL as the application writes it) and
+    SELECT 1; '' when fine, else the driver's first line."""
+    import psycopg  # imported here: it is slow, and only postgres checks need it
 
-
-def _sqlite_check(path: Path, owner: proc.RunAs | None) -> None:
-    fsowner.call(owner, lambda: _sqlite_readable(path))
-
-
-def _sqlite_readable(path: Path) -> None:
-    if not path.exists():
-        if not path.parent.is_dir():
-            raise InstallError(f"SQLite database {path}: directory {path.parent} does not exist",
-                               hint="create the directory, or fix the path in the URL")
-        if not os.access(path.parent, os.W_OK, effective_ids=True):
-            raise InstallError(f"SQLite database {path}: directory {path.parent} is not writable",
-                               hint="run as the user who owns it, or fix its permissions")
-        return
     try:
-        with contextlib.closing(sqlite3.connect(path, timeout=30)) as conn:
-            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except sqlite3.Error as exc:
-        raise InstallError(f"SQLite database {path} cannot be read: {exc}",
-                           hint="check that the file is a SQLite database and readable") from None
-
-
-@contextlib.contextmanager
-def _side_file(path: Path) -> Iterator[tuple[Path, int]]:
-    """A new, empty file beside the database (created, never opened through a symlink), and
-    its descriptor; removed afterwards. The owner's copy of a backup lives here."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.bundler-", suffix=".tmp", dir=path.parent)
-    side = Path(name)
-    try:
-        yield side, fd
-    finally:
-        os.close(fd)
-        for extra in ("", "-journal"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{side}{extra}")
+        with psycopg.connect(url, connect_timeout=max(1, int(timeout))) as conn:
+            conn.execute("SELECT 1")
+        return ""
+    except psycopg.Error as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- backup
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _backup_path(dest_dir: Path, stem: str, suffix: str, when: datetime) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", stem) or "db"
-    base = f"{safe}-{when.strftime('%Y%m%dT%H%M%SZ')}"
-    path = dest_dir / f"{base}{suffix}"
-    n = 1
-    while path.exists():
-        path = dest_dir / f"{base}-{n}{suffix}"
-        n += 1
-    return path
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def backup(db: Database, dest_dir: Path, env: Mapping[str, str], log: Log, *,
-           exec_in_service: ServiceExec | None = None) -> Backup:
-    """Back `db` up into a new file in `dest_dir`; the file exists only once it is verified."""
-    private_dir(dest_dir)  # 0700 whatever the umask: backups hold the whole database
-    when = _now()
-    started = time.monotonic()
-    if db.kind == "sqlite":
-        path = _sqlite_backup(sqlite_path(db), dest_dir, when, log, db.owner)
-        kind = "sqlite"
-    elif db.kind == "mysql":
-        path = _mysql_backup(db, dest_dir, when, env, log, exec_in_service)
-        kind = "mysqldump"
-    else:
-        path = _pg_backup(db, dest_dir, when, env, log, exec_in_service)
-        kind = "pg_dump"
-    digest, size = sha256_file(path)
-    log(f"backup of {db.display}: {path.name}, {size} bytes, "
-        f"{time.monotonic() - started:.1f}s")
-    return Backup(path, kind, size, digest, when.strftime("%Y-%m-%dT%H:%M:%SZ"))
-
-
-def _pg_backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str, str], log: Log,
-               exec_in_service: ServiceExec | None) -> Path:
+def backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str, str], log: Log,
+           exec_in_service: ServiceExec | None) -> Path:
+    """pg_dump -Fc into a new file in `dest_dir`, read back in full before it is named."""
     pg = pg_target(db)
-    final = _backup_path(dest_dir, pg.dbname or pg.user or "postgres", ".pgdump", when)
+    final = backup_path(dest_dir, pg.dbname or pg.user or "postgres", ".pgdump", when)
     tmp = dest_dir / f".{final.name}.tmp"
     log(f"pg_dump {db.display} -> {final.name}"
         + (f" (in compose service {db.compose_service})" if db.compose_service else ""))
     dump_opts = ["-Fc", "-w", f"--lock-wait-timeout={DUMP_LOCK_TIMEOUT}"]
-    with _placing(tmp, final):
+    with placing(tmp, final):
         # 0600 before the first byte is written (pg_dump -f and a redirect keep the mode).
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -505,16 +334,6 @@ def _pg_backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str, s
         os.chmod(tmp, 0o600)  # the whole database: readable by its owner only (kept so)
         entries = _verify_dump(db, tmp, env, exec_in_service)
         log(f"verified {final.name}: {entries} archive entries, every data block readable")
-    return final
-
-
-def _mysql_backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str, str],
-                  log: Log, exec_in_service: ServiceExec | None) -> Path:
-    final = _backup_path(dest_dir, mysql_db.target(db, env).dbname, ".mysql.sql", when)
-    tmp = dest_dir / f".{final.name}.tmp"
-    with _placing(tmp, final):
-        mysql_db.backup(db, tmp, env, log, exec_in_service=exec_in_service)
-        log(f"verified {final.name}: read back to its completion line")
     return final
 
 
@@ -536,80 +355,6 @@ def _verify_dump(db: Database, path: Path, env: Mapping[str, str],
     return entries
 
 
-def _sqlite_backup(path: Path, dest_dir: Path, when: datetime, log: Log,
-                   owner: proc.RunAs | None) -> Path:
-    final = _backup_path(dest_dir, path.stem, ".sqlite", when)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=dest_dir)
-    tmp = Path(tmp_name)
-    with _placing(tmp, final), _sqlite_errors(f"SQLite backup of {path} failed"):
-        exists = path.exists()
-        with open(fd, "r+b") as sink:
-            if exists:
-                require_space(dest_dir, path.stat().st_size, f"backing up {path}")
-                log(f"sqlite backup {path} -> {final.name}")
-                if owner is not None and owner.switches and os.geteuid() == 0:
-                    fsowner.call(owner, lambda: _owner_snapshot(path, sink))
-                else:
-                    _snapshot(path, tmp)
-            else:
-                # Nothing there yet: the backed-up state is "an empty database".
-                log(f"sqlite {path} does not exist yet: backing up an empty database")
-        with contextlib.closing(sqlite3.connect(tmp)) as dst:
-            if not exists:
-                dst.execute("PRAGMA user_version = 0")  # writes the empty database's header
-            dst.execute("PRAGMA journal_mode=DELETE")  # self-contained: no -wal beside it
-            check_row = dst.execute("PRAGMA quick_check").fetchone()
-            if not check_row or check_row[0] != "ok":
-                raise InstallError(f"the SQLite backup of {path} failed its check: "
-                                   f"{check_row[0] if check_row else 'no result'}")
-        os.chmod(tmp, 0o600)
-    return final
-
-
-def _snapshot(path: Path, dest: Path) -> None:
-    """One consistent copy of the database at `path` into the SQLite file `dest`."""
-    with contextlib.closing(sqlite3.connect(path, timeout=60)) as src, \
-            contextlib.closing(sqlite3.connect(dest)) as dst:
-        # One step (pages=-1): a read transaction on the source for the whole copy, so the
-        # copy is one consistent snapshot even while the application writes.
-        src.backup(dst)
-
-
-def _owner_snapshot(path: Path, sink: BinaryIO) -> None:
-    """With the owner's access (fsowner): snapshot into a side file, then copy its bytes into
-    root's backup file, already open. Root never opens a path the owner could have swapped."""
-    with _side_file(path) as (side, fd):
-        _snapshot(path, side)
-        with open(fd, "rb", closefd=False) as copy:
-            copy.seek(0)
-            shutil.copyfileobj(copy, sink, 1 << 20)
-        sink.flush()
-
-
-@contextlib.contextmanager
-def _placing(tmp: Path, final: Path) -> Iterator[None]:
-    """`tmp` becomes `final` only once the block has written and verified it: fsynced, renamed,
-    its directory fsynced. On any failure it is removed: a backup is complete or absent."""
-    try:
-        yield
-        _fsync(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync(final.parent)
-
-
-@contextlib.contextmanager
-def _sqlite_errors(what: str) -> Iterator[None]:
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise InstallError(f"{what}: {exc}",
-                           hint="check that the file is a SQLite database and readable") from None
-
-
 # --------------------------------------------------------------------------- fingerprint
 
 # What has been written to a PostgreSQL database: per user table the counts of rows inserted,
@@ -627,17 +372,7 @@ _PG_FINGERPRINT = (
 
 def fingerprint(db: Database, env: Mapping[str, str], *,
                 exec_in_service: ServiceExec | None = None) -> str:
-    """A short value that changes when the database is written to: compared before a restore
-    that was left pending, it tells whether the restore would discard writes made since
-    bundler last looked. SQLite: the file's bytes; PostgreSQL: see `_PG_FINGERPRINT`."""
-    if db.kind == "sqlite":
-        path = sqlite_path(db)
-        parts = []
-        for f in (path, path.with_name(path.name + "-wal")):
-            parts.append(sha256_file(f)[0] if f.is_file() else "-")
-        return "sqlite:" + hashlib.sha256(":".join(parts).encode()).hexdigest()[:32]
-    if db.kind == "mysql":
-        return mysql_db.fingerprint(db, env, exec_in_service=exec_in_service)
+    """The database's write counters and the identity of its relations: `_PG_FINGERPRINT`."""
     pg = pg_target(db)
     if db.compose_service:
         result = _run_tool(db, ["psql"], env, timeout=CONNECT_TIMEOUT + 60,
@@ -654,65 +389,6 @@ def fingerprint(db: Database, env: Mapping[str, str], *,
 
 
 # --------------------------------------------------------------------------- restore
-
-def restore(db: Database, backup: Backup, env: Mapping[str, str], log: Log, *,
-            exec_in_service: ServiceExec | None = None) -> None:
-    """Put `db` back exactly as it was when `backup` was taken; all or nothing."""
-    started = time.monotonic()
-    digest, size = (sha256_file(backup.path) if backup.path.is_file() else ("", -1))
-    if (digest, size) != (backup.sha256, backup.size):
-        raise InstallError(
-            f"backup {backup.path} is missing or changed since it was taken "
-            f"(expected {backup.size} bytes, sha256 {backup.sha256[:16]}…)",
-            hint="the database was NOT restored; restore it by hand from another copy")
-    if db.kind == "sqlite":
-        _sqlite_restore(sqlite_path(db), backup, log, db.owner)
-    elif db.kind == "mysql":
-        if backup.kind != "mysqldump":
-            raise InstallError(f"backup {backup.path} is a {backup.kind} backup, not a "
-                               "mysqldump")
-        mysql_db.restore(db, backup.path, backup.path.parent, env, log,
-                         exec_in_service=exec_in_service)
-    else:
-        if backup.kind != "pg_dump":
-            raise InstallError(f"backup {backup.path} is a {backup.kind} backup, not a pg_dump")
-        _pg_restore(db, backup, env, log, exec_in_service)
-    log(f"restored {db.display} from {backup.path.name} in {time.monotonic() - started:.1f}s")
-
-
-def _sqlite_restore(path: Path, backup: Backup, log: Log, owner: proc.RunAs | None) -> None:
-    if backup.kind != "sqlite":
-        raise InstallError(f"backup {backup.path} is a {backup.kind} backup, not a SQLite one")
-    log(f"sqlite restore {backup.path.name} -> {path}")
-    try:
-        if owner is not None and owner.switches and os.geteuid() == 0:
-            require_space(path.parent, backup.size, f"restoring {path}")
-            with open(backup.path, "rb") as source:
-                fsowner.call(owner, lambda: _owner_restore(source, path))
-        else:
-            _replace_pages(backup.path, path)
-    except sqlite3.Error as exc:
-        raise InstallError(f"SQLite restore of {path} from {backup.path} failed: {exc}",
-                           hint="stop whatever holds the database open and restore again"
-                           ) from None
-
-
-def _replace_pages(source: Path, path: Path) -> None:
-    with contextlib.closing(sqlite3.connect(source)) as src, \
-            contextlib.closing(sqlite3.connect(path, timeout=60)) as dst:
-        # The backup API replaces every page of the destination in one write transaction:
-        # tables the migration added are gone, the schema and rows are the backup's.
-        src.backup(dst)
-
-
-def _owner_restore(source: BinaryIO, path: Path) -> None:
-    """With the owner's access (fsowner): the backup's bytes (root opened the file) into a
-    side file, then its pages over the database."""
-    with _side_file(path) as (side, fd):
-        with open(fd, "wb", closefd=False) as out:
-            shutil.copyfileobj(source, out, 1 << 20)
-        _replace_pages(side, path)
-
 
 # Runs first, inside the restore's transaction: empty the database so that the dump, replayed
 # next, yields exactly the backed-up state. Everything is formatted while search_path is
@@ -818,8 +494,11 @@ def restore_prologue() -> bytes:
     ).encode()
 
 
-def _pg_restore(db: Database, backup: Backup, env: Mapping[str, str], log: Log,
-                exec_in_service: ServiceExec | None) -> None:
+def restore(db: Database, backup: Backup, env: Mapping[str, str], log: Log,
+            exec_in_service: ServiceExec | None) -> None:
+    """The prologue, then the dump as a script, in one psql session (see the module)."""
+    if backup.kind != BACKUP_KIND:
+        raise wrong_backup(backup, "a pg_dump")
     pg = pg_target(db)
     log(f"restoring {db.display} from {backup.path.name} (one transaction)"
         + (f" in compose service {db.compose_service}" if db.compose_service else ""))
@@ -981,3 +660,158 @@ class _Pump:
             if int.from_bytes(pending, "little") == 0:
                 return
             time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- migrations
+
+class PgLedger:
+    """The connection that holds the migration lock, and applies SQL files through it."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def read(self, migration: str) -> dict[str, str]:
+        rows = self.conn.execute(
+            f"SELECT file, sha256 FROM public.{LEDGER} WHERE migration = %s",
+            (migration,)).fetchall()
+        return {str(f): str(s) for f, s in rows}
+
+    def apply(self, migration: str, file: str, sha256: str, text: str, work_dir: Path) -> None:
+        import psycopg
+        from psycopg.pq import TransactionStatus
+
+        try:
+            with self.conn.transaction():
+                self.conn.execute(text)  # no parameters: sent as one simple-protocol query
+                if self.conn.info.transaction_status != TransactionStatus.INTRANS:
+                    raise MigrationError(
+                        f"migration {migration}: {file} ended the transaction itself (COMMIT "
+                        "or ROLLBACK inside it): the file may be partly applied",
+                        hint="remove transaction control from the file; restore the backup")
+                self.conn.execute(
+                    f"INSERT INTO public.{LEDGER} (migration, file, sha256) VALUES (%s, %s, %s)",
+                    (migration, file, sha256))
+        except psycopg.Error as exc:
+            raise MigrationError(
+                f"migration {migration}: {file}{_pg_location(exc, text)}: "
+                f"{_pg_message(exc)}; this file was rolled back, earlier ones stay applied"
+            ) from None
+
+
+def _pg_message(exc: Any) -> str:
+    diag = getattr(exc, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    return str(primary or first_line(str(exc)))
+
+
+def _pg_location(exc: Any, text: str) -> str:
+    diag = getattr(exc, "diag", None)
+    position = getattr(diag, "statement_position", None) if diag is not None else None
+    if not position:
+        return ""
+    with contextlib.suppress(ValueError):
+        return f" line {text.count(chr(10), 0, int(position) - 1) + 1}"
+    return ""
+
+
+def _create_ledger(conn: Any) -> None:
+    conn.execute(f"""CREATE TABLE IF NOT EXISTS public.{LEDGER} (
+        migration text NOT NULL,
+        file text NOT NULL,
+        sha256 text NOT NULL,
+        applied_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (migration, file))""")
+
+
+@contextlib.contextmanager
+def migration_session(db: Database, env: Mapping[str, str], log: Log, *, ledger: bool,
+                      lock_wait: int) -> Iterator[PgLedger]:
+    """The advisory lock for the whole run, and the ledger connection under it. The ledger
+    table is created only when `ledger` (the release has sql migrations): a tool that refuses
+    a non-empty schema without its own history (Prisma's P3005 on a first `migrate deploy`)
+    must find the database as the operator left it."""
+    import psycopg
+
+    with connect(db, env) as conn:
+        key = ADVISORY_LOCK_KEY
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+            log(f"another installer is migrating {db.display}: waiting up to {lock_wait}s")
+            conn.execute(f"SET lock_timeout = '{lock_wait}s'")
+            try:
+                conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            except psycopg.errors.LockNotAvailable:
+                raise LockedError(
+                    f"another installer has been migrating {db.display} for over "
+                    f"{lock_wait}s", hint="wait for it to finish, then install again"
+                ) from None
+            conn.execute("RESET lock_timeout")
+        try:
+            try:
+                if ledger:
+                    _create_ledger(conn)
+            except psycopg.Error as exc:
+                raise MigrationError(
+                    f"cannot create the migration ledger public.{LEDGER} in {db.display}: "
+                    f"{_pg_message(exc)}",
+                    hint="the database user needs CREATE on schema public") from None
+            yield PgLedger(conn)
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def read_ledger(db: Database, env: Mapping[str, str], migration: str) -> dict[str, str]:
+    with connect(db, env) as conn:
+        if conn.execute("SELECT to_regclass(%s)", (f"public.{LEDGER}",)).fetchone()[0] is None:
+            return {}
+        return PgLedger(conn).read(migration)
+
+
+# --------------------------------------------------------------------------- the engine
+
+class Postgres(ServerEngine):
+    """The PostgreSQL engine (see the module's docstring)."""
+
+    kind = DbKind.POSTGRES
+    backup_kind = BACKUP_KIND
+
+    def check_url(self, db: Database, env: Mapping[str, str]) -> None:
+        return None  # libpq reads any URL; what it refuses, `check` says when it connects
+
+    def check(self, db: Database, env: Mapping[str, str],
+              run_in: ServiceExec | None) -> None:
+        check(db, env, exec_in_service=run_in)
+
+    def backup(self, db: Database, dest_dir: Path, when: datetime, env: Mapping[str, str],
+               log: Log, run_in: ServiceExec | None) -> Path:
+        return backup(db, dest_dir, when, env, log, run_in)
+
+    def restore(self, db: Database, backup: Backup, env: Mapping[str, str], log: Log,
+                run_in: ServiceExec | None) -> None:
+        restore(db, backup, env, log, run_in)
+
+    def fingerprint(self, db: Database, env: Mapping[str, str],
+                    run_in: ServiceExec | None) -> str:
+        return fingerprint(db, env, exec_in_service=run_in)
+
+    def ping(self, url: str, env: Mapping[str, str], timeout: float) -> str:
+        return ping(url, env, timeout)
+
+    def migration_session(self, db: Database, env: Mapping[str, str], log: Log, *,
+                          ledger: bool, lock_wait: int, run_in: ServiceExec | None
+                          ) -> contextlib.AbstractContextManager[PgLedger]:
+        return migration_session(db, env, log, ledger=ledger, lock_wait=lock_wait)
+
+    def read_ledger(self, db: Database, env: Mapping[str, str],
+                    migration: str) -> dict[str, str]:
+        return read_ledger(db, env, migration)
+
+    def client_env(self, db: Database) -> dict[str, str]:
+        password = pg_target(db).password
+        return {"PGPASSWORD": password} if password else {}
+
+    def scrub(self, db: Database, text: str) -> str:
+        return pg_target(db).scrub(text)
+
+
+ENGINE: Engine = Postgres()

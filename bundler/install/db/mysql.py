@@ -1,5 +1,5 @@
-"""MySQL and MariaDB (one protocol) for `bundle install`: check, backup, restore, fingerprint,
-SQL migrations and the `mysql:` health check. `database.py` dispatches here for `kind` mysql.
+"""MySQL and MariaDB (one protocol): check, backup, restore, fingerprint, SQL migrations and
+the `mysql:` health check; the engine of kind mysql.
 
 Everything goes through the client programs a bare host (or the database's own container)
 has: `mariadb` / `mariadb-dump` (Debian: mariadb-client), else `mysql` / `mysqldump`. No
@@ -49,29 +49,37 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from bundler import proc
+from bundler import proc, timeouts
 from bundler.bundle import hostneeds
+from bundler.bundle.models import DbKind
 from bundler.errors import CommandError, InstallError, LockedError, MigrationError
 from bundler.fsutil import create_file
+from bundler.install.db.base import (
+    LEDGER,
+    Backup,
+    Database,
+    Engine,
+    Log,
+    ServerEngine,
+    ServiceExec,
+    backup_path,
+    placing,
+    wrong_backup,
+)
 from bundler.redact import redact
 
-if TYPE_CHECKING:
-    from bundler.install.database import Database, ServiceExec
-
-DUMP_TIMEOUT = 4 * 3600.0
-CONNECT_TIMEOUT = 10
+BACKUP_KIND = "mysqldump"  # what Backup.kind says of its backups
+DUMP_TIMEOUT = timeouts.DB_DUMP
+CONNECT_TIMEOUT = timeouts.DB_CONNECT
 LOCK_NAME = "bundler:migrations"
 LOCK_WAIT = 600
-LEDGER = "bundler_migrations"
 DONE_MARK = b"-- Dump completed"
-
-Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -349,8 +357,19 @@ DUMP_OPTS = ("--single-transaction", "--routines", "--triggers", "--hex-blob",
              "--skip-dump-date", "--no-tablespaces")
 
 
-def backup(db: Database, tmp: Path, env: Mapping[str, str], log: Log, *,
-           exec_in_service: ServiceExec | None = None) -> None:
+def backup(db: Database, dest_dir: Path, when: datetime, env: Mapping[str, str], log: Log,
+           exec_in_service: ServiceExec | None = None) -> Path:
+    """A new dump in `dest_dir`, named only once it is read back whole."""
+    final = backup_path(dest_dir, target(db, env).dbname, ".mysql.sql", when)
+    tmp = dest_dir / f".{final.name}.tmp"
+    with placing(tmp, final):
+        dump(db, tmp, env, log, exec_in_service=exec_in_service)
+        log(f"verified {final.name}: read back to its completion line")
+    return final
+
+
+def dump(db: Database, tmp: Path, env: Mapping[str, str], log: Log, *,
+         exec_in_service: ServiceExec | None = None) -> None:
     """Dump `db` into `tmp` (created 0600 here) and read it back; InstallError if not whole."""
     t = target(db, env)
     log(f"mariadb-dump {db.display} -> {tmp.name}"
@@ -532,7 +551,8 @@ class Ledger:
 
 
 @contextlib.contextmanager
-def migration_lock(db: Database, env: Mapping[str, str], log: Log) -> Iterator[None]:
+def migration_lock(db: Database, env: Mapping[str, str], log: Log,
+                   lock_wait: int = LOCK_WAIT) -> Iterator[None]:
     """Hold GET_LOCK(LOCK_NAME) in a client session of our own for the whole run (local
     client only; a database in a compose service is migrated by one installer anyway: the
     root lock)."""
@@ -547,12 +567,12 @@ def migration_lock(db: Database, env: Mapping[str, str], log: Log) -> Iterator[N
             env=proc.clean_env(env), text=True)
         try:
             assert holder.stdin is not None and holder.stdout is not None
-            holder.stdin.write(f"SELECT GET_LOCK('{LOCK_NAME}', {LOCK_WAIT});\n")
+            holder.stdin.write(f"SELECT GET_LOCK('{LOCK_NAME}', {lock_wait});\n")
             holder.stdin.flush()
             answer = holder.stdout.readline().strip()
             if answer != "1":
                 raise LockedError(f"another installer has been migrating {db.display} for "
-                                  f"over {LOCK_WAIT}s" if answer == "0" else
+                                  f"over {lock_wait}s" if answer == "0" else
                                   f"cannot take the migration lock on {db.display}: "
                                   f"{t.scrub(answer)}",
                                   hint="wait for it to finish, then install again")
@@ -567,3 +587,67 @@ def migration_lock(db: Database, env: Mapping[str, str], log: Log) -> Iterator[N
             except subprocess.TimeoutExpired:
                 holder.kill()
                 holder.wait()
+
+
+@contextlib.contextmanager
+def migration_session(db: Database, env: Mapping[str, str], log: Log, *, ledger: bool,
+                      lock_wait: int, exec_in_service: ServiceExec | None) -> Iterator[Ledger]:
+    """The migration lock for the whole run, and the ledger (its table created when
+    `ledger`: the release has sql migrations)."""
+    with migration_lock(db, env, log, lock_wait):
+        book = Ledger(db, env, exec_in_service)
+        if ledger:
+            book.create()
+        yield book
+
+
+# --------------------------------------------------------------------------- the engine
+
+class Mysql(ServerEngine):
+    """The MySQL/MariaDB engine (see the module's docstring)."""
+
+    kind = DbKind.MYSQL
+    backup_kind = BACKUP_KIND
+
+    def check_url(self, db: Database, env: Mapping[str, str]) -> None:
+        target(db, env)
+
+    def check(self, db: Database, env: Mapping[str, str],
+              run_in: ServiceExec | None) -> None:
+        check(db, env, exec_in_service=run_in)
+
+    def backup(self, db: Database, dest_dir: Path, when: datetime, env: Mapping[str, str],
+               log: Log, run_in: ServiceExec | None) -> Path:
+        return backup(db, dest_dir, when, env, log, exec_in_service=run_in)
+
+    def restore(self, db: Database, backup: Backup, env: Mapping[str, str], log: Log,
+                run_in: ServiceExec | None) -> None:
+        if backup.kind != BACKUP_KIND:
+            raise wrong_backup(backup, "a mysqldump")
+        restore(db, backup.path, backup.path.parent, env, log, exec_in_service=run_in)
+
+    def fingerprint(self, db: Database, env: Mapping[str, str],
+                    run_in: ServiceExec | None) -> str:
+        return fingerprint(db, env, exec_in_service=run_in)
+
+    def ping(self, url: str, env: Mapping[str, str], timeout: float) -> str:
+        return ping(url, env, max(1.0, timeout))
+
+    def migration_session(self, db: Database, env: Mapping[str, str], log: Log, *,
+                          ledger: bool, lock_wait: int, run_in: ServiceExec | None
+                          ) -> contextlib.AbstractContextManager[Ledger]:
+        return migration_session(db, env, log, ledger=ledger, lock_wait=lock_wait,
+                                 exec_in_service=run_in)
+
+    def read_ledger(self, db: Database, env: Mapping[str, str],
+                    migration: str) -> dict[str, str]:
+        return Ledger(db, env, None).read(migration)
+
+    def client_env(self, db: Database) -> dict[str, str]:
+        return {}
+
+    def scrub(self, db: Database, text: str) -> str:
+        return target(db).scrub(text)
+
+
+ENGINE: Engine = Mysql()
