@@ -6,6 +6,9 @@
   host runs its own PostgreSQL), installed with apt from the same mirror.
 - `systemd`: `FROM` the bare image, plus `systemd systemd-sysv dbus`: a host that boots
   (systemd as PID 1, see tests.booted_host).
+- `trixie`: Debian 13's minbase (the one scripts/seed_images.py builds seed 003's pgvector
+  on: the same tag and rootfs tar) plus its `python3`, CPython 3.13: a second real Python from
+  the Debian mirror (a kit for another Python runs there).
 
 The Debian mirror is read from this machine's apt sources at run time (never committed). Each
 image is tagged by a hash of its recipe, so an edited recipe is a new image, never a stale one;
@@ -14,7 +17,7 @@ rootfs tar, the pg15 image as `docker save`), so a re-run after `docker system p
 in seconds instead of bootstrapping again. A file lock there serialises concurrent builders
 (other worktrees share the engine and the cache).
 
-    python -m tests.bare_image [bare|pg15|seed004|systemd ...]  # build or find; tag, time, size
+    python -m tests.bare_image [bare|pg15|seed004|systemd|trixie ...]  # build or find
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +88,21 @@ RUN apt-get update -qq \\
 CMD ["/lib/systemd/systemd"]
 """
 SYSTEMD_REF = f"{REPO}:systemd-" + _hash(BARE_REF, SYSTEMD_DOCKERFILE)
-REFS = {"bare": BARE_REF, "pg15": PG15_REF, "seed004": SEED004_REF, "systemd": SYSTEMD_REF}
+# Debian 13's minbase, tagged as scripts/seed_images.py tags it (one debootstrap for both), and
+# FROM it, Debian 13's python3 (3.13).
+TRIXIE_SUITE = "trixie"
+TRIXIE_REF = f"bundler-test/bare-{TRIXIE_SUITE}:minbase-" + _hash(
+    TRIXIE_SUITE, "minbase", BARE_CLEAN, BARE_CHANGES)
+TRIXIE_PY_DOCKERFILE = """\
+FROM {base}
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 \\
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+"""
+TRIXIE_PY_REF = f"bundler-test/bare-{TRIXIE_SUITE}:python3-" + _hash(
+    TRIXIE_REF, TRIXIE_PY_DOCKERFILE)
+REFS = {"bare": BARE_REF, "pg15": PG15_REF, "seed004": SEED004_REF, "systemd": SYSTEMD_REF,
+        "trixie": TRIXIE_PY_REF}
 
 
 class Unavailable(Exception):
@@ -231,21 +248,31 @@ def _import(client: Any, tar: Path, ref: str) -> None:
 
 
 def ensure_bare(client: Any) -> Built:
+    return _ensure_rootfs(client, BARE_REF, SUITE, BARE_INCLUDE)
+
+
+def ensure_trixie_base(client: Any) -> Built:
+    return _ensure_rootfs(client, TRIXIE_REF, TRIXIE_SUITE, ())
+
+
+def _ensure_rootfs(client: Any, ref: str, suite: str, include: tuple[str, ...]) -> Built:
+    """A debootstrapped `suite` (minbase plus `include`) as `ref`, its rootfs tar kept in the
+    cache dir."""
     start = time.monotonic()
-    if _has(client, BARE_REF):
-        return Built(BARE_REF, "present", time.monotonic() - start, _size(client, BARE_REF))
+    if _has(client, ref):
+        return Built(ref, "present", time.monotonic() - start, _size(client, ref))
     cache = cache_dir()
     with _locked(cache):
-        if _has(client, BARE_REF):  # another builder finished while we waited
+        if _has(client, ref):  # another builder finished while we waited
             how = "present"
         else:
-            tar = cache / f"bare-bookworm-{BARE_TAG}.rootfs.tar"
+            tar = cache / f"bare-{suite}-{ref.rsplit(':', 1)[1]}.rootfs.tar"
             how = "imported from cache"
             if not tar.is_file():
-                _debootstrap_rootfs(tar)
+                _debootstrap_rootfs(tar, suite=suite, include=include)
                 how = "built"
-            _import(client, tar, BARE_REF)
-    return Built(BARE_REF, how, time.monotonic() - start, _size(client, BARE_REF))
+            _import(client, tar, ref)
+    return Built(ref, how, time.monotonic() - start, _size(client, ref))
 
 
 def ensure_pg15(client: Any) -> Built:
@@ -260,9 +287,15 @@ def ensure_systemd(client: Any) -> Built:
     return _ensure_derived(client, SYSTEMD_REF, SYSTEMD_DOCKERFILE)
 
 
-def _ensure_derived(client: Any, ref: str, recipe: str) -> Built:
-    """An image built FROM the bare base by `recipe` (apt from the host's mirror), kept in the
-    engine and saved in the cache dir (a later run, or another worktree, loads the save)."""
+def ensure_trixie(client: Any) -> Built:
+    return _ensure_derived(client, TRIXIE_PY_REF, TRIXIE_PY_DOCKERFILE, TRIXIE_REF,
+                           ensure_trixie_base)
+
+
+def _ensure_derived(client: Any, ref: str, recipe: str, base: str = BARE_REF,
+                    ensure_base: Callable[[Any], Built] = ensure_bare) -> Built:
+    """An image built FROM `base` by `recipe` (apt from the host's mirror), kept in the engine
+    and saved in the cache dir (a later run, or another worktree, loads the save)."""
     start = time.monotonic()
     if _has(client, ref):
         return Built(ref, "present", time.monotonic() - start, _size(client, ref))
@@ -275,10 +308,10 @@ def _ensure_derived(client: Any, ref: str, recipe: str) -> Built:
                 for _ in client.api.load_image(fh):  # read to the end: the load runs meanwhile
                     pass
     if not _has(client, ref):
-        ensure_bare(client)
+        ensure_base(client)
         with _locked(cache):
             if not _has(client, ref):
-                _build_derived(client, ref, recipe, saved)
+                _build_derived(client, ref, recipe.format(base=base), saved)
                 how = "built"
     return Built(ref, how, time.monotonic() - start, _size(client, ref))
 
@@ -287,7 +320,7 @@ def _build_derived(client: Any, ref: str, recipe: str, saved: Path) -> None:
     import docker
 
     # The base's /etc/apt/sources.list names the mirror debootstrap used (apt's, at run time).
-    dockerfile = recipe.format(base=BARE_REF).encode()
+    dockerfile = recipe.encode()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         info = tarfile.TarInfo("Dockerfile")
@@ -309,7 +342,7 @@ def _build_derived(client: Any, ref: str, recipe: str, saved: Path) -> None:
 
 
 ENSURE = {"bare": ensure_bare, "pg15": ensure_pg15, "seed004": ensure_seed004,
-          "systemd": ensure_systemd}
+          "systemd": ensure_systemd, "trixie": ensure_trixie}
 
 
 def main(argv: list[str]) -> int:
