@@ -53,12 +53,8 @@ from tests import bare_image  # noqa: E402
 PROFILES = REPO / "profiles"
 CHATBOT = PROFILES / "insurance-chatbot"
 TOURISM = PROFILES / "tourism"
-# Debian 13: pgvector is packaged there (postgresql-17-pgvector), not in Debian 12
-TRIXIE = "trixie"
-TRIXIE_TAG = "minbase-" + hashlib.sha256(
-    repr((TRIXIE, "minbase", bare_image.BARE_CLEAN, bare_image.BARE_CHANGES)).encode()
-).hexdigest()[:12]
-TRIXIE_REF = f"bundler-test/bare-{TRIXIE}:{TRIXIE_TAG}"
+# Debian 13 (pgvector is packaged there, not in Debian 12): tests/bare_image.py's trixie base
+TRIXIE_REF = bare_image.TRIXIE_REF
 REPO_PREFIX = "bundler-seed"
 APT = ("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
        "--no-install-recommends {pkgs} && apt-get clean "
@@ -267,28 +263,9 @@ def _base_ref(recipe: Recipe) -> str:
     return TRIXIE_REF if recipe.base == "trixie" else bare_image.REFS[recipe.base]
 
 
-def ensure_trixie(client: Any) -> bare_image.Built:
-    """Debian 13 minbase, the way tests/bare_image.py makes its bookworm base."""
-    start = time.monotonic()
-    if bare_image._has(client, TRIXIE_REF):
-        return bare_image.Built(TRIXIE_REF, "present", time.monotonic() - start,
-                                bare_image._size(client, TRIXIE_REF))
-    cache = bare_image.cache_dir()
-    with bare_image._locked(cache):
-        how = "present"
-        if not bare_image._has(client, TRIXIE_REF):
-            tar = cache / f"bare-{TRIXIE}-{TRIXIE_TAG}.rootfs.tar"
-            how = "imported from cache"
-            if not tar.is_file():
-                bare_image._debootstrap_rootfs(tar, suite=TRIXIE, include=())
-                how = "built"
-            bare_image._import(client, tar, TRIXIE_REF)
-    return bare_image.Built(TRIXIE_REF, how, time.monotonic() - start,
-                            bare_image._size(client, TRIXIE_REF))
-
-
 BASES: dict[str, Callable[[Any], bare_image.Built]] = {
-    "bare": bare_image.ensure_bare, "pg15": bare_image.ensure_pg15, "trixie": ensure_trixie}
+    "bare": bare_image.ensure_bare, "pg15": bare_image.ensure_pg15,
+    "trixie": bare_image.ensure_trixie_base}
 
 
 def ref(name: str) -> str:

@@ -9,6 +9,9 @@
 - `bullseye`: the `bare` recipe on Debian 11 (its python3 is CPython 3.9, the oldest the
   target kit runs on: issue 22), from the same mirror, cached the same way;
   `bullseye-distutils`: FROM it, plus `python3-distutils` (uv needs it for a 3.9 venv).
+- `trixie`: Debian 13's minbase (the one scripts/seed_images.py builds seed 003's pgvector
+  on: the same tag and rootfs tar) plus its `python3`, CPython 3.13: a second real Python from
+  the Debian mirror (a kit for another Python runs there).
 
 The Debian mirror is read from this machine's apt sources at run time (never committed). Each
 image is tagged by a hash of its recipe, so an edited recipe is a new image, never a stale one;
@@ -17,7 +20,7 @@ rootfs tar, the pg15 image as `docker save`), so a re-run after `docker system p
 in seconds instead of bootstrapping again. A file lock there serialises concurrent builders
 (other worktrees share the engine and the cache).
 
-    python -m tests.bare_image [bare|pg15|seed004|systemd|bullseye[-distutils] ...]  # build or find
+    python -m tests.bare_image [bare|pg15|seed004|systemd|trixie|bullseye[-distutils] ...]
 """
 
 from __future__ import annotations
@@ -103,8 +106,22 @@ RUN apt-get update -qq \\
 """
 BULLSEYE_PY_REF = f"bundler-test/bare-{BULLSEYE_SUITE}:distutils-" + _hash(
     BULLSEYE_REF, BULLSEYE_PY_DOCKERFILE)
+# Debian 13's minbase, tagged as scripts/seed_images.py tags it (one debootstrap for both), and
+# FROM it, Debian 13's python3 (3.13).
+TRIXIE_SUITE = "trixie"
+TRIXIE_REF = f"bundler-test/bare-{TRIXIE_SUITE}:minbase-" + _hash(
+    TRIXIE_SUITE, "minbase", BARE_CLEAN, BARE_CHANGES)
+TRIXIE_PY_DOCKERFILE = """\
+FROM {base}
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 \\
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+"""
+TRIXIE_PY_REF = f"bundler-test/bare-{TRIXIE_SUITE}:python3-" + _hash(
+    TRIXIE_REF, TRIXIE_PY_DOCKERFILE)
 REFS = {"bare": BARE_REF, "pg15": PG15_REF, "seed004": SEED004_REF, "systemd": SYSTEMD_REF,
-        "bullseye": BULLSEYE_REF, "bullseye-distutils": BULLSEYE_PY_REF}
+        "trixie": TRIXIE_PY_REF, "bullseye": BULLSEYE_REF,
+        "bullseye-distutils": BULLSEYE_PY_REF}
 
 
 class Unavailable(Exception):
@@ -262,6 +279,10 @@ def ensure_bullseye_distutils(client: Any) -> Built:
                            ensure_bullseye)
 
 
+def ensure_trixie_base(client: Any) -> Built:
+    return _ensure_rootfs(client, TRIXIE_REF, TRIXIE_SUITE, ())
+
+
 def _ensure_rootfs(client: Any, ref: str, suite: str, include: tuple[str, ...]) -> Built:
     """A debootstrapped `suite` (minbase plus `include`) as `ref`, its rootfs tar kept in the
     cache dir."""
@@ -292,6 +313,11 @@ def ensure_seed004(client: Any) -> Built:
 
 def ensure_systemd(client: Any) -> Built:
     return _ensure_derived(client, SYSTEMD_REF, SYSTEMD_DOCKERFILE)
+
+
+def ensure_trixie(client: Any) -> Built:
+    return _ensure_derived(client, TRIXIE_PY_REF, TRIXIE_PY_DOCKERFILE, TRIXIE_REF,
+                           ensure_trixie_base)
 
 
 def _ensure_derived(client: Any, ref: str, recipe: str, base: str = BARE_REF,
@@ -344,7 +370,7 @@ def _build_derived(client: Any, ref: str, recipe: str, saved: Path) -> None:
 
 
 ENSURE = {"bare": ensure_bare, "pg15": ensure_pg15, "seed004": ensure_seed004,
-          "systemd": ensure_systemd, "bullseye": ensure_bullseye,
+          "systemd": ensure_systemd, "trixie": ensure_trixie, "bullseye": ensure_bullseye,
           "bullseye-distutils": ensure_bullseye_distutils}
 
 

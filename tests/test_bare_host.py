@@ -36,7 +36,8 @@ from tests.helpers import Run, bundle, make_project, unavailable
 from tests.npm_registry import NODE_MAJOR, LocalPackage, local_registry
 from tests.npm_registry import make_project as make_npm_project
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+# network: the bare images are debootstrapped from a Debian mirror on a cold cache
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.network]
 
 TARGET_PYTHON = "3.11"  # Debian 12's python3
 TARGET_GLIBC = (2, 36)  # Debian 12's

@@ -19,7 +19,8 @@ import pytest
 from tests.bare_target import SRV, STICK, BareTargets, Images, run_kit
 from tests.helpers import REPO, bundle
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+# network: the bare images are debootstrapped from a Debian mirror on a cold cache
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.network]
 
 ABSENT_TOOLS = ("pip", "pip3", "node", "nodejs", "npm", "npx", "psql", "pg_dump", "pg_restore",
                 "uv", "docker", "docker-compose")

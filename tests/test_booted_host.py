@@ -29,7 +29,8 @@ from tests.booted_host import BootedHost, BootedTargets
 from tests.helpers import Run, bundle, make_project
 from tests.test_bare_host import fetch, kit, ok, on_stick  # noqa: F401 - `kit` is a fixture
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+# network: the bare images are debootstrapped from a Debian mirror on a cold cache
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.network]
 
 PROFILE = """\
 database:

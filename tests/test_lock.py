@@ -94,6 +94,7 @@ def test_marker_dependency_follows_the_target_python(tmp_path: Path, index: str)
     assert all(len(w["sha256"]) == 64 for w in lock_file["python"])
 
 
+@pytest.mark.netns  # the second build runs under unshare -n
 def test_second_build_resolves_and_fetches_nothing_offline(tmp_path: Path, index: str,
                                                            keys: tuple[Path, Path]) -> None:
     path = profile(tmp_path / "p", index, HOST)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler.bundle import archive
@@ -37,16 +38,43 @@ V2 = {"files/app/config.ini": b"[app]\nmode = 2\n",
 Doc = dict[str, Any]
 
 
-@pytest.fixture
-def root(tmp_path: Path, key: Ed25519PrivateKey, pub: Path) -> Path:
-    """A root with shop 1.0.0 (sequence 10) installed and current, by the real CLI."""
-    (tmp_path / "b1").mkdir()
-    path = tmp_path / "b1" / "shop-1.0.0.bundle"
+def _installed(base: Path, key: Ed25519PrivateKey, pub: Path) -> Path:
+    """base/target: a root with shop 1.0.0 (sequence 10) installed and current, by the real
+    CLI."""
+    (base / "b1").mkdir()
+    path = base / "b1" / "shop-1.0.0.bundle"
     write_bundle(path, key, V1, sequence=10)
-    root = tmp_path / "target"
+    root = base / "target"
     done = bundle("install", path, "--trust", pub, "--root", root)
     assert done.rc == 0, done.err
     return root
+
+
+@pytest.fixture(scope="module")
+def key() -> Ed25519PrivateKey:
+    """One publisher key for the module (the shared root below trusts it)."""
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def pub(key: Ed25519PrivateKey, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pub") / "release.pub"
+    path.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(key: Ed25519PrivateKey, pub: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An installed root shared by the module's tests that only try refused installs: each
+    `refused` asserts the root did not change, so every test sees it as installed."""
+    return _installed(tmp_path_factory.mktemp("shared"), key, pub)
+
+
+@pytest.fixture
+def own_root(tmp_path: Path, key: Ed25519PrivateKey, pub: Path) -> Path:
+    """An installed root of this test's own, at tmp_path/target (for a test that changes it)."""
+    return _installed(tmp_path, key, pub)
 
 
 def forge(tmp_path: Path, key: Ed25519PrivateKey, edit: Callable[[Doc], None],
@@ -90,8 +118,8 @@ def refused(path: Path, pub: Path, root: Path, message: str, command: str = "ins
                                      "1.0.0\n", ""])
 def test_a_version_that_is_not_a_plain_name_is_refused(
         version: str, tmp_path: Path, key: Ed25519PrivateKey, pub: Path, root: Path) -> None:
-    victim = tmp_path / "victim"
-    victim.mkdir()
+    victim = root.parent / "victim"  # where releases/../../victim lands
+    victim.mkdir(exist_ok=True)
     (victim / "keep.txt").write_text("mine\n")
     if version == "/abs/path":
         version = str(victim)
@@ -298,9 +326,10 @@ def test_only_direct_children_of_releases_are_removable(tmp_path: Path) -> None:
 
 
 def test_prune_never_deletes_outside_releases(tmp_path: Path, key: Ed25519PrivateKey,
-                                              pub: Path, root: Path) -> None:
+                                              pub: Path, own_root: Path) -> None:
     """A release row with a hostile version (written by an older bundler) is kept, not
     rmtree'd through `releases/../../`."""
+    root = own_root
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("mine\n")

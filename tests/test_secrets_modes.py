@@ -92,21 +92,30 @@ def _profile(base: Path, version: str, migration: str) -> Path:
     return path
 
 
-@pytest.fixture
-def installed(tmp_path: Path, keys: tuple[Path, Path]) -> tuple[Path, Path, Path]:
-    """(root, the 2.0.0 bundle whose migration echoes secrets and fails, the trust key):
-    1.0.0 installed under umask 000, its key added to the trust store under umask 000."""
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def built(session_keys: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+          ) -> dict[str, Path]:
+    """1.0.0, and 2.0.0 whose migration echoes secrets and fails: built once for the module
+    (every test installs them into a root of its own)."""
+    base = tmp_path_factory.mktemp("secrets-modes")
     built = {}
     for version, migration in (
             ("1.0.0", "echo migrated"),
             ("2.0.0", 'echo "connecting with $DB_PASSWORD and $SIGNING"; '
                       'echo "url postgresql://app:$URL_PW@db/app?password=$DB_PASSWORD"; '
                       'echo "error: relation missing ($DB_PASSWORD)" >&2; exit 1')):
-        result = bundle("build", _profile(tmp_path, version, migration), "--key", keys[0],
-                        "--out", out, "--cache-dir", tmp_path / "cache", "--json")
+        result = bundle("build", _profile(base, version, migration), "--key", session_keys[0],
+                        "--out", base / "out", "--cache-dir", base / "cache", "--json")
         assert result.rc == 0, result.err
         built[version] = Path(json.loads(result.out)["bundle"])
+    return built
+
+
+@pytest.fixture
+def installed(tmp_path: Path, keys: tuple[Path, Path], built: dict[str, Path]
+              ) -> tuple[Path, Path, Path]:
+    """(root, the 2.0.0 bundle whose migration echoes secrets and fails, the trust key):
+    1.0.0 installed under umask 000, its key added to the trust store under umask 000."""
     root = tmp_path / "root"
     added = _run("trust", "add", keys[1], "--root", root)
     assert added.returncode == 0, added.stderr

@@ -33,7 +33,8 @@ from tests import swarm_fixtures as sfx
 from tests.helpers import bundle, host_policy
 from tests.swarm_fixtures import answers, on_manager, service_name, swarm_root
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+# network: the seed004 image is built with apt from a Debian mirror on a cold cache
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.network]
 
 APP = '''\
 import json, os
