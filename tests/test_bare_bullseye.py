@@ -9,7 +9,9 @@ only the stick mounted.
   `python3-distutils` (uv refuses a 3.9 without it); on the bare host itself preflight refuses
   it first, naming that package;
 - a bundle for a Python the host lacks is refused before anything is written, naming the
-  package Debian installs for it (read from the host's /etc/os-release).
+  package Debian installs for it (read from the host's /etc/os-release);
+- the same lifecycle on Debian 13's bare host (`trixie`: python3 3.13, nothing else) with the
+  cp313 kit `bundle export` makes for a 3.13 bundle.
 
 The kit's wheels for CPython 3.9 come from the package index on the first run (network), into
 the persistent bundler cache beside the bare images; `bundle export` reuses that kit while
@@ -37,6 +39,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.network]
 VARIANT = "bullseye"
 WITH_DISTUTILS = "bullseye-distutils"  # plus python3-distutils: uv's need for a 3.9 venv
 PYTHON = "3.9"  # Debian 11's python3
+TRIXIE, TRIXIE_PYTHON = "trixie", "3.13"  # Debian 13 and its python3 (tests.bare_image)
 KIT_CACHE = "/var/cache/bundler-kit"  # where the kit unpacks as root (docs/kit.md)
 
 
@@ -85,18 +88,15 @@ def _export(bundle_path: Path, stick: Path, pub: Path) -> dict[str, object]:
     return doc
 
 
-@pytest.fixture(scope="module")
-def sticks(tmp_path_factory: pytest.TempPathFactory,
-           keys_module: tuple[Path, Path]) -> Sticks:
-    """Two releases of a 3.9 process bundle, each exported onto its own stick (both under one
-    mount point); the kit `bundle export` made for them."""
-    base = tmp_path_factory.mktemp("bullseye")
+def _sticks(base: Path, keys: tuple[Path, Path], python: str) -> Sticks:
+    """Two releases of a process bundle for CPython `python`, each exported onto its own stick
+    (both under one mount point); the kit `bundle export` made for them."""
     project = make_project(base / "project")
-    key, pub = keys_module
+    key, pub = keys
     root = base / "sticks"
     docs = {}
     for seq, version in enumerate(("1.0.0", "1.1.0"), start=1):
-        built = _build(project, version, seq, key, base / f"dist{seq}")
+        built = _build(project, version, seq, key, base / f"dist{seq}", python)
         (root / f"v{seq}").mkdir(parents=True)
         docs[version] = _export(built, root / f"v{seq}", pub)
     kits = {Path(str(d["kit"])).name for d in docs.values()}
@@ -104,6 +104,20 @@ def sticks(tmp_path_factory: pytest.TempPathFactory,
     (name,) = kits
     return Sticks(root, root / "v1" / name, f"{STICK}/v1/shop-1.0.0.bundle",
                   f"{STICK}/v2/shop-1.1.0.bundle", project)
+
+
+@pytest.fixture(scope="module")
+def sticks(tmp_path_factory: pytest.TempPathFactory,
+           keys_module: tuple[Path, Path]) -> Sticks:
+    """The 3.9 bundles for Debian 11."""
+    return _sticks(tmp_path_factory.mktemp("bullseye"), keys_module, PYTHON)
+
+
+@pytest.fixture(scope="module")
+def sticks_313(tmp_path_factory: pytest.TempPathFactory,
+               keys_module: tuple[Path, Path]) -> Sticks:
+    """The same app for Debian 13's python3, CPython 3.13."""
+    return _sticks(tmp_path_factory.mktemp("trixie"), keys_module, TRIXIE_PYTHON)
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +190,9 @@ def _current(host: BareHost, kit: Path, root: str) -> str:
     return str(doc["current"]["version"])
 
 
-def test_a_39_process_bundle_installs_upgrades_and_rolls_back(
-        bare_target: BareTargets, sticks: Sticks) -> None:
-    host = bare_target(WITH_DISTUTILS, stick=sticks.root)
+def _install_upgrade_roll_back(host: BareHost, sticks: Sticks, python: str) -> None:
+    """Through the exported kit, offline: trust, verify, install 1.0.0, upgrade to 1.1.0, roll
+    back; the service answers on the host's own python`python`."""
     kit, app, port = sticks.kit, "/srv/shop", sticks.project.port
     ok(run_kit(host, kit, "trust", "add", f"{STICK}/v1/release.pub", "--root", app))
     verified = json.loads(ok(run_kit(host, kit, "verify", sticks.v1, "--root", app,
@@ -187,7 +201,7 @@ def test_a_39_process_bundle_installs_upgrades_and_rolls_back(
     ok(run_kit(host, kit, "install", sticks.v1, "--root", app))
     assert _health(host, port) == {"greeting": "hello from a wheel", "version": "1.0.0"}
     venv_python = ok(host.sh(f"readlink -f {app}/current/venv/bin/python")).out.strip()
-    assert venv_python.endswith("python3.9"), venv_python
+    assert venv_python.endswith(f"python{python}"), venv_python
 
     ok(run_kit(host, kit, "install", sticks.v2, "--root", app))
     assert _health(host, port)["version"] == "1.1.0"
@@ -197,6 +211,20 @@ def test_a_39_process_bundle_installs_upgrades_and_rolls_back(
     assert "rolled back from 1.1.0 to 1.0.0" in rolled.out + rolled.err
     assert _health(host, port)["version"] == "1.0.0"
     assert _current(host, kit, app) == "1.0.0"
+
+
+def test_a_39_process_bundle_installs_upgrades_and_rolls_back(
+        bare_target: BareTargets, sticks: Sticks) -> None:
+    _install_upgrade_roll_back(bare_target(WITH_DISTUTILS, stick=sticks.root), sticks, PYTHON)
+
+
+def test_a_313_process_bundle_installs_upgrades_and_rolls_back_on_debian_13(
+        bare_target: BareTargets, sticks_313: Sticks) -> None:
+    """Debian 13's bare host (python3 3.13, nothing else), with the cp313 kit export made."""
+    assert "cp313" in sticks_313.kit.name, sticks_313.kit.name
+    host = bare_target(TRIXIE, stick=sticks_313.root)
+    assert 'VERSION_ID="13"' in ok(host.run("cat", "/etc/os-release")).out
+    _install_upgrade_roll_back(host, sticks_313, TRIXIE_PYTHON)
 
 
 def test_a_bundle_for_a_python_the_host_lacks_names_debians_package(
