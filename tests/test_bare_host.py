@@ -8,9 +8,10 @@ none`, using only the target kit and files on the read-only stick:
 - an upgrade with SQL migrations on SQLite, then a release whose migration fails (exit 17) and
   one whose health check fails (exit 12): both roll back, the database restored.
 
-The kit is built once per session, `--with-compose`, from this environment's installed
-packages when this host matches the target (CPython 3.11, a glibc no newer than Debian 12's):
-no network. Otherwise it is fetched from the package index for the target.
+The kit is built once per session and Python, `--with-compose`, from this environment's
+installed packages when this host matches the target (CPython 3.11, a glibc no newer than
+Debian 12's): no network. Otherwise (and for Debian 13's 3.13, where the compose case runs
+too) it is fetched from the package index for the target, into the shared test cache.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import shutil
 import sqlite3
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ import pytest
 
 from bundler.bundle.platforms import host_platform
 from bundler.errors import MigrationError, RolledBackError
+from tests import bare_image
 from tests import docker_fixtures as dfx
 from tests.bare_target import SRV, STICK, BareHost, BareTargets, run_kit
 from tests.helpers import Run, bundle, make_project, unavailable
@@ -43,22 +46,38 @@ TARGET_PYTHON = "3.11"  # Debian 12's python3
 TARGET_GLIBC = (2, 36)  # Debian 12's
 
 
-@pytest.fixture(scope="session")
-def kit(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The target kit for the bare image, with the compose binary: built once per session."""
+def _make_kit(out: Path, python: str) -> Path:
+    """The target kit for CPython `python` on the bare images, with the compose binary."""
     host = host_platform()
     platform = f"manylinux_{TARGET_GLIBC[0]}_{TARGET_GLIBC[1]}_{host.arch}"
-    out = tmp_path_factory.mktemp("kit")
     args: tuple[str, ...] = ("kit", "--out", str(out), "--platform", platform, "--python",
-                             TARGET_PYTHON, "--with-compose", "--json")
-    same = (f"{sys.version_info[0]}.{sys.version_info[1]}" == TARGET_PYTHON
+                             python, "--with-compose", "--json")
+    same = (f"{sys.version_info[0]}.{sys.version_info[1]}" == python
             and host.glibc is not None and host.glibc <= TARGET_GLIBC)
     made = bundle(*args, "--from-installed") if same else None
     if made is None or made.rc != 0:  # not like this host: the target's wheels from the index
-        made = bundle(*args, "--cache-dir", str(tmp_path_factory.mktemp("kit-cache")),
+        made = bundle(*args, "--cache-dir", str(bare_image.cache_dir() / "bundler-cache"),
                       timeout=900)
     assert made.rc == 0, made.out + made.err
     return Path(json.loads(made.out)["kit"])
+
+
+@pytest.fixture(scope="session")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """The kit for a Python, built once per session and Python."""
+    made: dict[str, Path] = {}
+
+    def kit_for(python: str) -> Path:
+        if python not in made:
+            made[python] = _make_kit(tmp_path_factory.mktemp("kit"), python)
+        return made[python]
+    return kit_for
+
+
+@pytest.fixture(scope="session")
+def kit(kits: Callable[[str], Path]) -> Path:
+    """The kit for Debian 12's python3."""
+    return kits(TARGET_PYTHON)
 
 
 def on_stick(stick: Path, kit: Path) -> Path:
@@ -326,13 +345,15 @@ def _remove_project(engine: Any, name: str) -> None:
                 n.remove()
 
 
+# Debian 12's bare host, and Debian 13's (python3 3.13: the kit made for it, issue 22).
+@pytest.mark.parametrize(("variant", "python"), [("bare", TARGET_PYTHON), ("trixie", "3.13")])
 def test_compose_bundle_installs_through_the_engine_socket_with_the_kits_compose(
-        bare_target: BareTargets, kit: Path, keys: tuple[Path, Path], tmp_path: Path,
-        engine: Any) -> None:
+        variant: str, python: str, bare_target: BareTargets, kits: Callable[[str], Path],
+        keys: tuple[Path, Path], tmp_path: Path, engine: Any) -> None:
     name = dfx.unique("barec")  # unique per run: other worktrees share the engine
     pair = dfx.make_pair(engine, name)
     stick = tmp_path / "stick"
-    kit_file = on_stick(stick, kit)
+    kit_file = on_stick(stick, kits(python))
     host: BareHost | None = None
     root = f"{SRV}/{name}"
     try:
@@ -349,7 +370,9 @@ def test_compose_bundle_installs_through_the_engine_socket_with_the_kits_compose
         dfx.remove_images(engine, pair.a, pair.b, pair.base)
         assert not any(dfx.has_image(engine, r) for r in (pair.a, pair.b))
 
-        host = bare_target(stick=stick, docker_socket=True)
+        host = bare_target(variant, stick=stick, docker_socket=True)
+        assert host.run("python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"
+                        ).out.strip() == python
         assert host.sh("command -v docker docker-compose; true").out == ""
         ok(run_kit(host, kit_file, "trust", "add", f"{STICK}/release.pub", "--root", root))
         install = ok(run_kit(host, kit_file, "install", bundles[0], "--root", root))
