@@ -27,7 +27,7 @@ from bundler.errors import PolicyError
 from tests.bare_target import SRV, STICK, Images, run_kit
 from tests.booted_host import BootedHost, BootedTargets
 from tests.helpers import Run, bundle, make_project
-from tests.test_bare_host import fetch, kit, ok, on_stick  # noqa: F401 - `kit` is a fixture
+from tests.test_bare_host import fetch, kit, kits, ok, on_stick  # noqa: F401 - fixtures
 
 # network: the bare images are debootstrapped from a Debian mirror on a cold cache
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.network]
