@@ -467,7 +467,8 @@ def test_install_then_uninstall_on_a_host_without_systemd(project: Project,
     assert again.rc == 0 and json.loads(again.out)["status"] == "unchanged", again.err
     assert json.loads(back.out)["healthy"] is True, back.out
     doc = json.loads(purged.out)
-    assert doc["purged"] == ["current", "releases", "bin"] and doc["stopped"] == "1.0.0", doc
+    assert doc["purged"] == ["current", "releases", "bin", "store"] \
+        and doc["stopped"] == "1.0.0", doc
     assert sorted(p.name for p in root.iterdir()) == ["app.db", "backups", "shared", "state"]
     with sqlite3.connect(root / "app.db") as conn:
         assert conn.execute("SELECT name FROM items").fetchall() == [("kept",)]

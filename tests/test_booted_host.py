@@ -160,7 +160,7 @@ def test_the_stack_comes_back_after_a_power_cut_and_uninstall_keeps_the_data(
     purged = json.loads(ok(host.run("python3", "-I", "-S", f"{root}/bin/{kit_file.name}",
                                     "uninstall", "--root", root, "--purge", "--yes",
                                     "--json")).out)
-    assert purged["purged"] == ["current", "releases", "bin"], purged
+    assert purged["purged"] == ["current", "releases", "bin", "store"], purged
     assert sorted(p.name for p in local.iterdir()) == ["app.db", "backups", "shared", "state"]
     assert rows(local / "app.db") == [("one",)]
     assert sorted(p.name for p in (local / "backups").iterdir()) == backups

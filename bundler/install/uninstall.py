@@ -7,7 +7,8 @@ sequence: a purged root still refuses an older bundle), and any other file under
 the boot unit up again.
 
 `purge` (destructive: the CLI asks, or wants --yes) also removes what bundler can rebuild
-from a bundle: `releases/` (code, venvs, Node trees), `current`, `bin/` and staging leftovers.
+from a bundle: `releases/` (code, venvs, Node trees), `current`, `bin/`, the content store
+(`store/`: the artifacts the releases linked) and staging leftovers.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from bundler.install.state import State, new_txn
 
 def _purged(layout: Layout) -> tuple[Path, ...]:
     """What --purge removes: what bundler can rebuild from a bundle."""
-    return layout.current, layout.releases, layout.bin
+    return layout.current, layout.releases, layout.bin, layout.store
 
 
 def _kept(layout: Layout) -> tuple[Path, ...]:
@@ -104,7 +105,7 @@ def uninstall(layout: Layout, purge: bool = False,
 
 
 def _purge(layout: Layout) -> tuple[str, ...]:
-    """Remove releases/, current, bin/ and staging leftovers: only those, by name."""
+    """Remove releases/, current, bin/, store/ and staging leftovers: only those, by name."""
     removed = []
     for path in _purged(layout):
         if path.is_symlink() or path.is_file():
@@ -122,4 +123,5 @@ def _purge(layout: Layout) -> tuple[str, ...]:
 def describe_purge(layout: Layout) -> str:
     """The confirmation question: what goes, what stays."""
     return (f"Remove {', '.join(map(str, _purged(layout)))} (the releases: code, venvs, "
-            f"bundler's own command)? Databases, data, backups/, shared/ and state/ are kept")
+            f"bundler's own command, the stored artifacts)? Databases, data, backups/, "
+            "shared/ and state/ are kept")
