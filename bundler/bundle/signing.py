@@ -12,6 +12,7 @@ import binascii
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -149,12 +150,10 @@ class Verified:
     digest: str  # sha256 of the manifest bytes: the bundle's identity
 
 
-def verify_payload(data: bytes, trusted: list[TrustedKey], expected_type: str,
-                   what: str = "envelope.json") -> tuple[bytes, str]:
-    """Check a DSSE envelope against trusted keys; return (payload bytes, signer key id).
-
-    The payload is returned as the exact signed bytes and only then parsed by the caller.
-    """
+def _open_envelope(data: bytes, expected_type: str, what: str,
+                   malformed_hint: str) -> tuple[str, bytes, list[Any]]:
+    """A DSSE envelope's payload type, payload bytes and signature entries, its form and
+    payload type checked (not its signatures): what verifying and reading unverified share."""
     if len(data) > MAX_ENVELOPE_BYTES:
         raise SignatureError(f"{what} is {len(data)} bytes, over the "
                              f"{MAX_ENVELOPE_BYTES} limit", hint="this is not a bundler bundle")
@@ -168,12 +167,22 @@ def verify_payload(data: bytes, trusted: list[TrustedKey], expected_type: str,
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, binascii.Error) as exc:
         detail = str(exc)
         detail = detail if len(detail) <= 200 else detail[:200] + "..."
-        raise SignatureError(f"{what} is malformed: {detail}",
-                             hint="this is not a bundler bundle, or it was damaged") from None
+        raise SignatureError(f"{what} is malformed: {detail}", hint=malformed_hint) from None
     if payload_type != expected_type:
         raise SignatureError(f"{what} payloadType is {_short(payload_type)}, "
                              f"expected {expected_type!r}",
                              hint="this envelope signs another kind of document")
+    return payload_type, body, sigs
+
+
+def verify_payload(data: bytes, trusted: list[TrustedKey], expected_type: str,
+                   what: str = "envelope.json") -> tuple[bytes, str]:
+    """Check a DSSE envelope against trusted keys; return (payload bytes, signer key id).
+
+    The payload is returned as the exact signed bytes and only then parsed by the caller.
+    """
+    payload_type, body, sigs = _open_envelope(
+        data, expected_type, what, "this is not a bundler bundle, or it was damaged")
     if not sigs:
         raise SignatureError(f"{what} is not signed (no signatures)",
                              hint="build it with `bundle build --key NAME.key`")
@@ -212,22 +221,12 @@ def unverified_payload(data: bytes, expected_type: str, what: str) -> tuple[byte
     """The payload of a DSSE envelope and the key id it names, WITHOUT checking the signature:
     for a document whose signer's key the reader does not have (a host's receipt read on the
     connected side with no --host-key). Its payload type is still checked."""
-    try:
-        env = strict_loads(data[:MAX_ENVELOPE_BYTES + 1])
-        payload_type = env["payloadType"]
-        body = base64.b64decode(env["payload"], validate=True)
-        sigs = env["signatures"]
-        keyid = sigs[0]["keyid"] if isinstance(sigs, list) and sigs else ""
-        if not isinstance(payload_type, str) or not isinstance(keyid, str):
-            raise ValueError("bad envelope fields")
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError,
-            binascii.Error) as exc:
-        raise SignatureError(f"{what} is malformed: {str(exc)[:200]}",
-                             hint="pass the file `bundle receipt` wrote") from None
-    if payload_type != expected_type:
-        raise SignatureError(f"{what} payloadType is {_short(payload_type)}, "
-                             f"expected {expected_type!r}",
-                             hint="this envelope signs another kind of document")
+    _, body, sigs = _open_envelope(data, expected_type, what,
+                                   "pass the file `bundle receipt` wrote")
+    keyid = sigs[0].get("keyid", "") if sigs and isinstance(sigs[0], dict) else ""
+    if not isinstance(keyid, str):
+        raise SignatureError(f"{what} is malformed: bad envelope fields",
+                             hint="pass the file `bundle receipt` wrote")
     return body, keyid
 
 
