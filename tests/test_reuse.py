@@ -315,3 +315,91 @@ def test_hard_links_only_between_releases_whose_processes_cannot_write_them(
     assert reuse.link_safe(release("app"), release("root")) is False
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # the files are not root's
     assert reuse.link_safe(release("app"), release("app")) is False
+
+
+# --- npm ci trees (npm_env.ci_fingerprint / record_ci_tree / reuse_ci_tree) ------------------
+
+def _ci_release(root: Path, version: str) -> tuple[Path, Path]:
+    """A release's npm project before `npm ci`: its package files and the app."""
+    rel = root / "releases" / version
+    project = rel / "files" / "web"
+    project.mkdir(parents=True)
+    (rel / "bundle").mkdir(parents=True)
+    (project / "package.json").write_text('{"name": "web"}\n')
+    (project / "package-lock.json").write_text('{"lockfileVersion": 3}\n')
+    (project / "server.js").write_text("// app\n")
+    return rel, project
+
+
+def _npm_ci(project: Path, script_out: str = "built\n") -> None:
+    """What npm ci and one install script write (the test's stand-in for npm itself): a
+    package, a file its script wrote (`script_out`), a relative .bin link."""
+    tree = project / "node_modules"
+    (tree / "left" / "build").mkdir(parents=True)
+    (tree / ".bin").mkdir()
+    (tree / "left" / "index.js").write_text("module.exports = 1;\n")
+    (tree / "left" / "build" / "out.txt").write_text(script_out)
+    os.symlink("../left/index.js", tree / ".bin" / "left")
+
+
+_PKGS = [npm_env.NpmPackage("left", "1.0.0", "sha512-x", "npm/tarballs/left-1.0.0.tgz",
+                            "a" * 64, 10)]
+
+
+def _fp(project: Path, rel: Path, env: dict[str, str] | None = None) -> str:
+    return npm_env.ci_fingerprint(project, _PKGS, True, env or {}, rel, None)
+
+
+def test_an_npm_ci_tree_is_recorded_and_cloned_for_the_same_inputs(tmp_path: Path) -> None:
+    notes: list[str] = []
+    rel1, p1 = _ci_release(tmp_path, "1.0")
+    before = npm_env.outside_tree(p1)
+    _npm_ci(p1)
+    fp1 = _fp(p1, rel1)
+    npm_env.record_ci_tree(fp1, p1, rel1, "web", before, notes.append)
+    assert npm_env.tree_record(rel1, "web").is_file(), notes
+    rel2, p2 = _ci_release(tmp_path, "1.1")
+    fp2 = _fp(p2, rel2)
+    assert fp2 == fp1  # the release's path is not an input
+    done = npm_env.reuse_ci_tree(fp2, p2, rel2, "web", [rel1], lambda _: False, notes.append)
+    assert done is not None and done.startswith("reused the node_modules of release 1.0"), notes
+    assert tree_digest(p2 / "node_modules") == tree_digest(p1 / "node_modules")
+    assert npm_env.tree_record(rel2, "web").is_file()  # the next release can clone this one
+    # Other inputs (a variable for the install scripts): npm runs
+    assert _fp(p2, rel2, {"SKIP": "1"}) != fp1
+    rel3, p3 = _ci_release(tmp_path, "1.2")
+    assert npm_env.reuse_ci_tree(_fp(p3, rel3, {"SKIP": "1"}), p3, rel3, "web", [rel1],
+                                 lambda _: False, notes.append) is None
+    # A changed lock: another fingerprint
+    (p3 / "package-lock.json").write_text('{"lockfileVersion": 3, "x": 1}\n')
+    assert _fp(p3, rel3) != fp1
+
+
+def test_a_tampered_npm_ci_tree_is_not_cloned(tmp_path: Path) -> None:
+    notes: list[str] = []
+    rel1, p1 = _ci_release(tmp_path, "1.0")
+    before = npm_env.outside_tree(p1)
+    _npm_ci(p1)
+    npm_env.record_ci_tree(_fp(p1, rel1), p1, rel1, "web", before, notes.append)
+    (p1 / "node_modules/left/build/out.txt").write_text("changed after the install\n")
+    rel2, p2 = _ci_release(tmp_path, "1.1")
+    assert npm_env.reuse_ci_tree(_fp(p2, rel2), p2, rel2, "web", [rel1], lambda _: False,
+                                 notes.append) is None
+    assert any("not reused" in n for n in notes), notes
+    assert not (p2 / "node_modules").exists()  # nothing half-cloned left for npm to meet
+
+
+@pytest.mark.parametrize("how", ["names the path", "wrote beside"])
+def test_an_npm_ci_tree_that_depends_on_its_place_is_never_recorded(
+        tmp_path: Path, how: str) -> None:
+    notes: list[str] = []
+    rel1, p1 = _ci_release(tmp_path, "1.0")
+    before = npm_env.outside_tree(p1)
+    if how == "names the path":  # e.g. a script that wrote its absolute path into a config
+        _npm_ci(p1, script_out=f"prefix={p1}/node_modules\n")
+    else:  # a script (run as root, no `user`) that wrote into the project beside the tree
+        _npm_ci(p1)
+        (p1 / "generated.js").write_text("// by a postinstall\n")
+    npm_env.record_ci_tree(_fp(p1, rel1), p1, rel1, "web", before, notes.append)
+    assert not npm_env.tree_record(rel1, "web").exists()
+    assert any("cannot be reused by a later release" in n for n in notes), notes

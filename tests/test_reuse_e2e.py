@@ -186,3 +186,73 @@ def test_the_same_prebuilt_tree_is_reused_and_a_rollback_leaves_it_alone(
     assert scribbled.read_text().endswith("// scribbled\n")
     before = json.loads((tmp_path / "tree2.json").read_text())
     assert _now(tree2) == before == _now(tree1)
+
+
+# A package whose install script writes a file into its own directory: the bundle cannot carry
+# a pre-built tree for it, so the target runs `npm ci`.
+SCRIPTED = LocalPackage(
+    "tiny-greeter", "1.3.0",
+    {"index.js": "exports.greet = () => require('fs').readFileSync("
+                 "require('path').join(__dirname, 'built.txt'), 'utf8');\n",
+     "build.js": "require('fs').writeFileSync(require('path').join(__dirname, 'built.txt'), "
+                 "'hello from a postinstall');\n"},
+    {"scripts": {"postinstall": "node build.js"}})
+
+
+def test_the_same_npm_ci_tree_is_reused_and_equals_a_fresh_npm_ci(
+        tmp_path: Path, keys: tuple[Path, Path], roots: list[Path]) -> None:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        unavailable("node and npm are not installed")
+    app = tmp_path / "app"
+    port = free_port()
+    bundles = []
+    with local_registry(tmp_path / "registry", [SCRIPTED]) as registry:
+        backend = make_project(app / "backend", registry,
+                               {"dependencies": {"tiny-greeter": "^1.3.0"}})
+        for n, server in enumerate((SERVER_JS, "// changed\n" + SERVER_JS), 1):
+            (backend / "server.js").write_text(server)
+            profile = app / f"1.{n - 1}.0.yaml"
+            profile.write_text(textwrap.dedent(f"""\
+                schema: 1
+                name: scripted
+                version: 1.{n - 1}.0
+                sequence: {n}
+                target: {{node: ">=18", npm: ">=8"}}
+                npm:
+                  - project: backend
+                    registry: {registry.url}
+                files:
+                  - {{src: backend, dest: backend, exclude: [node_modules]}}
+                services:
+                  - name: api
+                    cwd: backend
+                    command: ["node", "server.js", "{port}"]
+                health:
+                  - name: api
+                    http: http://127.0.0.1:{port}/health
+                    json: {{field: greeting, equals: hello from a postinstall}}
+                    retries: 20
+                    interval: 250ms
+                """))
+            built = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
+                           "--cache-dir", tmp_path / "cache", "--json")
+            assert built.rc == 0, built.err
+            bundles.append(Path(json.loads(built.out)["bundle"]))
+    reused_root, fresh_root = tmp_path / "reused", tmp_path / "fresh"
+    roots.extend([reused_root, fresh_root])
+    runs = offline(
+        bundle_argv("install", bundles[0], "--trust", keys[1], "--root", reused_root),
+        bundle_argv("install", bundles[1], "--trust", keys[1], "--root", reused_root),
+        bundle_argv("stop", "--root", reused_root),
+        bundle_argv("install", bundles[0], "--trust", keys[1], "--root", fresh_root),
+        bundle_argv("install", bundles[1], "--trust", keys[1], "--root", fresh_root,
+                    "--no-reuse"),
+        bundle_argv("stop", "--root", fresh_root))
+    assert all(r.rc == 0 for r in runs), [r.err for r in runs]
+    assert _steps(reused_root, "1.0.0", "npm:backend")["installed"].startswith("npm ci")
+    reused = _steps(reused_root, "1.1.0", "npm:backend")["reused"]
+    assert reused.startswith("reused the node_modules of release 1.0.0 (same packages"), reused
+    assert _steps(fresh_root, "1.1.0", "npm:backend")["installed"].startswith("npm ci")
+    tree = "releases/1.1.0/files/backend/node_modules"
+    assert (reused_root / tree / "tiny-greeter/built.txt").is_file()
+    assert _now(reused_root / tree) == _now(fresh_root / tree)

@@ -39,13 +39,17 @@ def _unhealthy(message: str, as_json: bool) -> NoReturn:
 @click.option("--allow-degraded", is_flag=True,
               help="Swarm (swarm.yaml in ROOT): install while some nodes are down, with the "
                    "nodes that are up (recorded in history); refused otherwise.")
+@click.option("--no-reuse", "no_reuse", is_flag=True,
+              help="Install every venv and node_modules from the bundle's packages, cloning "
+                   "none from an earlier release made from the same inputs (the default "
+                   "clones, each file re-hashed: docs/design/reuse.md).")
 @options.allow
 @options.db_choice
 @options.keep_db
 @options.json_output
 @handled
 def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: bool,
-            environment: str, allow_degraded: bool, allow: tuple[str, ...],
+            environment: str, allow_degraded: bool, no_reuse: bool, allow: tuple[str, ...],
             db_choice: str | None, as_json: bool) -> None:
     """Verify BUNDLE, install it under ROOT, start it, health-check it, then switch to it.
 
@@ -60,7 +64,7 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
     layout = use_root(root, create=trust_path is not None)
     trusted = trust_store.resolve(trust_path, layout)
     result = do_install(bundle, trusted, layout, Options(allow_downgrade, environment, db_choice,
-                                                         allow_degraded, allow))
+                                                         allow_degraded, allow, not no_reuse))
     if as_json:
         emit_json({"ok": True, **result.to_json()})
         return

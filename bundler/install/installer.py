@@ -83,13 +83,16 @@ class Options:
     `db_choice`: how to settle a pending database restore left by an interrupted install
     ("restore" / "keep"; None: only when nothing was written since, see recovery).
     `allow_degraded`: on a swarm, go on while some nodes are down (else refused).
-    `allow`: what the release may ask of the host beyond the root's policy (`--allow`)."""
+    `allow`: what the release may ask of the host beyond the root's policy (`--allow`).
+    `reuse`: clone a venv or node_modules an earlier release made from the same inputs
+    (`--no-reuse`: install them all from the bundle's packages)."""
 
     allow_downgrade: bool = False
     environment: str = "production"
     db_choice: str | None = None
     allow_degraded: bool = False
     allow: tuple[str, ...] = ()
+    reuse: bool = True
 
 
 # A carried Node.js unpacks to about 4x its tarballs (node 20: 46 MB -> 168 MB).
@@ -195,7 +198,7 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey], options: O
                     with contextlib.suppress(OSError):
                         layout.root.rmdir()
                 raise
-            plan = steps.Plan(verified, decision, asked, tuple(down))
+            plan = steps.Plan(verified, decision, asked, tuple(down), options.reuse)
             return _install_staged(new, env, staging, plan, options.db_choice)
 
 

@@ -21,7 +21,10 @@ import contextlib
 import hashlib
 import json
 import os
+import platform
 import re
+import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -38,7 +41,7 @@ from bundler.bundle.npmlock import (
     parse_sri,
 )
 from bundler.errors import BuildError, CommandError, InstallError
-from bundler.fsutil import CHUNK
+from bundler.fsutil import CHUNK, sha256_file
 from bundler.install import fsowner, node_runtime, reuse
 
 # Never contacted: `.invalid` is reserved (RFC 2606) and npm runs with --offline.
@@ -62,8 +65,7 @@ def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[Np
                                hint="the bundle's npm project is incomplete: rebuild it")
     files = _verify_tarballs(tarballs_dir, packages)
     npm_cache.mkdir(parents=True, exist_ok=True)
-    if user is not None and not (user.switches and os.geteuid() == 0):
-        user = None  # bundler already runs as that account
+    user = runs_as(user)
     with tempfile.TemporaryDirectory(prefix="bundler-npm-") as tmp, \
             _as_user(user, [Path(tmp), npm_cache, project_dir / "node_modules"]):
         npm_env_ = npm_env(Path(tmp), {"NPM_CONFIG_REGISTRY": OFFLINE_REGISTRY, **(env or {})})
@@ -90,6 +92,13 @@ def install_offline(project_dir: Path, tarballs_dir: Path, packages: Sequence[Np
     if not (project_dir / "node_modules").is_dir() and packages:
         raise InstallError("npm ci reported success but wrote no node_modules",
                            hint="run `npm ci --offline` by hand in the release dir to see why")
+
+
+def runs_as(user: proc.RunAs | None) -> proc.RunAs | None:
+    """The account npm runs as: None when bundler already runs as it (or is not root)."""
+    if user is not None and not (user.switches and os.geteuid() == 0):
+        return None
+    return user
 
 
 @contextlib.contextmanager
@@ -297,23 +306,131 @@ def provide_tree(payload: Path, sha256: str, size: int, project_dir: Path, relea
     fp = hashlib.sha256(f"bundler node_modules, format {_TREE_FORMAT}\n{sha256}\n".encode()
                         ).hexdigest()
     top = project_dir / nodetree.ROOT
-    for old in releases:
-        for path in sorted((old / "bundle").glob("node_modules-*.record.json")):
-            rec = reuse.Record.load(path)
-            if rec is None or rec.fingerprint != fp or not Path(rec.top).is_relative_to(old):
-                continue
-            try:
-                done = reuse.clone(rec, top, fp, {}, link_safe(old))
-            except reuse.Doubt as exc:
-                log(f"npm: node_modules of {old.name} not reused ({exc}): unpacking it")
-                continue
-            done.record.write(tree_record(release, dest))
-            how = (f"{done.linked} file(s) hard-linked, {done.copied} copied" if done.linked
-                   else f"{done.copied} file(s) copied")
-            return f"reused the node_modules of release {old.name} (same pre-built tree): {how}"
+    done = _clone_earlier(fp, top, release, dest, releases, link_safe, log, "same pre-built tree")
+    if done is not None:
+        return done
     files = nodetree.extract(payload, sha256, size, project_dir)
     try:
         reuse.scan(top, fp).write(tree_record(release, dest))
     except reuse.Doubt as exc:
         log(f"npm: this node_modules cannot be reused by a later release: {exc}")
     return f"node_modules written from the bundle's pre-built tree ({files} files)"
+
+
+def _clone_earlier(fp: str, top: Path, release: Path, dest: str, releases: Sequence[Path],
+                   link_safe: Callable[[Path], bool], log: Callable[[str], None], why: str
+                   ) -> str | None:
+    """`top` cloned from the first of `releases` whose record of a node_modules has this
+    fingerprint and whose tree still is what the record says (absolute symlinks into that
+    release pointed at this one); its record written. None: nothing reusable."""
+    for old in releases:
+        for path in sorted((old / "bundle").glob("node_modules-*.record.json")):
+            rec = reuse.Record.load(path)
+            if rec is None or rec.fingerprint != fp or not Path(rec.top).is_relative_to(old):
+                continue
+            try:
+                done = reuse.clone(rec, top, fp, {}, link_safe(old),
+                                   relink=(f"{old}/", f"{release}/"))
+            except reuse.Doubt as exc:
+                log(f"npm: node_modules of {old.name} not reused ({exc}): installing it")
+                continue
+            done.record.write(tree_record(release, dest))
+            how = (f"{done.linked} file(s) hard-linked, {done.copied} copied" if done.linked
+                   else f"{done.copied} file(s) copied")
+            return f"reused the node_modules of release {old.name} ({why}): {how}"
+    return None
+
+
+# --- reuse: a node_modules `npm ci` made in an installed release from the same inputs -------
+
+_CI_FORMAT = 1  # bump when how `npm ci` is run changes (install_offline)
+
+
+def ci_fingerprint(project_dir: Path, packages: Sequence[NpmPackage], omit_dev: bool,
+                   env: Mapping[str, str], release: Path, user: proc.RunAs | None) -> str:
+    """What an `npm ci` tree is made from: the project's package.json and lock (as the bundle
+    ships them), every tarball's signed sha256, the options and the install scripts'
+    environment, the npm and node that run (the carried runtime's tree, or the host's
+    binaries as they are now), the account the scripts run as and the machine. The release's
+    path is not in it: a tree naming its path is never recorded (`record_ci_tree`)."""
+    h = hashlib.sha256(f"bundler npm ci, format {_CI_FORMAT}\n".encode())
+    for name in ("package.json", "package-lock.json"):
+        h.update(f"{name} {sha256_file(project_dir / name)[0]}\n".encode())
+    for p in sorted(packages, key=lambda p: (p.name, p.version, p.sha256)):
+        h.update(f"tarball {p.name}@{p.version} {p.sha256}\n".encode())
+    h.update(json.dumps({"omit_dev": omit_dev, "env": sorted(env.items()),
+                         "npm": _npm_identity(release),
+                         "user": None if user is None else [user.name, user.uid, user.gid],
+                         "machine": platform.machine()}).encode())
+    return h.hexdigest()
+
+
+def _npm_identity(release: Path) -> list[object]:
+    """The carried runtime's shared tree (named by its key), else the host's node and npm
+    files (a package upgrade changes their inode, size or time)."""
+    if node_runtime.npm_argv(release) is not None:
+        return ["carried", os.path.basename(os.readlink(node_runtime.home(release)))]
+    out: list[object] = ["host"]
+    for tool in ("node", "npm"):
+        found = shutil.which(tool)
+        if found is None:
+            out.append(None)
+            continue
+        real = os.path.realpath(found)
+        st = os.stat(real)
+        out.append([real, st.st_ino, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def reuse_ci_tree(fp: str, project_dir: Path, release: Path, dest: str,
+                  releases: Sequence[Path], link_safe: Callable[[Path], bool],
+                  log: Callable[[str], None]) -> str | None:
+    """`project_dir/node_modules` cloned from an earlier release's `npm ci` tree made from the
+    same inputs (`ci_fingerprint`), every file re-hashed against its record; None: run npm."""
+    return _clone_earlier(fp, project_dir / nodetree.ROOT, release, dest, releases, link_safe,
+                          log, "same packages, npm and install scripts")
+
+
+def outside_tree(project_dir: Path) -> dict[str, tuple[int, int, int]]:
+    """What the project directory holds besides node_modules (path: mode, size, mtime; the
+    lock, which install_offline rewrites and puts back, by size only): compared before and
+    after `npm ci`, to see whether an install script wrote beside the tree."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(project_dir):
+        if dirpath == str(project_dir):
+            dirnames[:] = [d for d in dirnames if d != nodetree.ROOT]
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, project_dir)
+            mtime = 0 if rel == "package-lock.json" or stat.S_ISDIR(st.st_mode) \
+                else st.st_mtime_ns
+            out[rel] = (st.st_mode, st.st_size, mtime)
+    return out
+
+
+def record_ci_tree(fp: str, project_dir: Path, release: Path, dest: str,
+                   before: Mapping[str, tuple[int, int, int]], log: Callable[[str], None]
+                   ) -> None:
+    """Record the tree `npm ci` just made, for a later release to clone: only when nothing it
+    holds names the release's path and nothing beside it changed (what its install scripts
+    did is then all inside node_modules, and would be the same at another path)."""
+    top = project_dir / nodetree.ROOT
+    if not top.is_dir():
+        return
+    why = ""
+    if outside_tree(project_dir) != before:
+        why = "an install script wrote beside node_modules"
+    else:
+        try:
+            rec = reuse.scan(top, fp, anchor=str(release))
+        except reuse.Doubt as exc:
+            why = str(exc)
+        else:
+            named = [e.path for e in rec.entries if e.holds_path]
+            if named:
+                why = f"{named[0]} names the release's path"
+            else:
+                rec.write(tree_record(release, dest))
+                return
+    log(f"npm: this node_modules cannot be reused by a later release: {why}")

@@ -24,13 +24,16 @@ from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.release import Release
 
 
-def install(journal: Journal, release: Release, decision: policy.Decision) -> None:
+def install(journal: Journal, release: Release, decision: policy.Decision,
+            reuse_trees: bool = True) -> None:
     """Load the images, fill the venv and install each npm project (after the carried
     Node.js, which they run): these do not depend on each other, so they run at the same time,
     each journaled as its own step. The first failure stops the others (their commands are
     terminated, steps not yet begun never begin; an image load in flight is waited for) and
-    is raised; Ctrl+C likewise."""
+    is raised; Ctrl+C likewise. `reuse_trees`: a venv or node_modules an earlier release made
+    from the same inputs is cloned (bundler.install.reuse), not installed again."""
     rel, m, layout = release.dir, release.manifest, release.layout
+    reuse_from = earlier(layout, rel) if reuse_trees else []
     tasks: list[tuple[str, Callable[[], None]]] = []
     if m.images and delta.images_from_host(m):
         def images_held() -> None:
@@ -51,7 +54,7 @@ def install(journal: Journal, release: Release, decision: policy.Decision) -> No
         def python_step() -> None:
             with journal.step("python", "Installing Python packages offline"), \
                     ui.activity("python: venv (reused, or uv pip install offline)"):
-                made = python_env.provide(python, m, rel.path, earlier(layout, rel),
+                made = python_env.provide(python, m, rel.path, reuse_from,
                                           lambda old: link_safe(old, m), ui.note)
                 journal.record("python", "reused" if made.reused_from else "installed",
                                made.summary)
@@ -78,7 +81,7 @@ def install(journal: Journal, release: Release, decision: policy.Decision) -> No
             with journal.step(f"npm:{project.dest}",
                               f"Installing npm packages offline into files/{project.dest}"), \
                     ui.activity(f"npm:{project.dest}: {how}"):
-                install_npm(rel, m, project, journal, layout)
+                install_npm(rel, m, project, journal, reuse_from)
         tasks.append((f"npm:{project.dest}", npm_step))
     if not tasks:
         return
@@ -112,8 +115,10 @@ def install(journal: Journal, release: Release, decision: policy.Decision) -> No
 
 
 def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, journal: Journal,
-                layout: Layout) -> None:
-    """npm project `project` of release `m` into its files/ (offline, from the bundle)."""
+                reuse_from: list[Path]) -> None:
+    """npm project `project` of release `m` into its files/ (offline, from the bundle): a
+    tree one of `reuse_from` (earlier releases) made from the same inputs is cloned; else the
+    pre-built tree is unpacked, or `npm ci` runs (and its tree recorded for the next)."""
     dest = rel.files / project.dest
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("package.json", "package-lock.json"):
@@ -128,7 +133,7 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, journal: Jour
         # ci, whose time is all unpacking.
         entry = by_path[project.tree]
         done = npm_env.provide_tree(rel.path / project.tree, entry.sha256, entry.size, dest,
-                                    rel.path, project.dest, earlier(layout, rel),
+                                    rel.path, project.dest, reuse_from,
                                     lambda old: link_safe(old, m), ui.note)
         journal.record(f"npm:{project.dest}",
                        "reused" if done.startswith("reused") else "unpacked", done)
@@ -137,9 +142,23 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, journal: Jour
     packages = [NpmPackage(p.name, p.version, p.integrity, p.tarball,
                            by_path[p.tarball].sha256, by_path[p.tarball].size)
                 for p in project.packages]
+    user = npm_env.runs_as(runas.maybe(m.runtime.user))
+    env = dict(project.env)
+    fp = npm_env.ci_fingerprint(dest, packages, project.omit_dev, env, rel.path, user)
+    if not (dest / nodetree.ROOT).exists() and reuse_from:
+        cloned = npm_env.reuse_ci_tree(fp, dest, rel.path, project.dest, reuse_from,
+                                       lambda old: link_safe(old, m), ui.note)
+        if cloned is not None:
+            journal.record(f"npm:{project.dest}", "reused", cloned)
+            ui.note(f"npm: {cloned}")
+            return
+    before = npm_env.outside_tree(dest)
     npm_env.install_offline(dest, rel.npm_tarballs, packages,
-                            rel.npm_cache, ui.note, project.omit_dev, dict(project.env),
-                            release=rel.path, user=runas.maybe(m.runtime.user))
+                            rel.npm_cache, ui.note, project.omit_dev, env,
+                            release=rel.path, user=user)
+    npm_env.record_ci_tree(fp, dest, rel.path, project.dest, before, ui.note)
+    journal.record(f"npm:{project.dest}", "installed",
+                   f"npm ci --offline ({len(packages)} bundled package(s))")
 
 
 def earlier(layout: Layout, rel: ReleaseDir) -> list[Path]:

@@ -5,6 +5,8 @@ Authentic is not enough: an old bundle replayed from last year's USB stick is au
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -115,12 +117,24 @@ def check_target(target: Target, host: Host | None = None) -> None:
 
 
 def tool_version(tool: str) -> str | None:
-    """`node --version` / `npm --version` as a bare version ("20.19.2"); None: not found."""
-    if shutil.which(tool) is None:
+    """`node --version` / `npm --version` as a bare version ("20.19.2"); None: not found.
+    Asked once per binary as it is now (its path, inode, size, time): an install asks twice,
+    and each start of npm costs a quarter of a second."""
+    found = shutil.which(tool)
+    if found is None:
         return None
     try:
-        result = proc.run([tool, "--version"], timeout=timeouts.PROBE, check=False,
-                          what=f"{tool} --version")
+        st = os.stat(found)
+    except OSError:
+        return None
+    return _version_of(found, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _version_of(path: str, _ino: int, _size: int, _mtime_ns: int) -> str | None:
+    try:
+        result = proc.run([path, "--version"], timeout=timeouts.PROBE, check=False,
+                          what=f"{os.path.basename(path)} --version")
     except CommandError:
         return None
     m = re.search(r"(\d+\.\d+\.\d+)", result.output)

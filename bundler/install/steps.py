@@ -58,6 +58,7 @@ class Plan:
     decision: policy.Decision
     asked: hostpolicy.Outcome
     down: tuple[NodeDown, ...]  # swarm nodes down, accepted with --allow-degraded
+    reuse: bool = True  # earlier releases' trees may be cloned (installer.Options)
 
 
 @dataclass
@@ -153,7 +154,7 @@ def begin(a: Attempt) -> None:
 def install_packages(a: Attempt) -> None:
     """Images, Python, Node.js, npm (bundler.install.packages): undone with the release
     directory (see `begin`)."""
-    packages.install(a.journal, a.new, a.plan.decision)
+    packages.install(a.journal, a.new, a.plan.decision, a.plan.reuse)
 
 
 def start_database_services(a: Attempt) -> None:
