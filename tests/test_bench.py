@@ -78,8 +78,8 @@ def test_quick_bench_reports_every_ratio(engine: Any, tmp_path: Path) -> None:
 
 
 def test_quick_delta_bench_reports_every_change(engine: Any, tmp_path: Path) -> None:
-    """The delta part (issue 19): every change row has both bundles, both upgrades (with
-    their step lines) and peak RSS; every target carries a verdict. No timing asserted."""
+    """The delta part (issue 19): every change row has both bundles, the three upgrades
+    (full with and without reuse, delta; with their step lines) and peak RSS; every target carries a verdict. No timing asserted."""
     require_netns()
     for tool in ("npm", "node", "busybox"):
         if shutil.which(tool) is None:
@@ -100,7 +100,7 @@ def test_quick_delta_bench_reports_every_change(engine: Any, tmp_path: Path) -> 
         assert _positive(full["bytes"]) and _positive(delta["bytes"])
         assert delta["bytes"] < full["bytes"], row["change"]  # a delta, not a full bundle
         assert row["delta_carries"]["split"]["host_files"] > 0
-        for kind in ("full", "delta"):
+        for kind in ("fresh", "full", "delta"):  # fresh: the full bundle with --no-reuse
             up = row["upgrade"][kind]
             assert _positive(up["seconds"]) and _positive(up["peak_rss_mib"])
             assert any("Verifying" in step for step in up["breakdown"])
