@@ -4,7 +4,8 @@
 `tests.bare_image` (`bare`: python3 only; `pg15`: plus Debian's postgresql-15), each with:
 
 - `--network none` (only loopback: no route anywhere, nothing to reach),
-- a host directory mounted READ-ONLY at /stick (the USB stick),
+- a host directory mounted READ-ONLY at /stick (the USB stick; writable when asked, for a
+  host that writes its receipt onto the stick),
 - a writable host directory mounted at /srv (install roots go under it, e.g. /srv/demo; the
   test can read what was written there),
 - optionally the host's Docker engine socket (compose and image bundles: the engine is the one
@@ -107,10 +108,11 @@ class BareTargets:
 
     def __call__(self, variant: str = "bare", stick: Path | None = None,
                  docker_socket: bool = False,
-                 mounts: dict[Path, str] | None = None, stick_at: str = STICK) -> BareHost:
-        """A new container of `variant` with `stick` at /stick (or `stick_at`; read-only; an
-        empty dir if None), a fresh writable /srv, the engine socket if asked, and `mounts`
-        (host path → container path, read-only)."""
+                 mounts: dict[Path, str] | None = None, stick_at: str = STICK,
+                 stick_writable: bool = False) -> BareHost:
+        """A new container of `variant` with `stick` at /stick (or `stick_at`; read-only
+        unless `stick_writable`; an empty dir if None), a fresh writable /srv, the engine socket
+        if asked, and `mounts` (host path → container path, read-only)."""
         ref = self.images.ref(variant)
         n = len(self.hosts)
         if stick is None:
@@ -118,7 +120,8 @@ class BareTargets:
             stick.mkdir(parents=True)
         srv = self.workdir / f"srv{n}"
         srv.mkdir(parents=True)
-        volumes = {str(stick.resolve()): {"bind": stick_at, "mode": "ro"},
+        volumes = {str(stick.resolve()): {"bind": stick_at,
+                                          "mode": "rw" if stick_writable else "ro"},
                    str(srv.resolve()): {"bind": SRV, "mode": "rw"}}
         for src, dest in (mounts or {}).items():
             volumes[str(Path(src).resolve())] = {"bind": dest, "mode": "ro"}
