@@ -79,7 +79,8 @@ def test_quick_bench_reports_every_ratio(engine: Any, tmp_path: Path) -> None:
 
 def test_quick_delta_bench_reports_every_change(engine: Any, tmp_path: Path) -> None:
     """The delta part (issue 19): every change row has both bundles, the three upgrades
-    (full with and without reuse, delta; with their step lines) and peak RSS; every target carries a verdict. No timing asserted."""
+    (full with and without reuse, delta; with their step lines) and peak RSS; every target
+    carries a verdict. No timing asserted."""
     require_netns()
     for tool in ("npm", "node", "busybox"):
         if shutil.which(tool) is None:
