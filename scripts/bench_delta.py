@@ -247,7 +247,7 @@ def run(quick: bool, cache: Path, profile_runs: bool, only: tuple[str, ...] = ()
         ) -> dict[str, Any]:
     started = time.time()
     load_before = os.getloadavg()
-    changes = QUICK_CHANGES if quick else FULL_CHANGES
+    changes: tuple[Change, ...] = QUICK_CHANGES if quick else FULL_CHANGES
     if only:
         changes = tuple(c for c in changes if c.name in only or c.name in REQUIRED)
     repeats = 1 if quick else 2
