@@ -36,6 +36,7 @@ from bundler import progname
 from bundler.bundle.imagearchive import ImageRecord, Scan, config_facts, norm_member
 from bundler.bundle.imagedelta import CLASSIC, CONTAINERD, HeldImage, HostLayers, missing_layers
 from bundler.bundle.imageref import canonical_tag
+from bundler.compat import zip_strict
 from bundler.engine import docker_sdk, engine_client, transport_errors
 from bundler.errors import DeltaError, ImageLoadError, InstallError
 from bundler.faults import fault_point
@@ -238,7 +239,7 @@ def _containerd_ids(scan: Scan, present: Mapping[str, int]) -> dict[str, str]:
             diffs = (f"sha256:{d}" for d in config_facts(config)[0])
             image_id = containerd_image_id(
                 ("sha256:" + hashlib.sha256(config).hexdigest(), len(config)),
-                [(d, present[m]) for d, m in zip(diffs, img.layers, strict=True)])
+                [(d, present[m]) for d, m in zip_strict(diffs, img.layers)])
             out.update(dict.fromkeys(img.tags, image_id))
     except (ValueError, KeyError, TypeError) as exc:
         raise _Corrupt(f"its image index is unreadable: {exc}") from None
