@@ -9,7 +9,9 @@ The last HOLD bytes (which hold the tar's end-of-archive marker) are only sent o
 zstd frame checked out (its content checksum) and every expected tag names exactly the
 expected Image ID. Otherwise the upload is aborted: the engine sees a truncated request body,
 its untar fails, and nothing is loaded or re-tagged (docker load unpacks the whole tar before
-it registers anything). After a load, every tag is checked once more with `docker inspect`.
+it registers anything). After a load, every tag is checked once more with `docker inspect`
+(a containerd image store names an image by the manifest its importer writes, not by its
+config digest: containerd_image_id).
 
 A thin archive (bundler.bundle.imagedelta: a delta bundle's, without the layers the host's
 engine holds) loads the same way: the engine takes a layer whose chain it holds from its own
