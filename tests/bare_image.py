@@ -9,6 +9,8 @@
 - `bullseye`: the `bare` recipe on Debian 11 (its python3 is CPython 3.9, the oldest the
   target kit runs on: issue 22), from the same mirror, cached the same way;
   `bullseye-distutils`: FROM it, plus `python3-distutils` (uv needs it for a 3.9 venv).
+- `trixie-dockerd`: Debian 13's minbase plus its `docker.io` (Docker 26) and `containerd`: a
+  second engine, run in a container with the containerd image store (tests.inner_engine).
 - `trixie`: Debian 13's minbase (the one scripts/seed_images.py builds seed 003's pgvector
   on: the same tag and rootfs tar) plus its `python3`, CPython 3.13: a second real Python from
   the Debian mirror (a kit for another Python runs there).
@@ -20,7 +22,7 @@ rootfs tar, the pg15 image as `docker save`), so a re-run after `docker system p
 in seconds instead of bootstrapping again. A file lock there serialises concurrent builders
 (other worktrees share the engine and the cache).
 
-    python -m tests.bare_image [bare|pg15|seed004|systemd|trixie|bullseye[-distutils] ...]
+    python -m tests.bare_image [bare|pg15|seed004|systemd|trixie[-dockerd]|bullseye[-distutils] ...]
 """
 
 from __future__ import annotations
@@ -119,9 +121,21 @@ RUN apt-get update -qq \\
 """
 TRIXIE_PY_REF = f"bundler-test/bare-{TRIXIE_SUITE}:python3-" + _hash(
     TRIXIE_REF, TRIXIE_PY_DOCKERFILE)
+# FROM the trixie minbase, Debian 13's Docker engine (docker.io 26.x, its containerd and runc;
+# iptables is a hard dependency): a second engine run inside a container with the containerd
+# image store (tests.inner_engine), for what the host's classic Docker 20.10 cannot show.
+TRIXIE_DOCKERD_DOCKERFILE = """\
+FROM {base}
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io \\
+    containerd iptables \\
+ && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+"""
+TRIXIE_DOCKERD_REF = f"bundler-test/bare-{TRIXIE_SUITE}:dockerd-" + _hash(
+    TRIXIE_REF, TRIXIE_DOCKERD_DOCKERFILE)
 REFS = {"bare": BARE_REF, "pg15": PG15_REF, "seed004": SEED004_REF, "systemd": SYSTEMD_REF,
         "trixie": TRIXIE_PY_REF, "bullseye": BULLSEYE_REF,
-        "bullseye-distutils": BULLSEYE_PY_REF}
+        "bullseye-distutils": BULLSEYE_PY_REF, "trixie-dockerd": TRIXIE_DOCKERD_REF}
 
 
 class Unavailable(Exception):
@@ -320,6 +334,11 @@ def ensure_trixie(client: Any) -> Built:
                            ensure_trixie_base)
 
 
+def ensure_trixie_dockerd(client: Any) -> Built:
+    return _ensure_derived(client, TRIXIE_DOCKERD_REF, TRIXIE_DOCKERD_DOCKERFILE, TRIXIE_REF,
+                           ensure_trixie_base)
+
+
 def _ensure_derived(client: Any, ref: str, recipe: str, base: str = BARE_REF,
                     ensure_base: Callable[[Any], Built] = ensure_bare) -> Built:
     """An image built FROM `base` by `recipe` (apt from the host's mirror), kept in the engine
@@ -371,7 +390,8 @@ def _build_derived(client: Any, ref: str, recipe: str, saved: Path) -> None:
 
 ENSURE = {"bare": ensure_bare, "pg15": ensure_pg15, "seed004": ensure_seed004,
           "systemd": ensure_systemd, "trixie": ensure_trixie, "bullseye": ensure_bullseye,
-          "bullseye-distutils": ensure_bullseye_distutils}
+          "bullseye-distutils": ensure_bullseye_distutils,
+          "trixie-dockerd": ensure_trixie_dockerd}
 
 
 def main(argv: list[str]) -> int:

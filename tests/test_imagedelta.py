@@ -57,6 +57,21 @@ def test_chain_ids_refuse_what_is_not_a_sha256_digest() -> None:
             chain_ids([bad])
 
 
+def test_the_containerd_image_id_is_the_digest_of_the_manifest_its_importer_writes() -> None:
+    # recorded on Docker 26.1.5 (containerd 1.7.24, containerd image store): a two-layer image
+    # of this host's Docker 20.10 loaded from bundler's archive; `docker inspect` .Id there
+    config = ("sha256:ee76aed90df36f267bc272d23340d94854400873f59c84e864f05b87d348358f", 1488)
+    layers = [("sha256:b4858dda9e4d032c50aa4753f07ace1bfcfdf2abb930b72957ed2ea7b8fe758a",
+               1986560),
+              ("sha256:734f8baef840777b58d03bc4f758f34e57fbfd9a7d50bcf3a21d0e04fdb22886", 2560)]
+    assert images.containerd_image_id(config, layers) == (
+        "sha256:29ae326eff9a63a3b2ac05015e551cb05fba41fb99264393aa5c0041efa5e699")
+    assert images.containerd_image_id(config, layers[:1]) != images.containerd_image_id(
+        config, layers)
+    assert images.containerd_image_id((config[0], 1489), layers) != images.containerd_image_id(
+        config, layers)
+
+
 # --- synthetic docker-save archives (the layout the build writes) -----------------------------
 
 def _layer(seed: str, size: int = 4096) -> bytes:
@@ -327,11 +342,11 @@ INFO_CLASSIC: dict[str, Any] = {
                      ["Native Overlay Diff", "true"], ["userxattr", "false"]],
     "DockerRootDir": "/var/lib/docker", "OSType": "linux", "Architecture": "x86_64"}
 # The containerd image store (Docker 24+, `"features": {"containerd-snapshotter": true}`, the
-# default from 29): moby daemon/containerd/service.go LayerStoreStatus reports only the
-# driver type; Driver is the snapshotter's name (moby/moby#46757 shows
-# "Storage Driver: stargz / driver-type: io.containerd.snapshotter.v1").
+# default from 29): GET /info of Debian 13's Docker 26.1.5 run with it
+# (tests/test_image_delta_containerd.py checks it live), trimmed the same way; it reports only
+# the driver type, Driver is the snapshotter's name.
 INFO_CONTAINERD: dict[str, Any] = {
-    "ServerVersion": "28.5.2", "Driver": "overlayfs",
+    "ServerVersion": "26.1.5+dfsg1", "Driver": "overlayfs",
     "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]],
     "DockerRootDir": "/var/lib/docker", "OSType": "linux", "Architecture": "x86_64"}
 
@@ -413,3 +428,22 @@ def test_the_stream_check_refuses_a_missing_layer_the_manifest_did_not_list(
     assert len(sent) == stats["uncompressed"] == got.uncompressed_size
     full = b"".join(images._upload(src, want, {}))  # a full archive needs nothing listed
     assert len(full) > len(sent)
+
+
+def test_the_stream_computes_each_tags_containerd_image_id_when_it_carries_every_layer(
+        tmp_path: Path) -> None:
+    app, base = Img("app:2", (BASE, TOP2)), Img("base:1", (BASE,))
+    src = _archive(tmp_path / "full.tar.zst", [app, base])
+    want = {"app:2": app.image_id, "base:1": base.image_id}
+    ids: dict[str, str] = {}
+    list(images._upload(src, want, {}, engine_ids=ids))
+    sizes = _members(src)
+    assert ids == {img.tag: images.containerd_image_id(
+        (img.image_id, len(img.config)),
+        [(d, sizes[_layer_member(x)]) for d, x in zip(img.diffs, img.layers, strict=True)])
+        for img in (app, base)}
+    got = thin(src, tmp_path / "thin.tar.zst", chain_ids(app.diffs[:1]))
+    ids.clear()
+    list(images._upload(tmp_path / "thin.tar.zst", want, {}, frozenset(got.omitted_chains),
+                        engine_ids=ids))
+    assert ids == {}  # no image of a thin archive can be named: it never loads there

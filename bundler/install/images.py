@@ -9,7 +9,9 @@ The last HOLD bytes (which hold the tar's end-of-archive marker) are only sent o
 zstd frame checked out (its content checksum) and every expected tag names exactly the
 expected Image ID. Otherwise the upload is aborted: the engine sees a truncated request body,
 its untar fails, and nothing is loaded or re-tagged (docker load unpacks the whole tar before
-it registers anything). After a load, every tag is checked once more with `docker inspect`.
+it registers anything). After a load, every tag is checked once more with `docker inspect`
+(a containerd image store names an image by the manifest its importer writes, not by its
+config digest: containerd_image_id).
 
 A thin archive (bundler.bundle.imagedelta: a delta bundle's, without the layers the host's
 engine holds) loads the same way: the engine takes a layer whose chain it holds from its own
@@ -21,6 +23,8 @@ the archive that the manifest did not list. Why: docs/design/image-delta.md.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tarfile
 import time
@@ -31,9 +35,10 @@ from typing import IO, Any, BinaryIO, cast
 import zstandard
 
 from bundler import progname
-from bundler.bundle.imagearchive import ImageRecord, Scan, norm_member
+from bundler.bundle.imagearchive import ImageRecord, Scan, config_facts, norm_member
 from bundler.bundle.imagedelta import CLASSIC, CONTAINERD, HeldImage, HostLayers, missing_layers
 from bundler.bundle.imageref import canonical_tag
+from bundler.compat import zip_strict
 from bundler.engine import docker_sdk, engine_client, transport_errors
 from bundler.errors import DeltaError, ImageLoadError, InstallError
 from bundler.faults import fault_point
@@ -199,23 +204,69 @@ def _check_layers(scan: Scan, present: set[str], omitted: Collection[str]) -> No
                         f"manifest does not say the engine supplies it{more}")
 
 
+# What containerd's importer (core/images/archive/importer.go) writes for each image of a
+# docker-save archive, and the image store then names it by: a Docker schema 2 manifest, compact
+# JSON in this field order (observed on Docker 26.1.5, containerd 1.7.24: docs/design/
+# image-delta.md). An uncompressed layer's blob digest is its diff ID.
+_MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
+_CONFIG_V1 = "application/vnd.docker.container.image.v1+json"
+_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
+
+
+def containerd_image_id(config: tuple[str, int], layers: Sequence[tuple[str, int]]) -> str:
+    """The Image ID a containerd image store gives an image loaded from a docker-save archive:
+    the digest of the manifest its importer writes from the config ((digest, size)) and the
+    layers ((diff ID, size of the uncompressed layer member), bottom first). It names the
+    signed config and every layer by digest, so it proves the image as the config digest does
+    in a classic store; a compressed layer member gives another digest, and is refused."""
+    doc = {"schemaVersion": 2, "mediaType": _MANIFEST_V2,
+           "config": {"mediaType": _CONFIG_V1, "digest": config[0], "size": config[1]},
+           "layers": [{"mediaType": _LAYER_TAR, "digest": diff, "size": size}
+                      for diff, size in layers]}
+    data = json.dumps(doc, separators=(",", ":")).encode()
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _containerd_ids(scan: Scan, present: Mapping[str, int]) -> dict[str, str]:
+    """Tag -> containerd_image_id, for every image of a docker-save archive (manifest.json)
+    whose layers it all carries (a thin archive never loads there: require_layers)."""
+    if "manifest.json" not in scan.docs:
+        return {}
+    out: dict[str, str] = {}
+    try:
+        for img in scan.layout():
+            if not all(m in present for m in img.layers):
+                continue
+            config = scan.docs[img.config]
+            diffs = (f"sha256:{d}" for d in config_facts(config)[0])
+            image_id = containerd_image_id(
+                ("sha256:" + hashlib.sha256(config).hexdigest(), len(config)),
+                [(d, present[m]) for d, m in zip_strict(diffs, img.layers)])
+            out.update(dict.fromkeys(img.tags, image_id))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _Corrupt(f"its image index is unreadable: {exc}") from None
+    return out
+
+
 def _upload(archive: Path, want: dict[str, str], stats: dict[str, int],
-            omitted: Collection[str] = frozenset()) -> Iterator[bytes]:
+            omitted: Collection[str] = frozenset(), *,
+            engine_ids: dict[str, str] | None = None) -> Iterator[bytes]:
     """The decompressed archive, as chunks for the engine; raises before the final HOLD
     bytes when the archive is damaged, holds other images than expected, or lacks a layer
-    that `omitted` (the chain IDs the engine supplies) does not name."""
+    that `omitted` (the chain IDs the engine supplies) does not name. `engine_ids` is filled
+    with the Image ID each tag gets in a containerd image store (containerd_image_id)."""
     with open(archive, "rb") as fh:
         src = _ZstdReader(fh)
         tee = _Tee(src)
         scan = Scan()
-        present: set[str] = set()
+        present: dict[str, int] = {}  # regular member -> its size
         try:
             with tarfile.open(fileobj=cast(IO[bytes], tee), mode="r|", bufsize=CHUNK) as tf:
                 for member in tf:
                     if member.issym() or member.islnk():
                         scan.note_link(member)
                     elif member.isreg():
-                        present.add(scan.resolve(norm_member(member.name)))
+                        present[scan.resolve(norm_member(member.name))] = member.size
                         for _ in scan.read(tf, member, hash_all=False):
                             yield from tee.drain(HOLD)
                     yield from tee.drain(HOLD)
@@ -230,7 +281,9 @@ def _upload(archive: Path, want: dict[str, str], stats: dict[str, int],
                 raise _Corrupt(f"more than {human_bytes(HOLD)} follow the tar's "
                                "end-of-archive marker")
         _check_archive(scan, want)
-        _check_layers(scan, present, omitted)
+        _check_layers(scan, set(present), omitted)
+        if engine_ids is not None:
+            engine_ids.update(_containerd_ids(scan, present))
         stats["uncompressed"] = tee.total
         yield from tee.drain(0)
 
@@ -246,13 +299,14 @@ def load(archive: Path, expected: Sequence[ImageRecord], log: Log,
     errors = docker_sdk().errors
     started = time.monotonic()
     stats: dict[str, int] = {}
+    engine_ids: dict[str, str] = {}
     if omitted:
         require_layers(client, omitted)
         log(f"{len(set(omitted))} layer chain(s) come from the engine's own store")
     log(f"loading {len(want)} image(s) from {archive.name}")
     try:
-        for msg in client.api.load_image(_upload(archive, want, stats, frozenset(omitted)),
-                                         quiet=True):
+        upload = _upload(archive, want, stats, frozenset(omitted), engine_ids=engine_ids)
+        for msg in client.api.load_image(upload, quiet=True):
             if isinstance(msg, dict) and msg.get("error"):
                 raise ImageLoadError(f"docker load failed: {_line(msg['error'])}",
                                      hint="see the engine's log (journalctl -u docker)")
@@ -267,18 +321,41 @@ def load(archive: Path, expected: Sequence[ImageRecord], log: Log,
     except (OSError, errors.DockerException, *transport_errors()) as exc:
         raise ImageLoadError(f"the docker engine dropped the image upload: {_line(str(exc))}",
                              hint="see the engine's log; is /var/lib/docker full?") from None
+    _check_loaded(client, want, engine_ids)
+    secs = time.monotonic() - started
+    log(f"loaded {len(want)} image(s), {human_bytes(stats.get('uncompressed', 0))} in "
+        f"{secs:.1f}s; Image IDs match the manifest")
+
+
+def _check_loaded(client: Any, want: Mapping[str, str], engine_ids: Mapping[str, str]) -> None:
+    """Every tag names the signed image: its config digest in a classic store; in a containerd
+    store, the digest of the manifest made of that config and the signed layers."""
+    errors = docker_sdk().errors
+    containerd = _store(client) == CONTAINERD
     for tag, image_id in want.items():
         try:
             have = str(client.api.inspect_image(tag)["Id"])
         except errors.ImageNotFound:
             raise ImageLoadError(f"image {tag} is missing after docker load (the manifest "
                                  f"expects {image_id})") from None
-        if have != image_id:
+        if not containerd and have != image_id:
             raise ImageLoadError(f"image {tag} is {have} after docker load, the manifest "
                                  f"expects {image_id}")
-    secs = time.monotonic() - started
-    log(f"loaded {len(want)} image(s), {human_bytes(stats.get('uncompressed', 0))} in "
-        f"{secs:.1f}s; Image IDs match the manifest")
+        if containerd and have != engine_ids.get(tag):
+            raise ImageLoadError(
+                f"image {tag} is {have} after docker load; for the config {image_id} and the "
+                f"layers the manifest signs, this engine's containerd image store would name it "
+                f"{engine_ids.get(tag, '(unknown)')}",
+                hint="was a layer stored compressed? see docs/design/image-delta.md")
+
+
+def _store(client: Any) -> str:
+    errors = docker_sdk().errors
+    try:
+        return image_store(client.info())
+    except (errors.DockerException, *transport_errors()) as exc:
+        raise ImageLoadError(f"the docker engine did not answer `docker info`: "
+                             f"{_line(str(exc))}", hint="check the engine's log") from None
 
 
 # --- what the engine holds: for the receipt, and before a thin archive is loaded ------------
