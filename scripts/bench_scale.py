@@ -139,7 +139,7 @@ def write_layer(path: Path, seed: str, data_bytes: int, prefix: str,
                 n = min(left, FILE_MAX)
                 info = tarfile.TarInfo(f"{prefix}/f{i:03d}.bin")
                 info.size, info.mode, info.mtime = n, 0o644, 1700000000
-                tf.addfile(info, _Stream(f"{seed}-{i}", n))  # type: ignore[arg-type]
+                tf.addfile(info, _Stream(f"{seed}-{i}", n))
                 left, i = left - n, i + 1
             for name, data in sorted((extra or {}).items()):
                 info = tarfile.TarInfo(name)
@@ -388,15 +388,20 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             per_gib[op][f"{r['gib']:g}"] = round(s, 2)
             ratio[op][f"{r['gib']:g}"] = round(s / base, 2)
     rss: dict[str, dict[str, float | None]] = {}
-    for op, get in (("build", lambda r: r["build"]), ("verify", lambda r: r["verify"]),
-                    ("install", lambda r: r["install"]),
-                    ("delta build", lambda r: r["delta"]["build"]),
-                    ("delta install", lambda r: r["delta"]["install"])):
-        rss[op] = {f"{r['gib']:g}": get(r)["peak_rss_mib"] for r in rows}
+    for op, path in (("build", ("build",)), ("verify", ("verify",)), ("install", ("install",)),
+                     ("delta build", ("delta", "build")),
+                     ("delta install", ("delta", "install"))):
+        rss[op] = {f"{r['gib']:g}": _at(r, path)["peak_rss_mib"] for r in rows}
     spread = {op: round(max(v for v in s.values() if v) - min(v for v in s.values() if v), 1)
               for op, s in rss.items() if any(s.values())}
     return {"seconds_per_gib": per_gib, "ratio_to_smallest": ratio, "peak_rss_mib": rss,
             "rss_spread_mib": spread}
+
+
+def _at(doc: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    for key in path:
+        doc = doc[key]
+    return doc
 
 
 def run(sizes: tuple[float, ...], change_bytes: int, quick: bool) -> dict[str, Any]:
