@@ -8,7 +8,7 @@ DEMO_ROOT ?= demo-target
 # Reproducible demo bundles: the same commit gives the same bytes (and a no-op re-install).
 export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 1700000000)
 
-.PHONY: venv demo demo-stop test test-fast host-setup lint bench bench-delta bench-quick clean
+.PHONY: venv demo demo-stop test test-fast host-setup lint bench bench-delta bench-scale bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,10 +59,16 @@ bench: venv
 bench-delta: venv
 	$(PY) scripts/bench_delta.py --out bench/results
 
+# bundler at 0.5, 1, 2 and 5 GiB of images (issue 19; ~20 min, ~25 GB of disk at 5 GiB):
+# bench/results/bench-scale.json
+bench-scale: venv
+	$(PY) scripts/bench_scale.py --out bench/results
+
 # a small workload (no network, about a minute here): what tests/test_bench.py runs in CI
 bench-quick: venv
 	$(PY) scripts/bench.py --quick
 	$(PY) scripts/bench_delta.py --quick
+	$(PY) scripts/bench_scale.py --quick
 
 clean:
 	-test -x $(BUNDLE) && test -d $(DEMO_ROOT) && $(BUNDLE) stop --root $(DEMO_ROOT)

@@ -32,6 +32,7 @@ import io
 import json
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bench_scale import carried_layers
 
 import bench
 from bench import MIB, Setup, bundle_cmd, checked, read_hwm, say, step_breakdown
@@ -56,6 +59,7 @@ TARGETS: dict[str, tuple[str, float, str]] = {
                                "upgrade as it was (every tree installed again: --no-reuse)"),
     "wheel_delta_excess_mb": ("<=", 1.0, "one wheel: delta <= that wheel + 1 MB"),
     "delta_peak_rss_mib": ("<", 150.0, "peak RSS of delta build and install < 150 MiB"),
+    "image_delta_excess_mb": ("<=", 1.0, "one image's top layer: delta <= that layer + 1 MB"),
 }
 
 FILES = """\
@@ -71,6 +75,7 @@ class Change:
     name: str
     app: bool = False                 # the application code changed
     wheels: tuple[str, ...] = ()      # projects whose wheel is rebuilt; ("*",): every wheel
+    image_mib: int = 0                # the last image rebuilt: a new top layer of this size
 
 
 FULL_CHANGES = (
@@ -80,14 +85,20 @@ FULL_CHANGES = (
     Change("5 wheels", wheels=("sqlalchemy", "pydantic_core", "fastapi", "starlette",
                                "uvicorn")),
     Change("whole lock", wheels=("*",)),
+    Change("image top layer 1 MiB", image_mib=1),
+    Change("image top layer 16 MiB", image_mib=16),
+    Change("image top layer 64 MiB", image_mib=64),
 )
-REQUIRED = ("app code", "one wheel")  # the targets are read from these rows
+# the targets are read from these rows (--only always runs them)
+REQUIRED = ("app code", "one wheel", "image top layer 1 MiB")
 QUICK_CHANGES = (
     Change("version only"),
     Change("app code", app=True),
     Change("one wheel", wheels=("benchtiny_b",)),
     Change("2 wheels", wheels=("benchtiny_a", "benchtiny_b")),
     Change("whole lock", wheels=("*",)),
+    Change("image top layer 1 MiB", image_mib=1),
+    Change("image top layer 4 MiB", image_mib=4),
 )
 
 
@@ -135,12 +146,41 @@ def wheel_set(base: list[Path], change: Change, work: Path) -> tuple[list[Path],
     return [dest / w.name if _project(w) in names else w for w in base], changed
 
 
+def changed_image(ref: str, mib: int, work: Path) -> tuple[str, Path]:
+    """`ref` rebuilt with a new top layer: `FROM ref` + one COPY of a new incompressible file
+    of `mib` MiB; every other layer is ref's. Saved to an archive and removed from the engine
+    at once, so neither release 1.0.0's install nor the receipt sees its layer: it is loaded
+    back only to build 1.1.0, and removed again before every upgrade."""
+    import docker  # type: ignore[import-untyped]
+
+    repo, tag = ref.rsplit(":", 1)
+    new = f"{repo}:{tag}-top{mib}"
+    data = random.Random(f"{ref}-top-{mib}").randbytes(mib * MIB)
+    context = bench._tar({"Dockerfile": f"FROM {ref}\nCOPY new/ /opt/new/\n".encode(),
+                          "new/top.bin": data})
+    client = docker.from_env(timeout=600)
+    client.images.build(fileobj=io.BytesIO(context), custom_context=True, tag=new, rm=True,
+                        pull=False)
+    client.close()
+    saved = work / f"image-top{mib}.tar"
+    subprocess.run(["docker", "save", "-o", str(saved), new], check=True)
+    drop([new])
+    return new, saved
+
+
+def drop(refs: list[str]) -> None:
+    """Remove images (and the layers only they hold) so that the host lacks them again."""
+    if refs:
+        subprocess.run(["docker", "rmi", "-f", *refs], capture_output=True, check=False)
+
+
 # ------------------------------------------------------------------------------------------
 # Releases
 
 
 def release(s: Setup, d: Path, version: str, sequence: int, index_url: str,
-            requirements_in: str, frontend: Path, app_changed: bool) -> Path:
+            requirements_in: str, frontend: Path, app_changed: bool,
+            refs: list[str] | None = None) -> Path:
     """A profile directory: bench.py's profile + seed 001's backend code as files."""
     shutil.rmtree(d, ignore_errors=True)
     shutil.copytree(bench.SEED / "backend" / "app", d / "backend" / "app",
@@ -150,7 +190,7 @@ def release(s: Setup, d: Path, version: str, sequence: int, index_url: str,
         with open(d / "backend" / "app" / "main.py", "a") as fh:
             fh.write("\n\nRELEASE_NOTE = 'bench_delta: the application code changed'\n")
     shutil.copytree(frontend, d / "frontend", ignore=shutil.ignore_patterns("node_modules"))
-    images = "".join(f"  - ref: {r}\n    source: engine\n" for r in s.refs)
+    images = "".join(f"  - ref: {r}\n    source: engine\n" for r in refs or s.refs)
     text = bench.PROFILE.format(
         sequence=sequence, python=f"{sys.version_info[0]}.{sys.version_info[1]}",
         index=index_url, registry=s.registry.url, images=images)
@@ -201,7 +241,11 @@ def restore(root: Path, snap: Path) -> None:
     subprocess.run(["cp", "-a", str(snap), str(root)], check=True)
 
 
-def upgrade(s: Setup, root: Path, snap: Path, bundle: Path, tag: str) -> dict[str, Any]:
+def upgrade(s: Setup, root: Path, snap: Path, bundle: Path, tag: str,
+            gone: list[str]) -> dict[str, Any]:
+    """One timed upgrade from 1.0.0's host state; `gone`: images the host lacks (a changed
+    image an earlier upgrade loaded is removed first)."""
+    drop(gone)
     restore(root, snap)
     hwm = root.parent / f"upgrade-{tag}.hwm"
     extra = ["--no-reuse"] if tag == "fresh" else []
@@ -212,7 +256,9 @@ def upgrade(s: Setup, root: Path, snap: Path, bundle: Path, tag: str) -> dict[st
             "peak_rss_mib": read_hwm(hwm)}
 
 
-def profile_upgrade(s: Setup, root: Path, snap: Path, bundle: Path) -> dict[str, Any]:
+def profile_upgrade(s: Setup, root: Path, snap: Path, bundle: Path, gone: list[str]
+                    ) -> dict[str, Any]:
+    drop(gone)
     restore(root, snap)
     dump = root.parent / "prof-delta-upgrade.out"
     cmd = bundle_cmd("upgrade", "install", bundle, "--trust", s.pub, "--root", root)
@@ -221,7 +267,7 @@ def profile_upgrade(s: Setup, root: Path, snap: Path, bundle: Path) -> dict[str,
 
 
 def measure(s: Setup, change: Change, d: Path, full: dict[str, Any], delta: dict[str, Any],
-            root: Path, snap: Path, repeats: int) -> dict[str, Any]:
+            root: Path, snap: Path, repeats: int, gone: list[str]) -> dict[str, Any]:
     """The same upgrade from both bundles, in turns (the order rotates each round): "full"
     and "delta" clone what earlier releases made from the same inputs (venv, node_modules);
     "fresh" is the full bundle with --no-reuse, every tree installed again, as every upgrade
@@ -232,7 +278,7 @@ def measure(s: Setup, change: Change, d: Path, full: dict[str, Any], delta: dict
         order = kinds[i % 3:] + kinds[:i % 3]
         for kind in order:
             b = delta if kind == "delta" else full
-            runs[kind].append(upgrade(s, root, snap, Path(b["bundle"]), kind))
+            runs[kind].append(upgrade(s, root, snap, Path(b["bundle"]), kind, gone))
             say(f"  {change.name}: upgrade from the {kind} bundle "
                 f"{runs[kind][-1]['seconds']:.1f} s")
     return {k: {**min(v, key=lambda r: r["seconds"]), "runs": [r["seconds"] for r in v]}
@@ -256,6 +302,8 @@ def run(quick: bool, cache: Path, profile_runs: bool, only: tuple[str, ...] = ()
         work = Path(tmp)
         wl = bench.quick_workload(work) if quick else bench.full_workload(cache)
         refs = bench.ensure_images(wl.images)
+        rebuilt_images = {c.name: changed_image(refs[-1], c.image_mib, work)
+                          for c in changes if c.image_mib}
         key, pub = bench.make_keys(work)
         index_url, registry, specs = stack.enter_context(bench.servers(work, wl))
         frontend = work / "frontend-template"
@@ -298,21 +346,34 @@ def run(quick: bool, cache: Path, profile_runs: bool, only: tuple[str, ...] = ()
                 idx = work / f"index-{n}"
                 write_index(wheels, idx)
                 url = stack.enter_context(serve(idx))
+            images, gone = refs, list[str]()
+            if change.image_mib:
+                new, saved = rebuilt_images[change.name]
+                subprocess.run(["docker", "load", "-q", "-i", str(saved)], check=True,
+                               capture_output=True)
+                images, gone = [*refs[:-1], new], [new]
             profile = release(s, s.app / f"v{n}", "1.1.0", n, url, wl.requirements_in,
-                              frontend, app_changed=change.app)
+                              frontend, app_changed=change.app, refs=images)
             full = build(s, profile, bcache)
             delta = build(s, profile, bcache, receipt, host_pub)
-            if change.app:
+            drop(gone)
+            layers: list[int] = []
+            if change.image_mib:  # the layers the delta carries: the new top one alone
+                layers = carried_layers(Path(delta["bundle"]))
+                change_bytes = sum(layers)
+            elif change.app:
                 main_py = profile.parent / "backend" / "app" / "main.py"
                 change_bytes = main_py.stat().st_size
             else:
                 change_bytes = sum(w.stat().st_size for w in changed)
             row: dict[str, Any] = {
-                "change": change.name, "changed_files": len(changed) + int(change.app),
+                "change": change.name,
+                "changed_files": len(changed) + int(change.app) + len(layers),
+                "changed_layers": layers,
                 "change_bytes": change_bytes, "full": full, "delta": delta,
                 "delta_carries": travelling(s, Path(delta["bundle"]))}
             row["upgrade"] = measure(s, change, profile.parent, full, delta, root, snap,
-                                     repeats)
+                                     repeats, gone)
             rows.append(row)
         by_name = {r["change"]: r for r in rows}
         app, one = by_name["app code"], by_name["one wheel"]
@@ -321,7 +382,7 @@ def run(quick: bool, cache: Path, profile_runs: bool, only: tuple[str, ...] = ()
         if profile_runs and app_time_ratio > TARGETS["app_upgrade_time_ratio"][1]:
             say("app-code upgrade missed its target: profiling the delta upgrade")
             app["upgrade"]["delta"]["profile"] = profile_upgrade(
-                s, root, snap, Path(app["delta"]["bundle"]))
+                s, root, snap, Path(app["delta"]["bundle"]), [])
         rss = [v for r in rows for v in (r["delta"]["peak_rss_mib"],
                                          r["upgrade"]["delta"]["peak_rss_mib"])
                if v is not None]
@@ -330,6 +391,8 @@ def run(quick: bool, cache: Path, profile_runs: bool, only: tuple[str, ...] = ()
             "app_upgrade_time_ratio": app_time_ratio,
             "wheel_delta_excess_mb": (one["delta"]["bytes"] - one["change_bytes"]) / MB,
             "delta_peak_rss_mib": max(rss) if rss else float("nan"),
+            "image_delta_excess_mb": max((r["delta"]["bytes"] - r["change_bytes"]) / MB
+                                         for r in rows if r["changed_layers"]),
         }
         for r in rows:
             for b in (r["full"], r["delta"]):
@@ -374,7 +437,8 @@ def table(r: dict[str, Any]) -> str:
     for c in r["changes"]:
         u = c["upgrade"]
         lines.append(
-            f"| {c['change']} | {_size(c['change_bytes'])} ({c['changed_files']} file(s)) "
+            f"| {c['change']} | {_size(c['change_bytes'])} ({c['changed_files']} "
+            f"{'layer' if c['changed_layers'] else 'file'}(s)) "
             f"| {_size(c['full']['bytes'])} | {_size(c['delta']['bytes'])} "
             f"| {c['delta']['bytes'] / c['full']['bytes']:.2%} "
             f"| {u['fresh']['seconds']:.1f} s "

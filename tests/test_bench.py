@@ -95,7 +95,8 @@ def test_quick_delta_bench_reports_every_change(engine: Any, tmp_path: Path) -> 
     assert result["bench"]["quick"] is True
     assert _positive(result["initial"]["install_seconds"])
     rows = {r["change"]: r for r in result["changes"]}
-    assert set(rows) == {"version only", "app code", "one wheel", "2 wheels", "whole lock"}
+    assert set(rows) == {"version only", "app code", "one wheel", "2 wheels", "whole lock",
+                         "image top layer 1 MiB", "image top layer 4 MiB"}
     for row in rows.values():
         full, delta = row["full"], row["delta"]
         assert _positive(full["bytes"]) and _positive(delta["bytes"])
@@ -112,7 +113,55 @@ def test_quick_delta_bench_reports_every_change(engine: Any, tmp_path: Path) -> 
     assert [p for p in carried if p.endswith(".whl")] == [
         p for p in carried if "benchtiny_b" in p], carried
     assert not any(p.endswith(".whl") for p in rows["app code"]["delta_carries"]["files"])
+    # one image rebuilt with a new top layer: that layer alone travels, and it grows with it
+    small, big = rows["image top layer 1 MiB"], rows["image top layer 4 MiB"]
+    for row, mib in ((small, 1), (big, 4)):
+        assert len(row["changed_layers"]) == 1 and row["change_bytes"] > mib * 1024 * 1024
+        carried = row["delta_carries"]["files"]
+        assert not any(p.endswith(".whl") for p in carried), carried
+    assert big["delta"]["bytes"] > small["delta"]["bytes"] + 2 * 1024 * 1024
     assert {t["metric"] for t in result["targets"]} == {
         "app_delta_size_ratio", "app_upgrade_time_ratio", "wheel_delta_excess_mb",
-        "delta_peak_rss_mib"}
+        "delta_peak_rss_mib", "image_delta_excess_mb"}
     assert all(isinstance(t["met"], bool) and _positive(t["value"]) for t in result["targets"])
+
+
+def test_quick_scale_bench_reports_every_size(engine: Any, tmp_path: Path) -> None:
+    """The scale part (issue 19): at each size, build, verify, full install and delta install
+    with their times and peak RSS; the delta carries the changed top layer alone; every
+    target carries a verdict. No timing asserted."""
+    require_netns()
+    if shutil.which("busybox") is None:
+        unavailable("the bench needs busybox")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_scale.py"), "--quick", "--json",
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout)
+    assert result == json.loads((tmp_path / "out" / "bench-scale-quick.json").read_text())
+    assert result["bench"]["quick"] is True
+    rows = result["sizes"]
+    assert [r["gib"] for r in rows] == result["bench"]["sizes_gib"] and len(rows) == 2
+    for row in rows:
+        assert row["images"] == 20 and _positive(row["stack_bytes"])
+        assert _positive(row["bundle_bytes"])
+        for op in (row["build"], row["verify"], row["install"], row["delta"]["build"],
+                   row["delta"]["install"]):
+            assert _positive(op["seconds"]) and _positive(op["peak_rss_mib"]), op
+        assert any("Loading 20 image(s)" in s for s in row["install"]["breakdown"])
+        delta = row["delta"]
+        assert delta["carried_layer_bytes"] == [delta["changed_layer_bytes"]], delta
+        assert delta["changed_layer_bytes"] > delta["change_bytes"]
+        assert delta["bytes"] < row["bundle_bytes"]
+        assert any("Loading 20 image(s)" in s for s in delta["install"]["breakdown"])
+    summary = result["summary"]
+    assert set(summary["ratio_to_smallest"]) == {"build", "verify", "install"}
+    for op in summary["ratio_to_smallest"].values():
+        assert len(op) == 2 and all(_positive(v) for v in op.values())
+    assert {t["metric"] for t in result["targets"]} == {"peak_rss_mib",
+                                                       "image_delta_excess_mb"}
+    assert all(isinstance(t["met"], bool) and _positive(t["value"]) for t in result["targets"])
+    left = subprocess.run(["docker", "images", "-q", "bundler-scale/*"], capture_output=True,
+                          text=True, check=True).stdout.split()
+    assert not left, left  # every image of every size removed

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 import tempfile
@@ -40,6 +41,13 @@ from bundler.errors import BuildError, CommandError
 from bundler.fsutil import CHUNK, human_bytes
 
 ZSTD_LEVEL = 3
+# Multithreaded zstd keeps a few jobs' buffers per worker. With its default job for level 3
+# and one worker per core, `bundle lock` of 20 incompressible images peaked at 160 MiB RSS on
+# 2 cores (zstd alone: 122 MiB; 242 MiB with 8 workers), flat in the stack's size but above
+# the 150 MiB bound and growing with the cores. 4 MiB jobs and at most 4 workers bound it
+# (zstd alone: ~63 MiB at 4 workers) at the same speed here (bench/README.md, the scale run).
+ZSTD_JOB = 4 * 1024 * 1024
+ZSTD_MAX_WORKERS = 4
 SKOPEO_TIMEOUT = 3600.0
 _LAYOUT_FILES = ("manifest.json", "index.json", "oci-layout", "repositories")
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -535,6 +543,18 @@ def _validate(specs: Sequence[ImageSpec]) -> None:
         seen[key] = spec.ref
 
 
+def compression_params(cpus: int | None = None) -> zstandard.ZstdCompressionParameters:
+    """The images archive's zstd: level 3, one worker per core up to ZSTD_MAX_WORKERS,
+    ZSTD_JOB-sized jobs (memory bounded whatever the machine)."""
+    workers = max(1, min(cpus or os.cpu_count() or 1, ZSTD_MAX_WORKERS))
+    return zstandard.ZstdCompressionParameters.from_level(
+        ZSTD_LEVEL, threads=workers, job_size=ZSTD_JOB, write_checksum=True)
+
+
+def compressor(cpus: int | None = None) -> zstandard.ZstdCompressor:
+    return zstandard.ZstdCompressor(compression_params=compression_params(cpus))
+
+
 def fetch(specs: Sequence[ImageSpec], cache: Cache, log: Log) -> ImagesFetched:
     """Put every image in ONE docker-save tar (shared layers once), zstd it into the cache."""
     _validate(specs)
@@ -555,7 +575,7 @@ def fetch(specs: Sequence[ImageSpec], cache: Cache, log: Log) -> ImagesFetched:
             dest = work / f"pull-{i}.tar"
             _skopeo_pull(spec, dest, log)
             pulled.append((dest, spec))
-        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1, write_checksum=True)
+        cctx = compressor()
         with cache.writer() as sink, \
                 cctx.stream_writer(cast(IO[bytes], sink), closefd=False) as zw:
             counter = _Counter(cast(IO[bytes], zw))
