@@ -145,14 +145,18 @@ def run_timed(cmds: list[Cmd]) -> list[dict[str, Any]]:
                                 stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None
         marks: list[tuple[float, str]] = []
+        notes: list[tuple[float, str]] = []  # bundler's indented lines under a step
         tail: list[str] = []
         for line in proc.stderr:
+            at = round(time.perf_counter() - start, 3)
             if line.startswith("==> "):
-                marks.append((round(time.perf_counter() - start, 3), line[4:].strip()))
+                marks.append((at, line[4:].strip()))
+            elif line.startswith("    ") and len(notes) < 200:
+                notes.append((at, line.strip()))
             tail = [*tail[-30:], line.rstrip()]
         proc.wait()
         out.append({"name": cmd.name, "seconds": time.perf_counter() - start,
-                    "rc": proc.returncode, "marks": marks, "tail": tail})
+                    "rc": proc.returncode, "marks": marks, "notes": notes, "tail": tail})
     return out
 
 

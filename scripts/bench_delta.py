@@ -252,8 +252,12 @@ def upgrade(s: Setup, root: Path, snap: Path, bundle: Path, tag: str,
     [res] = checked(bench.run_offline([bundle_cmd(
         f"upgrade {tag}", "install", bundle, "--trust", s.pub, "--root", root, *extra,
         hwm=hwm)]))
+    # The concurrent package steps (images, venv, node_modules) overlap: their own lines say
+    # what each did and how (reused, installed, unpacked) where the step lines cannot.
+    notes = [f"{at:.2f} s: {text}" for at, text in res["notes"]
+             if text.startswith(("venv ", "npm: ", "images: ", "Node.js", "loaded "))]
     return {"seconds": round(res["seconds"], 3), "breakdown": step_breakdown(res),
-            "peak_rss_mib": read_hwm(hwm)}
+            "notes": notes, "peak_rss_mib": read_hwm(hwm)}
 
 
 def profile_upgrade(s: Setup, root: Path, snap: Path, bundle: Path, gone: list[str]
