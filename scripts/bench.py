@@ -177,6 +177,19 @@ def drive(spec: str) -> None:
     print(json.dumps(run_timed([Cmd(**c) for c in json.loads(spec)])))
 
 
+def emit(result: dict[str, Any], out: Path | None, name: str, as_json: bool,
+         text: Callable[[dict[str, Any]], list[str]]) -> None:
+    """Write `out`/`name`.json (when asked), then print the result: JSON, or `text`'s lines
+    (tables, verdicts)."""
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(text(result)))
+
+
 def checked(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in results:
         if r["rc"] != 0:
@@ -1100,17 +1113,11 @@ def main() -> int:
         return 0
     result = run(args.quick, args.cache, profile_runs=not args.no_profile and not args.quick)
     name = "bench-quick" if args.quick else "bench-full"
+    emit(result, args.out, name, args.json, lambda r: [table(r), missed_notes(r)])
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         chart(result, args.out / f"{name}.png")
     if args.chart:
         chart(result, args.chart)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(table(result))
-        print(missed_notes(result))
     return 0
 
 

@@ -492,16 +492,8 @@ def main() -> int:
     args = parser.parse_args()
     result = run(args.quick, args.cache, profile_runs=not args.no_profile and not args.quick,
                  only=tuple(args.only))
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        name = "bench-delta-quick" if args.quick else "bench-delta"
-        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(table(result))
-        print(verdicts(result))
-        print(breakdowns(result))
+    bench.emit(result, args.out, "bench-delta-quick" if args.quick else "bench-delta",
+               args.json, lambda r: [table(r), verdicts(r), breakdowns(r)])
     return 0
 
 

@@ -505,15 +505,8 @@ def main() -> int:
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     change = (1 if args.quick else CHANGE_MIB) * MIB
     result = run(sizes, change, args.quick)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        name = "bench-scale-quick" if args.quick else "bench-scale"
-        (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(table(result))
-        print(verdicts(result))
+    bench.emit(result, args.out, "bench-scale-quick" if args.quick else "bench-scale",
+               args.json, lambda r: [table(r), verdicts(r)])
     return 0
 
 

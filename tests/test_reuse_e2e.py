@@ -120,33 +120,20 @@ SCRIBBLE_JS = ("require('fs').appendFileSync(require.resolve('tiny-greeter'), '/
                "\nprocess.exit(3);\n")
 
 
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        unavailable("node and npm are not installed")
-    packages = [LocalPackage("tiny-greeter", "1.2.0",
-                             {"index.js": "exports.greet = () => 'hello from npm';\n"})]
-    with local_registry(tmp_path / "registry", packages) as reg:
-        yield reg
-
-
-def test_the_same_prebuilt_tree_is_reused_and_a_rollback_leaves_it_alone(
-        tmp_path: Path, registry: LocalRegistry, keys: tuple[Path, Path],
-        roots: list[Path]) -> None:
-    app = tmp_path / "app"
-    backend = make_project(app / "backend", registry,
-                           {"dependencies": {"tiny-greeter": "^1.2.0"}})
+def _node_bundles(tmp_path: Path, keys: tuple[Path, Path], registry: LocalRegistry,
+                  backend: Path, name: str, servers: list[str], check: str = "") -> list[Path]:
+    """One bundle per server.js in `servers` (versions 1.0.0, 1.1.0, ...): the npm project
+    `backend` run by node as the service `api`, health-checked over HTTP (`check`: more of
+    the check's YAML, e.g. a json condition)."""
     port = free_port()
     bundles = []
-    for n, (version, server) in enumerate((("1.0.0", SERVER_JS),
-                                          ("1.1.0", "// changed\n" + SERVER_JS),
-                                          ("1.2.0", SCRIBBLE_JS)), 1):
+    for n, server in enumerate(servers, 1):
         (backend / "server.js").write_text(server)
-        profile = app / f"{version}.yaml"
+        profile = backend.parent / f"1.{n - 1}.0.yaml"
         profile.write_text(textwrap.dedent(f"""\
             schema: 1
-            name: insights
-            version: {version}
+            name: {name}
+            version: 1.{n - 1}.0
             sequence: {n}
             target: {{node: ">=18", npm: ">=8"}}
             npm:
@@ -163,11 +150,32 @@ def test_the_same_prebuilt_tree_is_reused_and_a_rollback_leaves_it_alone(
                 http: http://127.0.0.1:{port}/health
                 retries: 20
                 interval: 250ms
-            """))
+            """) + check)
         built = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
                        "--cache-dir", tmp_path / "cache", "--json")
         assert built.rc == 0, built.err
         bundles.append(Path(json.loads(built.out)["bundle"]))
+    return bundles
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[LocalRegistry]:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        unavailable("node and npm are not installed")
+    packages = [LocalPackage("tiny-greeter", "1.2.0",
+                             {"index.js": "exports.greet = () => 'hello from npm';\n"})]
+    with local_registry(tmp_path / "registry", packages) as reg:
+        yield reg
+
+
+def test_the_same_prebuilt_tree_is_reused_and_a_rollback_leaves_it_alone(
+        tmp_path: Path, registry: LocalRegistry, keys: tuple[Path, Path],
+        roots: list[Path]) -> None:
+    app = tmp_path / "app"
+    backend = make_project(app / "backend", registry,
+                           {"dependencies": {"tiny-greeter": "^1.2.0"}})
+    bundles = _node_bundles(tmp_path, keys, registry, backend, "insights",
+                            [SERVER_JS, "// changed\n" + SERVER_JS, SCRIBBLE_JS])
     root = tmp_path / "target"
     roots.append(root)
     trust = ["--trust", keys[1], "--root", root]
@@ -203,41 +211,13 @@ def test_the_same_npm_ci_tree_is_reused_and_equals_a_fresh_npm_ci(
         tmp_path: Path, keys: tuple[Path, Path], roots: list[Path]) -> None:
     if shutil.which("node") is None or shutil.which("npm") is None:
         unavailable("node and npm are not installed")
-    app = tmp_path / "app"
-    port = free_port()
-    bundles = []
     with local_registry(tmp_path / "registry", [SCRIPTED]) as registry:
-        backend = make_project(app / "backend", registry,
+        backend = make_project(tmp_path / "app" / "backend", registry,
                                {"dependencies": {"tiny-greeter": "^1.3.0"}})
-        for n, server in enumerate((SERVER_JS, "// changed\n" + SERVER_JS), 1):
-            (backend / "server.js").write_text(server)
-            profile = app / f"1.{n - 1}.0.yaml"
-            profile.write_text(textwrap.dedent(f"""\
-                schema: 1
-                name: scripted
-                version: 1.{n - 1}.0
-                sequence: {n}
-                target: {{node: ">=18", npm: ">=8"}}
-                npm:
-                  - project: backend
-                    registry: {registry.url}
-                files:
-                  - {{src: backend, dest: backend, exclude: [node_modules]}}
-                services:
-                  - name: api
-                    cwd: backend
-                    command: ["node", "server.js", "{port}"]
-                health:
-                  - name: api
-                    http: http://127.0.0.1:{port}/health
-                    json: {{field: greeting, equals: hello from a postinstall}}
-                    retries: 20
-                    interval: 250ms
-                """))
-            built = bundle("build", profile, "--key", keys[0], "--out", tmp_path / "out",
-                           "--cache-dir", tmp_path / "cache", "--json")
-            assert built.rc == 0, built.err
-            bundles.append(Path(json.loads(built.out)["bundle"]))
+        bundles = _node_bundles(
+            tmp_path, keys, registry, backend, "scripted",
+            [SERVER_JS, "// changed\n" + SERVER_JS],
+            "    json: {field: greeting, equals: hello from a postinstall}\n")
     reused_root, fresh_root = tmp_path / "reused", tmp_path / "fresh"
     roots.extend([reused_root, fresh_root])
     runs = offline(
