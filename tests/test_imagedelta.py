@@ -30,7 +30,7 @@ from bundler.bundle.imagedelta import (
 )
 from bundler.errors import BuildError, DeltaError
 from bundler.install import images
-from bundler.install.images import held_layers, image_store, require_layers
+from bundler.install.images import held_layers, image_store, require_classic, require_layers
 from tests.helpers import REPO
 
 # --- chain IDs --------------------------------------------------------------------------------
@@ -406,6 +406,16 @@ def test_require_layers_refuses_the_containerd_store_up_front() -> None:
     with pytest.raises(DeltaError) as caught:
         require_layers(client, [A])
     assert "containerd image store" in caught.value.message
+    assert "full bundle" in caught.value.hint
+
+
+def test_a_delta_leaving_whole_images_is_refused_by_the_containerd_store_with_why() -> None:
+    require_classic(FakeClient(INFO_CLASSIC, {}), "its 2 image(s)")  # a classic store: checked
+    with pytest.raises(DeltaError) as caught:  # by config digest later (install/delta.py)
+        require_classic(FakeClient(INFO_CONTAINERD, {C: [A, B]}), "its 2 image(s)")
+    assert caught.value.exit_code == 24
+    assert "containerd image store" in caught.value.message
+    assert "leaves its 2 image(s) to the engine" in caught.value.message
     assert "full bundle" in caught.value.hint
 
 

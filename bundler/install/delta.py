@@ -37,6 +37,7 @@ def preflight(layout: Layout, m: Manifest) -> None:
                          hint="carry the full bundle (build without --against)")
     lacking = [str(p) for p in store.check(layout, m.from_host)]
     if images_from_host(m):
+        engine_images.require_classic(engine_client(DeltaError), f"its {len(m.images)} image(s)")
         lacking += [f"image {x}: not in the engine" for x in _missing_images(m)]
     if lacking:
         raise store.missing_error(lacking, m)

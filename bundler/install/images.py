@@ -410,10 +410,8 @@ def require_layers(client: Any, needed: Collection[str]) -> None:
         return
     host = held_layers(client)
     if host.store != CLASSIC:
-        raise DeltaError(
-            f"this engine keeps images in the containerd image store, which loads only "
-            f"complete image archives; this delta bundle leaves {len(set(needed))} layer(s) to "
-            f"the engine", hint=_FIX.replace("{bundle}", progname.prog()))
+        raise _containerd_refusal("which loads only complete image archives",
+                                  f"{len(set(needed))} layer(s)")
     missing = sorted(set(needed) - host.chains())
     if missing:
         shown = ", ".join(c.removeprefix("sha256:")[:12] for c in missing[:5])
@@ -422,6 +420,28 @@ def require_layers(client: Any, needed: Collection[str]) -> None:
             f"the docker engine lacks {len(missing)} image layer(s) this delta bundle leaves to "
             f"it (chain IDs {shown}{more}): were images removed since the receipt?",
             hint=_FIX.replace("{bundle}", progname.prog()))
+
+
+def require_classic(client: Any, what: str) -> None:
+    """Refuse (DeltaError, before anything changes) a delta that leaves `what` (whole images)
+    to an engine keeping the containerd image store: there an image is named by the manifest
+    its importer wrote, which the signed manifest does not record, so what the engine holds
+    cannot be proved to be the release's images."""
+    errors = docker_sdk().errors
+    try:
+        store = image_store(client.info())
+    except (errors.DockerException, *transport_errors()) as exc:
+        raise InstallError(f"the docker engine did not answer `docker info`: "
+                           f"{_line(str(exc))}", hint="check the engine's log") from None
+    if store != CLASSIC:
+        raise _containerd_refusal("which names an image by the manifest it imported, not by "
+                                  "the config digest the signed manifest records", what)
+
+
+def _containerd_refusal(why: str, what: str) -> DeltaError:
+    return DeltaError(f"this engine keeps images in the containerd image store, {why}; this "
+                      f"delta bundle leaves {what} to the engine",
+                      hint=_FIX.replace("{bundle}", progname.prog()))
 
 
 def _line(text: str) -> str:
