@@ -177,6 +177,19 @@ def drive(spec: str) -> None:
     print(json.dumps(run_timed([Cmd(**c) for c in json.loads(spec)])))
 
 
+def judge(targets: dict[str, tuple[str, float, str]], values: dict[str, float]
+          ) -> list[dict[str, Any]]:
+    """Each target (metric: (op, bound, what)) with its measured value and whether it is
+    met."""
+    out = []
+    for metric, (op, bound, what) in targets.items():
+        value = values[metric]
+        met = value <= bound if op == "<=" else value < bound
+        out.append({"metric": metric, "target": what, "op": op, "bound": bound,
+                    "value": round(value, 4), "met": bool(met)})
+    return out
+
+
 def emit(result: dict[str, Any], out: Path | None, name: str, as_json: bool,
          text: Callable[[dict[str, Any]], list[str]]) -> None:
     """Write `out`/`name`.json (when asked), then print the result: JSON, or `text`'s lines

@@ -402,12 +402,7 @@ def run(quick: bool, cache: Path, profile_runs: bool, only: tuple[str, ...] = ()
             for b in (r["full"], r["delta"]):
                 b["bundle"] = Path(b["bundle"]).name
         wheels_mib = round(sum(w.stat().st_size for w in wl.wheels) / MIB, 1)
-    targets = []
-    for metric, (op, bound, what) in TARGETS.items():
-        value = values[metric]
-        met = value <= bound if op == "<=" else value < bound
-        targets.append({"metric": metric, "target": what, "op": op, "bound": bound,
-                        "value": round(value, 4), "met": bool(met)})
+    targets = bench.judge(TARGETS, values)
     result = {
         "bench": {"schema": 1, "quick": quick, "repeats": repeats,
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),

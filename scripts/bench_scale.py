@@ -420,12 +420,7 @@ def run(sizes: tuple[float, ...], change_bytes: int, quick: bool) -> dict[str, A
     excess = max((r["delta"]["bytes"] - r["delta"]["changed_layer_bytes"]) / MB for r in rows)
     values = {"peak_rss_mib": max(rss) if rss else float("nan"),
               "image_delta_excess_mb": excess}
-    targets = []
-    for metric, (op, bound, what) in TARGETS.items():
-        value = values[metric]
-        met = value <= bound if op == "<=" else value < bound
-        targets.append({"metric": metric, "target": what, "op": op, "bound": bound,
-                        "value": round(value, 4), "met": bool(met)})
+    targets = bench.judge(TARGETS, values)
     result = {
         "bench": {"schema": 1, "quick": quick, "sizes_gib": list(sizes),
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
