@@ -4,6 +4,8 @@ uv: `BUNDLER_UV` if set (an operator's or the kit's choice; it must be an execut
 else the binary of the `uv` Python package (its wheel ships it; `uv.find_uv_bin()` also finds
 it in a `pip install --target` layout such as the kit's), else `uv` on PATH. None: no uv here,
 and the caller falls back to what the host has (pip), saying so.
+
+A host's own tool (node, npm) is named by `host_tool`: what PATH finds, as it is now.
 """
 
 from __future__ import annotations
@@ -15,6 +17,20 @@ from pathlib import Path
 from bundler.errors import InstallError
 
 UV_ENV = "BUNDLER_UV"
+
+
+def host_tool(name: str) -> tuple[str, int, int, int] | None:
+    """The file PATH finds for `name` (symlinks resolved), with its inode, size and
+    modification time: a package upgrade changes one of them. None: not found."""
+    found = shutil.which(name)
+    if found is None:
+        return None
+    real = os.path.realpath(found)
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    return real, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def find_uv() -> Path | None:

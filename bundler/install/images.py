@@ -349,13 +349,14 @@ def _check_loaded(client: Any, want: Mapping[str, str], engine_ids: Mapping[str,
                 hint="was a layer stored compressed? see docs/design/image-delta.md")
 
 
-def _store(client: Any) -> str:
+def _store(client: Any, error: type[InstallError] = ImageLoadError) -> str:
+    """CLASSIC or CONTAINERD, asked of the engine; `error` if it does not answer."""
     errors = docker_sdk().errors
     try:
         return image_store(client.info())
     except (errors.DockerException, *transport_errors()) as exc:
-        raise ImageLoadError(f"the docker engine did not answer `docker info`: "
-                             f"{_line(str(exc))}", hint="check the engine's log") from None
+        raise error(f"the docker engine did not answer `docker info`: {_line(str(exc))}",
+                    hint="check the engine's log") from None
 
 
 # --- what the engine holds: for the receipt, and before a thin archive is loaded ------------
@@ -427,13 +428,7 @@ def require_classic(client: Any, what: str) -> None:
     to an engine keeping the containerd image store: there an image is named by the manifest
     its importer wrote, which the signed manifest does not record, so what the engine holds
     cannot be proved to be the release's images."""
-    errors = docker_sdk().errors
-    try:
-        store = image_store(client.info())
-    except (errors.DockerException, *transport_errors()) as exc:
-        raise InstallError(f"the docker engine did not answer `docker info`: "
-                           f"{_line(str(exc))}", hint="check the engine's log") from None
-    if store != CLASSIC:
+    if _store(client, InstallError) != CLASSIC:
         raise _containerd_refusal("which names an image by the manifest it imported, not by "
                                   "the config digest the signed manifest records", what)
 

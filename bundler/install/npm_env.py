@@ -23,14 +23,13 @@ import json
 import os
 import platform
 import re
-import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bundler import proc, timeouts
+from bundler import proc, timeouts, tools
 from bundler.bundle import nodetree
 from bundler.bundle.npmlock import (
     NpmPackage,
@@ -370,16 +369,7 @@ def _npm_identity(release: Path) -> list[object]:
     files (a package upgrade changes their inode, size or time)."""
     if node_runtime.npm_argv(release) is not None:
         return ["carried", os.path.basename(os.readlink(node_runtime.home(release)))]
-    out: list[object] = ["host"]
-    for tool in ("node", "npm"):
-        found = shutil.which(tool)
-        if found is None:
-            out.append(None)
-            continue
-        real = os.path.realpath(found)
-        st = os.stat(real)
-        out.append([real, st.st_ino, st.st_size, st.st_mtime_ns])
-    return out
+    return ["host", tools.host_tool("node"), tools.host_tool("npm")]
 
 
 def reuse_ci_tree(fp: str, project_dir: Path, release: Path, dest: str,

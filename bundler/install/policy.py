@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,7 +16,7 @@ from pathlib import Path
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from bundler import __version__, proc, timeouts
+from bundler import __version__, proc, timeouts, tools
 from bundler.bundle.manifest import Manifest, required_version
 from bundler.bundle.models import Target
 from bundler.bundle.platforms import Host, host_platform
@@ -121,14 +120,8 @@ def tool_version(tool: str) -> str | None:
     """`node --version` / `npm --version` as a bare version ("20.19.2"); None: not found.
     Asked once per binary as it is now (its path, inode, size, time): an install asks twice,
     and each start of npm costs a quarter of a second."""
-    found = shutil.which(tool)
-    if found is None:
-        return None
-    try:
-        st = os.stat(found)
-    except OSError:
-        return None
-    return _version_of(found, st.st_ino, st.st_size, st.st_mtime_ns)
+    found = tools.host_tool(tool)
+    return None if found is None else _version_of(*found)
 
 
 @functools.lru_cache(maxsize=16)
