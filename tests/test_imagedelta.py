@@ -457,3 +457,33 @@ def test_the_stream_computes_each_tags_containerd_image_id_when_it_carries_every
     list(images._upload(tmp_path / "thin.tar.zst", want, {}, frozenset(got.omitted_chains),
                         engine_ids=ids))
     assert ids == {}  # no image of a thin archive can be named: it never loads there
+
+
+def test_a_containerd_store_image_whose_id_is_not_the_signed_ones_is_refused() -> None:
+    """After a load on the containerd store, each tag must name the manifest computed from the
+    signed config and layers (images.containerd_image_id); another ID is refused, one line."""
+    from bundler.errors import ImageLoadError
+    from bundler.install.images import _check_loaded
+
+    class Api:
+        def __init__(self, ids: dict[str, str]) -> None:
+            self.ids = ids
+
+        def inspect_image(self, ref: str) -> dict[str, Any]:
+            return {"Id": self.ids[ref]}
+
+    class Client:
+        def __init__(self, ids: dict[str, str]) -> None:
+            self.api = Api(ids)
+
+        def info(self) -> dict[str, Any]:
+            return INFO_CONTAINERD
+
+    want = {"app:1": "sha256:" + "c" * 64}  # the config digest the manifest signs
+    computed = {"app:1": "sha256:" + "d" * 64}
+    _check_loaded(Client(dict(computed)), want, computed)  # the engine names it as computed
+    with pytest.raises(ImageLoadError) as caught:
+        _check_loaded(Client({"app:1": "sha256:" + "e" * 64}), want, computed)
+    assert "app:1 is sha256:eeee" in caught.value.message
+    assert "containerd image store would name it sha256:dddd" in caught.value.message
+    assert "compressed" in caught.value.hint
