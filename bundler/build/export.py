@@ -586,40 +586,11 @@ def _write_item(dest: Path, item: Item, chunks: Iterator[bytes], what: str,
     item.status = "written"
 
 
-def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None = None,
-           key_path: Path | None = None, part_size: int | None = None,
-           cache: Cache | None = None, kit_from_installed: bool = False) -> ExportResult:
-    """`cache`: where a kit is built when none is given or next to the bundle (default: the
-    user's bundler cache); `kit_from_installed`: build it from this environment (`bundle kit
-    --from-installed`)."""
-    if not dest.is_dir():
-        raise ExportError(f"{dest} is not a directory",
-                          hint="mount the stick first and pass its mount point (or any "
-                               "existing directory)")
-    source, trusted = _source(bundle, pub, key_path)
-    ui.step(f"Verifying {bundle}")
-    with archive.open_bundle(bundle, [trusted]) as reader:
-        manifest = reader.read_envelope().manifest
-        with ui.bytes_progress("verifying", manifest.travel_size) as advance:
-            reader.extract(None, advance)
-    if kit is not None:
-        kit_source = "given"
-    else:
-        from bundler.build.cache import default_cache_dir
-
-        kit, kit_source = kit_for(source.directory, manifest, cache or Cache(default_cache_dir()),
-                                  from_installed=kit_from_installed)
-    kit_sha = _check_kit(kit, manifest)
-
-    fs_type = mount_type(dest)
-    max_file = max_file_size(dest, fs_type)
-    if part_size is not None and max_file is not None and part_size > max_file:
-        raise ExportError(f"--volume-size {part_size} is over the {max_file} byte file limit "
-                          f"of {dest} ({fs_type})", hint=f"use --volume-size {max_file} or less")
-    largest = max(p.size for p in source.index.parts) if source.index else source.size
-    if part_size is None and max_file is not None and largest > max_file:
-        part_size = min(volumes.DEFAULT_PART_SIZE, max_file)
-
+def _bundle_items(source: _Source, trusted: TrustedKey, dest: Path, fs_type: str,
+                  part_size: int | None, key_path: Path | None) -> tuple[list[Item], str]:
+    """What carries the bundle onto the stick (the file, its volume set's parts and index as
+    they are, or parts split here with an index signed by `key_path`) and the name INSTALL.txt
+    passes to `install`."""
     items: list[Item] = []
     if part_size is None and source.index is None:
         items.append(Item(source.name, "bundle", source.size, sha256_file(source.path)[0],
@@ -658,26 +629,14 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
         items.append(Item(index_name, "index", len(data), hashlib.sha256(data).hexdigest(),
                           data=data))
         bundle_arg = index_name
-    split = items[0].role == "part"
+    return items, bundle_arg
 
-    items.append(Item(kit.name, "kit", kit.stat().st_size, kit_sha, source=kit))
-    kit_line = f"{kit_sha}  {kit.name}\n".encode()
-    items.append(Item(kit.name + ".sha256", "kit-sha256", len(kit_line),
-                      hashlib.sha256(kit_line).hexdigest(), data=kit_line))
-    key_src = Path(trusted.source)
-    key_data = key_src.read_bytes()
-    items.append(Item(key_src.name, "key", len(key_data), hashlib.sha256(key_data).hexdigest(),
-                      data=key_data))
-    text = _instructions(manifest, trusted.keyid, items, kit.name, key_src.name, bundle_arg)
-    items.append(Item(INSTRUCTIONS, "instructions", len(text), hashlib.sha256(text).hexdigest(),
-                      data=text))
-    names = [i.name.lower() for i in items]  # FAT compares names without case
-    if len(set(names)) != len(names):
-        raise ExportError("two of the files to export have the same name: "
-                          f"{', '.join(i.name for i in items)}",
-                          hint="rename the kit or the public key")
 
-    # Refusals, all before the first byte is written.
+def _refuse_before_writing(dest: Path, source: _Source, manifest: Manifest,
+                           items: list[Item], split: bool, fs_type: str) -> list[Item]:
+    """Every refusal, before the first byte is written: the other form of the same bundle
+    beside it, a different file of an item's name, too little space. Returns the items to
+    write (the others are on DEST already, identical)."""
     other_form = [source.name + volumes.INDEX_SUFFIX] if not split else [source.name]
     for name in other_form:
         if os.path.lexists(dest / name):
@@ -699,6 +658,12 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
                          f"({needed} > {free} bytes); nothing was written",
                          hint="use a larger stick, or free space on it")
 
+    return pending
+
+
+def _write_all(dest: Path, source: _Source, items: list[Item], pending: list[Item]) -> None:
+    """Write the pending items in order, each read back and compared; on any failure, remove
+    what this export wrote (DEST keeps only what it had before)."""
     ui.step(f"Writing {len(pending)} file(s) ({human_bytes(sum(i.size for i in pending))}) to "
             f"{dest}, each read back and compared")
     corrupt = corrupt_point("export-readback")
@@ -740,5 +705,63 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
         with contextlib.suppress(OSError):
             _fsync_dir(dest)
         raise
+
+
+def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None = None,
+           key_path: Path | None = None, part_size: int | None = None,
+           cache: Cache | None = None, kit_from_installed: bool = False) -> ExportResult:
+    """`cache`: where a kit is built when none is given or next to the bundle (default: the
+    user's bundler cache); `kit_from_installed`: build it from this environment (`bundle kit
+    --from-installed`)."""
+    if not dest.is_dir():
+        raise ExportError(f"{dest} is not a directory",
+                          hint="mount the stick first and pass its mount point (or any "
+                               "existing directory)")
+    source, trusted = _source(bundle, pub, key_path)
+    ui.step(f"Verifying {bundle}")
+    with archive.open_bundle(bundle, [trusted]) as reader:
+        manifest = reader.read_envelope().manifest
+        with ui.bytes_progress("verifying", manifest.travel_size) as advance:
+            reader.extract(None, advance)
+    if kit is not None:
+        kit_source = "given"
+    else:
+        from bundler.build.cache import default_cache_dir
+
+        kit, kit_source = kit_for(source.directory, manifest, cache or Cache(default_cache_dir()),
+                                  from_installed=kit_from_installed)
+    kit_sha = _check_kit(kit, manifest)
+
+    fs_type = mount_type(dest)
+    max_file = max_file_size(dest, fs_type)
+    if part_size is not None and max_file is not None and part_size > max_file:
+        raise ExportError(f"--volume-size {part_size} is over the {max_file} byte file limit "
+                          f"of {dest} ({fs_type})", hint=f"use --volume-size {max_file} or less")
+    largest = max(p.size for p in source.index.parts) if source.index else source.size
+    if part_size is None and max_file is not None and largest > max_file:
+        part_size = min(volumes.DEFAULT_PART_SIZE, max_file)
+
+    items, bundle_arg = _bundle_items(source, trusted, dest, fs_type, part_size, key_path)
+    split = items[0].role == "part"
+
+    items.append(Item(kit.name, "kit", kit.stat().st_size, kit_sha, source=kit))
+    kit_line = f"{kit_sha}  {kit.name}\n".encode()
+    items.append(Item(kit.name + ".sha256", "kit-sha256", len(kit_line),
+                      hashlib.sha256(kit_line).hexdigest(), data=kit_line))
+    key_src = Path(trusted.source)
+    key_data = key_src.read_bytes()
+    items.append(Item(key_src.name, "key", len(key_data), hashlib.sha256(key_data).hexdigest(),
+                      data=key_data))
+    text = _instructions(manifest, trusted.keyid, items, kit.name, key_src.name, bundle_arg)
+    items.append(Item(INSTRUCTIONS, "instructions", len(text), hashlib.sha256(text).hexdigest(),
+                      data=text))
+    names = [i.name.lower() for i in items]  # FAT compares names without case
+    if len(set(names)) != len(names):
+        raise ExportError("two of the files to export have the same name: "
+                          f"{', '.join(i.name for i in items)}",
+                          hint="rename the kit or the public key")
+
+    pending = _refuse_before_writing(dest, source, manifest, items, split, fs_type)
+    _write_all(dest, source, items, pending)
     return ExportResult(dest, manifest, trusted.keyid, tuple(items), fs_type, max_file, split,
                         kit, kit_source, key_src)
