@@ -31,7 +31,8 @@ and a file it hard-linked from elsewhere is never handed over.
 
 A tree's digest (what "nothing changed" means) is a sha256 over every entry's path, type,
 mode, owner, size, mtime (ns) and symlink target: what a restore reproduces exactly.
-Extended attributes and ACLs are not kept.
+Extended attributes and ACLs are not kept. The walk, the digest, the tar writer and the
+strict extraction are bundler.install.treetar; this module decides what, where and when.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -49,17 +49,16 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from bundler import ui
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import DataDir
 from bundler.compat import UTC
 from bundler.errors import InstallError, RecoveryPendingError, SpaceError
-from bundler.fsutil import CHUNK, human_bytes, private_dir, require_space
-from bundler.install import runas
+from bundler.fsutil import human_bytes, private_dir, require_space
+from bundler.install import runas, treetar
 from bundler.install.layout import Layout
 
 # (step, status, detail): the install journal's record, or recovery's.
@@ -67,7 +66,6 @@ Record = Callable[[str, str, str], None]
 
 ABSENT = "absent"  # the digest of a data directory that does not exist
 _AT_EMPTY_PATH = 0x1000
-_TAR_OVERHEAD = 3 * 512  # a member's header and PAX header, at most, for the space estimate
 _LEFTOVER = (".restore-", ".old-")  # bundler's own names under data/ (a NAME never starts ".")
 
 
@@ -216,58 +214,6 @@ def _reown(top: int, name: str, old_uid: int, uid: int, gid: int) -> None:
             + (f", {kept} not owned by uid {old_uid} left as they were" if kept else ""))
 
 
-# --------------------------------------------------------------------------- walking a tree
-
-@dataclass(frozen=True)
-class _Entry:
-    rel: str    # "." for the data directory itself, else "a/b"
-    kind: str   # "d", "f" or "l"
-    st: os.stat_result
-    link: str   # a symlink's target
-
-    def line(self) -> bytes:
-        """What the tree's digest covers of this entry (see the module docstring)."""
-        size = self.st.st_size if self.kind == "f" else 0
-        head = (f"{self.kind} {stat.S_IMODE(self.st.st_mode):o} {self.st.st_uid} "
-                f"{self.st.st_gid} {size} {self.st.st_mtime_ns} ")
-        return head.encode() + os.fsencode(self.rel) + b"\0" + os.fsencode(self.link) + b"\n"
-
-
-_KINDS = {stat.S_IFDIR: "d", stat.S_IFREG: "f", stat.S_IFLNK: "l"}
-
-
-def _walk(top: int) -> Iterator[tuple[_Entry, int | None]]:
-    """Every directory, regular file and symlink under the directory `top` (itself first),
-    parents before children, names sorted: each with an O_PATH descriptor for a regular file
-    (valid until the next item), else None. Never follows a symlink."""
-    yield _Entry(".", "d", os.fstat(top), ""), None
-    for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top,
-                                                        follow_symlinks=False):
-        dirnames.sort()
-        prefix = "" if dirpath == "." else dirpath[2:] + "/"
-        for entry in sorted(dirnames + filenames):
-            try:
-                fd = os.open(entry, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-            except FileNotFoundError:
-                continue
-            try:
-                st = os.fstat(fd)
-                kind = _KINDS.get(stat.S_IFMT(st.st_mode))
-                if kind is None:
-                    continue  # a socket, FIFO or device: nothing a restore could bring back
-                link = os.readlink(entry, dir_fd=dirfd) if kind == "l" else ""
-                yield _Entry(prefix + entry, kind, st, link), (fd if kind == "f" else None)
-            finally:
-                os.close(fd)
-
-
-def tree_digest(top: int) -> str:
-    digest = hashlib.sha256()
-    for entry, _ in _walk(top):
-        digest.update(entry.line())
-    return "tree:" + digest.hexdigest()
-
-
 def fingerprint(layout: Layout, name: str) -> str:
     """The digest of data directory `name` now (ABSENT when it does not exist)."""
     with _base_fd(layout, create=False) as dfd:
@@ -278,18 +224,9 @@ def fingerprint(layout: Layout, name: str) -> str:
         except FileNotFoundError:
             return ABSENT
         try:
-            return tree_digest(fd)
+            return treetar.tree_digest(fd)
         finally:
             os.close(fd)
-
-
-def _estimate(top: int) -> int:
-    """Bytes a tar of the tree takes, at most."""
-    total = 2 * tarfile.RECORDSIZE
-    for entry, _ in _walk(top):
-        size = entry.st.st_size if entry.kind == "f" else 0
-        total += _TAR_OVERHEAD + -(-size // 512) * 512
-    return total
 
 
 # --------------------------------------------------------------------------- backup
@@ -335,76 +272,10 @@ def space_needed(layout: Layout, m: Manifest) -> int:
             except FileNotFoundError:
                 continue
             try:
-                total += _estimate(fd)
+                total += treetar.estimate(fd)
             finally:
                 os.close(fd)
     return total
-
-
-class _Hashing:
-    """A file wrapper that hashes and counts every byte written through it or read from it."""
-
-    def __init__(self, fh: BinaryIO) -> None:
-        self.fh = fh
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.fh.write(data)
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.fh.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(CHUNK):
-            pass
-
-
-def _ns_text(ns: int) -> str:
-    """Nanoseconds as PAX writes a time: seconds with nine decimals (exact, unlike a float)."""
-    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
-    return f"{sign}{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
-
-
-def _member(entry: _Entry) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(entry.rel)
-    info.type = {"d": tarfile.DIRTYPE, "f": tarfile.REGTYPE, "l": tarfile.SYMTYPE}[entry.kind]
-    info.mode = stat.S_IMODE(entry.st.st_mode)
-    info.uid, info.gid = entry.st.st_uid, entry.st.st_gid
-    info.uname = info.gname = ""  # numeric owners only: the same host restores it
-    info.size = entry.st.st_size if entry.kind == "f" else 0
-    info.linkname = entry.link
-    info.mtime = entry.st.st_mtime_ns // 1_000_000_000
-    info.pax_headers = {"mtime": _ns_text(entry.st.st_mtime_ns)}
-    return info
-
-
-def _write_tar(top: int, sink: _Hashing) -> str:
-    """Stream the tree under `top` into `sink` as a PAX tar; return the tree's digest (of
-    exactly what was written)."""
-    digest = hashlib.sha256()
-    with tarfile.open(fileobj=sink, mode="w|",  # type: ignore[call-overload]
-                      format=tarfile.PAX_FORMAT) as tar:
-        for entry, pfd in _walk(top):
-            if pfd is None:
-                tar.addfile(_member(entry))
-                digest.update(entry.line())
-                continue
-            # Read through the O_PATH descriptor: the very inode that was checked.
-            fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-            with os.fdopen(fd, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                entry = _Entry(entry.rel, "f", st, "")
-                tar.addfile(_member(entry), fh)
-                digest.update(entry.line())
-    return "tree:" + digest.hexdigest()
 
 
 def _backup_name(dest: Path, name: str, when: datetime) -> Path:
@@ -443,14 +314,14 @@ def backup(layout: Layout, spec: DataDir) -> DataBackup:
         assert dfd is not None
         top = _open_dir(spec.name, dfd)
         try:
-            require_space(dest, _estimate(top), what)
+            require_space(dest, treetar.estimate(top), what)
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                              | os.O_CLOEXEC, 0o600)
                 with os.fdopen(fd, "wb") as fh:
                     os.fchmod(fh.fileno(), 0o600)
-                    sink = _Hashing(fh)
-                    digest = _write_tar(top, sink)
+                    sink = treetar.Hashing(fh)
+                    digest = treetar.write_tar(top, sink)
                     fh.flush()
                     os.fsync(fh.fileno())
                 _read_back(tmp, sink.sha.hexdigest(), digest)
@@ -471,22 +342,12 @@ def backup(layout: Layout, spec: DataDir) -> DataBackup:
 def _read_back(tar_path: Path, sha256: str, digest: str) -> None:
     """The written tar, read in full: the bytes that were written, holding that tree."""
     with open(tar_path, "rb") as fh:
-        source = _Hashing(fh)
-        found = _archive_digest(source)
+        source = treetar.Hashing(fh)
+        found = treetar.archive_digest(source)
         source.drain()
     if source.sha.hexdigest() != sha256 or found != digest:
         raise InstallError(f"the backup {tar_path.name} did not read back as written",
                            hint="check the disk holding <root>/backups/")
-
-
-def _archive_digest(source: _Hashing) -> str:
-    digest = hashlib.sha256()
-    with tarfile.open(fileobj=source, mode="r|") as tar:  # type: ignore[call-overload]
-        for member in tar:
-            entry = _Entry(_member_name(member), _member_kind(member), _stat_of(member),
-                           member.linkname if member.issym() else "")
-            digest.update(entry.line())
-    return "tree:" + digest.hexdigest()
 
 
 def _fsync_dir(where: Path) -> None:
@@ -498,96 +359,6 @@ def _fsync_dir(where: Path) -> None:
 
 
 # --------------------------------------------------------------------------- restore
-
-def _member_name(member: tarfile.TarInfo) -> str:
-    """The member's name, checked: "." or components that are none of "", ".", "..", no NUL;
-    InstallError otherwise."""
-    name = member.name.rstrip("/") if member.isdir() else member.name
-    name = name or "."
-    if name != "." and ("\0" in name or name.startswith("/") or any(
-            part in ("", ".", "..") for part in name.split("/"))):
-        raise InstallError(f"data backup member {name!r} is not a plain relative path",
-                           hint="the backup is not one bundler wrote; restore by hand")
-    return name
-
-
-def _member_kind(member: tarfile.TarInfo) -> str:
-    if member.isdir():
-        return "d"
-    if member.isreg():
-        return "f"
-    if member.issym():
-        return "l"
-    raise InstallError(f"data backup member {member.name!r} is not a directory, file or "
-                       "symlink", hint="the backup is not one bundler wrote; restore by hand")
-
-
-def _mtime_ns(member: tarfile.TarInfo) -> int:
-    exact = member.pax_headers.get("mtime")
-    return int(Decimal(exact) * 1_000_000_000) if exact else int(member.mtime) * 1_000_000_000
-
-
-def _stat_of(member: tarfile.TarInfo) -> os.stat_result:
-    """The metadata the digest covers, from a member (the other fields are zero)."""
-    kind = {"d": stat.S_IFDIR, "f": stat.S_IFREG, "l": stat.S_IFLNK}[_member_kind(member)]
-    ns = _mtime_ns(member)
-    fields = [kind | member.mode, 0, 0, 0, member.uid, member.gid, member.size, 0,
-              ns // 1_000_000_000, 0]
-    return os.stat_result(fields, {"st_mtime_ns": ns})
-
-
-@dataclass
-class _Extract:
-    """One restore's extraction into the private directory `fd` (root's, 0700)."""
-
-    fd: int
-    dirs: dict[str, tarfile.TarInfo]  # created so far; their metadata is set last
-
-    def member(self, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
-        name = _member_name(member)
-        kind = _member_kind(member)
-        if name == ".":
-            if kind != "d" or self.dirs:
-                raise InstallError("data backup: '.' is not its first directory",
-                                   hint="the backup is not one bundler wrote")
-            self.dirs["."] = member
-            return
-        parent = name.rpartition("/")[0] or "."
-        if parent not in self.dirs:  # never below a symlink or a file, nor out of order
-            raise InstallError(f"data backup member {name!r} comes before its directory",
-                               hint="the backup is not one bundler wrote; restore by hand")
-        ns = _mtime_ns(member)
-        if kind == "d":
-            os.mkdir(name, 0o700, dir_fd=self.fd)
-            self.dirs[name] = member
-        elif kind == "l":
-            os.symlink(member.linkname, name, dir_fd=self.fd)
-            os.chown(name, member.uid, member.gid, dir_fd=self.fd, follow_symlinks=False)
-            os.utime(name, ns=(ns, ns), dir_fd=self.fd, follow_symlinks=False)
-        else:
-            out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                          | os.O_CLOEXEC, 0o600, dir_fd=self.fd)
-            with os.fdopen(out, "wb") as fh:
-                data = tar.extractfile(member)
-                assert data is not None
-                shutil.copyfileobj(data, fh, CHUNK)
-                fh.flush()
-                os.fchown(fh.fileno(), member.uid, member.gid)
-                os.fchmod(fh.fileno(), member.mode)  # after the chown, which clears set-id
-                os.utime(fh.fileno(), ns=(ns, ns))
-
-    def finish(self) -> None:
-        """Directories last (creating their entries changed their mtimes), the top last of
-        all: only then can the account reach the new tree."""
-        if "." not in self.dirs:
-            raise InstallError("data backup holds no directory",
-                               hint="the backup is not one bundler wrote; restore by hand")
-        for name, member in sorted(self.dirs.items(), key=lambda x: x[0] == "."):
-            ns = _mtime_ns(member)
-            os.chown(name, member.uid, member.gid, dir_fd=self.fd, follow_symlinks=False)
-            os.chmod(name, member.mode, dir_fd=self.fd)
-            os.utime(name, ns=(ns, ns), dir_fd=self.fd, follow_symlinks=False)
-
 
 def restore(layout: Layout, made: DataBackup, keep_in: Path | None = None) -> Path | None:
     """Put data directory `made.name` back exactly as `made` holds it. What it replaces is
@@ -620,8 +391,8 @@ def _extract_into(made: DataBackup, staging: Path) -> None:
     sfd = os.open(staging, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         with open(made.path, "rb") as fh:
-            source = _Hashing(fh)
-            job = _Extract(sfd, {})
+            source = treetar.Hashing(fh)
+            job = treetar.Extract(sfd, {})
             with tarfile.open(fileobj=source, mode="r|") as tar:  # type: ignore[call-overload]
                 for member in tar:
                     job.member(member, tar)
@@ -633,7 +404,7 @@ def _extract_into(made: DataBackup, staging: Path) -> None:
                 f"{made.size} bytes, sha256 {made.sha256[:16]}…)",
                 hint=f"the data directory {made.name} was NOT restored; restore it by hand "
                      "from another copy")
-        got = tree_digest(sfd)
+        got = treetar.tree_digest(sfd)
         if got != made.digest:
             raise InstallError(f"the data directory {made.name} restored from {made.path.name}"
                                " differs from what was backed up",
