@@ -293,17 +293,22 @@ def measure(s: Setup, change: Change, d: Path, full: dict[str, Any], delta: dict
 # One run
 
 
-def run(quick: bool, cache: Path, profile_runs: bool, only: tuple[str, ...] = ()
-        ) -> dict[str, Any]:
+def run(quick: bool, cache: Path, profile_runs: bool, only: tuple[str, ...] = (),
+        keep: Path | None = None) -> dict[str, Any]:
     started = time.time()
     load_before = os.getloadavg()
     changes: tuple[Change, ...] = QUICK_CHANGES if quick else FULL_CHANGES
     if only:
         changes = tuple(c for c in changes if c.name in only or c.name in REQUIRED)
     repeats = 1 if quick else 2
-    with tempfile.TemporaryDirectory(prefix="bundler-bench-delta-") as tmp, \
-            contextlib.ExitStack() as stack:
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if keep is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="bundler-bench-delta-")))
+        else:  # left behind for a closer look (roots, bundles, logs)
+            shutil.rmtree(keep, ignore_errors=True)
+            keep.mkdir(parents=True)
+            work = keep
         wl = bench.quick_workload(work) if quick else bench.full_workload(cache)
         refs = bench.ensure_images(wl.images)
         rebuilt_images = {c.name: changed_image(refs[-1], c.image_mib, work)
@@ -484,9 +489,11 @@ def main() -> int:
     parser.add_argument("--only", action="append", default=[], metavar="CHANGE",
                         help="run this change (repeatable; the targets' rows always run): "
                              + ", ".join(c.name for c in FULL_CHANGES))
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="work in DIR (emptied first) and leave it there afterwards")
     args = parser.parse_args()
     result = run(args.quick, args.cache, profile_runs=not args.no_profile and not args.quick,
-                 only=tuple(args.only))
+                 only=tuple(args.only), keep=args.keep)
     bench.emit(result, args.out, "bench-delta-quick" if args.quick else "bench-delta",
                args.json, lambda r: [table(r), verdicts(r), breakdowns(r)])
     return 0

@@ -4,6 +4,7 @@ same path."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -18,10 +19,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from bundler import proc, tools
+from bundler import tools
 from bundler.bundle.manifest import FileEntry, Manifest
-from bundler.bundle.models import Runtime, Target
-from bundler.install import npm_env, python_env, reuse
+from bundler.bundle.models import Target
+from bundler.install import npm_env, packages, python_env, reuse
+from bundler.install.layout import Layout
+from bundler.install.release import Release
 from tests.helpers import make_wheel, tree_digest
 
 LOCK = "python/requirements.lock"
@@ -307,18 +310,34 @@ def test_a_venv_made_by_the_pip_fallback_is_reused_equal_too(
     assert tree_digest(again / "venv") == clone
 
 
-def test_hard_links_only_between_releases_whose_processes_cannot_write_them(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    def release(user: str | None) -> Manifest:
-        return Manifest("shop", "1", 1, "", Target(), (), runtime=Runtime(user=user))
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(proc, "lookup_user", lambda name: proc.RunAs(
-        name, 0 if name == "root" else 990, 990, (990,), "/nonexistent"))
-    assert reuse.link_safe(release("app"), release("app")) is True
-    assert reuse.link_safe(release(None), release("app")) is False  # 1.0 ran as root
-    assert reuse.link_safe(release("app"), release("root")) is False
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # the files are not root's
-    assert reuse.link_safe(release("app"), release("app")) is False
+def test_a_shared_file_written_in_place_is_found_and_its_tree_installed_again(
+        tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    inputs, m = _wheels(tmp_path / "in")
+    first = _release(root, "1.0", inputs)
+    _provide(first, m, [])
+    second = _release(root, "1.1", inputs)
+    assert "hard-linked" in _provide(second, m, [first], link=True).summary
+    record = reuse.Record.load(python_env.record_path(first))
+    assert record is not None and reuse.shared_doubt(record) is None
+    before = tree_digest(first / "venv")
+    src = "lib/python{}.{}/site-packages/tinygreet/__init__.py".format(*sys.version_info[:2])
+    with open(second / "venv" / src, "ab") as fh:  # 1.1 writes in place, as root may
+        fh.write(b"# scribbled\n")
+    assert (first / "venv" / src).read_bytes().endswith(b"# scribbled\n")
+    why = reuse.shared_doubt(record)
+    assert why is not None and src in why, why
+    notes: list[str] = []
+    release = Release.of(Layout(root), dataclasses.replace(m, version="1.0"), "production")
+    fixed = packages.repair(release, notes.append)
+    assert len(fixed) == 1 and fixed[0].startswith("venv of 1.0: ") and src in fixed[0]
+    assert any("installing it again from its wheels" in n for n in notes), notes
+    assert tree_digest(first / "venv") == before  # as its own install left it
+    assert not os.path.samefile(first / "venv" / src, second / "venv" / src)
+    # 1.1's file now has one link: what 1.1 wrote is its own, found when a release clones it
+    assert packages.repair(release, notes.append) == []
+    later = _release(root, "1.2", inputs)
+    assert _provide(later, m, [second], link=True).reused_from is None
 
 
 # --- npm ci trees (npm_env.ci_fingerprint / record_ci_tree / reuse_ci_tree) ------------------

@@ -1,7 +1,8 @@
 """Reuse end to end (bundler.install.reuse): real builds, installs under `unshare -n`, real
 uv venvs and a real pre-built node_modules. A release whose wheels (or tree) equal an installed
-one's clones it; the clone equals a fresh install at the same path; a failed release that
-wrote into its clone leaves the release it was cloned from as it was."""
+one's clones it (hard links); the clone equals a fresh install at the same path; a failed
+release that wrote in place into its clone (so into every release sharing that file) leaves
+the release it rolls back to as it was: that tree is installed again before it starts."""
 
 from __future__ import annotations
 
@@ -49,9 +50,14 @@ def _now(path: Path) -> object:
     return json.loads(json.dumps(tree_digest(path)))
 
 
+def _report(root: Path, version: str) -> list[dict[str, str]]:
+    steps: list[dict[str, str]] = json.loads(
+        (root / "releases" / version / "report.json").read_text())["steps"]
+    return steps
+
+
 def _steps(root: Path, version: str, step: str) -> dict[str, str]:
-    report = json.loads((root / "releases" / version / "report.json").read_text())
-    return {s["status"]: s["detail"] for s in report["steps"] if s["step"] == step}
+    return {s["status"]: s["detail"] for s in _report(root, version) if s["step"] == step}
 
 
 def _build(project: Project, keys: tuple[Path, Path], cache: Path, version: str,
@@ -76,12 +82,14 @@ def test_same_wheels_reuse_the_venv_and_a_rollback_leaves_it_alone(
     roots.extend([root, tmp_path / "first"])
     trust = ["--trust", keys[1], "--root", root]
     venv1, venv2 = root / "releases/1.0.0/venv", root / "releases/1.1.0/venv"
-    r1, r2, _, _, r3, stop = offline(
+    r1, r2, _, _, r3, _, back, stop = offline(
         bundle_argv("install", v1, *trust), bundle_argv("install", v2, *trust),
         _digest(venv1, tmp_path / "venv1.json"), _digest(venv2, tmp_path / "venv2.json"),
         bundle_argv("install", v3, *trust),
+        _digest(venv1, tmp_path / "venv1-after.json"),
+        bundle_argv("rollback", "--root", root, "--to", "1.0.0"),
         bundle_argv("stop", "--root", root))
-    assert (r1.rc, r2.rc, stop.rc) == (0, 0, 0), r1.err + r2.err + stop.err
+    assert (r1.rc, r2.rc, back.rc, stop.rc) == (0, 0, 0, 0), r1.err + r2.err + back.err
     installed = _steps(root, "1.0.0", "python")["installed"]
     reused = _steps(root, "1.1.0", "python")["reused"]
     assert reused.startswith("reused the venv of release 1.0.0"), reused
@@ -93,9 +101,18 @@ def test_same_wheels_reuse_the_venv_and_a_rollback_leaves_it_alone(
     scribbled = next((root / "releases/1.2.0/venv").glob("lib/python*/site-packages/"
                                                          "tinygreet/__init__.py"))
     assert scribbled.read_text().endswith("# scribbled\n")
+    # The three venvs share their files (hard links): the scribble reached 1.1.0's and
+    # 1.0.0's too. The rollback installed 1.1.0's again before starting it; 1.0.0's was
+    # installed again when `bundle rollback` returned to it.
+    assert any(s["step"] == "rollback" and s["status"] == "repaired"
+               and s["detail"].startswith("venv of 1.1.0: ") for s in _report(root, "1.2.0"))
+    assert "installing it again from its wheels" in r3.err
+    first = json.loads((tmp_path / "venv1.json").read_text())
+    assert json.loads((tmp_path / "venv1-after.json").read_text()) != first  # shared, written
+    assert "venv of 1.0.0: " in back.err and "installing it again" in back.err
     before = json.loads((tmp_path / "venv2.json").read_text())
-    assert _now(venv2) == before  # the scribble reached neither 1.1.0 nor 1.0.0
-    assert _now(venv1) == json.loads((tmp_path / "venv1.json").read_text())
+    assert _now(venv2) == before
+    assert _now(venv1) == first
     # the reused venv equals a fresh install of 1.1.0 at the same path
     shutil.move(root, tmp_path / "first")
     (fresh, stop) = offline(bundle_argv("install", v2, *trust),
@@ -193,7 +210,13 @@ def test_the_same_prebuilt_tree_is_reused_and_a_rollback_leaves_it_alone(
     scribbled = root / "releases/1.2.0/files/backend/node_modules/tiny-greeter/index.js"
     assert scribbled.read_text().endswith("// scribbled\n")
     before = json.loads((tmp_path / "tree2.json").read_text())
-    assert _now(tree2) == before == _now(tree1)
+    assert _now(tree2) == before  # installed again before 1.1.0 started
+    assert any(s["step"] == "rollback" and s["status"] == "repaired"
+               and s["detail"].startswith("node_modules of 1.1.0 (backend): ")
+               for s in _report(root, "1.2.0"))
+    # 1.0.0's shares the file too: installed again when something returns to it (see the
+    # venv's test)
+    assert (tree1 / "tiny-greeter/index.js").read_text().endswith("// scribbled\n")
 
 
 # A package whose install script writes a file into its own directory: the bundle cannot carry

@@ -5,6 +5,7 @@ each its own journal step; the release directory is their undo (it goes as a who
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import NpmProject
 from bundler.bundle.npmlock import NpmPackage
 from bundler.compat import zip_strict
-from bundler.errors import Cancelled
+from bundler.errors import Cancelled, InstallError
 from bundler.install import delta, node_runtime, npm_env, policy, python_env, reuse, runas
 from bundler.install.journal import Journal
 from bundler.install.layout import Layout, ReleaseDir
@@ -55,7 +56,7 @@ def install(journal: Journal, release: Release, decision: policy.Decision,
             with journal.step("python", "Installing Python packages offline"), \
                     ui.activity("python: venv (reused, or uv pip install offline)"):
                 made = python_env.provide(python, m, rel.path, reuse_from,
-                                          lambda old: link_safe(old, m), ui.note)
+                                          _may_link, ui.note)
                 journal.record("python", "reused" if made.reused_from else "installed",
                                made.summary)
                 ui.note(f"venv {made.summary}" + (f"; log: {made.log}" if made.log else ""))
@@ -81,7 +82,9 @@ def install(journal: Journal, release: Release, decision: policy.Decision,
             with journal.step(f"npm:{project.dest}",
                               f"Installing npm packages offline into files/{project.dest}"), \
                     ui.activity(f"npm:{project.dest}: {how}"):
-                install_npm(rel, m, project, journal, reuse_from)
+                install_npm(rel, m, project, reuse_from,
+                            lambda status, detail: journal.record(f"npm:{project.dest}",
+                                                                  status, detail))
         tasks.append((f"npm:{project.dest}", npm_step))
     if not tasks:
         return
@@ -114,11 +117,12 @@ def install(journal: Journal, release: Release, decision: policy.Decision,
             raise first
 
 
-def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, journal: Journal,
-                reuse_from: list[Path]) -> None:
+def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, reuse_from: list[Path],
+                record: Callable[[str, str], None]) -> None:
     """npm project `project` of release `m` into its files/ (offline, from the bundle): a
     tree one of `reuse_from` (earlier releases) made from the same inputs is cloned; else the
-    pre-built tree is unpacked, or `npm ci` runs (and its tree recorded for the next)."""
+    pre-built tree is unpacked, or `npm ci` runs (and its tree recorded for the next).
+    `record(status, detail)`: how (the journal's step record)."""
     dest = rel.files / project.dest
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("package.json", "package-lock.json"):
@@ -134,9 +138,8 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, journal: Jour
         entry = by_path[project.tree]
         done = npm_env.provide_tree(rel.path / project.tree, entry.sha256, entry.size, dest,
                                     rel.path, project.dest, reuse_from,
-                                    lambda old: link_safe(old, m), ui.note)
-        journal.record(f"npm:{project.dest}",
-                       "reused" if done.startswith("reused") else "unpacked", done)
+                                    _may_link, ui.note)
+        record("reused" if done.startswith("reused") else "unpacked", done)
         ui.note(f"npm: {done}")
         return
     packages = [NpmPackage(p.name, p.version, p.integrity, p.tarball,
@@ -147,9 +150,9 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, journal: Jour
     fp = npm_env.ci_fingerprint(dest, packages, project.omit_dev, env, rel.path, user)
     if not (dest / nodetree.ROOT).exists() and reuse_from:
         cloned = npm_env.reuse_ci_tree(fp, dest, rel.path, project.dest, reuse_from,
-                                       lambda old: link_safe(old, m), ui.note)
+                                       _may_link, ui.note)
         if cloned is not None:
-            journal.record(f"npm:{project.dest}", "reused", cloned)
+            record("reused", cloned)
             ui.note(f"npm: {cloned}")
             return
     before = npm_env.outside_tree(dest)
@@ -157,8 +160,7 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, journal: Jour
                             rel.npm_cache, ui.note, project.omit_dev, env,
                             release=rel.path, user=user)
     npm_env.record_ci_tree(fp, dest, rel.path, project.dest, before, ui.note)
-    journal.record(f"npm:{project.dest}", "installed",
-                   f"npm ci --offline ({len(packages)} bundled package(s))")
+    record("installed", f"npm ci --offline ({len(packages)} bundled package(s))")
 
 
 def earlier(layout: Layout, rel: ReleaseDir) -> list[Path]:
@@ -178,10 +180,48 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def link_safe(old: Path, new: Manifest) -> bool:
-    """Whether files may be hard-linked from release directory `old` (reuse.link_safe)."""
-    manifest = ReleaseDir(old).manifest()
-    return manifest is not None and reuse.link_safe(manifest, new)
+def _may_link(_old: Path) -> bool:
+    """Files are hard-linked from an earlier release's tree (copied only where the filesystem
+    cannot link, or a file is writable by group or others): a copy of seed 001's trees costs
+    more than their fresh install saves on a busy disk. A shared file written in place
+    through one release's name is found before the other release runs again, and that tree
+    installed again (`repair`)."""
+    return True
+
+
+def repair(release: Release, note: Callable[[str], None]) -> list[str]:
+    """Before `release` runs again (a rollback to it, a recovery restarting it): each of its
+    trees that shares files with another release's (reuse.shared_doubt) and had one of them
+    written in place through the other release is removed and installed again from this
+    release's own packages, as its install did. The trees it holds alone are its own and left
+    alone. Returns a line per tree installed again."""
+    rel, m = release.dir, release.manifest
+    done: list[str] = []
+    rec = reuse.Record.load(python_env.record_path(rel.path))
+    if m.python_lock and rec is not None and rec.top == os.path.abspath(rel.path / "venv"):
+        why = reuse.shared_doubt(rec)
+        if why is not None:
+            python = python_env.find_python(m.target)
+            if python is None:
+                raise InstallError(f"the venv of {m.version} was changed ({why}) and no Python "
+                                   f"{m.target.python} is left to install it again",
+                                   hint=python_env.install_hint(m.target.python))
+            note(f"venv of {m.version}: {why}; installing it again from its wheels")
+            reuse.remove(rel.path / "venv")
+            python_env.provide(python, m, rel.path, [], _may_link, note)
+            done.append(f"venv of {m.version}: {why}")
+    for project in m.npm:
+        rec = reuse.Record.load(npm_env.tree_record(rel.path, project.dest))
+        top = rel.files / project.dest / nodetree.ROOT
+        if rec is None or rec.top != os.path.abspath(top):
+            continue
+        why = reuse.shared_doubt(rec)
+        if why is not None:
+            note(f"node_modules of {m.version} ({project.dest}): {why}; installing it again")
+            reuse.remove(top)
+            install_npm(rel, m, project, [], lambda _status, _detail: None)
+            done.append(f"node_modules of {m.version} ({project.dest}): {why}")
+    return done
 
 
 def with_node(env: dict[str, str], rel: ReleaseDir) -> dict[str, str]:

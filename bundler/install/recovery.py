@@ -17,7 +17,7 @@ from bundler.errors import (
     RollbackFailedError,
     StateError,
 )
-from bundler.install import datadirs, hostpolicy
+from bundler.install import datadirs, hostpolicy, packages
 from bundler.install import db as engines
 from bundler.install.health import CheckResult
 from bundler.install.layout import Layout, ReleaseDir
@@ -140,6 +140,7 @@ def _start(layout: Layout, version: str) -> list[CheckResult]:
     """Start release `version` (its on-disk manifest checked first) and health-check it."""
     release = Release.require(layout, version)
     check_recorded_manifest(layout, version)
+    packages.repair(release, ui.note)  # a tree another release wrote into: installed again
     return release.restart()
 
 

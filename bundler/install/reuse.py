@@ -10,7 +10,9 @@ against the record as it is read, so a file changed since (tampering, a bad disk
 wrote into its venv) is a doubt, and a doubt means a normal install; what the record does
 not list (bytecode an app compiled at run time, caches) is left behind, so the clone holds
 exactly what a fresh install holds. Files whose bytes hold the old release's path are given
-to the caller to rewrite (see python_env); the rest are hard-linked or copied (`link_safe`).
+to the caller to rewrite (see python_env); the rest are hard-linked (or copied where the
+filesystem cannot link): a file shared that way and written in place through one release is
+found by `shared_doubt` before the other release runs again.
 Why, and what was measured: docs/design/reuse.md.
 """
 
@@ -27,9 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bundler.bundle.manifest import Manifest
 from bundler.fsutil import CHUNK, atomic_write_bytes
-from bundler.install import runas
 
 FORMAT = 1
 # A file whose bytes hold the old path is read whole to be rewritten: bigger ones (none is, in
@@ -122,23 +122,31 @@ def _hash(path: str, needle: bytes) -> tuple[str, bool]:
     return digest.hexdigest(), found
 
 
-def link_safe(old: Manifest, new: Manifest) -> bool:
-    """Whether files may be hard-linked between these releases rather than copied: only when
-    nothing either release runs can write them in place (a write through one name changes the
-    file under every name). bundler runs as root, so the trees are root's and not writable by
-    group or others (`clone` checks every file); each release runs its services, commands and
-    migrations as an account bundler switches to, never root; no containers (they could
-    bind-mount the release). Anything else: copies."""
-    if os.geteuid() != 0:
-        return False
-    for m in (old, new):
-        if m.runtime.compose is not None or not m.runtime.user:
-            return False
-        for name in runas.names(m):
-            user = runas.maybe(name)
-            if user is None or not user.switches or user.uid == 0:
-                return False
-    return True
+def shared_doubt(record: Record) -> str | None:
+    """What changed, if anything, in a file of this tree that is shared with another
+    release's tree (a hard link, `clone`): its bytes or mode no longer the record's, written
+    through the other release's name. Files with one link are this tree's alone: not looked
+    at (what its own release wrote is its own). None: nothing shared was changed."""
+    uid = os.geteuid()
+    for e in record.entries:
+        if e.kind != "f":
+            continue
+        path = Path(record.top) / e.path
+        try:
+            if os.lstat(path).st_nlink < 2:
+                continue
+            fd = _open(path, e, uid)
+        except (OSError, Doubt) as exc:
+            return f"{e.path}: {exc}"
+        try:
+            digest = hashlib.sha256()
+            while chunk := os.read(fd, CHUNK):
+                digest.update(chunk)
+        finally:
+            os.close(fd)
+        if digest.hexdigest() != e.value:
+            return f"{e.path} was written in place through another release's hard link"
+    return None
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,7 @@ def clone(old: Record, dest: Path, fingerprint: str, written: Mapping[str, bytes
           link: bool, relink: tuple[str, str] | None = None) -> Cloned:
     """Make `dest` (which must not exist) from the tree the record `old` describes: the
     entries in `written` get those bytes, every other file is re-hashed against the record and
-    hard-linked (`link`, see `link_safe`) or copied. Built in a temporary directory beside
+    hard-linked (`link`; see `shared_doubt`) or copied. Built in a temporary directory beside
     `dest`, renamed into place when complete and checked; Doubt (nothing left behind) on any
     difference from the record. `relink`: (old, new) prefix of symlink targets to rewrite."""
     src = Path(old.top)

@@ -394,12 +394,29 @@ def _serve_again(a: Attempt) -> None:
         else:
             a.new.stop()
     if a.started and prev is not None:
+        _rejoin(a, prev)
         bad = [c for c in prev.restart() if not c.ok]
         if bad:
             a.journal.record("rollback", "failed", bad[0].detail)
             raise RollbackFailedError(
                 f"{a.version} failed ({a.reason}) and the previous release {prev.version} is "
                 f"unhealthy after restart: {bad[0].detail}")
+
+
+def _rejoin(a: Attempt, prev: Release) -> None:
+    """The previous release's trees before it runs again: one sharing a file with the failed
+    release's (a hard link) that the failed release wrote in place is installed again
+    (packages.repair); a tree that cannot be is a failed rollback, said as such."""
+    try:
+        fixed = packages.repair(prev, ui.note)
+    except BundlerError as exc:
+        a.journal.record("rollback", "failed", exc.message)
+        raise RollbackFailedError(
+            f"{a.version} failed ({a.reason}) and the packages of the previous release "
+            f"{prev.version} could not be installed again: {exc.message}",
+            hint=exc.hint) from None
+    for line in fixed:
+        a.journal.record("rollback", "repaired", line)
 
 
 def _switch_back(a: Attempt) -> None:
