@@ -175,7 +175,8 @@ def _install(layout: Layout, source: Path, trusted: list[TrustedKey], options: O
             try:
                 # Again under the lock: a concurrent install may have accepted a newer
                 # sequence (or this very bundle) since the first look.
-                decision = policy.decide(m, verified.digest, layout, options.allow_downgrade)
+                decision = policy.recheck(m, verified.digest, layout, options.allow_downgrade,
+                                          decision)
                 if decision.already_current:
                     return _ensure_running(new, options)
                 staging = layout.new_staging()

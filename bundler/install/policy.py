@@ -5,6 +5,7 @@ Authentic is not enough: an old bundle replayed from last year's USB stick is au
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -157,6 +158,19 @@ def check_node(manifest: Manifest) -> str:
 
 def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: bool) -> Decision:
     """Every refusal a host makes before it creates anything."""
+    seen = recheck(manifest, digest, layout, allow_downgrade)
+    if seen.already_current:
+        return seen
+    python = check_host(manifest)
+    return dataclasses.replace(seen, python=python)
+
+
+def recheck(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: bool,
+            first: Decision | None = None) -> Decision:
+    """What the root's state says of this bundle (product, sequence, expiry against the
+    journal's clock, already current): asked again under the root's lock, where a concurrent
+    install may have changed it; what the host is (`check_host`) does not change, so `first`'s
+    interpreter is kept."""
     check_bundler_version(manifest)
     state = State.open_readonly(layout.db)
     known = current_row = None
@@ -183,6 +197,13 @@ def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: boo
             f"({known[1]}): refusing a replay or downgrade",
             hint="pass --allow-downgrade to install an older bundle on purpose",
         )
+    return Decision(already_current=False, downgrade=downgrade,
+                    python=first.python if first is not None else None)
+
+
+def check_host(manifest: Manifest) -> Path | None:
+    """What this host must have to run the bundle (CPU and libc, Node.js and npm, the engine,
+    the compose tool, Python): PolicyError otherwise. Returns the venv's interpreter."""
     check_target(manifest.target)
     if manifest.npm and manifest.runtimes is None:  # a carried Node.js is the one that runs
         check_node(manifest)
@@ -215,4 +236,4 @@ def decide(manifest: Manifest, digest: str, layout: Layout, allow_downgrade: boo
                               "which uv needs to make the release's venv before Python 3.10",
                               hint=f"install it ({lacking})")
         python = found
-    return Decision(already_current=False, downgrade=downgrade, python=python)
+    return python

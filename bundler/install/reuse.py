@@ -214,8 +214,9 @@ def _fill(src: Path, tmp: Path, old: Record, written: Mapping[str, bytes], link:
     uid = os.geteuid()
     linked = copied = 0
     out: list[Entry] = []
+    src_top, tmp_top = str(src), str(tmp)  # str paths: pathlib costs a third of a clone
     for e in old.entries:
-        path, target = src / e.path, tmp / e.path
+        path, target = os.path.join(src_top, e.path), os.path.join(tmp_top, e.path)
         if e.kind == "d":
             st = _lstat(path)
             # (one others could write could have anything swapped in while it is read)
@@ -254,7 +255,7 @@ def _fill(src: Path, tmp: Path, old: Record, written: Mapping[str, bytes], link:
     return tuple(out), (linked, copied, len(written))
 
 
-def _lstat(path: Path) -> os.stat_result:
+def _lstat(path: str) -> os.stat_result:
     try:
         return os.lstat(path)
     except OSError as exc:
@@ -266,7 +267,7 @@ def _check_file(st: os.stat_result, e: Entry) -> None:
         raise Doubt(f"{e.path} is not the file the record says (type or mode)")
 
 
-def _open(path: Path, e: Entry, uid: int) -> int:
+def _open(path: str | Path, e: Entry, uid: int) -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -282,7 +283,7 @@ def _open(path: Path, e: Entry, uid: int) -> int:
     return fd
 
 
-def _link(path: Path, target: Path, e: Entry, uid: int) -> None:
+def _link(path: str, target: str, e: Entry, uid: int) -> None:
     """Hash the file through a descriptor, then link it: the link must reach that inode."""
     fd = _open(path, e, uid)
     try:
@@ -304,7 +305,7 @@ def _link(path: Path, target: Path, e: Entry, uid: int) -> None:
         os.close(fd)
 
 
-def _copy(path: Path, target: Path, e: Entry, uid: int) -> None:
+def _copy(path: str, target: str, e: Entry, uid: int) -> None:
     fd = _open(path, e, uid)
     try:
         _copy_fd(fd, target, e)
@@ -312,7 +313,7 @@ def _copy(path: Path, target: Path, e: Entry, uid: int) -> None:
         os.close(fd)
 
 
-def _copy_fd(fd: int, target: Path, e: Entry) -> None:
+def _copy_fd(fd: int, target: str, e: Entry) -> None:
     """Copy what `fd` reads, hashing exactly the bytes written; the source's mtime kept (a
     .pyc names its source's mtime: a copied source must keep it for the bytecode to count)."""
     st = os.fstat(fd)
@@ -330,7 +331,7 @@ def _copy_fd(fd: int, target: Path, e: Entry) -> None:
         raise Doubt(f"{e.path} is not what the record says (changed since it was installed)")
 
 
-def _write(target: Path, data: bytes, mode: int) -> None:
+def _write(target: str, data: bytes, mode: int) -> None:
     out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         view = memoryview(data)
@@ -351,16 +352,18 @@ def check(top: Path, record: Record) -> None:
     """The tree at `top` has exactly the record's entries, types and modes (contents were
     checked as they were written or linked). Doubt otherwise."""
     want = {e.path: e for e in record.entries}
-    seen = [_kind_ok(top, ".", want)]
-    for dirpath, dirnames, filenames in os.walk(top):
+    base = str(top)
+    seen = [_kind_ok(base, ".", want)]
+    for dirpath, dirnames, filenames in os.walk(base):
+        rel = os.path.relpath(dirpath, base)
+        prefix = "" if rel == "." else rel + "/"
         for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            seen.append(_kind_ok(Path(path), os.path.relpath(path, top), want))
+            seen.append(_kind_ok(os.path.join(dirpath, name), prefix + name, want))
     if len(seen) != len(want):
         raise Doubt("the clone is missing entries")
 
 
-def _kind_ok(path: Path, rel: str, want: Mapping[str, Entry]) -> str:
+def _kind_ok(path: str, rel: str, want: Mapping[str, Entry]) -> str:
     st = os.lstat(path)
     kind = "l" if stat.S_ISLNK(st.st_mode) else "d" if stat.S_ISDIR(st.st_mode) \
         else "f" if stat.S_ISREG(st.st_mode) else "?"
