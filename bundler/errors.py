@@ -281,6 +281,17 @@ class DeltaError(BundlerError):
     default_hint = ("carry the full bundle (build without --against), or build the delta "
                     "against a fresh receipt: `{bundle} receipt --root DIR --out FILE`")
 
+
+class DriftFound(BundlerError):
+    """`bundle audit` found drift: a file of the release changed, added or removed since it was
+    installed (by path, relative to the release), one of its images replaced or gone from the
+    engine, or a container of its stack running another image (docs/audit.md). Nothing was
+    changed by the audit."""
+
+    exit_code = 25
+    default_hint = ("`{bundle} audit --root DIR --json` lists every finding; what bundler "
+                    "installed comes back with the next release, or `{bundle} rollback`")
+
 # What a full disk looks like from here: the OS error itself, SQLite's SQLITE_FULL, and the
 # words the tools bundler runs print for it (uv, pip, npm, pg_dump, tar, docker).
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

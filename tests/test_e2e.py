@@ -74,7 +74,7 @@ def test_status_names_the_release_and_history_lists_steps(project: Project, cach
     steps = [(e["step"], e["status"]) for e in json.loads(hist.out)["events"]]
     assert steps == [("verify", "done"), ("store", "added"), ("python", "started"),
                      ("python", "installed"),
-                     ("python", "done"),
+                     ("python", "done"), ("audit", "recorded"),
                      ("start", "started"), ("start", "done"), ("health", "done"),
                      ("commit", "done"), ("boot", "none")]  # no systemd here: docs/boot.md
 

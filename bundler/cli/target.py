@@ -1,4 +1,5 @@
-"""Target-side commands: install, status, history, stop, start, uninstall, trust, receipt."""
+"""Target-side commands: install, status, history, stop, start, uninstall, trust, receipt,
+audit."""
 
 from __future__ import annotations
 
@@ -384,3 +385,78 @@ def receipt(root: Path, out: Path, as_json: bool) -> None:
     click.echo(f"host key {made.keyid} ({made.host_pub}); build with "
                f"`bundle build PROFILE --against {made.path.name} --host-key host.pub`:")
     click.echo(made.public_key.rstrip())
+
+
+@cli.command()
+@click.option("--root", type=click.Path(path_type=Path), default=None, envvar=options.ROOT_ENV,
+              show_envvar=True, help="Install root (holds releases/, current and state/).")
+@click.option("--release", "version", default=None, metavar="VERSION",
+              help="The release to audit (default: the current one).")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the findings, signed by this host's key (as receipts are), "
+                   "to this file: for an auditor on the connected side.")
+@click.option("--verify-report", "verify_path", type=click.Path(path_type=Path), default=None,
+              help="Check a report `--report` wrote against --host-key (no root needed) and "
+                   "show it.")
+@click.option("--host-key", "host_key", type=click.Path(path_type=Path), default=None,
+              help="With --verify-report: the host's public key (state/host.pub; `bundle "
+                   "receipt` prints it).")
+@options.json_output
+@handled
+def audit(root: Path | None, version: str | None, report_path: Path | None,
+          verify_path: Path | None, host_key: Path | None, as_json: bool) -> None:
+    """Compare what a release put on disk (every file re-hashed) and what its stack runs with
+    the record made at install and the signed manifest: files changed, added or removed (by
+    path, relative to the release), its images replaced or gone in the engine, containers of
+    its stack running another image (docs/audit.md). Exit 0: no drift; exit 25: drift
+    (--json lists every finding). Changes nothing."""
+    if verify_path is not None:
+        _verify_report(verify_path, host_key, as_json)
+        return
+    if host_key is not None:
+        raise click.UsageError("--host-key checks the report given with --verify-report")
+    if root is None:
+        raise click.UsageError("Missing option '--root' (or BUNDLER_ROOT).")
+    from bundler import ui
+    from bundler.errors import DriftFound
+    from bundler.install import audit as drift
+
+    layout = use_root(root)
+    ui.step("Auditing" + (f" release {version}" if version else " the current release"))
+    report = drift.run(layout, version)
+    keyid = drift.write_report(layout, report, report_path) if report_path else None
+    if as_json:
+        emit_json({"ok": report.clean, **report.to_json(),
+                   "report": str(report_path) if report_path else None, "host_key": keyid})
+    else:
+        for f in report.findings:
+            click.echo(f"  {f.line()}")
+        for note in report.notes:
+            click.echo(f"  note: {note}")
+        if report_path:
+            click.echo(f"signed report (host key {keyid}): {report_path}")
+        if report.clean:
+            click.echo(report.summary())
+    if not report.clean:
+        exc = DriftFound(report.summary())
+        if as_json:
+            sys.exit(exc.exit_code)
+        raise exc
+
+
+def _verify_report(path: Path, host_key: Path | None, as_json: bool) -> None:
+    from bundler.bundle import auditreport
+    from bundler.bundle.signing import load_public_key
+
+    if host_key is None:
+        raise click.UsageError("--verify-report needs --host-key (the host's host.pub)")
+    checked = auditreport.verify(path.read_bytes(), load_public_key(host_key), str(path))
+    doc = checked.doc
+    if as_json:
+        emit_json({"ok": True, "verified": True, "keyid": checked.keyid, **doc})
+        return
+    click.echo(f"{path}: signed by host key {checked.keyid}; {doc.get('product')} "
+               f"{doc.get('version')} under {doc.get('root')}, audited {doc.get('created')}: "
+               + ("no drift" if checked.clean else f"{len(checked.findings)} finding(s)"))
+    for f in checked.findings:
+        click.echo(f"  {f.get('kind', ''):<15} {f.get('path', '')}: {f.get('detail', '')}")

@@ -42,12 +42,14 @@ from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import NpmRef
 from bundler.errors import CommandError, InstallError
 from bundler.fsutil import CHUNK, make_dir, sha256_file
-from bundler.install import strict
+from bundler.install import reuse, strict
 from bundler.install.layout import Layout
 
 RUNTIME_DIR = Path("runtime") / "node"
 NPM_DIR = Path("lib") / "node_modules" / "npm"
-MARKER = ".bundler-runtime"  # in each tree: {"key", "digest"} (not part of the digest)
+# In each tree: {"key", "digest", "entries"} (not part of the digest); "entries": every entry
+# as a reuse record lists them (path, type, mode, sha256 or link target), for `bundle audit`.
+MARKER = ".bundler-runtime"
 _NPM_PROBE = 120.0  # `npm --version` loads npm's whole CLI first: slower than a probe
 _LAYOUT = 1  # how a tree is laid out: part of the key, so a change never reuses an old tree
 
@@ -150,7 +152,9 @@ def _unpack(release: Path, m: Manifest, top: Path, k: str) -> None:
                 os.symlink(os.path.relpath(cli, bindir), bindir / tool)
         _seal(tmp)
         marker = tmp / MARKER
-        marker.write_text(json.dumps({"key": k, "digest": _digest(tmp)}) + "\n")
+        entries = [e.to_json() for e in reuse.scan(tmp, k).entries]  # for `bundle audit`
+        marker.write_text(json.dumps({"key": k, "digest": _digest(tmp), "entries": entries},
+                                     separators=(",", ":")) + "\n")
         os.chmod(marker, 0o444)
         os.chmod(tmp, 0o555)
         shared = top / k
@@ -208,6 +212,26 @@ def _usable(shared: Path, k: str, log: Callable[[str], None]) -> bool:
             return True
     log(f"the shared runtime {shared} is not as it was unpacked: unpacking it again")
     return False
+
+
+def recorded_entries(shared: Path) -> list[reuse.Entry] | None:
+    """The entries the tree's marker recorded when it was sealed (None: an older marker, or
+    none)."""
+    try:
+        marker = json.loads((shared / MARKER).read_text())
+        return [reuse.Entry(str(p), str(k), int(m), str(v), bool(h))
+                for p, k, m, v, h in marker["entries"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def intact(shared: Path) -> bool:
+    """The tree is exactly as it was sealed (its marker's digest)."""
+    try:
+        marker = json.loads((shared / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and marker.get("digest") == _digest(shared)
 
 
 def _seal(top: Path) -> None:

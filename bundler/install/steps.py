@@ -27,6 +27,7 @@ from bundler.errors import BundlerError, InstallError, RollbackFailedError, disk
 from bundler.faults import fault_point
 from bundler.fsutil import atomic_write_bytes, make_dir, nearly_full, private_dir
 from bundler.install import (
+    audit,
     boot,
     datadirs,
     environ,
@@ -152,9 +153,14 @@ def begin(a: Attempt) -> None:
 
 
 def install_packages(a: Attempt) -> None:
-    """Images, Python, Node.js, npm (bundler.install.packages): undone with the release
-    directory (see `begin`)."""
+    """Images, Python, Node.js, npm (bundler.install.packages), then the record of what the
+    release put on disk, before anything of it runs (`bundle audit`, bundler.install.audit):
+    undone with the release directory (see `begin`)."""
     packages.install(a.journal, a.new, a.plan.decision, a.plan.reuse)
+    m = a.new.manifest
+    ids = None if a.new.runtime.kind == "swarm" else audit.image_ids(m)
+    path = audit.record(a.new.dir, m, ids)
+    a.journal.record("audit", "recorded", f"{path.name}: what the release put on disk")
 
 
 def start_database_services(a: Attempt) -> None:
