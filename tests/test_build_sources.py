@@ -43,7 +43,7 @@ def test_globs_excludes_and_action_outputs(tmp_path: Path, keys: tuple[Path, Pat
                              "--json").out)
     assert sorted(f["path"] for f in info["files"]) == [
         "files/conf/app.ini", "files/db/migrations/001_init.sql",
-        "files/db/migrations/002_users.sql", "files/web/app.js"]
+        "files/db/migrations/002_users.sql", "files/web/app.js", "sbom/bom.cdx.json"]
 
 
 def test_failing_action_stops_the_build_with_its_output(tmp_path: Path,

@@ -275,14 +275,17 @@ def test_a_delta_upgrade_installs_offline_and_equals_the_full_one(
     print(f"full 2.0.0: {full_size} bytes; delta: {delta_size} bytes; "
           f"travels {split['travel_files']} file(s) {split['travel_bytes']} B, host supplies "
           f"{split['host_files']} ({split['host_bytes']} B)")
-    # Only the changed server.py travels (the wheel, the lock stay home).
-    assert split["travel_files"] == 1 and split["host_files"] >= 2
+    # Only the changed server.py and the SBOM (which always travels) travel (the wheel, the
+    # lock stay home).
+    assert split["travel_files"] == 2 and split["host_files"] >= 2
     # (The tar rounds up to 10 KiB records: this small app's two bundles may be as large.)
-    assert delta_size <= full_size and split["travel_bytes"] < split["host_bytes"]
+    files = json.loads(bundle("inspect", delta, "--trust", w.pub, "--json").out)["files"]
+    sbom = next(f["size"] for f in files if f["kind"] == "sbom")
+    assert delta_size <= full_size and split["travel_bytes"] - sbom < split["host_bytes"]
     shown = bundle("inspect", delta, "--trust", w.pub)
     assert "the host must supply" in shown.out and "(from the host)" in shown.out
     diffed = bundle("diff", w.full1, delta, "--trust", w.pub, "--json")
-    assert json.loads(diffed.out)["delta"]["travel_files"] == 1
+    assert json.loads(diffed.out)["delta"]["travel_files"] == 2  # server.py, the SBOM
 
     up, status = offline(bundle_argv("install", delta, "--trust", w.pub, "--root", root, "--json"),
                          bundle_argv("status", "--root", root, "--json"))
@@ -371,7 +374,7 @@ def test_against_an_old_bundle_and_a_kill_during_the_delta_install_recovers(
     roots.append(root)
     _installed_v1(w, root)
     delta, doc = _delta(w, w.full1, tmp_path / "out")  # --against OLD.bundle
-    assert doc["delta"]["travel_files"] == 1  # type: ignore[index]
+    assert doc["delta"]["travel_files"] == 2  # server.py, the SBOM  # type: ignore[index]
     killed, recover, status, again, status2 = offline(
         ["env", "BUNDLER_FAULT=kill:python",
          *bundle_argv("install", delta, "--trust", w.pub, "--root", root)],

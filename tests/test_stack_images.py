@@ -45,7 +45,8 @@ def test_images_build_offline_from_cache_and_load_on_the_target(
 
         info = json.loads(bundle("inspect", tmp_path / "out" / "shop-1.0.0.bundle",
                                  "--trust", keys[1], "--json").out)
-        assert [f["path"] for f in info["files"]] == ["images/images.tar.zst"]
+        assert [f["path"] for f in info["files"]] == ["images/images.tar.zst",
+                                                     "sbom/bom.cdx.json"]
 
         dfx.remove_images(engine, pair.a, pair.b, pair.base)
         root = tmp_path / "target"

@@ -128,7 +128,8 @@ def test_inspect_json_names_sequence_and_key(tmp_path: Path, keys: tuple[Path, P
     info = json.loads(result.out)
     assert info["sequence"] == 42 and info["keyid"] == built["keyid"]
     assert info["expires"] is not None and info["parts"] is None
-    assert {f["path"] for f in info["files"]} == {"files/data/blob.bin", "files/data/config.ini"}
+    assert {f["path"] for f in info["files"]} == {"files/data/blob.bin", "files/data/config.ini",
+                                                  "sbom/bom.cdx.json"}
     human = bundle("inspect", str(built["bundle"]), "--trust", keys[1])
     assert "sequence 42" in human.out and "signature verified" in human.out
 

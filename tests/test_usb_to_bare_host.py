@@ -423,13 +423,14 @@ def _delta_upgrade(host: BareHost, stick: Path, connected: Path, blocks: tuple[s
     v3 = connected / "dist" / "llm-webapp-1.3.0.bundle"
     split = built["delta"]
     assert isinstance(split, dict) and split["authenticated"] is True, split
-    # Only the changed application file travels; wheels, the lock, Node.js, the pre-built
-    # node_modules and 1.2.0's migration are in the host's store.
-    assert split["travel_files"] == 1 and split["host_files"] >= 5, split
+    # Only the changed application file (and the SBOM, which always travels) travels; wheels,
+    # the lock, Node.js, the pre-built node_modules and 1.2.0's migration are in the host's
+    # store.
+    assert split["travel_files"] == 2 and split["host_files"] >= 5, split
     shown = bundle("inspect", v3, "--trust", connected / "release.pub", "--json")
     assert shown.rc == 0, shown.err
     travelling = [f["path"] for f in json.loads(shown.out)["files"] if f.get("travels", True)]
-    assert travelling == ["files/backend/app/main.py"], travelling
+    assert travelling == ["files/backend/app/main.py", "sbom/bom.cdx.json"], travelling
     size, full = v3.stat().st_size, full_v2.stat().st_size
     print(f"\ndelta 1.3.0: {size} bytes (full 1.2.0: {full}); travels {split['travel_bytes']} "
           f"B, the host supplies {split['host_files']} file(s), {split['host_bytes']} B")

@@ -20,9 +20,10 @@ from bundler.build.profile import Profile
 from bundler.build.resolve import compose as compose_check
 from bundler.build.resolve import files as files_resolver
 from bundler.build.resolve import images, npm, npm_tree, prisma, runtimes, wheels
+from bundler.build.sbom import make as sbom_make
 from bundler.bundle import archive, nodetree, volumes
 from bundler.bundle.imageref import canonical_tag
-from bundler.bundle.manifest import IMAGES_PATH, FileEntry, Manifest
+from bundler.bundle.manifest import IMAGES_PATH, SBOM_PATH, FileEntry, Manifest
 from bundler.bundle.models import ImageRef, NpmProject, NpmRef, Target
 from bundler.bundle.signing import MAX_ENVELOPE_BYTES, key_id, sign
 from bundler.engine import engine_client, local_image_ids
@@ -229,6 +230,11 @@ def _build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache
         expires = rfc3339(created + profile.expires_ms // 1000)
     # Monotonic by default: the build time. Explicit values win (CLI, then profile).
     sequence = sequence or profile.sequence or created
+    entries.append(_sbom(sbom_make.Release(
+        profile.name, profile.version, sequence, created, tuple(entries), dict(sources),
+        npm_projects, node_runtime, current.images,
+        cache.path(current.images_archive[0]) if current.images_archive else None),
+        cache, sources))
     if against is not None:
         delta.check_fits(against, profile.name, sequence)
         ui.note(against.note)
@@ -280,6 +286,17 @@ def _build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache
     parts = tuple(out_dir / p.file for p in index.parts)
     return BuildResult(index_file, manifest, index.total_size, key_id(key.public_key()), parts,
                        relocked, fetched, warnings, against, images_plan)
+
+
+def _sbom(release: sbom_make.Release, cache: Cache, sources: dict[str, Path]) -> FileEntry:
+    """The SBOM of what this build gathered (before a delta leaves anything out), cached and
+    listed as the payload SBOM_PATH."""
+    ui.step("Writing the SBOM (CycloneDX)" + (
+        f": reading the packages inside {len(release.images)} image(s)" if release.images
+        else ""))
+    sha, size = cache.put_bytes(sbom_make.make(release))
+    sources[SBOM_PATH] = cache.path(sha)
+    return FileEntry(SBOM_PATH, size, sha, "sbom")
 
 
 def npm_target(target: Target) -> dict[str, str]:

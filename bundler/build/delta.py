@@ -117,7 +117,9 @@ def mark(entries: Sequence[FileEntry], images: Sequence[ImageRef],
     images_held = bool(images) and all(i.image_id in has.images for i in images)
     out = []
     for e in entries:
-        held = images_held if e.kind == "images" else e.sha256 in has.digests
+        # the SBOM always travels: `bundle sbom` reads it from the bundle itself
+        held = images_held if e.kind == "images" else \
+            e.kind != "sbom" and e.sha256 in has.digests
         out.append(dataclasses.replace(e, travels=not held))
     return out
 

@@ -1,11 +1,13 @@
 """Streaming pack and verify of the bundle tar.
 
 Layout: a plain (uncompressed) tar whose FIRST member is `envelope.json`; every other member
-is a payload file listed in the signed manifest, in sorted order. Verification is one pass
-over the stream with a strict reader of our own (`TarStream`): the envelope is checked before
-anything else is parsed, then each member is checked against the manifest and written, hashed
-as it is written, under a path the verifier chooses. Nothing here ever extracts a member by
-its own name. See docs/design/bundle-format.md and docs/design/security-model.md.
+is a payload file listed in the signed manifest: the SBOM first when there is one (so
+`bundle sbom`, `inspect` and `diff` read it without reading on), then the rest sorted by
+path. Verification is one pass over the stream with a strict reader of our own
+(`TarStream`): the envelope is checked before anything else is parsed, then each member is
+checked against the manifest and written, hashed as it is written, under a path the verifier
+chooses. Nothing here ever extracts a member by its own name. See
+docs/design/bundle-format.md and docs/design/security-model.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bundler.bundle import volumes
-from bundler.bundle.manifest import FileEntry
+from bundler.bundle.manifest import SBOM_PATH, FileEntry
 from bundler.bundle.signing import MAX_ENVELOPE_BYTES, TrustedKey, Verified, verify_envelope
 from bundler.errors import IntegrityError, SignatureError
 from bundler.fsutil import CHUNK, atomic_write
@@ -60,7 +62,7 @@ def pack(
     part_size: int | None = None,
     corrupt: Callable[[Path], None] | None = None,
 ) -> volumes.PartIndex | None:
-    """Write the bundle: envelope first, then payloads sorted by path.
+    """Write the bundle: envelope first, then the SBOM, then payloads sorted by path.
 
     Every header field is fixed (owner, mode, mtime) so the same inputs give the same bytes.
     Each payload is hashed as it is copied and must match its entry's sha256 (and size): a
@@ -145,7 +147,7 @@ def _write_tar(raw: BinaryIO | io.RawIOBase | _Writeback, envelope: bytes,
     put(envelope)
     pad()
     view = memoryview(bytearray(CHUNK))
-    for entry, source in sorted(members, key=lambda m: m[0].path):
+    for entry, source in sorted(members, key=_order):
         with open(source, "rb", buffering=0) as fh:
             size = os.fstat(fh.fileno()).st_size
             if size != entry.size:
@@ -176,6 +178,10 @@ def _write_tar(raw: BinaryIO | io.RawIOBase | _Writeback, envelope: bytes,
     put(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # the end-of-archive marker
     if written % tarfile.RECORDSIZE:  # tarfile rounds the archive up to whole records
         put(tarfile.NUL * (tarfile.RECORDSIZE - written % tarfile.RECORDSIZE))
+
+
+def _order(member: tuple[FileEntry, Path]) -> tuple[bool, str]:
+    return member[0].path != SBOM_PATH, member[0].path
 
 
 @dataclass(frozen=True)
@@ -436,6 +442,23 @@ class BundleReader:
                                  hint="the copy is incomplete or was re-packed: copy it again")
         return Extracted(self.verified, dest, self._tar.pos, captured)
 
+    def first_payload(self, entry: FileEntry) -> bytes:
+        """The member after the envelope, which must be `entry` (small: MAX_SBOM), checked
+        against it like any payload; nothing after it is read."""
+        member = self._tar.next()
+        if member is None or member.name != entry.path or not member.isreg() \
+                or member.size != entry.size or not member.in_form:
+            name = member.name if member is not None else "nothing"
+            raise IntegrityError(f"{self.label}: the member after the envelope is {name!r}, "
+                                 f"not {entry.path} as bundler packs it ({entry.size} bytes)",
+                                 hint="the bundle was modified or re-packed")
+        if entry.size > MAX_SBOM:
+            raise IntegrityError(f"{self.label}: {entry.path} is {entry.size} bytes, over "
+                                 f"the {MAX_SBOM} byte limit")
+        kept = self._check_payload(member, entry, None, None, keep=True)
+        assert kept is not None
+        return kept
+
     def _check_payload(self, member: Member, entry: FileEntry, dest: Path | None,
                        progress: Progress | None, keep: bool = False) -> bytes | None:
         digest = hashlib.sha256()
@@ -498,3 +521,20 @@ def open_bundle(path: Path, trusted: list[TrustedKey]) -> Iterator[BundleReader]
 def manifest_of(path: Path, trusted: list[TrustedKey]) -> Verified:
     with open_bundle(path, trusted) as reader:
         return reader.read_envelope()
+
+
+MAX_SBOM = 256 * 1024 * 1024  # read into memory: an SBOM of ~1 million components
+
+
+def sbom_of(path: Path, trusted: list[TrustedKey]) -> tuple[Verified, bytes | None]:
+    """The verified manifest and the SBOM's bytes, checked against their signed sha256 (None:
+    the bundle carries none, e.g. built by an older bundler). Only the envelope and the member
+    after it are read: the SBOM is packed first."""
+    with open_bundle(path, trusted) as reader:
+        verified = reader.read_envelope()
+        entry = next((f for f in verified.manifest.travelling if f.path == SBOM_PATH), None)
+        if entry is None:
+            return verified, None
+        found: list[bytes] = []
+        reader._diagnosed(lambda: found.append(reader.first_payload(entry)))
+        return verified, found[0]

@@ -139,8 +139,9 @@ def _artifact_key(entry: FileEntry) -> tuple[str, str]:
 
 
 def diff(old: Manifest, new: Manifest) -> dict[str, Any]:
-    before = {_artifact_key(f)[0]: f for f in old.files}
-    after = {_artifact_key(f)[0]: f for f in new.files}
+    # the SBOM file always differs: its components are compared instead (bundle.sbom.diff)
+    before = {_artifact_key(f)[0]: f for f in old.files if f.kind != "sbom"}
+    after = {_artifact_key(f)[0]: f for f in new.files if f.kind != "sbom"}
     added = [_entry(after[k]) for k in sorted(after.keys() - before.keys())]
     removed = [_entry(before[k]) for k in sorted(before.keys() - after.keys())]
     changed = []
@@ -180,8 +181,9 @@ def against(old: Manifest, new: Manifest) -> Manifest:
     old_ids = {i.image_id for i in old.images}
     images_held = bool(new.images) and all(i.image_id in old_ids for i in new.images)
     return dataclasses.replace(new, files=tuple(
-        dataclasses.replace(f, travels=not (images_held if f.kind == "images"
-                                            else f.sha256 in have)) for f in new.files))
+        dataclasses.replace(f, travels=not (images_held if f.kind == "images" else
+                                            f.kind != "sbom" and f.sha256 in have))
+        for f in new.files))
 
 
 def _entry(f: FileEntry) -> dict[str, Any]:

@@ -47,13 +47,15 @@ PAYLOAD_TYPE = "application/vnd.bundler.bundle.manifest+json"
 _SEGMENT = r"[A-Za-z0-9_+=@,-][A-Za-z0-9._+=@,-]*"
 PATH_RE = re.compile(rf"^{_SEGMENT}(/{_SEGMENT})*$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-KINDS = ("wheel", "file", "lock", "npm", "images", "runtime")
+KINDS = ("wheel", "file", "lock", "npm", "images", "runtime", "sbom")
 IMAGES_PATH = "images/images.tar.zst"
+# The CycloneDX SBOM (docs/sbom.md): packed first after the envelope, so reading it stops early.
+SBOM_PATH = "sbom/bom.cdx.json"
 RESERVED = ("envelope.json",)
 # Where each kind of payload lives in a release directory (as the builder names them). A
 # payload elsewhere could land on the installer's own files (bundle/manifest.json, run/*.pid).
 KIND_PREFIX = {"wheel": "python/", "lock": "python/", "file": "files/", "npm": "npm/",
-               "images": "images/", "runtime": "runtimes/"}
+               "images": "images/", "runtime": "runtimes/", "sbom": "sbom/"}
 COMPOSE_PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 CHAIN_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -475,6 +477,8 @@ def _from_json(doc: Any) -> Manifest:
     lock = _str(python["lock"], "python.lock") if python else None
     if lock is not None and lock not in seen:
         raise ValueError("python.lock names a file that is not listed")
+    if any(f.kind == "sbom" and f.path != SBOM_PATH for f in files):
+        raise ValueError(f"a file of kind 'sbom' is not {SBOM_PATH}")
     if lock is not None and next(f.kind for f in files if f.path == lock) != "lock":
         raise ValueError(f"python.lock {lock!r} is not a file of kind 'lock'")
     manifest = Manifest(

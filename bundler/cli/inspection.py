@@ -1,4 +1,4 @@
-"""Commands that read bundles without installing them: verify, inspect, diff."""
+"""Commands that read bundles without installing them: verify, inspect, diff, sbom."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from bundler import ui
 from bundler.bundle import archive, volumes
 from bundler.bundle.hostreq import Request
 from bundler.bundle.manifest import Manifest
-from bundler.bundle.signing import TrustedKey
+from bundler.bundle.signing import TrustedKey, Verified
 from bundler.cli import options
 from bundler.cli.common import cli, handled, use_root
 from bundler.cli.render import emit_json
+from bundler.errors import PolicyError, SignatureError
 from bundler.fsutil import human_bytes
 from bundler.install import trust as trust_store
 
@@ -118,7 +119,9 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
     from bundler.bundle.inspect import describe
 
     trusted = _trusted(trust_path, root)
-    info = describe(archive.manifest_of(bundle, trusted), _parts(bundle, trusted))
+    verified, sbom = _sbom_doc(bundle, trusted)
+    info = describe(verified, _parts(bundle, trusted))
+    info["sbom"] = _sbom_summary(sbom)
     if as_json:
         emit_json({"ok": True, **info})
         return
@@ -154,6 +157,7 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
         steps = f": {', '.join(x['steps'])}" if x["steps"] else ""
         click.echo(f"  migration {x['name']} ({x['kind']}"
                    f"{', on ' + x['database'] if x['database'] else ''}){steps}")
+    click.echo(f"  sbom    {_say_summary(info['sbom'])}")
     click.echo(f"  services: {', '.join(info['services']) or '-'}; "
                f"health checks: {', '.join(info['health']) or '-'}")
     if info.get("user"):
@@ -180,11 +184,14 @@ def _say_delta(d: dict[str, int]) -> None:
 def diff(old: Path, new: Path, trust_path: Path | None, root: Path | None,
          as_json: bool) -> None:
     """What changed from bundle OLD to bundle NEW: artifacts, versions, services, checks."""
+    from bundler.bundle import sbom
     from bundler.bundle.inspect import diff as compute
 
     trusted = _trusted(trust_path, root)
-    result = compute(archive.manifest_of(old, trusted).manifest,
-                     archive.manifest_of(new, trusted).manifest)
+    (a, a_doc), (b, b_doc) = _sbom_doc(old, trusted), _sbom_doc(new, trusted)
+    result = compute(a.manifest, b.manifest)
+    # None when either bundle carries no SBOM (built by an older bundler)
+    result["components"] = sbom.diff(a_doc, b_doc) if a_doc and b_doc else None
     if as_json:
         emit_json({"ok": True, **result})
         return
@@ -201,6 +208,7 @@ def diff(old: Path, new: Path, trust_path: Path | None, root: Path | None,
     _say_runtime_diff(result)
     if not (result["added"] or result["removed"] or result["changed"]):
         click.echo("  no artifact changes")
+    _say_components(result["components"])
     _say_delta(result["delta"])
 
 
@@ -246,3 +254,91 @@ def _keys(change: dict[str, list[str]]) -> str:
 
 def _text(value: object, none: str = "(none)") -> str:
     return none if value is None else str(value)
+
+
+def _sbom_doc(path: Path, trusted: list[TrustedKey]) -> tuple[Verified, dict[str, Any] | None]:
+    """The verified manifest and the bundle's SBOM (None: it carries none)."""
+    verified, data = archive.sbom_of(path, trusted)
+    return verified, _sbom_doc_of(path, data) if data is not None else None
+
+
+def _sbom_doc_of(path: Path, data: bytes) -> dict[str, Any]:
+    from bundler.bundle import sbom
+
+    try:
+        return sbom.parse(data)
+    except ValueError as exc:  # signed, yet unreadable: the builder's fault
+        raise SignatureError(f"{path.name}: its signed SBOM cannot be read: {exc}",
+                             hint="rebuild the bundle with a current bundler") from None
+
+
+def _sbom_summary(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    from bundler.bundle import sbom
+
+    return sbom.summary(doc) if doc is not None else None
+
+
+def _say_summary(info: dict[str, Any] | None) -> str:
+    if info is None:
+        return "none (built by an older bundler)"
+    kinds = ", ".join(f"{n} {k}" for k, n in info["by_kind"].items())
+    return (f"CycloneDX {info['spec_version']}, {info['components']} components"
+            + (f": {kinds}" if kinds else ""))
+
+
+def _say_components(d: dict[str, list[dict[str, Any]]] | None) -> None:
+    """Component changes (the SBOMs), by kind: + name version, - name version, ~ a → b."""
+    if d is None:
+        click.echo("  components: not compared (a bundle carries no SBOM)")
+        return
+    rows = [("+", r, r["to"]) for r in d["added"]] + \
+        [("-", r, r["from"]) for r in d["removed"]] + \
+        [("~", r, f"{r['from']} → {r['to']}") for r in d["changed"]]
+    if not rows:
+        click.echo("  no component changes")
+        return
+    click.echo(f"  components: {len(d['added'])} added, {len(d['removed'])} removed, "
+               f"{len(d['changed'])} changed")
+    for mark, r, text in sorted(rows, key=lambda x: (x[1]["kind"], x[1]["where"],
+                                                     x[1]["name"])):
+        where = "" if r["where"] == "bundle" else f" (in {r['where']})"
+        click.echo(f"    {mark} {r['kind']}{where} {r['name']} {text}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Write the SBOM to this file instead of stdout.")
+@options.trust
+@options.trust_root
+@options.json_output
+@handled
+def sbom(bundle: Path, out: Path | None, trust_path: Path | None, root: Path | None,
+         as_json: bool) -> None:
+    """Print (or write to --out) the CycloneDX SBOM that BUNDLE carries, after checking the
+    signature and the SBOM's signed sha256. With --json: a summary (components by kind).
+
+    Only the envelope and the SBOM are read (it is packed first); docs/sbom.md.
+    """
+    from bundler.fsutil import atomic_write_bytes
+
+    trusted = _trusted(trust_path, root)
+    verified, data = archive.sbom_of(bundle, trusted)
+    m = verified.manifest
+    if data is None:
+        raise PolicyError(f"{bundle.name} ({m.name} {m.version}) carries no SBOM: it was "
+                          f"built by {m.builder or 'an older bundler'}",
+                          hint="rebuild it with this bundler (`bundle build`): every bundle "
+                               "it builds carries one")
+    summary = _sbom_summary(_sbom_doc_of(bundle, data)) if as_json else None
+    if out is not None:
+        atomic_write_bytes(out, data, mode=0o644)
+    if summary is not None:
+        emit_json({"ok": True, "name": m.name, "version": m.version, "keyid": verified.keyid,
+                   "out": str(out) if out is not None else None, "bytes": len(data),
+                   **summary})
+    elif out is not None:
+        click.echo(f"wrote {out} ({len(data)} bytes): the SBOM of {m.name} {m.version}, "
+                   f"signed by {verified.keyid}")
+    else:
+        click.echo(data.decode("utf-8"), nl=False)
