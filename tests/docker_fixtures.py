@@ -385,3 +385,18 @@ def oci_multiplatform(oci: Path, dst: Path) -> None:
         "size": len(data), "annotations": ref_ann}]}
     rewrite_tar(oci, dst, change={"index.json": json.dumps(outer).encode()},
                 add={_blob(digest): data})
+
+
+def compose_profile(base: Path, name: str, images: list[str], compose: str) -> Path:
+    """A compose stack's profile (version 1.0.0): `compose` written as app/docker-compose.yml,
+    carried as files/stack, with `images`."""
+    app = base / "app"
+    app.mkdir(parents=True)
+    (app / "docker-compose.yml").write_text(compose)
+    profile = base / "bundle.yaml"
+    refs = "".join(f"  - ref: {ref}\n" for ref in images)
+    profile.write_text(f"schema: 1\nname: {name}\nversion: 1.0.0\nimages:\n{refs}"
+                       "files:\n  - {src: app, dest: stack}\n"
+                       "compose:\n  files: [stack/docker-compose.yml]\n")
+    return profile
+

@@ -22,27 +22,12 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
 def _profile(base: Path, image: str) -> Path:
-    app = base / "app"
-    app.mkdir(parents=True)
-    (app / "docker-compose.yml").write_text(textwrap.dedent(f"""\
+    return dfx.compose_profile(base, "auditc", [image], textwrap.dedent(f"""\
         services:
           web:
             image: {image}
             command: ["busybox", "sleep", "3600"]
         """))
-    profile = base / "audit.yaml"
-    profile.write_text(textwrap.dedent(f"""\
-        schema: 1
-        name: auditc
-        version: 1.0.0
-        images:
-          - ref: {image}
-        files:
-          - {{src: app, dest: stack}}
-        compose:
-          files: [stack/docker-compose.yml]
-        """))
-    return profile
 
 
 def test_a_retagged_image_and_a_replaced_container_are_drift(

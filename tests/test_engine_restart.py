@@ -124,32 +124,18 @@ def _statuses(node: Node, project: str) -> dict[str, str]:
 
 
 def _profile(base: Path, name: str, image: str) -> Path:
-    app = base / "app"
-    app.mkdir(parents=True)
     service = """\
         image: {image}
         network_mode: none
         command: ["busybox", "sleep", "3600"]
         healthcheck: {{test: ["CMD", "busybox", "true"], interval: 1s, retries: 3}}
     """
-    (app / "docker-compose.yml").write_text(
+    return dfx.compose_profile(
+        base, name, [image],
         "services:\n  kept:\n    restart: unless-stopped\n"
         + textwrap.indent(textwrap.dedent(service.format(image=image)), "    ")
         + "  lost:\n"
         + textwrap.indent(textwrap.dedent(service.format(image=image)), "    "))
-    profile = base / "bundle.yaml"
-    profile.write_text(textwrap.dedent(f"""\
-        schema: 1
-        name: {name}
-        version: 1.0.0
-        images:
-          - ref: {image}
-        files:
-          - {{src: app, dest: stack}}
-        compose:
-          files: [stack/docker-compose.yml]
-        """))
-    return profile
 
 
 def test_after_an_engine_power_cut_only_services_with_a_restart_policy_come_back(
