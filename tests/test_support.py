@@ -120,6 +120,8 @@ def test_no_planted_secret_anywhere_and_the_sections_are_there(tmp_path: Path,
     assert {m["name"] for m in manifest["members"]} == names - {"MANIFEST.json"}
     trust = json.loads(members["trust.json"])
     assert len(trust["trusted"]) == 1 and len(trust["trusted"][0]["keyid"]) > 8
+    facts = json.loads(members["host.json"])
+    assert facts["memory"]["MemTotal"].endswith("kB") and facts["disks"][0]["free"] > 0
     history = json.loads(members["history.json"])
     assert history["events"][0]["detail"] == "psql said ****"
     assert result.size == out.stat().st_size

@@ -88,10 +88,11 @@ def parse_size(text: str) -> int | None:
 
 # --- what is secret -----------------------------------------------------------------------------
 
-def _small_text(path: Path) -> str | None:
-    """A small regular file's text, not following a symlink (None: absent or not such a file)."""
+def _small_text(path: Path, follow: bool = False) -> str | None:
+    """A small regular file's text, not following a symlink under the root (None: absent or
+    not such a file); the system's own files (`follow`) are often links."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW))
     except OSError:
         return None
     try:
@@ -165,7 +166,7 @@ def known_secrets(layout: Layout) -> list[str]:
 # --- the sections -------------------------------------------------------------------------------
 
 def _os_release() -> dict[str, str]:
-    return loose_env(_small_text(Path("/etc/os-release")) or "")
+    return loose_env(_small_text(Path("/etc/os-release"), follow=True) or "")
 
 
 def versions(ctx: Context) -> Iterator[tuple[str, Content]]:
@@ -233,15 +234,15 @@ def host(ctx: Context) -> Iterator[tuple[str, Content]]:
             disks.append({"path": str(path), "total": use.total, "used": use.used,
                           "free": use.free})
     memory = {}
-    for line in (_small_text(Path("/proc/meminfo")) or "").splitlines():
+    for line in (_small_text(Path("/proc/meminfo"), follow=True) or "").splitlines():
         name, _, value = line.partition(":")
         if name in ("MemTotal", "MemFree", "MemAvailable", "SwapTotal", "SwapFree"):
             memory[name] = value.strip()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    uptime = (_small_text(Path("/proc/uptime"), follow=True) or "?").split()[0]
     yield "host.json", {"hostname": socket.gethostname(), "cpus": os.cpu_count(),
                         "load": list(load) if load else None, "disks": disks,
-                        "memory": memory,
-                        "uptime_s": (_small_text(Path("/proc/uptime")) or " ").split()[0]}
+                        "memory": memory, "uptime_s": uptime}
 
 
 def status(ctx: Context) -> Iterator[tuple[str, Content]]:
