@@ -39,12 +39,13 @@ def read_log(path: Path, limit: int = READ) -> str:
     logs/ may be writable by the release's account (see runas): only a regular file owned by
     this process's user with one link is read, opened without following a symlink, so the
     account cannot make root print another file (/etc/shadow) into an error line."""
-    return read_tail(path, limit)[0]
+    return read_tail(path, limit, whole_lines=False)[0]
 
 
-def read_tail(path: Path, limit: int = READ) -> tuple[str, bool]:
-    """`read_log`, and whether the file held more than the `limit` bytes returned (then the
-    first, partial line is dropped: a value cut in half there would escape the masking)."""
+def read_tail(path: Path, limit: int = READ, whole_lines: bool = True) -> tuple[str, bool]:
+    """`read_log`, and whether the file held more than `limit` bytes (then, with
+    `whole_lines`, the first, partial line is dropped: a value cut in half there would escape
+    the masking)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -60,6 +61,6 @@ def read_tail(path: Path, limit: int = READ) -> tuple[str, bool]:
         return "", False
     finally:
         os.close(fd)
-    if cut:
+    if cut and whole_lines:
         data = data[data.find(b"\n") + 1:] if b"\n" in data else b""
     return data.decode("utf-8", "replace"), cut
