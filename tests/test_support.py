@@ -30,7 +30,8 @@ PROFILE_SECRET = "pr0file-Secret-named-Value"  # a service env value the profile
 URL_PASSWORD = "urlP4ss-w0rd-planted"           # scheme://user:pass@host, in a log only
 LOG_ONLY = "Tok-only-in-the-run-spec-9f3a"     # what the supervisor was told to mask
 QUOTED = 'quo"te\\back-slash-S3cret'             # escapes differently in JSON
-PLANTED = (ENV_SECRET, PROFILE_SECRET, URL_PASSWORD, LOG_ONLY, QUOTED)
+BUNDLED_ENV = "Bundled-env-file-Value-42"       # a .env among the release's files
+PLANTED = (ENV_SECRET, PROFILE_SECRET, URL_PASSWORD, LOG_ONLY, QUOTED, BUNDLED_ENV)
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +56,8 @@ def _root(tmp_path: Path, pub: Path, log_bytes: int = 0) -> Layout:
     rel.meta.mkdir(parents=True)
     rel.manifest_file.write_bytes(m.to_bytes())
     rel.logs.mkdir()
+    (rel.files / "stack").mkdir(parents=True)
+    (rel.files / "stack" / ".env").write_text(f"UPSTREAM_HOST={BUNDLED_ENV}\n")
     rel.run.mkdir()
     (rel.run / "web.json").write_text(json.dumps({"secrets": [LOG_ONLY, QUOTED]}))
     lines = [f"connecting to postgresql://app:{URL_PASSWORD}@db:5432/shop",
@@ -65,7 +68,8 @@ def _root(tmp_path: Path, pub: Path, log_bytes: int = 0) -> Layout:
     (rel.logs / "web.log").write_text(filler + text)
     rel.report_json.write_text(json.dumps({"reason": f"failed with {ENV_SECRET}",
                                            "steps": [{"detail": QUOTED}]}))
-    rel.report_md.write_text(f"# shop 1.0.0: failed\n- reason: {PROFILE_SECRET}\n")
+    rel.report_md.write_text(f"# shop 1.0.0: failed\n- reason: {PROFILE_SECRET}\n"
+                             f"- upstream: {BUNDLED_ENV}\n")
     layout.switch(m.version)
     state = State.open(layout.db)
     state.upsert_release(ReleaseRow(m.version, m.name, m.sequence, "0" * 64, "k", "current",
@@ -170,8 +174,14 @@ def test_a_broken_section_does_not_stop_the_rest(tmp_path: Path, pub: Path) -> N
         raise RuntimeError(f"boom with {ENV_SECRET}")
         yield "never", ""
 
+    def said(ctx: support.Context) -> Iterator[tuple[str, support.Content]]:
+        # a command's output, as a section quotes it: in JSON (keys too) and as text
+        yield "said.json", {f"key {ENV_SECRET}": [f"value {QUOTED}", 1, None],
+                            "url": f"mysql://root:{URL_PASSWORD}@db/x", "n": 3}
+        yield "said.txt", f"$ check\nconnected with {PROFILE_SECRET}\n"
+
     out = tmp_path / "s.tar.zst"
-    sections = (("broken", broken), *support.SECTIONS)
+    sections = (("broken", broken), ("said", said), *support.SECTIONS)
     result = support.collect(layout, out, sections=sections)
     assert out.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # zstd, by the name
     archive = supportfile.read(out)
@@ -182,6 +192,9 @@ def test_a_broken_section_does_not_stop_the_rest(tmp_path: Path, pub: Path) -> N
                                  "detail": "RuntimeError: boom with ****"}
     assert outcome["history"]["status"] == "error" and outcome["status"]["status"] == "error"
     assert outcome["versions"]["status"] == "ok" and "logs/1.0.0/web.log" in archive.members
+    assert archive.json("said.json") == {"key ****": ["value ****", 1, None],
+                                         "url": "mysql://root:****@db/x", "n": 3}
+    assert archive.members["said.txt"] == b"$ check\nconnected with ****\n"
     assert {e["section"] for e in result.errors} >= {"broken", "history", "status"}
 
 
@@ -234,5 +247,9 @@ def test_bad_max_size_and_missing_options(tmp_path: Path, pub: Path) -> None:
     out = tmp_path / "s.tar.gz"
     assert bundle("support", "--root", layout.root, "--out", out, "--max-size", "10K").rc == 2
     assert bundle("support", "--root", layout.root).rc == 2
+    assert bundle("support", "--show", out, "--out", out).rc == 2
     assert not out.exists()
+    for bad, why in ((tmp_path, "is a directory"), (tmp_path / "s.zip", "name it")):
+        done = bundle("support", "--root", layout.root, "--out", bad)
+        assert done.rc == 2 and why in done.err, done.err
     assert support.parse_size("50M") == 50 * 1024**2 and support.parse_size("1G") == 1024**3

@@ -3,6 +3,7 @@ back on the connected side with --show). docs/support.md."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,26 @@ def support(root: Path | None, out: Path | None, max_size: int, show: Path | Non
         raise click.UsageError("--show reads an archive and --out writes one: give one of them")
     if show is None and (out is None or root is None):
         raise click.UsageError("give --root DIR and --out FILE (or --show FILE)")
+    if out is not None:
+        _check_out(out)
     _run(root=root, out=out, max_size=max_size, show=show, as_json=as_json)
+
+
+def _check_out(out: Path) -> None:
+    """--out names a file to write, in a directory this process can write (the archive is
+    written beside it under a temporary name first)."""
+    if out.is_dir():
+        raise click.BadParameter(f"{out} is a directory: name the archive file, e.g. "
+                                 f"{out / 'support.tar.gz'}", param_hint="--out")
+    if not out.name.endswith((".tar.gz", ".tgz", ".tar.zst")):
+        raise click.BadParameter(f"{out.name}: name it NAME.tar.gz (or .tgz), or NAME.tar.zst "
+                                 "for zstd", param_hint="--out")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # made on the way (like every directory bundler writes into)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"cannot write in {parent} (a read-only stick, or "
+                                 "permissions)", param_hint="--out")
 
 
 @handled
