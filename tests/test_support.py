@@ -35,8 +35,10 @@ PLANTED = (ENV_SECRET, PROFILE_SECRET, URL_PASSWORD, LOG_ONLY, QUOTED, BUNDLED_E
 
 
 @pytest.fixture(autouse=True)
-def _forget() -> Iterator[None]:
+def _forget(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     KNOWN.clear()  # each test proves its own masking, not what an earlier one remembered
+    # no engine here (this machine's is not asked): its section must fail alone
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
     yield
     KNOWN.clear()
 
@@ -129,9 +131,10 @@ def test_no_planted_secret_anywhere_and_the_sections_are_there(tmp_path: Path,
     history = json.loads(members["history.json"])
     assert history["events"][0]["detail"] == "psql said ****"
     assert result.size == out.stat().st_size
-    # no engine in this unit test's world is not asserted: the engine section may or may not
-    # answer here; either way it is one section's outcome, recorded
-    assert {s["section"] for s in manifest["sections"]} == {n for n, _ in support.SECTIONS}
+    outcome = {s["section"]: s for s in manifest["sections"]}
+    assert set(outcome) == {n for n, _ in support.SECTIONS}
+    assert outcome["engine"]["status"] == "error" and "engine.json" not in names
+    assert [n for n, s in outcome.items() if s["status"] == "error"] == ["engine"]
 
 
 def test_a_huge_log_is_cut_to_its_tail_and_the_archive_bounded(tmp_path: Path,
