@@ -9,9 +9,12 @@ import io
 import json
 import os
 import stat
+import sys
 import tarfile
+import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,7 +117,7 @@ def test_no_planted_secret_anywhere_and_the_sections_are_there(tmp_path: Path,
     members = _assert_clean(out)
     names = set(members)
     for name in ("MANIFEST.json", "versions.json", "host.json", "status.json", "doctor.json",
-                 "history.json", "trust.json", "policy.json", "audit.json",
+                 "history.json", "trust.json", "policy.json",
                  "releases/1.0.0/report.json", "releases/1.0.0/REPORT.md",
                  "logs/1.0.0/web.log"):
         assert name in names, name
@@ -153,7 +156,7 @@ def test_a_huge_log_is_cut_to_its_tail_and_the_archive_bounded(tmp_path: Path,
     assert support.LOG_TAIL // 2 < len(log) <= support.LOG_TAIL  # masked: shorter
     assert log.startswith("filler line ") and log.endswith("quoted ****\n")
     manifest = json.loads(members["MANIFEST.json"])
-    cut: dict[str, list[dict[str, object]]] = {}
+    cut: dict[str, list[dict[str, Any]]] = {}
     for c in manifest["cut"]:
         cut.setdefault(c["member"], []).append(c)
     assert cut["logs/1.0.0/web.log"][0]["size"] > 30 * 1024 * 1024
@@ -177,7 +180,7 @@ def test_a_broken_section_does_not_stop_the_rest(tmp_path: Path, pub: Path) -> N
 
     def broken(ctx: support.Context) -> Iterator[tuple[str, support.Content]]:
         raise RuntimeError(f"boom with {ENV_SECRET}")
-        yield "never", ""
+        yield "never", ""  # type: ignore[unreachable]  # a generator that raises
 
     def said(ctx: support.Context) -> Iterator[tuple[str, support.Content]]:
         # a command's output, as a section quotes it: in JSON (keys too) and as text
@@ -258,3 +261,31 @@ def test_bad_max_size_and_missing_options(tmp_path: Path, pub: Path) -> None:
         done = bundle("support", "--root", layout.root, "--out", bad)
         assert done.rc == 2 and why in done.err, done.err
     assert support.parse_size("50M") == 50 * 1024**2 and support.parse_size("1G") == 1024**3
+
+
+def test_the_drift_audit_goes_in_through_its_one_hook(tmp_path: Path, pub: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = _root(tmp_path, pub)
+    monkeypatch.setitem(sys.modules, "bundler.install.audit", None)  # a bundler without it
+    support.collect(layout, tmp_path / "a.tar.gz")
+    note = supportfile.read(tmp_path / "a.tar.gz").json("audit.json")
+    assert note == {"note": "this bundler has no drift audit (bundler.install.audit): not "
+                            "collected"}
+
+    class Report:
+        def to_json(self) -> dict[str, object]:
+            return {"clean": False, "findings": [{"path": "app/x.py",
+                                                  "detail": f"changed, saw {ENV_SECRET}"}]}
+
+    seen: list[Layout] = []
+    fake = types.ModuleType("bundler.install.audit")
+    def run(at: Layout) -> Report:
+        seen.append(at)
+        return Report()
+
+    fake.run = run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "bundler.install.audit", fake)
+    support.collect(layout, tmp_path / "b.tar.gz")
+    assert seen == [layout]
+    assert supportfile.read(tmp_path / "b.tar.gz").json("audit.json") == {
+        "clean": False, "findings": [{"path": "app/x.py", "detail": "changed, saw ****"}]}
