@@ -289,3 +289,25 @@ def test_the_drift_audit_goes_in_through_its_one_hook(tmp_path: Path, pub: Path,
     assert seen == [layout]
     assert supportfile.read(tmp_path / "b.tar.gz").json("audit.json") == {
         "clean": False, "findings": [{"path": "app/x.py", "detail": "changed, saw ****"}]}
+
+
+def test_an_sbom_is_summarised_and_its_absence_is_quiet(tmp_path: Path, pub: Path) -> None:
+    layout = _root(tmp_path, pub)
+    support.collect(layout, tmp_path / "none.tar.gz")
+    quiet = supportfile.read(tmp_path / "none.tar.gz")
+    assert not [n for n in quiet.members if n.startswith("sbom/")]
+    assert {s["section"]: s for s in quiet.manifest["sections"]}["sbom"]["status"] == "ok"
+    bom = {"bomFormat": "CycloneDX", "specVersion": "1.7", "metadata": {"component": {
+        "name": "shop", "version": "1.0.0"}}, "components": [
+        {"type": "library", "purl": "pkg:pypi/tinygreet@1.0"},
+        {"type": "container", "name": "img", "components": [
+            {"type": "library", "purl": "pkg:deb/debian/libc6@2.36"},
+            {"type": "library", "purl": "pkg:npm/left-pad@1.3.0"}]}]}
+    sbom = layout.release("1.0.0") / "sbom" / "bom.cdx.json"
+    sbom.parent.mkdir()
+    sbom.write_text(json.dumps(bom))
+    support.collect(layout, tmp_path / "with.tar.gz")
+    summary = supportfile.read(tmp_path / "with.tar.gz").json("sbom/1.0.0.json")
+    assert summary["components"] == 4 and summary["spec_version"] == "1.7"
+    assert summary["by_purl_type"] == {"pypi": 1, "deb": 1, "npm": 1, "(no purl)": 1}
+    assert summary["by_type"] == {"library": 3, "container": 1}

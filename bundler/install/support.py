@@ -321,19 +321,26 @@ def _sbom_file(rel: ReleaseDir, m: Manifest) -> Path | None:
 
 
 def _sbom_summary(doc: dict[str, Any]) -> dict[str, Any]:
+    """Counts of every component, nested ones included (an image's packages sit inside the
+    image's component)."""
     by_type: dict[str, int] = {}
     by_purl: dict[str, int] = {}
-    components = doc.get("components") or []
-    for c in components:
-        if isinstance(c, dict):
-            by_type[str(c.get("type"))] = by_type.get(str(c.get("type")), 0) + 1
-            purl = str(c.get("purl") or "")
-            kind = purl[4:].split("/", 1)[0] if purl.startswith("pkg:") else "(no purl)"
-            by_purl[kind] = by_purl.get(kind, 0) + 1
+    todo = list(doc.get("components") or [])
+    count = 0
+    while todo and count < 1_000_000:
+        c = todo.pop()
+        if not isinstance(c, dict):
+            continue
+        count += 1
+        by_type[str(c.get("type"))] = by_type.get(str(c.get("type")), 0) + 1
+        purl = str(c.get("purl") or "")
+        kind = purl[4:].split("/", 1)[0] if purl.startswith("pkg:") else "(no purl)"
+        by_purl[kind] = by_purl.get(kind, 0) + 1
+        todo += c.get("components") or []
     meta = doc.get("metadata") or {}
     return {"format": doc.get("bomFormat"), "spec_version": doc.get("specVersion"),
             "serial": doc.get("serialNumber"), "timestamp": meta.get("timestamp"),
-            "component": meta.get("component"), "components": len(components),
+            "component": meta.get("component"), "components": count,
             "by_type": by_type, "by_purl_type": by_purl}
 
 
