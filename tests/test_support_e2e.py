@@ -93,6 +93,16 @@ def test_support_archive_of_a_compose_install_masks_what_the_service_printed(
         assert eng["version"]["Version"] and eng["info"]["ServerVersion"]
         assert archive.json("compose.json")["found"] is True
         assert archive.json("status.json")["healthy"] is True
+        # the SBOM's summary where the bundle has one (bundle build writes one since issue
+        # 21's SBOM), and the drift audit where this bundler has it: clean, right after install
+        manifest = json.loads((root / "releases" / "1.0.0" / "bundle" / "manifest.json")
+                              .read_text())
+        if any(f["kind"] == "sbom" for f in manifest["files"]):
+            assert archive.json("sbom/1.0.0.json")["format"] == "CycloneDX"
+        else:
+            assert not [n for n in archive.members if n.startswith("sbom/")]
+        audit = archive.json("audit.json")
+        assert audit.get("clean") is True or audit["note"].startswith("this bundler has no")
         shown = bundle("support", "--show", out, "--json")
         assert shown.rc == 0 and json.loads(shown.out)["current"] == "1.0.0"
     finally:
