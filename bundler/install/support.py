@@ -40,7 +40,7 @@ from bundler.redact import Secrets, redact, redact_tree, release_secrets
 LOG_TAIL = 256 * 1024         # bytes kept of each service log
 COMPOSE_LINES = 2000          # lines asked of each container's log
 REPORT_MAX = 1024 * 1024      # bytes kept of each install report
-HISTORY_EVENTS = 5000         # journal rows kept (the last ones)
+HISTORY_EVENTS = 5000         # journal rows kept at most (`bundle history` gives 200)
 SMALL_FILE = 1024 * 1024      # env files, policy.yaml, the supervisor's specs: read up to this
 SBOM_MAX = 64 * 1024 * 1024   # an SBOM larger than this is not summarised
 RELEASES_LOGGED = 3           # releases whose logs/ are collected (current first, then newest)
@@ -264,10 +264,8 @@ def doctor(ctx: Context) -> Iterator[tuple[str, Content]]:
 def history(ctx: Context) -> Iterator[tuple[str, Content]]:
     from bundler.install.control import history as get_history
 
-    events = get_history(ctx.layout)
-    kept = events[-HISTORY_EVENTS:]
-    yield "history.json", {"events": [e.__dict__ for e in kept], "total": len(events),
-                           "kept": len(kept)}
+    events = get_history(ctx.layout)[-HISTORY_EVENTS:]  # `bundle history`'s rows (its last)
+    yield "history.json", {"events": [e.__dict__ for e in events]}
 
 
 def policy(ctx: Context) -> Iterator[tuple[str, Content]]:
