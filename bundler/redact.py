@@ -2,14 +2,15 @@
 
 Everything bundler shows or stores that may quote a value goes through `redact`: URL
 passwords (greedy up to the LAST `@` before the host), password-ish parameters and
-`name=value` words, and known secret values, raw and percent-encoded. Which values are secret
-is decided by `Secrets.add_env` alone, and `release_secrets` is the one place that says what
-it applies to for a release (every runtime and report asks it); the rule and its exceptions:
-docs/secrets.md.
+`name=value` words, and known secret values, raw, percent-encoded and as a JSON string escapes
+them. Which values are secret is decided by `Secrets.add_env` alone, and `release_secrets` is
+the one place that says what it applies to for a release (every runtime and report asks it);
+the rule and its exceptions: docs/secrets.md.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections.abc import Iterable, Mapping
@@ -67,6 +68,12 @@ def has_plaintext_secret(text: str) -> bool:
     return any(not re.fullmatch(r"\$\{\w+\}", p) for p in url_passwords(text))
 
 
+def _json_forms(value: str) -> set[str]:
+    """How `value` reads inside a JSON string (a `"`, `\\` or non-ASCII character escaped):
+    a report or log written as JSON quotes it so."""
+    return {json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+
+
 class Secrets:
     """A set of secret values, masked wherever `redact` runs. Thread-safe."""
 
@@ -78,7 +85,7 @@ class Secrets:
         forms = set()
         for value in values:
             if value and len(value) >= MIN_SECRET:
-                forms |= {value, quote(value, safe=""), unquote(value)}
+                forms |= {value, quote(value, safe=""), unquote(value), *_json_forms(value)}
         with self._lock:
             self._values |= {f for f in forms if len(f) >= MIN_SECRET}
 
@@ -138,3 +145,17 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     for value in sorted({*KNOWN.values(), *extra.values()}, key=len, reverse=True):
         out = out.replace(value, MASK)
     return out
+
+
+def redact_tree(node: object, secrets: Iterable[str | None] = ()) -> object:
+    """A JSON-like value (dicts, lists, strings, numbers) with every string, keys included,
+    passed through `redact`: masked before it is serialized, so that no escaping (a `"` or
+    `\\` inside a secret) hides a value from the masking."""
+    values = [s for s in secrets if s]
+    if isinstance(node, str):
+        return redact(node, values)
+    if isinstance(node, dict):
+        return {redact(str(k), values): redact_tree(v, values) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [redact_tree(v, values) for v in node]
+    return node

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bundler.errors import BundlerError, ProfileError
-from bundler.redact import redact
+from bundler.redact import redact, redact_tree
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -51,7 +51,7 @@ def emit_json(data: Any) -> None:
     string in it redacted (bundler.redact)."""
     if isinstance(data, dict):
         data = {**_context, **data}
-    sys.stdout.write(json.dumps(_redacted(data), indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.write(json.dumps(redact_tree(data), indent=2, sort_keys=True, default=str) + "\n")
 
 
 def error(exc: BundlerError, as_json: bool) -> None:
@@ -69,13 +69,3 @@ def error(exc: BundlerError, as_json: bool) -> None:
             print(f"  | {line}", file=sys.stderr)
         print(f"error: {first}", file=sys.stderr)
     print(f"hint: {redact(exc.hint)}", file=sys.stderr)
-
-
-def _redacted(data: Any) -> Any:
-    if isinstance(data, str):
-        return redact(data)
-    if isinstance(data, dict):
-        return {k: _redacted(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return [_redacted(v) for v in data]
-    return data

@@ -563,7 +563,7 @@ def _container_log(cid: str, lines: int) -> str:
     return bytes(raw).decode("utf-8", "replace").rstrip()
 
 
-def logs_tail(project: ComposeProject, tool: ComposeTool, service: str,
+def logs_tail(project: ComposeProject, tool: ComposeTool | None, service: str,
               lines: int = LOG_LINES) -> str:
     """The last `lines` lines of a service's container log(s), secrets redacted."""
     containers = [s.container for s in ps(project, tool) if s.name == service]

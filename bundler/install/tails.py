@@ -39,17 +39,28 @@ def read_log(path: Path, limit: int = READ) -> str:
     logs/ may be writable by the release's account (see runas): only a regular file owned by
     this process's user with one link is read, opened without following a symlink, so the
     account cannot make root print another file (/etc/shadow) into an error line."""
+    return read_tail(path, limit, whole_lines=False)[0]
+
+
+def read_tail(path: Path, limit: int = READ, whole_lines: bool = True) -> tuple[str, bool]:
+    """`read_log`, and whether the file held more than `limit` bytes (then, with
+    `whole_lines`, the first, partial line is dropped: a value cut in half there would escape
+    the masking)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
-        return ""
+        return "", False
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
-            return ""
+            return "", False
+        cut = st.st_size > limit
         os.lseek(fd, max(0, st.st_size - limit), os.SEEK_SET)
-        return os.read(fd, limit).decode("utf-8", "replace")
+        data = os.read(fd, limit)
     except OSError:
-        return ""
+        return "", False
     finally:
         os.close(fd)
+    if cut and whole_lines:
+        data = data[data.find(b"\n") + 1:] if b"\n" in data else b""
+    return data.decode("utf-8", "replace"), cut
