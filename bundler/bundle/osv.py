@@ -74,7 +74,8 @@ class Finding:
     def line(self) -> str:
         c = self.component
         fix = f"fixed in {', '.join(self.fixed)}" if self.fixed else "no fix"
-        return f"{self.id} {c.shown or c.name} {c.version} ({c.ecosystem}, {fix}, {self.severity})"
+        name = f"{c.shown} (source {c.name})" if c.shown else c.name
+        return f"{self.id} {name} {c.version} ({c.ecosystem}, {fix}, {self.severity})"
 
 
 def rank(severity: str) -> int:
