@@ -320,7 +320,7 @@ class Matcher:
     def result(self) -> Scan:
         unique = {(f.id, f.component): f for f in self.findings}  # one per record and package
         ordered = sorted(unique.values(), key=lambda f: (
-            -rank(f.severity), f.component.where, f.component.name, f.id))
+            -rank(f.severity), f.component.where, f.component.name, f.component.shown, f.id))
         return Scan(tuple(ordered), self.records, self.modified, self.count)
 
 
