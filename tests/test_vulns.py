@@ -241,3 +241,15 @@ def test_a_signed_snapshot_verifies_and_a_changed_or_unsigned_one_is_refused(
 def test_the_exit_code() -> None:
     assert VulnerableError("x").exit_code == 26
     assert json.loads(json.dumps(VulnerableError("x").to_dict()))["exit_code"] == 26
+
+
+def test_dpkg_status_records_the_source_package_for_matching() -> None:
+    from bundler.build.sbom.pkgdb import dpkg_status
+
+    status = (b"Package: libc6\nStatus: install ok installed\nVersion: 2.36-9+deb12u4\n"
+              b"Architecture: amd64\nSource: glibc\n\n"
+              b"Package: libfoo1\nStatus: install ok installed\nVersion: 1.2-3+b1\n"
+              b"Source: foo (1.2-3)\n\n"
+              b"Package: bash\nStatus: install ok installed\nVersion: 5.2.15-2+b2\n")
+    got = {p.name: (p.source, p.source_version) for p in dpkg_status(status)}
+    assert got == {"libc6": ("glibc", ""), "libfoo1": ("foo", "1.2-3"), "bash": ("", "")}
