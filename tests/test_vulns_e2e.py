@@ -152,10 +152,16 @@ def test_the_host_finds_a_newly_published_vulnerability_with_no_rebuild(
         "1.1.0": (True, [("PYSEC-TG-9", "CRITICAL", ["1.2"]), ("GHSA-TG-2", "LOW", [])]),
         "1.0.0": (False, [("PYSEC-TG-1", "HIGH", ["1.1"])])}
     assert doc["counts"]["CRITICAL"] == 1 and doc["counts"]["HIGH"] == 1
+    at_build = {r["version"]: r["at_build"] for r in doc["releases"]}
+    assert at_build["1.0.0"] is None  # built with no gate
+    assert at_build["1.1.0"]["findings"] == 1 and at_build["1.1.0"]["fail_on"] == "high"
+    assert at_build["1.1.0"]["snapshot"]["modified"] == "2026-11-21T08:00:00Z"
     assert gate.rc == VulnerableError.exit_code, gate.err
     assert json.loads(gate.out)["ok"] is False
-    assert shown.rc == 0 and "PYSEC-TG-9" in shown.out and "release 1.1.0 (current)" in \
-        shown.out
+    assert shown.rc == 0, shown.err
+    assert "PYSEC-TG-9" in shown.out and "release 1.1.0 (current): 2 finding(s) (at build: " \
+        "1 below high, snapshot of 2026-11-21T08:00:00Z)" in shown.out, shown.out
+    assert "3 finding(s): 1 critical, 1 high, 1 low" in shown.out
 
     # Refused, each with its own exit code: no signature, a changed byte, an untrusted key.
     unsigned = tmp_path / "unsigned"

@@ -75,7 +75,10 @@ def _show(report: object) -> None:
         if rel.sbom != "ok":
             click.echo(f"release {rel.version}{mark}: not scanned: SBOM {rel.sbom}")
             continue
-        click.echo(f"release {rel.version}{mark}: {len(rel.findings)} finding(s)")
+        built = rel.at_build
+        click.echo(f"release {rel.version}{mark}: {len(rel.findings)} finding(s)" + (
+            f" (at build: {built['findings']} below {built['fail_on']}, snapshot of "
+            f"{built['snapshot'].get('modified') or 'unknown date'})" if built else ""))
         if rel.findings:
             table(["SEVERITY", "ID", "COMPONENT", "VERSION", "FIXED IN", "WHERE"],
                   [[f.severity, f.id, f.component.shown or f.component.name,
@@ -83,7 +86,7 @@ def _show(report: object) -> None:
                    for f in rel.findings])
         for note in rel.notes:
             click.echo(f"  not matched: {note}")
-    counts = ", ".join(f"{n} {s.lower()}" for s, n in report.counts().items() if n)
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in reversed(report.counts().items()) if n)
     click.echo(f"{len(report.findings)} finding(s)" + (f": {counts}" if counts else ""))
 
 

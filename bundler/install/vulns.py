@@ -7,6 +7,7 @@ the snapshot is read from a private copy (hashed while copied) that is removed a
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 
 from bundler import ui
 from bundler.bundle import osv, sbom
-from bundler.bundle.manifest import SBOM_PATH
+from bundler.bundle.manifest import SBOM_PATH, VULNS_PATH
 from bundler.bundle.signing import TrustedKey, verify_payload
 from bundler.errors import IntegrityError, SignatureError
 from bundler.install.layout import Layout, ReleaseDir
@@ -39,10 +40,12 @@ class ReleaseScan:
     sbom: str  # "ok", or why it was not scanned
     findings: tuple[osv.Finding, ...]
     notes: tuple[str, ...] = ()
+    at_build: dict[str, Any] | None = None  # the build's gate: its snapshot, bar, count
 
     def to_json(self) -> dict[str, Any]:
         return {"version": self.version, "current": self.current, "sbom": self.sbom,
-                "findings": [f.to_json() for f in self.findings], "not_matched": list(self.notes)}
+                "findings": [f.to_json() for f in self.findings], "not_matched": list(self.notes),
+                "at_build": self.at_build}
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,22 @@ def _release_sbom(rel: ReleaseDir) -> tuple[dict[str, Any] | None, str]:
         return None, f"unreadable ({exc})"
 
 
+def _at_build(rel: ReleaseDir) -> dict[str, Any] | None:
+    """What the build's gate recorded (sbom/vulns.json, if the signed manifest lists it and
+    the file is still that one): the snapshot it used, its bar and how many findings."""
+    manifest = rel.manifest()
+    entry = next((f for f in manifest.files if f.path == VULNS_PATH), None) if manifest else None
+    try:
+        data = (rel.path / VULNS_PATH).read_bytes() if entry else b""
+        if entry is None or hashlib.sha256(data).hexdigest() != entry.sha256:
+            return None
+        doc = json.loads(data)
+        return {"snapshot": doc["snapshot"], "fail_on": doc["fail_on"],
+                "findings": len(doc["findings"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run(layout: Layout, snapshot: Path, signature: Path,
         trusted: list[TrustedKey]) -> Report:
     current = layout.current_version()
@@ -148,6 +167,7 @@ def run(layout: Layout, snapshot: Path, signature: Path,
     for version in versions:
         held, notes, state = per_release[version]
         found = tuple(f for f in scan.findings if f.component in held)
-        releases.append(ReleaseScan(version, version == current, state, found, tuple(notes)))
+        releases.append(ReleaseScan(version, version == current, state, found, tuple(notes),
+                                    _at_build(ReleaseDir(layout.release(version)))))
     releases.sort(key=lambda r: (not r.current, r.version))
     return Report(snap, scan.records, scan.modified, tuple(releases))
