@@ -94,6 +94,18 @@ def test_several_intervals_in_one_range() -> None:
     assert m.result().findings[0].fixed == ("1.2", "2.3")  # nearest fix first
 
 
+def test_events_at_one_version_open_before_they_close_whatever_their_order() -> None:
+    rec = record("X-6", "Debian:12", "zlib", introduced="0")
+    # listed fixed-first: an empty interval at 1:1.2.13-1 ("0:" and no revision are the same
+    # version in dpkg's order), then an open one from 1:1.3-1
+    rec["affected"][0]["ranges"][0]["events"] = [
+        {"fixed": "1:1.2.13-1"}, {"introduced": "1:1.2.13-1"}, {"introduced": "1:1.3-1"},
+        {"last_affected": "1:1.3-1"}]
+    assert [_hits(rec, "Debian:12", "zlib", v) for v in
+            ("1:1.2.12-1", "1:1.2.13-1", "1:1.2.13-2", "1:1.3-1", "1:1.3-2")] == \
+        [[], [], [], ["X-6"], []]
+
+
 def test_withdrawn_records_are_ignored_and_git_ranges_not_matched() -> None:
     assert _hits(record("W-1", "PyPI", "p", withdrawn="2026-11-02T00:00:00Z"),
                  "PyPI", "p", "1.0") == []

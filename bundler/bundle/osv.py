@@ -163,6 +163,16 @@ class _Sortable:
     def __init__(self, k: Any) -> None:
         self.k = k
 
+    def __eq__(self, other: object) -> bool:  # tuples compare equal items by ==, then <
+        if not isinstance(other, _Sortable):
+            return NotImplemented
+        if self.k is None or other.k is None:
+            return self.k is None and other.k is None
+        return bool(self.k == other.k)
+
+    def __hash__(self) -> int:
+        return 0
+
     def __lt__(self, other: _Sortable) -> bool:
         if self.k is None or other.k is None:
             return self.k is None and other.k is not None
