@@ -32,8 +32,8 @@ def _lt(eco: str, a: str, b: str) -> bool:
              "2.0.0"]),
     ("Debian:12", ["1.0~rc1", "1.0", "1.0-1~bpo1", "1.0-1", "1.0-1+deb12u1", "1.0-2",
                    "1.0a-1", "1.0.1-1", "1:0.1-1", "2:0.0.1"]),
-    ("Alpine:v3.19", ["1.0_alpha1", "1.0_rc2", "1.0", "1.0-r1", "1.0_p1", "1.0a", "1.1",
-                      "1.10"]),
+    ("Alpine:v3.19", ["1.0_alpha1", "1.0_rc2", "1.0", "1.0-r1", "1.0_p1", "1.1", "1.1a",
+                      "1.2-r0", "1.10"]),
 ])
 def test_each_ecosystem_orders_its_versions(eco: str, chain: list[str]) -> None:
     for a, b in itertools.pairwise(chain):
