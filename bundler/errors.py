@@ -292,6 +292,17 @@ class DriftFound(BundlerError):
     default_hint = ("`{bundle} audit --root DIR --json` lists every finding; what bundler "
                     "installed comes back with the next release, or `{bundle} rollback`")
 
+
+class VulnerableError(BundlerError):
+    """Vulnerabilities at or above the policy (`--fail-on SEVERITY`) were found in what the
+    bundle carries (`bundle build --vulns`) or in what a root has installed (`bundle vulns`):
+    each named with its id, component, version, the version that fixes it and its severity
+    (docs/vulns.md). `bundle build` wrote no bundle; `bundle vulns` changed nothing."""
+
+    exit_code = 26
+    default_hint = ("upgrade the components named to a fixed version (pin it in the lock) and "
+                    "build again, or choose the bar with --fail-on (see docs/vulns.md)")
+
 # What a full disk looks like from here: the OS error itself, SQLite's SQLITE_FULL, and the
 # words the tools bundler runs print for it (uv, pip, npm, pg_dump, tar, docker).
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})

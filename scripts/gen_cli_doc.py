@@ -20,7 +20,9 @@ OUT = REPO / "docs" / "cli.md"
 # The width click formats help at on any terminal of 80 columns or more (its cap, minus 2):
 # fixed, so the terminal running this does not matter.
 WIDTH = 78
-KIT_MODULES = ("bundler.cli.inspection", "bundler.cli.support", "bundler.cli.target")  # kitmain
+# what cli/kitmain.py registers
+KIT_MODULES = ("bundler.cli.inspection", "bundler.cli.support", "bundler.cli.target",
+               "bundler.cli.vulns")
 
 PREAMBLE = """\
 # The `bundle` command

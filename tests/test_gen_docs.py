@@ -65,5 +65,5 @@ def test_exit_codes_are_never_renumbered() -> None:
         "RollbackFailedError": 13, "StateError": 14, "CommandError": 15, "ImageLoadError": 16,
         "MigrationError": 17, "EnvError": 18, "UnhealthyError": 19, "RecoveryPendingError": 20,
         "ExportError": 21, "NodeDownError": 22, "HostPolicyError": 23, "DeltaError": 24,
-        "DriftFound": 25,
+        "DriftFound": 25, "VulnerableError": 26,
             "Interrupted": 130}

@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler import __version__, ui
-from bundler.build import actions, delta, lockfile
+from bundler.build import actions, delta, lockfile, vulngate
 from bundler.build.cache import Cache
 from bundler.build.lockfile import Lock
 from bundler.build.profile import Profile
@@ -23,7 +23,7 @@ from bundler.build.resolve import images, npm, npm_tree, prisma, runtimes, wheel
 from bundler.build.sbom import make as sbom_make
 from bundler.bundle import archive, nodetree, volumes
 from bundler.bundle.imageref import canonical_tag
-from bundler.bundle.manifest import IMAGES_PATH, SBOM_PATH, FileEntry, Manifest
+from bundler.bundle.manifest import IMAGES_PATH, SBOM_PATH, VULNS_PATH, FileEntry, Manifest
 from bundler.bundle.models import ImageRef, NpmProject, NpmRef, Target
 from bundler.bundle.signing import MAX_ENVELOPE_BYTES, key_id, sign
 from bundler.engine import engine_client, local_image_ids
@@ -43,6 +43,7 @@ class BuildResult:
     warnings: tuple[str, ...] = ()
     against: delta.HostHas | None = None  # a delta bundle: what the host was taken to have
     images: delta.ImagesPlan | None = None  # a delta with images: how they travel
+    vulns: dict[str, object] | None = None  # the gate's record (sbom/vulns.json), if it ran
 
 
 def build_time() -> int:
@@ -141,19 +142,21 @@ def _images_current(profile: Profile, current: Lock, cache: Cache) -> bool:
 def build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
           sequence: int | None = None, part_size: int | None = None,
           lock_path: Path | None = None, frozen: bool = False,
-          against: delta.HostHas | None = None) -> BuildResult:
+          against: delta.HostHas | None = None,
+          vulns: vulngate.Gate | None = None) -> BuildResult:
     # A delta's thin image archive is written here, packed, then removed.
     thin_file = out_dir / f".{profile.name}-{profile.version}.images.thin"
     try:
         return _build(profile, key, out_dir, cache, sequence, part_size, lock_path, frozen,
-                      against, thin_file)
+                      against, thin_file, vulns)
     finally:
         thin_file.unlink(missing_ok=True)
 
 
 def _build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache,
            sequence: int | None, part_size: int | None, lock_path: Path | None, frozen: bool,
-           against: delta.HostHas | None, thin_file: Path) -> BuildResult:
+           against: delta.HostHas | None, thin_file: Path,
+           vulns: vulngate.Gate | None = None) -> BuildResult:
     created = build_time()
     harmless = _check_prisma(profile)  # before the actions: a refusal should come at once
     actions.run_all(profile.actions)
@@ -235,6 +238,7 @@ def _build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache
         npm_projects, node_runtime, current.images,
         cache.path(current.images_archive[0]) if current.images_archive else None),
         cache, sources))
+    vulns_doc = _vulns(vulns, entries[-1], cache, entries, sources) if vulns else None
     if against is not None:
         delta.check_fits(against, profile.name, sequence)
         ui.note(against.note)
@@ -281,11 +285,11 @@ def _build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache
     _remove_stale(out, volume_set=index is not None)
     if index is None:
         return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()), (),
-                           relocked, fetched, warnings, against, images_plan)
+                           relocked, fetched, warnings, against, images_plan, vulns_doc)
     index_file = volumes.write_index(out, index, key)
     parts = tuple(out_dir / p.file for p in index.parts)
     return BuildResult(index_file, manifest, index.total_size, key_id(key.public_key()), parts,
-                       relocked, fetched, warnings, against, images_plan)
+                       relocked, fetched, warnings, against, images_plan, vulns_doc)
 
 
 def _sbom(release: sbom_make.Release, cache: Cache, sources: dict[str, Path]) -> FileEntry:
@@ -297,6 +301,18 @@ def _sbom(release: sbom_make.Release, cache: Cache, sources: dict[str, Path]) ->
     sha, size = cache.put_bytes(sbom_make.make(release))
     sources[SBOM_PATH] = cache.path(sha)
     return FileEntry(SBOM_PATH, size, sha, "sbom")
+
+
+def _vulns(gate: vulngate.Gate, bom: FileEntry, cache: Cache, entries: list[FileEntry],
+           sources: dict[str, Path]) -> dict[str, object]:
+    """The gate over the SBOM just made (VulnerableError refuses the build); its record is
+    listed as the payload VULNS_PATH."""
+    payload, scan = vulngate.run(gate, cache.path(bom.sha256).read_bytes())
+    sha, size = cache.put_bytes(payload)
+    sources[VULNS_PATH] = cache.path(sha)
+    entries.append(FileEntry(VULNS_PATH, size, sha, "sbom"))
+    return {"path": VULNS_PATH, "findings": len(scan.findings), "records": scan.records,
+            "modified": scan.modified, "fail_on": gate.fail_on}
 
 
 def npm_target(target: Target) -> dict[str, str]:

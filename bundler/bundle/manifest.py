@@ -51,6 +51,8 @@ KINDS = ("wheel", "file", "lock", "npm", "images", "runtime", "sbom")
 IMAGES_PATH = "images/images.tar.zst"
 # The CycloneDX SBOM (docs/sbom.md): packed first after the envelope, so reading it stops early.
 SBOM_PATH = "sbom/bom.cdx.json"
+# The build's vulnerability findings (`bundle build --vulns`, docs/vulns.md), kind "sbom" too.
+VULNS_PATH = "sbom/vulns.json"
 RESERVED = ("envelope.json",)
 # Where each kind of payload lives in a release directory (as the builder names them). A
 # payload elsewhere could land on the installer's own files (bundle/manifest.json, run/*.pid).
@@ -477,8 +479,8 @@ def _from_json(doc: Any) -> Manifest:
     lock = _str(python["lock"], "python.lock") if python else None
     if lock is not None and lock not in seen:
         raise ValueError("python.lock names a file that is not listed")
-    if any(f.kind == "sbom" and f.path != SBOM_PATH for f in files):
-        raise ValueError(f"a file of kind 'sbom' is not {SBOM_PATH}")
+    if any(f.kind == "sbom" and f.path not in (SBOM_PATH, VULNS_PATH) for f in files):
+        raise ValueError(f"a file of kind 'sbom' is neither {SBOM_PATH} nor {VULNS_PATH}")
     if lock is not None and next(f.kind for f in files if f.path == lock) != "lock":
         raise ValueError(f"python.lock {lock!r} is not a file of kind 'lock'")
     manifest = Manifest(

@@ -98,12 +98,19 @@ def keygen(name: Path, force: bool, as_json: bool) -> None:
               metavar="HOST.pub",
               help="The host key (`bundle receipt` prints it) the receipt must be signed by; "
                    "without it the receipt is used unauthenticated.")
+@click.option("--vulns", "vulns_path", type=click.Path(path_type=Path, exists=True),
+              default=None, metavar="SNAPSHOT",
+              help="Match the bundle's SBOM against this OSV snapshot (osv.dev's all.zip, a tar "
+                   "or a directory of <ID>.json records) and refuse it (exit 26) with findings "
+                   "at or above --fail-on; the findings below go into the signed bundle "
+                   "(docs/vulns.md).")
+@options.fail_on("the bundle (with --vulns)", "high")
 @options.json_output
 @handled
 def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
           sequence: int | None, lock_path: Path | None, frozen: bool, volume_size: str | None,
           with_kit: bool, against_path: Path | None, host_key: Path | None,
-          as_json: bool) -> None:
+          vulns_path: Path | None, fail_on: str | None, as_json: bool) -> None:
     """Resolve, fetch, sign and pack PROFILE into OUT/NAME-VERSION.bundle."""
     from bundler.build.builder import build as do_build
     from bundler.build.cache import Cache, default_cache_dir
@@ -129,8 +136,16 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
             click.echo(f"warning: {against.note}", err=True)
     elif host_key is not None:
         raise click.UsageError("--host-key checks the receipt given with --against")
+    gate = None
+    if vulns_path is not None:
+        from bundler.build.vulngate import Gate
+        from bundler.bundle.osv import DEFAULT_FAIL_ON
+
+        gate = Gate(vulns_path, (fail_on or DEFAULT_FAIL_ON).lower())
+    elif fail_on is not None:
+        raise click.UsageError("--fail-on sets the bar of the snapshot given with --vulns")
     result = do_build(loaded, key, out_dir, cache, sequence, part_size, lock_path, frozen,
-                      against)
+                      against, gate)
     made = None
     if with_kit:
         from bundler import ui
@@ -148,7 +163,7 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
                    "files": len(result.manifest.files),
                    "parts": [str(p) for p in result.parts],
                    "locked": result.locked, "fetched": result.fetched,
-                   "warnings": list(result.warnings),
+                   "warnings": list(result.warnings), "vulns": result.vulns,
                    "delta": (split(result.manifest) | result.against.to_json()
                              | {"images": result.images.to_json() if result.images else None}
                              if result.against else None)})
@@ -159,6 +174,11 @@ def build(profile: Path, key_path: Path, out_dir: Path, cache_dir: Path | None,
                    f"files, sequence {result.manifest.sequence}, key {result.keyid}); "
                    + (f"fetched {result.fetched} artifact(s)" if result.fetched
                       else "fetched nothing (all from cache)"))
+        if result.vulns:
+            v = result.vulns
+            click.echo(f"vulnerabilities: {v['findings']} finding(s) below {v['fail_on']} "
+                       f"recorded in {v['path']} (snapshot of {v['records']} record(s), newest "
+                       f"{v['modified'] or 'unknown'})")
         if result.against:
             d = split(result.manifest)
             click.echo(f"delta against {result.against.label}: {d['travel_files']} file(s) "

@@ -4,7 +4,7 @@ build, lock, init, validate or keygen, and none of their modules or dependencies
 from __future__ import annotations
 
 from bundler import progname
-from bundler.cli import inspection, support, target  # noqa: F401 - registers the commands
+from bundler.cli import inspection, support, target, vulns  # noqa: F401 - registers the commands
 from bundler.cli.common import cli
 
 

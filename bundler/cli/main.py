@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from bundler.cli import authoring, inspection, support, target, transfer  # noqa: F401 - registers the commands
+from bundler.cli import (  # noqa: F401 - registers the commands
+    authoring,
+    inspection,
+    support,
+    target,
+    transfer,
+    vulns,
+)
 from bundler.cli.common import cli
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 json_output = click.option("--json", "as_json", is_flag=True,
                            help="Print a machine-readable JSON result on stdout.")
@@ -58,3 +62,16 @@ allow = click.option(
          "host-pid, host-ipc, host-userns, host-uts, host-cgroup, device=PATH, "
          "security-opt=OPT, join-container=NAME, volume-driver=NAME, user=NAME. "
          "See docs/host-policy.md.")
+
+
+def _fail_on() -> Any:  # a click.Choice (generic in newer click only)
+    from bundler.bundle.osv import FAIL_ON
+
+    return click.Choice(FAIL_ON, case_sensitive=False)
+
+
+def fail_on(what: str, default: str) -> Callable[[F], F]:
+    """`--fail-on SEVERITY` (docs/vulns.md), for `build --vulns` and `vulns`."""
+    return click.option("--fail-on", "fail_on", type=_fail_on(), default=None,
+                        help=f"The lowest severity that refuses {what} (exit 26); any: every "
+                             f"finding; none: report only. Default: {default}.")

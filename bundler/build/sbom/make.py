@@ -103,7 +103,8 @@ def _contained(pkg: Package, image: layers.ImageContents, where: str,
                                                         else "alpine"),
                           name=pkg.name, version=pkg.version,
                           qualifiers={k: v for k, v in (("arch", pkg.arch),
-                                                        ("distro", distro)) if v})
+                                                        ("distro", distro),
+                                                        ("upstream", pkg.source)) if v})
     elif pkg.type == "npm":
         purl = _npm_purl(pkg.name, pkg.version)
     else:
@@ -112,7 +113,7 @@ def _contained(pkg: Package, image: layers.ImageContents, where: str,
         name=pkg.name, version=pkg.version, purl=purl,
         bom_ref=f"{parent}/{pkg.type}/{pkg.name}@{pkg.version}",
         licenses=_licenses(pkg.license),  # type: ignore[arg-type]
-        properties=_props(f"image-{pkg.type}", where))
+        properties=_props(f"image-{pkg.type}", where, **{"source-version": pkg.source_version}))
 
 
 def _images(bom: Bom, root: Component, release: Release) -> None:

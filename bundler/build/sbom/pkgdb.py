@@ -22,6 +22,8 @@ class Package:
     version: str
     license: str = ""  # an SPDX expression, a license name, or "" (unknown)
     arch: str = ""
+    source: str = ""  # the source package (Debian), when it differs from `name`
+    source_version: str = ""  # its version, when it differs from `version`
 
 
 def _stanzas(text: str) -> Iterator[dict[str, str]]:
@@ -52,8 +54,12 @@ def dpkg_status(data: bytes) -> list[Package]:
         status = rec.get("Status", "install ok installed").split()
         if status[-1:] != ["installed"] or not rec.get("Package") or not rec.get("Version"):
             continue
+        source, _, version = rec.get("Source", "").partition(" ")
+        version = version.strip().strip("()")
         out.append(Package("deb", rec["Package"], rec["Version"],
-                           arch=rec.get("Architecture", "")))
+                           arch=rec.get("Architecture", ""),
+                           source=source if source != rec["Package"] else "",
+                           source_version=version if version != rec["Version"] else ""))
     return out
 
 
