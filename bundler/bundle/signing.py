@@ -12,7 +12,7 @@ import binascii
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -53,6 +53,19 @@ class TrustedKey:
 def key_id(public: Ed25519PublicKey) -> str:
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class Policy(Protocol):
+    """A trust that is more than a list of keys (a root of trust: `trustroot.RootTrust`)."""
+
+    def verify_envelope(self, data: bytes) -> Verified: ...
+
+    def verify_payload(self, data: bytes, expected_type: str,
+                       what: str) -> tuple[bytes, str]: ...
+
+
+# What a bundle is verified against: loose keys (the simple mode) or a root of trust.
+Trust = Union[list[TrustedKey], Policy]
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -175,12 +188,14 @@ def _open_envelope(data: bytes, expected_type: str, what: str,
     return payload_type, body, sigs
 
 
-def verify_payload(data: bytes, trusted: list[TrustedKey], expected_type: str,
+def verify_payload(data: bytes, trusted: Trust, expected_type: str,
                    what: str = "envelope.json") -> tuple[bytes, str]:
     """Check a DSSE envelope against trusted keys; return (payload bytes, signer key id).
 
     The payload is returned as the exact signed bytes and only then parsed by the caller.
     """
+    if not isinstance(trusted, list):
+        return trusted.verify_payload(data, expected_type, what)
     payload_type, body, sigs = _open_envelope(
         data, expected_type, what, "this is not a bundler bundle, or it was damaged")
     if not sigs:
@@ -230,8 +245,10 @@ def unverified_payload(data: bytes, expected_type: str, what: str) -> tuple[byte
     return body, keyid
 
 
-def verify_envelope(data: bytes, trusted: list[TrustedKey]) -> Verified:
+def verify_envelope(data: bytes, trusted: Trust) -> Verified:
     """Check the bundle envelope's signature; parse the manifest only after."""
+    if not isinstance(trusted, list):
+        return trusted.verify_envelope(data)
     body, keyid = verify_payload(data, trusted, PAYLOAD_TYPE)
     manifest = parse_manifest(body)
     return Verified(manifest, body, keyid, hashlib.sha256(body).hexdigest())

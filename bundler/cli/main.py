@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bundler.cli import authoring, inspection, target, transfer  # noqa: F401 - registers the commands
+from bundler.cli import authoring, inspection, keys, target, transfer  # noqa: F401 - registers the commands
 from bundler.cli.common import cli
 
 
