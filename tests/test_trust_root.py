@@ -295,6 +295,49 @@ def test_carried_trust_has_strict_limits(tmp_path: Path, keys: dict[str, Path]) 
 
 
 def _keyid(k: Path) -> str:
-    return load_private_key(Path(key(k))).public_key() and __import__(
-        "bundler.bundle.signing", fromlist=["key_id"]).key_id(
-        load_private_key(Path(key(k))).public_key())
+    from bundler.bundle.signing import key_id
+    return key_id(load_private_key(Path(key(k))).public_key())
+
+
+def test_countersignature_required_missing_present_and_wrong_role(
+        tmp_path: Path, keys: dict[str, Path]) -> None:
+    tdir = tmp_path / "trust"
+    make_root(tdir, keys)
+    root = host(tmp_path, tdir)
+    ok("keys", "delegate", tdir, "--role", "release", "--product", "shop",
+       "--key", pub(keys["rel1"]))
+    ok("keys", "delegate", tdir, "--role", "scanner", "--product", "*", "--countersign",
+       "--key", pub(keys["rel3"]))
+    for name in ("root1", "root2"):
+        ok("keys", "sign", tdir, "--targets", "--key", key(keys[name]))
+    b = make_bundle(tmp_path, keys, "rel1")
+    ok("sign", b, "--trust-metadata", tdir)
+    # a countersigning role alone never authorises a release
+    alone = make_bundle(tmp_path, keys, "rel3", name="alone")
+    ok("sign", alone, "--trust-metadata", tdir)
+    fails(SignatureError.exit_code, "verify", alone, "--root", root)
+
+    assert ok("verify", b, "--root", root)["ok"] is True  # not required yet
+    assert ok("trust", "require", "scanner", "--root", root)["required"] == ["scanner"]
+    err = fails(PolicyError.exit_code, "verify", b, "--root", root)
+    assert "requires 1 countersignature(s) by role 'scanner'" in err and "has 0" in err
+
+    # by the wrong role: a release key countersigning as scanner
+    wrong = tmp_path / "wrong.bundle"
+    wrong.write_bytes(b.read_bytes())
+    ok("countersign", wrong, "--role", "scanner", "--key", key(keys["rel2"]))
+    err = fails(PolicyError.exit_code, "verify", wrong, "--root", root)
+    assert f"key {_keyid(keys['rel2'])} is not one of its keys" in err
+
+    members = _payload_bytes(b, data_offsets(b))
+    done = ok("countersign", b, "--role", "scanner", "--key", key(keys["rel3"]))
+    assert _payload_bytes(b, data_offsets(b)) == members
+    assert ok("verify", b, "--root", root)["ok"] is True
+    shown = ok("inspect", b, "--root", root)
+    assert shown["signatures"] == [
+        {"keyid": _keyid(keys["rel1"]), "role": "release", "time": None},
+        {"keyid": _keyid(keys["rel3"]), "role": "scanner", "time": done["time"]}]
+    # a countersignature's time is signed: changing it breaks it
+    raw = b.read_bytes().replace(done["time"].encode(), b"2020-01-01T00:00:00Z")
+    b.write_bytes(raw)
+    assert "has 0" in fails(PolicyError.exit_code, "verify", b, "--root", root)

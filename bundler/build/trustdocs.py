@@ -10,6 +10,7 @@ version starts unsigned: the root key holders sign it one by one, each on their 
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
 import tarfile
@@ -25,6 +26,7 @@ from bundler.bundle import trustroot
 from bundler.bundle.archive import ENVELOPE, _header
 from bundler.bundle.manifest import PAYLOAD_TYPE, canonical_json, strict_loads
 from bundler.bundle.signing import (
+    COUNTERSIGN,
     MAX_ENVELOPE_BYTES,
     MAX_SIGNATURES,
     key_id,
@@ -134,7 +136,7 @@ def _next_targets(directory: Path, days: int) -> Metadata[Targets]:
 
 
 def delegate(directory: Path, role: str, products: list[str], pubs: list[Path],
-             threshold: int, days: int) -> Path:
+             threshold: int, days: int, countersign: bool = False) -> Path:
     roots(directory)  # a delegation needs a root to sign it
     if not products:
         raise SigningKeyError("name at least one --product (a manifest name; * globs)")
@@ -143,8 +145,10 @@ def delegate(directory: Path, role: str, products: list[str], pubs: list[Path],
     delegations = md.signed.delegations
     assert delegations is not None and delegations.roles is not None
     keys = _keys(pubs)
+    kind = trustroot.COUNTERSIGN_KIND if countersign else trustroot.RELEASE
     delegations.roles[role] = DelegatedRole(role, [k.keyid for k in keys], threshold, True,
-                                            paths=list(products))
+                                            paths=list(products),
+                                            unrecognized_fields={trustroot.KIND_FIELD: kind})
     for key in keys:
         delegations.keys[key.keyid] = key
     revoked = md.signed.unrecognized_fields.get(trustroot.REVOKED_FIELD, [])
@@ -285,12 +289,8 @@ def _split(path: Path) -> tuple[tarfile.TarInfo, bytes, int]:
     return info, envelope, tarfile.BLOCKSIZE * (1 + blocks)
 
 
-def sign_bundle(path: Path, key_paths: list[Path], trust_dir: Path | None) -> Resigned:
-    """Add signatures (and the trust documents of TRUST_DIR) to a bundle's envelope. The
-    signed payload and every other member stay byte for byte the same; the file is replaced
-    atomically."""
-    if not key_paths and trust_dir is None:
-        raise SigningKeyError("nothing to add: pass --key NAME.key and/or --trust-metadata DIR")
+def _open(path: Path) -> tuple[tarfile.TarInfo, dict[str, Any], bytes, list[Any], int]:
+    """A bundle's first header, envelope (parsed), payload bytes, signatures, rest offset."""
     info, raw, rest = _split(path)
     try:
         env = strict_loads(raw)
@@ -302,7 +302,39 @@ def sign_bundle(path: Path, key_paths: list[Path], trust_dir: Path | None) -> Re
     if env.get("payloadType") != PAYLOAD_TYPE:
         raise SignatureError(f"{path} is not a bundle (payload type "
                              f"{env.get('payloadType')!r})")
-    have = {s.get("keyid") for s in sigs if isinstance(s, dict)}
+    return info, env, body, sigs, rest
+
+
+def countersign(path: Path, key_path: Path, role: str) -> dict[str, Any]:
+    """Add ROLE's countersignature (over the payload's digest, the role and the time) to a
+    bundle; the payload and every member stay byte for byte the same."""
+    info, env, body, sigs, rest = _open(path)
+    private = load_private_key(key_path)
+    kid = key_id(private.public_key())
+    if any(isinstance(s, dict) and s.get("keyid") == kid and
+           s.get(COUNTERSIGN, {}).get("role") == role for s in sigs):
+        raise SigningKeyError(f"{path} is already countersigned by key {kid} as {role}",
+                              hint="each key countersigns once per role")
+    if len(sigs) >= MAX_SIGNATURES:
+        raise SignatureError(f"at most {MAX_SIGNATURES} signatures fit a bundle")
+    when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    digest = hashlib.sha256(body).hexdigest()
+    sig = private.sign(trustroot.countersign_message(digest, role, when))
+    sigs.append({"keyid": kid, "sig": base64.b64encode(sig).decode(),
+                 COUNTERSIGN: {"role": role, "time": when}})
+    env["signatures"] = sigs
+    _rewrite(path, info, canonical_json(env), rest)
+    return {"keyid": kid, "role": role, "time": when, "payload_sha256": digest}
+
+
+def sign_bundle(path: Path, key_paths: list[Path], trust_dir: Path | None) -> Resigned:
+    """Add signatures (and the trust documents of TRUST_DIR) to a bundle's envelope. The
+    signed payload and every other member stay byte for byte the same; the file is replaced
+    atomically."""
+    if not key_paths and trust_dir is None:
+        raise SigningKeyError("nothing to add: pass --key NAME.key and/or --trust-metadata DIR")
+    info, env, body, sigs, rest = _open(path)
+    have = {s.get("keyid") for s in sigs if isinstance(s, dict) and COUNTERSIGN not in s}
     added = []
     for key_path in key_paths:
         private = load_private_key(key_path)

@@ -33,6 +33,9 @@ from bundler.fsutil import atomic_write_bytes
 
 # The one limit on an envelope's size: the reader refuses more, and so does `bundle build`.
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+# A signature entry with this field is a countersignature (`trustroot`): it signs the
+# payload's digest, its role and its time, not the payload itself.
+COUNTERSIGN = "countersign"
 # We sign with one key; a few more leave room for co-signing. Many more is not a bundle.
 MAX_SIGNATURES = 16
 
@@ -156,11 +159,25 @@ def sign(manifest: Manifest, private: Ed25519PrivateKey) -> bytes:
 
 
 @dataclass(frozen=True)
+class SignerInfo:
+    """One valid signature on a bundle, for `bundle inspect`: whose key, for which role
+    (`key` in the simple mode), and when (countersignatures sign their time)."""
+
+    keyid: str
+    role: str
+    time: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"keyid": self.keyid, "role": self.role, "time": self.time}
+
+
+@dataclass(frozen=True)
 class Verified:
     manifest: Manifest
     manifest_bytes: bytes
     keyid: str
     digest: str  # sha256 of the manifest bytes: the bundle's identity
+    signers: tuple[SignerInfo, ...] = ()
 
 
 def _open_envelope(data: bytes, expected_type: str, what: str,
@@ -208,8 +225,8 @@ def verify_payload(data: bytes, trusted: Trust, expected_type: str,
     message = pae(payload_type, body)
     seen_ids = []
     for entry in sigs:
-        if not isinstance(entry, dict):
-            continue
+        if not isinstance(entry, dict) or COUNTERSIGN in entry:
+            continue  # a countersignature signs another message: a root of trust checks it
         kid = entry.get("keyid")
         shown = str(kid)
         seen_ids.append(shown if len(shown) <= 40 else shown[:40] + "...")
@@ -251,4 +268,5 @@ def verify_envelope(data: bytes, trusted: Trust) -> Verified:
         return trusted.verify_envelope(data)
     body, keyid = verify_payload(data, trusted, PAYLOAD_TYPE)
     manifest = parse_manifest(body)
-    return Verified(manifest, body, keyid, hashlib.sha256(body).hexdigest())
+    return Verified(manifest, body, keyid, hashlib.sha256(body).hexdigest(),
+                    (SignerInfo(keyid, "key"),))

@@ -28,7 +28,9 @@ from tuf.api.metadata import Metadata, Root, Targets
 
 from bundler.bundle.manifest import PAYLOAD_TYPE, canonical_json, parse_manifest, strict_loads
 from bundler.bundle.signing import (
+    COUNTERSIGN,
     MAX_SIGNATURES,
+    SignerInfo,
     Verified,
     _open_envelope,
     key_id,
@@ -44,6 +46,12 @@ TRUST_FIELD = "bundlerTrust"
 MAX_TRUST_DOC_BYTES = 256 * 1024
 # Root versions carried at once: enough for years of rotations between two installs.
 MAX_ROOT_CHAIN = 32
+# A delegated role's kind (in its signed entry): release keys sign the payload; countersigners
+# (a scanning station) sign after build, and a host may require them.
+KIND_FIELD = "x-bundler-kind"
+RELEASE = "release"
+COUNTERSIGN_KIND = "countersign"
+COUNTERSIGN_TYPE = "application/vnd.bundler.countersignature+json"
 # Release keys revoked by a delegation version, listed in its signed part so the host can
 # say "revoked" rather than "unknown".
 REVOKED_FIELD = "x-bundler-revoked"
@@ -241,30 +249,50 @@ def attach(envelope: dict[str, Any], roots: list[Metadata[Root]],
 
 
 @dataclass(frozen=True)
-class Signer:
-    """One valid signature on a bundle: whose key, for which delegated role."""
+class Counter:
+    """A countersignature entry: it signs the payload's digest, its role and its time."""
 
     keyid: str
+    sig: Signature
     role: str
+    time: str
 
 
-def _signatures(sigs: list[Any]) -> dict[str, Signature]:
-    """The envelope's signatures as TUF Signature objects (hex), keyed by key id."""
+def countersign_message(digest: str, role: str, time: str) -> bytes:
+    """What a countersignature signs (DSSE PAE of its own type: never a manifest's)."""
+    return pae(COUNTERSIGN_TYPE, canonical_json({"payload_sha256": digest, "role": role,
+                                                 "time": time}))
+
+
+def role_kind(role: Any) -> str:
+    kind = role.unrecognized_fields.get(KIND_FIELD, RELEASE)
+    return kind if kind in (RELEASE, COUNTERSIGN_KIND) else "unknown"
+
+
+def _signatures(sigs: list[Any]) -> tuple[dict[str, Signature], list[Counter]]:
+    """The envelope's release signatures as TUF Signature objects (hex) keyed by key id, and
+    its countersignatures."""
     if len(sigs) > MAX_SIGNATURES:
         raise SignatureError(f"envelope.json has {len(sigs)} signatures; at most "
                              f"{MAX_SIGNATURES} are accepted", hint="this is not a bundler bundle")
-    out: dict[str, Signature] = {}
+    plain: dict[str, Signature] = {}
+    counters: list[Counter] = []
     for entry in sigs:
         if not isinstance(entry, dict):
             continue
-        kid, sig = entry.get("keyid"), entry.get("sig")
-        if not isinstance(kid, str) or not isinstance(sig, str) or kid in out:
+        kid, sig, extra = entry.get("keyid"), entry.get("sig"), entry.get(COUNTERSIGN)
+        if not isinstance(kid, str) or not isinstance(sig, str):
             continue
         try:
-            out[kid] = Signature(kid, base64.b64decode(sig, validate=True).hex())
+            signature = Signature(kid, base64.b64decode(sig, validate=True).hex())
         except (binascii.Error, ValueError):
             continue
-    return out
+        if extra is None:
+            plain.setdefault(kid, signature)
+        elif (isinstance(extra, dict) and isinstance(extra.get("role"), str)
+              and isinstance(extra.get("time"), str) and len(extra["time"]) <= 40):
+            counters.append(Counter(kid, signature, extra["role"], extra["time"]))
+    return plain, counters
 
 
 @dataclass
@@ -282,6 +310,7 @@ class RootTrust:
     source: str
     record: Callable[[Metadata[Root], Metadata[Targets] | None], None] | None = None
     now: Callable[[], datetime] = field(default=_now)
+    required: tuple[str, ...] = ()  # countersigning roles this host's policy requires
 
     def updated(self, docs: Carried) -> tuple[Metadata[Root], Metadata[Targets] | None]:
         root = chain_root(self.root, list(docs.roots))
@@ -301,19 +330,37 @@ class RootTrust:
         return root, targets
 
     def signers(self, targets: Metadata[Targets], body: bytes,
-                sigs: dict[str, Signature]) -> tuple[list[Signer], list[str]]:
-        """Roles whose threshold the signatures meet, and a line per role that fell short."""
+                sigs: dict[str, Signature]) -> tuple[list[SignerInfo], list[str]]:
+        """Release roles whose threshold the signatures meet, and a line per role that fell
+        short."""
         message = pae(PAYLOAD_TYPE, body)
-        delegations = targets.signed.delegations
-        met: list[Signer] = []
+        met: list[SignerInfo] = []
         short: list[str] = []
-        for name, role in sorted((delegations.roles or {}).items() if delegations else []):
+        for name, role in _roles(targets):
+            if role_kind(role) != RELEASE:
+                continue
             result = targets.signed.get_verification_result(name, message, sigs)
             if result:
-                met += [Signer(k, name) for k in sorted(result.signed)]
+                met += [SignerInfo(k, name) for k in sorted(result.signed)]
             elif result.signed:
                 short.append(f"{name}: {len(result.signed)} of {role.threshold} signatures")
         return met, short
+
+    def countersigners(self, targets: Metadata[Targets], digest: str,
+                       counters: list[Counter]) -> dict[str, list[SignerInfo]]:
+        """Valid countersignatures by role (each entry checked against its role's keys)."""
+        roles = dict(_roles(targets))
+        out: dict[str, list[SignerInfo]] = {}
+        for c in counters:
+            role = roles.get(c.role)
+            if role is None or role_kind(role) != COUNTERSIGN_KIND:
+                continue
+            message = countersign_message(digest, c.role, c.time)
+            result = targets.signed.get_verification_result(c.role, message, {c.keyid: c.sig})
+            if c.keyid in result.signed and c.keyid not in {s.keyid for s in
+                                                            out.get(c.role, [])}:
+                out.setdefault(c.role, []).append(SignerInfo(c.keyid, c.role, c.time))
+        return out
 
     def verify_envelope(self, data: bytes) -> Verified:
         _, body, raw_sigs = _open_envelope(data, PAYLOAD_TYPE, "envelope.json",
@@ -321,27 +368,53 @@ class RootTrust:
         env = strict_loads(data)  # already parsed once by _open_envelope: it is well-formed
         root, targets = self.updated(carried(env))
         assert targets is not None
-        sigs = _signatures(raw_sigs)
+        sigs, counters = _signatures(raw_sigs)
         met, short = self.signers(targets, body, sigs)
         if not met:
             raise self._refusal(targets, sigs, short)
         manifest = parse_manifest(body)
-        roles = {s.role for s in met}
-        delegations = targets.signed.delegations
-        assert delegations is not None and delegations.roles is not None
-        allowed = [r for r in sorted(roles)
-                   if delegations.roles[r].is_delegated_path(manifest.name)]
+        roles = dict(_roles(targets))
+        allowed = sorted({s.role for s in met
+                          if roles[s.role].is_delegated_path(manifest.name)})
         if not allowed:
             raise SignatureError(
-                f"the bundle of {manifest.name!r} is signed for {', '.join(sorted(roles))}, "
-                f"not for {manifest.name!r}",
+                f"the bundle of {manifest.name!r} is signed for "
+                f"{', '.join(sorted({s.role for s in met}))}, not for {manifest.name!r}",
                 hint="its release keys may not sign this product; have the root delegate it "
                      "(`bundle keys delegate DIR --product NAME`)")
+        digest = hashlib.sha256(body).hexdigest()
+        counted = self.countersigners(targets, digest, counters)
+        self._check_required(roles, counted, counters, manifest.name)
         if self.record is not None and (root is not self.root or targets is not self.targets):
             self.record(root, targets)
         self.root, self.targets = root, targets
-        keyid = next(s.keyid for s in met if s.role == allowed[0])
-        return Verified(manifest, body, keyid, hashlib.sha256(body).hexdigest())
+        signers = [s for s in met if s.role in allowed]
+        signers += [s for role in sorted(counted) for s in counted[role]
+                    if roles[role].is_delegated_path(manifest.name)]
+        return Verified(manifest, body, signers[0].keyid, digest, tuple(signers))
+
+    def _check_required(self, roles: dict[str, Any], counted: dict[str, list[SignerInfo]],
+                        counters: list[Counter], product: str) -> None:
+        for name in self.required:
+            role = roles.get(name)
+            if role is None or role_kind(role) != COUNTERSIGN_KIND:
+                raise PolicyError(
+                    f"this host requires a countersignature by role {name!r}, which the "
+                    "delegation does not define as a countersigning role",
+                    hint="have the root delegate it (`bundle keys delegate DIR --role NAME "
+                         "--countersign ...`), or change the host's requirement (`"
+                         f"{cmd('trust', 'require', '--root', 'ROOT')}`)")
+            have = [s for s in counted.get(name, []) if role.is_delegated_path(product)]
+            if len(have) >= role.threshold:
+                continue
+            others = sorted({c.keyid for c in counters if c.role == name} -
+                            {s.keyid for s in have})
+            wrong = f"; key {', '.join(others)} is not one of its keys" if others else ""
+            raise PolicyError(
+                f"this host requires {role.threshold} countersignature(s) by role {name!r} for "
+                f"{product!r}; the bundle has {len(have)}{wrong}",
+                hint=f"have the {name} station countersign it: `bundle countersign BUNDLE "
+                     f"--role {name} --key NAME.key`")
 
     def _refusal(self, targets: Metadata[Targets], sigs: dict[str, Signature],
                  short: list[str]) -> SignatureError:
@@ -371,17 +444,23 @@ class RootTrust:
                                            "this is not a bundler bundle, or it was damaged")
         _root, targets = self.updated(carried(strict_loads(data)))
         assert targets is not None
-        sigs = _signatures(raw_sigs)
+        sigs, _ = _signatures(raw_sigs)
         message = pae(expected_type, body)
-        delegations = targets.signed.delegations
-        for name in sorted(delegations.roles or {}) if delegations else []:
+        for name, role in _roles(targets):
+            if role_kind(role) != RELEASE:
+                continue
             result = targets.signed.get_verification_result(name, message, sigs)
             if result:
                 return body, sorted(result.signed)[0]
         raise self._refusal(targets, sigs, [])
 
     def describe(self) -> dict[str, Any]:
-        return describe(self.root, self.targets)
+        return {**describe(self.root, self.targets), "required": list(self.required)}
+
+
+def _roles(targets: Metadata[Targets]) -> list[tuple[str, Any]]:
+    delegations = targets.signed.delegations
+    return sorted((delegations.roles or {}).items()) if delegations else []
 
 
 def describe(root: Metadata[Root], targets: Metadata[Targets] | None) -> dict[str, Any]:
@@ -401,7 +480,7 @@ def describe(root: Metadata[Root], targets: Metadata[Targets] | None) -> dict[st
         out["delegation"] = {
             "version": t.version, "expires": _day(t.expires),
             "signatures": sorted(targets.signatures),
-            "roles": [{"name": n, "products": list(role.paths or []),
+            "roles": [{"name": n, "kind": role_kind(role), "products": list(role.paths or []),
                        "threshold": role.threshold, "keys": sorted(role.keyids)}
                       for n, role in sorted(roles.items())],
             "revoked": sorted(revoked) if isinstance(revoked, list) else [],
@@ -419,8 +498,10 @@ def summary(info: dict[str, Any]) -> str:
         lines.append("  no release key delegated yet (it arrives in a bundle)")
         return "\n".join(lines)
     lines.append(f"  delegation version {d['version']}, expires {d['expires']}")
-    lines += [f"    {role['name']}: products {', '.join(role['products'])}; "
+    lines += [f"    {role['name']} ({role['kind']}): products {', '.join(role['products'])}; "
               f"{role['threshold']} of {', '.join(role['keys'])}" for role in d["roles"]]
     if d["revoked"]:
         lines.append(f"    revoked: {', '.join(d['revoked'])}")
+    if info.get("required"):
+        lines.append(f"  this host requires countersignatures by {', '.join(info['required'])}")
     return "\n".join(lines)

@@ -125,6 +125,9 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
     click.echo(f"{info['name']} {info['version']}  sequence {info['sequence']}  "
                f"signed by {info['keyid']} (signature verified)")
     click.echo(f"  created {info['created']}, expires {info['expires'] or 'never'}")
+    for sig in info["signatures"]:
+        when = f" at {sig['time']}" if sig["time"] else ""
+        click.echo(f"  signature {sig['keyid']} ({sig['role']}){when}")
     click.echo(f"  target  CPython {info['target']['python']} on {info['target']['platform']}")
     click.echo(f"  payload {human_bytes(info['payload_size'])} in {len(info['files'])} files")
     if info["delta"]:

@@ -73,16 +73,20 @@ def keys_rotate_root(directory: Path, pubs: tuple[Path, ...], threshold: int, da
               help="A product (manifest name; * globs) the role may sign; repeat.")
 @_pubs
 @_threshold
+@click.option("--countersign", is_flag=True,
+              help="A countersigning role (e.g. a scanning station), not a release role.")
 @_days_delegation
 @options.json_output
 @handled
 def keys_delegate(directory: Path, role: str, products: tuple[str, ...], pubs: tuple[Path, ...],
-                  threshold: int, days: int, as_json: bool) -> None:
+                  threshold: int, countersign: bool, days: int, as_json: bool) -> None:
     """Write the next delegation version (targets.json): ROLE's release keys may sign
-    PRODUCTs, THRESHOLD of them together. The root keys then sign it (`sign --targets`)."""
+    PRODUCTs, THRESHOLD of them together (or, --countersign, countersign them after build).
+    The root keys then sign it (`sign --targets`)."""
     from bundler.build import trustdocs
 
-    path = trustdocs.delegate(directory, role, list(products), list(pubs), threshold, days)
+    path = trustdocs.delegate(directory, role, list(products), list(pubs), threshold, days,
+                              countersign)
     _done(as_json, path, f"wrote {path}: sign it with the root keys "
                          "(`bundle keys sign DIR --targets --key ROOT.key`)")
 
@@ -165,6 +169,25 @@ def sign(bundle: Path, key_paths: tuple[Path, ...], trust_dir: Path | None,
     click.echo(f"{bundle}: signed by {', '.join(done.signatures)}"
                + (f"; carries root {done.carries['root_versions']}, delegation "
                   f"{done.carries['delegation_version']}" if trust_dir else ""))
+
+
+@cli.command("countersign")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--role", required=True, help="The countersigning role (e.g. scanner).")
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
+              help="The role's key (NAME.key).")
+@options.json_output
+@handled
+def countersign(bundle: Path, role: str, key_path: Path, as_json: bool) -> None:
+    """Countersign BUNDLE as ROLE (a chain-of-custody record: the payload's digest, the role and
+    the time are signed); the payload and every member stay byte for byte the same."""
+    from bundler.build import trustdocs
+
+    done = trustdocs.countersign(bundle, key_path, role)
+    if as_json:
+        emit_json({"ok": True, "bundle": str(bundle), **done})
+    else:
+        click.echo(f"{bundle}: countersigned as {role} by {done['keyid']} at {done['time']}")
 
 
 def _done(as_json: bool, path: Path, text: str) -> None:

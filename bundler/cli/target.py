@@ -238,6 +238,25 @@ def trust_init(root_file: Path, root: Path, as_json: bool) -> None:
                f"{len(r['keys'])} root keys, expires {r['expires']})")
 
 
+@trust.command("require")
+@click.argument("roles", nargs=-1)
+@options.root
+@options.json_output
+@handled
+def trust_require(roles: tuple[str, ...], root: Path, as_json: bool) -> None:
+    """Require countersignatures by ROLES (e.g. scanner) on every bundle ROOT installs, besides
+    its release signatures; no ROLES: require none."""
+    from bundler.install import trust as trust_store
+
+    layout = use_root(root)
+    held = trust_store.require(layout, list(roles))
+    if as_json:
+        emit_json({"ok": True, "required": list(held.required)})
+    else:
+        click.echo(f"{layout.root} requires countersignatures by "
+                   f"{', '.join(held.required) or 'no role'}")
+
+
 @trust.command("show")
 @options.root
 @options.json_output

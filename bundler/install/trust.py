@@ -10,6 +10,7 @@ from pathlib import Path
 from tuf.api.metadata import Metadata, Root, Targets
 
 from bundler.bundle import trustroot
+from bundler.bundle.manifest import canonical_json
 from bundler.bundle.signing import Trust, TrustedKey, load_public_key, load_trust
 from bundler.errors import PolicyError, SigningKeyError
 from bundler.fsutil import atomic_write_bytes, make_dir, private_dir
@@ -24,6 +25,7 @@ def store(layout: Layout) -> Path:
 
 ROOT_FILE = "root.json"
 TARGETS_FILE = "targets.json"
+REQUIRE_FILE = "require.json"  # the host's policy: countersigning roles every bundle needs
 
 
 def _prepare(layout: Layout) -> Path:
@@ -82,7 +84,31 @@ def _root_trust(layout: Layout, record: bool) -> trustroot.RootTrust:
         _record(layout, new_root, new_targets)
 
     return trustroot.RootTrust(root, targets, f"the root of trust of {layout.root}",
-                               record=keep if record else None)
+                               record=keep if record else None, required=_required(directory))
+
+
+def _required(directory: Path) -> tuple[str, ...]:
+    path = directory / REQUIRE_FILE
+    if not path.is_file():
+        return ()
+    doc = trustroot.load_doc(path.read_bytes(), str(path))
+    roles = doc.get("roles") if isinstance(doc, dict) else None
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        again = cmd("trust", "require", "ROLE", "--root", "ROOT")
+        raise PolicyError(f"{path} is malformed", hint=f"set it again: `{again}`")
+    return tuple(roles)
+
+
+def require(layout: Layout, roles: list[str]) -> trustroot.RootTrust:
+    """From now on every bundle needs the countersignatures of ROLES (none: no requirement)."""
+    if not has_root(layout):
+        init = cmd("trust", "init", "--root-metadata", "N.root.json", "--root", layout.root)
+        raise PolicyError(f"{layout.root} has no root of trust: countersignatures need one",
+                          hint=f"initialise it: `{init}`")
+    directory = _prepare(layout)
+    atomic_write_bytes(directory / REQUIRE_FILE,
+                       canonical_json({"roles": sorted(set(roles))}), mode=0o600)
+    return held(layout)
 
 
 def held(layout: Layout) -> trustroot.RootTrust:
