@@ -20,6 +20,9 @@ from bundler.install.layout import Layout
 from tests.bundles import data_offsets, write_bundle
 from tests.helpers import bundle, tree_snapshot
 
+# each test runs the real CLI a dozen to forty times (5-7 s): not for the fast loop
+pytestmark = pytest.mark.slow
+
 
 def ok(*args: object) -> dict:
     run = bundle(*map(str, args), "--json")

@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlparse
 
-from securesystemslib.signer import CryptoSigner
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
+from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import DelegatedRole, Delegations, Metadata, Root, Targets
 
 from bundler.bundle import trustroot
@@ -29,9 +33,7 @@ from bundler.bundle.signing import (
     COUNTERSIGN,
     MAX_ENVELOPE_BYTES,
     MAX_SIGNATURES,
-    key_id,
     load_private_key,
-    load_public_key,
     pae,
 )
 from bundler.errors import SignatureError, SigningKeyError
@@ -80,7 +82,7 @@ def _write(path: Path, md: Metadata[Any]) -> None:
 
 
 def _keys(pubs: list[Path]) -> list[Any]:
-    keys = [trustroot.tuf_key(load_public_key(p).key) for p in pubs]
+    keys = [trustroot.load_any_public_key(p) for p in pubs]
     if len({k.keyid for k in keys}) != len(keys):
         raise SigningKeyError("the same key is named twice")
     return keys
@@ -194,9 +196,63 @@ def _prune(delegations: Delegations) -> None:
             del delegations.keys[keyid]
 
 
-def _signer(key_path: Path) -> CryptoSigner:
-    private = load_private_key(key_path)
+HSM_PREFIX = "hsm:"
+PIN_ENV = "BUNDLER_PKCS11_PIN"
+
+
+def _signer(key_ref: Path) -> Signer:
+    """A key file (`bundle keygen`), or `hsm:[KEYID][?label=TOKEN]`: a key in a PKCS#11 token
+    (securesystemslib's HSMSigner; the module named by PYKCS11LIB, the PIN in
+    BUNDLER_PKCS11_PIN). A token's private key never leaves it: only what to sign goes in."""
+    text = str(key_ref)
+    if text.startswith(HSM_PREFIX):
+        return _hsm_signer(text)
+    private = load_private_key(key_ref)
     return CryptoSigner(private, trustroot.tuf_key(private.public_key()))
+
+
+def _hsm_signer(uri: str) -> Signer:
+    try:
+        from securesystemslib.signer import HSMSigner
+    except ImportError:  # pragma: no cover - the [hsm] extra is not installed
+        raise SigningKeyError("PKCS#11 signing needs python-pkcs11",
+                              hint="pip install 'bundler[hsm]'") from None
+    pin = os.environ.get(PIN_ENV)
+    if not pin:
+        raise SigningKeyError(f"{uri}: the token's PIN is not set",
+                              hint=f"export {PIN_ENV} (and PYKCS11LIB, the PKCS#11 module)")
+    parsed = urlparse(uri)
+    try:
+        hsm_keyid = int(parsed.path) if parsed.path else HSMSigner.SCHEME_KEYID
+        label = dict(parse_qsl(parsed.query)).get("label")
+        _, found = HSMSigner.import_(hsm_keyid, label, lambda _secret: pin)
+        public = serialization.load_pem_public_key(found.keyval["public"].encode())
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise ValueError("the token's key is not an ECDSA key")
+        return HSMSigner(hsm_keyid, trustroot.tuf_key(public), lambda _secret: pin, label)
+    except Exception as exc:  # python-pkcs11 raises its own tree, UnsupportedLibraryError...
+        raise SigningKeyError(f"{uri}: {type(exc).__name__}: {str(exc)[:200]}",
+                              hint="check PYKCS11LIB, the token label, the key id and "
+                                   f"{PIN_ENV}") from None
+
+
+def _sign(signer: Signer, message: bytes) -> bytes:
+    """The raw signature bytes; a token's failure (wrong PIN, key gone) is a key error."""
+    try:
+        return bytes.fromhex(signer.sign(message).signature)
+    except Exception as exc:  # python-pkcs11's own tree (PinIncorrect...), ValueError
+        if isinstance(signer, CryptoSigner):
+            raise
+        raise SigningKeyError(f"the token could not sign: {type(exc).__name__}",
+                              hint=f"check {PIN_ENV} and that the token is present") from None
+
+
+def token_public_key(uri: str) -> tuple[str, bytes]:
+    """A token key's id and PEM public key, to delegate it (`bundle keys delegate --key`)."""
+    signer = _signer(Path(uri))
+    key = signer.public_key
+    assert isinstance(key, SSlibKey)
+    return key.keyid, str(key.keyval["public"]).encode()
 
 
 @dataclass(frozen=True)
@@ -229,7 +285,12 @@ def sign_doc(directory: Path, key_path: Path, which_targets: bool) -> Signed:
     if keyid not in allowed:
         raise SigningKeyError(f"key {keyid} is not a root key of {path.name}",
                               hint="sign with a key the root lists (`bundle keys show DIR`)")
-    md.sign(signer, append=True)
+    try:
+        md.sign(signer, append=True)
+    except UnsignedMetadataError:
+        raise SigningKeyError(f"{key_path}: the key could not sign {path.name}",
+                              hint=f"for a token: check {PIN_ENV} and that it is present"
+                              ) from None
     _write(path, md)
     complete, detail = _status(chain, md, which_targets)
     return Signed(path, keyid, len(md.signatures), complete, detail)
@@ -309,8 +370,8 @@ def countersign(path: Path, key_path: Path, role: str) -> dict[str, Any]:
     """Add ROLE's countersignature (over the payload's digest, the role and the time) to a
     bundle; the payload and every member stay byte for byte the same."""
     info, env, body, sigs, rest = _open(path)
-    private = load_private_key(key_path)
-    kid = key_id(private.public_key())
+    signer = _signer(key_path)
+    kid = signer.public_key.keyid
     if any(isinstance(s, dict) and s.get("keyid") == kid and
            s.get(COUNTERSIGN, {}).get("role") == role for s in sigs):
         raise SigningKeyError(f"{path} is already countersigned by key {kid} as {role}",
@@ -319,7 +380,7 @@ def countersign(path: Path, key_path: Path, role: str) -> dict[str, Any]:
         raise SignatureError(f"at most {MAX_SIGNATURES} signatures fit a bundle")
     when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     digest = hashlib.sha256(body).hexdigest()
-    sig = private.sign(trustroot.countersign_message(digest, role, when))
+    sig = _sign(signer, trustroot.countersign_message(digest, role, when))
     sigs.append({"keyid": kid, "sig": base64.b64encode(sig).decode(),
                  COUNTERSIGN: {"role": role, "time": when}})
     env["signatures"] = sigs
@@ -337,12 +398,12 @@ def sign_bundle(path: Path, key_paths: list[Path], trust_dir: Path | None) -> Re
     have = {s.get("keyid") for s in sigs if isinstance(s, dict) and COUNTERSIGN not in s}
     added = []
     for key_path in key_paths:
-        private = load_private_key(key_path)
-        kid = key_id(private.public_key())
+        signer = _signer(key_path)
+        kid = signer.public_key.keyid
         if kid in have:
             raise SigningKeyError(f"{path} is already signed by key {kid}",
                                   hint="each key signs once; pass another key")
-        sig = private.sign(pae(PAYLOAD_TYPE, body))
+        sig = _sign(signer, pae(PAYLOAD_TYPE, body))
         sigs.append({"keyid": kid, "sig": base64.b64encode(sig).decode()})
         have.add(kid)
         added.append(kid)

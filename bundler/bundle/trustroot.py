@@ -20,8 +20,11 @@ import copy
 import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from securesystemslib.signer import Signature, SSlibKey
 from tuf.api.metadata import Metadata, Root, Targets
@@ -36,7 +39,7 @@ from bundler.bundle.signing import (
     key_id,
     pae,
 )
-from bundler.errors import PolicyError, SignatureError
+from bundler.errors import PolicyError, SignatureError, SigningKeyError
 from bundler.progname import cmd
 
 # The envelope field that carries trust documents (outside the signed payload: they are
@@ -66,9 +69,34 @@ def _day(when: datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def tuf_key(public: Ed25519PublicKey) -> SSlibKey:
-    """The TUF form of an Ed25519 public key, under bundler's key id."""
-    return SSlibKey.from_crypto(public, keyid=key_id(public))
+def tuf_key(public: Ed25519PublicKey | ec.EllipticCurvePublicKey) -> SSlibKey:
+    """The TUF form of a public key under bundler's key id: an Ed25519 key (`bundle keygen`),
+    or an ECDSA P-256/P-384 key (what a PKCS#11 token signs with), whose id is the first 16
+    hex of the sha256 of its DER SubjectPublicKeyInfo."""
+    if isinstance(public, Ed25519PublicKey):
+        return SSlibKey.from_crypto(public, keyid=key_id(public))
+    der = public.public_bytes(serialization.Encoding.DER,
+                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    return SSlibKey.from_crypto(public, keyid=hashlib.sha256(der).hexdigest()[:16])
+
+
+def load_any_public_key(path: Path) -> SSlibKey:
+    """A root, release or countersigning key for a trust document: Ed25519 or ECDSA
+    P-256/P-384 (a token's, `bundle keys token-pub`), as PEM."""
+    try:
+        public = serialization.load_pem_public_key(path.read_bytes())
+    except OSError as exc:
+        raise SigningKeyError(f"cannot read public key {path}: {exc.strerror}",
+                              hint="pass a NAME.pub from `bundle keygen`") from None
+    except (ValueError, TypeError):
+        raise SigningKeyError(f"{path} is not a PEM public key",
+                              hint="pass a NAME.pub from `bundle keygen`") from None
+    if isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name in (
+            "secp256r1", "secp384r1"):
+        return tuf_key(public)
+    if isinstance(public, Ed25519PublicKey):
+        return tuf_key(public)
+    raise SigningKeyError(f"{path} is neither an Ed25519 nor an ECDSA P-256/P-384 key")
 
 
 def _doc_bytes(obj: Any, what: str) -> bytes:
@@ -98,7 +126,7 @@ def _parse(obj: Any, what: str, kind: Any) -> Any:
     _doc_bytes(obj, what)
     try:
         md: Metadata[Any] = Metadata.from_dict(copy.deepcopy(obj))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except Exception as exc:  # hostile input: whatever tuf's parser raises is one refusal
         detail = str(exc)[:200]
         raise SignatureError(f"{what} is not a TUF {kind.type} document: {detail}",
                              hint="carry the documents `bundle keys` writes") from None

@@ -109,7 +109,7 @@ def keys_revoke(directory: Path, keyid: str, days: int, as_json: bool) -> None:
 @keys.command("sign")
 @_dir
 @click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
-              help="A root key (NAME.key).")
+              help="A root key (NAME.key, or hsm:KEYID?label=TOKEN).")
 @click.option("--targets", "which_targets", is_flag=True,
               help="Sign the delegation (targets.json) instead of the latest root version.")
 @options.json_output
@@ -147,10 +147,31 @@ def keys_show(directory: Path, as_json: bool) -> None:
     click.echo(summary(info))
 
 
+@keys.command("token-pub")
+@click.argument("uri")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Where to write the token key's public key (NAME.pub).")
+@options.json_output
+@handled
+def keys_token_pub(uri: str, out: Path, as_json: bool) -> None:
+    """Write the public key of a PKCS#11 token's key (URI: hsm:[KEYID][?label=TOKEN]; the
+    module in PYKCS11LIB, the PIN in BUNDLER_PKCS11_PIN), to name it as a root, release or
+    countersigning key. Its private key never leaves the token: pass the URI as --key."""
+    from bundler.build import trustdocs
+    from bundler.fsutil import atomic_write_bytes
+
+    keyid, pem = trustdocs.token_public_key(uri)
+    atomic_write_bytes(out, pem, mode=0o644)
+    if as_json:
+        emit_json({"ok": True, "keyid": keyid, "public": str(out)})
+    else:
+        click.echo(f"wrote {out}: token key {keyid}")
+
+
 @cli.command("sign")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--key", "key_paths", multiple=True, type=click.Path(path_type=Path),
-              help="Add this key's signature (NAME.key); repeat.")
+              help="Add this key's signature (NAME.key, or hsm:KEYID?label=TOKEN); repeat.")
 @click.option("--trust-metadata", "trust_dir", type=click.Path(path_type=Path), default=None,
               help="Carry this trust directory's root versions and delegation in the bundle.")
 @options.json_output
@@ -175,7 +196,7 @@ def sign(bundle: Path, key_paths: tuple[Path, ...], trust_dir: Path | None,
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--role", required=True, help="The countersigning role (e.g. scanner).")
 @click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
-              help="The role's key (NAME.key).")
+              help="The role's key (NAME.key, or hsm:KEYID?label=TOKEN).")
 @options.json_output
 @handled
 def countersign(bundle: Path, role: str, key_path: Path, as_json: bool) -> None:
