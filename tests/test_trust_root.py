@@ -344,3 +344,25 @@ def test_countersignature_required_missing_present_and_wrong_role(
     raw = b.read_bytes().replace(done["time"].encode(), b"2020-01-01T00:00:00Z")
     b.write_bytes(raw)
     assert "has 0" in fails(PolicyError.exit_code, "verify", b, "--root", root)
+
+
+def test_root_gap_and_fork_refused(tmp_path: Path, keys: dict[str, Path]) -> None:
+    from bundler.build import trustdocs
+    from bundler.bundle import trustroot
+    tdir = tmp_path / "trust"
+    make_root(tdir, keys)
+    v1 = trustdocs.roots(tdir)[0]
+    for _ in range(2):
+        ok("keys", "rotate-root", tdir, "--key", pub(keys["root1"]), "--key",
+           pub(keys["root2"]), "--threshold", "2")
+        for name in ("root1", "root2"):
+            ok("keys", "sign", tdir, "--key", key(keys[name]))
+    _, v2, v3 = trustdocs.roots(tdir)
+    assert trustroot.chain_root(v1, [v3, v2]).signed.version == 3  # order does not matter
+    with pytest.raises(PolicyError, match="root version 3 but not 2"):
+        trustroot.chain_root(v1, [v3])  # a gap
+    assert trustroot.chain_root(v3, [v2]).signed.version == 3  # history: ignored, never back
+    fork = trustroot.parse_root(v2.to_dict(), "fork")
+    fork.signed.expires = fork.signed.expires.replace(year=fork.signed.expires.year + 1)
+    with pytest.raises(PolicyError, match="different root version 2"):
+        trustroot.chain_root(trustroot.chain_root(v1, [v2]), [fork])
