@@ -26,7 +26,7 @@ from typing import BinaryIO
 
 from bundler.bundle import volumes
 from bundler.bundle.manifest import SBOM_PATH, FileEntry
-from bundler.bundle.signing import MAX_ENVELOPE_BYTES, TrustedKey, Verified, verify_envelope
+from bundler.bundle.signing import MAX_ENVELOPE_BYTES, Trust, Verified, verify_envelope
 from bundler.errors import IntegrityError, SignatureError
 from bundler.fsutil import CHUNK, atomic_write
 
@@ -350,7 +350,7 @@ class BundleReader:
     """One forward pass over a bundle stream. Use `open_bundle`."""
 
     def __init__(self, raw: io.RawIOBase | io.BufferedIOBase, label: str,
-                 trusted: list[TrustedKey]) -> None:
+                 trusted: Trust) -> None:
         self.label = label
         self.trusted = trusted
         self._raw = raw
@@ -495,7 +495,7 @@ def _open_dest(dest: Path | None, rel: str) -> Iterator[BinaryIO | None]:
 
 
 @contextlib.contextmanager
-def open_bundle(path: Path, trusted: list[TrustedKey]) -> Iterator[BundleReader]:
+def open_bundle(path: Path, trusted: Trust) -> Iterator[BundleReader]:
     """A reader over a bundle file or a volume set (any part, its index, or its base name).
 
     For a volume set the signed part index is verified, and every part checked present and of
@@ -518,7 +518,7 @@ def open_bundle(path: Path, trusted: list[TrustedKey]) -> Iterator[BundleReader]
         yield BundleReader(raw, path.name, trusted)
 
 
-def manifest_of(path: Path, trusted: list[TrustedKey]) -> Verified:
+def manifest_of(path: Path, trusted: Trust) -> Verified:
     with open_bundle(path, trusted) as reader:
         return reader.read_envelope()
 
@@ -526,7 +526,7 @@ def manifest_of(path: Path, trusted: list[TrustedKey]) -> Verified:
 MAX_SBOM = 256 * 1024 * 1024  # read into memory: an SBOM of ~1 million components
 
 
-def sbom_of(path: Path, trusted: list[TrustedKey]) -> tuple[Verified, bytes | None]:
+def sbom_of(path: Path, trusted: Trust) -> tuple[Verified, bytes | None]:
     """The verified manifest and the SBOM's bytes, checked against their signed sha256 (None:
     the bundle carries none, e.g. built by an older bundler). Only the envelope and the member
     after it are read: the SBOM is packed first."""

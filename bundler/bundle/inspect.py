@@ -42,6 +42,7 @@ def describe(verified: Verified, parts: list[dict[str, Any]] | None = None) -> d
         "created": m.created,
         "expires": m.expires,
         "keyid": verified.keyid,
+        "signatures": [s.to_json() for s in verified.signers],
         "digest": verified.digest,
         "builder": m.builder,
         "target": m.target.to_json(),

@@ -12,7 +12,7 @@ import binascii
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -33,6 +33,9 @@ from bundler.fsutil import atomic_write_bytes
 
 # The one limit on an envelope's size: the reader refuses more, and so does `bundle build`.
 MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
+# A signature entry with this field is a countersignature (`trustroot`): it signs the
+# payload's digest, its role and its time, not the payload itself.
+COUNTERSIGN = "countersign"
 # We sign with one key; a few more leave room for co-signing. Many more is not a bundle.
 MAX_SIGNATURES = 16
 
@@ -53,6 +56,19 @@ class TrustedKey:
 def key_id(public: Ed25519PublicKey) -> str:
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+class Policy(Protocol):
+    """A trust that is more than a list of keys (a root of trust: `trustroot.RootTrust`)."""
+
+    def verify_envelope(self, data: bytes) -> Verified: ...
+
+    def verify_payload(self, data: bytes, expected_type: str,
+                       what: str) -> tuple[bytes, str]: ...
+
+
+# What a bundle is verified against: loose keys (the simple mode) or a root of trust.
+Trust = Union[list[TrustedKey], Policy]
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -143,11 +159,25 @@ def sign(manifest: Manifest, private: Ed25519PrivateKey) -> bytes:
 
 
 @dataclass(frozen=True)
+class SignerInfo:
+    """One valid signature on a bundle, for `bundle inspect`: whose key, for which role
+    (`key` in the simple mode), and when (countersignatures sign their time)."""
+
+    keyid: str
+    role: str
+    time: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"keyid": self.keyid, "role": self.role, "time": self.time}
+
+
+@dataclass(frozen=True)
 class Verified:
     manifest: Manifest
     manifest_bytes: bytes
     keyid: str
     digest: str  # sha256 of the manifest bytes: the bundle's identity
+    signers: tuple[SignerInfo, ...] = ()
 
 
 def _open_envelope(data: bytes, expected_type: str, what: str,
@@ -175,12 +205,14 @@ def _open_envelope(data: bytes, expected_type: str, what: str,
     return payload_type, body, sigs
 
 
-def verify_payload(data: bytes, trusted: list[TrustedKey], expected_type: str,
+def verify_payload(data: bytes, trusted: Trust, expected_type: str,
                    what: str = "envelope.json") -> tuple[bytes, str]:
     """Check a DSSE envelope against trusted keys; return (payload bytes, signer key id).
 
     The payload is returned as the exact signed bytes and only then parsed by the caller.
     """
+    if not isinstance(trusted, list):
+        return trusted.verify_payload(data, expected_type, what)
     payload_type, body, sigs = _open_envelope(
         data, expected_type, what, "this is not a bundler bundle, or it was damaged")
     if not sigs:
@@ -193,8 +225,8 @@ def verify_payload(data: bytes, trusted: list[TrustedKey], expected_type: str,
     message = pae(payload_type, body)
     seen_ids = []
     for entry in sigs:
-        if not isinstance(entry, dict):
-            continue
+        if not isinstance(entry, dict) or COUNTERSIGN in entry:
+            continue  # a countersignature signs another message: a root of trust checks it
         kid = entry.get("keyid")
         shown = str(kid)
         seen_ids.append(shown if len(shown) <= 40 else shown[:40] + "...")
@@ -230,8 +262,11 @@ def unverified_payload(data: bytes, expected_type: str, what: str) -> tuple[byte
     return body, keyid
 
 
-def verify_envelope(data: bytes, trusted: list[TrustedKey]) -> Verified:
+def verify_envelope(data: bytes, trusted: Trust) -> Verified:
     """Check the bundle envelope's signature; parse the manifest only after."""
+    if not isinstance(trusted, list):
+        return trusted.verify_envelope(data)
     body, keyid = verify_payload(data, trusted, PAYLOAD_TYPE)
     manifest = parse_manifest(body)
-    return Verified(manifest, body, keyid, hashlib.sha256(body).hexdigest())
+    return Verified(manifest, body, keyid, hashlib.sha256(body).hexdigest(),
+                    (SignerInfo(keyid, "key"),))

@@ -25,7 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bundler.bundle.manifest import canonical_json, strict_loads
-from bundler.bundle.signing import TrustedKey, sign_payload, verify_payload
+from bundler.bundle.signing import Trust, sign_payload, verify_payload
 from bundler.errors import BuildError, IntegrityError, SignatureError
 
 INDEX_TYPE = "application/vnd.bundler.parts+json"
@@ -386,7 +386,7 @@ class _Hasher:
         self._thread.join()
 
 
-def open_index(path: Path, trusted: list[TrustedKey]) -> PartIndex:
+def open_index(path: Path, trusted: Trust) -> PartIndex:
     try:
         data = path.read_bytes() if path.stat().st_size <= 1024 * 1024 else b""
     except OSError as exc:

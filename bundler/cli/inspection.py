@@ -11,7 +11,7 @@ from bundler import ui
 from bundler.bundle import archive, volumes
 from bundler.bundle.hostreq import Request
 from bundler.bundle.manifest import Manifest
-from bundler.bundle.signing import TrustedKey, Verified
+from bundler.bundle.signing import Trust, TrustedKey, Verified
 from bundler.cli import options
 from bundler.cli.common import cli, handled, use_root
 from bundler.cli.render import emit_json
@@ -20,14 +20,14 @@ from bundler.fsutil import human_bytes
 from bundler.install import trust as trust_store
 
 
-def _trusted(trust_path: Path | None, root: Path | None) -> list[TrustedKey]:
+def _trusted(trust_path: Path | None, root: Path | None) -> Trust:
     """--trust, else the trust store of --root (or BUNDLER_ROOT): only then is a root used."""
     if trust_path is not None:
         return trust_store.resolve(trust_path, None)
     return trust_store.resolve(None, use_root(root) if root is not None else None)
 
 
-def _parts(path: Path, trusted: list[TrustedKey]) -> list[dict[str, Any]] | None:
+def _parts(path: Path, trusted: Trust) -> list[dict[str, Any]] | None:
     index_file = volumes.find_index(path)
     if index_file is None:
         return None
@@ -128,6 +128,9 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
     click.echo(f"{info['name']} {info['version']}  sequence {info['sequence']}  "
                f"signed by {info['keyid']} (signature verified)")
     click.echo(f"  created {info['created']}, expires {info['expires'] or 'never'}")
+    for sig in info["signatures"]:
+        when = f" at {sig['time']}" if sig["time"] else ""
+        click.echo(f"  signature {sig['keyid']} ({sig['role']}){when}")
     click.echo(f"  target  CPython {info['target']['python']} on {info['target']['platform']}")
     click.echo(f"  payload {human_bytes(info['payload_size'])} in {len(info['files'])} files")
     if info["delta"]:

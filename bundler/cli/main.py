@@ -5,6 +5,7 @@ from __future__ import annotations
 from bundler.cli import (  # noqa: F401 - registers the commands
     authoring,
     inspection,
+    keys,
     support,
     target,
     transfer,

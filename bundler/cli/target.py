@@ -63,7 +63,7 @@ def install(bundle: Path, trust_path: Path | None, root: Path, allow_downgrade: 
     from bundler.install.installer import install as do_install
 
     layout = use_root(root, create=trust_path is not None)
-    trusted = trust_store.resolve(trust_path, layout)
+    trusted = trust_store.resolve(trust_path, layout, record=True)
     result = do_install(bundle, trusted, layout, Options(allow_downgrade, environment, db_choice,
                                                          allow_degraded, allow, not no_reuse))
     if as_json:
@@ -212,7 +212,76 @@ def uninstall(root: Path, purge: bool, yes: bool, as_json: bool) -> None:
 
 @cli.group()
 def trust() -> None:
-    """Manage the keys an install root accepts bundles from."""
+    """Manage the keys an install root accepts bundles from: loose keys (`add`), or a root of
+    trust (`init`) that delegates release keys and rotates them through bundles."""
+
+
+@trust.command("init")
+@click.option("--root-metadata", "root_file", required=True, type=click.Path(path_type=Path),
+              help="The root document (N.root.json from `bundle keys init`), signed by the "
+                   "threshold of its root keys.")
+@options.root
+@options.json_output
+@handled
+def trust_init(root_file: Path, root: Path, as_json: bool) -> None:
+    """Initialise ROOT once with a root of trust (created if it does not exist): from then on
+    bundles must be signed by release keys it delegates, and trust updates arrive in them."""
+    from bundler.install import trust as trust_store
+
+    layout = use_root(root, create=True)
+    held = trust_store.init(layout, root_file)
+    doc = held.describe()
+    if as_json:
+        emit_json({"ok": True, **doc})
+        return
+    r = doc["root"]
+    click.echo(f"{layout.root} trusts root version {r['version']} ({r['threshold']} of "
+               f"{len(r['keys'])} root keys, expires {r['expires']})")
+
+
+@trust.command("require")
+@click.argument("roles", nargs=-1)
+@options.root
+@options.json_output
+@handled
+def trust_require(roles: tuple[str, ...], root: Path, as_json: bool) -> None:
+    """Require countersignatures by ROLES (e.g. scanner) on every bundle ROOT installs, besides
+    its release signatures; no ROLES: require none."""
+    from bundler.install import trust as trust_store
+
+    layout = use_root(root)
+    held = trust_store.require(layout, list(roles))
+    if as_json:
+        emit_json({"ok": True, "required": list(held.required)})
+    else:
+        click.echo(f"{layout.root} requires countersignatures by "
+                   f"{', '.join(held.required) or 'no role'}")
+
+
+@trust.command("show")
+@options.root
+@options.json_output
+@handled
+def trust_show(root: Path, as_json: bool) -> None:
+    """Show ROOT's trust: its root of trust and release key delegation, or its loose keys."""
+    from bundler.install import trust as trust_store
+
+    layout = use_root(root)
+    if not trust_store.has_root(layout):
+        keys = [k.keyid for k in trust_store.listed(layout)]
+        if as_json:
+            emit_json({"ok": True, "mode": "keys", "keys": keys})
+        else:
+            click.echo(f"{layout.root}: simple mode (loose keys): {', '.join(keys) or 'none'}")
+        return
+    info = trust_store.held(layout).describe()
+    if as_json:
+        emit_json({"ok": True, "mode": "root", **info})
+        return
+    from bundler.bundle.trustroot import summary
+
+    click.echo(f"{layout.root}: root of trust")
+    click.echo(summary(info))
 
 
 @trust.command("add")

@@ -24,7 +24,7 @@ from pathlib import Path
 from bundler import ui
 from bundler.bundle import archive
 from bundler.bundle.manifest import Manifest
-from bundler.bundle.signing import TrustedKey
+from bundler.bundle.signing import Trust
 from bundler.errors import (
     BundlerError,
     Interrupted,
@@ -111,7 +111,7 @@ def space_needed(manifest: Manifest, root: Path | None = None) -> int:
             + runtimes * RUNTIME_FACTOR)
 
 
-def install(source: Path, trusted: list[TrustedKey], root: Path | Layout,
+def install(source: Path, trusted: Trust, root: Path | Layout,
             options: Options | None = None) -> InstallResult:
     layout = root if isinstance(root, Layout) else Layout(root.resolve())
     options = options or Options()
@@ -148,7 +148,7 @@ def _disk_full_error(what: str, layout: Layout, root_full: bool = True) -> Space
              f"bundler's share), {after}")
 
 
-def _install(layout: Layout, source: Path, trusted: list[TrustedKey], options: Options,
+def _install(layout: Layout, source: Path, trusted: Trust, options: Options,
              grants: tuple[hostpolicy.Grant, ...]) -> InstallResult:
     with archive.open_bundle(source, trusted) as reader:
         ui.step(f"Verifying signature of {reader.label}")
