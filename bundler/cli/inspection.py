@@ -11,7 +11,7 @@ from bundler import ui
 from bundler.bundle import archive, volumes
 from bundler.bundle.hostreq import Request
 from bundler.bundle.manifest import Manifest
-from bundler.bundle.signing import Trust, TrustedKey, Verified
+from bundler.bundle.signing import Trust, Verified
 from bundler.cli import options
 from bundler.cli.common import cli, handled, use_root
 from bundler.cli.render import emit_json
@@ -259,7 +259,7 @@ def _text(value: object, none: str = "(none)") -> str:
     return none if value is None else str(value)
 
 
-def _sbom_doc(path: Path, trusted: list[TrustedKey]) -> tuple[Verified, dict[str, Any] | None]:
+def _sbom_doc(path: Path, trusted: Trust) -> tuple[Verified, dict[str, Any] | None]:
     """The verified manifest and the bundle's SBOM (None: it carries none)."""
     verified, data = archive.sbom_of(path, trusted)
     return verified, _sbom_doc_of(path, data) if data is not None else None

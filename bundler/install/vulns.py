@@ -17,7 +17,7 @@ from typing import Any
 from bundler import ui
 from bundler.bundle import osv, sbom
 from bundler.bundle.manifest import SBOM_PATH, VULNS_PATH
-from bundler.bundle.signing import TrustedKey, verify_payload
+from bundler.bundle.signing import Trust, verify_payload
 from bundler.errors import IntegrityError, SignatureError
 from bundler.install.layout import Layout, ReleaseDir
 
@@ -75,7 +75,7 @@ class Report:
         return osv.refusing(scan, fail_on)
 
 
-def verify_snapshot(snapshot: Path, signature: Path, trusted: list[TrustedKey],
+def verify_snapshot(snapshot: Path, signature: Path, trusted: Trust,
                     into: Path) -> tuple[Path, Snapshot]:
     """The snapshot's signature checked against the trusted keys, then the file copied into
     `into` while hashed and compared with what was signed: the copy is what gets read."""
@@ -139,7 +139,7 @@ def _at_build(rel: ReleaseDir) -> dict[str, Any] | None:
 
 
 def run(layout: Layout, snapshot: Path, signature: Path,
-        trusted: list[TrustedKey]) -> Report:
+        trusted: Trust) -> Report:
     current = layout.current_version()
     versions = sorted(p.name for p in layout.releases.iterdir() if p.is_dir()) \
         if layout.releases.is_dir() else []
