@@ -122,6 +122,34 @@ def test_inspect_lists_images_databases_and_migrations(tourism: Bundles) -> None
             "files/stack/migrations/chat/002_session.sql"} <= paths, sorted(paths)
 
 
+def test_the_sbom_lists_each_images_debian_packages(tourism: Bundles, tmp_path: Path) -> None:
+    """Issue 21: the seed's SBOM validates against the CycloneDX schema and lists, per image
+    (built here from Debian 12 and 13 packages), the Debian packages inside it."""
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    out = tmp_path / "bom.json"
+    shown = bundle("sbom", tourism.by_version["1.1.0"], "--trust", tourism.pub, "--out", out)
+    assert shown.rc == 0, shown.err
+    text = out.read_text()
+    assert JsonStrictValidator(SchemaVersion.V1_7).validate_str(text) is None
+    doc = json.loads(text)
+
+    def props(c: dict[str, Any]) -> dict[str, str]:
+        return {p["name"]: p["value"] for p in c.get("properties", [])}
+    debs: dict[str, dict[str, str]] = {}
+    for c in doc["components"]:
+        if props(c).get("bundler:kind") == "image-deb":
+            debs.setdefault(props(c)["bundler:where"], {})[c["name"]] = c["purl"]
+    assert set(debs) == {"tourism/backend:1.0.0", "tourism/pgvector:17",
+                         "tourism/mariadb:10.11", "tourism/redis:7"}, sorted(debs)
+    assert "mariadb-server" in debs["tourism/mariadb:10.11"]
+    assert any(n.startswith("postgresql-17") for n in debs["tourism/pgvector:17"])
+    assert "redis-server" in debs["tourism/redis:7"]
+    assert "distro=debian-13" in debs["tourism/pgvector:17"]["libc6"]
+    assert "distro=debian-12" in debs["tourism/mariadb:10.11"]["libc6"]
+
+
 def _post(url: str, body: dict[str, object]) -> list[str]:
     return [sys.executable, "-c", "import urllib.request, sys; r = urllib.request.urlopen("
             f"urllib.request.Request({url!r}, data={json.dumps(body).encode()!r}, "
