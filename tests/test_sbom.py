@@ -13,6 +13,8 @@ import json
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from bundler.build.sbom import layers, pkgdb
 from bundler.build.sbom.make import Release, make
 from bundler.bundle import sbom
@@ -129,6 +131,27 @@ def test_a_whiteout_removes_an_earlier_layers_package_database() -> None:
     alone = layers.compose("sha256:" + "1" * 64, (), [("sha256:aa", bottom)])
     assert sorted(x.package.name for x in alone.packages) == ["gone", "kept", "libc6",
                                                                "python3"]
+
+
+def test_what_an_archive_holds_is_scanned_once_per_archive(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    facts = layers.scan_layer(io.BytesIO(_layer({"var/lib/dpkg/status": DPKG})))
+    image = layers.compose("sha256:" + "1" * 64, ("x:1",), [("sha256:aa", facts)])
+    scans: list[Path] = []
+
+    def scan(path: Path) -> list[layers.ImageContents]:
+        scans.append(path)
+        return [image]
+    monkeypatch.setattr(layers, "scan_archive", scan)
+    archive, cache = tmp_path / "images.tar.zst", tmp_path / "sbom-scan"
+    first = layers.scan_cached(archive, "a" * 64, cache)
+    assert layers.scan_cached(archive, "a" * 64, cache) == first == [image]
+    assert len(scans) == 1  # an upgrade that changed no image reads no layer again
+    layers.scan_cached(archive, "b" * 64, cache)  # another archive
+    assert len(scans) == 2
+    for entry in cache.iterdir():
+        entry.write_text("{not json")
+    assert layers.scan_cached(archive, "a" * 64, cache) == [image] and len(scans) == 3
 
 
 def test_an_opaque_directory_and_a_later_status_name_the_layer_a_package_came_from() -> None:

@@ -34,7 +34,9 @@ URL_PASSWORD = "urlP4ss-w0rd-planted"           # scheme://user:pass@host, in a 
 LOG_ONLY = "Tok-only-in-the-run-spec-9f3a"     # what the supervisor was told to mask
 QUOTED = 'quo"te\\back-slash-S3cret'             # escapes differently in JSON
 BUNDLED_ENV = "Bundled-env-file-Value-42"       # a .env among the release's files
-PLANTED = (ENV_SECRET, PROFILE_SECRET, URL_PASSWORD, LOG_ONLY, QUOTED, BUNDLED_ENV)
+PLAIN_LOOKING = "opensesame"                    # shared/.env: a lowercase word, harmless name
+PLANTED = (ENV_SECRET, PROFILE_SECRET, URL_PASSWORD, LOG_ONLY, QUOTED, BUNDLED_ENV,
+           PLAIN_LOOKING)
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +54,8 @@ def _root(tmp_path: Path, pub: Path, log_bytes: int = 0) -> Layout:
     assert bundle("trust", "add", pub, "--root", root).rc == 0
     layout = Layout(root)
     layout.shared.mkdir(mode=0o700)
-    layout.env_file.write_text(f"GREETING={ENV_SECRET}\nPORT=8080\nMODE=production\n")
+    layout.env_file.write_text(f"GREETING={ENV_SECRET}\nPORT=8080\nMODE=production\n"
+                               f"WORD={PLAIN_LOOKING}\n")
     m = manifest_for({}, runtime=Runtime(
         services=(Service("web", ("sleep", "1000"), env=(("UPSTREAM_KEYRING",
                                                            PROFILE_SECRET),)),),
@@ -67,7 +70,7 @@ def _root(tmp_path: Path, pub: Path, log_bytes: int = 0) -> Layout:
     (rel.run / "web.json").write_text(json.dumps({"secrets": [LOG_ONLY, QUOTED]}))
     lines = [f"connecting to postgresql://app:{URL_PASSWORD}@db:5432/shop",
              f"greeting is {ENV_SECRET} and key {PROFILE_SECRET}",
-             f"token {LOG_ONLY} quoted {QUOTED}"]
+             f"token {LOG_ONLY} quoted {QUOTED}", f"the word is {PLAIN_LOOKING}"]
     text = "\n".join(lines) + "\n"
     filler = "".join(f"filler line {i} {ENV_SECRET}\n" for i in range(log_bytes // 40))
     (rel.logs / "web.log").write_text(filler + text)
@@ -154,7 +157,7 @@ def test_a_huge_log_is_cut_to_its_tail_and_the_archive_bounded(tmp_path: Path,
     members = _assert_clean(out)
     log = members["logs/1.0.0/web.log"].decode()
     assert support.LOG_TAIL // 2 < len(log) <= support.LOG_TAIL  # masked: shorter
-    assert log.startswith("filler line ") and log.endswith("quoted ****\n")
+    assert log.startswith("filler line ") and log.endswith("quoted ****\nthe word is ****\n")
     manifest = json.loads(members["MANIFEST.json"])
     cut: dict[str, list[dict[str, Any]]] = {}
     for c in manifest["cut"]:
@@ -176,7 +179,7 @@ def test_a_broken_section_does_not_stop_the_rest(tmp_path: Path, pub: Path) -> N
     # a shared .env compose's rules refuse (a backslash in quotes): its values still masked
     (layout.release("1.0.0") / "run" / "web.json").unlink()
     layout.env_file.write_text(f"GREETING={ENV_SECRET}\nOTHER='{QUOTED}'\n"
-                               f"TOKEN_X={LOG_ONLY}\n")
+                               f"TOKEN_X={LOG_ONLY}\nWORD={PLAIN_LOOKING}\n")
 
     def broken(ctx: support.Context) -> Iterator[tuple[str, support.Content]]:
         raise RuntimeError(f"boom with {ENV_SECRET}")

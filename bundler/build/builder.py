@@ -236,7 +236,8 @@ def _build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache
     entries.append(_sbom(sbom_make.Release(
         profile.name, profile.version, sequence, created, tuple(entries), dict(sources),
         npm_projects, node_runtime, current.images,
-        cache.path(current.images_archive[0]) if current.images_archive else None),
+        cache.path(current.images_archive[0]) if current.images_archive else None,
+        current.images_archive[0] if current.images_archive else "", cache.root / "sbom-scan"),
         cache, sources))
     vulns_doc = _vulns(vulns, entries[-1], cache, entries, sources) if vulns else None
     if against is not None:

@@ -143,7 +143,7 @@ def _release_secrets(found: Secrets, rel: ReleaseDir, shared: dict[str, str]) ->
                 found.add(*release_secrets({**base, **dict(svc.env)}, spec.secret, shared))
     with contextlib.suppress(OSError):  # compose's own .env files in the release's files/
         for path in [*rel.files.rglob(".env"), *rel.files.rglob("*.env")][:100]:
-            found.add_env_file(_env_file(path))
+            found.add(*_env_file(path).values())
     with contextlib.suppress(OSError):  # what the supervisor was told to mask
         for spec_file in sorted(rel.run.glob("*.json"))[:100]:
             with contextlib.suppress(ValueError, TypeError):
@@ -152,11 +152,15 @@ def _release_secrets(found: Secrets, rel: ReleaseDir, shared: dict[str, str]) ->
 
 
 def known_secrets(layout: Layout) -> list[str]:
-    """Every secret value of this root, longest first (bundler.redact's rule; a file that
-    cannot be parsed is read leniently rather than skipped)."""
+    """Every secret value of this root, longest first: every value of the shared .env and of
+    the releases' own .env files (of at least redact.MIN_SECRET characters), and what
+    bundler.redact's rule takes as secret elsewhere (a file that cannot be parsed is read
+    leniently rather than skipped)."""
     found = Secrets()
     shared = _env_file(layout.env_file)
-    found.add_env_file(shared)
+    # Every value of the shared .env leaves masked, even one that looks plain (a port, a
+    # word): the archive leaves the site. (Install output keeps the plain ones readable.)
+    found.add(*shared.values())
     for rel in _release_dirs(layout):
         with contextlib.suppress(Exception):  # a damaged release: the rest still counts
             _release_secrets(found, rel, shared)

@@ -12,6 +12,9 @@ whiteout hides an earlier one's: the database that counts is the topmost.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +25,7 @@ import zstandard
 
 from bundler.build.sbom import pkgdb
 from bundler.bundle.imagearchive import SMALL, Scan, config_facts, norm_member
-from bundler.fsutil import CHUNK
+from bundler.fsutil import CHUNK, atomic_write_bytes
 
 # The most bytes read of one database file (real dpkg status files are a few MB); a larger
 # one is skipped and said so.
@@ -177,6 +180,32 @@ def scan_archive(path: Path) -> list[ImageContents]:
                   for d, m in zip(diff_ids, img.layers, strict=True)]
         out.append(compose(f"sha256:{scan.hashes[img.config]}", img.tags, layers))
     return out
+
+
+def scan_cached(path: Path, sha256: str, cache_dir: Path) -> list[ImageContents]:
+    """`scan_archive`, remembered in `cache_dir` by the archive's sha256 and this scanner's own
+    code (a change to how databases are read scans again): an upgrade that changed no image
+    does not read every layer again. An unreadable entry is scanned again."""
+    key = hashlib.sha256(Path(__file__).read_bytes() + Path(pkgdb.__file__).read_bytes())
+    entry = cache_dir / f"{sha256}-{key.hexdigest()[:16]}.json"
+    try:
+        return [_contents(doc) for doc in json.loads(entry.read_text())]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = scan_archive(path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(entry, json.dumps([dataclasses.asdict(c) for c in found]).encode(),
+                       mode=0o644)
+    return found
+
+
+def _contents(doc: dict[str, object]) -> ImageContents:
+    packages = doc["packages"]
+    assert isinstance(packages, list)
+    return ImageContents(
+        str(doc["image_id"]), tuple(doc["tags"]), tuple(doc["os"]),  # type: ignore[arg-type]
+        tuple(Located(pkgdb.Package(**p["package"]), str(p["layer"])) for p in packages),
+        tuple(doc["skipped"]))  # type: ignore[arg-type]
 
 
 def compose(image_id: str, tags: tuple[str, ...],

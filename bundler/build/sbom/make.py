@@ -46,6 +46,8 @@ class Release:
     runtimes: NodeRuntime | None = None
     images: Sequence[ImageRef] = ()
     images_archive: Path | None = None  # the full zstd docker-save archive
+    images_sha256: str = ""  # its sha256
+    scan_cache: Path | None = None  # where what is inside each archive is remembered
 
 
 def _props(kind: str, where: str = "bundle", **more: str) -> list[Property]:
@@ -120,7 +122,11 @@ def _images(bom: Bom, root: Component, release: Release) -> None:
     if release.images_archive is None:
         return
     try:
-        found = {c.image_id: c for c in layers.scan_archive(release.images_archive)}
+        scanned = layers.scan_archive(release.images_archive) \
+            if release.scan_cache is None or not release.images_sha256 \
+            else layers.scan_cached(release.images_archive, release.images_sha256,
+                                    release.scan_cache)
+        found = {c.image_id: c for c in scanned}
     except Exception as exc:
         raise BuildError(f"the SBOM cannot read the image archive: {exc}",
                          hint="rebuild the images (`bundle lock PROFILE`) and build again"
