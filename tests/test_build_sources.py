@@ -88,6 +88,7 @@ def test_image_refs_compare_the_way_docker_reads_them(a: str, b: str) -> None:
     assert canonical_ref("redis:7") != canonical_ref("redis:6")
 
 
+@pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop
 def test_a_damaged_cache_object_fails_the_build_and_is_fetched_anew(
         tmp_path: Path, keys: tuple[Path, Path]) -> None:
     """The packer hashes what it copies: a cached object whose bytes changed (same size, so

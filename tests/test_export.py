@@ -240,6 +240,7 @@ def test_export_read_back_catches_a_changed_byte(built: dict[str, Path], fat32: 
     assert list(fat32.iterdir()) == []  # nothing half-written, not even under a temp name
 
 
+@pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop
 def test_export_bundle_larger_than_the_stick(built: dict[str, Path], fat32: Path,
                                              tmp_path: Path) -> None:
     big = tmp_path / "big"
@@ -294,6 +295,7 @@ def test_export_refuses_a_kit_older_than_the_bundle(built: dict[str, Path],
     assert "needs bundler 0.1.0 or newer" in str(doc["message"])
 
 
+@pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop
 def test_export_builds_the_kit_when_none_is_next_to_the_bundle(built: dict[str, Path],
                                                                tmp_path: Path) -> None:
     """No kit beside the bundle: export builds one for the bundle's target into the cache (here

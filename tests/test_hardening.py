@@ -391,6 +391,7 @@ def test_the_bounded_zstd_reader_reads_several_frames_in_small_chunks(tmp_path: 
 # --- 5. a manifest over the envelope limit is refused at build time -------------------------
 
 
+@pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop
 def test_a_manifest_over_the_envelope_limit_is_refused_at_build(tmp_path: Path,
                                                                 keys: tuple[Path, Path]) -> None:
     from bundler.bundle.signing import MAX_ENVELOPE_BYTES
@@ -418,6 +419,7 @@ def test_a_manifest_over_the_envelope_limit_is_refused_at_build(tmp_path: Path,
 # --- 6. "unhealthy" has its own exit code ---------------------------------------------------
 
 
+@pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop
 def test_status_and_start_of_an_unhealthy_release_exit_with_their_own_code(
         tmp_path: Path, keys: tuple[Path, Path]) -> None:
     assert UnhealthyError.exit_code == 19

@@ -233,6 +233,7 @@ def test_kit_unpacks_once_privately_and_checks_its_digest(kit: dict[str, object]
     assert list(other.iterdir()) == []
 
 
+@pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop
 def test_kit_is_reproducible(kit: dict[str, object], tmp_path: Path) -> None:
     again = bundle("kit", "--out", tmp_path, "--from-installed", "--platform", _host_tag(),
                    "--python", _bare_version(), "--json")

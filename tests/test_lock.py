@@ -340,6 +340,7 @@ def _controls(text: str) -> list[str]:
     return sorted({repr(ch) for ch in text if ord(ch) in _CONTROL or ch == "\x7f"})
 
 
+@pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop
 def test_lock_and_build_print_plain_lines_in_a_pipe_and_with_json(
         tmp_path: Path, index: str, keys: tuple[Path, Path]) -> None:
     """No spinner, bar, colour or carriage return where a program reads the output: in a pipe

@@ -253,6 +253,7 @@ def _build(project: Project, keys: tuple[Path, Path], cache: Path, version: str)
     return Path(json.loads(done.out)["bundle"])
 
 
+@pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop
 def test_bundle_sbom_inspect_and_a_diff_of_one_wheel_changed(
         project: Project, keys: tuple[Path, Path], cache_dir: Path) -> None:
     old = _build(project, keys, cache_dir, "1.0.0")

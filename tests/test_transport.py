@@ -97,6 +97,7 @@ def test_part_index_is_signed(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     assert result.rc == SignatureError.exit_code
 
 
+@pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop
 def test_rebuild_replaces_stale_parts_and_single_file(tmp_path: Path,
                                                       keys: tuple[Path, Path]) -> None:
     out = tmp_path / "usb"
@@ -186,6 +187,7 @@ def test_trust_store_is_used_when_no_trust_flag(tmp_path: Path,
         == SigningKeyError.exit_code
 
 
+@pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop
 def test_allow_downgrade_is_recorded_in_history(tmp_path: Path,
                                                 keys: tuple[Path, Path]) -> None:
     (tmp_path / "a").mkdir()

@@ -6,10 +6,8 @@ the release key delegation `targets.json` once one arrives), which replaces loos
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tuf.api.metadata import Metadata, Root, Targets
-
-from bundler.bundle import trustroot
 from bundler.bundle.manifest import canonical_json
 from bundler.bundle.signing import Trust, TrustedKey, load_public_key, load_trust
 from bundler.errors import PolicyError, SigningKeyError
@@ -17,6 +15,11 @@ from bundler.fsutil import atomic_write_bytes, make_dir, private_dir
 from bundler.install import strict
 from bundler.install.layout import Layout, check_root
 from bundler.progname import cmd
+
+if TYPE_CHECKING:  # tuf and securesystemslib load on a root-of-trust host only (CLI start)
+    from tuf.api.metadata import Metadata, Root, Targets
+
+    from bundler.bundle import trustroot
 
 
 def store(layout: Layout) -> Path:
@@ -41,6 +44,8 @@ def has_root(layout: Layout) -> bool:
 
 def init(layout: Layout, root_file: Path) -> trustroot.RootTrust:
     """Initialise ROOT once with a root document signed by the threshold of its own keys."""
+    from bundler.bundle import trustroot
+
     try:
         data = root_file.read_bytes()
     except OSError as exc:
@@ -71,6 +76,8 @@ def _record(layout: Layout, root: Metadata[Root], targets: Metadata[Targets] | N
 
 
 def _root_trust(layout: Layout, record: bool) -> trustroot.RootTrust:
+    from bundler.bundle import trustroot
+
     strict.check_target(layout.root)
     directory = store(layout)
     root = trustroot.parse_root(trustroot.load_doc((directory / ROOT_FILE).read_bytes(),
@@ -88,6 +95,8 @@ def _root_trust(layout: Layout, record: bool) -> trustroot.RootTrust:
 
 
 def _required(directory: Path) -> tuple[str, ...]:
+    from bundler.bundle import trustroot
+
     path = directory / REQUIRE_FILE
     if not path.is_file():
         return ()
