@@ -12,8 +12,13 @@ import pytest
 
 from bundler.errors import DriftFound
 from tests.bare_target import SRV, STICK, BareTargets, run_kit
-from tests.helpers import bundle, make_project
-from tests.test_bare_host import kit, kits, ok, on_stick  # noqa: F401 - the session's kit
+from tests.helpers import bundle
+from tests.test_bare_host import (  # noqa: F401 - the session's kit
+    kit,
+    kits,
+    ok,
+    stick_with_release,
+)
 
 # network: the bare images are debootstrapped from a Debian mirror on a cold cache
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.network]
@@ -22,13 +27,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.network]
 def test_the_kit_audits_a_release_on_a_bare_host_with_no_network(
         bare_target: BareTargets, kit: Path, keys: tuple[Path, Path],  # noqa: F811
         tmp_path: Path) -> None:
-    project = make_project(tmp_path / "project")
-    stick = tmp_path / "stick"
-    kit_file = on_stick(stick, kit)
-    built = ok(bundle("build", project.profile("1.0.0", sequence=1), "--key", keys[0],
-                      "--out", stick, "--cache-dir", tmp_path / "cache", "--json"))
-    (stick / "release.pub").write_bytes(keys[1].read_bytes())
-    bundle_file = f"{STICK}/{Path(json.loads(built.out)['bundle']).name}"
+    stick, kit_file, bundle_file = stick_with_release(tmp_path, kit, keys)
 
     host = bare_target(stick=stick)
     root = f"{SRV}/shop"

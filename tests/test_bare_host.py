@@ -91,6 +91,19 @@ def on_stick(stick: Path, kit: Path) -> Path:
     return dest
 
 
+def stick_with_release(tmp_path: Path, kit: Path, keys: tuple[Path, Path]
+                       ) -> tuple[Path, Path, str]:
+    """A stick with the kit, release.pub and release 1.0.0 of `make_project`'s app built onto
+    it: (the stick, the kit on it, the bundle's path as the host sees it under STICK)."""
+    project = make_project(tmp_path / "project")
+    stick = tmp_path / "stick"
+    kit_file = on_stick(stick, kit)
+    built = ok(bundle("build", project.profile("1.0.0", sequence=1), "--key", keys[0],
+                      "--out", stick, "--cache-dir", tmp_path / "cache", "--json"))
+    (stick / "release.pub").write_bytes(keys[1].read_bytes())
+    return stick, kit_file, f"{STICK}/{Path(json.loads(built.out)['bundle']).name}"
+
+
 def ok(result: Run) -> Run:
     assert result.rc == 0, result.out + result.err
     return result

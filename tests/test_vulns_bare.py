@@ -18,9 +18,14 @@ from bundler.bundle.manifest import VULNS_PATH
 from bundler.errors import VulnerableError
 from tests.bare_target import SRV, STICK, BareTargets, Images, run_kit
 from tests.docker_fixtures import remove_images, unique
-from tests.helpers import Project, bundle, make_project
+from tests.helpers import Project, bundle
 from tests.osv_data import CRITICAL, record, write_zip
-from tests.test_bare_host import kit, kits, ok, on_stick  # noqa: F401 - the session's kit
+from tests.test_bare_host import (  # noqa: F401 - the session's kit
+    kit,
+    kits,
+    ok,
+    stick_with_release,
+)
 
 # network: the bare images are debootstrapped from a Debian mirror on a cold cache
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.network]
@@ -79,16 +84,10 @@ def test_an_images_debian_package_is_matched_by_its_source(
 def test_the_kit_rescans_a_release_on_a_bare_host_with_no_network(
         bare_target: BareTargets, kit: Path, keys: tuple[Path, Path],  # noqa: F811
         tmp_path: Path) -> None:
-    project = make_project(tmp_path / "project")
-    stick = tmp_path / "stick"
-    kit_file = on_stick(stick, kit)
-    built = ok(bundle("build", project.profile("1.0.0", sequence=1), "--key", keys[0],
-                      "--out", stick, "--cache-dir", tmp_path / "cache", "--json"))
-    (stick / "release.pub").write_bytes(keys[1].read_bytes())
+    stick, kit_file, bundle_file = stick_with_release(tmp_path, kit, keys)
     write_zip(stick / "all.zip", [record("PYSEC-K-1", "PyPI", "tinygreet", fixed="1.1",
                                          cvss=CRITICAL)])
     ok(bundle("vulns", "sign", stick / "all.zip", "--key", keys[0]))
-    bundle_file = f"{STICK}/{Path(json.loads(built.out)['bundle']).name}"
 
     host = bare_target(stick=stick)
     root = f"{SRV}/shop"

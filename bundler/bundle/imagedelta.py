@@ -193,7 +193,7 @@ def _first_pass(src: Path) -> tuple[Scan, dict[str, int]]:
     """The archive's JSON documents, links and regular members' sizes (layers skipped)."""
     scan = Scan()
     sizes: dict[str, int] = {}
-    with _tar_in(src) as tf:
+    with tar_stream(src) as tf:
         for member in tf:
             if member.issym() or member.islnk():
                 scan.note_link(member)
@@ -209,7 +209,7 @@ def _first_pass(src: Path) -> tuple[Scan, dict[str, int]]:
 
 
 @contextlib.contextmanager
-def _tar_in(path: Path) -> Iterator[tarfile.TarFile]:
+def tar_stream(path: Path) -> Iterator[tarfile.TarFile]:
     """The zstd-compressed tar at `path`, read as a stream."""
     with open(path, "rb") as fh, \
             zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True) as raw, \
@@ -245,7 +245,7 @@ class _Count:
 def _copy(src: Path, out: tarfile.TarFile, skip: frozenset[str], scan: Scan) -> None:
     """Every member of `src` in order, headers as read, except the layer members in `skip`
     (and links to them)."""
-    with _tar_in(src) as tf:
+    with tar_stream(src) as tf:
         for member in tf:
             name = norm_member(member.name)
             if member.isreg() and name in skip:

@@ -11,20 +11,17 @@ whiteout hides an earlier one's: the database that counts is the topmost.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, cast
-
-import zstandard
+from typing import IO
 
 from bundler.build.sbom import pkgdb
 from bundler.bundle.imagearchive import SMALL, Scan, config_facts, norm_member
+from bundler.bundle.imagedelta import tar_stream
 from bundler.fsutil import CHUNK, atomic_write_bytes
 
 # The most bytes read of one database file (real dpkg status files are a few MB); a larger
@@ -136,18 +133,9 @@ def _note(tf: tarfile.TarFile, member: tarfile.TarInfo, facts: LayerFacts) -> No
         facts.files[path] = _parse(kind, fh.read())
 
 
-@contextlib.contextmanager
-def _tar_in(path: Path) -> Iterator[tarfile.TarFile]:
-    """The zstd-compressed docker-save tar at `path`, read as a stream."""
-    with open(path, "rb") as fh, \
-            zstandard.ZstdDecompressor().stream_reader(fh, read_across_frames=True) as raw, \
-            tarfile.open(fileobj=cast(IO[bytes], raw), mode="r|", bufsize=CHUNK) as tf:
-        yield tf
-
-
 def _layout(path: Path) -> Scan:
     scan = Scan()
-    with _tar_in(path) as tf:
+    with tar_stream(path) as tf:
         for member in tf:
             if member.issym() or member.islnk():
                 scan.note_link(member)
@@ -164,7 +152,7 @@ def scan_archive(path: Path) -> list[ImageContents]:
     images = scan.layout()
     wanted = {layer for img in images for layer in img.layers}
     per_layer: dict[str, LayerFacts] = {}
-    with _tar_in(path) as tf:
+    with tar_stream(path) as tf:
         for member in tf:
             if not member.isreg():
                 continue
