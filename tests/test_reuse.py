@@ -22,6 +22,7 @@ import zstandard
 from bundler import tools
 from bundler.bundle.manifest import FileEntry, Manifest
 from bundler.bundle.models import Target
+from bundler.errors import InstallError
 from bundler.install import npm_env, packages, python_env, reuse
 from bundler.install.layout import Layout
 from bundler.install.release import Release
@@ -71,7 +72,7 @@ def _python() -> Path:
 
 def _provide(rel: Path, m: Manifest, earlier: list[Path], link: bool = False
              ) -> python_env.Made:
-    return python_env.provide(_python(), m, rel, earlier, lambda _: link)
+    return python_env.provide(_python(), m, rel, earlier, link)
 
 
 def test_a_reused_venv_equals_a_fresh_install_at_the_same_path(tmp_path: Path) -> None:
@@ -112,7 +113,7 @@ def test_a_path_that_changes_the_scripts_form_installs_normally(tmp_path: Path) 
     _provide(first, m, [])
     notes: list[str] = []
     second = _release(root, "1.1-" + "x" * 120, inputs)
-    made = python_env.provide(_python(), m, second, [first], lambda _: False, notes.append)
+    made = python_env.provide(_python(), m, second, [first], False, notes.append)
     assert made.reused_from is None
     assert any("#! line takes another form" in n for n in notes), notes
     assert os.popen(str(second / "venv" / "bin" / "tinygreet")).read() == "cli\n"
@@ -139,7 +140,7 @@ def test_a_tampered_file_defeats_reuse_and_does_not_propagate(tmp_path: Path) ->
     module.write_text("def greet():\n    return 'tampered'\n")
     notes: list[str] = []
     second = _release(root, "1.1", inputs)
-    made = python_env.provide(_python(), m, second, [first], lambda _: True, notes.append)
+    made = python_env.provide(_python(), m, second, [first], True, notes.append)
     assert made.reused_from is None
     assert any("not reused" in n and "tinygreet/__init__.py" in n for n in notes), notes
     fresh = next((second / "venv").glob("lib/python*/site-packages/tinygreet/__init__.py"))
@@ -257,7 +258,7 @@ def _tree(rel: Path, payload: tuple[Path, str, int], earlier: list[Path],
     project = rel / "files" / "web"
     project.mkdir(parents=True)
     (rel / "bundle").mkdir(exist_ok=True)
-    return npm_env.provide_tree(*payload, project, rel, "web", earlier, lambda _: link,
+    return npm_env.provide_tree(*payload, project, rel, "web", earlier, link,
                                 (notes if notes is not None else []).append)
 
 
@@ -340,6 +341,27 @@ def test_a_shared_file_written_in_place_is_found_and_its_tree_installed_again(
     assert _provide(later, m, [second], link=True).reused_from is None
 
 
+def test_a_written_shared_venv_with_no_python_left_is_refused_with_the_fix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "root"
+    inputs, m = _wheels(tmp_path / "in")
+    first = _release(root, "1.0", inputs)
+    _provide(first, m, [])
+    second = _release(root, "1.1", inputs)
+    _provide(second, m, [first], link=True)
+    src = "lib/python{}.{}/site-packages/tinygreet/__init__.py".format(*sys.version_info[:2])
+    with open(second / "venv" / src, "ab") as fh:
+        fh.write(b"# scribbled\n")
+    monkeypatch.setattr(python_env, "find_python", lambda target: None)
+    release = Release.of(Layout(root), dataclasses.replace(m, version="1.0"), "production")
+    with pytest.raises(InstallError) as err:
+        packages.repair(release, lambda _: None)
+    assert err.value.message.startswith("the venv of 1.0 was changed (") and src in \
+        err.value.message and "no Python" in err.value.message
+    assert err.value.hint
+    assert (first / "venv" / src).exists()  # nothing removed before the refusal
+
+
 # --- npm ci trees (npm_env.ci_fingerprint / record_ci_tree / reuse_ci_tree) ------------------
 
 def _ci_release(root: Path, version: str) -> tuple[Path, Path]:
@@ -384,7 +406,7 @@ def test_an_npm_ci_tree_is_recorded_and_cloned_for_the_same_inputs(tmp_path: Pat
     rel2, p2 = _ci_release(tmp_path, "1.1")
     fp2 = _fp(p2, rel2)
     assert fp2 == fp1  # the release's path is not an input
-    done = npm_env.reuse_ci_tree(fp2, p2, rel2, "web", [rel1], lambda _: False, notes.append)
+    done = npm_env.reuse_ci_tree(fp2, p2, rel2, "web", [rel1], False, notes.append)
     assert done is not None and done.startswith("reused the node_modules of release 1.0"), notes
     assert tree_digest(p2 / "node_modules") == tree_digest(p1 / "node_modules")
     assert npm_env.tree_record(rel2, "web").is_file()  # the next release can clone this one
@@ -392,7 +414,7 @@ def test_an_npm_ci_tree_is_recorded_and_cloned_for_the_same_inputs(tmp_path: Pat
     assert _fp(p2, rel2, {"SKIP": "1"}) != fp1
     rel3, p3 = _ci_release(tmp_path, "1.2")
     assert npm_env.reuse_ci_tree(_fp(p3, rel3, {"SKIP": "1"}), p3, rel3, "web", [rel1],
-                                 lambda _: False, notes.append) is None
+                                 False, notes.append) is None
     # A changed lock: another fingerprint
     (p3 / "package-lock.json").write_text('{"lockfileVersion": 3, "x": 1}\n')
     assert _fp(p3, rel3) != fp1
@@ -406,7 +428,7 @@ def test_a_tampered_npm_ci_tree_is_not_cloned(tmp_path: Path) -> None:
     npm_env.record_ci_tree(_fp(p1, rel1), p1, rel1, "web", before, notes.append)
     (p1 / "node_modules/left/build/out.txt").write_text("changed after the install\n")
     rel2, p2 = _ci_release(tmp_path, "1.1")
-    assert npm_env.reuse_ci_tree(_fp(p2, rel2), p2, rel2, "web", [rel1], lambda _: False,
+    assert npm_env.reuse_ci_tree(_fp(p2, rel2), p2, rel2, "web", [rel1], False,
                                  notes.append) is None
     assert any("not reused" in n for n in notes), notes
     assert not (p2 / "node_modules").exists()  # nothing half-cloned left for npm to meet

@@ -296,7 +296,7 @@ def tree_record(release: Path, dest: str) -> Path:
 
 
 def provide_tree(payload: Path, sha256: str, size: int, project_dir: Path, release: Path,
-                 dest: str, releases: Sequence[Path], may_link: Callable[[Path], bool],
+                 dest: str, releases: Sequence[Path], link: bool,
                  log: Callable[[str], None]) -> str:
     """`project_dir/node_modules` from the pre-built tree whose payload has `sha256`: cloned
     from the first of `releases` that unpacked the same payload and still holds exactly what
@@ -305,7 +305,7 @@ def provide_tree(payload: Path, sha256: str, size: int, project_dir: Path, relea
     fp = hashlib.sha256(f"bundler node_modules, format {_TREE_FORMAT}\n{sha256}\n".encode()
                         ).hexdigest()
     top = project_dir / nodetree.ROOT
-    done = _clone_earlier(fp, top, release, dest, releases, may_link, log, "same pre-built tree")
+    done = _clone_earlier(fp, top, release, dest, releases, link, log, "same pre-built tree")
     if done is not None:
         return done
     files = nodetree.extract(payload, sha256, size, project_dir)
@@ -317,7 +317,7 @@ def provide_tree(payload: Path, sha256: str, size: int, project_dir: Path, relea
 
 
 def _clone_earlier(fp: str, top: Path, release: Path, dest: str, releases: Sequence[Path],
-                   may_link: Callable[[Path], bool], log: Callable[[str], None], why: str
+                   link: bool, log: Callable[[str], None], why: str
                    ) -> str | None:
     """`top` cloned from the first of `releases` whose record of a node_modules has this
     fingerprint and whose tree still is what the record says (absolute symlinks into that
@@ -328,7 +328,7 @@ def _clone_earlier(fp: str, top: Path, release: Path, dest: str, releases: Seque
             if rec is None or rec.fingerprint != fp or not Path(rec.top).is_relative_to(old):
                 continue
             try:
-                done = reuse.clone(rec, top, fp, {}, may_link(old),
+                done = reuse.clone(rec, top, fp, {}, link,
                                    relink=(f"{old}/", f"{release}/"))
             except reuse.Doubt as exc:
                 log(f"npm: node_modules of {old.name} not reused ({exc}): installing it")
@@ -373,11 +373,11 @@ def _npm_identity(release: Path) -> list[object]:
 
 
 def reuse_ci_tree(fp: str, project_dir: Path, release: Path, dest: str,
-                  releases: Sequence[Path], may_link: Callable[[Path], bool],
+                  releases: Sequence[Path], link: bool,
                   log: Callable[[str], None]) -> str | None:
     """`project_dir/node_modules` cloned from an earlier release's `npm ci` tree made from the
     same inputs (`ci_fingerprint`), every file re-hashed against its record; None: run npm."""
-    return _clone_earlier(fp, project_dir / nodetree.ROOT, release, dest, releases, may_link,
+    return _clone_earlier(fp, project_dir / nodetree.ROOT, release, dest, releases, link,
                           log, "same packages, npm and install scripts")
 
 

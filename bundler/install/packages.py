@@ -24,6 +24,13 @@ from bundler.install.journal import Journal
 from bundler.install.layout import Layout, ReleaseDir
 from bundler.install.release import Release
 
+# Clones hard-link files from the earlier release's tree (copied only where the filesystem
+# cannot link, or a file is writable by group or others): a copy of seed 001's trees costs more
+# than their fresh install saves on a busy disk. A shared file written in place through one
+# release's name is found before the other release runs again, and that tree installed again
+# (`repair`).
+LINK = True
+
 
 def install(journal: Journal, release: Release, decision: policy.Decision,
             reuse_trees: bool = True) -> None:
@@ -56,7 +63,7 @@ def install(journal: Journal, release: Release, decision: policy.Decision,
             with journal.step("python", "Installing Python packages offline"), \
                     ui.activity("python: venv (reused, or uv pip install offline)"):
                 made = python_env.provide(python, m, rel.path, reuse_from,
-                                          _may_link, ui.note)
+                                          LINK, ui.note)
                 journal.record("python", "reused" if made.reused_from else "installed",
                                made.summary)
                 ui.note(f"venv {made.summary}" + (f"; log: {made.log}" if made.log else ""))
@@ -138,7 +145,7 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, reuse_from: l
         entry = by_path[project.tree]
         done = npm_env.provide_tree(rel.path / project.tree, entry.sha256, entry.size, dest,
                                     rel.path, project.dest, reuse_from,
-                                    _may_link, ui.note)
+                                    LINK, ui.note)
         record("reused" if done.startswith("reused") else "unpacked", done)
         ui.note(f"npm: {done}")
         return
@@ -150,7 +157,7 @@ def install_npm(rel: ReleaseDir, m: Manifest, project: NpmProject, reuse_from: l
     fp = npm_env.ci_fingerprint(dest, packages, project.omit_dev, env, rel.path, user)
     if not (dest / nodetree.ROOT).exists() and reuse_from:
         cloned = npm_env.reuse_ci_tree(fp, dest, rel.path, project.dest, reuse_from,
-                                       _may_link, ui.note)
+                                       LINK, ui.note)
         if cloned is not None:
             record("reused", cloned)
             ui.note(f"npm: {cloned}")
@@ -180,15 +187,6 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _may_link(_old: Path) -> bool:
-    """Files are hard-linked from an earlier release's tree (copied only where the filesystem
-    cannot link, or a file is writable by group or others): a copy of seed 001's trees costs
-    more than their fresh install saves on a busy disk. A shared file written in place
-    through one release's name is found before the other release runs again, and that tree
-    installed again (`repair`)."""
-    return True
-
-
 def repair(release: Release, note: Callable[[str], None]) -> list[str]:
     """Before `release` runs again (a rollback to it, a recovery restarting it): each of its
     trees that shares files with another release's (reuse.shared_doubt) and had one of them
@@ -208,7 +206,7 @@ def repair(release: Release, note: Callable[[str], None]) -> list[str]:
                                    hint=python_env.install_hint(m.target.python))
             note(f"venv of {m.version}: {why}; installing it again from its wheels")
             reuse.remove(rel.path / "venv")
-            python_env.provide(python, m, rel.path, [], _may_link, note)
+            python_env.provide(python, m, rel.path, [], LINK, note)
             done.append(f"venv of {m.version}: {why}")
     for project in m.npm:
         rec = reuse.Record.load(npm_env.tree_record(rel.path, project.dest))

@@ -286,13 +286,12 @@ class Made:
 
 
 def provide(python: Path, m: Manifest, release: Path, releases: list[Path],
-            may_link: Callable[[Path], bool], note: Callable[[str], None] = lambda _: None
+            link: bool, note: Callable[[str], None] = lambda _: None
             ) -> Made:
     """`<release>/venv` for release `m`: cloned from the first of `releases` (installed ones,
     the current first) whose venv record has the same fingerprint and whose venv is exactly
     as recorded; else installed from the wheels (`create_venv`). Either way its record is
-    written, for the next release. `may_link(old_release)`: whether files may be hard-linked
-    from that release, else they are copied (see packages.repair)."""
+    written, for the next release. `link`: files are hard-linked (packages.LINK), else copied."""
     assert m.python_lock is not None
     venv, fp = release / "venv", fingerprint(m, python)
     for old in releases:
@@ -301,7 +300,7 @@ def provide(python: Path, m: Manifest, release: Path, releases: list[Path],
             continue
         start = time.monotonic()
         try:
-            done = _clone(rec, venv, fp, may_link(old))
+            done = _clone(rec, venv, fp, link)
         except reuse.Doubt as exc:
             note(f"venv of {old.name} not reused ({exc}): installing from the wheels")
             continue

@@ -139,12 +139,10 @@ def shared_doubt(record: Record) -> str | None:
         except (OSError, Doubt) as exc:
             return f"{e.path}: {exc}"
         try:
-            digest = hashlib.sha256()
-            while chunk := os.read(fd, CHUNK):
-                digest.update(chunk)
+            changed = _fd_sha256(fd) != e.value
         finally:
             os.close(fd)
-        if digest.hexdigest() != e.value:
+        if changed:
             return f"{e.path} was written in place through another release's hard link"
     return None
 
@@ -283,14 +281,19 @@ def _open(path: str | Path, e: Entry, uid: int) -> int:
     return fd
 
 
+def _fd_sha256(fd: int) -> str:
+    """The sha256 of what `fd` reads from where it stands."""
+    digest = hashlib.sha256()
+    while chunk := os.read(fd, CHUNK):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _link(path: str, target: str, e: Entry, uid: int) -> None:
     """Hash the file through a descriptor, then link it: the link must reach that inode."""
     fd = _open(path, e, uid)
     try:
-        digest = hashlib.sha256()
-        while chunk := os.read(fd, CHUNK):
-            digest.update(chunk)
-        if digest.hexdigest() != e.value:
+        if _fd_sha256(fd) != e.value:
             raise Doubt(f"{e.path} is not what the record says (changed since it was "
                         "installed)")
         try:
