@@ -691,11 +691,7 @@ def _split(path: Path, key: Path, parts: int) -> Path:
     from bundler.bundle import volumes
 
     out = path.with_name("vol.bundle")
-    writer = volumes.SplitWriter(out, path.stat().st_size // parts + 1)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            writer.write(chunk)
-    index = writer.commit()
+    index = volumes.split_file(path, out, path.stat().st_size // parts + 1)
     private = serialization.load_pem_private_key(key.read_bytes(), password=None)
     assert isinstance(private, Ed25519PrivateKey)
     volumes.write_index(out, index, private)

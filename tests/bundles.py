@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bundler.bundle import archive
+from bundler.bundle import archive, volumes
 from bundler.bundle.manifest import PAYLOAD_TYPE, FileEntry, Manifest, canonical_json
 from bundler.bundle.models import Target
 from bundler.bundle.signing import key_id, pae, sign
@@ -48,6 +48,23 @@ def write_bundle(path: Path, key: Ed25519PrivateKey, files: dict[str, bytes],
     archive.pack(path, sign(manifest, key), [(e, sources[e.path]) for e in manifest.files],
                  mtime=1_700_000_000)
     return manifest
+
+
+def write_volume_set(path: Path, key: Ed25519PrivateKey, files: dict[str, bytes],
+                     part_size: int, **over: object) -> Path:
+    """A valid volume set (head, parts, index signed by `key`), packed by the real packer;
+    returns its index."""
+    manifest = manifest_for(files, **over)
+    sources = {}
+    for p, data in files.items():
+        src = path.parent / ("src-" + hashlib.sha256(p.encode()).hexdigest()[:12])
+        src.write_bytes(data)
+        sources[p] = src
+    index = archive.pack(path, sign(manifest, key),
+                         [(e, sources[e.path]) for e in manifest.files],
+                         mtime=1_700_000_000, part_size=part_size)
+    assert index is not None
+    return volumes.write_index(path, index, key)
 
 
 def envelope_raw(body: bytes, key: Ed25519PrivateKey, payload_type: str = PAYLOAD_TYPE,

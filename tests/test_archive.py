@@ -267,7 +267,17 @@ def test_non_zero_block_padding_is_refused(good: Path, trust: list[TrustedKey]) 
         verify(good, trust)
 
 
+def _headed_set(good: Path, key: Ed25519PrivateKey, part_size: int) -> tuple[list[Path], int]:
+    """A volume set as bundler writes it now: the head (the envelope alone), then parts."""
+    index = volumes.split_file(good, good, part_size)
+    volumes.write_index(good, index, key)
+    good.unlink()
+    head = good.with_name(good.name + ".000")
+    return [good.with_name(p.file) for p in index.parts], head.stat().st_size
+
+
 def _volume_set(good: Path, key: Ed25519PrivateKey, part_size: int) -> list[Path]:
+    """A set as bundlers before the head wrote it (index schema 1): still read."""
     with open(good, "rb", buffering=0) as raw:
         index = volumes.plan_parts(raw, good.name, part_size)
     data = good.read_bytes()
@@ -281,10 +291,11 @@ def _volume_set(good: Path, key: Ed25519PrivateKey, part_size: int) -> list[Path
     return parts
 
 
+@pytest.mark.parametrize("layout", ["head", "schema-1"])
 @pytest.mark.parametrize("where", ["payload", "padding", "header"])
 def test_volume_set_names_the_tampered_part_wherever_the_byte_is(
         good: Path, key: Ed25519PrivateKey, trust: list[TrustedKey], tmp_path: Path,
-        where: str) -> None:
+        where: str, layout: str) -> None:
     """Part hashes are computed only after a failure; a flipped byte in a payload, in block
     padding or in a tar header must still be refused, naming the part it is in."""
     offsets = data_offsets(good)
@@ -293,17 +304,37 @@ def test_volume_set_names_the_tampered_part_wherever_the_byte_is(
     pos = {"payload": b_off + 100, "padding": a_off + a_size,
            "header": b_off - 512 + 100}[where]  # inside b.txt's header: its mode field
     part_size = 4096
-    parts = _volume_set(good, key, part_size)
+    parts, skip = (_headed_set(good, key, part_size) if layout == "head"
+                   else (_volume_set(good, key, part_size), 0))
     assert len(parts) >= 3
-    n = pos // part_size
+    n = (pos - skip) // part_size
     data = bytearray(parts[n].read_bytes())
-    data[pos % part_size] ^= 0x01
+    data[(pos - skip) % part_size] ^= 0x01
     parts[n].write_bytes(bytes(data))
     dest = tmp_path / "out"
     dest.mkdir()
     label = f"part {n + 1} of {len(parts)} ({parts[n].name}) is corrupt"
     with pytest.raises(IntegrityError, match=re.escape(label)):
         verify(parts[0], trust, dest)
+
+
+def test_a_volume_sets_head_is_verified_first(good: Path, key: Ed25519PrivateKey,
+                                              trust: list[TrustedKey]) -> None:
+    """The head is the signed envelope: a changed byte in it is a bad signature, a cut one
+    is named, and parts are not opened before it verified."""
+    parts, _ = _headed_set(good, key, 4096)
+    head = good.with_name(good.name + ".000")
+    data = head.read_bytes()
+    envelope_end = data.rstrip(b"\0")
+    head.write_bytes(envelope_end[:-40] + bytes([envelope_end[-40] ^ 1]) + envelope_end[-39:]
+                     + data[len(envelope_end):])
+    with pytest.raises(SignatureError, match="was altered|malformed"):
+        verify(parts[0], trust)
+    head.write_bytes(data[:700])
+    for part in parts:
+        part.unlink()  # never reached: the head is refused first
+    with pytest.raises(IntegrityError, match=r"truncated in 'envelope\.json'"):
+        verify(head, trust)
 
 
 def test_volume_set_verifies_without_hashing_parts(good: Path, key: Ed25519PrivateKey,

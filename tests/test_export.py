@@ -195,7 +195,10 @@ def test_export_splits_for_fat32_and_the_parts_verify(built: dict[str, Path],
     assert doc["split"] is True and doc["max_file_size"] == MiB
     files = {f["name"]: f for f in doc["files"]}  # type: ignore[attr-defined]
     parts = sorted(n for n in files if n.startswith("vault-1.0.0.bundle.0"))
-    assert len(parts) == 4 and all(files[p]["size"] <= MiB for p in parts)
+    # The head (.000: the signed envelope alone, which `bundle sign` rewrites), then 4 parts.
+    assert len(parts) == 5 and all(files[p]["size"] <= MiB for p in parts)
+    assert files[parts[0]]["role"] == "head" and files[parts[0]]["size"] < 64 * 1024
+    assert {files[p]["role"] for p in parts[1:]} == {"part"}
     assert {"vault-1.0.0.bundle.parts", KIT, KIT + ".sha256", "release.pub",
             "INSTALL.txt"} <= set(files)
     assert all(f["status"] == "written" for f in files.values())

@@ -3,6 +3,7 @@ through the real CLI."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bundler.bundle import volumes
+from bundler.bundle.signing import load_private_key
 from bundler.bundle.volumes import DEFAULT_PART_SIZE, parse_size
 from bundler.errors import (
     BuildError,
@@ -63,12 +66,16 @@ def test_volume_set_build_verify_and_corrupt_part(tmp_path: Path,
                                                   keys: tuple[Path, Path]) -> None:
     out = tmp_path / "usb"
     built = build(files_profile(tmp_path), keys, out, "--volume-size", "1M")
-    parts = [Path(str(p)) for p in built["parts"]]  # type: ignore[union-attr]
+    files = [Path(str(p)) for p in built["parts"]]  # type: ignore[union-attr]
+    head, parts = files[0], files[1:]
+    assert head.name == "vault-1.0.0.bundle.000" and head.stat().st_size < 64 * 1024
     assert len(parts) == 4 and all(p.stat().st_size <= 1024 * 1024 for p in parts)
     assert not (out / "vault-1.0.0.bundle").exists()
-    for form in (out / "vault-1.0.0.bundle", out / "vault-1.0.0.bundle.parts", parts[2]):
+    for form in (out / "vault-1.0.0.bundle", out / "vault-1.0.0.bundle.parts", parts[2], head):
         ok = bundle("verify", form, "--trust", keys[1], "--json")
         assert ok.rc == 0, ok.err
+    listed = json.loads(bundle("inspect", head, "--trust", keys[1], "--json").out)["parts"]
+    assert [f["file"] for f in listed] == [p.name for p in files] and listed[0]["sha256"] is None
     data = bytearray(parts[1].read_bytes())
     data[1000] ^= 1
     parts[1].write_bytes(bytes(data))
@@ -81,20 +88,55 @@ def test_volume_set_build_verify_and_corrupt_part(tmp_path: Path,
         and "part 4 of 4 (vault-1.0.0.bundle.004) is missing" in gone.err
 
 
-def test_part_index_is_signed(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+def test_part_index_is_signed_by_a_signer_of_the_bundle(tmp_path: Path,
+                                                        keys: tuple[Path, Path]) -> None:
+    """The head's envelope is verified first; then the index must verify, be signed by a key
+    that signed the envelope, and name the same manifest."""
     out = tmp_path / "usb"
     build(files_profile(tmp_path), keys, out, "--volume-size", "1M")
-    index = out / "vault-1.0.0.bundle.parts"
+    index, head = out / "vault-1.0.0.bundle.parts", out / "vault-1.0.0.bundle.000"
+    good_index, good_head = index.read_bytes(), head.read_bytes()
     other = tmp_path / "other"
     assert bundle("keygen", other).rc == 0
     result = bundle("verify", index, "--trust", f"{other}.pub")
-    assert result.rc == SignatureError.exit_code \
-        and "vault-1.0.0.bundle.parts is signed by key" in result.err
-    doc = json.loads(index.read_text())
+    assert result.rc == SignatureError.exit_code and "which is not trusted" in result.err
+
+    doc = json.loads(good_index)
     doc["payload"] = doc["payload"][:-8] + "AAAAAAA="
     index.write_text(json.dumps(doc))
     result = bundle("verify", index, "--trust", keys[1])
     assert result.rc == SignatureError.exit_code
+    assert "vault-1.0.0.bundle.parts" in result.err
+
+    # Re-signed by a key the host also trusts, but which did not sign the bundle: refused.
+    trust_dir = tmp_path / "trust"
+    trust_dir.mkdir()
+    shutil.copy(keys[1], trust_dir / "release.pub")
+    shutil.copy(f"{other}.pub", trust_dir / "other.pub")
+    parsed = volumes.PartIndex.parse(base64.b64decode(json.loads(good_index)["payload"]))
+    index.write_bytes(volumes.index_bytes(parsed, load_private_key(Path(f"{other}.key"))))
+    result = bundle("verify", index, "--trust", trust_dir)
+    assert result.rc == SignatureError.exit_code
+    assert "is not signed by any key that signed the bundle" in result.err
+
+    # A head from another build of the same name (the index names another manifest).
+    index.write_bytes(good_index)
+    assert bundle("verify", index, "--trust", keys[1]).rc == 0
+    (tmp_path / "b").mkdir()
+    build(files_profile(tmp_path / "b", size=1024), keys, tmp_path / "b" / "usb",
+          "--volume-size", "1M")
+    head.write_bytes((tmp_path / "b" / "usb" / "vault-1.0.0.bundle.000").read_bytes())
+    result = bundle("verify", index, "--trust", keys[1])
+    assert result.rc == IntegrityError.exit_code
+    assert "belong to different bundles" in result.err
+    head.write_bytes(good_head + b"\0" * 512)
+    result = bundle("verify", index, "--trust", keys[1])
+    assert result.rc == IntegrityError.exit_code and "after the envelope" in result.err
+    head.unlink()
+    result = bundle("verify", index, "--trust", keys[1])
+    assert result.rc == IntegrityError.exit_code
+    assert "vault-1.0.0.bundle.000 (the volume set's head: its signed envelope) is missing" \
+        in result.err
 
 
 @pytest.mark.slow  # over 4 s (builds and runs bundles): out of the fast loop

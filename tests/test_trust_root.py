@@ -17,7 +17,7 @@ from bundler.bundle.signing import load_private_key
 from bundler.errors import PolicyError, SignatureError
 from bundler.install import trust as trust_store
 from bundler.install.layout import Layout
-from tests.bundles import data_offsets, write_bundle
+from tests.bundles import data_offsets, write_bundle, write_volume_set
 from tests.helpers import bundle, tree_snapshot
 
 # each test runs the real CLI a dozen to forty times (5-7 s): not for the fast loop
@@ -366,3 +366,80 @@ def test_root_gap_and_fork_refused(tmp_path: Path, keys: dict[str, Path]) -> Non
     fork.signed.expires = fork.signed.expires.replace(year=fork.signed.expires.year + 1)
     with pytest.raises(PolicyError, match="different root version 2"):
         trustroot.chain_root(trustroot.chain_root(v1, [v2]), [fork])
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_volume_set_gathers_signatures_countersignatures_and_trust_documents(
+        tmp_path: Path, keys: dict[str, Path]) -> None:
+    """A split bundle under a root of trust: the release threshold (2 of 2), the trust
+    documents and a required countersignature are all added to the set after it was split,
+    each by rewriting its head alone: every part and the index's signed payload stay the
+    same bytes."""
+    tdir = tmp_path / "trust"
+    make_root(tdir, keys)
+    root = host(tmp_path, tdir)
+    ok("keys", "delegate", tdir, "--role", "release", "--product", "shop", "--threshold", 2,
+       "--key", pub(keys["rel1"]), "--key", pub(keys["rel2"]))
+    ok("keys", "delegate", tdir, "--role", "scanner", "--product", "*", "--countersign",
+       "--key", pub(keys["rel3"]))
+    for name in ("root1", "root2"):
+        ok("keys", "sign", tdir, "--targets", "--key", key(keys[name]))
+    blob = bytes((i * 7919) % 251 for i in range(20000))
+    index = write_volume_set(tmp_path / "shop.bundle", load_private_key(Path(key(keys["rel1"]))),
+                             {"files/a": b"alpha", "files/blob": blob}, part_size=4096)
+    head = tmp_path / "shop.bundle.000"
+    parts = sorted(tmp_path.glob("shop.bundle.0[0-9][1-9]"))
+    assert len(parts) >= 5
+    before = {p.name: _sha(p) for p in parts}
+    payload = json.loads(index.read_text())["payload"]
+
+    err = fails(SignatureError.exit_code, "verify", index, "--root", root)
+    assert "delegates no release key yet" in err
+    ok("sign", index, "--trust-metadata", tdir)  # the documents alone: the threshold is not met
+    err = fails(SignatureError.exit_code, "verify", parts[2], "--root", root)
+    assert "release threshold (release: 1 of 2 signatures)" in err
+    signed = ok("sign", head, "--key", key(keys["rel2"]))  # any file of the set names it
+    assert signed["added"] == [_keyid(keys["rel2"])]
+    assert ok("verify", index, "--root", root)["ok"] is True
+
+    ok("trust", "require", "scanner", "--root", root)
+    assert "has 0" in fails(PolicyError.exit_code, "verify", index, "--root", root)
+    done = ok("countersign", parts[0], "--role", "scanner", "--key", key(keys["rel3"]))
+    assert ok("verify", index, "--root", root)["ok"] is True
+    shown = ok("inspect", index, "--root", root)
+    assert shown["signatures"] == [
+        *({"keyid": k, "role": "release", "time": None}
+          for k in sorted([_keyid(keys["rel1"]), _keyid(keys["rel2"])])),
+        {"keyid": _keyid(keys["rel3"]), "role": "scanner", "time": done["time"]}]
+    assert [p["file"] for p in shown["parts"]] == [head.name, *before]
+
+    # Only the head changed: every part, and what the index signs, are the same bytes.
+    assert {p.name: _sha(p) for p in parts} == before
+    doc = json.loads(index.read_text())
+    assert doc["payload"] == payload
+    assert [s["keyid"] for s in doc["signatures"]] == [_keyid(keys["rel1"]),
+                                                       _keyid(keys["rel2"])]
+    # The host installs it, streaming the parts, and records the delegation it carried.
+    done = ok("install", index, "--root", root)
+    assert done["status"] == "installed", done
+    assert (root / "current" / "files" / "blob").read_bytes() == blob
+    assert ok("trust", "show", "--root", root)["delegation"]["version"] == 2  # two delegate runs
+
+
+def test_a_volume_set_without_a_head_cannot_gather_signatures(
+        tmp_path: Path, keys: dict[str, Path]) -> None:
+    from bundler.bundle import volumes
+
+    b = make_bundle(tmp_path, keys, "rel1")
+    out = tmp_path / "old.bundle"
+    writer = volumes.SplitWriter(out, 1024)  # the layout before heads: part 1 opens with it
+    writer.write(b.read_bytes())
+    index = volumes.write_index(out, writer.commit(), load_private_key(Path(key(keys["rel1"]))))
+    before = {p.name: _sha(p) for p in tmp_path.glob("old.bundle*")}
+    err = fails(SignatureError.exit_code, "sign", index, "--key", key(keys["rel2"]))
+    assert "a volume set without a head" in err and "sign the single .bundle" in err
+    assert {p.name: _sha(p) for p in tmp_path.glob("old.bundle*")} == before
+    assert ok("verify", index, "--trust", pub(keys["rel1"]))["ok"] is True  # still read

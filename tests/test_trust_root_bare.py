@@ -1,11 +1,13 @@
 """A root of trust on a bare Debian host with no network (issue 20): the kit initialises the
 host with a root document, installs a bundle whose release threshold (2 of 2 delegated keys)
 was met by a second signature added after build, refuses one signed by a single key, and
-records the delegation the bundle carried; then the next stick carries a new root version and
-a delegation that revokes a release key, and the kit records both as it installs."""
+records the delegation the bundle carried; then the next stick carries, in a volume set that
+gathered its second signature and the trust documents after it was split, a new root version
+and a delegation that revokes a release key, and the kit records both as it installs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import stat
@@ -15,7 +17,15 @@ import pytest
 
 from tests.bare_target import BareTargets, run_kit
 from tests.helpers import bundle, tree_snapshot
-from tests.test_usb_to_bare_host import PROFILES, _demo_v2, build, export, kit_on, new_stick
+from tests.test_usb_to_bare_host import (
+    PROFILES,
+    _demo_v2,
+    build,
+    bundler_cache,
+    export,
+    kit_on,
+    new_stick,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.network]
 
@@ -88,11 +98,20 @@ def test_kit_inits_root_of_trust_and_installs_delegated_bundle(
     for name in ("root2", "root3"):
         ok("keys", "sign", tdir, "--targets", "--key", k / f"{name}.key")
     v2 = build(_demo_v2(tmp_path), k / "rel2.key", tmp_path / "dist2", sequence=2)
-    ok("sign", v2, "--key", k / "rel3.key", "--trust-metadata", tdir)
     new_stick(stick)
-    export(v2, stick, k / "rel2.pub")
+    # This stick carries a volume set: split on the way out (its part index signed by rel2),
+    # then the second release manager signs the set on the stick and adds the trust
+    # documents: only its head (.000) is rewritten.
+    split = ok("export", v2, stick, "--pub", k / "rel2.pub", "--key", k / "rel2.key",
+               "--volume-size", "1M", "--cache-dir", bundler_cache())
+    assert split["split"] is True
+    parts = {f["name"]: f["sha256"] for f in split["files"] if f["role"] == "part"}
+    assert len(parts) >= 1 and f"{v2.name}.000" in {f["name"] for f in split["files"]}
+    index = stick / f"{v2.name}.parts"
+    ok("sign", index, "--key", k / "rel3.key", "--trust-metadata", tdir)
+    assert {n: _sha256(stick / n) for n in parts} == parts
     kit = stick / kit_on(stick)
-    done = run_kit(host, kit, "install", f"/stick/{v2.name}", "--root", "/srv/demo")
+    done = run_kit(host, kit, "install", f"/stick/{index.name}", "--root", "/srv/demo")
     assert done.rc == 0, done.out + done.err
     doc = json.loads(run_kit(host, kit, "trust", "show", "--root", "/srv/demo", "--json").out)
     assert doc["root"]["version"] == 2 and doc["delegation"]["version"] == 3
@@ -105,3 +124,7 @@ def test_kit_inits_root_of_trust_and_installs_delegated_bundle(
 def _keyid(private: Path) -> str:
     from bundler.bundle.signing import key_id, load_private_key
     return key_id(load_private_key(private).public_key())
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -288,8 +288,9 @@ def _build(profile: Profile, key: Ed25519PrivateKey, out_dir: Path, cache: Cache
         return BuildResult(out, manifest, out.stat().st_size, key_id(key.public_key()), (),
                            relocked, fetched, warnings, against, images_plan, vulns_doc)
     index_file = volumes.write_index(out, index, key)
-    parts = tuple(out_dir / p.file for p in index.parts)
-    return BuildResult(index_file, manifest, index.total_size, key_id(key.public_key()), parts,
+    parts = (volumes.head_of(index_file), *(out_dir / p.file for p in index.parts))
+    size = index.total_size + parts[0].stat().st_size
+    return BuildResult(index_file, manifest, size, key_id(key.public_key()), parts,
                        relocked, fetched, warnings, against, images_plan, vulns_doc)
 
 

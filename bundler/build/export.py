@@ -14,6 +14,7 @@ removes what this run had written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import io
@@ -69,7 +70,7 @@ class Item:
     """One file `bundle export` puts on DEST."""
 
     name: str
-    role: str                  # bundle, part, index, kit, kit-sha256, key, instructions
+    role: str                  # bundle, head, part, index, kit, kit-sha256, key, instructions
     size: int
     sha256: str
     source: Path | None = None  # copied whole from this file
@@ -311,20 +312,29 @@ class _Source:
     directory: Path
     index: volumes.PartIndex | None
     index_file: Path | None
+    head: Path | None = None           # a volume set's head (NAME.000), if it has one
 
     @property
     def size(self) -> int:
-        return self.index.total_size if self.index else self.path.stat().st_size
+        if self.index is None:
+            return self.path.stat().st_size
+        return self.index.total_size + (self.head.stat().st_size if self.head else 0)
 
     @contextlib.contextmanager
     def stream(self) -> Iterator[io.RawIOBase]:
+        """The whole bundle's bytes (a volume set's parts hashed as they stream)."""
         if self.index is None:
             with open(self.path, "rb", buffering=0) as raw:
                 yield raw
             return
         assert self.index_file is not None
-        with volumes.PartsReader(self.index_file.parent, self.index) as parts:
-            yield parts
+        if self.head is None:
+            with volumes.PartsReader(self.index_file.parent, self.index) as parts:
+                yield parts
+            return
+        with volumes.VolumeSet(self.index_file) as whole:
+            whole.attach(self.index, hash_parts=True)  # verified by `export` already
+            yield whole
 
 
 def _key_files(directory: Path, key_path: Path | None) -> list[Path]:
@@ -390,7 +400,9 @@ def _source(bundle: Path, pub: Path | None,
     if index_file is None:
         return _Source(bundle, bundle.name, directory, None, None), trusted
     index = volumes.open_index(index_file, [trusted])
-    return _Source(bundle, index.bundle, directory, index, index_file), trusted
+    head = volumes.head_of(index_file)
+    return _Source(bundle, index.bundle, directory, index, index_file,
+                   head if index.manifest_sha256 else None), trusted
 
 
 def _instructions(manifest: Manifest, keyid: str, items: list[Item], kit: str, key: str,
@@ -587,7 +599,8 @@ def _write_item(dest: Path, item: Item, chunks: Iterator[bytes], what: str,
 
 
 def _bundle_items(source: _Source, trusted: TrustedKey, dest: Path, fs_type: str,
-                  part_size: int | None, key_path: Path | None) -> tuple[list[Item], str]:
+                  part_size: int | None, key_path: Path | None,
+                  digest: str) -> tuple[list[Item], str]:
     """What carries the bundle onto the stick (the file, its volume set's parts and index as
     they are, or parts split here with an index signed by `key_path`) and the name INSTALL.txt
     passes to `install`."""
@@ -598,6 +611,9 @@ def _bundle_items(source: _Source, trusted: TrustedKey, dest: Path, fs_type: str
         bundle_arg = source.name
     elif part_size is None:
         assert source.index is not None and source.index_file is not None
+        if source.head is not None:  # its envelope verified with the rest, by `export`
+            items.append(Item(source.head.name, "head", source.head.stat().st_size,
+                              sha256_file(source.head)[0], source=source.head))
         for part in source.index.parts:  # copied as they are; their hashes are signed
             items.append(Item(part.file, "part", part.size, part.sha256,
                               source=source.directory / part.file))
@@ -621,9 +637,13 @@ def _bundle_items(source: _Source, trusted: TrustedKey, dest: Path, fs_type: str
         ui.step(f"Splitting {source.name} into parts of at most {part_size} bytes "
                 f"({fs_type} on {dest})")
         with source.stream() as whole, ui.bytes_progress("hashing", source.size) as advance:
+            _, head = volumes.take_head(whole, source.name)  # the envelope, on its own
+            advance(head.size)
             index = volumes.plan_parts(whole, source.name, part_size, advance)
-        for part in index.parts:
-            items.append(Item(part.file, "part", part.size, part.sha256, in_stream=True))
+        index = dataclasses.replace(index, manifest_sha256=digest)
+        for part in (head, *index.parts):
+            items.append(Item(part.file, "head" if part is head else "part", part.size,
+                              part.sha256, in_stream=True))
         data = volumes.index_bytes(index, key)
         index_name = source.name + volumes.INDEX_SUFFIX
         items.append(Item(index_name, "index", len(data), hashlib.sha256(data).hexdigest(),
@@ -720,7 +740,8 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
     source, trusted = _source(bundle, pub, key_path)
     ui.step(f"Verifying {bundle}")
     with archive.open_bundle(bundle, [trusted]) as reader:
-        manifest = reader.read_envelope().manifest
+        verified = reader.read_envelope()
+        manifest, digest = verified.manifest, verified.digest
         with ui.bytes_progress("verifying", manifest.travel_size) as advance:
             reader.extract(None, advance)
     if kit is not None:
@@ -741,8 +762,9 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
     if part_size is None and max_file is not None and largest > max_file:
         part_size = min(volumes.DEFAULT_PART_SIZE, max_file)
 
-    items, bundle_arg = _bundle_items(source, trusted, dest, fs_type, part_size, key_path)
-    split = items[0].role == "part"
+    items, bundle_arg = _bundle_items(source, trusted, dest, fs_type, part_size, key_path,
+                                      digest)
+    split = items[0].role in ("head", "part")
 
     items.append(Item(kit.name, "kit", kit.stat().st_size, kit_sha, source=kit))
     kit_line = f"{kit_sha}  {kit.name}\n".encode()

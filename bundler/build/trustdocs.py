@@ -26,13 +26,14 @@ from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import DelegatedRole, Delegations, Metadata, Root, Targets
 
-from bundler.bundle import trustroot
+from bundler.bundle import trustroot, volumes
 from bundler.bundle.archive import ENVELOPE, _header
 from bundler.bundle.manifest import PAYLOAD_TYPE, canonical_json, strict_loads
 from bundler.bundle.signing import (
     COUNTERSIGN,
     MAX_ENVELOPE_BYTES,
     MAX_SIGNATURES,
+    _open_envelope,
     load_private_key,
     pae,
 )
@@ -342,7 +343,7 @@ def _split(path: Path) -> tuple[tarfile.TarInfo, bytes, int]:
             info = None
         if info is None or info.name != ENVELOPE or not info.isreg():
             raise SignatureError(f"{path} does not start with {ENVELOPE}",
-                                 hint="pass a single .bundle file (not a volume set)")
+                                 hint="pass a .bundle file or a volume set")
         if info.size > MAX_ENVELOPE_BYTES:
             raise SignatureError(f"{path}: {ENVELOPE} is over the {MAX_ENVELOPE_BYTES} limit")
         envelope = fh.read(info.size)
@@ -366,9 +367,48 @@ def _open(path: Path) -> tuple[tarfile.TarInfo, dict[str, Any], bytes, list[Any]
     return info, env, body, sigs, rest
 
 
+def _target(path: Path) -> tuple[Path, Path | None]:
+    """The file whose envelope signing rewrites (a bundle, or a volume set's head) and, for a
+    set, its index (which gathers the same release signatures)."""
+    index_file = volumes.find_index(path)
+    if index_file is None:
+        return path, None
+    head = volumes.head_of(index_file)
+    if not head.exists():
+        raise SignatureError(
+            f"{index_file.name} is a volume set without a head (written by an older bundler: "
+            "its signatures are inside part 1), so it cannot gather signatures",
+            hint="sign the single .bundle before splitting it, or rebuild the set")
+    _, _, rest = _split(head)
+    if head.stat().st_size != rest:
+        raise SignatureError(f"{head.name} holds more than its envelope",
+                             hint="copy the volume set again from the source")
+    return head, index_file
+
+
+def _sign_index(index_file: Path, signers: list[Signer]) -> None:
+    """Add these keys' signatures to a volume set's part index (its payload untouched)."""
+    data = index_file.read_bytes()
+    _, body, sigs = _open_envelope(data, volumes.INDEX_TYPE, index_file.name,
+                                   "copy the .parts file again from the source")
+    env = strict_loads(data)
+    have = {s.get("keyid") for s in sigs if isinstance(s, dict)}
+    for signer in signers:
+        if signer.public_key.keyid not in have:
+            sig = _sign(signer, pae(volumes.INDEX_TYPE, body))
+            sigs.append({"keyid": signer.public_key.keyid,
+                         "sig": base64.b64encode(sig).decode()})
+    if len(sigs) > MAX_SIGNATURES:
+        raise SignatureError(f"at most {MAX_SIGNATURES} signatures fit a part index")
+    env["signatures"] = sigs
+    atomic_write_bytes(index_file, canonical_json(env), mode=0o644)
+
+
 def countersign(path: Path, key_path: Path, role: str) -> dict[str, Any]:
     """Add ROLE's countersignature (over the payload's digest, the role and the time) to a
-    bundle; the payload and every member stay byte for byte the same."""
+    bundle, or to a volume set's head; the payload and every member stay byte for byte the
+    same."""
+    path, _index = _target(path)
     info, env, body, sigs, rest = _open(path)
     signer = _signer(key_path)
     kid = signer.public_key.keyid
@@ -389,14 +429,17 @@ def countersign(path: Path, key_path: Path, role: str) -> dict[str, Any]:
 
 
 def sign_bundle(path: Path, key_paths: list[Path], trust_dir: Path | None) -> Resigned:
-    """Add signatures (and the trust documents of TRUST_DIR) to a bundle's envelope. The
-    signed payload and every other member stay byte for byte the same; the file is replaced
+    """Add signatures (and the trust documents of TRUST_DIR) to a bundle's envelope, or to a
+    volume set's head (and the signatures to its part index too). The signed payload and
+    every other member or part stay byte for byte the same; each file is replaced
     atomically."""
     if not key_paths and trust_dir is None:
         raise SigningKeyError("nothing to add: pass --key NAME.key and/or --trust-metadata DIR")
+    path, index_file = _target(path)
     info, env, body, sigs, rest = _open(path)
     have = {s.get("keyid") for s in sigs if isinstance(s, dict) and COUNTERSIGN not in s}
     added = []
+    signers = []
     for key_path in key_paths:
         signer = _signer(key_path)
         kid = signer.public_key.keyid
@@ -407,12 +450,15 @@ def sign_bundle(path: Path, key_paths: list[Path], trust_dir: Path | None) -> Re
         sigs.append({"keyid": kid, "sig": base64.b64encode(sig).decode()})
         have.add(kid)
         added.append(kid)
+        signers.append(signer)
     if len(sigs) > MAX_SIGNATURES:
         raise SignatureError(f"at most {MAX_SIGNATURES} signatures fit a bundle")
     env["signatures"] = sigs
     if trust_dir is not None:
         env = trustroot.attach(env, roots(trust_dir), targets(trust_dir))
     new = canonical_json(env)
+    if index_file is not None and signers:
+        _sign_index(index_file, signers)  # first: the head's old signers still sign it too
     _rewrite(path, info, new, rest)
     block = env.get(trustroot.TRUST_FIELD, {})
     carries = {"root_versions": [r["signed"]["version"] for r in block.get("root", [])],

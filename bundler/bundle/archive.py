@@ -26,13 +26,20 @@ from typing import BinaryIO
 
 from bundler.bundle import volumes
 from bundler.bundle.manifest import SBOM_PATH, FileEntry
-from bundler.bundle.signing import MAX_ENVELOPE_BYTES, Trust, Verified, verify_envelope
+from bundler.bundle.signing import (
+    ENVELOPE_NAME,
+    MAX_ENVELOPE_BYTES,
+    Trust,
+    Verified,
+    envelope_digest,
+    verify_envelope,
+)
 from bundler.errors import IntegrityError, SignatureError
 from bundler.fsutil import CHUNK, atomic_write
 
 MAX_CAPTURE = 4 * 1024 * 1024  # a compose file `bundle verify` reads back
 
-ENVELOPE = "envelope.json"
+ENVELOPE = ENVELOPE_NAME
 Progress = Callable[[int], None]
 
 _TYPE_NAMES = {
@@ -75,10 +82,12 @@ def pack(
         with atomic_write(out) as raw, _Writeback(raw) as sink:
             _write_tar(sink, envelope, members, mtime, progress, corrupt)
         return None
-    writer = volumes.SplitWriter(out, part_size)
+    # The envelope member is the set's head, on its own: signing rewrites it alone.
+    head = tarfile.BLOCKSIZE + len(envelope) + (-len(envelope) % tarfile.BLOCKSIZE)
+    writer = volumes.SplitWriter(out, part_size, head_size=head)
     try:
         _write_tar(writer, envelope, members, mtime, progress, corrupt)
-        return writer.commit()
+        return writer.commit(envelope_digest(envelope))
     except BaseException:
         writer.abort()
         raise
@@ -373,14 +382,23 @@ class BundleReader:
         chunks: list[bytes] = []
         self._diagnosed(lambda: self._tar.read_data(member, lambda v: chunks.append(bytes(v))))
         self.verified = verify_envelope(b"".join(chunks), self.trusted)
+        if isinstance(self._raw, volumes.VolumeSet):  # its index and parts, now checked
+            self._raw.open_parts(self.verified, self.trusted, self._tar.pos)
         return self.verified
+
+    @property
+    def part_index(self) -> volumes.PartIndex | None:
+        """A volume set's verified index (after `read_envelope`); None for a single file."""
+        if isinstance(self._raw, (volumes.PartsReader, volumes.VolumeSet)):
+            return self._raw.index
+        return None
 
     def _diagnosed(self, fn: Callable[[], None]) -> None:
         """Run fn; if it finds damage inside a volume set, name the corrupt part instead."""
         try:
             fn()
         except IntegrityError:
-            if isinstance(self._raw, volumes.PartsReader):
+            if isinstance(self._raw, (volumes.PartsReader, volumes.VolumeSet)):
                 self._raw.diagnose()
             raise
 
@@ -498,12 +516,22 @@ def _open_dest(dest: Path | None, rel: str) -> Iterator[BinaryIO | None]:
 def open_bundle(path: Path, trusted: Trust) -> Iterator[BundleReader]:
     """A reader over a bundle file or a volume set (any part, its index, or its base name).
 
-    For a volume set the signed part index is verified, and every part checked present and of
-    the right size, before a byte of any part is read.
+    For a volume set the head's envelope is verified, then the signed part index, and every
+    part checked present and of the right size, before a byte of any part is read (a set
+    without a head, from an older bundler: its index first).
     """
     index_file = volumes.find_index(path)
+    if index_file is not None and volumes.head_of(index_file).exists():
+        # The head's envelope is verified first; the reader then checks the index and parts.
+        with volumes.VolumeSet(index_file) as whole:
+            yield BundleReader(whole, index_file.name[:-len(volumes.INDEX_SUFFIX)], trusted)
+        return
     if index_file is not None:
         index = volumes.open_index(index_file, trusted)
+        if index.manifest_sha256 is not None:
+            head = volumes.head_of(index_file).name
+            raise IntegrityError(f"{head} (the volume set's head: its signed envelope) is "
+                                 "missing", hint=f"copy {head} next to the other parts")
         # Every byte is checked by the reader (payloads against the signed manifest, the rest
         # for form), so part hashes are only computed to name a part after a failure.
         with volumes.PartsReader(index_file.parent, index, hash_parts=False) as parts:

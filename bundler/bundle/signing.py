@@ -36,6 +36,7 @@ MAX_ENVELOPE_BYTES = 16 * 1024 * 1024
 # A signature entry with this field is a countersignature (`trustroot`): it signs the
 # payload's digest, its role and its time, not the payload itself.
 COUNTERSIGN = "countersign"
+ENVELOPE_NAME = "envelope.json"
 # We sign with one key; a few more leave room for co-signing. Many more is not a bundle.
 MAX_SIGNATURES = 16
 
@@ -63,8 +64,8 @@ class Policy(Protocol):
 
     def verify_envelope(self, data: bytes) -> Verified: ...
 
-    def verify_payload(self, data: bytes, expected_type: str,
-                       what: str) -> tuple[bytes, str]: ...
+    def verify_payload(self, data: bytes, expected_type: str, what: str,
+                       by: set[str] | None = None) -> tuple[bytes, str]: ...
 
 
 # What a bundle is verified against: loose keys (the simple mode) or a root of trust.
@@ -206,13 +207,18 @@ def _open_envelope(data: bytes, expected_type: str, what: str,
 
 
 def verify_payload(data: bytes, trusted: Trust, expected_type: str,
-                   what: str = "envelope.json") -> tuple[bytes, str]:
+                   what: str = "envelope.json",
+                   by: set[str] | None = None) -> tuple[bytes, str]:
     """Check a DSSE envelope against trusted keys; return (payload bytes, signer key id).
+    `by`: only these of the trusted keys count (a volume set's index: the keys that signed
+    its bundle's envelope).
 
     The payload is returned as the exact signed bytes and only then parsed by the caller.
     """
     if not isinstance(trusted, list):
-        return trusted.verify_payload(data, expected_type, what)
+        return trusted.verify_payload(data, expected_type, what, by)
+    if by is not None:
+        trusted = [k for k in trusted if k.keyid in by]
     payload_type, body, sigs = _open_envelope(
         data, expected_type, what, "this is not a bundler bundle, or it was damaged")
     if not sigs:
@@ -242,11 +248,24 @@ def verify_payload(data: bytes, trusted: Trust, expected_type: str,
                 hint="do not install this bundle; get a fresh copy from the builder",
             ) from None
         return body, trusted_key.keyid
+    if by is not None:
+        raise SignatureError(
+            f"{what} is not signed by any key that signed the bundle ({', '.join(sorted(by))}); "
+            f"it is signed by {', '.join(seen_ids) or 'none'}",
+            hint=f"have the bundle's signer add a signature: `bundle sign {what} --key "
+                 "NAME.key`, or copy the set again from the source")
     trusted_ids = ", ".join(sorted(by_id)) or "none"
     raise SignatureError(
         f"{what} is signed by key {', '.join(seen_ids)}, which is not trusted "
         f"(trusted: {trusted_ids})",
     )
+
+
+def envelope_digest(envelope: bytes) -> str:
+    """The sha256 of the manifest a bundle envelope signs (its identity, `Verified.digest`),
+    for the writer that just made the envelope: its signatures are not checked."""
+    _, body, _ = _open_envelope(envelope, PAYLOAD_TYPE, ENVELOPE_NAME, "internal")
+    return hashlib.sha256(body).hexdigest()
 
 
 def unverified_payload(data: bytes, expected_type: str, what: str) -> tuple[bytes, str]:

@@ -465,9 +465,12 @@ class RootTrust:
             hint="have the root delegate that key (`bundle keys delegate`), or sign with a "
                  "delegated one")
 
-    def verify_payload(self, data: bytes, expected_type: str, what: str) -> tuple[bytes, str]:
-        """Another document signed by release keys (a split bundle's part index): the
-        threshold of any delegated role, against the host's current delegation."""
+    def verify_payload(self, data: bytes, expected_type: str, what: str,
+                       by: set[str] | None = None) -> tuple[bytes, str]:
+        """Another document signed by release keys (a volume set's part index), against the
+        host's current delegation: the threshold of a release role, or (`by`: the release
+        keys whose signatures the bundle's envelope was just accepted on) one of those keys.
+        The index only carries the bundle; what is installed met the threshold itself."""
         _, body, raw_sigs = _open_envelope(data, expected_type, what,
                                            "this is not a bundler bundle, or it was damaged")
         _root, targets = self.updated(carried(strict_loads(data)))
@@ -480,6 +483,14 @@ class RootTrust:
             result = targets.signed.get_verification_result(name, message, sigs)
             if result:
                 return body, sorted(result.signed)[0]
+            if by is not None and (ours := sorted(set(result.signed) & by)):
+                return body, ours[0]
+        if by is not None:
+            raise SignatureError(
+                f"{what} is not signed by any key that signed the bundle "
+                f"({', '.join(sorted(by))}); it is signed by {', '.join(sorted(sigs)) or 'none'}",
+                hint="have a release key holder add a signature to the set: `bundle sign "
+                     f"{what} --key NAME.key`")
         raise self._refusal(targets, sigs, [])
 
     def describe(self) -> dict[str, Any]:

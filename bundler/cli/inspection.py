@@ -28,11 +28,19 @@ def _trusted(trust_path: Path | None, root: Path | None) -> Trust:
 
 
 def _parts(path: Path, trusted: Trust) -> list[dict[str, Any]] | None:
+    """A volume set's files: its head (the envelope, which signing rewrites: no fixed hash)
+    and its parts, as the verified index lists them."""
     index_file = volumes.find_index(path)
     if index_file is None:
         return None
-    index = volumes.open_index(index_file, trusted)
-    return [{"file": p.file, "size": p.size, "sha256": p.sha256} for p in index.parts]
+    with archive.open_bundle(path, trusted) as reader:
+        reader.read_envelope()
+        index = reader.part_index
+    assert index is not None
+    head = volumes.head_of(index_file)
+    out = [{"file": head.name, "size": head.stat().st_size, "sha256": None}
+           ] if index.manifest_sha256 else []
+    return out + [{"file": p.file, "size": p.size, "sha256": p.sha256} for p in index.parts]
 
 
 @cli.command()

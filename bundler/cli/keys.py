@@ -179,7 +179,10 @@ def keys_token_pub(uri: str, out: Path, as_json: bool) -> None:
 def sign(bundle: Path, key_paths: tuple[Path, ...], trust_dir: Path | None,
          as_json: bool) -> None:
     """Add signatures (a second release manager) and trust documents to a built BUNDLE; its
-    signed payload and every member stay byte for byte the same."""
+    signed payload and every member stay byte for byte the same.
+
+    BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name):
+    only the set's head (.000) is rewritten, and the keys sign its part index too."""
     from bundler.build import trustdocs
 
     done = trustdocs.sign_bundle(bundle, list(key_paths), trust_dir)
@@ -201,7 +204,10 @@ def sign(bundle: Path, key_paths: tuple[Path, ...], trust_dir: Path | None,
 @handled
 def countersign(bundle: Path, role: str, key_path: Path, as_json: bool) -> None:
     """Countersign BUNDLE as ROLE (a chain-of-custody record: the payload's digest, the role and
-    the time are signed); the payload and every member stay byte for byte the same."""
+    the time are signed); the payload and every member stay byte for byte the same.
+
+    BUNDLE may be a .bundle file or a volume set (any part, its .parts index, or base name):
+    only the set's head (.000) is rewritten."""
     from bundler.build import trustdocs
 
     done = trustdocs.countersign(bundle, key_path, role)
