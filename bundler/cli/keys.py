@@ -98,8 +98,7 @@ def keys_delegate(directory: Path, role: str, products: tuple[str, ...], pubs: t
 @options.json_output
 @handled
 def keys_revoke(directory: Path, keyid: str, days: int, as_json: bool) -> None:
-    """Write the next delegation version without release key KEYID (recorded as revoked):
-    the id the delegation lists it by, or bundler's (`bundle keygen`'s) id of it."""
+    """Write the next delegation version without release key KEYID (recorded as revoked)."""
     from bundler.build import trustdocs
 
     path = trustdocs.revoke(directory, keyid, days)
