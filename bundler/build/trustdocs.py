@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, urlparse
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from securesystemslib.exceptions import FormatError
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
 from tuf.api.exceptions import UnsignedMetadataError
@@ -187,11 +188,16 @@ def _as_listed(key: SSlibKey, listed: dict[str, Any]) -> SSlibKey:
 def _names(key: Any) -> set[str]:
     """Every id a key goes by: the document's, bundler's and TUF's default (the sha256 of
     its canonical JSON), to forget a revocation recorded under any of them."""
-    canonical = encode_canonical(
-        {"keytype": key.keytype, "scheme": key.scheme, "keyval": key.keyval}) or ""
+    names = {key.keyid}
     short = trustroot.short_id(key)
-    return {key.keyid, hashlib.sha256(canonical.encode()).hexdigest(),
-            *([short] if short else [])}
+    if short:
+        names.add(short)
+    try:
+        canonical = encode_canonical(
+            {"keytype": key.keytype, "scheme": key.scheme, "keyval": key.keyval}) or ""
+    except FormatError:  # a keyval canonical JSON cannot hold (a float): no default id
+        return names
+    return names | {hashlib.sha256(canonical.encode()).hexdigest()}
 
 
 def _aliases(keys: dict[str, Any], keyid: str) -> list[str]:
