@@ -328,7 +328,7 @@ def test_a_volume_sets_head_is_verified_first(good: Path, key: Ed25519PrivateKey
     envelope_end = data.rstrip(b"\0")
     head.write_bytes(envelope_end[:-40] + bytes([envelope_end[-40] ^ 1]) + envelope_end[-39:]
                      + data[len(envelope_end):])
-    with pytest.raises(SignatureError, match="was altered|malformed"):
+    with pytest.raises(SignatureError, match=r"was altered|malformed"):
         verify(parts[0], trust)
     head.write_bytes(data[:700])
     for part in parts:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from tests.test_trust_root import _payload_bytes, make_bundle
 LIBS = ("/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so")
 PIN = "4321"
 
-pytestmark = pytest.mark.slow  # a token made and used through the real CLI: ~7 s
+pytestmark = pytest.mark.slow  # a token made and used through the real CLI: ~3 s each
 
 
 @pytest.fixture
@@ -31,8 +32,7 @@ def token(tmp_path: Path) -> dict[str, str]:
     if lib is None or shutil.which("softhsm2-util") is None:
         unavailable("SoftHSM2 is not installed (apt-get install softhsm2)")
     try:
-        import pkcs11
-        from pkcs11.util.ec import encode_named_curve_parameters
+        import pkcs11  # noqa: F401
     except ImportError:
         unavailable("python-pkcs11 is not installed (pip install 'bundler[hsm]')")
     tokens = tmp_path / "tokens"
@@ -43,23 +43,24 @@ def token(tmp_path: Path) -> dict[str, str]:
     subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "bundler-test",
                     "--pin", PIN, "--so-pin", "87654321"], check=True, capture_output=True,
                    env={**os.environ, **env})
-    old = os.environ.get("SOFTHSM2_CONF")
-    os.environ["SOFTHSM2_CONF"] = str(conf)
-    try:
-        tok = pkcs11.lib(lib).get_token(token_label="bundler-test")
-        with tok.open(rw=True, user_pin=PIN) as session:
-            params = session.create_domain_parameters(
-                pkcs11.KeyType.EC,
-                {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
-                local=True)
-            for keyid in (2, 3):
-                params.generate_keypair(store=True, id=bytes([keyid]), label=f"k{keyid}")
-    finally:
-        if old is None:
-            os.environ.pop("SOFTHSM2_CONF")
-        else:
-            os.environ["SOFTHSM2_CONF"] = old
+    # in a child: SoftHSM2 reads SOFTHSM2_CONF once per process, so a second test's token
+    # would not be seen by a library this process already loaded
+    subprocess.run([sys.executable, "-c", _MAKE_KEYS, lib, PIN], check=True,
+                   capture_output=True, env={**os.environ, **env})
     return env
+
+
+_MAKE_KEYS = """
+import sys, pkcs11
+from pkcs11.util.ec import encode_named_curve_parameters
+tok = pkcs11.lib(sys.argv[1]).get_token(token_label="bundler-test")
+with tok.open(rw=True, user_pin=sys.argv[2]) as session:
+    params = session.create_domain_parameters(
+        pkcs11.KeyType.EC,
+        {pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+    for keyid in (2, 3):
+        params.generate_keypair(store=True, id=bytes([keyid]), label=f"k{keyid}")
+"""
 
 
 def run(env: dict[str, str], *args: object) -> dict:
@@ -115,3 +116,61 @@ def test_release_and_root_keys_in_a_softhsm2_token(tmp_path: Path,
     bad = bundle("sign", c, "--key", release, env={**token, "BUNDLER_PKCS11_PIN": "0000"})
     assert bad.rc == 5 and "BUNDLER_PKCS11_PIN" in bad.err and "0000" not in bad.err, bad.err
     assert c.read_bytes() == before
+
+
+def test_token_keys_in_documents_with_canonical_key_ids(tmp_path: Path,
+                                                        token: dict[str, str]) -> None:
+    """A root and delegation python-tuf wrote under TUF's canonical ids name the token's ECDSA
+    keys: the token signs the root under the root's id for it, and the envelope's signature
+    (bundler's id) counts for the delegation's canonical id."""
+    from cryptography.hazmat.primitives import serialization
+    from securesystemslib.signer import CryptoSigner, SSlibKey
+    from tuf.api.metadata import DelegatedRole, Delegations, Metadata, Root, Targets
+
+    from bundler.bundle.signing import load_private_key
+    from tests.test_trust_keyids import _in
+
+    release, root_uri = "hsm:2?label=bundler-test", "hsm:3?label=bundler-test"
+    rel = run(token, "keys", "token-pub", release, "--out", tmp_path / "rel-hsm.pub")
+    run(token, "keys", "token-pub", root_uri, "--out", tmp_path / "root-hsm.pub")
+    k = tmp_path / "keys"
+    k.mkdir()
+    run(token, "keygen", k / "root2")
+    run(token, "keygen", k / "rel1")
+
+    def canonical(path: Path) -> SSlibKey:
+        public = serialization.load_pem_public_key(path.read_bytes())
+        return SSlibKey.from_crypto(public)  # type: ignore[arg-type]
+
+    file_root = CryptoSigner(load_private_key(k / "root2.key"), canonical(k / "root2.pub"))
+    root = Root(expires=_in(365))
+    for key in (canonical(tmp_path / "root-hsm.pub"), canonical(k / "root2.pub")):
+        for role in root.roles:
+            root.add_key(key, role)
+    for held in root.roles.values():
+        held.threshold = 2
+    md = Metadata(root)
+    md.sign(file_root)
+    tdir = tmp_path / "trust"
+    tdir.mkdir()
+    (tdir / "1.root.json").write_bytes(md.to_bytes())
+    done = run(token, "keys", "sign", tdir, "--key", root_uri)
+    assert done["complete"] is True and len(done["keyid"]) == 64
+
+    rels = [canonical(tmp_path / "rel-hsm.pub"), canonical(k / "rel1.pub")]
+    targets = Metadata(Targets(expires=_in(90), delegations=Delegations(
+        {r.keyid: r for r in rels},
+        {"release": DelegatedRole("release", [r.keyid for r in rels], 2, True,
+                                  paths=["shop"])})))
+    targets.sign(file_root)
+    (tdir / "targets.json").write_bytes(targets.to_bytes())
+    assert run(token, "keys", "sign", tdir, "--targets", "--key", root_uri)["complete"]
+    host = tmp_path / "host"
+    run(token, "trust", "init", "--root-metadata", tdir / "1.root.json", "--root", host)
+
+    b = make_bundle(tmp_path, {"rel1": k / "rel1"}, "rel1")
+    assert run(token, "sign", b, "--key", release, "--trust-metadata", tdir)["added"] == [
+        rel["keyid"]]
+    shown = run({}, "inspect", b, "--root", host)
+    by_bundler = {s["bundler_keyid"]: s["keyid"] for s in shown["signatures"]}
+    assert by_bundler[rel["keyid"]] == rels[0].keyid

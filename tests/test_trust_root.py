@@ -338,8 +338,10 @@ def test_countersignature_required_missing_present_and_wrong_role(
     assert ok("verify", b, "--root", root)["ok"] is True
     shown = ok("inspect", b, "--root", root)
     assert shown["signatures"] == [
-        {"keyid": _keyid(keys["rel1"]), "role": "release", "time": None},
-        {"keyid": _keyid(keys["rel3"]), "role": "scanner", "time": done["time"]}]
+        {"keyid": _keyid(keys["rel1"]), "role": "release", "time": None,
+         "bundler_keyid": _keyid(keys["rel1"])},
+        {"keyid": _keyid(keys["rel3"]), "role": "scanner", "time": done["time"],
+         "bundler_keyid": _keyid(keys["rel3"])}]
     # a countersignature's time is signed: changing it breaks it
     raw = b.read_bytes().replace(done["time"].encode(), b"2020-01-01T00:00:00Z")
     b.write_bytes(raw)
@@ -411,9 +413,10 @@ def test_a_volume_set_gathers_signatures_countersignatures_and_trust_documents(
     assert ok("verify", index, "--root", root)["ok"] is True
     shown = ok("inspect", index, "--root", root)
     assert shown["signatures"] == [
-        *({"keyid": k, "role": "release", "time": None}
+        *({"keyid": k, "role": "release", "time": None, "bundler_keyid": k}
           for k in sorted([_keyid(keys["rel1"]), _keyid(keys["rel2"])])),
-        {"keyid": _keyid(keys["rel3"]), "role": "scanner", "time": done["time"]}]
+        {"keyid": _keyid(keys["rel3"]), "role": "scanner", "time": done["time"],
+         "bundler_keyid": _keyid(keys["rel3"])}]
     assert [p["file"] for p in shown["parts"]] == [head.name, *before]
 
     # Only the head changed: every part, and what the index signs, are the same bytes.

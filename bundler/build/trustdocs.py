@@ -5,6 +5,10 @@ Every document is made and signed with the `tuf` Metadata API and securesystemsl
 CryptoSigner; keys are bundler's Ed25519 pairs (`bundle keygen`). A new root or delegation
 version starts unsigned: the root key holders sign it one by one, each on their own machine
 (`bundle keys sign`), until the threshold is met.
+
+New documents name keys by bundler's ids; documents another TUF tool wrote (TUF's canonical
+ids) are signed and revoked in as they are: a key is found by its material, and signs under
+the id the document gives it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from urllib.parse import parse_qsl, urlparse
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from securesystemslib.exceptions import FormatError
+from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import DelegatedRole, Delegations, Metadata, Root, Targets
@@ -96,10 +102,14 @@ def _check_threshold(threshold: int, keys: int, what: str) -> None:
             hint="pass --threshold between 1 and the number of --key")
 
 
-def _new_root(version: int, pubs: list[Path], threshold: int, days: int) -> Metadata[Root]:
+def _new_root(version: int, pubs: list[Path], threshold: int, days: int,
+              previous: Root | None = None) -> Metadata[Root]:
+    """Root VERSION: new keys under bundler's ids; a key PREVIOUS lists keeps its id there
+    (another tool's canonical one), so the delegation it signed still verifies."""
     _check_threshold(threshold, len(pubs), "root")
     root = Root(version=version, spec_version=trustroot.SPEC_VERSION, expires=_expiry(days))
-    for key in _keys(pubs):
+    listed = dict(previous.keys) if previous is not None else {}
+    for key in (_as_listed(k, listed) for k in _keys(pubs)):
         for role in root.roles:  # snapshot/timestamp unused offline: held by the root keys
             root.add_key(key, role)
     for held in root.roles.values():
@@ -118,9 +128,9 @@ def init_root(directory: Path, pubs: list[Path], threshold: int, days: int) -> P
 
 
 def rotate_root(directory: Path, pubs: list[Path], threshold: int, days: int) -> Path:
-    latest = roots(directory)[-1].signed.version
-    path = directory / f"{latest + 1}.root.json"
-    _write(path, _new_root(latest + 1, pubs, threshold, days))
+    latest = roots(directory)[-1].signed
+    path = directory / f"{latest.version + 1}.root.json"
+    _write(path, _new_root(latest.version + 1, pubs, threshold, days, latest))
     return path
 
 
@@ -147,7 +157,7 @@ def delegate(directory: Path, role: str, products: list[str], pubs: list[Path],
     md = _next_targets(directory, days)
     delegations = md.signed.delegations
     assert delegations is not None and delegations.roles is not None
-    keys = _keys(pubs)
+    keys = [_as_listed(k, delegations.keys) for k in _keys(pubs)]
     kind = trustroot.COUNTERSIGN_KIND if countersign else trustroot.RELEASE
     delegations.roles[role] = DelegatedRole(role, [k.keyid for k in keys], threshold, True,
                                             paths=list(products),
@@ -156,26 +166,67 @@ def delegate(directory: Path, role: str, products: list[str], pubs: list[Path],
         delegations.keys[key.keyid] = key
     revoked = md.signed.unrecognized_fields.get(trustroot.REVOKED_FIELD, [])
     if revoked:
+        live = {name for key in delegations.keys.values() for name in _names(key)}
         md.signed.unrecognized_fields[trustroot.REVOKED_FIELD] = [
-            k for k in revoked if k not in delegations.keys]
+            k for k in revoked if k not in live]
     _prune(delegations)
     path = directory / TARGETS_FILE
     _write(path, md)
     return path
 
 
+def _as_listed(key: SSlibKey, listed: dict[str, Any]) -> SSlibKey:
+    """KEY under the id the document already lists it by (another tool's canonical id), so
+    delegating a key again never lists it twice."""
+    material = trustroot.key_material(key)
+    for _kid, other in sorted(listed.items()):
+        if material is not None and isinstance(other, SSlibKey) and \
+                trustroot.key_material(other) == material:
+            return other
+    return key
+
+
+def _names(key: Any) -> set[str]:
+    """Every id a key goes by: the document's, bundler's and TUF's default (the sha256 of
+    its canonical JSON), to forget a revocation recorded under any of them."""
+    names = {key.keyid}
+    short = trustroot.short_id(key)
+    if short:
+        names.add(short)
+    try:
+        canonical = encode_canonical(
+            {"keytype": key.keytype, "scheme": key.scheme, "keyval": key.keyval}) or ""
+    except FormatError:  # a keyval canonical JSON cannot hold (a float): no default id
+        return names
+    return names | {hashlib.sha256(canonical.encode()).hexdigest()}
+
+
+def _aliases(keys: dict[str, Any], keyid: str) -> list[str]:
+    """The delegated key ids KEYID names (the document's id, bundler's or TUF's default id of
+    a key), with any other id the same key is listed under."""
+    named = [k for k, key in keys.items() if keyid in _names(key)]
+    materials = {trustroot.key_material(keys[k]) for k in named} - {None}
+    return sorted({*named, *(k for k, key in keys.items()
+                             if trustroot.key_material(key) in materials)})
+
+
 def revoke(directory: Path, keyid: str, days: int) -> Path:
+    """The next delegation version without KEYID (the document's id or bundler's); both ids
+    are recorded as revoked: a host names the key by the id a bundle's signature carries."""
     held = targets(directory)
-    if held is None or held.signed.delegations is None or keyid not in (
-            held.signed.delegations.keys or {}):
+    ids = _aliases(held.signed.delegations.keys or {}, keyid) if (
+        held is not None and held.signed.delegations is not None) else []
+    if not ids:
         raise SigningKeyError(f"key {keyid} is not delegated in {directory / TARGETS_FILE}",
                          hint="`bundle keys show DIR` lists the delegated keys")
     md = _next_targets(directory, days)
     delegations = md.signed.delegations
     assert delegations is not None and delegations.roles is not None
+    gone = {name for kid in ids for name in (kid, trustroot.short_id(delegations.keys[kid]))
+            if name is not None}
     for name, role in delegations.roles.items():
-        if keyid in role.keyids:
-            role.keyids.remove(keyid)
+        if gone & set(role.keyids):
+            role.keyids = [k for k in role.keyids if k not in gone]
             if len(role.keyids) < role.threshold:
                 raise SigningKeyError(
                     f"role {name} would keep {len(role.keyids)} keys for a threshold of "
@@ -183,7 +234,7 @@ def revoke(directory: Path, keyid: str, days: int) -> Path:
                     hint="delegate a new key to it in the same version first (`bundle keys "
                          "delegate ... --key NEW.pub`), then revoke")
     revoked = list(md.signed.unrecognized_fields.get(trustroot.REVOKED_FIELD, []))
-    md.signed.unrecognized_fields[trustroot.REVOKED_FIELD] = sorted({*revoked, keyid})
+    md.signed.unrecognized_fields[trustroot.REVOKED_FIELD] = sorted({*revoked, *gone})
     _prune(delegations)
     path = directory / TARGETS_FILE
     _write(path, md)
@@ -201,18 +252,19 @@ HSM_PREFIX = "hsm:"
 PIN_ENV = "BUNDLER_PKCS11_PIN"
 
 
-def _signer(key_ref: Path) -> Signer:
+def _signer(key_ref: Path, listed: SSlibKey | None = None) -> Signer:
     """A key file (`bundle keygen`), or `hsm:[KEYID][?label=TOKEN]`: a key in a PKCS#11 token
     (securesystemslib's HSMSigner; the module named by PYKCS11LIB, the PIN in
-    BUNDLER_PKCS11_PIN). A token's private key never leaves it: only what to sign goes in."""
+    BUNDLER_PKCS11_PIN). A token's private key never leaves it: only what to sign goes in.
+    It signs under bundler's key id, or as LISTED (a document's entry for the same key)."""
     text = str(key_ref)
     if text.startswith(HSM_PREFIX):
-        return _hsm_signer(text)
+        return _hsm_signer(text, listed)
     private = load_private_key(key_ref)
-    return CryptoSigner(private, trustroot.tuf_key(private.public_key()))
+    return CryptoSigner(private, listed or trustroot.tuf_key(private.public_key()))
 
 
-def _hsm_signer(uri: str) -> Signer:
+def _hsm_signer(uri: str, listed: SSlibKey | None = None) -> Signer:
     try:
         from securesystemslib.signer import HSMSigner
     except ImportError:  # pragma: no cover - the [hsm] extra is not installed
@@ -230,7 +282,8 @@ def _hsm_signer(uri: str) -> Signer:
         public = serialization.load_pem_public_key(found.keyval["public"].encode())
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise ValueError("the token's key is not an ECDSA key")
-        return HSMSigner(hsm_keyid, trustroot.tuf_key(public), lambda _secret: pin, label)
+        return HSMSigner(hsm_keyid, listed or trustroot.tuf_key(public), lambda _secret: pin,
+                         label)
     except Exception as exc:  # python-pkcs11 raises its own tree, UnsupportedLibraryError...
         raise SigningKeyError(f"{uri}: {type(exc).__name__}: {str(exc)[:200]}",
                               hint="check PYKCS11LIB, the token label, the key id and "
@@ -259,42 +312,65 @@ def token_public_key(uri: str) -> tuple[str, bytes]:
 @dataclass(frozen=True)
 class Signed:
     path: Path
-    keyid: str
+    keyid: str  # the document's id of the key (the newest root's, if two versions differ)
     signatures: int
     complete: bool  # the thresholds it needs are met
     detail: str
+    keyids: tuple[str, ...] = ()  # every id it signed under (old and new root may differ)
+    bundler_keyid: str = ""  # bundler's id of the key (`bundle keygen`'s)
+
+
+def _listed_as(key: SSlibKey, allowed: list[tuple[str, Any]]) -> list[SSlibKey]:
+    """The entries of ALLOWED (id, key) that are KEY, by material: a document written by
+    another TUF tool names it by its own id, and the signature must carry that id."""
+    material = trustroot.key_material(key)
+    found: dict[str, SSlibKey] = {}
+    for kid, entry in allowed:
+        if material is not None and isinstance(entry, SSlibKey) and \
+                trustroot.key_material(entry) == material:
+            found.setdefault(kid, entry)
+    return list(found.values())
 
 
 def sign_doc(directory: Path, key_path: Path, which_targets: bool) -> Signed:
-    """Add KEY's signature to the latest root version, or to the delegation."""
+    """Add KEY's signature to the latest root version, or to the delegation, under each id
+    the root(s) list the key by."""
     chain = roots(directory)
-    signer = _signer(key_path)
-    keyid = signer.public_key.keyid
+    mine = _signer(key_path).public_key
+    assert isinstance(mine, SSlibKey)
     if which_targets:
         md: Metadata[Any] | None = targets(directory)
         if md is None:
             raise SigningKeyError(f"{directory} has no {TARGETS_FILE}",
                              hint="`bundle keys delegate DIR ...` writes one")
         path = directory / TARGETS_FILE
-        allowed = chain[-1].signed.roles[Targets.type].keyids
+        allowed = _role_keys(chain[-1], Targets.type)
     else:
         md, path = chain[-1], root_versions(directory)[-1]
-        allowed = list(md.signed.roles[Root.type].keyids)
+        allowed = _role_keys(chain[-1], Root.type)
         if len(chain) > 1:
-            allowed += chain[-2].signed.roles[Root.type].keyids
+            allowed += _role_keys(chain[-2], Root.type)
     assert md is not None
-    if keyid not in allowed:
-        raise SigningKeyError(f"key {keyid} is not a root key of {path.name}",
+    listed = _listed_as(mine, allowed)
+    if not listed:
+        raise SigningKeyError(f"key {mine.keyid} is not a root key of {path.name}",
                               hint="sign with a key the root lists (`bundle keys show DIR`)")
-    try:
-        md.sign(signer, append=True)
-    except UnsignedMetadataError:
-        raise SigningKeyError(f"{key_path}: the key could not sign {path.name}",
-                              hint=f"for a token: check {PIN_ENV} and that it is present"
-                              ) from None
+    for entry in listed:
+        try:
+            md.sign(_signer(key_path, entry), append=True)
+        except UnsignedMetadataError:
+            raise SigningKeyError(f"{key_path}: the key could not sign {path.name}",
+                                  hint=f"for a token: check {PIN_ENV} and that it is present"
+                                  ) from None
     _write(path, md)
     complete, detail = _status(chain, md, which_targets)
-    return Signed(path, keyid, len(md.signatures), complete, detail)
+    return Signed(path, listed[0].keyid, len(md.signatures), complete, detail,
+                  tuple(e.keyid for e in listed), mine.keyid)
+
+
+def _role_keys(root: Metadata[Root], role: str) -> list[tuple[str, Any]]:
+    keys = root.signed.keys
+    return [(kid, keys[kid]) for kid in root.signed.roles[role].keyids if kid in keys]
 
 
 def _status(chain: list[Metadata[Root]], md: Metadata[Any],

@@ -162,14 +162,18 @@ def sign(manifest: Manifest, private: Ed25519PrivateKey) -> bytes:
 @dataclass(frozen=True)
 class SignerInfo:
     """One valid signature on a bundle, for `bundle inspect`: whose key, for which role
-    (`key` in the simple mode), and when (countersignatures sign their time)."""
+    (`key` in the simple mode), and when (countersignatures sign their time). `keyid` is the
+    trust document's id of the key; `bundler_keyid` bundler's (`bundle keygen`'s) when the
+    document names it otherwise (TUF's canonical ids: `trustroot`)."""
 
     keyid: str
     role: str
     time: str | None = None
+    bundler_keyid: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"keyid": self.keyid, "role": self.role, "time": self.time}
+        return {"keyid": self.keyid, "role": self.role, "time": self.time,
+                "bundler_keyid": self.bundler_keyid or self.keyid}
 
 
 @dataclass(frozen=True)

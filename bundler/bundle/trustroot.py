@@ -8,8 +8,14 @@ says when it refuses. Nothing here is trusted for being in a bundle: the trust d
 bundle carries are parsed with strict size limits, chained to the host's root, and only then
 used to check the bundle's own signatures, before its manifest is parsed.
 
-Key ids are bundler's (`signing.key_id`, 16 hex of the raw Ed25519 key), the same ones
-`bundle keygen` prints and the bundle envelope carries.
+Key ids: the documents bundler writes name keys by bundler's id (`signing.key_id`, 16 hex
+of the sha256 of the raw Ed25519 key; of the DER SubjectPublicKeyInfo for an ECDSA token key),
+the same one `bundle keygen` prints and the bundle envelope's signatures carry. TUF allows
+that: TAP 12 lets a key id be any string unique within its document. Documents made by other
+TUF tools name keys by TUF's default id (the sha256 of the key's canonical JSON) or any other
+form; they are accepted as they are: an envelope signature under bundler's id of a key is
+matched to that key by its material (`short_id`, `role_signatures`), under the document's
+own id, so each key counts once whatever it is called.
 """
 
 from __future__ import annotations
@@ -18,15 +24,17 @@ import base64
 import binascii
 import copy
 import hashlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from securesystemslib.signer import Signature, SSlibKey
+from securesystemslib.signer import Key, Signature, SSlibKey
 from tuf.api.metadata import Metadata, Root, Targets
 
 from bundler.bundle.manifest import PAYLOAD_TYPE, canonical_json, parse_manifest, strict_loads
@@ -59,6 +67,9 @@ COUNTERSIGN_TYPE = "application/vnd.bundler.countersignature+json"
 # say "revoked" rather than "unknown".
 REVOKED_FIELD = "x-bundler-revoked"
 SPEC_VERSION = "1.0.31"
+_ECDSA_TYPES = ("ecdsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384")
+# A PEM public key is a few hundred bytes; a longer keyval is not one bundler can sign with.
+_MAX_PUBLIC = 4096
 
 
 def _now() -> datetime:
@@ -78,6 +89,58 @@ def tuf_key(public: Ed25519PublicKey | ec.EllipticCurvePublicKey) -> SSlibKey:
     der = public.public_bytes(serialization.Encoding.DER,
                               serialization.PublicFormat.SubjectPublicKeyInfo)
     return SSlibKey.from_crypto(public, keyid=hashlib.sha256(der).hexdigest()[:16])
+
+
+def key_material(key: Key) -> bytes | None:
+    """What bundler's key id hashes, from a document's key entry: an Ed25519 key's 32 raw
+    bytes, an ECDSA key's DER SubjectPublicKeyInfo; None for any other (or malformed) key.
+    Two entries with the same material are the same key, whatever their ids."""
+    public = key.keyval.get("public") if isinstance(key.keyval, dict) else None
+    if not isinstance(public, str) or len(public) > _MAX_PUBLIC:
+        return None
+    try:
+        if key.keytype == "ed25519":
+            raw = bytes.fromhex(public)
+            return raw if len(raw) == 32 else None
+        if key.keytype in _ECDSA_TYPES:
+            loaded = serialization.load_pem_public_key(public.encode())
+            if isinstance(loaded, ec.EllipticCurvePublicKey):
+                return loaded.public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return None
+
+
+def short_id(key: Key) -> str | None:
+    """Bundler's id of a document's key (what `bundle keygen` printed for it and what the
+    envelope's signatures carry), whatever id the document names it by."""
+    material = key_material(key)
+    return None if material is None else hashlib.sha256(material).hexdigest()[:16]
+
+
+def role_signatures(keys: Mapping[str, Key], keyids: Iterable[str],
+                    sigs: Mapping[str, Signature]) -> dict[str, Signature]:
+    """The envelope's signatures under a role's own key ids: a key's signature is the one
+    under its document id, or else the one under bundler's id of it. One signature per key
+    material, so a key listed twice under two ids still counts once towards a threshold."""
+    out: dict[str, Signature] = {}
+    seen: set[bytes] = set()
+    for kid in sorted(set(keyids)):
+        key = keys.get(kid)
+        if key is None:
+            continue
+        material = key_material(key)
+        if material is not None and material in seen:
+            continue
+        sig = sigs.get(kid)
+        if sig is None and material is not None:
+            sig = sigs.get(hashlib.sha256(material).hexdigest()[:16])
+        if sig is not None:
+            out[kid] = Signature(kid, sig.signature)
+            if material is not None:
+                seen.add(material)
+    return out
 
 
 def load_any_public_key(path: Path) -> SSlibKey:
@@ -367,9 +430,11 @@ class RootTrust:
         for name, role in _roles(targets):
             if role_kind(role) != RELEASE:
                 continue
-            result = targets.signed.get_verification_result(name, message, sigs)
+            result = targets.signed.get_verification_result(
+                name, message, _for_role(targets, role, sigs))
             if result:
-                met += [SignerInfo(k, name) for k in sorted(result.signed)]
+                met += [SignerInfo(k, name, bundler_keyid=short_id(key))
+                        for k, key in sorted(result.signed.items())]
             elif result.signed:
                 short.append(f"{name}: {len(result.signed)} of {role.threshold} signatures")
         return met, short
@@ -384,10 +449,13 @@ class RootTrust:
             if role is None or role_kind(role) != COUNTERSIGN_KIND:
                 continue
             message = countersign_message(digest, c.role, c.time)
-            result = targets.signed.get_verification_result(c.role, message, {c.keyid: c.sig})
-            if c.keyid in result.signed and c.keyid not in {s.keyid for s in
-                                                            out.get(c.role, [])}:
-                out.setdefault(c.role, []).append(SignerInfo(c.keyid, c.role, c.time))
+            result = targets.signed.get_verification_result(
+                c.role, message, _for_role(targets, role, {c.keyid: c.sig}))
+            have = {s.keyid for s in out.get(c.role, [])}
+            for kid, key in sorted(result.signed.items()):
+                if kid not in have:
+                    out.setdefault(c.role, []).append(
+                        SignerInfo(kid, c.role, c.time, bundler_keyid=short_id(key)))
         return out
 
     def verify_envelope(self, data: bytes) -> Verified:
@@ -419,7 +487,9 @@ class RootTrust:
         signers = [s for s in met if s.role in allowed]
         signers += [s for role in sorted(counted) for s in counted[role]
                     if roles[role].is_delegated_path(manifest.name)]
-        return Verified(manifest, body, signers[0].keyid, digest, tuple(signers))
+        # the bundle's key as `bundle keygen` printed it and the envelope names it
+        first = signers[0].bundler_keyid or signers[0].keyid
+        return Verified(manifest, body, first, digest, tuple(signers))
 
     def _check_required(self, roles: dict[str, Any], counted: dict[str, list[SignerInfo]],
                         counters: list[Counter], product: str) -> None:
@@ -435,8 +505,8 @@ class RootTrust:
             have = [s for s in counted.get(name, []) if role.is_delegated_path(product)]
             if len(have) >= role.threshold:
                 continue
-            others = sorted({c.keyid for c in counters if c.role == name} -
-                            {s.keyid for s in have})
+            counted_ids = {s.keyid for s in have} | {s.bundler_keyid for s in have}
+            others = sorted({c.keyid for c in counters if c.role == name} - counted_ids)
             wrong = f"; key {', '.join(others)} is not one of its keys" if others else ""
             raise PolicyError(
                 f"this host requires {role.threshold} countersignature(s) by role {name!r} for "
@@ -480,11 +550,13 @@ class RootTrust:
         for name, role in _roles(targets):
             if role_kind(role) != RELEASE:
                 continue
-            result = targets.signed.get_verification_result(name, message, sigs)
+            result = targets.signed.get_verification_result(
+                name, message, _for_role(targets, role, sigs))
             if result:
-                return body, sorted(result.signed)[0]
+                kid, key = sorted(result.signed.items())[0]
+                return body, short_id(key) or kid
             if by is not None and (ours := sorted(set(result.signed) & by)):
-                return body, ours[0]
+                return body, short_id(result.signed[ours[0]]) or ours[0]
         if by is not None:
             raise SignatureError(
                 f"{what} is not signed by any key that signed the bundle "
@@ -502,20 +574,42 @@ def _roles(targets: Metadata[Targets]) -> list[tuple[str, Any]]:
     return sorted((delegations.roles or {}).items()) if delegations else []
 
 
+def _for_role(targets: Metadata[Targets], role: Any,
+              sigs: Mapping[str, Signature]) -> dict[str, Signature]:
+    delegations = targets.signed.delegations
+    keys = delegations.keys if delegations is not None and delegations.keys else {}
+    return role_signatures(keys, role.keyids, sigs)
+
+
+def _bundler_ids(keys: Mapping[str, Key]) -> dict[str, str]:
+    """Document key id -> bundler's id of that key, for `--json` readers matching
+    `bundle keygen`'s output (the same string for documents bundler wrote)."""
+    out = {}
+    for kid, key in sorted(keys.items()):
+        short = short_id(key)
+        if short is not None:
+            out[kid] = short
+    return out
+
+
 def describe(root: Metadata[Root], targets: Metadata[Targets] | None) -> dict[str, Any]:
     """The trust a host (or a trust directory) holds, for `--json` and humans alike."""
     r = root.signed
+    root_ids = r.roles[Root.type].keyids
     out: dict[str, Any] = {
         "root": {"version": r.version, "expires": _day(r.expires),
                  "threshold": r.roles[Root.type].threshold,
-                 "keys": sorted(r.roles[Root.type].keyids),
-                 "signatures": sorted(root.signatures)},
+                 "keys": sorted(root_ids),
+                 "signatures": sorted(root.signatures),
+                 "bundler_keyids": _bundler_ids({k: r.keys[k] for k in root_ids
+                                                 if k in r.keys})},
         "delegation": None,
     }
     if targets is not None:
         t = targets.signed
         roles = t.delegations.roles if t.delegations and t.delegations.roles else {}
         revoked = t.unrecognized_fields.get(REVOKED_FIELD, [])
+        keys = t.delegations.keys if t.delegations and t.delegations.keys else {}
         out["delegation"] = {
             "version": t.version, "expires": _day(t.expires),
             "signatures": sorted(targets.signatures),
@@ -523,6 +617,7 @@ def describe(root: Metadata[Root], targets: Metadata[Targets] | None) -> dict[st
                        "threshold": role.threshold, "keys": sorted(role.keyids)}
                       for n, role in sorted(roles.items())],
             "revoked": sorted(revoked) if isinstance(revoked, list) else [],
+            "bundler_keyids": _bundler_ids(keys),
         }
     return out
 
@@ -530,17 +625,24 @@ def describe(root: Metadata[Root], targets: Metadata[Targets] | None) -> dict[st
 def summary(info: dict[str, Any]) -> str:
     """`describe`'s document as a few lines for a human."""
     r = info["root"]
-    lines = [f"  root version {r['version']}: {r['threshold']} of {', '.join(r['keys'])}, "
-             f"expires {r['expires']}"]
+    lines = [f"  root version {r['version']}: {r['threshold']} of "
+             f"{_named(r['keys'], r.get('bundler_keyids', {}))}, expires {r['expires']}"]
     d = info["delegation"]
     if d is None:
         lines.append("  no release key delegated yet (it arrives in a bundle)")
         return "\n".join(lines)
     lines.append(f"  delegation version {d['version']}, expires {d['expires']}")
+    ids = d.get("bundler_keyids", {})
     lines += [f"    {role['name']} ({role['kind']}): products {', '.join(role['products'])}; "
-              f"{role['threshold']} of {', '.join(role['keys'])}" for role in d["roles"]]
+              f"{role['threshold']} of {_named(role['keys'], ids)}" for role in d["roles"]]
     if d["revoked"]:
         lines.append(f"    revoked: {', '.join(d['revoked'])}")
     if info.get("required"):
         lines.append(f"  this host requires countersignatures by {', '.join(info['required'])}")
     return "\n".join(lines)
+
+
+def _named(keyids: list[str], bundler_ids: dict[str, str]) -> str:
+    """Key ids for a human, with bundler's id beside any the document names otherwise."""
+    return ", ".join(k if bundler_ids.get(k, k) == k else f"{k} (bundler: {bundler_ids[k]})"
+                     for k in keyids)

@@ -138,7 +138,9 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
     click.echo(f"  created {info['created']}, expires {info['expires'] or 'never'}")
     for sig in info["signatures"]:
         when = f" at {sig['time']}" if sig["time"] else ""
-        click.echo(f"  signature {sig['keyid']} ({sig['role']}){when}")
+        also = f" (bundler: {sig['bundler_keyid']})" \
+            if sig["bundler_keyid"] != sig["keyid"] else ""
+        click.echo(f"  signature {sig['keyid']}{also} ({sig['role']}){when}")
     click.echo(f"  target  CPython {info['target']['python']} on {info['target']['platform']}")
     click.echo(f"  payload {human_bytes(info['payload_size'])} in {len(info['files'])} files")
     if info["delta"]:

@@ -122,11 +122,15 @@ def keys_sign(directory: Path, key_path: Path, which_targets: bool, as_json: boo
     done = trustdocs.sign_doc(directory, key_path, which_targets)
     if as_json:
         emit_json({"ok": True, "path": str(done.path), "keyid": done.keyid,
+                   "keyids": list(done.keyids), "bundler_keyid": done.bundler_keyid,
                    "signatures": done.signatures, "complete": done.complete,
                    "status": done.detail})
         return
     state = "complete" if done.complete else "needs more signatures"
-    click.echo(f"signed {done.path} with {done.keyid}: {done.detail} ({state})")
+    named = ", ".join(done.keyids)
+    if done.keyids != (done.bundler_keyid,):
+        named += f" (bundler: {done.bundler_keyid})"
+    click.echo(f"signed {done.path} with {named}: {done.detail} ({state})")
 
 
 @keys.command("show")
