@@ -567,3 +567,50 @@ def test_host_needs_by_kind_of_bundle() -> None:
     pg_check = HealthCheck("db", kind="postgres", target="${DATABASE_URL}")
     told = needs(runtime=Runtime(database=DatabaseSpec("${DATABASE_URL}"), health=(pg_check,)))
     assert len(told) == 1 and told[0].startswith("the PostgreSQL client tools")
+
+
+def test_a_bundle_under_a_root_of_trust_exports_its_root_not_a_key(
+        built: dict[str, Path], tmp_path: Path) -> None:
+    """Such a host takes a root document (`trust init`), never a loose key (`trust add` is
+    refused there): the stick gets the latest root the bundle carries, and INSTALL.txt's
+    step 2 names its version, threshold and keys to confirm."""
+    k = tmp_path / "keys"
+    k.mkdir()
+    for name in ("root1", "root2"):
+        assert bundle("keygen", k / name).rc == 0
+    tdir = tmp_path / "trust"
+    for args in (("init", tdir, "--key", k / "root1.pub", "--key", k / "root2.pub",
+                  "--threshold", "2"),
+                 ("sign", tdir, "--key", k / "root1.key"), ("sign", tdir, "--key", k / "root2.key"),
+                 ("rotate-root", tdir, "--key", k / "root1.pub", "--key", k / "root2.pub",
+                  "--threshold", "1"),
+                 ("sign", tdir, "--key", k / "root1.key"), ("sign", tdir, "--key", k / "root2.key"),
+                 ("delegate", tdir, "--role", "release", "--product", "vault", "--key",
+                  built["pub"]), ("sign", tdir, "--targets", "--key", k / "root1.key")):
+        done = bundle("keys", *args)
+        assert done.rc == 0, done.err
+    src = tmp_path / "src"
+    src.mkdir()
+    signed = src / built["bundle"].name
+    shutil.copy(built["bundle"], signed)
+    assert bundle("sign", signed, "--trust-metadata", tdir).rc == 0
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    rc, doc, err = export(signed, stick, "--pub", built["pub"], "--kit", built["dist"] / KIT)
+    assert rc == 0, err
+    assert doc["root_metadata"] == "2.root.json"
+    roles = {f["name"]: f["role"] for f in doc["files"]}  # type: ignore[attr-defined]
+    assert roles["2.root.json"] == "root" and "key" not in roles.values()
+    assert sorted(p.name for p in stick.iterdir()) == sorted(roles)
+    assert (stick / "2.root.json").read_bytes() == (tdir / "2.root.json").read_bytes()
+    text = (stick / "INSTALL.txt").read_text()
+    flat = " ".join(text.split())
+    ids = sorted(json.loads(bundle("keys", "show", tdir, "--json").out)["root"]["keys"])
+    assert f"root version 2: 1 of the root keys {', '.join(ids)})" in flat
+    assert "trust init --root-metadata 2.root.json --root /srv/vault" in text
+    assert " trust add " not in text
+    host = tmp_path / "host"
+    init = bundle("trust", "init", "--root-metadata", stick / "2.root.json", "--root", host)
+    assert init.rc == 0, init.err
+    done = bundle("verify", stick / signed.name, "--root", host)
+    assert done.rc == 0, done.err

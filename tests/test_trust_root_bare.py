@@ -59,14 +59,20 @@ def test_kit_inits_root_of_trust_and_installs_delegated_bundle(
     ok("sign", v1, "--key", k / "rel2.key", "--trust-metadata", tdir)
     stick = tmp_path / "stick"
     stick.mkdir()
-    export(v1, stick, k / "rel1.pub")
-    shutil.copy(tdir / "1.root.json", stick / "1.root.json")
+    exported = export(v1, stick, k / "rel1.pub")
+    # A bundle under a root of trust: the stick holds the root it carries, not a public key,
+    # and INSTALL.txt's step 2 initialises the host with it.
+    assert exported["root_metadata"] == "1.root.json" and not (stick / "rel1.pub").exists()
+    text = (stick / "INSTALL.txt").read_text()
+    (step,) = [line.strip() for line in text.splitlines() if " trust init " in line]
+    assert step.endswith("trust init --root-metadata 1.root.json --root /srv/demo"), step
+    assert " 2 of the root keys " in text.replace("\n   ", " ")
     shutil.copy(once, stick / "once.bundle")
     host = bare_target(stick=stick)
     kit = stick / kit_on(stick)
 
     init = run_kit(host, kit, "trust", "init", "--root-metadata", "/stick/1.root.json",
-                   "--root", "/srv/demo", "--json")
+                   "--root", "/srv/demo", "--json")  # step 2, run from the stick's directory
     assert init.rc == 0, init.out + init.err
     assert json.loads(init.out)["root"]["threshold"] == 2
 

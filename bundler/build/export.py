@@ -70,7 +70,8 @@ class Item:
     """One file `bundle export` puts on DEST."""
 
     name: str
-    role: str                  # bundle, head, part, index, kit, kit-sha256, key, instructions
+    role: str                  # bundle, head, part, index, kit, kit-sha256, key or root,
+                               # instructions
     size: int
     sha256: str
     source: Path | None = None  # copied whole from this file
@@ -94,13 +95,17 @@ class ExportResult:
     split: bool
     kit: Path
     kit_source: str  # given (--kit), found (next to the bundle), cached or built
-    pub: Path        # the public key exported (--pub, or the one found that verifies)
+    pub: Path        # the public key found (--pub, or the one that verifies the bundle)
+    # A bundle under a root of trust: the latest root document it carries, put on DEST for
+    # `trust init` instead of the public key (which such a host does not use).
+    root_doc: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"dest": str(self.dest), "name": self.manifest.name,
                 "version": self.manifest.version, "keyid": self.keyid,
                 "fs_type": self.fs_type, "max_file_size": self.max_file, "split": self.split,
                 "kit": str(self.kit), "kit_source": self.kit_source, "pub": str(self.pub),
+                "root_metadata": self.root_doc,
                 "files": [i.to_json() for i in self.items]}
 
 
@@ -405,10 +410,57 @@ def _source(bundle: Path, pub: Path | None,
                    head if index.manifest_sha256 else None), trusted
 
 
-def _instructions(manifest: Manifest, keyid: str, items: list[Item], kit: str, key: str,
+def run_kit(kit: str) -> str:
+    return f"python3 -I -S {shlex.quote(kit)}"
+
+
+def _key_step(run: str, keyid: str, key: str, name: str) -> str:
+    return f"""\
+2. Trust the signing key (once per install root; confirm its key id {keyid} with the
+   sender):
+     {run} trust add {shlex.quote(key)} --root /srv/{name}"""
+
+
+@dataclass(frozen=True)
+class _Root:
+    """The latest root document a bundle under a root of trust carries (N.root.json)."""
+
+    name: str
+    data: bytes
+    version: int
+    threshold: int
+    keys: tuple[str, ...]
+
+
+def _carried_root(envelope: bytes) -> _Root | None:
+    """The root a bundle carries, for the stick: such a host is initialised with a root
+    document, not a public key. None in the simple mode."""
+    from bundler.bundle import trustroot
+    from bundler.bundle.manifest import strict_loads
+
+    roots = trustroot.carried(strict_loads(envelope)).roots
+    if not roots:
+        return None
+    latest = max(roots, key=lambda md: md.signed.version)
+    info = trustroot.describe(latest, None)["root"]
+    return _Root(f"{info['version']}.root.json", latest.to_bytes(), info["version"],
+                 info["threshold"], tuple(info["keys"]))
+
+
+def _root_step(run: str, root: _Root, product: str) -> str:
+    return f"""\
+2. This release is signed under a root of trust (root version {root.version}: {root.threshold}
+   of the root keys {", ".join(root.keys)}).
+   Once per install root, initialise the host with it, after confirming those key ids and
+   the threshold with your security officer (a host that trusts this root already, at any
+   version, skips this step: every bundle carries the updates; `trust show` lists them):
+     {run} trust init --root-metadata {root.name} --root /srv/{product}"""
+
+
+def _instructions(manifest: Manifest, keyid: str, items: list[Item], kit: str, trust_step: str,
                   bundle_arg: str) -> bytes:
     root = f"/srv/{manifest.name}"
-    run = f"python3 -I -S {shlex.quote(kit)}"
+    run = run_kit(kit)
     sums = "\n".join(f"{i.sha256}  {i.name}" for i in items)
     required = manifest.runtime.env.required
     env_note = "" if not required else f"""
@@ -431,9 +483,7 @@ is needed), in the directory that holds these files (e.g. cd /media/usb):
    that bundler cannot check itself.
      sha256sum {shlex.quote(kit)}
 
-2. Trust the signing key (once per install root; confirm its key id {keyid} with the
-   sender):
-     {run} trust add {shlex.quote(key)} --root {root}
+{trust_step}
 
 3. Check the signature and every byte, installing nothing:
      {run} verify {shlex.quote(bundle_arg)} --root {root}
@@ -741,7 +791,7 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
     ui.step(f"Verifying {bundle}")
     with archive.open_bundle(bundle, [trusted]) as reader:
         verified = reader.read_envelope()
-        manifest, digest = verified.manifest, verified.digest
+        manifest, digest, envelope = verified.manifest, verified.digest, reader.envelope
         with ui.bytes_progress("verifying", manifest.travel_size) as advance:
             reader.extract(None, advance)
     if kit is not None:
@@ -771,10 +821,17 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
     items.append(Item(kit.name + ".sha256", "kit-sha256", len(kit_line),
                       hashlib.sha256(kit_line).hexdigest(), data=kit_line))
     key_src = Path(trusted.source)
-    key_data = key_src.read_bytes()
-    items.append(Item(key_src.name, "key", len(key_data), hashlib.sha256(key_data).hexdigest(),
-                      data=key_data))
-    text = _instructions(manifest, trusted.keyid, items, kit.name, key_src.name, bundle_arg)
+    root_doc = _carried_root(envelope)
+    if root_doc is None:
+        key_data = key_src.read_bytes()
+        items.append(Item(key_src.name, "key", len(key_data),
+                          hashlib.sha256(key_data).hexdigest(), data=key_data))
+        step = _key_step(run_kit(kit.name), trusted.keyid, key_src.name, manifest.name)
+    else:
+        items.append(Item(root_doc.name, "root", len(root_doc.data),
+                          hashlib.sha256(root_doc.data).hexdigest(), data=root_doc.data))
+        step = _root_step(run_kit(kit.name), root_doc, manifest.name)
+    text = _instructions(manifest, trusted.keyid, items, kit.name, step, bundle_arg)
     items.append(Item(INSTRUCTIONS, "instructions", len(text), hashlib.sha256(text).hexdigest(),
                       data=text))
     names = [i.name.lower() for i in items]  # FAT compares names without case
@@ -786,4 +843,4 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
     pending = _refuse_before_writing(dest, source, manifest, items, split, fs_type)
     _write_all(dest, source, items, pending)
     return ExportResult(dest, manifest, trusted.keyid, tuple(items), fs_type, max_file, split,
-                        kit, kit_source, key_src)
+                        kit, kit_source, key_src, root_doc.name if root_doc else None)

@@ -365,6 +365,7 @@ class BundleReader:
         self._raw = raw
         self._tar = TarStream(raw, label)
         self.verified: Verified | None = None
+        self.envelope = b""
 
     def read_envelope(self) -> Verified:
         """Read the first member, which must be the envelope, and verify its signature."""
@@ -381,7 +382,8 @@ class BundleReader:
                                  hint="this is not a bundler bundle")
         chunks: list[bytes] = []
         self._diagnosed(lambda: self._tar.read_data(member, lambda v: chunks.append(bytes(v))))
-        self.verified = verify_envelope(b"".join(chunks), self.trusted)
+        self.envelope = b"".join(chunks)  # its signatures and carried trust documents
+        self.verified = verify_envelope(self.envelope, self.trusted)
         if isinstance(self._raw, volumes.VolumeSet):  # its index and parts, now checked
             self._raw.open_parts(self.verified, self.trusted, self._tar.pos)
         return self.verified

@@ -70,7 +70,11 @@ def export_(bundle: Path, dest: Path, kit_path: Path | None, cache_dir: Path | N
         how = "built" if result.kit_source == "built" else "built earlier"
         click.echo(f"  kit {result.kit.name}: {how} for the bundle's target, kept in "
                    f"{result.kit.parent}")
-    click.echo(f"  public key {result.pub} (key id {result.keyid})")
+    if result.root_doc:
+        click.echo(f"  root of trust {result.root_doc} (the latest root version the bundle "
+                   f"carries; signed by key {result.keyid})")
+    else:
+        click.echo(f"  public key {result.pub} (key id {result.keyid})")
     m = result.manifest
     written = sum(1 for i in result.items if i.status == "written")
     click.echo(f"exported {m.name} {m.version} to {dest} ({result.fs_type}"
