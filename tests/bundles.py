@@ -36,24 +36,8 @@ def manifest_for(files: dict[str, bytes], **over: object) -> Manifest:
     return Manifest(**fields)  # type: ignore[arg-type]
 
 
-def write_bundle(path: Path, key: Ed25519PrivateKey, files: dict[str, bytes],
-                 **over: object) -> Manifest:
-    """A valid bundle, packed by the real packer."""
-    manifest = manifest_for(files, **over)
-    sources = {}
-    for p, data in files.items():
-        src = path.parent / ("src-" + hashlib.sha256(p.encode()).hexdigest()[:12])
-        src.write_bytes(data)
-        sources[p] = src
-    archive.pack(path, sign(manifest, key), [(e, sources[e.path]) for e in manifest.files],
-                 mtime=1_700_000_000)
-    return manifest
-
-
-def write_volume_set(path: Path, key: Ed25519PrivateKey, files: dict[str, bytes],
-                     part_size: int, **over: object) -> Path:
-    """A valid volume set (head, parts, index signed by `key`), packed by the real packer;
-    returns its index."""
+def _pack(path: Path, key: Ed25519PrivateKey, files: dict[str, bytes], part_size: int | None,
+          over: dict[str, object]) -> tuple[Manifest, volumes.PartIndex | None]:
     manifest = manifest_for(files, **over)
     sources = {}
     for p, data in files.items():
@@ -63,6 +47,20 @@ def write_volume_set(path: Path, key: Ed25519PrivateKey, files: dict[str, bytes]
     index = archive.pack(path, sign(manifest, key),
                          [(e, sources[e.path]) for e in manifest.files],
                          mtime=1_700_000_000, part_size=part_size)
+    return manifest, index
+
+
+def write_bundle(path: Path, key: Ed25519PrivateKey, files: dict[str, bytes],
+                 **over: object) -> Manifest:
+    """A valid bundle, packed by the real packer."""
+    return _pack(path, key, files, None, over)[0]
+
+
+def write_volume_set(path: Path, key: Ed25519PrivateKey, files: dict[str, bytes],
+                     part_size: int, **over: object) -> Path:
+    """A valid volume set (head, parts, index signed by `key`), packed by the real packer;
+    returns its index."""
+    _, index = _pack(path, key, files, part_size, over)
     assert index is not None
     return volumes.write_index(path, index, key)
 
