@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from bundler.bundle import supportfile
 from bundler.errors import MigrationError, NodeDownError, RolledBackError
 from tests import docker_fixtures as dfx
 from tests import pg_image
@@ -37,7 +38,9 @@ HEALTH = ["CMD", "busybox", "timeout", "2", "busybox", "wget", "-q", "-O", "/dev
 def _image(client: Any, base: str, ref: str, version: str, serves: bool) -> str:
     """A web server image: busybox httpd answering /version with `version`; `serves=False`:
     one that never answers (its healthcheck never passes)."""
-    cmd = (["busybox", "httpd", "-f", "-p", "80", "-h", "/www"] if serves
+    # says what it serves first: the support archive gathers the tasks' logs
+    cmd = (["busybox", "sh", "-c", 'echo "serving $RELEASE on $(busybox hostname)"; '
+            "exec busybox httpd -f -p 80 -h /www"] if serves
            else ["busybox", "sleep", "3600"])
     dockerfile = f"FROM {base}\nCOPY www/ /www/\nCMD {json.dumps(cmd)}\n".encode()
     buf = io.BytesIO()
@@ -174,6 +177,12 @@ def test_deploy_upgrade_and_rollback_on_two_nodes(swarm: sfx.Swarm, built: Built
         assert rows[f"node {n.name} images"]["detail"].startswith("1 of 1 "), rows
         assert rows[f"node {n.name} disk"]["status"] == "ok", rows
     assert rows["port 8080"]["status"] == "ok", rows
+    # the support archive has each service's logs, from its tasks on both nodes
+    out = tmp_path / "support.tar.gz"
+    made = on_manager(swarm, "support", "--root", root, "--out", out)
+    assert made.rc == 0, made.err
+    log = supportfile.read(out).members["logs/swarm/web.log"].decode()
+    assert log.count("serving 1.0.0 on ") == 2, log
 
     # a rolling upgrade while a round-robin client keeps asking both nodes
     finish = poller(8080)

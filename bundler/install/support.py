@@ -405,19 +405,22 @@ def _mtime(path: Path) -> float:
 
 def logs(ctx: Context) -> Iterator[tuple[str, Content]]:
     """The releases' logs/ (supervised processes), then the current compose project's
-    containers (engine logs, the last lines)."""
+    containers, or swarm stack's services (engine logs, the last lines)."""
     yield from _process_logs(ctx)
     version = ctx.current()
     if version is None:
         return
     from bundler.install.release import Release
     from bundler.install.runtimes.compose import ComposeRuntime
+    from bundler.install.runtimes.swarm import SwarmRuntime
 
     found = Release.load(ctx.layout, version)
     runtime = found.runtime if found is not None else None
-    if runtime is not None and runtime.kind == "swarm":
-        yield "logs/swarm.txt", ("swarm tasks' logs are not collected: run `docker service "
-                                 "logs` on a manager node")
+    if isinstance(runtime, SwarmRuntime):
+        from bundler.install import swarm_runtime
+
+        for name, text in swarm_runtime.logs_tail(runtime.stack(), COMPOSE_LINES):
+            yield f"logs/swarm/{name}.log", text
     elif isinstance(runtime, ComposeRuntime):
         from bundler.install import compose_runtime as cr
 

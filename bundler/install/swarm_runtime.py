@@ -686,6 +686,23 @@ def crashed(stack: Stack, since: float | None = None) -> list[str]:
     return out
 
 
+def logs_tail(stack: Stack, lines: int) -> list[tuple[str, str]]:
+    """Each service's last `lines` log lines, from all its tasks on every node (the manager
+    gathers them, as `docker service logs` does), secrets redacted."""
+    api = _manager()
+    out = []
+    for svc in sorted(_services(api, stack.name), key=lambda s: str(s["Spec"]["Name"])):
+        name = str(svc["Spec"]["Name"]).removeprefix(stack.name + "_")
+        try:
+            raw = b"".join(api.service_logs(str(svc["ID"]), stdout=True, stderr=True,
+                                            tail=lines, timestamps=False))
+            text = raw.decode(errors="replace") or "(no output)"
+        except (docker_sdk().errors.DockerException, *transport_errors()) as exc:
+            text = f"(the swarm did not give this service's logs: {first_line(str(exc))})"
+        out.append((name, _redact(stack, text)))
+    return out
+
+
 def service_container(layout: Layout, stack: str, service: str) -> tuple[str, str] | None:
     """(engine endpoint, container id) of one running task of `service`, or None."""
     api = _manager()
