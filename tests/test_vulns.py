@@ -122,6 +122,14 @@ def test_withdrawn_records_are_ignored_and_git_ranges_not_matched() -> None:
      ("CRITICAL", "10.0")),
     (record("S-6", "PyPI", "p", cvss="CVSS:3.1/AV:N/AC:H/PR:N/UI:N/S:U/C:H/I:N/A:N"),
      ("MODERATE", "5.9")),
+    # CVSS v4 and v2 vectors are scored too (the `cvss` package), a broken one is no score
+    (record("S-9", "PyPI", "p",
+            cvss="CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:N/SI:N/SA:N"),
+     ("CRITICAL", "9.3")),
+    (record("S-10", "PyPI", "p", cvss="CVSS:4.0/AV:L/AC:H/AT:P/PR:H/UI:A/VC:L/VI:N/VA:N/"
+                                      "SC:N/SI:N/SA:N"), ("LOW", "1.0")),
+    (record("S-11", "PyPI", "p", cvss="AV:N/AC:L/Au:N/C:P/I:P/A:P"), ("HIGH", "7.5")),
+    (record("S-12", "PyPI", "p", cvss="CVSS:4.0/AV:Q/AC:L"), ("UNKNOWN", "")),
     (record("S-7", "PyPI", "p", severity_word="medium"), ("MODERATE", "")),
     (record("S-8", "PyPI", "p"), ("UNKNOWN", "")),
 ])

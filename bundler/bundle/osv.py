@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import stat
@@ -210,33 +209,24 @@ def fixes(entry: dict[str, Any], component: Component) -> tuple[str, ...]:
 
 # --- severity -----------------------------------------------------------------------------
 
-_CVSS3 = {"AV": {"N": 0.85, "A": 0.62, "L": 0.55, "P": 0.2}, "AC": {"L": 0.77, "H": 0.44},
-          "UI": {"N": 0.85, "R": 0.62}, "C": {"H": 0.56, "L": 0.22, "N": 0.0}}
+# OSV severity types and the `cvss` package's class for each (its base score, per version).
+_CVSS_KINDS = {"CVSS_V2": "CVSS2", "CVSS_V3": "CVSS3", "CVSS_V4": "CVSS4"}
 
 
-def _roundup(x: float) -> float:
-    """CVSS 3.1's Roundup: the smallest one-decimal number at least x."""
-    n = round(x * 100000)
-    return n / 100000.0 if n % 10000 == 0 else (math.floor(n / 10000) + 1) / 10.0
-
-
-def cvss3_score(vector: str) -> float | None:
-    """The CVSS 3.x base score of a vector (CVSS:3.1/AV:N/AC:L/...), or None."""
-    if not re.match(r"^CVSS:3\.[01]/", vector):
+def cvss_score(kind: str, vector: str) -> float | None:
+    """The CVSS base score of an OSV `severity[]` entry (CVSS_V2, _V3 or _V4, computed by the
+    `cvss` package), or None: another type, or a vector it cannot read."""
+    name = _CVSS_KINDS.get(kind)
+    if name is None or len(vector) > 400:
         return None
-    m = dict(p.split(":", 1) for p in vector.split("/")[1:] if ":" in p)
+    import cvss  # loaded only when a record is scored
+
+    if kind == "CVSS_V2" and vector.startswith("CVSS:2.0/"):
+        vector = vector[len("CVSS:2.0/"):]  # cvss reads v2 vectors without the prefix
     try:
-        changed = m["S"] == "C"
-        pr = {"N": 0.85, "L": 0.68 if changed else 0.62, "H": 0.5 if changed else 0.27}[m["PR"]]
-        cia = [_CVSS3["C"][m[x]] for x in ("C", "I", "A")]
-        expl = 8.22 * _CVSS3["AV"][m["AV"]] * _CVSS3["AC"][m["AC"]] * pr * _CVSS3["UI"][m["UI"]]
-    except KeyError:
+        return float(getattr(cvss, name)(vector).base_score)
+    except Exception:  # signed data, but a vector the package refuses is just not a score
         return None
-    iss = 1 - (1 - cia[0]) * (1 - cia[1]) * (1 - cia[2])
-    impact = 7.52 * (iss - 0.029) - 3.25 * (iss - 0.02) ** 15 if changed else 6.42 * iss
-    if impact <= 0:
-        return 0.0
-    return _roundup(min((1.08 if changed else 1.0) * (impact + expl), 10.0))
 
 
 def score_severity(score: float) -> str:
@@ -253,8 +243,8 @@ def score_severity(score: float) -> str:
 
 def severity(record: dict[str, Any], entry: dict[str, Any]) -> tuple[str, str]:
     """(severity, CVSS score text): the record's or the entry's `database_specific.severity`
-    word when there is one, else the highest CVSS 3.x base score of `severity[]` (the entry's
-    or the record's), else UNKNOWN."""
+    word when there is one, else the highest CVSS (v2, v3 or v4) base score of `severity[]`
+    (the entry's or the record's), else UNKNOWN."""
     for where in (entry, record):
         spec = where.get("database_specific")
         word = spec.get("severity") if isinstance(spec, dict) else None
@@ -272,7 +262,7 @@ def _best_score(entry: dict[str, Any], record: dict[str, Any]) -> float | None:
     for where in (entry, record):
         for s in where.get("severity") or ():
             if isinstance(s, dict) and isinstance(s.get("score"), str):
-                value = cvss3_score(s["score"]) if s.get("type") == "CVSS_V3" else None
+                value = cvss_score(str(s.get("type")), s["score"])
                 if value is not None:
                     scores.append(value)
     return max(scores) if scores else None
