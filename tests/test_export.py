@@ -614,3 +614,35 @@ def test_a_bundle_under_a_root_of_trust_exports_its_root_not_a_key(
     assert init.rc == 0, init.err
     done = bundle("verify", stick / signed.name, "--root", host)
     assert done.rc == 0, done.err
+
+
+def test_a_stick_used_again_gets_the_new_install_txt(built: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    """The next month's export onto the same stick: the INSTALL.txt an earlier export wrote
+    is replaced (last, once everything else is written and read back); one a person wrote
+    is still refused."""
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    rc, _doc, err = export(built["bundle"], stick, "--pub", built["pub"], "--kit",
+                           built["dist"] / KIT)
+    assert rc == 0, err
+    key = load_pem_private_key(built["key"].read_bytes(), password=None)
+    src = tmp_path / "src"
+    src.mkdir()
+    write_bundle(src / "vault-1.1.0.bundle", key,  # type: ignore[arg-type]
+                 {"files/app.txt": b"v1.1\n"}, name="vault", version="1.1.0")
+    rc, doc, err = export(src / "vault-1.1.0.bundle", stick, "--pub", built["pub"], "--kit",
+                          built["dist"] / KIT)
+    assert rc == 0, err
+    status = {f["name"]: f["status"] for f in doc["files"]}  # type: ignore[attr-defined]
+    assert status["INSTALL.txt"] == "replaced" and status["vault-1.1.0.bundle"] == "written"
+    assert status[KIT] == "unchanged"
+    assert " install vault-1.1.0.bundle " in (stick / "INSTALL.txt").read_text()
+
+    (stick / "INSTALL.txt").write_text("my own notes about this stick\n")
+    rc, doc, err = export(built["bundle"], stick, "--pub", built["pub"], "--kit",
+                          built["dist"] / KIT)
+    assert rc == ExportError.exit_code, err
+    assert "INSTALL.txt already exists and is not the file this export writes" in str(
+        doc["message"])
+    assert (stick / "INSTALL.txt").read_text() == "my own notes about this stick\n"

@@ -77,7 +77,8 @@ class Item:
     source: Path | None = None  # copied whole from this file
     data: bytes | None = None   # or written from memory
     in_stream: bool = False     # or a slice of the bundle stream (a part of a new split)
-    status: str = "pending"     # then: written, or unchanged (identical file already there)
+    status: str = "pending"     # then: written, replaced, or unchanged (identical, there)
+    replaces: bool = False      # an earlier export's INSTALL.txt is there: written over it
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "role": self.role, "size": self.size,
@@ -468,7 +469,7 @@ def _instructions(manifest: Manifest, keyid: str, items: list[Item], kit: str, t
    NAME=value a line; kept across releases, never in the bundle): {", ".join(required)}."""
     text = f"""\
 {manifest.name} {manifest.version} (sequence {manifest.sequence}) for \
-{manifest.target.platform}, signed by key {keyid}; written by `bundle export`.
+{manifest.target.platform}, signed by key {keyid}{_EXPORT_MARK}
 
 Files (sha256, two spaces, name). To check them all, in this directory:
   grep -E '^[0-9a-f]{{64}}  ' INSTALL.txt | sha256sum -c
@@ -525,14 +526,31 @@ def _host_steps(manifest: Manifest) -> str:
     return "\n".join(lines) + "\n"
 
 
+_EXPORT_MARK = "; written by `bundle export`."  # the end of INSTALL.txt's first line
+
+
+def _earlier_instructions(target: Path) -> bool:
+    """Whether `target` is an INSTALL.txt an earlier `bundle export` wrote (for another
+    bundle, on a stick used again): bundler's own file, replaced rather than refused."""
+    if not target.is_file() or target.is_symlink():
+        return False
+    with open(target, "rb") as fh:
+        first = fh.read(4096).split(b"\n", 1)[0]
+    return first.decode(errors="replace").endswith(_EXPORT_MARK)
+
+
 def _existing(dest: Path, item: Item) -> None:
-    """Mark `item` unchanged if DEST already has it; refuse a different file of that name."""
+    """Mark `item` unchanged if DEST already has it; refuse a different file of that name
+    (but an INSTALL.txt of an earlier export is replaced: it names another bundle)."""
     target = dest / item.name
     if not os.path.lexists(target):
         return
     if target.is_file() and not target.is_symlink() and target.stat().st_size == item.size \
             and sha256_file(target)[0] == item.sha256:
         item.status = "unchanged"
+        return
+    if item.role == "instructions" and _earlier_instructions(target):
+        item.replaces = True
         return
     raise ExportError(f"{target} already exists and is not the file this export writes "
                       f"({item.role}, sha256 {item.sha256[:16]}…); nothing was written",
@@ -764,9 +782,12 @@ def _write_all(dest: Path, source: _Source, items: list[Item], pending: list[Ite
                 hit = corrupt and item.role in ("bundle", "part")
                 corrupt = corrupt and not hit
                 _write_item(dest, item, chunks, what, advance, hit)
-                done.append(item)
-                ui.note(f"wrote {item.name} ({human_bytes(item.size)}), read back: sha256 "
-                        "matches")
+                if item.replaces:  # last of all: nothing fails after it to undo it
+                    item.status = "replaced"
+                else:
+                    done.append(item)
+                ui.note(f"{item.status} {item.name} ({human_bytes(item.size)}), read back: "
+                        "sha256 matches")
     except BaseException:
         for item in done:  # nothing half-done is left: only what DEST had before
             with contextlib.suppress(FileNotFoundError):
