@@ -163,7 +163,7 @@ def test_a_changed_wheel_that_does_not_check_falls_back(tmp_path: Path) -> None:
     new = {**BASE, "tinygreet": ("1.1", _greet("1.1", {
         "tinygreet/__init__.py": "raise ImportError('needs a config')\n"}))}
     notes: list[str] = []
-    first, second, made, before = _upgrade(tmp_path, new, notes)
+    first, _, made, before = _upgrade(tmp_path, new, notes)
     assert made.reused_from is None, made
     assert any("python (import check) failed" in n for n in notes), notes
     _old_intact(first, before)
@@ -254,7 +254,7 @@ def test_a_file_two_distributions_claim_is_a_doubt(tmp_path: Path) -> None:
     # a namespace package: `ns/__init__.py` written by both a and b
     recs = {"a-1.dist-info": [*RECS["a-1.dist-info"], "ns/__init__.py"],
             "b-1.dist-info": [*RECS["b-1.dist-info"], "ns/__init__.py"]}
-    with pytest.raises(Doubt, match="ns/__init__.py belongs to a changed distribution"):
+    with pytest.raises(Doubt, match=r"ns/__init__\.py belongs to a changed distribution"):
         _plan(tmp_path, recs, {"a/__init__.py": ""})
 
 
@@ -282,7 +282,7 @@ def test_a_record_row_the_venv_does_not_hold_is_a_doubt(tmp_path: Path) -> None:
     whl = make_wheel(tmp_path / "w", "a", "2", {"a/__init__.py": ""})
     new = {"b-1-py3-none-any.whl": "sha-b-1-py3-none-any.whl",
            whl.name: hashlib.sha256(whl.read_bytes()).hexdigest()}
-    with pytest.raises(Doubt, match="lists a/missing.py, which the venv does not hold"):
+    with pytest.raises(Doubt, match=r"lists a/missing\.py, which the venv does not hold"):
         venv_delta.plan(rec, _dists(WHEELS), new, tmp_path / "w",
                         _reader(bad))  # type: ignore[arg-type]
     escaping = {**RECS, "a-1.dist-info": ["../../../../etc/passwd"]}
