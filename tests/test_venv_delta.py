@@ -144,6 +144,15 @@ def test_removed_and_added_distributions(tmp_path: Path) -> None:
     _fresh_equals(tmp_path, second, new)
 
 
+def test_a_removed_distribution_only_installs_nothing(tmp_path: Path) -> None:
+    new = {k: v for k, v in BASE.items() if k != "other"}
+    first, second, made, before = _upgrade(tmp_path, new)
+    assert "except 1 changed distribution (-other 2.0)" in made.summary, made
+    assert "0 wheel(s) installed" in made.summary
+    _old_intact(first, before)
+    _fresh_equals(tmp_path, second, new)
+
+
 def test_a_wheel_writing_a_file_the_clone_holds_falls_back_to_a_full_install(
         tmp_path: Path) -> None:
     # the new `fourth` ships other/extra.py: into a directory of the unchanged `other`, fine;

@@ -446,7 +446,9 @@ def _install_changed(venv: Path, release: Path, m: Manifest, plan: venv_delta.Pl
     lines = _lock_lines(release / m.python_lock, [_wheels_of(m)[w] for w in plan.install])
     log = release / "logs" / "uv-pip-install.log"
     try:
-        _with_uv_into(uv, venv, wheels, lines, [str(venv / i) for i in plan.installs], log)
+        if plan.install:  # (none: distributions were only removed)
+            _with_uv_into(uv, venv, wheels, lines, [str(venv / i) for i in plan.installs],
+                          log)
     except (InstallError, CommandError) as exc:
         if isinstance(exc, Cancelled) or disk_full(exc):
             raise  # not a doubt about the clone: a full install would fail the same way
