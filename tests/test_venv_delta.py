@@ -17,6 +17,7 @@ import pytest
 
 from bundler.bundle.manifest import FileEntry, Manifest
 from bundler.bundle.models import Target
+from bundler.errors import InstallError
 from bundler.install import python_env, reuse, venv_delta
 from bundler.install.reuse import Doubt, Entry, Record
 from tests.helpers import make_wheel, tree_digest
@@ -168,13 +169,24 @@ def test_a_wheel_writing_a_file_the_clone_holds_falls_back_to_a_full_install(
     _old_intact(first, before)
 
 
-def test_a_changed_wheel_that_does_not_check_falls_back(tmp_path: Path) -> None:
-    new = {**BASE, "tinygreet": ("1.1", _greet("1.1", {
-        "tinygreet/__init__.py": "raise ImportError('needs a config')\n"}))}
+@pytest.mark.parametrize("failing", ["uv", "check"])
+def test_uv_or_the_check_failing_falls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            failing: str) -> None:
+    # a fake at the adapter boundary: uv exiting non-zero, or the clone's check failing
+    if failing == "uv":
+        def uv_fails(*_: object) -> Path:
+            raise InstallError("installing Python packages failed: uv pip install exited 2")
+        monkeypatch.setattr(python_env, "_with_uv_into", uv_fails)
+    else:
+        monkeypatch.setattr(python_env, "_IMPORTS", "raise SystemExit('no such package')")
+    new = {**BASE, "tinygreet": ("1.1", _greet("1.1"))}
     notes: list[str] = []
-    first, _, made, before = _upgrade(tmp_path, new, notes)
-    assert made.reused_from is None, made
-    assert any("python (import check) failed" in n for n in notes), notes
+    first, second, made, before = _upgrade(tmp_path, new, notes)
+    assert made.reused_from is None and "installed from the wheels" in made.summary, made
+    why = "uv pip install exited 2" if failing == "uv" else "python (import check) failed"
+    assert any(n.startswith("venv of 1.0 not partly reused (") and why in n
+               for n in notes), notes
+    assert _run(second / "venv", "import tinygreet; print(tinygreet.VERSION)") == "1.1"
     _old_intact(first, before)
 
 

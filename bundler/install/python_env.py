@@ -428,8 +428,17 @@ with ProcessPoolExecutor(min(os.cpu_count() or 1, max(len(files), 1)), mp_contex
     bad = sum(pool.map(one, files, chunksize=16))
 print(f"compiled {len(files) - bad} file(s); {bad} not valid Python 3, left out")
 """
-# The changed distributions' top-level packages must import (no bytecode written: -B).
-_IMPORTS = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+# The changed distributions' top-level names must resolve to the venv's site-packages. Found
+# (importlib.util.find_spec), not imported: importing runs the package's code, which a full
+# install never does, and code that wrote a file at import could write one the clone shares.
+_IMPORTS = """
+import importlib.util, os, sys, sysconfig
+sites = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+for name in sys.argv[1:]:
+    spec = importlib.util.find_spec(name)
+    where = spec and (spec.origin or next(iter(spec.submodule_search_locations or ()), None))
+    assert where and any(where.startswith(s + os.sep) for s in sites), f"{name}: {where}"
+"""
 
 
 def _install_changed(venv: Path, release: Path, m: Manifest, plan: venv_delta.Plan,
@@ -456,7 +465,7 @@ def _install_changed(venv: Path, release: Path, m: Manifest, plan: venv_delta.Pl
     py = venv / "bin" / "python"
     checks: tuple[tuple[str, list[str | Path]], ...] = (
         ("python (venv check)", [py, "-I", "-c", _CHECK, str(venv)]),
-        ("python (import check)", [py, "-I", "-B", "-c", _IMPORTS, *_top_level(plan)]))
+        ("python (import check)", [py, "-I", "-c", _IMPORTS, *_top_level(plan)]))
     for what, argv in checks:
         try:
             result = proc.run(argv, what=what, timeout=_VENV_TIMEOUT, check=False)
