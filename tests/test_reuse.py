@@ -119,7 +119,8 @@ def test_a_path_that_changes_the_scripts_form_installs_normally(tmp_path: Path) 
     assert os.popen(str(second / "venv" / "bin" / "tinygreet")).read() == "cli\n"
 
 
-def test_a_changed_wheel_installs_normally(tmp_path: Path) -> None:
+def test_a_changed_wheel_is_installed_into_a_clone_of_the_rest(tmp_path: Path) -> None:
+    # (the same version, other bytes: the signed sha256 decides; tests/test_venv_delta.py)
     root = tmp_path / "root"
     inputs, m = _wheels(tmp_path / "in")
     first = _release(root, "1.0", inputs)
@@ -127,8 +128,11 @@ def test_a_changed_wheel_installs_normally(tmp_path: Path) -> None:
     changed, m2 = _wheels(tmp_path / "in2", greeting="hello")
     second = _release(root, "1.1", changed)
     made = _provide(second, m2, [first])
-    assert made.reused_from is None and made.log is not None
-    assert "installed from the wheels" in made.summary
+    assert made.reused_from == "1.0" and made.log is not None
+    assert "except 1 changed distribution (tinygreet 1.0 -> 1.0)" in made.summary, made
+    greet = "import tinygreet; print(tinygreet.greet())"
+    assert os.popen(f"{second}/venv/bin/python -c '{greet}'").read() == "hello\n"
+    assert os.popen(f"{first}/venv/bin/python -c '{greet}'").read() == "hi\n"
 
 
 def test_a_tampered_file_defeats_reuse_and_does_not_propagate(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ the release it rolls back to as it was: that tree is installed again before it s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from bundler.errors import RolledBackError
+from bundler.install import python_env, reuse
 from tests.helpers import (
     REPO,
     SERVER_PY,
@@ -24,6 +26,7 @@ from tests.helpers import (
     bundle,
     bundle_argv,
     free_port,
+    make_wheel,
     offline,
     tree_digest,
     unavailable,
@@ -123,6 +126,66 @@ def test_same_wheels_reuse_the_venv_and_a_rollback_leaves_it_alone(
     seconds = [float(re.search(r"in ([\d.]+) s", d)[1])  # type: ignore[index]
                for d in (installed, reused)]
     print(f"\nvenv: installed in {seconds[0]} s, reused in {seconds[1]} s")
+
+
+def _wheel(project: Project, name: str, version: str, files: dict[str, str]) -> None:
+    """`name` at `version` in the wheelhouse, and in requirements.txt instead of any other."""
+    whl = make_wheel(project.wheelhouse, name, version, files)
+    sha = hashlib.sha256(whl.read_bytes()).hexdigest()
+    reqs = project.dir / "requirements.txt"
+    kept = [ln for ln in reqs.read_text().splitlines() if not ln.startswith(f"{name}==")]
+    reqs.write_text("\n".join([*kept, f"{name}=={version} --hash=sha256:{sha}"]) + "\n")
+
+
+GREET = "import tinygreet; print(tinygreet.greet())"
+
+
+def test_one_changed_wheel_is_all_an_upgrade_installs_and_a_rollback_finds_the_old_one(
+        project: Project, keys: tuple[Path, Path], cache_dir: Path, tmp_path: Path,
+        roots: list[Path]) -> None:
+    _wheel(project, "helper", "1.0", {"helper/__init__.py": "H = 1\n",
+                                      "helper/more.py": "M = 2\n"})
+    v1 = _build(project, keys, cache_dir, "1.0.0", SERVER_PY, sequence=1)
+    _wheel(project, "tinygreet", "1.1", {
+        "tinygreet/__init__.py": "def greet():\n    return 'hello from 1.1'\n"})
+    v2 = _build(project, keys, cache_dir, "1.1.0", SERVER_PY, sequence=2)
+    # an added wheel that ships a file of the unchanged `helper`: never written through the
+    # clone's hard link; 1.2.0's venv is installed from every wheel instead
+    _wheel(project, "clash", "1.0", {"clash.py": "", "helper/more.py": "M = 'clash'\n"})
+    v3 = _build(project, keys, cache_dir, "1.2.0", SERVER_PY, sequence=3)
+    root = tmp_path / "target"
+    roots.append(root)
+    trust = ["--trust", keys[1], "--root", root]
+    venv1, venv2 = root / "releases/1.0.0/venv", root / "releases/1.1.0/venv"
+    r1, _, r2, _, greet1, greet2, back, greet_back, r3, stop = offline(
+        bundle_argv("install", v1, *trust), _digest(venv1, tmp_path / "venv1.json"),
+        bundle_argv("install", v2, *trust), _digest(venv1, tmp_path / "venv1-after.json"),
+        [venv1 / "bin/python", "-c", GREET], [venv2 / "bin/python", "-c", GREET],
+        bundle_argv("rollback", "--root", root, "--to", "1.0.0"),
+        [venv1 / "bin/python", "-c", GREET],
+        bundle_argv("install", v3, *trust), bundle_argv("stop", "--root", root))
+    assert (r1.rc, r2.rc, back.rc, r3.rc, stop.rc) == (0, 0, 0, 0, 0), \
+        r1.err + r2.err + back.err + r3.err
+    installed = _steps(root, "1.0.0", "python")["installed"]
+    partly = _steps(root, "1.1.0", "python")["reused"]
+    assert partly.startswith("reused the venv of release 1.0.0 except 1 changed distribution "
+                             "(tinygreet 1.0 -> 1.1): "), partly
+    assert "1 wheel(s) installed" in partly and f"venv {partly}" in r2.err
+    assert (greet1.out, greet2.out, greet_back.out) == (
+        "hello from a wheel\n", "hello from 1.1\n", "hello from a wheel\n")
+    # 1.0.0's venv: as its record says, file for file, before and after 1.1.0 was installed
+    assert json.loads((tmp_path / "venv1-after.json").read_text()) == \
+        json.loads((tmp_path / "venv1.json").read_text())
+    rec = reuse.Record.load(python_env.record_path(root / "releases/1.0.0"))
+    assert rec is not None and reuse.shared_doubt(rec) is None
+    assert "repaired" not in json.dumps(_report(root, "1.1.0"))
+    # the collision: noted, and 1.2.0 installed from all its wheels, healthy
+    assert "venv of 1.0.0 not partly reused (" in r3.err and "helper/more.py" in r3.err, r3.err
+    assert "installed" in _steps(root, "1.2.0", "python")
+    assert reuse.shared_doubt(rec) is None
+    seconds = [float(re.search(r"in ([\d.]+) s", d)[1])  # type: ignore[index]
+               for d in (installed, partly)]
+    print(f"\nvenv: installed in {seconds[0]} s, partly reused in {seconds[1]} s")
 
 
 SERVER_JS = textwrap.dedent("""\

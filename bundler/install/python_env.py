@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import dataclasses
+import functools
 import hashlib
 import os
 import posixpath
@@ -20,10 +22,10 @@ from bundler import proc, timeouts, tools
 from bundler.bundle import hostneeds
 from bundler.bundle.manifest import Manifest
 from bundler.bundle.models import Target
-from bundler.errors import CommandError, InstallError
+from bundler.errors import Cancelled, CommandError, InstallError, disk_full
 from bundler.faults import fault_point
 from bundler.fsutil import sha256_file
-from bundler.install import reuse
+from bundler.install import reuse, venv_delta
 
 _PYTHON_PROBE = 30.0  # seconds for each candidate interpreter to print its version
 _VENV_TIMEOUT = 300.0  # `python -m venv`: copies pip in
@@ -260,6 +262,13 @@ def fingerprint(m: Manifest, python: Path) -> str:
     """What a venv made for release `m` by `python` depends on, its path aside: the wheels
     and the lock (their signed sha256), the interpreter (its path, version and build), the
     installer (uv's binary, or the pip fallback) and how bundler runs them."""
+    return fingerprints(m, python)[0]
+
+
+def fingerprints(m: Manifest, python: Path) -> tuple[str, str | None]:
+    """(`fingerprint`, the same without the wheels and the lock: what a venv another release
+    made must share for its unchanged distributions to be reused, None with the pip fallback,
+    whose venvs are never partly reused)."""
     probe = proc.run([python, "-I", "-c", "import sys; print(sys.version); "
                       "print(sys.implementation.cache_tag, sys.platform)"],
                      what="python (fingerprint)", timeout=_PYTHON_PROBE)
@@ -268,11 +277,23 @@ def fingerprint(m: Manifest, python: Path) -> str:
     h.update(hashlib.sha256(COMPILE.encode()).hexdigest().encode())
     h.update(f"\npython {python}\n{probe.output}\n".encode())
     h.update(f"installer {'uv ' + sha256_file(uv)[0] if uv else 'pip'}\n".encode())
+    base = h.copy()
+    base.update(f"partial {hashlib.sha256((COMPILE_FILES + _IMPORTS).encode()).hexdigest()}"
+                .encode())
     assert m.python_lock is not None
     for f in sorted(m.files, key=lambda f: f.path):
         if f.kind == "wheel" or f.path == m.python_lock:
             h.update(f"{f.kind} {f.path} {f.sha256}\n".encode())
-    return h.hexdigest()
+    return h.hexdigest(), base.hexdigest() if uv else None
+
+
+def dists_path(release: Path) -> Path:
+    return release / "bundle" / venv_delta.NAME
+
+
+def _wheels_of(m: Manifest) -> dict[str, str]:
+    """The release's wheels: file name -> signed sha256."""
+    return {posixpath.basename(f.path): f.sha256 for f in m.files if f.kind == "wheel"}
 
 
 @dataclass(frozen=True)
@@ -290,13 +311,19 @@ def provide(python: Path, m: Manifest, release: Path, releases: list[Path],
             ) -> Made:
     """`<release>/venv` for release `m`: cloned from the first of `releases` (installed ones,
     the current first) whose venv record has the same fingerprint and whose venv is exactly
-    as recorded; else installed from the wheels (`create_venv`). Either way its record is
-    written, for the next release. `link`: files are hard-linked (packages.LINK), else copied."""
+    as recorded; else cloned from the first with the same interpreter and installer without
+    the distributions whose wheel changed, and the new wheels installed into it (`_partly`);
+    else installed from the wheels (`create_venv`). Either way its record is written, for
+    the next release. `link`: files are hard-linked (packages.LINK), else copied."""
     assert m.python_lock is not None
-    venv, fp = release / "venv", fingerprint(m, python)
-    for old in releases:
-        rec = reuse.Record.load(record_path(old))
-        if rec is None or rec.fingerprint != fp or rec.top != os.path.abspath(old / "venv"):
+    venv, (fp, base) = release / "venv", fingerprints(m, python)
+    with contextlib.suppress(FileNotFoundError):
+        dists_path(release).unlink()  # a repaired release's, from its first install
+    recorded = [(old, rec) for old in releases
+                if (rec := reuse.Record.load(record_path(old))) is not None
+                and rec.top == os.path.abspath(old / "venv")]
+    for old, rec in recorded:
+        if rec.fingerprint != fp:
             continue
         start = time.monotonic()
         try:
@@ -305,20 +332,221 @@ def provide(python: Path, m: Manifest, release: Path, releases: list[Path],
             note(f"venv of {old.name} not reused ({exc}): installing from the wheels")
             continue
         done.record.write(record_path(release))
+        _write_dists(release, m, done.record, base)
         how = (f"{done.linked} file(s) hard-linked, {done.copied} copied" if done.linked
                else f"{done.copied} file(s) copied")
         return Made(f"reused the venv of release {old.name} (same wheels, interpreter and "
                     f"installer): {how}, {done.written} rewritten for the new path, in "
                     f"{time.monotonic() - start:.1f} s", old.name)
+    if base is not None:
+        made = _partly(m, release, recorded, fp, base, link, note)
+        if made is not None:
+            return made
     start = time.monotonic()
     log = create_venv(python, venv, release / "python" / "wheels", release / m.python_lock,
                       release / "logs", note)
     took = time.monotonic() - start
     try:
-        reuse.scan(venv, fp, os.path.abspath(release)).write(record_path(release))
+        rec = reuse.scan(venv, fp, os.path.abspath(release))
+        rec.write(record_path(release))
+        _write_dists(release, m, rec, base)
     except reuse.Doubt as exc:
         note(f"the venv cannot be reused by a later release: {exc}")
     return Made(f"installed from the wheels in {took:.1f} s", None, log)
+
+
+def _write_dists(release: Path, m: Manifest, rec: reuse.Record, base: str | None) -> None:
+    """Which wheel made which dist-info, for a later release that changes some of them."""
+    if base is None:
+        return
+    dists = venv_delta.describe(rec, release / "python" / "wheels", _wheels_of(m), base)
+    if dists is not None:
+        dists.write(dists_path(release))
+
+
+def _partly(m: Manifest, release: Path, recorded: list[tuple[Path, reuse.Record]], fp: str,
+            base: str, link: bool, note: Callable[[str], None]) -> Made | None:
+    """The venv of the first recorded release made by the same interpreter and installer,
+    cloned without the distributions whose wheel changed or went, and the changed and added
+    wheels installed into it (venv_delta). None, the partial clone removed and a note, on
+    any doubt: the caller installs every wheel."""
+    for old, rec in recorded:
+        dists = venv_delta.Dists.load(dists_path(old))
+        if dists is None or dists.base != base or dists.fingerprint != rec.fingerprint:
+            continue
+        start, venv = time.monotonic(), release / "venv"
+        try:
+            plan = venv_delta.plan(rec, dists, _wheels_of(m), release / "python" / "wheels",
+                                   functools.partial(reuse.read_verified, Path(rec.top)))
+            done = _clone(dataclasses.replace(rec, entries=plan.keep), venv, fp, link)
+            try:
+                log = _install_changed(venv, release, m, plan, done.record)
+                new = reuse.scan(venv, fp, os.path.abspath(release))
+            except BaseException:
+                reuse.remove(venv)
+                raise
+        except reuse.Doubt as exc:
+            note(f"venv of {old.name} not partly reused ({exc}): installing every wheel")
+            return None
+        new.write(record_path(release))
+        _write_dists(release, m, new, base)
+        n = len(plan.changes)
+        return Made(f"reused the venv of release {old.name} except {n} changed "
+                    f"distribution{'s' if n != 1 else ''} ({', '.join(plan.changes)}): "
+                    f"{done.linked} file(s) hard-linked, {done.copied} copied, "
+                    f"{len(plan.install)} wheel(s) installed, in "
+                    f"{time.monotonic() - start:.1f} s", old.name, log)
+    return None
+
+
+# The bytecode of the files the given distributions installed (each a dist-info directory
+# argument), written as COMPILE writes it (same walk, same skips, same `dfile`).
+COMPILE_FILES = """
+import csv, multiprocessing, os, py_compile, re, sys, sysconfig
+from concurrent.futures import ProcessPoolExecutor
+skip = re.compile(r"tests?|__pycache__")
+def one(path):
+    try:
+        py_compile.compile(path, dfile=os.path.relpath(path, sys.prefix), doraise=True)
+    except py_compile.PyCompileError:
+        return 1
+    return 0
+want = set()
+for info in sys.argv[1:]:
+    with open(os.path.join(info, "RECORD"), newline="") as fh:
+        want.update(os.path.normpath(os.path.join(os.path.dirname(info), row[0]))
+                    for row in csv.reader(fh) if row and row[0].endswith(".py"))
+files = []
+for top in sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}):
+    for here, dirs, names in os.walk(top):
+        dirs[:] = [d for d in dirs if not skip.fullmatch(d)]
+        files += [p for p in (os.path.join(here, n) for n in names if n.endswith(".py"))
+                  if p in want]
+files.sort(key=os.path.getsize, reverse=True)
+fork = multiprocessing.get_context("fork")
+with ProcessPoolExecutor(min(os.cpu_count() or 1, max(len(files), 1)), mp_context=fork) as pool:
+    bad = sum(pool.map(one, files, chunksize=16))
+print(f"compiled {len(files) - bad} file(s); {bad} not valid Python 3, left out")
+"""
+# The changed distributions' top-level names must resolve to the venv's site-packages. Found
+# (importlib.util.find_spec), not imported: importing runs the package's code, which a full
+# install never does, and code that wrote a file at import could write one the clone shares.
+_IMPORTS = """
+import importlib.util, os, sys, sysconfig
+sites = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+for name in sys.argv[1:]:
+    spec = importlib.util.find_spec(name)
+    where = spec and (spec.origin or next(iter(spec.submodule_search_locations or ()), None))
+    assert where and any(where.startswith(s + os.sep) for s in sites), f"{name}: {where}"
+"""
+
+
+def _install_changed(venv: Path, release: Path, m: Manifest, plan: venv_delta.Plan,
+                     cloned: reuse.Record) -> Path:
+    """Install the plan's wheels into the partial clone `venv` (offline, --no-deps, only
+    their lock lines), their bytecode, then check it. Doubt if anything fails, or if a file
+    the clone holds (hard-linked with the earlier release) changed meanwhile."""
+    uv = tools.find_uv()
+    if uv is None:
+        raise reuse.Doubt("uv not found")
+    before = _stats(venv, cloned)
+    wheels = release / "python" / "wheels"
+    assert m.python_lock is not None
+    lines = _lock_lines(release / m.python_lock, [_wheels_of(m)[w] for w in plan.install])
+    log = release / "logs" / "uv-pip-install.log"
+    try:
+        if plan.install:  # (none: distributions were only removed)
+            _with_uv_into(uv, venv, wheels, lines, [str(venv / i) for i in plan.installs],
+                          log)
+    except (InstallError, CommandError) as exc:
+        if isinstance(exc, Cancelled) or disk_full(exc):
+            raise  # not a doubt about the clone: a full install would fail the same way
+        raise reuse.Doubt(f"installing the changed wheels failed: {exc.message}") from None
+    py = venv / "bin" / "python"
+    checks: tuple[tuple[str, list[str | Path]], ...] = (
+        ("python (venv check)", [py, "-I", "-c", _CHECK, str(venv)]),
+        ("python (import check)", [py, "-I", "-c", _IMPORTS, *_top_level(plan)]))
+    for what, argv in checks:
+        try:
+            result = proc.run(argv, what=what, timeout=_VENV_TIMEOUT, check=False)
+        except CommandError as exc:
+            raise reuse.Doubt(f"{what} failed: {exc.message}") from None
+        if result.returncode != 0:
+            raise reuse.Doubt(f"{what} failed: {_summary(result.output)}")
+    if _stats(venv, cloned) != before:
+        raise reuse.Doubt("a file the clone shares with the earlier release changed while "
+                          "the new wheels were installed")
+    return log
+
+
+def _stats(venv: Path, rec: reuse.Record) -> dict[str, tuple[int, int, int, int]]:
+    """Each cloned file's inode, size, mtime and ctime: a write in place changes the last."""
+    out = {}
+    top = str(venv)
+    for e in rec.entries:
+        if e.kind == "f":
+            try:
+                st = os.lstat(os.path.join(top, e.path))
+            except OSError:
+                raise reuse.Doubt(f"{e.path} went while the new wheels were installed") from None
+            out[e.path] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+def _lock_lines(lock: Path, shas: list[str]) -> list[str]:
+    """The lock's line of each wheel (by its signed sha256), exactly one each."""
+    lines = lock.read_text().splitlines()
+    out = []
+    for sha in shas:
+        found = [ln for ln in lines if re.search(rf"--hash=sha256:{sha}\b", ln)]
+        if len(found) != 1:
+            raise reuse.Doubt(f"the lock has {len(found)} line(s) for wheel sha256 {sha[:12]}")
+        out.append(found[0])
+    return out
+
+
+def _top_level(plan: venv_delta.Plan) -> list[str]:
+    """The importable top-level names the plan's wheels install (packages with an
+    __init__.py and modules directly in site-packages)."""
+    names = set()
+    for info in plan.installs:
+        site = posixpath.dirname(info)
+        for path in plan.writes:
+            if not path.startswith(site + "/"):
+                continue
+            rel = path[len(site) + 1:].split("/")
+            if len(rel) == 1 and rel[0].endswith(".py"):
+                names.add(rel[0][:-3])
+            elif len(rel) == 2 and rel[1] == "__init__.py":
+                names.add(rel[0])
+    return sorted(n for n in names if n.isidentifier())
+
+
+def _with_uv_into(uv: Path, venv: Path, wheels: Path, lines: list[str], infos: list[str],
+                  log: Path) -> Path:
+    """`_with_uv` for some wheels into an existing venv: their lock lines only, --no-deps,
+    then their bytecode."""
+    env = proc.clean_env({"UV_NO_CONFIG": "1", "UV_PYTHON_DOWNLOADS": "never"})
+    unpack, sub = venv.parent / ".uv-unpack", venv.parent / ".uv-changed.lock"
+    shutil.rmtree(unpack, ignore_errors=True)
+    unpack.mkdir(mode=0o700)
+    fd = os.open(sub, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    common = ["--no-config", "--cache-dir", str(unpack), "--offline", "--color", "never"]
+    steps: tuple[tuple[str, list[str | Path]], ...] = (
+        ("uv pip install", [uv, "pip", "install", *common, "--no-index", "--find-links", wheels,
+                            "--require-hashes", "--only-binary", ":all:", "--no-deps",
+                            "--link-mode", "hardlink",
+                            "--python", venv / "bin" / "python", "-r", sub]),
+        (COMPILE_STEP, [venv / "bin" / "python", "-I", "-c", COMPILE_FILES, *infos]),
+    )
+    try:
+        return _run_uv(steps, env, venv, log)
+    finally:
+        shutil.rmtree(unpack, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            sub.unlink()
 
 
 def _clone(rec: reuse.Record, venv: Path, fp: str, link: bool) -> reuse.Cloned:
