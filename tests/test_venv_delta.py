@@ -21,8 +21,8 @@ from bundler.errors import InstallError
 from bundler.install import python_env, reuse, venv_delta
 from bundler.install.reuse import Doubt, Entry, Record
 from tests.helpers import make_wheel, tree_digest
+from tests.test_reuse import LOCK, _release
 
-LOCK = "python/requirements.lock"
 SITE = "lib/python3.11/site-packages"
 
 
@@ -52,15 +52,6 @@ def _inputs(base: Path, dists: dict[str, tuple[str, dict[str, str]]]) -> tuple[P
     files.append(FileEntry(LOCK, len(lock), hashlib.sha256(lock).hexdigest(), "lock"))
     py = f"{sys.version_info[0]}.{sys.version_info[1]}"
     return base, Manifest("shop", "1", 1, "", Target(python=py), tuple(files), python_lock=LOCK)
-
-
-def _release(root: Path, version: str, inputs: Path) -> Path:
-    rel = root / "releases" / version
-    for d in ("python", "bundle", "logs"):
-        (rel / d).mkdir(parents=True)
-    shutil.copytree(inputs / "wheels", rel / "python" / "wheels")
-    shutil.copyfile(inputs / "requirements.lock", rel / LOCK)
-    return rel
 
 
 def _provide(rel: Path, m: Manifest, earlier: list[Path], notes: list[str] | None = None

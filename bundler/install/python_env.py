@@ -106,7 +106,7 @@ def create_venv(python: Path, venv: Path, wheels: Path, lock: Path, logs: Path,
 # (importlib's _fix_co_filename), so tracebacks are unchanged, and the bytecode does not
 # depend on where the venv is, so a reused venv links or copies it instead of rewriting it.
 COMPILE_STEP = "compile bytecode"
-COMPILE = """
+_COMPILE_ONE = """
 import multiprocessing, os, py_compile, re, sys, sysconfig
 from concurrent.futures import ProcessPoolExecutor
 skip = re.compile(r"tests?|__pycache__")
@@ -116,7 +116,8 @@ def one(path):
     except py_compile.PyCompileError:
         return 1
     return 0
-files = []
+"""
+COMPILE = _COMPILE_ONE + """files = []
 for top in sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}):
     for here, dirs, names in os.walk(top):
         dirs[:] = [d for d in dirs if not skip.fullmatch(d)]
@@ -401,16 +402,7 @@ def _partly(m: Manifest, release: Path, recorded: list[tuple[Path, reuse.Record]
 
 # The bytecode of the files the given distributions installed (each a dist-info directory
 # argument), written as COMPILE writes it (same walk, same skips, same `dfile`).
-COMPILE_FILES = """
-import csv, multiprocessing, os, py_compile, re, sys, sysconfig
-from concurrent.futures import ProcessPoolExecutor
-skip = re.compile(r"tests?|__pycache__")
-def one(path):
-    try:
-        py_compile.compile(path, dfile=os.path.relpath(path, sys.prefix), doraise=True)
-    except py_compile.PyCompileError:
-        return 1
-    return 0
+COMPILE_FILES = _COMPILE_ONE + """import csv
 want = set()
 for info in sys.argv[1:]:
     with open(os.path.join(info, "RECORD"), newline="") as fh:
