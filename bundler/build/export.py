@@ -21,8 +21,6 @@ import io
 import json
 import os
 import re
-import shlex
-import textwrap
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,8 +30,9 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from bundler import __version__, ui
+from bundler.build import install_txt
 from bundler.build.cache import Cache
-from bundler.bundle import archive, hostneeds, volumes
+from bundler.bundle import archive, volumes
 from bundler.bundle.kitboot import META as KIT_META
 from bundler.bundle.kitboot import kit_file_name
 from bundler.bundle.manifest import Manifest, required_version
@@ -55,7 +54,7 @@ KIT_SUFFIX = ".pyz"
 # bundler-kit-VERSION-cpXY-PLATFORM.pyz (kits made before the Python was in the name: no cpXY)
 _KIT_RE = re.compile(r"^bundler-kit-(?P<version>[^-]+)-(?:cp(?P<python>[0-9]{2,3})-)?"
                      r"(?P<platform>[A-Za-z0-9_.]+)\.pyz$")
-INSTRUCTIONS = "INSTALL.txt"
+INSTRUCTIONS = install_txt.NAME
 # Filesystems that cap a file at 4 GiB - 1 (kernel FAT drivers, and fusefat's FUSE one).
 FAT_TYPES = frozenset({"vfat", "msdos", "fat", "umsdos", "fuse.fusefat"})
 FAT_MAX_FILE = 4 * 1024**3 - 1
@@ -411,134 +410,6 @@ def _source(bundle: Path, pub: Path | None,
                    head if index.manifest_sha256 else None), trusted
 
 
-def run_kit(kit: str) -> str:
-    return f"python3 -I -S {shlex.quote(kit)}"
-
-
-def _key_step(run: str, keyid: str, key: str, name: str) -> str:
-    return f"""\
-2. Trust the signing key (once per install root; confirm its key id {keyid} with the
-   sender):
-     {run} trust add {shlex.quote(key)} --root /srv/{name}"""
-
-
-@dataclass(frozen=True)
-class _Root:
-    """The latest root document a bundle under a root of trust carries (N.root.json)."""
-
-    name: str
-    data: bytes
-    version: int
-    threshold: int
-    keys: tuple[str, ...]
-
-
-def _carried_root(envelope: bytes) -> _Root | None:
-    """The root a bundle carries, for the stick: such a host is initialised with a root
-    document, not a public key. None in the simple mode."""
-    from bundler.bundle import trustroot
-    from bundler.bundle.manifest import strict_loads
-
-    roots = trustroot.carried(strict_loads(envelope)).roots
-    if not roots:
-        return None
-    latest = max(roots, key=lambda md: md.signed.version)
-    info = trustroot.describe(latest, None)["root"]
-    return _Root(f"{info['version']}.root.json", latest.to_bytes(), info["version"],
-                 info["threshold"], tuple(info["keys"]))
-
-
-def _root_step(run: str, root: _Root, product: str) -> str:
-    return f"""\
-2. This release is signed under a root of trust (root version {root.version}: {root.threshold}
-   of the root keys {", ".join(root.keys)}).
-   Once per install root, initialise the host with it, after confirming those key ids and
-   the threshold with your security officer (a host that trusts this root already, at any
-   version, skips this step: every bundle carries the updates; `trust show` lists them):
-     {run} trust init --root-metadata {root.name} --root /srv/{product}"""
-
-
-def _instructions(manifest: Manifest, keyid: str, items: list[Item], kit: str, trust_step: str,
-                  bundle_arg: str) -> bytes:
-    root = f"/srv/{manifest.name}"
-    run = run_kit(kit)
-    sums = "\n".join(f"{i.sha256}  {i.name}" for i in items)
-    required = manifest.runtime.env.required
-    env_note = "" if not required else f"""
-   Before the first install, set what the release needs in {root}/shared/.env (one
-   NAME=value a line; kept across releases, never in the bundle): {", ".join(required)}."""
-    text = f"""\
-{manifest.name} {manifest.version} (sequence {manifest.sequence}) for \
-{manifest.target.platform}, signed by key {keyid}{_EXPORT_MARK}
-
-Files (sha256, two spaces, name). To check them all, in this directory:
-  grep -E '^[0-9a-f]{{64}}  ' INSTALL.txt | sha256sum -c
-
-{sums}
-
-On the air-gapped host (the kit runs on its python3, which must be CPython \
-{manifest.target.python}; nothing else
-is needed), in the directory that holds these files (e.g. cd /media/usb):
-{_host_steps(manifest)}
-1. Check the kit's sha256 against the one you were given separately: it is the one file
-   that bundler cannot check itself.
-     sha256sum {shlex.quote(kit)}
-
-{trust_step}
-
-3. Check the signature and every byte, installing nothing:
-     {run} verify {shlex.quote(bundle_arg)} --root {root}
-
-4. Install, start and health-check it (an upgrade, if {root} has an older release):{env_note}
-     {run} install {shlex.quote(bundle_arg)} --root {root}
-
-5. Its release, services and health:
-     {run} status --root {root}
-
-Back to the previous release, if need be: {run} rollback --root {root}
-
-After the first install this stick is no longer needed to run bundler on the host: the
-install copies the kit (verified) into {root}/bin/ and writes {root}/bin/bundle, which runs
-it. Use {root}/bin/bundle for every later command (status, history, stop, start, rollback,
-recover, uninstall); where systemd runs the host, the install also enables a unit that starts
-the stack at boot and health-checks it ({root}/bin/bundle uninstall --root {root} stops the
-stack and removes the unit, keeping databases, data and backups). A later bundle comes with
-its own kit: install it with that kit, which then replaces the copy in {root}/bin/.
-"""
-    return text.encode()
-
-
-def _host_steps(manifest: Manifest) -> str:
-    """Step 0 of INSTALL.txt: what the host must have before the install (bundler.bundle.hostneeds),
-    each with its command when one line provides it; empty when it needs nothing more."""
-    needs = hostneeds.host_needs(manifest)
-    if not needs:
-        return ""
-    lines = ["", "0. Prepare the host, once (`install` checks these first and names what is "
-                 "missing):"]
-    for need in needs:
-        what = need.what + (":" if need.command else "")
-        lines += textwrap.wrap(what, 88, initial_indent="   - ",
-                               subsequent_indent="     ", break_on_hyphens=False,
-                               break_long_words=False)
-        if need.command:
-            lines.append(f"       {need.command}")
-    return "\n".join(lines) + "\n"
-
-
-_EXPORT_MARK = "; written by `bundle export`."  # the end of INSTALL.txt's first line
-
-
-def _earlier_instructions(target: Path) -> bool:
-    """Whether `target` is an INSTALL.txt an earlier `bundle export` wrote (for another
-    bundle, on a stick used again): bundler's own file, replaced rather than refused."""
-    if not target.is_file() or target.is_symlink():
-        return False
-    with open(target, "rb") as fh:
-        first = fh.read(4096).split(b"\n", 1)[0]
-    return first.decode(errors="replace").endswith(_EXPORT_MARK)
-
-
 def _existing(dest: Path, item: Item) -> None:
     """Mark `item` unchanged if DEST already has it; refuse a different file of that name
     (but an INSTALL.txt of an earlier export is replaced: it names another bundle)."""
@@ -549,7 +420,7 @@ def _existing(dest: Path, item: Item) -> None:
             and sha256_file(target)[0] == item.sha256:
         item.status = "unchanged"
         return
-    if item.role == "instructions" and _earlier_instructions(target):
+    if item.role == "instructions" and install_txt.written_by_export(target):
         item.replaces = True
         return
     raise ExportError(f"{target} already exists and is not the file this export writes "
@@ -842,17 +713,16 @@ def export(bundle: Path, dest: Path, kit: Path | None = None, pub: Path | None =
     items.append(Item(kit.name + ".sha256", "kit-sha256", len(kit_line),
                       hashlib.sha256(kit_line).hexdigest(), data=kit_line))
     key_src = Path(trusted.source)
-    root_doc = _carried_root(envelope)
+    root_doc = install_txt.carried_root(envelope)
     if root_doc is None:
         key_data = key_src.read_bytes()
         items.append(Item(key_src.name, "key", len(key_data),
                           hashlib.sha256(key_data).hexdigest(), data=key_data))
-        step = _key_step(run_kit(kit.name), trusted.keyid, key_src.name, manifest.name)
     else:
         items.append(Item(root_doc.name, "root", len(root_doc.data),
                           hashlib.sha256(root_doc.data).hexdigest(), data=root_doc.data))
-        step = _root_step(run_kit(kit.name), root_doc, manifest.name)
-    text = _instructions(manifest, trusted.keyid, items, kit.name, step, bundle_arg)
+    text = install_txt.text(manifest, trusted.keyid, [(i.sha256, i.name) for i in items],
+                            kit.name, bundle_arg, key_src.name, root_doc)
     items.append(Item(INSTRUCTIONS, "instructions", len(text), hashlib.sha256(text).hexdigest(),
                       data=text))
     names = [i.name.lower() for i in items]  # FAT compares names without case
