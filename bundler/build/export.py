@@ -3,10 +3,11 @@
 Writes onto DEST (a mounted stick, or any directory) everything an air-gapped host needs: the
 bundle (split into a volume set when DEST's filesystem cannot hold a file that large), the kit
 that runs bundler there, the public key (or the root document a bundle under a root of trust
-carries), and INSTALL.txt (`install_txt`: the sha256 of each file and the exact commands). Before writing anything it verifies the bundle, works out every file's bytes and
-sha256, refuses a different file already under one of those names, and checks free space.
-Each file is written under a temp name, fsynced, its page cache dropped, read back in full and
-compared with the source's sha256, and only then renamed to its final name (and the directory
+carries), and INSTALL.txt (`install_txt`: the sha256 of each file and the exact commands).
+Before writing anything it verifies the bundle, works out every file's bytes and sha256,
+refuses a different file already under one of those names, and checks free space. Each file
+is written under a temp name, fsynced, its page cache dropped, read back in full and compared
+with the source's sha256, and only then renamed to its final name (and the directory
 fsynced): DEST never holds a half-written or unverified file under a final name. A failure
 removes what this run had written.
 """

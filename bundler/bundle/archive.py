@@ -561,10 +561,15 @@ def sbom_of(path: Path, trusted: Trust) -> tuple[Verified, bytes | None]:
     the bundle carries none, e.g. built by an older bundler). Only the envelope and the member
     after it are read: the SBOM is packed first."""
     with open_bundle(path, trusted) as reader:
-        verified = reader.read_envelope()
-        entry = next((f for f in verified.manifest.travelling if f.path == SBOM_PATH), None)
-        if entry is None:
-            return verified, None
-        found: list[bytes] = []
-        reader._diagnosed(lambda: found.append(reader.first_payload(entry)))
-        return verified, found[0]
+        return sbom_in(reader)
+
+
+def sbom_in(reader: BundleReader) -> tuple[Verified, bytes | None]:
+    """`sbom_of` on an open reader (which then still answers `part_index`)."""
+    verified = reader.read_envelope()
+    entry = next((f for f in verified.manifest.travelling if f.path == SBOM_PATH), None)
+    if entry is None:
+        return verified, None
+    found: list[bytes] = []
+    reader._diagnosed(lambda: found.append(reader.first_payload(entry)))
+    return verified, found[0]

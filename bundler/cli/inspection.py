@@ -27,16 +27,12 @@ def _trusted(trust_path: Path | None, root: Path | None) -> Trust:
     return trust_store.resolve(None, use_root(root) if root is not None else None)
 
 
-def _parts(path: Path, trusted: Trust) -> list[dict[str, Any]] | None:
+def _parts(path: Path, index: volumes.PartIndex | None) -> list[dict[str, Any]] | None:
     """A volume set's files: its head (the envelope, which signing rewrites: no fixed hash)
     and its parts, as the verified index lists them."""
     index_file = volumes.find_index(path)
-    if index_file is None:
+    if index is None or index_file is None:
         return None
-    with archive.open_bundle(path, trusted) as reader:
-        reader.read_envelope()
-        index = reader.part_index
-    assert index is not None
     head = volumes.head_of(index_file)
     out = [{"file": head.name, "size": head.stat().st_size, "sha256": None}
            ] if index.manifest_sha256 else []
@@ -127,8 +123,11 @@ def inspect(bundle: Path, trust_path: Path | None, root: Path | None, as_json: b
     from bundler.bundle.inspect import describe
 
     trusted = _trusted(trust_path, root)
-    verified, sbom = _sbom_doc(bundle, trusted)
-    info = describe(verified, _parts(bundle, trusted))
+    with archive.open_bundle(bundle, trusted) as reader:  # one pass: envelope, SBOM, index
+        verified, data = archive.sbom_in(reader)
+        parts = _parts(bundle, reader.part_index)
+    sbom = _sbom_doc_of(bundle, data) if data is not None else None
+    info = describe(verified, parts)
     info["sbom"] = _sbom_summary(sbom)
     if as_json:
         emit_json({"ok": True, **info})
