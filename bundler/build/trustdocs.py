@@ -412,12 +412,8 @@ class Resigned:
 def _split(path: Path) -> tuple[tarfile.TarInfo, bytes, int]:
     """The bundle's first header, its envelope, and the offset where the next member starts."""
     with path.open("rb") as fh:
-        head = fh.read(tarfile.BLOCKSIZE)
-        try:
-            info = tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
-        except tarfile.HeaderError:
-            info = None
-        if info is None or info.name != ENVELOPE or not info.isreg():
+        info = volumes.envelope_header(fh.read(tarfile.BLOCKSIZE))
+        if info is None:
             raise SignatureError(f"{path} does not start with {ENVELOPE}",
                                  hint="pass a .bundle file or a volume set")
         if info.size > MAX_ENVELOPE_BYTES:

@@ -24,6 +24,7 @@ import io
 import os
 import queue
 import re
+import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,17 +233,21 @@ def head_of(index_file: Path) -> Path:
     return index_file.with_name(index_file.name[:-len(INDEX_SUFFIX)] + "." + HEAD)
 
 
-def head_size(first_block: bytes) -> int:
-    """The size of a bundle's head (its first member: header, envelope, padding) from the
-    bundle's first 512 bytes."""
-    import tarfile
-
+def envelope_header(first_block: bytes) -> tarfile.TarInfo | None:
+    """A bundle's first tar header when it is its envelope's (a regular envelope.json), else
+    None (its size is the caller's to check)."""
     try:
         info = tarfile.TarInfo.frombuf(first_block, "utf-8", "surrogateescape")
     except tarfile.HeaderError:
-        info = None
-    if info is None or info.name != ENVELOPE_NAME or not info.isreg() \
-            or info.size > MAX_ENVELOPE_BYTES:
+        return None
+    return info if info.name == ENVELOPE_NAME and info.isreg() else None
+
+
+def head_size(first_block: bytes) -> int:
+    """The size of a bundle's head (its first member: header, envelope, padding) from the
+    bundle's first 512 bytes."""
+    info = envelope_header(first_block)
+    if info is None or info.size > MAX_ENVELOPE_BYTES:
         raise IntegrityError("the bundle does not start with its envelope",
                              hint="this is not a bundler bundle, or it was damaged")
     return 512 + info.size + (-info.size % 512)
@@ -328,8 +333,9 @@ def split_file(bundle: Path, out: Path, part_size: int) -> PartIndex:
             writer.write(head)
             while chunk := fh.read(1024 * 1024):
                 writer.write(chunk)
-            # the envelope is canonical JSON (it ends in "}"): the zeros after it are padding
-            return writer.commit(envelope_digest(head[512:].rstrip(b"\0")))
+            info = envelope_header(head[:512])
+            assert info is not None  # take_head checked it
+            return writer.commit(envelope_digest(head[512:512 + info.size]))
         except BaseException:
             writer.abort()
             raise
