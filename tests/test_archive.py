@@ -337,6 +337,26 @@ def test_a_volume_sets_head_is_verified_first(good: Path, key: Ed25519PrivateKey
         verify(head, trust)
 
 
+def test_a_head_too_large_or_beside_an_index_without_one_is_refused(
+        good: Path, key: Ed25519PrivateKey, trust: list[TrustedKey]) -> None:
+    parts, _ = _headed_set(good, key, 4096)
+    head = good.with_name(good.name + ".000")
+    data = head.read_bytes()
+    with open(head, "ab") as fh:  # sparse: past the largest envelope a head can hold
+        fh.truncate(volumes.MAX_HEAD_BYTES + 1)
+    with pytest.raises(SignatureError, match=r"good\.bundle\.000 is \d+ bytes: too large to "
+                                             "be a head"):
+        verify(parts[0], trust)
+    head.write_bytes(data)
+    # an index of the layout without a head (schema 1) beside a head: one set, two layouts
+    index = volumes.index_path(good)
+    old = volumes.PartIndex(good.name, 1, (volumes.Part(good.name + ".001", 1, "0" * 64),))
+    index.write_bytes(volumes.index_bytes(old, key))
+    with pytest.raises(SignatureError, match="the index of a set without a head, but "
+                                             r"good\.bundle\.000 is there"):
+        verify(parts[0], trust)
+
+
 def test_volume_set_verifies_without_hashing_parts(good: Path, key: Ed25519PrivateKey,
                                                    trust: list[TrustedKey],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:

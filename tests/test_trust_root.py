@@ -446,3 +446,13 @@ def test_a_volume_set_without_a_head_cannot_gather_signatures(
     assert "a volume set without a head" in err and "sign the single .bundle" in err
     assert {p.name: _sha(p) for p in tmp_path.glob("old.bundle*")} == before
     assert ok("verify", index, "--trust", pub(keys["rel1"]))["ok"] is True  # still read
+
+    # a head with bytes after its envelope is not rewritten either
+    headed = write_volume_set(tmp_path / "new.bundle", load_private_key(Path(key(keys["rel1"]))),
+                              {"files/a": b"alpha"}, part_size=1024)
+    with open(tmp_path / "new.bundle.000", "ab") as fh:
+        fh.write(bytes(512))
+    before = {p.name: _sha(p) for p in tmp_path.glob("new.bundle*")}
+    err = fails(SignatureError.exit_code, "sign", headed, "--key", key(keys["rel2"]))
+    assert "new.bundle.000 holds more than its envelope" in err
+    assert {p.name: _sha(p) for p in tmp_path.glob("new.bundle*")} == before
